@@ -1,0 +1,820 @@
+"""MuxConnection: the sans-IO multiplexer.
+
+Bytes from the transport go in through :meth:`MuxConnection.receive_data`, which returns
+events; commands (open, send, end, reset, ping, goaway, control) queue frames that
+:meth:`MuxConnection.data_to_send` hands back as bytes. Time never comes from a clock:
+callers pass ``now`` (any monotonic float, in seconds) to the methods that need it.
+
+Sending order: control frames (SETTINGS, OPEN, ACCEPT, RESET, WINDOW_UPDATE, PING,
+GOAWAY, CONTROL) always go first; then DATA, one frame of at most ``max_frame_size`` per
+stream per turn, round-robin over the streams that have data and window. Nothing but
+SETTINGS leaves before the peer's SETTINGS has arrived, so both sides always know each
+other's limits.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from struct import Struct
+from typing import Any, Optional
+
+import msgpack
+
+from relay.mux.errors import (
+    ErrorCode,
+    FlowControlError,
+    FrameSizeError,
+    LocalProtocolError,
+    ProtocolError,
+    StreamClosedError,
+)
+from relay.mux.events import (
+    ConnectionTerminated,
+    ControlReceived,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    HelloReceived,
+    PingAcknowledged,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+)
+from relay.mux.flow import ReceiveWindow
+from relay.mux.frames import (
+    SUPPORTED_VERSIONS,
+    Flag,
+    FrameDecoder,
+    FrameType,
+    encode_frame,
+    encode_header,
+)
+from relay.mux.stream import Stream, StreamInput, StreamState
+
+_U32 = Struct(">I")
+_RESET = Struct(">I")
+_GOAWAY = Struct(">II")
+_PING = Struct(">Q")
+MAX_STREAM_ID = 0xFFFFFFFF
+MAX_WINDOW = 0x7FFFFFFF
+#: Reason strings in RESET/GOAWAY are cut to this many bytes: enough for a clear
+#: message, never enough to matter for memory.
+MAX_REASON = 512
+#: A SETTINGS payload is a handful of numbers and a small info map.
+MAX_SETTINGS_SIZE = 64 * 1024
+
+_DATA = int(FrameType.DATA)
+_WINDOW_UPDATE = int(FrameType.WINDOW_UPDATE)
+_OPEN = StreamState.OPEN
+_HALF_CLOSED_LOCAL = StreamState.HALF_CLOSED_LOCAL
+_pack_u32 = _U32.pack
+_FIN = int(Flag.FIN)
+_ACK = int(Flag.ACK)
+
+
+@dataclass(slots=True)
+class MuxConfig:
+    """Limits and tunables of one side. Defaults are documented in docs/PROTOCOL.md."""
+
+    #: Largest DATA payload we send, and the largest we accept (advertised).
+    max_frame_size: int = 16 * 1024
+    #: Window each new stream starts with, in each direction (advertised).
+    initial_window: int = 256 * 1024
+    #: Auto-tuning never grows a stream's receive window beyond this.
+    max_window: int = 16 * 1024 * 1024
+    #: Session receive window: the most unconsumed bytes the peer can make us hold.
+    session_window: int = 64 * 1024 * 1024
+    #: Concurrent streams the peer may open towards us (advertised).
+    max_streams: int = 32768
+    #: Largest msgpack OPEN metadata we accept (advertised).
+    max_metadata_size: int = 16 * 1024
+    #: Largest CONTROL message we accept (advertised).
+    max_control_size: int = 1024 * 1024
+    #: Per-stream send queue limit; past it the stream is not writable.
+    send_queue_limit: int = 1024 * 1024
+    #: Silence after which a PING is sent, and after which the peer is declared dead.
+    keepalive_interval: float = 15.0
+    keepalive_timeout: float = 45.0
+    #: A stream we half-closed is reset if the peer does not finish it within this time.
+    half_closed_timeout: float = 600.0
+    #: Sent to the peer in SETTINGS (agent name, labels, version ...).
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def advertised(self) -> dict[str, Any]:
+        return {
+            "versions": list(SUPPORTED_VERSIONS),
+            "max_frame_size": self.max_frame_size,
+            "initial_window": self.initial_window,
+            "session_window": self.session_window,
+            "max_streams": self.max_streams,
+            "max_metadata_size": self.max_metadata_size,
+            "max_control_size": self.max_control_size,
+            "info": self.info,
+        }
+
+
+#: Accepted ranges of the numbers a peer advertises.
+_SETTING_RANGES = {
+    "max_frame_size": (1024, 16 * 1024 * 1024),
+    "initial_window": (1024, MAX_WINDOW),
+    "session_window": (64 * 1024, MAX_WINDOW),
+    "max_streams": (1, MAX_STREAM_ID),
+    "max_metadata_size": (256, 16 * 1024 * 1024),
+    "max_control_size": (256, 64 * 1024 * 1024),
+}
+
+
+class MuxConnection:
+    """One end of a multiplexed session.
+
+    ``client=True`` for the side that dialled (the agent): it allocates odd stream ids,
+    the other side even ones, so both can open streams at once without colliding.
+    """
+
+    def __init__(self, client: bool, config: Optional[MuxConfig] = None) -> None:
+        self.client = client
+        self.config = config or MuxConfig()
+        cfg = self.config
+        self._decoder = FrameDecoder(
+            max(cfg.max_frame_size, cfg.max_metadata_size, cfg.max_control_size, MAX_SETTINGS_SIZE)
+        )
+        self._streams: dict[int, Stream] = {}
+        self._ready: deque[int] = deque()
+        self._control: list[bytes] = []
+        self._control_size = 0
+        #: Frames held until the peer's SETTINGS arrive (OPEN, CONTROL, PING ...).
+        self._deferred: list[bytes] = []
+        self._events: list[Event] = []
+        self._writable: list[int] = []
+        self._next_stream_id = 1 if client else 2
+        #: Highest stream id the peer has opened (also GOAWAY's last-stream-id).
+        self._last_peer_stream = 0
+        self._peer_stream_count = 0
+        self._local_stream_count = 0
+        self.peer_settings: Optional[dict[str, Any]] = None
+        self.peer_info: dict[str, Any] = {}
+        self.version: Optional[int] = None
+        self._peer_max_frame = 0
+        self._peer_initial_window = 0
+        self._peer_max_streams = 0
+        self._peer_max_metadata = 0
+        self._peer_max_control = 0
+        self._session_send_credit = 0
+        self._session_recv = ReceiveWindow(cfg.session_window)
+        #: Window growth granted by auto-tuning, summed over streams (bounded by budget).
+        self._granted_growth = 0
+        self._goaway_sent = False
+        self._goaway_received = False
+        self._terminated = False
+        self.now: Optional[float] = None
+        self._last_received: Optional[float] = None
+        self._ping_sent: dict[int, float] = {}
+        self._ping_counter = 0
+        #: Smoothed round-trip time from PINGs, in the caller's time units.
+        self.rtt: Optional[float] = None
+        self._half_closed: dict[int, float] = {}
+        self._queue_control(encode_frame(FrameType.SETTINGS, 0, 0, msgpack.packb(cfg.advertised())))
+
+    # ------------------------------------------------------------------ inspection
+
+    @property
+    def established(self) -> bool:
+        """True once the peer's SETTINGS arrived (streams can carry data)."""
+        return self.peer_settings is not None
+
+    @property
+    def terminated(self) -> bool:
+        return self._terminated
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    def stream_state(self, stream_id: int) -> StreamState:
+        """The stream's state; CLOSED for ids no longer (or never) tracked."""
+        stream = self._streams.get(stream_id)
+        return stream.state if stream is not None else StreamState.CLOSED
+
+    def writable(self, stream_id: int) -> bool:
+        """True while the stream's send queue is below ``send_queue_limit``."""
+        stream = self._streams.get(stream_id)
+        return stream is not None and stream.can_send and stream.queued < self.config.send_queue_limit
+
+    def send_window(self, stream_id: int) -> int:
+        """Bytes this side may send on the stream right now (stream and session window)."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        return min(stream.send_credit, self._session_send_credit)
+
+    def queued_bytes(self, stream_id: int) -> int:
+        stream = self._streams.get(stream_id)
+        return stream.queued if stream is not None else 0
+
+    @property
+    def buffered_received(self) -> int:
+        """Received bytes the application has not acknowledged yet, over all streams."""
+        return self.config.session_window - self._session_recv.credit - self._session_recv.pending
+
+    # ------------------------------------------------------------------ commands
+
+    def open_stream(self, metadata: Optional[dict[str, Any]] = None) -> int:
+        """Open a stream carrying ``metadata`` (msgpack-encodable); returns its id.
+
+        Data may be sent at once, before the peer accepts.
+        """
+        self._check_usable()
+        if self._goaway_sent or self._goaway_received:
+            raise LocalProtocolError("the session is draining (GOAWAY); open a new session")
+        if self.established and self._local_stream_count >= self._peer_max_streams:
+            raise LocalProtocolError(f"the peer allows at most {self._peer_max_streams} streams")
+        stream_id = self._next_stream_id
+        if stream_id > MAX_STREAM_ID:
+            raise LocalProtocolError("stream ids are exhausted; open a new session")
+        payload = msgpack.packb(metadata or {})
+        limit = self._peer_max_metadata if self.established else self.config.max_metadata_size
+        if len(payload) > limit:
+            raise LocalProtocolError(f"open metadata is {len(payload)} bytes; the limit is {limit}")
+        self._next_stream_id += 2
+        self._streams[stream_id] = Stream(
+            stream_id, True, self._peer_initial_window, ReceiveWindow(self.config.initial_window)
+        )
+        self._local_stream_count += 1
+        self._queue_control(encode_frame(FrameType.OPEN, 0, stream_id, payload), defer=True)
+        if stream_id + 2 > MAX_STREAM_ID and not self._goaway_sent:
+            self.goaway(ErrorCode.NO_ERROR, "stream ids exhausted")
+        return stream_id
+
+    def accept_stream(self, stream_id: int) -> None:
+        """Accept a stream the peer opened (answers :class:`StreamOpened`)."""
+        stream = self._get_stream(stream_id)
+        if stream.local or stream.answered:
+            raise LocalProtocolError(f"stream {stream_id} is not awaiting an answer")
+        stream.answered = True
+        self._queue_control(encode_frame(FrameType.ACCEPT, 0, stream_id))
+
+    def refuse_stream(self, stream_id: int, error_code: int = ErrorCode.REFUSED, message: str = "") -> None:
+        """Refuse a stream the peer opened; it is closed at once."""
+        stream = self._get_stream(stream_id)
+        if stream.local or stream.answered:
+            raise LocalProtocolError(f"stream {stream_id} is not awaiting an answer")
+        stream.answered = True
+        self.reset_stream(stream_id, error_code, message)
+
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool = False) -> None:
+        """Queue ``data`` on the stream; ``end_stream`` half-closes after it.
+
+        ``bytes`` are queued without copying; other buffers are copied, since the caller
+        may reuse them. Raises :class:`LocalProtocolError` if the stream's send queue is
+        already at ``send_queue_limit`` (wait for :meth:`writable_streams`).
+        """
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.can_send:
+            raise StreamClosedError(stream_id, "cannot send on a stream closed for sending")
+        if not stream.local and not stream.answered:
+            raise LocalProtocolError(f"stream {stream_id} must be accepted before sending")
+        if stream.queued >= self.config.send_queue_limit:
+            stream.blocked = True
+            raise LocalProtocolError(f"stream {stream_id}: send queue is full; wait until writable")
+        size = len(data)
+        if size:
+            if type(data) is not bytes:
+                data = bytes(data)
+            if stream.chunks is None:
+                stream.chunks = deque()
+            stream.chunks.append(data)
+            stream.queued += size
+            if stream.queued >= self.config.send_queue_limit:
+                stream.blocked = True
+            if not stream.in_ready and stream.send_credit > 0:
+                stream.in_ready = True
+                self._ready.append(stream_id)
+        if end_stream:
+            self._end_local(stream)
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close the stream: the peer sees EOF after the data already queued."""
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.can_send:
+            raise StreamClosedError(stream_id, "already closed for sending")
+        self._end_local(stream)
+
+    def reset_stream(self, stream_id: int, error_code: int = ErrorCode.CANCEL, message: str = "") -> None:
+        """Abort the stream in both directions; queued data is dropped.
+
+        Received data not yet acknowledged is credited back to the session at once: after
+        a reset the application owes no acknowledgements for this stream.
+        """
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        self._queue_control(encode_frame(FrameType.RESET, 0, stream_id, _reset_payload(error_code, message)))
+        self._close_stream(stream)
+
+    def acknowledge_received_data(self, stream_id: int, n: int) -> None:
+        """The application consumed ``n`` bytes of the stream: grant the peer more window."""
+        stream = self._streams.get(stream_id)
+        if stream is None or n <= 0:
+            if n < 0:
+                raise LocalProtocolError("cannot acknowledge a negative amount")
+            return  # nothing to do, or the stream closed and was credited in full
+        if n > stream.unacked:
+            raise LocalProtocolError(f"stream {stream_id}: acknowledged {n} bytes, only {stream.unacked} outstanding")
+        stream.unacked -= n
+        state = stream.state
+        if state is _OPEN or state is _HALF_CLOSED_LOCAL:
+            if self.rtt is not None and self.now is not None:
+                cfg = self.config
+                budget = cfg.session_window // 2 - self._granted_growth
+                increment, growth = stream.recv.consumed_tuned(n, self.now, self.rtt, cfg.max_window, budget)
+                self._granted_growth += growth
+            else:
+                increment = stream.recv.consumed(n)
+            if increment:
+                self._queue_control(encode_frame(_WINDOW_UPDATE, 0, stream_id, _pack_u32(increment)))
+        elif state is StreamState.CLOSED and stream.unacked == 0:
+            self._forget(stream)
+        increment = self._session_recv.consumed(n)
+        if increment:
+            self._queue_control(encode_frame(_WINDOW_UPDATE, 0, 0, _pack_u32(increment)))
+
+    def ping(self, now: Optional[float] = None) -> None:
+        """Send a PING; its echo produces :class:`PingAcknowledged` with the RTT."""
+        self._check_usable()
+        if now is not None:
+            self.now = now
+        self._ping_counter += 1
+        self._ping_sent[self._ping_counter] = self.now if self.now is not None else 0.0
+        self._queue_control(encode_frame(FrameType.PING, 0, 0, _PING.pack(self._ping_counter)), defer=True)
+
+    def goaway(self, error_code: int = ErrorCode.NO_ERROR, message: str = "") -> None:
+        """Tell the peer to open no more streams; streams already open may finish."""
+        if self._goaway_sent or self._terminated:
+            return
+        self._goaway_sent = True
+        payload = _GOAWAY.pack(self._last_peer_stream, int(error_code)) + message.encode()[:MAX_REASON]
+        self._queue_control(encode_frame(FrameType.GOAWAY, 0, 0, payload))
+
+    def send_control(self, message: Any) -> None:
+        """Send an application control message (msgpack-encodable) on the session."""
+        self._check_usable()
+        payload = msgpack.packb(message)
+        limit = self._peer_max_control if self.established else self.config.max_control_size
+        if len(payload) > limit:
+            raise LocalProtocolError(f"control message is {len(payload)} bytes; the limit is {limit}")
+        self._queue_control(encode_frame(FrameType.CONTROL, 0, 0, payload), defer=True)
+
+    # ------------------------------------------------------------------ output
+
+    def data_to_send(self, max_bytes: Optional[int] = None) -> bytes:
+        """Return the bytes to write to the transport (b"" when there is nothing).
+
+        ``max_bytes`` bounds the DATA added after the control frames, so a binding can
+        write in slices and interleave other sessions; control frames are never held back.
+        """
+        out = self._control
+        size = self._control_size
+        self._control = []
+        self._control_size = 0
+        ready = self._ready
+        if ready and self._session_send_credit > 0 and self.peer_settings is not None:
+            size = self._schedule_data(out, size, max_bytes)
+        if not out:
+            return b""
+        return b"".join(out)
+
+    def _schedule_data(self, out: list, size: int, max_bytes: Optional[int]) -> int:
+        """Round-robin: one DATA frame per ready stream per turn, within both windows."""
+        ready = self._ready
+        streams = self._streams
+        max_frame = self._peer_max_frame
+        limit = self.config.send_queue_limit
+        session = self._session_send_credit
+        budget = max_bytes if max_bytes is not None else 1 << 62
+        append = out.append
+        while ready and session > 0 and size < budget:
+            stream_id = ready.popleft()
+            stream = streams.get(stream_id)
+            if stream is None or not stream.in_ready:
+                continue
+            n = min(stream.queued, stream.send_credit, session, max_frame)
+            if n > budget - size:
+                n = budget - size
+            chunks = stream.chunks
+            first = chunks[0]
+            if len(first) == n:  # the common case: a whole queued buffer fits the frame
+                chunks.popleft()
+                pieces = (first,)
+            else:
+                pieces = stream.take(n)
+            stream.queued -= n
+            stream.send_credit -= n
+            session -= n
+            fin = stream.fin_pending and not stream.queued
+            append(encode_header(_DATA, _FIN if fin else 0, stream_id, n))
+            out.extend(pieces)
+            size += 12 + n
+            if stream.blocked and stream.queued < limit:
+                stream.blocked = False
+                self._writable.append(stream_id)
+            if fin:
+                stream.fin_pending = False
+                stream.in_ready = False
+                self._fin_sent(stream)
+            elif stream.queued and stream.send_credit > 0:
+                ready.append(stream_id)
+            else:
+                stream.in_ready = False
+        self._session_send_credit = session
+        return size
+
+    def writable_streams(self) -> list[int]:
+        """Streams whose full send queue drained below the limit since the last call."""
+        writable = self._writable
+        self._writable = []
+        return writable
+
+    # ------------------------------------------------------------------ input
+
+    def receive_data(self, data: bytes, now: Optional[float] = None) -> list[Event]:
+        """Feed bytes from the transport; ``b""`` means the transport reached EOF.
+
+        Raises :class:`ProtocolError` (after queueing a GOAWAY) if the peer broke the
+        protocol; the binding should then flush :meth:`data_to_send` and close.
+        """
+        if now is not None:
+            self.now = now
+            self._last_received = now
+        if self._terminated:
+            return []
+        if not data:
+            self._terminate(ErrorCode.CANCEL, "the transport closed")
+            return self._take_events()
+        try:
+            frames = self._decoder.feed(data)
+            for frame_type, flags, stream_id, payload in frames:
+                if frame_type == 0:
+                    self._on_data(flags, stream_id, payload)
+                else:
+                    self._HANDLERS[frame_type](self, flags, stream_id, payload)
+        except ProtocolError as exc:
+            self._fail(exc)
+            raise
+        except Exception as exc:  # a malformed payload must surface as ProtocolError only
+            error = ProtocolError(f"malformed frame: {exc}")
+            self._fail(error)
+            raise error from exc
+        return self._take_events()
+
+    def _take_events(self) -> list[Event]:
+        events = self._events
+        self._events = []
+        return events
+
+    def _on_data(self, flags: int, stream_id: int, payload: Any) -> None:
+        # The hottest path of the receiver: checks are inlined on purpose.
+        n = len(payload)
+        if n > self.config.max_frame_size:
+            raise FrameSizeError(f"DATA frame of {n} bytes exceeds the advertised {self.config.max_frame_size}")
+        session = self._session_recv
+        if n > session.credit:
+            raise FlowControlError("the peer exceeded the session window")
+        session.credit -= n
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            self._check_known_stream(stream_id)
+            self._credit_session(n)  # data in flight when we closed the stream
+            return
+        state = stream.state
+        if state is not _OPEN and state is not _HALF_CLOSED_LOCAL:
+            self._credit_session(n)
+            self._stream_error(stream, ErrorCode.STREAM_CLOSED, "DATA after the peer's FIN")
+            return
+        if n:
+            recv = stream.recv
+            if n > recv.credit:
+                raise FlowControlError(f"the peer exceeded the window of stream {stream_id}")
+            recv.credit -= n
+            stream.unacked += n
+        if flags & _FIN:
+            if n:
+                self._events.append(DataReceived(stream_id=stream_id, data=payload, flow_controlled_length=n, end_stream=True))
+            self._events.append(StreamEnded(stream_id=stream_id))
+            if stream.transition(StreamInput.RECV_FIN) is StreamState.CLOSED:
+                self._closed_cleanly(stream)
+        elif n:
+            self._events.append(DataReceived(stream_id=stream_id, data=payload, flow_controlled_length=n))
+
+    def _on_window_update(self, flags: int, stream_id: int, payload: Any) -> None:
+        if len(payload) != 4:
+            raise FrameSizeError("WINDOW_UPDATE payload must be 4 bytes")
+        (increment,) = _U32.unpack(payload)
+        if increment == 0:
+            raise ProtocolError("WINDOW_UPDATE with a zero increment")
+        if stream_id == 0:
+            self._session_send_credit += increment
+            if self._session_send_credit > MAX_WINDOW:
+                raise FlowControlError("session window overflow")
+            return
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            self._check_known_stream(stream_id)
+            return
+        stream.send_credit += increment
+        if stream.send_credit > MAX_WINDOW:
+            raise FlowControlError(f"window overflow on stream {stream_id}")
+        if stream.queued and not stream.in_ready:
+            stream.in_ready = True
+            self._ready.append(stream_id)
+
+    def _on_open(self, flags: int, stream_id: int, payload: Any) -> None:
+        if stream_id == 0 or (stream_id & 1) == (1 if self.client else 0):
+            raise ProtocolError(f"the peer opened stream {stream_id} of the wrong parity")
+        if stream_id <= self._last_peer_stream:
+            raise ProtocolError(f"stream id {stream_id} reused or out of order")
+        self._last_peer_stream = stream_id
+        stream = Stream(stream_id, False, self._peer_initial_window, ReceiveWindow(self.config.initial_window))
+        if self._goaway_sent:
+            self._refuse_new(stream, ErrorCode.REFUSED, "the session is draining")
+            return
+        if self._peer_stream_count >= self.config.max_streams:
+            self._refuse_new(stream, ErrorCode.TOO_MANY_STREAMS, f"at most {self.config.max_streams} concurrent streams")
+            return
+        if len(payload) > self.config.max_metadata_size:
+            self._refuse_new(stream, ErrorCode.FRAME_SIZE_ERROR, "open metadata too large")
+            return
+        try:
+            metadata = msgpack.unpackb(bytes(payload))
+        except Exception:
+            self._refuse_new(stream, ErrorCode.PROTOCOL_ERROR, "open metadata is not valid msgpack")
+            return
+        if not isinstance(metadata, dict):
+            self._refuse_new(stream, ErrorCode.PROTOCOL_ERROR, "open metadata must be a map")
+            return
+        self._streams[stream_id] = stream
+        self._peer_stream_count += 1
+        self._events.append(StreamOpened(stream_id=stream_id, metadata=metadata))
+
+    def _refuse_new(self, stream: Stream, code: ErrorCode, message: str) -> None:
+        self._queue_control(encode_frame(FrameType.RESET, 0, stream.stream_id, _reset_payload(code, message)))
+
+    def _on_accept(self, flags: int, stream_id: int, payload: Any) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            self._check_known_stream(stream_id)
+            return
+        if not stream.local or stream.answered:
+            raise ProtocolError(f"unexpected ACCEPT for stream {stream_id}")
+        stream.answered = True
+        self._events.append(StreamAccepted(stream_id=stream_id))
+
+    def _on_reset(self, flags: int, stream_id: int, payload: Any) -> None:
+        if len(payload) < 4 or len(payload) > 4 + MAX_REASON:
+            raise FrameSizeError("RESET payload must be a 4-byte code and a short reason")
+        (code,) = _RESET.unpack_from(payload)
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            self._check_known_stream(stream_id)
+            return
+        if stream.state is StreamState.CLOSED:
+            return  # already finished on our side; the reset adds nothing
+        self._events.append(StreamReset(stream_id=stream_id, error_code=code, message=_reason(payload[4:]), remote=True))
+        self._close_stream(stream)
+
+    def _on_ping(self, flags: int, stream_id: int, payload: Any) -> None:
+        if len(payload) != 8 or stream_id != 0:
+            raise ProtocolError("PING must carry 8 bytes on stream 0")
+        if flags & _ACK:
+            (counter,) = _PING.unpack(payload)
+            sent = self._ping_sent.pop(counter, None)
+            if sent is not None and self.now is not None:
+                sample = max(self.now - sent, 0.0)
+                self.rtt = sample if self.rtt is None else 0.875 * self.rtt + 0.125 * sample
+                self._events.append(PingAcknowledged(rtt=sample))
+        else:
+            self._queue_control(encode_frame(FrameType.PING, _ACK, 0, bytes(payload)))
+
+    def _on_goaway(self, flags: int, stream_id: int, payload: Any) -> None:
+        if len(payload) < 8 or len(payload) > 8 + MAX_REASON:
+            raise FrameSizeError("GOAWAY payload must be 8 bytes and a short reason")
+        last_stream_id, code = _GOAWAY.unpack_from(payload)
+        self._goaway_received = True
+        message = _reason(payload[8:])
+        self._events.append(GoAwayReceived(last_stream_id=last_stream_id, error_code=code, message=message))
+        for stream in [s for s in self._streams.values() if s.local and s.stream_id > last_stream_id]:
+            self._events.append(StreamReset(stream_id=stream.stream_id, error_code=ErrorCode.REFUSED,
+                                            message="not processed before GOAWAY", remote=True))
+            self._close_stream(stream)
+
+    def _on_settings(self, flags: int, stream_id: int, payload: Any) -> None:
+        if self.peer_settings is not None:
+            raise ProtocolError("SETTINGS may be sent only once")
+        try:
+            settings = msgpack.unpackb(bytes(payload))
+        except Exception as exc:
+            raise ProtocolError(f"SETTINGS is not valid msgpack: {exc}") from None
+        if not isinstance(settings, dict):
+            raise ProtocolError("SETTINGS must be a map")
+        versions = settings.get("versions")
+        if not isinstance(versions, list):
+            raise ProtocolError("SETTINGS lacks a version list")
+        common = set(SUPPORTED_VERSIONS).intersection(v for v in versions if isinstance(v, int))
+        if not common:
+            raise ProtocolError(f"no common protocol version (peer offers {versions[:8]})", ErrorCode.UNSUPPORTED_VERSION)
+        values = {}
+        for key, (low, high) in _SETTING_RANGES.items():
+            value = settings.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ProtocolError(f"SETTINGS {key}={value!r} is outside {low}..{high}")
+            values[key] = value
+        info = settings.get("info", {})
+        self.version = max(common)
+        self.peer_settings = values
+        self.peer_info = info if isinstance(info, dict) else {}
+        self._peer_max_frame = min(values["max_frame_size"], self.config.max_frame_size)
+        self._peer_initial_window = values["initial_window"]
+        self._peer_max_streams = values["max_streams"]
+        self._peer_max_metadata = values["max_metadata_size"]
+        self._peer_max_control = values["max_control_size"]
+        self._session_send_credit = values["session_window"]
+        for stream in self._streams.values():  # opened before the peer's limits were known
+            stream.send_credit = self._peer_initial_window
+            if stream.queued and not stream.in_ready:
+                stream.in_ready = True
+                self._ready.append(stream.stream_id)
+        for frame in self._deferred:
+            self._queue_control(frame)
+        self._deferred = []
+        self._events.append(HelloReceived(version=self.version, settings=values, info=self.peer_info))
+        if self.now is not None:
+            self.ping()  # a first RTT sample, so auto-tuning can start
+
+    def _on_control(self, flags: int, stream_id: int, payload: Any) -> None:
+        if stream_id != 0:
+            raise ProtocolError("CONTROL must be sent on stream 0")
+        if len(payload) > self.config.max_control_size:
+            raise FrameSizeError(f"CONTROL of {len(payload)} bytes exceeds the limit")
+        try:
+            message = msgpack.unpackb(bytes(payload))
+        except Exception as exc:
+            raise ProtocolError(f"CONTROL is not valid msgpack: {exc}") from None
+        self._events.append(ControlReceived(message=message))
+
+    _HANDLERS = (
+        _on_data, _on_window_update, _on_open, _on_accept, _on_reset,
+        _on_ping, _on_goaway, _on_settings, _on_control,
+    )
+
+    # ------------------------------------------------------------------ time
+
+    def handle_timer(self, now: float) -> list[Event]:
+        """Run time-driven work (keepalive PINGs, dead-peer detection, reaping half-closed
+        streams) and return the resulting events. Call it by :meth:`next_deadline`."""
+        self.now = now
+        if self._terminated:
+            return []
+        cfg = self.config
+        if self._last_received is None:
+            self._last_received = now
+        silence = now - self._last_received
+        if silence >= cfg.keepalive_timeout:
+            self._terminate(ErrorCode.TIMEOUT, f"no data from the peer for {silence:.1f}s")
+            return self._take_events()
+        if silence >= cfg.keepalive_interval and not self._ping_sent and self.established:
+            self.ping(now)
+        while self._half_closed:
+            stream_id, since = next(iter(self._half_closed.items()))
+            if now - since < cfg.half_closed_timeout:
+                break
+            del self._half_closed[stream_id]
+            stream = self._streams.get(stream_id)
+            if stream is not None and stream.state is StreamState.HALF_CLOSED_LOCAL:
+                self._events.append(StreamReset(stream_id=stream_id, error_code=ErrorCode.TIMEOUT,
+                                                message="half-closed stream timed out", remote=False))
+                self.reset_stream(stream_id, ErrorCode.TIMEOUT, "half-closed stream timed out")
+        return self._take_events()
+
+    def next_deadline(self) -> Optional[float]:
+        """When :meth:`handle_timer` next has work to do (None: no clock seen yet)."""
+        if self._terminated or self._last_received is None:
+            return None
+        cfg = self.config
+        deadline = self._last_received + (cfg.keepalive_timeout if self._ping_sent else cfg.keepalive_interval)
+        if self._half_closed:
+            deadline = min(deadline, next(iter(self._half_closed.values())) + cfg.half_closed_timeout)
+        return deadline
+
+    # ------------------------------------------------------------------ internals
+
+    def _queue_control(self, frame: bytes, defer: bool = False) -> None:
+        if defer and self.peer_settings is None:
+            self._deferred.append(frame)
+        else:
+            self._control.append(frame)
+            self._control_size += len(frame)
+
+    def _check_usable(self) -> None:
+        if self._terminated:
+            raise LocalProtocolError("the session is closed")
+
+    def _get_stream(self, stream_id: int) -> Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state is StreamState.CLOSED:
+            raise StreamClosedError(stream_id)
+        return stream
+
+    def _check_known_stream(self, stream_id: int) -> None:
+        """A frame for an untracked stream is fine if the id was used before (it closed)."""
+        if stream_id == 0:
+            raise ProtocolError("stream frame on stream 0")
+        ours = (stream_id & 1) == (1 if self.client else 0)
+        if ours and stream_id >= self._next_stream_id:
+            raise ProtocolError(f"frame for stream {stream_id}, which this side never opened")
+        if not ours and stream_id > self._last_peer_stream:
+            raise ProtocolError(f"frame for stream {stream_id}, which the peer never opened")
+
+    def _end_local(self, stream: Stream) -> None:
+        # The state changes now, so the API refuses further sends at once, even while
+        # the FIN itself still waits behind queued data.
+        stream.transition(StreamInput.SEND_FIN)
+        if stream.queued:
+            stream.fin_pending = True
+        else:
+            self._queue_control(encode_header(_DATA, _FIN, stream.stream_id, 0), defer=True)
+            self._fin_sent(stream)
+
+    def _fin_sent(self, stream: Stream) -> None:
+        stream.fin_sent = True
+        if stream.state is StreamState.CLOSED:
+            self._closed_cleanly(stream)
+        elif self.now is not None:
+            self._half_closed[stream.stream_id] = self.now
+
+    def _closed_cleanly(self, stream: Stream) -> None:
+        if not stream.fin_sent and (stream.fin_pending or stream.queued):
+            return  # our FIN is still queued; finishing waits for it to leave
+        self._half_closed.pop(stream.stream_id, None)
+        self._release_slot(stream)
+        if stream.unacked == 0:
+            self._forget(stream)
+
+    def _stream_error(self, stream: Stream, code: ErrorCode, message: str) -> None:
+        self._events.append(StreamReset(stream_id=stream.stream_id, error_code=code, message=message, remote=False))
+        self.reset_stream(stream.stream_id, code, message)
+
+    def _close_stream(self, stream: Stream) -> None:
+        """Close after a reset: drop queues, credit unacknowledged data, forget the stream."""
+        was_closed = stream.state is StreamState.CLOSED
+        stream.transition(StreamInput.RESET)
+        stream.chunks = None
+        stream.queued = 0
+        stream.fin_pending = False
+        stream.in_ready = False
+        self._half_closed.pop(stream.stream_id, None)
+        if not was_closed:
+            self._release_slot(stream)
+        if stream.unacked:
+            self._credit_session(stream.unacked)
+            stream.unacked = 0
+        self._forget(stream)
+
+    def _release_slot(self, stream: Stream) -> None:
+        if stream.local:
+            self._local_stream_count -= 1
+        else:
+            self._peer_stream_count -= 1
+
+    def _forget(self, stream: Stream) -> None:
+        self._streams.pop(stream.stream_id, None)
+
+    def _credit_session(self, n: int) -> None:
+        if n:
+            increment = self._session_recv.consumed(n)
+            if increment:
+                self._queue_control(encode_frame(FrameType.WINDOW_UPDATE, 0, 0, _U32.pack(increment)))
+
+    def _fail(self, error: ProtocolError) -> None:
+        """The peer broke the protocol: queue GOAWAY with the error's code and stop."""
+        if not self._goaway_sent:
+            self._goaway_sent = True
+            payload = _GOAWAY.pack(self._last_peer_stream, int(error.error_code)) + str(error).encode()[:MAX_REASON]
+            self._control.append(encode_frame(FrameType.GOAWAY, 0, 0, payload))
+        self._terminate(error.error_code, str(error))
+
+    def _terminate(self, code: int, message: str) -> None:
+        self._terminated = True
+        for stream in list(self._streams.values()):
+            if stream.state is not StreamState.CLOSED:
+                self._events.append(StreamReset(stream_id=stream.stream_id, error_code=code, message=message, remote=False))
+        self._streams.clear()
+        self._ready.clear()
+        self._events.append(ConnectionTerminated(error_code=code, message=message))
+
+
+def _reset_payload(code: int, message: str) -> bytes:
+    return _RESET.pack(int(code)) + message.encode()[:MAX_REASON]
+
+
+def _reason(payload: Any) -> str:
+    return bytes(payload).decode("utf-8", "replace")

@@ -1,0 +1,117 @@
+"""Events returned by :meth:`MuxConnection.receive_data`.
+
+Each event is a frozen, keyword-only dataclass; the binding reacts to them and never to
+raw frames.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+Buffer = Union[bytes, memoryview]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """Base class of all multiplexer events."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HelloReceived(Event):
+    """The peer's SETTINGS arrived; streams may be opened and data sent from now on."""
+
+    #: Negotiated protocol version (the highest both sides support).
+    version: int
+    #: The limits the peer advertised (``max_frame_size``, ``initial_window`` ...).
+    settings: dict[str, int]
+    #: Free-form application information the peer sent (agent name, labels ...).
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamOpened(Event):
+    """The peer opened a stream; answer with ``accept_stream`` or ``refuse_stream``."""
+
+    stream_id: int
+    #: The msgpack-decoded open metadata (protocol, target, headers ...).
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamAccepted(Event):
+    """The peer accepted a stream this side opened."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataReceived(Event):
+    """Stream payload. Acknowledge it with ``acknowledge_received_data`` once consumed.
+
+    ``data`` is bytes, or a read-only memoryview for payloads of at least
+    ``relay.mux.frames.ZERO_COPY_THRESHOLD`` bytes (zero-copy; call ``bytes()`` to keep).
+    """
+
+    stream_id: int
+    data: Buffer
+    #: Bytes to pass to ``acknowledge_received_data`` (equal to ``len(data)``).
+    flow_controlled_length: int
+    #: True when this frame also half-closed the peer's side.
+    end_stream: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamEnded(Event):
+    """The peer half-closed the stream (it will send no more data).
+
+    There is no separate "closed" event: a stream is finished once this side has ended
+    it too (``end_stream``) or once it was reset, exactly as in HTTP/2.
+
+    Emitted alone only for an empty FIN; a FIN that carries data is reported as
+    ``DataReceived(end_stream=True)`` followed by this event.
+    """
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamReset(Event):
+    """The stream was aborted: refused by the peer, reset by it, or timed out here."""
+
+    stream_id: int
+    error_code: int
+    message: str = ""
+    #: True when the peer sent the RESET, False when this side gave up on the stream.
+    remote: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ControlReceived(Event):
+    """An application control message (msgpack-decoded) on the session."""
+
+    message: Any
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PingAcknowledged(Event):
+    """A PING this side sent came back; ``rtt`` is in the caller's clock units."""
+
+    rtt: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GoAwayReceived(Event):
+    """The peer is draining: no new streams; those above ``last_stream_id`` were dropped."""
+
+    last_stream_id: int
+    error_code: int
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionTerminated(Event):
+    """The session is over (peer silent past the timeout, or fatal error)."""
+
+    error_code: int
+    message: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
