@@ -1,0 +1,250 @@
+"""The ``relay`` command line.
+
+``main`` is the top-level click group. A subcommand is one decorated function::
+
+    @main.command()
+    @data_dir_option
+    def gateway(data_dir: Path, ...) -> None:
+        ...
+
+(or ``@main.group()`` for a family of commands, like ``admin`` below). Errors are one
+line on stderr and a non-zero exit: raise :class:`click.ClickException`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from relay import __version__
+from relay.gateway.store import (
+    CREDENTIAL_KINDS, Credential, SecretToken, Store, StoreError, Team, default_data_dir,
+    hash_token, normalize_uuid,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_KIND_HELP = {
+    "sk": "team integration key: runtime + management",
+    "dk": "runtime only: proxy, invoke, use tunnels",
+    "ak": "agent key: connect an agent to this team",
+}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="relay")
+def main() -> None:
+    """relay: a tunnel relay. Agents dial out to a gateway over one WebSocket;
+    the gateway carries HTTP and TCP streams to them."""
+
+
+def data_dir_option(func: F) -> F:
+    """The shared ``--data DIR`` option (env ``RELAY_DATA``): the gateway's state directory."""
+    return click.option(
+        "--data", "data_dir", envvar="RELAY_DATA", metavar="DIR",
+        type=click.Path(file_okay=False, path_type=Path), default=default_data_dir,
+        show_default="$XDG_DATA_HOME/relay", show_envvar=True,
+        help="Data directory holding the gateway's SQLite state.",
+    )(func)
+
+
+def json_option(func: F) -> F:
+    """``--json``: print one JSON document instead of text."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print machine-readable JSON.")(func)
+
+
+# --------------------------------------------------------------------------- admin
+
+
+@main.group()
+@data_dir_option
+@click.pass_context
+def admin(ctx: click.Context, data_dir: Path) -> None:
+    """Manage teams and credentials in a gateway's data directory."""
+    # Opened lazily by the subcommand, so `--help` never touches the data directory.
+    ctx.obj = data_dir
+
+
+def _store(ctx: click.Context) -> Store:
+    data_dir = ctx.find_object(Path)
+    assert data_dir is not None, "the admin group sets the data directory"
+    try:
+        store = Store.open(data_dir)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    ctx.call_on_close(store.close)
+    return store
+
+
+def _resolve_team(store: Store, team: str) -> Team:
+    """A team by UUID, or by name when exactly one team has it."""
+    if normalize_uuid(team) is not None:
+        found = store.get_team(team)
+        if found is not None:
+            return found
+    else:
+        named = [t for t in store.list_teams() if t.name == team]
+        if len(named) == 1:
+            return named[0]
+        if len(named) > 1:
+            raise click.ClickException(
+                f"{len(named)} teams are named {team!r}; give the team id instead")
+    raise click.ClickException(f"unknown team: {team}")
+
+
+def _check_kind(kind: str) -> str:
+    kind = kind.strip().lower().rstrip("-")
+    if kind not in CREDENTIAL_KINDS:
+        raise click.ClickException(
+            f"bad key kind {kind!r}: must be one of {', '.join(CREDENTIAL_KINDS)}")
+    return kind
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="seconds") \
+        .replace("+00:00", "Z")
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+@admin.group()
+def team() -> None:
+    """Create and list teams."""
+
+
+@team.command("create")
+@click.argument("name")
+@json_option
+@click.pass_context
+def team_create(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Create team NAME with one sk-, dk- and ak- key, and print the keys once."""
+    store = _store(ctx)
+    try:
+        created = store.create_team_with_keys(name)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    assert created is not None
+    new_team, keys = created
+    if as_json:
+        _print_json({"team_id": new_team.id, "name": new_team.name,
+                     "keys": {kind: str(key) for kind, key in keys.items()}})
+        return
+    click.echo(f"Created team {new_team.name!r}  team_id: {new_team.id}")
+    _echo_keys(keys)
+
+
+def _echo_keys(keys: dict[str, SecretToken]) -> None:
+    click.echo("Keys (shown only now; store them somewhere safe):")
+    for kind, key in keys.items():
+        click.echo(f"  {kind}  {key}    # {_KIND_HELP[kind]}")
+
+
+@team.command("list")
+@json_option
+@click.pass_context
+def team_list(ctx: click.Context, as_json: bool) -> None:
+    """List teams."""
+    teams = _store(ctx).list_teams()
+    if as_json:
+        _print_json([{"team_id": t.id, "name": t.name, "created_at": _iso(t.created_at)}
+                     for t in teams])
+        return
+    if not teams:
+        click.echo("No teams yet. Create one with: relay admin team create NAME")
+    for t in teams:
+        click.echo(f"{t.id}  {_iso(t.created_at)}  {t.name}")
+
+
+@admin.group()
+def key() -> None:
+    """Create, list and revoke a team's keys."""
+
+
+_team_option = click.option("--team", "team_ref", required=True, metavar="ID",
+                            help="Team id (or its name, if unique).")
+
+
+@key.command("create")
+@_team_option
+@click.option("--kind", required=True, metavar="ak|sk|dk",
+              help="sk: runtime + management; dk: runtime only; ak: agent.")
+@json_option
+@click.pass_context
+def key_create(ctx: click.Context, team_ref: str, kind: str, as_json: bool) -> None:
+    """Create a key for a team and print it once."""
+    kind = _check_kind(kind)
+    store = _store(ctx)
+    found = _resolve_team(store, team_ref)
+    _, token = store.create_credential(found.id, kind)
+    if as_json:
+        _print_json({"team_id": found.id, "kind": kind, "key": str(token)})
+        return
+    click.echo(f"Created {kind} key for team {found.name!r} ({found.id}):")
+    _echo_keys({kind: token})
+
+
+def _credential_json(cred: Credential) -> dict[str, Any]:
+    return {"id": cred.id, "kind": cred.kind, "prefix": cred.display,
+            "created_at": _iso(cred.created_at), "revoked_at": _iso(cred.revoked_at)}
+
+
+@key.command("list")
+@_team_option
+@click.option("--all", "include_revoked", is_flag=True, help="Include revoked keys.")
+@json_option
+@click.pass_context
+def key_list(ctx: click.Context, team_ref: str, include_revoked: bool, as_json: bool) -> None:
+    """List a team's keys (display prefixes only; keys themselves are not stored)."""
+    store = _store(ctx)
+    found = _resolve_team(store, team_ref)
+    creds = store.list_credentials(found.id, include_revoked=include_revoked)
+    if as_json:
+        _print_json({"team_id": found.id, "keys": [_credential_json(c) for c in creds]})
+        return
+    for cred in creds:
+        state = f"revoked {_iso(cred.revoked_at)}" if cred.revoked else "active"
+        click.echo(f"{cred.id}  {cred.kind}  {cred.display:<12}  {_iso(cred.created_at)}  {state}")
+
+
+@key.command("revoke")
+@_team_option
+@click.argument("key_ref", metavar="KEY")
+@json_option
+@click.pass_context
+def key_revoke(ctx: click.Context, team_ref: str, key_ref: str, as_json: bool) -> None:
+    """Revoke a team's key. KEY is the key id, its display prefix (sk-AbCdEf), or the key."""
+    store = _store(ctx)
+    found = _resolve_team(store, team_ref)
+    cred = _find_credential(store, found.id, key_ref.strip())
+    store.revoke_credential(found.id, cred.id)
+    if as_json:
+        _print_json({"team_id": found.id, "revoked": cred.id, "prefix": cred.display})
+        return
+    click.echo(f"Revoked {cred.kind} key {cred.display} ({cred.id})")
+
+
+def _find_credential(store: Store, team_id: str, ref: str) -> Credential:
+    active = store.list_credentials(team_id)
+    if normalize_uuid(ref) is not None:
+        matches = [c for c in active if c.id == normalize_uuid(ref)]
+    else:
+        # The full key (matched by hash), else the start of a display prefix.
+        matches = [c for c in active if c.token_hash == hash_token(ref)]
+        prefix = ref.rstrip(".…")
+        if not matches and len(prefix) > 3:
+            matches = [c for c in active if c.prefix.startswith(prefix)]
+    if not matches:
+        # Never echo the reference back: it may be a full key.
+        raise click.ClickException("no such active key in this team")
+    if len(matches) > 1:
+        raise click.ClickException(f"{len(matches)} keys match; give the key id instead")
+    return matches[0]

@@ -1,0 +1,1 @@
+"""The relay gateway: agent endpoint, control API, tunnels, and its persistent state."""

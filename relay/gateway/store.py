@@ -1,0 +1,753 @@
+"""The gateway's persistent state: an embedded SQLite database in the data directory.
+
+One file, ``relay.db``, in WAL mode, so a restart loses nothing but live connections.
+The schema is created and migrated on :meth:`Store.open` from :data:`MIGRATIONS`, an
+ordered list; the ``schema_version`` table records how many of them have run. Later
+features (tunnels, shares, services, webhooks) append migrations; never edit old ones.
+
+Every method is one short transaction. Calls are small, so they are synchronous: the
+asyncio gateway may call them directly or through a worker thread. One internal lock
+serialises use of the single connection, so any one thread at a time may call in.
+
+Secrets: credential tokens (``ak-``/``sk-``/``dk-``) and tunnel access/admin tokens are
+returned in plaintext exactly once, when created, wrapped in :class:`SecretToken` (a
+``str`` whose ``repr`` is masked). Only their SHA-256 is stored. Everything team-scoped
+takes a ``team_id`` and never returns another team's rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "AGENT_STATUSES",
+    "CREDENTIAL_KINDS",
+    "DB_FILENAME",
+    "MIGRATIONS",
+    "TUNNEL_SESSION_PROTOCOLS",
+    "Agent",
+    "ConflictError",
+    "Credential",
+    "NotFoundError",
+    "SecretToken",
+    "Store",
+    "StoreError",
+    "Team",
+    "TunnelSession",
+    "default_data_dir",
+    "ensure_default_team",
+    "hash_token",
+    "mask_token",
+    "normalize_uuid",
+    "token_kind",
+]
+
+DB_FILENAME = "relay.db"
+
+#: Credential kinds: ``sk`` team integration key (runtime + management), ``dk`` runtime
+#: only, ``ak`` agent (may only connect as an agent of its team).
+CREDENTIAL_KINDS: tuple[str, ...] = ("sk", "dk", "ak")
+
+#: Agent statuses, as the seeds describe them.
+AGENT_STATUSES: tuple[str, ...] = ("idle", "busy", "tunnel", "unhealthy", "offline")
+
+#: Protocols of a tunnel session opened with ``POST /agents/{id}/tunnel`` (seed 000).
+TUNNEL_SESSION_PROTOCOLS: tuple[str, ...] = ("http", "tcp")
+
+#: Characters of a credential token kept for display, after its ``xx-`` kind prefix.
+PREFIX_CHARS = 6
+
+# 32 random bytes -> 43 URL-safe characters.
+_TOKEN_BYTES = 32
+
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
+
+# --------------------------------------------------------------------------- migrations
+
+#: Ordered schema migrations; migration ``i`` moves the schema from version ``i`` to
+#: ``i + 1``. Each is a sequence of SQL statements run in one transaction.
+MIGRATIONS: list[Sequence[str]] = [
+    # 1: teams, credentials, agents, tunnel sessions.
+    (
+        """CREATE TABLE teams (
+            id          TEXT PRIMARY KEY,
+            name        TEXT NOT NULL,
+            created_at  REAL NOT NULL
+        )""",
+        """CREATE TABLE credentials (
+            id          TEXT PRIMARY KEY,
+            team_id     TEXT NOT NULL REFERENCES teams(id),
+            kind        TEXT NOT NULL CHECK (kind IN ('ak', 'sk', 'dk')),
+            token_hash  TEXT NOT NULL UNIQUE,
+            prefix      TEXT NOT NULL,
+            created_at  REAL NOT NULL,
+            revoked_at  REAL
+        )""",
+        "CREATE INDEX credentials_by_team ON credentials(team_id)",
+        """CREATE TABLE agents (
+            id          TEXT PRIMARY KEY,
+            team_id     TEXT NOT NULL REFERENCES teams(id),
+            name        TEXT NOT NULL,
+            labels      TEXT NOT NULL DEFAULT '{}',
+            version     TEXT NOT NULL DEFAULT '',
+            status      TEXT NOT NULL,
+            first_seen  REAL NOT NULL,
+            last_seen   REAL NOT NULL
+        )""",
+        "CREATE INDEX agents_by_team ON agents(team_id)",
+        """CREATE TABLE tunnel_sessions (
+            session_id        TEXT PRIMARY KEY,
+            team_id           TEXT NOT NULL REFERENCES teams(id),
+            agent_id          TEXT NOT NULL REFERENCES agents(id),
+            target_port       INTEGER NOT NULL,
+            protocol          TEXT NOT NULL,
+            token_hash        TEXT NOT NULL UNIQUE,
+            admin_token_hash  TEXT NOT NULL,
+            hub_port          INTEGER,
+            metadata          TEXT NOT NULL DEFAULT '{}',
+            created_at        REAL NOT NULL,
+            closed_at         REAL
+        )""",
+        "CREATE INDEX tunnel_sessions_by_team_agent ON tunnel_sessions(team_id, agent_id)",
+    ),
+]
+
+# --------------------------------------------------------------------------- errors
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked (bad input, unusable data directory ...)."""
+
+
+class NotFoundError(StoreError, LookupError):
+    """A referenced row (team, agent ...) does not exist in the caller's team."""
+
+
+class ConflictError(StoreError):
+    """The request clashes with existing state (e.g. an agent id owned by another team)."""
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+class SecretToken(str):
+    """A plaintext token. It *is* the ``str`` (print it, send it), but ``repr()`` masks it,
+    so a token caught in a debug print, a traceback or a ``%r`` log line does not leak."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"SecretToken({mask_token(self)!r})"
+
+
+def mask_token(token: str) -> str:
+    """``sk-AbCdEf…``: the kind prefix and a few characters, enough to tell keys apart."""
+    kind = token_kind(token)
+    keep = len(kind) + 1 + PREFIX_CHARS if kind else PREFIX_CHARS
+    return token[:keep] + "…"
+
+
+def token_kind(token: str) -> str | None:
+    """The credential kind (``ak``/``sk``/``dk``) a token claims by its prefix, else None."""
+    kind, sep, rest = token.partition("-")
+    if sep and rest and kind in CREDENTIAL_KINDS:
+        return kind
+    return None
+
+
+def hash_token(token: str) -> str:
+    """SHA-256 (hex) of a token: what the database stores instead of the token.
+
+    Why not bcrypt/argon2: those slow hashes exist to make guessing *low-entropy*
+    passwords expensive. Our tokens are 256 random bits, so nothing can be guessed and a
+    fast hash is just as safe, while keeping lookups cheap and indexable (a salted slow
+    hash could not be looked up by value at all, only checked row by row).
+    """
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _new_token(kind: str | None = None) -> SecretToken:
+    body = secrets.token_urlsafe(_TOKEN_BYTES)
+    return SecretToken(f"{kind}-{body}" if kind else body)
+
+
+def _hash_matches(stored: str, token: str) -> bool:
+    # The row was found by its hash through an index; compare again in constant time so
+    # the final accept/reject decision never depends on how many characters matched.
+    return hmac.compare_digest(stored.encode(), hash_token(token).encode())
+
+
+def normalize_uuid(value: object) -> str | None:
+    """The canonical (lower-case, hyphenated) form of a UUID string, or None if not one."""
+    if isinstance(value, str):
+        value = value.strip()
+        if _UUID_RE.fullmatch(value):
+            return value.lower()
+    return None
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    """A team: the unit every resource and credential belongs to."""
+
+    id: str
+    name: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A credential row. ``prefix`` (e.g. ``sk-AbCdEf``) is for display only."""
+
+    id: str
+    team_id: str
+    kind: str
+    prefix: str
+    created_at: float
+    revoked_at: float | None
+    token_hash: str = field(repr=False)
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    @property
+    def display(self) -> str:
+        """The masked form to show people: ``sk-AbCdEf…``."""
+        return self.prefix + "…"
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """An agent seen by the gateway. ``labels`` is the JSON value the agent advertised."""
+
+    id: str
+    team_id: str
+    name: str
+    labels: Any
+    version: str
+    status: str
+    first_seen: float
+    last_seen: float
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelSession:
+    """A tunnel session opened on an agent (seed 000). Tokens are stored only as hashes."""
+
+    session_id: str
+    team_id: str
+    agent_id: str
+    target_port: int
+    protocol: str
+    hub_port: int | None
+    metadata: Any
+    created_at: float
+    closed_at: float | None
+    token_hash: str = field(repr=False)
+    admin_token_hash: str = field(repr=False)
+
+    @property
+    def is_open(self) -> bool:
+        return self.closed_at is None
+
+
+def _team(row: sqlite3.Row) -> Team:
+    return Team(id=row["id"], name=row["name"], created_at=row["created_at"])
+
+
+def _credential(row: sqlite3.Row) -> Credential:
+    return Credential(
+        id=row["id"], team_id=row["team_id"], kind=row["kind"], prefix=row["prefix"],
+        created_at=row["created_at"], revoked_at=row["revoked_at"],
+        token_hash=row["token_hash"],
+    )
+
+
+def _agent(row: sqlite3.Row) -> Agent:
+    return Agent(
+        id=row["id"], team_id=row["team_id"], name=row["name"],
+        labels=json.loads(row["labels"]), version=row["version"], status=row["status"],
+        first_seen=row["first_seen"], last_seen=row["last_seen"],
+    )
+
+
+def _session(row: sqlite3.Row) -> TunnelSession:
+    return TunnelSession(
+        session_id=row["session_id"], team_id=row["team_id"], agent_id=row["agent_id"],
+        target_port=row["target_port"], protocol=row["protocol"], hub_port=row["hub_port"],
+        metadata=json.loads(row["metadata"]), created_at=row["created_at"],
+        closed_at=row["closed_at"], token_hash=row["token_hash"],
+        admin_token_hash=row["admin_token_hash"],
+    )
+
+
+# --------------------------------------------------------------------------- store
+
+
+def default_data_dir() -> Path:
+    """Where state lives when no ``--data``/``RELAY_DATA`` is given:
+    ``$XDG_DATA_HOME/relay``, else ``~/.local/share/relay``."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(base) / "relay"
+
+
+class Store:
+    """The SQLite-backed state of one gateway. Create with :meth:`Store.open`."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._db = db
+        self._lock = threading.RLock()
+        self._clock = clock
+        #: Path of the database file.
+        self.path = path
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, data_dir: str | os.PathLike[str], *,
+             clock: Callable[[], float] = time.time) -> Store:
+        """Open (creating if needed) the store in ``data_dir`` and migrate its schema.
+
+        Raises :class:`StoreError` with a one-line reason if the directory or database
+        cannot be created, opened or written.
+        """
+        directory = Path(data_dir).expanduser()
+        path = directory / DB_FILENAME
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Create the file owner-only before SQLite does (it would use the umask);
+            # the -wal/-shm files inherit these permissions.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                 timeout=10.0)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open data directory {directory}: {_reason(exc)}") from None
+        db.row_factory = sqlite3.Row
+        store = cls(db, path, clock)
+        try:
+            store._configure_and_migrate()
+        except sqlite3.Error as exc:
+            db.close()
+            raise StoreError(f"cannot use database {path}: {_reason(exc)}") from None
+        except StoreError:
+            db.close()
+            raise
+        return store
+
+    def _configure_and_migrate(self) -> None:
+        db = self._db
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(f"cannot use database {self.path}: WAL mode unavailable ({mode})")
+        db.execute("PRAGMA synchronous=NORMAL")  # durable across crashes in WAL mode
+        db.execute("PRAGMA foreign_keys=ON")
+        with self._write() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                db.execute("INSERT INTO schema_version (version) VALUES (0)")
+                version = 0
+            else:
+                version = row[0]
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"database {self.path} has schema version {version}, newer than this "
+                    f"relay understands ({len(MIGRATIONS)}); upgrade relay")
+            for statements in MIGRATIONS[version:]:
+                for statement in statements:
+                    db.execute(statement)
+            db.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS),))
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the open database."""
+        with self._lock:
+            return self._db.execute("SELECT version FROM schema_version").fetchone()[0]
+
+    def close(self) -> None:
+        """Close the database. The store is unusable afterwards."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r})"
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. IMMEDIATE takes the write lock up front, so two
+        processes (gateway + ``relay admin``) never deadlock upgrading a read lock."""
+        with self._lock, self._sqlite_errors():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent read: a single statement in autocommit mode is its own snapshot."""
+        with self._lock, self._sqlite_errors():
+            yield self._db
+
+    @contextmanager
+    def _sqlite_errors(self) -> Iterator[None]:
+        # Operational failures (database locked too long, disk full, file gone) become
+        # one-line StoreErrors; programming errors (sqlite3.ProgrammingError ...) do not.
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"database {self.path}: {exc}") from None
+
+    # -- teams -------------------------------------------------------------------------
+
+    def create_team(self, name: str) -> Team:
+        """Create a team named ``name`` (1..100 characters) with a new UUID."""
+        with self._write() as db:
+            return self._insert_team(db, name)
+
+    def create_team_with_keys(
+        self, name: str, kinds: Sequence[str] = CREDENTIAL_KINDS, *, only_if_no_teams: bool = False,
+    ) -> tuple[Team, dict[str, SecretToken]] | None:
+        """Create a team and one credential of each of ``kinds``, atomically.
+
+        Returns the team and ``{kind: plaintext token}`` (shown once, never stored). With
+        ``only_if_no_teams`` nothing is created, and None returned, if any team exists.
+        """
+        with self._write() as db:
+            if only_if_no_teams and db.execute("SELECT 1 FROM teams LIMIT 1").fetchone():
+                return None
+            team = self._insert_team(db, name)
+            keys = {kind: self._insert_credential(db, team.id, kind)[1] for kind in kinds}
+            return team, keys
+
+    def get_team(self, team_id: str) -> Team | None:
+        """The team with this id, or None (also for a malformed id)."""
+        team_id = normalize_uuid(team_id)
+        if team_id is None:
+            return None
+        with self._read() as db:
+            row = db.execute("SELECT * FROM teams WHERE id = ?", (team_id,)).fetchone()
+        return _team(row) if row else None
+
+    def list_teams(self) -> list[Team]:
+        """All teams, oldest first."""
+        with self._read() as db:
+            rows = db.execute("SELECT * FROM teams ORDER BY created_at, id").fetchall()
+        return [_team(row) for row in rows]
+
+    def _insert_team(self, db: sqlite3.Connection, name: str) -> Team:
+        name = name.strip() if isinstance(name, str) else ""
+        if not 1 <= len(name) <= 100:
+            raise StoreError("team name must be 1 to 100 characters")
+        team = Team(id=str(uuid.uuid4()), name=name, created_at=self._clock())
+        db.execute("INSERT INTO teams (id, name, created_at) VALUES (?, ?, ?)",
+                   (team.id, team.name, team.created_at))
+        return team
+
+    def _require_team(self, db: sqlite3.Connection, team_id: str) -> str:
+        canonical = normalize_uuid(team_id)
+        if canonical is None or not db.execute(
+                "SELECT 1 FROM teams WHERE id = ?", (canonical,)).fetchone():
+            raise NotFoundError(f"unknown team: {team_id}")
+        return canonical
+
+    # -- credentials -------------------------------------------------------------------
+
+    def create_credential(self, team_id: str, kind: str) -> tuple[Credential, SecretToken]:
+        """Issue a new ``kind`` (``ak``/``sk``/``dk``) credential for the team.
+
+        Returns the row and the plaintext token; the token is not stored anywhere.
+        """
+        with self._write() as db:
+            return self._insert_credential(db, team_id, kind)
+
+    def _insert_credential(self, db: sqlite3.Connection, team_id: str,
+                           kind: str) -> tuple[Credential, SecretToken]:
+        if kind not in CREDENTIAL_KINDS:
+            raise StoreError(f"credential kind must be one of {', '.join(CREDENTIAL_KINDS)}")
+        team_id = self._require_team(db, team_id)
+        token = _new_token(kind)
+        cred = Credential(
+            id=str(uuid.uuid4()), team_id=team_id, kind=kind,
+            prefix=token[:len(kind) + 1 + PREFIX_CHARS], created_at=self._clock(),
+            revoked_at=None, token_hash=hash_token(token),
+        )
+        db.execute(
+            "INSERT INTO credentials (id, team_id, kind, token_hash, prefix, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (cred.id, cred.team_id, cred.kind, cred.token_hash, cred.prefix, cred.created_at))
+        return cred, token
+
+    def lookup_credential(self, token: str) -> Credential | None:
+        """The active (not revoked) credential whose token is ``token``, else None."""
+        if not isinstance(token, str) or token_kind(token) is None:
+            return None
+        with self._read() as db:
+            row = db.execute("SELECT * FROM credentials WHERE token_hash = ?",
+                             (hash_token(token),)).fetchone()
+        if row is None or row["revoked_at"] is not None:
+            return None
+        if not _hash_matches(row["token_hash"], token):
+            return None
+        return _credential(row)
+
+    def get_credential(self, team_id: str, credential_id: str) -> Credential | None:
+        """The team's credential with this id (revoked or not), or None."""
+        with self._read() as db:
+            row = db.execute("SELECT * FROM credentials WHERE id = ? AND team_id = ?",
+                             (normalize_uuid(credential_id), normalize_uuid(team_id))).fetchone()
+        return _credential(row) if row else None
+
+    def list_credentials(self, team_id: str, *, include_revoked: bool = False) -> list[Credential]:
+        """The team's credentials, oldest first; revoked ones only if asked."""
+        sql = "SELECT * FROM credentials WHERE team_id = ?"
+        if not include_revoked:
+            sql += " AND revoked_at IS NULL"
+        with self._read() as db:
+            rows = db.execute(sql + " ORDER BY created_at, id",
+                              (normalize_uuid(team_id),)).fetchall()
+        return [_credential(row) for row in rows]
+
+    def revoke_credential(self, team_id: str, credential_id: str) -> bool:
+        """Revoke one of the team's credentials. False if no such active credential."""
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE credentials SET revoked_at = ?"
+                " WHERE id = ? AND team_id = ? AND revoked_at IS NULL",
+                (self._clock(), normalize_uuid(credential_id), normalize_uuid(team_id)))
+        return cur.rowcount == 1
+
+    # -- agents ------------------------------------------------------------------------
+
+    def upsert_agent(self, team_id: str, agent_id: str | None, name: str, labels: Any = None,
+                     version: str = "", status: str = "idle") -> Agent:
+        """Register an agent that connected, or refresh one seen before.
+
+        ``agent_id=None`` registers a new agent with a fresh UUID. An ``agent_id`` the
+        agent chose itself is kept. Raises :class:`ConflictError` if that id belongs to
+        another team's agent (one team can never take over another's agent), and
+        :class:`NotFoundError` for an unknown team.
+        """
+        _check_status(status)
+        labels_json = json.dumps({} if labels is None else labels, sort_keys=True)
+        if agent_id is not None:
+            canonical = normalize_uuid(agent_id)
+            if canonical is None:
+                raise StoreError(f"agent id must be a UUID: {agent_id!r}")
+            agent_id = canonical
+        now = self._clock()
+        with self._write() as db:
+            team_id = self._require_team(db, team_id)
+            row = None
+            if agent_id is not None:
+                row = db.execute("SELECT team_id FROM agents WHERE id = ?", (agent_id,)).fetchone()
+                if row is not None and row["team_id"] != team_id:
+                    raise ConflictError(f"agent id {agent_id} is registered to another team")
+            if row is None:
+                agent_id = agent_id or str(uuid.uuid4())
+                db.execute(
+                    "INSERT INTO agents (id, team_id, name, labels, version, status,"
+                    " first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (agent_id, team_id, name, labels_json, version, status, now, now))
+            else:
+                db.execute(
+                    "UPDATE agents SET name = ?, labels = ?, version = ?, status = ?,"
+                    " last_seen = ? WHERE id = ?",
+                    (name, labels_json, version, status, now, agent_id))
+            return _agent(db.execute("SELECT * FROM agents WHERE id = ?", (agent_id,)).fetchone())
+
+    def get_agent(self, team_id: str, agent_id: str) -> Agent | None:
+        """The team's agent with this id; None if unknown *or another team's*."""
+        with self._read() as db:
+            row = db.execute("SELECT * FROM agents WHERE id = ? AND team_id = ?",
+                             (normalize_uuid(agent_id), normalize_uuid(team_id))).fetchone()
+        return _agent(row) if row else None
+
+    def list_agents(self, team_id: str) -> list[Agent]:
+        """The team's agents, first seen first."""
+        with self._read() as db:
+            rows = db.execute("SELECT * FROM agents WHERE team_id = ? ORDER BY first_seen, id",
+                              (normalize_uuid(team_id),)).fetchall()
+        return [_agent(row) for row in rows]
+
+    def set_agent_status(self, team_id: str, agent_id: str, status: str) -> bool:
+        """Set an agent's status and mark it seen now. False if not the team's agent."""
+        _check_status(status)
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE agents SET status = ?, last_seen = ? WHERE id = ? AND team_id = ?",
+                (status, self._clock(), normalize_uuid(agent_id), normalize_uuid(team_id)))
+        return cur.rowcount == 1
+
+    def touch_agent(self, team_id: str, agent_id: str) -> bool:
+        """Record a heartbeat (``last_seen`` = now). False if not the team's agent."""
+        with self._write() as db:
+            cur = db.execute("UPDATE agents SET last_seen = ? WHERE id = ? AND team_id = ?",
+                             (self._clock(), normalize_uuid(agent_id), normalize_uuid(team_id)))
+        return cur.rowcount == 1
+
+    def mark_all_agents_offline(self) -> int:
+        """Set every agent offline (at gateway start no agent is connected yet).
+        Returns how many changed."""
+        with self._write() as db:
+            cur = db.execute("UPDATE agents SET status = 'offline' WHERE status != 'offline'")
+        return cur.rowcount
+
+    # -- tunnel sessions ---------------------------------------------------------------
+
+    def create_tunnel_session(
+        self, team_id: str, agent_id: str, target_port: int = 8188, protocol: str = "http",
+        *, hub_port: int | None = None, metadata: Any = None,
+    ) -> tuple[TunnelSession, SecretToken, SecretToken]:
+        """Open a tunnel session on one of the team's agents.
+
+        Returns ``(session, access_token, admin_token)``. The access token goes into the
+        shareable ``tunnel_url``; the admin token authorises close/stats/terminal. Both
+        are returned only here. Raises :class:`NotFoundError` if the agent is not the
+        team's, :class:`StoreError` for a bad port or protocol.
+        """
+        if not isinstance(target_port, int) or isinstance(target_port, bool) \
+                or not 1 <= target_port <= 65535:
+            raise StoreError("target_port must be an integer from 1 to 65535")
+        if protocol not in TUNNEL_SESSION_PROTOCOLS:
+            raise StoreError(f"protocol must be one of {', '.join(TUNNEL_SESSION_PROTOCOLS)}")
+        if hub_port is not None and not 1 <= hub_port <= 65535:
+            raise StoreError("hub_port must be from 1 to 65535")
+        access, admin = _new_token(), _new_token()
+        with self._write() as db:
+            row = db.execute("SELECT id, team_id FROM agents WHERE id = ? AND team_id = ?",
+                             (normalize_uuid(agent_id), normalize_uuid(team_id))).fetchone()
+            if row is None:
+                raise NotFoundError(f"unknown agent: {agent_id}")
+            session = TunnelSession(
+                session_id=secrets.token_hex(16), team_id=row["team_id"],
+                agent_id=row["id"], target_port=target_port,
+                protocol=protocol, hub_port=hub_port,
+                metadata={} if metadata is None else metadata, created_at=self._clock(),
+                closed_at=None, token_hash=hash_token(access),
+                admin_token_hash=hash_token(admin),
+            )
+            db.execute(
+                "INSERT INTO tunnel_sessions (session_id, team_id, agent_id, target_port,"
+                " protocol, token_hash, admin_token_hash, hub_port, metadata, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (session.session_id, session.team_id, session.agent_id, target_port,
+                 protocol, session.token_hash, session.admin_token_hash, hub_port,
+                 json.dumps(session.metadata, sort_keys=True), session.created_at))
+        return session, access, admin
+
+    def get_tunnel_session(self, team_id: str, session_id: str) -> TunnelSession | None:
+        """The team's tunnel session (open or closed), or None."""
+        with self._read() as db:
+            row = db.execute("SELECT * FROM tunnel_sessions WHERE session_id = ? AND team_id = ?",
+                             (session_id, normalize_uuid(team_id))).fetchone()
+        return _session(row) if row else None
+
+    def get_tunnel_session_by_token(self, token: str, *,
+                                    open_only: bool = True) -> TunnelSession | None:
+        """The session whose *access* token is ``token`` (the one in ``tunnel_url``).
+        Closed sessions are not returned unless ``open_only=False``."""
+        if not isinstance(token, str) or not token:
+            return None
+        with self._read() as db:
+            row = db.execute("SELECT * FROM tunnel_sessions WHERE token_hash = ?",
+                             (hash_token(token),)).fetchone()
+        if row is None or not _hash_matches(row["token_hash"], token):
+            return None
+        if open_only and row["closed_at"] is not None:
+            return None
+        return _session(row)
+
+    def check_tunnel_admin_token(self, session_id: str, admin_token: str) -> TunnelSession | None:
+        """The session if ``admin_token`` is its admin token, else None."""
+        if not isinstance(admin_token, str) or not admin_token:
+            return None
+        with self._read() as db:
+            row = db.execute("SELECT * FROM tunnel_sessions WHERE session_id = ?",
+                             (session_id,)).fetchone()
+        if row is None or not _hash_matches(row["admin_token_hash"], admin_token):
+            return None
+        return _session(row)
+
+    def list_tunnel_sessions(self, team_id: str, agent_id: str | None = None, *,
+                             open_only: bool = True) -> list[TunnelSession]:
+        """The team's tunnel sessions (of one agent if given), oldest first."""
+        sql = "SELECT * FROM tunnel_sessions WHERE team_id = ?"
+        args: list[Any] = [normalize_uuid(team_id)]
+        if agent_id is not None:
+            sql += " AND agent_id = ?"
+            args.append(normalize_uuid(agent_id))
+        if open_only:
+            sql += " AND closed_at IS NULL"
+        with self._read() as db:
+            rows = db.execute(sql + " ORDER BY created_at, session_id", args).fetchall()
+        return [_session(row) for row in rows]
+
+    def close_tunnel_session(self, team_id: str, session_id: str) -> bool:
+        """Close one of the team's open sessions. False if none was open."""
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE tunnel_sessions SET closed_at = ?"
+                " WHERE session_id = ? AND team_id = ? AND closed_at IS NULL",
+                (self._clock(), session_id, normalize_uuid(team_id)))
+        return cur.rowcount == 1
+
+    def close_tunnel_sessions(self, team_id: str, agent_id: str) -> list[str]:
+        """Close all of an agent's open sessions; returns the ids that were closed."""
+        team_id, agent_id = normalize_uuid(team_id), normalize_uuid(agent_id)
+        with self._write() as db:
+            ids = [row[0] for row in db.execute(
+                "SELECT session_id FROM tunnel_sessions"
+                " WHERE team_id = ? AND agent_id = ? AND closed_at IS NULL"
+                " ORDER BY created_at, session_id", (team_id, agent_id))]
+            db.execute(
+                "UPDATE tunnel_sessions SET closed_at = ?"
+                " WHERE team_id = ? AND agent_id = ? AND closed_at IS NULL",
+                (self._clock(), team_id, agent_id))
+        return ids
+
+
+def ensure_default_team(store: Store) -> tuple[Team, dict[str, SecretToken]] | None:
+    """On the first start of an empty gateway, create team ``default`` with one key of
+    each kind and return ``(team, {kind: plaintext key})`` so the caller can print the
+    keys once. Returns None if any team already exists. Safe against a concurrent
+    ``relay admin team create``: the check and the insert are one transaction."""
+    return store.create_team_with_keys("default", only_if_no_teams=True)
+
+
+def _check_status(status: str) -> None:
+    if status not in AGENT_STATUSES:
+        raise StoreError(f"agent status must be one of {', '.join(AGENT_STATUSES)}")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
