@@ -1,0 +1,683 @@
+"""MuxStream: one multiplexed stream as an asyncio-style reader/writer, and the splice.
+
+Backpressure, receiving: bytes that arrive are buffered here and acknowledged to the core
+(``acknowledge_received_data``) only when the application reads them, so a reader that
+stops reading stops granting window and the peer stops after one window.
+
+Backpressure, sending: ``write`` hands bytes to the core's per-stream send queue;
+``drain`` waits while that queue is at ``send_queue_limit``. Writes made while the
+queue is full wait here (as in an asyncio transport) until the core reports the stream
+writable again, so ``write`` never fails for lack of room.
+
+:class:`StreamSplice` is the fast path that relays a stream to a local asyncio transport
+without a task or an intermediate buffer (see its docstring).
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING, Any, Optional
+
+from relay.mux.errors import ErrorCode, StreamClosedError
+
+if TYPE_CHECKING:
+    from relay.aio.session import MuxSession
+
+#: ``readuntil``/``readline`` give up past this many bytes without a separator (as
+#: asyncio's StreamReader). Capped by the stream window: a separator farther away than
+#: one window could never arrive, since unread bytes are never acknowledged.
+DEFAULT_LIMIT = 64 * 1024
+#: ``read(-1)`` reads in pieces of this size (each acknowledged as it is taken).
+_READ_ALL_CHUNK = 256 * 1024
+
+
+class StreamResetError(ConnectionResetError):
+    """The stream was reset (by the peer, by this side, or because the session ended)."""
+
+    def __init__(self, error_code: int, message: str = "", remote: bool = True) -> None:
+        try:
+            name = ErrorCode(error_code).name
+        except ValueError:
+            name = str(error_code)
+        who = "by the peer" if remote else "locally"
+        super().__init__(f"stream reset {who} ({name}){': ' + message if message else ''}")
+        self.error_code = error_code
+        self.message = message
+        self.remote = remote
+
+
+class StreamRefused(ConnectionRefusedError):
+    """The peer refused a stream this side opened."""
+
+    def __init__(self, error_code: int, message: str = "") -> None:
+        try:
+            name = ErrorCode(error_code).name
+        except ValueError:
+            name = str(error_code)
+        super().__init__(f"stream refused ({name}){': ' + message if message else ''}")
+        self.error_code = error_code
+        self.message = message
+
+
+def _wake(waiter: Optional[asyncio.Future], exc: Optional[BaseException] = None) -> None:
+    if waiter is not None and not waiter.done():
+        if exc is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(exc)
+
+
+class MuxStream:
+    """One stream of a :class:`~relay.aio.session.MuxSession`.
+
+    Reading: :meth:`read`, :meth:`readexactly`, :meth:`readuntil`, :meth:`readline`,
+    :meth:`at_eof`. Writing: :meth:`write` then ``await`` :meth:`drain`,
+    :meth:`write_eof`. Ending: :meth:`close` (graceful) or :meth:`abort` (reset).
+    After a reset every operation raises :class:`StreamResetError` (a
+    ``ConnectionResetError``) carrying the wire code and message; data not yet read is
+    dropped, as a reset means "abandon this stream".
+
+    Streams are created by the session (``open_stream`` or an incoming open); an
+    incoming stream must be answered with :meth:`accept` or :meth:`refuse`.
+    """
+
+    def __init__(self, session: "MuxSession", stream_id: int, metadata: dict[str, Any], local: bool) -> None:
+        self._session = session
+        self._conn = session._conn
+        self._loop = session._loop
+        #: The wire stream id (odd when the dialling side opened it).
+        self.stream_id = stream_id
+        #: The open metadata (protocol, target, headers ...).
+        self.metadata = metadata
+        #: True when this side opened the stream.
+        self.local = local
+        self._answered = False  # accepted (local: by the peer; remote: by us) or refused
+        self._accepted = False
+        self._buffer: deque[bytes] = deque()
+        self._buffered = 0
+        self._remote_ended = False  # the peer's FIN arrived
+        self._eof_requested = False  # the application asked to end its side
+        self._local_ended = False  # end_stream was passed to the core
+        self._closing = False  # close() called: unread and future data is discarded
+        self._exc: Optional[BaseException] = None
+        self._finished = False
+        self._pending: deque[bytes] = deque()  # writes waiting for room in the core queue
+        self._read_waiter: Optional[asyncio.Future] = None
+        self._write_waiter: Optional[asyncio.Future] = None
+        self._answer_waiter: Optional[asyncio.Future] = None
+        self._closed_waiter: Optional[asyncio.Future] = None
+        self._sink: Optional[StreamSplice] = None
+        self._limit = min(DEFAULT_LIMIT, self._conn.config.initial_window)
+
+    def __repr__(self) -> str:
+        return f"<MuxStream {self.stream_id} {'local' if self.local else 'remote'} buffered={self._buffered}>"
+
+    # ------------------------------------------------------------------ answering
+
+    def accept(self) -> None:
+        """Accept a stream the peer opened."""
+        if self._exc is not None:
+            raise self._exc
+        self._conn.accept_stream(self.stream_id)
+        self._answered = self._accepted = True
+        self._session._schedule_flush()
+
+    def refuse(self, error_code: int = ErrorCode.REFUSED, message: str = "") -> None:
+        """Refuse a stream the peer opened; the stream is finished at once."""
+        if self._exc is not None:
+            return
+        self._conn.refuse_stream(self.stream_id, error_code, message)
+        self._answered = True
+        self._session._schedule_flush()
+        self._on_reset(error_code, message, remote=False)
+
+    @property
+    def answered(self) -> bool:
+        """True once the open was accepted (or refused)."""
+        return self._answered
+
+    async def wait_accepted(self) -> None:
+        """Wait until the peer accepts a stream this side opened.
+
+        Raises :class:`StreamRefused` if the peer refused it, :class:`StreamResetError`
+        if it was reset otherwise or the session ended.
+        """
+        while not self._accepted:
+            if self._exc is not None:
+                raise self._exc
+            self._answer_waiter = self._loop.create_future()
+            try:
+                await self._answer_waiter
+            finally:
+                self._answer_waiter = None
+
+    # ------------------------------------------------------------------ reading
+
+    def at_eof(self) -> bool:
+        """True when the peer ended the stream and every byte has been read."""
+        return not self._buffer and (self._remote_ended or self._exc is not None)
+
+    async def read(self, n: int = -1) -> bytes:
+        """Read up to ``n`` bytes (``-1``: until EOF). ``b""`` means EOF."""
+        if n < 0:
+            parts = []
+            while True:
+                part = await self.read(_READ_ALL_CHUNK)
+                if not part:
+                    return b"".join(parts)
+                parts.append(part)
+        if n == 0:
+            return b""
+        while not self._buffer:
+            if not await self._wait_readable():
+                return b""
+        return self._take(n)
+
+    async def readexactly(self, n: int) -> bytes:
+        """Read exactly ``n`` bytes; raises ``asyncio.IncompleteReadError`` at an early EOF."""
+        if n < 0:
+            raise ValueError("readexactly size can not be less than zero")
+        parts = []
+        remaining = n
+        while remaining:
+            while not self._buffer:
+                if not await self._wait_readable():
+                    raise asyncio.IncompleteReadError(b"".join(parts), n)
+            part = self._take(remaining)
+            parts.append(part)
+            remaining -= len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        """Read up to and including ``separator`` (asyncio.StreamReader semantics)."""
+        if not separator:
+            raise ValueError("Separator should be at least one-byte string")
+        searched = 0
+        while True:
+            if self._buffer:
+                if len(self._buffer) > 1:  # search one contiguous buffer
+                    joined = b"".join(self._buffer)
+                    self._buffer.clear()
+                    self._buffer.append(joined)
+                data = self._buffer[0]
+                index = data.find(separator, searched)
+                if index >= 0:
+                    return self._take(index + len(separator))
+                searched = max(0, len(data) - len(separator) + 1)
+                if len(data) > self._limit:
+                    raise asyncio.LimitOverrunError("Separator is not found, and chunk exceed the limit", len(data))
+            if not await self._wait_readable():
+                partial = self._take(self._buffered) if self._buffer else b""
+                raise asyncio.IncompleteReadError(partial, None)
+
+    async def readline(self) -> bytes:
+        """Read one ``\\n``-terminated line; at EOF, whatever is left (maybe ``b""``)."""
+        try:
+            return await self.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial
+        except asyncio.LimitOverrunError as exc:
+            raise ValueError(exc.args[0]) from None
+
+    def __aiter__(self) -> "MuxStream":
+        return self
+
+    async def __anext__(self) -> bytes:
+        line = await self.readline()
+        if not line:
+            raise StopAsyncIteration
+        return line
+
+    async def _wait_readable(self) -> bool:
+        """Wait for data; False at EOF. Raises after a reset."""
+        if self._sink is not None:
+            raise RuntimeError("this stream is spliced to a transport; it cannot be read directly")
+        if self._exc is not None:
+            raise self._exc
+        if self._remote_ended or self._closing:
+            return False
+        self._read_waiter = self._loop.create_future()
+        try:
+            await self._read_waiter
+        finally:
+            self._read_waiter = None
+        if self._exc is not None:
+            raise self._exc
+        return bool(self._buffer) or not (self._remote_ended or self._closing)
+
+    def _take(self, n: int) -> bytes:
+        """Remove up to ``n`` buffered bytes and acknowledge them: this grants the window."""
+        buffer = self._buffer
+        first = buffer[0]
+        if len(first) <= n:
+            buffer.popleft()
+            taken = len(first)
+            if taken < n and buffer:
+                parts = [first]
+                while buffer and taken < n:
+                    chunk = buffer[0]
+                    if taken + len(chunk) <= n:
+                        parts.append(buffer.popleft())
+                        taken += len(chunk)
+                    else:
+                        cut = n - taken
+                        parts.append(chunk[:cut])
+                        buffer[0] = chunk[cut:]
+                        taken = n
+                first = b"".join(parts)
+        else:
+            buffer[0] = first[n:]
+            first = first[:n]
+            taken = n
+        self._buffered -= taken
+        self._session._acknowledge(self.stream_id, taken)
+        return first
+
+    # ------------------------------------------------------------------ writing
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data``; follow with ``await drain()`` to respect backpressure."""
+        if self._exc is not None:
+            raise self._exc
+        if self._eof_requested:
+            raise RuntimeError("write() after write_eof() or close()")
+        if not data:
+            return
+        if self._pending or not self._conn.writable(self.stream_id):
+            self._pending.append(bytes(data))
+            return
+        self._conn.send_data(self.stream_id, data)
+        self._session._schedule_flush()
+
+    def writelines(self, data: Any) -> None:
+        for chunk in data:
+            self.write(chunk)
+
+    def writable(self) -> bool:
+        """True while the core send queue has room (``drain`` would not wait)."""
+        return not self._pending and self._conn.queued_bytes(self.stream_id) < self._conn.config.send_queue_limit
+
+    async def drain(self) -> None:
+        """Wait until the stream's send queue is below its limit."""
+        while True:
+            if self._exc is not None:
+                raise self._exc
+            if self.writable():
+                return
+            self._write_waiter = self._loop.create_future()
+            try:
+                await self._write_waiter
+            finally:
+                self._write_waiter = None
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        """Half-close: the peer reads EOF after the data already written."""
+        if self._eof_requested or self._exc is not None:
+            return
+        self._eof_requested = True
+        if not self._pending:
+            self._end_local()
+
+    def _end_local(self) -> None:
+        try:
+            self._conn.end_stream(self.stream_id)
+        except StreamClosedError:
+            return  # reset meanwhile; the reset event finishes the stream
+        self._local_ended = True
+        self._session._schedule_flush()
+        self._check_finished()
+
+    # ------------------------------------------------------------------ ending
+
+    def is_closing(self) -> bool:
+        return self._closing or self._exc is not None
+
+    def close(self) -> None:
+        """Graceful close: end our side after queued data; drop unread and later input.
+
+        Bytes still arriving are acknowledged and discarded, so the peer never stalls on
+        a stream nobody reads; the stream finishes when the peer ends its side too.
+        """
+        if self._closing or self._exc is not None:
+            return
+        if not self.local and not self._answered:
+            self.refuse(ErrorCode.REFUSED, "closed before being accepted")
+            return
+        self._closing = True
+        self.write_eof()
+        if self._buffered:
+            self._session._acknowledge(self.stream_id, self._buffered)
+            self._buffer.clear()
+            self._buffered = 0
+        _wake(self._read_waiter)
+        self._check_finished()
+
+    def abort(self, error_code: int = ErrorCode.CANCEL, message: str = "") -> None:
+        """Reset the stream in both directions; queued data is dropped."""
+        if self._exc is not None:
+            return
+        if self._finished:  # nothing left to reset; only unread data to give back
+            self._closing = True
+            if self._buffered:
+                self._session._acknowledge(self.stream_id, self._buffered)
+                self._buffer.clear()
+                self._buffered = 0
+            return
+        self._conn.reset_stream(self.stream_id, error_code, message)
+        self._answered = True
+        self._session._schedule_flush()
+        self._on_reset(error_code, message, remote=False)
+
+    async def wait_closed(self) -> None:
+        """Wait until the stream is finished (both sides ended, or reset). Never raises."""
+        if self._finished:
+            return
+        if self._closed_waiter is None:
+            self._closed_waiter = self._loop.create_future()
+        await asyncio.shield(self._closed_waiter)
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def exception(self) -> Optional[BaseException]:
+        """The reset that ended the stream, if any."""
+        return self._exc
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """``stream_id``, ``metadata``, ``session``, or the session transport's info."""
+        if name == "stream_id":
+            return self.stream_id
+        if name == "metadata":
+            return self.metadata
+        if name == "session":
+            return self._session
+        return self._session.get_extra_info(name, default)
+
+    def as_streams(self) -> tuple["MuxStreamReader", "MuxStreamWriter"]:
+        """``(reader, writer)`` usable where asyncio's StreamReader/StreamWriter are."""
+        return MuxStreamReader(self), MuxStreamWriter(self)
+
+    # ------------------------------------------------------------------ from the session
+
+    def _on_data(self, data: Any, n: int) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink._mux_data(data, n)
+        elif self._closing:
+            self._session._acknowledge(self.stream_id, n)
+        else:
+            # Keep bytes, not views: a view would pin the whole received chunk.
+            self._buffer.append(data if type(data) is bytes else bytes(data))
+            self._buffered += n
+            _wake(self._read_waiter)
+
+    def _on_remote_end(self) -> None:
+        self._remote_ended = True
+        if self._sink is not None:
+            self._sink._mux_eof()
+        _wake(self._read_waiter)
+        self._check_finished()
+
+    def _on_accepted(self) -> None:
+        self._answered = self._accepted = True
+        _wake(self._answer_waiter)
+
+    def _on_reset(self, error_code: int, message: str, remote: bool) -> None:
+        if self._exc is not None:
+            return
+        if self.local and not self._answered and remote:
+            self._exc = StreamRefused(error_code, message)
+        else:
+            self._exc = StreamResetError(error_code, message, remote)
+        self._answered = True
+        self._buffer.clear()
+        self._buffered = 0  # the core credits unacknowledged data back on a reset
+        self._pending.clear()
+        for waiter in (self._read_waiter, self._write_waiter, self._answer_waiter):
+            _wake(waiter)
+        if self._sink is not None:
+            self._sink._mux_reset(self._exc)
+        self._finish()
+
+    def _on_writable(self) -> None:
+        """The core's send queue for this stream drained below its limit."""
+        pending = self._pending
+        conn = self._conn
+        while pending and conn.writable(self.stream_id):
+            conn.send_data(self.stream_id, pending.popleft())
+        if not pending:
+            if self._eof_requested and not self._local_ended:
+                self._end_local()
+            _wake(self._write_waiter)
+        self._session._schedule_flush()
+        if self._sink is not None:
+            self._sink._try_resume_reading()
+
+    def _check_finished(self) -> None:
+        if not self._finished and self._local_ended and (self._remote_ended or self._exc is not None):
+            self._finish()
+
+    def _finish(self) -> None:
+        self._finished = True
+        _wake(self._closed_waiter)
+        self._session._stream_finished(self)
+
+    def _attach_sink(self, sink: "StreamSplice") -> None:
+        """Route everything received from now on to ``sink``; hand it what is buffered."""
+        if self._sink is not None:
+            raise RuntimeError("this stream is already spliced")
+        self._sink = sink
+        while self._buffer:
+            chunk = self._buffer.popleft()
+            self._buffered -= len(chunk)
+            sink._mux_data(chunk, len(chunk))
+        if self._exc is not None:
+            sink._mux_reset(self._exc)
+        elif self._remote_ended:
+            sink._mux_eof()
+
+
+class MuxStreamReader:
+    """The reading half of a :class:`MuxStream`, shaped like ``asyncio.StreamReader``."""
+
+    def __init__(self, stream: MuxStream) -> None:
+        self.stream = stream
+        self.read = stream.read
+        self.readexactly = stream.readexactly
+        self.readuntil = stream.readuntil
+        self.readline = stream.readline
+        self.at_eof = stream.at_eof
+
+    def exception(self) -> Optional[BaseException]:
+        return self.stream.exception
+
+    def __aiter__(self) -> MuxStream:
+        return self.stream
+
+
+class MuxStreamWriter:
+    """The writing half of a :class:`MuxStream`, shaped like ``asyncio.StreamWriter``."""
+
+    def __init__(self, stream: MuxStream) -> None:
+        self.stream = stream
+        self.write = stream.write
+        self.writelines = stream.writelines
+        self.drain = stream.drain
+        self.write_eof = stream.write_eof
+        self.can_write_eof = stream.can_write_eof
+        self.close = stream.close
+        self.is_closing = stream.is_closing
+        self.wait_closed = stream.wait_closed
+        self.get_extra_info = stream.get_extra_info
+
+    @property
+    def transport(self) -> MuxStream:
+        return self.stream
+
+
+class StreamSplice(asyncio.Protocol):
+    """Relay a :class:`MuxStream` to a local asyncio transport, Protocol to Protocol.
+
+    Use it as the protocol of a local connection (``loop.create_connection(lambda:
+    StreamSplice(stream), ...)``, or a server whose factory opens a stream with
+    ``session.open_stream_nowait``). Backpressure is end to end, with no task and no
+    buffer of its own:
+
+    * mux -> local: each received chunk is written to the local transport and
+      acknowledged at once while the transport is not paused; while it is paused
+      (``pause_writing``) acknowledgements are held and released by ``resume_writing``.
+      So a slow local consumer stops the remote sender after one window.
+    * local -> mux: each chunk read goes to the stream's send queue; local reading is
+      paused while the stream is not writable or its send window is exhausted, and
+      resumed by the session when room or window comes back.
+    * EOF both ways (``write_eof``), resets both ways (a local error resets the stream;
+      a stream reset aborts the local transport).
+
+    Memory per splice is bounded by one stream window + the local transport's high-water
+    mark inbound, and ``send_queue_limit`` + one read outbound.
+    """
+
+    def __init__(self, stream: MuxStream) -> None:
+        self.stream = stream
+        self.transport: Optional[asyncio.Transport] = None
+        self._write_paused = False
+        self._held = 0  # bytes written to the paused local transport, not yet acknowledged
+        self._reading_paused = False
+        self._local_eof = False
+        self._mux_eof_seen = False
+        self._closed = stream._loop.create_future()
+
+    # -- local side (asyncio.Protocol)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        stream = self.stream
+        if not stream.local and not stream.answered and stream._exc is None:
+            stream.accept()  # before data_received can run: sending needs an accepted stream
+        stream._attach_sink(self)
+
+    def data_received(self, data: bytes) -> None:
+        stream = self.stream
+        try:
+            stream.write(data)
+        except (ConnectionError, RuntimeError, StreamClosedError):
+            self.transport.abort()  # the stream is gone: nowhere to put these bytes
+            return
+        self._pause_if_blocked()
+
+    def eof_received(self) -> bool:
+        self._local_eof = True
+        self.stream.write_eof()
+        # Keep the local transport open for writing until the mux side ends too.
+        return not self._mux_eof_seen
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        stream = self.stream
+        self.stream._session._unblock_reader(self)
+        if exc is not None:
+            stream.abort(ErrorCode.CANCEL, f"local connection failed: {exc}")
+        elif not stream.finished:
+            stream.write_eof()
+            if not self._mux_eof_seen:
+                # Nobody is left to deliver the peer's data to: it must stop sending.
+                stream.abort(ErrorCode.CANCEL, "local connection closed")
+        if self._held:
+            stream._session._acknowledge(stream.stream_id, self._held)
+            self._held = 0
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        held, self._held = self._held, 0
+        if held:
+            self.stream._session._acknowledge(self.stream.stream_id, held)
+
+    # -- mux side (called by the MuxStream)
+
+    def _mux_data(self, data: Any, n: int) -> None:
+        transport = self.transport
+        if transport.is_closing():
+            self.stream._session._acknowledge(self.stream.stream_id, n)
+            return
+        transport.write(data)
+        if self._write_paused:  # possibly paused by this very write
+            self._held += n
+        else:
+            self.stream._session._acknowledge(self.stream.stream_id, n)
+
+    def _mux_eof(self) -> None:
+        self._mux_eof_seen = True
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if self._local_eof:
+            transport.close()  # both directions done; close() still flushes the buffer
+        elif transport.can_write_eof():
+            transport.write_eof()
+
+    def _mux_reset(self, exc: BaseException) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _pause_if_blocked(self) -> None:
+        if self._reading_paused or self.transport.is_closing():
+            return
+        stream = self.stream
+        conn = stream._conn
+        if not stream.writable() or conn.send_window(stream.stream_id) <= 0:
+            self._reading_paused = True
+            self.transport.pause_reading()
+            stream._session._block_reader(self)
+
+    def _try_resume_reading(self) -> bool:
+        """Resume local reading if the stream can take data again; True when done."""
+        if not self._reading_paused:
+            return True
+        stream = self.stream
+        if stream._exc is not None or self.transport.is_closing():
+            return True
+        if stream.writable() and stream._conn.send_window(stream.stream_id) > 0:
+            self._reading_paused = False
+            self.transport.resume_reading()
+            return True
+        return False
+
+    # -- public
+
+    def abort(self) -> None:
+        """Abort both the local connection and the stream."""
+        self.stream.abort()
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def wait_closed(self) -> None:
+        """Wait until the local connection is closed."""
+        await asyncio.shield(self._closed)
+
+
+async def connect_stream_to(stream: MuxStream, host: str, port: int, **kwargs: Any) -> StreamSplice:
+    """Open a local TCP connection to ``host:port`` and splice ``stream`` to it.
+
+    An incoming stream not answered yet is accepted once the connection is made, or
+    refused with CONNECT_FAILED (and the OSError re-raised) if it cannot be.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        _, splice = await loop.create_connection(lambda: StreamSplice(stream), host, port, **kwargs)
+    except BaseException as exc:
+        message = f"cannot connect to {host}:{port}: {exc}" if isinstance(exc, OSError) else "cancelled"
+        if not stream.local and not stream.answered:
+            stream.refuse(ErrorCode.CONNECT_FAILED, message)
+        else:
+            stream.abort(ErrorCode.CONNECT_FAILED, message)
+        raise
+    return splice

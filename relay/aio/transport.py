@@ -1,0 +1,183 @@
+"""How a MuxSession is attached to a transport: raw TCP/TLS, or WebSocket messages.
+
+A :class:`~relay.aio.session.MuxSession` is an ``asyncio.Protocol``. It needs from its
+transport only the surface of :class:`MuxTransport` (which every asyncio stream
+transport has) and calls nothing else. In return the transport drives the session
+through the Protocol callbacks: ``connection_made``, ``data_received`` (any slicing of
+the byte stream), ``eof_received``, ``connection_lost``, ``pause_writing`` and
+``resume_writing``.
+
+Over raw TCP the asyncio transport is used as is (:func:`connect_tcp`,
+:func:`serve_tcp`). Over WebSocket, :class:`WebSocketTransport` sits between the TCP
+transport and the session after the HTTP upgrade: each ``write`` from the session (one
+``data_to_send`` output) becomes one binary message, each binary message received is
+fed to ``data_received``, and flow control passes straight through.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any, Awaitable, Callable, Optional, Protocol, Union
+
+from relay.aio.session import MuxSession
+from relay.mux.connection import MuxConfig
+
+
+class MuxTransport(Protocol):
+    """What a MuxSession calls on its transport (asyncio.Transport satisfies it)."""
+
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+    def is_closing(self) -> bool: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+
+
+SessionCallback = Callable[[MuxSession], Union[Awaitable[None], None]]
+
+
+async def connect_tcp(host: str, port: int, *, client: bool = True, config: Optional[MuxConfig] = None,
+                      **session_kwargs: Any) -> MuxSession:
+    """Dial ``host:port`` and run a session over the raw TCP connection.
+
+    Extra keyword arguments go to :class:`MuxSession` (``on_stream``, ``on_control``).
+    """
+    loop = asyncio.get_running_loop()
+    _, session = await loop.create_connection(lambda: MuxSession(client, config, **session_kwargs), host, port)
+    return session
+
+
+async def serve_tcp(on_session: SessionCallback, host: str, port: int, *, config: Optional[MuxConfig] = None,
+                    client: bool = False, **session_kwargs: Any) -> asyncio.Server:
+    """Listen on ``host:port``; every connection becomes a MuxSession (``client=False``).
+
+    ``on_session(session)`` is called as each connection arrives; if it returns an
+    awaitable, that runs as a task. Extra keyword arguments go to :class:`MuxSession`.
+    """
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task] = set()
+
+    def factory() -> MuxSession:
+        session = MuxSession(client, config, **session_kwargs)
+        result = on_session(session)
+        if inspect.isawaitable(result):
+            task = loop.create_task(result)  # type: ignore[arg-type]
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        return session
+
+    return await loop.create_server(factory, host, port)
+
+
+class WebSocketTransport(asyncio.Protocol):
+    """Carry a MuxSession over WebSocket binary messages (after the HTTP upgrade).
+
+    It is the Protocol of the underlying TCP/TLS transport, and the transport of the
+    session. ``client=True`` masks outgoing frames and expects unmasked ones, as
+    RFC 6455 requires of the side that opened the WebSocket. Pings are answered, a
+    close frame is echoed and ends the session; text messages are a protocol error.
+
+    Use :meth:`attach` to switch an already connected transport over (bytes read past
+    the handshake are passed as ``initial``).
+    """
+
+    def __init__(self, session: MuxSession, *, client: bool, max_message_size: int = 16 * 1024 * 1024) -> None:
+        from relay import ws  # imported here: the raw TCP path must not need relay.ws
+
+        self._ws = ws
+        self.session = session
+        self._client = client
+        self._parser = ws.FrameParser(max_message_size, not client)
+        self._transport: Any = None
+        self._close_sent = False
+
+    @classmethod
+    def attach(cls, transport: asyncio.Transport, session: MuxSession, *, client: bool,
+               initial: bytes = b"", **kwargs: Any) -> "WebSocketTransport":
+        """Make ``transport`` (handshake already done) carry ``session``."""
+        adapter = cls(session, client=client, **kwargs)
+        transport.set_protocol(adapter)
+        adapter.connection_made(transport)
+        if initial:
+            adapter.data_received(initial)
+        return adapter
+
+    # -- the session's transport
+
+    def write(self, data: bytes) -> None:
+        if self._close_sent:
+            return
+        self._transport.write(self._ws.encode_frame(self._ws.Opcode.BINARY, data, mask=self._client))
+
+    def close(self) -> None:
+        self._send_close(self._ws.CloseCode.NORMAL)
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._close_sent or self._transport.is_closing()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def set_write_buffer_limits(self, high: Optional[int] = None, low: Optional[int] = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    # -- the TCP transport's protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self.session.connection_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        ws = self._ws
+        try:
+            messages = self._parser.feed(data)
+        except ws.WebSocketProtocolError as exc:
+            self._send_close(getattr(exc, "close_code", ws.CloseCode.PROTOCOL_ERROR))
+            self._transport.close()
+            return
+        session = self.session
+        for opcode, payload in messages:
+            if opcode == ws.Opcode.BINARY:
+                session.data_received(payload)
+            elif opcode == ws.Opcode.PING:
+                self._transport.write(ws.encode_frame(ws.Opcode.PONG, payload, mask=self._client))
+            elif opcode == ws.Opcode.CLOSE:
+                self._send_close(ws.CloseCode.NORMAL)
+                self._transport.close()
+                return
+            elif opcode == ws.Opcode.TEXT:
+                self._send_close(ws.CloseCode.UNSUPPORTED_DATA)
+                self._transport.close()
+                return
+            # PONG: nothing to do (liveness is the mux's PING)
+
+    def eof_received(self) -> None:
+        self.session.eof_received()
+        return None
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.session.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.session.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.session.resume_writing()
+
+    def _send_close(self, code: int) -> None:
+        if not self._close_sent and not self._transport.is_closing():
+            ws = self._ws
+            self._transport.write(ws.encode_frame(ws.Opcode.CLOSE, ws.encode_close_payload(code), mask=self._client))
+        self._close_sent = True
