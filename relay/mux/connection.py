@@ -61,11 +61,15 @@ MAX_WINDOW = 0x7FFFFFFF
 #: Reason strings in RESET/GOAWAY are cut to this many bytes: enough for a clear
 #: message, never enough to matter for memory.
 MAX_REASON = 512
+#: Before the peer's SETTINGS arrive its limits are unknown; the smallest value any peer
+#: may advertise is safe, so early OPEN metadata and CONTROL messages are held to it.
+_PRE_HELLO_LIMIT = 256
 #: A SETTINGS payload is a handful of numbers and a small info map.
 MAX_SETTINGS_SIZE = 64 * 1024
 
 _DATA = int(FrameType.DATA)
 _WINDOW_UPDATE = int(FrameType.WINDOW_UPDATE)
+_SETTINGS = int(FrameType.SETTINGS)
 _OPEN = StreamState.OPEN
 _HALF_CLOSED_LOCAL = StreamState.HALF_CLOSED_LOCAL
 _pack_u32 = _U32.pack
@@ -100,6 +104,14 @@ class MuxConfig:
     half_closed_timeout: float = 600.0
     #: Sent to the peer in SETTINGS (agent name, labels, version ...).
     info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, (low, high) in _SETTING_RANGES.items():
+            value = getattr(self, key)
+            if not low <= value <= high:
+                raise ValueError(f"MuxConfig.{key}={value} is outside {low}..{high}")
+        if self.max_window < self.initial_window:
+            raise ValueError("MuxConfig.max_window must be at least initial_window")
 
     def advertised(self) -> dict[str, Any]:
         return {
@@ -232,8 +244,8 @@ class MuxConnection:
         stream_id = self._next_stream_id
         if stream_id > MAX_STREAM_ID:
             raise LocalProtocolError("stream ids are exhausted; open a new session")
-        payload = msgpack.packb(metadata or {})
-        limit = self._peer_max_metadata if self.established else self.config.max_metadata_size
+        payload = _pack(metadata or {}, "open metadata")
+        limit = self._peer_max_metadata if self.established else _PRE_HELLO_LIMIT
         if len(payload) > limit:
             raise LocalProtocolError(f"open metadata is {len(payload)} bytes; the limit is {limit}")
         self._next_stream_id += 2
@@ -298,6 +310,8 @@ class MuxConnection:
         stream = self._streams.get(stream_id)
         if stream is None or not stream.can_send:
             raise StreamClosedError(stream_id, "already closed for sending")
+        if not stream.local and not stream.answered:
+            raise LocalProtocolError(f"stream {stream_id} must be accepted before ending it")
         self._end_local(stream)
 
     def reset_stream(self, stream_id: int, error_code: int = ErrorCode.CANCEL, message: str = "") -> None:
@@ -309,7 +323,7 @@ class MuxConnection:
         stream = self._streams.get(stream_id)
         if stream is None:
             return
-        self._queue_control(encode_frame(FrameType.RESET, 0, stream_id, _reset_payload(error_code, message)))
+        self._queue_control(encode_frame(FrameType.RESET, 0, stream_id, _reset_payload(error_code, message)), defer=True)
         self._close_stream(stream)
 
     def acknowledge_received_data(self, stream_id: int, n: int) -> None:
@@ -359,8 +373,8 @@ class MuxConnection:
     def send_control(self, message: Any) -> None:
         """Send an application control message (msgpack-encodable) on the session."""
         self._check_usable()
-        payload = msgpack.packb(message)
-        limit = self._peer_max_control if self.established else self.config.max_control_size
+        payload = _pack(message, "control message")
+        limit = self._peer_max_control if self.established else _PRE_HELLO_LIMIT
         if len(payload) > limit:
             raise LocalProtocolError(f"control message is {len(payload)} bytes; the limit is {limit}")
         self._queue_control(encode_frame(FrameType.CONTROL, 0, 0, payload), defer=True)
@@ -453,6 +467,8 @@ class MuxConnection:
             return self._take_events()
         try:
             frames = self._decoder.feed(data)
+            if frames and self.peer_settings is None and frames[0][0] != _SETTINGS:
+                raise ProtocolError("the first frame must be SETTINGS")
             for frame_type, flags, stream_id, payload in frames:
                 if frame_type == 0:
                     self._on_data(flags, stream_id, payload)
@@ -493,10 +509,15 @@ class MuxConnection:
             return
         if n:
             recv = stream.recv
-            if n > recv.credit:
-                raise FlowControlError(f"the peer exceeded the window of stream {stream_id}")
+            if n > recv.credit:  # a broken peer; only this stream pays for it
+                self._credit_session(n)
+                self._stream_error(stream, ErrorCode.FLOW_CONTROL_ERROR, "DATA beyond the stream window")
+                return
             recv.credit -= n
             stream.unacked += n
+            if state is _HALF_CLOSED_LOCAL and self.now is not None:
+                self._half_closed.pop(stream_id, None)  # still active: restart its clock
+                self._half_closed[stream_id] = self.now
         if flags & _FIN:
             if n:
                 self._events.append(DataReceived(stream_id=stream_id, data=payload, flow_controlled_length=n, end_stream=True))
@@ -560,6 +581,8 @@ class MuxConnection:
         self._queue_control(encode_frame(FrameType.RESET, 0, stream.stream_id, _reset_payload(code, message)))
 
     def _on_accept(self, flags: int, stream_id: int, payload: Any) -> None:
+        if payload:
+            raise FrameSizeError("ACCEPT carries no payload")
         stream = self._streams.get(stream_id)
         if stream is None:
             self._check_known_stream(stream_id)
@@ -598,6 +621,8 @@ class MuxConnection:
     def _on_goaway(self, flags: int, stream_id: int, payload: Any) -> None:
         if len(payload) < 8 or len(payload) > 8 + MAX_REASON:
             raise FrameSizeError("GOAWAY payload must be 8 bytes and a short reason")
+        if stream_id != 0:
+            raise ProtocolError("GOAWAY must be sent on stream 0")
         last_stream_id, code = _GOAWAY.unpack_from(payload)
         self._goaway_received = True
         message = _reason(payload[8:])
@@ -610,6 +635,10 @@ class MuxConnection:
     def _on_settings(self, flags: int, stream_id: int, payload: Any) -> None:
         if self.peer_settings is not None:
             raise ProtocolError("SETTINGS may be sent only once")
+        if stream_id != 0:
+            raise ProtocolError("SETTINGS must be sent on stream 0")
+        if len(payload) > MAX_SETTINGS_SIZE:
+            raise FrameSizeError(f"SETTINGS of {len(payload)} bytes exceeds {MAX_SETTINGS_SIZE}")
         try:
             settings = msgpack.unpackb(bytes(payload))
         except Exception as exc:
@@ -619,7 +648,7 @@ class MuxConnection:
         versions = settings.get("versions")
         if not isinstance(versions, list):
             raise ProtocolError("SETTINGS lacks a version list")
-        common = set(SUPPORTED_VERSIONS).intersection(v for v in versions if isinstance(v, int))
+        common = set(SUPPORTED_VERSIONS).intersection(v for v in versions if type(v) is int)
         if not common:
             raise ProtocolError(f"no common protocol version (peer offers {versions[:8]})", ErrorCode.UNSUPPORTED_VERSION)
         values = {}
@@ -780,6 +809,7 @@ class MuxConnection:
         self._forget(stream)
 
     def _release_slot(self, stream: Stream) -> None:
+        self._granted_growth -= stream.recv.window - self.config.initial_window
         if stream.local:
             self._local_stream_count -= 1
         else:
@@ -810,6 +840,13 @@ class MuxConnection:
         self._streams.clear()
         self._ready.clear()
         self._events.append(ConnectionTerminated(error_code=code, message=message))
+
+
+def _pack(value: Any, what: str) -> bytes:
+    try:
+        return msgpack.packb(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise LocalProtocolError(f"{what} cannot be encoded as msgpack: {exc}") from None
 
 
 def _reset_payload(code: int, message: str) -> bytes:

@@ -33,7 +33,7 @@ class FrameType(IntEnum):
 class Flag(IntFlag):
     NONE = 0
     FIN = 0x1  # DATA: the sender will send no more on this stream
-    ACK = 0x2  # PING: this is the pong; SETTINGS: acknowledges the peer's settings
+    ACK = 0x2  # PING: this is the echo of the peer's PING
 
 
 _codec = load("relay.mux._codec", "relay.mux._codec_py")
