@@ -1,0 +1,112 @@
+"""``relay gateway`` and ``relay agent``: the long-running commands.
+
+Registered on :data:`relay.cli.main` by importing this module (relay/cli.py does). Both
+run on uvloop. Errors are one line on stderr and a non-zero exit status.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+from relay.cli import data_dir_option, main
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _run(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coro`` on uvloop (asyncio's loop if uvloop is missing)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _split_host_port(value: str, what: str) -> tuple[str, int]:
+    from relay.agent.client import parse_host_port
+
+    try:
+        return parse_host_port(value)
+    except ValueError:
+        raise click.BadParameter(f"expected HOST:PORT, got {value!r}", param_hint=what) from None
+
+
+_log_option = click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info",
+                           envvar="RELAY_LOG_LEVEL", show_default=True, help="Logging verbosity.")
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, envvar="RELAY_LISTEN",
+              metavar="HOST:PORT", help="Address to serve HTTP, the API and agents on (port 0: any).")
+@data_dir_option
+@click.option("--public-url", envvar="RELAY_PUBLIC_URL", metavar="URL",
+              help="Base URL clients reach this gateway at (for tunnel URLs).")
+@click.option("--hub-host", default="127.0.0.1", show_default=True, envvar="RELAY_HUB_HOST",
+              help="Address TCP tunnel hub ports listen on.")
+@click.option("--jwt-key", envvar="RELAY_JWT_KEY", metavar="KEY",
+              help="HMAC secret or PEM public key verifying user session JWTs.")
+@_log_option
+def gateway(listen: str, data_dir: Path, public_url: Optional[str], hub_host: str,
+            jwt_key: Optional[str], log_level: str) -> None:
+    """Run the gateway: agent endpoint, control API, tunnels."""
+    from relay.gateway.app import run_gateway
+    from relay.gateway.store import StoreError
+
+    host, port = _split_host_port(listen, "--listen")
+    _setup_logging(log_level)
+    try:
+        _run(run_gateway(host, port, data_dir, public_url=public_url, hub_host=hub_host,
+                         jwt_key=jwt_key, echo=lambda line: click.echo(line)))
+    except (StoreError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.option("--gateway", "gateway_url", required=True, envvar="RELAY_GATEWAY", metavar="URL",
+              help="Gateway URL, e.g. http://gw.example.com:8080 (https/wss for TLS).")
+@click.option("--key", required=True, envvar="RELAY_AGENT_KEY", metavar="ak-...",
+              help="Agent key (ak-) of the team to join. Prefer the environment variable.")
+@click.option("--name", help="Agent name (default: the host name); stable across restarts.")
+@click.option("--label", "labels", multiple=True, metavar="L", help="Advertise a label (repeatable).")
+@click.option("--allow", "allow", multiple=True, metavar="HOST:PORT",
+              help="Allow streams to this target (repeatable). Default: loopback hosts only.")
+@_log_option
+def agent(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ...],
+          allow: tuple[str, ...], log_level: str) -> None:
+    """Run an agent: dial out to the gateway and serve allowed targets."""
+    from relay.agent.client import Agent, AgentAuthError
+
+    if not key.startswith("ak-"):
+        raise click.BadParameter("an agent key starts with 'ak-'", param_hint="--key")
+    for entry in allow:
+        _split_host_port(entry, "--allow")
+    _setup_logging(log_level)
+
+    async def serve() -> None:
+        try:
+            the_agent = Agent(gateway_url, key, name=name, labels=labels, allow=allow)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--gateway") from None
+        await the_agent.run()
+
+    try:
+        _run(serve())
+    except AgentAuthError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,264 @@
+"""The gateway: store + authentication + HTTP server + agent registry + tunnels.
+
+Endpoints (one listening address):
+
+* ``GET /healthz`` -> ``{"status": "ok", ...}``
+* ``GET /api/v1/agent/connect``: the agent endpoint. WebSocket upgrade with
+  ``Authorization: Bearer ak-...``; a missing or bad key is answered 401 (JSON) before
+  any upgrade. After the 101 the connection carries one mux session (the gateway is the
+  ``client=False`` side) in WebSocket binary messages.
+* ``GET /api/v1/agents``, ``GET /api/v1/agents/{agent_id}`` (sk-, dk-, JWT).
+* ``POST /api/v1/agents/{agent_id}/tunnel`` (seed 000) and
+  ``DELETE /api/v1/agents/{agent_id}/tunnel[?session_id=...]``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from relay import __version__
+from relay.aio import MuxSession, WebSocketTransport
+from relay.gateway.auth import Authenticator, Principal
+from relay.gateway.registry import Registry
+from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
+from relay.gateway.store import TUNNEL_SESSION_PROTOCOLS, SecretToken, Store, Team, ensure_default_team
+from relay.gateway.tunnels import DEFAULT_TARGET_PORT, TunnelManager
+from relay.mux.connection import MuxConfig
+from relay.mux.errors import ErrorCode
+from relay.ws.handshake import HandshakeError, accept_response, parse_upgrade_request, reject_response
+
+__all__ = ["AGENT_PATH", "Gateway", "run_gateway"]
+
+log = logging.getLogger("relay.gateway")
+
+AGENT_PATH = "/api/v1/agent/connect"
+#: An agent must complete its SETTINGS exchange within this time after the upgrade.
+HELLO_TIMEOUT = 10.0
+
+
+class Gateway:
+    """One gateway instance. ``await start(host, port)``, later ``await close()``.
+
+    ``public_url`` is what tunnel URLs are built from (default: ``http://HOST:PORT`` of
+    the listening address).
+    """
+
+    def __init__(self, store: Store, *, public_url: Optional[str] = None,
+                 hub_host: str = "127.0.0.1", jwt_key: Optional[str] = None,
+                 mux_config: Optional[MuxConfig] = None) -> None:
+        self.store = store
+        self.auth = Authenticator(store, jwt_key)
+        self.registry = Registry(store)
+        self._public_url = public_url
+        self._hub_host = hub_host
+        self._mux_config = mux_config
+        self.tunnels: Optional[TunnelManager] = None
+        self.router = Router()
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._connections: set[HttpProtocol] = set()
+        self._agent_tasks: set[asyncio.Task] = set()
+        self.host = ""
+        self.port = 0
+        self._routes()
+
+    @property
+    def url(self) -> str:
+        """The base URL clients use (``public_url`` or the listening address)."""
+        if self._public_url:
+            return self._public_url.rstrip("/")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Listen on ``host:port`` (0: an ephemeral port, see :attr:`port`)."""
+        loop = asyncio.get_running_loop()
+        self.store.mark_all_agents_offline()  # nobody is connected before we listen
+        self._server = await loop.create_server(
+            lambda: HttpProtocol(self.router, self._connections), host, port)
+        sockname = self._server.sockets[0].getsockname()
+        self.host, self.port = sockname[0], sockname[1]
+        self.tunnels = TunnelManager(self.store, self.registry, public_url=self.url,
+                                     hub_host=self._hub_host)
+        await self.tunnels.restore()
+
+    async def close(self) -> None:
+        """Stop listening, drop agents and HTTP connections, stop hub ports."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._connections):
+            conn.close()
+        if self.tunnels is not None:
+            await self.tunnels.shutdown()
+        self.registry.abort_all()
+        for task in list(self._agent_tasks):
+            task.cancel()
+        if self._agent_tasks:
+            await asyncio.gather(*self._agent_tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    # ------------------------------------------------------------------ routes
+
+    def _routes(self) -> None:
+        add = self.router.add
+        add("GET", "/healthz", self._healthz)
+        add("GET", AGENT_PATH, self._agent_connect)
+        add("GET", "/api/v1/agents", self._list_agents)
+        add("GET", "/api/v1/agents/{agent_id}", self._get_agent)
+        add("POST", "/api/v1/agents/{agent_id}/tunnel", self._open_tunnel)
+        add("DELETE", "/api/v1/agents/{agent_id}/tunnel", self._close_tunnel)
+
+    def _principal(self, request: Request) -> Principal:
+        """The API caller (sk-, dk-, JWT); 401/400/403 as AuthError."""
+        return self.auth.authenticate(request.header("authorization"),
+                                      request.header("x-team-id")).require_runtime()
+
+    async def _healthz(self, request: Request) -> Response:
+        return json_response({"status": "ok", "version": __version__,
+                              "agents_online": len(self.registry.connected())})
+
+    async def _list_agents(self, request: Request) -> Response:
+        principal = self._principal(request)
+        agents = self.store.list_agents(principal.team_id)
+        return json_response({"agents": [self.registry.describe(a) for a in agents]})
+
+    def _team_agent(self, principal: Principal, agent_id: str) -> Any:
+        agent = self.store.get_agent(principal.team_id, agent_id)
+        if agent is None:  # unknown, malformed, or another team's: all the same 404
+            raise HttpError(404, "agent_not_found", f"no agent {agent_id} in this team")
+        return agent
+
+    async def _get_agent(self, request: Request) -> Response:
+        principal = self._principal(request)
+        agent = self._team_agent(principal, request.params["agent_id"])
+        body = self.registry.describe(agent)
+        assert self.tunnels is not None
+        body["tunnels"] = self.tunnels.sessions(principal.team_id, agent.id)
+        return json_response(body)
+
+    async def _open_tunnel(self, request: Request) -> Response:
+        principal = self._principal(request)
+        body = request.json()
+        if not isinstance(body, dict):
+            raise HttpError(400, "invalid_request", "request body must be a JSON object")
+        port = body.get("target_port", DEFAULT_TARGET_PORT)
+        if port is None:
+            port = DEFAULT_TARGET_PORT
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise HttpError(400, "invalid_target_port", "target_port must be an integer from 1 to 65535")
+        protocol = body.get("tunnel_protocol", "http")
+        if protocol is None:
+            protocol = "http"
+        if protocol not in TUNNEL_SESSION_PROTOCOLS:
+            raise HttpError(400, "invalid_tunnel_protocol",
+                            f"tunnel_protocol must be one of {', '.join(TUNNEL_SESSION_PROTOCOLS)}")
+        agent = self._team_agent(principal, request.params["agent_id"])
+        if self.registry.get(principal.team_id, agent.id) is None:
+            raise HttpError(409, "agent_offline", f"agent {agent.id} ({agent.name}) is not connected")
+        assert self.tunnels is not None
+        return json_response(await self.tunnels.open(principal.team_id, agent.id, port, protocol))
+
+    async def _close_tunnel(self, request: Request) -> Response:
+        principal = self._principal(request)
+        agent = self._team_agent(principal, request.params["agent_id"])
+        session_id = request.query_value("session_id")
+        assert self.tunnels is not None
+        closed = self.tunnels.close(principal.team_id, agent.id, session_id)
+        if session_id is not None and not closed:
+            raise HttpError(404, "tunnel_not_found", f"no open tunnel session {session_id} on this agent")
+        return json_response({"closed": closed})
+
+    # ------------------------------------------------------------------ agent endpoint
+
+    async def _agent_connect(self, request: Request) -> Optional[Response]:
+        """Authenticate (401 before upgrading), upgrade, and run the agent's session."""
+        principal = self.auth.authenticate(request.header("authorization"), None).require_agent()
+        try:
+            upgrade = parse_upgrade_request(request.raw)
+        except HandshakeError as exc:
+            transport, _ = request.take_over()
+            transport.write(reject_response(exc))
+            transport.close()
+            return None
+        transport, leftover = request.take_over()
+        transport.write(accept_response(upgrade))
+        session = MuxSession(False, self._mux_config)
+        WebSocketTransport.attach(transport, session, client=False, initial=leftover)
+        transport.resume_reading()  # HTTP paused it while the handler ran
+        task = asyncio.get_running_loop().create_task(self._serve_agent(principal, session))
+        self._agent_tasks.add(task)
+        task.add_done_callback(self._agent_tasks.discard)
+        return None
+
+    async def _serve_agent(self, principal: Principal, session: MuxSession) -> None:
+        """Register the agent once its SETTINGS arrived; unregister when it goes."""
+        peer = session.get_extra_info("peername")
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                info = await session.wait_established()
+        except (TimeoutError, ConnectionError) as exc:
+            log.warning("agent connection from %s ended before its hello: %s", peer, exc or "timeout")
+            session.abort(ErrorCode.TIMEOUT, "no SETTINGS")
+            return
+        assert principal.credential_id is not None
+        try:
+            entry = self.registry.register(principal.team_id, principal.credential_id, info, session)
+        except Exception as exc:  # a store failure must not leave a half-registered agent
+            log.error("cannot register agent from %s: %s", peer, exc)
+            session.abort(ErrorCode.INTERNAL_ERROR, "registration failed")
+            return
+        try:
+            assert self.tunnels is not None
+            if self.store.list_tunnel_sessions(principal.team_id, entry.agent_id):
+                self.registry.set_status(principal.team_id, entry.agent_id, "tunnel")
+            session.send_control({"type": "welcome", "agent_id": entry.agent_id,
+                                  "team_id": entry.team_id})
+            await session.wait_closed()
+        finally:
+            self.registry.unregister(entry)
+
+
+def _print_default_team(team: Team, keys: dict[str, SecretToken], echo: Callable[[str], None]) -> None:
+    echo(f"Created the default team {team.id}. Its keys (shown only now; store them safely):")
+    for kind, key in keys.items():
+        echo(f"  {kind}  {key}")
+
+
+async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
+                      public_url: Optional[str] = None, hub_host: str = "127.0.0.1",
+                      jwt_key: Optional[str] = None,
+                      echo: Callable[[str], None] = print,
+                      stop: Optional[asyncio.Event] = None) -> None:
+    """Run a gateway until SIGINT/SIGTERM (or ``stop`` is set).
+
+    On the first start of an empty data directory, creates the default team and prints
+    its keys once. Prints ``relay gateway listening on URL`` when ready.
+    """
+    store = Store.open(data_dir)
+    try:
+        created = ensure_default_team(store)
+        if created is not None:
+            _print_default_team(*created, echo=echo)
+        gateway = Gateway(store, public_url=public_url, hub_host=hub_host, jwt_key=jwt_key)
+        await gateway.start(listen_host, listen_port)
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                pass
+        host = f"[{gateway.host}]" if ":" in gateway.host else gateway.host
+        echo(f"relay gateway listening on http://{host}:{gateway.port} (data: {data_dir})")
+        started = time.monotonic()
+        try:
+            await stop.wait()
+        finally:
+            log.info("gateway stopping after %.0fs", time.monotonic() - started)
+            await gateway.close()
+    finally:
+        store.close()

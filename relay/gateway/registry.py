@@ -1,0 +1,134 @@
+"""Connected agents: who is online in which team, and the MuxSession that reaches each.
+
+The store keeps every agent ever seen (with its last status); this registry keeps only
+the live connections. An agent's identity is stable across reconnects: its id is
+``uuid5(credential id, name)``, so the same key and ``--name`` is the same agent after a
+restart of either side, and two agents of one team need different names (or keys).
+
+What the agent says about itself travels in its mux SETTINGS ``info`` (see
+docs/PROTOCOL.md): ``{"name": str, "labels": [str, ...], "version": str}``. Once
+registered, the gateway sends the control message
+``{"type": "welcome", "agent_id": ..., "team_id": ...}`` so the agent can log who it is.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from relay.aio import MuxSession
+from relay.gateway.store import Agent, Store
+
+__all__ = ["ConnectedAgent", "Registry", "agent_identity"]
+
+log = logging.getLogger("relay.gateway.agents")
+
+MAX_NAME = 100
+MAX_LABELS = 64
+MAX_LABEL = 100
+
+
+@dataclass
+class ConnectedAgent:
+    """One live agent connection."""
+
+    agent_id: str
+    team_id: str
+    name: str
+    labels: list[str]
+    version: str
+    session: MuxSession
+    connected_at: float = field(default_factory=time.time)
+    peer: Any = None
+
+
+def agent_identity(info: Any) -> tuple[str, list[str], str]:
+    """``(name, labels, version)`` from an agent's SETTINGS info, sanitised: anything
+    malformed is replaced by a default rather than rejected, so an old or odd agent
+    still connects."""
+    info = info if isinstance(info, dict) else {}
+    name = info.get("name")
+    name = name.strip()[:MAX_NAME] if isinstance(name, str) and name.strip() else "agent"
+    raw_labels = info.get("labels")
+    labels: list[str] = []
+    if isinstance(raw_labels, (list, tuple)):
+        labels = sorted({lbl[:MAX_LABEL] for lbl in raw_labels if isinstance(lbl, str) and lbl})[:MAX_LABELS]
+    version = info.get("version")
+    version = version[:50] if isinstance(version, str) else ""
+    return name, labels, version
+
+
+class Registry:
+    """Live agents by id, and their status in the store."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._agents: dict[str, ConnectedAgent] = {}
+
+    def get(self, team_id: str, agent_id: str) -> Optional[ConnectedAgent]:
+        """The team's agent if it is connected now (another team's agent: None)."""
+        agent = self._agents.get(agent_id.lower())
+        if agent is None or agent.team_id != team_id or agent.session.is_closed:
+            return None
+        return agent
+
+    def is_online(self, agent_id: str) -> bool:
+        agent = self._agents.get(agent_id)
+        return agent is not None and not agent.session.is_closed
+
+    def connected(self) -> list[ConnectedAgent]:
+        return list(self._agents.values())
+
+    def register(self, team_id: str, credential_id: str, info: Any, session: MuxSession,
+                 status: str = "idle") -> ConnectedAgent:
+        """Record a newly connected agent (store row + live entry). A previous connection
+        of the same agent (not yet noticed dead) is replaced and aborted."""
+        name, labels, version = agent_identity(info)
+        agent_id = str(uuid.uuid5(uuid.UUID(credential_id), name))
+        self._store.upsert_agent(team_id, agent_id, name, labels, version, status)
+        entry = ConnectedAgent(agent_id, team_id, name, labels, version, session,
+                               peer=session.get_extra_info("peername"))
+        old = self._agents.get(agent_id)
+        self._agents[agent_id] = entry
+        if old is not None and old.session is not session:
+            log.info("agent %s (%s) reconnected; dropping its previous connection", name, agent_id)
+            old.session.abort(message="replaced by a new connection of the same agent")
+        log.info("agent %s (%s) online in team %s from %s", name, agent_id, team_id, entry.peer)
+        return entry
+
+    def unregister(self, entry: ConnectedAgent) -> None:
+        """The connection ended: mark the agent offline, unless a newer connection of the
+        same agent replaced it already."""
+        if self._agents.get(entry.agent_id) is not entry:
+            return
+        del self._agents[entry.agent_id]
+        self._store.set_agent_status(entry.team_id, entry.agent_id, "offline")
+        log.info("agent %s (%s) offline", entry.name, entry.agent_id)
+
+    def set_status(self, team_id: str, agent_id: str, status: str) -> None:
+        """Record a status change of a connected agent (idle/tunnel/...)."""
+        if self.is_online(agent_id):
+            self._store.set_agent_status(team_id, agent_id, status)
+
+    def describe(self, agent: Agent) -> dict[str, Any]:
+        """The API representation of an agent row, with live connection details."""
+        live = self._agents.get(agent.id)
+        online = live is not None and not live.session.is_closed
+        return {
+            "agent_id": agent.id,
+            "name": agent.name,
+            "labels": agent.labels,
+            "version": agent.version,
+            "status": agent.status if online else "offline",
+            "online": online,
+            "first_seen": agent.first_seen,
+            "last_seen": agent.last_seen,
+            "connected_at": live.connected_at if online else None,
+            "open_streams": len(live.session.streams) if online else 0,
+        }
+
+    def abort_all(self, message: str = "gateway shutting down") -> None:
+        for entry in list(self._agents.values()):
+            entry.session.abort(message=message)

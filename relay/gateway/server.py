@@ -1,0 +1,318 @@
+"""A small HTTP/1.1 server on asyncio + h11: routing, JSON bodies, JSON errors, upgrades.
+
+One :class:`HttpProtocol` per connection parses requests with h11. A request is read
+whole (bodies are small JSON documents, capped at :data:`MAX_BODY`), then handed to the
+:class:`Router`, whose handler returns a :class:`Response`. Errors are answered as
+``{"error": {"code": ..., "message": ...}}`` (SPEC §7): a handler raises
+:class:`HttpError` (or :class:`~relay.gateway.auth.AuthError`) and the server turns it
+into the response. Requests on one connection are answered in order; reading is paused
+while a handler runs, so a client cannot make the server buffer without bound.
+
+WebSocket (and any other) upgrades: the handler calls :meth:`Request.take_over`, which
+detaches the TCP transport from HTTP and returns it with the bytes already read past the
+request; from then on the handler owns the connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, Optional
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+
+from relay.gateway.auth import AuthError
+
+__all__ = ["HttpError", "HttpProtocol", "Request", "Response", "Router", "json_response"]
+
+log = logging.getLogger("relay.gateway.http")
+
+#: Largest request body accepted (the control API takes small JSON documents).
+MAX_BODY = 1024 * 1024
+#: Largest request head (request line + headers) h11 buffers.
+MAX_HEAD = 64 * 1024
+#: A connection that sends no complete request for this long is closed.
+IDLE_TIMEOUT = 60.0
+
+SERVER_HEADER = b"relay"
+
+
+class HttpError(Exception):
+    """Answer ``status`` with ``{"error": {"code": code, "message": message}}``."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 headers: Optional[dict[str, str]] = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+@dataclass
+class Response:
+    """A complete response: status, body bytes and extra headers."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def json_response(value: Any, status: int = 200, headers: Optional[dict[str, str]] = None) -> Response:
+    """A JSON response (``204`` gets no body)."""
+    body = b"" if status == 204 else json.dumps(value).encode()
+    return Response(status, body, headers=headers or {})
+
+
+def error_response(status: int, code: str, message: str,
+                   headers: Optional[dict[str, str]] = None) -> Response:
+    """The project's JSON error response."""
+    return json_response({"error": {"code": code, "message": message}}, status, headers)
+
+
+class Request:
+    """One parsed request, as handlers see it."""
+
+    def __init__(self, protocol: "HttpProtocol", event: h11.Request, body: bytes) -> None:
+        self._protocol = protocol
+        self.method: str = event.method.decode("ascii")
+        self.target: str = event.target.decode("ascii", "replace")
+        split = urlsplit(self.target)
+        self.path: str = split.path
+        self.query: dict[str, list[str]] = parse_qs(split.query)
+        #: Header names are lower-case; values latin-1 decoded. Repeated headers: last wins.
+        self.headers: dict[str, str] = {n.decode("ascii").lower(): v.decode("latin-1")
+                                        for n, v in event.headers}
+        self.raw: h11.Request = event
+        self.body = body
+        #: Path parameters filled in by the router.
+        self.params: dict[str, str] = {}
+
+    def header(self, name: str) -> Optional[str]:
+        return self.headers.get(name.lower())
+
+    def query_value(self, name: str) -> Optional[str]:
+        values = self.query.get(name)
+        return values[-1] if values else None
+
+    def json(self) -> Any:
+        """The body as JSON; an empty body is ``{}``. Raises 400 on malformed JSON."""
+        if not self.body.strip():
+            return {}
+        try:
+            return json.loads(self.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HttpError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+
+    @property
+    def peer(self) -> Any:
+        return self._protocol.transport.get_extra_info("peername") if self._protocol.transport else None
+
+    def take_over(self) -> tuple[asyncio.Transport, bytes]:
+        """Detach the connection from HTTP (for an upgrade). Returns the transport and the
+        bytes received after this request. The caller now owns the transport: it must
+        write its own response (e.g. ``101 Switching Protocols``) and set a protocol."""
+        return self._protocol._take_over()
+
+
+Handler = Callable[[Request], Awaitable[Optional[Response]]]
+
+
+class Router:
+    """Routes ``(method, path pattern)`` to handlers. Patterns use ``{name}`` for one
+    path segment, e.g. ``/api/v1/agents/{agent_id}``."""
+
+    def __init__(self) -> None:
+        self._routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+        for existing, methods in self._routes:
+            if existing.pattern == regex.pattern:
+                methods[method.upper()] = handler
+                return
+        self._routes.append((regex, {method.upper(): handler}))
+
+    def resolve(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+        """The handler and path parameters; raises 404 or 405 as JSON errors."""
+        for regex, methods in self._routes:
+            match = regex.match(path)
+            if match is None:
+                continue
+            handler = methods.get(method) or (methods.get("GET") if method == "HEAD" else None)
+            if handler is None:
+                raise HttpError(405, "method_not_allowed", f"{method} is not allowed on {path}",
+                                {"Allow": ", ".join(sorted(methods))})
+            return handler, match.groupdict()
+        raise HttpError(404, "not_found", f"no such endpoint: {path}")
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One HTTP/1.1 server connection."""
+
+    def __init__(self, router: Router, connections: Optional[set["HttpProtocol"]] = None) -> None:
+        self._router = router
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.transport: Optional[asyncio.Transport] = None
+        self._request: Optional[h11.Request] = None
+        self._body = bytearray()
+        self._task: Optional[asyncio.Task] = None
+        self._detached = False
+        self._connections = connections
+        self._idle: Optional[asyncio.TimerHandle] = None
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self._connections is not None:
+            self._connections.add(self)
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self._detached:
+            return
+        self._h11.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> Optional[bool]:
+        if not self._detached:
+            self._h11.receive_data(b"")
+            self._process()
+        return None
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        if self._connections is not None:
+            self._connections.discard(self)
+        if self._idle is not None:
+            self._idle.cancel()
+        if self._task is not None and not self._task.done() and not self._detached:
+            self._task.cancel()
+
+    def close(self) -> None:
+        """Close the connection (unless an upgrade took it over)."""
+        if not self._detached and self.transport is not None:
+            self.transport.close()
+
+    # -- request processing
+
+    def _arm_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        loop = asyncio.get_running_loop()
+        self._idle = loop.call_later(IDLE_TIMEOUT, self._idle_timeout)
+
+    def _idle_timeout(self) -> None:
+        if self._task is None and not self._detached and self.transport is not None:
+            self.transport.close()
+
+    def _process(self) -> None:
+        """Read events until a whole request is in, then run its handler."""
+        while self._task is None and not self._detached:
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._send_error_and_close(exc.error_status_hint, "bad_request", f"malformed HTTP request: {exc}")
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                self._request = event
+                self._body = bytearray()
+            elif isinstance(event, h11.Data):
+                self._body += event.data
+                if len(self._body) > MAX_BODY:
+                    self._send_error_and_close(413, "body_too_large",
+                                               f"request body over {MAX_BODY} bytes")
+                    return
+            elif isinstance(event, h11.EndOfMessage):
+                assert self._request is not None
+                request = Request(self, self._request, bytes(self._body))
+                self._body = bytearray()
+                self.transport.pause_reading()  # one request at a time; bounded buffering
+                self._task = asyncio.get_running_loop().create_task(self._handle(request))
+                return
+            elif isinstance(event, h11.ConnectionClosed):
+                self.transport.close()
+                return
+
+    async def _handle(self, request: Request) -> None:
+        try:
+            handler, params = self._router.resolve(request.method, request.path)
+            request.params = params
+            response = await handler(request)
+        except HttpError as exc:
+            response = error_response(exc.status, exc.code, exc.message, exc.headers)
+        except AuthError as exc:
+            response = error_response(exc.status, exc.code, exc.message, exc.headers)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("handler for %s %s failed", request.method, request.path)
+            response = error_response(500, "internal_error", "internal server error")
+        if self._detached:
+            return  # the handler took the connection over (upgrade)
+        if response is None:
+            response = Response(204)
+        self._task = None
+        self._send(response, head_only=request.method == "HEAD")
+        if self._h11.our_state is h11.MUST_CLOSE or self._h11.their_state is h11.MUST_CLOSE:
+            self.transport.close()
+            return
+        try:
+            self._h11.start_next_cycle()
+        except h11.LocalProtocolError:
+            # The client is mid-upgrade or otherwise not reusable: end the connection.
+            self.transport.close()
+            return
+        self._arm_idle()
+        self.transport.resume_reading()
+        self._process()
+
+    def _send(self, response: Response, head_only: bool = False) -> None:
+        headers = [("Server", SERVER_HEADER), ("Content-Length", str(len(response.body)))]
+        if response.body or response.status not in (204, 304):
+            headers.append(("Content-Type", response.content_type))
+        headers += list(response.headers.items())
+        if self._h11.their_state is h11.MIGHT_SWITCH_PROTOCOL:
+            # A refused upgrade: the connection is in an ambiguous state, close it after.
+            headers.append(("Connection", "close"))
+        if response.status == 204:
+            headers = [h for h in headers if h[0] != "Content-Length"]
+        try:
+            out = self._h11.send(h11.Response(status_code=response.status, headers=headers,
+                                              reason=_reason(response.status)))
+            if response.body and not head_only:
+                out += self._h11.send(h11.Data(data=response.body))
+            out += self._h11.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            self.transport.close()
+            return
+        self.transport.write(out)
+
+    def _send_error_and_close(self, status: int, code: str, message: str) -> None:
+        if self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            self._send(error_response(status, code, message))
+        self.transport.close()
+
+    def _take_over(self) -> tuple[asyncio.Transport, bytes]:
+        self._detached = True
+        if self._idle is not None:
+            self._idle.cancel()
+        if self._connections is not None:
+            self._connections.discard(self)
+        leftover, _ = self._h11.trailing_data
+        return self.transport, bytes(leftover)  # type: ignore[return-value]
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""

@@ -1,0 +1,247 @@
+"""Tunnel sessions (seed 000): records in the store, and raw TCP hub ports for tcp ones.
+
+A tcp tunnel session gets a hub port: a listener on the gateway host (``hub_host``,
+127.0.0.1 by default, an ephemeral port) where every accepted TCP connection becomes one
+mux stream to the agent, opened with the metadata
+``{"protocol": "tcp", "target": "127.0.0.1:PORT"}`` and relayed with
+:class:`~relay.aio.StreamSplice` (Protocol to Protocol, backpressure end to end). The
+agent is looked up when each connection arrives, so a hub port keeps working across an
+agent reconnect; while the agent is offline connections are closed at once.
+
+If the agent refuses a stream (its allowlist: NOT_ALLOWED; nothing listening:
+CONNECT_FAILED) the client's connection is aborted at once and the reason is logged
+and kept as the session's ``last_error``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from relay.aio import MuxSession, SessionClosedError, StreamRefused, StreamSplice
+from relay.aio.stream import MuxStream
+from relay.gateway.registry import Registry
+from relay.gateway.store import Store, TunnelSession
+from relay.mux.errors import ErrorCode
+
+__all__ = ["HubListener", "TunnelManager"]
+
+log = logging.getLogger("relay.gateway.tunnels")
+
+DEFAULT_TARGET_PORT = 8188
+
+
+@dataclass
+class HubListener:
+    """The raw TCP listener of one tcp tunnel session, and its live counters."""
+
+    session_id: str
+    team_id: str
+    agent_id: str
+    target_port: int
+    server: Optional[asyncio.AbstractServer] = None
+    port: int = 0
+    connections: int = 0
+    last_error: Optional[str] = None
+    splices: set[StreamSplice] = field(default_factory=set)
+
+
+class _HubSplice(StreamSplice):
+    """A splice that leaves its hub's set of live connections when it closes (a
+    callback, not a task per connection: idle connections should cost little)."""
+
+    def __init__(self, stream: MuxStream, hub: HubListener) -> None:
+        super().__init__(stream)
+        self._hub = hub
+        hub.splices.add(self)
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self._hub.splices.discard(self)
+        super().connection_lost(exc)
+
+
+class _Closed(asyncio.Protocol):
+    """Protocol for a hub connection that cannot be served: close it at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class TunnelManager:
+    """Opens and closes tunnel sessions and their hub ports."""
+
+    def __init__(self, store: Store, registry: Registry, *, public_url: str,
+                 hub_host: str = "127.0.0.1") -> None:
+        self._store = store
+        self._registry = registry
+        self.public_url = public_url.rstrip("/")
+        self.hub_host = hub_host
+        self._hubs: dict[str, HubListener] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- API operations
+
+    async def open(self, team_id: str, agent_id: str, target_port: int,
+                   protocol: str) -> dict[str, Any]:
+        """Open a session on a connected agent; returns the seed 000 response (plus
+        ``hub_port`` for tcp). The caller has checked that the agent is online."""
+        hub: Optional[HubListener] = None
+        if protocol == "tcp":
+            hub = HubListener("", team_id, agent_id, target_port)
+            await self._listen(hub)
+        try:
+            session, access, admin = self._store.create_tunnel_session(
+                team_id, agent_id, target_port, protocol, hub_port=hub.port if hub else None)
+        except BaseException:
+            if hub is not None and hub.server is not None:
+                hub.server.close()
+            raise
+        result: dict[str, Any] = {
+            "session_id": session.session_id,
+            "tunnel_url": self.tunnel_url(str(access), protocol),
+            "admin_token": str(admin),
+            "tunnel_protocol": protocol,
+        }
+        if hub is not None:
+            hub.session_id = session.session_id
+            self._hubs[session.session_id] = hub
+            result["hub_port"] = hub.port
+            log.info("tcp tunnel %s: hub port %s:%d -> agent %s 127.0.0.1:%d",
+                     session.session_id, self.hub_host, hub.port, agent_id, target_port)
+        else:
+            log.info("http tunnel %s -> agent %s port %d", session.session_id, agent_id, target_port)
+        self._registry.set_status(team_id, agent_id, "tunnel")
+        return result
+
+    def close(self, team_id: str, agent_id: str, session_id: Optional[str] = None) -> list[str]:
+        """Close one session (``session_id``) or all of the agent's; returns the closed ids.
+        The agent returns to idle when none is left."""
+        if session_id is not None:
+            row = self._store.get_tunnel_session(team_id, session_id)
+            if row is None or row.agent_id != agent_id or not row.is_open:
+                return []
+            self._store.close_tunnel_session(team_id, session_id)
+            closed = [session_id]
+        else:
+            closed = self._store.close_tunnel_sessions(team_id, agent_id)
+        for sid in closed:
+            self._close_hub(sid)
+        if not self._store.list_tunnel_sessions(team_id, agent_id):
+            self._registry.set_status(team_id, agent_id, "idle")
+        return closed
+
+    def sessions(self, team_id: str, agent_id: str) -> list[dict[str, Any]]:
+        """The agent's open sessions, for the API (no tokens: they are not stored)."""
+        return [self._describe(row) for row in self._store.list_tunnel_sessions(team_id, agent_id)]
+
+    def hub(self, session_id: str) -> Optional[HubListener]:
+        return self._hubs.get(session_id)
+
+    def tunnel_url(self, token: str, protocol: str) -> str:
+        """``http(s)://HOST/tunnel/TOKEN/`` or, for tcp, ``ws(s)://HOST/tunnel/TOKEN/tcp``."""
+        if protocol == "tcp":
+            base = self.public_url
+            if base.startswith("https://"):
+                base = "wss://" + base[len("https://"):]
+            elif base.startswith("http://"):
+                base = "ws://" + base[len("http://"):]
+            return f"{base}/tunnel/{token}/tcp"
+        return f"{self.public_url}/tunnel/{token}/"
+
+    async def restore(self) -> None:
+        """At start: reopen hub ports of tcp sessions left open by the last run, on the
+        same port when it is free (else the session is closed: its URL would lie)."""
+        for team in self._store.list_teams():
+            for row in self._store.list_tunnel_sessions(team.id):
+                if row.protocol != "tcp":
+                    continue
+                hub = HubListener(row.session_id, row.team_id, row.agent_id, row.target_port)
+                try:
+                    await self._listen(hub, row.hub_port or 0, exact=True)
+                except OSError as exc:
+                    log.warning("tcp tunnel %s: cannot reopen hub port %s (%s); closing it",
+                                row.session_id, row.hub_port, exc)
+                    self._store.close_tunnel_session(row.team_id, row.session_id)
+                    continue
+                self._hubs[row.session_id] = hub
+                log.info("tcp tunnel %s: hub port %s:%d reopened", row.session_id, self.hub_host, hub.port)
+
+    async def shutdown(self) -> None:
+        """Stop every hub listener (sessions stay open in the store for the next start)."""
+        for hub in list(self._hubs.values()):
+            self._stop_hub(hub)
+        self._hubs.clear()
+        for task in list(self._tasks):
+            task.cancel()
+
+    # -- hub ports
+
+    async def _listen(self, hub: HubListener, port: int = 0, exact: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        hub.server = await loop.create_server(lambda: self._hub_protocol(hub), self.hub_host, port)
+        hub.port = hub.server.sockets[0].getsockname()[1]
+
+    def _hub_protocol(self, hub: HubListener) -> asyncio.Protocol:
+        """One accepted hub connection -> one stream to the agent (or an instant close)."""
+        agent = self._registry.get(hub.team_id, hub.agent_id)
+        if agent is None:
+            hub.last_error = "agent offline"
+            log.info("tcp tunnel %s: connection closed: agent %s is offline", hub.session_id, hub.agent_id)
+            return _Closed()
+        session: MuxSession = agent.session
+        try:
+            stream = session.open_stream_nowait(
+                {"protocol": "tcp", "target": f"127.0.0.1:{hub.target_port}"})
+        except (SessionClosedError, ConnectionError) as exc:
+            hub.last_error = str(exc)
+            return _Closed()
+        hub.connections += 1
+        splice = _HubSplice(stream, hub)
+        task = asyncio.get_running_loop().create_task(self._watch_answer(hub, stream))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return splice
+
+    async def _watch_answer(self, hub: HubListener, stream: MuxStream) -> None:
+        """Log why the agent refused a stream (the splice already aborted the client)."""
+        try:
+            await stream.wait_accepted()
+        except StreamRefused as exc:
+            try:
+                code = ErrorCode(exc.error_code).name
+            except ValueError:
+                code = str(exc.error_code)
+            hub.last_error = f"{code}: {exc.message}"
+            log.warning("tcp tunnel %s: agent refused the connection: %s", hub.session_id, hub.last_error)
+        except ConnectionError:
+            pass  # reset or session gone: the splice handles it
+
+    def _close_hub(self, session_id: str) -> None:
+        hub = self._hubs.pop(session_id, None)
+        if hub is not None:
+            self._stop_hub(hub)
+            log.info("tcp tunnel %s closed (hub port %d)", session_id, hub.port)
+
+    @staticmethod
+    def _stop_hub(hub: HubListener) -> None:
+        if hub.server is not None:
+            hub.server.close()
+        for splice in list(hub.splices):
+            splice.abort()
+        hub.splices.clear()
+
+    def _describe(self, row: TunnelSession) -> dict[str, Any]:
+        hub = self._hubs.get(row.session_id)
+        return {
+            "session_id": row.session_id,
+            "agent_id": row.agent_id,
+            "target_port": row.target_port,
+            "tunnel_protocol": row.protocol,
+            "hub_port": row.hub_port,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row.created_at)),
+            "connections": hub.connections if hub else 0,
+            "active_connections": len(hub.splices) if hub else 0,
+            "last_error": hub.last_error if hub else None,
+        }

@@ -1,0 +1,454 @@
+"""Gateway and agent end to end: API, auth, agent WebSocket, raw TCP tunnels via hub ports.
+
+Most tests run an in-process gateway and agent on one uvloop loop (real sockets on
+127.0.0.1); ``test_cli_processes_*`` runs ``python -m relay gateway`` and ``python -m
+relay agent`` as subprocesses. Real clients: OpenSSH (ssh, scp) against the private sshd
+fixture. Every wait is bounded.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+import uvloop
+
+from relay.agent import Agent, AgentAuthError
+from relay.gateway.app import Gateway
+from relay.gateway.store import Store
+from tests.servers import free_port
+
+pytestmark = pytest.mark.timeout(180)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def run(fn, timeout: float = 60.0) -> Any:
+    """Run an async test body on uvloop (the loop the CLI uses), bounded in time."""
+
+    async def bounded():
+        async with asyncio.timeout(timeout):
+            return await fn()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(bounded())
+
+
+async def http(port: int, method: str, path: str, token: Optional[str] = None,
+               body: Any = None, headers: Optional[dict[str, str]] = None) -> tuple[int, Any]:
+    """One HTTP/1.1 request to 127.0.0.1:port; returns (status, parsed JSON body or None)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    data = b"" if body is None else json.dumps(body).encode()
+    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close",
+             f"Content-Length: {len(data)}"]
+    if token is not None:
+        lines.append(f"Authorization: Bearer {token}")
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + data)
+    async with asyncio.timeout(10):
+        raw = await reader.read()
+    writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(payload) if payload else None
+
+
+async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+async def run_cmd(*argv: str, timeout: float = 60.0) -> tuple[int, bytes, bytes]:
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc.returncode, out, err
+
+
+@contextlib.asynccontextmanager
+async def gateway_and_team(tmp_path: Path):
+    """An in-process gateway with one team; yields (gateway, keys)."""
+    store = Store.open(tmp_path / "data")
+    _, keys = store.create_team_with_keys("team-a")
+    gw = Gateway(store)
+    await gw.start("127.0.0.1", 0)
+    try:
+        yield gw, keys
+    finally:
+        await gw.close()
+        store.close()
+
+
+@contextlib.asynccontextmanager
+async def running_agent(gw: Gateway, key: str, **kwargs: Any):
+    """An in-process agent connected to ``gw``; yields it once registered."""
+    agent = Agent(gw.url, key, backoff_initial=0.05, **kwargs)
+    task = asyncio.get_running_loop().create_task(agent.run())
+    try:
+        await wait_until(lambda: agent.agent_id is not None or task.done())
+        if task.done():
+            task.result()
+        yield agent
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        agent.close()
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def test_agent_allowlist_and_backoff():
+    async def main():
+        loopback = Agent("http://127.0.0.1:1", "ak-x")
+        assert loopback.is_allowed("127.0.0.1", 22) and loopback.is_allowed("LOCALHOST", 5432)
+        assert loopback.is_allowed("::1", 6379)
+        assert not loopback.is_allowed("10.0.0.1", 22)
+        listed = Agent("http://127.0.0.1:1", "ak-x", allow=["127.0.0.1:22", "[::1]:80", "db.lan:5432"])
+        assert listed.is_allowed("127.0.0.1", 22) and listed.is_allowed("db.lan", 5432)
+        assert listed.is_allowed("::1", 80)
+        assert not listed.is_allowed("127.0.0.1", 23)
+        assert "ak-x" not in repr(listed)
+        delays = [listed.backoff_delay(i) for i in range(12)]
+        assert 0.4 <= delays[0] <= 0.6
+        assert 0.8 <= delays[1] <= 1.2
+        assert all(24 <= d <= 36 for d in delays[8:])
+        assert Agent("https://gw.example.com", "ak-x").gateway_url == \
+            "https://gw.example.com/api/v1/agent/connect"
+
+    run(main)
+
+
+# ----------------------------------------------------------------------------- API and auth
+
+
+def test_healthz_and_agents_api_auth(tmp_path):
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys):
+            status, body = await http(gw.port, "GET", "/healthz")
+            assert status == 200 and body["status"] == "ok"
+            assert (await http(gw.port, "GET", "/api/v1/agents"))[0] == 401
+            status, body = await http(gw.port, "GET", "/api/v1/agents", "sk-wrong")
+            assert status == 401 and body["error"]["code"] == "invalid_credentials"
+            assert (await http(gw.port, "GET", "/api/v1/agents", keys["ak"]))[0] == 403
+            status, body = await http(gw.port, "GET", "/api/v1/agents", keys["dk"])
+            assert status == 200 and body == {"agents": []}
+            status, body = await http(gw.port, "GET", "/nowhere")
+            assert status == 404 and body["error"]["code"] == "not_found"
+            assert (await http(gw.port, "POST", "/healthz"))[0] == 405
+
+            async with running_agent(gw, keys["ak"], name="box", labels=["gpu"]) as agent:
+                status, body = await http(gw.port, "GET", "/api/v1/agents", keys["sk"])
+                assert status == 200
+                [listed] = body["agents"]
+                assert listed["agent_id"] == agent.agent_id
+                assert listed["name"] == "box" and listed["labels"] == ["gpu"]
+                assert listed["status"] == "idle" and listed["online"] is True
+                status, body = await http(gw.port, "GET", f"/api/v1/agents/{agent.agent_id}", keys["sk"])
+                assert status == 200 and body["agent_id"] == agent.agent_id and body["tunnels"] == []
+                agent_id = agent.agent_id
+            await wait_until(lambda: not gw.registry.is_online(agent_id))
+            status, body = await http(gw.port, "GET", f"/api/v1/agents/{agent_id}", keys["sk"])
+            assert status == 200 and body["status"] == "offline" and body["online"] is False
+
+    run(main)
+
+
+def test_agent_endpoint_rejects_missing_and_wrong_keys(tmp_path):
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys):
+            upgrade = {"Upgrade": "websocket", "Connection": "Upgrade",
+                       "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"}
+            status, body = await http(gw.port, "GET", "/api/v1/agent/connect", headers=upgrade)
+            assert status == 401 and body["error"]["code"] == "missing_credentials"
+            status, body = await http(gw.port, "GET", "/api/v1/agent/connect", "ak-wrong", headers=upgrade)
+            assert status == 401 and body["error"]["code"] == "invalid_credentials"
+            status, body = await http(gw.port, "GET", "/api/v1/agent/connect", keys["sk"], headers=upgrade)
+            assert status == 403
+            # A valid key but no upgrade: a JSON 400, not a hang.
+            status, body = await http(gw.port, "GET", "/api/v1/agent/connect", keys["ak"])
+            assert status == 400 and "error" in body
+            with pytest.raises(AgentAuthError, match="401"):
+                await Agent(gw.url, "ak-wrong").run()
+            assert gw.registry.connected() == []
+
+    run(main)
+
+
+def test_other_teams_agent_is_404_and_tunnel_validation(tmp_path):
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys):
+            _, other = gw.store.create_team_with_keys("team-b")
+            async with running_agent(gw, keys["ak"], name="a") as agent:
+                base = f"/api/v1/agents/{agent.agent_id}"
+                assert (await http(gw.port, "GET", base, other["sk"]))[0] == 404
+                assert (await http(gw.port, "POST", base + "/tunnel", other["sk"], {}))[0] == 404
+                assert (await http(gw.port, "DELETE", base + "/tunnel", other["sk"]))[0] == 404
+                status, body = await http(gw.port, "GET", "/api/v1/agents", other["sk"])
+                assert status == 200 and body == {"agents": []}
+                for bad in ({"target_port": 0}, {"target_port": 65536}, {"target_port": "22"},
+                            {"target_port": True}, {"tunnel_protocol": "udp"}):
+                    status, body = await http(gw.port, "POST", base + "/tunnel", keys["sk"], bad)
+                    assert status == 400, bad
+                    assert set(body["error"]) == {"code", "message"}
+                status, body = await http(gw.port, "POST", base + "/tunnel", keys["sk"], [1])
+                assert status == 400
+                # The defaults and the exact seed 000 response for http.
+                status, body = await http(gw.port, "POST", base + "/tunnel", keys["sk"], {})
+                assert status == 200
+                assert set(body) == {"session_id", "tunnel_url", "admin_token", "tunnel_protocol"}
+                assert body["tunnel_protocol"] == "http"
+                assert body["tunnel_url"].startswith(gw.url + "/tunnel/") and body["tunnel_url"].endswith("/")
+                [row] = gw.store.list_tunnel_sessions(gw.store.list_teams()[0].id)
+                assert row.target_port == 8188 and row.session_id == body["session_id"]
+                status, info = await http(gw.port, "GET", base, keys["sk"])
+                assert info["status"] == "tunnel" and len(info["tunnels"]) == 1
+                status, closed = await http(gw.port, "DELETE", base + "/tunnel?session_id=nope", keys["sk"])
+                assert status == 404
+                status, closed = await http(gw.port, "DELETE", base + "/tunnel", keys["sk"])
+                assert status == 200 and closed == {"closed": [body["session_id"]]}
+                status, info = await http(gw.port, "GET", base, keys["sk"])
+                assert info["status"] == "idle" and info["tunnels"] == []
+                agent_id = agent.agent_id
+            await wait_until(lambda: not gw.registry.is_online(agent_id))
+            status, body = await http(gw.port, "POST", f"/api/v1/agents/{agent_id}/tunnel", keys["sk"],
+                                      {"tunnel_protocol": "tcp", "target_port": 22})
+            assert status == 409 and body["error"]["code"] == "agent_offline"
+
+    run(main)
+
+
+# ----------------------------------------------------------------------------- TCP tunnels
+
+
+async def open_tcp_tunnel(gw: Gateway, token: str, agent_id: str, port: int) -> dict[str, Any]:
+    status, body = await http(gw.port, "POST", f"/api/v1/agents/{agent_id}/tunnel", token,
+                              {"target_port": port, "tunnel_protocol": "tcp"})
+    assert status == 200, body
+    assert body["tunnel_protocol"] == "tcp"
+    assert re.fullmatch(r"ws://127\.0\.0\.1:\d+/tunnel/[\w-]+/tcp", body["tunnel_url"])
+    return body
+
+
+def test_ssh_and_scp_through_hub_port(tmp_path, sshd_server):
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys):
+            async with running_agent(gw, keys["ak"], name="ssh-box") as agent:
+                tunnel = await open_tcp_tunnel(gw, keys["sk"], agent.agent_id, sshd_server.port)
+                hub = tunnel["hub_port"]
+                code, out, err = await run_cmd(*sshd_server.ssh_args(hub), "echo ok")
+                assert code == 0, err
+                assert out.strip() == b"ok"
+
+                src = tmp_path / "blob.bin"
+                src.write_bytes(os.urandom(20 * 1024 * 1024))
+                dst = tmp_path / "copy.bin"
+                code, _, err = await run_cmd(*sshd_server.scp_args(hub), str(src),
+                                             sshd_server.remote(dst), timeout=120)
+                assert code == 0, err
+                assert hashlib.sha256(dst.read_bytes()).hexdigest() == \
+                    hashlib.sha256(src.read_bytes()).hexdigest()
+
+                # Closing the tunnel closes the hub port.
+                status, _ = await http(gw.port, "DELETE",
+                                       f"/api/v1/agents/{agent.agent_id}/tunnel?session_id={tunnel['session_id']}",
+                                       keys["sk"])
+                assert status == 200
+                with pytest.raises(OSError):
+                    await asyncio.open_connection("127.0.0.1", hub)
+
+    run(main, timeout=150)
+
+
+def test_target_not_on_allowlist_is_refused(tmp_path, sshd_server, caplog):
+    caplog.set_level(logging.WARNING, logger="relay")
+
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys):
+            async with running_agent(gw, keys["ak"], name="strict", allow=["127.0.0.1:1"]) as agent:
+                tunnel = await open_tcp_tunnel(gw, keys["sk"], agent.agent_id, sshd_server.port)
+                started = time.monotonic()
+                reader, writer = await asyncio.open_connection("127.0.0.1", tunnel["hub_port"])
+                with contextlib.suppress(ConnectionError):
+                    async with asyncio.timeout(5):
+                        assert await reader.read() == b""  # closed: no sshd banner
+                writer.close()
+                assert time.monotonic() - started < 5
+                await wait_until(lambda: "NOT_ALLOWED" in caplog.text)
+                status, info = await http(gw.port, "GET", f"/api/v1/agents/{agent.agent_id}", keys["sk"])
+                [session] = info["tunnels"]
+                assert session["last_error"].startswith("NOT_ALLOWED")
+                assert f"127.0.0.1:{sshd_server.port}" in session["last_error"]
+
+    run(main)
+
+
+# ----------------------------------------------------------------------------- real processes
+
+
+def _api(port: int, method: str, path: str, token: str, body: Any = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
+                                 headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def _wait(predicate, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.05)
+
+
+def _spawn(*args: str, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "relay", *args], stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _online_agent(port: int, sk: str) -> Optional[str]:
+    status, body = _api(port, "GET", "/api/v1/agents", sk)
+    online = [a for a in body["agents"] if a["online"]] if status == 200 else []
+    return online[0]["agent_id"] if online else None
+
+
+def _ssh_echo(sshd_server, port: int) -> None:
+    done = subprocess.run([*sshd_server.ssh_args(port), "echo ok"], capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == b"ok"
+
+
+def test_cli_processes_agent_restart_and_gateway_restart(tmp_path, sshd_server):
+    """relay gateway + relay agent as processes: tunnel, kill -9 the agent, restart it,
+    a new tunnel works; restart the gateway: the agent comes back by itself."""
+    data = tmp_path / "data"
+    port = free_port()
+    gw_log, agent_log = tmp_path / "gateway.log", tmp_path / "agent.log"
+    procs: list[subprocess.Popen] = []
+    try:
+        gw = _spawn("gateway", "--listen", f"127.0.0.1:{port}", "--data", str(data), log=gw_log)
+        procs.append(gw)
+        _wait(lambda: b"listening on" in gw_log.read_bytes())
+        keys = dict(re.findall(r"^  (sk|dk|ak)  (\S+)$", gw_log.read_text(), re.M))
+        assert set(keys) == {"sk", "dk", "ak"}
+
+        def start_agent() -> subprocess.Popen:
+            proc = _spawn("agent", "--gateway", f"http://127.0.0.1:{port}", "--name", "proc-agent",
+                          "--label", "ssh", log=agent_log)
+            procs.append(proc)
+            return proc
+
+        # The key goes through the environment, as the help text recommends.
+        os.environ["RELAY_AGENT_KEY"] = keys["ak"]
+        try:
+            agent = start_agent()
+        finally:
+            del os.environ["RELAY_AGENT_KEY"]
+        agent_id = _wait(lambda: _online_agent(port, keys["sk"]))
+        status, tunnel = _api(port, "POST", f"/api/v1/agents/{agent_id}/tunnel", keys["sk"],
+                              {"target_port": sshd_server.port, "tunnel_protocol": "tcp"})
+        assert status == 200, tunnel
+        _ssh_echo(sshd_server, tunnel["hub_port"])
+
+        _stop(agent, signal.SIGKILL)
+        _wait(lambda: _online_agent(port, keys["sk"]) is None)
+        status, body = _api(port, "POST", f"/api/v1/agents/{agent_id}/tunnel", keys["sk"],
+                            {"target_port": sshd_server.port, "tunnel_protocol": "tcp"})
+        assert status == 409, body
+        os.environ["RELAY_AGENT_KEY"] = keys["ak"]
+        try:
+            agent = start_agent()
+        finally:
+            del os.environ["RELAY_AGENT_KEY"]
+        assert _wait(lambda: _online_agent(port, keys["sk"])) == agent_id  # same identity
+        status, tunnel2 = _api(port, "POST", f"/api/v1/agents/{agent_id}/tunnel", keys["sk"],
+                               {"target_port": sshd_server.port, "tunnel_protocol": "tcp"})
+        assert status == 200, tunnel2
+        _ssh_echo(sshd_server, tunnel2["hub_port"])
+        _ssh_echo(sshd_server, tunnel["hub_port"])  # the first hub port outlives the reconnect
+
+        # Gateway restart: no new keys printed, the agent reconnects by itself, and the
+        # open tcp tunnel's hub port is back.
+        _stop(gw)
+        gw_log.write_bytes(b"")
+        gw = _spawn("gateway", "--listen", f"127.0.0.1:{port}", "--data", str(data), log=gw_log)
+        procs.append(gw)
+        _wait(lambda: b"listening on" in gw_log.read_bytes())
+        assert keys["sk"] not in gw_log.read_text()
+        assert _wait(lambda: _online_agent(port, keys["sk"]), timeout=20) == agent_id
+        _ssh_echo(sshd_server, tunnel2["hub_port"])
+        assert keys["ak"] not in agent_log.read_text()  # the key is never logged
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "relay", "agent", "--gateway", "http://127.0.0.1:1",
+                           "--key", "sk-nope"], capture_output=True, timeout=30)
+    assert done.returncode != 0 and b"ak-" in done.stderr
+    port = free_port()
+    store = Store.open(tmp_path / "d")
+    _, keys = store.create_team_with_keys("t")
+    store.close()
+    gw = _spawn("gateway", "--listen", f"127.0.0.1:{port}", "--data", str(tmp_path / "d"),
+                log=tmp_path / "gw.log")
+    try:
+        _wait(lambda: b"listening on" in (tmp_path / "gw.log").read_bytes())
+        done = subprocess.run([sys.executable, "-m", "relay", "agent", "--gateway", f"http://127.0.0.1:{port}",
+                               "--key", "ak-wrong"], capture_output=True, timeout=30)
+        assert done.returncode == 1
+        last = done.stderr.decode().strip().splitlines()[-1]
+        assert last.startswith("Error: the gateway rejected the agent key") and "401" in last
+        assert "ak-wrong" not in done.stderr.decode()
+        # A second gateway on the same address: one clear line, non-zero exit.
+        done = subprocess.run([sys.executable, "-m", "relay", "gateway", "--listen", f"127.0.0.1:{port}",
+                               "--data", str(tmp_path / "d")], capture_output=True, timeout=30)
+        assert done.returncode == 1
+        assert done.stderr.decode().strip().splitlines()[-1].startswith("Error: cannot listen on")
+    finally:
+        _stop(gw)
