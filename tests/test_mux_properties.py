@@ -289,3 +289,24 @@ MuxPair.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestMuxPair = MuxPair.TestCase
+
+
+def test_regression_fin_behind_the_window_survives_the_last_acknowledgement() -> None:
+    """Found by the machine above: a stream closed both ways with our FIN (and 1 byte)
+    still queued behind the peer's window was forgotten when the application
+    acknowledged the peer's last byte, so the peer never got the end of the data."""
+    m = MuxPair()
+    m.start()
+    m.transmit(side="a", max_bytes=None, cut=0)
+    m.open_stream(side="b", metadata={})
+    m.open_stream(side="b", metadata={})
+    m.stall(side="b", index=1)
+    m.transmit(side="b", max_bytes=None, cut=0)
+    m.open_stream(side="a", metadata={})
+    m.reset(side="a", index=0)
+    m.reset(side="b", index=0)
+    m.answer(side="a", index=0, accept=True)
+    m.write(side="a", index=0, size=4097, end=True)
+    m.write(side="b", index=0, size=1, end=True)
+    m.teardown()  # asserts every byte arrived and every stream closed
+    assert len(m.b.streams[4].received) == 4097

@@ -181,7 +181,7 @@ class MuxConnection:
         self._terminated = False
         self.now: Optional[float] = None
         self._last_received: Optional[float] = None
-        self._ping_sent: dict[int, float] = {}
+        self._ping_sent: dict[int, Optional[float]] = {}
         self._ping_counter = 0
         #: Smoothed round-trip time from PINGs, in the caller's time units.
         self.rtt: Optional[float] = None
@@ -211,7 +211,8 @@ class MuxConnection:
     def writable(self, stream_id: int) -> bool:
         """True while the stream's send queue is below ``send_queue_limit``."""
         stream = self._streams.get(stream_id)
-        return stream is not None and stream.can_send and stream.queued < self.config.send_queue_limit
+        return (stream is not None and stream.can_send and (stream.local or stream.answered)
+                and stream.queued < self.config.send_queue_limit)
 
     def send_window(self, stream_id: int) -> int:
         """Bytes this side may send on the stream right now (stream and session window)."""
@@ -347,20 +348,22 @@ class MuxConnection:
                 increment = stream.recv.consumed(n)
             if increment:
                 self._queue_control(encode_frame(_WINDOW_UPDATE, 0, stream_id, _pack_u32(increment)))
-        elif state is StreamState.CLOSED and stream.unacked == 0:
-            self._forget(stream)
+        elif state is StreamState.CLOSED and stream.unacked == 0 and not stream.fin_pending:
+            self._forget(stream)  # finished both ways and nothing left to acknowledge
         increment = self._session_recv.consumed(n)
         if increment:
             self._queue_control(encode_frame(_WINDOW_UPDATE, 0, 0, _pack_u32(increment)))
 
-    def ping(self, now: Optional[float] = None) -> None:
-        """Send a PING; its echo produces :class:`PingAcknowledged` with the RTT."""
+    def ping(self, now: Optional[float] = None) -> int:
+        """Send a PING and return its id; the echo produces :class:`PingAcknowledged`
+        with that id and the RTT (measured only when a clock was given)."""
         self._check_usable()
         if now is not None:
             self.now = now
         self._ping_counter += 1
-        self._ping_sent[self._ping_counter] = self.now if self.now is not None else 0.0
+        self._ping_sent[self._ping_counter] = self.now
         self._queue_control(encode_frame(FrameType.PING, 0, 0, _PING.pack(self._ping_counter)), defer=True)
+        return self._ping_counter
 
     def goaway(self, error_code: int = ErrorCode.NO_ERROR, message: str = "") -> None:
         """Tell the peer to open no more streams; streams already open may finish."""
@@ -444,7 +447,9 @@ class MuxConnection:
         return size
 
     def writable_streams(self) -> list[int]:
-        """Streams whose full send queue drained below the limit since the last call."""
+        """Streams that can take data again since the last call: their full send queue
+        drained below the limit, or their send window reopened from zero. An id may
+        appear more than once; a stream listed may have closed since."""
         writable = self._writable
         self._writable = []
         return writable
@@ -455,7 +460,9 @@ class MuxConnection:
         """Feed bytes from the transport; ``b""`` means the transport reached EOF.
 
         Raises :class:`ProtocolError` (after queueing a GOAWAY) if the peer broke the
-        protocol; the binding should then flush :meth:`data_to_send` and close.
+        protocol; the binding should then flush :meth:`data_to_send` and close. The
+        events produced before and by the failure (StreamReset for every open stream,
+        ConnectionTerminated) are on the exception as ``events``.
         """
         if now is not None:
             self.now = now
@@ -476,10 +483,12 @@ class MuxConnection:
                     self._HANDLERS[frame_type](self, flags, stream_id, payload)
         except ProtocolError as exc:
             self._fail(exc)
+            exc.events = self._take_events()
             raise
         except Exception as exc:  # a malformed payload must surface as ProtocolError only
             error = ProtocolError(f"malformed frame: {exc}")
             self._fail(error)
+            error.events = self._take_events()
             raise error from exc
         return self._take_events()
 
@@ -542,6 +551,8 @@ class MuxConnection:
         if stream is None:
             self._check_known_stream(stream_id)
             return
+        if stream.send_credit == 0 and stream.can_send:
+            self._writable.append(stream_id)  # it can take data again
         stream.send_credit += increment
         if stream.send_credit > MAX_WINDOW:
             raise FlowControlError(f"window overflow on stream {stream_id}")
@@ -600,8 +611,8 @@ class MuxConnection:
         if stream is None:
             self._check_known_stream(stream_id)
             return
-        if stream.state is StreamState.CLOSED:
-            return  # already finished on our side; the reset adds nothing
+        if stream.state is StreamState.CLOSED and not stream.fin_pending:
+            return  # both sides already finished; the reset adds nothing
         self._events.append(StreamReset(stream_id=stream_id, error_code=code, message=_reason(payload[4:]), remote=True))
         self._close_stream(stream)
 
@@ -610,11 +621,14 @@ class MuxConnection:
             raise ProtocolError("PING must carry 8 bytes on stream 0")
         if flags & _ACK:
             (counter,) = _PING.unpack(payload)
-            sent = self._ping_sent.pop(counter, None)
+            if counter not in self._ping_sent:
+                return  # not ours (or already answered): nothing to measure
+            sent = self._ping_sent.pop(counter)
+            sample = None
             if sent is not None and self.now is not None:
                 sample = max(self.now - sent, 0.0)
                 self.rtt = sample if self.rtt is None else 0.875 * self.rtt + 0.125 * sample
-                self._events.append(PingAcknowledged(rtt=sample))
+            self._events.append(PingAcknowledged(ping_id=counter, rtt=sample))
         else:
             self._queue_control(encode_frame(FrameType.PING, _ACK, 0, bytes(payload)))
 
@@ -729,7 +743,9 @@ class MuxConnection:
         if self._terminated or self._last_received is None:
             return None
         cfg = self.config
-        deadline = self._last_received + (cfg.keepalive_timeout if self._ping_sent else cfg.keepalive_interval)
+        # Without the peer's SETTINGS no PING can be sent, so only the timeout is due.
+        waiting = self._ping_sent or not self.established
+        deadline = self._last_received + (cfg.keepalive_timeout if waiting else cfg.keepalive_interval)
         if self._half_closed:
             deadline = min(deadline, next(iter(self._half_closed.values())) + cfg.half_closed_timeout)
         return deadline

@@ -6,7 +6,7 @@ raw frames.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 Buffer = Union[bytes, memoryview]
 
@@ -96,7 +96,10 @@ class ControlReceived(Event):
 class PingAcknowledged(Event):
     """A PING this side sent came back; ``rtt`` is in the caller's clock units."""
 
-    rtt: float
+    #: The id :meth:`MuxConnection.ping` returned.
+    ping_id: int
+    #: None when the PING was sent or answered without a clock.
+    rtt: Optional[float]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
