@@ -910,12 +910,11 @@ def _slow_reader_rounds(ack_per_frame: bool) -> list[int]:
     return sizes
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "core bug: the tuning epoch starts at the first acknowledgement of a burst, so a slow reader that "
-    "acknowledges frame by frame doubles its window every round ([4K, 8K, 16K, 32K, 64K]) while the same "
-    "reader acknowledging once per batch grows once ([4K, 8K, 8K, 8K, 8K])"))
 def test_auto_tuning_does_not_depend_on_how_acknowledgements_are_split() -> None:
-    assert _slow_reader_rounds(ack_per_frame=True) == _slow_reader_rounds(ack_per_frame=False)
+    per_frame = _slow_reader_rounds(ack_per_frame=True)
+    assert per_frame == _slow_reader_rounds(ack_per_frame=False)
+    # The reader, not the window, is the bottleneck: growing would only add memory.
+    assert per_frame == [4 * KiB] * len(per_frame)
 
 
 def test_no_auto_tuning_without_a_clock() -> None:

@@ -524,6 +524,8 @@ class MuxConnection:
                 return
             recv.credit -= n
             stream.unacked += n
+            if recv.epoch_start is None:
+                recv.epoch_start = self.now  # auto-tuning times an epoch from arrival
             if state is _HALF_CLOSED_LOCAL and self.now is not None:
                 self._half_closed.pop(stream_id, None)  # still active: restart its clock
                 self._half_closed[stream_id] = self.now

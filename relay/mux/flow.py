@@ -10,10 +10,13 @@ The algorithm, per stream (and the same for the session, without auto-tuning):
 * Consumed bytes accumulate in ``pending``; a WINDOW_UPDATE of ``pending`` is due once it
   reaches a quarter of the window, or at once when the peer's credit has fallen to zero
   (it is stalled and waiting). Batching saves frames; the zero rule saves a deadlock.
-* Auto-tuning: if at least half the window was consumed within ``4 x RTT`` of the epoch
-  start, the window was the bottleneck, so it doubles (up to ``max_window``, and only if
-  the caller's memory budget still allows the growth); the extra size is granted with the
-  update. The epoch restarts whenever it ends or after an update with growth.
+* Auto-tuning: an epoch starts when the first byte after the previous epoch *arrives*.
+  Once half the window has been consumed, the epoch ends; if that took at most
+  ``4 x RTT`` since the epoch's first arrival, the window (not the reader) was the
+  bottleneck, so it doubles (up to ``max_window``, and only as far as the caller's memory
+  budget allows); the extra size is granted with the update. Timing from arrival rather
+  than from the first acknowledgement matters: a reader that sits on data for seconds
+  and then acknowledges it in many small pieces must not look fast.
 """
 from __future__ import annotations
 
@@ -58,23 +61,16 @@ class ReceiveWindow:
 
         ``growth_allowed`` is how much the caller's memory budget lets the window grow.
         Returns ``(increment, growth)``: the WINDOW_UPDATE to send (0 for none) and how
-        much of it is new window.
+        much of it is new window. The caller sets ``epoch_start`` when data arrives.
         """
         growth = 0
-        if now is not None and rtt is not None:
-            if self.epoch_start is None:
-                self.epoch_start = now
+        if now is not None and rtt is not None and self.epoch_start is not None:
             self.epoch_consumed += n
-            if now - self.epoch_start > 4 * rtt:
-                self.epoch_start = now
-                self.epoch_consumed = n
-            elif self.epoch_consumed * 2 >= self.window and self.window < max_window:
-                growth = min(self.window, max_window - self.window, growth_allowed)
-                if growth > 0:
+            if self.epoch_consumed * 2 >= self.window:
+                if now - self.epoch_start <= 4 * rtt and self.window < max_window:
+                    growth = max(0, min(self.window, max_window - self.window, growth_allowed))
                     self.window += growth
                     self.pending += growth
-                    self.epoch_start = now
-                    self.epoch_consumed = 0
-                else:
-                    growth = 0
+                self.epoch_start = None
+                self.epoch_consumed = 0
         return self.consumed(n), growth
