@@ -309,6 +309,143 @@ def test_target_not_on_allowlist_is_refused(tmp_path, sshd_server, caplog):
     run(main)
 
 
+@contextlib.asynccontextmanager
+async def echo_server():
+    """A TCP echo server on 127.0.0.1; yields its port."""
+
+    async def echo(reader, writer):
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def ws_connect(url: str, headers=()) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Any, list]:
+    """A minimal WebSocket client: returns reader, writer, a frame parser and the
+    messages that arrived with the 101."""
+    from relay.ws import FrameParser
+    from relay.ws.handshake import ClientHandshake
+
+    hostport, _, path = url.removeprefix("ws://").partition("/")
+    host, _, port = hostport.partition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    handshake = ClientHandshake(hostport, "/" + path, extra_headers=list(headers))
+    writer.write(handshake.request_bytes())
+    accepted = None
+    while accepted is None:
+        accepted = handshake.receive_data(await reader.read(65536))
+    parser = FrameParser(64 * 1024 * 1024, False)
+    return reader, writer, parser, parser.feed(accepted.leftover)
+
+
+def test_tcp_over_websocket_tunnel_url(tmp_path, sshd_server):
+    from relay.ws import Opcode, encode_frame
+    from relay.ws.handshake import HandshakeRejected
+
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys), echo_server() as echo_port:
+            async with running_agent(gw, keys["ak"], name="ws") as agent:
+                # An SSH banner arrives through the tunnel_url of a tunnel to sshd.
+                ssh_tunnel = await open_tcp_tunnel(gw, keys["sk"], agent.agent_id, sshd_server.port)
+                reader, writer, parser, messages = await ws_connect(ssh_tunnel["tunnel_url"])
+                while not messages:
+                    messages = parser.feed(await reader.read(65536))
+                assert messages[0][0] == Opcode.BINARY and messages[0][1].startswith(b"SSH-2.0")
+                writer.close()
+
+                # 4 MiB both ways through an echo target, in 64 KiB messages.
+                tunnel = await open_tcp_tunnel(gw, keys["sk"], agent.agent_id, echo_port)
+                reader, writer, parser, messages = await ws_connect(tunnel["tunnel_url"])
+                payload = os.urandom(4 * 1024 * 1024)
+                received = bytearray(b"".join(p for op, p in messages if op == Opcode.BINARY))
+
+                async def send():
+                    for i in range(0, len(payload), 65536):
+                        writer.write(encode_frame(Opcode.BINARY, payload[i:i + 65536], mask=True))
+                        await writer.drain()
+
+                sender = asyncio.get_running_loop().create_task(send())
+                while len(received) < len(payload):
+                    data = await reader.read(1 << 20)
+                    assert data, "connection closed early"
+                    for op, p in parser.feed(data):
+                        assert op == Opcode.BINARY
+                        received += p
+                await sender
+                assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+                # Client close -> the stream ends -> the echo target ends -> close echoed.
+                writer.write(encode_frame(Opcode.CLOSE, b"\x03\xe8", mask=True))
+                closes = []
+                while not closes:
+                    data = await reader.read(65536)
+                    if not data:
+                        break
+                    closes = [m for m in parser.feed(data) if m[0] == Opcode.CLOSE]
+                writer.close()
+
+                base = tunnel["tunnel_url"].rsplit("/", 2)[0]
+                for bad in (base + "/nope/tcp", ssh_tunnel["tunnel_url"].replace("/tcp", "/x")):
+                    with pytest.raises(HandshakeRejected) as info:
+                        await ws_connect(bad)
+                    assert info.value.status_code == 404
+                status, http_tunnel = await http(gw.port, "POST", f"/api/v1/agents/{agent.agent_id}/tunnel",
+                                                 keys["sk"], {"target_port": echo_port})
+                token = http_tunnel["tunnel_url"].rstrip("/").rsplit("/", 1)[1]
+                with pytest.raises(HandshakeRejected) as info:
+                    await ws_connect(f"{base}/{token}/tcp")
+                assert info.value.status_code == 404
+
+    run(main)
+
+
+def test_agent_drop_mid_transfer_closes_clients_and_garbage_kills_only_that_agent(tmp_path):
+    from relay.ws import Opcode, encode_frame
+
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys), echo_server() as echo_port:
+            async with running_agent(gw, keys["ak"], name="victim") as victim, \
+                    running_agent(gw, keys["ak"], name="bystander") as bystander:
+                tunnel = await open_tcp_tunnel(gw, keys["sk"], victim.agent_id, echo_port)
+                reader, writer = await asyncio.open_connection("127.0.0.1", tunnel["hub_port"])
+                writer.write(b"x" * 65536)
+                assert len(await reader.readexactly(65536)) == 65536
+                writer.write(b"y" * (1 << 20))
+                victim.close()  # the agent's connection drops mid-transfer
+                started = time.monotonic()
+                with contextlib.suppress(ConnectionError):
+                    async with asyncio.timeout(5):
+                        while await reader.read(65536):
+                            pass
+                assert time.monotonic() - started < 5
+                writer.close()
+
+                # Garbage from an agent (valid key, valid WebSocket, not mux frames):
+                # that connection is closed; the other agent keeps working.
+                reader, writer, parser, _ = await ws_connect(
+                    gw.url.replace("http://", "ws://") + "/api/v1/agent/connect",
+                    [("Authorization", f"Bearer {keys['ak']}")])
+                writer.write(encode_frame(Opcode.BINARY, b"\xff" * 64, mask=True))
+                async with asyncio.timeout(5):
+                    while await reader.read(65536):
+                        pass
+                writer.close()
+                tunnel = await open_tcp_tunnel(gw, keys["sk"], bystander.agent_id, echo_port)
+                reader, writer = await asyncio.open_connection("127.0.0.1", tunnel["hub_port"])
+                writer.write(b"still here")
+                assert await reader.readexactly(10) == b"still here"
+                writer.close()
+
+    run(main)
+
+
 # ----------------------------------------------------------------------------- real processes
 
 

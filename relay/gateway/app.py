@@ -111,6 +111,7 @@ class Gateway:
         add("GET", "/api/v1/agents/{agent_id}", self._get_agent)
         add("POST", "/api/v1/agents/{agent_id}/tunnel", self._open_tunnel)
         add("DELETE", "/api/v1/agents/{agent_id}/tunnel", self._close_tunnel)
+        add("GET", "/tunnel/{token}/tcp", self._tcp_over_ws)
 
     def _principal(self, request: Request) -> Principal:
         """The API caller (sk-, dk-, JWT); 401/400/403 as AuthError."""
@@ -171,6 +172,26 @@ class Gateway:
         if session_id is not None and not closed:
             raise HttpError(404, "tunnel_not_found", f"no open tunnel session {session_id} on this agent")
         return json_response({"closed": closed})
+
+    async def _tcp_over_ws(self, request: Request) -> Optional[Response]:
+        """The TCP-over-WS relay at a tcp tunnel's ``tunnel_url``: the token in the URL is
+        the credential; each WebSocket connection becomes one stream to the target."""
+        row = self.store.get_tunnel_session_by_token(request.params["token"])
+        assert self.tunnels is not None
+        hub = self.tunnels.hub(row.session_id) if row is not None and row.protocol == "tcp" else None
+        if row is None or hub is None:  # unknown, closed, or not a tcp tunnel: all 404
+            raise HttpError(404, "tunnel_not_found", "no such open tcp tunnel")
+        if self.registry.get(row.team_id, row.agent_id) is None:
+            raise HttpError(503, "agent_offline", "the tunnel's agent is not connected")
+        try:
+            upgrade = parse_upgrade_request(request.raw)
+        except HandshakeError as exc:
+            raise HttpError(exc.status_code, "bad_websocket_upgrade", exc.message,
+                            {k.decode(): v.decode() for k, v in exc.headers}) from None
+        transport, leftover = request.take_over()
+        transport.write(accept_response(upgrade))
+        self.tunnels.serve_websocket(hub, transport, leftover)
+        return None
 
     # ------------------------------------------------------------------ agent endpoint
 

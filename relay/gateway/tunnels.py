@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from relay.aio import MuxSession, SessionClosedError, StreamRefused, StreamSplice
+from relay.aio import MuxSession, SessionClosedError, StreamRefused, StreamSplice, WebSocketTransport
 from relay.aio.stream import MuxStream
 from relay.gateway.registry import Registry
 from relay.gateway.store import Store, TunnelSession
@@ -60,6 +60,26 @@ class _HubSplice(StreamSplice):
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         self._hub.splices.discard(self)
         super().connection_lost(exc)
+
+
+class _WsTunnelTransport(WebSocketTransport):
+    """The WebSocket end of a TCP-over-WS connection, as its splice's transport: binary
+    messages carry the stream's bytes both ways. WebSocket has no half-close, so the end
+    of the agent's side is a close frame (the client's answering close ends the TCP
+    connection)."""
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        from relay.ws import CloseCode
+
+        self._send_close(CloseCode.NORMAL)
+
+
+#: Largest WebSocket message accepted from a TCP-over-WS client. Each message is
+#: written to the stream whole, so this bounds what one client can make us buffer.
+WS_MAX_MESSAGE = 1024 * 1024
 
 
 class _Closed(asyncio.Protocol):
@@ -183,20 +203,36 @@ class TunnelManager:
         hub.server = await loop.create_server(lambda: self._hub_protocol(hub), self.hub_host, port)
         hub.port = hub.server.sockets[0].getsockname()[1]
 
+    def serve_websocket(self, hub: HubListener, transport: asyncio.Transport, leftover: bytes) -> bool:
+        """Run a TCP-over-WS connection (its 101 already sent): one stream to the agent,
+        bytes in binary messages. False (and the transport closed) if the agent is gone."""
+        splice = self._splice(hub)
+        if splice is None:
+            transport.close()
+            return False
+        _WsTunnelTransport.attach(transport, splice, client=False, initial=leftover,  # type: ignore[arg-type]
+                                  max_message_size=WS_MAX_MESSAGE)
+        transport.resume_reading()  # the HTTP layer paused it while the request was handled
+        return True
+
     def _hub_protocol(self, hub: HubListener) -> asyncio.Protocol:
         """One accepted hub connection -> one stream to the agent (or an instant close)."""
+        return self._splice(hub) or _Closed()
+
+    def _splice(self, hub: HubListener) -> Optional[StreamSplice]:
+        """Open a stream to the tunnel's target; None if the agent is not connected."""
         agent = self._registry.get(hub.team_id, hub.agent_id)
         if agent is None:
             hub.last_error = "agent offline"
             log.info("tcp tunnel %s: connection closed: agent %s is offline", hub.session_id, hub.agent_id)
-            return _Closed()
+            return None
         session: MuxSession = agent.session
         try:
             stream = session.open_stream_nowait(
                 {"protocol": "tcp", "target": f"127.0.0.1:{hub.target_port}"})
         except (SessionClosedError, ConnectionError) as exc:
             hub.last_error = str(exc)
-            return _Closed()
+            return None
         hub.connections += 1
         splice = _HubSplice(stream, hub)
         task = asyncio.get_running_loop().create_task(self._watch_answer(hub, stream))
