@@ -56,18 +56,26 @@ _log_option = click.option("--log-level", type=click.Choice(LOG_LEVELS), default
               help="Address TCP tunnel hub ports listen on.")
 @click.option("--jwt-key", envvar="RELAY_JWT_KEY", metavar="KEY",
               help="HMAC secret or PEM public key verifying user session JWTs.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), envvar="RELAY_TLS_CERT",
+              help="PEM certificate chain: serve HTTPS/WSS.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), envvar="RELAY_TLS_KEY",
+              help="PEM private key of --tls-cert.")
 @_log_option
 def gateway(listen: str, data_dir: Path, public_url: Optional[str], hub_host: str,
-            jwt_key: Optional[str], log_level: str) -> None:
+            jwt_key: Optional[str], tls_cert: Optional[Path], tls_key: Optional[Path],
+            log_level: str) -> None:
     """Run the gateway: agent endpoint, control API, tunnels."""
     from relay.gateway.app import run_gateway
     from relay.gateway.store import StoreError
 
     host, port = _split_host_port(listen, "--listen")
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
     _setup_logging(log_level)
     try:
         _run(run_gateway(host, port, data_dir, public_url=public_url, hub_host=hub_host,
-                         jwt_key=jwt_key, echo=lambda line: click.echo(line)))
+                         jwt_key=jwt_key, tls_cert=tls_cert, tls_key=tls_key,
+                         echo=lambda line: click.echo(line)))
     except (StoreError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
@@ -85,9 +93,11 @@ def gateway(listen: str, data_dir: Path, public_url: Optional[str], hub_host: st
 @click.option("--label", "labels", multiple=True, metavar="L", help="Advertise a label (repeatable).")
 @click.option("--allow", "allow", multiple=True, metavar="HOST:PORT",
               help="Allow streams to this target (repeatable). Default: loopback hosts only.")
+@click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              envvar="RELAY_CA_CERT", help="Trust this CA (PEM) for an https/wss gateway.")
 @_log_option
 def agent(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ...],
-          allow: tuple[str, ...], log_level: str) -> None:
+          allow: tuple[str, ...], ca_cert: Optional[Path], log_level: str) -> None:
     """Run an agent: dial out to the gateway and serve allowed targets."""
     from relay.agent.client import Agent, AgentAuthError
 
@@ -99,7 +109,13 @@ def agent(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ..
 
     async def serve() -> None:
         try:
-            the_agent = Agent(gateway_url, key, name=name, labels=labels, allow=allow)
+            context = None
+            if ca_cert is not None:
+                import ssl
+
+                context = ssl.create_default_context(cafile=str(ca_cert))
+            the_agent = Agent(gateway_url, key, name=name, labels=labels, allow=allow,
+                              ssl_context=context)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--gateway") from None
         await the_agent.run()

@@ -49,9 +49,10 @@ def run(fn, timeout: float = 60.0) -> Any:
 
 
 async def http(port: int, method: str, path: str, token: Optional[str] = None,
-               body: Any = None, headers: Optional[dict[str, str]] = None) -> tuple[int, Any]:
+               body: Any = None, headers: Optional[dict[str, str]] = None,
+               ssl_context: Any = None) -> tuple[int, Any]:
     """One HTTP/1.1 request to 127.0.0.1:port; returns (status, parsed JSON body or None)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl_context)
     data = b"" if body is None else json.dumps(body).encode()
     lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close",
              f"Content-Length: {len(data)}"]
@@ -91,11 +92,11 @@ async def run_cmd(*argv: str, timeout: float = 60.0) -> tuple[int, bytes, bytes]
 
 
 @contextlib.asynccontextmanager
-async def gateway_and_team(tmp_path: Path):
+async def gateway_and_team(tmp_path: Path, **kwargs: Any):
     """An in-process gateway with one team; yields (gateway, keys)."""
     store = Store.open(tmp_path / "data")
     _, keys = store.create_team_with_keys("team-a")
-    gw = Gateway(store)
+    gw = Gateway(store, **kwargs)
     await gw.start("127.0.0.1", 0)
     try:
         yield gw, keys
@@ -240,6 +241,82 @@ def test_other_teams_agent_is_404_and_tunnel_validation(tmp_path):
             status, body = await http(gw.port, "POST", f"/api/v1/agents/{agent_id}/tunnel", keys["sk"],
                                       {"tunnel_protocol": "tcp", "target_port": 22})
             assert status == 409 and body["error"]["code"] == "agent_offline"
+
+    run(main)
+
+
+def test_user_jwt_needs_x_team_id(tmp_path):
+    import jwt as pyjwt
+
+    secret = "s" * 32
+
+    async def main():
+        async with gateway_and_team(tmp_path, jwt_key=secret) as (gw, keys):
+            team_id = gw.store.list_teams()[0].id
+            token = pyjwt.encode({"sub": "u1", "exp": int(time.time()) + 60, "teams": [team_id]},
+                                 secret, algorithm="HS256")
+            status, body = await http(gw.port, "GET", "/api/v1/agents", token)
+            assert status == 400 and body["error"]["code"] == "missing_team_id"
+            status, body = await http(gw.port, "GET", "/api/v1/agents", token, headers={"X-Team-ID": team_id})
+            assert status == 200 and body == {"agents": []}
+            # Credential callers: any X-Team-ID is ignored.
+            status, _ = await http(gw.port, "GET", "/api/v1/agents", keys["sk"], headers={"X-Team-ID": "junk"})
+            assert status == 200
+
+    run(main)
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA), and its key."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_gateway_and_agent(tmp_path, sshd_server):
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+
+    async def main():
+        async with gateway_and_team(tmp_path, ssl_context=server_ctx) as (gw, keys):
+            assert gw.url.startswith("https://")
+            status, _ = await http(gw.port, "GET", "/healthz", ssl_context=client_ctx)
+            assert status == 200
+            # An agent that does not trust the certificate cannot connect.
+            with pytest.raises(ssl.SSLError):
+                await Agent(gw.url, keys["ak"]).connect()
+            async with running_agent(gw, keys["ak"], name="tls", ssl_context=client_ctx) as agent:
+                status, tunnel = await http(gw.port, "POST", f"/api/v1/agents/{agent.agent_id}/tunnel",
+                                            keys["sk"], {"target_port": sshd_server.port, "tunnel_protocol": "tcp"},
+                                            ssl_context=client_ctx)
+                assert status == 200 and tunnel["tunnel_url"].startswith("wss://")
+                code, out, err = await run_cmd(*sshd_server.ssh_args(tunnel["hub_port"]), "echo ok")
+                assert code == 0 and out.strip() == b"ok", err
 
     run(main)
 

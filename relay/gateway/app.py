@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -38,24 +39,30 @@ log = logging.getLogger("relay.gateway")
 AGENT_PATH = "/api/v1/agent/connect"
 #: An agent must complete its SETTINGS exchange within this time after the upgrade.
 HELLO_TIMEOUT = 10.0
+#: How often connected agents' ``last_seen`` is refreshed in the store.
+HEARTBEAT_INTERVAL = 30.0
 
 
 class Gateway:
     """One gateway instance. ``await start(host, port)``, later ``await close()``.
 
-    ``public_url`` is what tunnel URLs are built from (default: ``http://HOST:PORT`` of
-    the listening address).
+    ``public_url`` is what tunnel URLs are built from (default: ``http(s)://HOST:PORT``
+    of the listening address). With ``ssl_context`` the address serves HTTPS/WSS (hub
+    ports stay raw TCP).
     """
 
     def __init__(self, store: Store, *, public_url: Optional[str] = None,
                  hub_host: str = "127.0.0.1", jwt_key: Optional[str] = None,
-                 mux_config: Optional[MuxConfig] = None) -> None:
+                 mux_config: Optional[MuxConfig] = None,
+                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
         self.store = store
         self.auth = Authenticator(store, jwt_key)
         self.registry = Registry(store)
         self._public_url = public_url
         self._hub_host = hub_host
         self._mux_config = mux_config
+        self._ssl = ssl_context
+        self._heartbeat: Optional[asyncio.Task] = None
         self.tunnels: Optional[TunnelManager] = None
         self.router = Router()
         self._server: Optional[asyncio.AbstractServer] = None
@@ -71,24 +78,38 @@ class Gateway:
         if self._public_url:
             return self._public_url.rstrip("/")
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self._ssl else 'http'}://{host}:{self.port}"
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Listen on ``host:port`` (0: an ephemeral port, see :attr:`port`)."""
         loop = asyncio.get_running_loop()
         self.store.mark_all_agents_offline()  # nobody is connected before we listen
         self._server = await loop.create_server(
-            lambda: HttpProtocol(self.router, self._connections), host, port)
+            lambda: HttpProtocol(self.router, self._connections), host, port, ssl=self._ssl)
         sockname = self._server.sockets[0].getsockname()
         self.host, self.port = sockname[0], sockname[1]
         self.tunnels = TunnelManager(self.store, self.registry, public_url=self.url,
                                      hub_host=self._hub_host)
         await self.tunnels.restore()
+        self._heartbeat = loop.create_task(self._record_heartbeats())
+
+    async def _record_heartbeats(self) -> None:
+        """Refresh ``last_seen`` of connected agents. Liveness itself is the mux
+        keepalive: a silent agent's session ends, and with it its registration."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            for entry in self.registry.connected():
+                try:
+                    self.store.touch_agent(entry.team_id, entry.agent_id)
+                except Exception as exc:  # a busy database must not stop the loop
+                    log.warning("cannot record heartbeat of agent %s: %s", entry.agent_id, exc)
 
     async def close(self) -> None:
         """Stop listening, drop agents and HTTP connections, stop hub ports."""
         if self._server is not None:
             self._server.close()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         for conn in list(self._connections):
             conn.close()
         if self.tunnels is not None:
@@ -252,19 +273,29 @@ def _print_default_team(team: Team, keys: dict[str, SecretToken], echo: Callable
 async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
                       public_url: Optional[str] = None, hub_host: str = "127.0.0.1",
                       jwt_key: Optional[str] = None,
+                      tls_cert: Optional[Path] = None, tls_key: Optional[Path] = None,
                       echo: Callable[[str], None] = print,
                       stop: Optional[asyncio.Event] = None) -> None:
     """Run a gateway until SIGINT/SIGTERM (or ``stop`` is set).
 
     On the first start of an empty data directory, creates the default team and prints
-    its keys once. Prints ``relay gateway listening on URL`` when ready.
+    its keys once. Prints ``relay gateway listening on URL`` when ready. ``tls_cert``
+    (PEM chain) and ``tls_key`` make it serve HTTPS/WSS.
     """
+    ssl_context = None
+    if tls_cert is not None:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ssl_context.load_cert_chain(tls_cert, tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load TLS certificate {tls_cert}: {exc}") from None
     store = Store.open(data_dir)
     try:
         created = ensure_default_team(store)
         if created is not None:
             _print_default_team(*created, echo=echo)
-        gateway = Gateway(store, public_url=public_url, hub_host=hub_host, jwt_key=jwt_key)
+        gateway = Gateway(store, public_url=public_url, hub_host=hub_host, jwt_key=jwt_key,
+                          ssl_context=ssl_context)
         await gateway.start(listen_host, listen_port)
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -274,7 +305,8 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
             except (NotImplementedError, RuntimeError):  # not the main thread
                 pass
         host = f"[{gateway.host}]" if ":" in gateway.host else gateway.host
-        echo(f"relay gateway listening on http://{host}:{gateway.port} (data: {data_dir})")
+        scheme = "https" if ssl_context else "http"
+        echo(f"relay gateway listening on {scheme}://{host}:{gateway.port} (data: {data_dir})")
         started = time.monotonic()
         try:
             await stop.wait()
