@@ -2,7 +2,7 @@
 
 One outbound WebSocket to ``GATEWAY/api/v1/agent/connect`` with ``Authorization: Bearer
 ak-...`` carries one mux session (the agent is the ``client=True`` side). The agent's
-hello is its SETTINGS ``info``: ``{"name", "labels", "version"}`` (see
+hello is its SETTINGS ``info``: ``{"name", "labels", "version", "limits"}`` (see
 relay.gateway.registry); the gateway answers with a ``welcome`` control message naming
 the agent id. Liveness is the mux keepalive (PING after 15 s of silence, dead after 45 s).
 
@@ -13,7 +13,7 @@ else is refused with NOT_ALLOWED and a message saying why; an unreachable target
 CONNECT_FAILED. The relay must never become an open proxy into the agent's network.
 
 After any drop the agent reconnects with exponential backoff (0.5 s doubling to 30 s,
-+-20 % jitter, reset once a connection got established). A rejected key (401/403) is
++-20 % jitter, reset after a connection that lasted 10 s). A rejected key (401/403) is
 permanent: :meth:`Agent.run` raises :class:`AgentAuthError`. The key is never logged.
 """
 from __future__ import annotations
@@ -42,6 +42,8 @@ AGENT_PATH = "/api/v1/agent/connect"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 #: The upgrade must complete within this time.
 HANDSHAKE_TIMEOUT = 15.0
+#: A connection that lasted this long resets the reconnect backoff.
+STABLE_CONNECTION = 10.0
 
 
 class AgentAuthError(Exception):
@@ -190,8 +192,9 @@ class Agent:
         Raises :class:`AgentAuthError` if the key is rejected, OSError/HandshakeError/
         TimeoutError for other failures.
         """
-        info = {"name": self.name, "labels": self.labels, "version": __version__}
         config = self._mux_config or MuxConfig()
+        info = {"name": self.name, "labels": self.labels, "version": __version__,
+                "limits": {"max_streams": config.max_streams}}
         config = dataclasses.replace(config, info={**config.info, **info})
         session = MuxSession(True, config, on_stream=self._on_stream, on_control=self._on_control)
         hostport = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
@@ -235,10 +238,15 @@ class Agent:
         """Serve forever, reconnecting with backoff after any drop. Raises
         :class:`AgentAuthError` if the key is rejected."""
         attempt = 0
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             try:
                 await self.run_once()
-                attempt = 0  # a connection was established: start the backoff over
+                # Start the backoff over only after a connection that lasted: one the
+                # gateway drops at once (e.g. a duplicate agent) must not loop tightly.
+                if loop.time() - started >= STABLE_CONNECTION:
+                    attempt = 0
                 reason = "connection lost"
             except AgentAuthError:
                 self._set_state("rejected")
