@@ -245,6 +245,66 @@ def test_other_teams_agent_is_404_and_tunnel_validation(tmp_path):
     run(main)
 
 
+def test_bad_http_and_a_burst_of_bad_agents_leave_nothing_behind(tmp_path):
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys):
+            # Malformed request line -> 400 JSON, connection closed.
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+            async with asyncio.timeout(5):
+                raw = await reader.read()
+            assert raw.startswith(b"HTTP/1.1 400") and b'"error"' in raw
+            writer.close()
+            # Oversized body -> 413.
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            size = 2 * 1024 * 1024
+            writer.write(f"POST /api/v1/agents/x/tunnel HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+            with contextlib.suppress(ConnectionError):
+                writer.write(b"{" * size)
+                await writer.drain()
+            async with asyncio.timeout(5):
+                raw = await reader.read()
+            assert raw.startswith(b"HTTP/1.1 413")
+            writer.close()
+            # Keep-alive: several requests on one connection, answered in order.
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+            async with asyncio.timeout(5):
+                for _ in range(3):
+                    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+                    head = await reader.readuntil(b"}")
+                    assert b"ok" in head
+            writer.close()
+
+            # 100 agents with a wrong key at once: all refused with 401, nothing registered.
+            async def bad_agent():
+                with pytest.raises(AgentAuthError):
+                    await Agent(gw.url, "ak-wrong").connect()
+
+            await asyncio.gather(*(bad_agent() for _ in range(100)))
+            assert gw.registry.connected() == []
+            await wait_until(lambda: not gw._connections)
+            status, body = await http(gw.port, "GET", "/healthz")
+            assert status == 200 and body["agents_online"] == 0
+
+    run(main)
+
+
+def test_tunnels_close_when_the_agent_is_gone_for_good(tmp_path):
+    async def main():
+        async with gateway_and_team(tmp_path, agent_gone_grace=0.3) as (gw, keys):
+            async with running_agent(gw, keys["ak"], name="brief") as agent:
+                tunnel = await open_tcp_tunnel(gw, keys["sk"], agent.agent_id, 22)
+                agent_id = agent.agent_id
+            team_id = gw.store.list_teams()[0].id
+            assert gw.store.list_tunnel_sessions(team_id, agent_id)  # kept during the grace
+            await wait_until(lambda: not gw.store.list_tunnel_sessions(team_id, agent_id), timeout=5)
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.1", tunnel["hub_port"])
+
+    run(main)
+
+
 def test_user_jwt_needs_x_team_id(tmp_path):
     import jwt as pyjwt
 

@@ -41,6 +41,10 @@ AGENT_PATH = "/api/v1/agent/connect"
 HELLO_TIMEOUT = 10.0
 #: How often connected agents' ``last_seen`` is refreshed in the store.
 HEARTBEAT_INTERVAL = 30.0
+#: An agent offline this long is gone for good: its tunnel sessions are closed. A
+#: shorter absence (a restart, a network blip) keeps them, so hub ports and tunnel URLs
+#: work again when it is back.
+AGENT_GONE_GRACE = 600.0
 
 
 class Gateway:
@@ -54,7 +58,8 @@ class Gateway:
     def __init__(self, store: Store, *, public_url: Optional[str] = None,
                  hub_host: str = "127.0.0.1", jwt_key: Optional[str] = None,
                  mux_config: Optional[MuxConfig] = None,
-                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+                 ssl_context: Optional[ssl.SSLContext] = None,
+                 agent_gone_grace: float = AGENT_GONE_GRACE) -> None:
         self.store = store
         self.auth = Authenticator(store, jwt_key)
         self.registry = Registry(store)
@@ -62,6 +67,8 @@ class Gateway:
         self._hub_host = hub_host
         self._mux_config = mux_config
         self._ssl = ssl_context
+        self._agent_gone_grace = agent_gone_grace
+        self._gone_timers: dict[str, asyncio.TimerHandle] = {}
         self._heartbeat: Optional[asyncio.Task] = None
         self.tunnels: Optional[TunnelManager] = None
         self.router = Router()
@@ -110,6 +117,9 @@ class Gateway:
             self._server.close()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        for timer in self._gone_timers.values():
+            timer.cancel()
+        self._gone_timers.clear()
         for conn in list(self._connections):
             conn.close()
         if self.tunnels is not None:
@@ -262,6 +272,25 @@ class Gateway:
             await session.wait_closed()
         finally:
             self.registry.unregister(entry)
+            if not self.registry.is_online(entry.agent_id):
+                self._schedule_gone(entry.team_id, entry.agent_id)
+
+    def _schedule_gone(self, team_id: str, agent_id: str) -> None:
+        """Close the agent's tunnels if it stays away for ``agent_gone_grace`` seconds."""
+        old = self._gone_timers.pop(agent_id, None)
+        if old is not None:
+            old.cancel()
+
+        def gone() -> None:
+            self._gone_timers.pop(agent_id, None)
+            if self.registry.is_online(agent_id) or self.tunnels is None:
+                return
+            closed = self.tunnels.close(team_id, agent_id)
+            if closed:
+                log.info("agent %s gone for %.0fs: closed its tunnels %s", agent_id,
+                         self._agent_gone_grace, ", ".join(closed))
+
+        self._gone_timers[agent_id] = asyncio.get_running_loop().call_later(self._agent_gone_grace, gone)
 
 
 def _print_default_team(team: Team, keys: dict[str, SecretToken], echo: Callable[[str], None]) -> None:

@@ -38,6 +38,10 @@ MAX_BODY = 1024 * 1024
 MAX_HEAD = 64 * 1024
 #: A connection that sends no complete request for this long is closed.
 IDLE_TIMEOUT = 60.0
+#: After an error answered mid-request, input is read and dropped for up to this long
+#: before closing, so the client's unread bytes do not turn our close into a reset that
+#: destroys the error response (RFC 9112 §9.6 "lingering close").
+LINGER = 2.0
 
 SERVER_HEADER = b"relay"
 
@@ -166,6 +170,7 @@ class HttpProtocol(asyncio.Protocol):
         self._detached = False
         self._connections = connections
         self._idle: Optional[asyncio.TimerHandle] = None
+        self._lingering = False
 
     # -- asyncio.Protocol
 
@@ -176,13 +181,13 @@ class HttpProtocol(asyncio.Protocol):
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
-        if self._detached:
+        if self._detached or self._lingering:
             return
         self._h11.receive_data(data)
         self._process()
 
     def eof_received(self) -> Optional[bool]:
-        if not self._detached:
+        if not self._detached and not self._lingering:
             self._h11.receive_data(b"")
             self._process()
         return None
@@ -299,7 +304,15 @@ class HttpProtocol(asyncio.Protocol):
     def _send_error_and_close(self, status: int, code: str, message: str) -> None:
         if self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             self._send(error_response(status, code, message))
-        self.transport.close()
+        transport = self.transport
+        if transport.can_write_eof():
+            # Lingering close: end our side, drop what the client still sends, close later.
+            self._lingering = True
+            transport.write_eof()
+            transport.resume_reading()
+            asyncio.get_running_loop().call_later(LINGER, transport.close)
+        else:
+            transport.close()
 
     def _take_over(self) -> tuple[asyncio.Transport, bytes]:
         self._detached = True
