@@ -423,6 +423,37 @@ def test_ssh_and_scp_through_hub_port(tmp_path, sshd_server):
     run(main, timeout=150)
 
 
+def test_psql_pgbench_and_redis_benchmark_through_hub_ports(tmp_path, postgres_server, redis_server):
+    """Many concurrent streams through one agent: pgbench -c 16, redis-benchmark -c 50."""
+
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys):
+            async with running_agent(gw, keys["ak"], name="db") as agent:
+                pg = await open_tcp_tunnel(gw, keys["sk"], agent.agent_id, postgres_server.port)
+                env = postgres_server.env(pg["hub_port"])
+                proc = await asyncio.create_subprocess_exec(
+                    postgres_server.tool("psql"), "-XAtc", "select 40 + 2", env=env,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                out, err = await proc.communicate()
+                assert proc.returncode == 0 and out.strip() == b"42", err
+                for argv in (["-i", "-q", "-s", "1"], ["-c", "16", "-j", "2", "-T", "3", "-n"]):
+                    proc = await asyncio.create_subprocess_exec(
+                        postgres_server.tool("pgbench"), *argv, env=env,
+                        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                    async with asyncio.timeout(60):
+                        out, err = await proc.communicate()
+                    assert proc.returncode == 0, err.decode()[-2000:]
+                assert b"number of failed transactions: 0" in out, out
+
+                rd = await open_tcp_tunnel(gw, keys["sk"], agent.agent_id, redis_server.port)
+                code, out, err = await run_cmd("redis-benchmark", "-h", "127.0.0.1", "-p", str(rd["hub_port"]),
+                                               "-c", "50", "-n", "20000", "-t", "set,get", "-q")
+                assert code == 0, err
+                assert out.count(b"requests per second") == 2, out
+
+    run(main, timeout=120)
+
+
 def test_target_not_on_allowlist_is_refused(tmp_path, sshd_server, caplog):
     caplog.set_level(logging.WARNING, logger="relay")
 
