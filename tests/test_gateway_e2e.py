@@ -469,6 +469,13 @@ def test_target_not_on_allowlist_is_refused(tmp_path, sshd_server, caplog):
                 writer.close()
                 assert time.monotonic() - started < 5
                 await wait_until(lambda: "NOT_ALLOWED" in caplog.text)
+                reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+                writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                async with asyncio.timeout(5):
+                    metrics = (await reader.read()).decode()
+                writer.close()
+                assert 'relay_tunnel_streams_refused_total{code="NOT_ALLOWED"} 1.0' in metrics
+                assert "relay_agents_online 1.0" in metrics
                 status, info = await http(gw.port, "GET", f"/api/v1/agents/{agent.agent_id}", keys["sk"])
                 [session] = info["tunnels"]
                 assert session["last_error"].startswith("NOT_ALLOWED")

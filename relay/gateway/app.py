@@ -70,6 +70,7 @@ class Gateway:
         self._agent_gone_grace = agent_gone_grace
         self._gone_timers: dict[str, asyncio.TimerHandle] = {}
         self._heartbeat: Optional[asyncio.Task] = None
+        self._metrics_registry: Any = None
         self.tunnels: Optional[TunnelManager] = None
         self.router = Router()
         self._server: Optional[asyncio.AbstractServer] = None
@@ -137,6 +138,7 @@ class Gateway:
     def _routes(self) -> None:
         add = self.router.add
         add("GET", "/healthz", self._healthz)
+        add("GET", "/metrics", self._metrics)
         add("GET", AGENT_PATH, self._agent_connect)
         add("GET", "/api/v1/agents", self._list_agents)
         add("GET", "/api/v1/agents/{agent_id}", self._get_agent)
@@ -152,6 +154,17 @@ class Gateway:
     async def _healthz(self, request: Request) -> Response:
         return json_response({"status": "ok", "version": __version__,
                               "agents_online": len(self.registry.connected())})
+
+    async def _metrics(self, request: Request) -> Response:
+        """Prometheus text exposition (no auth, like /healthz: numbers, no secrets)."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if self._metrics_registry is None:
+            from prometheus_client import CollectorRegistry
+
+            self._metrics_registry = CollectorRegistry(auto_describe=False)
+            self._metrics_registry.register(_GatewayCollector(self))
+        return Response(200, generate_latest(self._metrics_registry), content_type=CONTENT_TYPE_LATEST)
 
     async def _list_agents(self, request: Request) -> Response:
         principal = self._principal(request)
@@ -291,6 +304,36 @@ class Gateway:
                          self._agent_gone_grace, ", ".join(closed))
 
         self._gone_timers[agent_id] = asyncio.get_running_loop().call_later(self._agent_gone_grace, gone)
+
+
+class _GatewayCollector:
+    """Computes the gateway's metrics at scrape time from its live state (one registry
+    per Gateway, so several gateways in one process do not collide)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gw = gateway
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        gw = self._gw
+        agents = gw.registry.connected()
+        yield GaugeMetricFamily("relay_agents_online", "Agents connected now", value=len(agents))
+        yield GaugeMetricFamily("relay_agent_streams", "Open mux streams over all agent sessions",
+                                value=sum(len(a.session.streams) for a in agents))
+        tunnels = gw.tunnels
+        hubs = tunnels.hubs() if tunnels is not None else []
+        yield GaugeMetricFamily("relay_hub_ports", "TCP tunnel hub ports listening", value=len(hubs))
+        yield GaugeMetricFamily("relay_tunnel_connections_active", "Tunnel connections open now",
+                                value=sum(len(h.splices) for h in hubs))
+        yield CounterMetricFamily("relay_tunnel_connections", "Tunnel connections accepted",
+                                  value=tunnels.connections_total if tunnels is not None else 0)
+        refused = CounterMetricFamily("relay_tunnel_streams_refused", "Streams an agent refused",
+                                      labels=["code"])
+        for code, count in sorted((tunnels.refused if tunnels is not None else {}).items()):
+            refused.add_metric([code], count)
+        yield refused
+        yield GaugeMetricFamily("relay_http_connections", "Open HTTP connections", value=len(gw._connections))
 
 
 def _print_default_team(team: Team, keys: dict[str, SecretToken], echo: Callable[[str], None]) -> None:

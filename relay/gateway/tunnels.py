@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -100,6 +101,10 @@ class TunnelManager:
         self.hub_host = hub_host
         self._hubs: dict[str, HubListener] = {}
         self._tasks: set[asyncio.Task] = set()
+        #: Tunnel connections accepted since start (hub ports and TCP-over-WS).
+        self.connections_total = 0
+        #: Streams the agents refused, by error code name (NOT_ALLOWED, CONNECT_FAILED ...).
+        self.refused: Counter[str] = Counter()
 
     # -- API operations
 
@@ -155,6 +160,10 @@ class TunnelManager:
     def sessions(self, team_id: str, agent_id: str) -> list[dict[str, Any]]:
         """The agent's open sessions, for the API (no tokens: they are not stored)."""
         return [self._describe(row) for row in self._store.list_tunnel_sessions(team_id, agent_id)]
+
+    def hubs(self) -> list[HubListener]:
+        """The live hub listeners (for metrics)."""
+        return list(self._hubs.values())
 
     def hub(self, session_id: str) -> Optional[HubListener]:
         return self._hubs.get(session_id)
@@ -234,6 +243,7 @@ class TunnelManager:
             hub.last_error = str(exc)
             return None
         hub.connections += 1
+        self.connections_total += 1
         splice = _HubSplice(stream, hub)
         task = asyncio.get_running_loop().create_task(self._watch_answer(hub, stream))
         self._tasks.add(task)
@@ -250,6 +260,7 @@ class TunnelManager:
             except ValueError:
                 code = str(exc.error_code)
             hub.last_error = f"{code}: {exc.message}"
+            self.refused[code] += 1
             log.warning("tcp tunnel %s: agent refused the connection: %s", hub.session_id, hub.last_error)
         except ConnectionError:
             pass  # reset or session gone: the splice handles it
