@@ -163,6 +163,9 @@ def test_healthz_and_agents_api_auth(tmp_path):
             status, body = await http(gw.port, "GET", "/nowhere")
             assert status == 404 and body["error"]["code"] == "not_found"
             assert (await http(gw.port, "POST", "/healthz"))[0] == 405
+            status, spec = await http(gw.port, "GET", "/api/v1/openapi.json")
+            assert status == 200 and spec["openapi"].startswith("3.")
+            assert "/agents/{agentId}/tunnel" in spec["paths"]
 
             async with running_agent(gw, keys["ak"], name="box", labels=["gpu"]) as agent:
                 status, body = await http(gw.port, "GET", "/api/v1/agents", keys["sk"])

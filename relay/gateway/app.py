@@ -139,6 +139,7 @@ class Gateway:
         add = self.router.add
         add("GET", "/healthz", self._healthz)
         add("GET", "/metrics", self._metrics)
+        add("GET", "/api/v1/openapi.json", self._openapi)
         add("GET", AGENT_PATH, self._agent_connect)
         add("GET", "/api/v1/agents", self._list_agents)
         add("GET", "/api/v1/agents/{agent_id}", self._get_agent)
@@ -154,6 +155,9 @@ class Gateway:
     async def _healthz(self, request: Request) -> Response:
         return json_response({"status": "ok", "version": __version__,
                               "agents_online": len(self.registry.connected())})
+
+    async def _openapi(self, request: Request) -> Response:
+        return json_response(openapi_document(self.url))
 
     async def _metrics(self, request: Request) -> Response:
         """Prometheus text exposition (no auth, like /healthz: numbers, no secrets)."""
@@ -304,6 +308,63 @@ class Gateway:
                          self._agent_gone_grace, ", ".join(closed))
 
         self._gone_timers[agent_id] = asyncio.get_running_loop().call_later(self._agent_gone_grace, gone)
+
+
+def openapi_document(server_url: str) -> dict[str, Any]:
+    """The OpenAPI 3 description of the control API served at ``/api/v1/openapi.json``."""
+    error = {"$ref": "#/components/responses/Error"}
+    agent_id = {"name": "agentId", "in": "path", "required": True, "schema": {"type": "string"}}
+    team = {"name": "X-Team-ID", "in": "header", "required": False,
+            "schema": {"type": "string", "format": "uuid"},
+            "description": "Required with a user JWT; ignored with sk-/dk- credentials."}
+    agent_schema = {"type": "object", "properties": {
+        "agent_id": {"type": "string"}, "name": {"type": "string"},
+        "labels": {"type": "array", "items": {"type": "string"}}, "version": {"type": "string"},
+        "status": {"type": "string", "enum": ["idle", "busy", "tunnel", "unhealthy", "offline"]},
+        "online": {"type": "boolean"}}}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "relay gateway API", "version": __version__},
+        "servers": [{"url": server_url + "/api/v1"}],
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Agent": agent_schema, "Error": {"type": "object", "properties": {
+                "error": {"type": "object", "properties": {"code": {"type": "string"},
+                                                           "message": {"type": "string"}}}}}},
+            "responses": {"Error": {"description": "Error", "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/Error"}}}}},
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/agents": {"get": {"summary": "List the team's agents", "parameters": [team], "responses": {
+                "200": {"description": "Agents", "content": {"application/json": {"schema": {
+                    "type": "object", "properties": {"agents": {"type": "array", "items": {
+                        "$ref": "#/components/schemas/Agent"}}}}}}},
+                "401": error, "403": error}}},
+            "/agents/{agentId}": {"get": {"summary": "Get an agent", "parameters": [agent_id, team],
+                                          "responses": {"200": {"description": "Agent", "content": {
+                                              "application/json": {"schema": {"$ref": "#/components/schemas/Agent"}}}},
+                                              "401": error, "404": error}}},
+            "/agents/{agentId}/tunnel": {
+                "post": {"summary": "Open tunnel", "parameters": [agent_id, team],
+                         "requestBody": {"content": {"application/json": {"schema": {"type": "object", "properties": {
+                             "target_port": {"type": "integer", "minimum": 1, "maximum": 65535, "default": DEFAULT_TARGET_PORT},
+                             "tunnel_protocol": {"type": "string", "enum": list(TUNNEL_SESSION_PROTOCOLS),
+                                                 "default": "http"}}}}}},
+                         "responses": {"200": {"description": "Tunnel opened", "content": {"application/json": {
+                             "schema": {"type": "object", "required": ["session_id", "tunnel_url", "admin_token"],
+                                        "properties": {"session_id": {"type": "string"}, "tunnel_url": {"type": "string"},
+                                                       "admin_token": {"type": "string"},
+                                                       "tunnel_protocol": {"type": "string", "enum": list(TUNNEL_SESSION_PROTOCOLS)},
+                                                       "hub_port": {"type": "integer", "description": "tcp only"}}}}}},
+                                       "400": error, "401": error, "404": error, "409": error}},
+                "delete": {"summary": "Close one (session_id) or all of the agent's tunnel sessions",
+                           "parameters": [agent_id, team, {"name": "session_id", "in": "query", "required": False,
+                                                           "schema": {"type": "string"}}],
+                           "responses": {"200": {"description": "Closed session ids"}, "401": error, "404": error}},
+            },
+        },
+    }
 
 
 class _GatewayCollector:
