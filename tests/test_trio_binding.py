@@ -45,7 +45,13 @@ async def transport_pair(kind: str) -> tuple[trio.abc.Stream, trio.abc.Stream]:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     client = await trio.open_tcp_stream("127.0.0.1", port)
-    server = await listeners[0].accept()
+    while True:
+        server = await listeners[0].accept()
+        # Other programs on this machine may dial a port they believe free: keep only
+        # the connection that really comes from our client.
+        if server.socket.getpeername() == client.socket.getsockname():
+            break
+        await server.aclose()
     for listener in listeners:
         await listener.aclose()
     return client, server
