@@ -308,6 +308,32 @@ def test_tunnels_close_when_the_agent_is_gone_for_good(tmp_path):
     run(main)
 
 
+def test_agent_controls_and_streams_towards_the_gateway(tmp_path):
+    from relay.aio import StreamRefused
+
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys), echo_server() as echo_port:
+            async with running_agent(gw, keys["ak"], name="chatty") as agent:
+                path = f"/api/v1/agents/{agent.agent_id}"
+                agent.report_status("busy")
+                await wait_until(lambda: gw.store.get_agent(gw.store.list_teams()[0].id, agent.agent_id).status == "busy")
+                assert (await http(gw.port, "GET", path, keys["sk"]))[1]["status"] == "busy"
+                # Many control messages: handled, never queued until the session stalls.
+                for _ in range(1000):
+                    agent.session.send_control({"type": "noise"})
+                agent.report_status("idle")
+                with pytest.raises(StreamRefused):
+                    await agent.session.open_stream({"target": "x:1"})
+                tunnel = await open_tcp_tunnel(gw, keys["sk"], agent.agent_id, echo_port)
+                assert (await http(gw.port, "GET", path, keys["sk"]))[1]["status"] == "tunnel"
+                reader, writer = await asyncio.open_connection("127.0.0.1", tunnel["hub_port"])
+                writer.write(b"ping")
+                assert await reader.readexactly(4) == b"ping"
+                writer.close()
+
+    run(main)
+
+
 def test_user_jwt_needs_x_team_id(tmp_path):
     import jwt as pyjwt
 

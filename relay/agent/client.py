@@ -264,6 +264,12 @@ class Agent:
         base = min(self.backoff_max, self.backoff_initial * (2 ** min(attempt, 30)))
         return base * random.uniform(1 - self.jitter, 1 + self.jitter)
 
+    def report_status(self, status: str) -> None:
+        """Tell the gateway our status (``idle``, ``busy`` or ``unhealthy``); ignored
+        while not connected."""
+        if self.session is not None and not self.session.is_closed:
+            self.session.send_control({"type": "status", "status": status})
+
     def close(self) -> None:
         """Drop the current connection (``run`` would reconnect: cancel it to stop)."""
         if self.session is not None:

@@ -28,6 +28,7 @@ from relay.gateway.registry import Registry
 from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
 from relay.gateway.store import TUNNEL_SESSION_PROTOCOLS, SecretToken, Store, Team, ensure_default_team
 from relay.gateway.tunnels import DEFAULT_TARGET_PORT, TunnelManager
+from relay.gateway.tunnels_api import TunnelsApi
 from relay.mux.connection import MuxConfig
 from relay.mux.errors import ErrorCode
 from relay.ws.handshake import HandshakeError, accept_response, parse_upgrade_request, reject_response
@@ -45,6 +46,15 @@ HEARTBEAT_INTERVAL = 30.0
 #: shorter absence (a restart, a network blip) keeps them, so hub ports and tunnel URLs
 #: work again when it is back.
 AGENT_GONE_GRACE = 600.0
+
+
+#: Statuses an agent may report about itself (``tunnel`` and ``offline`` are the gateway's).
+AGENT_REPORTED_STATUSES = ("idle", "busy", "unhealthy")
+
+
+def _refuse_agent_stream(stream: Any) -> None:
+    """Agents do not open streams towards the gateway (yet): refuse, never queue."""
+    stream.refuse(ErrorCode.REFUSED, "the gateway accepts no streams from agents")
 
 
 class Gateway:
@@ -99,6 +109,7 @@ class Gateway:
         self.tunnels = TunnelManager(self.store, self.registry, public_url=self.url,
                                      hub_host=self._hub_host)
         await self.tunnels.restore()
+        await self.tunnels_api.start()
         self._heartbeat = loop.create_task(self._record_heartbeats())
 
     async def _record_heartbeats(self) -> None:
@@ -123,6 +134,7 @@ class Gateway:
         self._gone_timers.clear()
         for conn in list(self._connections):
             conn.close()
+        await self.tunnels_api.close()
         if self.tunnels is not None:
             await self.tunnels.shutdown()
         self.registry.abort_all()
@@ -146,6 +158,8 @@ class Gateway:
         add("POST", "/api/v1/agents/{agent_id}/tunnel", self._open_tunnel)
         add("DELETE", "/api/v1/agents/{agent_id}/tunnel", self._close_tunnel)
         add("GET", "/tunnel/{token}/tcp", self._tcp_over_ws)
+        self.tunnels_api = TunnelsApi(self)  # seed 002: /api/v1/tunnels, shares, webhooks
+        self.tunnels_api.register(self.router)
 
     def _principal(self, request: Request) -> Principal:
         """The API caller (sk-, dk-, JWT); 401/400/403 as AuthError."""
@@ -255,15 +269,34 @@ class Gateway:
             return None
         transport, leftover = request.take_over()
         transport.write(accept_response(upgrade))
-        session = MuxSession(False, self._mux_config)
+        # Handlers, not queues: nobody reads a queue here, and an unread control queue
+        # would pause the session (backpressure) for good.
+        holder: dict[str, Any] = {}
+        session = MuxSession(False, self._mux_config, on_stream=_refuse_agent_stream,
+                             on_control=lambda message: self._agent_control(holder, message))
         WebSocketTransport.attach(transport, session, client=False, initial=leftover)
         transport.resume_reading()  # HTTP paused it while the handler ran
-        task = asyncio.get_running_loop().create_task(self._serve_agent(principal, session))
+        task = asyncio.get_running_loop().create_task(self._serve_agent(principal, session, holder))
         self._agent_tasks.add(task)
         task.add_done_callback(self._agent_tasks.discard)
         return None
 
-    async def _serve_agent(self, principal: Principal, session: MuxSession) -> None:
+    def _agent_control(self, holder: dict[str, Any], message: Any) -> None:
+        """A control message from an agent. ``{"type": "status", "status": "idle" | "busy"
+        | "unhealthy"}`` records what the agent reports (a gateway-owned ``tunnel`` status
+        wins while tunnels are open); anything else is ignored."""
+        entry = holder.get("entry")
+        if entry is None or not isinstance(message, dict) or message.get("type") != "status":
+            return
+        status = message.get("status")
+        if status not in AGENT_REPORTED_STATUSES:
+            return
+        if status == "idle" and self.store.list_tunnel_sessions(entry.team_id, entry.agent_id):
+            status = "tunnel"
+        self.registry.set_status(entry.team_id, entry.agent_id, status)
+
+    async def _serve_agent(self, principal: Principal, session: MuxSession,
+                           holder: dict[str, Any]) -> None:
         """Register the agent once its SETTINGS arrived; unregister when it goes."""
         peer = session.get_extra_info("peername")
         try:
@@ -280,6 +313,7 @@ class Gateway:
             log.error("cannot register agent from %s: %s", peer, exc)
             session.abort(ErrorCode.INTERNAL_ERROR, "registration failed")
             return
+        holder["entry"] = entry
         try:
             assert self.tunnels is not None
             if self.store.list_tunnel_sessions(principal.team_id, entry.agent_id):
