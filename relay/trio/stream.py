@@ -190,19 +190,25 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 max_bytes = operator.index(max_bytes)
                 if max_bytes < 1:
                     raise ValueError("max_bytes must be >= 1")
-            # Always a checkpoint (trio's rule), and before taking anything, so a
-            # cancellation never loses data.
-            await trio.lowlevel.checkpoint()
-            while not self._buffer:
+            # Always a checkpoint (trio's rule), but only one: parking is one already,
+            # otherwise a cancel-shielded yield. Bytes are taken only after the last
+            # point where a cancellation could strike, so none is ever lost.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            yielded = False
+            while True:
                 if self._closed:
                     raise trio.ClosedResourceError("the stream was closed")
-                self._raise_if_reset()
-                if self._remote_ended:
-                    return b""
-                await self._readers.park()
-            if self._closed:
-                raise trio.ClosedResourceError("the stream was closed")
-            return self._take(max_bytes)
+                if self._buffer or self._remote_ended or self._reset is not None:
+                    if yielded:
+                        break
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                else:
+                    await self._readers.park()
+                yielded = True
+            if self._buffer:
+                return self._take(max_bytes)
+            self._raise_if_reset()
+            return b""
 
     def _take(self, n: int) -> bytes:
         """Remove up to ``n`` buffered bytes and acknowledge them: this grants the window."""
@@ -238,7 +244,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
         returns once the kernel has the bytes); FIN and ``aclose`` keep the order.
         """
         with self._send_conflict:
-            await trio.lowlevel.checkpoint()
+            # A cancellation before anything is queued sends nothing; the yield comes
+            # at the end, so the send loop runs in the same scheduler batch as we do.
+            await trio.lowlevel.checkpoint_if_cancelled()
             self._check_sendable()
             if not self.local and not self._answered:
                 self.accept()  # sending is an answer: a stream is accepted to be used
@@ -247,9 +255,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
             offset = 0
             conn = self._conn
             limit = conn.config.send_queue_limit
+            yielded = False
             while offset < total:
                 while not conn.writable(self.stream_id):
                     await self._writers.park()
+                    yielded = True
                     self._check_sendable()
                 # Never queue past the limit: it is what bounds memory per stream.
                 room = limit - conn.queued_bytes(self.stream_id)
@@ -259,6 +269,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 conn.send_data(self.stream_id, chunk)
                 offset = end
                 self._session._wake_sender()
+            if not yielded:
+                await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until the send queue has room (``send_all`` would not wait)."""
