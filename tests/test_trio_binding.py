@@ -7,6 +7,7 @@ import functools
 import hashlib
 import os
 import queue
+import struct
 import threading
 from contextlib import asynccontextmanager
 
@@ -473,9 +474,39 @@ def test_over_trio_websocket():
     run(main)
 
 
-def test_interop_with_asyncio_binding_over_tcp():
-    """A trio agent against an asyncio MuxSession (in its own thread and loop) on TCP."""
-    from relay.aio import serve_tcp
+class _AsyncioWebSocketServer(asyncio.Protocol):
+    """The asyncio gateway's path for an agent: HTTP upgrade (relay.ws.handshake), then
+    a MuxSession over relay.aio's WebSocketTransport."""
+
+    def __init__(self, make_session):
+        self._make_session = make_session
+        self._buffer = b""
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        import h11
+
+        from relay.aio import WebSocketTransport
+        from relay.ws.handshake import accept_response, parse_upgrade_request
+
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        http = h11.Connection(h11.SERVER)
+        http.receive_data(self._buffer[:end + 4])
+        upgrade = parse_upgrade_request(http.next_event())
+        self.transport.write(accept_response(upgrade))
+        WebSocketTransport.attach(self.transport, self._make_session(), client=False, initial=self._buffer[end + 4:])
+
+
+@pytest.mark.parametrize("kind", ["tcp", "websocket"])
+def test_interop_with_asyncio_binding(kind):
+    """A trio agent against an asyncio MuxSession (in its own thread and loop), over raw
+    TCP or over WebSocket (trio-websocket client, relay.ws server): streams both ways."""
+    from relay.aio import MuxSession, serve_tcp
 
     to_trio: queue.Queue = queue.Queue()
     stop = threading.Event()
@@ -499,7 +530,17 @@ def test_interop_with_asyncio_binding_over_tcp():
             to_trio.put(("aio got", await stream.read()))
 
         async def main():
-            server = await serve_tcp(on_session, "127.0.0.1", 0, on_stream=on_stream)
+            loop = asyncio.get_running_loop()
+            tasks = set()
+            if kind == "tcp":
+                server = await serve_tcp(on_session, "127.0.0.1", 0, on_stream=on_stream)
+            else:
+                def make_session():
+                    session = MuxSession(False, on_stream=on_stream)
+                    tasks.add(loop.create_task(on_session(session)))
+                    return session
+
+                server = await loop.create_server(lambda: _AsyncioWebSocketServer(make_session), "127.0.0.1", 0)
             to_trio.put(("port", server.sockets[0].getsockname()[1]))
             await asyncio.to_thread(stop.wait, 60)
             server.close()
@@ -525,10 +566,7 @@ def test_interop_with_asyncio_binding_over_tcp():
         await stream.send_all(data[::-1])
         await stream.send_eof()
 
-    async def main():
-        kind, port = await take()
-        assert kind == "port"
-        transport = await trio.open_tcp_stream("127.0.0.1", port)
+    async def exchange(transport):
         async with TrioMuxSession(transport, client=True, handler=trio_echo) as session:
             stream = await session.open_stream({"from": "trio"})
             async with trio.open_nursery() as nursery:
@@ -539,11 +577,61 @@ def test_interop_with_asyncio_binding_over_tcp():
 
                 nursery.start_soon(send)
                 assert await receive_all(stream) == up[::-1]
-            kind, value = await take()
-            assert kind == "aio got" and value == down[::-1]
+            assert await take() == ("aio got", down[::-1])
+
+    async def main():
+        what, port = await take()
+        assert what == "port"
+        if kind == "tcp":
+            await exchange(await trio.open_tcp_stream("127.0.0.1", port))
+        else:
+            from trio_websocket import open_websocket_url
+
+            url = f"ws://127.0.0.1:{port}/agent"
+            async with open_websocket_url(url, max_message_size=16 * 1024 * 1024) as ws:
+                await exchange(WebSocketStream(ws))
 
     try:
         run(main)
     finally:
         stop.set()
         thread.join(10)
+
+
+def test_protocol_error_sends_goaway_then_closes():
+    async def main():
+        left, right = trio.testing.memory_stream_pair()
+        session = TrioMuxSession(left, client=False)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(session.run)
+            await right.send_all(b"\x09" * 64)  # frame version 9: not our protocol
+            received = b""
+            while chunk := await right.receive_some():  # until the session closes
+                received += chunk
+        # SETTINGS (type 7), then GOAWAY (type 6) carrying PROTOCOL_ERROR and the reason
+        _, kind, _, _, length = struct.unpack_from(">BBHII", received, 0)
+        assert kind == 7
+        goaway = 12 + length
+        _, kind, _, _, length = struct.unpack_from(">BBHII", received, goaway)
+        assert kind == 6 and goaway + 12 + length == len(received)
+        _, code = struct.unpack_from(">II", received, goaway + 12)
+        assert code == ErrorCode.PROTOCOL_ERROR
+        assert received.endswith(b"unsupported frame version 9")
+        assert session.error.error_code == ErrorCode.PROTOCOL_ERROR
+
+    run(main)
+
+
+def test_cancelled_open_resets_the_stream():
+    async def main():
+        async with session_pair("memory") as (a, b):
+            with trio.move_on_after(0.05):
+                await a.open_stream({"n": 1})  # nobody accepts on b
+            incoming = await b.next_stream()
+            with trio.fail_after(5):
+                while incoming.reset_error is None:
+                    await trio.sleep(0.01)
+            assert incoming.reset_error.error_code == ErrorCode.CANCEL
+            assert a.streams == {}
+
+    run(main)

@@ -28,6 +28,7 @@ from relay.gateway.registry import Registry
 from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
 from relay.gateway.store import TUNNEL_SESSION_PROTOCOLS, SecretToken, Store, Team, ensure_default_team
 from relay.gateway.tunnels import DEFAULT_TARGET_PORT, TunnelManager
+from relay.gateway.tunnels_api import TunnelsApi
 from relay.mux.connection import MuxConfig
 from relay.mux.errors import ErrorCode
 from relay.ws.handshake import HandshakeError, accept_response, parse_upgrade_request, reject_response
@@ -108,6 +109,7 @@ class Gateway:
         self.tunnels = TunnelManager(self.store, self.registry, public_url=self.url,
                                      hub_host=self._hub_host)
         await self.tunnels.restore()
+        await self.tunnels_api.start()
         self._heartbeat = loop.create_task(self._record_heartbeats())
 
     async def _record_heartbeats(self) -> None:
@@ -132,6 +134,7 @@ class Gateway:
         self._gone_timers.clear()
         for conn in list(self._connections):
             conn.close()
+        await self.tunnels_api.close()
         if self.tunnels is not None:
             await self.tunnels.shutdown()
         self.registry.abort_all()
@@ -155,6 +158,8 @@ class Gateway:
         add("POST", "/api/v1/agents/{agent_id}/tunnel", self._open_tunnel)
         add("DELETE", "/api/v1/agents/{agent_id}/tunnel", self._close_tunnel)
         add("GET", "/tunnel/{token}/tcp", self._tcp_over_ws)
+        self.tunnels_api = TunnelsApi(self)  # seed 002: /api/v1/tunnels, shares, webhooks
+        self.tunnels_api.register(self.router)
 
     def _principal(self, request: Request) -> Principal:
         """The API caller (sk-, dk-, JWT); 401/400/403 as AuthError."""

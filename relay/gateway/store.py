@@ -43,10 +43,13 @@ __all__ = [
     "Credential",
     "NotFoundError",
     "SecretToken",
+    "Share",
     "Store",
     "StoreError",
     "Team",
+    "Tunnel",
     "TunnelSession",
+    "Webhook",
     "default_data_dir",
     "ensure_default_team",
     "hash_token",
@@ -122,6 +125,48 @@ MIGRATIONS: list[Sequence[str]] = [
             closed_at         REAL
         )""",
         "CREATE INDEX tunnel_sessions_by_team_agent ON tunnel_sessions(team_id, agent_id)",
+    ),
+    # 2: the Tunnels API (seed 002): named tunnels, their shares, webhooks.
+    (
+        """CREATE TABLE tunnels (
+            id           TEXT PRIMARY KEY,
+            team_id      TEXT NOT NULL REFERENCES teams(id),
+            agent_id     TEXT NOT NULL REFERENCES agents(id),
+            name         TEXT NOT NULL,
+            target_host  TEXT NOT NULL,
+            target_port  INTEGER NOT NULL,
+            protocol     TEXT NOT NULL,
+            public       INTEGER NOT NULL DEFAULT 0,
+            hub_port     INTEGER,
+            status       TEXT NOT NULL CHECK (status IN ('active', 'paused')),
+            metadata     TEXT NOT NULL DEFAULT '{}',
+            created_at   REAL NOT NULL,
+            updated_at   REAL NOT NULL
+        )""",
+        "CREATE INDEX tunnels_by_team ON tunnels(team_id)",
+        """CREATE TABLE tunnel_shares (
+            id               TEXT PRIMARY KEY,
+            team_id          TEXT NOT NULL REFERENCES teams(id),
+            tunnel_id        TEXT NOT NULL REFERENCES tunnels(id) ON DELETE CASCADE,
+            name             TEXT NOT NULL,
+            description      TEXT NOT NULL DEFAULT '',
+            token_hash       TEXT NOT NULL UNIQUE,
+            token_prefix     TEXT NOT NULL,
+            expires_at       REAL,
+            allowed_methods  TEXT,
+            rate_limit       INTEGER,
+            created_at       REAL NOT NULL
+        )""",
+        "CREATE INDEX tunnel_shares_by_tunnel ON tunnel_shares(tunnel_id)",
+        """CREATE TABLE webhooks (
+            id          TEXT PRIMARY KEY,
+            team_id     TEXT NOT NULL REFERENCES teams(id),
+            url         TEXT NOT NULL,
+            events      TEXT NOT NULL,
+            secret      TEXT NOT NULL,
+            created_at  REAL NOT NULL
+        )""",
+        "CREATE INDEX webhooks_by_team ON webhooks(team_id)",
     ),
 ]
 
@@ -732,6 +777,266 @@ class Store:
                 " WHERE team_id = ? AND agent_id = ? AND closed_at IS NULL",
                 (self._clock(), team_id, agent_id))
         return ids
+
+
+    # -- tunnels (Tunnels API, seed 002) -----------------------------------------------
+
+    def create_tunnel(self, team_id: str, agent_id: str, name: str, target_host: str,
+                      target_port: int, protocol: str, *, public: bool = False,
+                      hub_port: int | None = None, status: str = "active",
+                      metadata: Any = None) -> Tunnel:
+        """Record a tunnel of one of the team's agents. Input is validated by the API
+        layer; this raises :class:`NotFoundError` if the agent is not the team's."""
+        now = self._clock()
+        with self._write() as db:
+            row = db.execute("SELECT id, team_id FROM agents WHERE id = ? AND team_id = ?",
+                             (normalize_uuid(agent_id), normalize_uuid(team_id))).fetchone()
+            if row is None:
+                raise NotFoundError(f"unknown agent: {agent_id}")
+            tunnel = Tunnel(
+                id=str(uuid.uuid4()), team_id=row["team_id"], agent_id=row["id"], name=name,
+                target_host=target_host, target_port=target_port, protocol=protocol,
+                public=bool(public), hub_port=hub_port, status=status,
+                metadata={} if metadata is None else metadata, created_at=now, updated_at=now)
+            db.execute(
+                "INSERT INTO tunnels (id, team_id, agent_id, name, target_host, target_port,"
+                " protocol, public, hub_port, status, metadata, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (tunnel.id, tunnel.team_id, tunnel.agent_id, name, target_host, target_port,
+                 protocol, int(tunnel.public), hub_port, status,
+                 json.dumps(tunnel.metadata, sort_keys=True), now, now))
+        return tunnel
+
+    def get_tunnel(self, team_id: str, tunnel_id: str) -> Tunnel | None:
+        """The team's tunnel; None if unknown *or another team's*."""
+        with self._read() as db:
+            row = db.execute("SELECT * FROM tunnels WHERE id = ? AND team_id = ?",
+                             (normalize_uuid(tunnel_id), normalize_uuid(team_id))).fetchone()
+        return _tunnel(row) if row else None
+
+    def list_tunnels(self, team_id: str | None) -> list[Tunnel]:
+        """The team's tunnels, oldest first; ``None``: every team's (gateway start)."""
+        with self._read() as db:
+            if team_id is None:
+                rows = db.execute("SELECT * FROM tunnels ORDER BY created_at, id").fetchall()
+            else:
+                rows = db.execute("SELECT * FROM tunnels WHERE team_id = ? ORDER BY created_at, id",
+                                  (normalize_uuid(team_id),)).fetchall()
+        return [_tunnel(row) for row in rows]
+
+    def tunnel_on_hub_port(self, hub_port: int) -> Tunnel | None:
+        """The tunnel (of any team) that holds ``hub_port``, if one does."""
+        with self._read() as db:
+            row = db.execute("SELECT * FROM tunnels WHERE hub_port = ?", (hub_port,)).fetchone()
+        return _tunnel(row) if row else None
+
+    def update_tunnel(self, team_id: str, tunnel_id: str, **changes: Any) -> Tunnel | None:
+        """Change some of ``name``, ``status``, ``metadata``, ``hub_port`` of the team's
+        tunnel; returns the new row, or None if there is no such tunnel."""
+        allowed = {"name", "status", "metadata", "hub_port"}
+        if not changes or not set(changes) <= allowed:
+            raise StoreError(f"update_tunnel takes some of {', '.join(sorted(allowed))}")
+        columns = [f"{key} = ?" for key in changes] + ["updated_at = ?"]
+        values = [json.dumps(v, sort_keys=True) if k == "metadata" else v for k, v in changes.items()]
+        tunnel_id, team_id = normalize_uuid(tunnel_id), normalize_uuid(team_id)
+        with self._write() as db:
+            cur = db.execute(f"UPDATE tunnels SET {', '.join(columns)} WHERE id = ? AND team_id = ?",
+                             (*values, self._clock(), tunnel_id, team_id))
+            if cur.rowcount != 1:
+                return None
+            return _tunnel(db.execute("SELECT * FROM tunnels WHERE id = ?", (tunnel_id,)).fetchone())
+
+    def delete_tunnel(self, team_id: str, tunnel_id: str) -> Tunnel | None:
+        """Delete the team's tunnel and its shares; returns the deleted row (or None)."""
+        tunnel_id, team_id = normalize_uuid(tunnel_id), normalize_uuid(team_id)
+        with self._write() as db:
+            row = db.execute("SELECT * FROM tunnels WHERE id = ? AND team_id = ?",
+                             (tunnel_id, team_id)).fetchone()
+            if row is None:
+                return None
+            db.execute("DELETE FROM tunnels WHERE id = ?", (tunnel_id,))  # shares cascade
+        return _tunnel(row)
+
+    # -- tunnel shares -----------------------------------------------------------------
+
+    def create_share(self, team_id: str, tunnel_id: str, name: str, description: str = "", *,
+                     expires_at: float | None = None, allowed_methods: Sequence[str] | None = None,
+                     rate_limit: int | None = None) -> tuple[Share, SecretToken]:
+        """Create a share link of the team's tunnel. Returns the row and the plaintext
+        token of its URL (returned only here; only its hash is stored). Raises
+        :class:`NotFoundError` if the tunnel is not the team's."""
+        token = _new_token()
+        with self._write() as db:
+            row = db.execute("SELECT id, team_id FROM tunnels WHERE id = ? AND team_id = ?",
+                             (normalize_uuid(tunnel_id), normalize_uuid(team_id))).fetchone()
+            if row is None:
+                raise NotFoundError(f"unknown tunnel: {tunnel_id}")
+            share = Share(
+                id=str(uuid.uuid4()), team_id=row["team_id"], tunnel_id=row["id"], name=name,
+                description=description, token_prefix=token[:PREFIX_CHARS],
+                expires_at=expires_at,
+                allowed_methods=None if allowed_methods is None else tuple(allowed_methods),
+                rate_limit=rate_limit, created_at=self._clock(), token_hash=hash_token(token))
+            db.execute(
+                "INSERT INTO tunnel_shares (id, team_id, tunnel_id, name, description, token_hash,"
+                " token_prefix, expires_at, allowed_methods, rate_limit, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (share.id, share.team_id, share.tunnel_id, name, description, share.token_hash,
+                 share.token_prefix, expires_at,
+                 None if share.allowed_methods is None else json.dumps(list(share.allowed_methods)),
+                 rate_limit, share.created_at))
+        return share, token
+
+    def get_share(self, team_id: str, tunnel_id: str, share_id: str) -> Share | None:
+        """The share of the team's tunnel, or None."""
+        with self._read() as db:
+            row = db.execute(
+                "SELECT * FROM tunnel_shares WHERE id = ? AND tunnel_id = ? AND team_id = ?",
+                (normalize_uuid(share_id), normalize_uuid(tunnel_id), normalize_uuid(team_id))).fetchone()
+        return _share(row) if row else None
+
+    def list_shares(self, team_id: str, tunnel_id: str) -> list[Share]:
+        """The shares of the team's tunnel, oldest first."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT * FROM tunnel_shares WHERE tunnel_id = ? AND team_id = ?"
+                " ORDER BY created_at, id", (normalize_uuid(tunnel_id), normalize_uuid(team_id))).fetchall()
+        return [_share(row) for row in rows]
+
+    def delete_share(self, team_id: str, tunnel_id: str, share_id: str) -> bool:
+        """Delete a share of the team's tunnel. False if there was none."""
+        with self._write() as db:
+            cur = db.execute(
+                "DELETE FROM tunnel_shares WHERE id = ? AND tunnel_id = ? AND team_id = ?",
+                (normalize_uuid(share_id), normalize_uuid(tunnel_id), normalize_uuid(team_id)))
+        return cur.rowcount == 1
+
+    def get_share_by_token(self, token: str) -> Share | None:
+        """The share whose URL token is ``token`` (expired ones included: the caller
+        decides what an expired link answers)."""
+        if not isinstance(token, str) or not token:
+            return None
+        with self._read() as db:
+            row = db.execute("SELECT * FROM tunnel_shares WHERE token_hash = ?",
+                             (hash_token(token),)).fetchone()
+        if row is None or not _hash_matches(row["token_hash"], token):
+            return None
+        return _share(row)
+
+    # -- webhooks ----------------------------------------------------------------------
+
+    def create_webhook(self, team_id: str, url: str, events: Sequence[str]) -> Webhook:
+        """Register a webhook; its signing secret is generated here. The secret is kept
+        in plaintext (unlike tokens) because the gateway must sign with it; the API
+        shows it only once."""
+        with self._write() as db:
+            team_id = self._require_team(db, team_id)
+            hook = Webhook(id=str(uuid.uuid4()), team_id=team_id, url=url, events=tuple(events),
+                           created_at=self._clock(),
+                           secret="whsec_" + secrets.token_urlsafe(_TOKEN_BYTES))
+            db.execute("INSERT INTO webhooks (id, team_id, url, events, secret, created_at)"
+                       " VALUES (?, ?, ?, ?, ?, ?)",
+                       (hook.id, team_id, url, json.dumps(list(hook.events)), hook.secret,
+                        hook.created_at))
+        return hook
+
+    def get_webhook(self, team_id: str, webhook_id: str) -> Webhook | None:
+        """The team's webhook, or None."""
+        with self._read() as db:
+            row = db.execute("SELECT * FROM webhooks WHERE id = ? AND team_id = ?",
+                             (normalize_uuid(webhook_id), normalize_uuid(team_id))).fetchone()
+        return _webhook(row) if row else None
+
+    def list_webhooks(self, team_id: str, event: str | None = None) -> list[Webhook]:
+        """The team's webhooks (only those subscribed to ``event`` if given)."""
+        with self._read() as db:
+            rows = db.execute("SELECT * FROM webhooks WHERE team_id = ? ORDER BY created_at, id",
+                              (normalize_uuid(team_id),)).fetchall()
+        hooks = [_webhook(row) for row in rows]
+        return [h for h in hooks if event is None or event in h.events]
+
+    def delete_webhook(self, team_id: str, webhook_id: str) -> bool:
+        """Delete the team's webhook. False if there was none."""
+        with self._write() as db:
+            cur = db.execute("DELETE FROM webhooks WHERE id = ? AND team_id = ?",
+                             (normalize_uuid(webhook_id), normalize_uuid(team_id)))
+        return cur.rowcount == 1
+
+
+@dataclass(frozen=True, slots=True)
+class Tunnel:
+    """A named tunnel of the Tunnels API (seed 002). ``status`` is what was asked
+    (``active``/``paused``); the API derives ``connecting``/``error`` from live state."""
+
+    id: str
+    team_id: str
+    agent_id: str
+    name: str
+    target_host: str
+    target_port: int
+    protocol: str
+    public: bool
+    hub_port: int | None
+    status: str
+    metadata: Any
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Share:
+    """A share link of a tunnel. ``token_prefix`` is for display; the token itself is
+    stored only as a hash. ``allowed_methods``/``rate_limit``/``expires_at``: None means
+    no restriction."""
+
+    id: str
+    team_id: str
+    tunnel_id: str
+    name: str
+    description: str
+    token_prefix: str
+    expires_at: float | None
+    allowed_methods: tuple[str, ...] | None
+    rate_limit: int | None
+    created_at: float
+    token_hash: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """A team's webhook: where to POST which events, and the HMAC signing secret."""
+
+    id: str
+    team_id: str
+    url: str
+    events: tuple[str, ...]
+    created_at: float
+    secret: str = field(repr=False)
+
+
+def _tunnel(row: sqlite3.Row) -> Tunnel:
+    return Tunnel(
+        id=row["id"], team_id=row["team_id"], agent_id=row["agent_id"], name=row["name"],
+        target_host=row["target_host"], target_port=row["target_port"],
+        protocol=row["protocol"], public=bool(row["public"]), hub_port=row["hub_port"],
+        status=row["status"], metadata=json.loads(row["metadata"]),
+        created_at=row["created_at"], updated_at=row["updated_at"])
+
+
+def _share(row: sqlite3.Row) -> Share:
+    methods = row["allowed_methods"]
+    return Share(
+        id=row["id"], team_id=row["team_id"], tunnel_id=row["tunnel_id"], name=row["name"],
+        description=row["description"], token_prefix=row["token_prefix"],
+        expires_at=row["expires_at"],
+        allowed_methods=None if methods is None else tuple(json.loads(methods)),
+        rate_limit=row["rate_limit"], created_at=row["created_at"], token_hash=row["token_hash"])
+
+
+def _webhook(row: sqlite3.Row) -> Webhook:
+    return Webhook(id=row["id"], team_id=row["team_id"], url=row["url"],
+                   events=tuple(json.loads(row["events"])), created_at=row["created_at"],
+                   secret=row["secret"])
 
 
 def ensure_default_team(store: Store) -> tuple[Team, dict[str, SecretToken]] | None:

@@ -47,6 +47,8 @@ class HubListener:
     connections: int = 0
     last_error: Optional[str] = None
     splices: set[StreamSplice] = field(default_factory=set)
+    #: Host the agent connects to (seed 000 sessions: loopback; Tunnels API: its target).
+    target_host: str = "127.0.0.1"
 
 
 class _HubSplice(StreamSplice):
@@ -207,6 +209,21 @@ class TunnelManager:
 
     # -- hub ports
 
+    async def open_hub(self, key: str, team_id: str, agent_id: str, target_host: str,
+                       target_port: int, port: int = 0) -> HubListener:
+        """Listen on a hub port that is not a seed 000 session: a Tunnels API tunnel, keyed
+        by its id. ``port`` 0 picks a free one. Raises OSError if it cannot be bound.
+        Stopped by :meth:`close_hub` (or :meth:`shutdown`)."""
+        self._close_hub(key)
+        hub = HubListener(key, team_id, agent_id, target_port, target_host=target_host)
+        await self._listen(hub, port, exact=True)
+        self._hubs[key] = hub
+        return hub
+
+    def close_hub(self, key: str) -> None:
+        """Stop the hub listener ``key`` (new connections are refused, live ones aborted)."""
+        self._close_hub(key)
+
     async def _listen(self, hub: HubListener, port: int = 0, exact: bool = False) -> None:
         loop = asyncio.get_running_loop()
         hub.server = await loop.create_server(lambda: self._hub_protocol(hub), self.hub_host, port)
@@ -237,8 +254,9 @@ class TunnelManager:
             return None
         session: MuxSession = agent.session
         try:
+            host = f"[{hub.target_host}]" if ":" in hub.target_host else hub.target_host
             stream = session.open_stream_nowait(
-                {"protocol": "tcp", "target": f"127.0.0.1:{hub.target_port}"})
+                {"protocol": "tcp", "target": f"{host}:{hub.target_port}"})
         except (SessionClosedError, ConnectionError) as exc:
             hub.last_error = str(exc)
             return None

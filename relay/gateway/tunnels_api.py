@@ -1,0 +1,582 @@
+"""The Tunnels API (seed 002): named, persistent tunnels, their share links, webhooks.
+
+Endpoints (JSON in and out; errors ``{"error": {"code", "message"}}``; 400 names the
+wrong field). "read" = any API caller of the team (sk-, dk-, JWT + X-Team-ID);
+"manage" = sk- or JWT (a dk- key gets 403). Every id is looked up in the caller's team
+only: another team's tunnel, share, webhook or agent answers 404.
+
+==========================================  =======  ==========================================
+``POST   /api/v1/tunnels``                   manage   create → 201 tunnel
+``GET    /api/v1/tunnels``                   read     ``{"tunnels": [tunnel, ...]}``
+``GET    /api/v1/tunnels/{id}``              read     tunnel
+``PATCH  /api/v1/tunnels/{id}``              manage   ``name``/``status``/``metadata`` → tunnel
+``DELETE /api/v1/tunnels/{id}``              manage   204 (its shares go with it)
+``POST   /api/v1/tunnels/{id}/connect``      read     ``{agent_id, local_port?}`` → connection
+``POST   /api/v1/tunnels/{id}/shares``       manage   create → 201 share with ``share_url``
+``GET    /api/v1/tunnels/{id}/shares``       read     ``{"shares": [share, ...]}``
+``GET    /api/v1/tunnels/{id}/shares/{sid}`` read     share
+``DELETE /api/v1/tunnels/{id}/shares/{sid}`` manage   204
+``POST   /api/v1/webhooks``                  manage   ``{url, events?}`` → 201 with ``secret``
+``GET    /api/v1/webhooks``                  manage   ``{"webhooks": [...]}`` (no secrets)
+``GET    /api/v1/webhooks/{id}``             manage   webhook (no secret)
+``DELETE /api/v1/webhooks/{id}``             manage   204
+``ANY    /s/{share_token}/...``              share    the share checks (see below)
+==========================================  =======  ==========================================
+
+Create body: ``target`` (``"host:port"``, ``"[v6]:port"`` or ``{"host", "port"}``;
+required), ``agent_id`` (required; the team's agent that reaches the target; it may be
+offline), ``name`` (1..100 characters; generated as adjective-noun-4hex if absent),
+``protocol`` (``auto`` default, ``tcp``, ``http``, ``https``; ``udp`` is refused with
+``400 unsupported_protocol``: the relay carries TCP streams only), ``public`` (bool,
+recorded and shown), ``hub_port`` (1024..65535, optional: a specific hub port; 409 if
+another tunnel holds it). ``auto`` resolves by target port: 443 → https; 80, 3000, 5000,
+7860, 8000, 8080, 8188, 8888 → http; anything else → tcp. Unknown fields → 400.
+
+A tunnel (every protocol) is reachable as a raw TCP hub port on the gateway host
+(``hub_host:hub_port``): each connection becomes one stream through the agent to the
+target, exactly like a seed 000 tcp session (:class:`~relay.gateway.tunnels.TunnelManager`
+does the work). The port is kept in the store, so after a gateway restart an active
+tunnel listens on the same port again.
+
+``status`` as shown:
+
+* ``paused``: asked for with PATCH; the hub port is closed (new connections are refused,
+  open ones are cut), the record stays. PATCH ``"active"`` opens it again, same port;
+* ``error``: the hub port could not be bound (``error`` says why; PATCH ``"active"``
+  retries);
+* ``connecting``: the hub port listens but the agent is offline (connections are closed
+  at once). It turns ``active`` by itself when the agent is back: status is derived
+  from the live registry on every read, nothing needs to re-arm;
+* ``active``: listening, agent connected.
+
+``connect``: ``agent_id`` is a second agent of the team (must be online: else 409) that
+should bind ``127.0.0.1:local_port`` (default: the target port) and carry it to the
+tunnel. The gateway sends it the control message ``{"type": "bind", "tunnel_id",
+"local_port", "hub": {"host", "port"}, "protocol"}``. The answer carries the
+``connection_string`` a client uses on that machine: ``postgresql://user@HOST:PORT/dbname``
+(target port 5432), ``mysql://user@HOST:PORT/`` (3306), ``redis://HOST:PORT`` (6379),
+``mongodb://HOST:PORT`` (27017), ``http(s)://HOST:PORT/`` (http/https tunnels), else
+``tcp://HOST:PORT``. (The stock agent does not act on ``bind`` yet.)
+
+Shares (http/https tunnels only: the share URL is an HTTP URL): see
+:mod:`relay.gateway.shares` for the fields and the checks. The ``share_url``
+(``{gateway}/s/{share_token}/``) is returned once, at creation: only a hash of its token
+is stored. At the share URL a request is refused with 404 (unknown token), 410 (expired),
+405 (method not allowed, with ``Allow``) or 429 (over the rate limit, with
+``Retry-After``); one that passes is answered ``501 share_proxy_unavailable`` until the
+HTTP reverse proxy serves it.
+
+Webhooks: see :mod:`relay.gateway.webhooks`; ``tunnel.created`` and ``tunnel.deleted``
+carry the tunnel as the API shows it.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import re
+import secrets
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from relay.gateway.auth import Principal
+from relay.gateway.server import HttpError, Request, Response, Router, json_response
+from relay.gateway.shares import RateLimiter, check_share, parse_share_request
+from relay.gateway.store import Share, Tunnel, Webhook, normalize_uuid
+from relay.gateway.webhooks import WebhookDispatcher, parse_webhook_request
+
+if TYPE_CHECKING:
+    from relay.gateway.app import Gateway
+
+__all__ = ["TunnelsApi", "auto_protocol", "connection_string", "generate_name", "parse_target"]
+
+log = logging.getLogger("relay.gateway.tunnels_api")
+
+PROTOCOLS: tuple[str, ...] = ("auto", "tcp", "udp", "http", "https")
+#: Target ports ``auto`` treats as HTTP (web servers, dev servers, Gradio, ComfyUI, Jupyter).
+HTTP_PORTS = frozenset({80, 3000, 5000, 7860, 8000, 8080, 8188, 8888})
+HTTPS_PORTS = frozenset({443})
+MAX_NAME = 100
+MAX_METADATA = 16 * 1024
+HUB_PORT_RANGE = (1024, 65535)
+_CREATE_FIELDS = {"target", "agent_id", "name", "protocol", "public", "hub_port"}
+_UPDATE_FIELDS = {"name", "status", "metadata"}
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?")
+
+_ADJECTIVES = ("amber", "bold", "brisk", "calm", "clever", "crisp", "eager", "gentle", "swift",
+               "lucky", "mellow", "nimble", "quiet", "rapid", "silver", "steady", "sunny", "witty")
+_NOUNS = ("badger", "comet", "falcon", "harbor", "heron", "lantern", "maple", "meadow", "otter",
+          "pebble", "raven", "river", "summit", "tiger", "willow", "canyon", "breeze", "beacon")
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def _bad(field: str, message: str) -> HttpError:
+    return HttpError(400, f"invalid_{field}", f"{field}: {message}")
+
+
+def generate_name() -> str:
+    """``adjective-noun-4hex``, e.g. ``swift-otter-3fa9``."""
+    return f"{secrets.choice(_ADJECTIVES)}-{secrets.choice(_NOUNS)}-{secrets.token_hex(2)}"
+
+
+def _valid_port(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
+
+
+def _valid_host(host: Any) -> bool:
+    if not isinstance(host, str) or not host:
+        return False
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return _HOSTNAME.fullmatch(host) is not None
+
+
+def parse_target(value: Any) -> tuple[str, int]:
+    """``"host:port"``, ``"[v6]:port"`` or ``{"host": ..., "port": ...}`` → (host, port)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            host, sep, port_text = text[1:].partition("]:")
+        else:
+            host, sep, port_text = text.rpartition(":")
+            if ":" in host:  # a bare IPv6 address is ambiguous without brackets
+                sep = ""
+        port: Any = int(port_text) if sep and port_text.isdigit() else None
+    elif isinstance(value, dict):
+        host, port = value.get("host"), value.get("port")
+        host = host.strip() if isinstance(host, str) else host
+    else:
+        raise _bad("target", 'must be "host:port" or an object {"host": ..., "port": ...}')
+    if not _valid_host(host):
+        raise _bad("target", 'the host must be a hostname or an IP address ("[v6]:port" in a string)')
+    if not _valid_port(port):
+        raise _bad("target", "the port must be an integer from 1 to 65535")
+    return host.lower(), port
+
+
+def auto_protocol(port: int) -> str:
+    """What ``protocol: auto`` means for a target port (see the module docstring)."""
+    if port in HTTPS_PORTS:
+        return "https"
+    return "http" if port in HTTP_PORTS else "tcp"
+
+
+def connection_string(target_port: int, protocol: str, host: str, port: int) -> str:
+    """How a client reaches a tunnel bound at ``host:port``, by the target's well-known
+    port first (a database is a database whatever it was created as), then protocol."""
+    hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if target_port == 5432:
+        return f"postgresql://user@{hostport}/dbname"
+    if target_port == 3306:
+        return f"mysql://user@{hostport}/"
+    if target_port == 6379:
+        return f"redis://{hostport}"
+    if target_port == 27017:
+        return f"mongodb://{hostport}"
+    if protocol in ("http", "https"):
+        return f"{protocol}://{hostport}/"
+    return f"tcp://{hostport}"
+
+
+def _iso(ts: Optional[float]) -> Optional[str]:
+    return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, str) or not 1 <= len(value.strip()) <= MAX_NAME:
+        raise _bad("name", f"must be a string of 1 to {MAX_NAME} characters")
+    return value.strip()
+
+
+def _object(request: Request, fields: set[str]) -> dict[str, Any]:
+    body = request.json()
+    if not isinstance(body, dict):
+        raise HttpError(400, "invalid_request", "request body must be a JSON object")
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise HttpError(400, "unknown_field",
+                        f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(fields))}")
+    return body
+
+
+# ----------------------------------------------------------------------------- the API
+
+
+class TunnelsApi:
+    """Routes and state of the Tunnels API on one :class:`~relay.gateway.app.Gateway`.
+
+    The gateway calls :meth:`register` when it builds its router, :meth:`start` once it
+    listens (reopens hub ports of active tunnels) and :meth:`close` when it stops.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self.webhooks = WebhookDispatcher()
+        self.limiter = RateLimiter()
+        #: Time source for share expiry and rate limits (tests replace it).
+        self.clock = time.time
+        # Why a tunnel's hub port is not listening (bind failures), by tunnel id.
+        self._errors: dict[str, str] = {}
+        # Serialises listener changes: two PATCHes must not race to bind one port.
+        self._hub_lock = asyncio.Lock()
+
+    def register(self, router: Router) -> None:
+        add = router.add
+        add("POST", "/api/v1/tunnels", self._create)
+        add("GET", "/api/v1/tunnels", self._list)
+        add("GET", "/api/v1/tunnels/{tunnel_id}", self._get)
+        add("PATCH", "/api/v1/tunnels/{tunnel_id}", self._update)
+        add("DELETE", "/api/v1/tunnels/{tunnel_id}", self._delete)
+        add("POST", "/api/v1/tunnels/{tunnel_id}/connect", self._connect)
+        add("POST", "/api/v1/tunnels/{tunnel_id}/shares", self._create_share)
+        add("GET", "/api/v1/tunnels/{tunnel_id}/shares", self._list_shares)
+        add("GET", "/api/v1/tunnels/{tunnel_id}/shares/{share_id}", self._get_share)
+        add("DELETE", "/api/v1/tunnels/{tunnel_id}/shares/{share_id}", self._delete_share)
+        add("POST", "/api/v1/webhooks", self._create_webhook)
+        add("GET", "/api/v1/webhooks", self._list_webhooks)
+        add("GET", "/api/v1/webhooks/{webhook_id}", self._get_webhook)
+        add("DELETE", "/api/v1/webhooks/{webhook_id}", self._delete_webhook)
+        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+            add(method, "/s/{share_token}", self._share_request)
+            # The router turns {name} into one path segment; the rest of a share URL is
+            # any path, so this pattern spells its regex group out.
+            add(method, "/s/{share_token}/(?P<rest>.*)", self._share_request)
+
+    async def start(self) -> None:
+        """Reopen the hub ports of active tunnels (same port as before the restart)."""
+        for tunnel in self.gw.store.list_tunnels(None):
+            if tunnel.status == "active":
+                await self._open_hub(tunnel)
+
+    async def close(self) -> None:
+        """Stop hub listeners and webhook deliveries."""
+        if self.gw.tunnels is not None:
+            for tunnel in self.gw.store.list_tunnels(None):
+                self.gw.tunnels.close_hub(tunnel.id)
+        await self.webhooks.close()
+
+    # -- helpers
+
+    def _principal(self, request: Request, manage: bool = False) -> Principal:
+        principal = self.gw._principal(request)
+        return principal.require_manage() if manage else principal
+
+    def _tunnel(self, principal: Principal, tunnel_id: str) -> Tunnel:
+        tunnel = self.gw.store.get_tunnel(principal.team_id, tunnel_id)
+        if tunnel is None:  # unknown, malformed, or another team's: all the same 404
+            raise HttpError(404, "tunnel_not_found", f"no tunnel {tunnel_id} in this team")
+        return tunnel
+
+    def _team_agent_id(self, principal: Principal, value: Any) -> str:
+        agent_id = normalize_uuid(value)
+        if agent_id is None:
+            raise _bad("agent_id", "must be the UUID of one of this team's agents")
+        if self.gw.store.get_agent(principal.team_id, agent_id) is None:
+            raise HttpError(404, "agent_not_found", f"no agent {agent_id} in this team")
+        return agent_id
+
+    async def _open_hub(self, tunnel: Tunnel) -> Tunnel:
+        """Listen on the tunnel's hub port (a new one if it has none yet). A bind
+        failure is recorded as the tunnel's error, not raised."""
+        tunnels = self.gw.tunnels
+        assert tunnels is not None, "the gateway is not started"
+        async with self._hub_lock:
+            try:
+                hub = await tunnels.open_hub(tunnel.id, tunnel.team_id, tunnel.agent_id,
+                                             tunnel.target_host, tunnel.target_port,
+                                             tunnel.hub_port or 0)
+            except OSError as exc:
+                self._errors[tunnel.id] = f"cannot listen on hub port {tunnel.hub_port}: {exc.strerror or exc}"
+                log.warning("tunnel %s: %s", tunnel.id, self._errors[tunnel.id])
+                return tunnel
+            self._errors.pop(tunnel.id, None)
+            if tunnel.hub_port != hub.port:
+                tunnel = self.gw.store.update_tunnel(tunnel.team_id, tunnel.id, hub_port=hub.port) or tunnel
+        log.info("tunnel %s (%s): hub port %s:%d -> agent %s %s:%d", tunnel.id, tunnel.name,
+                 tunnels.hub_host, hub.port, tunnel.agent_id, tunnel.target_host, tunnel.target_port)
+        return tunnel
+
+    def _close_hub(self, tunnel: Tunnel) -> None:
+        self._errors.pop(tunnel.id, None)
+        if self.gw.tunnels is not None:
+            self.gw.tunnels.close_hub(tunnel.id)
+
+    def describe(self, tunnel: Tunnel) -> dict[str, Any]:
+        """The API representation of a tunnel, with its live status."""
+        tunnels = self.gw.tunnels
+        hub = tunnels.hub(tunnel.id) if tunnels is not None else None
+        error = None
+        if tunnel.status == "paused":
+            status = "paused"
+        elif tunnel.id in self._errors or hub is None:
+            status, error = "error", self._errors.get(tunnel.id, "the hub port is not listening")
+        elif self.gw.registry.get(tunnel.team_id, tunnel.agent_id) is None:
+            status = "connecting"
+        else:
+            status = "active"
+        host = tunnel.target_host
+        return {
+            "id": tunnel.id,
+            "name": tunnel.name,
+            "agent_id": tunnel.agent_id,
+            "target": f"[{host}]:{tunnel.target_port}" if ":" in host else f"{host}:{tunnel.target_port}",
+            "target_host": host,
+            "target_port": tunnel.target_port,
+            "protocol": tunnel.protocol,
+            "public": tunnel.public,
+            "hub_host": tunnels.hub_host if tunnels is not None else None,
+            "hub_port": tunnel.hub_port,
+            "status": status,
+            "error": error,
+            "metadata": tunnel.metadata,
+            "connections": hub.connections if hub else 0,
+            "active_connections": len(hub.splices) if hub else 0,
+            "last_error": hub.last_error if hub else None,
+            "created_at": _iso(tunnel.created_at),
+            "updated_at": _iso(tunnel.updated_at),
+        }
+
+    def _publish(self, team_id: str, event: str, data: dict[str, Any]) -> None:
+        """Queue a webhook event; never waits, never fails the request."""
+        try:
+            hooks = self.gw.store.list_webhooks(team_id, event)
+        except Exception as exc:  # a webhook must never break the API call that caused it
+            log.error("cannot read webhooks for %s: %s", event, exc)
+            return
+        self.webhooks.publish(hooks, event, team_id, data)
+
+    # -- tunnels
+
+    async def _create(self, request: Request) -> Response:
+        principal = self._principal(request, manage=True)
+        body = _object(request, _CREATE_FIELDS)
+        if "target" not in body:
+            raise _bad("target", "is required")
+        host, port = parse_target(body["target"])
+        if "agent_id" not in body:
+            raise _bad("agent_id", "is required")
+        name = generate_name() if body.get("name") is None else _name(body["name"])
+        protocol = body.get("protocol", "auto")
+        if protocol is None:
+            protocol = "auto"
+        if protocol == "udp":
+            raise HttpError(400, "unsupported_protocol",
+                            "protocol: udp is not supported yet (the relay carries TCP streams "
+                            "only); use tcp, http, https or auto")
+        if protocol not in PROTOCOLS:
+            raise _bad("protocol", f"must be one of {', '.join(PROTOCOLS)}")
+        if protocol == "auto":
+            protocol = auto_protocol(port)
+        public = body.get("public", False)
+        if not isinstance(public, bool):
+            raise _bad("public", "must be true or false")
+        hub_port = body.get("hub_port")
+        low, high = HUB_PORT_RANGE
+        if hub_port is not None:
+            if not _valid_port(hub_port) or not low <= hub_port <= high:
+                raise _bad("hub_port", f"must be an integer from {low} to {high}")
+            if self.gw.store.tunnel_on_hub_port(hub_port) is not None:
+                raise HttpError(409, "hub_port_taken", f"hub_port: {hub_port} is used by another tunnel")
+        agent_id = self._team_agent_id(principal, body["agent_id"])
+        tunnel = self.gw.store.create_tunnel(principal.team_id, agent_id, name, host, port, protocol,
+                                             public=public, hub_port=hub_port)
+        tunnel = await self._open_hub(tunnel)
+        result = self.describe(tunnel)
+        self._publish(principal.team_id, "tunnel.created", result)
+        return json_response(result, 201)
+
+    async def _list(self, request: Request) -> Response:
+        principal = self._principal(request)
+        return json_response({"tunnels": [self.describe(t)
+                                          for t in self.gw.store.list_tunnels(principal.team_id)]})
+
+    async def _get(self, request: Request) -> Response:
+        principal = self._principal(request)
+        return json_response(self.describe(self._tunnel(principal, request.params["tunnel_id"])))
+
+    async def _update(self, request: Request) -> Response:
+        principal = self._principal(request, manage=True)
+        tunnel = self._tunnel(principal, request.params["tunnel_id"])
+        body = _object(request, _UPDATE_FIELDS)
+        if not body:
+            raise HttpError(400, "invalid_request", "nothing to update: send name, status or metadata")
+        changes: dict[str, Any] = {}
+        if "name" in body:
+            changes["name"] = _name(body["name"])
+        if "status" in body:
+            if body["status"] not in ("active", "paused"):
+                raise _bad("status", 'must be "active" or "paused"')
+            changes["status"] = body["status"]
+        if "metadata" in body:
+            metadata = body["metadata"]
+            if not isinstance(metadata, dict):
+                raise _bad("metadata", "must be a JSON object")
+            if len(json.dumps(metadata).encode()) > MAX_METADATA:
+                raise _bad("metadata", f"must be at most {MAX_METADATA} bytes as JSON")
+            changes["metadata"] = metadata
+        tunnel = self.gw.store.update_tunnel(principal.team_id, tunnel.id, **changes) or tunnel
+        if changes.get("status") == "paused":
+            self._close_hub(tunnel)
+        elif changes.get("status") == "active":
+            tunnels = self.gw.tunnels
+            if tunnels is None or tunnels.hub(tunnel.id) is None:  # paused or errored: (re)open
+                tunnel = await self._open_hub(tunnel)
+        return json_response(self.describe(tunnel))
+
+    async def _delete(self, request: Request) -> Response:
+        principal = self._principal(request, manage=True)
+        tunnel = self._tunnel(principal, request.params["tunnel_id"])
+        shares = self.gw.store.list_shares(principal.team_id, tunnel.id)
+        last = self.describe(tunnel)
+        self._close_hub(tunnel)
+        if self.gw.store.delete_tunnel(principal.team_id, tunnel.id) is None:
+            raise HttpError(404, "tunnel_not_found", f"no tunnel {tunnel.id} in this team")
+        for share in shares:
+            self.limiter.forget(share.id)
+        last["status"] = "deleted"
+        self._publish(principal.team_id, "tunnel.deleted", last)
+        return json_response(None, 204)
+
+    async def _connect(self, request: Request) -> Response:
+        principal = self._principal(request)
+        tunnel = self._tunnel(principal, request.params["tunnel_id"])
+        body = _object(request, {"agent_id", "local_port"})
+        if "agent_id" not in body:
+            raise _bad("agent_id", "is required")
+        local_port = body.get("local_port")
+        if local_port is None:
+            local_port = tunnel.target_port
+        elif not _valid_port(local_port):
+            raise _bad("local_port", "must be an integer from 1 to 65535")
+        agent_id = self._team_agent_id(principal, body["agent_id"])
+        receiver = self.gw.registry.get(principal.team_id, agent_id)
+        if receiver is None:
+            raise HttpError(409, "agent_offline", f"agent {agent_id} is not connected")
+        tunnels = self.gw.tunnels
+        hub = {"host": tunnels.hub_host if tunnels else None, "port": tunnel.hub_port}
+        message = {"type": "bind", "tunnel_id": tunnel.id, "local_port": local_port,
+                   "hub": hub, "protocol": tunnel.protocol}
+        try:
+            receiver.session.send_control(message)
+        except Exception as exc:  # the session died between the lookup and the send
+            raise HttpError(409, "agent_offline", f"agent {agent_id} is not connected: {exc}") from None
+        return json_response({
+            "tunnel_id": tunnel.id,
+            "agent_id": agent_id,
+            "local_host": "127.0.0.1",
+            "local_port": local_port,
+            "protocol": tunnel.protocol,
+            "connection_string": connection_string(tunnel.target_port, tunnel.protocol,
+                                                   "127.0.0.1", local_port),
+            "hub": hub,
+            "tunnel_status": self.describe(tunnel)["status"],
+        })
+
+    # -- shares
+
+    def _share_json(self, share: Share, token: Optional[str] = None) -> dict[str, Any]:
+        result = {
+            "id": share.id,
+            "tunnel_id": share.tunnel_id,
+            "name": share.name,
+            "description": share.description,
+            "token_prefix": share.token_prefix,
+            "expires_at": _iso(share.expires_at),
+            "expired": share.expires_at is not None and self.clock() >= share.expires_at,
+            "allowed_methods": list(share.allowed_methods) if share.allowed_methods is not None else None,
+            "rate_limit": share.rate_limit,
+            "created_at": _iso(share.created_at),
+        }
+        if token is not None:
+            result["share_url"] = f"{self.gw.url}/s/{token}/"
+        return result
+
+    async def _create_share(self, request: Request) -> Response:
+        principal = self._principal(request, manage=True)
+        tunnel = self._tunnel(principal, request.params["tunnel_id"])
+        spec = parse_share_request(request.json())
+        if tunnel.protocol not in ("http", "https"):
+            raise HttpError(400, "invalid_tunnel_protocol",
+                            f"shares are HTTP links: create them on an http or https tunnel "
+                            f"(this one is {tunnel.protocol})")
+        share, token = self.gw.store.create_share(
+            principal.team_id, tunnel.id, spec.name, spec.description,
+            expires_at=spec.expires_at(self.clock()), allowed_methods=spec.allowed_methods,
+            rate_limit=spec.rate_limit)
+        return json_response(self._share_json(share, token), 201)
+
+    async def _list_shares(self, request: Request) -> Response:
+        principal = self._principal(request)
+        tunnel = self._tunnel(principal, request.params["tunnel_id"])
+        return json_response({"shares": [self._share_json(s)
+                                         for s in self.gw.store.list_shares(principal.team_id, tunnel.id)]})
+
+    def _share(self, principal: Principal, request: Request) -> Share:
+        tunnel = self._tunnel(principal, request.params["tunnel_id"])
+        share = self.gw.store.get_share(principal.team_id, tunnel.id, request.params["share_id"])
+        if share is None:
+            raise HttpError(404, "share_not_found", f"no share {request.params['share_id']} on this tunnel")
+        return share
+
+    async def _get_share(self, request: Request) -> Response:
+        return json_response(self._share_json(self._share(self._principal(request), request)))
+
+    async def _delete_share(self, request: Request) -> Response:
+        principal = self._principal(request, manage=True)
+        share = self._share(principal, request)
+        self.gw.store.delete_share(principal.team_id, share.tunnel_id, share.id)
+        self.limiter.forget(share.id)
+        return json_response(None, 204)
+
+    async def _share_request(self, request: Request) -> Response:
+        """A request at a share URL: the token in the path is the credential."""
+        share = self.gw.store.get_share_by_token(request.params["share_token"])
+        if share is None:
+            raise HttpError(404, "share_not_found", "no such share link")
+        check_share(share, request.method, self.clock(), self.limiter)
+        tunnel = self.gw.store.get_tunnel(share.team_id, share.tunnel_id)
+        if tunnel is None or tunnel.status == "paused":
+            raise HttpError(503, "tunnel_paused", "the shared tunnel is paused")
+        # TODO(http proxy): forward to the tunnel once the streaming HTTP proxy exists.
+        raise HttpError(501, "share_proxy_unavailable",
+                        "this share link is valid, but serving it needs the HTTP proxy, "
+                        "which this gateway does not have yet")
+
+    # -- webhooks
+
+    @staticmethod
+    def _webhook_json(hook: Webhook, with_secret: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = {"id": hook.id, "url": hook.url, "events": list(hook.events),
+                                  "created_at": _iso(hook.created_at)}
+        if with_secret:
+            result["secret"] = hook.secret
+        return result
+
+    async def _create_webhook(self, request: Request) -> Response:
+        principal = self._principal(request, manage=True)
+        url, events = parse_webhook_request(request.json())
+        hook = self.gw.store.create_webhook(principal.team_id, url, events)
+        return json_response(self._webhook_json(hook, with_secret=True), 201)
+
+    async def _list_webhooks(self, request: Request) -> Response:
+        principal = self._principal(request, manage=True)
+        return json_response({"webhooks": [self._webhook_json(h)
+                                           for h in self.gw.store.list_webhooks(principal.team_id)]})
+
+    async def _get_webhook(self, request: Request) -> Response:
+        principal = self._principal(request, manage=True)
+        hook = self.gw.store.get_webhook(principal.team_id, request.params["webhook_id"])
+        if hook is None:
+            raise HttpError(404, "webhook_not_found", f"no webhook {request.params['webhook_id']} in this team")
+        return json_response(self._webhook_json(hook))
+
+    async def _delete_webhook(self, request: Request) -> Response:
+        principal = self._principal(request, manage=True)
+        if not self.gw.store.delete_webhook(principal.team_id, request.params["webhook_id"]):
+            raise HttpError(404, "webhook_not_found", f"no webhook {request.params['webhook_id']} in this team")
+        return json_response(None, 204)

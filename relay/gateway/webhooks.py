@@ -1,0 +1,264 @@
+"""Webhooks: tell a team's HTTP endpoints when its tunnels are created or deleted.
+
+Delivery, as a receiver sees it: ``POST`` to the registered URL with a JSON body
+
+    {"id": DELIVERY_UUID, "event": "tunnel.created", "created_at": "...Z",
+     "team_id": ..., "data": {... the tunnel as the API shows it ...}}
+
+and the headers ``X-Relay-Event``, ``X-Relay-Delivery`` (the same id on every retry of
+one delivery, so a receiver can drop duplicates), ``X-Relay-Timestamp`` (Unix seconds of
+this attempt) and ``X-Relay-Signature: sha256=<hex HMAC-SHA256 of the raw body, keyed
+with the webhook's secret>``. Receivers verify the signature over the exact bytes they
+received before parsing them.
+
+Any 2xx answer is success. Anything else (another status, a refused or reset connection,
+no answer within :data:`TIMEOUT`) is retried after 0.5 s, 1 s, 2 s, 4 s: at most
+:data:`ATTEMPTS` attempts, then the delivery is logged as failed and dropped.
+
+Never blocking the API: :meth:`WebhookDispatcher.publish` only appends to a bounded
+in-memory queue (when full the oldest pending delivery is dropped, and logged). A
+background task takes deliveries off it and runs up to :data:`CONCURRENCY` at a time, so
+one slow or black-holed receiver delays nobody else for longer than its timeouts.
+Pending deliveries are lost on a gateway restart (they are notifications, not a log).
+
+The HTTP client is a few lines over h11 (already a dependency of the server) on asyncio
+streams, with one deadline around each whole attempt.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import ssl
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+import h11
+
+from relay import __version__
+from relay.gateway.server import HttpError
+from relay.gateway.store import Webhook
+
+__all__ = ["EVENTS", "WebhookDispatcher", "parse_webhook_request", "post_json", "sign"]
+
+log = logging.getLogger("relay.gateway.webhooks")
+
+#: Events a webhook can subscribe to.
+EVENTS: tuple[str, ...] = ("tunnel.created", "tunnel.deleted")
+#: Seconds one delivery attempt (connect, send, read the answer) may take.
+TIMEOUT = 5.0
+#: Attempts per delivery, and the delay before the first retry (doubling after each).
+ATTEMPTS = 5
+BACKOFF = 0.5
+#: Deliveries waiting at most; beyond it the oldest is dropped.
+QUEUE_LIMIT = 1000
+#: Deliveries in flight at once.
+CONCURRENCY = 8
+#: The largest response body read from a receiver (the rest is not read).
+MAX_RESPONSE = 64 * 1024
+MAX_URL = 2048
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The ``X-Relay-Signature`` value: ``sha256=`` + hex HMAC-SHA256 of ``body``."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def parse_webhook_request(body: Any) -> tuple[str, tuple[str, ...]]:
+    """Validate a ``POST /api/v1/webhooks`` body: ``url`` (http or https, required) and
+    ``events`` (a non-empty subset of :data:`EVENTS`, default all). Raises 400 naming
+    the wrong field."""
+    if not isinstance(body, dict):
+        raise HttpError(400, "invalid_request", "request body must be a JSON object")
+    unknown = sorted(set(body) - {"url", "events"})
+    if unknown:
+        raise HttpError(400, "unknown_field", f"unknown field {unknown[0]!r}; a webhook takes url, events")
+    url = body.get("url")
+    split = urlsplit(url) if isinstance(url, str) else None
+    try:
+        port_ok = split is not None and (split.port is None or 0 < split.port < 65536)
+    except ValueError:
+        port_ok = False
+    if (split is None or split.scheme not in ("http", "https") or not split.hostname
+            or not port_ok or len(url) > MAX_URL):
+        raise HttpError(400, "invalid_url", f"url: must be an http:// or https:// URL of at most {MAX_URL} characters")
+    events = body.get("events", list(EVENTS))
+    if not isinstance(events, list) or not events or any(e not in EVENTS for e in events):
+        raise HttpError(400, "invalid_events", f"events: must be a non-empty list of {', '.join(EVENTS)}")
+    return url, tuple(dict.fromkeys(events))
+
+
+async def post_json(url: str, body: bytes, headers: dict[str, str], *,
+                    timeout: float = TIMEOUT, ssl_context: Optional[ssl.SSLContext] = None) -> int:
+    """POST ``body`` to ``url`` over HTTP/1.1; returns the response status. Raises
+    OSError/TimeoutError/h11 errors when there is no proper answer within ``timeout``."""
+    split = urlsplit(url)
+    tls = split.scheme == "https"
+    host = split.hostname or ""
+    port = split.port or (443 if tls else 80)
+    target = (split.path or "/") + (f"?{split.query}" if split.query else "")
+    host_header = split.netloc.rpartition("@")[2]  # never send userinfo as Host
+    conn = h11.Connection(h11.CLIENT)
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=(ssl_context or ssl.create_default_context()) if tls else None)
+        try:
+            request = h11.Request(method="POST", target=target, headers=[
+                ("Host", host_header), ("User-Agent", f"relay-webhooks/{__version__}"),
+                ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                ("Connection", "close"), *headers.items()])
+            writer.write(conn.send(request) + conn.send(h11.Data(data=body))
+                         + conn.send(h11.EndOfMessage()))
+            await writer.drain()
+            status: Optional[int] = None
+            received = 0
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await reader.read(16384)
+                    conn.receive_data(data)  # b"" = EOF: h11 then reports the end or an error
+                    continue
+                if isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    received += len(event.data)
+                    if received > MAX_RESPONSE:  # we only need the status: stop reading
+                        break
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+            if status is None:
+                raise ConnectionError("the receiver closed the connection without an answer")
+            return status
+        finally:
+            writer.close()
+
+
+@dataclass
+class Delivery:
+    """One event for one webhook, with its attempts so far."""
+
+    hook: Webhook
+    event: str
+    body: bytes
+    id: str
+    attempts: int = 0
+
+
+class WebhookDispatcher:
+    """The background sender. ``publish`` from anywhere on the loop; ``close`` at shutdown.
+
+    ``timeout``, ``attempts`` and ``backoff`` are attributes so tests can shorten them.
+    """
+
+    def __init__(self, *, timeout: float = TIMEOUT, attempts: int = ATTEMPTS,
+                 backoff: float = BACKOFF, queue_limit: int = QUEUE_LIMIT,
+                 concurrency: int = CONCURRENCY,
+                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+        self.timeout = timeout
+        self.attempts = attempts
+        self.backoff = backoff
+        self.queue_limit = queue_limit
+        self._ssl = ssl_context
+        self._queue: deque[Delivery] = deque()
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._runner: Optional[asyncio.Task] = None
+        self._inflight: set[asyncio.Task] = set()
+        #: Counters, for tests and logs.
+        self.delivered = 0
+        self.failed = 0
+        self.dropped = 0
+
+    def publish(self, hooks: list[Webhook], event: str, team_id: str, data: Any) -> None:
+        """Queue ``event`` for each of ``hooks``; returns at once."""
+        if not hooks:
+            return
+        for hook in hooks:
+            delivery_id = str(uuid.uuid4())
+            body = json.dumps({
+                "id": delivery_id, "event": event, "team_id": team_id,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "data": data,
+            }).encode()
+            delivery = Delivery(hook, event, body, delivery_id)
+            if len(self._queue) >= self.queue_limit:
+                old = self._queue.popleft()
+                self.dropped += 1
+                log.warning("webhook queue full (%d): dropped %s for %s", self.queue_limit,
+                            old.event, old.hook.url)
+            self._queue.append(delivery)
+        self._wakeup.set()
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.get_running_loop().create_task(self._run())
+
+    @property
+    def pending(self) -> int:
+        """Deliveries queued or in flight."""
+        return len(self._queue) + len(self._inflight)
+
+    async def _run(self) -> None:
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._slots.acquire()  # wait for a free slot before taking the next one
+            if not self._queue:  # drained while we waited
+                self._slots.release()
+                continue
+            delivery = self._queue.popleft()
+            task = asyncio.get_running_loop().create_task(self._deliver(delivery))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        """All attempts of one delivery, with backoff between them."""
+        try:
+            delay = self.backoff
+            while True:
+                delivery.attempts += 1
+                problem = await self._attempt(delivery)
+                if problem is None:
+                    self.delivered += 1
+                    return
+                if delivery.attempts >= self.attempts:
+                    self.failed += 1
+                    log.warning("webhook %s to %s failed after %d attempts: %s", delivery.event,
+                                delivery.hook.url, delivery.attempts, problem)
+                    return
+                log.info("webhook %s to %s: %s; retrying in %.1fs", delivery.event,
+                         delivery.hook.url, problem, delay)
+                await asyncio.sleep(delay)
+                delay *= 2
+        finally:
+            self._slots.release()
+
+    async def _attempt(self, delivery: Delivery) -> Optional[str]:
+        """One POST; None on a 2xx answer, else what went wrong."""
+        headers = {
+            "X-Relay-Event": delivery.event,
+            "X-Relay-Delivery": delivery.id,
+            "X-Relay-Timestamp": str(int(time.time())),
+            "X-Relay-Signature": sign(delivery.hook.secret, delivery.body),
+        }
+        try:
+            status = await post_json(delivery.hook.url, delivery.body, headers,
+                                     timeout=self.timeout, ssl_context=self._ssl)
+        except TimeoutError:
+            return f"no answer within {self.timeout:g}s"
+        except (OSError, h11.ProtocolError, ssl.SSLError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None if 200 <= status < 300 else f"HTTP {status}"
+
+    async def close(self) -> None:
+        """Stop sending; pending deliveries are dropped."""
+        tasks = [t for t in (self._runner, *self._inflight) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._queue.clear()
