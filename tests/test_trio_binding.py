@@ -635,3 +635,58 @@ def test_cancelled_open_resets_the_stream():
             assert a.streams == {}
 
     run(main)
+
+
+def test_session_context_manager_lets_body_errors_through_unwrapped():
+    async def main():
+        left, right = trio.testing.memory_stream_pair()
+        peer = TrioMuxSession(right, client=False)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(peer.run)
+            with pytest.raises(ValueError, match="from the body"):
+                async with TrioMuxSession(left, client=True) as session:
+                    stream = session.open_stream_nowait()
+                    raise ValueError("from the body")
+            assert session.is_closed
+            with pytest.raises(trio.BrokenResourceError):
+                await stream.send_all(b"x")
+            with trio.fail_after(5):
+                await peer.wait_closed()  # the abort closed the transport: the peer saw EOF
+
+    async def never_run():
+        left, right = trio.testing.memory_stream_pair()
+        session = TrioMuxSession(left, client=True)
+        await session.aclose()  # never ran: closes the transport, does not wait
+        assert session.is_closed
+        assert await right.receive_some() == b""
+
+    run(main)
+    run(never_run)
+
+
+def test_incoming_stream_is_accepted_by_using_it_and_control_backpressure():
+    async def main():
+        async with session_pair("memory") as (a, b):
+            opened = a.open_stream_nowait({"x": 1})
+            await opened.send_all(b"early data")  # allowed before the answer
+            incoming = await b.next_stream()
+            assert not incoming.answered and incoming.metadata == {"x": 1}
+            await incoming.send_all(b"reply")  # sending answers: accepted
+            await opened.wait_accepted()
+            assert await opened.receive_some() == b"reply"
+            assert await incoming.receive_some() == b"early data"
+            # Unconsumed control messages past the limit stop the reader of the transport.
+            from relay.trio.session import CONTROL_QUEUE_LIMIT
+
+            for n in range(CONTROL_QUEUE_LIMIT + 50):
+                a.send_control(n)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(b._controls) >= CONTROL_QUEUE_LIMIT  # checked once per transport read
+            await opened.send_all(b"behind the controls")
+            await trio.sleep(0.2)
+            assert incoming._buffered == 0  # not read from the transport yet
+            assert [await b.next_control() for _ in range(CONTROL_QUEUE_LIMIT + 50)] == list(
+                range(CONTROL_QUEUE_LIMIT + 50))
+            assert await incoming.receive_some() == b"behind the controls"
+
+    run(main)

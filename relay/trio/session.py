@@ -505,7 +505,7 @@ class TrioMuxSession:
             self._nursery.start_soon(self._run_handler, stream)
             return
         self._incoming.append(stream)
-        self._incoming_lot.unpark()
+        self._incoming_lot.unpark_all()  # all: a woken waiter may be cancelled before it takes
 
     async def _run_handler(self, stream: MuxStream) -> None:
         try:
@@ -537,7 +537,7 @@ class TrioMuxSession:
                 log.exception("control handler failed")
             return
         self._controls.append(message)
-        self._control_lot.unpark()
+        self._control_lot.unpark_all()
 
     # ------------------------------------------------------------------ bookkeeping
 
