@@ -33,10 +33,12 @@ def _run(coro: Coroutine[Any, Any, Any]) -> Any:
     return uvloop.run(coro)
 
 
-def _split_host_port(value: str, what: str) -> tuple[str, int]:
+def _split_host_port(value: str, what: str, allow_zero: bool = False) -> tuple[str, int]:
     from relay.agent.client import parse_host_port
 
     try:
+        if allow_zero and value.endswith(":0"):  # port 0: the system picks a free port
+            return parse_host_port(value[:-1] + "1")[0], 0
         return parse_host_port(value)
     except ValueError:
         raise click.BadParameter(f"expected HOST:PORT, got {value!r}", param_hint=what) from None
@@ -68,7 +70,7 @@ def gateway(listen: str, data_dir: Path, public_url: Optional[str], hub_host: st
     from relay.gateway.app import run_gateway
     from relay.gateway.store import StoreError
 
-    host, port = _split_host_port(listen, "--listen")
+    host, port = _split_host_port(listen, "--listen", allow_zero=True)
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
     _setup_logging(log_level)

@@ -772,14 +772,16 @@ def test_cli_errors_are_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "relay", "agent", "--gateway", "http://127.0.0.1:1",
                            "--key", "sk-nope"], capture_output=True, timeout=30)
     assert done.returncode != 0 and b"ak-" in done.stderr
-    port = free_port()
     store = Store.open(tmp_path / "d")
     _, keys = store.create_team_with_keys("t")
     store.close()
-    gw = _spawn("gateway", "--listen", f"127.0.0.1:{port}", "--data", str(tmp_path / "d"),
+    gw = _spawn("gateway", "--listen", "127.0.0.1:0", "--data", str(tmp_path / "d"),
                 log=tmp_path / "gw.log")
     try:
         _wait(lambda: b"listening on" in (tmp_path / "gw.log").read_bytes())
+        log_text = (tmp_path / "gw.log").read_text()
+        port = int(re.search(r"listening on http://127\.0\.0\.1:(\d+)", log_text).group(1))
+        assert "Its keys" not in log_text  # a team existed: no default team, no keys printed
         done = subprocess.run([sys.executable, "-m", "relay", "agent", "--gateway", f"http://127.0.0.1:{port}",
                                "--key", "ak-wrong"], capture_output=True, timeout=30)
         assert done.returncode == 1
