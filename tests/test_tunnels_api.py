@@ -572,3 +572,25 @@ def test_tunnels_shares_and_webhooks_survive_a_restart(tmp_path):
             store.close()
 
     run(main)
+
+
+def test_concurrent_pause_and_resume_leave_status_and_listener_in_agreement(tmp_path):
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys), echo_server() as echo_port:
+            sk = keys["sk"]
+            async with running_agent(gw, keys["ak"], name="box") as agent:
+                tunnel = await create(gw, sk, target=f"127.0.0.1:{echo_port}", agent_id=agent.agent_id)
+                path = f"/api/v1/tunnels/{tunnel['id']}"
+                for _ in range(3):
+                    answers = await asyncio.gather(*(
+                        api(gw, "PATCH", path, sk, {"status": "paused" if i % 2 else "active"})
+                        for i in range(10)))
+                    assert all(status == 200 for status, _, _ in answers)
+                    status, _, final = await api(gw, "GET", path, sk)
+                    if final["status"] == "paused":
+                        assert await refused(tunnel["hub_port"])
+                    else:
+                        assert final["status"] == "active"
+                        assert await echo_through(tunnel["hub_port"]) == b"hello relay"
+
+    run(main)

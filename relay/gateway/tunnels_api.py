@@ -251,7 +251,8 @@ class TunnelsApi:
         """Reopen the hub ports of active tunnels (same port as before the restart)."""
         for tunnel in self.gw.store.list_tunnels(None):
             if tunnel.status == "active":
-                await self._open_hub(tunnel)
+                async with self._hub_lock:
+                    await self._open_hub(tunnel)
 
     async def close(self) -> None:
         """Stop hub listeners and webhook deliveries."""
@@ -282,10 +283,10 @@ class TunnelsApi:
 
     async def _open_hub(self, tunnel: Tunnel) -> Tunnel:
         """Listen on the tunnel's hub port (a new one if it has none yet). A bind
-        failure is recorded as the tunnel's error, not raised."""
+        failure is recorded as the tunnel's error, not raised. Call with ``_hub_lock``."""
         tunnels = self.gw.tunnels
         assert tunnels is not None, "the gateway is not started"
-        async with self._hub_lock:
+        for _ in range(5):
             try:
                 hub = await tunnels.open_hub(tunnel.id, tunnel.team_id, tunnel.agent_id,
                                              tunnel.target_host, tunnel.target_port,
@@ -294,9 +295,17 @@ class TunnelsApi:
                 self._errors[tunnel.id] = f"cannot listen on hub port {tunnel.hub_port}: {exc.strerror or exc}"
                 log.warning("tunnel %s: %s", tunnel.id, self._errors[tunnel.id])
                 return tunnel
-            self._errors.pop(tunnel.id, None)
-            if tunnel.hub_port != hub.port:
-                tunnel = self.gw.store.update_tunnel(tunnel.team_id, tunnel.id, hub_port=hub.port) or tunnel
+            holder = None if tunnel.hub_port else self.gw.store.tunnel_on_hub_port(hub.port)
+            if holder is None or holder.id == tunnel.id:
+                break
+            # The OS handed out a port a paused tunnel keeps for itself: take another.
+            tunnels.close_hub(tunnel.id)
+        else:
+            self._errors[tunnel.id] = "no free hub port"
+            return tunnel
+        self._errors.pop(tunnel.id, None)
+        if tunnel.hub_port != hub.port:
+            tunnel = self.gw.store.update_tunnel(tunnel.team_id, tunnel.id, hub_port=hub.port) or tunnel
         log.info("tunnel %s (%s): hub port %s:%d -> agent %s %s:%d", tunnel.id, tunnel.name,
                  tunnels.hub_host, hub.port, tunnel.agent_id, tunnel.target_host, tunnel.target_port)
         return tunnel
@@ -380,12 +389,13 @@ class TunnelsApi:
         if hub_port is not None:
             if not _valid_port(hub_port) or not low <= hub_port <= high:
                 raise _bad("hub_port", f"must be an integer from {low} to {high}")
-            if self.gw.store.tunnel_on_hub_port(hub_port) is not None:
-                raise HttpError(409, "hub_port_taken", f"hub_port: {hub_port} is used by another tunnel")
         agent_id = self._team_agent_id(principal, body["agent_id"])
-        tunnel = self.gw.store.create_tunnel(principal.team_id, agent_id, name, host, port, protocol,
-                                             public=public, hub_port=hub_port)
-        tunnel = await self._open_hub(tunnel)
+        async with self._hub_lock:  # the port check, the insert and the bind as one step
+            if hub_port is not None and self.gw.store.tunnel_on_hub_port(hub_port) is not None:
+                raise HttpError(409, "hub_port_taken", f"hub_port: {hub_port} is used by another tunnel")
+            tunnel = self.gw.store.create_tunnel(principal.team_id, agent_id, name, host, port, protocol,
+                                                 public=public, hub_port=hub_port)
+            tunnel = await self._open_hub(tunnel)
         result = self.describe(tunnel)
         self._publish(principal.team_id, "tunnel.created", result)
         return json_response(result, 201)
@@ -419,13 +429,14 @@ class TunnelsApi:
             if len(json.dumps(metadata).encode()) > MAX_METADATA:
                 raise _bad("metadata", f"must be at most {MAX_METADATA} bytes as JSON")
             changes["metadata"] = metadata
-        tunnel = self.gw.store.update_tunnel(principal.team_id, tunnel.id, **changes) or tunnel
-        if changes.get("status") == "paused":
-            self._close_hub(tunnel)
-        elif changes.get("status") == "active":
-            tunnels = self.gw.tunnels
-            if tunnels is None or tunnels.hub(tunnel.id) is None:  # paused or errored: (re)open
-                tunnel = await self._open_hub(tunnel)
+        async with self._hub_lock:  # the stored status and the listener change together
+            tunnel = self.gw.store.update_tunnel(principal.team_id, tunnel.id, **changes) or tunnel
+            if changes.get("status") == "paused":
+                self._close_hub(tunnel)
+            elif changes.get("status") == "active":
+                tunnels = self.gw.tunnels
+                if tunnels is None or tunnels.hub(tunnel.id) is None:  # paused or errored: (re)open
+                    tunnel = await self._open_hub(tunnel)
         return json_response(self.describe(tunnel))
 
     async def _delete(self, request: Request) -> Response:
@@ -433,9 +444,10 @@ class TunnelsApi:
         tunnel = self._tunnel(principal, request.params["tunnel_id"])
         shares = self.gw.store.list_shares(principal.team_id, tunnel.id)
         last = self.describe(tunnel)
-        self._close_hub(tunnel)
-        if self.gw.store.delete_tunnel(principal.team_id, tunnel.id) is None:
-            raise HttpError(404, "tunnel_not_found", f"no tunnel {tunnel.id} in this team")
+        async with self._hub_lock:
+            if self.gw.store.delete_tunnel(principal.team_id, tunnel.id) is None:
+                raise HttpError(404, "tunnel_not_found", f"no tunnel {tunnel.id} in this team")
+            self._close_hub(tunnel)
         for share in shares:
             self.limiter.forget(share.id)
         last["status"] = "deleted"
