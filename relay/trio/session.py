@@ -262,7 +262,15 @@ class TrioMuxSession:
                 nursery.cancel_scope.cancel()  # handlers too: their streams are gone
         finally:
             self._finish(ErrorCode.CANCEL, "the session stopped")
-            await trio.aclose_forcefully(self._transport)
+            if self._flush_on_end:
+                # A graceful end closes the transport gracefully too (a WebSocket sends
+                # its close frame), within a bound and even if run() is being cancelled.
+                with trio.CancelScope(shield=True), trio.move_on_after(GOAWAY_LINGER):
+                    try:
+                        await self._transport.aclose()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+            await trio.aclose_forcefully(self._transport)  # idempotent: surely closed now
             self._closed.set()
 
     # ------------------------------------------------------------------ streams
