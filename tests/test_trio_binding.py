@@ -690,3 +690,23 @@ def test_incoming_stream_is_accepted_by_using_it_and_control_backpressure():
             assert await incoming.receive_some() == b"behind the controls"
 
     run(main)
+
+
+def test_receive_sizes_split_and_join_frames():
+    async def main():
+        async with session_pair("memory") as (a, b):
+            s1, s2 = await open_pair(a, b)
+            data = os.urandom(100_000)
+            await s1.send_all(data)
+            await s1.send_eof()
+            await trio.testing.wait_all_tasks_blocked()
+            got = []
+            for size in (1, 5, 16383, 2, 40000, 1, None, 1 << 20):
+                got.append(await s2.receive_some(size))
+            assert [len(part) for part in got[:6]] == [1, 5, 16383, 2, 40000, 1]
+            assert all(type(part) is bytes for part in got)
+            assert b"".join(got) == data
+            assert await s2.receive_some() == b""
+            assert b.connection.buffered_received == 0  # everything read was acknowledged
+
+    run(main)

@@ -109,7 +109,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self.local = local
         self._answered = False  # local: the peer accepted/refused; remote: we did
         self._accepted = False
-        self._buffer: deque[bytes] = deque()
+        self._buffer: deque[bytes | memoryview] = deque()
         self._buffered = 0
         self._remote_ended = False  # the peer's FIN arrived
         self._local_ended = False  # our FIN was handed to the core
@@ -215,10 +215,13 @@ class MuxStream(trio.abc.HalfCloseableStream):
         buffer = self._buffer
         first = buffer.popleft()
         if len(first) > n:
-            buffer.appendleft(first[n:])
-            data = first[:n]
+            # The rest stays as a view: small reads of a big chunk must not copy the
+            # remainder again and again.
+            rest = first if type(first) is memoryview else memoryview(first)
+            buffer.appendleft(rest[n:])
+            data = bytes(rest[:n])
         elif len(first) == n or not buffer:
-            data = first
+            data = bytes(first) if type(first) is memoryview else first
         else:
             parts = [first]
             taken = len(first)
@@ -226,8 +229,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 chunk = buffer.popleft()
                 if taken + len(chunk) > n:
                     cut = n - taken
-                    buffer.appendleft(chunk[cut:])
-                    chunk = chunk[:cut]
+                    view = chunk if type(chunk) is memoryview else memoryview(chunk)
+                    buffer.appendleft(view[cut:])
+                    chunk = view[:cut]
                 parts.append(chunk)
                 taken += len(chunk)
             data = b"".join(parts)
