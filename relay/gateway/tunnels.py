@@ -74,6 +74,11 @@ class _WsTunnelTransport(WebSocketTransport):
     def can_write_eof(self) -> bool:
         return True
 
+    def writelines(self, chunks: Any) -> None:
+        """Several chunks at once (a splice may batch its writes): one message, since
+        message boundaries carry no meaning on a byte stream."""
+        self.write(b"".join(chunks))
+
     def write_eof(self) -> None:
         from relay.ws import CloseCode
 
