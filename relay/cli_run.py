@@ -128,3 +128,152 @@ def agent(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ..
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         pass
+
+
+# --------------------------------------------------------------------------- connect
+
+#: Largest WebSocket message accepted from the gateway by ``relay connect``.
+CONNECT_MAX_MESSAGE = 16 * 1024 * 1024
+#: How long a finished connection waits for the gateway's closing handshake.
+CONNECT_CLOSE_TIMEOUT = 5.0
+
+
+async def _ws_bridge(url: str, ssl_context: Any, local_reader: asyncio.StreamReader,
+                     local_writer: asyncio.StreamWriter) -> None:
+    """Carry one local TCP connection over one WebSocket to a TCP tunnel's URL.
+
+    Bytes go both ways as binary messages. WebSocket has no half-close: local EOF sends
+    a close frame (the gateway then ends the stream), a close frame from the gateway (the
+    target ended) half-closes the local connection.
+    """
+    from urllib.parse import urlsplit
+
+    from relay.ws import CloseCode, FrameParser, Opcode, encode_close_payload, encode_frame
+    from relay.ws.handshake import ClientHandshake
+
+    split = urlsplit(url)
+    tls = split.scheme == "wss"
+    port = split.port or (443 if tls else 80)
+    handshake = ClientHandshake(split.netloc, split.path or "/")
+    ws_reader, ws_writer = await asyncio.open_connection(
+        split.hostname, port, ssl=(ssl_context or True) if tls else None)
+    close_sent = False
+    try:
+        ws_writer.write(handshake.request_bytes())
+        accepted = None
+        while accepted is None:
+            accepted = handshake.receive_data(await ws_reader.read(65536))
+        parser = FrameParser(CONNECT_MAX_MESSAGE, False)
+
+        async def upstream() -> None:  # local -> WebSocket
+            nonlocal close_sent
+            while data := await local_reader.read(256 * 1024):
+                ws_writer.write(encode_frame(Opcode.BINARY, data, mask=True))
+                await ws_writer.drain()
+            if not close_sent:
+                close_sent = True
+                ws_writer.write(encode_frame(Opcode.CLOSE, encode_close_payload(CloseCode.NORMAL), mask=True))
+                await ws_writer.drain()
+
+        async def downstream() -> None:  # WebSocket -> local
+            nonlocal close_sent
+            messages = parser.feed(accepted.leftover)
+            while True:
+                for opcode, payload in messages:
+                    if opcode == Opcode.BINARY:
+                        local_writer.write(payload)
+                        await local_writer.drain()
+                    elif opcode == Opcode.PING:
+                        ws_writer.write(encode_frame(Opcode.PONG, payload, mask=True))
+                    elif opcode == Opcode.CLOSE:
+                        if local_writer.can_write_eof():
+                            local_writer.write_eof()
+                        if not close_sent:
+                            close_sent = True
+                            ws_writer.write(encode_frame(Opcode.CLOSE, payload[:2], mask=True))
+                        return
+                data = await ws_reader.read(256 * 1024)
+                if not data:
+                    return
+                messages = parser.feed(data)
+
+        up = asyncio.ensure_future(upstream())
+        down = asyncio.ensure_future(downstream())
+        try:
+            await down  # the WebSocket ends when the gateway closes it
+            if not up.done():  # the target ended: give the client a moment to finish
+                await asyncio.wait([up], timeout=CONNECT_CLOSE_TIMEOUT)
+        finally:
+            up.cancel()
+            down.cancel()
+    finally:
+        ws_writer.close()
+        local_writer.close()
+
+
+async def run_connect(url: str, host: str, port: int, *, ssl_context: Any = None,
+                      echo: Any = print, stop: Optional[asyncio.Event] = None) -> None:
+    """Listen on ``host:port``; every local connection becomes one WebSocket (one stream
+    to the tunnel's target) to the TCP tunnel URL ``url``. Runs until ``stop``/SIGINT."""
+    import signal
+
+    log = logging.getLogger("relay.connect")
+    active: set[asyncio.Task] = set()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        active.add(task)
+        try:
+            await _ws_bridge(url, ssl_context, reader, writer)
+        except Exception as exc:  # one failed connection must not end the others
+            log.warning("tunnel connection failed: %s", exc)
+            writer.close()
+        finally:
+            active.discard(task)
+
+    server = await asyncio.start_server(on_client, host, port)
+    bound = server.sockets[0].getsockname()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    echo(f"relay connect listening on {bound[0]}:{bound[1]} -> {url.split('/tunnel/')[0]}/tunnel/…")
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        for task in list(active):
+            task.cancel()
+
+
+@main.command()
+@click.argument("tunnel_url")
+@click.option("--listen", default="127.0.0.1:0", show_default=True, metavar="HOST:PORT",
+              help="Local address to accept connections on (port 0: any free port).")
+@click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              envvar="RELAY_CA_CERT", help="Trust this CA (PEM) for a wss:// tunnel URL.")
+@_log_option
+def connect(tunnel_url: str, listen: str, ca_cert: Optional[Path], log_level: str) -> None:
+    """Reach a TCP tunnel: every connection to --listen becomes one stream to its target.
+
+    TUNNEL_URL is the ws(s)://.../tunnel/TOKEN/tcp URL the tunnel API returned.
+    """
+    if not tunnel_url.startswith(("ws://", "wss://")) or "/tunnel/" not in tunnel_url:
+        raise click.BadParameter("expected a ws(s)://HOST/tunnel/TOKEN/tcp URL", param_hint="TUNNEL_URL")
+    host, port = _split_host_port(listen, "--listen", allow_zero=True)
+    _setup_logging(log_level)
+    context = None
+    if ca_cert is not None:
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(ca_cert))
+    try:
+        _run(run_connect(tunnel_url, host, port, ssl_context=context, echo=lambda line: click.echo(line)))
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    except KeyboardInterrupt:
+        pass

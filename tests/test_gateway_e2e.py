@@ -610,6 +610,38 @@ def test_tcp_over_websocket_tunnel_url(tmp_path, sshd_server):
     run(main)
 
 
+def test_relay_connect_carries_ssh_and_scp(tmp_path, sshd_server):
+    """``relay connect TUNNEL_URL --listen``: each local connection is one WebSocket."""
+
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys):
+            async with running_agent(gw, keys["ak"], name="c") as agent:
+                tunnel = await open_tcp_tunnel(gw, keys["sk"], agent.agent_id, sshd_server.port)
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "relay", "connect", tunnel["tunnel_url"], "--listen", "127.0.0.1:0",
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                try:
+                    async with asyncio.timeout(15):
+                        line = (await proc.stdout.readline()).decode()
+                    assert "listening on" in line and tunnel["tunnel_url"] not in line  # no token shown
+                    port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
+                    code, out, err = await run_cmd(*sshd_server.ssh_args(port), "echo ok")
+                    assert code == 0 and out.strip() == b"ok", err
+                    src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
+                    src.write_bytes(os.urandom(8 * 1024 * 1024))
+                    code, _, err = await run_cmd(*sshd_server.scp_args(port), str(src), sshd_server.remote(dst))
+                    assert code == 0, err
+                    assert hashlib.sha256(dst.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
+                finally:
+                    if proc.returncode is None:
+                        proc.terminate()
+                    async with asyncio.timeout(10):
+                        await proc.wait()
+
+    run(main)
+
+
 def test_agent_drop_mid_transfer_closes_clients_and_garbage_kills_only_that_agent(tmp_path):
     from relay.ws import Opcode, encode_frame
 
