@@ -710,3 +710,16 @@ def test_receive_sizes_split_and_join_frames():
             assert b.connection.buffered_received == 0  # everything read was acknowledged
 
     run(main)
+
+
+def test_keepalive_keeps_an_idle_healthy_session_alive():
+    async def main():
+        config = MuxConfig(keepalive_interval=1, keepalive_timeout=3)
+        async with session_pair("memory", config, config) as (a, b):
+            await trio.sleep(20)  # virtual time: a PING after each second of silence, answered
+            assert not a.is_closed and not b.is_closed
+            s1, s2 = await open_pair(a, b)
+            await s1.send_all(b"still here")
+            assert await s2.receive_some() == b"still here"
+
+    run(main, clock=trio.testing.MockClock(autojump_threshold=0))
