@@ -723,3 +723,23 @@ def test_keepalive_keeps_an_idle_healthy_session_alive():
             assert await s2.receive_some() == b"still here"
 
     run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_aclose_refuses_opens_nobody_accepted():
+    async def main():
+        left, right = trio.testing.memory_stream_pair()
+        server = TrioMuxSession(right, client=False)
+        client = TrioMuxSession(left, client=True)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            await nursery.start(client.run)
+            pending = client.open_stream_nowait({"late": True})
+            while not server._incoming:
+                await trio.sleep(0.01)
+            with trio.fail_after(2):  # well under the close timeout: nothing to wait for
+                await server.aclose()
+            with pytest.raises(StreamRefused) as info:
+                await pending.wait_accepted()
+            assert info.value.error_code == ErrorCode.REFUSED
+
+    run(main)

@@ -380,6 +380,12 @@ class TrioMuxSession:
             self._closed.set()
             return
         self.goaway()
+        # Opens nobody took yet will never be taken now: refuse them (REFUSED is safe to
+        # retry on a new session) rather than let them hold the drain until the timeout.
+        while self._incoming:
+            stream = self._incoming.popleft()
+            if not stream.answered:
+                stream.refuse(ErrorCode.REFUSED, "the session is closing")
         try:
             with trio.move_on_after(timeout):
                 await self._closed.wait()
