@@ -406,6 +406,22 @@ def test_tls_gateway_and_agent(tmp_path, sshd_server):
                 assert status == 200 and tunnel["tunnel_url"].startswith("wss://")
                 code, out, err = await run_cmd(*sshd_server.ssh_args(tunnel["hub_port"]), "echo ok")
                 assert code == 0 and out.strip() == b"ok", err
+                # relay connect over wss://, trusting the test CA.
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "relay", "connect", tunnel["tunnel_url"], "--ca-cert", str(cert),
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                try:
+                    async with asyncio.timeout(15):
+                        line = (await proc.stdout.readline()).decode()
+                    port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
+                    code, out, err = await run_cmd(*sshd_server.ssh_args(port), "echo ok")
+                    assert code == 0 and out.strip() == b"ok", err
+                finally:
+                    if proc.returncode is None:
+                        proc.terminate()
+                    async with asyncio.timeout(10):
+                        await proc.wait()
 
     run(main)
 
