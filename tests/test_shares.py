@@ -37,6 +37,7 @@ def test_parse_share_request_defaults_and_normalisation():
                                 "allowed_methods": ["get", "POST", "GET"], "rate_limit": 1000})
     assert spec.allowed_methods == ("GET", "POST") and spec.expires_at(T0) is None
     assert spec.rate_limit == 1000
+    assert parse_share_request({"name": "é", "description": "two\nlines\tok"}).description == "two\nlines\tok"
     for choice, seconds in (("1h", 3600), ("7d", 7 * 86400), ("30d", 30 * 86400)):
         assert parse_share_request({"name": "n", "expires_in": choice}).expires_at(0) == seconds
 
@@ -62,6 +63,9 @@ def test_parse_share_request_defaults_and_normalisation():
     ({"name": "n", "rate_limit": 1.5}, "invalid_rate_limit"),
     ({"name": "n", "rate_limit": True}, "invalid_rate_limit"),
     ({"name": "n", "ttl": "1h"}, "unknown_field"),
+    ({"name": "a\x00b"}, "invalid_name"),
+    ({"name": "\ud800"}, "invalid_name"),
+    ({"name": "n", "description": "bell\x07"}, "invalid_description"),
 ])
 def test_parse_share_request_names_the_wrong_field(body, code):
     with pytest.raises(HttpError) as info:

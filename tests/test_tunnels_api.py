@@ -211,6 +211,8 @@ def test_every_validation_error_names_its_field(tmp_path):
                     ({**good, "name": ""}, "invalid_name", "name:"),
                     ({**good, "name": "x" * 101}, "invalid_name", "name:"),
                     ({**good, "name": 7}, "invalid_name", "name:"),
+                    ({**good, "name": "tab\there"}, "invalid_name", "name:"),
+                    ({**good, "name": "\ud800"}, "invalid_name", "name:"),
                     ({**good, "protocol": "ftp"}, "invalid_protocol", "protocol:"),
                     ({**good, "protocol": "udp"}, "unsupported_protocol", "protocol: udp is not supported yet"),
                     ({**good, "public": "yes"}, "invalid_public", "public:"),

@@ -122,7 +122,8 @@ def test_webhooks_api_and_validation(tmp_path):
 
             for body, code in [({}, "invalid_url"), ({"url": "ftp://x/"}, "invalid_url"),
                                ({"url": "http://"}, "invalid_url"), ({"url": "http://h:99999/"}, "invalid_url"),
-                               ({"url": 5}, "invalid_url"), ({"url": "http://h/" + "a" * 3000}, "invalid_url"),
+                               ({"url": 5}, "invalid_url"), ({"url": "http://h/a b"}, "invalid_url"),
+                               ({"url": "http://h/\u00e9"}, "invalid_url"), ({"url": "http://h/" + "a" * 3000}, "invalid_url"),
                                ({"url": "http://h/", "events": []}, "invalid_events"),
                                ({"url": "http://h/", "events": ["tunnel.updated"]}, "invalid_events"),
                                ({"url": "http://h/", "events": "tunnel.created"}, "invalid_events"),

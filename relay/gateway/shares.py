@@ -40,6 +40,7 @@ __all__ = [
     "ShareRequest",
     "check_share",
     "parse_share_request",
+    "printable_text",
 ]
 
 #: ``expires_in`` values and their length in seconds (None: never expires).
@@ -82,6 +83,16 @@ class ShareRequest:
         return None if seconds is None else now + seconds
 
 
+def printable_text(value: str) -> bool:
+    """No control characters, and valid UTF-8 (JSON can carry lone surrogates, which
+    could not be stored)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return value.isprintable()
+
+
 def _bad(field: str, message: str) -> HttpError:
     return HttpError(400, f"invalid_{field}", f"{field}: {message}")
 
@@ -101,13 +112,15 @@ def parse_share_request(body: Any) -> ShareRequest:
         raise HttpError(400, "unknown_field",
                         f"unknown field {unknown[0]!r}; a share takes {', '.join(sorted(_FIELDS))}")
     name = body.get("name")
-    if not isinstance(name, str) or not 1 <= len(name.strip()) <= MAX_NAME:
-        raise _bad("name", f"must be a string of 1 to {MAX_NAME} characters")
+    if not isinstance(name, str) or not 1 <= len(name.strip()) <= MAX_NAME or not printable_text(name):
+        raise _bad("name", f"must be a string of 1 to {MAX_NAME} printable characters")
     description = body.get("description", "")
     if description is None:
         description = ""
-    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
-        raise _bad("description", f"must be a string of at most {MAX_DESCRIPTION} characters")
+    if (not isinstance(description, str) or len(description) > MAX_DESCRIPTION
+            or not printable_text(description.replace("\n", " ").replace("\t", " "))):
+        raise _bad("description", f"must be a string of at most {MAX_DESCRIPTION} characters "
+                                  "(no control characters but newlines and tabs)")
     expires_in = body.get("expires_in", DEFAULT_EXPIRY)
     if expires_in not in EXPIRY_CHOICES:
         raise _bad("expires_in", f"must be one of {', '.join(EXPIRY_CHOICES)}")

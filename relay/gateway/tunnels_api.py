@@ -82,7 +82,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from relay.gateway.auth import Principal
 from relay.gateway.server import HttpError, Request, Response, Router, json_response
-from relay.gateway.shares import RateLimiter, check_share, parse_share_request
+from relay.gateway.shares import RateLimiter, check_share, parse_share_request, printable_text
 from relay.gateway.store import Share, Tunnel, Webhook, normalize_uuid
 from relay.gateway.webhooks import WebhookDispatcher, parse_webhook_request
 
@@ -188,8 +188,8 @@ def _iso(ts: Optional[float]) -> Optional[str]:
 
 
 def _name(value: Any) -> str:
-    if not isinstance(value, str) or not 1 <= len(value.strip()) <= MAX_NAME:
-        raise _bad("name", f"must be a string of 1 to {MAX_NAME} characters")
+    if not isinstance(value, str) or not 1 <= len(value.strip()) <= MAX_NAME or not printable_text(value):
+        raise _bad("name", f"must be a string of 1 to {MAX_NAME} printable characters")
     return value.strip()
 
 
@@ -292,7 +292,7 @@ class TunnelsApi:
                                              tunnel.target_host, tunnel.target_port,
                                              tunnel.hub_port or 0)
             except OSError as exc:
-                self._errors[tunnel.id] = f"cannot listen on hub port {tunnel.hub_port}: {exc.strerror or exc}"
+                self._errors[tunnel.id] = f"cannot listen on hub port {tunnel.hub_port or 0}: {exc.strerror or exc}"
                 log.warning("tunnel %s: %s", tunnel.id, self._errors[tunnel.id])
                 return tunnel
             holder = None if tunnel.hub_port else self.gw.store.tunnel_on_hub_port(hub.port)

@@ -80,7 +80,9 @@ def parse_webhook_request(body: Any) -> tuple[str, tuple[str, ...]]:
     if unknown:
         raise HttpError(400, "unknown_field", f"unknown field {unknown[0]!r}; a webhook takes url, events")
     url = body.get("url")
-    split = urlsplit(url) if isinstance(url, str) else None
+    # Printable ASCII only: it goes into an HTTP request line as it is.
+    ascii_url = isinstance(url, str) and url.isascii() and url.isprintable() and " " not in url
+    split = urlsplit(url) if ascii_url else None
     try:
         port_ok = split is not None and (split.port is None or 0 < split.port < 65536)
     except ValueError:
