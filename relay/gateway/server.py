@@ -11,6 +11,12 @@ while a handler runs, so a client cannot make the server buffer without bound.
 WebSocket (and any other) upgrades: the handler calls :meth:`Request.take_over`, which
 detaches the TCP transport from HTTP and returns it with the bytes already read past the
 request; from then on the handler owns the connection.
+
+Raw routes (``router.add(..., raw=True)``, e.g. the HTTP tunnel proxy) get the request at
+headers time, before any of its body is read (``request.body`` is empty), and must call
+:meth:`Request.take_over_raw`: the connection is handed over as bytes (the request head
+re-serialised + everything received after it), so the new owner parses with its own
+HTTP parser and streams the body however it likes.
 """
 from __future__ import annotations
 
@@ -124,37 +130,68 @@ class Request:
         write its own response (e.g. ``101 Switching Protocols``) and set a protocol."""
         return self._protocol._take_over()
 
+    def take_over_raw(self) -> tuple[asyncio.Transport, bytes]:
+        """For a raw route: detach the connection and return it with every byte of it not
+        answered yet, starting with this request's head (re-serialised; its body, if any,
+        follows unread). The caller owns the (paused) transport from now on."""
+        transport, leftover = self._protocol._take_over()
+        return transport, serialize_head(self.raw) + leftover
+
+
+def serialize_head(request: h11.Request) -> bytes:
+    """An h11 request head back as bytes, e.g. to hand a connection to another parser."""
+    lines = [b"%s %s HTTP/%s" % (request.method, request.target, request.http_version)]
+    lines += [name + b": " + value for name, value in request.headers.raw_items()]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
 
 Handler = Callable[[Request], Awaitable[Optional[Response]]]
 
 
 class Router:
     """Routes ``(method, path pattern)`` to handlers. Patterns use ``{name}`` for one
-    path segment, e.g. ``/api/v1/agents/{agent_id}``."""
+    path segment, e.g. ``/api/v1/agents/{agent_id}``, and ``{name:path}`` for the rest of
+    the path (any characters, slashes included). Method ``*`` matches any method. Routes
+    are tried in the order they were added; a route that matches the path but not the
+    method gives way to a later one that takes the method (405 only if none does)."""
 
     def __init__(self) -> None:
         self._routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
+        self._raw: set[Handler] = set()
 
-    def add(self, method: str, pattern: str, handler: Handler) -> None:
-        regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+    def add(self, method: str, pattern: str, handler: Handler, *, raw: bool = False) -> None:
+        """Route ``method pattern`` to ``handler``. ``raw``: call it at headers time (see
+        :meth:`Request.take_over_raw`)."""
+        regex = re.sub(r"\{(\w+):path\}", r"(?P<\1>.*)", pattern)
+        regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", regex) + "$")
+        if raw:
+            self._raw.add(handler)
         for existing, methods in self._routes:
             if existing.pattern == regex.pattern:
                 methods[method.upper()] = handler
                 return
         self._routes.append((regex, {method.upper(): handler}))
 
+    def is_raw(self, handler: Handler) -> bool:
+        """True if ``handler`` was added with ``raw=True``."""
+        return handler in self._raw
+
     def resolve(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
         """The handler and path parameters; raises 404 or 405 as JSON errors."""
+        not_allowed: Optional[HttpError] = None
         for regex, methods in self._routes:
             match = regex.match(path)
             if match is None:
                 continue
-            handler = methods.get(method) or (methods.get("GET") if method == "HEAD" else None)
+            handler = (methods.get(method) or (methods.get("GET") if method == "HEAD" else None)
+                       or methods.get("*"))
             if handler is None:
-                raise HttpError(405, "method_not_allowed", f"{method} is not allowed on {path}",
-                                {"Allow": ", ".join(sorted(methods))})
+                not_allowed = not_allowed or HttpError(
+                    405, "method_not_allowed", f"{method} is not allowed on {path}",
+                    {"Allow": ", ".join(sorted(methods))})
+                continue
             return handler, match.groupdict()
-        raise HttpError(404, "not_found", f"no such endpoint: {path}")
+        raise not_allowed or HttpError(404, "not_found", f"no such endpoint: {path}")
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -230,6 +267,8 @@ class HttpProtocol(asyncio.Protocol):
             if isinstance(event, h11.Request):
                 self._request = event
                 self._body = bytearray()
+                if self._start_raw(event):
+                    return
             elif isinstance(event, h11.Data):
                 self._body += event.data
                 if len(self._body) > MAX_BODY:
@@ -247,10 +286,25 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.close()
                 return
 
-    async def _handle(self, request: Request) -> None:
+    def _start_raw(self, event: h11.Request) -> bool:
+        """At headers time: if a raw route takes this request, run its handler now."""
+        request = Request(self, event, b"")
         try:
             handler, params = self._router.resolve(request.method, request.path)
-            request.params = params
+        except HttpError:
+            return False  # answered once the whole request is in, as usual
+        if not self._router.is_raw(handler):
+            return False
+        request.params = params
+        self.transport.pause_reading()
+        self._task = asyncio.get_running_loop().create_task(self._handle(request, handler))
+        return True
+
+    async def _handle(self, request: Request, handler: Optional[Handler] = None) -> None:
+        try:
+            if handler is None:
+                handler, params = self._router.resolve(request.method, request.path)
+                request.params = params
             response = await handler(request)
         except HttpError as exc:
             response = error_response(exc.status, exc.code, exc.message, exc.headers)
