@@ -6,7 +6,9 @@ hello is its SETTINGS ``info``: ``{"name", "labels", "version", "limits"}`` (see
 relay.gateway.registry); the gateway answers with a ``welcome`` control message naming
 the agent id. Liveness is the mux keepalive (PING after 15 s of silence, dead after 45 s).
 
-Streams the gateway opens carry ``{"protocol": "tcp", "target": "HOST:PORT"}``. A target
+Streams the gateway opens carry ``{"protocol": "tcp"|"http", "target": "HOST:PORT"}``; both
+are spliced byte for byte to the target (for "http" the gateway speaks HTTP/1.1 to it
+through the stream, so the agent needs no HTTP knowledge). A target
 is served only if allowed: with no ``--allow`` entries, any port on a loopback host
 (127.0.0.1, localhost, ::1); with entries, exactly those ``HOST:PORT`` pairs. Anything
 else is refused with NOT_ALLOWED and a message saying why; an unreachable target with
@@ -40,6 +42,8 @@ log = logging.getLogger("relay.agent")
 
 AGENT_PATH = "/api/v1/agent/connect"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+#: Stream protocols served; all are plain byte splices to the target.
+STREAM_PROTOCOLS = frozenset({"tcp", "http"})
 #: The upgrade must complete within this time.
 HANDSHAKE_TIMEOUT = 15.0
 #: A connection that lasted this long resets the reconnect backoff.
@@ -158,7 +162,7 @@ class Agent:
         meta = stream.metadata
         target = meta.get("target") if isinstance(meta, dict) else None
         protocol = meta.get("protocol", "tcp") if isinstance(meta, dict) else None
-        if protocol != "tcp":
+        if protocol not in STREAM_PROTOCOLS:
             raise StreamRefused(ErrorCode.REFUSED, f"unsupported stream protocol {protocol!r}")
         try:
             host, port = parse_host_port(target if isinstance(target, str) else "")

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 from relay import __version__
 from relay.aio import MuxSession, WebSocketTransport
 from relay.gateway.auth import Authenticator, Principal
+from relay.gateway.http_tunnels import HttpTunnels
 from relay.gateway.registry import Registry
 from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
 from relay.gateway.store import TUNNEL_SESSION_PROTOCOLS, SecretToken, Store, Team, ensure_default_team
@@ -160,6 +161,9 @@ class Gateway:
         add("GET", "/tunnel/{token}/tcp", self._tcp_over_ws)
         self.tunnels_api = TunnelsApi(self)  # seed 002: /api/v1/tunnels, shares, webhooks
         self.tunnels_api.register(self.router)
+        # Last: its /tunnel/{token}/... catch-all must not shadow the routes above.
+        self.http_tunnels = HttpTunnels(self, self._connections)
+        self.http_tunnels.install()
 
     def _principal(self, request: Request) -> Principal:
         """The API caller (sk-, dk-, JWT); 401/400/403 as AuthError."""

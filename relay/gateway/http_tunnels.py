@@ -1,0 +1,173 @@
+"""HTTP tunnels (seed 000, ``tunnel_protocol: http``): ``/tunnel/{token}/...`` proxied to
+``127.0.0.1:target_port`` on the session's agent, plus the session's admin endpoints.
+
+Routes (installed after the gateway's own ``GET /tunnel/{token}/tcp``, the TCP-over-WS
+relay of tcp tunnels, which therefore keeps that one path):
+
+* ``ANY /tunnel/{token}/{path}`` (a raw route): the reverse proxy of
+  :mod:`relay.gateway.http_proxy`; ``/tunnel/{token}`` is stripped, the rest (query
+  included) is what the target sees, so a page loaded at ``/tunnel/{token}/`` resolves
+  its relative links and sub-resources inside the tunnel. The access token in the URL
+  is the credential: anyone holding the URL may use it.
+* ``ANY /tunnel/{token}`` -> ``308`` to ``/tunnel/{token}/`` (relative links need the
+  slash).
+* Admin, authorised by the session's ``admin_token`` in the ``X-Admin-Token`` header (the
+  access token alone is not enough; a missing header is 401, a wrong one 403):
+  ``GET /tunnel/{token}/_relay/stats`` (live counters) and ``DELETE /tunnel/{token}``
+  (close the session: the URL stops working and open connections through it, WebSockets
+  included, are closed).
+
+Errors (JSON, seed 003 semantics): unknown or closed token, or a tcp session: 404; the
+agent is not connected: 503; the agent or tunnel fails to reach the target (nothing
+listening: the agent refuses the stream with CONNECT_FAILED): 502.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Optional
+
+import h11
+
+from relay.aio import SessionClosedError
+from relay.aio.stream import MuxStream
+from relay.gateway.http_proxy import ProxyError, ProxyStats, Upstream, serve_connection
+from relay.gateway.server import HttpError, HttpProtocol, Request, Response, json_response
+from relay.gateway.store import TunnelSession
+
+if TYPE_CHECKING:
+    from relay.gateway.app import Gateway
+
+__all__ = ["HttpTunnels", "ADMIN_HEADER"]
+
+PREFIX = b"/tunnel/"
+ADMIN_HEADER = "X-Admin-Token"
+STATS_PATH = "/_relay/stats"
+
+
+class HttpTunnels:
+    """The HTTP tunnel proxy and admin endpoints of one gateway."""
+
+    def __init__(self, gateway: "Gateway", connections: Optional[set] = None) -> None:
+        self._gateway = gateway
+        self._connections = connections
+        #: Live counters by session id (in memory: they describe this process's traffic).
+        self._stats: dict[str, ProxyStats] = {}
+
+    def install(self) -> None:
+        """Add the routes to the gateway's router."""
+        add = self._gateway.router.add
+        add("GET", "/tunnel/{token}" + STATS_PATH, self._admin_stats)
+        add("DELETE", "/tunnel/{token}", self._admin_close)
+        add("*", "/tunnel/{token}", self._add_slash)
+        add("*", "/tunnel/{token}/{path:path}", self._proxy, raw=True)
+
+    def stats(self, session_id: str) -> ProxyStats:
+        """The live counters of one session (created on first use)."""
+        stats = self._stats.get(session_id)
+        if stats is None:
+            stats = self._stats[session_id] = ProxyStats()
+        return stats
+
+    # -- the proxy
+
+    async def _proxy(self, request: Request) -> None:
+        """Raw route: the connection becomes a proxy connection from this request on."""
+        transport, data = request.take_over_raw()
+        serve_connection(transport, data, self._resolve, fallback=self._http_server,
+                         connections=self._connections)
+
+    def _http_server(self) -> HttpProtocol:
+        return HttpProtocol(self._gateway.router, self._connections)
+
+    def _resolve(self, request: h11.Request) -> Optional[Upstream]:
+        """Where a request on a proxy connection goes (None: another route's, e.g. the
+        admin endpoints or the API, which the gateway's HTTP server answers)."""
+        target = request.target
+        if target.startswith((b"http://", b"https://")):  # absolute-form: keep the path
+            slash = target.find(b"/", target.find(b"//") + 2)
+            target = target[slash:] if slash >= 0 else b"/"
+        if not target.startswith(PREFIX):
+            return None
+        end = target.find(b"/", len(PREFIX))
+        if end < 0:
+            return None  # /tunnel/{token} or /tunnel/{token}?...: the redirect
+        path = target.split(b"?", 1)[0].decode("ascii", "replace")
+        try:
+            handler, _ = self._gateway.router.resolve(request.method.decode("ascii", "replace"), path)
+        except HttpError:
+            return None
+        if handler != self._proxy:
+            return None  # e.g. the stats endpoint, or a tcp tunnel's /tcp
+        token = target[len(PREFIX):end].decode("ascii", "replace")
+        row = self._open_http_session(token)
+        registry = self._gateway.registry
+        agent = registry.get(row.team_id, row.agent_id)
+        if agent is None:
+            raise ProxyError(503, "agent_offline", "the tunnel's agent is not connected")
+        session = agent.session
+        meta = {"protocol": "http", "target": f"127.0.0.1:{row.target_port}"}
+
+        def open_stream() -> MuxStream:
+            try:
+                return session.open_stream_nowait(meta)
+            except (SessionClosedError, ConnectionError) as exc:
+                raise ProxyError(503, "agent_offline", f"the tunnel's agent is not reachable: {exc}") from None
+
+        return Upstream(open_stream=open_stream, key=(id(session), row.target_port),
+                        target=target[end:],
+                        headers=[(b"x-forwarded-prefix", target[:end])],
+                        host=f"127.0.0.1:{row.target_port}".encode(),
+                        stats=self.stats(row.session_id))
+
+    def _open_http_session(self, token: str) -> TunnelSession:
+        row = self._gateway.store.get_tunnel_session_by_token(token)
+        if row is None or row.protocol != "http":  # unknown, closed, or a tcp tunnel
+            raise ProxyError(404, "tunnel_not_found", "no such open http tunnel")
+        return row
+
+    # -- plain routes
+
+    async def _add_slash(self, request: Request) -> Response:
+        """``/tunnel/{token}`` -> ``/tunnel/{token}/``: relative links need the slash."""
+        location = f"/tunnel/{request.params['token']}/"
+        query = request.target.partition("?")[2]
+        if query:
+            location += "?" + query
+        return json_response({"location": location}, 308, {"Location": location})
+
+    def _admin_session(self, request: Request) -> TunnelSession:
+        """The open http session of the URL's token, if the admin token matches."""
+        try:
+            row = self._open_http_session(request.params["token"])
+        except ProxyError as exc:
+            raise HttpError(exc.status, exc.code, exc.message) from None
+        admin = request.header(ADMIN_HEADER)
+        if not admin:
+            raise HttpError(401, "admin_token_required", f"send the session's admin_token in {ADMIN_HEADER}")
+        if self._gateway.store.check_tunnel_admin_token(row.session_id, admin) is None:
+            raise HttpError(403, "invalid_admin_token", "wrong admin_token for this tunnel session")
+        return row
+
+    async def _admin_stats(self, request: Request) -> Response:
+        row = self._admin_session(request)
+        online = self._gateway.registry.get(row.team_id, row.agent_id) is not None
+        return json_response({
+            "session_id": row.session_id,
+            "agent_id": row.agent_id,
+            "agent_online": online,
+            "target_port": row.target_port,
+            "tunnel_protocol": row.protocol,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row.created_at)),
+            **self.stats(row.session_id).as_dict(),
+        })
+
+    async def _admin_close(self, request: Request) -> Response:
+        row = self._admin_session(request)
+        tunnels = self._gateway.tunnels
+        assert tunnels is not None
+        closed = tunnels.close(row.team_id, row.agent_id, row.session_id)
+        stats = self._stats.pop(row.session_id, None)
+        if stats is not None:
+            for client in list(stats.clients):
+                client.close()
+        return json_response({"closed": closed})
