@@ -596,3 +596,51 @@ def test_concurrent_pause_and_resume_leave_status_and_listener_in_agreement(tmp_
                         assert await echo_through(tunnel["hub_port"]) == b"hello relay"
 
     run(main)
+
+
+def test_openapi_describes_every_tunnels_api_route(tmp_path):
+    from relay.gateway.tunnels_api import TunnelsApi
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.routes: list[tuple[str, str]] = []
+
+        def add(self, method: str, pattern: str, handler: Any, **_: Any) -> None:
+            self.routes.append((method.lower(), pattern))
+
+    recorder = Recorder()
+    TunnelsApi(None).register(recorder)  # type: ignore[arg-type]
+
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, _):
+            status, _, doc = await api(gw, "GET", "/api/v1/openapi.json")
+            assert status == 200
+            return doc
+
+    doc = run(main)
+    described = {(m, p) for p, ops in doc["paths"].items() for m in ops}
+    registered = set()
+    for method, pattern in recorder.routes:
+        if pattern.startswith("/s/"):
+            continue  # share links are not part of the control API
+        path = pattern.removeprefix("/api/v1")
+        path = re.sub(r"\{(\w+)_id\}", lambda m: "{" + m.group(1) + "Id}", path)
+        registered.add((method, path))
+    assert registered <= described, registered - described
+    assert {p for _, p in registered} == {p for p in doc["paths"] if p.startswith(("/tunnels", "/webhooks"))}
+
+    def refs(node: Any):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "$ref":
+                    yield value
+                else:
+                    yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    for ref in refs(doc):  # every reference resolves
+        target = doc
+        for part in ref.removeprefix("#/").split("/"):
+            target = target[part]

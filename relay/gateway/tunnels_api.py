@@ -84,6 +84,7 @@ from relay.gateway.auth import Principal
 from relay.gateway.server import HttpError, Request, Response, Router, json_response
 from relay.gateway.shares import RateLimiter, check_share, parse_share_request, printable_text
 from relay.gateway.store import Share, Tunnel, Webhook, normalize_uuid
+from relay.gateway.tunnels_openapi import add_tunnels_api
 from relay.gateway.webhooks import WebhookDispatcher, parse_webhook_request
 
 if TYPE_CHECKING:
@@ -246,6 +247,10 @@ class TunnelsApi:
             # The router turns {name} into one path segment; the rest of a share URL is
             # any path, so this pattern spells its regex group out.
             add(method, "/s/{share_token}/(?P<rest>.*)", self._share_request)
+
+    def openapi(self, document: dict[str, Any]) -> dict[str, Any]:
+        """``document`` (the gateway's OpenAPI) with this API's paths and schemas added."""
+        return add_tunnels_api(document)
 
     async def start(self) -> None:
         """Reopen the hub ports of active tunnels (same port as before the restart)."""
