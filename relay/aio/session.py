@@ -98,6 +98,8 @@ class MuxSession(asyncio.Protocol):
         self._flushing: set[int] = set()
         #: Splices whose local reading is paused until their stream can take data again.
         self._blocked_readers: set[StreamSplice] = set()
+        #: Splices holding payloads from the events being handled (see _write_pending_splices).
+        self._pending_splices: list[StreamSplice] = []
         self._incoming: deque[MuxStream] = deque()
         self._incoming_waiter: Optional[asyncio.Future] = None
         self._controls: deque[Any] = deque()
@@ -361,7 +363,23 @@ class MuxSession(asyncio.Protocol):
 
     # ------------------------------------------------------------------ events
 
+    def _write_pending_splices(self) -> None:
+        """Write out what spliced streams received in the events just handled."""
+        pending = self._pending_splices
+        while pending:
+            self._pending_splices = []
+            for splice in pending:
+                splice._write_out()
+            pending = self._pending_splices
+
     def _handle_events(self, events: list) -> None:
+        try:
+            self._dispatch_events(events)
+        finally:
+            if self._pending_splices:
+                self._write_pending_splices()
+
+    def _dispatch_events(self, events: list) -> None:
         streams = self._streams
         for event in events:
             kind = type(event)
