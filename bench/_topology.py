@@ -233,18 +233,25 @@ def _api(port: int, method: str, path: str, token: str, body: Any = None) -> tup
 class Relay:
     """``relay gateway`` + one ``relay agent`` as processes (uvloop, log level warning)."""
 
-    def __init__(self, procs: Procs, log_level: str = "warning") -> None:
+    def __init__(self, procs: Procs, log_level: str = "warning", *, source: Optional[Path] = None,
+                 name: str = "", extra_env: Optional[dict[str, str]] = None) -> None:
+        """``source``: run the relay package found in that directory instead (an A/B
+        baseline, e.g. a ``git worktree`` of another commit with the extensions copied in)."""
         self.procs = procs
         relay = ROOT / ".venv" / "bin" / "relay"
-        self.cmd = [str(relay)] if relay.exists() else [sys.executable, "-m", "relay"]
+        self.cmd = [str(relay)] if relay.exists() and source is None else [sys.executable, "-m", "relay"]
         self.port = _free_port()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        data = procs.workdir / "relay-data"
-        self.gateway = procs.spawn("gateway", [*self.cmd, "gateway", "--listen", f"{HOST}:{self.port}",
+        if source is not None:
+            env["PYTHONPATH"] = str(source)
+        env.update(extra_env or {})
+        data = procs.workdir / f"relay-data{name}"
+        self.gateway = procs.spawn(f"gateway{name}", [*self.cmd, "gateway", "--listen", f"{HOST}:{self.port}",
                                                "--data", str(data), "--log-level", log_level], env=env)
-        wait_for(lambda: "listening on" in procs.log("gateway"), 20, "relay gateway", self.gateway, procs)
-        self.keys = dict(re.findall(r"^  (sk|dk|ak)  (\S+)$", procs.log("gateway"), re.M))
-        self.agent = procs.spawn("agent", [*self.cmd, "agent", "--gateway", f"http://{HOST}:{self.port}",
+        gwlog = f"gateway{name}"
+        wait_for(lambda: "listening on" in procs.log(gwlog), 20, "relay gateway", self.gateway, procs)
+        self.keys = dict(re.findall(r"^  (sk|dk|ak)  (\S+)$", procs.log(gwlog), re.M))
+        self.agent = procs.spawn(f"agent{name}", [*self.cmd, "agent", "--gateway", f"http://{HOST}:{self.port}",
                                            "--name", "bench", "--log-level", log_level],
                                  env={**env, "RELAY_AGENT_KEY": self.keys["ak"]})
         self.agent_id = wait_for(self._online_agent, 20, "relay agent", self.agent, procs)

@@ -174,38 +174,61 @@ async def _connect(factory: Callable[[], asyncio.Protocol], port: int) -> tuple[
     return await asyncio.get_running_loop().create_connection(factory, HOST, port)
 
 
-async def downloads(port: int, streams: int, warmup: float, seconds: float) -> list[float]:
-    """Per-stream MB/s of ``streams`` concurrent target->client streams."""
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of ``pids`` and their children so far."""
+    total = 0.0
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            for p in [proc, *proc.children(recursive=True)]:
+                times = p.cpu_times()
+                total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+async def downloads(port: int, streams: int, warmup: float, seconds: float,
+                    cpu_pids: list[int] = ()) -> tuple[list[float], Optional[float]]:
+    """Per-stream MB/s of ``streams`` concurrent target->client streams, and MB per
+    CPU-second spent by ``cpu_pids`` (the relay or ssh processes) in the window."""
     conns = [await _connect(_Download, port) for _ in range(streams)]
     try:
         await asyncio.sleep(warmup)
         start = [p.received for _, p in conns]
+        cpu0 = cpu_seconds(cpu_pids)
         t0 = time.perf_counter()
         await asyncio.sleep(seconds)
         end = [p.received for _, p in conns]
         dt = time.perf_counter() - t0
+        cpu = cpu_seconds(cpu_pids) - cpu0
     finally:
         for transport, _ in conns:
             transport.abort()
     rates = [(b - a) / dt / MB for a, b in zip(start, end)]
     if min(rates) <= 0:
         raise RuntimeError(f"a stream made no progress: {rates}")
-    return rates
+    return rates, (sum(end) - sum(start)) / MB / cpu if cpu_pids and cpu > 0 else None
 
 
-async def upload(port: int, warmup: float, seconds: float) -> float:
-    """MB/s client->target, as counted and timed by the target."""
+async def upload(port: int, warmup: float, seconds: float,
+                 cpu_pids: list[int] = ()) -> tuple[float, Optional[float]]:
+    """MB/s client->target, as counted and timed by the target; MB per CPU-second."""
     transport, proto = await _connect(_Upload, port)
     try:
         await asyncio.sleep(warmup)
         first = proto.report
+        cpu0 = cpu_seconds(cpu_pids)
         await asyncio.sleep(seconds)
         last = proto.report
+        cpu = cpu_seconds(cpu_pids) - cpu0
     finally:
         transport.abort()
     if first is None or last is None or last[1] <= first[1]:
         raise RuntimeError("no progress reports from the sink")
-    return (last[0] - first[0]) / (last[1] - first[1]) / MB
+    rate = (last[0] - first[0]) / (last[1] - first[1]) / MB
+    # The CPU window is the client's, the byte count the target's: close enough over seconds.
+    return rate, rate * seconds / cpu if cpu_pids and cpu > 0 else None
 
 
 async def request_response(port: int, seconds: float, max_samples: int = 200_000) -> list[float]:
@@ -333,7 +356,8 @@ async def idle_streams(port: int, count: int, pids: dict[str, int]) -> dict[str,
 class Profiler:
     """py-spy record (raw collapsed stacks + flamegraph) of the gateway and the agent."""
 
-    def __init__(self, outdir: Path, stamp: str) -> None:
+    def __init__(self, outdir: Path, stamp: str, native: bool = False) -> None:
+        self.native = native
         self.outdir = outdir
         self.stamp = stamp
         self.running: list[tuple[str, subprocess.Popen, Path]] = []
@@ -348,7 +372,8 @@ class Profiler:
         for name, pid in pids.items():
             raw = self.outdir / f"pyspy-{self.stamp}-{label}-{name}.txt"
             proc = subprocess.Popen([str(PYSPY), "record", "--pid", str(pid), "--rate", "250",
-                                     "--nonblocking", "--format", "raw", "-o", str(raw)],
+                                     "--format", "raw", "-o", str(raw),
+                                     *(["--native"] if self.native else ["--nonblocking"])],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     start_new_session=True)
             procs.append((name, proc, raw))
@@ -429,6 +454,9 @@ METRICS: list[tuple[str, str, str, bool, str]] = [
     ("bulk_down", "bulk 1 stream target->client", "MB/s", True, ">= ssh"),
     ("agg32", "32 streams target->client, aggregate", "MB/s", True, ">= ssh"),
     ("agg32_fairness", "32 streams fastest/slowest", "x", False, "<= 1.1"),
+    ("bulk_up_eff", "  CPU cost: bulk up, MB per CPU-second", "MB/cpus", True, "(info)"),
+    ("bulk_down_eff", "  CPU cost: bulk down, MB per CPU-second", "MB/cpus", True, "(info)"),
+    ("agg32_eff", "  CPU cost: 32 streams, MB per CPU-second", "MB/cpus", True, "(info)"),
     ("rr_p50", "64 B req/resp p50", "us", False, "<= 1.5x ssh"),
     ("rr_p99", "64 B req/resp p99", "us", False, "<= 1.5x ssh"),
     ("cfb_p50", "connect-to-first-byte p50", "us", False, "<= 1.5x ssh"),
@@ -450,7 +478,7 @@ def _verdict(metric: str, relay: Optional[float], best: Optional[float]) -> tupl
         return ratio_text, "ok" if relay <= 1.1 else "SHORT"
     if metric in ("idle_gateway", "idle_agent"):
         return ratio_text, "ok" if relay <= 10 else "SHORT"
-    if ratio is None or metric == "wrk_p99":
+    if ratio is None or metric == "wrk_p99" or metric.endswith("_eff"):
         return ratio_text, ""
     if metric in ("bulk_up", "bulk_down", "agg32"):
         return ratio_text, "ok" if ratio >= 1.0 else "SHORT"
@@ -461,17 +489,19 @@ def _verdict(metric: str, relay: Optional[float], best: Optional[float]) -> tupl
 
 def table(results: Results) -> tuple[str, list[dict[str, Any]]]:
     rows = []
-    header = f"{'metric':<38}{'unit':>8}" + "".join(f"{p:>11}" for p in PATHS) + \
+    has_base = any("base" in per_path for per_path in results.samples.values())
+    columns = ("relay", "base", *PATHS[1:]) if has_base else PATHS
+    header = f"{'metric':<38}{'unit':>8}" + "".join(f"{p:>11}" for p in columns) + \
         f"{'goal':>14}{'relay/ssh':>11}{'':>7}"
     lines = [header, "-" * len(header)]
     for metric, label, unit, higher, goal in METRICS:
         if metric not in results.samples:
             continue
-        values = {p: results.median(metric, p) for p in PATHS}
+        values = {p: results.median(metric, p) for p in columns}
         ssh = [v for p, v in values.items() if p.startswith("ssh") and v is not None]
         best = (max(ssh) if higher else min(ssh)) if ssh else None
         ratio, verdict = _verdict(metric, values["relay"], best)
-        cells = "".join(f"{_fmt(values[p]):>11}" for p in PATHS)
+        cells = "".join(f"{_fmt(values[p]):>11}" for p in columns)
         lines.append(f"{label:<38}{unit:>8}{cells}{goal:>14}{ratio:>11}{verdict:>7}")
         rows.append({"metric": metric, "label": label, "unit": unit, "goal": goal,
                      "median": values, "best_ssh": best, "relay_over_best_ssh": ratio,
@@ -496,17 +526,18 @@ class Bench:
         self.args = args
         self.quick = args.quick
         self.reps = 1 if args.quick else args.reps
-        self.warmup = 0.3 if args.quick else 0.5
-        self.window = 1.0 if args.quick else 2.0
+        self.warmup = args.warmup if args.warmup is not None else (0.3 if args.quick else 0.5)
+        self.window = args.window if args.window is not None else (1.0 if args.quick else 2.0)
         self.workdir = workdir
         self.procs = topo.Procs(workdir)
         self.results = Results()
         self.ports: dict[str, dict[str, int]] = {}
         self.pids: dict[str, dict[str, int]] = {}
+        self.cpu_pids: dict[str, list[int]] = {}
         self.stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.outdir = ROOT / "bench" / "results"
         self.outdir.mkdir(parents=True, exist_ok=True)
-        self.profiler = Profiler(self.outdir, self.stamp)
+        self.profiler = Profiler(self.outdir, self.stamp, args.profile == "native")
         self.relay: Optional[topo.Relay] = None
 
     def log(self, text: str) -> None:
@@ -518,6 +549,7 @@ class Bench:
         want = set(self.args.only)
         target = topo.start_target(self.procs)
         ports: dict[str, dict[str, int]] = {p: {} for p in PATHS}
+        ports["base"] = {}
         ports["direct"]["target"] = target
         nginx_port = None
         if "wrk" in want:
@@ -532,17 +564,35 @@ class Bench:
             for name, t in zip(names, targets):
                 ports["relay"][name] = relay.tunnel(t)
             self.pids["relay"] = {"gateway": relay.gateway.pid, "agent": relay.agent.pid}
+            self.cpu_pids["relay"] = [relay.gateway.pid, relay.agent.pid]
+            if self.args.baseline:
+                source = None if self.args.baseline == "." else Path(self.args.baseline).resolve()
+                extra_env = dict(kv.split("=", 1) for kv in self.args.baseline_env)
+                base = topo.Relay(self.procs, source=source, name="-base", extra_env=extra_env)
+                self.cpu_pids["base"] = [base.gateway.pid, base.agent.pid]
+                for name, t in zip(names, targets):
+                    ports["base"][name] = base.tunnel(t)
             if self.args.paths != ["relay"]:
                 (self.workdir / "sshd").mkdir()
                 self.sshd = stack.enter_context(start_sshd(self.workdir / "sshd"))
+                master = psutil.Process(self.sshd.pid)
                 for path, tty in (("ssh -N", False), ("ssh -tt", True)):
+                    before = {c.pid for c in master.children()}
                     fwd = topo.start_ssh_forward(self.procs, self.sshd, path.replace(" ", ""), targets, tty)
                     ports[path] = dict(zip(names, fwd))
+                    # ssh itself + the sshd child(ren) serving its connection (not the
+                    # probe connections' short-lived ones: those are gone again by now).
+                    time.sleep(0.2)
+                    sshd_children = [c.pid for c in master.children() if c.pid not in before]
+                    self.cpu_pids[path] = [self.procs.procs[-1].pid, *sshd_children]
         self.ports = ports
         self.log(f"ports: {ports}")
 
     def paths(self) -> list[str]:
-        return [p for p in PATHS if p in self.args.paths and self.ports.get(p)]
+        paths = [p for p in PATHS if p in self.args.paths and self.ports.get(p)]
+        if self.ports.get("base"):
+            paths.insert(1, "base")
+        return paths
 
     # -- benchmarks
 
@@ -563,19 +613,28 @@ class Bench:
         for rep in range(self.reps):
             for path in self.paths():
                 port = self.ports[path]["target"]
+                cpu_pids = self.cpu_pids.get(path, [])
                 with self._profile("bulk_up", path) if rep == 0 else contextlib.nullcontext():
-                    up = loop_run(upload(port, self.warmup, self.window))
+                    up, up_eff = loop_run(upload(port, self.warmup, self.window, cpu_pids))
                 with self._profile("bulk_down", path) if rep == 0 else contextlib.nullcontext():
-                    [down] = loop_run(downloads(port, 1, self.warmup, self.window))
+                    [down], down_eff = loop_run(downloads(port, 1, self.warmup, self.window, cpu_pids))
                 self.results.add("bulk_up", path, up)
                 self.results.add("bulk_down", path, down)
-                self.log(f"  rep {rep + 1} {path:>8}: up {up:8.1f} MB/s  down {down:8.1f} MB/s")
+                if up_eff is not None:
+                    self.results.add("bulk_up_eff", path, up_eff)
+                    self.results.add("bulk_down_eff", path, down_eff)
+                eff = f"  (MB per CPU-s: up {up_eff:6.1f} down {down_eff:6.1f})" if up_eff else ""
+                self.log(f"  rep {rep + 1} {path:>8}: up {up:8.1f} MB/s  down {down:8.1f} MB/s{eff}")
 
     def bench_agg(self, loop_run: Callable[[Any], Any]) -> None:
         for rep in range(self.reps):
             for path in self.paths():
-                rates = loop_run(downloads(self.ports[path]["target"], 32, self.warmup, self.window))
+                rates, eff = loop_run(downloads(self.ports[path]["target"], 32, self.warmup, self.window,
+                                                self.cpu_pids.get(path, [])))
                 total, fairness = sum(rates), max(rates) / min(rates)
+                if eff is not None:
+                    self.results.add("agg32_eff", path, eff)
+                self.results.extra.setdefault("agg32_rates", {}).setdefault(path, []).append(sorted(rates))
                 self.results.add("agg32", path, total)
                 self.results.add("agg32_fairness", path, fairness)
                 self.log(f"  rep {rep + 1} {path:>8}: 32 streams {total:8.1f} MB/s  "
@@ -669,12 +728,21 @@ def main() -> int:
                         help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of the paths")
     parser.add_argument("--reps", type=int, default=3, help="repetitions (without --quick)")
+    parser.add_argument("--warmup", type=float, help="seconds before a throughput window (0.5; quick 0.3)")
+    parser.add_argument("--window", type=float, help="seconds of a throughput window (2; quick 1)")
     parser.add_argument("--idle-streams", type=int, default=10_000)
     parser.add_argument("--idle-ssh-streams", type=int, default=2_000,
                         help="idle streams for ssh -N (ssh polls every channel on every event, "
                              "so opening 10,000 takes minutes)")
-    parser.add_argument("--profile", action="store_true",
-                        help="py-spy the gateway and agent during relay's bulk and latency runs")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also run a second gateway+agent from the relay package in DIR (e.g. a "
+                             "git worktree of the previous commit), interleaved: column 'base'")
+    parser.add_argument("--baseline-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment for the baseline's processes only (--baseline . runs "
+                             "the same code: an A/B of the environment)")
+    parser.add_argument("--profile", nargs="?", const="python", choices=("python", "native"),
+                        help="py-spy the gateway and agent during relay's bulk and latency runs "
+                             "(--profile=native: with C frames)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="abort after this many seconds (default 350, --quick 88)")
     args = parser.parse_args()
