@@ -412,6 +412,37 @@ def test_errors_unknown_token_refused_target_and_offline_agent(tmp_path):
     run(main)
 
 
+def test_a_client_that_stops_reading_stops_the_upstream(tmp_path):
+    """Backpressure end to end: while the client reads nothing, the upstream stalls after
+    a bounded amount (socket buffers + one stream window), then everything arrives."""
+    size = 256 * 1024 * 1024
+
+    async def main():
+        async with WebApp() as app, tunnel_to(tmp_path, app.port) as (gw, keys, agent, tunnel):
+            client = await Client.connect(gw.port)
+            await client.send("GET", path_of(tunnel["tunnel_url"]) + f"download?size={size}")
+            await wait_until(lambda: app.download_sent > 0)
+            await asyncio.sleep(1.5)
+            stalled_at = app.download_sent
+            await asyncio.sleep(1.0)
+            assert app.download_sent == stalled_at  # nobody reads: nothing more is sent
+            print(f"upstream stalled after {stalled_at / 2**20:.1f} MiB")
+            assert stalled_at < 64 * 1024 * 1024, stalled_at
+            head = await client._event()
+            assert head.status_code == 200
+            digest, received = hashlib.sha256(), 0
+            while True:
+                event = await client._event()
+                if isinstance(event, h11.EndOfMessage):
+                    break
+                digest.update(event.data)
+                received += len(event.data)
+            assert received == size and digest.hexdigest() == payload_sha256(size)
+            await client.close()
+
+    run(main, timeout=120)
+
+
 def test_agent_dropping_mid_response_cuts_the_client_off(tmp_path):
     async def main():
         async with WebApp() as app, gateway_and_team(tmp_path) as (gw, keys):

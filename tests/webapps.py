@@ -152,6 +152,9 @@ class WebApp:
         self._server: Optional[asyncio.AbstractServer] = None
         #: TCP connections accepted so far (keep-alive reuse shows as few of them).
         self.connections = 0
+        #: Body bytes ``/download`` handed to its socket so far (backpressure shows as a
+        #: number that stops growing while the client does not read).
+        self.download_sent = 0
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -298,6 +301,7 @@ class WebApp:
         if ex.request.method != b"HEAD":
             for piece in payload(size, 256 * 1024):
                 await ex.send(h11.Data(data=piece))
+                self.download_sent += len(piece)
         await ex.send(h11.EndOfMessage())
 
     async def _websocket(self, ex: _Exchange) -> bool:

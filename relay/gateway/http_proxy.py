@@ -40,6 +40,7 @@ import logging
 import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, Optional, Union
 
 import h11
@@ -48,7 +49,7 @@ from relay.aio import SessionClosedError, StreamRefused, StreamSplice
 from relay.aio.stream import MuxStream
 from relay.mux.errors import ErrorCode
 
-__all__ = ["ProxyConnection", "ProxyError", "ProxyStats", "Resolver", "Upstream",
+__all__ = ["ProxyConnection", "ProxyError", "ProxyStats", "Resolver", "Upstream", "refusal_error",
            "serve_connection", "upstream_request_headers", "downstream_response_headers"]
 
 log = logging.getLogger("relay.gateway.proxy")
@@ -415,7 +416,8 @@ class ProxyConnection(asyncio.Protocol):
             pass  # the client went away
         except Exception:
             log.exception("proxy connection failed")
-            self._lost or self.transport.abort()
+            if not self._lost:
+                self.transport.abort()
         finally:
             self._drop_stream(abort=self._upstream is None or self._upstream.our_state is not h11.IDLE)
             if not self._detached:
@@ -480,7 +482,7 @@ class ProxyConnection(asyncio.Protocol):
         if close:
             headers.append((b"connection", b"close"))
         try:
-            self._send(h11.Response(status_code=exc.status, headers=headers))
+            self._send(h11.Response(status_code=exc.status, headers=headers, reason=_reason(exc.status)))
             if self._h11.our_state is h11.SEND_BODY:
                 try:
                     self._send(h11.Data(data=body))
@@ -580,7 +582,8 @@ class ProxyConnection(asyncio.Protocol):
                     continue  # 100 Continue and friends: we sent our own
                 if isinstance(event, h11.Response):
                     started = True
-                    self._send(h11.Response(status_code=event.status_code, reason=event.reason,
+                    self._send(h11.Response(status_code=event.status_code,
+                                            reason=event.reason or _reason(event.status_code),
                                             headers=downstream_response_headers(event)))
                 elif isinstance(event, h11.Data):
                     stats.bytes_out += len(event.data)
@@ -680,6 +683,13 @@ class ProxyConnection(asyncio.Protocol):
             if self._connections is not None:
                 self._connections.discard(self)
         return False
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def _retrieve(task: asyncio.Task) -> None:
