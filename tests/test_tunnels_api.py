@@ -439,13 +439,16 @@ async def _recording_agent(gw: Gateway, key: str, name: str, received: list[Any]
 
 
 def test_shares_api_and_enforcement_at_the_share_url(tmp_path):
+    from tests.webapps import WebApp
+
     async def main():
-        async with gateway_and_team(tmp_path) as (gw, keys):
+        async with gateway_and_team(tmp_path) as (gw, keys), WebApp() as app:
             sk = keys["sk"]
             clock = [1_700_000_040.0]  # a window boundary; moved by hand below
             gw.tunnels_api.clock = lambda: clock[0]
             async with running_agent(gw, keys["ak"], name="web") as agent:
-                web = await create(gw, sk, target="127.0.0.1:8188", agent_id=agent.agent_id)
+                web = await create(gw, sk, target=f"127.0.0.1:{app.port}", agent_id=agent.agent_id,
+                                   protocol="http")
                 base = f"/api/v1/tunnels/{web['id']}/shares"
                 status, _, share = await api(gw, "POST", base, sk, {
                     "name": "demo for acme", "description": "read-only demo", "expires_in": "1h",
@@ -465,36 +468,46 @@ def test_shares_api_and_enforcement_at_the_share_url(tmp_path):
                 assert status == 200 and got["name"] == "demo for acme"
                 assert (await api(gw, "GET", f"{base}/{uuid.uuid4()}", sk))[0] == 404
 
-                url = f"/s/{token}/some/page?x=1"
-                # Passes the checks (the proxying itself is not there yet: 501).
-                status, _, answer = await api(gw, "GET", url)
-                assert status == 501 and answer["error"]["code"] == "share_proxy_unavailable"
+                # Through the share to the web app behind the agent; the prefix is stripped.
+                url = f"/s/{token}/echo/page?x=1"
+                status, _, echo = await api(gw, "GET", url)
+                assert status == 200 and echo["method"] == "GET" and echo["target"] == "/echo/page?x=1"
+                assert dict(echo["headers"])["x-forwarded-prefix"] == f"/s/{token}"
                 # Method not allowed: 405 with Allow; it does not use the budget.
                 status, headers, answer = await api(gw, "POST", url, body={"a": 1})
                 assert status == 405 and headers["allow"] == "GET, HEAD"
                 assert answer["error"]["code"] == "method_not_allowed"
                 # Rate limit 2/min: the second passes, the third is 429 with Retry-After.
                 clock[0] += 20
-                assert (await api(gw, "GET", f"/s/{token}"))[0] == 501
+                assert (await api(gw, "GET", url))[0] == 200
                 status, headers, answer = await api(gw, "GET", url)
                 assert status == 429 and headers["retry-after"] == "40"
                 assert answer["error"]["code"] == "rate_limited"
                 clock[0] += 40  # the next window: recovered
-                assert (await api(gw, "GET", url))[0] == 501
+                assert (await api(gw, "GET", url))[0] == 200
+                # Without the slash: redirected (relative links need it).
+                status, headers, _ = await api(gw, "GET", f"/s/{token}?a=b")
+                assert status == 308 and headers["location"] == f"/s/{token}/?a=b"
                 # Expired: 410 Gone, whatever the method.
                 clock[0] += 3600
                 status, _, answer = await api(gw, "GET", url)
                 assert status == 410 and answer["error"]["code"] == "share_expired"
+                assert (await api(gw, "GET", f"/s/{token}"))[0] == 410
                 assert (await api(gw, "GET", f"{base}/{share['id']}", sk))[2]["expired"] is True
                 assert (await api(gw, "GET", "/s/not-a-token/"))[0] == 404
+                assert (await api(gw, "GET", "/s/not-a-token"))[0] == 404
 
                 # A never-expiring share without restrictions; paused tunnel -> 503.
                 status, _, free = await api(gw, "POST", base, sk, {"name": "open", "expires_in": "never"})
                 assert status == 201 and free["expires_at"] is None and free["allowed_methods"] is None
                 free_path = "/s/" + free["share_url"].rsplit("/s/", 1)[1]
-                assert (await api(gw, "DELETE", free_path))[0] == 501
+                status, _, echo = await api(gw, "DELETE", free_path + "echo")
+                assert status == 200 and echo["method"] == "DELETE"
                 await api(gw, "PATCH", f"/api/v1/tunnels/{web['id']}", sk, {"status": "paused"})
-                assert (await api(gw, "GET", free_path))[0] == 503
+                status, _, answer = await api(gw, "GET", free_path)
+                assert status == 503 and answer["error"]["code"] == "tunnel_paused"
+                await api(gw, "PATCH", f"/api/v1/tunnels/{web['id']}", sk, {"status": "active"})
+                assert (await api(gw, "GET", free_path + "echo"))[0] == 200
 
                 for body, code in [({"name": ""}, "invalid_name"),
                                    ({"name": "n", "expires_in": "2d"}, "invalid_expires_in"),
@@ -503,10 +516,12 @@ def test_shares_api_and_enforcement_at_the_share_url(tmp_path):
                                    ({"name": "n", "description": "d" * 501}, "invalid_description")]:
                     status, _, answer = await api(gw, "POST", base, sk, body)
                     assert status == 400 and answer["error"]["code"] == code, body
-                # Shares are HTTP links: not on a tcp tunnel.
-                db = await create(gw, sk, target="127.0.0.1:5432", agent_id=agent.agent_id)
-                status, _, answer = await api(gw, "POST", f"/api/v1/tunnels/{db['id']}/shares", sk, {"name": "n"})
-                assert status == 400 and answer["error"]["code"] == "invalid_tunnel_protocol"
+                # Shares go through the plain-HTTP proxy: not on tcp or https tunnels.
+                for target in ("127.0.0.1:5432", "127.0.0.1:443"):
+                    other = await create(gw, sk, target=target, agent_id=agent.agent_id)
+                    status, _, answer = await api(gw, "POST", f"/api/v1/tunnels/{other['id']}/shares", sk,
+                                                  {"name": "n"})
+                    assert status == 400 and answer["error"]["code"] == "invalid_tunnel_protocol"
 
                 # Delete one share; deleting the tunnel deletes the rest.
                 assert (await api(gw, "DELETE", f"{base}/{share['id']}", keys["dk"]))[0] == 403
@@ -516,6 +531,48 @@ def test_shares_api_and_enforcement_at_the_share_url(tmp_path):
                 assert (await api(gw, "DELETE", f"/api/v1/tunnels/{web['id']}", sk))[0] == 204
                 assert (await api(gw, "GET", free_path))[0] == 404
                 assert gw.store.get_share_by_token(free_path.split("/")[2]) is None
+
+    run(main)
+
+
+def test_every_request_on_a_kept_alive_share_connection_is_checked(tmp_path):
+    from tests.test_http_tunnel import Client
+    from tests.webapps import WebApp
+
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys), WebApp() as app:
+            sk = keys["sk"]
+            clock = [1_700_000_040.0]
+            gw.tunnels_api.clock = lambda: clock[0]
+            async with running_agent(gw, keys["ak"], name="web") as agent:
+                web = await create(gw, sk, target=f"127.0.0.1:{app.port}", agent_id=agent.agent_id,
+                                   protocol="http")
+                status, _, share = await api(gw, "POST", f"/api/v1/tunnels/{web['id']}/shares", sk,
+                                             {"name": "s", "allowed_methods": ["GET"], "rate_limit": 3})
+                prefix = "/s/" + share["share_url"].rsplit("/s/", 1)[1]
+                client = await Client.connect(gw.port)
+                try:
+                    for i in range(3):  # one connection, three requests: all proxied
+                        status, _, body = await client.request("GET", prefix + f"echo/{i}")
+                        assert status == 200 and json.loads(body)["target"] == f"/echo/{i}"
+                    assert app.connections == 1  # and the upstream connection was reused
+                    # The fourth on the same connection is over the limit: 429, Retry-After.
+                    status, headers, body = await client.request("GET", prefix + "echo/3")
+                    assert status == 429 and headers["retry-after"] == "60"
+                    assert json.loads(body)["error"]["code"] == "rate_limited"
+                finally:
+                    await client.close()
+                clock[0] += 60
+                client = await Client.connect(gw.port)
+                try:
+                    assert (await client.request("GET", prefix + "echo/a"))[0] == 200
+                    # A method the share refuses, on a connection the proxy already owns.
+                    status, headers, _ = await client.request("DELETE", prefix + "echo/b")
+                    assert status == 405 and headers["allow"] == "GET, HEAD"
+                finally:
+                    await client.close()
+                stats = gw.tunnels_api.share_proxy.stats(share["id"])
+                assert stats is not None and stats.requests == 4
 
     run(main)
 

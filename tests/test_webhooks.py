@@ -4,7 +4,6 @@ verifies the HMAC signature, answers 500 first to force a retry, or never answer
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json

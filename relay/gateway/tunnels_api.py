@@ -20,7 +20,7 @@ only: another team's tunnel, share, webhook or agent answers 404.
 ``GET    /api/v1/webhooks``                  manage   ``{"webhooks": [...]}`` (no secrets)
 ``GET    /api/v1/webhooks/{id}``             manage   webhook (no secret)
 ``DELETE /api/v1/webhooks/{id}``             manage   204
-``ANY    /s/{share_token}/...``              share    the share checks (see below)
+``ANY    /s/{share_token}/...``              share    checks, then proxied to the target
 ==========================================  =======  ==========================================
 
 Create body: ``target`` (``"host:port"``, ``"[v6]:port"`` or ``{"host", "port"}``;
@@ -58,13 +58,14 @@ tunnel. The gateway sends it the control message ``{"type": "bind", "tunnel_id",
 ``mongodb://HOST:PORT`` (27017), ``http(s)://HOST:PORT/`` (http/https tunnels), else
 ``tcp://HOST:PORT``. (The stock agent does not act on ``bind`` yet.)
 
-Shares (http/https tunnels only: the share URL is an HTTP URL): see
-:mod:`relay.gateway.shares` for the fields and the checks. The ``share_url``
+Shares (http tunnels only: the share URL is served by the gateway's HTTP reverse proxy,
+which speaks plain HTTP to the target): see :mod:`relay.gateway.shares` for the fields
+and the checks, :mod:`relay.gateway.share_proxy` for the serving. The ``share_url``
 (``{gateway}/s/{share_token}/``) is returned once, at creation: only a hash of its token
-is stored. At the share URL a request is refused with 404 (unknown token), 410 (expired),
-405 (method not allowed, with ``Allow``) or 429 (over the rate limit, with
-``Retry-After``); one that passes is answered ``501 share_proxy_unavailable`` until the
-HTTP reverse proxy serves it.
+is stored. At the share URL every request is checked (404 unknown token, 410 expired,
+405 method not allowed with ``Allow``, 429 over the rate limit with ``Retry-After``, 503
+tunnel paused or agent offline), then proxied to the tunnel's target with the
+``/s/{share_token}`` prefix stripped.
 
 Webhooks: see :mod:`relay.gateway.webhooks`; ``tunnel.created`` and ``tunnel.deleted``
 carry the tunnel as the API shows it.
@@ -82,7 +83,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from relay.gateway.auth import Principal
 from relay.gateway.server import HttpError, Request, Response, Router, json_response
-from relay.gateway.shares import RateLimiter, check_share, parse_share_request, printable_text
+from relay.gateway.share_proxy import ShareProxy
+from relay.gateway.shares import RateLimiter, parse_share_request, printable_text
 from relay.gateway.store import Share, Tunnel, Webhook, normalize_uuid
 from relay.gateway.tunnels_openapi import add_tunnels_api
 from relay.gateway.webhooks import WebhookDispatcher, parse_webhook_request
@@ -225,6 +227,8 @@ class TunnelsApi:
         self._errors: dict[str, str] = {}
         # Serialises listener changes: two PATCHes must not race to bind one port.
         self._hub_lock = asyncio.Lock()
+        #: Serves the share URLs /s/{share_token}/...
+        self.share_proxy = ShareProxy(self)
 
     def register(self, router: Router) -> None:
         add = router.add
@@ -242,11 +246,7 @@ class TunnelsApi:
         add("GET", "/api/v1/webhooks", self._list_webhooks)
         add("GET", "/api/v1/webhooks/{webhook_id}", self._get_webhook)
         add("DELETE", "/api/v1/webhooks/{webhook_id}", self._delete_webhook)
-        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
-            add(method, "/s/{share_token}", self._share_request)
-            # The router turns {name} into one path segment; the rest of a share URL is
-            # any path, so this pattern spells its regex group out.
-            add(method, "/s/{share_token}/(?P<rest>.*)", self._share_request)
+        self.share_proxy.register(router)
 
     def openapi(self, document: dict[str, Any]) -> dict[str, Any]:
         """``document`` (the gateway's OpenAPI) with this API's paths and schemas added."""
@@ -438,6 +438,7 @@ class TunnelsApi:
             tunnel = self.gw.store.update_tunnel(principal.team_id, tunnel.id, **changes) or tunnel
             if changes.get("status") == "paused":
                 self._close_hub(tunnel)
+                self.share_proxy.forget([s.id for s in self.gw.store.list_shares(tunnel.team_id, tunnel.id)])
             elif changes.get("status") == "active":
                 tunnels = self.gw.tunnels
                 if tunnels is None or tunnels.hub(tunnel.id) is None:  # paused or errored: (re)open
@@ -455,6 +456,7 @@ class TunnelsApi:
             self._close_hub(tunnel)
         for share in shares:
             self.limiter.forget(share.id)
+        self.share_proxy.forget([share.id for share in shares])
         last["status"] = "deleted"
         self._publish(principal.team_id, "tunnel.deleted", last)
         return json_response(None, 204)
@@ -517,10 +519,10 @@ class TunnelsApi:
         principal = self._principal(request, manage=True)
         tunnel = self._tunnel(principal, request.params["tunnel_id"])
         spec = parse_share_request(request.json())
-        if tunnel.protocol not in ("http", "https"):
+        if tunnel.protocol != "http":
             raise HttpError(400, "invalid_tunnel_protocol",
-                            f"shares are HTTP links: create them on an http or https tunnel "
-                            f"(this one is {tunnel.protocol})")
+                            f"shares are served by the gateway's HTTP proxy, which speaks plain HTTP "
+                            f"to the target: create them on an http tunnel (this one is {tunnel.protocol})")
         share, token = self.gw.store.create_share(
             principal.team_id, tunnel.id, spec.name, spec.description,
             expires_at=spec.expires_at(self.clock()), allowed_methods=spec.allowed_methods,
@@ -548,21 +550,8 @@ class TunnelsApi:
         share = self._share(principal, request)
         self.gw.store.delete_share(principal.team_id, share.tunnel_id, share.id)
         self.limiter.forget(share.id)
+        self.share_proxy.forget([share.id])
         return json_response(None, 204)
-
-    async def _share_request(self, request: Request) -> Response:
-        """A request at a share URL: the token in the path is the credential."""
-        share = self.gw.store.get_share_by_token(request.params["share_token"])
-        if share is None:
-            raise HttpError(404, "share_not_found", "no such share link")
-        check_share(share, request.method, self.clock(), self.limiter)
-        tunnel = self.gw.store.get_tunnel(share.team_id, share.tunnel_id)
-        if tunnel is None or tunnel.status == "paused":
-            raise HttpError(503, "tunnel_paused", "the shared tunnel is paused")
-        # TODO(http proxy): forward to the tunnel once the streaming HTTP proxy exists.
-        raise HttpError(501, "share_proxy_unavailable",
-                        "this share link is valid, but serving it needs the HTTP proxy, "
-                        "which this gateway does not have yet")
 
     # -- webhooks
 

@@ -1,0 +1,162 @@
+"""Serving share links: ``/s/{share_token}/...`` through the HTTP reverse proxy.
+
+A share (see :mod:`relay.gateway.shares`) is a link to an http tunnel of the Tunnels API.
+What arrives at its URL is checked, then proxied exactly like a seed 000 HTTP tunnel
+(:mod:`relay.gateway.http_proxy`: streaming both ways, keep-alive, SSE, WebSocket
+upgrades, ``X-Forwarded-*``): ``/s/{share_token}`` is stripped, the rest of the path and
+the query go to the tunnel's target through its agent, ``X-Forwarded-Prefix`` says what
+was stripped.
+
+Every request is checked, including each one on a kept-alive connection: unknown token
+404, expired 410, method not allowed 405 (``Allow``), over the rate limit 429
+(``Retry-After``), tunnel paused 503, agent offline 503, a target the agent cannot reach
+502 (from the proxy). How, given that the proxy owns the connection after the first
+request: the first request is checked by the route handler, which raises the error
+(with its headers) as any handler does; a later request that fails the checks is handed
+back by the proxy to the gateway's HTTP server, whose route runs the same checks again
+and answers the error. A passing request is counted against the rate limit once.
+
+``/s/{share_token}`` without the slash is redirected (308) to ``/s/{share_token}/`` after
+the token and expiry checks, so pages with relative links work.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import h11
+
+from relay.aio import SessionClosedError
+from relay.aio.stream import MuxStream
+from relay.gateway.http_proxy import ProxyError, ProxyStats, Upstream, serve_connection
+from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
+from relay.gateway.shares import check_share
+from relay.gateway.store import Share
+
+if TYPE_CHECKING:
+    from relay.gateway.tunnels_api import TunnelsApi
+
+__all__ = ["SHARE_PREFIX", "ShareProxy"]
+
+SHARE_PREFIX = "/s/"
+
+
+class ShareProxy:
+    """The share URL routes of one gateway; live proxy counters per share."""
+
+    def __init__(self, api: "TunnelsApi") -> None:
+        self._api = api
+        # Share id -> counters and open client connections (to cut them when the share
+        # or its tunnel goes away).
+        self._stats: dict[str, ProxyStats] = {}
+
+    def register(self, router: Router) -> None:
+        router.add("*", SHARE_PREFIX + "{share_token}", self._add_slash)
+        router.add("*", SHARE_PREFIX + "{share_token}/{rest:path}", self._proxy, raw=True)
+
+    def stats(self, share_id: str) -> Optional[ProxyStats]:
+        return self._stats.get(share_id)
+
+    def forget(self, share_ids: list[str]) -> None:
+        """The shares were deleted (or their tunnel paused): close their connections."""
+        for share_id in share_ids:
+            stats = self._stats.pop(share_id, None)
+            if stats is not None:
+                for client in list(stats.clients):
+                    client.close()
+
+    # -- checks
+
+    def _lookup(self, token: str) -> Share:
+        share = self._api.gw.store.get_share_by_token(token)
+        if share is None:
+            raise HttpError(404, "share_not_found", "no such share link")
+        return share
+
+    def _admit(self, token: str, method: str, count: bool) -> Upstream:
+        """Run every check for one request and return where it goes; raises HttpError.
+        ``count``: count it against the rate limit (once per request)."""
+        api = self._api
+        share = self._lookup(token)
+        now = api.clock()
+        check_share(share, method, now)  # expiry and method; counts nothing
+        tunnel = api.gw.store.get_tunnel(share.team_id, share.tunnel_id)
+        if tunnel is None:
+            raise HttpError(404, "share_not_found", "no such share link")
+        if tunnel.status == "paused":
+            raise HttpError(503, "tunnel_paused", "the shared tunnel is paused")
+        if tunnel.protocol != "http":  # shares are only created on http tunnels
+            raise HttpError(502, "not_an_http_tunnel", "the shared tunnel does not carry HTTP")
+        agent = api.gw.registry.get(tunnel.team_id, tunnel.agent_id)
+        if agent is None:
+            raise HttpError(503, "agent_offline", "the tunnel's agent is not connected")
+        if count:  # last, so a request refused for another reason uses no budget
+            check_share(share, method, now, api.limiter)
+        session = agent.session
+        host = f"[{tunnel.target_host}]" if ":" in tunnel.target_host else tunnel.target_host
+        target = f"{host}:{tunnel.target_port}"
+        meta = {"protocol": "http", "target": target}
+
+        def open_stream() -> MuxStream:
+            try:
+                return session.open_stream_nowait(meta)
+            except (SessionClosedError, ConnectionError) as exc:
+                raise ProxyError(503, "agent_offline", f"the tunnel's agent is not reachable: {exc}") from None
+
+        stats = self._stats.get(share.id)
+        if stats is None:
+            stats = self._stats[share.id] = ProxyStats()
+        prefix = (SHARE_PREFIX + token).encode()
+        return Upstream(open_stream=open_stream, key=(id(session), target), target=b"/",
+                        headers=[(b"x-forwarded-prefix", prefix)], host=target.encode(),
+                        stats=stats)
+
+    # -- routes
+
+    async def _add_slash(self, request: Request) -> Response:
+        token = request.params["share_token"]
+        share = self._lookup(token)
+        check_share(share, "GET", self._api.clock())  # expired: 410 rather than a redirect
+        location = f"{SHARE_PREFIX}{token}/"
+        query = request.target.partition("?")[2]
+        if query:
+            location += "?" + query
+        return json_response({"location": location}, 308, {"Location": location})
+
+    async def _proxy(self, request: Request) -> None:
+        """Raw route: check the first request (errors answered normally), then hand the
+        connection to the proxy, which asks :meth:`_resolve` about every request."""
+        self._admit(request.params["share_token"], request.method, count=True)
+        transport, data = request.take_over_raw()
+        first = [True]
+
+        def resolve(head: h11.Request) -> Optional[Upstream]:
+            counted, first[0] = first[0], False  # the first request was counted above
+            return self._resolve(head, count=not counted)
+
+        serve_connection(transport, data, resolve, fallback=self._http_server,
+                         connections=self._api.gw._connections)
+
+    def _http_server(self) -> HttpProtocol:
+        return HttpProtocol(self._api.gw.router, self._api.gw._connections)
+
+    def _resolve(self, request: h11.Request, count: bool) -> Optional[Upstream]:
+        """Where a request on a share proxy connection goes. None hands the connection
+        back to the HTTP server: for other paths, and for a request that fails a check
+        (the route answers it there, with the error's headers)."""
+        target = request.target
+        if target.startswith((b"http://", b"https://")):  # absolute-form: keep the path
+            slash = target.find(b"/", target.find(b"//") + 2)
+            target = target[slash:] if slash >= 0 else b"/"
+        prefix = SHARE_PREFIX.encode()
+        if not target.startswith(prefix):
+            return None
+        end = target.find(b"/", len(prefix))
+        if end < 0:
+            return None  # /s/{token} or /s/{token}?...: the redirect
+        token = target[len(prefix):end].decode("ascii", "replace")
+        try:
+            upstream = self._admit(token, request.method.decode("ascii", "replace"), count)
+        except HttpError:
+            return None
+        upstream.target = target[end:]
+        return upstream
