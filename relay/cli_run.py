@@ -15,6 +15,7 @@ from typing import Any, Optional
 import click
 
 from relay.cli import data_dir_option, main
+from relay.config import config_option
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -49,6 +50,7 @@ _log_option = click.option("--log-level", type=click.Choice(LOG_LEVELS), default
 
 
 @main.command()
+@config_option("gateway")
 @click.option("--listen", default="127.0.0.1:8080", show_default=True, envvar="RELAY_LISTEN",
               metavar="HOST:PORT", help="Address to serve HTTP, the API and agents on (port 0: any).")
 @data_dir_option
@@ -87,6 +89,7 @@ def gateway(listen: str, data_dir: Path, public_url: Optional[str], hub_host: st
 
 
 @main.command()
+@config_option("agent")
 @click.option("--gateway", "gateway_url", required=True, envvar="RELAY_GATEWAY", metavar="URL",
               help="Gateway URL, e.g. http://gw.example.com:8080 (https/wss for TLS).")
 @click.option("--key", required=True, envvar="RELAY_AGENT_KEY", metavar="ak-...",
