@@ -1,0 +1,220 @@
+"""``relay tunnel open|list|close``: a client of the gateway's control API.
+
+::
+
+    export RELAY_GATEWAY=http://127.0.0.1:8080 RELAY_KEY=sk-...
+    relay tunnel open box1 --port 22 --protocol tcp   # POST /api/v1/agents/{id}/tunnel
+    relay tunnel list [box1]                          # GET  /api/v1/agents[/{id}]
+    relay tunnel close box1 [--session ID]            # DELETE /api/v1/agents/{id}/tunnel
+
+AGENT is an agent id or the name of exactly one agent of the team. A small urllib client
+(stdlib only) with timeouts; ``--ca-cert`` trusts a private CA for an https gateway.
+Errors are one line on stderr (the gateway's own JSON error message) and a non-zero exit;
+the key is sent in the Authorization header and never printed.
+"""
+from __future__ import annotations
+
+import json
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+from relay.cli import json_option, main
+
+__all__ = ["ApiClient", "ApiError", "tunnel"]
+
+#: Seconds an API call may take (connect + answer); the gateway answers in milliseconds.
+API_TIMEOUT = 15.0
+
+
+class ApiError(click.ClickException):
+    """A failed API call, printed by click as one ``Error:`` line."""
+
+
+@dataclass
+class ApiClient:
+    """Bearer-authenticated JSON calls to one gateway."""
+
+    base_url: str
+    key: str
+    ca_cert: Optional[Path] = None
+    timeout: float = API_TIMEOUT
+
+    def __post_init__(self) -> None:
+        url = self.base_url.strip().rstrip("/")
+        if "://" not in url:
+            url = "http://" + url
+        for ws, http in (("ws://", "http://"), ("wss://", "https://")):
+            if url.startswith(ws):  # an agent's ws(s):// gateway URL names the same server
+                url = http + url[len(ws):]
+        split = urllib.parse.urlsplit(url)
+        if split.scheme not in ("http", "https") or not split.hostname:
+            raise click.BadParameter(f"expected http(s)://HOST[:PORT], got {self.base_url!r}",
+                                     param_hint="--gateway")
+        self.base_url = url
+        self._context = ssl.create_default_context(cafile=str(self.ca_cert)) \
+            if self.ca_cert is not None else None
+
+    def __repr__(self) -> str:  # never show the key
+        return f"ApiClient({self.base_url!r})"
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """One request; returns the decoded JSON answer or raises ApiError."""
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Authorization": f"Bearer {self.key}", "Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout, context=self._context) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            raise ApiError(_error_message(exc)) from None
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            text = getattr(reason, "strerror", None) or str(reason)
+            raise ApiError(f"cannot reach the gateway at {self.base_url}: {text}") from None
+        except (TimeoutError, OSError) as exc:
+            raise ApiError(f"cannot reach the gateway at {self.base_url}: {exc or 'timed out'}") from None
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            raise ApiError(f"the gateway at {self.base_url} answered with something that is not JSON") from None
+
+    # ------------------------------------------------------------------ API
+
+    def agents(self) -> list[dict[str, Any]]:
+        return list(self.call("GET", "/api/v1/agents").get("agents", []))
+
+    def agent(self, agent_id: str) -> dict[str, Any]:
+        return self.call("GET", f"/api/v1/agents/{_quote(agent_id)}")
+
+    def resolve(self, ref: str) -> dict[str, Any]:
+        """An agent by id, else by name when exactly one agent of the team has it."""
+        agents = self.agents()
+        for agent in agents:
+            if agent.get("agent_id") == ref:
+                return agent
+        named = [a for a in agents if a.get("name") == ref]
+        if len(named) == 1:
+            return named[0]
+        if len(named) > 1:
+            ids = ", ".join(str(a.get("agent_id")) for a in named)
+            raise ApiError(f"{len(named)} agents are named {ref!r} ({ids}); give the agent id")
+        raise ApiError(f"no agent {ref!r} in this team (by id or name)")
+
+
+def _quote(part: str) -> str:
+    return urllib.parse.quote(part, safe="")
+
+
+def _error_message(exc: urllib.error.HTTPError) -> str:
+    """The gateway's ``{"error": {"code", "message"}}`` as one line, with the status."""
+    try:
+        body = json.loads(exc.read() or b"null")
+        error = body["error"]
+        return f"{error['message']} (HTTP {exc.code} {error['code']})"
+    except Exception:
+        return f"the gateway answered HTTP {exc.code} {exc.reason}"
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _client_options(func: Any) -> Any:
+    func = click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                        envvar="RELAY_CA_CERT", help="Trust this CA (PEM) for an https gateway.")(func)
+    func = click.option("--key", required=True, envvar="RELAY_KEY", metavar="sk-...", show_envvar=True,
+                        help="Team key (sk-, dk-) or user JWT. Prefer the environment variable.")(func)
+    func = click.option("--gateway", "gateway_url", required=True, envvar="RELAY_GATEWAY", metavar="URL",
+                        show_envvar=True, help="Gateway base URL, e.g. http://127.0.0.1:8080.")(func)
+    return json_option(func)
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+@main.group()
+def tunnel() -> None:
+    """Open, list and close an agent's tunnels through the gateway API."""
+
+
+@tunnel.command("open")
+@click.argument("agent_ref", metavar="AGENT")
+@click.option("--port", "target_port", type=click.IntRange(1, 65535), required=True,
+              help="Port of the service on the agent's machine.")
+@click.option("--protocol", type=click.Choice(["http", "tcp"]), default="http", show_default=True,
+              help="http: a reverse-proxy URL; tcp: a raw hub port and a ws:// relay URL.")
+@_client_options
+def tunnel_open(agent_ref: str, target_port: int, protocol: str, gateway_url: str, key: str,
+                ca_cert: Optional[Path], as_json: bool) -> None:
+    """Open a tunnel to port --port on AGENT (an agent id or a unique name)."""
+    api = ApiClient(gateway_url, key, ca_cert)
+    agent = api.resolve(agent_ref)
+    opened = api.call("POST", f"/api/v1/agents/{_quote(agent['agent_id'])}/tunnel",
+                      {"target_port": target_port, "tunnel_protocol": protocol})
+    if as_json:
+        _print_json({"agent_id": agent["agent_id"], "agent_name": agent.get("name"), **opened})
+        return
+    click.echo(f"Opened {opened['tunnel_protocol']} tunnel {opened['session_id']} "
+               f"to port {target_port} on {agent.get('name')} ({agent['agent_id']})")
+    click.echo(f"  tunnel_url   {opened['tunnel_url']}")
+    if opened.get("hub_port") is not None:
+        host = urllib.parse.urlsplit(api.base_url).hostname
+        click.echo(f"  hub port     {host}:{opened['hub_port']}    (every connection is one stream)")
+    click.echo(f"  admin_token  {opened['admin_token']}    (shown only now)")
+
+
+@tunnel.command("list")
+@click.argument("agent_ref", metavar="[AGENT]", required=False)
+@_client_options
+def tunnel_list(agent_ref: Optional[str], gateway_url: str, key: str, ca_cert: Optional[Path],
+                as_json: bool) -> None:
+    """List open tunnel sessions of AGENT, or of every agent of the team."""
+    api = ApiClient(gateway_url, key, ca_cert)
+    agents = [api.resolve(agent_ref)] if agent_ref else api.agents()
+    rows: list[dict[str, Any]] = []
+    for agent in agents:
+        detail = api.agent(agent["agent_id"])
+        for session in detail.get("tunnels", []):
+            rows.append({**session, "agent_id": agent["agent_id"], "agent_name": agent.get("name")})
+    if as_json:
+        _print_json({"tunnels": rows})
+        return
+    if not rows:
+        click.echo("No open tunnels.")
+        return
+    click.echo(f"{'SESSION':36}  {'AGENT':16}  {'PROTO':5}  {'TARGET':6}  {'HUB':5}  {'CONNS':5}  CREATED")
+    for row in rows:
+        click.echo(f"{row['session_id']:36}  {str(row['agent_name'])[:16]:16}  {row['tunnel_protocol']:5}  "
+                   f"{row['target_port']:<6}  {row.get('hub_port') or '-':<5}  "
+                   f"{row.get('connections', 0):<5}  {row.get('created_at', '')}")
+
+
+@tunnel.command("close")
+@click.argument("agent_ref", metavar="AGENT")
+@click.option("--session", "session_id", metavar="ID", help="Close only this session (default: all of AGENT's).")
+@_client_options
+def tunnel_close(agent_ref: str, session_id: Optional[str], gateway_url: str, key: str,
+                 ca_cert: Optional[Path], as_json: bool) -> None:
+    """Close AGENT's tunnel sessions (one with --session)."""
+    api = ApiClient(gateway_url, key, ca_cert)
+    agent = api.resolve(agent_ref)
+    path = f"/api/v1/agents/{_quote(agent['agent_id'])}/tunnel"
+    if session_id:
+        path += "?session_id=" + _quote(session_id)
+    closed = api.call("DELETE", path).get("closed", [])
+    if as_json:
+        _print_json({"agent_id": agent["agent_id"], "closed": closed})
+        return
+    if not closed:
+        click.echo(f"No open tunnels on {agent.get('name')} ({agent['agent_id']}).")
+    for sid in closed:
+        click.echo(f"Closed {sid}")
