@@ -377,15 +377,30 @@ def test_connect_sends_bind_to_the_second_agent_and_formats_the_connection_strin
                 async with second as reacher:
                     pg = await create(gw, keys["sk"], target="127.0.0.1:5432", agent_id=exposer.agent_id)
                     path = f"/api/v1/tunnels/{pg['id']}/connect"
+                    local = _free_port()
                     status, _, conn = await api(gw, "POST", path, keys["dk"],
-                                                {"agent_id": reacher.agent_id, "local_port": 15432})
+                                                {"agent_id": reacher.agent_id, "local_port": local})
                     assert status == 200, conn
-                    assert conn["connection_string"] == "postgresql://user@127.0.0.1:15432/dbname"
-                    assert conn["local_port"] == 15432 and conn["agent_id"] == reacher.agent_id
+                    assert conn["connection_string"] == f"postgresql://user@127.0.0.1:{local}/dbname"
+                    assert conn["local_port"] == local and conn["agent_id"] == reacher.agent_id
                     await wait_until(lambda: any(m.get("type") == "bind" for m in received))
                     [bind] = [m for m in received if m.get("type") == "bind"]
-                    assert bind == {"type": "bind", "tunnel_id": pg["id"], "local_port": 15432,
+                    assert bind == {"type": "bind", "tunnel_id": pg["id"], "local_port": local,
                                     "hub": {"host": "127.0.0.1", "port": pg["hub_port"]}, "protocol": "tcp"}
+                    await wait_until(lambda: reacher.binder.bound.get(pg["id"]) == local)
+
+                    # The bound port really reaches the target: a TCP echo service behind the
+                    # first agent, used from the second agent's loopback port.
+                    async with echo_server() as echo_port:
+                        echo = await create(gw, keys["sk"], target=f"127.0.0.1:{echo_port}",
+                                            agent_id=exposer.agent_id)
+                        local_echo = _free_port()
+                        status, _, conn = await api(gw, "POST", f"/api/v1/tunnels/{echo['id']}/connect",
+                                                    keys["sk"], {"agent_id": reacher.agent_id,
+                                                                 "local_port": local_echo})
+                        assert conn["connection_string"] == f"tcp://127.0.0.1:{local_echo}"
+                        await wait_until(lambda: reacher.binder.bound.get(echo["id"]) == local_echo)
+                        assert await echo_through(local_echo, b"via the second agent") == b"via the second agent"
 
                     web = await create(gw, keys["sk"], target="127.0.0.1:8188", agent_id=exposer.agent_id)
                     status, _, conn = await api(gw, "POST", f"/api/v1/tunnels/{web['id']}/connect", keys["sk"],
@@ -701,3 +716,34 @@ def test_openapi_describes_every_tunnels_api_route(tmp_path):
         target = doc
         for part in ref.removeprefix("#/").split("/"):
             target = target[part]
+
+
+def test_agent_binder_validates_replaces_and_closes():
+    from relay.agent.bind import Binder
+
+    async def main():
+        binder = Binder()
+        assert await binder.bind({"type": "bind"}) is None
+        assert await binder.bind({"tunnel_id": "t", "local_port": "x", "hub": {}}) is None
+        async with echo_server() as echo_port:
+            hub = {"host": "127.0.0.1", "port": echo_port}  # an echo service stands in for a hub port
+            first = _free_port()
+            assert await binder.bind({"tunnel_id": "t", "local_port": first, "hub": hub}) == first
+            assert await echo_through(first) == b"hello relay"
+            second = _free_port()
+            assert await binder.bind({"tunnel_id": "t", "local_port": second, "hub": hub}) == second
+            assert binder.bound == {"t": second} and await refused(first)  # replaced
+            # A port something else holds: logged, nothing bound.
+            assert await binder.bind({"tunnel_id": "u", "local_port": second, "hub": hub}) is None
+            binder.close()
+            assert binder.bound == {} and await refused(second)
+        # Nothing listening at the hub: the local connection is closed, not hung.
+        dead_hub = {"host": "127.0.0.1", "port": _free_port()}
+        port = await binder.bind({"tunnel_id": "v", "local_port": _free_port(), "hub": dead_hub})
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""
+        writer.close()
+        binder.close()
+
+    run(main)

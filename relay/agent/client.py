@@ -30,6 +30,7 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from relay import __version__
+from relay.agent.bind import Binder
 from relay.aio import MuxSession, StreamRefused, WebSocketTransport, connect_stream_to
 from relay.aio.stream import MuxStream
 from relay.mux.connection import MuxConfig
@@ -143,6 +144,8 @@ class Agent:
         self.session: Optional[MuxSession] = None
         #: Set while a session is established (tests and status reporting).
         self.connected = asyncio.Event()
+        #: Local ports bound for tunnels on the gateway's request (relay.agent.bind).
+        self.binder = Binder()
         self.state = "idle"
 
     def __repr__(self) -> str:  # never show the key
@@ -187,6 +190,8 @@ class Agent:
         if isinstance(message, dict) and message.get("type") == "welcome":
             self.agent_id = str(message.get("agent_id"))
             log.info("registered as agent %s (%s)", self.agent_id, self.name)
+        elif isinstance(message, dict) and message.get("type") == "bind":  # Tunnels API connect
+            self.binder.on_control(message)
 
     # ------------------------------------------------------------------ connecting
 
@@ -278,6 +283,7 @@ class Agent:
         """Drop the current connection (``run`` would reconnect: cancel it to stop)."""
         if self.session is not None:
             self.session.abort(ErrorCode.NO_ERROR, "agent stopping")
+        self.binder.close()
 
     def _set_state(self, state: str, detail: str = "") -> None:
         if state == self.state and not detail:

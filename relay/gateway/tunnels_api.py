@@ -56,7 +56,9 @@ tunnel. The gateway sends it the control message ``{"type": "bind", "tunnel_id",
 ``connection_string`` a client uses on that machine: ``postgresql://user@HOST:PORT/dbname``
 (target port 5432), ``mysql://user@HOST:PORT/`` (3306), ``redis://HOST:PORT`` (6379),
 ``mongodb://HOST:PORT`` (27017), ``http(s)://HOST:PORT/`` (http/https tunnels), else
-``tcp://HOST:PORT``. (The stock agent does not act on ``bind`` yet.)
+``tcp://HOST:PORT``. The stock agent answers ``bind`` by listening on that loopback
+port and relaying each connection to the hub port (:mod:`relay.agent.bind`), so the hub
+port must be reachable from it.
 
 Shares (http tunnels only: the share URL is served by the gateway's HTTP reverse proxy,
 which speaks plain HTTP to the target): see :mod:`relay.gateway.shares` for the fields
@@ -80,6 +82,7 @@ import re
 import secrets
 import time
 from typing import TYPE_CHECKING, Any, Optional
+from urllib.parse import urlsplit
 
 from relay.gateway.auth import Principal
 from relay.gateway.server import HttpError, Request, Response, Router, json_response
@@ -477,7 +480,10 @@ class TunnelsApi:
         if receiver is None:
             raise HttpError(409, "agent_offline", f"agent {agent_id} is not connected")
         tunnels = self.gw.tunnels
-        hub = {"host": tunnels.hub_host if tunnels else None, "port": tunnel.hub_port}
+        hub_host = tunnels.hub_host if tunnels else None
+        if hub_host in ("", "0.0.0.0", "::"):  # listening everywhere: name the gateway's host
+            hub_host = urlsplit(self.gw.url).hostname
+        hub = {"host": hub_host, "port": tunnel.hub_port}
         message = {"type": "bind", "tunnel_id": tunnel.id, "local_port": local_port,
                    "hub": hub, "protocol": tunnel.protocol}
         try:

@@ -1,0 +1,113 @@
+"""The agent side of the Tunnels API's ``connect``: bind a local port that reaches a tunnel.
+
+The gateway sends the control message ``{"type": "bind", "tunnel_id": ..., "local_port":
+N, "hub": {"host": H, "port": P}, "protocol": ...}``. The agent then listens on
+``127.0.0.1:N`` (loopback only: binding must never expose the tunnel to the agent's
+network) and relays every connection to the tunnel's hub port ``H:P`` on the gateway
+host, which carries it through the exposing agent to the target. So the hub port must be
+reachable from this agent (the gateway's ``--hub-host``); a gateway on loopback only
+serves agents on its own machine.
+
+A second bind of the same tunnel replaces the first listener. Listeners live until the
+agent is closed (they do not need the agent's session: the relay is plain TCP).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Optional
+
+__all__ = ["Binder"]
+
+log = logging.getLogger("relay.agent.bind")
+
+#: Bytes read at a time while relaying.
+CHUNK = 64 * 1024
+#: Connecting to the hub port may take this long.
+CONNECT_TIMEOUT = 10.0
+
+
+class Binder:
+    """Local listeners created by ``bind`` control messages, by tunnel id."""
+
+    def __init__(self) -> None:
+        self._servers: dict[str, asyncio.AbstractServer] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def bound(self) -> dict[str, int]:
+        """Tunnel id -> local port, for what is listening now."""
+        return {tid: server.sockets[0].getsockname()[1]
+                for tid, server in self._servers.items() if server.sockets}
+
+    def on_control(self, message: Any) -> None:
+        """Handle a ``bind`` control message (from the session's control callback)."""
+        task = asyncio.get_running_loop().create_task(self.bind(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def bind(self, message: Any) -> Optional[int]:
+        """Listen on the message's local port; returns it, or None if the message is
+        malformed or the port cannot be bound (logged: a control message has no answer)."""
+        try:
+            tunnel_id = str(message["tunnel_id"])
+            local_port = int(message["local_port"])
+            hub_host = str(message["hub"]["host"])
+            hub_port = int(message["hub"]["port"])
+        except (KeyError, TypeError, ValueError):
+            log.warning("ignored a malformed bind message: %r", message)
+            return None
+        old = self._servers.pop(tunnel_id, None)
+        if old is not None:
+            old.close()
+
+        async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await _relay_to_hub(reader, writer, hub_host, hub_port)
+
+        try:
+            server = await asyncio.start_server(relay, "127.0.0.1", local_port)
+        except OSError as exc:
+            log.warning("cannot bind tunnel %s on 127.0.0.1:%d: %s", tunnel_id, local_port, exc)
+            return None
+        self._servers[tunnel_id] = server
+        log.info("tunnel %s bound on 127.0.0.1:%d (via hub %s:%d)", tunnel_id, local_port, hub_host, hub_port)
+        return local_port
+
+    def close(self) -> None:
+        """Stop every listener."""
+        for server in self._servers.values():
+            server.close()
+        self._servers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+
+
+async def _relay_to_hub(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        hub_host: str, hub_port: int) -> None:
+    """Relay one local connection to the hub port, both ways, half-closes included."""
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            hub_reader, hub_writer = await asyncio.open_connection(hub_host, hub_port)
+    except (OSError, TimeoutError) as exc:
+        log.info("cannot reach hub %s:%d: %s", hub_host, hub_port, exc)
+        writer.close()
+        return
+    try:
+        # A task group: a reset on one side cancels the other direction too.
+        async with asyncio.TaskGroup() as group:
+            group.create_task(_copy(reader, hub_writer))
+            group.create_task(_copy(hub_reader, writer))
+    except* OSError:  # ConnectionResetError & co: the connection is over either way
+        pass
+    finally:
+        for w in (writer, hub_writer):
+            w.close()
+
+
+async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy until EOF, then pass the EOF on (so request/response protocols finish)."""
+    while data := await reader.read(CHUNK):
+        writer.write(data)
+        await writer.drain()
+    if writer.can_write_eof():
+        writer.write_eof()
