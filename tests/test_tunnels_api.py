@@ -538,6 +538,17 @@ def test_shares_api_and_enforcement_at_the_share_url(tmp_path):
                                                   {"name": "n"})
                     assert status == 400 and answer["error"]["code"] == "invalid_tunnel_protocol"
 
+                # public: true on an http tunnel = an unrestricted share, URL returned once.
+                pub = await create(gw, sk, target=f"127.0.0.1:{app.port}", agent_id=agent.agent_id,
+                                   protocol="http", public=True)
+                assert pub["public"] is True and pub["public_url"].startswith(gw.url + "/s/")
+                status, _, echo = await api(gw, "PUT", "/s/" + pub["public_url"].rsplit("/s/", 1)[1] + "echo")
+                assert status == 200 and echo["method"] == "PUT"
+                status, _, shares = await api(gw, "GET", f"/api/v1/tunnels/{pub['id']}/shares", sk)
+                [auto] = shares["shares"]
+                assert auto["name"] == "public" and auto["expires_at"] is None and auto["rate_limit"] is None
+                assert "public_url" not in (await api(gw, "GET", f"/api/v1/tunnels/{pub['id']}", sk))[2]
+
                 # Delete one share; deleting the tunnel deletes the rest.
                 assert (await api(gw, "DELETE", f"{base}/{share['id']}", keys["dk"]))[0] == 403
                 assert (await api(gw, "DELETE", f"{base}/{share['id']}", sk))[0] == 204

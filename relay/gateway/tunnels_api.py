@@ -27,8 +27,10 @@ Create body: ``target`` (``"host:port"``, ``"[v6]:port"`` or ``{"host", "port"}`
 required), ``agent_id`` (required; the team's agent that reaches the target; it may be
 offline), ``name`` (1..100 characters; generated as adjective-noun-4hex if absent),
 ``protocol`` (``auto`` default, ``tcp``, ``http``, ``https``; ``udp`` is refused with
-``400 unsupported_protocol``: the relay carries TCP streams only), ``public`` (bool,
-recorded and shown), ``hub_port`` (1024..65535, optional: a specific hub port; 409 if
+``400 unsupported_protocol``: the relay carries TCP streams only), ``public`` (bool; for
+an http tunnel it creates an unrestricted, never-expiring share named ``public`` whose
+URL comes back once as ``public_url``: delete that share to unpublish; for tcp/https
+tunnels the hub port is the way in and ``public`` is only recorded), ``hub_port`` (1024..65535, optional: a specific hub port; 409 if
 another tunnel holds it). ``auto`` resolves by target port: 443 → https; 80, 3000, 5000,
 7860, 8000, 8080, 8188, 8888 → http; anything else → tcp. Unknown fields → 400.
 
@@ -406,6 +408,11 @@ class TunnelsApi:
             tunnel = await self._open_hub(tunnel)
         result = self.describe(tunnel)
         self._publish(principal.team_id, "tunnel.created", result)
+        if public and protocol == "http":
+            # Public = an unrestricted share made with the tunnel (delete it to unpublish).
+            _, token = self.gw.store.create_share(principal.team_id, tunnel.id, "public",
+                                                  "created with the tunnel (public: true)")
+            result = {**result, "public_url": f"{self.gw.url}/s/{token}/"}
         return json_response(result, 201)
 
     async def _list(self, request: Request) -> Response:

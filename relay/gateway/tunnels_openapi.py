@@ -50,6 +50,7 @@ SCHEMAS: dict[str, Any] = {
         "target_port": {"type": "integer"},
         "protocol": {"type": "string", "enum": ["tcp", "http", "https"]},
         "public": {"type": "boolean"},
+        "public_url": {"type": "string", "description": "public http tunnels, in the create answer only"},
         "hub_host": _NULLABLE_STRING,
         "hub_port": {"type": "integer", "nullable": True},
         "status": {"type": "string", "enum": ["active", "paused", "connecting", "error", "deleted"]},
