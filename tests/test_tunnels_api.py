@@ -758,3 +758,47 @@ def test_agent_binder_validates_replaces_and_closes():
         binder.close()
 
     run(main)
+
+
+def test_random_bodies_never_get_a_5xx(tmp_path):
+    import random
+
+    rng = random.Random(2026)
+
+    def value(depth: int = 0) -> Any:
+        kind = rng.randrange(10 if depth < 3 else 7)
+        return [lambda: None, lambda: rng.choice([True, False]), lambda: rng.randint(-2, 70000),
+                lambda: rng.choice(["", "x", "127.0.0.1:22", "[::1]:80", "\ud800", "a\x00", "é" * 120,
+                                    "http://127.0.0.1:1/", "GET", "udp", "auto", "paused", "1h", "never"]),
+                lambda: rng.random() * 1e6, lambda: str(uuid.uuid4()), lambda: "A" * rng.randrange(3000),
+                lambda: [value(depth + 1) for _ in range(rng.randrange(4))],
+                lambda: {rng.choice(FIELDS): value(depth + 1) for _ in range(rng.randrange(5))},
+                lambda: {"host": value(depth + 1), "port": value(depth + 1)}][kind]()
+
+    FIELDS = ["target", "agent_id", "name", "protocol", "public", "hub_port", "status", "metadata",
+              "local_port", "description", "expires_in", "allowed_methods", "rate_limit", "url", "events"]
+
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys):
+            async with running_agent(gw, keys["ak"], name="fuzz") as agent:
+                tunnel = await create(gw, keys["sk"], target="127.0.0.1:8188", agent_id=agent.agent_id)
+                tid = tunnel["id"]
+                endpoints = [("POST", "/api/v1/tunnels"), ("PATCH", f"/api/v1/tunnels/{tid}"),
+                             ("POST", f"/api/v1/tunnels/{tid}/connect"), ("POST", f"/api/v1/tunnels/{tid}/shares"),
+                             ("POST", "/api/v1/webhooks")]
+                for i in range(400):
+                    method, path = endpoints[i % len(endpoints)]
+                    body = {rng.choice(FIELDS): value() for _ in range(rng.randrange(6))}
+                    if rng.random() < 0.3:  # mostly valid bodies with one field disturbed
+                        body = {"target": "127.0.0.1:22", "agent_id": agent.agent_id, "name": "n",
+                                rng.choice(FIELDS): value()}
+                    status, _, answer = await api(gw, method, path, keys["sk"], body)
+                    assert status < 500, (method, path, body, answer)
+                    if status >= 400:
+                        assert set(answer["error"]) == {"code", "message"}
+                # Whatever was created is still readable.
+                status, _, listed = await api(gw, "GET", "/api/v1/tunnels", keys["sk"])
+                assert status == 200 and all(t["status"] in ("active", "paused", "connecting", "error")
+                                             for t in listed["tunnels"])
+
+    run(main, timeout=120)
