@@ -412,3 +412,32 @@ def test_closed_streams_release_their_slot() -> None:
     p.settle()
     assert p.open_accepted() == third + 2  # and so did the refusal
     assert p.a.open_streams == p.b.open_streams == 1
+
+
+def test_stop_reading_credits_unread_data_and_resets_on_more_data() -> None:
+    p = Pair().handshake()
+    sid = p.open_accepted()
+    p.a.send_data(sid, b"x" * 3000)
+    assert len(received(p.to_b(), sid)) == 3000
+    buffered = p.b.buffered_received
+    p.b.stop_reading(sid)
+    assert p.b.buffered_received == buffered - 3000  # credited back at once
+    p.a.send_data(sid, b"more")
+    events = p.to_b()
+    assert reset_summary(events) == [(sid, ErrorCode.CANCEL, False)]
+    assert p.b.stream_state(sid) == StreamState.CLOSED
+    assert reset_summary(p.to_a()) == [(sid, ErrorCode.CANCEL, True)]
+
+
+def test_send_capacity_and_has_data_to_send() -> None:
+    p = Pair(a_config=MuxConfig(send_queue_limit=4 * KiB)).handshake()
+    assert not p.a.has_data_to_send
+    sid = p.a.open_stream()
+    assert p.a.has_data_to_send  # the OPEN frame
+    p.a.data_to_send()
+    assert p.a.send_capacity(sid) == 4 * KiB
+    p.a.send_data(sid, b"x" * KiB)
+    assert p.a.send_capacity(sid) == 3 * KiB and p.a.has_data_to_send
+    p.a.data_to_send()
+    assert p.a.send_capacity(sid) == 4 * KiB and not p.a.has_data_to_send
+    assert p.a.send_capacity(999) == 0

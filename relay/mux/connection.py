@@ -221,6 +221,19 @@ class MuxConnection:
             return 0
         return min(stream.send_credit, self._session_send_credit)
 
+    def send_capacity(self, stream_id: int) -> int:
+        """Bytes ``send_data`` can queue on the stream before it stops being writable."""
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.can_send or not (stream.local or stream.answered):
+            return 0
+        return max(0, self.config.send_queue_limit - stream.queued)
+
+    @property
+    def has_data_to_send(self) -> bool:
+        """True when :meth:`data_to_send` would return something now."""
+        return bool(self._control) or bool(
+            self._ready and self._session_send_credit > 0 and self.peer_settings is not None)
+
     def queued_bytes(self, stream_id: int) -> int:
         stream = self._streams.get(stream_id)
         return stream.queued if stream is not None else 0
@@ -326,6 +339,20 @@ class MuxConnection:
             return
         self._queue_control(encode_frame(FrameType.RESET, 0, stream_id, _reset_payload(error_code, message)), defer=True)
         self._close_stream(stream)
+
+    def stop_reading(self, stream_id: int) -> None:
+        """The application will read nothing more from the stream (it closed its end).
+
+        Unacknowledged bytes are credited back at once, and if the peer sends more DATA
+        the stream is reset with CANCEL: a receiver that stops reading says so with a
+        RESET, never by silently dropping data (a FIN alone would not tell the peer).
+        """
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.reading_stopped:
+            return
+        stream.reading_stopped = True
+        if stream.unacked:
+            self.acknowledge_received_data(stream_id, stream.unacked)
 
     def acknowledge_received_data(self, stream_id: int, n: int) -> None:
         """The application consumed ``n`` bytes of the stream: grant the peer more window."""
@@ -515,6 +542,10 @@ class MuxConnection:
         if state is not _OPEN and state is not _HALF_CLOSED_LOCAL:
             self._credit_session(n)
             self._stream_error(stream, ErrorCode.STREAM_CLOSED, "DATA after the peer's FIN")
+            return
+        if stream.reading_stopped and n:
+            self._credit_session(n)
+            self._stream_error(stream, ErrorCode.CANCEL, "the reader closed the stream")
             return
         if n:
             recv = stream.recv

@@ -47,7 +47,7 @@ class Stream:
 
     __slots__ = (
         "stream_id", "state", "local", "answered", "send_credit", "chunks", "queued",
-        "fin_pending", "fin_sent", "in_ready", "blocked", "recv", "unacked",
+        "fin_pending", "fin_sent", "in_ready", "blocked", "recv", "unacked", "reading_stopped",
     )
 
     def __init__(self, stream_id: int, local: bool, send_credit: int, recv: ReceiveWindow) -> None:
@@ -72,6 +72,8 @@ class Stream:
         self.recv = recv
         #: Bytes handed to the application and not yet acknowledged.
         self.unacked = 0
+        #: The application will read no more: further DATA resets the stream.
+        self.reading_stopped = False
 
     def transition(self, event: StreamInput) -> StreamState:
         """Apply ``event``; returns the new state or raises KeyError if it is illegal."""
