@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from click.testing import CliRunner
@@ -35,6 +36,9 @@ def recorded(monkeypatch) -> dict[str, Any]:
 
         async def run(self) -> None:
             return None
+
+        def __getattr__(self, name: str) -> Any:  # whatever else the command sets up
+            return mock.MagicMock()
 
     monkeypatch.setattr(relay.gateway.app, "run_gateway", fake_run_gateway)
     monkeypatch.setattr(relay.agent.client, "Agent", FakeAgent)
