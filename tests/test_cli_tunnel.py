@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -28,8 +29,11 @@ pytestmark = pytest.mark.timeout(90)
 class Stack:
     """Gateway + agent ``alpha`` + echo target in a thread; ``url``, ``keys``, ``agent_id``."""
 
-    def __init__(self, data_dir: Any) -> None:
+    def __init__(self, data_dir: Any, *, tls: Any = None, twins: bool = False) -> None:
         self._data_dir = data_dir
+        self._tls = tls  # (certificate, key) paths: serve https
+        self._twins = twins  # also two agents named "twin" (different ak- keys)
+        self.twin_ids: list[str] = []
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._loop = uvloop.new_event_loop()
@@ -80,22 +84,33 @@ class Stack:
         store = Store.open(self._data_dir)
         _, keys = store.create_team_with_keys("cli")
         self.keys = {kind: str(key) for kind, key in keys.items()}
-        gateway = Gateway(store)
+        server_ctx = client_ctx = None
+        if self._tls is not None:
+            server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            server_ctx.load_cert_chain(*self._tls)
+            client_ctx = ssl.create_default_context(cafile=str(self._tls[0]))
+        gateway = Gateway(store, ssl_context=server_ctx)
         await gateway.start("127.0.0.1", 0)
         self.url = gateway.url
-        agent = Agent(gateway.url, self.keys["ak"], name="alpha", backoff_initial=0.05)
-        task = asyncio.get_running_loop().create_task(agent.run())
+        agents = [Agent(gateway.url, self.keys["ak"], name="alpha", backoff_initial=0.05, ssl_context=client_ctx)]
+        if self._twins:  # the name is unique per key, not per team
+            for _ in range(2):
+                _, twin_key = store.create_credential(store.list_teams()[0].id, "ak")
+                agents.append(Agent(gateway.url, str(twin_key), name="twin", backoff_initial=0.05))
+        tasks = [asyncio.get_running_loop().create_task(agent.run()) for agent in agents]
         try:
             async with asyncio.timeout(20):
-                while agent.agent_id is None or not gateway.registry.is_online(agent.agent_id):
+                while not all(a.agent_id and gateway.registry.is_online(a.agent_id) for a in agents):
                     await asyncio.sleep(0.02)
-            self.agent_id = agent.agent_id
+            self.agent_id = agents[0].agent_id
+            self.twin_ids = [a.agent_id for a in agents[1:]]
             self._ready.set()
             await self._stop.wait()
         finally:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
             await gateway.close()
             store.close()
             echo_server.close()
@@ -103,7 +118,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[Stack]:
-    with Stack(tmp_path_factory.mktemp("cli-tunnel") / "data") as running:
+    with Stack(tmp_path_factory.mktemp("cli-tunnel") / "data", twins=True) as running:
         yield running
 
 
@@ -194,3 +209,28 @@ def test_unreachable_gateway_and_missing_key_from_a_real_process(stack):
         "Error: cannot reach the gateway at http://127.0.0.1:1: Connection refused"
     result = CliRunner().invoke(main, ["tunnel", "list", "--gateway", stack.url], env={"RELAY_KEY": None})
     assert result.exit_code == 2 and "Missing option '--key'" in result.stderr
+
+
+def test_ambiguous_name_needs_the_id(stack):
+    result = relay(stack, "open", "twin", "--port", str(stack.echo_port))
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: 2 agents are named 'twin'") and "give the agent id" in result.stderr
+    result = relay(stack, "open", stack.twin_ids[1], "--port", str(stack.echo_port), "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["agent_id"] == stack.twin_ids[1]
+    result = relay(stack, "close", stack.twin_ids[1], "--json")
+    assert result.exit_code == 0 and len(json.loads(result.stdout)["closed"]) == 1
+
+
+def test_https_gateway_with_ca_cert(tmp_path):
+    from tests.test_gateway_e2e import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    with Stack(tmp_path / "data", tls=(cert, key)) as tls_stack:
+        assert tls_stack.url.startswith("https://")
+        result = relay(tls_stack, "list", "--json")  # the test CA is not trusted
+        assert result.exit_code == 1 and "CERTIFICATE_VERIFY_FAILED" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        result = relay(tls_stack, "open", "alpha", "--port", "22", "--protocol", "tcp", "--ca-cert", str(cert),
+                       "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["tunnel_url"].startswith("wss://")
