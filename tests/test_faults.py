@@ -240,14 +240,18 @@ def test_scp_100_mib_through_hub_port(relay, sshd_server, tmp_path):
 # ----------------------------------------------------------------------------- (b) agent killed
 
 
-def download(port: int, nbytes: int) -> socket.socket:
-    """Connect to ``port`` and read ``nbytes``; returns the still-open socket."""
+def download(port: int, nbytes: int, sample: Optional[Callable[[], None]] = None) -> socket.socket:
+    """Connect to ``port`` and read ``nbytes`` (calling ``sample`` about every MiB);
+    returns the still-open socket."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    got = 0
+    got = sampled = 0
     while got < nbytes:
         chunk = sock.recv(1 << 20)
         assert chunk, f"closed after {got} bytes"
         got += len(chunk)
+        if sample is not None and got - sampled >= MiB:
+            sampled = got
+            sample()
     return sock
 
 
@@ -260,8 +264,13 @@ def test_agent_killed_mid_download(relay, targets):
     time.sleep(1.0)
     baseline = rss_mib(gw)
 
-    sock = download(hub, 16 * MiB)
-    peak = rss_mib(gw)
+    peak = baseline
+
+    def sample() -> None:
+        nonlocal peak
+        peak = max(peak, rss_mib(gw))
+
+    sock = download(hub, 16 * MiB, sample)
     relay.agent.kill()  # SIGKILL mid-transfer: no GOAWAY, the kernel closes its socket
     killed = time.monotonic()
     ended = "eof"
