@@ -760,11 +760,24 @@ def main() -> int:
     if "idle" in args.only and nofile < args.idle_streams + 1000:
         parser.error(f"RLIMIT_NOFILE is {nofile}: too low for {args.idle_streams} idle streams")
 
-    def on_alarm(signum: int, frame: Any) -> None:
-        raise _Deadline(f"the run took longer than {timeout:.0f}s")
+    # SIGALRM (the time bound) and SIGTERM stop the run, then cleanup and the table of
+    # what was measured follow. Raised inside a protocol callback an exception would only
+    # be logged by the loop, so while the loop runs the handler cancels the running task.
+    running: dict[str, Any] = {}
+    stopped: list[str] = []
 
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    def on_signal(signum: int, frame: Any) -> None:
+        why = f"the run took longer than {timeout:.0f}s" if signum == signal.SIGALRM else \
+            f"stopped by signal {signal.Signals(signum).name}"
+        stopped.append(why)
+        task = running.get("task")
+        if task is not None and not task.done():
+            running["loop"].call_soon_threadsafe(task.cancel)
+        else:
+            raise _Deadline(why)
+
+    signal.signal(signal.SIGALRM, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     signal.setitimer(signal.ITIMER_REAL, timeout)
     DEADLINE[0] = START + timeout
 
@@ -784,15 +797,29 @@ def main() -> int:
                 bench._sshd_children_before = set()
             def loop_run(coro: Any) -> Any:
                 remaining = DEADLINE[0] - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or stopped:
                     coro.close()
-                    raise _Deadline(f"the run took longer than {timeout:.0f}s")
-                return runner.run(asyncio.wait_for(coro, remaining))
+                    raise _Deadline(stopped[0] if stopped else f"the run took longer than {timeout:.0f}s")
+
+                async def bounded() -> Any:
+                    running["task"] = asyncio.current_task()
+                    running["loop"] = asyncio.get_running_loop()
+                    try:
+                        return await asyncio.wait_for(coro, remaining)
+                    finally:
+                        running.clear()
+
+                try:
+                    return runner.run(bounded())
+                except asyncio.CancelledError:
+                    if stopped:
+                        raise _Deadline(stopped[0]) from None
+                    raise
 
             try:
                 bench.run(loop_run)
             except (_Deadline, asyncio.TimeoutError, Exception) as exc:
-                status = 1
+                status = 143 if stopped and "signal" in stopped[0] else 1
                 bench.log(f"ABORTED: {type(exc).__name__}: {exc}")
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
