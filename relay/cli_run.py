@@ -121,6 +121,7 @@ def agent(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ..
                 context = ssl.create_default_context(cafile=str(ca_cert))
             the_agent = Agent(gateway_url, key, name=name, labels=labels, allow=allow,
                               ssl_context=context)
+            the_agent.tasks.register_builtins()  # echo, sleep, count (relay.agent.tasks)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--gateway") from None
         await the_agent.run()

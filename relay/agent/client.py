@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 from relay import __version__
 from relay.agent.bind import Binder
+from relay.agent.tasks import AgentTasks, stream_denied
 from relay.aio import MuxSession, StreamRefused, WebSocketTransport, connect_stream_to
 from relay.aio.stream import MuxStream
 from relay.mux.connection import MuxConfig
@@ -147,6 +148,11 @@ class Agent:
         #: Local ports bound for tunnels on the gateway's request (relay.agent.bind).
         self.binder = Binder()
         self.state = "idle"
+        #: Task handlers by kind (relay.agent.tasks; the CLI adds echo, sleep, count).
+        self.tasks = AgentTasks()
+        self._newest: Optional[MuxSession] = None
+        #: Stream policies, ``fn(metadata) -> True/None | False/reason`` (relay.agent.tasks).
+        self.allow_stream: list[Any] = []
 
     def __repr__(self) -> str:  # never show the key
         return f"Agent({self.gateway_url!r}, name={self.name!r})"
@@ -165,6 +171,9 @@ class Agent:
         meta = stream.metadata
         target = meta.get("target") if isinstance(meta, dict) else None
         protocol = meta.get("protocol", "tcp") if isinstance(meta, dict) else None
+        denied = stream_denied(self.allow_stream, meta)
+        if denied is not None:
+            raise StreamRefused(ErrorCode.NOT_ALLOWED, denied)
         if protocol not in STREAM_PROTOCOLS:
             raise StreamRefused(ErrorCode.REFUSED, f"unsupported stream protocol {protocol!r}")
         try:
@@ -192,6 +201,8 @@ class Agent:
             log.info("registered as agent %s (%s)", self.agent_id, self.name)
         elif isinstance(message, dict) and message.get("type") == "bind":  # Tunnels API connect
             self.binder.on_control(message)
+        elif isinstance(message, dict) and message.get("type") == "task" and self._newest is not None:
+            self.tasks.on_control(self._newest, message)  # seed 001 tasks
 
     # ------------------------------------------------------------------ connecting
 
@@ -206,6 +217,8 @@ class Agent:
                 "limits": {"max_streams": config.max_streams}}
         config = dataclasses.replace(config, info={**config.info, **info})
         session = MuxSession(True, config, on_stream=self._on_stream, on_control=self._on_control)
+        # Messages can arrive before connect() returns and self.session is set.
+        self._newest = session
         hostport = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
         handshake = ClientHandshake(hostport, self.path,
                                     extra_headers=[("Authorization", f"Bearer {self._key}")])

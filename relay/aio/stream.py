@@ -108,6 +108,9 @@ class MuxStream:
         self._closed_waiter: Optional[asyncio.Future] = None
         self._sink: Optional[StreamSplice] = None
         self._limit = min(DEFAULT_LIMIT, self._conn.config.initial_window)
+        #: Payload bytes written to the stream / received on it (per-stream accounting).
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     def __repr__(self) -> str:
         return f"<MuxStream {self.stream_id} {'local' if self.local else 'remote'} buffered={self._buffered}>"
@@ -283,6 +286,7 @@ class MuxStream:
             raise RuntimeError("write() after write_eof() or close()")
         if not data:
             return
+        self.bytes_sent += len(data)
         if self._pending or not self._conn.writable(self.stream_id):
             self._pending.append(bytes(data))
             return
@@ -405,6 +409,7 @@ class MuxStream:
     # ------------------------------------------------------------------ from the session
 
     def _on_data(self, data: Any, n: int) -> None:
+        self.bytes_received += n
         sink = self._sink
         if sink is not None:
             sink._mux_data(data, n)

@@ -24,10 +24,12 @@ from typing import Any, Callable, Optional
 from relay import __version__
 from relay.aio import MuxSession, WebSocketTransport
 from relay.gateway.auth import Authenticator, Principal
+from relay.gateway.hooks import GatewayHooks, GatewaySession
 from relay.gateway.http_tunnels import HttpTunnels
 from relay.gateway.registry import Registry
 from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
 from relay.gateway.store import TUNNEL_SESSION_PROTOCOLS, SecretToken, Store, Team, ensure_default_team
+from relay.gateway.tasks import TaskManager
 from relay.gateway.tunnels import DEFAULT_TARGET_PORT, TunnelManager
 from relay.gateway.tunnels_api import TunnelsApi
 from relay.mux.connection import MuxConfig
@@ -74,6 +76,8 @@ class Gateway:
         self.store = store
         self.auth = Authenticator(store, jwt_key)
         self.registry = Registry(store)
+        #: Programmatic hooks (relay.gateway.hooks; docs/EMBEDDING.md).
+        self.hooks = GatewayHooks()
         self._public_url = public_url
         self._hub_host = hub_host
         self._mux_config = mux_config
@@ -136,6 +140,7 @@ class Gateway:
         for conn in list(self._connections):
             conn.close()
         await self.tunnels_api.close()
+        self.tasks.close()
         if self.tunnels is not None:
             await self.tunnels.shutdown()
         self.registry.abort_all()
@@ -161,6 +166,8 @@ class Gateway:
         add("GET", "/tunnel/{token}/tcp", self._tcp_over_ws)
         self.tunnels_api = TunnelsApi(self)  # seed 002: /api/v1/tunnels, shares, webhooks
         self.tunnels_api.register(self.router)
+        self.tasks = TaskManager(self)  # seed 001: /api/v1/tasks
+        self.tasks.register(self.router)
         # Last: its /tunnel/{token}/... catch-all must not shadow the routes above.
         self.http_tunnels = HttpTunnels(self, self._connections)
         self.http_tunnels.install()
@@ -263,7 +270,8 @@ class Gateway:
 
     async def _agent_connect(self, request: Request) -> Optional[Response]:
         """Authenticate (401 before upgrading), upgrade, and run the agent's session."""
-        principal = self.auth.authenticate(request.header("authorization"), None).require_agent()
+        principal = await self.hooks.run_authenticate(
+            request, lambda: self.auth.authenticate(request.header("authorization"), None).require_agent())
         try:
             upgrade = parse_upgrade_request(request.raw)
         except HandshakeError as exc:
@@ -276,8 +284,8 @@ class Gateway:
         # Handlers, not queues: nobody reads a queue here, and an unread control queue
         # would pause the session (backpressure) for good.
         holder: dict[str, Any] = {}
-        session = MuxSession(False, self._mux_config, on_stream=_refuse_agent_stream,
-                             on_control=lambda message: self._agent_control(holder, message))
+        session = GatewaySession(self.hooks, False, self._mux_config, on_stream=_refuse_agent_stream,
+                                 on_control=lambda message: self._agent_control(holder, message))
         WebSocketTransport.attach(transport, session, client=False, initial=leftover)
         transport.resume_reading()  # HTTP paused it while the handler ran
         task = asyncio.get_running_loop().create_task(self._serve_agent(principal, session, holder))
@@ -290,6 +298,8 @@ class Gateway:
         | "unhealthy"}`` records what the agent reports (a gateway-owned ``tunnel`` status
         wins while tunnels are open); anything else is ignored."""
         entry = holder.get("entry")
+        if entry is not None and isinstance(message, dict) and self.tasks.on_control(entry, message):
+            return
         if entry is None or not isinstance(message, dict) or message.get("type") != "status":
             return
         status = message.get("status")
@@ -317,16 +327,18 @@ class Gateway:
             log.error("cannot register agent from %s: %s", peer, exc)
             session.abort(ErrorCode.INTERNAL_ERROR, "registration failed")
             return
-        holder["entry"] = entry
+        holder["entry"] = session.agent = entry
         try:
             assert self.tunnels is not None
             if self.store.list_tunnel_sessions(principal.team_id, entry.agent_id):
                 self.registry.set_status(principal.team_id, entry.agent_id, "tunnel")
             session.send_control({"type": "welcome", "agent_id": entry.agent_id,
                                   "team_id": entry.team_id})
+            self.hooks.fire(self.hooks.on_agent_connected, entry)
             await session.wait_closed()
         finally:
             self.registry.unregister(entry)
+            self.hooks.fire(self.hooks.on_agent_disconnected, entry)
             if not self.registry.is_online(entry.agent_id):
                 self._schedule_gone(entry.team_id, entry.agent_id)
 

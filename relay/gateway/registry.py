@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from relay.aio import MuxSession
 from relay.gateway.store import Agent, Store
@@ -42,6 +42,8 @@ class ConnectedAgent:
     session: MuxSession
     connected_at: float = field(default_factory=time.time)
     peer: Any = None
+    #: Live status (idle, busy, tunnel, unhealthy), as last set through the registry.
+    status: str = "idle"
 
 
 def agent_identity(info: Any) -> tuple[str, list[str], str]:
@@ -66,6 +68,9 @@ class Registry:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._agents: dict[str, ConnectedAgent] = {}
+        #: Called with the entry after every status change of a connected agent (e.g. the
+        #: task dispatcher, to hand queued work to an agent that became idle).
+        self.status_listeners: list[Callable[[ConnectedAgent], None]] = []
 
     def get(self, team_id: str, agent_id: str) -> Optional[ConnectedAgent]:
         """The team's agent if it is connected now (another team's agent: None)."""
@@ -89,7 +94,7 @@ class Registry:
         agent_id = str(uuid.uuid5(uuid.UUID(credential_id), name))
         self._store.upsert_agent(team_id, agent_id, name, labels, version, status)
         entry = ConnectedAgent(agent_id, team_id, name, labels, version, session,
-                               peer=session.get_extra_info("peername"))
+                               peer=session.get_extra_info("peername"), status=status)
         old = self._agents.get(agent_id)
         self._agents[agent_id] = entry
         if old is not None and old.session is not session:
@@ -111,6 +116,13 @@ class Registry:
         """Record a status change of a connected agent (idle/tunnel/...)."""
         if self.is_online(agent_id):
             self._store.set_agent_status(team_id, agent_id, status)
+            entry = self._agents[agent_id]
+            entry.status = status
+            for listener in list(self.status_listeners):
+                try:
+                    listener(entry)
+                except Exception:
+                    log.exception("agent status listener failed")
 
     def describe(self, agent: Agent) -> dict[str, Any]:
         """The API representation of an agent row, with live connection details."""

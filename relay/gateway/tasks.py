@@ -1,0 +1,391 @@
+"""Tasks (seed 001): the gateway hands work to an idle agent and streams its progress back.
+
+Endpoints (auth as the other runtime endpoints: ``sk-``, ``dk-`` or a user JWT):
+
+* ``POST /api/v1/tasks`` with ``{"kind": str, "input": any JSON, "labels": [str, ...]}``
+  -> 202 ``{"task_id", "status": "queued" | "dispatched", "agent_id"}``. 400 for a bad
+  body, 503 ``queue_full`` when the team already has :data:`QUEUE_LIMIT` tasks waiting.
+* ``GET /api/v1/tasks/{task_id}`` -> the task: ``status`` (``queued``, ``dispatched``,
+  ``running``, ``succeeded``, ``failed``), ``agent_id``, ``progress`` (the latest),
+  ``outputs`` (partial outputs so far), ``result``, ``error``. Another team's task: 404.
+* ``GET /api/v1/tasks/{task_id}/events`` -> ``text/event-stream`` (Server-Sent Events)
+  from the beginning of the task: ``event: status|progress|output|result|error``,
+  ``id:`` the event's sequence number, ``data:`` its JSON. It ends (the server closes)
+  after the ``result`` or ``error`` event. ``Last-Event-ID`` resumes after that event.
+
+Dispatch: an agent of the task's team is eligible when it is connected, its status is
+``idle`` (``busy``, ``tunnel``, ``unhealthy`` and ``offline`` agents never get new tasks)
+and its labels are a superset of the task's. The agent that waited longest since its last
+task gets it; the gateway marks it ``busy`` and sends the control message
+``{"type": "task", "task_id", "kind", "input"}``. A task with no eligible agent waits in
+its team's queue (FIFO; a task whose labels no idle agent has does not hold back the
+others) and is dispatched when an agent becomes idle or connects.
+
+The agent answers with control messages ``{"type": "task.progress", "task_id",
+"progress"}``, ``{"type": "task.output", "task_id", "output"}`` and finally
+``{"type": "task.result", "task_id", "result"}`` or ``{"type": "task.error", "task_id",
+"error"}``; then the gateway sets it idle again (``tunnel`` if a tunnel is open). An agent
+that disconnects mid-task fails it with ``"agent disconnected"``.
+
+State is in memory only (a restart forgets tasks): at most :data:`MAX_EVENTS` events per
+task, finished tasks are kept :data:`FINISHED_TTL` seconds, and at most :data:`MAX_TASKS`
+tasks in all (the oldest finished ones go first).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+from relay.gateway.registry import ConnectedAgent
+from relay.gateway.server import HttpError, Request, Response, Router, json_response
+
+if TYPE_CHECKING:
+    from relay.gateway.app import Gateway
+
+__all__ = ["Task", "TaskManager"]
+
+log = logging.getLogger("relay.gateway.tasks")
+
+#: Tasks waiting for an agent, per team; one more is answered 503.
+QUEUE_LIMIT = 100
+#: Events kept per task (progress beyond this is dropped; the final event never is).
+MAX_EVENTS = 1000
+#: Finished tasks are forgotten this long after they end.
+FINISHED_TTL = 600.0
+#: Tasks kept in memory in all.
+MAX_TASKS = 10_000
+#: Largest task input (JSON-encoded): it travels in one mux control message.
+MAX_INPUT = 256 * 1024
+MAX_KIND = 100
+MAX_LABELS = 64
+MAX_LABEL = 100
+#: An SSE comment is sent after this much silence, so idle proxies keep the stream.
+SSE_KEEPALIVE = 15.0
+
+FINAL = ("succeeded", "failed")
+_AGENT_EVENTS = {"task.progress": "progress", "task.output": "output",
+                 "task.result": "result", "task.error": "error"}
+
+
+@dataclass(eq=False)
+class Task:
+    """One task and everything that happened to it."""
+
+    task_id: str
+    team_id: str
+    kind: str
+    input: Any
+    labels: list[str]
+    status: str = "queued"
+    agent_id: Optional[str] = None
+    created_at: float = field(default_factory=time.time)
+    finished_at: Optional[float] = None
+    progress: Any = None
+    outputs: list[Any] = field(default_factory=list)
+    result: Any = None
+    error: Optional[str] = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    events_dropped: int = 0
+    #: The agent connection it was handed to (a reconnect is another connection).
+    session: Any = None
+    #: Set (and replaced) whenever an event is added: SSE writers wait on it.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINAL
+
+    def add_event(self, kind: str, **data: Any) -> None:
+        final = kind in ("result", "error")
+        if len(self.events) >= MAX_EVENTS and not final:
+            self.events_dropped += 1
+            return
+        self.events.append({"seq": len(self.events) + 1, "type": kind, **data})
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+    def describe(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "kind": self.kind, "labels": self.labels,
+                "status": self.status, "agent_id": self.agent_id,
+                "created_at": self.created_at, "finished_at": self.finished_at,
+                "progress": self.progress, "outputs": self.outputs,
+                "result": self.result, "error": self.error,
+                "events": len(self.events), "events_dropped": self.events_dropped}
+
+
+def _validate(request: Request) -> tuple[str, Any, list[str]]:
+    body = request.json()
+    if not isinstance(body, dict):
+        raise HttpError(400, "invalid_request", "request body must be a JSON object")
+    unknown = sorted(set(body) - {"kind", "input", "labels"})
+    if unknown:
+        raise HttpError(400, "unknown_field", f"unknown field {unknown[0]!r}; allowed: input, kind, labels")
+    kind = body.get("kind")
+    if not isinstance(kind, str) or not kind.strip() or len(kind) > MAX_KIND or not kind.isprintable():
+        raise HttpError(400, "invalid_kind", f"kind must be a string of 1 to {MAX_KIND} printable characters")
+    labels = body.get("labels", [])
+    if labels is None:
+        labels = []
+    if (not isinstance(labels, list) or len(labels) > MAX_LABELS
+            or not all(isinstance(x, str) and x and len(x) <= MAX_LABEL for x in labels)):
+        raise HttpError(400, "invalid_labels",
+                        f"labels must be a list of at most {MAX_LABELS} non-empty strings")
+    task_input = body.get("input")
+    if len(json.dumps(task_input)) > MAX_INPUT:
+        raise HttpError(400, "input_too_large", f"input must encode to at most {MAX_INPUT} bytes of JSON")
+    return kind.strip(), task_input, sorted(set(labels))
+
+
+class TaskManager:
+    """Task routes, queues and dispatch of one gateway (see the module docstring)."""
+
+    def __init__(self, gateway: "Gateway") -> None:
+        self.gw = gateway
+        self._tasks: dict[str, Task] = {}
+        self._queues: dict[str, deque[Task]] = {}
+        self._running: dict[str, Task] = {}  # by agent id
+        self._last_task: dict[str, float] = {}  # agent id -> when it last got a task
+        self._streams: set[asyncio.Transport] = set()  # open SSE responses
+        self._dispatching = False
+        gateway.hooks.on_agent_connected.append(self._agent_connected)
+        gateway.hooks.on_agent_disconnected.append(self._agent_disconnected)
+        gateway.registry.status_listeners.append(self._status_changed)
+
+    def register(self, router: Router) -> None:
+        router.add("POST", "/api/v1/tasks", self._submit)
+        router.add("GET", "/api/v1/tasks/{task_id}", self._get)
+        router.add("GET", "/api/v1/tasks/{task_id}/events", self._events)
+
+    def close(self) -> None:
+        """End the open event streams (the gateway is stopping)."""
+        for transport in list(self._streams):
+            transport.close()
+
+    def get(self, team_id: str, task_id: str) -> Optional[Task]:
+        """The team's task (another team's: None)."""
+        task = self._tasks.get(task_id)
+        return task if task is not None and task.team_id == team_id else None
+
+    # ------------------------------------------------------------------ API
+
+    def _principal(self, request: Request) -> Any:
+        return self.gw.auth.authenticate(request.header("authorization"),
+                                         request.header("x-team-id")).require_runtime()
+
+    def _task(self, request: Request) -> Task:
+        principal = self._principal(request)
+        task = self.get(principal.team_id, request.params["task_id"])
+        if task is None:  # unknown or another team's: the same 404
+            raise HttpError(404, "task_not_found", f"no task {request.params['task_id']} in this team")
+        return task
+
+    async def _submit(self, request: Request) -> Response:
+        principal = self._principal(request)
+        kind, task_input, labels = _validate(request)
+        self._expire()
+        queue = self._queues.setdefault(principal.team_id, deque())
+        if len(queue) >= QUEUE_LIMIT:
+            raise HttpError(503, "queue_full", f"the team already has {QUEUE_LIMIT} tasks waiting for an agent",
+                            {"Retry-After": "5"})
+        task = Task(str(uuid.uuid4()), principal.team_id, kind, task_input, labels)
+        task.add_event("status", status="queued")
+        self._tasks[task.task_id] = task
+        queue.append(task)
+        self._dispatch(principal.team_id)
+        log.info("task %s (%s) %s%s", task.task_id, kind, task.status,
+                 f" to agent {task.agent_id}" if task.agent_id else "")
+        return json_response({"task_id": task.task_id, "status": task.status,
+                              "agent_id": task.agent_id}, 202)
+
+    async def _get(self, request: Request) -> Response:
+        return json_response(self._task(request).describe())
+
+    async def _events(self, request: Request) -> None:
+        """Server-Sent Events from the first event (or after ``Last-Event-ID``) to the end."""
+        task = self._task(request)
+        try:
+            position = max(0, int(request.header("last-event-id") or 0))
+        except ValueError:
+            position = 0
+        transport, _ = request.take_over()
+        client = _SseClient()
+        transport.set_protocol(client)
+        client.connection_made(transport)
+        transport.resume_reading()  # only to notice the client going away
+        self._streams.add(transport)
+        transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                        b"Cache-Control: no-cache\r\nConnection: close\r\nServer: relay\r\n\r\n")
+        try:
+            while not client.closed.done():
+                changed = task.changed
+                # Events are numbered 1.. and kept whole, so a position is an index.
+                for event in task.events[position:]:
+                    data = json.dumps({k: v for k, v in event.items() if k != "seq"})
+                    transport.write(f"id: {event['seq']}\nevent: {event['type']}\ndata: {data}\n\n".encode())
+                    position = event["seq"]
+                if task.finished and position >= len(task.events):
+                    break
+                await client.drain()
+                waiter = asyncio.ensure_future(changed.wait())
+                done, _ = await asyncio.wait({waiter, client.closed}, timeout=SSE_KEEPALIVE,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if not done:
+                    transport.write(b": keepalive\n\n")
+        finally:
+            self._streams.discard(transport)
+            transport.close()
+        return None
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _eligible(self, task: Task) -> Optional[ConnectedAgent]:
+        wanted = set(task.labels)
+        candidates = [a for a in self.gw.registry.connected()
+                      if a.team_id == task.team_id and a.status == "idle" and not a.session.is_closed
+                      and a.agent_id not in self._running and wanted <= set(a.labels)]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda a: (self._last_task.get(a.agent_id, 0.0), a.name))
+
+    def _dispatch(self, team_id: str) -> None:
+        """Hand the team's queued tasks to eligible agents, oldest task first."""
+        if self._dispatching:  # marking an agent busy calls back here
+            return
+        self._dispatching = True
+        try:
+            queue = self._queues.get(team_id)
+            for task in list(queue or ()):
+                agent = self._eligible(task)
+                if agent is None:
+                    continue
+                try:
+                    agent.session.send_control({"type": "task", "task_id": task.task_id,
+                                                "kind": task.kind, "input": task.input})
+                except Exception as exc:  # the session just closed: try the next one later
+                    log.info("cannot hand task %s to agent %s: %s", task.task_id, agent.agent_id, exc)
+                    continue
+                assert queue is not None
+                queue.remove(task)
+                task.status, task.agent_id, task.session = "dispatched", agent.agent_id, agent.session
+                task.add_event("status", status="dispatched", agent_id=agent.agent_id)
+                self._running[agent.agent_id] = task
+                self._last_task[agent.agent_id] = time.monotonic()
+                self.gw.registry.set_status(agent.team_id, agent.agent_id, "busy")
+        finally:
+            self._dispatching = False
+
+    def _finish(self, task: Task, status: str, **event: Any) -> None:
+        task.status = status
+        task.finished_at = time.time()
+        task.add_event("result" if status == "succeeded" else "error", **event)
+        if task.agent_id is not None and self._running.get(task.agent_id) is task:
+            del self._running[task.agent_id]
+        log.info("task %s %s", task.task_id, status)
+
+    def _release(self, agent: ConnectedAgent) -> None:
+        """The agent finished its task: idle again (or ``tunnel``), and maybe the next one."""
+        if agent.status == "busy" and not agent.session.is_closed:
+            tunnels = self.gw.store.list_tunnel_sessions(agent.team_id, agent.agent_id)
+            self.gw.registry.set_status(agent.team_id, agent.agent_id, "tunnel" if tunnels else "idle")
+        self._dispatch(agent.team_id)
+
+    def on_control(self, agent: ConnectedAgent, message: dict[str, Any]) -> bool:
+        """A control message from ``agent``; True if it was about a task (handled here)."""
+        kind = _AGENT_EVENTS.get(message.get("type"))  # type: ignore[arg-type]
+        if kind is None:
+            return False
+        task = self._running.get(agent.agent_id)
+        if task is None or task.task_id != message.get("task_id") or task.session is not agent.session:
+            return True  # late, or not this agent's task: ignored
+        if kind == "progress":
+            task.status = "running"
+            task.progress = message.get("progress")
+            task.add_event("progress", progress=task.progress)
+        elif kind == "output":
+            task.status = "running"
+            output = message.get("output")
+            if len(task.outputs) < MAX_EVENTS:
+                task.outputs.append(output)
+            task.add_event("output", output=output)
+        elif kind == "result":
+            task.result = message.get("result")
+            self._finish(task, "succeeded", result=task.result)
+            self._release(agent)
+        else:
+            error = message.get("error")
+            task.error = str(error)[:2000] if error is not None else "task failed"
+            self._finish(task, "failed", error=task.error)
+            self._release(agent)
+        return True
+
+    def _agent_connected(self, agent: ConnectedAgent) -> None:
+        self._dispatch(agent.team_id)
+
+    def _agent_disconnected(self, agent: ConnectedAgent) -> None:
+        task = self._running.get(agent.agent_id)
+        if task is not None and task.session is agent.session:
+            task.error = "agent disconnected"
+            self._finish(task, "failed", error=task.error)
+
+    def _status_changed(self, agent: ConnectedAgent) -> None:
+        if agent.status == "idle":
+            self._dispatch(agent.team_id)
+
+    def _expire(self) -> None:
+        """Forget finished tasks past their TTL, and the oldest ones past MAX_TASKS."""
+        now = time.time()
+        for task_id, task in list(self._tasks.items()):
+            if task.finished_at is not None and now - task.finished_at > FINISHED_TTL:
+                del self._tasks[task_id]
+        if len(self._tasks) >= MAX_TASKS:
+            finished = sorted((t for t in self._tasks.values() if t.finished), key=lambda t: t.finished_at or 0)
+            for task in finished[:len(self._tasks) - MAX_TASKS + 1]:
+                del self._tasks[task.task_id]
+        if len(self._tasks) >= MAX_TASKS:
+            raise HttpError(503, "too_many_tasks", "too many tasks in progress; try again later",
+                            {"Retry-After": "5"})
+
+
+class _SseClient:
+    """Protocol of an SSE response's connection: notices the client leaving and honours
+    the transport's flow control (a slow reader pauses the writer, never grows a buffer
+    past the transport's high-water mark)."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future = loop.create_future()
+        self._resumed: Optional[asyncio.Future] = None
+
+    def connection_made(self, transport: Any) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        pass  # nothing is expected from the client
+
+    def eof_received(self) -> bool:
+        return True  # keep writing after the client's half-close
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        if self._resumed is None:
+            self._resumed = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._resumed is not None and not self._resumed.done():
+            self._resumed.set_result(None)
+        self._resumed = None
+
+    async def drain(self) -> None:
+        if self._resumed is not None:
+            await self._resumed
