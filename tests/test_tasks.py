@@ -221,5 +221,7 @@ def test_other_team_404_validation_and_queue_limit(tmp_path, monkeypatch):
             assert status == 503 and err["error"]["code"] == "queue_full"
             # Another team's queue is its own.
             assert (await submit(gw.port, str(other["sk"]), "echo", 3))["status"] == "queued"
+            status, doc = await http(gw.port, "GET", "/api/v1/openapi.json")
+            assert status == 200 and {"/tasks", "/tasks/{taskId}", "/tasks/{taskId}/events"} <= set(doc["paths"])
 
     run(body)

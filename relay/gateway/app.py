@@ -182,7 +182,7 @@ class Gateway:
                               "agents_online": len(self.registry.connected())})
 
     async def _openapi(self, request: Request) -> Response:
-        return json_response(self.tunnels_api.openapi(openapi_document(self.url)))
+        return json_response(self.tasks.openapi(self.tunnels_api.openapi(openapi_document(self.url))))
 
     async def _metrics(self, request: Request) -> Response:
         """Prometheus text exposition (no auth, like /healthz: numbers, no secrets)."""

@@ -167,6 +167,44 @@ class TaskManager:
         for transport in list(self._streams):
             transport.close()
 
+    def openapi(self, document: dict[str, Any]) -> dict[str, Any]:
+        """``document`` (the gateway's OpenAPI) with the task endpoints added."""
+        error = {"$ref": "#/components/responses/Error"}
+        task_id = {"name": "taskId", "in": "path", "required": True, "schema": {"type": "string"}}
+        task = {"type": "object", "properties": {
+            "task_id": {"type": "string"}, "kind": {"type": "string"},
+            "labels": {"type": "array", "items": {"type": "string"}},
+            "status": {"type": "string", "enum": ["queued", "dispatched", "running", *FINAL]},
+            "agent_id": {"type": "string", "nullable": True}, "progress": {}, "outputs": {"type": "array", "items": {}},
+            "result": {}, "error": {"type": "string", "nullable": True},
+            "created_at": {"type": "number"}, "finished_at": {"type": "number", "nullable": True}}}
+        document["components"]["schemas"]["Task"] = task
+        document["paths"].update({
+            "/tasks": {"post": {
+                "summary": "Submit a task to an idle agent of the team whose labels cover the task's",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["kind"], "properties": {
+                        "kind": {"type": "string", "maxLength": MAX_KIND}, "input": {},
+                        "labels": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_LABELS}}}}}},
+                "responses": {"202": {"description": "Accepted", "content": {"application/json": {"schema": {
+                    "type": "object", "properties": {
+                        "task_id": {"type": "string"}, "status": {"type": "string", "enum": ["queued", "dispatched"]},
+                        "agent_id": {"type": "string", "nullable": True}}}}}},
+                    "400": error, "401": error, "403": error, "503": error}}},
+            "/tasks/{taskId}": {"get": {"summary": "A task's status, progress, outputs and result",
+                                        "parameters": [task_id], "responses": {
+                                            "200": {"description": "Task", "content": {"application/json": {
+                                                "schema": {"$ref": "#/components/schemas/Task"}}}},
+                                            "401": error, "404": error}}},
+            "/tasks/{taskId}/events": {"get": {
+                "summary": "The task's events from the start as Server-Sent Events (status, progress, output, "
+                           "then result or error); Last-Event-ID resumes",
+                "parameters": [task_id], "responses": {
+                    "200": {"description": "text/event-stream", "content": {"text/event-stream": {
+                        "schema": {"type": "string"}}}}, "401": error, "404": error}}},
+        })
+        return document
+
     def get(self, team_id: str, task_id: str) -> Optional[Task]:
         """The team's task (another team's: None)."""
         task = self._tasks.get(task_id)
