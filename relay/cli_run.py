@@ -100,9 +100,13 @@ def gateway(listen: str, data_dir: Path, public_url: Optional[str], hub_host: st
               help="Allow streams to this target (repeatable). Default: loopback hosts only.")
 @click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               envvar="RELAY_CA_CERT", help="Trust this CA (PEM) for an https/wss gateway.")
+@click.option("--service", "services", multiple=True,
+              metavar="SLUG=HOST:PORT[,health=/health][,prompt=TEXT][,openapi=PATH][,label=L]",
+              help="Declare a container service (repeatable; see relay.agent.services).")
 @_log_option
 def agent(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ...],
-          allow: tuple[str, ...], ca_cert: Optional[Path], log_level: str) -> None:
+          allow: tuple[str, ...], ca_cert: Optional[Path], log_level: str,
+          services: tuple[str, ...] = ()) -> None:
     """Run an agent: dial out to the gateway and serve allowed targets."""
     from relay.agent.client import Agent, AgentAuthError
 
@@ -110,6 +114,12 @@ def agent(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ..
         raise click.BadParameter("an agent key starts with 'ak-'", param_hint="--key")
     for entry in allow:
         _split_host_port(entry, "--allow")
+    from relay.agent.services import parse_service
+
+    try:
+        specs = [parse_service(text) for text in services]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--service") from None
     _setup_logging(log_level)
 
     async def serve() -> None:
@@ -122,6 +132,7 @@ def agent(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ..
             the_agent = Agent(gateway_url, key, name=name, labels=labels, allow=allow,
                               ssl_context=context)
             the_agent.tasks.register_builtins()  # echo, sleep, count (relay.agent.tasks)
+            the_agent.services = specs
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--gateway") from None
         await the_agent.run()

@@ -153,6 +153,9 @@ class Agent:
         self._newest: Optional[MuxSession] = None
         #: Stream policies, ``fn(metadata) -> True/None | False/reason`` (relay.agent.tasks).
         self.allow_stream: list[Any] = []
+        #: Declared container services (relay.agent.services.ServiceSpec), sent in the
+        #: hello; their targets are allowed implicitly.
+        self.services: list[Any] = []
 
     def __repr__(self) -> str:  # never show the key
         return f"Agent({self.gateway_url!r}, name={self.name!r})"
@@ -162,6 +165,8 @@ class Agent:
     def is_allowed(self, host: str, port: int) -> bool:
         """May the gateway reach ``host:port`` through this agent?"""
         host = host.lower()
+        if any((s.host, s.port) == (host, port) for s in self.services):
+            return True
         if not self.allow:
             return host in LOOPBACK_HOSTS
         return (host, port) in self.allow
@@ -214,7 +219,8 @@ class Agent:
         """
         config = self._mux_config or MuxConfig()
         info = {"name": self.name, "labels": self.labels, "version": __version__,
-                "limits": {"max_streams": config.max_streams}}
+                "limits": {"max_streams": config.max_streams},
+                "services": [spec.to_info() for spec in self.services]}
         config = dataclasses.replace(config, info={**config.info, **info})
         session = MuxSession(True, config, on_stream=self._on_stream, on_control=self._on_control)
         # Messages can arrive before connect() returns and self.session is set.

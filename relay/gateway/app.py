@@ -27,6 +27,7 @@ from relay.gateway.auth import Authenticator, Principal
 from relay.gateway.hooks import GatewayHooks, GatewaySession
 from relay.gateway.http_tunnels import HttpTunnels
 from relay.gateway.registry import Registry
+from relay.gateway.services import ServiceManager, add_services_openapi
 from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
 from relay.gateway.store import TUNNEL_SESSION_PROTOCOLS, SecretToken, Store, Team, ensure_default_team
 from relay.gateway.tasks import TaskManager
@@ -115,6 +116,7 @@ class Gateway:
                                      hub_host=self._hub_host)
         await self.tunnels.restore()
         await self.tunnels_api.start()
+        await self.services.start()
         self._heartbeat = loop.create_task(self._record_heartbeats())
 
     async def _record_heartbeats(self) -> None:
@@ -140,6 +142,7 @@ class Gateway:
         for conn in list(self._connections):
             conn.close()
         await self.tunnels_api.close()
+        await self.services.close()
         self.tasks.close()
         if self.tunnels is not None:
             await self.tunnels.shutdown()
@@ -168,6 +171,8 @@ class Gateway:
         self.tunnels_api.register(self.router)
         self.tasks = TaskManager(self)  # seed 001: /api/v1/tasks
         self.tasks.register(self.router)
+        self.services = ServiceManager(self)  # seeds 003/004: /api/v1/r/containers, /r/invoke
+        self.services.register(self.router)
         # Last: its /tunnel/{token}/... catch-all must not shadow the routes above.
         self.http_tunnels = HttpTunnels(self, self._connections)
         self.http_tunnels.install()
@@ -182,7 +187,8 @@ class Gateway:
                               "agents_online": len(self.registry.connected())})
 
     async def _openapi(self, request: Request) -> Response:
-        return json_response(self.tasks.openapi(self.tunnels_api.openapi(openapi_document(self.url))))
+        return json_response(add_services_openapi(
+            self.tasks.openapi(self.tunnels_api.openapi(openapi_document(self.url)))))
 
     async def _metrics(self, request: Request) -> Response:
         """Prometheus text exposition (no auth, like /healthz: numbers, no secrets)."""

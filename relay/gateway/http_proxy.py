@@ -125,15 +125,20 @@ class Upstream:
     cannot, e.g. 503 when no agent is online); requests whose ``key`` is equal may share
     a stream, one after the other. ``target`` is the request-target sent upstream
     (path + query). ``headers`` are added to the forwarded request; ``host`` is the
-    ``Host`` sent when the client gave none.
+    ``Host`` sent when the client gave none; ``host_override`` replaces the client's
+    (an external target behind a virtual host). ``drop_headers`` (lower-case names) are
+    not forwarded (e.g. the gateway credential in ``Authorization``). ``open_stream`` may
+    be a coroutine function (e.g. to wait for the agent's accept and try another agent).
     """
 
-    open_stream: Callable[[], MuxStream]
+    open_stream: Callable[[], Union[MuxStream, Awaitable[MuxStream]]]
     key: Hashable
     target: bytes
     headers: Headers = field(default_factory=list)
     host: bytes = b"localhost"
     stats: ProxyStats = field(default_factory=ProxyStats)
+    host_override: Optional[bytes] = None
+    drop_headers: frozenset = frozenset()
 
 
 #: Decides where a request goes: an Upstream, None (not ours: hand the connection back),
@@ -170,7 +175,7 @@ def upstream_request_headers(request: h11.Request, *, client_ip: bytes, scheme: 
     host: Optional[bytes] = None
     for raw_name, value in request.headers.raw_items():  # the client's spelling, kept
         name = raw_name.lower()
-        if _is_hop_by_hop(name, listed) or name in _SET_BY_PROXY:
+        if _is_hop_by_hop(name, listed) or name in _SET_BY_PROXY or name in upstream.drop_headers:
             continue
         if name == b"x-forwarded-for":
             forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
@@ -178,10 +183,12 @@ def upstream_request_headers(request: h11.Request, *, client_ip: bytes, scheme: 
         if name == b"content-length" and chunked:
             continue
         if name == b"host":
+            if upstream.host_override is not None:
+                continue
             host = value
         out.append((raw_name, value))
     if host is None:
-        host = upstream.host
+        host = upstream.host_override or upstream.host
         out.append((b"host", host))
     out.append((b"x-forwarded-for", client_ip if forwarded_for is None
                 else forwarded_for + b", " + client_ip))
@@ -535,7 +542,7 @@ class ProxyConnection(asyncio.Protocol):
             except _StaleStream:
                 raise ProxyError(502, "tunnel_error", "the target closed the connection") from None
 
-    def _upstream_for(self, upstream: Upstream) -> tuple[MuxStream, h11.Connection, bool]:
+    async def _upstream_for(self, upstream: Upstream) -> tuple[MuxStream, h11.Connection, bool]:
         """The stream for this request: the previous one if it can carry another request
         to the same place, else a new one. Returns ``(stream, h11 client, reused)``."""
         stream = self._stream
@@ -546,6 +553,8 @@ class ProxyConnection(asyncio.Protocol):
                 return stream, uh11, True
             self._drop_stream(abort=uh11 is None or uh11.our_state is not h11.IDLE)
         stream = upstream.open_stream()
+        if inspect.isawaitable(stream):
+            stream = await stream
         self._stream, self._stream_key = stream, upstream.key
         self._upstream = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         return stream, self._upstream, False
@@ -561,7 +570,7 @@ class ProxyConnection(asyncio.Protocol):
     async def _exchange(self, head: h11.Request, upstream: Upstream, has_body: bool,
                         upgrade: bool) -> bool:
         """Send one request on a stream and relay the response; True to keep going."""
-        stream, uh11, reused = self._upstream_for(upstream)
+        stream, uh11, reused = await self._upstream_for(upstream)
         stats = upstream.stats
         pump: Optional[asyncio.Task] = None
         started = False

@@ -43,6 +43,7 @@ __all__ = [
     "Credential",
     "NotFoundError",
     "SecretToken",
+    "Service",
     "Share",
     "Store",
     "StoreError",
@@ -167,6 +168,20 @@ MIGRATIONS: list[Sequence[str]] = [
             created_at  REAL NOT NULL
         )""",
         "CREATE INDEX webhooks_by_team ON webhooks(team_id)",
+    ),
+    # 3: container services (seeds 003, 004; relay.gateway.services). ``spec`` is the
+    # JSON of the latest declaration (port, health path, prompt, openapi, labels, url).
+    (
+        """CREATE TABLE services (
+            team_id       TEXT NOT NULL REFERENCES teams(id),
+            slug          TEXT NOT NULL,
+            service_type  TEXT NOT NULL CHECK (service_type IN ('deployed', 'external')),
+            spec          TEXT NOT NULL DEFAULT '{}',
+            status        TEXT NOT NULL,
+            created_at    REAL NOT NULL,
+            updated_at    REAL NOT NULL,
+            PRIMARY KEY (team_id, slug)
+        )""",
     ),
 ]
 
@@ -961,6 +976,72 @@ class Store:
             cur = db.execute("DELETE FROM webhooks WHERE id = ? AND team_id = ?",
                              (normalize_uuid(webhook_id), normalize_uuid(team_id)))
         return cur.rowcount == 1
+
+    # -- container services (seeds 003, 004) ---------------------------------------------
+
+    def put_service(self, team_id: str, slug: str, service_type: str, spec: Any,
+                    status: str) -> Service:
+        """Create or replace the team's service ``slug`` (``created_at`` is kept)."""
+        now = self._clock()
+        team_id = normalize_uuid(team_id) or team_id
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO services (team_id, slug, service_type, spec, status, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (team_id, slug) DO UPDATE SET"
+                " service_type = excluded.service_type, spec = excluded.spec,"
+                " status = excluded.status, updated_at = excluded.updated_at",
+                (team_id, slug, service_type, json.dumps(spec, sort_keys=True), status, now, now))
+            row = db.execute("SELECT * FROM services WHERE team_id = ? AND slug = ?",
+                             (team_id, slug)).fetchone()
+        return _service(row)
+
+    def set_service_status(self, team_id: str, slug: str, status: str) -> None:
+        """Record the service's current status (derived live by relay.gateway.services)."""
+        with self._write() as db:
+            db.execute("UPDATE services SET status = ?, updated_at = ? WHERE team_id = ? AND slug = ?",
+                       (status, self._clock(), normalize_uuid(team_id) or team_id, slug))
+
+    def get_service(self, team_id: str, slug: str) -> Service | None:
+        """The team's service; None if unknown *or another team's*."""
+        with self._read() as db:
+            row = db.execute("SELECT * FROM services WHERE team_id = ? AND slug = ?",
+                             (normalize_uuid(team_id) or team_id, slug)).fetchone()
+        return _service(row) if row else None
+
+    def list_services(self, team_id: str | None) -> list[Service]:
+        """The team's services by slug; ``None``: every team's."""
+        with self._read() as db:
+            if team_id is None:
+                rows = db.execute("SELECT * FROM services ORDER BY team_id, slug").fetchall()
+            else:
+                rows = db.execute("SELECT * FROM services WHERE team_id = ? ORDER BY slug",
+                                  (normalize_uuid(team_id) or team_id,)).fetchall()
+        return [_service(row) for row in rows]
+
+    def delete_service(self, team_id: str, slug: str) -> bool:
+        with self._write() as db:
+            cur = db.execute("DELETE FROM services WHERE team_id = ? AND slug = ?",
+                             (normalize_uuid(team_id) or team_id, slug))
+        return cur.rowcount == 1
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A container service record (see relay.gateway.services for the lifecycle)."""
+
+    team_id: str
+    slug: str
+    service_type: str
+    spec: Any
+    status: str
+    created_at: float
+    updated_at: float
+
+
+def _service(row: sqlite3.Row) -> Service:
+    return Service(team_id=row["team_id"], slug=row["slug"], service_type=row["service_type"],
+                   spec=json.loads(row["spec"]), status=row["status"],
+                   created_at=row["created_at"], updated_at=row["updated_at"])
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,192 @@
+"""``POST /api/v1/r/invoke/{serviceSlug}`` (seed 004) and the buffered HTTP exchange it uses.
+
+Request body (JSON object): ``method`` (required; GET, POST, PUT, PATCH, DELETE, HEAD,
+OPTIONS), ``path`` (required; the path on the container with its query, at most 2048
+characters, matching ``^/(?!/)``: absolute URLs, protocol-relative ``//host`` and anything
+with a backslash, whitespace or control/non-ASCII characters are refused, so the target
+can never be rewritten to another host), ``headers`` (optional object of string values;
+hop-by-hop ones — Host, Connection, Upgrade, Transfer-Encoding, TE, Trailer, plus
+Keep-Alive, Proxy-* and Content-Length, which the gateway sets itself — are dropped;
+everything else, Authorization included, is forwarded as is), ``body_base64`` (optional;
+invalid base64 is a 400). Other fields are ignored.
+
+Response: ``{"status_code", "headers", "body_base64"}`` — the container's answer (repeated
+headers joined with ", "; its hop-by-hop headers dropped). The body is buffered: over
+:data:`MAX_RESPONSE` bytes the gateway answers 502 ``response_too_large`` (use the
+transparent proxy for big or streamed bodies).
+
+Gateway-level failures are those of seed 003, decided by :mod:`relay.gateway.services`:
+400 not running, 404 unknown slug (another team's too), 502 no instance could be reached
+or the container's answer was not valid HTTP, 503 running but no healthy instance or no
+online agent. Auth: JWT + X-Team-ID, sk- or dk- (invoke is runtime use).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import re
+from typing import TYPE_CHECKING, Any, Optional
+
+import h11
+
+from relay.gateway.http_proxy import ProxyError
+from relay.gateway.server import HttpError, Request, Response, json_response
+
+if TYPE_CHECKING:
+    from relay.gateway.services import ServiceManager
+
+__all__ = ["INVOKE_METHODS", "MAX_RESPONSE", "ResponseTooLarge", "http_exchange", "invoke"]
+
+INVOKE_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+MAX_PATH = 2048
+#: Largest container response invoke buffers (base64 makes the JSON ~4/3 of it).
+MAX_RESPONSE = 16 * 1024 * 1024
+#: The whole exchange with the container (after the stream is open) must end within this.
+INVOKE_TIMEOUT = 300.0
+READ_SIZE = 256 * 1024
+#: Request headers never forwarded: the seed's hop-by-hop list plus what framing needs.
+STRIPPED = frozenset({"host", "connection", "upgrade", "transfer-encoding", "te", "trailer",
+                      "keep-alive", "content-length", "proxy-connection", "proxy-authorization",
+                      "proxy-authenticate"})
+_RESPONSE_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer",
+                           b"upgrade", b"proxy-connection"})
+_PATH_RE = re.compile(r"^/(?!/)[\x21-\x7e]*$")
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+class ResponseTooLarge(Exception):
+    """The container's response body is over the buffering limit."""
+
+
+async def http_exchange(stream: Any, method: str, target: str, headers: list[tuple[str, str]],
+                        body: bytes, limit: int = MAX_RESPONSE) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Send one HTTP/1.1 request on ``stream`` (a mux stream or anything with ``write``,
+    ``drain`` and ``read``) and read the whole response. Returns ``(status, raw headers,
+    body)``. Raises ResponseTooLarge, h11.RemoteProtocolError, ConnectionError."""
+    conn = h11.Connection(h11.CLIENT)
+    stream.write(conn.send(h11.Request(method=method, target=target, headers=headers)))
+    if body:
+        stream.write(conn.send(h11.Data(data=body)))
+    stream.write(conn.send(h11.EndOfMessage()))
+    await stream.drain()
+    status, raw_headers, chunks, size = 0, [], [], 0
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.read(READ_SIZE)
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.InformationalResponse):
+            continue
+        if isinstance(event, h11.Response):
+            status, raw_headers = event.status_code, list(event.headers.raw_items())
+        elif isinstance(event, h11.Data):
+            size += len(event.data)
+            if size > limit:
+                raise ResponseTooLarge(f"the container's response is over {limit} bytes")
+            chunks.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            return status, raw_headers, b"".join(chunks)
+        else:  # ConnectionClosed before the response ended
+            raise ConnectionResetError("the container closed the connection mid-response")
+
+
+def _bad(field: str, message: str) -> HttpError:
+    return HttpError(400, "invalid_request", f"{field}: {message}")
+
+
+def parse_invoke_body(body: Any) -> tuple[str, str, list[tuple[str, str]], bytes]:
+    """Validate an invoke body; ``(method, path, headers, body bytes)`` or HttpError 400."""
+    if not isinstance(body, dict):
+        raise HttpError(400, "invalid_request", "request body must be a JSON object")
+    method = body.get("method")
+    if method not in INVOKE_METHODS:
+        raise _bad("method", f"must be one of {', '.join(INVOKE_METHODS)}")
+    path = body.get("path")
+    if not isinstance(path, str) or not path:
+        raise _bad("path", "required: the path on the container, starting with '/'")
+    if len(path) > MAX_PATH:
+        raise _bad("path", f"at most {MAX_PATH} characters")
+    if not _PATH_RE.match(path) or "\\" in path:
+        raise _bad("path", "must start with a single '/' (no absolute or protocol-relative URL, "
+                           "no host) and contain printable ASCII only")
+    headers = body.get("headers")
+    if headers is None:
+        headers = {}
+    if not isinstance(headers, dict):
+        raise _bad("headers", "must be an object of header names to string values")
+    forwarded: list[tuple[str, str]] = []
+    for name, value in headers.items():
+        if not isinstance(value, str) or not _HEADER_NAME_RE.match(name):
+            raise _bad("headers", f"{name!r} must be a valid header name with a string value")
+        if "\r" in value or "\n" in value or "\0" in value:
+            raise _bad("headers", f"{name!r} has a value with CR, LF or NUL")
+        lower = name.lower()
+        if lower in STRIPPED or lower.startswith("proxy-"):
+            continue
+        forwarded.append((name, value))
+    encoded = body.get("body_base64")
+    if encoded is None:
+        encoded = ""
+    if not isinstance(encoded, str):
+        raise _bad("body_base64", "must be a base64 string")
+    try:
+        payload = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad("body_base64", "is not valid base64") from None
+    return method, path, forwarded, payload
+
+
+def _response_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    lower_seen: dict[str, str] = {}
+    for name, value in raw:
+        if name.lower() in _RESPONSE_HOP:
+            continue
+        key = name.decode("latin-1")
+        text = value.decode("latin-1")
+        first = lower_seen.setdefault(key.lower(), key)
+        out[first] = out[first] + ", " + text if first in out else text
+    return out
+
+
+async def invoke(services: "ServiceManager", request: Request) -> Response:
+    """The route handler of ``POST /api/v1/r/invoke/{slug}``."""
+    principal = services.gw._principal(request)  # runtime: sk-, dk-, JWT + X-Team-ID
+    method, path, headers, payload = parse_invoke_body(request.json())
+    slug = request.params["slug"]
+    candidates = services.candidates(principal.team_id, slug)  # 404/400/503
+    try:
+        stream, instance = await services.open_to(slug, candidates)
+    except ProxyError as exc:  # 502: no instance could be reached
+        raise HttpError(exc.status, exc.code, exc.message) from None
+    host = instance.host_header
+    out = [("Host", host), *headers]
+    if payload or method in ("POST", "PUT", "PATCH"):
+        out.append(("Content-Length", str(len(payload))))
+    target = instance.base_path + path
+    try:
+        async with asyncio.timeout(INVOKE_TIMEOUT):
+            status, raw, body = await http_exchange(stream, method, target, out, payload, limit=MAX_RESPONSE)
+    except ResponseTooLarge as exc:
+        raise HttpError(502, "response_too_large", f"{exc}; use the transparent proxy "
+                                                   f"/api/v1/r/containers/{slug}/... for large bodies") from None
+    except TimeoutError:
+        raise HttpError(502, "upstream_timeout", f"the container did not answer within {INVOKE_TIMEOUT:.0f}s") from None
+    except h11.ProtocolError as exc:
+        raise HttpError(502, "bad_upstream_response", f"the container sent invalid HTTP: {exc}") from None
+    except (ConnectionError, OSError) as exc:
+        raise HttpError(502, "tunnel_error", f"the tunnel to the container failed: {exc}") from None
+    finally:
+        stream_close(stream)  # one exchange per stream: the agent closes its target connection
+    return json_response({"status_code": status, "headers": _response_headers(raw),
+                          "body_base64": base64.b64encode(body).decode("ascii")})
+
+
+def stream_close(stream: Any) -> None:
+    """Drop a stream after a buffered exchange (never reused)."""
+    try:
+        stream.close()
+    except Exception:
+        pass

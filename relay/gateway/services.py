@@ -1,0 +1,641 @@
+"""Container services (seeds 003, 004): records, lifecycle, health probes, the proxy.
+
+A service is a team's ``slug`` (``^[a-z0-9][a-z0-9-]{1,98}[a-z0-9]$``) with one of two types:
+
+* ``deployed``: declared by agents (``relay agent --service slug=127.0.0.1:PORT,...``, sent
+  in the agent's hello, see :mod:`relay.agent.services`). Every agent that declares it is
+  an *instance*; the first declaration creates the record, later ones update it
+  (``exposed_port``, ``usage_prompt``, ``openapi_url``, health path, labels).
+* ``external``: created through the API with a ``url`` (``http://`` only: the gateway
+  itself connects to it, plain TCP, no TLS); it has one instance, the gateway, always
+  online.
+
+Instances are learnt from the live agent registry (on every API call and every probe
+tick), so nothing depends on event ordering. An instance whose agent disconnects stays,
+*offline*, for ``offline_grace`` seconds (default: the gateway's ``agent_gone_grace``,
+600 s): a restart or a network blip is not the end of a service. It is removed when the
+grace runs out, or at once when its agent comes back without declaring the slug.
+
+Health: the gateway probes ``GET {health}`` (default ``/health``) of every online
+instance through the tunnel, right after the instance appears and then every
+``probe_interval`` seconds (default 10 s), each with a ``probe_timeout`` (3 s). A status
+below 400 passes; anything else, a timeout or a refused connection fails. An instance
+with ``health=none`` is not probed: it is healthy while online. A request that cannot
+reach an instance also marks it unhealthy until its next passing probe.
+
+``service_status``, evaluated in this order:
+
+1. ``stopped``: no instance (no agent declares the slug any more). The record is kept.
+2. ``running``: some instance has passed a probe since the service last left ``stopped``
+   (the *running* flag). It stays running while instances exist, even if none is healthy
+   or online right now: that is the 503 case below.
+3. ``failed``: at least one agent is online, and every online instance failed
+   ``FAIL_THRESHOLD`` (3) consecutive probes without ever passing one.
+4. ``deploying``: a probe has answered (and failed) on some online instance: the
+   container is still starting.
+5. ``created``: declared, no probe has answered yet (or no declaring agent is online).
+
+``stopping`` is part of the seed's vocabulary but relay never reports it: it does not run
+containers, so it has nothing to stop gracefully.
+
+Gateway-level answers of the proxy and of invoke, before any container is reached:
+404 unknown slug in the caller's team (another team's slug too); 400 status is not
+``running``; 503 running but no online instance ("no online agent") or no healthy one;
+502 every healthy online instance was tried (round robin, starting with the next one in
+turn) and none could be reached (the agent refused the stream, e.g. the target refused
+the connection, or the tunnel failed). Any other status is the container's own.
+
+Endpoints (``{slug}`` is the service slug):
+
+==============================================  =======  ======================================
+``GET    /api/v1/r/containers``                 runtime  ``{"services": [service, ...]}``
+``POST   /api/v1/r/containers``                 manage   external service → 201 service
+``GET    /api/v1/r/containers/{slug}``          runtime  service
+``DELETE /api/v1/r/containers/{slug}``          manage   204 (deployed: only when stopped)
+``ANY    /api/v1/r/containers/{slug}/{path}``   runtime  transparent streaming proxy
+``POST   /api/v1/r/invoke/{slug}``              runtime  seed 004 (relay.gateway.invoke)
+==============================================  =======  ======================================
+
+runtime = sk-, dk-, or JWT with X-Team-ID; manage = sk- or JWT. The proxy forwards the
+path after the slug and the query as they are, streams both ways (SSE included) through
+:mod:`relay.gateway.http_proxy`, and drops the caller's ``Authorization`` and
+``X-Team-ID`` (the gateway credential is never shown to the container).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+from urllib.parse import urlsplit
+
+import h11
+
+from relay.agent.services import SLUG_RE
+from relay.aio import StreamRefused
+from relay.gateway.auth import AuthError, Principal
+from relay.gateway.http_proxy import ProxyError, ProxyStats, Upstream, serve_connection
+from relay.gateway.invoke import http_exchange, invoke, stream_close
+from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
+from relay.gateway.store import Service
+from relay.mux.errors import ErrorCode
+
+if TYPE_CHECKING:
+    from relay.gateway.app import Gateway
+
+__all__ = ["ServiceManager", "SERVICE_STATUSES", "add_services_openapi"]
+
+log = logging.getLogger("relay.gateway.services")
+
+SERVICE_STATUSES = ("created", "deploying", "running", "stopping", "stopped", "failed")
+PREFIX = b"/api/v1/r/containers/"
+PROBE_INTERVAL = 10.0
+PROBE_TIMEOUT = 3.0
+FAIL_THRESHOLD = 3
+#: Opening a stream (the agent connecting to its target) must be answered within this.
+OPEN_TIMEOUT = 15.0
+MAX_PROMPT = 4000
+MAX_LABELS = 32
+
+
+@dataclass
+class Instance:
+    """One place a service runs: an agent's declaration, or the external URL."""
+
+    agent_id: Optional[str]  # None: external (the gateway connects itself)
+    agent_name: str
+    host: str
+    port: int
+    health: Optional[str]
+    session: Any = None
+    base_path: str = ""  # external: the URL's path prefix
+    host_header: str = ""
+    online: bool = True
+    offline_since: float = 0.0
+    healthy: bool = False
+    ever_healthy: bool = False
+    answered: bool = False  # some probe answered (passed or failed)
+    failures: int = 0  # consecutive failed probes
+    last_error: Optional[str] = None
+    last_probe_at: Optional[float] = None
+    probing: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        return {"agent_id": self.agent_id, "agent_name": self.agent_name, "online": self.online,
+                "healthy": self.healthy and self.online, "target": f"{self.host}:{self.port}",
+                "consecutive_failures": self.failures, "last_error": self.last_error,
+                "last_probe_at": _iso(self.last_probe_at)}
+
+    async def open(self) -> Any:
+        """A stream to the target: a mux stream through the agent (waiting for its
+        accept, so a refused target is known here), or a TCP connection (external)."""
+        async with asyncio.timeout(OPEN_TIMEOUT):
+            if self.agent_id is None:
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+                return TcpStream(reader, writer)
+            return await self.session.open_stream({"protocol": "http", "target": f"{self.host}:{self.port}"})
+
+
+@dataclass
+class ServiceState:
+    """The live side of one service record."""
+
+    instances: dict[Optional[str], Instance] = field(default_factory=dict)
+    running: bool = False
+    turn: int = 0  # round robin position
+    stats: ProxyStats = field(default_factory=ProxyStats)
+
+    def status(self) -> str:
+        """The lifecycle status (module docstring, rules 1-5)."""
+        if not self.instances:
+            return "stopped"
+        if self.running:
+            return "running"
+        online = [i for i in self.instances.values() if i.online]
+        if online and all(i.failures >= FAIL_THRESHOLD and not i.ever_healthy for i in online):
+            return "failed"
+        if any(i.answered for i in online):
+            return "deploying"
+        return "created"
+
+
+class TcpStream:
+    """A TCP connection with the subset of the MuxStream interface the proxy engine and
+    :func:`~relay.gateway.invoke.http_exchange` use (external services)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader, self._writer = reader, writer
+
+    exception = None
+    finished = False
+
+    def write(self, data: bytes) -> None:
+        self._writer.write(data)
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    async def read(self, n: int = -1) -> bytes:
+        return await self._reader.read(n)
+
+    def at_eof(self) -> bool:
+        return self._reader.at_eof() or self._writer.is_closing()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def abort(self, error_code: int = 0, message: str = "") -> None:
+        self._writer.transport.abort()
+
+
+def _iso(ts: Optional[float]) -> Optional[str]:
+    return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _declarations(info: Any) -> dict[str, dict[str, Any]]:
+    """Valid service declarations of an agent's hello, by slug (bad ones are dropped)."""
+    from relay.agent.client import parse_host_port
+
+    out: dict[str, dict[str, Any]] = {}
+    raw = info.get("services") if isinstance(info, dict) else None
+    for item in raw if isinstance(raw, list) else []:
+        if not isinstance(item, dict) or not isinstance(item.get("slug"), str) or not SLUG_RE.match(item["slug"]):
+            continue
+        try:
+            host, port = parse_host_port(item.get("target") if isinstance(item.get("target"), str) else "")
+        except ValueError:
+            continue
+        health = item.get("health")
+        health = health if isinstance(health, str) and health.startswith("/") and not health.startswith("//") else None
+        prompt = item.get("prompt") if isinstance(item.get("prompt"), str) else None
+        openapi = item.get("openapi") if isinstance(item.get("openapi"), str) else None
+        labels = [x for x in item.get("labels") or [] if isinstance(x, str)][:MAX_LABELS] \
+            if isinstance(item.get("labels"), list) else []
+        out[item["slug"]] = {"host": host, "port": port, "health": health,
+                             "usage_prompt": prompt[:MAX_PROMPT] if prompt else None,
+                             "openapi_url": openapi, "labels": labels}
+    return out
+
+
+class ServiceManager:
+    """Services of one gateway: install with :meth:`register`, then :meth:`start`."""
+
+    def __init__(self, gateway: "Gateway", *, probe_interval: float = PROBE_INTERVAL,
+                 probe_timeout: float = PROBE_TIMEOUT, offline_grace: Optional[float] = None) -> None:
+        self.gw = gateway
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.offline_grace = offline_grace if offline_grace is not None else getattr(
+            gateway, "_agent_gone_grace", 600.0)
+        self._states: dict[tuple[str, str], ServiceState] = {}
+        self._sessions: dict[str, Any] = {}  # agent id -> the session whose hello we read
+        self._tasks: set[asyncio.Task] = set()
+        self._loop_task: Optional[asyncio.Task] = None
+
+    def register(self, router: Router) -> None:
+        add = router.add
+        add("GET", "/api/v1/r/containers", self._list)
+        add("POST", "/api/v1/r/containers", self._create)
+        add("GET", "/api/v1/r/containers/{slug}", self._get)
+        add("DELETE", "/api/v1/r/containers/{slug}", self._delete)
+        add("*", "/api/v1/r/containers/{slug}/{rest:path}", self._proxy, raw=True)
+        add("POST", "/api/v1/r/invoke/{slug}", lambda request: invoke(self, request))
+
+    async def start(self) -> None:
+        self._loop_task = asyncio.get_running_loop().create_task(self._probe_loop())
+
+    async def close(self) -> None:
+        tasks = [t for t in [self._loop_task, *self._tasks] if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ live state
+
+    def _state(self, record: Service) -> ServiceState:
+        key = (record.team_id, record.slug)
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = ServiceState()
+        if record.service_type == "external" and None not in state.instances:
+            url = urlsplit(record.spec.get("url", ""))
+            port = url.port or 80
+            inst = Instance(None, "external", url.hostname or "", port, record.spec.get("health"),
+                            base_path=url.path.rstrip("/"),
+                            host_header=url.hostname + (f":{url.port}" if url.port else ""))
+            state.instances[None] = inst
+            self._after_instance_added(record.team_id, record.slug, state, inst)
+        return state
+
+    def _after_instance_added(self, team_id: str, slug: str, state: ServiceState, inst: Instance) -> None:
+        if inst.health is None:  # not probed: healthy while online
+            inst.healthy = inst.ever_healthy = True
+            state.running = True
+        else:
+            self._spawn_probe(team_id, slug, inst)
+
+    def sync(self) -> None:
+        """Bring instances in line with the agent registry (see the module docstring)."""
+        now = time.time()
+        store = self.gw.store
+        live: dict[str, Any] = {}
+        for entry in self.gw.registry.connected():
+            if entry.session.is_closed:
+                continue
+            live[entry.agent_id] = entry
+            if self._sessions.get(entry.agent_id) is entry.session:
+                continue  # declarations do not change within one session
+            self._sessions[entry.agent_id] = entry.session
+            declared = _declarations(entry.session.peer_info)
+            for (team_id, slug), state in self._states.items():  # withdrawn declarations
+                if team_id == entry.team_id and entry.agent_id in state.instances and slug not in declared:
+                    del state.instances[entry.agent_id]
+            for slug, decl in declared.items():
+                record = store.get_service(entry.team_id, slug)
+                if record is not None and record.service_type != "deployed":
+                    log.warning("agent %s declares %s, an external service of its team: ignored",
+                                entry.name, slug)
+                    continue
+                spec = {k: decl[k] for k in ("health", "usage_prompt", "openapi_url", "labels")}
+                spec["exposed_port"] = decl["port"]
+                if record is None or record.spec != spec:
+                    record = store.put_service(entry.team_id, slug, "deployed", spec,
+                                               record.status if record else "created")
+                state = self._state(record)
+                inst = Instance(entry.agent_id, entry.name, decl["host"], decl["port"], decl["health"],
+                                session=entry.session, host_header=f"{decl['host']}:{decl['port']}")
+                state.instances[entry.agent_id] = inst
+                self._after_instance_added(entry.team_id, slug, state, inst)
+        for agent_id in [a for a in self._sessions if a not in live]:
+            del self._sessions[agent_id]
+        for (team_id, slug), state in self._states.items():
+            for agent_id, inst in list(state.instances.items()):
+                if agent_id is None:
+                    continue
+                if agent_id not in live or live[agent_id].session is not inst.session:
+                    if inst.online:
+                        inst.online, inst.offline_since = False, now
+                    elif now - inst.offline_since > self.offline_grace:
+                        del state.instances[agent_id]
+            if not state.instances:
+                state.running = False
+
+    def _record(self, team_id: str, slug: str) -> tuple[Service, ServiceState]:
+        """The team's service and its live state; 404 if unknown (or another team's)."""
+        record = self.gw.store.get_service(team_id, slug) if SLUG_RE.match(slug) else None
+        if record is None:
+            raise HttpError(404, "service_not_found", f"no service {slug!r} in this team")
+        return record, self._state(record)
+
+    def describe(self, record: Service, state: ServiceState) -> dict[str, Any]:
+        """The API representation (seed 003's fields first)."""
+        status = state.status()
+        if status != record.status:
+            self.gw.store.set_service_status(record.team_id, record.slug, status)
+        spec = record.spec
+        instances = [i.describe() for i in state.instances.values()]
+        body = {"service_slug": record.slug, "service_status": status,
+                "exposed_port": spec.get("exposed_port"), "service_type": record.service_type,
+                "usage_prompt": spec.get("usage_prompt"), "openapi_url": spec.get("openapi_url"),
+                "health_path": spec.get("health"), "labels": spec.get("labels") or [],
+                "instances": instances,
+                "instances_online": sum(1 for i in state.instances.values() if i.online),
+                "instances_healthy": sum(1 for i in instances if i["healthy"]),
+                "created_at": _iso(record.created_at), "updated_at": _iso(record.updated_at)}
+        if record.service_type == "external":
+            body["url"] = spec.get("url")
+        return body
+
+    # ------------------------------------------------------------------ routing
+
+    def candidates(self, team_id: str, slug: str, rotate: bool = True) -> list[Instance]:
+        """Healthy online instances in round-robin order, or the seed 003 error.
+        ``rotate``: advance the round robin (False for a check only)."""
+        self.sync()
+        record, state = self._record(team_id, slug)
+        status = state.status()
+        if status != "running":
+            raise HttpError(400, "service_not_running", f"service {slug!r} is {status}, not running")
+        online = [i for i in state.instances.values() if i.online]
+        if not online:
+            raise HttpError(503, "no_online_agent", f"no online agent serves {slug!r}")
+        healthy = [i for i in online if i.healthy]
+        if not healthy:
+            raise HttpError(503, "no_healthy_instance", f"no healthy instance of {slug!r}")
+        healthy.sort(key=lambda i: i.agent_id or "")
+        start = state.turn % len(healthy)
+        state.turn += rotate
+        return healthy[start:] + healthy[:start]
+
+    async def open_to(self, slug: str, candidates: list[Instance]) -> tuple[Any, Instance]:
+        """A stream to the first candidate that can be reached; 502 if none can."""
+        errors = []
+        for inst in candidates:
+            try:
+                return await inst.open(), inst
+            except (ConnectionError, OSError, TimeoutError) as exc:
+                reason = exc.message if isinstance(exc, StreamRefused) else (str(exc) or type(exc).__name__)
+                errors.append(f"{inst.agent_name}: {reason}")
+                inst.last_error = reason
+                if inst.health is not None:  # probed: out of rotation until a probe passes
+                    inst.healthy = False
+        raise ProxyError(502, "target_unreachable",
+                         f"could not reach service {slug!r}: " + "; ".join(errors))
+
+    # ------------------------------------------------------------------ health probes
+
+    def _spawn_probe(self, team_id: str, slug: str, inst: Instance) -> None:
+        if inst.probing:
+            return
+        inst.probing = True
+        task = asyncio.get_running_loop().create_task(self._probe(team_id, slug, inst))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _probe(self, team_id: str, slug: str, inst: Instance) -> None:
+        error: Optional[str] = None
+        try:
+            async with asyncio.timeout(self.probe_timeout):
+                stream = await inst.open()
+                try:
+                    status, _, _ = await http_exchange(
+                        stream, "GET", inst.base_path + (inst.health or "/"),
+                        [("Host", inst.host_header), ("User-Agent", "relay-health-probe")], b"",
+                        limit=1024 * 1024)
+                finally:
+                    stream_close(stream)
+            if status >= 400:
+                error = f"health probe answered {status}"
+        except StreamRefused as exc:
+            error = exc.message or ErrorCode(exc.error_code).name
+        except TimeoutError:
+            error = f"health probe timed out after {self.probe_timeout}s"
+        except Exception as exc:  # a failed probe is data, never a crash
+            error = str(exc) or type(exc).__name__
+        finally:
+            inst.probing = False
+        inst.answered, inst.last_probe_at, inst.last_error = True, time.time(), error
+        if error is None:
+            inst.healthy = inst.ever_healthy = True
+            inst.failures = 0
+            state = self._states.get((team_id, slug))
+            if state is not None and state.instances.get(inst.agent_id) is inst:
+                state.running = True
+        else:
+            inst.healthy = False
+            inst.failures += 1
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            try:
+                self.sync()
+                for (team_id, slug), state in list(self._states.items()):
+                    for inst in state.instances.values():
+                        if inst.online and inst.health is not None:
+                            self._spawn_probe(team_id, slug, inst)
+            except Exception:  # e.g. a busy database: try again next tick
+                log.exception("service health round failed")
+
+    # ------------------------------------------------------------------ API routes
+
+    def _principal(self, request: Request, manage: bool = False) -> Principal:
+        principal = self.gw._principal(request)
+        return principal.require_manage() if manage else principal
+
+    async def _list(self, request: Request) -> Response:
+        principal = self._principal(request)
+        self.sync()
+        records = self.gw.store.list_services(principal.team_id)
+        return json_response({"services": [self.describe(r, self._state(r)) for r in records]})
+
+    async def _get(self, request: Request) -> Response:
+        principal = self._principal(request)
+        self.sync()
+        return json_response(self.describe(*self._record(principal.team_id, request.params["slug"])))
+
+    async def _create(self, request: Request) -> Response:
+        """An external service: ``{service_slug, url, health?, usage_prompt?, openapi_url?, labels?}``."""
+        principal = self._principal(request, manage=True)
+        body = request.json()
+        if not isinstance(body, dict):
+            raise HttpError(400, "invalid_request", "request body must be a JSON object")
+        slug = body.get("service_slug")
+        if not isinstance(slug, str) or not SLUG_RE.match(slug):
+            raise HttpError(400, "invalid_request", f"service_slug: must match {SLUG_RE.pattern}")
+        url = body.get("url")
+        split = urlsplit(url) if isinstance(url, str) else None
+        try:
+            valid_url = split is not None and split.scheme == "http" and bool(split.hostname) and split.port != 0
+        except ValueError:
+            valid_url = False
+        if not valid_url or split.query or split.fragment or split.username:
+            raise HttpError(400, "invalid_request", "url: must be http://HOST[:PORT][/PATH] "
+                                                    "(https is not supported for external services yet)")
+        spec: dict[str, Any] = {"url": url, "exposed_port": split.port or 80, "labels": []}
+        for name, limit in (("health", 2048), ("usage_prompt", MAX_PROMPT), ("openapi_url", 2048)):
+            value = body.get(name)
+            if value is not None and (not isinstance(value, str) or len(value) > limit):
+                raise HttpError(400, "invalid_request", f"{name}: must be a string of at most {limit} characters")
+            if name == "health" and value is not None and (not value.startswith("/") or value.startswith("//")):
+                raise HttpError(400, "invalid_request", "health: must be a path starting with a single '/'")
+            spec[name] = value
+        labels = body.get("labels")
+        if labels is not None:
+            if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or len(labels) > MAX_LABELS:
+                raise HttpError(400, "invalid_request", f"labels: an array of at most {MAX_LABELS} strings")
+            spec["labels"] = labels
+        if self.gw.store.get_service(principal.team_id, slug) is not None:
+            raise HttpError(409, "service_exists", f"service {slug!r} already exists in this team")
+        record = self.gw.store.put_service(principal.team_id, slug, "external", spec, "created")
+        self._states.pop((record.team_id, slug), None)
+        return json_response(self.describe(record, self._state(record)), 201)
+
+    async def _delete(self, request: Request) -> Response:
+        principal = self._principal(request, manage=True)
+        self.sync()
+        record, state = self._record(principal.team_id, request.params["slug"])
+        if record.service_type == "deployed" and state.instances:
+            raise HttpError(409, "service_declared", "agents still declare this service; "
+                                                     "it can be deleted once it is stopped")
+        self.gw.store.delete_service(record.team_id, record.slug)
+        self._states.pop((record.team_id, record.slug), None)
+        for client in list(state.stats.clients):
+            client.close()
+        return json_response(None, 204)
+
+    # ------------------------------------------------------------------ the proxy
+
+    def _check(self, authorization: Optional[str], team: Optional[str], slug: str,
+               rotate: bool = True) -> tuple[Principal, list[Instance]]:
+        principal = self.gw.auth.authenticate(authorization, team).require_runtime()
+        return principal, self.candidates(principal.team_id, slug, rotate)
+
+    async def _proxy(self, request: Request) -> None:
+        """Raw route: check the first request (errors answered by the HTTP server), then
+        let the proxy engine own the connection, asking :meth:`_resolve` per request."""
+        self._check(request.header("authorization"), request.header("x-team-id"), request.params["slug"],
+                    rotate=False)  # _resolve checks (and picks) again for this very request
+        transport, data = request.take_over_raw()
+        serve_connection(transport, data, self._resolve, fallback=self._http_server,
+                         connections=self.gw._connections)
+
+    def _http_server(self) -> HttpProtocol:
+        return HttpProtocol(self.gw.router, self.gw._connections)
+
+    def _resolve(self, request: h11.Request) -> Optional[Upstream]:
+        """Where a request goes. None hands the connection back to the HTTP server: for
+        other paths, and for a failed check (the route answers it, headers included)."""
+        target = request.target
+        if not target.startswith(PREFIX):
+            return None
+        end = target.find(b"/", len(PREFIX))
+        slug = target[len(PREFIX):end].decode("ascii", "replace") if end > 0 else ""
+        if end < 0 or "?" in slug:
+            return None
+        headers = {n: v.decode("latin-1") for n, v in request.headers}
+        try:
+            principal, candidates = self._check(headers.get(b"authorization"), headers.get(b"x-team-id"), slug)
+        except (HttpError, AuthError):
+            return None
+        first = candidates[0]
+        if first.agent_id is None and headers.get(b"upgrade"):
+            raise ProxyError(501, "upgrade_not_supported",
+                             "WebSocket upgrades are not proxied to external services")
+        state = self._states[(principal.team_id, slug)]
+        return Upstream(open_stream=lambda: self._open_for_proxy(slug, candidates),
+                        key=(principal.team_id, slug, first.agent_id),
+                        target=first.base_path.encode() + target[end:],
+                        host=first.host_header.encode(),
+                        host_override=first.host_header.encode() if first.agent_id is None else None,
+                        drop_headers=frozenset({b"authorization", b"x-team-id"}),
+                        stats=state.stats)
+
+    async def _open_for_proxy(self, slug: str, candidates: list[Instance]) -> Any:
+        stream, _ = await self.open_to(slug, candidates)
+        return stream
+
+
+# ----------------------------------------------------------------------------- OpenAPI
+
+
+def add_services_openapi(document: dict[str, Any]) -> dict[str, Any]:
+    """Add the container services' paths and schemas to the gateway's OpenAPI document."""
+    error = {"$ref": "#/components/responses/Error"}
+    slug = {"name": "serviceSlug", "in": "path", "required": True, "schema": {"type": "string"}}
+    team = {"name": "X-Team-ID", "in": "header", "required": False,
+            "schema": {"type": "string", "format": "uuid"},
+            "description": "Required with a user JWT; ignored with sk-/dk- credentials."}
+    nullable_str = {"type": "string", "nullable": True}
+    service = {"type": "object", "required": ["service_slug", "service_status", "service_type"], "properties": {
+        "service_slug": {"type": "string"},
+        "service_status": {"type": "string", "enum": list(SERVICE_STATUSES)},
+        "exposed_port": {"type": "integer", "nullable": True},
+        "service_type": {"type": "string", "enum": ["deployed", "external"]},
+        "usage_prompt": nullable_str, "openapi_url": nullable_str, "health_path": nullable_str,
+        "labels": {"type": "array", "items": {"type": "string"}},
+        "url": {"type": "string", "description": "external services only"},
+        "instances": {"type": "array", "items": {"type": "object", "properties": {
+            "agent_id": nullable_str, "agent_name": {"type": "string"}, "online": {"type": "boolean"},
+            "healthy": {"type": "boolean"}, "target": {"type": "string"},
+            "consecutive_failures": {"type": "integer"}, "last_error": nullable_str,
+            "last_probe_at": nullable_str}}},
+        "instances_online": {"type": "integer"}, "instances_healthy": {"type": "integer"},
+        "created_at": nullable_str, "updated_at": nullable_str}}
+    invoke_request = {
+        "type": "object", "required": ["method", "path"],
+        "description": "Structured form of sending an HTTP request through the gateway tunnel into the container.",
+        "properties": {
+            "method": {"type": "string", "enum": ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]},
+            "path": {"type": "string", "maxLength": 2048, "pattern": "^/(?!/)",
+                     "description": "Path on the container, including the leading '/'; query allowed."},
+            "body_base64": {"type": "string", "description": "Request body, base64-encoded."},
+            "headers": {"type": "object", "additionalProperties": {"type": "string"},
+                        "description": "Headers to forward; hop-by-hop ones are stripped."}}}
+    invoke_response = {"type": "object", "required": ["status_code", "body_base64"], "properties": {
+        "status_code": {"type": "integer"}, "body_base64": {"type": "string"},
+        "headers": {"type": "object", "additionalProperties": {"type": "string"}}}}
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update({"Service": service, "InvokeRequest": invoke_request, "InvokeResponse": invoke_response})
+    service_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Service"}}}
+    runtime_errors = {"400": error, "401": error, "403": error, "404": error, "502": error, "503": error}
+    document.setdefault("paths", {}).update({
+        "/r/containers": {
+            "get": {"summary": "List the team's container services", "parameters": [team], "responses": {
+                "200": {"description": "Services", "content": {"application/json": {"schema": {
+                    "type": "object", "properties": {"services": {"type": "array", "items": {
+                        "$ref": "#/components/schemas/Service"}}}}}}},
+                "400": error, "401": error, "403": error}},
+            "post": {"summary": "Create an external service (egress to an http:// URL)", "parameters": [team],
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                         "type": "object", "required": ["service_slug", "url"], "properties": {
+                             "service_slug": {"type": "string", "pattern": SLUG_RE.pattern},
+                             "url": {"type": "string"}, "health": nullable_str,
+                             "usage_prompt": nullable_str, "openapi_url": nullable_str,
+                             "labels": {"type": "array", "items": {"type": "string"}}}}}}},
+                     "responses": {"201": {"description": "Created", "content": service_ref},
+                                   "400": error, "401": error, "403": error, "409": error}}},
+        "/r/containers/{serviceSlug}": {
+            "get": {"summary": "Get a container service", "parameters": [slug, team], "responses": {
+                "200": {"description": "Service", "content": service_ref},
+                "400": error, "401": error, "403": error, "404": error}},
+            "delete": {"summary": "Delete a service record (deployed: only once stopped)",
+                       "parameters": [slug, team], "responses": {
+                           "204": {"description": "Deleted"}, "400": error, "401": error, "403": error,
+                           "404": error, "409": error}}},
+        "/r/containers/{serviceSlug}/{path}": {
+            "parameters": [slug, {"name": "path", "in": "path", "required": True, "schema": {"type": "string"},
+                                  "description": "Forwarded to the container as is (may contain '/')."}, team],
+            **{method: {"summary": "Transparent streaming proxy to the container (any method)",
+                        "responses": {**runtime_errors, "default": {"description": "The container's own response"}}}
+               for method in ("get", "post", "put", "patch", "delete", "options")}},
+        "/r/invoke/{serviceSlug}": {
+            "post": {"summary": "Invoke a container service (runtime)", "operationId": "invokeService",
+                     "parameters": [slug, team],
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                         "$ref": "#/components/schemas/InvokeRequest"}}}},
+                     "responses": {"200": {"description": "Container response", "content": {"application/json": {
+                         "schema": {"$ref": "#/components/schemas/InvokeResponse"}}}}, **runtime_errors}}},
+    })
+    return document
