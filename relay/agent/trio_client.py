@@ -1,0 +1,373 @@
+"""The agent on trio: :class:`TrioAgent` behaves as :class:`relay.agent.client.Agent`.
+
+Same wire behaviour as the asyncio agent (``relay agent --backend trio`` selects this
+one): one outbound WebSocket (trio-websocket) to ``GATEWAY/api/v1/agent/connect`` with
+``Authorization: Bearer ak-...``, one mux session on it (``client=True``), the same hello
+in SETTINGS ``info`` (``name``, ``labels``, ``version``, ``limits``), the same allowlist
+and refusals (NOT_ALLOWED with the same message, CONNECT_FAILED, PROTOCOL_ERROR for a
+bad target, REFUSED for an unknown protocol), the same reconnect backoff (0.5 s doubling
+to 30 s, +-20 % jitter, reset after a connection that lasted 10 s) and
+:class:`~relay.agent.client.AgentAuthError` for a rejected key. Allowed streams are
+connected to their target with ``trio.open_tcp_stream`` and spliced both ways with
+backpressure and half-close (:func:`splice`).
+
+What is shared with the asyncio agent is imported from it: the constants, the error,
+``parse_host_port`` and the default name. What lives inside ``Agent``'s methods (URL
+and allowlist normalisation, ``is_allowed``, the refusal messages, the hello, the
+backoff) is duplicated here, marked "same as Agent", until it is factored out into a
+backend-neutral module both agents import; tests/conformance checks that both agents
+answer alike. Not ported yet: the Tunnels API ``bind`` control (``relay.agent.bind`` is
+asyncio-only); it is logged and ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import ssl
+from collections.abc import Iterable
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+import trio
+
+from relay import __version__
+from relay.agent.client import (
+    AGENT_PATH,
+    HANDSHAKE_TIMEOUT,
+    LOOPBACK_HOSTS,
+    STABLE_CONNECTION,
+    STREAM_PROTOCOLS,
+    AgentAuthError,
+    _default_name,
+    parse_host_port,
+)
+from relay.mux.connection import MuxConfig
+from relay.mux.errors import ErrorCode
+from relay.trio import MuxStream, StreamRefused, TrioMuxSession, WebSocketStream
+
+__all__ = ["TrioAgent", "splice", "use_trio_backend"]
+
+log = logging.getLogger("relay.agent")
+
+#: Largest WebSocket message accepted from the gateway (its writes are one
+#: ``data_to_send`` slice of 256 KiB plus control frames).
+WS_MAX_MESSAGE = 16 * 1024 * 1024
+#: trio-websocket reads 4 KiB at a time by default: far too little for bulk streams.
+WS_RECEIVE_SIZE = 256 * 1024
+#: Bound of the WebSocket closing handshake when a connection ends.
+WS_CLOSE_TIMEOUT = 5.0
+#: Bytes moved per step of a splice direction (one read, then one write).
+SPLICE_CHUNK = 64 * 1024
+
+
+class TrioAgent:
+    """An agent of one team on trio. ``await agent.run()`` serves until cancelled.
+
+    Arguments as :class:`relay.agent.client.Agent`: ``allow`` holds ``HOST:PORT``
+    strings (or pairs) the gateway may reach through us (empty: loopback only);
+    ``labels`` are advertised; ``ssl_context`` verifies an https/wss gateway.
+    """
+
+    def __init__(self, gateway_url: str, key: str, *, name: Optional[str] = None,
+                 labels: Iterable[str] = (), allow: Iterable[Any] = (),
+                 mux_config: Optional[MuxConfig] = None,
+                 backoff_initial: float = 0.5, backoff_max: float = 30.0, jitter: float = 0.2,
+                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+        # Same as Agent.__init__: accept http(s):// and ws(s)://, add the agent path.
+        split = urlsplit(gateway_url if "://" in gateway_url else "http://" + gateway_url)
+        if split.scheme not in ("http", "https", "ws", "wss") or not split.hostname:
+            raise ValueError(f"gateway URL must be http(s):// or ws(s)://HOST[:PORT]: {gateway_url!r}")
+        self.tls = split.scheme in ("https", "wss")
+        self.host = split.hostname
+        self.port = split.port or (443 if self.tls else 80)
+        path = split.path.rstrip("/")
+        self.path = path if path.endswith(AGENT_PATH) else path + AGENT_PATH
+        self.gateway_url = f"{split.scheme}://{split.netloc}{self.path}"
+        self._key = key
+        self.name = name or _default_name()
+        self.labels = sorted(set(labels))
+        self.allow: set[tuple[str, int]] = {parse_host_port(a) if isinstance(a, str) else (a[0].lower(), int(a[1]))
+                                            for a in allow}
+        self._mux_config = mux_config
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.jitter = jitter
+        self._ssl = ssl_context if ssl_context is not None else (ssl.create_default_context() if self.tls else None)
+        #: The id the gateway gave us (from its welcome), once connected.
+        self.agent_id: Optional[str] = None
+        #: The current session while connected.
+        self.session: Optional[TrioMuxSession] = None
+        #: How many sessions were established since start (reconnects = this - 1).
+        self.connections = 0
+        self.state = "idle"
+        self._connected = trio.Event()
+
+    def __repr__(self) -> str:  # never show the key
+        return f"TrioAgent({self.gateway_url!r}, name={self.name!r})"
+
+    # ------------------------------------------------------------------ policy (same as Agent)
+
+    def is_allowed(self, host: str, port: int) -> bool:
+        """May the gateway reach ``host:port`` through this agent?"""
+        host = host.lower()
+        if not self.allow:
+            return host in LOOPBACK_HOSTS
+        return (host, port) in self.allow
+
+    def check_target(self, metadata: Any) -> tuple[str, int]:
+        """``(host, port)`` of an incoming stream's target, or :class:`StreamRefused`
+        with the code and message the asyncio agent uses."""
+        target = metadata.get("target") if isinstance(metadata, dict) else None
+        protocol = metadata.get("protocol", "tcp") if isinstance(metadata, dict) else None
+        if protocol not in STREAM_PROTOCOLS:
+            raise StreamRefused(ErrorCode.REFUSED, f"unsupported stream protocol {protocol!r}")
+        try:
+            host, port = parse_host_port(target if isinstance(target, str) else "")
+        except ValueError:
+            raise StreamRefused(ErrorCode.PROTOCOL_ERROR, f"bad target {target!r}: expected HOST:PORT") from None
+        if not self.is_allowed(host, port):
+            log.warning("refused stream to %s:%d: not on this agent's allowlist", host, port)
+            raise StreamRefused(ErrorCode.NOT_ALLOWED,
+                                f"target {host}:{port} is not allowed by agent {self.name!r} "
+                                f"(allowed: {self._allow_text()})")
+        return host, port
+
+    def _allow_text(self) -> str:
+        if not self.allow:
+            return "loopback hosts only"
+        return ", ".join(f"{h}:{p}" for h, p in sorted(self.allow))
+
+    def hello_config(self) -> MuxConfig:
+        """The session config: ours (or the default) with the hello in ``info``."""
+        config = self._mux_config or MuxConfig()
+        info = {"name": self.name, "labels": self.labels, "version": __version__,
+                "limits": {"max_streams": config.max_streams}}
+        return dataclasses.replace(config, info={**config.info, **info})
+
+    def backoff_delay(self, attempt: int) -> float:
+        """Delay before reconnect attempt ``attempt`` (0-based): exponential, capped,
+        with jitter so many agents dropped at once do not return in lockstep."""
+        base = min(self.backoff_max, self.backoff_initial * (2 ** min(attempt, 30)))
+        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+    # ------------------------------------------------------------------ streams
+
+    async def _serve_stream(self, session: TrioMuxSession, stream: MuxStream) -> None:
+        """Serve one stream the gateway opened: check the target, connect, splice.
+
+        Run by the session (its handler contract): raising StreamRefused refuses the
+        stream with that code; the stream is closed when this returns."""
+        host, port = self.check_target(stream.metadata)
+        try:
+            local = await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            log.info("stream to %s:%d failed: %s", host, port, exc)
+            raise StreamRefused(ErrorCode.CONNECT_FAILED, f"cannot connect to {host}:{port}: {exc}") from None
+        stream.accept()
+        await splice(stream, local, session)
+
+    def _on_control(self, message: Any) -> None:
+        if isinstance(message, dict) and message.get("type") == "welcome":
+            self.agent_id = str(message.get("agent_id"))
+            log.info("registered as agent %s (%s)", self.agent_id, self.name)
+        elif isinstance(message, dict) and message.get("type") == "bind":
+            log.warning("the trio agent does not serve Tunnels API binds yet; ignored")
+
+    # ------------------------------------------------------------------ connecting
+
+    async def run_once(self) -> None:
+        """One connection: dial, serve until the session ends.
+
+        Raises :class:`AgentAuthError` if the key is rejected (401/403), OSError,
+        trio-websocket's HandshakeError or ``trio.TooSlowError`` for other failures.
+        """
+        from trio_websocket import ConnectionRejected, open_websocket
+
+        self._set_state("connecting")
+        headers = [(b"Authorization", f"Bearer {self._key}".encode())]
+        try:
+            async with open_websocket(self.host, self.port, self.path, use_ssl=self._ssl or False,
+                                      extra_headers=headers, max_message_size=WS_MAX_MESSAGE,
+                                      receive_buffer_size=WS_RECEIVE_SIZE,
+                                      connect_timeout=HANDSHAKE_TIMEOUT,
+                                      disconnect_timeout=WS_CLOSE_TIMEOUT) as ws:
+                await self._serve(ws)
+        except ConnectionRejected as exc:
+            if exc.status_code in (401, 403):
+                raise AgentAuthError("the gateway rejected the agent key: server refused the WebSocket "
+                                     f"upgrade with HTTP {exc.status_code}") from None
+            raise
+
+    async def _serve(self, ws: Any) -> None:
+        session: TrioMuxSession
+
+        async def handler(stream: MuxStream) -> None:
+            await self._serve_stream(session, stream)
+
+        session = TrioMuxSession(WebSocketStream(ws), client=True, config=self.hello_config(),
+                                 handler=handler, on_control=self._on_control)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(session.run)
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    await session.wait_established()
+                self.session = session
+                self.connections += 1
+                self._connected.set()
+                self._set_state("connected")
+                await session.wait_closed()
+            finally:  # also on cancellation: a stopped agent must not leave its socket open
+                session.abort(ErrorCode.NO_ERROR, "agent stopping")
+                self.session = None
+                if self._connected.is_set():
+                    self._connected = trio.Event()
+
+    async def run(self) -> None:
+        """Serve forever, reconnecting with backoff after any drop. Raises
+        :class:`AgentAuthError` if the key is rejected."""
+        from trio_websocket import HandshakeError
+
+        attempt = 0
+        while True:
+            started = trio.current_time()
+            try:
+                await self.run_once()
+                # Start the backoff over only after a connection that lasted: one the
+                # gateway drops at once (e.g. a duplicate agent) must not loop tightly.
+                if trio.current_time() - started >= STABLE_CONNECTION:
+                    attempt = 0
+                reason = "connection lost"
+            except AgentAuthError:
+                self._set_state("rejected")
+                raise
+            except (OSError, HandshakeError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                reason = str(exc) or type(exc).__name__
+            delay = self.backoff_delay(attempt)
+            attempt += 1
+            self._set_state("disconnected", f"{reason}; retrying in {delay:.1f}s")
+            await trio.sleep(delay)
+
+    @property
+    def connected(self) -> bool:
+        """True while a session is established."""
+        return self.session is not None and not self.session.is_closed
+
+    async def wait_connected(self) -> TrioMuxSession:
+        """Wait until a session is established; returns it."""
+        while self.session is None or self.session.is_closed:
+            await self._connected.wait()
+            await trio.lowlevel.checkpoint()
+        return self.session
+
+    def report_status(self, status: str) -> None:
+        """Tell the gateway our status (``idle``, ``busy`` or ``unhealthy``); ignored
+        while not connected."""
+        if self.session is not None and not self.session.is_closed:
+            self.session.send_control({"type": "status", "status": status})
+
+    def close(self) -> None:
+        """Drop the current connection (``run`` would reconnect: cancel it to stop)."""
+        if self.session is not None:
+            self.session.abort(ErrorCode.NO_ERROR, "agent stopping")
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        if state == self.state and not detail:
+            return
+        self.state = state
+        if state == "connecting":
+            log.info("connecting to %s as %r (trio)", self.gateway_url, self.name)
+        elif state == "connected":
+            log.info("connected to %s", self.gateway_url)
+        else:
+            log.info("%s%s", state, f": {detail}" if detail else "")
+
+
+async def splice(stream: MuxStream, local: trio.abc.HalfCloseableStream,
+                 session: Optional[TrioMuxSession] = None) -> None:
+    """Relay ``stream`` and ``local`` both ways until both directions have ended.
+
+    Each direction moves one chunk at a time (read, then write), so backpressure is end
+    to end with no buffer of our own: a local consumer that stops reading stops us
+    taking bytes from the stream, which stops acknowledging them, so the remote sender
+    stops after one window; a stream that is not writable stops us reading ``local``.
+    EOF is passed on as a half-close and the other direction goes on. A failure on
+    either side ends both: a local error resets the stream (CANCEL), a stream reset
+    closes the local connection at once. ``session`` (the stream's) lets the splice tell
+    the core when it stops reading early (``stop_reading``).
+    """
+    failure: list[BaseException] = []
+    mux_ended = False
+
+    async def pump(source: Any, sink: Any, from_mux: bool, scope: trio.CancelScope) -> None:
+        nonlocal mux_ended
+        try:
+            while True:
+                data = await source.receive_some(SPLICE_CHUNK)
+                if not data:
+                    mux_ended = mux_ended or from_mux
+                    await sink.send_eof()
+                    return
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            failure.append(exc)
+            scope.cancel()  # one side is gone: nothing more can be relayed either way
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, stream, local, True, nursery.cancel_scope)
+            nursery.start_soon(pump, local, stream, False, nursery.cancel_scope)
+    finally:
+        if failure and stream.reset_error is None:
+            stream.reset(ErrorCode.CANCEL, f"local connection failed: {failure[0]}")
+        if not mux_ended and session is not None:
+            # We read no more from the stream: the core credits what is unread and
+            # answers further DATA with a RESET, rather than letting it pile up.
+            session.connection.stop_reading(stream.stream_id)
+        # Both closes are immediate (no peer round trip); shielded so that a splice
+        # cancelled with its session still closes the local socket.
+        with trio.CancelScope(shield=True):
+            await local.aclose()
+            await stream.aclose()
+
+
+# ---------------------------------------------------------------------- CLI hook
+
+def use_trio_backend(ctx: Any) -> None:
+    """``relay agent --backend trio``: run this agent for this invocation instead of the
+    asyncio one, with the same options. Called from the ``--backend`` option's callback
+    (before the command runs), it replaces the command's invocation on this click
+    context only, so the asyncio command stays untouched."""
+
+    def invoke(callback: Any, **params: Any) -> Any:
+        return run_cli(**params)
+
+    ctx.invoke = invoke
+
+
+def run_cli(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ...],
+            allow: tuple[str, ...], ca_cert: Any, log_level: str, **options: Any) -> None:
+    """The body of ``relay agent`` on trio: same checks, logging and one-line errors."""
+    import click
+
+    from relay.cli_run import _setup_logging, _split_host_port
+
+    unsupported = sorted(name for name, value in options.items() if value)
+    if unsupported:  # options the asyncio agent grew that this one does not serve yet
+        raise click.UsageError(f"--backend trio does not support {', '.join(unsupported)} yet")
+    if not key.startswith("ak-"):
+        raise click.BadParameter("an agent key starts with 'ak-'", param_hint="--key")
+    for entry in allow:
+        _split_host_port(entry, "--allow")
+    _setup_logging(log_level)
+    try:
+        context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert is not None else None
+        agent = TrioAgent(gateway_url, key, name=name, labels=labels, allow=allow, ssl_context=context)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gateway") from None
+    try:
+        trio.run(agent.run)
+    except AgentAuthError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
