@@ -103,6 +103,7 @@ def gateway(listen: str, data_dir: Path, public_url: Optional[str], hub_host: st
 @click.option("--service", "services", multiple=True,
               metavar="SLUG=HOST:PORT[,health=/health][,prompt=TEXT][,openapi=PATH][,label=L]",
               help="Declare a container service (repeatable; see relay.agent.services).")
+@click.option("--backend", type=click.Choice(["asyncio", "trio"]), default="asyncio", show_default=True, envvar="RELAY_AGENT_BACKEND", expose_value=False, help="Event loop to run on: asyncio (uvloop) or trio.", callback=lambda ctx, _, value: value == "trio" and __import__("relay.agent.trio_client").agent.trio_client.use_trio_backend(ctx))
 @_log_option
 def agent(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ...],
           allow: tuple[str, ...], ca_cert: Optional[Path], log_level: str,
