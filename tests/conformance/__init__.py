@@ -1,0 +1,1 @@
+"""One conformance suite run on every agent/gateway pairing (asyncio and trio)."""

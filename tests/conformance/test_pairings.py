@@ -1,0 +1,287 @@
+"""The conformance suite: the same tests on every agent/gateway pairing.
+
+Each test is written once against :class:`tests.conformance.harness.Env` and runs on
+asyncio agent <-> asyncio gateway, trio agent <-> asyncio gateway, asyncio agent <-> trio
+host and trio agent <-> trio host (``PAIRINGS``), always through the real agent to real
+TCP servers on 127.0.0.1. scripts/test runs the suite with compiled extensions and again
+with ``RELAY_NO_EXTENSIONS=1``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import struct
+
+import trio
+
+from relay import __version__
+from relay.mux.connection import MuxConfig
+from tests.conformance.harness import AGENT_NAME, Env, conformance
+
+DEFAULTS = MuxConfig()
+
+
+@conformance()
+async def test_open(env: Env) -> None:
+    """The agent says hello (same info from both agents) and a stream reaches a target."""
+    hello = await env.hello()
+    # The keys both agents send (the asyncio agent may add newer ones, e.g. services).
+    assert {key: hello.get(key) for key in ("name", "labels", "version", "limits")} == {
+        "name": AGENT_NAME, "labels": ["conformance", "x"], "version": __version__,
+        "limits": {"max_streams": DEFAULTS.max_streams}}
+    conn = await env.open_stream_to(env.targets.echo)
+    await conn.send(b"hello through the tunnel")
+    await conn.send_eof()
+    assert await conn.receive_all() == b"hello through the tunnel"
+    await conn.close()
+
+
+@conformance()
+async def test_large_transfer_both_ways(env: Env) -> None:
+    """8 MiB up and 8 MiB down at the same time (an echo), byte for byte (sha256)."""
+    payload = os.urandom(8 * 1024 * 1024)
+    conn = await env.open_stream_to(env.targets.echo)
+    received = hashlib.sha256()
+    count = 0
+
+    async def send() -> None:
+        view = memoryview(payload)
+        for offset in range(0, len(payload), 256 * 1024):
+            await conn.send(view[offset:offset + 256 * 1024])
+        await conn.send_eof()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        while data := await conn.receive(256 * 1024):
+            received.update(data)
+            count += len(data)
+    assert count == len(payload)
+    assert received.digest() == hashlib.sha256(payload).digest()
+    await conn.close()
+
+
+@conformance()
+async def test_half_close(env: Env) -> None:
+    """The client shuts down its sending side and still receives the answer, which the
+    target can only give after seeing that EOF."""
+    payload = os.urandom(1024 * 1024 + 7)
+    conn = await env.open_stream_to(env.targets.digest)
+    await conn.send(payload)
+    await conn.send_eof()
+    answer = await conn.receive_all()
+    assert answer == struct.pack(">Q", len(payload)) + hashlib.sha256(payload).digest()
+    await conn.close()
+
+
+@conformance()
+async def test_reset(env: Env) -> None:
+    """The target aborts its connection (RST): the client sees a reset or EOF promptly,
+    and the session is unharmed."""
+    conn = await env.open_stream_to(env.targets.abort)
+    with trio.fail_after(5):
+        greeting = b""
+        while len(greeting) < 3:
+            greeting += await conn.receive(3 - len(greeting))
+        assert greeting == b"bye"
+        try:
+            assert await conn.receive(1024) == b""
+        except trio.BrokenResourceError:
+            pass
+    await conn.close()
+    again = await env.open_stream_to(env.targets.echo)
+    await again.send(b"still fine")
+    await again.send_eof()
+    assert await again.receive_all() == b"still fine"
+    await again.close()
+
+
+@conformance(timeout=60)
+async def test_backpressure_with_a_stalled_reader(env: Env) -> None:
+    """A target that stops reading stops the client after a bounded amount; agent and
+    gateway hold no more than their windows and queues; it all resumes when it reads."""
+    total = 32 * 1024 * 1024
+    chunk = os.urandom(64 * 1024)
+    env.targets.digest_gate = trio.Event()  # the digest server waits before reading
+    conn = await env.open_stream_to(env.targets.digest)
+    sent = 0
+
+    async def produce() -> None:
+        nonlocal sent
+        while sent < total:
+            await conn.send(chunk)
+            sent += len(chunk)
+        await conn.send_eof()
+
+    # Bound: one stream window (auto-tuning may grow it to max_window) plus one send
+    # queue per side, and slack for a read in flight.
+    bound = DEFAULTS.max_window + DEFAULTS.send_queue_limit + 1024 * 1024
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(produce)
+        # Wait until the client is stuck: no progress for half a second.
+        last = -1
+        while sent != last:
+            last = sent
+            await trio.sleep(0.5)
+        assert sent < total, "the client was never stopped"
+        assert env.targets.digest_read[0] == 0
+        agent_held, gateway_held = await env.memory()
+        assert agent_held <= bound and gateway_held <= bound, (agent_held, gateway_held)
+        env.targets.digest_gate.set()  # the reader resumes: everything flows again
+    answer = await conn.receive_all()
+    expected = hashlib.sha256(chunk * (total // len(chunk))).digest()
+    assert answer == struct.pack(">Q", total) + expected
+    await conn.close()
+
+
+@conformance(timeout=90)
+async def test_1000_concurrent_streams(env: Env) -> None:
+    """1,000 streams open at once through one agent connection, each echoing its own
+    bytes (4 sockets per stream in the process: raise the fd limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    count = 1000
+    all_echoed = trio.Event()
+    echoed = 0
+    limiter = trio.CapacityLimiter(100)  # connects in waves: listen backlogs are finite
+    peak = 0
+
+    async def one(i: int) -> None:
+        nonlocal echoed
+        message = b"stream %04d" % i
+        async with limiter:
+            conn = await env.open_stream_to(env.targets.echo)
+            await conn.send(message)
+            got = b""
+            while len(got) < len(message):
+                got += await conn.receive(64)
+            assert got == message
+        echoed += 1
+        if echoed == count:
+            all_echoed.set()
+        await all_echoed.wait()  # hold every stream open until all have echoed
+        await conn.send_eof()
+        assert await conn.receive_all() == b""
+        await conn.close()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(count):
+            nursery.start_soon(one, i)
+        await all_echoed.wait()
+        peak = await env.agent_open_streams()
+    assert peak >= count
+    with trio.fail_after(10):  # and they all finish
+        while await env.agent_open_streams():
+            await trio.sleep(0.05)
+
+
+@conformance()
+async def test_agent_reconnect(env: Env) -> None:
+    """The agent's connection is cut abruptly; the agent reconnects by itself and a new
+    stream works."""
+    before = await env.wait_agent()
+    conn = await env.open_stream_to(env.targets.echo)
+    await env.drop_agent_connection()
+    with trio.fail_after(5):  # the stream of the lost connection ends promptly
+        try:
+            await conn.receive_all()
+        except trio.BrokenResourceError:
+            pass
+    await conn.close()
+    await env.wait_agent(other_than=before)
+    conn = await env.open_stream_to(env.targets.echo)
+    await conn.send(b"after the reconnect")
+    await conn.send_eof()
+    assert await conn.receive_all() == b"after the reconnect"
+    await conn.close()
+
+
+@conformance()
+async def test_refusals(env: Env) -> None:
+    """Targets off the allowlist are refused with NOT_ALLOWED and the same message from
+    both agents; an unreachable one with CONNECT_FAILED."""
+    code, message = await env.refusal("10.255.255.1:9")
+    assert code == "NOT_ALLOWED"
+    assert message == (f"target 10.255.255.1:9 is not allowed by agent {AGENT_NAME!r} "
+                       "(allowed: loopback hosts only)")
+    code, message = await env.refusal(env.targets.closed)
+    assert code == "CONNECT_FAILED"
+    assert message.startswith(f"cannot connect to {env.targets.closed}: ")
+
+
+# ---------------------------------------------------------------------- the trio agent itself
+
+
+def test_trio_agent_policy_matches_the_asyncio_agent() -> None:
+    """URL handling, allowlist and backoff are duplicated in TrioAgent until they are
+    factored out of relay.agent.client: both agents must agree."""
+    from relay.agent import Agent
+    from relay.agent.trio_client import TrioAgent
+
+    for url in ("http://gw:8080", "https://gw.example.com", "ws://gw/prefix/", "gw:9000"):
+        assert TrioAgent(url, "ak-x").gateway_url == Agent(url, "ak-x").gateway_url
+    allow = ["127.0.0.1:22", "[::1]:80", "db.lan:5432"]
+    for kwargs in ({}, {"allow": allow}):
+        trio_agent, aio_agent = TrioAgent("http://gw", "ak-x", **kwargs), Agent("http://gw", "ak-x", **kwargs)
+        for host, port in [("127.0.0.1", 22), ("LOCALHOST", 5432), ("::1", 80), ("db.lan", 5432),
+                           ("10.0.0.1", 22), ("127.0.0.1", 23)]:
+            assert trio_agent.is_allowed(host, port) == aio_agent.is_allowed(host, port)
+    delays = [TrioAgent("http://gw", "ak-x").backoff_delay(i) for i in range(12)]
+    assert 0.4 <= delays[0] <= 0.6 and 0.8 <= delays[1] <= 1.2
+    assert all(24 <= d <= 36 for d in delays[8:])
+    assert "ak-secret" not in repr(TrioAgent("http://gw", "ak-secret"))
+
+
+def test_relay_agent_backend_trio_cli(tmp_path) -> None:
+    """``relay agent --backend trio`` runs the trio agent (against a trio host here): it
+    serves a stream; a wrong key is a one-line error and a non-zero exit."""
+    import functools
+    import subprocess
+    import sys
+
+    from relay.trio.gateway import serve_agents
+    from tests.conformance.harness import TRIO_HOST_KEY, start_targets
+
+    async def main() -> None:
+        sessions = []
+
+        async def handler(session, principal) -> None:
+            sessions.append(session)
+            await session.wait_closed()
+
+        async with trio.open_nursery() as nursery:
+            targets = await start_targets(nursery)
+            server = await nursery.start(functools.partial(
+                serve_agents, handler, "127.0.0.1", 0, authenticate=lambda token: token == TRIO_HOST_KEY))
+            argv = [sys.executable, "-m", "relay", "agent", "--backend", "trio", "--name", "cli-trio",
+                    "--gateway", f"http://127.0.0.1:{server.port}", "--log-level", "warning"]
+            wrong = await trio.run_process(argv + ["--key", "ak-wrong"], capture_stdout=True,
+                                           capture_stderr=True, check=False)
+            assert wrong.returncode == 1
+            assert wrong.stderr.decode().strip().splitlines() == [
+                "Error: the gateway rejected the agent key: server refused the WebSocket upgrade with HTTP 401"]
+            process = await trio.lowlevel.open_process(argv + ["--key", TRIO_HOST_KEY], stdin=subprocess.DEVNULL)
+            try:
+                with trio.fail_after(20):
+                    while not sessions:
+                        await trio.sleep(0.05)
+                    assert sessions[0].peer_info["name"] == "cli-trio"
+                    stream = await sessions[0].open_stream({"protocol": "tcp", "target": targets.echo})
+                    await stream.send_all(b"via the CLI agent")
+                    await stream.send_eof()
+                    received = b""
+                    while data := await stream.receive_some():
+                        received += data
+                    assert received == b"via the CLI agent"
+            finally:
+                process.kill()
+                await process.wait()
+            nursery.cancel_scope.cancel()
+
+    async def bounded() -> None:
+        with trio.fail_after(40):
+            await main()
+
+    trio.run(bounded)
