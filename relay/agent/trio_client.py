@@ -207,21 +207,31 @@ class TrioAgent:
 
         session = TrioMuxSession(WebSocketStream(ws), client=True, config=self.hello_config(),
                                  handler=handler, on_control=self._on_control)
+        failure: Optional[Exception] = None
+        # Errors are raised after the nursery, never from inside it: there they would
+        # come out wrapped in an ExceptionGroup, which run()'s retry logic does not catch.
         async with trio.open_nursery() as nursery:
             await nursery.start(session.run)
             try:
-                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                with trio.move_on_after(HANDSHAKE_TIMEOUT) as hello_wait:
                     await session.wait_established()
-                self.session = session
-                self.connections += 1
-                self._connected.set()
-                self._set_state("connected")
-                await session.wait_closed()
+                if hello_wait.cancelled_caught:
+                    failure = trio.TooSlowError("the gateway sent no SETTINGS in time")
+                else:
+                    self.session = session
+                    self.connections += 1
+                    self._connected.set()
+                    self._set_state("connected")
+                    await session.wait_closed()
+            except trio.BrokenResourceError as exc:  # the session ended before its hello
+                failure = exc
             finally:  # also on cancellation: a stopped agent must not leave its socket open
                 session.abort(ErrorCode.NO_ERROR, "agent stopping")
                 self.session = None
                 if self._connected.is_set():
                     self._connected = trio.Event()
+        if failure is not None:
+            raise failure
 
     async def run(self) -> None:
         """Serve forever, reconnecting with backoff after any drop. Raises

@@ -16,8 +16,8 @@ hello: name, labels, version) have arrived. Open streams to the agent on it::
             serve_agents, handler, "127.0.0.1", 8080, authenticate=lambda key: key == "ak-..."))
 
 The handler runs for as long as the agent stays connected: it is cancelled when the
-session ends (agent gone, keepalive timeout), and when it returns the session is closed
-gracefully (GOAWAY, open streams may finish). Streams the agent opens towards us are
+session ends (agent gone, keepalive timeout), and when it returns (or fails: logged) the
+session is closed gracefully (GOAWAY, open streams may finish). Streams the agent opens towards us are
 refused, as the asyncio gateway does, unless ``stream_handler`` is given.
 """
 from __future__ import annotations
@@ -87,9 +87,14 @@ async def serve_agents(
             await _reject(request, 404, "not_found", f"no agent endpoint at {request_path}")
             return
         token = _bearer(request.headers)
-        principal = authenticate(token)
-        if inspect.isawaitable(principal):
-            principal = await principal
+        try:
+            principal = authenticate(token)
+            if inspect.isawaitable(principal):
+                principal = await principal
+        except Exception:  # a failing check must not take the server down with it
+            log.exception("authenticate failed")
+            await _reject(request, 500, "internal_error", "cannot check the agent key")
+            return
         if not principal:
             code = "missing_credentials" if token is None else "invalid_credentials"
             await _reject(request, 401, code, "a valid agent key is required (Authorization: Bearer ak-...)")
@@ -120,6 +125,8 @@ async def serve_agents(
                 agent_scope.start_soon(watch)
                 try:
                     await handler(session, principal)
+                except Exception:  # one agent's handler must not end the server
+                    log.exception("agent handler failed")
                 finally:
                     agent_scope.cancel_scope.cancel()
             if not session.is_closed:

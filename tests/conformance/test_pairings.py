@@ -285,3 +285,59 @@ def test_relay_agent_backend_trio_cli(tmp_path) -> None:
             await main()
 
     trio.run(bounded)
+
+
+def test_serve_agents_checks_keys_and_survives_a_failing_handler() -> None:
+    """401 without a valid key (before any upgrade), 404 off the agent path, 500 if the
+    check itself fails; a handler that raises ends only its agent's session."""
+    import functools
+
+    from trio_websocket import ConnectionRejected, open_websocket
+
+    from relay.agent.trio_client import TrioAgent
+    from relay.trio.gateway import serve_agents
+
+    def authenticate(token):
+        if token == "ak-boom":
+            raise RuntimeError("database down")
+        return token == "ak-good" and {"team": "t"}
+
+    seen = []
+
+    async def handler(session, principal) -> None:
+        seen.append(principal)
+        if len(seen) == 1:
+            raise RuntimeError("handler bug")
+        await session.wait_closed()
+
+    async def status(port: int, path: str, key=None) -> int:
+        headers = [(b"Authorization", b"Bearer " + key.encode())] if key else []
+        try:
+            async with open_websocket("127.0.0.1", port, path, use_ssl=False, extra_headers=headers):
+                return 101
+        except ConnectionRejected as exc:
+            return exc.status_code
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(functools.partial(
+                serve_agents, handler, "127.0.0.1", 0, authenticate=authenticate))
+            path = "/api/v1/agent/connect"
+            assert await status(server.port, path) == 401
+            assert await status(server.port, path, "ak-wrong") == 401
+            assert await status(server.port, path, "ak-boom") == 500
+            assert await status(server.port, "/elsewhere", "ak-good") == 404
+            agent = TrioAgent(f"http://127.0.0.1:{server.port}", "ak-good", name="a")
+            await agent.run_once()  # the failing handler's session is closed; it returns
+            nursery.start_soon(agent.run)
+            with trio.fail_after(10):
+                while len(seen) < 2 or not agent.connected:
+                    await trio.sleep(0.02)
+            assert seen == [{"team": "t"}, {"team": "t"}]
+            nursery.cancel_scope.cancel()
+
+    async def bounded() -> None:
+        with trio.fail_after(30):
+            await main()
+
+    trio.run(bounded)
