@@ -16,8 +16,10 @@ What is shared with the asyncio agent is imported from it: the constants, the er
 and allowlist normalisation, ``is_allowed``, the refusal messages, the hello, the
 backoff) is duplicated here, marked "same as Agent", until it is factored out into a
 backend-neutral module both agents import; tests/conformance checks that both agents
-answer alike. Not ported yet: the Tunnels API ``bind`` control (``relay.agent.bind`` is
-asyncio-only); it is logged and ignored.
+answer alike. Not ported yet (the asyncio agent grew them meanwhile): the Tunnels API
+``bind`` control (``relay.agent.bind`` is asyncio-only; logged and ignored), task
+handlers (``relay.agent.tasks``), ``allow_stream`` policies and declared services;
+``relay agent --backend trio`` refuses ``--service`` rather than ignore it.
 """
 from __future__ import annotations
 
@@ -171,8 +173,8 @@ class TrioAgent:
         if isinstance(message, dict) and message.get("type") == "welcome":
             self.agent_id = str(message.get("agent_id"))
             log.info("registered as agent %s (%s)", self.agent_id, self.name)
-        elif isinstance(message, dict) and message.get("type") == "bind":
-            log.warning("the trio agent does not serve Tunnels API binds yet; ignored")
+        elif isinstance(message, dict) and message.get("type") in ("bind", "task"):
+            log.warning("the trio agent does not serve %s messages yet; ignored", message.get("type"))
 
     # ------------------------------------------------------------------ connecting
 
