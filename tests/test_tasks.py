@@ -149,12 +149,17 @@ def info_name(gw: Any, answer: dict[str, Any]) -> str:
     return next(a.name for a in gw.registry.connected() if a.agent_id == answer["agent_id"])
 
 
-def test_agent_with_a_tunnel_open_takes_no_tasks(tmp_path):
+def test_agents_with_a_tunnel_open_or_unhealthy_take_no_tasks(tmp_path):
     async def body():
         async with gateway_and_team(tmp_path) as (gw, keys):
             sk = str(keys["sk"])
-            async with running_agent(gw, str(keys["ak"]), name="a") as a:
+            async with running_agent(gw, str(keys["ak"]), name="a") as a, \
+                    running_agent(gw, str(keys["ak"]), name="b") as b:
                 a.tasks.register_builtins()
+                b.tasks.register_builtins()
+                team = gpu_team(gw, a)
+                b.report_status("unhealthy")
+                await wait_until(lambda: gw.registry.get(team, b.agent_id).status == "unhealthy")
                 status, tunnel = await http(gw.port, "POST", f"/api/v1/agents/{a.agent_id}/tunnel", sk,
                                             {"target_port": 9, "tunnel_protocol": "tcp"})
                 assert status == 200, tunnel
@@ -162,12 +167,16 @@ def test_agent_with_a_tunnel_open_takes_no_tasks(tmp_path):
                 assert answer["status"] == "queued"
                 await asyncio.sleep(0.1)
                 assert (await task_status(gw.port, sk, answer["task_id"]))["status"] == "queued"
-                # Closing the tunnel makes the agent idle: the queued task runs.
+                # Closing the tunnel makes the agent idle: the queued task runs there.
                 status, _ = await http(gw.port, "DELETE", f"/api/v1/agents/{a.agent_id}/tunnel", sk)
                 assert status == 200
                 events = await sse(gw.port, f"/api/v1/tasks/{answer['task_id']}/events", sk)
                 assert events[-1] == ("result", {"type": "result", "result": "hi"})
                 assert events[1][1] == {"type": "status", "status": "dispatched", "agent_id": a.agent_id}
+                # The unhealthy agent takes work again once it reports idle.
+                b.report_status("idle")
+                await wait_until(lambda: gw.registry.get(team, b.agent_id).status == "idle")
+                assert (await submit(gw.port, sk, "echo", 2))["agent_id"] == b.agent_id
 
     run(body)
 
