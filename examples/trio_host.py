@@ -1,72 +1,48 @@
-"""Serve relay agents from a trio application (trio-websocket + relay.trio).
+"""Serve relay agents from a trio application (relay.trio.gateway.serve_agents).
 
-The trio app accepts agents on ``/api/v1/agent/connect`` with trio-websocket, checks the
-``Authorization: Bearer`` key before upgrading (401 otherwise), and runs each agent's
-mux session with :class:`relay.trio.TrioMuxSession` over
-:class:`relay.trio.WebSocketStream`. Streams it opens to the agent are
-``trio.abc.HalfCloseableStream`` objects. Any relay agent can connect: ``relay agent
---gateway http://127.0.0.1:PORT --key ak-example``; here the self-test runs the asyncio
-``relay.agent.Agent`` in a thread of this process.
+The trio app accepts agents on ``/api/v1/agent/connect`` with
+:func:`relay.trio.gateway.serve_agents` (trio-websocket underneath): the
+``Authorization: Bearer`` key is checked by our ``authenticate`` before the upgrade (a
+JSON 401 otherwise), and our ``handler`` gets each agent's running
+:class:`relay.trio.TrioMuxSession` for as long as the agent stays connected. Streams it
+opens to the agent are ``trio.abc.HalfCloseableStream`` objects. Any relay agent can
+connect: ``relay agent --gateway http://127.0.0.1:PORT --key ak-example``; the self-test
+runs the asyncio ``relay.agent.Agent`` in a thread of this process.
 
     python examples/trio_host.py --selftest
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import asyncio
+import functools
 import sys
 import threading
 from typing import Any, Optional
 
 import trio
-from trio_websocket import serve_websocket
 
-from relay.mux.errors import ErrorCode
-from relay.trio import MuxStream, StreamRefused, TrioMuxSession, WebSocketStream
+from relay.trio import MuxStream, TrioMuxSession
+from relay.trio.gateway import serve_agents
 
-AGENT_PATH = "/api/v1/agent/connect"
-AGENT_KEY = "ak-example"  # your own check goes here (a database, a JWT ...)
-MAX_MESSAGE = 16 * 1024 * 1024
+AGENT_KEY = "ak-example"
 
 
-def bearer(headers: list[tuple[bytes, bytes]]) -> Optional[str]:
-    for name, value in headers:
-        if name.lower() == b"authorization" and value.lower().startswith(b"bearer "):
-            return value[7:].decode("latin-1").strip()
-    return None
+def authenticate(token: Optional[str]) -> Any:
+    """Your own check goes here (a database, a JWT ...): a truthy principal, or None (401)."""
+    return {"team": "demo"} if token == AGENT_KEY else None
 
 
-async def refuse(stream: MuxStream) -> None:
-    """Agents open no streams towards the host."""
-    raise StreamRefused(ErrorCode.REFUSED, "this host accepts no streams from agents")
+def agent_handler(agents: trio.MemorySendChannel) -> Any:
+    """Hand each connected agent's session to the application; serve while it is there."""
 
+    async def handler(session: TrioMuxSession, principal: Any) -> None:
+        info = session.peer_info
+        print(f"agent {info.get('name')!r} connected (labels {info.get('labels')}, principal {principal})")
+        await agents.send(session)
+        await trio.sleep_forever()  # cancelled when the agent goes
 
-async def serve_agents(on_agent: trio.MemorySendChannel, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Listen for agents; send each established session to ``on_agent``; keep it running
-    until the agent goes."""
-
-    async def on_request(request: Any) -> None:
-        if request.path.split("?")[0] != AGENT_PATH:
-            await request.reject(404)
-            return
-        if bearer(request.headers) != AGENT_KEY:
-            await request.reject(401, extra_headers=[(b"content-type", b"application/json")],
-                                 body=b'{"error": {"code": "invalid_credentials", "message": "bad agent key"}}')
-            return
-        ws = await request.accept()
-        session = TrioMuxSession(WebSocketStream(ws), client=False, handler=refuse,
-                                 on_control=lambda message: None)  # status reports: unused here
-        async with trio.open_nursery() as nursery:
-            await nursery.start(session.run)
-            with trio.fail_after(10):
-                info = await session.wait_established()
-            print(f"agent {info.get('name')!r} connected (labels {info.get('labels')})")
-            await on_agent.send(session)
-            await session.wait_closed()
-
-    await serve_websocket(on_request, "127.0.0.1", 0, None, max_message_size=MAX_MESSAGE,
-                          task_status=task_status)
+    return handler
 
 
 async def echo_server(stream: trio.SocketStream) -> None:
@@ -111,7 +87,8 @@ async def main(selftest: bool) -> int:
         echo_listeners = await nursery.start(functools.partial(trio.serve_tcp, echo_server, 0, host="127.0.0.1"))
         echo_port = echo_listeners[0].socket.getsockname()[1]
         send, receive = trio.open_memory_channel(10)
-        server = await nursery.start(serve_agents, send)
+        server = await nursery.start(functools.partial(
+            serve_agents, agent_handler(send), "127.0.0.1", 0, authenticate=authenticate))
         print(f"trio host: agents connect to http://127.0.0.1:{server.port} (key {AGENT_KEY})")
         _, stop_agent = run_agent_in_thread(server.port)
         try:
