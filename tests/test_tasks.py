@@ -234,3 +234,16 @@ def test_other_team_404_validation_and_queue_limit(tmp_path, monkeypatch):
             assert status == 200 and {"/tasks", "/tasks/{taskId}", "/tasks/{taskId}/events"} <= set(doc["paths"])
 
     run(body)
+
+
+def test_task_events_are_bounded_but_the_final_one_is_kept(monkeypatch):
+    monkeypatch.setattr(gateway_tasks, "MAX_TASK_BYTES", 10_000)
+
+    async def body():
+        task = gateway_tasks.Task("t", "team", "k", None, [])
+        kept = [task.add_event("output", output="x" * 1000) for _ in range(20)]
+        assert kept.count(True) == 9 and task.events_dropped == 11  # ~1 KiB each, 10 KB budget
+        assert task.add_event("result", result="y" * 50_000)  # never dropped
+        assert task.events[-1]["type"] == "result" and task.size > 50_000
+
+    asyncio.run(body())

@@ -27,8 +27,8 @@ The agent answers with control messages ``{"type": "task.progress", "task_id",
 "error"}``; then the gateway sets it idle again (``tunnel`` if a tunnel is open). An agent
 that disconnects mid-task fails it with ``"agent disconnected"``.
 
-State is in memory only (a restart forgets tasks): at most :data:`MAX_EVENTS` events per
-task, finished tasks are kept :data:`FINISHED_TTL` seconds, and at most :data:`MAX_TASKS`
+State is in memory only (a restart forgets tasks): at most :data:`MAX_EVENTS` events and
+:data:`MAX_TASK_BYTES` of them per task (``events_dropped`` counts the rest), finished tasks are kept :data:`FINISHED_TTL` seconds, and at most :data:`MAX_TASKS`
 tasks in all (the oldest finished ones go first).
 """
 from __future__ import annotations
@@ -56,6 +56,9 @@ log = logging.getLogger("relay.gateway.tasks")
 QUEUE_LIMIT = 100
 #: Events kept per task (progress beyond this is dropped; the final event never is).
 MAX_EVENTS = 1000
+#: Encoded bytes of events kept per task (later progress and outputs are dropped; the
+#: final event never is): a chatty agent cannot make the gateway hold gigabytes.
+MAX_TASK_BYTES = 4 * 1024 * 1024
 #: Finished tasks are forgotten this long after they end.
 FINISHED_TTL = 600.0
 #: Tasks kept in memory in all.
@@ -92,6 +95,8 @@ class Task:
     error: Optional[str] = None
     events: list[dict[str, Any]] = field(default_factory=list)
     events_dropped: int = 0
+    #: Encoded bytes of the events kept.
+    size: int = 0
     #: The agent connection it was handed to (a reconnect is another connection).
     session: Any = None
     #: Set (and replaced) whenever an event is added: SSE writers wait on it.
@@ -101,14 +106,18 @@ class Task:
     def finished(self) -> bool:
         return self.status in FINAL
 
-    def add_event(self, kind: str, **data: Any) -> None:
+    def add_event(self, kind: str, **data: Any) -> bool:
+        """Record an event (encoded once, as SSE sends it); False if over the bounds."""
+        encoded = json.dumps({"type": kind, **data})
         final = kind in ("result", "error")
-        if len(self.events) >= MAX_EVENTS and not final:
+        if not final and (len(self.events) >= MAX_EVENTS or self.size + len(encoded) > MAX_TASK_BYTES):
             self.events_dropped += 1
-            return
-        self.events.append({"seq": len(self.events) + 1, "type": kind, **data})
+            return False
+        self.size += len(encoded)
+        self.events.append({"seq": len(self.events) + 1, "type": kind, "data": encoded})
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
+        return True
 
     def describe(self) -> dict[str, Any]:
         return {"task_id": self.task_id, "kind": self.kind, "labels": self.labels,
@@ -264,8 +273,7 @@ class TaskManager:
                 changed = task.changed
                 # Events are numbered 1.. and kept whole, so a position is an index.
                 for event in task.events[position:]:
-                    data = json.dumps({k: v for k, v in event.items() if k != "seq"})
-                    transport.write(f"id: {event['seq']}\nevent: {event['type']}\ndata: {data}\n\n".encode())
+                    transport.write(f"id: {event['seq']}\nevent: {event['type']}\ndata: {event['data']}\n\n".encode())
                     position = event["seq"]
                 if task.finished and position >= len(task.events):
                     break
@@ -349,9 +357,8 @@ class TaskManager:
         elif kind == "output":
             task.status = "running"
             output = message.get("output")
-            if len(task.outputs) < MAX_EVENTS:
+            if task.add_event("output", output=output):  # kept only within the bounds
                 task.outputs.append(output)
-            task.add_event("output", output=output)
         elif kind == "result":
             task.result = message.get("result")
             self._finish(task, "succeeded", result=task.result)
