@@ -166,3 +166,23 @@ class OpenAIServer:
             self.sent_at.append(now)
             await send(h11.Data(data=f"data: {json.dumps(chunk)}\n\n".encode()))
         await send(h11.Data(data=b"data: [DONE]\n\n"), h11.EndOfMessage())
+
+
+def main() -> None:
+    """``python -m tests.openai_server --port PORT``: serve until killed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+
+    async def serve() -> None:
+        server = await OpenAIServer().start(args.port)
+        print(f"listening {server.port}", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -563,7 +563,8 @@ class ServiceManager:
 def add_services_openapi(document: dict[str, Any]) -> dict[str, Any]:
     """Add the container services' paths and schemas to the gateway's OpenAPI document."""
     error = {"$ref": "#/components/responses/Error"}
-    slug = {"name": "serviceSlug", "in": "path", "required": True, "schema": {"type": "string"}}
+    slug = {"name": "serviceSlug", "in": "path", "required": True, "schema": {"type": "string"},
+            "example": "my-llm"}
     team = {"name": "X-Team-ID", "in": "header", "required": False,
             "schema": {"type": "string", "format": "uuid"},
             "description": "Required with a user JWT; ignored with sk-/dk- credentials."}

@@ -210,7 +210,10 @@ class TaskManager:
                            "then result or error); Last-Event-ID resumes",
                 "parameters": [task_id], "responses": {
                     "200": {"description": "text/event-stream", "content": {"text/event-stream": {
-                        "schema": {"type": "string"}}}}, "401": error, "404": error}}},
+                        # Each event (as SSE-aware tools such as schemathesis validate it).
+                        "schema": {"type": "object", "required": ["data"], "properties": {
+                            "id": {"type": "string"}, "event": {"type": "string"},
+                            "data": {"type": "string"}}}}}}, "401": error, "404": error}}},
         })
         return document
 
