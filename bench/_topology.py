@@ -234,8 +234,10 @@ class Relay:
     """``relay gateway`` + one ``relay agent`` as processes (uvloop, log level warning)."""
 
     def __init__(self, procs: Procs, log_level: str = "warning", *, source: Optional[Path] = None,
-                 name: str = "", extra_env: Optional[dict[str, str]] = None) -> None:
-        """``source``: run the relay package found in that directory instead (an A/B
+                 name: str = "", extra_env: Optional[dict[str, str]] = None,
+                 agent_args: tuple[str, ...] = ()) -> None:
+        """``agent_args``: more ``relay agent`` options (e.g. ``--service``).
+        ``source``: run the relay package found in that directory instead (an A/B
         baseline, e.g. a ``git worktree`` of another commit with the extensions copied in)."""
         self.procs = procs
         relay = ROOT / ".venv" / "bin" / "relay"
@@ -252,7 +254,7 @@ class Relay:
         wait_for(lambda: "listening on" in procs.log(gwlog), 20, "relay gateway", self.gateway, procs)
         self.keys = dict(re.findall(r"^  (sk|dk|ak)  (\S+)$", procs.log(gwlog), re.M))
         self.agent = procs.spawn(f"agent{name}", [*self.cmd, "agent", "--gateway", f"http://{HOST}:{self.port}",
-                                           "--name", "bench", "--log-level", log_level],
+                                           "--name", "bench", "--log-level", log_level, *agent_args],
                                  env={**env, "RELAY_AGENT_KEY": self.keys["ak"]})
         self.agent_id = wait_for(self._online_agent, 20, "relay agent", self.agent, procs)
 
