@@ -42,6 +42,8 @@ __all__ = ["HttpTunnels", "ADMIN_HEADER"]
 PREFIX = b"/tunnel/"
 ADMIN_HEADER = "X-Admin-Token"
 STATS_PATH = "/_relay/stats"
+#: Open sessions remembered by token (the cache starts over when full).
+SESSION_CACHE = 4096
 
 
 class HttpTunnels:
@@ -52,6 +54,10 @@ class HttpTunnels:
         self._connections = connections
         #: Live counters by session id (in memory: they describe this process's traffic).
         self._stats: dict[str, ProxyStats] = {}
+        #: Open http sessions by access token, so a request costs no SQLite read and no
+        #: token hash; emptied whenever the store closes any session (its version moves).
+        self._sessions: dict[str, TunnelSession] = {}
+        self._sessions_version = -1
 
     def install(self) -> None:
         """Add the routes to the gateway's router."""
@@ -120,9 +126,20 @@ class HttpTunnels:
                         stats=self.stats(row.session_id))
 
     def _open_http_session(self, token: str) -> TunnelSession:
-        row = self._gateway.store.get_tunnel_session_by_token(token)
+        store = self._gateway.store
+        sessions = self._sessions
+        if self._sessions_version != store.tunnel_sessions_version:
+            sessions.clear()  # something was closed: its token must stop working now
+            self._sessions_version = store.tunnel_sessions_version
+        row = sessions.get(token)
+        if row is not None:
+            return row
+        row = store.get_tunnel_session_by_token(token)
         if row is None or row.protocol != "http":  # unknown, closed, or a tcp tunnel
             raise ProxyError(404, "tunnel_not_found", "no such open http tunnel")
+        if len(sessions) >= SESSION_CACHE:
+            sessions.clear()
+        sessions[token] = row
         return row
 
     # -- plain routes

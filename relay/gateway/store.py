@@ -378,6 +378,8 @@ class Store:
         self._clock = clock
         #: Path of the database file.
         self.path = path
+        #: Bumped whenever tunnel sessions are closed (in-memory token caches compare it).
+        self.tunnel_sessions_version = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -777,6 +779,7 @@ class Store:
                 "UPDATE tunnel_sessions SET closed_at = ?"
                 " WHERE session_id = ? AND team_id = ? AND closed_at IS NULL",
                 (self._clock(), session_id, normalize_uuid(team_id)))
+        self.tunnel_sessions_version += 1
         return cur.rowcount == 1
 
     def close_tunnel_sessions(self, team_id: str, agent_id: str) -> list[str]:
@@ -791,6 +794,7 @@ class Store:
                 "UPDATE tunnel_sessions SET closed_at = ?"
                 " WHERE team_id = ? AND agent_id = ? AND closed_at IS NULL",
                 (self._clock(), team_id, agent_id))
+        self.tunnel_sessions_version += 1
         return ids
 
 
