@@ -247,3 +247,38 @@ def test_task_events_are_bounded_but_the_final_one_is_kept(monkeypatch):
         assert task.events[-1]["type"] == "result" and task.size > 50_000
 
     asyncio.run(body())
+
+
+def test_a_trio_agent_answers_a_task_with_an_error_instead_of_leaving_it_waiting(tmp_path):
+    """The trio backend has no task handlers yet: a task handed to it must fail at once
+    with a clear reason, never hang. The agent runs as a real ``relay agent`` process."""
+    import sys
+
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys):
+            agent = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relay", "agent", "--backend", "trio", "--gateway", gw.url,
+                "--key", keys["ak"], "--name", "trio-box", stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            try:
+                async def online() -> bool:
+                    _, body = await http(gw.port, "GET", "/api/v1/agents", keys["sk"])
+                    return any(a["online"] for a in body["agents"])
+
+                for _ in range(300):
+                    if await online():
+                        break
+                    await asyncio.sleep(0.05)
+                answer = await submit(gw.port, keys["sk"], "echo", {"x": 1})
+                assert answer["status"] == "dispatched"
+                for _ in range(300):
+                    info = await task_status(gw.port, keys["sk"], answer["task_id"])
+                    if info["status"] in gateway_tasks.FINAL:
+                        break
+                    await asyncio.sleep(0.05)
+                assert info["status"] == "failed" and "runs no tasks" in info["error"], info
+            finally:
+                agent.terminate()
+                await agent.wait()
+
+    run(main, timeout=60)

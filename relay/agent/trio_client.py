@@ -173,8 +173,14 @@ class TrioAgent:
         if isinstance(message, dict) and message.get("type") == "welcome":
             self.agent_id = str(message.get("agent_id"))
             log.info("registered as agent %s (%s)", self.agent_id, self.name)
-        elif isinstance(message, dict) and message.get("type") in ("bind", "task"):
-            log.warning("the trio agent does not serve %s messages yet; ignored", message.get("type"))
+        elif isinstance(message, dict) and message.get("type") == "task":
+            # Answer rather than ignore: an unanswered task would wait forever.
+            log.warning("the trio agent runs no tasks yet; refusing task %s", message.get("task_id"))
+            if self.session is not None and not self.session.is_closed:
+                self.session.send_control({"type": "task.error", "task_id": message.get("task_id"),
+                                           "error": "this agent (trio backend) runs no tasks"})
+        elif isinstance(message, dict) and message.get("type") == "bind":
+            log.warning("the trio agent does not serve bind messages yet; ignored")
 
     # ------------------------------------------------------------------ connecting
 
