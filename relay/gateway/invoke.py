@@ -166,9 +166,11 @@ async def invoke(services: "ServiceManager", request: Request) -> Response:
     if payload or method in ("POST", "PUT", "PATCH"):
         out.append(("Content-Length", str(len(payload))))
     target = instance.base_path + path
+    complete = False
     try:
         async with asyncio.timeout(INVOKE_TIMEOUT):
             status, raw, body = await http_exchange(stream, method, target, out, payload, limit=MAX_RESPONSE)
+        complete = True
     except ResponseTooLarge as exc:
         raise HttpError(502, "response_too_large", f"{exc}; use the transparent proxy "
                                                    f"/api/v1/r/containers/{slug}/... for large bodies") from None
@@ -179,14 +181,19 @@ async def invoke(services: "ServiceManager", request: Request) -> Response:
     except (ConnectionError, OSError) as exc:
         raise HttpError(502, "tunnel_error", f"the tunnel to the container failed: {exc}") from None
     finally:
-        stream_close(stream)  # one exchange per stream: the agent closes its target connection
+        # One exchange per stream; a cut one is aborted so the container stops sending.
+        stream_close(stream, abort=not complete)
     return json_response({"status_code": status, "headers": _response_headers(raw),
                           "body_base64": base64.b64encode(body).decode("ascii")})
 
 
-def stream_close(stream: Any) -> None:
-    """Drop a stream after a buffered exchange (never reused)."""
+def stream_close(stream: Any, abort: bool = False) -> None:
+    """Drop a stream after a buffered exchange (never reused); ``abort`` if it was cut
+    short (the rest of the response must not keep flowing)."""
     try:
-        stream.close()
-    except Exception:
+        if abort:
+            stream.abort()
+        else:
+            stream.close()
+    except Exception:  # already closed or reset: nothing left to release
         pass

@@ -398,13 +398,15 @@ class ServiceManager:
         try:
             async with asyncio.timeout(self.probe_timeout):
                 stream = await inst.open()
+                complete = False
                 try:
                     status, _, _ = await http_exchange(
                         stream, "GET", inst.base_path + (inst.health or "/"),
                         [("Host", inst.host_header), ("User-Agent", "relay-health-probe")], b"",
                         limit=1024 * 1024)
+                    complete = True
                 finally:
-                    stream_close(stream)
+                    stream_close(stream, abort=not complete)
             if status >= 400:
                 error = f"health probe answered {status}"
         except StreamRefused as exc:
