@@ -37,6 +37,7 @@ import asyncio
 import inspect
 import json
 import logging
+import re
 import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
@@ -216,6 +217,25 @@ def downstream_response_headers(response: Union[h11.Response, h11.InformationalR
     return out
 
 
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _resolver_values_clean(upstream: Upstream) -> bool:
+    """True when what the resolver adds to a request (headers, Host, target) is bytes
+    that cannot break the request head (no control characters, token header names)."""
+    if not isinstance(upstream.target, bytes) or _CTL.search(upstream.target) or b" " in upstream.target:
+        return False
+    for value in (upstream.host, upstream.host_override):
+        if value is not None and (not isinstance(value, bytes) or _CTL.search(value)):
+            return False
+    for name, value in upstream.headers:
+        if (not isinstance(name, bytes) or not isinstance(value, bytes) or not _TOKEN.fullmatch(name)
+                or _CTL.search(value)):
+            return False
+    return True
+
+
 def _upgrade_of(request: h11.Request) -> Optional[bytes]:
     """The protocol a request asks to upgrade to (``Connection: upgrade`` + ``Upgrade``)."""
     if b"upgrade" not in _connection_tokens(request.headers):
@@ -388,6 +408,13 @@ class ProxyConnection(asyncio.Protocol):
         if data and not self._lost:
             self.transport.write(data)
 
+    def _write(self, chunks: list[bytes]) -> None:
+        """Write serialised h11 events to the client in one go."""
+        if not self._lost:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if data:
+                self.transport.write(data)
+
     async def _drain(self) -> None:
         """Wait while the client transport's write buffer is over its high-water mark."""
         while self._write_paused and not self._lost:
@@ -525,7 +552,10 @@ class ProxyConnection(asyncio.Protocol):
         upgrade = _upgrade_of(request)
         headers = upstream_request_headers(request, client_ip=self._client_ip, scheme=self._scheme,
                                            upgrade=upgrade, chunked=chunked, upstream=upstream)
-        head = h11.Request(method=request.method, target=upstream.target, headers=headers)
+        # The client's headers passed h11's parser; only what the resolver adds is checked
+        # here, so h11 can skip validating every header again (_parsed).
+        head = h11.Request(method=request.method, target=upstream.target, headers=headers,
+                           _parsed=_resolver_values_clean(upstream))
         if not has_body:
             event = await self._client_event()  # the EndOfMessage of a body-less request
             if not isinstance(event, h11.EndOfMessage):
@@ -583,23 +613,37 @@ class ProxyConnection(asyncio.Protocol):
                 pump.add_done_callback(_retrieve)
             else:
                 stream.write(uh11.send(h11.EndOfMessage()))
+            # What the client gets is gathered in ``out`` and written once per read from
+            # the stream (head and a small body in one write); the client's backpressure
+            # is honoured before each further read.
+            out: list[bytes] = []
+            send = self._h11.send
             while True:
-                event = await self._upstream_event(stream, uh11)
-                if isinstance(event, h11.InformationalResponse):
+                event = uh11.next_event()
+                if event is h11.NEED_DATA:
+                    if out:
+                        self._write(out)
+                        out = []
+                        await self._drain()
+                    uh11.receive_data(await stream.read(UPSTREAM_READ))
+                    continue
+                if isinstance(event, h11.Data):
+                    stats.bytes_out += len(event.data)
+                    out.append(send(event))
+                elif isinstance(event, h11.Response):
+                    started = True
+                    # _parsed: the headers come from h11's parser (already validated).
+                    out.append(send(h11.Response(status_code=event.status_code,
+                                                 reason=event.reason or _reason(event.status_code),
+                                                 headers=downstream_response_headers(event),
+                                                 _parsed=True)))
+                elif isinstance(event, h11.InformationalResponse):
                     if event.status_code == 101 and upgrade:
                         return await self._switch(stream, uh11, event, stats)
                     continue  # 100 Continue and friends: we sent our own
-                if isinstance(event, h11.Response):
-                    started = True
-                    self._send(h11.Response(status_code=event.status_code,
-                                            reason=event.reason or _reason(event.status_code),
-                                            headers=downstream_response_headers(event)))
-                elif isinstance(event, h11.Data):
-                    stats.bytes_out += len(event.data)
-                    self._send(h11.Data(data=event.data))
-                    await self._drain()
                 elif isinstance(event, h11.EndOfMessage):
-                    self._send(h11.EndOfMessage())
+                    out.append(send(h11.EndOfMessage()))  # the target's trailers are not passed on
+                    self._write(out)
                     break
                 else:  # ConnectionClosed before the response ended
                     raise ConnectionResetError("the target closed the connection mid-response")
@@ -632,15 +676,6 @@ class ProxyConnection(asyncio.Protocol):
         else:
             self._drop_stream(abort=True)
         return True
-
-    @staticmethod
-    async def _upstream_event(stream: MuxStream, uh11: h11.Connection) -> Any:
-        """The next h11 event from the target, reading the stream as needed."""
-        while True:
-            event = uh11.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            uh11.receive_data(await stream.read(UPSTREAM_READ))
 
     async def _pump_body(self, stream: MuxStream, uh11: h11.Connection, stats: ProxyStats) -> None:
         """Request body, client -> target, at the pace the stream accepts it."""
