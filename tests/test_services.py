@@ -155,3 +155,37 @@ def test_external_service(tmp_path) -> None:
                 await app.close()
 
     run(body)
+
+
+def test_user_jwt_with_x_team_id_on_proxy_and_invoke(tmp_path) -> None:
+    import time
+
+    import jwt as pyjwt
+
+    secret = "s" * 32
+
+    async def body() -> None:
+        async with gateway_and_team(tmp_path, jwt_key=secret) as (gw, keys):
+            fast_probes(gw)
+            team_id = gw.store.list_teams()[0].id
+            other, _ = gw.store.create_team_with_keys("team-b")
+            token = pyjwt.encode({"sub": "u1", "exp": int(time.time()) + 60, "teams": [team_id, other.id]},
+                                 secret, algorithm="HS256")
+            app = await OpenAIServer("one").start()
+            try:
+                async with serving_agent(gw, keys["ak"], "box", f"svc-a=127.0.0.1:{app.port}"):
+                    await wait_status(gw, keys["sk"], "svc-a", "running")
+                    mine, theirs = {"X-Team-ID": team_id}, {"X-Team-ID": other.id}
+                    path = "/api/v1/r/containers/svc-a/echo"
+                    assert (await http(gw.port, "GET", path, token))[0] == 400  # X-Team-ID missing
+                    assert (await http(gw.port, "GET", path, token, headers=mine))[0] == 200
+                    assert (await http(gw.port, "GET", path, token, headers=theirs))[0] == 404
+                    status, out = await http(gw.port, "POST", "/api/v1/r/invoke/svc-a", token,
+                                             {"method": "GET", "path": "/echo"}, headers=mine)
+                    assert status == 200 and out["status_code"] == 200
+                    assert (await http(gw.port, "POST", "/api/v1/r/invoke/svc-a", token,
+                                       {"method": "GET", "path": "/echo"}, headers=theirs))[0] == 404
+            finally:
+                await app.close()
+
+    run(body)
