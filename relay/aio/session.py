@@ -19,19 +19,16 @@ from collections import deque
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
 
 from relay.aio.stream import MuxStream, StreamRefused, StreamResetError, StreamSplice
+from relay.binding import StreamEventRouter
 from relay.mux.connection import MuxConfig, MuxConnection
 from relay.mux.errors import ErrorCode, ProtocolError
 from relay.mux.events import (
     ConnectionTerminated,
     ControlReceived,
-    DataReceived,
     GoAwayReceived,
     HelloReceived,
     PingAcknowledged,
-    StreamAccepted,
-    StreamEnded,
     StreamOpened,
-    StreamReset,
 )
 
 log = logging.getLogger("relay.aio")
@@ -65,7 +62,7 @@ class SessionClosedError(ConnectionResetError):
         self.message = message
 
 
-class MuxSession(asyncio.Protocol):
+class MuxSession(StreamEventRouter, asyncio.Protocol):
     """A multiplexed session over one transport.
 
     ``client=True`` on the dialling side (the agent). Incoming streams go to
@@ -380,30 +377,9 @@ class MuxSession(asyncio.Protocol):
                 self._write_pending_splices()
 
     def _dispatch_events(self, events: list) -> None:
-        streams = self._streams
-        for event in events:
+        for event in self._route_stream_events(events):
             kind = type(event)
-            if kind is DataReceived:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream._on_data(event.data, event.flow_controlled_length)
-                else:  # nobody will read it: give the window back
-                    self._conn.acknowledge_received_data(event.stream_id, event.flow_controlled_length)
-            elif kind is StreamEnded:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream._on_remote_end()
-            elif kind is StreamOpened:
-                self._on_stream_opened(event)
-            elif kind is StreamAccepted:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream._on_accepted()
-            elif kind is StreamReset:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream._on_reset(event.error_code, event.message, event.remote)
-            elif kind is ControlReceived:
+            if kind is ControlReceived:
                 self._on_control_received(event.message)
             elif kind is PingAcknowledged:
                 while self._ping_waiters:

@@ -24,19 +24,16 @@ from typing import Any, Awaitable, Callable, Optional
 
 import trio
 
+from relay.binding import StreamEventRouter
 from relay.mux.connection import MuxConfig, MuxConnection
 from relay.mux.errors import ErrorCode, ProtocolError
 from relay.mux.events import (
     ConnectionTerminated,
     ControlReceived,
-    DataReceived,
     GoAwayReceived,
     HelloReceived,
     PingAcknowledged,
-    StreamAccepted,
-    StreamEnded,
     StreamOpened,
-    StreamReset,
 )
 from relay.trio.stream import MuxStream, StreamRefused
 
@@ -117,7 +114,7 @@ class WebSocketStream(trio.abc.Stream):
         await self._ws.aclose()
 
 
-class TrioMuxSession:
+class TrioMuxSession(StreamEventRouter):
     """A multiplexed session over one ``trio.abc.Stream``.
 
     ``client=True`` on the dialling side (the agent). Run it with ``async with
@@ -475,30 +472,9 @@ class TrioMuxSession:
     # ------------------------------------------------------------------ events
 
     def _dispatch(self, events: list) -> None:
-        streams = self._streams
-        for event in events:
+        for event in self._route_stream_events(events):
             kind = type(event)
-            if kind is DataReceived:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream._on_data(event.data, event.flow_controlled_length)
-                else:  # nobody will read it: give the window back
-                    self._conn.acknowledge_received_data(event.stream_id, event.flow_controlled_length)
-            elif kind is StreamEnded:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream._on_remote_end()
-            elif kind is StreamOpened:
-                self._on_stream_opened(event)
-            elif kind is StreamAccepted:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream._on_accepted()
-            elif kind is StreamReset:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream._on_reset(event.error_code, event.message, event.remote)
-            elif kind is ControlReceived:
+            if kind is ControlReceived:
                 self._on_control_received(event.message)
             elif kind is PingAcknowledged:
                 if self._ping_waiters:
