@@ -102,7 +102,7 @@ class MuxSession(StreamEventRouter, asyncio.Protocol):
         self._controls: deque[Any] = deque()
         self._control_waiter: Optional[asyncio.Future] = None
         self._reading_paused = False
-        self._ping_waiters: deque[asyncio.Future] = deque()
+        self._ping_waiters: dict[int, asyncio.Future] = {}  # by the core's ping id
         self._hello: asyncio.Future = self._loop.create_future()
         self._closed: asyncio.Future = self._loop.create_future()
         self._tasks: set[asyncio.Task] = set()
@@ -232,15 +232,10 @@ class MuxSession(StreamEventRouter, asyncio.Protocol):
         return message
 
     async def ping(self) -> float:
-        """Send a PING and return the round-trip time in seconds.
-
-        PINGs are answered in order, so this is the RTT of the oldest PING outstanding
-        (usually this one; the core also sends its own keepalive PINGs).
-        """
+        """Send a PING and return its round-trip time in seconds."""
         self._check_open()
         waiter = self._loop.create_future()
-        self._ping_waiters.append(waiter)
-        self._conn.ping(self._loop.time())
+        self._ping_waiters[self._conn.ping(self._loop.time())] = waiter
         self._schedule_flush()
         return await waiter
 
@@ -382,11 +377,9 @@ class MuxSession(StreamEventRouter, asyncio.Protocol):
             if kind is ControlReceived:
                 self._on_control_received(event.message)
             elif kind is PingAcknowledged:
-                while self._ping_waiters:
-                    waiter = self._ping_waiters.popleft()
-                    if not waiter.done():
-                        waiter.set_result(event.rtt)
-                        break
+                waiter = self._ping_waiters.pop(event.ping_id, None)  # None: a keepalive
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(event.rtt)
             elif kind is HelloReceived:
                 if not self._hello.done():
                     self._hello.set_result(None)
@@ -550,10 +543,10 @@ class MuxSession(StreamEventRouter, asyncio.Protocol):
         if not self._hello.done():
             self._hello.set_exception(self._error)
             self._hello.exception()  # retrieved: nobody may be waiting for it
-        while self._ping_waiters:
-            waiter = self._ping_waiters.popleft()
+        for waiter in self._ping_waiters.values():
             if not waiter.done():
                 waiter.set_exception(self._error)
+        self._ping_waiters.clear()
 
     def _transport_closed(self) -> None:
         if self._flush_handle is not None:

@@ -151,7 +151,7 @@ class TrioMuxSession(StreamEventRouter):
         self._controls: deque[Any] = deque()
         self._control_lot = trio.lowlevel.ParkingLot()  # next_control waiters
         self._control_room = trio.lowlevel.ParkingLot()  # the receive loop, queue full
-        self._ping_waiters: deque[list] = deque()  # [trio.Event, rtt]
+        self._ping_waiters: dict[int, list] = {}  # ping id -> [trio.Event, rtt]
         self._send_wanted = trio.Event()
         self._hello = trio.Event()
         self._ending = trio.Event()  # the session is over: stop the loops
@@ -338,15 +338,10 @@ class TrioMuxSession(StreamEventRouter):
         return message
 
     async def ping(self) -> float:
-        """Send a PING and return the round-trip time in seconds.
-
-        PINGs are answered in order, so this is the RTT of the oldest PING outstanding
-        (usually this one; the core also sends its own keepalive PINGs).
-        """
+        """Send a PING and return its round-trip time in seconds."""
         self._check_open()
         waiter = [trio.Event(), None]
-        self._ping_waiters.append(waiter)
-        self._conn.ping(trio.current_time())
+        self._ping_waiters[self._conn.ping(trio.current_time())] = waiter
         self._wake_sender()
         await waiter[0].wait()
         if waiter[1] is None:
@@ -477,8 +472,8 @@ class TrioMuxSession(StreamEventRouter):
             if kind is ControlReceived:
                 self._on_control_received(event.message)
             elif kind is PingAcknowledged:
-                if self._ping_waiters:
-                    waiter = self._ping_waiters.popleft()
+                waiter = self._ping_waiters.pop(event.ping_id, None)  # None: a keepalive
+                if waiter is not None:
                     waiter[1] = event.rtt
                     waiter[0].set()
             elif kind is HelloReceived:
@@ -566,8 +561,9 @@ class TrioMuxSession(StreamEventRouter):
         self._incoming_lot.unpark_all()
         self._control_lot.unpark_all()
         self._control_room.unpark_all()
-        while self._ping_waiters:
-            self._ping_waiters.popleft()[0].set()
+        for waiter in self._ping_waiters.values():
+            waiter[0].set()
+        self._ping_waiters.clear()
         self._hello.set()  # wait_established re-checks and raises
         self._ending.set()
         self._wake_sender()
