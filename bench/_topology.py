@@ -147,10 +147,12 @@ class Procs:
         self.procs: list[subprocess.Popen] = []
 
     def spawn(self, name: str, argv: list[str], *, env: Optional[dict[str, str]] = None,
-              stdin: Any = subprocess.DEVNULL, stdout: Any = None) -> subprocess.Popen:
+              stdin: Any = subprocess.DEVNULL, stdout: Any = None,
+              cwd: Optional[Path] = None) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "ab")
         proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout if stdout is not None else log,
-                                stderr=log, env=env, start_new_session=True, preexec_fn=_child_setup)
+                                stderr=log, env=env, start_new_session=True, preexec_fn=_child_setup,
+                                cwd=cwd)
         log.close()
         proc.bench_name = name  # type: ignore[attr-defined]
         self.procs.append(proc)
@@ -248,14 +250,17 @@ class Relay:
             env["PYTHONPATH"] = str(source)
         env.update(extra_env or {})
         data = procs.workdir / f"relay-data{name}"
+        # ``python -m relay`` puts the working directory first on sys.path: run a baseline
+        # from its own directory, or it would import this checkout's relay after all.
+        cwd = source
         self.gateway = procs.spawn(f"gateway{name}", [*self.cmd, "gateway", "--listen", f"{HOST}:{self.port}",
-                                               "--data", str(data), "--log-level", log_level], env=env)
+                                               "--data", str(data), "--log-level", log_level], env=env, cwd=cwd)
         gwlog = f"gateway{name}"
         wait_for(lambda: "listening on" in procs.log(gwlog), 20, "relay gateway", self.gateway, procs)
         self.keys = dict(re.findall(r"^  (sk|dk|ak)  (\S+)$", procs.log(gwlog), re.M))
         self.agent = procs.spawn(f"agent{name}", [*self.cmd, "agent", "--gateway", f"http://{HOST}:{self.port}",
                                            "--name", "bench", "--log-level", log_level, *agent_args],
-                                 env={**env, "RELAY_AGENT_KEY": self.keys["ak"]})
+                                 env={**env, "RELAY_AGENT_KEY": self.keys["ak"]}, cwd=cwd)
         self.agent_id = wait_for(self._online_agent, 20, "relay agent", self.agent, procs)
 
     def _online_agent(self) -> Optional[str]:

@@ -25,7 +25,9 @@ the nginx reverse proxy (goal >= 0.5). Every sample goes to
 bench/results/e2e_http-STAMP.json. ``--profile`` records py-spy (250 Hz, nonblocking) on
 the gateway and the agent during the first run of each relay path and prints the top
 frames by self time (raw stacks in bench/results/pyspy-http-*.txt). Bounded by
-``--timeout`` (default 230 s).
+``--timeout`` (default 230 s). ``--baseline DIR`` adds ``tunnel-base``: the same HTTP
+tunnel through a second gateway + agent running the relay package in DIR (e.g. an older
+commit: ``git archive COMMIT relay | tar -x -C DIR``, compiled extensions copied in).
 """
 from __future__ import annotations
 
@@ -55,8 +57,8 @@ from e2e_tcp import summarise_profile  # noqa: E402
 from tests.servers import start_nginx  # noqa: E402
 
 HOST = "127.0.0.1"
-PATHS = ("direct", "nginx-proxy", "tunnel", "service", "invoke")
-RELAY_PATHS = ("tunnel", "service", "invoke")
+PATHS = ("direct", "nginx-proxy", "tunnel", "service", "invoke", "tunnel-base")
+RELAY_PATHS = ("tunnel", "service", "invoke", "tunnel-base")
 PYSPY = ROOT / ".venv" / "bin" / "py-spy"
 START = time.monotonic()
 
@@ -191,10 +193,15 @@ def main() -> int:
     parser.add_argument("--proxy-workers", type=int, default=2, help="worker_processes of the nginx proxy")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--timeout", type=float, default=230.0)
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also run an HTTP tunnel through a second gateway + agent from the relay "
+                             "package in DIR (path tunnel-base, interleaved)")
     args = parser.parse_args()
     if args.quick:
         args.reps, args.duration = 1, 2.0
-    paths = [p for p in args.paths.split(",") if p]
+    paths = [p for p in args.paths.split(",") if p and p != "tunnel-base"]
+    if args.baseline:
+        paths.insert(paths.index("tunnel") + 1 if "tunnel" in paths else len(paths), "tunnel-base")
     unknown = set(paths) - set(PATHS)
     if unknown:
         parser.error(f"unknown paths: {sorted(unknown)}")
@@ -246,17 +253,29 @@ def main() -> int:
                 topo.wait_for(lambda: _get_ok(urls["service"][0], auth), 30, "service web running")
                 topo.wait_for(lambda: _get_ok(urls["invoke"][0], {**auth, "Content-Type": "application/json"},
                                               b'{"method":"GET","path":"/1k.bin"}'), 20, "invoke")
+            base_pids: dict[str, int] = {}
+            if args.baseline:
+                base = topo.Relay(procs, name="-base", source=Path(args.baseline).resolve())
+                st, body = topo._api(base.port, "POST", f"/api/v1/agents/{base.agent_id}/tunnel", base.keys["sk"],
+                                     {"target_port": nginx.port, "tunnel_protocol": "http"})
+                if st != 200:
+                    raise RuntimeError(f"baseline http tunnel: {st} {body}")
+                tunnel_url = body["tunnel_url"]
+                urls["tunnel-base"] = (f"http://{HOST}:{base.port}{tunnel_url[tunnel_url.index('/tunnel/'):]}1k.bin", [])
+                topo.wait_for(lambda: _get_ok(urls["tunnel-base"][0]), 20, "baseline http tunnel")
+                base_pids = {"gateway": base.gateway.pid, "agent": base.agent.pid}
             log(f"urls: { {p: u for p, (u, _) in urls.items()} }")
             relay_pids = {"gateway": relay.gateway.pid, "agent": relay.agent.pid} if relay else {}
             for rep in range(args.reps):
                 for p in paths:
                     url, extra = urls[p]
                     profiling = args.profile and rep == 0 and p in RELAY_PATHS
-                    cpu0 = cpu_seconds(list(relay_pids.values()))
-                    with pyspy(p, relay_pids, outdir, stamp, reports) if profiling else contextlib.nullcontext():
+                    pids = base_pids if p == "tunnel-base" else relay_pids
+                    cpu0 = cpu_seconds(list(pids.values()))
+                    with pyspy(p, pids, outdir, stamp, reports) if profiling else contextlib.nullcontext():
                         r = run_wrk(url, args.duration, extra)
                     if p in RELAY_PATHS:
-                        cpu = cpu_seconds(list(relay_pids.values())) - cpu0
+                        cpu = cpu_seconds(list(pids.values())) - cpu0
                         r["relay_cpu_ms_per_req"] = 1000 * cpu / max(1.0, r["rps"] * args.duration)
                     samples[p].append(r)
                     extra_txt = f"  gw+agent CPU {r['relay_cpu_ms_per_req']:.3f} ms/req" if "relay_cpu_ms_per_req" in r else ""
