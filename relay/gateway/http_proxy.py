@@ -324,6 +324,7 @@ class ProxyConnection(asyncio.Protocol):
         self._stream: Optional[MuxStream] = None
         self._stream_key: Hashable = None
         self._upstream: Optional[h11.Connection] = None
+        self._joined: Optional[ProxyStats] = None  # the stats whose clients we were last added to
 
     # -- asyncio.Protocol (client side)
 
@@ -392,15 +393,17 @@ class ProxyConnection(asyncio.Protocol):
                 self.transport.resume_reading()
             if self._lost:
                 raise ConnectionResetError("client connection lost")
-            self._data_waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = self._data_waiter = loop.create_future()
+            # A plain timer rather than asyncio.timeout(): no context manager and no task
+            # cancellation bookkeeping once per request on a keep-alive connection.
+            timer = loop.call_later(IDLE_TIMEOUT, _time_out, waiter) if idle else None
             try:
-                if idle:
-                    async with asyncio.timeout(IDLE_TIMEOUT):
-                        await self._data_waiter
-                else:
-                    await self._data_waiter
+                await waiter
             finally:
                 self._data_waiter = None
+                if timer is not None:
+                    timer.cancel()
 
     def _send(self, event: Any) -> None:
         """Write one h11 event to the client."""
@@ -476,7 +479,9 @@ class ProxyConnection(asyncio.Protocol):
             if self._fallback is None:
                 return await self._refuse(ProxyError(404, "not_found", "no such endpoint"))
             return self._hand_back(request)
-        upstream.stats.clients.add(self)
+        if self._joined is not upstream.stats:  # WeakSet.add makes a weakref every call
+            upstream.stats.clients.add(self)
+            self._joined = upstream.stats
         upstream.stats.requests += 1
         upstream.stats.active_requests += 1
         try:
@@ -740,6 +745,11 @@ def _retrieve(task: asyncio.Task) -> None:
     """Mark a helper task's exception as seen (its effect is handled elsewhere)."""
     if not task.cancelled():
         task.exception()
+
+
+def _time_out(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError("client idle"))
 
 
 def _wake(waiter: Optional[asyncio.Future]) -> None:
