@@ -23,14 +23,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import random
 import ssl
 from collections.abc import Iterable
 from typing import Any, Optional
-from urllib.parse import urlsplit
 
 from relay import __version__
 from relay.agent.bind import Binder
+from relay.agent.policy import (  # re-exported: the agent's public names
+    AGENT_PATH,
+    LOOPBACK_HOSTS,
+    STREAM_PROTOCOLS,
+    TargetRefused,
+    allowed_by_list,
+    backoff_delay,
+    not_allowed_message,
+    parse_allowlist,
+    parse_gateway_url,
+    parse_host_port,
+    parse_target,
+)
 from relay.agent.tasks import AgentTasks, stream_denied
 from relay.aio import MuxSession, StreamRefused, WebSocketTransport, connect_stream_to
 from relay.aio.stream import MuxStream
@@ -38,14 +49,10 @@ from relay.mux.connection import MuxConfig
 from relay.mux.errors import ErrorCode
 from relay.ws.handshake import ClientHandshake, HandshakeError, HandshakeRejected
 
-__all__ = ["Agent", "AgentAuthError", "parse_host_port", "AGENT_PATH"]
+__all__ = ["Agent", "AgentAuthError", "parse_host_port", "AGENT_PATH", "LOOPBACK_HOSTS", "STREAM_PROTOCOLS"]
 
 log = logging.getLogger("relay.agent")
 
-AGENT_PATH = "/api/v1/agent/connect"
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-#: Stream protocols served; all are plain byte splices to the target.
-STREAM_PROTOCOLS = frozenset({"tcp", "http"})
 #: The upgrade must complete within this time.
 HANDSHAKE_TIMEOUT = 15.0
 #: A connection that lasted this long resets the reconnect backoff.
@@ -54,18 +61,6 @@ STABLE_CONNECTION = 10.0
 
 class AgentAuthError(Exception):
     """The gateway rejected the agent key (HTTP 401/403): retrying cannot help."""
-
-
-def parse_host_port(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` -> ``(host, port)``; ValueError if malformed."""
-    value = value.strip()
-    if value.startswith("["):
-        host, sep, port = value[1:].partition("]:")
-    else:
-        host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    return host.lower(), int(port)
 
 
 class _Handshake(asyncio.Protocol):
@@ -120,20 +115,11 @@ class Agent:
                  mux_config: Optional[MuxConfig] = None,
                  backoff_initial: float = 0.5, backoff_max: float = 30.0, jitter: float = 0.2,
                  ssl_context: Optional[ssl.SSLContext] = None) -> None:
-        split = urlsplit(gateway_url if "://" in gateway_url else "http://" + gateway_url)
-        if split.scheme not in ("http", "https", "ws", "wss") or not split.hostname:
-            raise ValueError(f"gateway URL must be http(s):// or ws(s)://HOST[:PORT]: {gateway_url!r}")
-        self.tls = split.scheme in ("https", "wss")
-        self.host = split.hostname
-        self.port = split.port or (443 if self.tls else 80)
-        path = split.path.rstrip("/")
-        self.path = path if path.endswith(AGENT_PATH) else path + AGENT_PATH
-        self.gateway_url = f"{split.scheme}://{split.netloc}{self.path}"
+        self.tls, self.host, self.port, self.path, self.gateway_url = parse_gateway_url(gateway_url)
         self._key = key
         self.name = name or _default_name()
         self.labels = sorted(set(labels))
-        self.allow: set[tuple[str, int]] = {parse_host_port(a) if isinstance(a, str) else (a[0].lower(), int(a[1]))
-                                            for a in allow}
+        self.allow: set[tuple[str, int]] = parse_allowlist(allow)
         self._mux_config = mux_config
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
@@ -164,41 +150,27 @@ class Agent:
 
     def is_allowed(self, host: str, port: int) -> bool:
         """May the gateway reach ``host:port`` through this agent?"""
-        host = host.lower()
-        if any((s.host, s.port) == (host, port) for s in self.services):
+        if any((s.host, s.port) == (host.lower(), port) for s in self.services):
             return True
-        if not self.allow:
-            return host in LOOPBACK_HOSTS
-        return (host, port) in self.allow
+        return allowed_by_list(self.allow, host, port)
 
     async def _on_stream(self, stream: MuxStream) -> None:
         """Serve one stream the gateway opened: check the target, connect, splice."""
         meta = stream.metadata
-        target = meta.get("target") if isinstance(meta, dict) else None
-        protocol = meta.get("protocol", "tcp") if isinstance(meta, dict) else None
         denied = stream_denied(self.allow_stream, meta)
         if denied is not None:
             raise StreamRefused(ErrorCode.NOT_ALLOWED, denied)
-        if protocol not in STREAM_PROTOCOLS:
-            raise StreamRefused(ErrorCode.REFUSED, f"unsupported stream protocol {protocol!r}")
         try:
-            host, port = parse_host_port(target if isinstance(target, str) else "")
-        except ValueError:
-            raise StreamRefused(ErrorCode.PROTOCOL_ERROR, f"bad target {target!r}: expected HOST:PORT") from None
+            host, port = parse_target(meta)
+        except TargetRefused as exc:
+            raise StreamRefused(exc.error_code, exc.message) from None
         if not self.is_allowed(host, port):
             log.warning("refused stream to %s:%d: not on this agent's allowlist", host, port)
-            raise StreamRefused(ErrorCode.NOT_ALLOWED,
-                                f"target {host}:{port} is not allowed by agent {self.name!r} "
-                                f"(allowed: {self._allow_text()})")
+            raise StreamRefused(ErrorCode.NOT_ALLOWED, not_allowed_message(host, port, self.name, self.allow))
         try:
             await connect_stream_to(stream, host, port)
         except OSError as exc:
             log.info("stream to %s:%d failed: %s", host, port, exc)  # already refused
-
-    def _allow_text(self) -> str:
-        if not self.allow:
-            return "loopback hosts only"
-        return ", ".join(f"{h}:{p}" for h, p in sorted(self.allow))
 
     def _on_control(self, message: Any) -> None:
         if isinstance(message, dict) and message.get("type") == "welcome":
@@ -287,10 +259,8 @@ class Agent:
             await asyncio.sleep(delay)
 
     def backoff_delay(self, attempt: int) -> float:
-        """Delay before reconnect attempt ``attempt`` (0-based): exponential, capped,
-        with jitter so many agents dropped at once do not return in lockstep."""
-        base = min(self.backoff_max, self.backoff_initial * (2 ** min(attempt, 30)))
-        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+        """Delay before reconnect attempt ``attempt`` (0-based); see policy.backoff_delay."""
+        return backoff_delay(attempt, self.backoff_initial, self.backoff_max, self.jitter)
 
     def report_status(self, status: str) -> None:
         """Tell the gateway our status (``idle``, ``busy`` or ``unhealthy``); ignored

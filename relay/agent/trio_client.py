@@ -11,12 +11,9 @@ to 30 s, +-20 % jitter, reset after a connection that lasted 10 s) and
 connected to their target with ``trio.open_tcp_stream`` and spliced both ways with
 backpressure and half-close (:func:`splice`).
 
-What is shared with the asyncio agent is imported from it: the constants, the error,
-``parse_host_port`` and the default name. What lives inside ``Agent``'s methods (URL
-and allowlist normalisation, ``is_allowed``, the refusal messages, the hello, the
-backoff) is duplicated here, marked "same as Agent", until it is factored out into a
-backend-neutral module both agents import; tests/conformance checks that both agents
-answer alike. Not ported yet (the asyncio agent grew them meanwhile): the Tunnels API
+URL and allowlist parsing, target checks with their refusal messages, and the backoff
+come from ``relay.agent.policy``, which the asyncio agent uses too; tests/conformance
+checks that both agents answer alike. Not ported yet (the asyncio agent grew them meanwhile): the Tunnels API
 ``bind`` control (``relay.agent.bind`` is asyncio-only; logged and ignored), task
 handlers (``relay.agent.tasks``), ``allow_stream`` policies and declared services;
 ``relay agent --backend trio`` refuses ``--service`` rather than ignore it.
@@ -25,24 +22,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import ssl
 from collections.abc import Iterable
 from typing import Any, Optional
-from urllib.parse import urlsplit
 
 import trio
 
 from relay import __version__
-from relay.agent.client import (
-    AGENT_PATH,
-    HANDSHAKE_TIMEOUT,
-    LOOPBACK_HOSTS,
-    STABLE_CONNECTION,
-    STREAM_PROTOCOLS,
-    AgentAuthError,
-    _default_name,
-    parse_host_port,
+from relay.agent.client import HANDSHAKE_TIMEOUT, STABLE_CONNECTION, AgentAuthError, _default_name
+from relay.agent.policy import (
+    TargetRefused,
+    allowed_by_list,
+    backoff_delay,
+    not_allowed_message,
+    parse_allowlist,
+    parse_gateway_url,
+    parse_target,
 )
 from relay.mux.connection import MuxConfig
 from relay.mux.errors import ErrorCode
@@ -76,21 +71,11 @@ class TrioAgent:
                  mux_config: Optional[MuxConfig] = None,
                  backoff_initial: float = 0.5, backoff_max: float = 30.0, jitter: float = 0.2,
                  ssl_context: Optional[ssl.SSLContext] = None) -> None:
-        # Same as Agent.__init__: accept http(s):// and ws(s)://, add the agent path.
-        split = urlsplit(gateway_url if "://" in gateway_url else "http://" + gateway_url)
-        if split.scheme not in ("http", "https", "ws", "wss") or not split.hostname:
-            raise ValueError(f"gateway URL must be http(s):// or ws(s)://HOST[:PORT]: {gateway_url!r}")
-        self.tls = split.scheme in ("https", "wss")
-        self.host = split.hostname
-        self.port = split.port or (443 if self.tls else 80)
-        path = split.path.rstrip("/")
-        self.path = path if path.endswith(AGENT_PATH) else path + AGENT_PATH
-        self.gateway_url = f"{split.scheme}://{split.netloc}{self.path}"
+        self.tls, self.host, self.port, self.path, self.gateway_url = parse_gateway_url(gateway_url)
         self._key = key
         self.name = name or _default_name()
         self.labels = sorted(set(labels))
-        self.allow: set[tuple[str, int]] = {parse_host_port(a) if isinstance(a, str) else (a[0].lower(), int(a[1]))
-                                            for a in allow}
+        self.allow: set[tuple[str, int]] = parse_allowlist(allow)
         self._mux_config = mux_config
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
@@ -108,37 +93,23 @@ class TrioAgent:
     def __repr__(self) -> str:  # never show the key
         return f"TrioAgent({self.gateway_url!r}, name={self.name!r})"
 
-    # ------------------------------------------------------------------ policy (same as Agent)
+    # ------------------------------------------------------------------ policy (relay.agent.policy)
 
     def is_allowed(self, host: str, port: int) -> bool:
         """May the gateway reach ``host:port`` through this agent?"""
-        host = host.lower()
-        if not self.allow:
-            return host in LOOPBACK_HOSTS
-        return (host, port) in self.allow
+        return allowed_by_list(self.allow, host, port)
 
     def check_target(self, metadata: Any) -> tuple[str, int]:
         """``(host, port)`` of an incoming stream's target, or :class:`StreamRefused`
         with the code and message the asyncio agent uses."""
-        target = metadata.get("target") if isinstance(metadata, dict) else None
-        protocol = metadata.get("protocol", "tcp") if isinstance(metadata, dict) else None
-        if protocol not in STREAM_PROTOCOLS:
-            raise StreamRefused(ErrorCode.REFUSED, f"unsupported stream protocol {protocol!r}")
         try:
-            host, port = parse_host_port(target if isinstance(target, str) else "")
-        except ValueError:
-            raise StreamRefused(ErrorCode.PROTOCOL_ERROR, f"bad target {target!r}: expected HOST:PORT") from None
+            host, port = parse_target(metadata)
+        except TargetRefused as exc:
+            raise StreamRefused(exc.error_code, exc.message) from None
         if not self.is_allowed(host, port):
             log.warning("refused stream to %s:%d: not on this agent's allowlist", host, port)
-            raise StreamRefused(ErrorCode.NOT_ALLOWED,
-                                f"target {host}:{port} is not allowed by agent {self.name!r} "
-                                f"(allowed: {self._allow_text()})")
+            raise StreamRefused(ErrorCode.NOT_ALLOWED, not_allowed_message(host, port, self.name, self.allow))
         return host, port
-
-    def _allow_text(self) -> str:
-        if not self.allow:
-            return "loopback hosts only"
-        return ", ".join(f"{h}:{p}" for h, p in sorted(self.allow))
 
     def hello_config(self) -> MuxConfig:
         """The session config: ours (or the default) with the hello in ``info``."""
@@ -148,10 +119,8 @@ class TrioAgent:
         return dataclasses.replace(config, info={**config.info, **info})
 
     def backoff_delay(self, attempt: int) -> float:
-        """Delay before reconnect attempt ``attempt`` (0-based): exponential, capped,
-        with jitter so many agents dropped at once do not return in lockstep."""
-        base = min(self.backoff_max, self.backoff_initial * (2 ** min(attempt, 30)))
-        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+        """Delay before reconnect attempt ``attempt`` (0-based); see policy.backoff_delay."""
+        return backoff_delay(attempt, self.backoff_initial, self.backoff_max, self.jitter)
 
     # ------------------------------------------------------------------ streams
 

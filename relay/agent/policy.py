@@ -1,0 +1,108 @@
+"""What an agent decides, whatever loop runs it: where the gateway is, which targets
+the gateway may reach through it, and how long to wait before reconnecting.
+
+Both agents (``relay.agent.client`` on asyncio, ``relay.agent.trio_client`` on trio) call
+these, so their URLs, allowlists, refusal messages and backoff cannot drift apart.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+AGENT_PATH = "/api/v1/agent/connect"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+#: Stream protocols served; all are plain byte splices to the target.
+STREAM_PROTOCOLS = frozenset({"tcp", "http"})
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> ``(host, port)``; ValueError if malformed."""
+    value = value.strip()
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+    else:
+        host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.lower(), int(port)
+
+
+class GatewayAddress(NamedTuple):
+    tls: bool
+    host: str
+    port: int
+    #: Path of the agent endpoint on the gateway.
+    path: str
+    #: The full agent endpoint URL (for logs; it carries no secret).
+    url: str
+
+
+def parse_gateway_url(gateway_url: str) -> GatewayAddress:
+    """Accept ``http(s)://`` and ``ws(s)://`` URLs (scheme optional) and add the agent
+    endpoint's path unless it is there already; ValueError otherwise."""
+    from urllib.parse import urlsplit
+
+    split = urlsplit(gateway_url if "://" in gateway_url else "http://" + gateway_url)
+    if split.scheme not in ("http", "https", "ws", "wss") or not split.hostname:
+        raise ValueError(f"gateway URL must be http(s):// or ws(s)://HOST[:PORT]: {gateway_url!r}")
+    tls = split.scheme in ("https", "wss")
+    path = split.path.rstrip("/")
+    path = path if path.endswith(AGENT_PATH) else path + AGENT_PATH
+    return GatewayAddress(tls, split.hostname, split.port or (443 if tls else 80), path,
+                          f"{split.scheme}://{split.netloc}{path}")
+
+
+def parse_allowlist(allow: Iterable[Any]) -> set[tuple[str, int]]:
+    """``HOST:PORT`` strings or ``(host, port)`` pairs -> a set of ``(host, port)``."""
+    return {parse_host_port(a) if isinstance(a, str) else (a[0].lower(), int(a[1])) for a in allow}
+
+
+def allowed_by_list(allow: set[tuple[str, int]], host: str, port: int) -> bool:
+    """An empty allowlist means loopback hosts only; otherwise exactly the listed pairs."""
+    host = host.lower()
+    if not allow:
+        return host in LOOPBACK_HOSTS
+    return (host, port) in allow
+
+
+def describe_allowlist(allow: set[tuple[str, int]]) -> str:
+    if not allow:
+        return "loopback hosts only"
+    return ", ".join(f"{h}:{p}" for h, p in sorted(allow))
+
+
+class TargetRefused(Exception):
+    """An incoming stream's target is malformed or not allowed; carries the mux error
+    code and the message the client will see."""
+
+    def __init__(self, error_code: int, message: str) -> None:
+        super().__init__(message)
+        self.error_code = error_code
+        self.message = message
+
+
+def parse_target(metadata: Any) -> tuple[str, int]:
+    """``(host, port)`` of an incoming stream's target, or :class:`TargetRefused`."""
+    from relay.mux.errors import ErrorCode
+
+    target = metadata.get("target") if isinstance(metadata, dict) else None
+    protocol = metadata.get("protocol", "tcp") if isinstance(metadata, dict) else None
+    if protocol not in STREAM_PROTOCOLS:
+        raise TargetRefused(ErrorCode.REFUSED, f"unsupported stream protocol {protocol!r}")
+    try:
+        return parse_host_port(target if isinstance(target, str) else "")
+    except ValueError:
+        raise TargetRefused(ErrorCode.PROTOCOL_ERROR, f"bad target {target!r}: expected HOST:PORT") from None
+
+
+def not_allowed_message(host: str, port: int, agent_name: str, allow: set[tuple[str, int]]) -> str:
+    return (f"target {host}:{port} is not allowed by agent {agent_name!r} "
+            f"(allowed: {describe_allowlist(allow)})")
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float, jitter: float) -> float:
+    """Delay before reconnect attempt ``attempt`` (0-based): exponential, capped, with
+    jitter so many agents dropped at once do not return in lockstep."""
+    base = min(maximum, initial * (2 ** min(attempt, 30)))
+    return base * random.uniform(1 - jitter, 1 + jitter)
