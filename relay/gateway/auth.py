@@ -20,21 +20,35 @@ it reveals nothing. Resources of another team (an agent, tunnel, service) still 
 404, decided by the endpoint that looks them up in the principal's team.
 
 Error messages never contain the presented token.
+
+Caches (the proxy and invoke authenticate every request on a keep-alive connection, and
+a SQLite read plus row decoding per request was a sizeable share of their CPU): an
+accepted sk-/dk-/ak- credential and a known team are kept in memory keyed by the token's
+SHA-256 (as in the database: a hash lookup, the token itself is never a key or logged)
+for as long as :meth:`Store.generation` stays the same; any commit to the database, by
+this gateway or by another process (``relay admin`` revoking a key), empties them, so a
+revoked key is refused on its very next request. Unknown or revoked tokens are never
+cached (nothing for a guesser to fill memory with). A verified JWT's claims are kept by
+token hash until its ``exp``; the caches are bounded (:data:`CACHE_MAX` entries each).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
 
-from relay.gateway.store import Store, normalize_uuid, token_kind
+from relay.gateway.store import Credential, Store, hash_token, normalize_uuid, token_kind
 
 __all__ = ["AuthError", "Authenticator", "Principal", "PRINCIPAL_KINDS"]
 
 #: ``agent`` (ak-), ``sk``, ``dk``, ``user`` (JWT).
 PRINCIPAL_KINDS: tuple[str, ...] = ("agent", "sk", "dk", "user")
+
+#: Entries per in-memory cache (credentials, JWT claims); past it a cache starts over.
+CACHE_MAX = 4096
 
 # RFC 7518 §3.2: an HMAC key must be at least as long as the hash output.
 _MIN_HMAC_KEY_BYTES = 32
@@ -138,6 +152,10 @@ class Authenticator:
         self._jwt_audience = jwt_audience
         self._jwt_issuer = jwt_issuer
         self._jwt_leeway = jwt_leeway
+        self._generation: Any = None
+        self._credentials: dict[str, Credential] = {}  # token hash -> accepted credential
+        self._teams: set[str] = set()  # teams known to exist
+        self._jwt_claims: dict[str, tuple[float, dict[str, Any]]] = {}  # token hash -> (exp, claims)
 
     def __repr__(self) -> str:  # never show the key
         return f"Authenticator(jwt_algorithms={list(self._jwt_algorithms)!r})"
@@ -156,10 +174,26 @@ class Authenticator:
             return self._user_principal(token, x_team_id)
         raise AuthError(401, "invalid_credentials", "unrecognised bearer token")
 
+    def _fresh_caches(self) -> None:
+        """Empty the row caches if anything was committed to the database since they were
+        filled (see the module docstring)."""
+        generation = self._store.generation()
+        if generation != self._generation:
+            self._credentials.clear()
+            self._teams.clear()
+            self._generation = generation
+
     def _credential_principal(self, token: str) -> Principal:
-        cred = self._store.lookup_credential(token)
+        self._fresh_caches()
+        key = hash_token(token)
+        cred = self._credentials.get(key)
         if cred is None:
-            raise AuthError(401, "invalid_credentials", "unknown or revoked credential")
+            cred = self._store.lookup_credential(token)  # compares the hash in constant time
+            if cred is None:
+                raise AuthError(401, "invalid_credentials", "unknown or revoked credential")
+            if len(self._credentials) >= CACHE_MAX:
+                self._credentials.clear()
+            self._credentials[key] = cred
         kind = "agent" if cred.kind == "ak" else cred.kind
         return Principal(kind=kind, team_id=cred.team_id, subject=cred.id,
                          credential_id=cred.id)
@@ -178,14 +212,35 @@ class Authenticator:
             raise AuthError(400, "invalid_team_id", "X-Team-ID must be a team UUID")
         if team_id not in teams:
             raise AuthError(403, "not_a_member", f"not a member of team {team_id}")
-        if self._store.get_team(team_id) is None:
-            raise AuthError(403, "unknown_team", f"team {team_id} does not exist on this gateway")
+        self._fresh_caches()
+        if team_id not in self._teams:
+            if self._store.get_team(team_id) is None:
+                raise AuthError(403, "unknown_team", f"team {team_id} does not exist on this gateway")
+            if len(self._teams) >= CACHE_MAX:
+                self._teams.clear()
+            self._teams.add(team_id)
         return Principal(kind="user", team_id=team_id, subject=subject, claims=claims)
 
     def _verify_jwt(self, token: str) -> dict[str, Any]:
         if self._jwt_key is None:
             raise AuthError(401, "invalid_token",
                             "user session tokens (JWT) are not enabled on this gateway")
+        key = hash_token(token)
+        cached = self._jwt_claims.get(key)
+        if cached is not None:
+            if time.time() < cached[0]:
+                return cached[1]
+            del self._jwt_claims[key]  # expired: decode again, which answers token_expired
+        claims = self._decode_jwt(token)
+        exp = claims.get("exp")
+        if isinstance(exp, (int, float)) and not isinstance(exp, bool):
+            if len(self._jwt_claims) >= CACHE_MAX:
+                self._jwt_claims.clear()
+            # Valid until exp (+ leeway, as PyJWT accepts it); nbf/iat passed already.
+            self._jwt_claims[key] = (float(exp) + self._jwt_leeway, claims)
+        return claims
+
+    def _decode_jwt(self, token: str) -> dict[str, Any]:
         try:
             return jwt.decode(
                 token, self._jwt_key, algorithms=list(self._jwt_algorithms),

@@ -68,6 +68,9 @@ class Registry:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._agents: dict[str, ConnectedAgent] = {}
+        #: Bumped on every register/unregister, so users of :meth:`connected` (the service
+        #: manager) can skip rescanning the agents while nothing changed.
+        self.version = 0
         #: Called with the entry after every status change of a connected agent (e.g. the
         #: task dispatcher, to hand queued work to an agent that became idle).
         self.status_listeners: list[Callable[[ConnectedAgent], None]] = []
@@ -97,6 +100,7 @@ class Registry:
                                peer=session.get_extra_info("peername"), status=status)
         old = self._agents.get(agent_id)
         self._agents[agent_id] = entry
+        self.version += 1
         if old is not None and old.session is not session:
             log.info("agent %s (%s) reconnected; dropping its previous connection", name, agent_id)
             old.session.abort(message="replaced by a new connection of the same agent")
@@ -109,6 +113,7 @@ class Registry:
         if self._agents.get(entry.agent_id) is not entry:
             return
         del self._agents[entry.agent_id]
+        self.version += 1
         self._store.set_agent_status(entry.team_id, entry.agent_id, "offline")
         log.info("agent %s (%s) offline", entry.name, entry.agent_id)
 

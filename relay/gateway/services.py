@@ -232,6 +232,13 @@ class ServiceManager:
         self._sessions: dict[str, Any] = {}  # agent id -> the session whose hello we read
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: Optional[asyncio.Task] = None
+        # sync() fast path: the registry version it last saw, and when the next offline
+        # instance's grace runs out (nothing can change before either moves).
+        self._synced_version = -1
+        self._sync_deadline = 0.0
+        # Service rows by (team, slug), valid while the store's generation stays the same.
+        self._records: dict[tuple[str, str], Service] = {}
+        self._records_generation: Any = None
 
     def register(self, router: Router) -> None:
         add = router.add
@@ -276,8 +283,18 @@ class ServiceManager:
             self._spawn_probe(team_id, slug, inst)
 
     def sync(self) -> None:
-        """Bring instances in line with the agent registry (see the module docstring)."""
+        """Bring instances in line with the agent registry (see the module docstring).
+
+        Called on every proxied request and invoke, so it returns at once while nothing
+        it depends on can have changed: the registry's version is the one of the last
+        full pass, no known session has closed (a session ends before its agent is
+        unregistered), and no offline instance's grace has run out."""
         now = time.time()
+        registry = self.gw.registry
+        if (registry.version == self._synced_version and now <= self._sync_deadline
+                and not any(session.is_closed for session in self._sessions.values())):
+            return
+        self._synced_version = registry.version
         store = self.gw.store
         live: dict[str, Any] = {}
         for entry in self.gw.registry.connected():
@@ -309,6 +326,7 @@ class ServiceManager:
                 self._after_instance_added(entry.team_id, slug, state, inst)
         for agent_id in [a for a in self._sessions if a not in live]:
             del self._sessions[agent_id]
+        deadline = float("inf")
         for (team_id, slug), state in self._states.items():
             for agent_id, inst in list(state.instances.items()):
                 if agent_id is None:
@@ -318,12 +336,32 @@ class ServiceManager:
                         inst.online, inst.offline_since = False, now
                     elif now - inst.offline_since > self.offline_grace:
                         del state.instances[agent_id]
+                        continue
+                    deadline = min(deadline, inst.offline_since + self.offline_grace)
             if not state.instances:
                 state.running = False
+        self._sync_deadline = deadline
+
+    def _lookup(self, team_id: str, slug: str) -> Optional[Service]:
+        """The service row, from memory while the store's generation is unchanged (any
+        commit, e.g. a delete, empties the cache: a deleted service is gone at once)."""
+        generation = self.gw.store.generation()
+        if generation != self._records_generation:
+            self._records.clear()
+            self._records_generation = generation
+        key = (team_id, slug)
+        record = self._records.get(key)
+        if record is None:
+            record = self.gw.store.get_service(team_id, slug)
+            if record is not None:  # unknown slugs are not kept (bounded by real rows)
+                if len(self._records) >= 4096:
+                    self._records.clear()
+                self._records[key] = record
+        return record
 
     def _record(self, team_id: str, slug: str) -> tuple[Service, ServiceState]:
         """The team's service and its live state; 404 if unknown (or another team's)."""
-        record = self.gw.store.get_service(team_id, slug) if SLUG_RE.match(slug) else None
+        record = self._lookup(team_id, slug) if SLUG_RE.match(slug) else None
         if record is None:
             raise HttpError(404, "service_not_found", f"no service {slug!r} in this team")
         return record, self._state(record)

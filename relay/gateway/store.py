@@ -380,6 +380,8 @@ class Store:
         self.path = path
         #: Bumped whenever tunnel sessions are closed (in-memory token caches compare it).
         self.tunnel_sessions_version = 0
+        #: Bumped on every write transaction this Store commits (see :meth:`generation`).
+        self._own_writes = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -467,10 +469,24 @@ class Store:
             try:
                 yield self._db
                 self._db.execute("COMMIT")
+                self._own_writes += 1
             except BaseException:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
+
+    def generation(self) -> tuple[int, int]:
+        """A value that changes whenever anything was committed to the database since the
+        last call returned it: by this Store (a counter bumped per write transaction) or
+        by any other connection, another process included (SQLite's ``PRAGMA
+        data_version``, e.g. ``relay admin`` revoking a key while the gateway runs).
+
+        In-memory caches of rows (credentials, services) keep what they hold only while
+        this value stays the same, so a revoked key or a deleted service stops working on
+        the very next request. The pragma is one cheap statement that reads no table.
+        """
+        with self._lock, self._sqlite_errors():
+            return self._own_writes, self._db.execute("PRAGMA data_version").fetchone()[0]
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
