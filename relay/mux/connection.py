@@ -13,7 +13,7 @@ other's limits.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from struct import Struct
 from typing import Any, Optional
@@ -102,6 +102,9 @@ class MuxConfig:
     keepalive_timeout: float = 45.0
     #: A stream we half-closed is reset if the peer does not finish it within this time.
     half_closed_timeout: float = 600.0
+    #: A stream counts as receiving (for the fair share of window growth) until this long
+    #: after its last DATA arrived.
+    receiving_horizon: float = 0.5
     #: Sent to the peer in SETTINGS (agent name, labels, version ...).
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -174,8 +177,18 @@ class MuxConnection:
         self._peer_max_control = 0
         self._session_send_credit = 0
         self._session_recv = ReceiveWindow(cfg.session_window)
-        #: Window growth granted by auto-tuning, summed over streams (bounded by budget).
+        #: Window growth granted by auto-tuning, summed over streams (bounded by budget):
+        #: the sum of ``recv.committed - initial_window``.
         self._granted_growth = 0
+        #: Auto-tuning's window for every receiving stream. Shared rather than per stream:
+        #: the streams of a session share one path, and when that path (or the CPU) is
+        #: the bottleneck each stream's share of it is its share of the windows in flight.
+        #: A per-stream window that grew while its stream was alone would keep an
+        #: outsized share for ever (issue 4: one stream at 9x the others).
+        self._tuned_window = cfg.initial_window
+        #: Streams that received DATA within ``receiving_horizon``: id -> when counted,
+        #: oldest first (so expiry pops from the front).
+        self._receiving: OrderedDict[int, float] = OrderedDict()
         self._goaway_sent = False
         self._goaway_received = False
         self._terminated = False
@@ -186,6 +199,7 @@ class MuxConnection:
         #: Smoothed round-trip time from PINGs, in the caller's time units.
         self.rtt: Optional[float] = None
         self._half_closed: dict[int, float] = {}
+        self._receiving_refresh = cfg.receiving_horizon / 8
         self._queue_control(encode_frame(FrameType.SETTINGS, 0, 0, msgpack.packb(cfg.advertised())))
 
     # ------------------------------------------------------------------ inspection
@@ -367,10 +381,7 @@ class MuxConnection:
         state = stream.state
         if state is _OPEN or state is _HALF_CLOSED_LOCAL:
             if self.rtt is not None and self.now is not None:
-                cfg = self.config
-                budget = cfg.session_window // 2 - self._granted_growth
-                increment, growth = stream.recv.consumed_tuned(n, self.now, self.rtt, cfg.max_window, budget)
-                self._granted_growth += growth
+                increment = self._consumed_tuned(stream.recv, n)
             else:
                 increment = stream.recv.consumed(n)
             if increment:
@@ -380,6 +391,48 @@ class MuxConnection:
         increment = self._session_recv.consumed(n)
         if increment:
             self._queue_control(encode_frame(_WINDOW_UPDATE, 0, 0, _pack_u32(increment)))
+
+    def _consumed_tuned(self, recv: ReceiveWindow, n: int) -> int:
+        """Consume ``n`` bytes of a stream with auto-tuning; returns the increment to send.
+
+        One target window (``_tuned_window``) for all receiving streams: it doubles when
+        any stream finds its window was the bottleneck, and it is capped at a fair share
+        of the growth budget (half the session window) among the streams receiving now,
+        so it shrinks when more streams start. Each stream moves to the target as it
+        consumes: up at once (the growth rides on this update), down by withholding
+        credit (:meth:`ReceiveWindow.resize`). A stream alone still grows to
+        ``max_window``; 32 streams converge on equal windows, hence equal throughput.
+        """
+        cfg = self.config
+        target = self._tuned_window
+        if recv.epoch_test(n, self.now, self.rtt):
+            target = max(target, min(2 * recv.window, cfg.max_window))
+        target = min(target, self._fair_window())
+        self._tuned_window = target
+        committed = recv.window + recv.debt
+        if target != recv.window:
+            if target > committed:  # growth: only as far as the budget still allows
+                allowed = cfg.session_window // 2 - self._granted_growth
+                target = max(recv.window, min(target, committed + max(allowed, 0)))
+            if target != recv.window:
+                recv.resize(target)
+        increment = recv.consumed(n)
+        self._granted_growth += recv.window + recv.debt - committed
+        return increment
+
+    def _fair_window(self) -> int:
+        """The largest window a receiving stream may have now: an equal share of the growth
+        budget among the streams receiving within ``receiving_horizon``."""
+        receiving = self._receiving
+        cutoff = self.now - self.config.receiving_horizon
+        while receiving:
+            stream_id, seen = next(iter(receiving.items()))
+            if seen >= cutoff:
+                break
+            del receiving[stream_id]
+        cfg = self.config
+        share = cfg.initial_window + (cfg.session_window // 2) // max(len(receiving), 1)
+        return min(cfg.max_window, share)
 
     def ping(self, now: Optional[float] = None) -> int:
         """Send a PING and return its id; the echo produces :class:`PingAcknowledged`
@@ -555,8 +608,15 @@ class MuxConnection:
                 return
             recv.credit -= n
             stream.unacked += n
+            now = self.now
             if recv.epoch_start is None:
-                recv.epoch_start = self.now  # auto-tuning times an epoch from arrival
+                recv.epoch_start = now  # auto-tuning times an epoch from arrival
+            if now is not None and now - recv.seen > self._receiving_refresh:
+                # Counted as receiving (refreshed a few times per horizon, not per frame).
+                recv.seen = now
+                receiving = self._receiving
+                receiving[stream_id] = now
+                receiving.move_to_end(stream_id)
             if state is _HALF_CLOSED_LOCAL and self.now is not None:
                 self._half_closed.pop(stream_id, None)  # still active: restart its clock
                 self._half_closed[stream_id] = self.now
@@ -564,6 +624,7 @@ class MuxConnection:
             if n:
                 self._events.append(DataReceived(stream_id=stream_id, data=payload, flow_controlled_length=n, end_stream=True))
             self._events.append(StreamEnded(stream_id=stream_id))
+            self._receiving.pop(stream_id, None)  # it receives nothing more
             if stream.transition(StreamInput.RECV_FIN) is StreamState.CLOSED:
                 self._closed_cleanly(stream)
         elif n:
@@ -858,7 +919,8 @@ class MuxConnection:
         self._forget(stream)
 
     def _release_slot(self, stream: Stream) -> None:
-        self._granted_growth -= stream.recv.window - self.config.initial_window
+        self._granted_growth -= stream.recv.window + stream.recv.debt - self.config.initial_window
+        self._receiving.pop(stream.stream_id, None)
         if stream.local:
             self._local_stream_count -= 1
         else:

@@ -13,10 +13,15 @@ The algorithm, per stream (and the same for the session, without auto-tuning):
 * Auto-tuning: an epoch starts when the first byte after the previous epoch *arrives*.
   Once half the window has been consumed, the epoch ends; if that took at most
   ``4 x RTT`` since the epoch's first arrival, the window (not the reader) was the
-  bottleneck, so it doubles (up to ``max_window``, and only as far as the caller's memory
-  budget allows); the extra size is granted with the update. Timing from arrival rather
-  than from the first acknowledgement matters: a reader that sits on data for seconds
-  and then acknowledges it in many small pieces must not look fast.
+  bottleneck (:meth:`ReceiveWindow.epoch_test`). Timing from arrival rather than from the
+  first acknowledgement matters: a reader that sits on data for seconds and then
+  acknowledges it in many small pieces must not look fast. What size the window then
+  takes is the connection's decision (one target shared by the streams that are
+  receiving, see ``MuxConnection``); this class only applies it (:meth:`resize`).
+* Shrinking: credit once granted is never taken back (the peer may already be using
+  it), so a smaller window is reached by *withholding*: the difference becomes ``debt``,
+  and consumed bytes repay it before any of them is granted again. The invariant is
+  ``credit + (received, not yet granted again) == window + debt``.
 """
 from __future__ import annotations
 
@@ -26,10 +31,10 @@ from typing import Optional
 class ReceiveWindow:
     """The receiving side's view of one flow-control window."""
 
-    __slots__ = ("window", "credit", "pending", "epoch_start", "epoch_consumed")
+    __slots__ = ("window", "credit", "pending", "epoch_start", "epoch_consumed", "debt", "seen")
 
     def __init__(self, window: int) -> None:
-        #: Current target size of the window (grows with auto-tuning).
+        #: Current target size of the window (auto-tuning moves it).
         self.window = window
         #: Bytes the peer may still send before it must wait.
         self.credit = window
@@ -37,6 +42,15 @@ class ReceiveWindow:
         self.pending = 0
         self.epoch_start: Optional[float] = None
         self.epoch_consumed = 0
+        #: Granted bytes above ``window`` that consumption must repay before new grants.
+        self.debt = 0
+        #: When the connection last counted this stream as receiving (its clock).
+        self.seen = float("-inf")
+
+    @property
+    def committed(self) -> int:
+        """What the peer may have outstanding: the window plus what is being withheld."""
+        return self.window + self.debt
 
     def received(self, n: int) -> bool:
         """Account for ``n`` arriving bytes; False means the peer overran its window."""
@@ -47,30 +61,43 @@ class ReceiveWindow:
 
     def consumed(self, n: int) -> int:
         """Account for ``n`` consumed bytes; returns the increment to announce now, or 0."""
-        self.pending += n
-        if self.pending * 4 >= self.window or self.credit == 0:
-            increment = self.pending
+        pending = self.pending + n
+        if self.debt:  # shrinking: consumed bytes repay the debt before being granted again
+            repaid = min(self.debt, pending)
+            self.debt -= repaid
+            pending -= repaid
+        self.pending = pending
+        # ``pending`` can only be 0 here while repaying; then the peer still holds credit
+        # or the application still holds bytes whose acknowledgement will come.
+        if pending and (pending * 4 >= self.window or self.credit == 0):
             self.pending = 0
-            self.credit += increment
-            return increment
+            self.credit += pending
+            return pending
         return 0
 
-    def consumed_tuned(self, n: int, now: Optional[float], rtt: Optional[float],
-                       max_window: int, growth_allowed: int) -> tuple[int, int]:
-        """Like :meth:`consumed`, with auto-tuning.
+    def epoch_test(self, n: int, now: float, rtt: float) -> bool:
+        """Count ``n`` consumed bytes into the tuning epoch; True when an epoch just ended
+        fast enough that the window, not the reader, was the bottleneck.
 
-        ``growth_allowed`` is how much the caller's memory budget lets the window grow.
-        Returns ``(increment, growth)``: the WINDOW_UPDATE to send (0 for none) and how
-        much of it is new window. The caller sets ``epoch_start`` when data arrives.
+        The caller sets ``epoch_start`` when data arrives.
         """
-        growth = 0
-        if now is not None and rtt is not None and self.epoch_start is not None:
-            self.epoch_consumed += n
-            if self.epoch_consumed * 2 >= self.window:
-                if now - self.epoch_start <= 4 * rtt and self.window < max_window:
-                    growth = max(0, min(self.window, max_window - self.window, growth_allowed))
-                    self.window += growth
-                    self.pending += growth
-                self.epoch_start = None
-                self.epoch_consumed = 0
-        return self.consumed(n), growth
+        if self.epoch_start is None:
+            return False
+        self.epoch_consumed += n
+        if self.epoch_consumed * 2 < self.window:
+            return False
+        fast = now - self.epoch_start <= 4 * rtt
+        self.epoch_start = None
+        self.epoch_consumed = 0
+        return fast
+
+    def resize(self, target: int) -> None:
+        """Make ``target`` the window. Growth is granted with the next announcement (it is
+        added to ``pending``, which is due at once); shrinking becomes ``debt``."""
+        committed = self.window + self.debt
+        self.window = target
+        if target >= committed:
+            self.debt = 0
+            self.pending += target - committed
+        else:
+            self.debt = committed - target
