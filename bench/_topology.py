@@ -131,8 +131,9 @@ def raise_nofile() -> int:
 
 
 def _child_setup() -> None:
-    # relay does not raise its own RLIMIT_NOFILE: give the child the hard limit, and
-    # make it die with us if the benchmark is killed outright.
+    # The gateway and agent raise their own RLIMIT_NOFILE, the target, ssh and sshd do
+    # not: give every child the hard limit, and make it die with us if the benchmark is
+    # killed outright.
     raise_nofile()
     import ctypes
 

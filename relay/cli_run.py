@@ -34,6 +34,33 @@ def _run(coro: Coroutine[Any, Any, Any]) -> Any:
     return uvloop.run(coro)
 
 
+def raise_nofile_limit() -> int:
+    """Raise this process's RLIMIT_NOFILE soft limit to its hard limit; returns the soft
+    limit now in force.
+
+    Every stream is a socket in the gateway (the hub client) and in the agent (the
+    target), so 10,000 idle streams need more than the usual soft limit of 1024, while
+    the hard limit is usually far higher. Raising the soft limit up to the hard one needs
+    no privilege; doing it here spares every deployment its ``ulimit -n``.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # e.g. an unlimited hard limit above fs.nr_open
+            logging.getLogger("relay").debug("cannot raise RLIMIT_NOFILE to %s", hard)
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _select_backend(ctx: click.Context, param: Any, value: str) -> None:
+    """``relay agent --backend``: trio runs relay.agent.trio_client's body instead."""
+    if value == "trio":
+        raise_nofile_limit()  # the trio body does not return to agent() below
+        __import__("relay.agent.trio_client").agent.trio_client.use_trio_backend(ctx)
+
+
 def _split_host_port(value: str, what: str, allow_zero: bool = False) -> tuple[str, int]:
     from relay.agent.client import parse_host_port
 
@@ -76,6 +103,7 @@ def gateway(listen: str, data_dir: Path, public_url: Optional[str], hub_host: st
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
     _setup_logging(log_level)
+    raise_nofile_limit()
     try:
         _run(run_gateway(host, port, data_dir, public_url=public_url, hub_host=hub_host,
                          jwt_key=jwt_key, tls_cert=tls_cert, tls_key=tls_key,
@@ -103,7 +131,7 @@ def gateway(listen: str, data_dir: Path, public_url: Optional[str], hub_host: st
 @click.option("--service", "services", multiple=True,
               metavar="SLUG=HOST:PORT[,health=/health][,prompt=TEXT][,openapi=PATH][,label=L]",
               help="Declare a container service (repeatable; see relay.agent.services).")
-@click.option("--backend", type=click.Choice(["asyncio", "trio"]), default="asyncio", show_default=True, envvar="RELAY_AGENT_BACKEND", expose_value=False, help="Event loop to run on: asyncio (uvloop) or trio.", callback=lambda ctx, _, value: value == "trio" and __import__("relay.agent.trio_client").agent.trio_client.use_trio_backend(ctx))
+@click.option("--backend", type=click.Choice(["asyncio", "trio"]), default="asyncio", show_default=True, envvar="RELAY_AGENT_BACKEND", expose_value=False, help="Event loop to run on: asyncio (uvloop) or trio.", callback=_select_backend)
 @_log_option
 def agent(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ...],
           allow: tuple[str, ...], ca_cert: Optional[Path], log_level: str,
@@ -122,6 +150,7 @@ def agent(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ..
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--service") from None
     _setup_logging(log_level)
+    raise_nofile_limit()
 
     async def serve() -> None:
         try:
