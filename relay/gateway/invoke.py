@@ -45,6 +45,10 @@ MAX_RESPONSE = 16 * 1024 * 1024
 #: The whole exchange with the container (after the stream is open) must end within this.
 INVOKE_TIMEOUT = 300.0
 READ_SIZE = 256 * 1024
+#: Methods that may be sent twice (RFC 9110 9.2.2): retried once after a stale stream.
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+#: POST/PATCH reuse only a stream idle at most this long (never retried, see invoke()).
+UNSAFE_REUSE_IDLE = 1.0
 #: Request headers never forwarded: the seed's hop-by-hop list plus what framing needs.
 STRIPPED = frozenset({"host", "connection", "upgrade", "transfer-encoding", "te", "trailer",
                       "keep-alive", "content-length", "proxy-connection", "proxy-authorization",
@@ -60,11 +64,16 @@ class ResponseTooLarge(Exception):
 
 
 async def http_exchange(stream: Any, method: str, target: str, headers: list[tuple[str, str]],
-                        body: bytes, limit: int = MAX_RESPONSE) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+                        body: bytes, limit: int = MAX_RESPONSE,
+                        conn: Optional[h11.Connection] = None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """Send one HTTP/1.1 request on ``stream`` (a mux stream or anything with ``write``,
     ``drain`` and ``read``) and read the whole response. Returns ``(status, raw headers,
-    body)``. Raises ResponseTooLarge, h11.RemoteProtocolError, ConnectionError."""
-    conn = h11.Connection(h11.CLIENT)
+    body)``. Raises ResponseTooLarge, h11.RemoteProtocolError, ConnectionError.
+
+    ``conn``: the stream's h11 client state when it carries several exchanges in turn
+    (keep-alive, see :func:`keep_alive`); a new one by default."""
+    if conn is None:
+        conn = h11.Connection(h11.CLIENT)
     stream.write(conn.send(h11.Request(method=method, target=target, headers=headers)))
     if body:
         stream.write(conn.send(h11.Data(data=body)))
@@ -75,6 +84,8 @@ async def http_exchange(stream: Any, method: str, target: str, headers: list[tup
         event = conn.next_event()
         if event is h11.NEED_DATA:
             data = await stream.read(READ_SIZE)
+            if not data and status == 0:  # closed before any answer: not an HTTP error
+                raise ConnectionResetError("the container closed the connection without answering")
             conn.receive_data(data)
             continue
         if isinstance(event, h11.InformationalResponse):
@@ -151,45 +162,92 @@ def _response_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
     return out
 
 
+def keep_alive(conn: h11.Connection) -> bool:
+    """After a whole exchange: may the stream carry the next request? (Both sides done,
+    neither said ``Connection: close`` nor spoke HTTP/1.0, nothing unexpected buffered.)
+    Readies ``conn`` for it when so."""
+    if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE or conn.trailing_data[0]:
+        return False
+    conn.start_next_cycle()
+    return True
+
+
 async def invoke(services: "ServiceManager", request: Request) -> Response:
-    """The route handler of ``POST /api/v1/r/invoke/{slug}``."""
+    """The route handler of ``POST /api/v1/r/invoke/{slug}``.
+
+    Streams are kept alive between calls (each is one connection from the agent to the
+    container): the instance the round robin picked lends an idle one if it has one,
+    and a stream whose exchange ended cleanly goes back to its pool. A reused stream may
+    turn out stale (the container closed it meanwhile); an idempotent request is then
+    sent once more on a fresh stream. A non-idempotent one (POST, PATCH) is never sent
+    twice, so it only takes a stream idle for at most :data:`UNSAFE_REUSE_IDLE` seconds,
+    shorter than any server's keep-alive timeout, where that race is negligible."""
     principal = services.gw._principal(request)  # runtime: sk-, dk-, JWT + X-Team-ID
     method, path, headers, payload = parse_invoke_body(request.json())
     slug = request.params["slug"]
     candidates = services.candidates(principal.team_id, slug)  # 404/400/503
-    try:
-        stream, instance = await services.open_to(slug, candidates)
-    except ProxyError as exc:  # 502: no instance could be reached
-        raise HttpError(exc.status, exc.code, exc.message) from None
-    host = instance.host_header
-    out = [("Host", host), *headers]
+    idempotent = method in IDEMPOTENT
+    first = candidates[0]
+    reused = first.checkout() if idempotent else first.checkout(UNSAFE_REUSE_IDLE)
+    while True:
+        if reused is not None:
+            (stream, conn), instance = reused, first
+        else:
+            try:
+                stream, instance = await services.open_to(slug, candidates)
+            except ProxyError as exc:  # 502: no instance could be reached
+                raise HttpError(exc.status, exc.code, exc.message) from None
+            conn = h11.Connection(h11.CLIENT)
+        try:
+            status, raw, body = await _exchange(stream, conn, instance, method, path, headers, payload, slug,
+                                                reused=reused is not None)
+        except _Stale:
+            reused = None  # once more, on a fresh stream (only idempotent requests get here)
+            continue
+        except BaseException:
+            stream_close(stream, abort=True)  # cut short: the rest must not keep flowing
+            raise
+        if keep_alive(conn):
+            instance.checkin(stream, conn)
+        else:
+            stream_close(stream)
+        return json_response({"status_code": status, "headers": _response_headers(raw),
+                              "body_base64": base64.b64encode(body).decode("ascii")})
+
+
+class _Stale(Exception):
+    """A reused keep-alive stream failed: send an idempotent request again."""
+
+
+async def _exchange(stream: Any, conn: h11.Connection, instance: Any, method: str, path: str,
+                    headers: list[tuple[str, str]], payload: bytes, slug: str,
+                    reused: bool) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """One exchange of :func:`invoke`, its failures as the HTTP errors of seed 003
+    (or :class:`_Stale` for a reused stream an idempotent request may retry)."""
+    out = [("Host", instance.host_header), *headers]
     if payload or method in ("POST", "PUT", "PATCH"):
         out.append(("Content-Length", str(len(payload))))
     target = instance.base_path + path
-    complete = False
     try:
         async with asyncio.timeout(INVOKE_TIMEOUT):
-            status, raw, body = await http_exchange(stream, method, target, out, payload, limit=MAX_RESPONSE)
-        complete = True
+            return await http_exchange(stream, method, target, out, payload, limit=MAX_RESPONSE, conn=conn)
     except ResponseTooLarge as exc:
         raise HttpError(502, "response_too_large", f"{exc}; use the transparent proxy "
                                                    f"/api/v1/r/containers/{slug}/... for large bodies") from None
     except TimeoutError:
         raise HttpError(502, "upstream_timeout", f"the container did not answer within {INVOKE_TIMEOUT:.0f}s") from None
-    except h11.ProtocolError as exc:
-        raise HttpError(502, "bad_upstream_response", f"the container sent invalid HTTP: {exc}") from None
-    except (ConnectionError, OSError) as exc:
+    except (h11.ProtocolError, ConnectionError, OSError) as exc:
+        if reused and method in IDEMPOTENT:
+            stream_close(stream, abort=True)
+            raise _Stale() from None
+        if isinstance(exc, h11.ProtocolError):
+            raise HttpError(502, "bad_upstream_response", f"the container sent invalid HTTP: {exc}") from None
         raise HttpError(502, "tunnel_error", f"the tunnel to the container failed: {exc}") from None
-    finally:
-        # One exchange per stream; a cut one is aborted so the container stops sending.
-        stream_close(stream, abort=not complete)
-    return json_response({"status_code": status, "headers": _response_headers(raw),
-                          "body_base64": base64.b64encode(body).decode("ascii")})
 
 
 def stream_close(stream: Any, abort: bool = False) -> None:
-    """Drop a stream after a buffered exchange (never reused); ``abort`` if it was cut
-    short (the rest of the response must not keep flowing)."""
+    """Drop a stream after a buffered exchange; ``abort`` if it was cut short (the rest
+    of the response must not keep flowing)."""
     try:
         if abort:
             stream.abort()

@@ -97,6 +97,10 @@ FAIL_THRESHOLD = 3
 OPEN_TIMEOUT = 15.0
 MAX_PROMPT = 4000
 MAX_LABELS = 32
+#: invoke's keep-alive pool: idle streams kept per instance, and how long one may idle.
+#: Each holds one connection from the agent to the container, so the pool stays small.
+POOL_MAX_IDLE = 32
+POOL_IDLE_TIMEOUT = 15.0
 
 
 @dataclass
@@ -126,6 +130,63 @@ class Instance:
                 "healthy": self.healthy and self.online, "target": f"{self.host}:{self.port}",
                 "consecutive_failures": self.failures, "last_error": self.last_error,
                 "last_probe_at": _iso(self.last_probe_at)}
+
+    #: Idle keep-alive streams of invoke: ``(stream, h11 connection, idle since)``.
+    idle: list[tuple[Any, h11.Connection, float]] = field(default_factory=list, repr=False)
+
+    def checkout(self, max_idle: float = POOL_IDLE_TIMEOUT) -> Optional[tuple[Any, h11.Connection]]:
+        """An idle keep-alive stream to this instance, idle at most ``max_idle`` seconds
+        and still open, or None. The most recently used one first (the least likely to
+        have been closed by the server); expired or dead ones met are closed."""
+        self._expire()
+        while self.idle:
+            stream, conn, since = self.idle[-1]
+            if not _reusable(stream):
+                self.idle.pop()
+                stream_close(stream)
+                continue
+            if time.monotonic() - since > max_idle:
+                return None  # fresh enough for a less strict (idempotent) caller only
+            self.idle.pop()
+            return stream, conn
+        return None
+
+    def _expire(self) -> None:
+        """Close idle streams past :data:`POOL_IDLE_TIMEOUT` (the oldest are first)."""
+        limit = time.monotonic() - POOL_IDLE_TIMEOUT
+        while self.idle and self.idle[0][2] < limit:
+            stream_close(self.idle.pop(0)[0])
+
+    def prune(self) -> None:
+        """Close idle streams past :data:`POOL_IDLE_TIMEOUT` or ended by the peer (a
+        container closing an idle connection): their agent-side connection is freed."""
+        limit = time.monotonic() - POOL_IDLE_TIMEOUT
+        if any(since < limit or not _reusable(stream) for stream, _, since in self.idle):
+            keep = []
+            for entry in self.idle:
+                if entry[2] < limit or not _reusable(entry[0]):
+                    stream_close(entry[0])
+                else:
+                    keep.append(entry)
+            self.idle = keep
+
+    def checkin(self, stream: Any, conn: h11.Connection) -> None:
+        """Keep a stream whose exchange ended cleanly for the next invoke, if the pool has
+        room and the instance is still in use; otherwise close it."""
+        self._expire()
+        if self.online and len(self.idle) < POOL_MAX_IDLE and _reusable(stream) and \
+                (self.session is None or not self.session.is_closed):
+            self.idle.append((stream, conn, time.monotonic()))
+        else:
+            stream_close(stream)
+
+    def retire(self) -> None:
+        """The instance is gone (agent offline, declaration withdrawn, replaced, service
+        deleted): close its idle streams and never keep any again."""
+        self.online = False
+        idle, self.idle = self.idle, []
+        for stream, _, _ in idle:
+            stream_close(stream)
 
     async def open(self) -> Any:
         """A stream to the target: a mux stream through the agent (waiting for its
@@ -182,11 +243,20 @@ class TcpStream:
     def at_eof(self) -> bool:
         return self._reader.at_eof() or self._writer.is_closing()
 
+    def is_closing(self) -> bool:
+        return self._writer.is_closing()
+
     def close(self) -> None:
         self._writer.close()
 
     def abort(self, error_code: int = 0, message: str = "") -> None:
         self._writer.transport.abort()
+
+
+def _reusable(stream: Any) -> bool:
+    """Neither ended by the peer (the container closed its keep-alive connection, the
+    agent went away) nor closed or reset by us."""
+    return stream.exception is None and not stream.at_eof() and not stream.is_closing()
 
 
 def _iso(ts: Optional[float]) -> Optional[str]:
@@ -253,6 +323,9 @@ class ServiceManager:
         self._loop_task = asyncio.get_running_loop().create_task(self._probe_loop())
 
     async def close(self) -> None:
+        for state in self._states.values():
+            for inst in state.instances.values():
+                inst.retire()
         tasks = [t for t in [self._loop_task, *self._tasks] if t is not None]
         for task in tasks:
             task.cancel()
@@ -307,7 +380,7 @@ class ServiceManager:
             declared = _declarations(entry.session.peer_info)
             for (team_id, slug), state in self._states.items():  # withdrawn declarations
                 if team_id == entry.team_id and entry.agent_id in state.instances and slug not in declared:
-                    del state.instances[entry.agent_id]
+                    state.instances.pop(entry.agent_id).retire()
             for slug, decl in declared.items():
                 record = store.get_service(entry.team_id, slug)
                 if record is not None and record.service_type != "deployed":
@@ -322,6 +395,9 @@ class ServiceManager:
                 state = self._state(record)
                 inst = Instance(entry.agent_id, entry.name, decl["host"], decl["port"], decl["health"],
                                 session=entry.session, host_header=f"{decl['host']}:{decl['port']}")
+                previous = state.instances.get(entry.agent_id)
+                if previous is not None:  # the agent reconnected: a new session
+                    previous.retire()
                 state.instances[entry.agent_id] = inst
                 self._after_instance_added(entry.team_id, slug, state, inst)
         for agent_id in [a for a in self._sessions if a not in live]:
@@ -333,7 +409,8 @@ class ServiceManager:
                     continue
                 if agent_id not in live or live[agent_id].session is not inst.session:
                     if inst.online:
-                        inst.online, inst.offline_since = False, now
+                        inst.retire()  # its idle streams went with the session
+                        inst.offline_since = now
                     elif now - inst.offline_since > self.offline_grace:
                         del state.instances[agent_id]
                         continue
@@ -473,6 +550,7 @@ class ServiceManager:
                 self.sync()
                 for (team_id, slug), state in list(self._states.items()):
                     for inst in state.instances.values():
+                        inst.prune()
                         if inst.online and inst.health is not None:
                             self._spawn_probe(team_id, slug, inst)
             except Exception:  # e.g. a busy database: try again next tick
@@ -529,7 +607,9 @@ class ServiceManager:
         if self.gw.store.get_service(principal.team_id, slug) is not None:
             raise HttpError(409, "service_exists", f"service {slug!r} already exists in this team")
         record = self.gw.store.put_service(principal.team_id, slug, "external", spec, "created")
-        self._states.pop((record.team_id, slug), None)
+        old = self._states.pop((record.team_id, slug), None)
+        for inst in old.instances.values() if old is not None else ():
+            inst.retire()
         return json_response(self.describe(record, self._state(record)), 201)
 
     async def _delete(self, request: Request) -> Response:
@@ -541,6 +621,8 @@ class ServiceManager:
                                                      "it can be deleted once it is stopped")
         self.gw.store.delete_service(record.team_id, record.slug)
         self._states.pop((record.team_id, record.slug), None)
+        for inst in state.instances.values():
+            inst.retire()
         for client in list(state.stats.clients):
             client.close()
         return json_response(None, 204)
