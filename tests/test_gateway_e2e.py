@@ -622,9 +622,11 @@ def test_tcp_over_websocket_tunnel_url(tmp_path, sshd_server):
                 status, http_tunnel = await http(gw.port, "POST", f"/api/v1/agents/{agent.agent_id}/tunnel",
                                                  keys["sk"], {"target_port": echo_port})
                 token = http_tunnel["tunnel_url"].rstrip("/").rsplit("/", 1)[1]
+                # An http tunnel's /tcp is its own path, not the relay: the upgrade goes to its
+                # target, here the raw echo server, which does not answer HTTP (502).
                 with pytest.raises(HandshakeRejected) as info:
                     await ws_connect(f"{base}/{token}/tcp")
-                assert info.value.status_code == 404
+                assert info.value.status_code == 502 and "bad_upstream_response" in str(info.value)
 
     run(main)
 

@@ -25,6 +25,7 @@ from relay import __version__
 from relay.aio import MuxSession, WebSocketTransport
 from relay.gateway.auth import Authenticator, Principal
 from relay.gateway.hooks import GatewayHooks, GatewaySession
+from relay.gateway.http_proxy import ProxyError, Upstream, serve_connection
 from relay.gateway.http_tunnels import HttpTunnels
 from relay.gateway.registry import Registry
 from relay.gateway.services import ServiceManager, add_services_openapi
@@ -166,7 +167,8 @@ class Gateway:
         add("GET", "/api/v1/agents/{agent_id}", self._get_agent)
         add("POST", "/api/v1/agents/{agent_id}/tunnel", self._open_tunnel)
         add("DELETE", "/api/v1/agents/{agent_id}/tunnel", self._close_tunnel)
-        add("GET", "/tunnel/{token}/tcp", self._tcp_over_ws)
+        # Raw: an HTTP tunnel's own GET /tcp is handed to the proxy untouched (body unread).
+        add("GET", "/tunnel/{token}/tcp", self._tcp_over_ws, raw=True)
         self.tunnels_api = TunnelsApi(self)  # seed 002: /api/v1/tunnels, shares, webhooks
         self.tunnels_api.register(self.router)
         self.tasks = TaskManager(self)  # seed 001: /api/v1/tasks
@@ -246,19 +248,40 @@ class Gateway:
         principal = self._principal(request)
         agent = self._team_agent(principal, request.params["agent_id"])
         session_id = request.query_value("session_id")
-        assert self.tunnels is not None
-        closed = self.tunnels.close(principal.team_id, agent.id, session_id)
+        closed = self._close_sessions(principal.team_id, agent.id, session_id)
         if session_id is not None and not closed:
             raise HttpError(404, "tunnel_not_found", f"no open tunnel session {session_id} on this agent")
         return json_response({"closed": closed})
 
-    async def _tcp_over_ws(self, request: Request) -> Optional[Response]:
-        """The TCP-over-WS relay at a tcp tunnel's ``tunnel_url``: the token in the URL is
-        the credential; each WebSocket connection becomes one stream to the target."""
-        row = self.store.get_tunnel_session_by_token(request.params["token"])
+    def _close_sessions(self, team_id: str, agent_id: str, session_id: Optional[str] = None) -> list[str]:
+        """Close tunnel sessions (one, or all of the agent's) and cut what runs through
+        them now: hub ports stop (TunnelManager.close), and the live client connections
+        of an HTTP tunnel, WebSockets included, are closed, as the admin close does."""
         assert self.tunnels is not None
-        hub = self.tunnels.hub(row.session_id) if row is not None and row.protocol == "tcp" else None
-        if row is None or hub is None:  # unknown, closed, or not a tcp tunnel: all 404
+        closed = self.tunnels.close(team_id, agent_id, session_id)
+        for sid in closed:
+            # HttpTunnels.stats() is its public view of a session's live connections.
+            for client in list(self.http_tunnels.stats(sid).clients):
+                client.close()
+        return closed
+
+    async def _tcp_over_ws(self, request: Request) -> Optional[Response]:
+        """``GET /tunnel/{token}/tcp`` (a raw route, called at headers time).
+
+        For a tcp tunnel, the TCP-over-WS relay at its ``tunnel_url``: the token in the URL
+        is the credential; each WebSocket connection becomes one stream to the target. For
+        anything else the path is an HTTP tunnel's own ``/tcp``: the connection is proxied
+        like every other path of the tunnel (unknown or closed tokens get its 404)."""
+        row = self.store.get_tunnel_session_by_token(request.params["token"])
+        if row is None or row.protocol != "tcp":
+            transport, data = request.take_over_raw()
+            serve_connection(transport, data, self._http_tunnel_tcp_path,
+                             fallback=lambda: HttpProtocol(self.router, self._connections),
+                             connections=self._connections)
+            return None
+        assert self.tunnels is not None
+        hub = self.tunnels.hub(row.session_id)
+        if hub is None:  # closed: 404
             raise HttpError(404, "tunnel_not_found", "no such open tcp tunnel")
         if self.registry.get(row.team_id, row.agent_id) is None:
             raise HttpError(503, "agent_offline", "the tunnel's agent is not connected")
@@ -271,6 +294,42 @@ class Gateway:
         transport.write(accept_response(upgrade))
         self.tunnels.serve_websocket(hub, transport, leftover)
         return None
+
+    def _http_tunnel_tcp_path(self, request: Any) -> Optional[Upstream]:
+        """Resolver of connections handed over by :meth:`_tcp_over_ws`: ``GET``/``HEAD
+        /tunnel/{token}/tcp[?query]`` of an open HTTP tunnel goes to its target like any
+        other path (same Upstream as relay.gateway.http_tunnels builds); every other
+        request goes back to the HTTP server (None), which routes it as usual."""
+        target = request.target
+        if target.startswith((b"http://", b"https://")):  # absolute-form: keep the path
+            slash = target.find(b"/", target.find(b"//") + 2)
+            target = target[slash:] if slash >= 0 else b"/"
+        path = target.split(b"?", 1)[0]
+        if request.method not in (b"GET", b"HEAD") or not path.startswith(b"/tunnel/") \
+                or not path.endswith(b"/tcp") or path.count(b"/") != 3:
+            return None
+        end = len(path) - len(b"/tcp")
+        token = path[len(b"/tunnel/"):end].decode("ascii", "replace")
+        row = self.store.get_tunnel_session_by_token(token)
+        if row is None or row.protocol != "http":
+            if row is not None and row.protocol == "tcp":
+                return None  # a tcp tunnel's relay: the HTTP server's route answers
+            raise ProxyError(404, "tunnel_not_found", "no such open http tunnel")
+        agent = self.registry.get(row.team_id, row.agent_id)
+        if agent is None:
+            raise ProxyError(503, "agent_offline", "the tunnel's agent is not connected")
+        session = agent.session
+        meta = {"protocol": "http", "target": f"127.0.0.1:{row.target_port}"}
+
+        def open_stream() -> Any:
+            try:
+                return session.open_stream_nowait(meta)
+            except ConnectionError as exc:  # SessionClosedError included
+                raise ProxyError(503, "agent_offline", f"the tunnel's agent is not reachable: {exc}") from None
+
+        return Upstream(open_stream=open_stream, key=(id(session), row.target_port), target=target[end:],
+                        headers=[(b"x-forwarded-prefix", target[:end])],
+                        host=f"127.0.0.1:{row.target_port}".encode(), stats=self.http_tunnels.stats(row.session_id))
 
     # ------------------------------------------------------------------ agent endpoint
 
@@ -358,7 +417,7 @@ class Gateway:
             self._gone_timers.pop(agent_id, None)
             if self.registry.is_online(agent_id) or self.tunnels is None:
                 return
-            closed = self.tunnels.close(team_id, agent_id)
+            closed = self._close_sessions(team_id, agent_id)
             if closed:
                 log.info("agent %s gone for %.0fs: closed its tunnels %s", agent_id,
                          self._agent_gone_grace, ", ".join(closed))
