@@ -31,6 +31,7 @@ __all__ = [
     "WebSocketProtocolError",
     "encode_close_payload",
     "encode_frame",
+    "encode_frame_parts",
     "encode_header",
     "mask",
     "parse_close",
@@ -41,6 +42,9 @@ cdef enum:
     _MAX_HEADER = 14
     _KEY_POOL_SIZE = 4096
     _MESSAGE_TOO_BIG = 1009
+    # A held-back frame at least this large is assembled piece by piece (one copy);
+    # smaller ones are joined and parsed (cheaper for a handful of bytes).
+    _ASSEMBLE_MIN = 4096
 
 
 # --- masking -------------------------------------------------------------------------
@@ -199,6 +203,63 @@ def encode_frame(int opcode, payload, bint mask=False, bint fin=True):
     return out
 
 
+def encode_frame_parts(int opcode, parts, bint mask=False, bint fin=True):
+    """Return one whole frame whose payload is the concatenation of ``parts`` (buffers).
+
+    Gathering and masking are one pass over the payload: a sender holding its payload as
+    pieces (a mux ``data_to_send_parts``) copies it once instead of joining it first.
+    """
+    cdef const uint8_t[::1] view
+    cdef const uint8_t* src
+    cdef const uint8_t* key = NULL
+    cdef Py_ssize_t n = 0, m, size, off = 0
+    cdef uint8_t header[_MAX_HEADER]
+    cdef uint8_t rotated[4]
+    cdef bytes out
+    cdef uint8_t* p
+    cdef int i
+    parts = list(parts)
+    for part in parts:
+        n += len(part)
+    _check_frame(opcode, n, fin)
+    size = _write_header(header, opcode, <uint64_t>n, fin, 0x80 if mask else 0)
+    if mask:
+        key = _next_key()
+        out = PyBytes_FromStringAndSize(NULL, size + 4 + n)
+        p = <uint8_t*>PyBytes_AS_STRING(out)
+        memcpy(p, header, size)
+        memcpy(p + size, key, 4)
+        p += size + 4
+    else:
+        out = PyBytes_FromStringAndSize(NULL, size + n)
+        p = <uint8_t*>PyBytes_AS_STRING(out)
+        memcpy(p, header, size)
+        p += size
+    for part in parts:
+        if type(part) is bytes:
+            src = <const uint8_t*>PyBytes_AS_STRING(part)
+            m = PyBytes_GET_SIZE(part)
+        else:
+            view = part
+            m = view.shape[0]
+            if not m:
+                continue
+            src = &view[0]
+        if m > n - off:  # a part changed size since it was counted
+            raise ValueError("a part changed size while the frame was built")
+        if mask:
+            # The key continues where the previous part left it.
+            for i in range(4):
+                rotated[i] = key[(off + i) & 3]
+            _xor_into(p + off, src, m, rotated)
+        elif m:
+            memcpy(p + off, src, m)
+        off += m
+    if off != n:
+        raise ValueError("a part changed size while the frame was built")
+    return out
+
+
 # --- parsing -------------------------------------------------------------------------
 
 cdef class FrameParser:
@@ -216,6 +277,8 @@ cdef class FrameParser:
     cdef list _fragments
     cdef uint64_t _message_size
     cdef object _error
+    # True when ``_need`` is a whole frame (its header is parsed and in ``_pending``).
+    cdef bint _need_frame
 
     def __init__(self, Py_ssize_t max_message_size, bint require_mask):
         if max_message_size < 0:
@@ -229,6 +292,7 @@ cdef class FrameParser:
         self._fragments = []
         self._message_size = 0
         self._error = None
+        self._need_frame = False
 
     @property
     def buffered(self):
@@ -256,14 +320,20 @@ cdef class FrameParser:
         cdef Py_ssize_t end = PyBytes_GET_SIZE(data)
         cdef Py_ssize_t take, used, size
         cdef bytes buf
-        # First finish the partial frame held back, joining only the prefix of ``data``
-        # it needs, so the rest of ``data`` is parsed in place instead of being copied.
+        # First finish the partial frame held back. Pieces are kept as they came (a
+        # memoryview for a tail, never a copy); a whole large frame is assembled
+        # straight into its payload (unmasked on the way): one copy, where joining the
+        # pieces first and then slicing the payload out of the join took two or three.
         while self._pending:
             if self._pending_len + end - pos < self._need:
-                self._pending.append(data[pos:] if pos else data)
+                self._pending.append(memoryview(data)[pos:] if pos else data)
                 self._pending_len += end - pos
                 return messages
             take = self._need - self._pending_len
+            if self._need_frame and self._need > _ASSEMBLE_MIN:
+                self._assemble(data, pos, take, messages)
+                pos += take
+                continue
             self._pending.append(data[pos:pos + take])
             pos += take
             buf = b"".join(self._pending)
@@ -277,9 +347,116 @@ cdef class FrameParser:
                 self._pending_len = 0
         used = self._parse(data, pos, messages)
         if used < end:
-            self._pending = [data[used:]]
+            self._pending = [memoryview(data)[used:] if used else data]
             self._pending_len = end - used
         return messages
+
+    cdef int _assemble(self, bytes data, Py_ssize_t pos, Py_ssize_t take, list messages) except -1:
+        """Complete the held-back frame with ``data[pos:pos + take]``: its header (already
+        checked by ``_parse``) is at the start of ``_pending``."""
+        cdef uint8_t head[_MAX_HEADER]
+        cdef const uint8_t[::1] view
+        cdef const uint8_t* src
+        cdef const uint8_t* key = NULL
+        cdef uint8_t rotated[4]
+        cdef Py_ssize_t got = 0, m, skip, off = 0, header, i
+        cdef uint64_t length
+        cdef bint masked, fin
+        cdef int opcode
+        cdef bytes payload
+        cdef uint8_t* dst
+        cdef list pieces = self._pending
+        pieces.append(memoryview(data)[pos:pos + take])
+        # The header: at most 14 bytes, possibly spread over the first pieces.
+        for piece in pieces:
+            view = piece
+            m = min(view.shape[0], _MAX_HEADER - got)
+            if m > 0:
+                memcpy(head + got, &view[0], m)
+                got += m
+            if got == _MAX_HEADER:
+                break
+        opcode = head[0] & 0x0F
+        fin = head[0] & 0x80
+        masked = head[1] & 0x80
+        length = head[1] & 0x7F
+        header = 2
+        if length == 126:
+            length = (<uint64_t>head[2] << 8) | head[3]
+            header = 4
+        elif length == 127:
+            length = 0
+            for i in range(2, 10):
+                length = (length << 8) | head[i]
+            header = 10
+        if masked:
+            key = head + header
+            header += 4
+        if <Py_ssize_t>length + header != self._need:  # cannot happen: _parse set _need
+            raise AssertionError("frame assembly out of step with the parser")
+        payload = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>length)
+        dst = <uint8_t*>PyBytes_AS_STRING(payload)
+        skip = header
+        for piece in pieces:
+            view = piece
+            m = view.shape[0]
+            if skip >= m:
+                skip -= m
+                continue
+            src = &view[0] + skip
+            m -= skip
+            skip = 0
+            if m > <Py_ssize_t>length - off:
+                m = <Py_ssize_t>length - off
+            if masked:
+                for i in range(4):  # the key continues where the previous piece left it
+                    rotated[i] = key[(off + i) & 3]
+                _xor_into(dst + off, src, m, rotated)
+            else:
+                memcpy(dst + off, src, m)
+            off += m
+        self._pending = []
+        self._pending_len = 0
+        self._need = 2
+        self._need_frame = False
+        if opcode < 8:
+            self._message_size_check(length)
+        self._emit(opcode, fin, payload, length, messages)
+        return 0
+
+    cdef int _message_size_check(self, uint64_t length) except -1:
+        # Already checked by _parse when it read this header; kept as a guard.
+        if self._message_size + length > <uint64_t>self.max_message_size:
+            raise WebSocketProtocolError(
+                f"message of more than {self.max_message_size} bytes",
+                CloseCode.MESSAGE_TOO_BIG)
+        return 0
+
+    cdef int _emit(self, int opcode, bint fin, bytes payload, uint64_t length, list messages) except -1:
+        """A whole frame's payload: a control message, a whole data message, or a
+        fragment to keep until its message ends."""
+        cdef int message_opcode
+        if opcode >= 8:
+            messages.append((opcode, payload))
+        elif fin:
+            if opcode:
+                message_opcode = opcode
+            else:
+                self._fragments.append(payload)
+                payload = b"".join(self._fragments)
+                message_opcode = self._message_opcode
+                self._fragments = []
+                self._message_opcode = 0
+                self._message_size = 0
+            if message_opcode == 1:
+                _check_utf8(payload)
+            messages.append((message_opcode, payload))
+        else:
+            if opcode:
+                self._message_opcode = opcode
+            self._fragments.append(payload)
+            self._message_size += length
+        return 0
 
     cdef Py_ssize_t _parse(self, bytes buf, Py_ssize_t pos, list messages) except -1:
         """Parse whole frames from ``buf[pos:]``; return where the first partial one starts.
@@ -299,6 +476,7 @@ cdef class FrameParser:
         while True:
             if end - pos < 2:
                 self._need = 2
+                self._need_frame = False
                 return pos
             p = base + pos
             first = p[0]
@@ -335,6 +513,7 @@ cdef class FrameParser:
                 header += 4
             if end - pos < header:
                 self._need = header
+                self._need_frame = False
                 return pos
             if length == 126:
                 length = (<uint64_t>p[2] << 8) | p[3]
@@ -353,6 +532,7 @@ cdef class FrameParser:
             # length <= max_message_size here (or <= 125), so it fits a Py_ssize_t.
             if <Py_ssize_t>length > end - start:
                 self._need = header + <Py_ssize_t>length
+                self._need_frame = True
                 return pos
 
             if masked:
@@ -363,24 +543,4 @@ cdef class FrameParser:
                 payload = PyBytes_FromStringAndSize(<const char*>base + start,
                                                     <Py_ssize_t>length)
             pos = start + <Py_ssize_t>length
-
-            if opcode >= 8:
-                messages.append((opcode, payload))
-            elif fin:
-                if opcode:
-                    message_opcode = opcode
-                else:
-                    self._fragments.append(payload)
-                    payload = b"".join(self._fragments)
-                    message_opcode = self._message_opcode
-                    self._fragments = []
-                    self._message_opcode = 0
-                    self._message_size = 0
-                if message_opcode == 1:
-                    _check_utf8(payload)
-                messages.append((message_opcode, payload))
-            else:
-                if opcode:
-                    self._message_opcode = opcode
-                self._fragments.append(payload)
-                self._message_size += length
+            self._emit(opcode, fin, payload, length, messages)

@@ -38,6 +38,10 @@ log = logging.getLogger("relay.aio")
 FLUSH_SLICE = 256 * 1024
 #: Slices written per flush callback before yielding to other callbacks of the loop.
 SLICES_PER_FLUSH = 4
+#: A slice of at most this many buffers (frame headers and payloads) is written with the
+#: transport's ``writelines`` as is (one ``writev`` on uvloop, no copy); more, i.e. many
+#: small frames, are joined first: copying small buffers is cheaper than a huge iovec.
+MAX_GATHER = 64
 #: Transport write buffer high-water mark. asyncio's default (64 KiB) pauses after a
 #: quarter of one slice; a larger mark keeps the socket busy between flushes.
 WRITE_HIGH_WATER = 1024 * 1024
@@ -86,6 +90,7 @@ class MuxSession(StreamEventRouter, asyncio.Protocol):
         self._on_stream = on_stream
         self._on_control = on_control
         self._transport: Any = None
+        self._writelines: Optional[Callable[[list], None]] = None
         self._streams: dict[int, MuxStream] = {}
         self._write_paused = False
         self._flush_handle: Optional[asyncio.Handle] = None
@@ -274,6 +279,7 @@ class MuxSession(StreamEventRouter, asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self._transport = transport
+        self._writelines = getattr(transport, "writelines", None)
         set_limits = getattr(transport, "set_write_buffer_limits", None)
         if set_limits is not None:
             set_limits(high=WRITE_HIGH_WATER)
@@ -290,7 +296,14 @@ class MuxSession(StreamEventRouter, asyncio.Protocol):
             return
         self._handle_events(events)
         if self._error is None:
-            self._schedule_flush()
+            conn = self._conn
+            # A flush only when there is something for it to do: frames to send (window
+            # updates, PING answers, DATA), streams that became writable, streams
+            # finishing or a drain. Most small messages need none: a loop callback
+            # saved per message on the request/response path.
+            if (conn.has_data_to_send or conn.has_writable_streams or self._flushing
+                    or self._draining):
+                self._schedule_flush()
             if self._blocked_readers:  # a WINDOW_UPDATE may have reopened their window
                 self._resume_blocked_readers()
             self._reschedule_timer()
@@ -326,13 +339,19 @@ class MuxSession(StreamEventRouter, asyncio.Protocol):
             return
         conn = self._conn
         write = transport.write
+        writelines = self._writelines
         for _ in range(SLICES_PER_FLUSH):
             if self._write_paused:
                 break
-            data = conn.data_to_send(FLUSH_SLICE)
-            if not data:
+            parts = conn.data_to_send_parts(FLUSH_SLICE)
+            if not parts:
                 break
-            write(data)
+            if len(parts) == 1:
+                write(parts[0])  # a lone part is a control frame: bytes
+            elif writelines is not None and len(parts) <= MAX_GATHER:
+                writelines(parts)
+            else:
+                write(b"".join(parts))
         else:
             self._schedule_flush()  # more may be waiting: continue after other callbacks
         streams = self._streams
@@ -350,8 +369,10 @@ class MuxSession(StreamEventRouter, asyncio.Protocol):
     def _acknowledge(self, stream_id: int, n: int) -> None:
         """The application consumed ``n`` bytes of the stream: grant window (on flush)."""
         if n and self._error is None:
-            self._conn.acknowledge_received_data(stream_id, n)
-            self._schedule_flush()
+            conn = self._conn
+            conn.acknowledge_received_data(stream_id, n)
+            if conn.has_data_to_send:  # usually not: updates are batched (quarter rule)
+                self._schedule_flush()
 
     # ------------------------------------------------------------------ events
 

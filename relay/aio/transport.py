@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from typing import Any, Awaitable, Callable, Optional, Protocol, Union
+from typing import Any, Awaitable, Callable, Iterable, Optional, Protocol, Union
 
 from relay.aio.session import MuxSession
 from relay.mux.connection import MuxConfig
@@ -27,6 +27,8 @@ class MuxTransport(Protocol):
     """What a MuxSession calls on its transport (asyncio.Transport satisfies it)."""
 
     def write(self, data: bytes) -> None: ...
+    # Optional: ``writelines(buffers)``, used when present to write a list of buffers
+    # without joining them first (asyncio transports and WebSocketTransport have it).
     def close(self) -> None: ...
     def abort(self) -> None: ...
     def is_closing(self) -> bool: ...
@@ -36,6 +38,7 @@ class MuxTransport(Protocol):
 
 
 SessionCallback = Callable[[MuxSession], Union[Awaitable[None], None]]
+_BINARY = 0x2  # WebSocket binary message opcode (relay.ws.Opcode.BINARY)
 
 
 async def connect_tcp(host: str, port: int, *, client: bool = True, config: Optional[MuxConfig] = None,
@@ -109,7 +112,21 @@ class WebSocketTransport(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self._close_sent:
             return
-        self._transport.write(self._ws.encode_frame(self._ws.Opcode.BINARY, data, mask=self._client))
+        self._transport.write(self._ws.encode_frame(_BINARY, data, mask=self._client))
+
+    def writelines(self, parts: Iterable[Any]) -> None:
+        """Several buffers (a session's ``data_to_send_parts``) as one binary message,
+        with no copy of the payload of our own when unmasked (the header and the parts go
+        to the socket in one ``writev``), and one copy that also masks when masked."""
+        if self._close_sent:
+            return
+        ws = self._ws
+        if self._client:
+            self._transport.write(ws.encode_frame_parts(_BINARY, parts, mask=True))
+        else:
+            parts = list(parts)
+            header = ws.encode_header(_BINARY, sum(map(len, parts)))
+            self._transport.writelines([header, *parts])
 
     def close(self) -> None:
         self._send_close(self._ws.CloseCode.NORMAL)

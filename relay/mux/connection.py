@@ -248,6 +248,11 @@ class MuxConnection:
         return bool(self._control) or bool(
             self._ready and self._session_send_credit > 0 and self.peer_settings is not None)
 
+    @property
+    def has_writable_streams(self) -> bool:
+        """True when :meth:`writable_streams` has ids to report."""
+        return bool(self._writable)
+
     def queued_bytes(self, stream_id: int) -> int:
         stream = self._streams.get(stream_id)
         return stream.queued if stream is not None else 0
@@ -470,16 +475,25 @@ class MuxConnection:
         ``max_bytes`` bounds the DATA added after the control frames, so a binding can
         write in slices and interleave other sessions; control frames are never held back.
         """
+        out = self.data_to_send_parts(max_bytes)
+        if not out:
+            return b""
+        return b"".join(out)
+
+    def data_to_send_parts(self, max_bytes: Optional[int] = None) -> list:
+        """:meth:`data_to_send` as the list of buffers to write in order (empty: nothing),
+        not joined: frame headers and the queued payloads themselves (``bytes`` or
+        read-only ``memoryview``), for a transport that gathers them (``writelines``,
+        ``writev``) or copies them once anyway (WebSocket masking). The buffers may not
+        be modified."""
         out = self._control
         size = self._control_size
         self._control = []
         self._control_size = 0
         ready = self._ready
         if ready and self._session_send_credit > 0 and self.peer_settings is not None:
-            size = self._schedule_data(out, size, max_bytes)
-        if not out:
-            return b""
-        return b"".join(out)
+            self._schedule_data(out, size, max_bytes)
+        return out
 
     def _schedule_data(self, out: list, size: int, max_bytes: Optional[int]) -> int:
         """Round-robin: one DATA frame per ready stream per turn, within both windows."""

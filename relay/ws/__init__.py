@@ -15,6 +15,9 @@ _framing = load("relay.ws._framing", "relay.ws._framing_py")
 FrameParser = _framing.FrameParser
 #: ``encode_frame(opcode, payload, mask=False, fin=True) -> bytes``: one whole frame.
 encode_frame = _framing.encode_frame
+#: ``encode_frame_parts(opcode, parts, mask=False, fin=True) -> bytes``: one whole frame
+#: whose payload is the concatenation of ``parts`` (gathered and masked in one copy).
+encode_frame_parts = _framing.encode_frame_parts
 #: ``encode_header(opcode, length, fin=True) -> bytes``: an unmasked header, payload apart.
 encode_header = _framing.encode_header
 #: ``mask(data, key) -> bytes``: XOR with a 4-byte key (masking == unmasking).
@@ -38,6 +41,7 @@ __all__ = [
     "WebSocketProtocolError",
     "encode_close_payload",
     "encode_frame",
+    "encode_frame_parts",
     "encode_header",
     "mask",
     "parse_close",

@@ -13,6 +13,7 @@ compiled module.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from enum import IntEnum
 from struct import Struct
 
@@ -23,6 +24,7 @@ __all__ = [
     "WebSocketProtocolError",
     "encode_close_payload",
     "encode_frame",
+    "encode_frame_parts",
     "encode_header",
     "mask",
     "parse_close",
@@ -192,6 +194,16 @@ def encode_frame(opcode: int, payload: bytes | bytearray | memoryview, mask: boo
         key = _next_key()
         return _header(opcode, n, fin, 0x80) + key + _mask(payload, key)
     return _header(opcode, n, fin, 0) + payload
+
+
+def encode_frame_parts(opcode: int, parts: Iterable[bytes | bytearray | memoryview], mask: bool = False,
+                       fin: bool = True) -> bytes:
+    """Return one whole frame whose payload is the concatenation of ``parts`` (buffers).
+
+    The compiled twin gathers and masks in one pass; here it is a join and
+    :func:`encode_frame`.
+    """
+    return encode_frame(opcode, b"".join(parts), mask, fin)
 
 
 # --- close frames --------------------------------------------------------------------
