@@ -183,6 +183,19 @@ MIGRATIONS: list[Sequence[str]] = [
             PRIMARY KEY (team_id, slug)
         )""",
     ),
+    # 4: webhook deliveries not finished yet (relay.gateway.webhooks), so a restart
+    # resumes them. ``attempts`` already made; a deleted webhook takes its own along.
+    (
+        """CREATE TABLE webhook_deliveries (
+            id          TEXT PRIMARY KEY,
+            webhook_id  TEXT NOT NULL REFERENCES webhooks(id) ON DELETE CASCADE,
+            event       TEXT NOT NULL,
+            body        BLOB NOT NULL,
+            attempts    INTEGER NOT NULL DEFAULT 0,
+            created_at  REAL NOT NULL
+        )""",
+        "CREATE INDEX webhook_deliveries_by_age ON webhook_deliveries(created_at)",
+    ),
 ]
 
 # --------------------------------------------------------------------------- errors
@@ -996,6 +1009,41 @@ class Store:
             cur = db.execute("DELETE FROM webhooks WHERE id = ? AND team_id = ?",
                              (normalize_uuid(webhook_id), normalize_uuid(team_id)))
         return cur.rowcount == 1
+
+    # -- pending webhook deliveries ----------------------------------------------------
+
+    def add_webhook_deliveries(self, deliveries: Sequence[tuple[str, str, str, bytes]],
+                               keep: int) -> None:
+        """Record deliveries ``(id, webhook_id, event, body)`` not made yet, in one
+        transaction, then drop the oldest beyond ``keep`` rows (the table stays bounded)."""
+        now = self._clock()
+        with self._write() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO webhook_deliveries (id, webhook_id, event, body, created_at)"
+                " SELECT ?, id, ?, ?, ? FROM webhooks WHERE id = ?",
+                [(d_id, event, body, now, hook_id) for d_id, hook_id, event, body in deliveries])
+            db.execute("DELETE FROM webhook_deliveries WHERE id IN (SELECT id FROM webhook_deliveries"
+                       " ORDER BY created_at DESC, rowid DESC LIMIT -1 OFFSET ?)", (keep,))
+
+    def set_webhook_delivery_attempts(self, delivery_id: str, attempts: int) -> None:
+        with self._write() as db:
+            db.execute("UPDATE webhook_deliveries SET attempts = ? WHERE id = ?", (attempts, delivery_id))
+
+    def delete_webhook_delivery(self, delivery_id: str) -> None:
+        """The delivery is over (delivered, failed for good, or dropped)."""
+        with self._write() as db:
+            db.execute("DELETE FROM webhook_deliveries WHERE id = ?", (delivery_id,))
+
+    def pending_webhook_deliveries(self, limit: int) -> list[tuple[Webhook, str, bytes, str, int]]:
+        """Deliveries left unfinished (e.g. by a restart), oldest first, at most ``limit``:
+        ``(webhook, event, body, delivery id, attempts made)``."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT d.id AS delivery_id, d.event AS event, d.body AS body, d.attempts AS attempts,"
+                " w.* FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id"
+                " ORDER BY d.created_at, d.rowid LIMIT ?", (limit,)).fetchall()
+        return [(_webhook(row), row["event"], bytes(row["body"]), row["delivery_id"], row["attempts"])
+                for row in rows]
 
     # -- container services (seeds 003, 004) ---------------------------------------------
 

@@ -224,7 +224,7 @@ class TunnelsApi:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
-        self.webhooks = WebhookDispatcher()
+        self.webhooks = WebhookDispatcher(store=getattr(gateway, "store", None))
         self.limiter = RateLimiter()
         #: Time source for share expiry and rate limits (tests replace it).
         self.clock = time.time
@@ -258,7 +258,9 @@ class TunnelsApi:
         return add_tunnels_api(document)
 
     async def start(self) -> None:
-        """Reopen the hub ports of active tunnels (same port as before the restart)."""
+        """Reopen the hub ports of active tunnels (same port as before the restart) and
+        resume webhook deliveries a previous run left unfinished."""
+        self.webhooks.resume()
         for tunnel in self.gw.store.list_tunnels(None):
             if tunnel.status == "active":
                 async with self._hub_lock:

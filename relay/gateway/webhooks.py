@@ -16,10 +16,19 @@ no answer within :data:`TIMEOUT`) is retried after 0.5 s, 1 s, 2 s, 4 s: at most
 :data:`ATTEMPTS` attempts, then the delivery is logged as failed and dropped.
 
 Never blocking the API: :meth:`WebhookDispatcher.publish` only appends to a bounded
-in-memory queue (when full the oldest pending delivery is dropped, and logged). A
-background task takes deliveries off it and runs up to :data:`CONCURRENCY` at a time, so
-one slow or black-holed receiver delays nobody else for longer than its timeouts.
-Pending deliveries are lost on a gateway restart (they are notifications, not a log).
+in-memory queue (when full the oldest pending delivery is dropped, and logged) and
+records the new deliveries in the store (one small SQLite transaction; no network). A
+background task takes deliveries off the queue and runs up to :data:`CONCURRENCY` at a
+time, so one slow or black-holed receiver delays nobody else for longer than its
+timeouts.
+
+Surviving a restart: every delivery not finished yet is a row of the store's
+``webhook_deliveries`` table (with the attempts already made), deleted once it is
+delivered, fails for good or is dropped; the table is bounded like the queue (the oldest
+rows go first). At start, :meth:`WebhookDispatcher.resume` queues what a previous run
+left (shutdown, crash), oldest first, with its remaining attempts. An attempt cut short
+by the shutdown is made again, so a receiver may see one delivery id twice: that is what
+``X-Relay-Delivery`` is for.
 
 The HTTP client is a few lines over h11 (already a dependency of the server) on asyncio
 streams, with one deadline around each whole attempt.
@@ -43,7 +52,7 @@ import h11
 
 from relay import __version__
 from relay.gateway.server import HttpError
-from relay.gateway.store import Webhook
+from relay.gateway.store import Store, Webhook
 
 __all__ = ["EVENTS", "WebhookDispatcher", "parse_webhook_request", "post_json", "sign"]
 
@@ -161,7 +170,10 @@ class WebhookDispatcher:
     def __init__(self, *, timeout: float = TIMEOUT, attempts: int = ATTEMPTS,
                  backoff: float = BACKOFF, queue_limit: int = QUEUE_LIMIT,
                  concurrency: int = CONCURRENCY,
-                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+                 ssl_context: Optional[ssl.SSLContext] = None,
+                 store: Optional[Store] = None) -> None:
+        self._store = store  # None: pending deliveries live in memory only
+        self._concurrency = concurrency
         self.timeout = timeout
         self.attempts = attempts
         self.backoff = backoff
@@ -181,6 +193,7 @@ class WebhookDispatcher:
         """Queue ``event`` for each of ``hooks``; returns at once."""
         if not hooks:
             return
+        new: list[Delivery] = []
         for hook in hooks:
             delivery_id = str(uuid.uuid4())
             body = json.dumps({
@@ -188,15 +201,62 @@ class WebhookDispatcher:
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "data": data,
             }).encode()
             delivery = Delivery(hook, event, body, delivery_id)
-            if len(self._queue) >= self.queue_limit:
-                old = self._queue.popleft()
-                self.dropped += 1
-                log.warning("webhook queue full (%d): dropped %s for %s", self.queue_limit,
-                            old.event, old.hook.url)
-            self._queue.append(delivery)
+            new.append(delivery)
+            self._enqueue(delivery)
+        if self._store is not None:
+            try:
+                self._store.add_webhook_deliveries(
+                    [(d.id, d.hook.id, d.event, d.body) for d in new],
+                    keep=self.queue_limit + self._concurrency)
+            except Exception as exc:  # still delivered from memory; only a restart loses it
+                log.error("cannot record webhook deliveries: %s", exc)
+        self._start()
+
+    def resume(self) -> int:
+        """Queue the deliveries a previous run of the gateway left unfinished (see the
+        module docstring); returns how many. Call once, at start, before publishing."""
+        if self._store is None:
+            return 0
+        try:
+            pending = self._store.pending_webhook_deliveries(self.queue_limit)
+        except Exception as exc:
+            log.error("cannot read pending webhook deliveries: %s", exc)
+            return 0
+        for hook, event, body, delivery_id, attempts in pending:
+            self._enqueue(Delivery(hook, event, body, delivery_id, attempts))
+        if pending:
+            log.info("resuming %d pending webhook deliveries", len(pending))
+            self._start()
+        return len(pending)
+
+    def _enqueue(self, delivery: Delivery) -> None:
+        if len(self._queue) >= self.queue_limit:
+            old = self._queue.popleft()
+            self.dropped += 1
+            log.warning("webhook queue full (%d): dropped %s for %s", self.queue_limit,
+                        old.event, old.hook.url)
+            self._forget(old)
+        self._queue.append(delivery)
+
+    def _start(self) -> None:
         self._wakeup.set()
         if self._runner is None or self._runner.done():
             self._runner = asyncio.get_running_loop().create_task(self._run())
+
+    def _forget(self, delivery: Delivery) -> None:
+        """The delivery is over: its row goes."""
+        if self._store is not None:
+            try:
+                self._store.delete_webhook_delivery(delivery.id)
+            except Exception as exc:  # at worst it is sent again after a restart
+                log.error("cannot remove webhook delivery %s: %s", delivery.id, exc)
+
+    def _record_attempts(self, delivery: Delivery) -> None:
+        if self._store is not None:
+            try:
+                self._store.set_webhook_delivery_attempts(delivery.id, delivery.attempts)
+            except Exception as exc:
+                log.error("cannot record attempts of webhook delivery %s: %s", delivery.id, exc)
 
     @property
     def pending(self) -> int:
@@ -226,12 +286,15 @@ class WebhookDispatcher:
                 problem = await self._attempt(delivery)
                 if problem is None:
                     self.delivered += 1
+                    self._forget(delivery)
                     return
                 if delivery.attempts >= self.attempts:
                     self.failed += 1
                     log.warning("webhook %s to %s failed after %d attempts: %s", delivery.event,
                                 delivery.hook.url, delivery.attempts, problem)
+                    self._forget(delivery)
                     return
+                self._record_attempts(delivery)
                 log.info("webhook %s to %s: %s; retrying in %.1fs", delivery.event,
                          delivery.hook.url, problem, delay)
                 await asyncio.sleep(delay)
@@ -257,7 +320,8 @@ class WebhookDispatcher:
         return None if 200 <= status < 300 else f"HTTP {status}"
 
     async def close(self) -> None:
-        """Stop sending; pending deliveries are dropped."""
+        """Stop sending. Pending deliveries stay in the store for the next start (without
+        a store they are dropped)."""
         tasks = [t for t in (self._runner, *self._inflight) if t is not None]
         for task in tasks:
             task.cancel()
