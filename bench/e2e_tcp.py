@@ -25,7 +25,7 @@ within each repetition so machine noise spreads evenly; the table shows medians.
 table is printed at the end and written as JSON to bench/results/.
 
 ``--profile`` additionally records py-spy (``--nonblocking``) on the gateway and the
-agent during relay's bulk and latency runs and prints their top frames (flamegraphs in
+agent during relay's first bulk, 32-stream and latency runs and prints their top frames (flamegraphs in
 bench/results/).
 """
 from __future__ import annotations
@@ -652,8 +652,9 @@ class Bench:
     def bench_agg(self, loop_run: Callable[[Any], Any]) -> None:
         for rep in range(self.reps):
             for path in self.paths():
-                rates, eff = loop_run(downloads(self.ports[path]["target"], 32, self.warmup, self.window,
-                                                self.cpu_pids.get(path, [])))
+                with self._profile("agg32", path) if rep == 0 else contextlib.nullcontext():
+                    rates, eff = loop_run(downloads(self.ports[path]["target"], 32, self.warmup, self.window,
+                                                    self.cpu_pids.get(path, [])))
                 total, fairness = sum(rates), max(rates) / min(rates)
                 if eff is not None:
                     self.results.add("agg32_eff", path, eff)

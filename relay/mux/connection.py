@@ -200,6 +200,8 @@ class MuxConnection:
         self.rtt: Optional[float] = None
         self._half_closed: dict[int, float] = {}
         self._receiving_refresh = cfg.receiving_horizon / 8
+        self._fair = cfg.max_window
+        self._fair_until = float("-inf")
         self._queue_control(encode_frame(FrameType.SETTINGS, 0, 0, msgpack.packb(cfg.advertised())))
 
     # ------------------------------------------------------------------ inspection
@@ -427,9 +429,17 @@ class MuxConnection:
 
     def _fair_window(self) -> int:
         """The largest window a receiving stream may have now: an equal share of the growth
-        budget among the streams receiving within ``receiving_horizon``."""
+        budget among the streams receiving within ``receiving_horizon``.
+
+        Computed at most once per ``receiving_horizon / 8`` (it is asked on every
+        acknowledgement), and at once when a stream starts receiving, so a newcomer
+        shrinks the others' share without delay; a stream going quiet raises it late
+        by that much at most."""
+        now = self.now
+        if now < self._fair_until:
+            return self._fair
         receiving = self._receiving
-        cutoff = self.now - self.config.receiving_horizon
+        cutoff = now - self.config.receiving_horizon
         while receiving:
             stream_id, seen = next(iter(receiving.items()))
             if seen >= cutoff:
@@ -437,7 +447,9 @@ class MuxConnection:
             del receiving[stream_id]
         cfg = self.config
         share = cfg.initial_window + (cfg.session_window // 2) // max(len(receiving), 1)
-        return min(cfg.max_window, share)
+        self._fair = min(cfg.max_window, share)
+        self._fair_until = now + self._receiving_refresh
+        return self._fair
 
     def ping(self, now: Optional[float] = None) -> int:
         """Send a PING and return its id; the echo produces :class:`PingAcknowledged`
@@ -627,8 +639,10 @@ class MuxConnection:
                 recv.epoch_start = now  # auto-tuning times an epoch from arrival
             if now is not None and now - recv.seen > self._receiving_refresh:
                 # Counted as receiving (refreshed a few times per horizon, not per frame).
-                recv.seen = now
                 receiving = self._receiving
+                if recv.seen < 0 or stream_id not in receiving:
+                    self._fair_until = float("-inf")  # a newcomer: recompute the share
+                recv.seen = now
                 receiving[stream_id] = now
                 receiving.move_to_end(stream_id)
             if state is _HALF_CLOSED_LOCAL and self.now is not None:
