@@ -1,7 +1,9 @@
 """OpenAPI 3 description of the Tunnels API (tunnels, shares, webhooks), merged into the
 gateway's ``/api/v1/openapi.json``. Paths are relative to the document's server
-``{gateway}/api/v1``. Kept next to :mod:`relay.gateway.tunnels_api`; a test checks that
-every route registered there is described here with the same methods.
+``{gateway}/api/v1``, except the share links ``/s/{shareToken}/...``, whose path items
+carry their own ``servers`` (the gateway's root). Kept next to
+:mod:`relay.gateway.tunnels_api`; a test checks that every route registered there is
+described here with the same methods.
 """
 from __future__ import annotations
 
@@ -182,8 +184,46 @@ def _paths() -> dict[str, Any]:
     }
 
 
+def _share_paths(root: str) -> dict[str, Any]:
+    """The share links ``/s/{shareToken}[/...]`` (relay.gateway.share_proxy). They live at
+    the gateway's root, not under ``/api/v1``: each path item says so with its own
+    ``servers``. No Authorization: the token in the URL is the credential."""
+    token = {**_path_param("shareToken"), "description": "The share link's token (from share_url).",
+             "example": "no-such-share-token"}
+    rest = {**_path_param("path"), "description": "Forwarded to the tunnel's target as is (may contain '/'); "
+                                                 "the query too."}
+    errors = {"404": _json(_ref("Error"), "Unknown share token"),
+              "410": _json(_ref("Error"), "The share has expired"),
+              "405": _json(_ref("Error"), "Method not in the share's allowed_methods (Allow lists them)"),
+              "429": _json(_ref("Error"), "Over the share's rate limit (Retry-After says when to retry)"),
+              "502": _json(_ref("Error"), "The agent could not reach the tunnel's target"),
+              "503": _json(_ref("Error"), "The tunnel is paused or its agent is offline")}
+    methods = ("get", "post", "put", "patch", "delete", "options")
+    servers = [{"url": root, "description": "share links are served at the gateway's root"}]
+    return {
+        "/s/{shareToken}": {
+            "servers": servers, "parameters": [token],
+            **{m: {"summary": "Share link without the trailing slash: redirected to /s/{shareToken}/",
+                   "security": [], "responses": {
+                       "308": {"description": "Redirect to the same URL with a trailing slash (query kept)",
+                               "headers": {"Location": {"schema": {"type": "string"}}}},
+                       **{k: v for k, v in errors.items() if k in ("404", "410")}}}
+               for m in methods}},
+        "/s/{shareToken}/{path}": {
+            "servers": servers, "parameters": [token, rest],
+            **{m: {"summary": "A share link: the request is checked (expiry, allowed methods, rate limit) "
+                              "and proxied to the shared http tunnel's target, streaming both ways "
+                              "(WebSocket upgrades included)",
+                   "security": [], "responses": {**errors,
+                                                 "default": {"description": "The tunnel target's own response"}}}
+               for m in methods}},
+    }
+
+
 def add_tunnels_api(document: dict[str, Any]) -> dict[str, Any]:
     """Add the Tunnels API's paths and schemas to an OpenAPI document; returns it."""
-    document.setdefault("paths", {}).update(_paths())
+    servers = document.get("servers") or [{"url": ""}]
+    root = servers[0]["url"].removesuffix("/api/v1")
+    document.setdefault("paths", {}).update({**_paths(), **_share_paths(root)})
     document.setdefault("components", {}).setdefault("schemas", {}).update(SCHEMAS)
     return document
