@@ -487,6 +487,15 @@ class MuxStream:
         elif self._remote_ended:
             sink._mux_eof()
 
+    def _detach_sink(self) -> None:
+        """Stop routing received data to the current sink, so another can be attached.
+
+        A sink is any object with StreamSplice's ``_mux_data``/``_write_out``/
+        ``_mux_eof``/``_mux_reset``/``_try_resume_reading``: the HTTP proxy reads its
+        responses that way and hands the stream to a StreamSplice after a ``101``.
+        """
+        self._sink = None
+
 
 class MuxStreamReader:
     """The reading half of a :class:`MuxStream`, shaped like ``asyncio.StreamReader``."""
