@@ -1,22 +1,38 @@
 """A streaming HTTP/1.1 reverse proxy: client connections to targets behind mux streams.
 
 The engine owns one client connection at a time (:class:`ProxyConnection`, an asyncio
-Protocol plus one task). It parses requests with h11 (server role) and asks a *resolver*
-where each one goes: an :class:`Upstream` (how to open a mux stream to the target, the
-request-target to send, extra headers, live stats), a :class:`ProxyError` (answered as
-``{"error": {"code", "message"}}``), or None ("not mine": the connection is handed back
-to the gateway's HTTP server, head and unread bytes included). It speaks HTTP/1.1 to the
-target with h11 (client role) over the stream; the agent at the other end only splices
-bytes, so it needs no HTTP knowledge.
+Protocol). It parses requests with httptools (llhttp, the C parser uvicorn uses) and asks
+a *resolver* where each one goes: an :class:`Upstream` (how to open a mux stream to the
+target, the request-target to send, extra headers, live stats), a :class:`ProxyError`
+(answered as ``{"error": {"code", "message"}}``), or None ("not mine": the connection is
+handed back to the gateway's HTTP server, head and unread bytes included). Responses are
+parsed with httptools too; the agent at the other end only splices bytes, so it needs no
+HTTP knowledge.
+
+The steady keep-alive path is callback-driven, with no task, future or ``await`` per
+request: client bytes arrive in ``data_received``, the parser's callbacks queue the
+request's head, body pieces and end, and they are handled at once: the forwarded head is
+built with one bytes join and written to the mux stream together with the body. Response
+bytes come from the stream through the same Protocol-level interface
+:class:`~relay.aio.StreamSplice` uses (the stream's *sink*): the session hands over what a
+batch of frames carried, the response parser turns it into a rewritten head and body
+pieces, and they go to the client with one ``transport.write`` per batch. Tasks are used
+only on slow paths: a resolver or ``open_stream`` that is a coroutine function.
 
 * Keep-alive both ways: one stream per client connection, reused for the next request
   while the target keeps its connection open and the next request goes to the same
   place (a stale reused stream is retried once for a request without a body).
-* Streaming both ways, never a whole body in memory: client reading is paused while
-  h11 holds unprocessed input, the request body goes out with ``stream.drain()``, and
-  the response is read from the stream only as fast as the client transport takes it
-  (the stream window is granted as we read). Each response chunk is written at once,
-  so Server-Sent Events and other streamed responses pass through as they arrive.
+  Pipelined requests wait in order until the previous exchange is over.
+* Streaming both ways, never a whole body in memory: request body pieces go to the
+  stream as they are parsed, and reading from the client is paused while the stream has
+  no room (send queue full or send window exhausted) or while parsed input waits (over
+  ``CLIENT_BUFFER``); response data is acknowledged to the stream (granting window) only
+  once written to a client transport that is not paused, so a client that stops reading
+  stops the target after one window. Each response piece is written as it arrives, so
+  Server-Sent Events and other streamed responses pass through as they arrive.
+* Framing: a ``Content-Length`` body passes through as is; a chunked or
+  close-delimited body is re-chunked for an HTTP/1.1 client (sent raw, then the
+  connection closed, for HTTP/1.0); ``Expect: 100-continue`` is answered by the proxy.
 * WebSocket (any ``Upgrade``): the handshake is forwarded; after the target's ``101``
   the client transport and the stream are spliced byte for byte
   (:class:`~relay.aio.StreamSplice`).
@@ -29,7 +45,8 @@ bytes, so it needs no HTTP knowledge.
 Failures before the response started are answered by the gateway: 502 when the agent or
 the tunnel fails to reach the target (stream refused, reset, garbage), or whatever the
 resolver raises (503 for no online agent). After the response started, the client
-connection is aborted, so a truncated body is never mistaken for a complete one.
+connection is aborted, so a truncated body is never mistaken for a complete one. A
+connection idle between requests for ``IDLE_TIMEOUT`` is closed.
 """
 from __future__ import annotations
 
@@ -39,28 +56,30 @@ import json
 import logging
 import re
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Optional, Union
 
-import h11
+import httptools
 
 from relay.aio import SessionClosedError, StreamRefused, StreamSplice
 from relay.aio.stream import MuxStream
 from relay.mux.errors import ErrorCode
 
-__all__ = ["ProxyConnection", "ProxyError", "ProxyStats", "Resolver", "Upstream", "refusal_error",
-           "serve_connection", "upstream_request_headers", "downstream_response_headers"]
+__all__ = ["ProxyConnection", "ProxyError", "ProxyStats", "RequestHead", "Resolver", "Upstream",
+           "refusal_error", "serve_connection"]
 
 log = logging.getLogger("relay.gateway.proxy")
 
-#: Largest request/response head h11 buffers (as the gateway's own server).
+#: Largest request head (request line + headers) accepted; larger ones get 431.
 MAX_HEAD = 64 * 1024
-#: Client input h11 may hold unprocessed before reading from the client is paused.
-CLIENT_BUFFER = 256 * 1024
-#: Bytes taken from the stream per read (each read grants that much window back).
+#: Bytes taken from a non-mux upstream stream per read.
 UPSTREAM_READ = 256 * 1024
+#: Parsed client input that may wait (pipelined, or behind a slow resolver) before
+#: reading from the client is paused.
+CLIENT_BUFFER = 256 * 1024
 #: A client connection idle between requests for this long is closed.
 IDLE_TIMEOUT = 60.0
 #: A request body left unread by an error response is read and dropped up to this size
@@ -75,8 +94,15 @@ _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te
 # Set by the proxy itself: the client's values are dropped (X-Forwarded-For is appended to).
 _SET_BY_PROXY = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-prefix",
                            b"expect"})
+# Request headers the forwarded head leaves out or rebuilds (checked with one set lookup).
+_REQUEST_SPECIAL = _HOP_BY_HOP | _SET_BY_PROXY | {b"x-forwarded-for", b"host", b"content-length"}
 
 Headers = list[tuple[bytes, bytes]]
+_FRAMING = frozenset({b"transfer-encoding", b"content-length", b"expect"})
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+
+# Client events, queued by the parser callbacks and handled in order.
+_HEAD, _BODY, _END, _EOF, _ERR = 0, 1, 2, 3, 4
 
 
 class ProxyError(Exception):
@@ -142,90 +168,75 @@ class Upstream:
     drop_headers: frozenset = frozenset()
 
 
+class RequestHead:
+    """The head of one client request, as the parser gave it (what a resolver sees).
+
+    ``method`` and ``target`` are bytes as sent; ``raw_headers`` keeps the client's
+    spelling and order as ``(name, lower-case name, value)``; :attr:`headers` is the
+    ``(lower-case name, value)`` view.
+    """
+
+    __slots__ = ("method", "target", "http_version", "raw_headers")
+
+    def __init__(self, method: bytes, target: bytes, http_version: bytes,
+                 raw_headers: list[tuple[bytes, bytes, bytes]]) -> None:
+        self.method = method
+        self.target = target
+        self.http_version = http_version
+        self.raw_headers = raw_headers
+
+    @property
+    def headers(self) -> Headers:
+        """``(lower-case name, value)`` pairs, in order."""
+        return [(lname, value) for _, lname, value in self.raw_headers]
+
+    def serialize(self) -> bytes:
+        """The head back as bytes (CRLF line ends)."""
+        lines = [b"%s %s HTTP/%s" % (self.method, self.target, self.http_version)]
+        lines += [name + b": " + value for name, _, value in self.raw_headers]
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    def __repr__(self) -> str:
+        return f"<RequestHead {self.method!r} {self.target!r}>"
+
+
 #: Decides where a request goes: an Upstream, None (not ours: hand the connection back),
 #: or raises ProxyError. May be a coroutine function.
-Resolver = Callable[[h11.Request], Union[Optional[Upstream], Awaitable[Optional[Upstream]]]]
+Resolver = Callable[[RequestHead], Union[Optional[Upstream], Awaitable[Optional[Upstream]]]]
 
 
-class _StaleStream(Exception):
-    """A reused stream turned out closed before any response byte: retry on a new one."""
-
-
-# ----------------------------------------------------------------------------- headers
-
-
-def _connection_tokens(headers: Any) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return tokens
-
-
-def _is_hop_by_hop(name: bytes, listed: set[bytes]) -> bool:
-    return name in _HOP_BY_HOP or name.startswith(b"proxy-") or name in listed
-
-
-def upstream_request_headers(request: h11.Request, *, client_ip: bytes, scheme: bytes,
-                             upgrade: Optional[bytes], chunked: bool, upstream: Upstream) -> Headers:
-    """The headers forwarded to the target: hop-by-hop dropped, ``X-Forwarded-*`` set,
-    the upgrade re-declared for a handshake, framing re-declared for a chunked body."""
-    listed = _connection_tokens(request.headers)
-    out: Headers = []
-    forwarded_for: Optional[bytes] = None
-    host: Optional[bytes] = None
-    for raw_name, value in request.headers.raw_items():  # the client's spelling, kept
-        name = raw_name.lower()
-        if _is_hop_by_hop(name, listed) or name in _SET_BY_PROXY or name in upstream.drop_headers:
-            continue
-        if name == b"x-forwarded-for":
-            forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
-            continue
-        if name == b"content-length" and chunked:
-            continue
-        if name == b"host":
-            if upstream.host_override is not None:
-                continue
-            host = value
-        out.append((raw_name, value))
-    if host is None:
-        host = upstream.host_override or upstream.host
-        out.append((b"host", host))
-    out.append((b"x-forwarded-for", client_ip if forwarded_for is None
-                else forwarded_for + b", " + client_ip))
-    out.append((b"x-forwarded-proto", scheme))
-    out.append((b"x-forwarded-host", host))
-    if chunked:
-        out.append((b"transfer-encoding", b"chunked"))
-    if upgrade is not None:
-        out.append((b"connection", b"upgrade"))
-        out.append((b"upgrade", upgrade))
-    out.extend(upstream.headers)
-    return out
-
-
-def downstream_response_headers(response: Union[h11.Response, h11.InformationalResponse],
-                                upgrade: bool = False) -> Headers:
-    """The target's response headers for the client: hop-by-hop dropped (h11 frames the
-    body itself); for a ``101`` the upgrade is re-declared."""
-    listed = _connection_tokens(response.headers)
-    out: Headers = [(n, v) for n, v in response.headers.raw_items()  # the target's spelling
-                    if not _is_hop_by_hop(n.lower(), listed)]
-    if upgrade:
-        out.append((b"connection", b"upgrade"))
-        out.extend((n, v) for n, v in response.headers if n == b"upgrade")
-    return out
-
+# ----------------------------------------------------------------------------- helpers
 
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
+# Resolver additions (headers, Host) already found clean: they are the same for every
+# request to one destination, so each combination is checked once (bounded).
+_CLEAN: set[tuple] = set()
+
+
 def _resolver_values_clean(upstream: Upstream) -> bool:
     """True when what the resolver adds to a request (headers, Host, target) is bytes
     that cannot break the request head (no control characters, token header names)."""
-    if not isinstance(upstream.target, bytes) or _CTL.search(upstream.target) or b" " in upstream.target:
+    target = upstream.target
+    if type(target) is not bytes or _CTL.search(target) or b" " in target:
         return False
+    try:
+        key = (tuple(upstream.headers), upstream.host, upstream.host_override)
+    except TypeError:
+        return False
+    if key in _CLEAN:
+        return True
+    if not _additions_clean(upstream):
+        return False
+    if len(_CLEAN) >= 1024:
+        _CLEAN.clear()
+    _CLEAN.add(key)
+    return True
+
+
+def _additions_clean(upstream: Upstream) -> bool:
     for value in (upstream.host, upstream.host_override):
         if value is not None and (not isinstance(value, bytes) or _CTL.search(value)):
             return False
@@ -236,30 +247,26 @@ def _resolver_values_clean(upstream: Upstream) -> bool:
     return True
 
 
-def _upgrade_of(request: h11.Request) -> Optional[bytes]:
-    """The protocol a request asks to upgrade to (``Connection: upgrade`` + ``Upgrade``)."""
-    if b"upgrade" not in _connection_tokens(request.headers):
-        return None
-    for name, value in request.headers:
-        if name == b"upgrade":
-            return value
-    return None
-
-
-def _body_framing(request: h11.Request) -> tuple[bool, bool]:
-    """``(has_body, chunked)`` of a request, from its headers (h11 validated them)."""
-    chunked = False
-    length = 0
-    for name, value in request.headers:
-        if name == b"transfer-encoding":
-            chunked = True
-        elif name == b"content-length":
-            length = int(value)
-    return chunked or length > 0, chunked
+def _tokens(value: bytes) -> set[bytes]:
+    return {t.strip().lower() for t in value.split(b",")}
 
 
 def _error_body(code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+_REASONS: dict[int, bytes] = {}
+
+
+def _reason(status: int) -> bytes:
+    reason = _REASONS.get(status)
+    if reason is None:
+        try:
+            reason = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            reason = b""
+        _REASONS[status] = reason
+    return reason
 
 
 def refusal_error(exc: BaseException) -> ProxyError:
@@ -271,9 +278,264 @@ def refusal_error(exc: BaseException) -> ProxyError:
             name = str(exc.error_code)
         return ProxyError(502, "target_unreachable",
                           f"the agent could not reach the target ({name}): {exc.message}")
-    if isinstance(exc, h11.RemoteProtocolError):
+    if isinstance(exc, httptools.HttpParserError):
         return ProxyError(502, "bad_upstream_response", f"the target sent invalid HTTP: {exc}")
     return ProxyError(502, "tunnel_error", f"the tunnel to the target failed: {exc}")
+
+
+class _HeadDone(Exception):
+    """Stops the response parser after the head of a response to HEAD (llhttp cannot be
+    told that such a response has no body)."""
+
+
+# ----------------------------------------------------------------------------- upstream side
+
+
+class _Exchange:
+    """One request in flight: what the response side needs to know about it."""
+
+    __slots__ = ("head", "upstream", "stats", "has_body", "chunked", "upgrade", "is_head", "sent",
+                 "started", "response_done", "request_done", "keep_target", "reused", "retried",
+                 "grace")
+
+    def __init__(self, head: RequestHead, upstream: Upstream) -> None:
+        self.head = head
+        self.upstream = upstream
+        self.stats = upstream.stats
+        self.has_body = False
+        self.chunked = False
+        self.upgrade: Optional[bytes] = None
+        self.is_head = head.method == b"HEAD"
+        self.sent = b""  # the forwarded head, kept to retry a body-less request once
+        self.started = False  # the response head went to the client
+        self.response_done = False
+        self.request_done = False
+        self.keep_target = True  # the target keeps its connection (the stream) open
+        self.reused = False
+        self.retried = False
+        self.grace: Optional[asyncio.TimerHandle] = None
+
+
+class _StreamSide:
+    """The sink of one stream to a target: parses responses and hands them to the
+    connection. Detached (``conn`` None) when the connection drops the stream; what still
+    arrives is then acknowledged and discarded."""
+
+    def __init__(self, conn: "ProxyConnection", stream: MuxStream, key: Hashable) -> None:
+        self.conn: Optional[ProxyConnection] = conn
+        self.stream = stream
+        self.key = key
+        self.parser = httptools.HttpResponseParser(self)
+        self._in: list[Any] = []
+        self._in_n = 0
+        self.eof = False  # the target ended its side
+        self.failed: Optional[BaseException] = None
+        self.used = False  # carried at least one complete response (a reuse may be stale)
+        # The response being parsed.
+        self._status = 0
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._in_head = False
+        self._informational = False
+        self._rechunk = False
+        self._until_eof = False
+        self._complete = False
+        self._upgrade_offset = -1
+        self._bind()
+
+    # -- how bytes come and go (a MuxStream here; see _PolledSide for anything else)
+
+    def _bind(self) -> None:
+        stream = self.stream
+        self.session = stream._session
+        self.stream_id = stream.stream_id
+        stream._attach_sink(self)
+
+    def ack(self, n: int) -> None:
+        """``n`` received bytes were delivered: grant them back as window."""
+        if n and self.failed is None:
+            self.session._acknowledge(self.stream_id, n)
+
+    def send_blocked(self) -> bool:
+        """True while the stream should not be given more (queue full or no window)."""
+        stream = self.stream
+        return not stream.writable() or stream._conn.send_window(stream.stream_id) <= 0
+
+    def wait_send(self) -> None:
+        """Have :meth:`_try_resume_reading` called once the stream may take more."""
+        self.session._block_reader(self)
+
+    def can_splice(self) -> bool:
+        return True
+
+    # -- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._status = 0
+        self._reason = b""
+        self._headers = []
+        self._in_head = True
+        self._informational = False
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason = reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:  # not trailers
+            self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        status = self._status = self.parser.get_status_code()
+        if status < 200 and status != 101:
+            self._informational = True  # 100 Continue and friends: we sent our own
+            return
+        conn = self.conn
+        if conn is None:
+            return
+        if status == 101:
+            return  # the upgrade: handled once the parser stops (HttpParserUpgrade)
+        conn._response_head(self, status, self._reason or _reason(status), self._headers)
+        if conn._exchange is not None and conn._exchange.is_head:
+            self._complete = True
+            raise _HeadDone()
+
+    def on_body(self, body: bytes) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn._response_body(body, self._rechunk)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            return
+        if self._rechunk:
+            conn = self.conn
+            if conn is not None:
+                conn._out.append(b"0\r\n\r\n")
+        self._complete = True
+
+    # -- sink interface (called by the MuxStream and the session)
+
+    def _mux_data(self, data: Any, n: int) -> None:
+        if not self._in:
+            self.session._pending_splices.append(self)
+        self._in.append(data)
+        self._in_n += n
+
+    def _write_out(self) -> None:
+        """Parse what the last batch of frames carried; the connection writes the result
+        to the client once and acknowledges it."""
+        data, n = self._in, self._in_n
+        if not data:
+            return
+        self._in = []
+        self._in_n = 0
+        conn = self.conn
+        if conn is None:
+            self.ack(n)
+            return
+        data = data[0] if len(data) == 1 else b"".join(data)
+        conn._upstream_data(self, data, n)
+
+    def feed(self, data: bytes) -> None:
+        """Run the parser over ``data``; raises what it raises, except a HEAD's stop."""
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade_offset = exc.args[0] if exc.args else len(data)
+        except httptools.HttpParserCallbackError:
+            if not self._complete:
+                raise
+            self.parser = httptools.HttpResponseParser(self)  # after a HEAD: a fresh one
+
+    def take_complete(self) -> bool:
+        done, self._complete = self._complete, False
+        return done
+
+    def _mux_eof(self) -> None:
+        self._write_out()  # the data that came before the FIN goes first
+        self.eof = True
+        if self.conn is not None:
+            self.conn._upstream_eof(self)
+
+    def _mux_reset(self, exc: BaseException) -> None:
+        self._in = []  # abandoned with the stream (the core credits it back)
+        self._in_n = 0
+        self.failed = exc
+        if self.conn is not None:
+            self.conn._upstream_failed(self, exc)
+
+    def _try_resume_reading(self) -> bool:
+        conn = self.conn
+        if conn is None:
+            return True
+        return conn._try_resume_for_stream(self)
+
+    def detach(self) -> None:
+        self.conn = None
+        self.session._unblock_reader(self)
+
+
+class _PolledSide(_StreamSide):
+    """A :class:`_StreamSide` over a stream that is not a MuxStream (a plain TCP
+    connection to an external service, with ``read``/``write``/``drain``): a task reads
+    it and feeds the same parser. Not the hot path."""
+
+    def _bind(self) -> None:
+        self._unsent = 0
+        self._drain_task: Optional[asyncio.Task] = None
+        self._task = asyncio.get_running_loop().create_task(self._pump())
+
+    async def _pump(self) -> None:
+        stream = self.stream
+        try:
+            while self.conn is not None:
+                data = await stream.read(UPSTREAM_READ)
+                if not data:
+                    self._mux_eof()
+                    return
+                self._in.append(data)
+                self._in_n += len(data)
+                self._write_out()
+                conn = self.conn
+                while conn is not None and conn._write_paused and not conn._lost:
+                    waiter = conn._drain_waiter = asyncio.get_running_loop().create_future()
+                    await waiter
+                    conn = self.conn
+        except (ConnectionError, OSError) as exc:
+            self._mux_reset(exc)
+
+    def ack(self, n: int) -> None:
+        pass  # TCP has its own flow control; the pump waits while the client is paused
+
+    def send_blocked(self) -> bool:
+        return self._unsent > UPSTREAM_READ
+
+    def wait_send(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await self.stream.drain()
+        except (ConnectionError, OSError):
+            pass  # the pump sees it
+        self._drain_task = None
+        self._unsent = 0
+        self._try_resume_reading()
+
+    def can_splice(self) -> bool:
+        return False
+
+    def detach(self) -> None:
+        self.conn = None
+        for task in (self._task, self._drain_task):
+            if task is not None and not task.done():
+                task.cancel()
+
+
+def _new_side(conn: "ProxyConnection", stream: Any, key: Hashable) -> _StreamSide:
+    return (_StreamSide if isinstance(stream, MuxStream) else _PolledSide)(conn, stream, key)
 
 
 # ----------------------------------------------------------------------------- connection
@@ -294,8 +556,7 @@ def serve_connection(transport: asyncio.Transport, initial: bytes, resolve: Reso
     conn.connection_made(transport)
     if initial:
         conn.data_received(initial)
-    if not conn._reading_paused:
-        transport.resume_reading()  # the HTTP server paused it when it handed over
+    conn._set_reading()  # the HTTP server paused reading when it handed over
     return conn
 
 
@@ -307,29 +568,66 @@ class ProxyConnection(asyncio.Protocol):
         self._resolve = resolve
         self._fallback = fallback
         self._connections = connections
-        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self._parser = httptools.HttpRequestParser(self)
         self.transport: Optional[asyncio.Transport] = None
-        self._unprocessed = 0  # bytes fed to h11 since it last asked for more
-        self._reading_paused = False
-        self._data_waiter: Optional[asyncio.Future] = None
-        self._write_paused = False
-        self._drain_waiter: Optional[asyncio.Future] = None
-        self._lost = False
-        self._detached = False  # handed back, or spliced after an upgrade
-        self._handed_back = False  # the connection is the HTTP server's again
-        self._task: Optional[asyncio.Task] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._client_ip = b"unknown"
         self._scheme = b"http"
-        # The stream to the target, reused across requests (see _upstream_for).
-        self._stream: Optional[MuxStream] = None
-        self._stream_key: Hashable = None
-        self._upstream: Optional[h11.Connection] = None
+        # Parsed client input waiting to be handled, and its body bytes.
+        self._events: deque[tuple[int, Any]] = deque()
+        self._queued = 0
+        # The request head being parsed.
+        self._url = b""
+        self._hdrs: list[tuple[bytes, bytes, bytes]] = []
+        self._in_head = False
+        self._head_bytes = 0  # bytes received while inside one head (a head arriving in pieces)
+        self._head_size = 0  # the parsed head's size (a head arriving at once)
+        self._too_large = False
+        self._h_chunked = self._h_body = self._h_expect = False  # framing seen in this head
+        # Raw client bytes from the start of the oldest request not yet resolved, for a
+        # hand-back (see _hand_back); None while every parsed request is resolved.
+        self._raw: Optional[list[bytes]] = None
+        self._chunk = b""
+        self._begun = 0
+        self._resolved = 0
+        # Reading pauses: the stream has no room / parsed input waits.
+        self._paused_stream = False
+        self._paused_queue = False
+        self._transport_paused = True  # the HTTP server hands the transport over paused
+        self._write_paused = False
+        self._held = 0  # response bytes written to the paused client, not acknowledged
+        self._held_side: Optional[_StreamSide] = None
+        self._drain_waiter: Optional[asyncio.Future] = None  # a _PolledSide waiting for resume_writing
+        self._client_eof = False
+        self._upgrade_pending: Optional[bytearray] = None  # client bytes after an upgrade request
+        self._lost = False
+        self._closing = False
+        self._detached = False  # handed back, or spliced after an upgrade
+        self._handed_back = False  # the connection is the HTTP server's again
+        self._busy: Optional[asyncio.Task] = None  # a slow path (resolver, open_stream)
+        # The current request: its client-side state and the exchange with the target.
+        self._req: Optional[RequestHead] = None
+        self._req_keep_alive = True
+        self._req_http11 = True
+        self._expect_continue = False
+        self._req_chunked = False
+        self._req_has_body = False
+        self._req_done = False
+        self._discard: Optional[ProxyError] = None  # refusing: the body is read and dropped
+        self._discarded = 0
+        self._exchange: Optional[_Exchange] = None
+        self._side: Optional[_StreamSide] = None  # the stream to the target, reused
+        self._out: list[bytes] = []  # response bytes for the client, written once per batch
+        self._close_after = False  # the response to the client is framed by closing
         self._joined: Optional[ProxyStats] = None  # the stats whose clients we were last added to
+        self._idle_since = 0.0
+        self._idle_timer: Optional[asyncio.TimerHandle] = None
 
     # -- asyncio.Protocol (client side)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        loop = self._loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self._client_ip = str(peer[0]).encode()
@@ -337,36 +635,72 @@ class ProxyConnection(asyncio.Protocol):
             self._scheme = b"https"
         if self._connections is not None:
             self._connections.add(self)
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._idle_since = loop.time()
+        self._idle_timer = loop.call_later(IDLE_TIMEOUT, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
-        self._h11.receive_data(data)
-        self._unprocessed += len(data)
-        if self._unprocessed > CLIENT_BUFFER and not self._reading_paused:
-            self._reading_paused = True  # h11 holds enough: let TCP push back
-            self.transport.pause_reading()
-        _wake(self._data_waiter)
+        if self._detached or self._closing:
+            return
+        pending = self._upgrade_pending
+        if pending is not None:  # after an upgrade request: held for the splice
+            pending += data
+            self._update_queue_pause()
+            return
+        if self._raw is not None:
+            self._raw.append(data)
+        self._chunk = data
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args else len(data)
+            self._upgrade_pending = bytearray(data[offset:])
+        except httptools.HttpParserError as exc:
+            self._parse_failed(None if self._too_large else exc)
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._parse_failed(None)
+                return
+        self._process()
+
+    def _parse_failed(self, exc: Optional[BaseException]) -> None:
+        # Nothing after this can be parsed: what came before is still handled in order.
+        self._closing = True
+        self._events.append((_ERR, exc))
+        self._process()
 
     def eof_received(self) -> bool:
-        self._h11.receive_data(b"")
-        _wake(self._data_waiter)
+        self._client_eof = True
+        if not self._detached:
+            self._events.append((_EOF, None))  # handled in order, after what came before
+            self._process()
         return True  # keep our side open: a response may still be going out
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         self._lost = True
-        _wake(self._data_waiter)
-        _wake(self._drain_waiter)
-        if self._connections is not None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self._connections is not None and not self._detached:
             self._connections.discard(self)
-        if self._task is not None and not self._task.done():
-            self._task.cancel()  # its cleanup aborts the stream to the target
+        if self._busy is not None and not self._busy.done():
+            self._busy.cancel()
+        if not self._detached:
+            exchange = self._exchange
+            if exchange is not None:
+                self._end_exchange(exchange, keep_stream=False)
+            self._drop_stream(abort=exchange is not None)
 
     def pause_writing(self) -> None:
         self._write_paused = True
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        _wake(self._drain_waiter)
+        self._release_held()
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def close(self) -> None:
         """Close the client connection (the gateway shutting down, a tunnel closed)."""
@@ -378,166 +712,659 @@ class ProxyConnection(asyncio.Protocol):
         if self.transport is not None and not self._handed_back:
             self.transport.abort()
 
-    # -- client I/O helpers
+    # -- request parser callbacks (httptools)
 
-    async def _client_event(self, idle: bool = False) -> Any:
-        """The next h11 event from the client, reading more as needed. ``idle``: between
-        requests, where a silent client is dropped after IDLE_TIMEOUT."""
-        while True:
-            event = self._h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            self._unprocessed = 0
-            if self._reading_paused:
-                self._reading_paused = False
-                self.transport.resume_reading()
-            if self._lost:
-                raise ConnectionResetError("client connection lost")
-            loop = asyncio.get_running_loop()
-            waiter = self._data_waiter = loop.create_future()
-            # A plain timer rather than asyncio.timeout(): no context manager and no task
-            # cancellation bookkeeping once per request on a keep-alive connection.
-            timer = loop.call_later(IDLE_TIMEOUT, _time_out, waiter) if idle else None
-            try:
-                await waiter
-            finally:
-                self._data_waiter = None
-                if timer is not None:
-                    timer.cancel()
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._hdrs = []
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_size = 0
+        self._h_chunked = self._h_body = self._h_expect = False
+        self._begun += 1
+        if self._raw is None:
+            self._raw = [self._chunk]
 
-    def _send(self, event: Any) -> None:
-        """Write one h11 event to the client."""
-        data = self._h11.send(event)
-        if data and not self._lost:
-            self.transport.write(data)
+    def on_url(self, url: bytes) -> None:
+        self._url += url
 
-    def _write(self, chunks: list[bytes]) -> None:
-        """Write serialised h11 events to the client in one go."""
-        if not self._lost:
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            if data:
-                self.transport.write(data)
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:  # not trailers of a chunked body
+            lname = name.lower()
+            self._hdrs.append((name, lname, value))
+            self._head_size += len(name) + len(value)
+            if lname in _FRAMING:  # noted here rather than in another pass over the headers
+                if lname == b"transfer-encoding":
+                    self._h_chunked = self._h_body = True
+                elif lname == b"content-length":
+                    if value.strip() not in (b"0", b""):
+                        self._h_body = True
+                else:
+                    self._h_expect = value.lower() == b"100-continue"
 
-    async def _drain(self) -> None:
-        """Wait while the client transport's write buffer is over its high-water mark."""
-        while self._write_paused and not self._lost:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._drain_waiter
-            finally:
-                self._drain_waiter = None
-        if self._lost:
-            raise ConnectionResetError("client connection lost")
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._head_size + len(self._url) > MAX_HEAD:
+            self._too_large = True
+            raise _HeadDone()  # stops the parser: answered 431
+        parser = self._parser
+        version = parser.get_http_version()
+        head = RequestHead(parser.get_method(), self._url, _VERSIONS.get(version) or version.encode(), self._hdrs)
+        self._events.append((_HEAD, (head, parser.should_keep_alive(), self._h_chunked, self._h_body,
+                                     self._h_expect)))
 
-    # -- the request loop
+    def on_body(self, body: bytes) -> None:
+        self._events.append((_BODY, body))
+        self._queued += len(body)
 
-    async def _run(self) -> None:
+    def on_message_complete(self) -> None:
+        self._events.append((_END, None))
+
+    # -- handling client input, in order
+
+    def _process(self) -> None:
+        """Handle queued client events as far as the state allows."""
+        events = self._events
+        while events and self._busy is None and not self._detached and not self._lost:
+            kind, value = events[0]
+            if kind == _HEAD:
+                if self._req is not None:
+                    break  # pipelined: after the current exchange
+                events.popleft()
+                self._start_request(*value)
+            elif kind == _BODY:
+                events.popleft()
+                self._queued -= len(value)
+                self._request_body(value)
+            elif kind == _END:
+                events.popleft()
+                self._request_end()
+            else:  # client EOF, or input that cannot be parsed
+                if self._req is not None and self._req_done:
+                    break  # answer the request first, then close
+                events.popleft()
+                if kind == _EOF:
+                    self._client_gone()
+                else:
+                    self._client_error(value)
+                return
+        if not self._detached and not self._lost:
+            self._update_queue_pause()
+
+    def _start_request(self, head: RequestHead, keep_alive: bool, chunked: bool, has_body: bool,
+                       expect: bool) -> None:
+        self._req = head
+        self._req_http11 = head.http_version == b"1.1"
+        self._req_keep_alive = keep_alive and self._req_http11
+        self._req_done = False
+        self._discard = None
+        self._discarded = 0
+        self._req_chunked = chunked
+        self._req_has_body = has_body
+        self._expect_continue = expect and has_body and self._req_http11
+        if head.method == b"CONNECT":
+            self._resolved_one()
+            self._refuse(ProxyError(405, "method_not_allowed", "CONNECT is not proxied"), close=True)
+            return
         try:
-            while True:
-                event = await self._client_event(idle=True)
-                if not isinstance(event, h11.Request):
-                    break  # ConnectionClosed (or PAUSED: nothing more we can parse)
-                if not await self._dispatch(event):
-                    return
-                if self._h11.our_state is not h11.DONE or self._h11.their_state is not h11.DONE:
-                    break
-                self._h11.start_next_cycle()
-        except h11.RemoteProtocolError as exc:
-            if self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                status = exc.error_status_hint
-                self._reply_error(ProxyError(status, "bad_request", f"malformed HTTP request: {exc}"),
-                                  close=True)
-        except (ConnectionError, TimeoutError, h11.LocalProtocolError):
-            pass
-        except asyncio.CancelledError:
-            pass  # the client went away
-        except Exception:
-            log.exception("proxy connection failed")
-            if not self._lost:
-                self.transport.abort()
-        finally:
-            self._drop_stream(abort=self._upstream is None or self._upstream.our_state is not h11.IDLE)
-            if not self._detached:
-                if self._connections is not None:
-                    self._connections.discard(self)
-                if not self._lost:
-                    self.transport.close()
-
-    async def _dispatch(self, request: h11.Request) -> bool:
-        """Serve one request; False when the connection left this proxy (handed back or
-        upgraded) or must close."""
-        if request.method == b"CONNECT":
-            self._reply_error(ProxyError(405, "method_not_allowed", "CONNECT is not proxied"), close=True)
-            return False
-        try:
-            upstream = self._resolve(request)
-            if inspect.isawaitable(upstream):
-                upstream = await upstream
+            upstream = self._resolve(head)
         except ProxyError as exc:
-            return await self._refuse(exc)
+            self._resolved_one()
+            self._refuse(exc)
+            return
+        if upstream is not None and type(upstream) is not Upstream and inspect.isawaitable(upstream):
+            self._slow(self._resolve_slowly(head, upstream))
+            return
+        self._dispatch(head, upstream)
+
+    async def _resolve_slowly(self, head: RequestHead, pending: Awaitable[Optional[Upstream]]) -> None:
+        try:
+            upstream = await pending
+        except ProxyError as exc:
+            self._busy = None
+            self._resolved_one()
+            self._refuse(exc)
+            return
+        self._busy = None
+        self._dispatch(head, upstream)
+
+    def _slow(self, coro: Any) -> None:
+        """Run a slow path (a coroutine); client events wait until it is done."""
+        task = self._busy = self._loop.create_task(coro)
+        task.add_done_callback(self._slow_done)
+
+    def _slow_done(self, task: asyncio.Task) -> None:
+        if self._busy is task:
+            self._busy = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("proxy connection failed", exc_info=exc)
+            self.abort()
+            return
+        self._process()
+
+    def _resolved_one(self) -> None:
+        self._resolved += 1
+        if self._resolved >= self._begun:
+            self._raw = None  # nothing unresolved left to hand back
+
+    def _dispatch(self, head: RequestHead, upstream: Optional[Upstream]) -> None:
         if upstream is None:
             if self._fallback is None:
-                return await self._refuse(ProxyError(404, "not_found", "no such endpoint"))
-            return self._hand_back(request)
-        if self._joined is not upstream.stats:  # WeakSet.add makes a weakref every call
-            upstream.stats.clients.add(self)
-            self._joined = upstream.stats
-        upstream.stats.requests += 1
-        upstream.stats.active_requests += 1
+                self._resolved_one()
+                self._refuse(ProxyError(404, "not_found", "no such endpoint"))
+                return
+            self._hand_back(head)
+            return
+        self._resolved_one()
+        stats = upstream.stats
+        if self._joined is not stats:  # WeakSet.add makes a weakref every call
+            stats.clients.add(self)
+            self._joined = stats
+        stats.requests += 1
+        stats.active_requests += 1
+        exchange = self._exchange = _Exchange(head, upstream)
+        exchange.has_body = self._req_has_body
+        exchange.chunked = self._req_chunked
         try:
-            return await self._proxy(request, upstream)
+            exchange.sent = self._forward_head(head, upstream, exchange)
         except ProxyError as exc:
-            upstream.stats.fail(exc.message)
-            return await self._refuse(exc)
-        finally:
-            upstream.stats.active_requests -= 1
+            self._exchange_failed(exchange, exc)
+            return
+        self._send_request(exchange)
 
-    async def _refuse(self, exc: ProxyError) -> bool:
-        """Answer a gateway-level error; keep the connection if the request body (if
-        any) is small enough to read and drop."""
-        if self._h11.their_state is h11.SEND_BODY:
-            keep = await self._discard_body()
-        else:
-            keep = self._h11.their_state is h11.DONE
-        self._reply_error(exc, close=not keep)
-        return keep
-
-    async def _discard_body(self) -> bool:
-        dropped = 0
-        while True:
-            event = await self._client_event()
-            if isinstance(event, h11.Data):
-                dropped += len(event.data)
-                if dropped > DISCARD_LIMIT:
-                    return False
-            elif isinstance(event, h11.EndOfMessage):
-                return True
+    def _send_request(self, exchange: _Exchange) -> None:
+        """Write the request head to a stream to the target (the kept one if it fits)."""
+        side = self._side
+        upstream = exchange.upstream
+        if side is not None:
+            if side.key == upstream.key and side.failed is None and not side.eof:
+                exchange.reused = True
             else:
-                return False
+                self._drop_stream(abort=False)
+                side = None
+        if side is None:
+            exchange.reused = False
+            try:
+                stream = upstream.open_stream()
+            except ProxyError as exc:
+                self._exchange_failed(exchange, exc)
+                return
+            if type(stream) is not MuxStream and inspect.isawaitable(stream):
+                self._slow(self._open_slowly(exchange, stream))
+                return
+            side = self._side = _new_side(self, stream, upstream.key)
+            if side.failed is not None:  # reset already (e.g. the session is gone)
+                self._upstream_failed(side, side.failed)
+                return
+        self._write_head(exchange, side)
+
+    async def _open_slowly(self, exchange: _Exchange, pending: Awaitable[MuxStream]) -> None:
+        try:
+            stream = await pending
+        except ProxyError as exc:
+            self._busy = None
+            self._exchange_failed(exchange, exc)
+            return
+        except (ConnectionError, SessionClosedError) as exc:
+            self._busy = None
+            self._exchange_failed(exchange, refusal_error(exc))
+            return
+        self._busy = None
+        if self._lost:
+            stream.abort(ErrorCode.CANCEL, "client went away")
+            return
+        if self._exchange is not exchange:
+            stream.abort(ErrorCode.CANCEL, "client request ended")
+            return
+        side = self._side = _new_side(self, stream, exchange.upstream.key)
+        if side.failed is not None:
+            self._upstream_failed(side, side.failed)
+            return
+        self._write_head(exchange, side)
+
+    def _write_head(self, exchange: _Exchange, side: _StreamSide) -> None:
+        try:
+            side.stream.write(exchange.sent)
+            if not exchange.has_body:
+                exchange.request_done = True
+            elif self._expect_continue and not self._lost:
+                self._expect_continue = False
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        except (ConnectionError, RuntimeError, SessionClosedError) as exc:
+            self._upstream_failed(side, exc)
+
+    def _forward_head(self, head: RequestHead, upstream: Upstream, exchange: _Exchange) -> bytes:
+        """The request head for the target, as one join: hop-by-hop dropped,
+        ``X-Forwarded-*`` set, the upgrade re-declared for a handshake, framing
+        re-declared for a chunked body."""
+        if not _resolver_values_clean(upstream):
+            raise ProxyError(500, "internal_error", "the proxy built an invalid request")
+        parts = [head.method, b" ", upstream.target, b" HTTP/1.1\r\n"]
+        special = _REQUEST_SPECIAL
+        drop = upstream.drop_headers
+        listed: Optional[set[bytes]] = None
+        forwarded_for: Optional[bytes] = None
+        host: Optional[bytes] = None
+        upgrade_value: Optional[bytes] = None
+        for name, lname, value in head.raw_headers:
+            if lname in special or lname in drop or lname.startswith(b"proxy-"):
+                if lname == b"connection":
+                    listed = _tokens(value) if listed is None else listed | _tokens(value)
+                elif lname == b"upgrade":
+                    upgrade_value = value
+                elif lname == b"x-forwarded-for" and lname not in drop:
+                    forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+                elif lname == b"host" and lname not in drop:
+                    if upstream.host_override is None:
+                        host = value
+                        parts += (name, b": ", value, b"\r\n")
+                elif lname == b"content-length" and not exchange.chunked and lname not in drop:
+                    parts += (name, b": ", value, b"\r\n")
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        if listed:
+            listed.discard(b"")
+            if listed - {b"close", b"keep-alive", b"upgrade"}:
+                # Headers the client marked hop-by-hop: take them out again.
+                kept = [head.method, b" ", upstream.target, b" HTTP/1.1\r\n"]
+                for i in range(4, len(parts), 4):
+                    if parts[i].lower() not in listed:
+                        kept += parts[i:i + 4]
+                parts = kept
+            if b"upgrade" in listed and upgrade_value is not None:
+                exchange.upgrade = upgrade_value
+        if host is None:
+            host = upstream.host_override or upstream.host
+            parts += (b"host: ", host, b"\r\n")
+        parts += (b"x-forwarded-for: ",
+                  self._client_ip if forwarded_for is None else forwarded_for + b", " + self._client_ip,
+                  b"\r\nx-forwarded-proto: ", self._scheme, b"\r\nx-forwarded-host: ", host, b"\r\n")
+        if exchange.chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        if exchange.upgrade is not None:
+            parts += (b"connection: upgrade\r\nupgrade: ", exchange.upgrade, b"\r\n")
+        for name, value in upstream.headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def _request_body(self, body: bytes) -> None:
+        if self._discard is not None:
+            self._discarded += len(body)
+            if self._discarded > DISCARD_LIMIT:
+                exc, self._discard = self._discard, None
+                self._reply_error(exc, close=True)
+            return
+        exchange = self._exchange
+        side = self._side
+        if exchange is None or side is None or side.failed is not None:
+            return  # the exchange ended early (e.g. the target failed): the body has nowhere to go
+        exchange.stats.bytes_in += len(body)
+        stream = side.stream
+        try:
+            if exchange.chunked:
+                stream.write(b"%x\r\n%s\r\n" % (len(body), body))
+            else:
+                stream.write(body)
+        except (ConnectionError, RuntimeError, SessionClosedError):
+            return  # the reset reaches _upstream_failed
+        if isinstance(side, _PolledSide):
+            side._unsent += len(body)
+        if not self._paused_stream and side.send_blocked():
+            self._paused_stream = True
+            side.wait_send()
+            self._set_reading()
+
+    def _request_end(self) -> None:
+        self._req_done = True
+        if self._discard is not None:
+            exc, self._discard = self._discard, None
+            self._reply_error(exc, close=False)
+            return
+        exchange = self._exchange
+        if exchange is None:
+            self._maybe_next()
+            return
+        if exchange.has_body and not exchange.request_done:
+            exchange.request_done = True
+            side = self._side
+            if exchange.chunked and side is not None and side.failed is None:
+                try:
+                    side.stream.write(b"0\r\n\r\n")
+                except (ConnectionError, RuntimeError, SessionClosedError):
+                    pass
+        if exchange.response_done:
+            self._finish_exchange(exchange)
+
+    def _client_gone(self) -> None:
+        """The client ended its side with no request waiting for an answer."""
+        exchange = self._exchange
+        if exchange is not None:  # mid-body: the target must not take the body as complete
+            exchange.stats.fail("client connection ended mid-request")
+            self._end_exchange(exchange, keep_stream=False)
+        self._drop_stream(abort=exchange is not None)
+        self._req = None
+        self._closing = True
+        self.transport.close()
+
+    def _client_error(self, exc: Optional[BaseException]) -> None:
+        """The client sent something unparseable (or a head over MAX_HEAD), with no
+        request waiting for an answer."""
+        self._events.clear()
+        exchange = self._exchange
+        if exchange is not None:  # mid-body: the target must not take the body as complete
+            exchange.stats.fail("malformed request body")
+            self._end_exchange(exchange, keep_stream=False)
+            if exchange.started:
+                self._closing = True
+                self.transport.abort()
+                return
+        if exc is None:
+            error = ProxyError(431, "bad_request", "request header block too large")
+        else:
+            error = ProxyError(400, "bad_request", f"malformed HTTP request: {exc}")
+        self._reply_error(error, close=True)
+
+    def _update_queue_pause(self) -> None:
+        if not self._paused_queue and not self._events and self._upgrade_pending is None:
+            return  # the steady state: nothing waits
+        pending = self._upgrade_pending
+        waiting = self._queued + (len(pending) if pending is not None else 0)
+        events = self._events
+        paused = waiting > CLIENT_BUFFER or (self._req is not None and bool(events) and events[0][0] == _HEAD)
+        if paused != self._paused_queue:
+            self._paused_queue = paused
+            self._set_reading()
+
+    def _set_reading(self) -> None:
+        """Pause or resume reading the client to match the pause reasons."""
+        transport = self.transport
+        if transport is None or self._lost or self._detached or transport.is_closing():
+            return
+        want_paused = self._paused_stream or self._paused_queue
+        if want_paused != self._transport_paused:
+            self._transport_paused = want_paused
+            if want_paused:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+    def _try_resume_for_stream(self, side: _StreamSide) -> bool:
+        if not self._paused_stream:
+            return True
+        if side is not self._side or side.failed is not None or self._lost:
+            self._paused_stream = False
+            self._set_reading()
+            return True
+        if not side.send_blocked():
+            self._paused_stream = False
+            self._set_reading()
+            return True
+        return False
+
+    # -- the response
+
+    def _upstream_data(self, side: _StreamSide, data: bytes, n: int) -> None:
+        """A batch of bytes from the target (called by the stream's sink)."""
+        exchange = self._exchange
+        if side is not self._side or exchange is None:
+            # Bytes with no request outstanding: the target is out of step.
+            side.ack(n)
+            if side is self._side:
+                self._drop_stream(abort=True)
+            return
+        try:
+            side.feed(data)
+        except httptools.HttpParserError as exc:
+            self._flush(side, n)
+            self._upstream_failed(side, exc)
+            return
+        if side._upgrade_offset >= 0:
+            offset, side._upgrade_offset = side._upgrade_offset, -1
+            self._switch(side, exchange, data[offset:], n)
+            return
+        done = side.take_complete()
+        self._flush(side, n)
+        if done:
+            self._response_complete(exchange, side)
+
+    def _flush(self, side: _StreamSide, n: int) -> None:
+        """Write the gathered response bytes to the client; acknowledge ``n`` stream bytes
+        (held while the client transport is paused)."""
+        out = self._out
+        if out and not self._lost:
+            self._out = []
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        elif out:
+            self._out = []
+        if self._write_paused and not self._lost:
+            if self._held_side is not side:
+                self._release_held()
+                self._held_side = side
+            self._held += n
+        else:
+            side.ack(n)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, 0
+        side, self._held_side = self._held_side, None
+        if held and side is not None:
+            side.ack(held)
+
+    def _response_head(self, side: _StreamSide, status: int, reason: bytes,
+                       headers: list[tuple[bytes, bytes]]) -> None:
+        """The target's response head (not 1xx): rewritten into ``_out``."""
+        exchange = self._exchange
+        if exchange is None:
+            return
+        exchange.started = True
+        listed: Optional[set[bytes]] = None
+        framing = None  # b"length" | b"chunked"
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+        for name, value in headers:
+            lname = name.lower()
+            if lname in _HOP_BY_HOP or lname.startswith(b"proxy-"):
+                if lname == b"connection":
+                    listed = _tokens(value) if listed is None else listed | _tokens(value)
+                elif lname == b"transfer-encoding":
+                    framing = b"chunked"
+                continue
+            if lname == b"content-length":
+                framing = b"length"
+            parts += (name, b": ", value, b"\r\n")
+        if listed:
+            listed -= {b"close", b"keep-alive", b""}
+            if listed:  # headers the target marked hop-by-hop: take them out again
+                kept = parts[:1]
+                for i in range(1, len(parts), 4):
+                    if parts[i].lower() not in listed:
+                        kept += parts[i:i + 4]
+                parts = kept
+        no_body = exchange.is_head or status in (204, 304)
+        side._rechunk = False
+        side._until_eof = False
+        close = not self._req_keep_alive
+        if not no_body and framing != b"length":
+            if framing is None:
+                side._until_eof = True  # framed by the target closing the connection
+            if self._req_http11:
+                side._rechunk = True
+                parts.append(b"transfer-encoding: chunked\r\n")
+            else:
+                close = True
+        if close:
+            parts.append(b"connection: close\r\n")
+            self._close_after = True
+        parts.append(b"\r\n")
+        self._out.append(b"".join(parts))
+        exchange.keep_target = side.parser.should_keep_alive() and not side._until_eof
+
+    def _response_body(self, body: bytes, rechunk: bool) -> None:
+        exchange = self._exchange
+        if exchange is not None:
+            exchange.stats.bytes_out += len(body)
+        if rechunk:
+            self._out.append(b"%x\r\n%s\r\n" % (len(body), body))
+        else:
+            self._out.append(body)
+
+    def _response_complete(self, exchange: _Exchange, side: _StreamSide) -> None:
+        exchange.response_done = True
+        side.used = True
+        if not exchange.keep_target:
+            self._drop_stream(abort=True)
+        if exchange.request_done:
+            self._finish_exchange(exchange)
+        elif self._req_done or self._discard is not None:
+            self._finish_exchange(exchange)
+        else:
+            # The target answered before the whole body went out: give it a moment.
+            exchange.grace = self._loop.call_later(BODY_GRACE, self._grace_over, exchange)
+
+    def _grace_over(self, exchange: _Exchange) -> None:
+        if self._exchange is exchange and not self._lost:
+            self._end_exchange(exchange, keep_stream=False)
+            self._drop_stream(abort=True)
+            self._closing = True
+            self.transport.close()
+
+    def _finish_exchange(self, exchange: _Exchange) -> None:
+        """Both the request and the response are complete: ready for the next request."""
+        self._end_exchange(exchange, keep_stream=True)
+        self._maybe_next()
+
+    def _end_exchange(self, exchange: _Exchange, keep_stream: bool) -> None:
+        if self._exchange is not exchange:
+            return
+        self._exchange = None
+        exchange.stats.active_requests -= 1
+        if exchange.grace is not None:
+            exchange.grace.cancel()
+        if not keep_stream or not exchange.response_done:
+            self._drop_stream(abort=True)
+
+    def _maybe_next(self) -> None:
+        """The current request is answered: close, or go on with the next one."""
+        if self._exchange is not None or not self._req_done:
+            return
+        self._req = None
+        if self._close_after or not self._req_keep_alive:
+            self._closing = True
+            self._drop_stream(abort=False)
+            if not self._lost:
+                self.transport.close()
+            return
+        pending = self._upgrade_pending
+        if pending is not None:  # an upgrade the target declined: parse on
+            self._upgrade_pending = None
+            if pending:
+                self.data_received(bytes(pending))
+                return
+        self._idle_since = self._loop.time()
+        if self._events:
+            self._process()
+
+    def _upstream_eof(self, side: _StreamSide) -> None:
+        """The target ended its side of the stream."""
+        exchange = self._exchange
+        if side is not self._side:
+            return
+        if exchange is None or exchange.response_done:
+            self._drop_stream(abort=False)  # no request outstanding: not reusable any more
+            return
+        if exchange.started and side._until_eof:
+            if side._rechunk:
+                self._out.append(b"0\r\n\r\n")
+            self._flush(side, 0)
+            self._response_complete(exchange, side)
+            return
+        self._upstream_failed(side, ConnectionResetError("the target closed the connection"))
+
+    def _upstream_failed(self, side: _StreamSide, exc: BaseException) -> None:
+        """The stream failed (reset, refused, garbage, early close)."""
+        if side is not self._side:
+            return
+        exchange = self._exchange
+        self._drop_stream(abort=True)
+        if exchange is None or exchange.response_done:
+            return
+        if exchange.started or self._lost:
+            exchange.stats.fail(f"response aborted: {exc}")
+            self._end_exchange(exchange, keep_stream=False)
+            self._out = []
+            self._closing = True
+            if not self._lost:
+                self.transport.abort()  # a cut body must not look complete to the client
+            return
+        if exchange.reused and not isinstance(exc, (StreamRefused, httptools.HttpParserError)):
+            if exchange.has_body or exchange.retried:
+                self._exchange_failed(exchange, ProxyError(502, "tunnel_error",
+                                                           "the target closed the connection"))
+                return
+            exchange.retried = True  # closed by the target while idle: once more, on a new stream
+            self._send_request(exchange)
+            return
+        self._exchange_failed(exchange, refusal_error(exc))
+
+    def _exchange_failed(self, exchange: _Exchange, exc: ProxyError) -> None:
+        """The gateway answers the request itself (nothing of the response was sent)."""
+        exchange.stats.fail(exc.message)
+        self._end_exchange(exchange, keep_stream=False)
+        self._refuse(exc)
+
+    # -- answers of the gateway itself
+
+    def _refuse(self, exc: ProxyError, close: bool = False) -> None:
+        """Answer a gateway-level error once the request body is read and dropped (up to
+        DISCARD_LIMIT; a larger one closes the connection)."""
+        if close or self._req_done:
+            self._reply_error(exc, close=close)
+        else:
+            self._discard = exc  # answered at the request's end (see _request_body/_request_end)
+            self._discarded = 0
 
     def _reply_error(self, exc: ProxyError, close: bool = False) -> None:
         body = _error_body(exc.code, exc.message)
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        close = close or not self._req_keep_alive or self._req is None
+        head = [b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                % (exc.status, _reason(exc.status), len(body))]
         if close:
-            headers.append((b"connection", b"close"))
-        try:
-            self._send(h11.Response(status_code=exc.status, headers=headers, reason=_reason(exc.status)))
-            if self._h11.our_state is h11.SEND_BODY:
-                try:
-                    self._send(h11.Data(data=body))
-                except h11.LocalProtocolError:
-                    pass  # a HEAD request: no body
-            self._send(h11.EndOfMessage())
-        except h11.LocalProtocolError:
-            self.abort()
+            head.append(b"connection: close\r\n")
+        head.append(b"\r\n")
+        if not (self._req is not None and self._req.method == b"HEAD"):
+            head.append(body)
+        if not self._lost:
+            self.transport.write(b"".join(head))
+        if close:
+            self._closing = True
+            self._drop_stream(abort=self._exchange is not None)
+            if not self._lost:
+                self.transport.close()
+            return
+        self._maybe_next()
 
-    def _hand_back(self, request: h11.Request) -> bool:
-        """Give the connection to the gateway's HTTP server, starting with this request."""
-        from relay.gateway.server import serialize_head  # here: server imports the gateway
-
-        pending, closed = self._h11.trailing_data
+    def _hand_back(self, head: RequestHead) -> None:
+        """Give the connection to the gateway's HTTP server, starting with this request:
+        the raw bytes from its request line on (kept since its first byte arrived)."""
+        raw = b"".join(self._raw) if self._raw is not None else b""
+        start = raw.find(head.method + b" " + head.target + b" ")
+        pending = self._upgrade_pending
+        if start < 0:  # not kept (cannot happen for a request still unresolved)
+            data = head.serialize()
+        else:
+            data = raw[start:]
+        if pending:
+            data += bytes(pending)
+        self._raw = None
         self._detached = self._handed_back = True
+        self._events.clear()
         self._drop_stream()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         if self._connections is not None:
             self._connections.discard(self)
         protocol = self._fallback()
@@ -545,213 +1372,104 @@ class ProxyConnection(asyncio.Protocol):
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         transport.resume_reading()
-        protocol.data_received(serialize_head(request) + pending)
-        if closed:
+        protocol.data_received(data)
+        if self._client_eof:
             protocol.eof_received()
-        return False
 
-    # -- one exchange with the target
+    # -- the upgrade
 
-    async def _proxy(self, request: h11.Request, upstream: Upstream) -> bool:
-        has_body, chunked = _body_framing(request)
-        upgrade = _upgrade_of(request)
-        headers = upstream_request_headers(request, client_ip=self._client_ip, scheme=self._scheme,
-                                           upgrade=upgrade, chunked=chunked, upstream=upstream)
-        # The client's headers passed h11's parser; only what the resolver adds is checked
-        # here, so h11 can skip validating every header again (_parsed).
-        head = h11.Request(method=request.method, target=upstream.target, headers=headers,
-                           _parsed=_resolver_values_clean(upstream))
-        if not has_body:
-            event = await self._client_event()  # the EndOfMessage of a body-less request
-            if not isinstance(event, h11.EndOfMessage):
-                raise ProxyError(400, "bad_request", "unexpected request framing")
-        reused = self._stream is not None and self._stream_key == upstream.key
-        try:
-            return await self._exchange(head, upstream, has_body, upgrade is not None)
-        except _StaleStream:
-            if has_body or not reused:
-                raise ProxyError(502, "tunnel_error", "the target closed the connection") from None
-            self._drop_stream(abort=True)
-            try:
-                return await self._exchange(head, upstream, has_body, upgrade is not None)
-            except _StaleStream:
-                raise ProxyError(502, "tunnel_error", "the target closed the connection") from None
-
-    async def _upstream_for(self, upstream: Upstream) -> tuple[MuxStream, h11.Connection, bool]:
-        """The stream for this request: the previous one if it can carry another request
-        to the same place, else a new one. Returns ``(stream, h11 client, reused)``."""
-        stream = self._stream
-        if stream is not None:
-            uh11 = self._upstream
-            if (self._stream_key == upstream.key and uh11 is not None and uh11.our_state is h11.IDLE
-                    and stream.exception is None and not stream.at_eof()):
-                return stream, uh11, True
-            self._drop_stream(abort=uh11 is None or uh11.our_state is not h11.IDLE)
-        stream = upstream.open_stream()
-        if inspect.isawaitable(stream):
-            stream = await stream
-        self._stream, self._stream_key = stream, upstream.key
-        self._upstream = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
-        return stream, self._upstream, False
-
-    def _drop_stream(self, abort: bool = False) -> None:
-        stream, self._stream, self._upstream = self._stream, None, None
-        if stream is not None:
-            if abort:
-                stream.abort(ErrorCode.CANCEL, "client request ended")
-            else:
-                stream.close()
-
-    async def _exchange(self, head: h11.Request, upstream: Upstream, has_body: bool,
-                        upgrade: bool) -> bool:
-        """Send one request on a stream and relay the response; True to keep going."""
-        stream, uh11, reused = await self._upstream_for(upstream)
-        stats = upstream.stats
-        pump: Optional[asyncio.Task] = None
-        started = False
-        try:
-            stream.write(uh11.send(head))
-            if has_body:
-                if self._h11.client_is_waiting_for_100_continue:
-                    self._send(h11.InformationalResponse(status_code=100, headers=[]))
-                pump = asyncio.get_running_loop().create_task(self._pump_body(stream, uh11, stats))
-                pump.add_done_callback(_retrieve)
-            else:
-                stream.write(uh11.send(h11.EndOfMessage()))
-            # What the client gets is gathered in ``out`` and written once per read from
-            # the stream (head and a small body in one write); the client's backpressure
-            # is honoured before each further read.
-            out: list[bytes] = []
-            send = self._h11.send
-            while True:
-                event = uh11.next_event()
-                if event is h11.NEED_DATA:
-                    if out:
-                        self._write(out)
-                        out = []
-                        await self._drain()
-                    uh11.receive_data(await stream.read(UPSTREAM_READ))
-                    continue
-                if isinstance(event, h11.Data):
-                    stats.bytes_out += len(event.data)
-                    out.append(send(event))
-                elif isinstance(event, h11.Response):
-                    started = True
-                    # _parsed: the headers come from h11's parser (already validated).
-                    out.append(send(h11.Response(status_code=event.status_code,
-                                                 reason=event.reason or _reason(event.status_code),
-                                                 headers=downstream_response_headers(event),
-                                                 _parsed=True)))
-                elif isinstance(event, h11.InformationalResponse):
-                    if event.status_code == 101 and upgrade:
-                        return await self._switch(stream, uh11, event, stats)
-                    continue  # 100 Continue and friends: we sent our own
-                elif isinstance(event, h11.EndOfMessage):
-                    out.append(send(h11.EndOfMessage()))  # the target's trailers are not passed on
-                    self._write(out)
-                    break
-                else:  # ConnectionClosed before the response ended
-                    raise ConnectionResetError("the target closed the connection mid-response")
-        except (ConnectionError, h11.RemoteProtocolError, SessionClosedError) as exc:
-            if pump is not None:
-                pump.cancel()
-            if started or self._lost:
-                stats.fail(f"response aborted: {exc}")
-                self._drop_stream(abort=True)
-                self.abort()  # a cut body must not look complete to the client
-                return False
-            self._drop_stream(abort=True)
-            if reused and not isinstance(exc, StreamRefused):
-                raise _StaleStream() from None  # closed by the target while idle
-            raise refusal_error(exc) from None
-        except BaseException:
-            if pump is not None:
-                pump.cancel()
-            raise
-        if pump is not None and not pump.done():
-            # The target answered before the whole body went out: give it a moment.
-            await asyncio.wait({pump}, timeout=BODY_GRACE)
-            if not pump.done():
-                pump.cancel()
-        if pump is not None and (pump.cancelled() or pump.exception() is not None):
-            self._drop_stream(abort=True)
-            return False
-        if uh11.our_state is h11.DONE and uh11.their_state is h11.DONE:
-            uh11.start_next_cycle()  # the stream can carry the next request
-        else:
-            self._drop_stream(abort=True)
-        return True
-
-    async def _pump_body(self, stream: MuxStream, uh11: h11.Connection, stats: ProxyStats) -> None:
-        """Request body, client -> target, at the pace the stream accepts it."""
-        try:
-            while True:
-                event = await self._client_event()
-                if isinstance(event, h11.Data):
-                    stats.bytes_in += len(event.data)
-                    stream.write(uh11.send(h11.Data(data=event.data)))
-                    await stream.drain()
-                elif isinstance(event, h11.EndOfMessage):
-                    stream.write(uh11.send(h11.EndOfMessage()))
-                    return
-                else:
-                    raise ConnectionResetError("client connection ended mid-body")
-        except (ConnectionError, h11.ProtocolError, RuntimeError) as exc:
-            # Nothing sensible can follow a broken body: the target must not take it
-            # as complete, and the response side learns of it through the reset.
-            stream.abort(ErrorCode.CANCEL, f"request body failed: {exc}")
-            raise
-
-    async def _switch(self, stream: MuxStream, uh11: h11.Connection,
-                      response: h11.InformationalResponse, stats: ProxyStats) -> bool:
-        """The target accepted an upgrade: forward its 101, then splice raw bytes."""
-        self._send(h11.InformationalResponse(status_code=101, reason=response.reason,
-                                             headers=downstream_response_headers(response, upgrade=True)))
-        target_pending, _ = uh11.trailing_data
-        client_pending, client_closed = self._h11.trailing_data
+    def _switch(self, side: _StreamSide, exchange: _Exchange, target_pending: bytes, n: int) -> None:
+        """The target answered an upgrade: forward its 101, then splice raw bytes."""
+        stats = exchange.stats
+        if exchange.upgrade is None or side._status != 101 or not side.can_splice():
+            self._flush(side, n)
+            self._upstream_failed(side, httptools.HttpParserError("unexpected 101 Switching Protocols"))
+            return
+        listed: set[bytes] = set()
+        for name, value in side._headers:
+            if name.lower() == b"connection":
+                listed |= _tokens(value)
+        parts = [b"HTTP/1.1 101 %s\r\n" % (side._reason or b"Switching Protocols")]
+        upgrades = []
+        for name, value in side._headers:
+            lname = name.lower()
+            if lname == b"upgrade":
+                upgrades.append(value)
+            if lname in _HOP_BY_HOP or lname.startswith(b"proxy-") or lname in listed:
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"connection: upgrade\r\n")
+        for value in upgrades:
+            parts += (b"upgrade: ", value, b"\r\n")
+        parts.append(b"\r\n")
+        out, self._out = self._out, []
+        client_pending = bytes(self._upgrade_pending or b"")
+        self._upgrade_pending = None
         self._detached = True
-        self._stream = self._upstream = None  # the splice owns the stream now
+        self._events.clear()
+        self._exchange = None
+        self._side = None
+        stats.active_requests -= 1
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        stream = side.stream
+        side.detach()
+        stream._detach_sink()
         transport = self.transport
-        if target_pending:
-            transport.write(target_pending)
+        transport.write(b"".join(out) + b"".join(parts) + target_pending)
+        side.ack(n)
+        if self._held:
+            self._release_held()
         if client_pending:
             stream.write(client_pending)
         splice = StreamSplice(stream)
         transport.set_protocol(splice)
         splice.connection_made(transport)
-        if client_closed:
+        if self._client_eof:
             splice.eof_received()
         else:
             transport.resume_reading()
         stats.websockets += 1
         stats.active_websockets += 1
-        try:
-            await splice.wait_closed()
-        finally:
-            stats.active_websockets -= 1
-            if self._connections is not None:
-                self._connections.discard(self)
-        return False
+        splice._closed.add_done_callback(lambda _: self._spliced_closed(stats))
 
+    def _spliced_closed(self, stats: ProxyStats) -> None:
+        stats.active_websockets -= 1
+        if self._connections is not None:
+            self._connections.discard(self)
 
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
+    # -- streams and timers
 
+    def _drop_stream(self, abort: bool = False) -> None:
+        side, self._side = self._side, None
+        if side is None:
+            return
+        if self._held_side is side:
+            self._release_held()
+        if self._paused_stream:
+            self._paused_stream = False
+            self._set_reading()
+        side.detach()
+        stream = side.stream
+        if abort:
+            stream.abort(ErrorCode.CANCEL, "client request ended")
+        else:
+            stream.close()
 
-def _retrieve(task: asyncio.Task) -> None:
-    """Mark a helper task's exception as seen (its effect is handled elsewhere)."""
-    if not task.cancelled():
-        task.exception()
-
-
-def _time_out(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError("client idle"))
-
-
-def _wake(waiter: Optional[asyncio.Future]) -> None:
-    if waiter is not None and not waiter.done():
-        waiter.set_result(None)
+    def _check_idle(self) -> None:
+        """The idle timer: one per connection, re-armed rather than set per request."""
+        self._idle_timer = None
+        if self._lost or self._detached:
+            return
+        loop = self._loop
+        if self._req is None and not self._events:
+            left = self._idle_since + IDLE_TIMEOUT - loop.time()
+            if left <= 0:
+                self._closing = True
+                self._drop_stream(abort=False)
+                self.transport.close()
+                return
+        else:
+            left = IDLE_TIMEOUT
+        self._idle_timer = loop.call_later(left, self._check_idle)

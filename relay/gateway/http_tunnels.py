@@ -26,15 +26,14 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Optional
 
-import h11
-
 from relay.aio import SessionClosedError
 from relay.aio.stream import MuxStream
-from relay.gateway.http_proxy import ProxyError, ProxyStats, Upstream, serve_connection
+from relay.gateway.http_proxy import ProxyError, ProxyStats, RequestHead, Upstream, serve_connection
 from relay.gateway.server import HttpError, HttpProtocol, Request, Response, json_response
 from relay.gateway.store import TunnelSession
 
 if TYPE_CHECKING:
+    from relay.aio import MuxSession
     from relay.gateway.app import Gateway
 
 __all__ = ["HttpTunnels", "ADMIN_HEADER"]
@@ -44,6 +43,8 @@ ADMIN_HEADER = "X-Admin-Token"
 STATS_PATH = "/_relay/stats"
 #: Open sessions remembered by token (the cache starts over when full).
 SESSION_CACHE = 4096
+#: Router answers remembered per (method, path after the token) (starts over when full).
+ROUTE_CACHE = 4096
 
 
 class HttpTunnels:
@@ -58,6 +59,13 @@ class HttpTunnels:
         #: token hash; emptied whenever the store closes any session (its version moves).
         self._sessions: dict[str, TunnelSession] = {}
         self._sessions_version = -1
+        #: Whether (method, path after the token) is this proxy's route or another one
+        #: under /tunnel/{token}/ (stats, a tcp tunnel's /tcp): the router's answer,
+        #: which depends on the path only through that part, remembered.
+        self._routes: dict[tuple[bytes, bytes], bool] = {}
+        #: Per access token, what its requests' Upstreams share (see _upstream_parts);
+        #: rebuilt when the session row or the agent's connection changes.
+        self._parts: dict[str, tuple] = {}
 
     def install(self) -> None:
         """Add the routes to the gateway's router."""
@@ -85,7 +93,7 @@ class HttpTunnels:
     def _http_server(self) -> HttpProtocol:
         return HttpProtocol(self._gateway.router, self._connections)
 
-    def _resolve(self, request: h11.Request) -> Optional[Upstream]:
+    def _resolve(self, request: RequestHead) -> Optional[Upstream]:
         """Where a request on a proxy connection goes (None: another route's, e.g. the
         admin endpoints or the API, which the gateway's HTTP server answers)."""
         target = request.target
@@ -97,20 +105,40 @@ class HttpTunnels:
         end = target.find(b"/", len(PREFIX))
         if end < 0:
             return None  # /tunnel/{token} or /tunnel/{token}?...: the redirect
-        path = target.split(b"?", 1)[0].decode("ascii", "replace")
-        try:
-            handler, _ = self._gateway.router.resolve(request.method.decode("ascii", "replace"), path)
-        except HttpError:
-            return None
-        if handler != self._proxy:
+        rest = target[end:].split(b"?", 1)[0]
+        route = (request.method, rest)
+        mine = self._routes.get(route)
+        if mine is None:
+            path = target.split(b"?", 1)[0].decode("ascii", "replace")
+            try:
+                handler, _ = self._gateway.router.resolve(request.method.decode("ascii", "replace"), path)
+            except HttpError:
+                return None
+            mine = handler == self._proxy
+            if len(self._routes) >= ROUTE_CACHE:
+                self._routes.clear()
+            self._routes[route] = mine
+        if not mine:
             return None  # e.g. the stats endpoint, or a tcp tunnel's /tcp
         token = target[len(PREFIX):end].decode("ascii", "replace")
         row = self._open_http_session(token)
-        registry = self._gateway.registry
-        agent = registry.get(row.team_id, row.agent_id)
+        agent = self._gateway.registry.get(row.team_id, row.agent_id)
         if agent is None:
             raise ProxyError(503, "agent_offline", "the tunnel's agent is not connected")
         session = agent.session
+        parts = self._parts.get(token)
+        if parts is None or parts[0] is not row or parts[1] is not session:
+            parts = self._upstream_parts(row, session, target[:end])
+            if len(self._parts) >= SESSION_CACHE:
+                self._parts.clear()
+            self._parts[token] = parts
+        _, _, open_stream, key, headers, host, stats = parts
+        return Upstream(open_stream=open_stream, key=key, target=target[end:], headers=headers,
+                        host=host, stats=stats)
+
+    def _upstream_parts(self, row: TunnelSession, session: "MuxSession", prefix: bytes) -> tuple:
+        """What every request to one session through one agent connection shares:
+        ``(row, session, open_stream, key, headers, host, stats)``."""
         meta = {"protocol": "http", "target": f"127.0.0.1:{row.target_port}"}
 
         def open_stream() -> MuxStream:
@@ -119,11 +147,9 @@ class HttpTunnels:
             except (SessionClosedError, ConnectionError) as exc:
                 raise ProxyError(503, "agent_offline", f"the tunnel's agent is not reachable: {exc}") from None
 
-        return Upstream(open_stream=open_stream, key=(id(session), row.target_port),
-                        target=target[end:],
-                        headers=[(b"x-forwarded-prefix", target[:end])],
-                        host=f"127.0.0.1:{row.target_port}".encode(),
-                        stats=self.stats(row.session_id))
+        return (row, session, open_stream, (id(session), row.target_port),
+                [(b"x-forwarded-prefix", prefix)], f"127.0.0.1:{row.target_port}".encode(),
+                self.stats(row.session_id))
 
     def _open_http_session(self, token: str) -> TunnelSession:
         store = self._gateway.store

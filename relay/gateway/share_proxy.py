@@ -23,11 +23,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
-import h11
-
 from relay.aio import SessionClosedError
 from relay.aio.stream import MuxStream
-from relay.gateway.http_proxy import ProxyError, ProxyStats, Upstream, serve_connection
+from relay.gateway.http_proxy import ProxyError, ProxyStats, RequestHead, Upstream, serve_connection
 from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
 from relay.gateway.shares import check_share
 from relay.gateway.store import Share
@@ -129,7 +127,7 @@ class ShareProxy:
         transport, data = request.take_over_raw()
         first = [True]
 
-        def resolve(head: h11.Request) -> Optional[Upstream]:
+        def resolve(head: RequestHead) -> Optional[Upstream]:
             counted, first[0] = first[0], False  # the first request was counted above
             return self._resolve(head, count=not counted)
 
@@ -139,7 +137,7 @@ class ShareProxy:
     def _http_server(self) -> HttpProtocol:
         return HttpProtocol(self._api.gw.router, self._api.gw._connections)
 
-    def _resolve(self, request: h11.Request, count: bool) -> Optional[Upstream]:
+    def _resolve(self, request: RequestHead, count: bool) -> Optional[Upstream]:
         """Where a request on a share proxy connection goes. None hands the connection
         back to the HTTP server: for other paths, and for a request that fails a check
         (the route answers it there, with the error's headers)."""
