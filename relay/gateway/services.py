@@ -75,7 +75,7 @@ import h11
 from relay.agent.services import SLUG_RE
 from relay.aio import StreamRefused
 from relay.gateway.auth import AuthError, Principal
-from relay.gateway.http_proxy import ProxyError, ProxyStats, Upstream, serve_connection
+from relay.gateway.http_proxy import ProxyError, ProxyStats, RequestHead, Upstream, serve_connection
 from relay.gateway.invoke import http_exchange, invoke, stream_close
 from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
 from relay.gateway.store import Service
@@ -646,7 +646,7 @@ class ServiceManager:
     def _http_server(self) -> HttpProtocol:
         return HttpProtocol(self.gw.router, self.gw._connections)
 
-    def _resolve(self, request: h11.Request) -> Optional[Upstream]:
+    def _resolve(self, request: RequestHead) -> Optional[Upstream]:
         """Where a request goes. None hands the connection back to the HTTP server: for
         other paths, and for a failed check (the route answers it, headers included)."""
         target = request.target
