@@ -116,7 +116,7 @@ def test_external_service(tmp_path) -> None:
             try:
                 path = "/api/v1/r/containers"
                 for bad in ({"service_slug": "x", "url": app.url}, {"service_slug": "ext-1"},
-                            {"service_slug": "ext-1", "url": "https://example.com"},
+                            {"service_slug": "ext-1", "url": "https://"},  # no host
                             {"service_slug": "ext-1", "url": "ftp://x"},
                             {"service_slug": "ext-1", "url": app.url, "health": "nope"}):
                     assert (await http(gw.port, "POST", path, keys["sk"], bad))[0] == 400, bad

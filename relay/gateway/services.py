@@ -6,9 +6,11 @@ A service is a team's ``slug`` (``^[a-z0-9][a-z0-9-]{1,98}[a-z0-9]$``) with one 
   in the agent's hello, see :mod:`relay.agent.services`). Every agent that declares it is
   an *instance*; the first declaration creates the record, later ones update it
   (``exposed_port``, ``usage_prompt``, ``openapi_url``, health path, labels).
-* ``external``: created through the API with a ``url`` (``http://`` only: the gateway
-  itself connects to it, plain TCP, no TLS); it has one instance, the gateway, always
-  online.
+* ``external``: created through the API with a ``url``, ``http://`` or ``https://``: the
+  gateway itself connects to it (egress from the gateway, no agent involved), over TLS
+  for https with the certificate verified against the system's CAs and the URL's host
+  name (:attr:`ServiceManager.external_ssl_context` may name other CAs); it has one
+  instance, the gateway, always online.
 
 Instances are learnt from the live agent registry (on every API call and every probe
 tick), so nothing depends on event ordering. An instance whose agent disconnects stays,
@@ -65,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
@@ -114,6 +117,7 @@ class Instance:
     health: Optional[str]
     session: Any = None
     base_path: str = ""  # external: the URL's path prefix
+    tls: Optional[ssl.SSLContext] = None  # external https: TLS to host, verified
     host_header: str = ""
     online: bool = True
     offline_since: float = 0.0
@@ -193,7 +197,8 @@ class Instance:
         accept, so a refused target is known here), or a TCP connection (external)."""
         async with asyncio.timeout(OPEN_TIMEOUT):
             if self.agent_id is None:
-                reader, writer = await asyncio.open_connection(self.host, self.port)
+                reader, writer = await asyncio.open_connection(
+                    self.host, self.port, ssl=self.tls, server_hostname=self.host if self.tls else None)
                 return TcpStream(reader, writer)
             return await self.session.open_stream({"protocol": "http", "target": f"{self.host}:{self.port}"})
 
@@ -309,6 +314,9 @@ class ServiceManager:
         # Service rows by (team, slug), valid while the store's generation stays the same.
         self._records: dict[tuple[str, str], Service] = {}
         self._records_generation: Any = None
+        #: TLS for external https:// services: certificates verified against the system's
+        #: CAs and the URL's host name (set another context, e.g. with a private CA).
+        self.external_ssl_context: ssl.SSLContext = ssl.create_default_context()
 
     def register(self, router: Router) -> None:
         add = router.add
@@ -340,10 +348,13 @@ class ServiceManager:
             state = self._states[key] = ServiceState()
         if record.service_type == "external" and None not in state.instances:
             url = urlsplit(record.spec.get("url", ""))
-            port = url.port or 80
-            inst = Instance(None, "external", url.hostname or "", port, record.spec.get("health"),
+            https = url.scheme == "https"
+            port = url.port or (443 if https else 80)
+            host = url.hostname or ""
+            inst = Instance(None, "external", host, port, record.spec.get("health"),
                             base_path=url.path.rstrip("/"),
-                            host_header=url.hostname + (f":{url.port}" if url.port else ""))
+                            host_header=(f"[{host}]" if ":" in host else host) + (f":{url.port}" if url.port else ""),
+                            tls=self.external_ssl_context if https else None)
             state.instances[None] = inst
             self._after_instance_added(record.team_id, record.slug, state, inst)
         return state
@@ -585,13 +596,15 @@ class ServiceManager:
         url = body.get("url")
         split = urlsplit(url) if isinstance(url, str) else None
         try:
-            valid_url = split is not None and split.scheme == "http" and bool(split.hostname) and split.port != 0
+            valid_url = split is not None and split.scheme in ("http", "https") and bool(split.hostname) \
+                and split.port != 0
         except ValueError:
             valid_url = False
-        if not valid_url or split.query or split.fragment or split.username:
-            raise HttpError(400, "invalid_request", "url: must be http://HOST[:PORT][/PATH] "
-                                                    "(https is not supported for external services yet)")
-        spec: dict[str, Any] = {"url": url, "exposed_port": split.port or 80, "labels": []}
+        if not valid_url or split.query or split.fragment or split.username or not url.isascii() \
+                or not url.isprintable() or " " in url:
+            raise HttpError(400, "invalid_request", "url: must be http(s)://HOST[:PORT][/PATH]")
+        spec: dict[str, Any] = {"url": url, "exposed_port": split.port or (443 if split.scheme == "https" else 80),
+                                "labels": []}
         for name, limit in (("health", 2048), ("usage_prompt", MAX_PROMPT), ("openapi_url", 2048)):
             value = body.get(name)
             if value is not None and (not isinstance(value, str) or len(value) > limit):
@@ -730,7 +743,8 @@ def add_services_openapi(document: dict[str, Any]) -> dict[str, Any]:
                     "type": "object", "properties": {"services": {"type": "array", "items": {
                         "$ref": "#/components/schemas/Service"}}}}}}},
                 "400": error, "401": error, "403": error}},
-            "post": {"summary": "Create an external service (egress to an http:// URL)", "parameters": [team],
+            "post": {"summary": "Create an external service (egress to an http:// or https:// URL; "
+                                "https certificates are verified)", "parameters": [team],
                      "requestBody": {"required": True, "content": {"application/json": {"schema": {
                          "type": "object", "required": ["service_slug", "url"], "properties": {
                              "service_slug": {"type": "string", "pattern": SLUG_RE.pattern},
