@@ -10,7 +10,8 @@ A service is a team's ``slug`` (``^[a-z0-9][a-z0-9-]{1,98}[a-z0-9]$``) with one 
   gateway itself connects to it (egress from the gateway, no agent involved), over TLS
   for https with the certificate verified against the system's CAs and the URL's host
   name (:attr:`ServiceManager.external_ssl_context` may name other CAs); it has one
-  instance, the gateway, always online.
+  instance, the gateway, always online. WebSocket (any ``Upgrade``) requests to it are
+  relayed by the manager itself (:meth:`ServiceManager._external_upgrade`).
 
 Instances are learnt from the live agent registry (on every API call and every probe
 tick), so nothing depends on event ordering. An instance whose agent disconnects stays,
@@ -211,6 +212,8 @@ class ServiceState:
     running: bool = False
     turn: int = 0  # round robin position
     stats: ProxyStats = field(default_factory=ProxyStats)
+    #: Upgraded (WebSocket) connections to an external service, relayed by the manager.
+    upgrades: set = field(default_factory=set)
 
     def status(self) -> str:
         """The lifecycle status (module docstring, rules 1-5)."""
@@ -256,6 +259,41 @@ class TcpStream:
 
     def abort(self, error_code: int = 0, message: str = "") -> None:
         self._writer.transport.abort()
+
+
+#: Request/response headers an upgrade relay sets itself or never forwards (hop-by-hop).
+_UPGRADE_DROP = frozenset({b"authorization", b"x-team-id", b"host", b"connection", b"upgrade", b"keep-alive",
+                           b"te", b"trailer", b"transfer-encoding", b"content-length"})
+
+
+async def _splice(reader: asyncio.StreamReader, client: asyncio.StreamWriter, upstream: Any,
+                  event: h11.InformationalResponse, pending: bytes) -> None:
+    """After the target's 101: its head (hop-by-hop headers dropped, the upgrade kept) to
+    the client, then bytes both ways until one side ends (each direction waits for the
+    other side to take what it sent: backpressure)."""
+    out = [b"HTTP/1.1 101 %s\r\n" % (event.reason or b"Switching Protocols")]
+    out += [n + b": " + v + b"\r\n" for n, v in event.headers if n not in _UPGRADE_DROP]
+    out += [b"connection: upgrade\r\n"] + [b"upgrade: " + v + b"\r\n" for n, v in event.headers if n == b"upgrade"]
+    client.write(b"".join(out) + b"\r\n" + pending)
+    await client.drain()
+
+    async def up() -> None:
+        while data := await reader.read(65536):
+            upstream.write(data)
+            await upstream.drain()
+
+    async def down() -> None:
+        while data := await upstream.read(65536):
+            client.write(data)
+            await client.drain()
+
+    tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _reusable(stream: Any) -> bool:
@@ -638,6 +676,8 @@ class ServiceManager:
             inst.retire()
         for client in list(state.stats.clients):
             client.close()
+        for task in list(state.upgrades):
+            task.cancel()
         return json_response(None, 204)
 
     # ------------------------------------------------------------------ the proxy
@@ -650,8 +690,12 @@ class ServiceManager:
     async def _proxy(self, request: Request) -> None:
         """Raw route: check the first request (errors answered by the HTTP server), then
         let the proxy engine own the connection, asking :meth:`_resolve` per request."""
-        self._check(request.header("authorization"), request.header("x-team-id"), request.params["slug"],
-                    rotate=False)  # _resolve checks (and picks) again for this very request
+        principal, candidates = self._check(request.header("authorization"), request.header("x-team-id"),
+                                            request.params["slug"], rotate=False)
+        if candidates[0].agent_id is None and request.header("upgrade"):
+            await self._external_upgrade(request, principal, candidates[0])
+            return
+        # _resolve checks (and picks) again for this very request.
         transport, data = request.take_over_raw()
         serve_connection(transport, data, self._resolve, fallback=self._http_server,
                          connections=self.gw._connections)
@@ -676,8 +720,7 @@ class ServiceManager:
             return None
         first = candidates[0]
         if first.agent_id is None and headers.get(b"upgrade"):
-            raise ProxyError(501, "upgrade_not_supported",
-                             "WebSocket upgrades are not proxied to external services")
+            return None  # the route (_proxy) relays upgrades to external services itself
         state = self._states[(principal.team_id, slug)]
         return Upstream(open_stream=lambda: self._open_for_proxy(slug, candidates),
                         key=(principal.team_id, slug, first.agent_id),
@@ -690,6 +733,123 @@ class ServiceManager:
     async def _open_for_proxy(self, slug: str, candidates: list[Instance]) -> Any:
         stream, _ = await self.open_to(slug, candidates)
         return stream
+
+    # ------------------------------------------------------------------ external upgrades
+
+    async def _external_upgrade(self, request: Request, principal: Principal, inst: Instance) -> None:
+        """A WebSocket (any ``Upgrade``) to an external service: the gateway connects to the
+        URL (TLS for https), sends the handshake with the request rewritten as the proxy
+        does (path prefix, ``Host``, no gateway credential, ``X-Forwarded-*``), and on the
+        target's ``101`` splices bytes both ways until either side ends. Any other answer
+        is passed on with ``Connection: close`` and the connection ends, so nothing the
+        client sends later can reach the target unchecked."""
+        raw = request.raw
+        slug = request.params["slug"]
+        if any(n in (b"content-length", b"transfer-encoding") and v.strip() not in (b"", b"0")
+               for n, v in raw.headers):
+            raise HttpError(400, "invalid_request", "an upgrade request cannot carry a body")
+        listed = {t.strip().lower() for n, v in raw.headers if n == b"connection" for t in v.split(b",")}
+        upgrade = b""
+        headers: list[tuple[bytes, bytes]] = []
+        for name, value in raw.headers:  # h11 gives lower-case names
+            if name == b"upgrade":
+                upgrade = value
+            if name in _UPGRADE_DROP or name.startswith(b"proxy-") or name.startswith(b"x-forwarded-") \
+                    or (name in listed and name != b"upgrade"):
+                continue
+            headers.append((name, value))
+        if b"upgrade" not in listed or not upgrade:
+            raise HttpError(400, "invalid_request", "Upgrade needs Connection: upgrade")
+        peer = request.peer
+        gateway_scheme = b"https" if self.gw._ssl else b"http"
+        headers += [(b"host", inst.host_header.encode()), (b"connection", b"upgrade"), (b"upgrade", upgrade),
+                    (b"x-forwarded-for", str(peer[0] if peer else "").encode()),
+                    (b"x-forwarded-proto", gateway_scheme),
+                    (b"x-forwarded-host", request.header("host").encode("latin-1") if request.header("host") else b"")]
+        end = raw.target.find(b"/", len(PREFIX))
+        target = inst.base_path.encode() + raw.target[end:]
+        try:
+            upstream = await inst.open()
+        except (ConnectionError, OSError, TimeoutError) as exc:
+            raise HttpError(502, "target_unreachable", f"could not reach service {slug!r}: "
+                                                       f"{str(exc) or type(exc).__name__}") from None
+        conn = h11.Connection(h11.CLIENT)
+        try:
+            head = conn.send(h11.Request(method=raw.method, target=target, headers=headers))
+            head += conn.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            upstream.abort()
+            raise HttpError(400, "invalid_request", f"cannot forward this upgrade request: {exc}") from None
+        transport, leftover = request.take_over()
+        task = asyncio.get_running_loop().create_task(
+            self._relay_upgrade(transport, leftover, upstream, conn, head, slug))
+        state = self._states.get((principal.team_id, slug))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if state is not None:
+            state.upgrades.add(task)
+            task.add_done_callback(state.upgrades.discard)
+
+    async def _relay_upgrade(self, transport: asyncio.Transport, leftover: bytes, upstream: Any,
+                             conn: h11.Connection, head: bytes, slug: str) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=2 ** 16)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        client = asyncio.StreamWriter(transport, protocol, reader, loop)
+        if leftover:
+            reader.feed_data(leftover)
+        transport.resume_reading()
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT):
+                upstream.write(head)
+                await upstream.drain()
+                switched, answer = await self._upgrade_answer(upstream, conn)
+            if switched is not None:  # 101: forward it, then splice until either side ends
+                await _splice(reader, client, upstream, switched, answer)
+            else:
+                client.write(answer)
+                await client.drain()
+        except (ConnectionError, OSError, TimeoutError, h11.ProtocolError) as exc:
+            log.info("upgrade to external service %s ended: %s", slug, str(exc) or type(exc).__name__)
+        finally:
+            upstream.abort()
+            client.close()
+
+    async def _upgrade_answer(self, upstream: Any,
+                              conn: h11.Connection) -> tuple[Optional[h11.InformationalResponse], bytes]:
+        """Read the target's answer to the handshake: ``(its 101, the bytes that came
+        after it)``, or ``(None, the whole answer rebuilt for the client with Connection:
+        close)``."""
+        status, headers, body, reason = 0, [], [], b""
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await upstream.read(65536)
+                if not data:
+                    raise ConnectionResetError("the service closed the connection during the upgrade")
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+                return event, bytes(conn.trailing_data[0])
+            if isinstance(event, h11.InformationalResponse):
+                continue
+            if isinstance(event, h11.Response):
+                status, headers, reason = event.status_code, list(event.headers), event.reason
+            elif isinstance(event, h11.Data):
+                body.append(bytes(event.data))
+                if sum(map(len, body)) > 1024 * 1024:
+                    raise ConnectionResetError("the service's answer to the upgrade is too large")
+            elif isinstance(event, h11.EndOfMessage):
+                payload = b"".join(body)
+                out = [b"HTTP/1.1 %d %s\r\n" % (status, reason or b"")]
+                out += [n + b": " + v + b"\r\n" for n, v in headers if n not in _UPGRADE_DROP
+                        and n != b"content-length"]
+                out.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(payload))
+                return None, b"".join(out) + payload
+            else:
+                raise ConnectionResetError("the service closed the connection during the upgrade")
 
 
 # ----------------------------------------------------------------------------- OpenAPI
