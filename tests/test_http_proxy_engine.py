@@ -327,3 +327,42 @@ def test_malformed_and_oversized_requests_get_the_gateways_answer(tmp_path):
                 writer.close()
 
     run(body)
+
+
+def test_response_heads_in_pieces_interim_responses_and_hop_by_hop_lines(tmp_path):
+    first = (b"HTTP/1.1 100 Continue\r\n\r\n"
+             b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: secret\r\nX-Keep: yes\r\n"
+             b"Content-Length: 2\r\n\r\nok")
+    second = (b"HTTP/1.1 201 Made\r\nKeep-Alive: timeout=5\r\nProxy-Thing: 1\r\nTE: trailers\r\n"
+              b"Text-Thing: kept\r\nX-Connection: kept\r\nContent-Length: 0\r\n\r\n")
+
+    async def handler(reader, writer):
+        await read_head(reader)
+        for i in range(0, len(first), 7):  # the gateway gets the heads cut anywhere
+            writer.write(first[i:i + 7])
+            await writer.drain()
+            await asyncio.sleep(0.005)
+        await read_head(reader)
+        writer.write(second)
+        await writer.drain()
+        await reader.read()
+
+    async def body():
+        async with target(handler) as (port, accepted), tunnel_to(tmp_path, port) as (gw, _, _, tunnel):
+            base = path_of(tunnel["tunnel_url"])
+            client = await RawClient.connect(gw.port)
+            await client.send(req(base + "a"))
+            head, headers, data = await client.response()
+            assert head.status_code == 200 and data == b"ok"
+            assert headers[b"x-keep"] == b"yes" and b"x-hop" not in headers and b"connection" not in headers
+            client.next_cycle()
+            await client.send(req(base + "b"))
+            head, headers, data = await client.response()
+            assert head.status_code == 201 and head.reason == b"Made" and data == b""
+            assert headers[b"text-thing"] == b"kept" and headers[b"x-connection"] == b"kept"
+            for gone in (b"keep-alive", b"proxy-thing", b"te"):
+                assert gone not in headers
+            assert len(accepted) == 1
+            await client.close()
+
+    run(body)

@@ -251,6 +251,34 @@ def _tokens(value: bytes) -> set[bytes]:
     return {t.strip().lower() for t in value.split(b",")}
 
 
+def _is_hop_by_hop(lname: bytes, listed: set[bytes]) -> bool:
+    return lname in _HOP_BY_HOP or lname.startswith(b"proxy-") or lname in listed
+
+
+# A hop-by-hop header line of a response head (after its CRLF); names are matched whole.
+_HOP_BY_HOP_LINE = re.compile(
+    rb"\r\n(?:connection|keep-alive|proxy-[^:\r\n]*|te|trailer|transfer-encoding|upgrade)[ \t]*:[^\r\n]*",
+    re.IGNORECASE)
+_CONNECTION_VALUES = re.compile(rb"\r\nconnection[ \t]*:([^\r\n]*)")  # on the lower-cased block
+# Connection tokens that name no header.
+_CONNECTION_PLAIN = frozenset({b"close", b"keep-alive", b"upgrade", b""})
+
+
+def _header_pairs(block: bytes) -> Headers:
+    """``(name, value)`` pairs of header lines (each after a CRLF; folded lines joined)."""
+    pairs: Headers = []
+    for line in block.split(b"\r\n"):
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t") and pairs:  # obs-fold: part of the previous value
+            name, value = pairs[-1]
+            pairs[-1] = (name, value + b" " + line.strip())
+            continue
+        name, _, value = line.partition(b":")
+        pairs.append((name.strip(), value.strip()))
+    return pairs
+
+
 def _error_body(code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message}}).encode()
 
@@ -281,6 +309,10 @@ def refusal_error(exc: BaseException) -> ProxyError:
     if isinstance(exc, httptools.HttpParserError):
         return ProxyError(502, "bad_upstream_response", f"the target sent invalid HTTP: {exc}")
     return ProxyError(502, "tunnel_error", f"the tunnel to the target failed: {exc}")
+
+
+class _Unframed(Exception):
+    """Response bytes that do not start where a response should."""
 
 
 class _HeadDone(Exception):
@@ -331,11 +363,19 @@ class _StreamSide:
         self.eof = False  # the target ended its side
         self.failed: Optional[BaseException] = None
         self.used = False  # carried at least one complete response (a reuse may be stale)
-        # The response being parsed.
+        # The response being parsed. Its head is taken from the raw bytes (one regex pass
+        # instead of a parser callback per header): ``_buf`` is the batch being parsed,
+        # ``_pos`` where the next message starts in it (-1: not known, mid-message),
+        # ``_carry`` the start of a head that began in an earlier batch.
+        self._buf = b""
+        self._pos = 0
+        self._head_at = -1
+        self._carry: Optional[bytes] = None
         self._status = 0
         self._reason = b""
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._block = b""  # the header lines, each after a CRLF, of the last head
         self._in_head = False
+        self._mid = False  # a response has begun and not ended
         self._informational = False
         self._rechunk = False
         self._until_eof = False
@@ -371,31 +411,39 @@ class _StreamSide:
     # -- httptools callbacks
 
     def on_message_begin(self) -> None:
-        self._status = 0
-        self._reason = b""
-        self._headers = []
         self._in_head = True
+        self._mid = True
         self._informational = False
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason = reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_head:  # not trailers
-            self._headers.append((name, value))
+        self._head_at = self._pos
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        carry, self._carry = self._carry, None
+        if carry is not None:  # the head began in an earlier batch
+            raw = carry + self._buf
+            start = 0
+        else:
+            raw = self._buf
+            start = self._head_at
+        end = raw.find(b"\r\n\r\n", start) if start >= 0 else -1
+        if end < 0 or not raw.startswith(b"HTTP/", start):
+            raise _Unframed()  # a response where none was expected (the target is out of step)
+        # The next message (after a 1xx) starts right after this head.
+        self._pos = end + 4 - (len(carry) if carry is not None else 0)
+        line_end = raw.find(b"\r\n", start)
+        self._reason = raw[start + 13:line_end]  # "HTTP/1.1 200 OK": llhttp checked the shape
+        self._block = raw[line_end:end]
         status = self._status = self.parser.get_status_code()
         if status < 200 and status != 101:
             self._informational = True  # 100 Continue and friends: we sent our own
             return
+        self._pos = -1  # a body follows
         conn = self.conn
         if conn is None:
             return
         if status == 101:
             return  # the upgrade: handled once the parser stops (HttpParserUpgrade)
-        conn._response_head(self, status, self._reason or _reason(status), self._headers)
+        conn._response_head(self, status, self._reason or _reason(status), self._block)
         if conn._exchange is not None and conn._exchange.is_head:
             self._complete = True
             raise _HeadDone()
@@ -406,8 +454,10 @@ class _StreamSide:
             conn._response_body(body, self._rechunk)
 
     def on_message_complete(self) -> None:
+        self._mid = False
         if self._informational:
             return
+        self._pos = -1  # anything after this in the batch is not a response we asked for
         if self._rechunk:
             conn = self.conn
             if conn is not None:
@@ -435,18 +485,32 @@ class _StreamSide:
             self.ack(n)
             return
         data = data[0] if len(data) == 1 else b"".join(data)
+        if type(data) is not bytes:
+            data = bytes(data)  # a view of the received frame: the head is searched in it
         conn._upstream_data(self, data, n)
 
-    def feed(self, data: bytes) -> None:
-        """Run the parser over ``data``; raises what it raises, except a HEAD's stop."""
+    def feed(self, data: bytes, at_boundary: bool) -> None:
+        """Run the parser over ``data``; raises what it raises, except a HEAD's stop.
+        ``at_boundary``: no response is in progress, so ``data`` starts a new one."""
+        self._buf = data
+        self._pos = 0 if at_boundary else -1
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgrade_offset = exc.args[0] if exc.args else len(data)
-        except httptools.HttpParserCallbackError:
-            if not self._complete:
+        except httptools.HttpParserCallbackError as exc:
+            if not self._complete or isinstance(exc.__context__, _Unframed):
                 raise
             self.parser = httptools.HttpResponseParser(self)  # after a HEAD: a fresh one
+            self._mid = False
+        finally:
+            self._buf = b""
+        if self._in_head:  # a head cut by the batch: keep its start for the next one
+            if self._carry is not None:
+                self._carry += data
+            elif self._head_at >= 0:
+                self._carry = data[self._head_at:]
+            self._head_at = 0
 
     def take_complete(self) -> bool:
         done, self._complete = self._complete, False
@@ -1117,7 +1181,7 @@ class ProxyConnection(asyncio.Protocol):
                 self._drop_stream(abort=True)
             return
         try:
-            side.feed(data)
+            side.feed(data, not side._mid)
         except httptools.HttpParserError as exc:
             self._flush(side, n)
             self._upstream_failed(side, exc)
@@ -1154,35 +1218,32 @@ class ProxyConnection(asyncio.Protocol):
         if held and side is not None:
             side.ack(held)
 
-    def _response_head(self, side: _StreamSide, status: int, reason: bytes,
-                       headers: list[tuple[bytes, bytes]]) -> None:
-        """The target's response head (not 1xx): rewritten into ``_out``."""
+    def _response_head(self, side: _StreamSide, status: int, reason: bytes, block: bytes) -> None:
+        """The target's response head (not 1xx), ``block`` its header lines (each after a
+        CRLF): rewritten into ``_out`` with hop-by-hop headers taken out."""
         exchange = self._exchange
         if exchange is None:
             return
         exchange.started = True
-        listed: Optional[set[bytes]] = None
+        lower = block.lower()
         framing = None  # b"length" | b"chunked"
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-        for name, value in headers:
-            lname = name.lower()
-            if lname in _HOP_BY_HOP or lname.startswith(b"proxy-"):
-                if lname == b"connection":
-                    listed = _tokens(value) if listed is None else listed | _tokens(value)
-                elif lname == b"transfer-encoding":
-                    framing = b"chunked"
-                continue
-            if lname == b"content-length":
-                framing = b"length"
-            parts += (name, b": ", value, b"\r\n")
-        if listed:
-            listed -= {b"close", b"keep-alive", b""}
-            if listed:  # headers the target marked hop-by-hop: take them out again
-                kept = parts[:1]
-                for i in range(1, len(parts), 4):
-                    if parts[i].lower() not in listed:
-                        kept += parts[i:i + 4]
-                parts = kept
+        if b"\r\ncontent-length:" in lower:
+            framing = b"length"
+        elif b"\r\ntransfer-encoding:" in lower:
+            framing = b"chunked"
+        listed: set[bytes] = set()
+        if b"\r\nconnection:" in lower:
+            for value in _CONNECTION_VALUES.findall(lower):
+                listed |= _tokens(value)
+            listed -= _CONNECTION_PLAIN
+        if listed or b"\r\n " in block or b"\r\n\t" in block:
+            # Rare: headers the target marked hop-by-hop, or folded lines. Line by line.
+            kept = [b"\r\n%s: %s" % (n, v) for n, v in _header_pairs(block)
+                    if not _is_hop_by_hop(n.lower(), listed)]
+            block = b"".join(kept)
+        else:
+            block = _HOP_BY_HOP_LINE.sub(b"", block)  # one pass in C
+        parts = [b"HTTP/1.1 %d %s" % (status, reason), block, b"\r\n"]
         no_body = exchange.is_head or status in (204, 304)
         side._rechunk = False
         side._until_eof = False
@@ -1386,12 +1447,13 @@ class ProxyConnection(asyncio.Protocol):
             self._upstream_failed(side, httptools.HttpParserError("unexpected 101 Switching Protocols"))
             return
         listed: set[bytes] = set()
-        for name, value in side._headers:
+        headers = _header_pairs(side._block)
+        for name, value in headers:
             if name.lower() == b"connection":
                 listed |= _tokens(value)
         parts = [b"HTTP/1.1 101 %s\r\n" % (side._reason or b"Switching Protocols")]
         upgrades = []
-        for name, value in side._headers:
+        for name, value in headers:
             lname = name.lower()
             if lname == b"upgrade":
                 upgrades.append(value)
