@@ -1234,7 +1234,9 @@ class ProxyConnection(asyncio.Protocol):
         listed: set[bytes] = set()
         if b"\r\nconnection:" in lower:
             for value in _CONNECTION_VALUES.findall(lower):
-                listed |= _tokens(value)
+                value = value.strip()
+                if value not in _CONNECTION_PLAIN:  # "keep-alive", "close": nothing listed
+                    listed |= _tokens(value)
             listed -= _CONNECTION_PLAIN
         if listed or b"\r\n " in block or b"\r\n\t" in block:
             # Rare: headers the target marked hop-by-hop, or folded lines. Line by line.
