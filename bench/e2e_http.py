@@ -20,8 +20,10 @@ exit; children also die with it). Paths (``--paths``, default all):
 
 wrk is ``-t2 -c64 -dNs --latency`` (``--duration``, default 5 s); each repetition runs
 every path once, interleaved, so load from elsewhere on the machine spreads over all of
-them; the table shows medians of ``--reps`` (default 3) runs and the tunnel's ratio to
-the nginx reverse proxy (goal >= 0.5). Every sample goes to
+them; the table shows medians of ``--reps`` (default 3) runs, for the relay paths the
+CPU time (from /proc) per request of gateway + agent and of the gateway alone (each
+sample's log line also says how busy the gateway was, in % of one core), and the
+tunnel's ratio to the nginx reverse proxy (goal >= 0.5). Every sample goes to
 bench/results/e2e_http-STAMP.json. ``--profile`` records py-spy (250 Hz, nonblocking) on
 the gateway and the agent during the first run of each relay path and prints the top
 frames by self time (raw stacks in bench/results/pyspy-http-*.txt). Bounded by
@@ -272,13 +274,19 @@ def main() -> int:
                     profiling = args.profile and rep == 0 and p in RELAY_PATHS
                     pids = base_pids if p == "tunnel-base" else relay_pids
                     cpu0 = cpu_seconds(list(pids.values()))
+                    gw0 = cpu_seconds([pids["gateway"]]) if pids else 0.0
                     with pyspy(p, pids, outdir, stamp, reports) if profiling else contextlib.nullcontext():
                         r = run_wrk(url, args.duration, extra)
                     if p in RELAY_PATHS:
                         cpu = cpu_seconds(list(pids.values())) - cpu0
-                        r["relay_cpu_ms_per_req"] = 1000 * cpu / max(1.0, r["rps"] * args.duration)
+                        gw_cpu = cpu_seconds([pids["gateway"]]) - gw0
+                        requests = max(1.0, r["rps"] * args.duration)
+                        r["relay_cpu_ms_per_req"] = 1000 * cpu / requests
+                        r["gateway_cpu_ms_per_req"] = 1000 * gw_cpu / requests
+                        r["gateway_cpu_share"] = gw_cpu / args.duration  # 1.0 = one core busy
                     samples[p].append(r)
-                    extra_txt = f"  gw+agent CPU {r['relay_cpu_ms_per_req']:.3f} ms/req" if "relay_cpu_ms_per_req" in r else ""
+                    extra_txt = (f"  gw+agent CPU {r['relay_cpu_ms_per_req']:.3f} ms/req (gw {r['gateway_cpu_ms_per_req']:.3f}, "
+                                 f"gw busy {r['gateway_cpu_share']:.0%} of a core)" if "relay_cpu_ms_per_req" in r else "")
                     errs = f"  non-2xx {r['non2xx']}" if r["non2xx"] else ""
                     errs += f"  socket errors: {r['socket_errors']}" if r["socket_errors"] else ""
                     log(f"rep {rep + 1}/{args.reps} {p:12s} {r['rps']:9.0f} req/s  p99 {r['p99']:.2f} ms{extra_txt}{errs}")
@@ -294,22 +302,25 @@ def main() -> int:
 
     print(f"\nwrk -t2 -c64 -d{args.duration:g}s --latency, nginx /1k.bin; medians of {args.reps} "
           f"(nginx proxy: {args.proxy_workers} workers)")
-    print(f"{'path':14s} {'req/s':>9s} {'p99 ms':>8s} {'CPU ms/req':>10s} {'÷ nginx-proxy':>14s}")
+    print(f"{'path':14s} {'req/s':>9s} {'p99 ms':>8s} {'CPU ms/req':>10s} {'gw ms/req':>9s} {'÷ nginx-proxy':>14s}")
     ref = med("nginx-proxy", "rps")
     for p in paths:
         rps, p99, cpu = med(p, "rps"), med(p, "p99"), med(p, "relay_cpu_ms_per_req")
+        gw = med(p, "gateway_cpu_ms_per_req")
         if rps is None:
             continue
         ratio = f"{rps / ref:.2f}" if ref else "-"
         goal = "  (goal >= 0.5)" if p == "tunnel" else ""
-        print(f"{p:14s} {rps:9.0f} {p99:8.2f} {cpu if cpu is not None else float('nan'):10.3f} {ratio:>14s}{goal}")
+        print(f"{p:14s} {rps:9.0f} {p99:8.2f} {cpu if cpu is not None else float('nan'):10.3f} "
+              f"{gw if gw is not None else float('nan'):9.3f} {ratio:>14s}{goal}")
     for label, rep in reports.items():
         print(f"\npy-spy {label}: {rep.get('samples', 0)} samples, self time:")
         for frame, share in rep.get("self", [])[:12]:
             print(f"  {share:5.1f}%  {frame}")
     out = outdir / f"e2e_http-{stamp}.json"
     out.write_text(json.dumps({"args": vars(args), "samples": samples, "profiles": reports,
-                               "medians": {p: {k: med(p, k) for k in ("rps", "p50", "p99", "relay_cpu_ms_per_req")}
+                               "medians": {p: {k: med(p, k) for k in ("rps", "p50", "p99", "relay_cpu_ms_per_req",
+                                                                    "gateway_cpu_ms_per_req")}
                                            for p in paths}}, indent=1))
     print(f"\n{out}")
     return status
