@@ -940,9 +940,10 @@ def test_auto_tuning_growth_never_exceeds_half_the_session_window() -> None:
     final = sizes[-1]
     assert sizes[-2] == final  # growth has stopped
     growth = sum(final[sid] - 4 * KiB for sid in sids)
-    # The budget is shared equally among the receiving streams (integer division
-    # leaves a few bytes of it unused).
-    assert session // 2 - len(sids) < growth <= session // 2
+    assert growth <= session // 2
+    # Half the budget is shared equally among the receiving streams (the other half is
+    # headroom while a stream above its share repays; integer division leaves a few bytes).
+    assert session // 4 - len(sids) < growth
     assert len(set(final.values())) == 1
 
 

@@ -404,8 +404,8 @@ class MuxConnection:
 
         One target window (``_tuned_window``) for all receiving streams: it doubles when
         any stream finds its window was the bottleneck, and it is capped at a fair share
-        of the growth budget (half the session window) among the streams receiving now,
-        so it shrinks when more streams start. Each stream moves to the target as it
+        of half the growth budget (a quarter of the session window) among the streams
+        receiving now, so it shrinks when more streams start. Each stream moves to the target as it
         consumes: up at once (the growth rides on this update), down by withholding
         credit (:meth:`ReceiveWindow.resize`). A stream alone still grows to
         ``max_window``; 32 streams converge on equal windows, hence equal throughput.
@@ -428,8 +428,8 @@ class MuxConnection:
         return increment
 
     def _fair_window(self) -> int:
-        """The largest window a receiving stream may have now: an equal share of the growth
-        budget among the streams receiving within ``receiving_horizon``.
+        """The largest window a receiving stream may have now: an equal share of half the
+        growth budget among the streams receiving within ``receiving_horizon``.
 
         Computed at most once per ``receiving_horizon / 8`` (it is asked on every
         acknowledgement), and at once when a stream starts receiving, so a newcomer
@@ -446,7 +446,11 @@ class MuxConnection:
                 break
             del receiving[stream_id]
         cfg = self.config
-        share = cfg.initial_window + (cfg.session_window // 2) // max(len(receiving), 1)
+        # Half the growth budget, shared: the other half is headroom for streams still
+        # above the share (a share falls when streams join; the excess is withheld only
+        # as it is consumed), so the newcomers can grow to the share at once instead of
+        # waiting for that debt to be repaid.
+        share = cfg.initial_window + (cfg.session_window // 4) // max(len(receiving), 1)
         self._fair = min(cfg.max_window, share)
         self._fair_until = now + self._receiving_refresh
         return self._fair
