@@ -405,9 +405,9 @@ class MuxConnection:
         One target window (``_tuned_window``) for all receiving streams: it doubles when
         any stream finds its window was the bottleneck, and it is capped at a fair share
         of half the growth budget (a quarter of the session window) among the streams
-        receiving now, so it shrinks when more streams start. Each stream moves to the target as it
-        consumes: up at once (the growth rides on this update), down by withholding
-        credit (:meth:`ReceiveWindow.resize`). A stream alone still grows to
+        receiving now, so it shrinks when more streams start. Each stream moves to the
+        target as it consumes: up at once (the growth rides on this update), down by
+        withholding credit (:meth:`ReceiveWindow.resize`). A stream alone still grows to
         ``max_window``; 32 streams converge on equal windows, hence equal throughput.
         """
         cfg = self.config
@@ -644,7 +644,7 @@ class MuxConnection:
             if now is not None and now - recv.seen > self._receiving_refresh:
                 # Counted as receiving (refreshed a few times per horizon, not per frame).
                 receiving = self._receiving
-                if recv.seen < 0 or stream_id not in receiving:
+                if stream_id not in receiving:
                     self._fair_until = float("-inf")  # a newcomer: recompute the share
                 recv.seen = now
                 receiving[stream_id] = now
