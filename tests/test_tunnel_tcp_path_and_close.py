@@ -148,6 +148,8 @@ def test_agent_tunnel_delete_cuts_live_clients_and_websockets(tmp_path):
                 await sockets[1].receive()
             assert await asyncio.wait_for(clients[1].reader.read(), 10) == b""
             assert (await http(gw.port, "GET", second_prefix + "api/info"))[0] == 404
+            # Closed sessions leave no live counters behind in the gateway.
+            assert not set(gw.http_tunnels._stats) & {tunnel["session_id"], second["session_id"]}
             for client in clients:
                 await client.close()
 

@@ -260,9 +260,7 @@ class Gateway:
         assert self.tunnels is not None
         closed = self.tunnels.close(team_id, agent_id, session_id)
         for sid in closed:
-            # HttpTunnels.stats() is its public view of a session's live connections.
-            for client in list(self.http_tunnels.stats(sid).clients):
-                client.close()
+            self.http_tunnels.session_closed(sid)
         return closed
 
     async def _tcp_over_ws(self, request: Request) -> Optional[Response]:

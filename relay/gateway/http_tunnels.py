@@ -82,6 +82,14 @@ class HttpTunnels:
             stats = self._stats[session_id] = ProxyStats()
         return stats
 
+    def session_closed(self, session_id: str) -> None:
+        """A session was closed: cut its live client connections (WebSockets included)
+        and forget its counters, so closed sessions leave nothing behind."""
+        stats = self._stats.pop(session_id, None)
+        if stats is not None:
+            for client in list(stats.clients):
+                client.close()
+
     # -- the proxy
 
     async def _proxy(self, request: Request) -> None:
@@ -209,8 +217,5 @@ class HttpTunnels:
         tunnels = self._gateway.tunnels
         assert tunnels is not None
         closed = tunnels.close(row.team_id, row.agent_id, row.session_id)
-        stats = self._stats.pop(row.session_id, None)
-        if stats is not None:
-            for client in list(stats.clients):
-                client.close()
+        self.session_closed(row.session_id)
         return json_response({"closed": closed})
