@@ -713,6 +713,7 @@ class ProxyConnection(asyncio.Protocol):
         if self._raw is not None:
             self._raw.append(data)
         self._chunk = data
+        begun = self._begun
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -721,7 +722,11 @@ class ProxyConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._parse_failed(None if self._too_large else exc)
             return
-        if self._in_head:
+        # A head still incomplete after this read: count the read only if it lies wholly
+        # inside that head (no message began in it); the read a head begins in may also
+        # carry whole requests before it. The parser so holds at most MAX_HEAD plus one
+        # read of an unfinished head; on_headers_complete checks the exact size.
+        if self._in_head and self._begun == begun:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD:
                 self._parse_failed(None)
