@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import re
 import socket
 import struct
 from collections.abc import Callable
@@ -836,10 +837,11 @@ def test_200_concurrent_keep_alive_clients_20_requests_each(tmp_path):
 
 
 def test_pipelined_requests_and_a_half_closed_client(tmp_path):
-    """100 bodiless requests in one write (~60 KiB: see tests/_pending_proxy_findings.py
-    for more), every answer in order; then a client that half-closes after its requests
-    still gets the whole answers, then EOF."""
-    count = 100
+    """2000 bodiless requests in one write (~1.2 MiB, far past the client buffer: reading
+    pauses and resumes; before c9ae340 a large read that began a head was counted whole
+    against MAX_HEAD and this got a false 431 after ~128 KiB), every answer in order; then
+    a client that half-closes after its requests still gets the whole answers, then EOF."""
+    count = 2000
 
     async def body():
         async with h11_target() as (port, seen), tunnel_to(tmp_path, port) as (gw, _, _, tunnel):
@@ -864,3 +866,42 @@ def test_pipelined_requests_and_a_half_closed_client(tmp_path):
             assert await settle(lambda: open_streams(gw) == baseline), (open_streams(gw), baseline)
 
     run(body, timeout=150)
+
+
+def test_pipelined_small_heads_after_a_slow_answer_are_not_a_false_431(tmp_path):
+    """2000 small pipelined requests behind a first answer that takes a second: the
+    proxy's reads after the pause are large and carry many complete heads before a cut
+    one (the shape that got a false 431 before c9ae340); every answer comes, in order."""
+    count = 2000
+
+    async def slow_first(reader, writer):
+        for i in range(count):
+            line, _ = await read_head(reader)
+            if i == 0:
+                # While the first answer waits, the pipelined requests pile up in the
+                # kernel: the proxy's next reads are large (up to its read buffer).
+                await asyncio.sleep(1.0)
+            data = b"ok:" + line.split()[1].encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+            await writer.drain()
+
+    async def body():
+        async with target(slow_first) as (port, _), tunnel_to(tmp_path, port) as (gw, _, _, tunnel):
+            base = path_of(tunnel["tunnel_url"])
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            wire = b"".join(req(base + f"p{i}", "X-Pad: " + "z" * 500 + "\r\n") for i in range(count))
+            writer.write(wire)
+            raw = b""
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(30):
+                    while raw.count(b"HTTP/1.1 ") < count:
+                        data = await reader.read(65536)
+                        if not data:
+                            break
+                        raw += data
+            writer.close()
+            got = statuses(raw)
+            assert got == [200] * count, (len(got), got[-3:], raw[-300:])
+            assert [int(x.split(b"/p")[1]) for x in re.findall(rb"ok:/p\d+", raw)] == list(range(count))
+
+    run(body, timeout=100)
