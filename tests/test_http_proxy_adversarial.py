@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import re
 import socket
@@ -905,3 +906,73 @@ def test_pipelined_small_heads_after_a_slow_answer_are_not_a_false_431(tmp_path)
             assert [int(x.split(b"/p")[1]) for x in re.findall(rb"ok:/p\d+", raw)] == list(range(count))
 
     run(body, timeout=100)
+
+
+def test_mid_pipeline_hand_back_with_request_bodies(tmp_path):
+    """Between two tunnel requests in one write, an API request with a body (JSON, a body
+    that looks like a request, a chunked one, one past the client buffer): the gateway
+    answers it itself, its body is never parsed as a request, and the tunnel request after
+    it goes to the target with its own body."""
+
+    async def body():
+        async with h11_target(echo_answer) as (port, seen), tunnel_to(tmp_path, port) as (gw, keys, agent, tunnel):
+            base = path_of(tunnel["tunnel_url"])
+            baseline = open_streams(gw)
+            opened = json.dumps({"target_port": port, "tunnel_protocol": "http"}).encode()
+            apis = [
+                (200, (f"POST /api/v1/agents/{agent.agent_id}/tunnel HTTP/1.1\r\nHost: t\r\n"
+                       f"Authorization: Bearer {keys['sk']}\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(opened)}\r\n\r\n").encode() + opened),
+                (405, f"POST /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: {len(SMUGGLED)}\r\n\r\n".encode()
+                 + SMUGGLED),
+                (405, f"POST /api/v1/agents HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      f"{len(SMUGGLED):x}\r\n".encode() + SMUGGLED + b"\r\n0\r\n\r\n"),
+                (405, b"POST /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 300000\r\n\r\n" + b"x" * 300_000),
+            ]
+            for status, api in apis:
+                client = await RawClient.connect(gw.port)
+                await client.send(req(base + "a") + api + req(base + "b", "Content-Length: 3\r\n", "POST") + b"xyz")
+                got = await responses(client, 3)
+                assert got[0] == (200, echoed("GET", "/a")), got
+                assert got[1][0] == status and got[1][1].startswith(b"{"), got[1]
+                assert got[2] == (200, echoed("POST", "/b", b"xyz")), got
+                await client.close()
+            assert [r[1] for s in seen for r in s.requests] == [b"/a", b"/b"] * len(apis)
+            assert await settle(lambda: open_streams(gw) == baseline), (open_streams(gw), baseline)
+
+    run(body, timeout=60)
+
+
+def test_share_refusals_never_reach_the_target(tmp_path):
+    """A GET-only share link: refused POST/PUT (a body that looks like a request, a
+    chunked one, one past the discard limit) after an allowed GET in the same write are
+    answered 405 and their bodies never parsed as requests nor sent to the target. (What
+    comes after a refusal on the same connection: tests/_pending_proxy_findings.py.)"""
+    from tests.test_gateway_e2e import gateway_and_team, running_agent
+    from tests.test_tunnels_api import api, create
+
+    async def body():
+        async with h11_target(echo_answer) as (port, seen), gateway_and_team(tmp_path) as (gw, keys):
+            async with running_agent(gw, keys["ak"], name="web-box") as agent:
+                tunnel = await create(gw, keys["sk"], target=f"127.0.0.1:{port}", agent_id=agent.agent_id,
+                                      name="web", protocol="http")
+                status, _, share = await api(gw, "POST", f"/api/v1/tunnels/{tunnel['id']}/shares", keys["sk"],
+                                             {"name": "ro", "allowed_methods": ["GET"], "expires_in": "1h"})
+                assert status == 201, share
+                prefix = "/s/" + share["share_url"].rsplit("/s/", 1)[1]
+                baseline = open_streams(gw)
+                refused = [req(prefix + "b", f"Content-Length: {len(SMUGGLED)}\r\n", "POST") + SMUGGLED,
+                           req(prefix + "d", "Transfer-Encoding: chunked\r\n", "PUT")
+                           + b"%x\r\n%s\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED),
+                           req(prefix + "big", "Content-Length: 10000000\r\n", "POST") + b"x" * 200_000]
+                for bad in refused:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+                    writer.write(req(prefix + "a") + bad)
+                    raw, eof = await read_all(reader, timeout=10)
+                    writer.close()
+                    assert statuses(raw) == [200, 405] and eof, raw[:300]
+                    assert echoed("GET", "/a") in raw and b"Allow: GET" in raw
+                assert [r[1] for s in seen for r in s.requests] == [b"/a"] * len(refused)
+                assert await settle(lambda: open_streams(gw) == baseline), (open_streams(gw), baseline)
+
+    run(body, timeout=60)
