@@ -399,8 +399,11 @@ def big_or_small(progress: list[int], ended: list[str], size: int, piece: int = 
     return handler
 
 
-def test_a_client_that_never_reads_a_64_mib_response_holds_little_and_blocks_nobody(tmp_path):
-    size = 64 * 1024 * 1024
+def test_a_client_that_never_reads_a_128_mib_response_holds_little_and_blocks_nobody(tmp_path):
+    """What the target can write before everything between stops it is bounded by the
+    mux window and the kernel buffers of the hops (the agent's receive buffer may
+    autotune to several MiB; measured 12-18 MiB here), not by the response (128 MiB)."""
+    size = 128 * 1024 * 1024
     progress, ended = [0], []
 
     async def body():
@@ -410,7 +413,13 @@ def test_a_client_that_never_reads_a_64_mib_response_holds_little_and_blocks_nob
             baseline = open_streams(gw)
             me = psutil.Process()
             rss0 = me.memory_info().rss
-            stalled = await RawClient.connect(gw.port)
+            sock = socket.socket()
+            # A small fixed receive buffer: the client's own kernel buffer is not what
+            # is measured (and does not autotune).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.port))
+            stalled = RawClient(*await asyncio.open_connection(sock=sock))
             await stalled.send(req(base + "big"))  # ... and never read
             # Wait until the target can write no more (everything between is full).
             last = -1
@@ -423,12 +432,12 @@ def test_a_client_that_never_reads_a_64_mib_response_holds_little_and_blocks_nob
             grown = me.memory_info().rss - rss0
             # What left the target sits in kernel buffers, the agent, the mux window and
             # the gateway: a few MiB, not the response.
-            assert held < 24 * 1024 * 1024, held
+            assert held < 40 * 1024 * 1024, held
             assert grown < 48 * 1024 * 1024, grown
             # The same tunnel (same agent session) still answers others.
             others = await asyncio.gather(*(ask(gw.port, base + f"o{i}", 5) for i in range(10)))
             assert all(r == [(200, b"ok")] * 5 for r in others)
-            assert progress[0] < 24 * 1024 * 1024 and not ended
+            assert progress[0] < 40 * 1024 * 1024 and not ended
             await stalled.close()
             assert await settle(lambda: bool(ended)), "the target's connection stayed open"
             assert ended[0].startswith("closed"), ended
