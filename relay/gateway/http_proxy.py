@@ -286,6 +286,42 @@ def _error_body(code: str, message: str) -> bytes:
 _REASONS: dict[int, bytes] = {}
 
 
+class _CountBegins:
+    """Parser protocol counting request starts (for :func:`_request_start`)."""
+
+    def __init__(self) -> None:
+        self.begun = 0
+
+    def on_message_begin(self) -> None:
+        self.begun += 1
+
+
+def _begins(data: bytes) -> int:
+    counter = _CountBegins()
+    try:
+        httptools.HttpRequestParser(counter).feed_data(data)
+    except httptools.HttpParserError:
+        pass  # an upgrade or a limit: the requests before it were counted
+    return counter.begun
+
+
+def _request_start(raw: bytes, index: int) -> int:
+    """Offset in ``raw`` (which begins between two requests) of the first byte of request
+    number ``index`` (0-based), found by parsing prefixes again (a binary search: a
+    hand-back is rare, and this reuses the parser's own idea of where requests end,
+    bodies included); -1 if there is no such request."""
+    lo, hi = 1, len(raw)  # the shortest prefix in which request ``index`` has begun
+    if index < 0 or _begins(raw) <= index:
+        return -1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _begins(raw[:mid]) > index:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo - 1
+
+
 def _reason(status: int) -> bytes:
     reason = _REASONS.get(status)
     if reason is None:
@@ -511,6 +547,8 @@ class _StreamSide:
             elif self._head_at >= 0:
                 self._carry = data[self._head_at:]
             self._head_at = 0
+            if self._carry is not None and len(self._carry) > MAX_HEAD:
+                raise httptools.HttpParserError(f"response head over {MAX_HEAD} bytes")
 
     def take_complete(self) -> bool:
         done, self._complete = self._complete, False
@@ -645,6 +683,7 @@ class ProxyConnection(asyncio.Protocol):
         self._hdrs: list[tuple[bytes, bytes, bytes]] = []
         self._in_head = False
         self._head_bytes = 0  # bytes received while inside one head (a head arriving in pieces)
+        self._framing_bytes = 0  # bytes read in a body that carried no body data
         self._head_size = 0  # the parsed head's size (a head arriving at once)
         self._too_large = False
         self._h_chunked = self._h_body = self._h_expect = False  # framing seen in this head
@@ -652,6 +691,14 @@ class ProxyConnection(asyncio.Protocol):
         # hand-back (see _hand_back); None while every parsed request is resolved.
         self._raw: Optional[list[bytes]] = None
         self._chunk = b""
+        # Where requests start in self._raw, for a hand-back: known only when its first
+        # read began between two requests (``_raw_exact``); then the requests that began
+        # in it are numbered from ``_raw_base`` + 1 (as ``_begun`` counts them).
+        self._raw_exact = False
+        self._raw_base = 0
+        self._in_message = False  # the parser is inside a request (begun, not complete)
+        self._fresh_read = False  # this read began between two requests
+        self._read_base = 0  # requests begun before this read
         self._begun = 0
         self._resolved = 0
         # Reading pauses: the stream has no room / parsed input waits.
@@ -714,6 +761,9 @@ class ProxyConnection(asyncio.Protocol):
             self._raw.append(data)
         self._chunk = data
         begun = self._begun
+        self._fresh_read = not self._in_message
+        self._read_base = begun
+        events = len(self._events)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -731,6 +781,16 @@ class ProxyConnection(asyncio.Protocol):
             if self._head_bytes > MAX_HEAD:
                 self._parse_failed(None)
                 return
+        elif self._in_message and len(self._events) == events:
+            # Inside a request past its head, and the read gave no body byte: chunk-size
+            # lines, extensions or trailers, which the parser buffers until their line
+            # ends. Bounded like a head, so an endless trailer line cannot fill memory.
+            self._framing_bytes += len(data)
+            if self._framing_bytes > MAX_HEAD:
+                self._parse_failed(None)
+                return
+        else:
+            self._framing_bytes = 0
         self._process()
 
     def _parse_failed(self, exc: Optional[BaseException]) -> None:
@@ -791,8 +851,11 @@ class ProxyConnection(asyncio.Protocol):
         self._head_size = 0
         self._h_chunked = self._h_body = self._h_expect = False
         self._begun += 1
+        self._in_message = True
         if self._raw is None:
             self._raw = [self._chunk]
+            self._raw_exact = self._fresh_read
+            self._raw_base = self._read_base
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -827,6 +890,7 @@ class ProxyConnection(asyncio.Protocol):
         self._queued += len(body)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         self._events.append((_END, None))
 
     # -- handling client input, in order
@@ -1418,12 +1482,21 @@ class ProxyConnection(asyncio.Protocol):
         """Give the connection to the gateway's HTTP server, starting with this request:
         the raw bytes from its request line on (kept since its first byte arrived)."""
         raw = b"".join(self._raw) if self._raw is not None else b""
-        start = raw.find(head.method + b" " + head.target + b" ")
+        # This is the oldest request not yet resolved: number _resolved + 1.
+        start = _request_start(raw, self._resolved - self._raw_base) if self._raw_exact else -1
+        if start < 0 or not raw.startswith(head.method + b" ", start):
+            # Its first read began inside an earlier request, so where it starts is not
+            # known; a guess (e.g. searching for its request line) could run bytes of the
+            # earlier request's body as requests. End the connection instead: the answers
+            # so far are out, and a pipelining client retries what was not answered.
+            self._closing = True
+            self._events.clear()
+            self._drop_stream(abort=False)
+            if not self._lost:
+                self.transport.close()
+            return
         pending = self._upgrade_pending
-        if start < 0:  # not kept (cannot happen for a request still unresolved)
-            data = head.serialize()
-        else:
-            data = raw[start:]
+        data = raw[start:]
         if pending:
             data += bytes(pending)
         self._raw = None
