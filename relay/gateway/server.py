@@ -339,8 +339,10 @@ class HttpProtocol(asyncio.Protocol):
         if response.body or response.status not in (204, 304):
             headers.append(("Content-Type", response.content_type))
         headers += list(response.headers.items())
-        if self._h11.their_state is h11.MIGHT_SWITCH_PROTOCOL:
-            # A refused upgrade: the connection is in an ambiguous state, close it after.
+        if self._h11.their_state in (h11.MIGHT_SWITCH_PROTOCOL, h11.SEND_BODY):
+            # A refused upgrade, or a request answered before its body was read (a raw
+            # route refusing at headers time): the connection cannot carry another
+            # request, so say it will close rather than just closing.
             headers.append(("Connection", "close"))
         if response.status == 204:
             headers = [h for h in headers if h[0] != "Content-Length"]
