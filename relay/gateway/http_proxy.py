@@ -190,12 +190,6 @@ class RequestHead:
         """``(lower-case name, value)`` pairs, in order."""
         return [(lname, value) for _, lname, value in self.raw_headers]
 
-    def serialize(self) -> bytes:
-        """The head back as bytes (CRLF line ends)."""
-        lines = [b"%s %s HTTP/%s" % (self.method, self.target, self.http_version)]
-        lines += [name + b": " + value for name, _, value in self.raw_headers]
-        return b"\r\n".join(lines) + b"\r\n\r\n"
-
     def __repr__(self) -> str:
         return f"<RequestHead {self.method!r} {self.target!r}>"
 
