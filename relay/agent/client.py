@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from typing import Any, Optional
 
 from relay import __version__
+from relay.agent.base import AgentBase
 from relay.agent.bind import Binder
 from relay.agent.policy import (  # re-exported: the agent's public names
     AGENT_PATH,
@@ -103,7 +104,7 @@ class _Handshake(asyncio.Protocol):
             self.done.set_result(None)
 
 
-class Agent:
+class Agent(AgentBase):
     """An agent of one team. ``await agent.run()`` serves until cancelled.
 
     ``allow``: ``HOST:PORT`` strings (or pairs) the gateway may reach through us; empty
@@ -115,25 +116,15 @@ class Agent:
                  mux_config: Optional[MuxConfig] = None,
                  backoff_initial: float = 0.5, backoff_max: float = 30.0, jitter: float = 0.2,
                  ssl_context: Optional[ssl.SSLContext] = None) -> None:
-        self.tls, self.host, self.port, self.path, self.gateway_url = parse_gateway_url(gateway_url)
-        self._key = key
-        self.name = name or _default_name()
-        self.labels = sorted(set(labels))
-        self.allow: set[tuple[str, int]] = parse_allowlist(allow)
-        self._mux_config = mux_config
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
-        self.jitter = jitter
-        self._ssl = ssl_context if ssl_context is not None else (ssl.create_default_context() if self.tls else None)
-        #: The id the gateway gave us (from its welcome), once connected.
-        self.agent_id: Optional[str] = None
+        super().__init__(gateway_url, key, name=name, labels=labels, allow=allow, mux_config=mux_config,
+                         backoff_initial=backoff_initial, backoff_max=backoff_max, jitter=jitter,
+                         ssl_context=ssl_context)
         #: The current session while connected.
         self.session: Optional[MuxSession] = None
         #: Set while a session is established (tests and status reporting).
         self.connected = asyncio.Event()
         #: Local ports bound for tunnels on the gateway's request (relay.agent.bind).
         self.binder = Binder()
-        self.state = "idle"
         #: Task handlers by kind (relay.agent.tasks; the CLI adds echo, sleep, count).
         self.tasks = AgentTasks()
         self._newest: Optional[MuxSession] = None
@@ -142,9 +133,6 @@ class Agent:
         #: Declared container services (relay.agent.services.ServiceSpec), sent in the
         #: hello; their targets are allowed implicitly.
         self.services: list[Any] = []
-
-    def __repr__(self) -> str:  # never show the key
-        return f"Agent({self.gateway_url!r}, name={self.name!r})"
 
     # ------------------------------------------------------------------ policy
 
@@ -258,35 +246,7 @@ class Agent:
             self._set_state("disconnected", f"{reason}; retrying in {delay:.1f}s")
             await asyncio.sleep(delay)
 
-    def backoff_delay(self, attempt: int) -> float:
-        """Delay before reconnect attempt ``attempt`` (0-based); see policy.backoff_delay."""
-        return backoff_delay(attempt, self.backoff_initial, self.backoff_max, self.jitter)
-
-    def report_status(self, status: str) -> None:
-        """Tell the gateway our status (``idle``, ``busy`` or ``unhealthy``); ignored
-        while not connected."""
-        if self.session is not None and not self.session.is_closed:
-            self.session.send_control({"type": "status", "status": status})
-
     def close(self) -> None:
         """Drop the current connection (``run`` would reconnect: cancel it to stop)."""
-        if self.session is not None:
-            self.session.abort(ErrorCode.NO_ERROR, "agent stopping")
+        super().close()
         self.binder.close()
-
-    def _set_state(self, state: str, detail: str = "") -> None:
-        if state == self.state and not detail:
-            return
-        self.state = state
-        if state == "connecting":
-            log.info("connecting to %s as %r", self.gateway_url, self.name)
-        elif state == "connected":
-            log.info("connected to %s", self.gateway_url)
-        else:
-            log.info("%s%s", state, f": {detail}" if detail else "")
-
-
-def _default_name() -> str:
-    import socket
-
-    return socket.gethostname() or "agent"

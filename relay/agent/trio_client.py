@@ -29,16 +29,9 @@ from typing import Any, Optional
 import trio
 
 from relay import __version__
-from relay.agent.client import HANDSHAKE_TIMEOUT, STABLE_CONNECTION, AgentAuthError, _default_name
-from relay.agent.policy import (
-    TargetRefused,
-    allowed_by_list,
-    backoff_delay,
-    not_allowed_message,
-    parse_allowlist,
-    parse_gateway_url,
-    parse_target,
-)
+from relay.agent.base import AgentBase
+from relay.agent.client import HANDSHAKE_TIMEOUT, STABLE_CONNECTION, AgentAuthError
+from relay.agent.policy import TargetRefused, allowed_by_list, not_allowed_message, parse_target
 from relay.mux.connection import MuxConfig
 from relay.mux.errors import ErrorCode
 from relay.trio import MuxStream, StreamRefused, TrioMuxSession, WebSocketStream
@@ -58,7 +51,7 @@ WS_CLOSE_TIMEOUT = 5.0
 SPLICE_CHUNK = 64 * 1024
 
 
-class TrioAgent:
+class TrioAgent(AgentBase):
     """An agent of one team on trio. ``await agent.run()`` serves until cancelled.
 
     Arguments as :class:`relay.agent.client.Agent`: ``allow`` holds ``HOST:PORT``
@@ -66,32 +59,21 @@ class TrioAgent:
     ``labels`` are advertised; ``ssl_context`` verifies an https/wss gateway.
     """
 
+    _backend_note = " (trio)"
+
     def __init__(self, gateway_url: str, key: str, *, name: Optional[str] = None,
                  labels: Iterable[str] = (), allow: Iterable[Any] = (),
                  mux_config: Optional[MuxConfig] = None,
                  backoff_initial: float = 0.5, backoff_max: float = 30.0, jitter: float = 0.2,
                  ssl_context: Optional[ssl.SSLContext] = None) -> None:
-        self.tls, self.host, self.port, self.path, self.gateway_url = parse_gateway_url(gateway_url)
-        self._key = key
-        self.name = name or _default_name()
-        self.labels = sorted(set(labels))
-        self.allow: set[tuple[str, int]] = parse_allowlist(allow)
-        self._mux_config = mux_config
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
-        self.jitter = jitter
-        self._ssl = ssl_context if ssl_context is not None else (ssl.create_default_context() if self.tls else None)
-        #: The id the gateway gave us (from its welcome), once connected.
-        self.agent_id: Optional[str] = None
+        super().__init__(gateway_url, key, name=name, labels=labels, allow=allow, mux_config=mux_config,
+                         backoff_initial=backoff_initial, backoff_max=backoff_max, jitter=jitter,
+                         ssl_context=ssl_context)
         #: The current session while connected.
         self.session: Optional[TrioMuxSession] = None
         #: How many sessions were established since start (reconnects = this - 1).
         self.connections = 0
-        self.state = "idle"
         self._connected = trio.Event()
-
-    def __repr__(self) -> str:  # never show the key
-        return f"TrioAgent({self.gateway_url!r}, name={self.name!r})"
 
     # ------------------------------------------------------------------ policy (relay.agent.policy)
 
@@ -117,10 +99,6 @@ class TrioAgent:
         info = {"name": self.name, "labels": self.labels, "version": __version__,
                 "limits": {"max_streams": config.max_streams}}
         return dataclasses.replace(config, info={**config.info, **info})
-
-    def backoff_delay(self, attempt: int) -> float:
-        """Delay before reconnect attempt ``attempt`` (0-based); see policy.backoff_delay."""
-        return backoff_delay(attempt, self.backoff_initial, self.backoff_max, self.jitter)
 
     # ------------------------------------------------------------------ streams
 
@@ -247,27 +225,6 @@ class TrioAgent:
             await trio.lowlevel.checkpoint()
         return self.session
 
-    def report_status(self, status: str) -> None:
-        """Tell the gateway our status (``idle``, ``busy`` or ``unhealthy``); ignored
-        while not connected."""
-        if self.session is not None and not self.session.is_closed:
-            self.session.send_control({"type": "status", "status": status})
-
-    def close(self) -> None:
-        """Drop the current connection (``run`` would reconnect: cancel it to stop)."""
-        if self.session is not None:
-            self.session.abort(ErrorCode.NO_ERROR, "agent stopping")
-
-    def _set_state(self, state: str, detail: str = "") -> None:
-        if state == self.state and not detail:
-            return
-        self.state = state
-        if state == "connecting":
-            log.info("connecting to %s as %r (trio)", self.gateway_url, self.name)
-        elif state == "connected":
-            log.info("connected to %s", self.gateway_url)
-        else:
-            log.info("%s%s", state, f": {detail}" if detail else "")
 
 
 async def splice(stream: MuxStream, local: trio.abc.HalfCloseableStream,

@@ -1,0 +1,81 @@
+"""What both agents hold and do the same way, whatever loop runs them: their settings,
+their state (logged as it changes), status reports and the reconnect delay.
+
+``relay.agent.client.Agent`` (asyncio) and ``relay.agent.trio_client.TrioAgent`` (trio)
+build on :class:`AgentBase` and add their loop's connecting, serving and waiting.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from collections.abc import Iterable
+from typing import Any, Optional
+
+from relay.agent.policy import backoff_delay, parse_allowlist, parse_gateway_url
+from relay.mux.connection import MuxConfig
+from relay.mux.errors import ErrorCode
+
+log = logging.getLogger("relay.agent")
+
+
+class AgentBase:
+    """Settings and shared behaviour of an agent (see the subclasses for the arguments)."""
+
+    #: Appended to the "connecting" log line (which loop runs the agent).
+    _backend_note = ""
+    #: The current session while connected (a MuxSession or a TrioMuxSession).
+    session: Any
+
+    def __init__(self, gateway_url: str, key: str, *, name: Optional[str] = None,
+                 labels: Iterable[str] = (), allow: Iterable[Any] = (),
+                 mux_config: Optional[MuxConfig] = None,
+                 backoff_initial: float = 0.5, backoff_max: float = 30.0, jitter: float = 0.2,
+                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+        self.tls, self.host, self.port, self.path, self.gateway_url = parse_gateway_url(gateway_url)
+        self._key = key
+        self.name = name or _default_name()
+        self.labels = sorted(set(labels))
+        self.allow: set[tuple[str, int]] = parse_allowlist(allow)
+        self._mux_config = mux_config
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.jitter = jitter
+        self._ssl = ssl_context if ssl_context is not None else (ssl.create_default_context() if self.tls else None)
+        #: The id the gateway gave us (from its welcome), once connected.
+        self.agent_id: Optional[str] = None
+        self.session = None
+        self.state = "idle"
+
+    def __repr__(self) -> str:  # never show the key
+        return f"{type(self).__name__}({self.gateway_url!r}, name={self.name!r})"
+
+    def backoff_delay(self, attempt: int) -> float:
+        """Delay before reconnect attempt ``attempt`` (0-based); see policy.backoff_delay."""
+        return backoff_delay(attempt, self.backoff_initial, self.backoff_max, self.jitter)
+
+    def report_status(self, status: str) -> None:
+        """Tell the gateway our status (``idle``, ``busy`` or ``unhealthy``); ignored
+        while not connected."""
+        if self.session is not None and not self.session.is_closed:
+            self.session.send_control({"type": "status", "status": status})
+
+    def close(self) -> None:
+        """Drop the current connection (``run`` would reconnect: cancel it to stop)."""
+        if self.session is not None:
+            self.session.abort(ErrorCode.NO_ERROR, "agent stopping")
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        if state == self.state and not detail:
+            return
+        self.state = state
+        if state == "connecting":
+            log.info("connecting to %s as %r%s", self.gateway_url, self.name, self._backend_note)
+        elif state == "connected":
+            log.info("connected to %s", self.gateway_url)
+        else:
+            log.info("%s%s", state, f": {detail}" if detail else "")
+
+
+def _default_name() -> str:
+    return socket.gethostname() or "agent"
