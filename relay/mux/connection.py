@@ -31,7 +31,6 @@ from relay.mux.errors import (
 from relay.mux.events import (
     ConnectionTerminated,
     ControlReceived,
-    DataReceived,
     Event,
     GoAwayReceived,
     HelloReceived,
@@ -40,6 +39,7 @@ from relay.mux.events import (
     StreamEnded,
     StreamOpened,
     StreamReset,
+    data_received,
 )
 from relay.mux.flow import ReceiveWindow
 from relay.mux.frames import (
@@ -72,6 +72,7 @@ _WINDOW_UPDATE = int(FrameType.WINDOW_UPDATE)
 _SETTINGS = int(FrameType.SETTINGS)
 _OPEN = StreamState.OPEN
 _HALF_CLOSED_LOCAL = StreamState.HALF_CLOSED_LOCAL
+_HALF_CLOSED_REMOTE = StreamState.HALF_CLOSED_REMOTE
 _pack_u32 = _U32.pack
 _FIN = int(Flag.FIN)
 _ACK = int(Flag.ACK)
@@ -227,8 +228,8 @@ class MuxConnection:
     def writable(self, stream_id: int) -> bool:
         """True while the stream's send queue is below ``send_queue_limit``."""
         stream = self._streams.get(stream_id)
-        return (stream is not None and stream.can_send and (stream.local or stream.answered)
-                and stream.queued < self.config.send_queue_limit)
+        return (stream is not None and (stream.state is _OPEN or stream.state is _HALF_CLOSED_REMOTE)
+                and (stream.local or stream.answered) and stream.queued < self.config.send_queue_limit)
 
     def send_window(self, stream_id: int) -> int:
         """Bytes this side may send on the stream right now (stream and session window)."""
@@ -309,15 +310,19 @@ class MuxConnection:
         stream.answered = True
         self.reset_stream(stream_id, error_code, message)
 
-    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool = False) -> None:
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool = False) -> bool:
         """Queue ``data`` on the stream; ``end_stream`` half-closes after it.
 
         ``bytes`` are queued without copying; other buffers are copied, since the caller
         may reuse them. Raises :class:`LocalProtocolError` if the stream's send queue is
-        already at ``send_queue_limit`` (wait for :meth:`writable_streams`).
+        already at ``send_queue_limit`` (wait for :meth:`writable_streams`). Returns
+        whether more may follow at once: the send queue is below its limit and there is
+        send window (both the stream's and the session's), as :meth:`writable` and
+        :meth:`send_window` would say.
         """
         stream = self._streams.get(stream_id)
-        if stream is None or not stream.can_send:
+        # Stream.can_send, inlined: this runs for every write.
+        if stream is None or (stream.state is not _OPEN and stream.state is not _HALF_CLOSED_REMOTE):
             raise StreamClosedError(stream_id, "cannot send on a stream closed for sending")
         if not stream.local and not stream.answered:
             raise LocalProtocolError(f"stream {stream_id} must be accepted before sending")
@@ -339,6 +344,8 @@ class MuxConnection:
                 self._ready.append(stream_id)
         if end_stream:
             self._end_local(stream)
+            return False
+        return not stream.blocked and stream.send_credit > 0 and self._session_send_credit > 0
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close the stream: the peer sees EOF after the data already queued."""
@@ -375,16 +382,20 @@ class MuxConnection:
         if stream.unacked:
             self.acknowledge_received_data(stream_id, stream.unacked)
 
-    def acknowledge_received_data(self, stream_id: int, n: int) -> None:
-        """The application consumed ``n`` bytes of the stream: grant the peer more window."""
+    def acknowledge_received_data(self, stream_id: int, n: int) -> bool:
+        """The application consumed ``n`` bytes of the stream: grant the peer more window.
+
+        Returns whether that queued a WINDOW_UPDATE (then :meth:`data_to_send` has it);
+        usually not, since updates are batched."""
         stream = self._streams.get(stream_id)
         if stream is None or n <= 0:
             if n < 0:
                 raise LocalProtocolError("cannot acknowledge a negative amount")
-            return  # nothing to do, or the stream closed and was credited in full
+            return False  # nothing to do, or the stream closed and was credited in full
         if n > stream.unacked:
             raise LocalProtocolError(f"stream {stream_id}: acknowledged {n} bytes, only {stream.unacked} outstanding")
         stream.unacked -= n
+        queued = False
         state = stream.state
         if state is _OPEN or state is _HALF_CLOSED_LOCAL:
             if self.rtt is not None and self.now is not None:
@@ -393,11 +404,14 @@ class MuxConnection:
                 increment = stream.recv.consumed(n)
             if increment:
                 self._queue_control(encode_frame(_WINDOW_UPDATE, 0, stream_id, _pack_u32(increment)))
+                queued = True
         elif state is StreamState.CLOSED and stream.unacked == 0 and not stream.fin_pending:
             self._forget(stream)  # finished both ways and nothing left to acknowledge
         increment = self._session_recv.consumed(n)
         if increment:
             self._queue_control(encode_frame(_WINDOW_UPDATE, 0, 0, _pack_u32(increment)))
+            queued = True
+        return queued
 
     def _consumed_tuned(self, recv: ReceiveWindow, n: int) -> int:
         """Consume ``n`` bytes of a stream with auto-tuning; returns the increment to send.
@@ -414,7 +428,7 @@ class MuxConnection:
         target = self._tuned_window
         if recv.epoch_test(n, self.now, self.rtt):
             target = max(target, min(2 * recv.window, cfg.max_window))
-        target = min(target, self._fair_window())
+        target = min(target, self._fair if self.now < self._fair_until else self._fair_window())
         self._tuned_window = target
         committed = recv.window + recv.debt
         if target != recv.window:
@@ -600,7 +614,9 @@ class MuxConnection:
             self._fail(error)
             error.events = self._take_events()
             raise error from exc
-        return self._take_events()
+        events = self._events  # _take_events, inlined: once per read
+        self._events = []
+        return events
 
     def _take_events(self) -> list[Event]:
         events = self._events
@@ -654,13 +670,13 @@ class MuxConnection:
                 self._half_closed[stream_id] = self.now
         if flags & _FIN:
             if n:
-                self._events.append(DataReceived(stream_id=stream_id, data=payload, flow_controlled_length=n, end_stream=True))
+                self._events.append(data_received(stream_id, payload, n, True))
             self._events.append(StreamEnded(stream_id=stream_id))
             self._receiving.pop(stream_id, None)  # it receives nothing more
             if stream.transition(StreamInput.RECV_FIN) is StreamState.CLOSED:
                 self._closed_cleanly(stream)
         elif n:
-            self._events.append(DataReceived(stream_id=stream_id, data=payload, flow_controlled_length=n))
+            self._events.append(data_received(stream_id, payload, n))
 
     def _on_window_update(self, flags: int, stream_id: int, payload: Any) -> None:
         if len(payload) != 4:
@@ -870,7 +886,7 @@ class MuxConnection:
             return None
         cfg = self.config
         # Without the peer's SETTINGS no PING can be sent, so only the timeout is due.
-        waiting = self._ping_sent or not self.established
+        waiting = self._ping_sent or self.peer_settings is None  # or not established
         deadline = self._last_received + (cfg.keepalive_timeout if waiting else cfg.keepalive_interval)
         if self._half_closed:
             deadline = min(deadline, next(iter(self._half_closed.values())) + cfg.half_closed_timeout)
