@@ -294,7 +294,14 @@ class MuxSession(StreamEventRouter, asyncio.Protocol):
         except ProtocolError as exc:
             self._protocol_failed(exc)
             return
-        self._handle_events(events)
+        # _handle_events, inlined: this runs for every message received.
+        try:
+            session_events = self._route_stream_events(events)
+            if session_events:
+                self._dispatch_session_events(session_events)
+        finally:
+            if self._pending_splices:
+                self._write_pending_splices()
         if self._error is None:
             conn = self._conn
             # A flush only when there is something for it to do: frames to send (window
@@ -352,6 +359,8 @@ class MuxSession(StreamEventRouter, asyncio.Protocol):
                 writelines(parts)
             else:
                 write(b"".join(parts))
+            if not conn.has_data_to_send:
+                break
         else:
             self._schedule_flush()  # more may be waiting: continue after other callbacks
         streams = self._streams
@@ -369,9 +378,8 @@ class MuxSession(StreamEventRouter, asyncio.Protocol):
     def _acknowledge(self, stream_id: int, n: int) -> None:
         """The application consumed ``n`` bytes of the stream: grant window (on flush)."""
         if n and self._error is None:
-            conn = self._conn
-            conn.acknowledge_received_data(stream_id, n)
-            if conn.has_data_to_send:  # usually not: updates are batched (quarter rule)
+            # Usually nothing to flush: updates are batched (the quarter rule).
+            if self._conn.acknowledge_received_data(stream_id, n):
                 self._schedule_flush()
 
     # ------------------------------------------------------------------ events
@@ -387,13 +395,15 @@ class MuxSession(StreamEventRouter, asyncio.Protocol):
 
     def _handle_events(self, events: list) -> None:
         try:
-            self._dispatch_events(events)
+            session_events = self._route_stream_events(events)
+            if session_events:
+                self._dispatch_session_events(session_events)
         finally:
             if self._pending_splices:
                 self._write_pending_splices()
 
-    def _dispatch_events(self, events: list) -> None:
-        for event in self._route_stream_events(events):
+    def _dispatch_session_events(self, events: list) -> None:
+        for event in events:
             kind = type(event)
             if kind is ControlReceived:
                 self._on_control_received(event.message)

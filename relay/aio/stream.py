@@ -280,18 +280,24 @@ class MuxStream:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Queue ``data``; follow with ``await drain()`` to respect backpressure."""
+        self._send(data)
+
+    def _send(self, data: bytes | bytearray | memoryview) -> bool:
+        """:meth:`write`; returns whether the stream can take more at once (its send
+        queue has room and it has send window), which a splice needs after every read."""
         if self._exc is not None:
             raise self._exc
         if self._eof_requested:
             raise RuntimeError("write() after write_eof() or close()")
         if not data:
-            return
+            return True
         self.bytes_sent += len(data)
         if self._pending or not self._conn.writable(self.stream_id):
             self._pending.append(bytes(data))
-            return
-        self._conn.send_data(self.stream_id, data)
+            return False
+        more = self._conn.send_data(self.stream_id, data)
         self._session._schedule_flush()
+        return more
 
     def writelines(self, data: Any) -> None:
         for chunk in data:
@@ -581,13 +587,13 @@ class StreamSplice(asyncio.Protocol):
         stream._attach_sink(self)
 
     def data_received(self, data: bytes) -> None:
-        stream = self.stream
         try:
-            stream.write(data)
+            more = self.stream._send(data)
         except (ConnectionError, RuntimeError, StreamClosedError):
             self.transport.abort()  # the stream is gone: nowhere to put these bytes
             return
-        self._pause_if_blocked()
+        if not more:
+            self._pause_if_blocked()
 
     def eof_received(self) -> bool:
         self._local_eof = True

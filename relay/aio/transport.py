@@ -125,8 +125,8 @@ class WebSocketTransport(asyncio.Protocol):
             self._transport.write(ws.encode_frame_parts(_BINARY, parts, mask=True))
         else:
             parts = list(parts)
-            header = ws.encode_header(_BINARY, sum(map(len, parts)))
-            self._transport.writelines([header, *parts])
+            parts.insert(0, ws.encode_header(_BINARY, sum(map(len, parts))))
+            self._transport.writelines(parts)
 
     def close(self) -> None:
         self._send_close(self._ws.CloseCode.NORMAL)
@@ -166,7 +166,7 @@ class WebSocketTransport(asyncio.Protocol):
             return
         session = self.session
         for opcode, payload in messages:
-            if opcode == ws.Opcode.BINARY:
+            if opcode == _BINARY:
                 session.data_received(payload)
             elif opcode == ws.Opcode.PING:
                 self._transport.write(ws.encode_frame(ws.Opcode.PONG, payload, mask=self._client))
