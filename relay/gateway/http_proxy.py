@@ -273,6 +273,47 @@ def _header_pairs(block: bytes) -> Headers:
     return pairs
 
 
+def _rewrite_response_head(status: int, reason: bytes, block: bytes, no_body: bool, close: bool,
+                           http11: bool) -> tuple[bytes, bool, bool, bool]:
+    """A target's response head (``block``: its header lines, each after a CRLF) as sent
+    to the client: hop-by-hop headers taken out, framing re-declared for a body that is
+    not ``Content-Length`` framed. Returns ``(head, rechunk, until_eof, close)``."""
+    lower = block.lower()
+    framing = None  # b"length" | b"chunked"
+    if b"\r\ncontent-length:" in lower:
+        framing = b"length"
+    elif b"\r\ntransfer-encoding:" in lower:
+        framing = b"chunked"
+    listed: set[bytes] = set()
+    if b"\r\nconnection:" in lower:
+        for value in _CONNECTION_VALUES.findall(lower):
+            value = value.strip()
+            if value not in _CONNECTION_PLAIN:  # "keep-alive", "close": nothing listed
+                listed |= _tokens(value)
+        listed -= _CONNECTION_PLAIN
+    if listed or b"\r\n " in block or b"\r\n\t" in block:
+        # Rare: headers the target marked hop-by-hop, or folded lines. Line by line.
+        kept = [b"\r\n%s: %s" % (n, v) for n, v in _header_pairs(block)
+                if not _is_hop_by_hop(n.lower(), listed)]
+        block = b"".join(kept)
+    else:
+        block = _HOP_BY_HOP_LINE.sub(b"", block)  # one pass in C
+    parts = [b"HTTP/1.1 %d %s" % (status, reason), block, b"\r\n"]
+    rechunk = until_eof = False
+    if not no_body and framing != b"length":
+        if framing is None:
+            until_eof = True  # framed by the target closing the connection
+        if http11:
+            rechunk = True
+            parts.append(b"transfer-encoding: chunked\r\n")
+        else:
+            close = True
+    if close:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts), rechunk, until_eof, close
+
+
 def _error_body(code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message}}).encode()
 
@@ -724,6 +765,7 @@ class ProxyConnection(asyncio.Protocol):
         self._side: Optional[_StreamSide] = None  # the stream to the target, reused
         self._out: list[bytes] = []  # response bytes for the client, written once per batch
         self._close_after = False  # the response to the client is framed by closing
+        self._head_cache: Optional[tuple] = None  # the last response head rewritten (see _response_head)
         self._joined: Optional[ProxyStats] = None  # the stats whose clients we were last added to
         self._idle_since = 0.0
         self._idle_timer: Optional[asyncio.TimerHandle] = None
@@ -1288,45 +1330,25 @@ class ProxyConnection(asyncio.Protocol):
         if exchange is None:
             return
         exchange.started = True
-        lower = block.lower()
-        framing = None  # b"length" | b"chunked"
-        if b"\r\ncontent-length:" in lower:
-            framing = b"length"
-        elif b"\r\ntransfer-encoding:" in lower:
-            framing = b"chunked"
-        listed: set[bytes] = set()
-        if b"\r\nconnection:" in lower:
-            for value in _CONNECTION_VALUES.findall(lower):
-                value = value.strip()
-                if value not in _CONNECTION_PLAIN:  # "keep-alive", "close": nothing listed
-                    listed |= _tokens(value)
-            listed -= _CONNECTION_PLAIN
-        if listed or b"\r\n " in block or b"\r\n\t" in block:
-            # Rare: headers the target marked hop-by-hop, or folded lines. Line by line.
-            kept = [b"\r\n%s: %s" % (n, v) for n, v in _header_pairs(block)
-                    if not _is_hop_by_hop(n.lower(), listed)]
-            block = b"".join(kept)
-        else:
-            block = _HOP_BY_HOP_LINE.sub(b"", block)  # one pass in C
-        parts = [b"HTTP/1.1 %d %s" % (status, reason), block, b"\r\n"]
         no_body = exchange.is_head or status in (204, 304)
-        side._rechunk = False
-        side._until_eof = False
         close = not self._req_keep_alive
-        if not no_body and framing != b"length":
-            if framing is None:
-                side._until_eof = True  # framed by the target closing the connection
-            if self._req_http11:
-                side._rechunk = True
-                parts.append(b"transfer-encoding: chunked\r\n")
-            else:
-                close = True
+        http11 = self._req_http11
+        # The rewrite depends only on these and the header block: a target sends the same
+        # block again and again (until its Date moves), so the last one is remembered.
+        cached = self._head_cache
+        if (cached is not None and cached[0] == block and cached[1] == status and cached[2] == reason
+                and cached[3] == no_body and cached[4] == close and cached[5] == http11):
+            head, rechunk, until_eof, close = cached[6]
+        else:
+            head, rechunk, until_eof, close2 = _rewrite_response_head(status, reason, block, no_body, close, http11)
+            self._head_cache = (block, status, reason, no_body, close, http11, (head, rechunk, until_eof, close2))
+            close = close2
+        side._rechunk = rechunk
+        side._until_eof = until_eof
         if close:
-            parts.append(b"connection: close\r\n")
             self._close_after = True
-        parts.append(b"\r\n")
-        self._out.append(b"".join(parts))
-        exchange.keep_target = side.parser.should_keep_alive() and not side._until_eof
+        self._out.append(head)
+        exchange.keep_target = not until_eof and side.parser.should_keep_alive()
 
     def _response_body(self, body: bytes, rechunk: bool) -> None:
         exchange = self._exchange
