@@ -45,6 +45,10 @@ STATS_PATH = "/_relay/stats"
 SESSION_CACHE = 4096
 #: Router answers remembered per (method, path after the token) (starts over when full).
 ROUTE_CACHE = 4096
+#: Resolver answers remembered per (method, request-target) (starts over when full),
+#: for request-targets up to ANSWER_TARGET bytes (so the cache stays a few MiB).
+ANSWER_CACHE = 4096
+ANSWER_TARGET = 1024
 
 
 class HttpTunnels:
@@ -66,6 +70,12 @@ class HttpTunnels:
         #: Per access token, what its requests' Upstreams share (see _upstream_parts);
         #: rebuilt when the session row or the agent's connection changes.
         self._parts: dict[str, tuple] = {}
+        #: Per (method, request-target), the last Upstream answered and what it depends
+        #: on: ``(upstream, agent session, store's tunnel_sessions_version, registry
+        #: version)``. While neither version moved and the session is open, the lookups
+        #: behind it (token, session row, agent, parts) give the same answer, so the
+        #: repeated requests of a keep-alive client get the same object, rebuilt never.
+        self._answers: dict[tuple[bytes, bytes], tuple] = {}
 
     def install(self) -> None:
         """Add the routes to the gateway's router."""
@@ -104,6 +114,29 @@ class HttpTunnels:
     def _resolve(self, request: RequestHead) -> Optional[Upstream]:
         """Where a request on a proxy connection goes (None: another route's, e.g. the
         admin endpoints or the API, which the gateway's HTTP server answers)."""
+        key = (request.method, request.target)
+        gateway = self._gateway
+        hit = self._answers.get(key)
+        if hit is not None:
+            upstream, session, sessions_version, agents_version = hit
+            if (sessions_version == gateway.store.tunnel_sessions_version
+                    and agents_version == gateway.registry.version and not session.is_closed):
+                return upstream
+        sessions_version = gateway.store.tunnel_sessions_version
+        agents_version = gateway.registry.version
+        answer = self._resolve_fully(request)
+        if answer is None:
+            return None
+        upstream, session = answer
+        if len(request.target) <= ANSWER_TARGET:
+            answers = self._answers
+            if len(answers) >= ANSWER_CACHE:
+                answers.clear()
+            answers[key] = (upstream, session, sessions_version, agents_version)
+        return upstream
+
+    def _resolve_fully(self, request: RequestHead) -> Optional[tuple[Upstream, "MuxSession"]]:
+        """:meth:`_resolve` without the answer cache: ``(upstream, agent session)``."""
         target = request.target
         if target.startswith((b"http://", b"https://")):  # absolute-form: keep the path
             slash = target.find(b"/", target.find(b"//") + 2)
@@ -142,7 +175,7 @@ class HttpTunnels:
             self._parts[token] = parts
         _, _, open_stream, key, headers, host, stats = parts
         return Upstream(open_stream=open_stream, key=key, target=target[end:], headers=headers,
-                        host=host, stats=stats)
+                        host=host, stats=stats), session
 
     def _upstream_parts(self, row: TunnelSession, session: "MuxSession", prefix: bytes) -> tuple:
         """What every request to one session through one agent connection shares:
