@@ -766,6 +766,7 @@ class ProxyConnection(asyncio.Protocol):
         self._out: list[bytes] = []  # response bytes for the client, written once per batch
         self._close_after = False  # the response to the client is framed by closing
         self._head_cache: Optional[tuple] = None  # the last response head rewritten (see _response_head)
+        self._fwd_cache: Optional[tuple] = None  # the last request header lines built (see _forward_head)
         self._joined: Optional[ProxyStats] = None  # the stats whose clients we were last added to
         self._idle_since = 0.0
         self._idle_timer: Optional[asyncio.TimerHandle] = None
@@ -1109,9 +1110,32 @@ class ProxyConnection(asyncio.Protocol):
         """The request head for the target, as one join: hop-by-hop dropped,
         ``X-Forwarded-*`` set, the upgrade re-declared for a handshake, framing
         re-declared for a chunked body."""
+        target = upstream.target
+        if type(target) is not bytes or _CTL.search(target) or b" " in target:
+            raise ProxyError(500, "internal_error", "the proxy built an invalid request")
+        # The header lines depend only on the client's headers, what the resolver adds and
+        # the framing: a keep-alive client repeats them, so the last ones are remembered
+        # (compared by value with what was checked and built).
+        raw_headers = head.raw_headers
+        try:  # headers as a tuple: a snapshot, compared by value with what was checked
+            extras = (tuple(upstream.headers), upstream.host, upstream.host_override, upstream.drop_headers)
+        except TypeError:
+            raise ProxyError(500, "internal_error", "the proxy built an invalid request") from None
+        cached = self._fwd_cache
+        if (cached is not None and cached[1] == extras and cached[2] == exchange.chunked
+                and cached[0] == raw_headers):
+            exchange.upgrade = cached[4]
+            return b"".join((head.method, b" ", target, b" HTTP/1.1\r\n", cached[3]))
         if not _resolver_values_clean(upstream):
             raise ProxyError(500, "internal_error", "the proxy built an invalid request")
-        parts = [head.method, b" ", upstream.target, b" HTTP/1.1\r\n"]
+        lines = self._header_lines(head, upstream, exchange)
+        if type(extras[3]) is frozenset:  # (a mutable set could change under the snapshot)
+            self._fwd_cache = (list(raw_headers), extras, exchange.chunked, lines, exchange.upgrade)
+        return b"".join((head.method, b" ", target, b" HTTP/1.1\r\n", lines))
+
+    def _header_lines(self, head: RequestHead, upstream: Upstream, exchange: _Exchange) -> bytes:
+        """The forwarded request's header lines and the blank line (see _forward_head)."""
+        parts: list[bytes] = []
         special = _REQUEST_SPECIAL
         drop = upstream.drop_headers
         listed: Optional[set[bytes]] = None
@@ -1134,12 +1158,13 @@ class ProxyConnection(asyncio.Protocol):
                     parts += (name, b": ", value, b"\r\n")
                 continue
             parts += (name, b": ", value, b"\r\n")
+        exchange.upgrade = None
         if listed:
             listed.discard(b"")
             if listed - {b"close", b"keep-alive", b"upgrade"}:
                 # Headers the client marked hop-by-hop: take them out again.
-                kept = [head.method, b" ", upstream.target, b" HTTP/1.1\r\n"]
-                for i in range(4, len(parts), 4):
+                kept: list[bytes] = []
+                for i in range(0, len(parts), 4):
                     if parts[i].lower() not in listed:
                         kept += parts[i:i + 4]
                 parts = kept
