@@ -521,8 +521,11 @@ class _StreamSide:
 
     def on_body(self, body: bytes) -> None:
         conn = self.conn
-        if conn is not None:
-            conn._response_body(body, self._rechunk)
+        if conn is not None:  # (the connection's part, inlined: this runs per body piece)
+            exchange = conn._exchange
+            if exchange is not None:
+                exchange.stats.bytes_out += len(body)
+            conn._out.append(b"%x\r\n%s\r\n" % (len(body), body) if self._rechunk else body)
 
     def on_message_complete(self) -> None:
         self._mid = False
@@ -584,10 +587,6 @@ class _StreamSide:
             self._head_at = 0
             if self._carry is not None and len(self._carry) > MAX_HEAD:
                 raise httptools.HttpParserError(f"response head over {MAX_HEAD} bytes")
-
-    def take_complete(self) -> bool:
-        done, self._complete = self._complete, False
-        return done
 
     def _mux_eof(self) -> None:
         self._write_out()  # the data that came before the FIN goes first
@@ -958,8 +957,9 @@ class ProxyConnection(asyncio.Protocol):
                 else:
                     self._client_error(value)
                 return
-        if not self._detached and not self._lost:
-            self._update_queue_pause()
+        if (self._paused_queue or events or self._upgrade_pending is not None) and not self._detached \
+                and not self._lost:
+            self._update_queue_pause()  # (nothing waits in the steady state: no call)
 
     def _start_request(self, head: RequestHead, keep_alive: bool, chunked: bool, has_body: bool,
                        expect: bool) -> None:
@@ -1028,7 +1028,9 @@ class ProxyConnection(asyncio.Protocol):
                 return
             self._hand_back(head)
             return
-        self._resolved_one()
+        resolved = self._resolved = self._resolved + 1  # (_resolved_one, inlined)
+        if resolved >= self._begun:
+            self._raw = None
         stats = upstream.stats
         if self._joined is not stats:  # WeakSet.add makes a weakref every call
             stats.clients.add(self)
@@ -1052,6 +1054,14 @@ class ProxyConnection(asyncio.Protocol):
         if side is not None:
             if side.key == upstream.key and side.failed is None and not side.eof:
                 exchange.reused = True
+                if not exchange.has_body:  # the steady state: _write_head, inlined
+                    try:
+                        side.stream.write(exchange.sent)
+                    except (ConnectionError, RuntimeError, SessionClosedError) as exc:
+                        self._upstream_failed(side, exc)
+                        return
+                    exchange.request_done = True
+                    return
             else:
                 self._drop_stream(abort=False)
                 side = None
@@ -1320,7 +1330,8 @@ class ProxyConnection(asyncio.Protocol):
             offset, side._upgrade_offset = side._upgrade_offset, -1
             self._switch(side, exchange, data[offset:], n)
             return
-        done = side.take_complete()
+        done = side._complete
+        side._complete = False
         self._flush(side, n)
         if done:
             self._response_complete(exchange, side)
@@ -1375,15 +1386,6 @@ class ProxyConnection(asyncio.Protocol):
         self._out.append(head)
         exchange.keep_target = not until_eof and side.parser.should_keep_alive()
 
-    def _response_body(self, body: bytes, rechunk: bool) -> None:
-        exchange = self._exchange
-        if exchange is not None:
-            exchange.stats.bytes_out += len(body)
-        if rechunk:
-            self._out.append(b"%x\r\n%s\r\n" % (len(body), body))
-        else:
-            self._out.append(body)
-
     def _response_complete(self, exchange: _Exchange, side: _StreamSide) -> None:
         exchange.response_done = True
         side.used = True
@@ -1406,7 +1408,13 @@ class ProxyConnection(asyncio.Protocol):
 
     def _finish_exchange(self, exchange: _Exchange) -> None:
         """Both the request and the response are complete: ready for the next request."""
-        self._end_exchange(exchange, keep_stream=True)
+        if self._exchange is exchange:  # _end_exchange(keep_stream=True), inlined
+            self._exchange = None
+            exchange.stats.active_requests -= 1
+            if exchange.grace is not None:
+                exchange.grace.cancel()
+            if not exchange.response_done:
+                self._drop_stream(abort=True)
         self._maybe_next()
 
     def _end_exchange(self, exchange: _Exchange, keep_stream: bool) -> None:
