@@ -14,6 +14,7 @@ def _all_compiled() -> bool:
         from relay import ws as _ws  # noqa: F401 - loads the WebSocket framer selection
     except ImportError:
         pass
+    _ext.load_compiled_sources()
     return bool(_ext.LOADED) and all(_ext.LOADED.values())
 
 

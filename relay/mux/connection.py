@@ -41,6 +41,11 @@ from relay.mux.events import (
     StreamReset,
     data_received,
 )
+try:
+    import cython
+except ImportError:  # the pure-Python core runs without Cython installed
+    from relay.mux import _cython_shim as cython  # type: ignore[no-redef]
+
 from relay.mux.flow import ReceiveWindow
 from relay.mux.frames import (
     SUPPORTED_VERSIONS,
@@ -310,6 +315,7 @@ class MuxConnection:
         stream.answered = True
         self.reset_stream(stream_id, error_code, message)
 
+    @cython.locals(stream=Stream, recv=ReceiveWindow)
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool = False) -> bool:
         """Queue ``data`` on the stream; ``end_stream`` half-closes after it.
 
@@ -382,6 +388,7 @@ class MuxConnection:
         if stream.unacked:
             self.acknowledge_received_data(stream_id, stream.unacked)
 
+    @cython.locals(stream=Stream, recv=ReceiveWindow)
     def acknowledge_received_data(self, stream_id: int, n: int) -> bool:
         """The application consumed ``n`` bytes of the stream: grant the peer more window.
 
@@ -413,6 +420,7 @@ class MuxConnection:
             queued = True
         return queued
 
+    @cython.locals(stream=Stream, recv=ReceiveWindow)
     def _consumed_tuned(self, recv: ReceiveWindow, n: int) -> int:
         """Consume ``n`` bytes of a stream with auto-tuning; returns the increment to send.
 
@@ -525,6 +533,7 @@ class MuxConnection:
             self._schedule_data(out, size, max_bytes)
         return out
 
+    @cython.locals(stream=Stream, recv=ReceiveWindow, n=cython.longlong, session=cython.longlong)
     def _schedule_data(self, out: list, size: int, max_bytes: Optional[int]) -> int:
         """Round-robin: one DATA frame per ready stream per turn, within both windows."""
         ready = self._ready
@@ -623,6 +632,7 @@ class MuxConnection:
         self._events = []
         return events
 
+    @cython.locals(stream=Stream, recv=ReceiveWindow, session=ReceiveWindow)
     def _on_data(self, flags: int, stream_id: int, payload: Any) -> None:
         # The hottest path of the receiver: checks are inlined on purpose.
         n = len(payload)
