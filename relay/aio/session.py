@@ -313,7 +313,11 @@ class MuxSession(StreamEventRouter, asyncio.Protocol):
                 self._schedule_flush()
             if self._blocked_readers:  # a WINDOW_UPDATE may have reopened their window
                 self._resume_blocked_readers()
-            self._reschedule_timer()
+            # _reschedule_timer's common case, inlined: an armed timer that fires no
+            # later than the core's deadline stays as it is.
+            deadline = conn.next_deadline()
+            if self._timer is None or deadline is None or deadline < self._timer_when:
+                self._reschedule_timer()
 
     def eof_received(self) -> None:
         self._handle_events(self._conn.receive_data(b""))

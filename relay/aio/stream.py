@@ -565,6 +565,8 @@ class StreamSplice(asyncio.Protocol):
 
     def __init__(self, stream: MuxStream) -> None:
         self.stream = stream
+        self._session = stream._session
+        self._stream_id = stream.stream_id
         self.transport: Optional[asyncio.Transport] = None
         self._write_paused = False
         self._held = 0  # bytes written to the paused local transport, not yet acknowledged
@@ -635,7 +637,7 @@ class StreamSplice(asyncio.Protocol):
         # Collected, not written: the session calls _write_out once the events of this
         # read are handled, so a received batch of frames costs one write.
         if not self._out:
-            self.stream._session._pending_splices.append(self)
+            self._session._pending_splices.append(self)
         self._out.append(data)
         self._out_n += n
 
@@ -648,7 +650,7 @@ class StreamSplice(asyncio.Protocol):
         self._out_n = 0
         transport = self.transport
         if transport.is_closing():
-            self.stream._session._acknowledge(self.stream.stream_id, n)
+            self._session._acknowledge(self._stream_id, n)
             return
         if len(out) == 1:
             transport.write(out[0])
@@ -657,7 +659,7 @@ class StreamSplice(asyncio.Protocol):
         if self._write_paused:  # possibly paused by this very write
             self._held += n
         else:
-            self.stream._session._acknowledge(self.stream.stream_id, n)
+            self._session._acknowledge(self._stream_id, n)
 
     def _mux_eof(self) -> None:
         self._write_out()  # the data that came before the FIN goes first
