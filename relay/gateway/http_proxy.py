@@ -766,6 +766,7 @@ class ProxyConnection(asyncio.Protocol):
         self._close_after = False  # the response to the client is framed by closing
         self._head_cache: Optional[tuple] = None  # the last response head rewritten (see _response_head)
         self._fwd_cache: Optional[tuple] = None  # the last request header lines built (see _forward_head)
+        self._clean_target: Optional[bytes] = None  # the last upstream request-target found clean
         self._joined: Optional[ProxyStats] = None  # the stats whose clients we were last added to
         self._idle_since = 0.0
         self._idle_timer: Optional[asyncio.TimerHandle] = None
@@ -1121,8 +1122,10 @@ class ProxyConnection(asyncio.Protocol):
         ``X-Forwarded-*`` set, the upgrade re-declared for a handshake, framing
         re-declared for a chunked body."""
         target = upstream.target
-        if type(target) is not bytes or _CTL.search(target) or b" " in target:
-            raise ProxyError(500, "internal_error", "the proxy built an invalid request")
+        if target is not self._clean_target:  # (the same bytes object: checked already)
+            if type(target) is not bytes or _CTL.search(target) or b" " in target:
+                raise ProxyError(500, "internal_error", "the proxy built an invalid request")
+            self._clean_target = target
         # The header lines depend only on the client's headers, what the resolver adds and
         # the framing: a keep-alive client repeats them, so the last ones are remembered
         # (compared by value with what was checked and built).
