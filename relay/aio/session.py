@@ -294,14 +294,7 @@ class MuxSession(StreamEventRouter, asyncio.Protocol):
         except ProtocolError as exc:
             self._protocol_failed(exc)
             return
-        # _handle_events, inlined: this runs for every message received.
-        try:
-            session_events = self._route_stream_events(events)
-            if session_events:
-                self._dispatch_session_events(session_events)
-        finally:
-            if self._pending_splices:
-                self._write_pending_splices()
+        self._handle_events(events)
         if self._error is None:
             conn = self._conn
             # A flush only when there is something for it to do: frames to send (window
