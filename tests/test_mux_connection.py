@@ -1105,3 +1105,16 @@ def test_max_bytes_bounds_the_data_payload_per_call() -> None:
         assert 0 < payload <= 2500
         total += payload
     assert total == 15 * KiB
+
+
+@pytest.mark.parametrize("key,value", [("initial_window", 1e6), ("send_queue_limit", 65536.0),
+                                       ("max_window", True), ("max_streams", "8")])
+def test_config_byte_counts_must_be_integers(key, value) -> None:
+    # Both builds refuse them the same way (the compiled core holds them in C integers).
+    with pytest.raises(TypeError, match=key):
+        MuxConfig(**{key: value})
+
+
+def test_config_out_of_range_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="initial_window"):
+        MuxConfig(initial_window=100)

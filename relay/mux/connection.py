@@ -115,6 +115,12 @@ class MuxConfig:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Byte counts are integers: the compiled core keeps them in C integers, and a
+        # float here would mean different arithmetic in the two builds.
+        for key in (*_SETTING_RANGES, "max_window", "send_queue_limit"):
+            value = getattr(self, key)
+            if type(value) is not int:
+                raise TypeError(f"MuxConfig.{key} must be an int, not {type(value).__name__}")
         for key, (low, high) in _SETTING_RANGES.items():
             value = getattr(self, key)
             if not low <= value <= high:
