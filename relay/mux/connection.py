@@ -20,6 +20,11 @@ from typing import Any, Optional
 
 import msgpack
 
+try:
+    import cython
+except ImportError:  # the pure-Python core runs without Cython installed
+    from relay.mux import _cython_shim as cython  # type: ignore[no-redef]
+
 from relay.mux.errors import (
     ErrorCode,
     FlowControlError,
@@ -41,11 +46,6 @@ from relay.mux.events import (
     StreamReset,
     data_received,
 )
-try:
-    import cython
-except ImportError:  # the pure-Python core runs without Cython installed
-    from relay.mux import _cython_shim as cython  # type: ignore[no-redef]
-
 from relay.mux.flow import ReceiveWindow
 from relay.mux.frames import (
     SUPPORTED_VERSIONS,
@@ -321,7 +321,7 @@ class MuxConnection:
         stream.answered = True
         self.reset_stream(stream_id, error_code, message)
 
-    @cython.locals(stream=Stream, recv=ReceiveWindow)
+    @cython.locals(stream=Stream)
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool = False) -> bool:
         """Queue ``data`` on the stream; ``end_stream`` half-closes after it.
 
@@ -394,7 +394,7 @@ class MuxConnection:
         if stream.unacked:
             self.acknowledge_received_data(stream_id, stream.unacked)
 
-    @cython.locals(stream=Stream, recv=ReceiveWindow)
+    @cython.locals(stream=Stream)
     def acknowledge_received_data(self, stream_id: int, n: int) -> bool:
         """The application consumed ``n`` bytes of the stream: grant the peer more window.
 
@@ -426,7 +426,7 @@ class MuxConnection:
             queued = True
         return queued
 
-    @cython.locals(stream=Stream, recv=ReceiveWindow)
+    @cython.locals(recv=ReceiveWindow)
     def _consumed_tuned(self, recv: ReceiveWindow, n: int) -> int:
         """Consume ``n`` bytes of a stream with auto-tuning; returns the increment to send.
 
@@ -539,7 +539,7 @@ class MuxConnection:
             self._schedule_data(out, size, max_bytes)
         return out
 
-    @cython.locals(stream=Stream, recv=ReceiveWindow, n=cython.longlong, session=cython.longlong)
+    @cython.locals(stream=Stream, n=cython.longlong, session=cython.longlong)
     def _schedule_data(self, out: list, size: int, max_bytes: Optional[int]) -> int:
         """Round-robin: one DATA frame per ready stream per turn, within both windows."""
         ready = self._ready
