@@ -1,0 +1,152 @@
+"""Instructions per message through a TCP tunnel, counted by callgrind: the steady number.
+
+    .venv/bin/python bench/callgrind_tcp.py [--side gateway|agent|both] [--mode rtt|connect]
+                                            [--count 1000] [--baseline DIR]
+
+Wall-clock latency on a shared 2-core machine moves by 30% between runs; the number of
+user-space instructions a process executes per 64-byte round trip does not. This starts
+``relay gateway`` and ``relay agent`` (one of them under ``valgrind --tool=callgrind``
+with instrumentation off), a TCP tunnel to an echo target, warms up, switches counting on
+for ``--count`` round trips (``--mode rtt``: one persistent connection; ``--mode
+connect``: a fresh connection per request, connect to first byte), and prints the
+instructions per round trip with the top functions. ``--baseline DIR`` measures the relay
+package in DIR too (e.g. ``git archive COMMIT relay | tar -x -C DIR`` with the compiled
+extensions built or copied in), in the same run, and prints the ratio.
+
+Kernel time (the system calls, wake-ups) is not counted: callgrind sees user space only.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import _topology as topo  # noqa: E402
+
+HOST = "127.0.0.1"
+PY = str(ROOT / ".venv" / "bin" / "python")
+MESSAGE = b"x" * 64
+
+
+def _online_agent(port: int, sk: str) -> Optional[str]:
+    status, body = topo._api(port, "GET", "/api/v1/agents", sk)
+    online = [a for a in body["agents"] if a["online"]] if status == 200 else []
+    return online[0]["agent_id"] if online else None
+
+
+def _connect(hub: int) -> socket.socket:
+    conn = socket.create_connection((HOST, hub))
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return conn
+
+
+def _round_trips(hub: int, count: int, fresh: bool) -> None:
+    """``count`` 64-byte messages echoed by the target (its first byte "E" picks echo)."""
+    conn = None if fresh else _connect(hub)
+    first = True
+    for _ in range(count):
+        if fresh:
+            conn, first = _connect(hub), True
+        conn.sendall(b"E" + MESSAGE if first else MESSAGE)
+        first = False
+        got = 0
+        while got < len(MESSAGE):
+            chunk = conn.recv(256)
+            if not chunk:
+                raise RuntimeError("the tunnel closed the connection")
+            got += len(chunk)
+        if fresh:
+            conn.close()
+    if not fresh:
+        conn.close()
+
+
+def measure(source: Optional[Path], side: str, count: int, fresh: bool, top: int) -> int:
+    """Instructions per round trip of ``side`` running the relay package in ``source``
+    (None: this checkout)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+    with tempfile.TemporaryDirectory(prefix="relay-callgrind-") as tmp, contextlib.ExitStack() as stack:
+        workdir = Path(tmp)
+        procs = topo.Procs(workdir)
+        stack.callback(procs.stop_all)
+        echo_port = topo.start_target(procs)
+        out = workdir / "callgrind.out"
+        valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+        port = topo._free_port()
+        cwd = source  # `python -m relay` puts the working directory first on sys.path
+        gateway = procs.spawn("gateway", [*(valgrind if side == "gateway" else []), PY, "-m", "relay", "gateway",
+                                          "--listen", f"{HOST}:{port}", "--data", str(workdir / "data"),
+                                          "--log-level", "warning"], env=env, cwd=cwd)
+        topo.wait_for(lambda: "listening on" in procs.log("gateway"), 120, "relay gateway", gateway, procs)
+        keys = dict(re.findall(r"^  (sk|dk|ak)  (\S+)$", procs.log("gateway"), re.M))
+        agent = procs.spawn("agent", [*(valgrind if side == "agent" else []), PY, "-m", "relay", "agent",
+                                      "--gateway", f"http://{HOST}:{port}", "--name", "callgrind",
+                                      "--log-level", "warning"],
+                            env={**env, "RELAY_AGENT_KEY": keys["ak"]}, cwd=cwd)
+        agent_id = topo.wait_for(lambda: _online_agent(port, keys["sk"]), 120, "relay agent", agent, procs)
+        status, body = topo._api(port, "POST", f"/api/v1/agents/{agent_id}/tunnel", keys["sk"],
+                                 {"target_port": echo_port, "tunnel_protocol": "tcp"})
+        if status != 200:
+            raise RuntimeError(f"tunnel: {status} {body}")
+        hub = int(body["hub_port"])
+        _round_trips(hub, 300, fresh)  # warm-up: imports, caches, the window's first growth
+        pid = str((gateway if side == "gateway" else agent).pid)
+        subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
+        _round_trips(hub, count, fresh)
+        subprocess.run(["callgrind_control", "-i", "off", pid], check=True, capture_output=True)
+        subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
+        time.sleep(1.0)
+        dumps = sorted(glob.glob(f"{out}*"), key=os.path.getsize)
+        report = subprocess.run(["callgrind_annotate", "--inclusive=no", dumps[-1]],
+                                capture_output=True, text=True, check=True).stdout
+        total = int(re.search(r"([\d,]+) \(100\.0%\)\s+PROGRAM TOTALS", report).group(1).replace(",", ""))
+        if top:
+            print(f"  {side}, {'this checkout' if source is None else source}: costliest functions")
+            rows = re.findall(r"^\s*([\d,]+) \(\s*([\d.]+)%\)\s+(\S+)", report, re.M)[1:top + 1]
+            for n, share, where in rows:
+                name = where.rsplit(":", 1)[-1]
+                print(f"    {int(n.replace(',', '')) / count:9,.0f}  {share:>5}%  {name}")
+        return total // count
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--side", choices=("gateway", "agent", "both"), default="both")
+    parser.add_argument("--mode", choices=("rtt", "connect"), default="rtt")
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--baseline", metavar="DIR", help="a directory holding another relay package")
+    parser.add_argument("--top", type=int, default=0, help="also print the N costliest functions")
+    args = parser.parse_args()
+    if not (subprocess.run(["which", "valgrind"], capture_output=True).returncode == 0):
+        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    topo.raise_nofile()
+    sides = ("gateway", "agent") if args.side == "both" else (args.side,)
+    unit = "round trip" if args.mode == "rtt" else "connection (connect, 64 B each way, close)"
+    print(f"user-space instructions per {unit}, {args.count} counted, callgrind")
+    for side in sides:
+        here = measure(None, side, args.count, args.mode == "connect", args.top)
+        line = f"  {side:8s} this checkout {here:10,}"
+        if args.baseline:
+            base = measure(Path(args.baseline).resolve(), side, args.count, args.mode == "connect", args.top)
+            line += f"   baseline {base:10,}   ratio {here / base:.2f}"
+        print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
