@@ -162,3 +162,23 @@ def test_remembered_answers_end_with_the_tunnel_and_the_agent(tmp_path):
             await client.close()
 
     run(body)
+
+
+def test_a_response_head_without_header_lines_keeps_its_reason(tmp_path):
+    async def handler(reader, writer):
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 Fine Thanks\r\n\r\none")  # the body ends with the connection
+        await writer.drain()
+
+    async def body():
+        async with target(handler) as (port, accepted), tunnel_to(tmp_path, port) as (gw, _, _, tunnel):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            for _ in range(2):  # the head built, then remembered
+                writer.write(req(path_of(tunnel["tunnel_url"]) + "x"))
+                async with asyncio.timeout(20):
+                    raw = await reader.readuntil(b"0\r\n\r\n")
+                assert raw == b"HTTP/1.1 200 Fine Thanks\r\ntransfer-encoding: chunked\r\n\r\n3\r\none\r\n0\r\n\r\n"
+            assert len(accepted) == 2
+            writer.close()
+
+    run(body)

@@ -489,33 +489,35 @@ class _StreamSide:
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        carry, self._carry = self._carry, None
-        if carry is not None:  # the head began in an earlier batch
-            raw = carry + self._buf
-            start = 0
-        else:
+        carry = self._carry
+        if carry is None:
             raw = self._buf
             start = self._head_at
+        else:  # the head began in an earlier batch
+            self._carry = None
+            raw = carry + self._buf
+            start = 0
         end = raw.find(b"\r\n\r\n", start) if start >= 0 else -1
         if end < 0 or not raw.startswith(b"HTTP/", start):
             raise _Unframed()  # a response where none was expected (the target is out of step)
-        # The next message (after a 1xx) starts right after this head.
-        self._pos = end + 4 - (len(carry) if carry is not None else 0)
-        line_end = raw.find(b"\r\n", start)
-        self._reason = raw[start + 13:line_end]  # "HTTP/1.1 200 OK": llhttp checked the shape
-        self._block = raw[line_end:end]
         status = self._status = self.parser.get_status_code()
-        if status < 200 and status != 101:
-            self._informational = True  # 100 Continue and friends: we sent our own
-            return
+        if status < 200 or status == 101:
+            line_end = raw.find(b"\r\n", start)
+            self._reason = raw[start + 13:line_end]  # "HTTP/1.1 101 Switching...": llhttp checked the shape
+            self._block = raw[line_end:end]
+            if status != 101:
+                # 100 Continue and friends (we sent our own): the next message starts
+                # right after this head.
+                self._pos = end + 4 - (len(carry) if carry is not None else 0)
+                self._informational = True
+                return
         self._pos = -1  # a body follows
         conn = self.conn
-        if conn is None:
-            return
-        if status == 101:
-            return  # the upgrade: handled once the parser stops (HttpParserUpgrade)
-        conn._response_head(self, status, self._reason or _reason(status), self._block)
-        if conn._exchange is not None and conn._exchange.is_head:
+        if conn is None or status == 101:
+            return  # (101: the upgrade, handled once the parser stops: HttpParserUpgrade)
+        conn._response_head(self, status, raw[start:end])
+        exchange = conn._exchange
+        if exchange is not None and exchange.is_head:
             self._complete = True
             raise _HeadDone()
 
@@ -1362,31 +1364,36 @@ class ProxyConnection(asyncio.Protocol):
         if held and side is not None:
             side.ack(held)
 
-    def _response_head(self, side: _StreamSide, status: int, reason: bytes, block: bytes) -> None:
-        """The target's response head (not 1xx), ``block`` its header lines (each after a
-        CRLF): rewritten into ``_out`` with hop-by-hop headers taken out."""
+    def _response_head(self, side: _StreamSide, status: int, head: bytes) -> None:
+        """The target's response head (not 1xx), ``head`` its status line and header
+        lines (without the blank line): rewritten into ``_out`` with hop-by-hop headers
+        taken out."""
         exchange = self._exchange
         if exchange is None:
             return
         exchange.started = True
-        no_body = exchange.is_head or status in (204, 304)
+        no_body = exchange.is_head or status == 204 or status == 304
         close = not self._req_keep_alive
         http11 = self._req_http11
-        # The rewrite depends only on these and the header block: a target sends the same
-        # block again and again (until its Date moves), so the last one is remembered.
+        # The rewrite depends only on these and the head: a target sends the same head
+        # again and again (until its Date moves), so the last one is remembered.
         cached = self._head_cache
-        if (cached is not None and cached[0] == block and cached[1] == status and cached[2] == reason
-                and cached[3] == no_body and cached[4] == close and cached[5] == http11):
-            head, rechunk, until_eof, close = cached[6]
+        if (cached is not None and cached[0] == head and cached[1] == no_body and cached[2] == close
+                and cached[3] == http11):
+            out, rechunk, until_eof, close = cached[4]
         else:
-            head, rechunk, until_eof, close2 = _rewrite_response_head(status, reason, block, no_body, close, http11)
-            self._head_cache = (block, status, reason, no_body, close, http11, (head, rechunk, until_eof, close2))
-            close = close2
+            line_end = head.find(b"\r\n")
+            if line_end < 0:
+                line_end = len(head)  # no header lines
+            reason = head[13:line_end] or _reason(status)  # "HTTP/1.1 200 OK": llhttp checked the shape
+            result = _rewrite_response_head(status, reason, head[line_end:], no_body, close, http11)
+            self._head_cache = (head, no_body, close, http11, result)
+            out, rechunk, until_eof, close = result
         side._rechunk = rechunk
         side._until_eof = until_eof
         if close:
             self._close_after = True
-        self._out.append(head)
+        self._out.append(out)
         exchange.keep_target = not until_eof and side.parser.should_keep_alive()
 
     def _response_complete(self, exchange: _Exchange, side: _StreamSide) -> None:
@@ -1394,10 +1401,13 @@ class ProxyConnection(asyncio.Protocol):
         side.used = True
         if not exchange.keep_target:
             self._drop_stream(abort=True)
-        if exchange.request_done:
-            self._finish_exchange(exchange)
-        elif self._req_done or self._discard is not None:
-            self._finish_exchange(exchange)
+        if exchange.request_done or self._req_done or self._discard is not None:
+            if self._exchange is exchange:  # _finish_exchange, inlined (the response is done)
+                self._exchange = None
+                exchange.stats.active_requests -= 1
+                if exchange.grace is not None:
+                    exchange.grace.cancel()
+            self._maybe_next()
         else:
             # The target answered before the whole body went out: give it a moment.
             exchange.grace = self._loop.call_later(BODY_GRACE, self._grace_over, exchange)
