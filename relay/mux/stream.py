@@ -15,6 +15,10 @@ from relay.mux.flow import ReceiveWindow
 
 
 class StreamState(Enum):
+    # Members are singletons compared by identity: hashing by identity too keeps the
+    # TRANSITIONS lookup in C (Enum's own __hash__ is a Python function).
+    __hash__ = object.__hash__
+
     OPEN = "open"
     HALF_CLOSED_LOCAL = "half-closed (local)"  # we sent FIN; the peer may still send
     HALF_CLOSED_REMOTE = "half-closed (remote)"  # the peer sent FIN; we may still send
@@ -22,6 +26,8 @@ class StreamState(Enum):
 
 
 class StreamInput(Enum):
+    __hash__ = object.__hash__  # as StreamState's
+
     SEND_FIN = "send FIN"
     RECV_FIN = "receive FIN"
     RESET = "reset"
