@@ -4,10 +4,12 @@ Request body (JSON object): ``method`` (required; GET, POST, PUT, PATCH, DELETE,
 OPTIONS), ``path`` (required; the path on the container with its query, at most 2048
 characters, matching ``^/(?!/)``: absolute URLs, protocol-relative ``//host`` and anything
 with a backslash, whitespace or control/non-ASCII characters are refused, so the target
-can never be rewritten to another host), ``headers`` (optional object of string values;
-hop-by-hop ones — Host, Connection, Upgrade, Transfer-Encoding, TE, Trailer, plus
-Keep-Alive, Proxy-* and Content-Length, which the gateway sets itself — are dropped;
-everything else, Authorization included, is forwarded as is), ``body_base64`` (optional;
+can never be rewritten to another host), ``headers`` (optional object of string values,
+printable ASCII or tab, anything else is a 400, surrounding spaces and tabs dropped
+(RFC 9110 5.5: they are not part of the value); hop-by-hop ones — Host, Connection,
+Upgrade, Transfer-Encoding, TE, Trailer, plus Keep-Alive, Proxy-* and Content-Length,
+which the gateway sets itself — are dropped; everything else, Authorization included, is
+forwarded as is), ``body_base64`` (optional;
 invalid base64 is a 400). Other fields are ignored.
 
 Response: ``{"status_code", "headers", "body_base64"}`` — the container's answer (repeated
@@ -57,6 +59,8 @@ _RESPONSE_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b
                            b"upgrade", b"proxy-connection"})
 _PATH_RE = re.compile(r"^/(?!/)[\x21-\x7e]*$")
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+#: Header values h11 can send: printable ASCII and tab (no CR, LF, NUL, other controls, non-ASCII).
+_HEADER_VALUE_RE = re.compile(r"^[\t\x20-\x7e]*$")
 
 
 class ResponseTooLarge(Exception):
@@ -131,12 +135,13 @@ def parse_invoke_body(body: Any) -> tuple[str, str, list[tuple[str, str]], bytes
     for name, value in headers.items():
         if not isinstance(value, str) or not _HEADER_NAME_RE.match(name):
             raise _bad("headers", f"{name!r} must be a valid header name with a string value")
-        if "\r" in value or "\n" in value or "\0" in value:
-            raise _bad("headers", f"{name!r} has a value with CR, LF or NUL")
+        if not _HEADER_VALUE_RE.match(value):
+            raise _bad("headers", f"{name!r} has a value with CR, LF, NUL, another control character "
+                                  "or a non-ASCII character")
         lower = name.lower()
         if lower in STRIPPED or lower.startswith("proxy-"):
             continue
-        forwarded.append((name, value))
+        forwarded.append((name, value.strip(" \t")))  # surrounding whitespace is not part of a value
     encoded = body.get("body_base64")
     if encoded is None:
         encoded = ""
@@ -183,7 +188,11 @@ async def invoke(services: "ServiceManager", request: Request) -> Response:
     twice, so it only takes a stream idle for at most :data:`UNSAFE_REUSE_IDLE` seconds,
     shorter than any server's keep-alive timeout, where that race is negligible."""
     principal = services.gw._principal(request)  # runtime: sk-, dk-, JWT + X-Team-ID
-    method, path, headers, payload = parse_invoke_body(request.json())
+    try:
+        document = request.json()
+    except RecursionError:  # json.loads on a deeply nested body (a 500 otherwise)
+        raise HttpError(400, "invalid_json", "request body is not valid JSON: nested too deeply") from None
+    method, path, headers, payload = parse_invoke_body(document)
     slug = request.params["slug"]
     candidates = services.candidates(principal.team_id, slug)  # 404/400/503
     idempotent = method in IDEMPOTENT
