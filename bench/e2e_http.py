@@ -29,7 +29,7 @@ the gateway and the agent during the first run of each relay path and prints the
 frames by self time (raw stacks in bench/results/pyspy-http-*.txt). Bounded by
 ``--timeout`` (default 230 s). ``--baseline DIR`` adds ``tunnel-base``: the same HTTP
 tunnel through a second gateway + agent running the relay package in DIR (e.g. an older
-commit: ``git archive COMMIT relay | tar -x -C DIR``, compiled extensions copied in).
+commit, with its own extensions built: see bench/README.md, ``--baseline``).
 """
 from __future__ import annotations
 
