@@ -401,12 +401,12 @@ class _Exchange:
                  "started", "response_done", "request_done", "keep_target", "reused", "retried",
                  "grace")
 
-    def __init__(self, head: RequestHead, upstream: Upstream) -> None:
+    def __init__(self, head: RequestHead, upstream: Upstream, has_body: bool, chunked: bool) -> None:
         self.head = head
         self.upstream = upstream
         self.stats = upstream.stats
-        self.has_body = False
-        self.chunked = False
+        self.has_body = has_body
+        self.chunked = chunked
         self.upgrade: Optional[bytes] = None
         self.is_head = head.method == b"HEAD"
         self.sent = b""  # the forwarded head, kept to retry a body-less request once
@@ -565,30 +565,16 @@ class _StreamSide:
             data = bytes(data)  # a view of the received frame: the head is searched in it
         conn._upstream_data(self, data, n)
 
-    def feed(self, data: bytes, at_boundary: bool) -> None:
-        """Run the parser over ``data``; raises what it raises, except a HEAD's stop.
-        ``at_boundary``: no response is in progress, so ``data`` starts a new one."""
-        self._buf = data
-        self._pos = 0 if at_boundary else -1
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self._upgrade_offset = exc.args[0] if exc.args else len(data)
-        except httptools.HttpParserCallbackError as exc:
-            if not self._complete or isinstance(exc.__context__, _Unframed):
-                raise
-            self.parser = httptools.HttpResponseParser(self)  # after a HEAD: a fresh one
-            self._mid = False
-        finally:
-            self._buf = b""
-        if self._in_head:  # a head cut by the batch: keep its start for the next one
-            if self._carry is not None:
-                self._carry += data
-            elif self._head_at >= 0:
-                self._carry = data[self._head_at:]
-            self._head_at = 0
-            if self._carry is not None and len(self._carry) > MAX_HEAD:
-                raise httptools.HttpParserError(f"response head over {MAX_HEAD} bytes")
+    def carry(self, data: bytes) -> None:
+        """The batch ``data`` ended inside a response head: keep the head's start for the
+        next batch (bounded like a request head)."""
+        if self._carry is not None:
+            self._carry += data
+        elif self._head_at >= 0:
+            self._carry = data[self._head_at:]
+        self._head_at = 0
+        if self._carry is not None and len(self._carry) > MAX_HEAD:
+            raise httptools.HttpParserError(f"response head over {MAX_HEAD} bytes")
 
     def _mux_eof(self) -> None:
         self._write_out()  # the data that came before the FIN goes first
@@ -1040,13 +1026,24 @@ class ProxyConnection(asyncio.Protocol):
             self._joined = stats
         stats.requests += 1
         stats.active_requests += 1
-        exchange = self._exchange = _Exchange(head, upstream)
-        exchange.has_body = self._req_has_body
-        exchange.chunked = self._req_chunked
+        exchange = self._exchange = _Exchange(head, upstream, self._req_has_body, self._req_chunked)
         try:
-            exchange.sent = self._forward_head(head, upstream, exchange)
+            sent = exchange.sent = self._forward_head(head, upstream, exchange)
         except ProxyError as exc:
             self._exchange_failed(exchange, exc)
+            return
+        side = self._side
+        if (side is not None and not exchange.has_body and side.key == upstream.key and side.failed is None
+                and not side.eof):
+            # The steady state, a body-less request on the kept stream: _send_request and
+            # _write_head, inlined.
+            exchange.reused = True
+            try:
+                side.stream.write(sent)
+            except (ConnectionError, RuntimeError, SessionClosedError) as exc:
+                self._upstream_failed(side, exc)
+                return
+            exchange.request_done = True
             return
         self._send_request(exchange)
 
@@ -1057,14 +1054,6 @@ class ProxyConnection(asyncio.Protocol):
         if side is not None:
             if side.key == upstream.key and side.failed is None and not side.eof:
                 exchange.reused = True
-                if not exchange.has_body:  # the steady state: _write_head, inlined
-                    try:
-                        side.stream.write(exchange.sent)
-                    except (ConnectionError, RuntimeError, SessionClosedError) as exc:
-                        self._upstream_failed(side, exc)
-                        return
-                    exchange.request_done = True
-                    return
             else:
                 self._drop_stream(abort=False)
                 side = None
@@ -1325,12 +1314,30 @@ class ProxyConnection(asyncio.Protocol):
             if side is self._side:
                 self._drop_stream(abort=True)
             return
+        # Run the parser over the batch (raising what it raises, except a HEAD's stop).
+        side._buf = data
+        side._pos = -1 if side._mid else 0  # no response in progress: the batch starts one
         try:
-            side.feed(data, not side._mid)
+            side.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            side._upgrade_offset = exc.args[0] if exc.args else len(data)
         except httptools.HttpParserError as exc:
-            self._flush(side, n)
-            self._upstream_failed(side, exc)
-            return
+            if (not side._complete or not isinstance(exc, httptools.HttpParserCallbackError)
+                    or isinstance(exc.__context__, _Unframed)):
+                side._buf = b""
+                self._flush(side, n)
+                self._upstream_failed(side, exc)
+                return
+            side.parser = httptools.HttpResponseParser(side)  # after a HEAD: a fresh one
+            side._mid = False
+        side._buf = b""
+        if side._in_head:  # a head cut by the batch: keep its start for the next one
+            try:
+                side.carry(data)
+            except httptools.HttpParserError as exc:
+                self._flush(side, n)
+                self._upstream_failed(side, exc)
+                return
         if side._upgrade_offset >= 0:
             offset, side._upgrade_offset = side._upgrade_offset, -1
             self._switch(side, exchange, data[offset:], n)
