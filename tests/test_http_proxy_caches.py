@@ -182,3 +182,29 @@ def test_a_response_head_without_header_lines_keeps_its_reason(tmp_path):
             writer.close()
 
     run(body)
+
+
+def test_long_request_targets_are_answered_but_not_remembered(tmp_path):
+    async def handler(reader, writer):
+        for _ in range(10):
+            line, _ = await read_head(reader)
+            body = str(len(line)).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+
+    async def body():
+        async with target(handler) as (port, _), tunnel_to(tmp_path, port) as (gw, _, _, tunnel):
+            base = path_of(tunnel["tunnel_url"])
+            client = await RawClient.connect(gw.port)
+            for i, path in enumerate(("short", "long/" + "x" * 4000, "long/" + "x" * 4000 + "?q=" + "y" * 2000)):
+                if i:
+                    client.next_cycle()
+                await client.send(req(base + path))
+                head, _, data = await client.response()
+                assert head.status_code == 200 and int(data) == len(f"GET /{path} HTTP/1.1")
+            tunnels = gw.http_tunnels
+            assert [len(t) for _, t in tunnels._answers] == [len(base) + len("short")]
+            assert [len(p) for _, p in tunnels._routes] == [len("/short")]
+            await client.close()
+
+    run(body)

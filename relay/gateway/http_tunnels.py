@@ -46,7 +46,8 @@ SESSION_CACHE = 4096
 #: Router answers remembered per (method, path after the token) (starts over when full).
 ROUTE_CACHE = 4096
 #: Resolver answers remembered per (method, request-target) (starts over when full),
-#: for request-targets up to ANSWER_TARGET bytes (so the cache stays a few MiB).
+#: for request-targets up to ANSWER_TARGET bytes (so the cache stays a few MiB; the
+#: router answers too are remembered only for paths up to that size).
 ANSWER_CACHE = 4096
 ANSWER_TARGET = 1024
 
@@ -156,9 +157,10 @@ class HttpTunnels:
             except HttpError:
                 return None
             mine = handler == self._proxy
-            if len(self._routes) >= ROUTE_CACHE:
-                self._routes.clear()
-            self._routes[route] = mine
+            if len(rest) <= ANSWER_TARGET:  # (a path of up to 64 KiB would make 4096 of them 256 MiB)
+                if len(self._routes) >= ROUTE_CACHE:
+                    self._routes.clear()
+                self._routes[route] = mine
         if not mine:
             return None  # e.g. the stats endpoint, or a tcp tunnel's /tcp
         token = target[len(PREFIX):end].decode("ascii", "replace")
