@@ -563,10 +563,11 @@ def test_invoke_with_a_bad_body_is_a_4xx_json_error_and_nothing_reaches_the_targ
 
 def test_invoke_strips_hop_by_hop_headers_and_frames_the_body_itself(tmp_path):
     """Hop-by-hop headers in ``headers`` (any case, repeated in other spellings) are
-    dropped (a body that looks like a request stays a body), ``Content-Length`` is the gateway's own, ``Host`` is the instance's; the
-    target gets one well-formed request with exactly the decoded body, and end-to-end
-    headers (an application ``Authorization`` included) as given. The caller's gateway
-    credential is never among them."""
+    dropped (a body that looks like a request stays a body), ``Content-Length`` is the
+    gateway's own, ``Host`` is the instance's, surrounding whitespace is not part of a
+    value; the target gets one well-formed request with exactly the decoded body, and
+    end-to-end headers (an application ``Authorization`` included) as given. The
+    caller's gateway credential is never among them."""
 
     def echo_headers(method: bytes, tgt: bytes, data: bytes):
         return 200, [], data
@@ -805,7 +806,8 @@ def test_a_misbehaving_target_on_invoke(tmp_path, monkeypatch):
                     status, out = await invoke(gw, sk, "svc-a", method=method, path=f"/{method}/{name}")
                     took = time.monotonic() - started
                     sent = log.count(f"/{method}/{name}") - before
-                    if status != 502 or out["error"]["code"] not in (code if isinstance(code, tuple) else (code,)) or took > 5:
+                    codes = code if isinstance(code, tuple) else (code,)
+                    if status != 502 or out["error"]["code"] not in codes or took > 5:
                         failures.append(f"{method} {name}: {status} {out} after {took:.1f}s")
                     # Sent once (a GET may be sent again once on a fresh stream when a
                     # reused keep-alive stream failed: it could have been a stale one).
@@ -914,6 +916,128 @@ def test_an_agent_vanishing_mid_request_and_the_next_request_goes_to_a_healthy_o
                     if any(p.endswith(f"/{name}") for p in log) and not await settle(
                             lambda: f"{name}: closed" in log, 10):
                         failures.append(f"t{i}: the {name} connection stayed open: {log}")
+
+    run(body, timeout=60)
+    assert not failures, "\n".join(failures)
+
+
+# ----------------------------------------------------------------------------- one connection, many places
+
+
+def test_one_connection_across_slugs_invoke_and_the_api_and_a_key_revoked_between_requests(tmp_path):
+    """One write: svc-a, svc-c (the same team, another target), invoke of svc-c, the
+    gateway's /healthz, an invoke without credentials, svc-a again, invoke of team B's
+    slug: answered in order, each by the right party; no request reaches a service it was
+    not for. Then on a kept connection a key revoked between two requests: the second is
+    refused (401), never forwarded."""
+
+    async def body():
+        async with h11_target(tagged(b"C")) as (port_c, seen_c), \
+                two_teams(tmp_path) as (gw, keys, keys_b, seen, seen_b):
+            sk = keys["sk"]
+            async with serving_agent(gw, keys["ak"], "box-c", f"svc-c=127.0.0.1:{port_c},health=none"):
+                await wait_status(gw, sk, "svc-c", "running")
+                baseline = in_use(gw)
+
+                def invoke_req(slug: str, token: Optional[str], path: str) -> bytes:
+                    data = json.dumps({"method": "POST", "path": path,
+                                       "body_base64": base64.b64encode(b"payload").decode()}).encode()
+                    return req(f"/api/v1/r/invoke/{slug}", (auth(token) if token else "")
+                               + f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n", "POST") + data
+
+                wire = [req(PROXY + "svc-a/1", auth(sk)), req(PROXY + "svc-c/2", auth(sk)),
+                        invoke_req("svc-c", sk, "/3"), req("/healthz"), invoke_req("svc-a", None, "/4"),
+                        req(PROXY + "svc-a/5", auth(keys["dk"])), invoke_req("svc-b", sk, "/6"),
+                        req(PROXY + "svc-c/7", auth(sk))]
+                client = await RawClient.connect(gw.port)
+                await client.send(b"".join(wire))
+                got = []
+                for i in range(len(wire)):
+                    if i:
+                        client.next_cycle()
+                    head, _, data = await client.response()
+                    got.append((head.status_code, data))
+                await client.close()
+                assert got[0] == (200, b"A GET /1") and got[1] == (200, b"C GET /2"), got
+                assert got[2][0] == 200, got[2]
+                assert base64.b64decode(json.loads(got[2][1])["body_base64"]) == b"C POST /3 payload"
+                assert got[3][0] == 200 and b'"status"' in got[3][1], got[3]
+                assert got[4][0] == 401 and b'"error"' in got[4][1], got[4]
+                assert got[5] == (200, b"A GET /5"), got[5]
+                assert got[6][0] == 404 and b'"error"' in got[6][1], got[6]
+                assert got[7] == (200, b"C GET /7"), got[7]
+                assert paths(seen) == [b"/1", b"/5"] and paths(seen_c) == [b"/2", b"/3", b"/7"] and not seen_b
+                # A key revoked between two requests of one kept connection.
+                team = gw.store.list_teams()[0].id
+                cred, token = gw.store.create_credential(team, "dk")
+                client = await RawClient.connect(gw.port)
+                await client.send(req(PROXY + "svc-a/before", auth(token)))
+                head, _, data = await client.response()
+                assert (head.status_code, data) == (200, b"A GET /before")
+                assert gw.store.revoke_credential(team, cred.id)
+                client.next_cycle()
+                await client.send(req(PROXY + "svc-a/after", auth(token)))
+                head, _, data = await client.response()
+                assert head.status_code == 401 and b'"error"' in data, (head, data)
+                await client.close()
+                assert paths(seen) == [b"/1", b"/5", b"/before"]
+                assert not no_credential(seen + seen_c, sk, keys["dk"], token)
+                assert await settle(lambda: in_use(gw) == baseline), (in_use(gw), baseline)
+
+    run(body, timeout=60)
+
+
+# ----------------------------------------------------------------------------- external services' path prefix
+
+
+def test_dot_segments_cannot_leave_an_external_services_path_prefix(tmp_path):
+    """External services on one host with different path prefixes (team A's ext-x on
+    /x and ext-y on /y, team B's ext-z on /z): a request to ext-x whose path has dot
+    segments (plain, percent-encoded, with a backslash or ``;`` parameters) would reach
+    /y or /z on a server that resolves them, so the gateway refuses it (400 JSON) on
+    both paths; paths that only look alike (``a..b``, ``...``, a query) go through."""
+    failures: list[str] = []
+
+    async def body():
+        async with h11_target(tagged(b"H")) as (port, seen), gateway_and_team(tmp_path) as (gw, keys):
+            sk = keys["sk"]
+            team_b, keys_b = gw.store.create_team_with_keys("team-b")
+            for token, slug, prefix in ((sk, "ext-x", "/x"), (sk, "ext-y", "/y"), (keys_b["sk"], "ext-z", "/z")):
+                status, out = await http(gw.port, "POST", "/api/v1/r/containers", token,
+                                         {"service_slug": slug, "url": f"http://127.0.0.1:{port}{prefix}"})
+                assert status == 201, out
+            escaping = ["/../y/secret", "/%2e%2e/y/secret", "/.%2E/y", "/%2E./z/secret", "/./../z", "/..",
+                        "/a/../../y", "/..%2fy%2fsecret", "/..%2Fz", "/..;/y/secret", "/..;a=b/y",
+                        "/..%5cy", "/.%2e?q=1", "/./"]
+            allowed = ["/a..b", "/...", "/..a/b", "/a/.b", "/?next=../../y", "/q?a=/../../z", "/a%2eb",
+                       "/.well-known/x"]
+            for path in escaping:
+                before = len(paths(seen))
+                raw, eof = await exchange(gw.port, req(PROXY + "ext-x" + path, auth(sk) + "Connection: close\r\n"),
+                                          timeout=10)
+                if statuses(raw) != [400] or b'"error"' not in raw or len(paths(seen)) != before:
+                    failures.append(f"proxy {path}: {raw[:200]!r}, the target got {paths(seen)[before:]}")
+                status, out = await invoke(gw, sk, "ext-x", method="GET", path=path)
+                if status != 400 or len(paths(seen)) != before:
+                    failures.append(f"invoke {path}: {status} {out}, the target got {paths(seen)[before:]}")
+            # A WebSocket handshake (relayed by the service manager itself for external services).
+            upgrade = ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                       "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+            for path in ("/../y/ws", "/%2e%2e/z/ws"):
+                before = len(seen)
+                raw, eof = await exchange(gw.port, req(PROXY + "ext-x" + path, auth(sk) + upgrade), timeout=10)
+                if statuses(raw) != [400] or b'"error"' not in raw or len(seen) != before:
+                    failures.append(f"upgrade {path}: {raw[:200]!r}, {len(seen) - before} target connections")
+            for path in allowed:
+                before = len(paths(seen))
+                raw, eof = await exchange(gw.port, req(PROXY + "ext-x" + path, auth(sk) + "Connection: close\r\n"),
+                                          timeout=10)
+                if statuses(raw) != [200] or paths(seen)[before:] != [b"/x" + path.encode()]:
+                    failures.append(f"proxy {path}: {raw[:200]!r}, the target got {paths(seen)[before:]}")
+                status, out = await invoke(gw, sk, "ext-x", method="GET", path=path)
+                if status != 200 or paths(seen)[before + 1:] != [b"/x" + path.encode()]:
+                    failures.append(f"invoke {path}: {status} {out}, the target got {paths(seen)[before + 1:]}")
+            failures.extend(no_credential(seen, sk, keys_b["sk"]))
 
     run(body, timeout=60)
     assert not failures, "\n".join(failures)

@@ -4,7 +4,8 @@ Request body (JSON object): ``method`` (required; GET, POST, PUT, PATCH, DELETE,
 OPTIONS), ``path`` (required; the path on the container with its query, at most 2048
 characters, matching ``^/(?!/)``: absolute URLs, protocol-relative ``//host`` and anything
 with a backslash, whitespace or control/non-ASCII characters are refused, so the target
-can never be rewritten to another host), ``headers`` (optional object of string values,
+can never be rewritten to another host; under an external service URL's path prefix, a
+path with ``.`` or ``..`` segments too, see :func:`has_dot_segment`), ``headers`` (optional object of string values,
 printable ASCII or tab, anything else is a 400, surrounding spaces and tabs dropped
 (RFC 9110 5.5: they are not part of the value); hop-by-hop ones — Host, Connection,
 Upgrade, Transfer-Encoding, TE, Trailer, plus Keep-Alive, Proxy-* and Content-Length,
@@ -61,6 +62,25 @@ _PATH_RE = re.compile(r"^/(?!/)[\x21-\x7e]*$")
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 #: Header values h11 can send: printable ASCII and tab (no CR, LF, NUL, other controls, non-ASCII).
 _HEADER_VALUE_RE = re.compile(r"^[\t\x20-\x7e]*$")
+
+
+_DOT_SEGMENT_RE = re.compile(r"(?:^|[/\\])\.\.?(?:;[^/\\]*)?(?=[/\\]|$)")
+_ENCODED_DOT_OR_SLASH_RE = re.compile(r"%(?:2[eEfF]|5[cC])")
+
+
+def has_dot_segment(path: str) -> bool:
+    """Whether a request path (the query aside) has a ``.`` or ``..`` segment, also
+    percent-encoded, after a backslash or with ``;`` parameters: what a server resolving
+    dot segments would use to leave a path prefix put before the path. Sent under an
+    external service URL's path prefix, such a path is refused."""
+    path = path.split("?", 1)[0]
+    path = _ENCODED_DOT_OR_SLASH_RE.sub(lambda m: {"e": ".", "f": "/", "c": "\\"}[m.group(0)[2].lower()], path)
+    return _DOT_SEGMENT_RE.search(path) is not None
+
+
+def dot_segment_error() -> HttpError:
+    return HttpError(400, "invalid_path", "a path with '.' or '..' segments cannot be sent under the "
+                                          "service URL's path prefix")
 
 
 class ResponseTooLarge(Exception):
@@ -195,6 +215,8 @@ async def invoke(services: "ServiceManager", request: Request) -> Response:
     method, path, headers, payload = parse_invoke_body(document)
     slug = request.params["slug"]
     candidates = services.candidates(principal.team_id, slug)  # 404/400/503
+    if candidates[0].base_path and has_dot_segment(path):  # it could leave the external URL's prefix
+        raise dot_segment_error()
     idempotent = method in IDEMPOTENT
     first = candidates[0]
     reused = first.checkout() if idempotent else first.checkout(UNSAFE_REUSE_IDLE)

@@ -60,7 +60,9 @@ Endpoints (``{slug}`` is the service slug):
 ==============================================  =======  ======================================
 
 runtime = sk-, dk-, or JWT with X-Team-ID; manage = sk- or JWT. The proxy forwards the
-path after the slug and the query as they are, streams both ways (SSE included) through
+path after the slug and the query as they are (under an external service URL's path
+prefix, a path with ``.`` or ``..`` segments, which a server resolving them would use to
+leave the prefix, is a 400), streams both ways (SSE included) through
 :mod:`relay.gateway.http_proxy`, and drops the caller's ``Authorization`` and
 ``X-Team-ID`` (the gateway credential is never shown to the container).
 """
@@ -80,7 +82,7 @@ from relay.agent.services import SLUG_RE
 from relay.aio import StreamRefused
 from relay.gateway.auth import AuthError, Principal
 from relay.gateway.http_proxy import ProxyError, ProxyStats, RequestHead, Upstream, serve_connection
-from relay.gateway.invoke import http_exchange, invoke, stream_close
+from relay.gateway.invoke import dot_segment_error, has_dot_segment, http_exchange, invoke, stream_close
 from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
 from relay.gateway.store import Service
 from relay.mux.errors import ErrorCode
@@ -721,6 +723,9 @@ class ServiceManager:
         first = candidates[0]
         if first.agent_id is None and headers.get(b"upgrade"):
             return None  # the route (_proxy) relays upgrades to external services itself
+        if first.base_path and has_dot_segment(target[end:].decode("latin-1")):
+            error = dot_segment_error()  # it could leave the external URL's path prefix
+            raise ProxyError(error.status, error.code, error.message)
         state = self._states[(principal.team_id, slug)]
         return Upstream(open_stream=lambda: self._open_for_proxy(slug, candidates),
                         key=(principal.team_id, slug, first.agent_id),
@@ -767,6 +772,8 @@ class ServiceManager:
                     (b"x-forwarded-proto", gateway_scheme),
                     (b"x-forwarded-host", request.header("host").encode("latin-1") if request.header("host") else b"")]
         end = raw.target.find(b"/", len(PREFIX))
+        if inst.base_path and has_dot_segment(raw.target[end:].decode("latin-1")):
+            raise dot_segment_error()
         target = inst.base_path.encode() + raw.target[end:]
         try:
             upstream = await inst.open()
