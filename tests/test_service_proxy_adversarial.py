@@ -1041,3 +1041,108 @@ def test_dot_segments_cannot_leave_an_external_services_path_prefix(tmp_path):
 
     run(body, timeout=60)
     assert not failures, "\n".join(failures)
+
+
+def test_a_refused_requests_body_is_never_parsed_as_a_request(tmp_path):
+    """A request refused by the gateway (no credentials, another team's slug, an agent
+    key) whose body is an authenticated request for svc-a (Content-Length, chunked, or
+    past the discard limit), first on its connection or pipelined after a good one: the
+    refusal is answered, the body is dropped or the connection closed, and the request
+    inside the body never reaches the target; the good request after it does, or the
+    connection is closed."""
+    failures: list[str] = []
+
+    async def body():
+        async with two_teams(tmp_path) as (gw, keys, keys_b, seen, seen_b):
+            sk = keys["sk"]
+            inner = req(PROXY + "svc-a/inside-the-body", auth(sk))
+            refusals = [("no credentials", PROXY + "svc-a/refused", "", 401),
+                        ("other team's slug", PROXY + "svc-b/refused", auth(sk), 404),
+                        ("agent key", PROXY + "svc-a/refused", auth(keys["ak"]), 403),
+                        ("unknown slug", PROXY + "svc-q/refused", auth(sk), 404)]
+            framings = [("content-length", f"Content-Length: {len(inner)}\r\n", inner),
+                        ("chunked", "Transfer-Encoding: chunked\r\n", b"%x\r\n%s\r\n0\r\n\r\n" % (len(inner), inner)),
+                        ("large", f"Content-Length: {len(inner) * 4000}\r\n", inner * 4000)]
+            baseline = in_use(gw)
+            for position in ("first", "pipelined"):
+                for name, path, headers, status in refusals:
+                    for framing, header, data in framings:
+                        label = f"{position} {name} {framing}"
+                        before = len(paths(seen))
+                        wire = (req(PROXY + "svc-a/pre", auth(sk)) if position == "pipelined" else b"") \
+                            + req(path, headers + header, "POST") + data \
+                            + req(PROXY + "svc-a/post", auth(sk) + "Connection: close\r\n")
+                        raw, eof = await exchange(gw.port, wire, timeout=5)
+                        codes = statuses(raw)
+                        want = ([200] if position == "pipelined" else []) + [status]
+                        got = paths(seen)[before:]
+                        if codes[:len(want)] != want or codes[len(want):] not in ([], [200]) or not eof:
+                            failures.append(f"{label}: answers {codes}, eof {eof}: {raw[:300]!r}")
+                        expected = ([b"/pre"] if position == "pipelined" else []) + \
+                            ([b"/post"] if codes[len(want):] == [200] else [])
+                        if got != expected:
+                            failures.append(f"{label}: the target got {got}, want {expected}")
+            if seen_b:
+                failures.append(f"team B's target got {paths(seen_b)}")
+            if not await settle(lambda: in_use(gw) == baseline):
+                failures.append(f"open streams {in_use(gw)} != baseline {baseline}")
+
+    run(body, timeout=60)
+    assert not failures, "\n".join(failures)
+
+
+# ----------------------------------------------------------------------------- many clients
+
+
+def test_100_concurrent_clients_switching_slugs_and_teams_on_kept_connections(tmp_path):
+    """100 keep-alive clients, 10 requests each, alternating between two of team A's
+    services (and some with team B's key to team B's service, some invokes): every answer
+    is the one for that request, from the right service; no request crosses a slug or a
+    team; the open streams go back to where they were."""
+    clients, rounds = 100, 10
+
+    async def one(gw: Any, c: int, keys: dict, keys_b: dict) -> int:
+        client = await RawClient.connect(gw.port)
+        ok, used = 0, False
+        try:
+            for r in range(rounds):
+                kind = (c + r) % 4
+                if kind == 3:  # an invoke, on its own connection
+                    status, out = await invoke(gw, keys["sk"], "svc-c", method="POST", path=f"/i{c}-{r}",
+                                               body_base64=base64.b64encode(b"%d" % r).decode())
+                    assert status == 200, out
+                    assert base64.b64decode(out["body_base64"]) == b"C POST /i%d-%d %d" % (c, r, r)
+                    ok += 1
+                    continue
+                slug, key, tag = (("svc-a", keys["sk"], b"A"), ("svc-c", keys["dk"], b"C"),
+                                  ("svc-b", keys_b["sk"], b"B"))[kind]
+                data = b"c%dr%d" % (c, r)
+                if used:
+                    client.next_cycle(b"POST")
+                used = True
+                await client.send(req(PROXY + f"{slug}/p{c}-{r}", auth(key) + f"Content-Length: {len(data)}\r\n",
+                                      "POST") + data)
+                head, _, got = await client.response()
+                assert (head.status_code, got) == (200, tag + b" POST /p%d-%d " % (c, r) + data), (c, r, head, got)
+                ok += 1
+        finally:
+            await client.close()
+        return ok
+
+    async def body():
+        async with h11_target(tagged(b"C")) as (port_c, seen_c), \
+                two_teams(tmp_path) as (gw, keys, keys_b, seen, seen_b):
+            async with serving_agent(gw, keys["ak"], "box-c", f"svc-c=127.0.0.1:{port_c},health=none"):
+                await wait_status(gw, keys["sk"], "svc-c", "running")
+                baseline = in_use(gw)
+                done = await asyncio.gather(*(one(gw, c, keys, keys_b) for c in range(clients)))
+                assert done == [rounds] * clients
+                for tag, got in ((b"A", seen), (b"B", seen_b), (b"C", seen_c)):
+                    for s in got:
+                        assert not s.ending.startswith("error"), (tag, s.ending)
+                assert all(p.startswith(b"/p") for p in paths(seen) + paths(seen_b))
+                assert len(paths(seen)) + len(paths(seen_b)) + len(paths(seen_c)) == clients * rounds
+                assert not no_credential(seen + seen_b + seen_c, keys["sk"], keys["dk"], keys_b["sk"])
+                assert await settle(lambda: in_use(gw) == baseline), (in_use(gw), baseline)
+
+    run(body, timeout=90)
