@@ -148,3 +148,37 @@ def test_a_share_refusal_before_pipelined_requests_says_connection_close(tmp_pat
                     (got, eof, raw[-250:])
 
     run(body, timeout=60)
+
+
+@pytest.mark.parametrize("where", ["api", "tunnel", "tunnel, second request"])
+def test_a_folded_header_line_is_a_400_on_every_path(tmp_path, where):
+    """Found by tests/test_service_proxy_adversarial.py: the first request on a
+    connection is parsed by the gateway's HTTP server (h11), which joins an obs-fold
+    continuation into the previous header's value; the proxy engine (llhttp) refuses the
+    same bytes with 400 on later requests. So ``X-A: 1\\r\\n Authorization: Bearer sk-...``
+    on a first request reached the target as one X-A header carrying the key. Expected:
+    400 and close, whichever request on the connection, and nothing reaches the target."""
+    folded = "X-A: 1\r\n X-Folded: yes\r\n"
+
+    async def body():
+        async with h11_target() as (port, seen), tunnel_to(tmp_path, port) as (gw, _, _, tunnel):
+            base = path_of(tunnel["tunnel_url"])
+            if where == "api":
+                wire = req("/healthz", folded)
+            elif where == "tunnel":
+                wire = req(base + "folded", folded)
+            else:
+                wire = req(base + "fine") + req(base + "folded", folded)
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(wire)
+            async with asyncio.timeout(20):
+                raw = await reader.read(-1)  # the gateway closes after the 400
+            writer.close()
+            codes = statuses(raw)
+            assert codes[-1] == 400, raw[:300]
+            targets = [request[1] for record in seen for request in record.requests]
+            assert not any(b"folded" in t for t in targets), targets
+            if where == "tunnel, second request":
+                assert codes == [200, 400] and len(targets) == 1, (codes, targets)
+
+    run(body, timeout=60)

@@ -302,16 +302,7 @@ def test_smuggling_shapes_on_the_service_path(tmp_path, position):
     assert not failures, "\n".join(failures)
 
 
-FOLD_FIRST = pytest.mark.xfail(strict=True, reason=(
-    "the first request on a connection is parsed by the gateway's HTTP server (h11, relay/gateway/server.py), "
-    "which accepts obs-fold and joins the continuation line into the previous header's value; "
-    "Request.take_over_raw re-serialises that unfolded head for the proxy engine, so "
-    "'X-A: 1\\r\\n Authorization: Bearer sk-...' reaches the target as 'X-A: 1 Authorization: Bearer sk-...' "
-    "(pipelined, the engine's httptools refuses the same bytes with 400). Not fixable in services.py/invoke.py: "
-    "the fold is gone before the route sees the request"))
-
-
-@pytest.mark.parametrize("position", [pytest.param("first", marks=FOLD_FIRST), "pipelined"])
+@pytest.mark.parametrize("position", ["first", "pipelined"])
 def test_a_folded_line_that_spells_the_credential_does_not_reach_the_target(tmp_path, position):
     """``X-A: 1`` folded onto `` Authorization: Bearer <key>`` (then the real
     Authorization line): refused, or forwarded without the key in any byte."""

@@ -44,6 +44,17 @@ MAX_BODY = 1024 * 1024
 MAX_HEAD = 64 * 1024
 #: A connection that sends no complete request for this long is closed.
 IDLE_TIMEOUT = 60.0
+# A header line continued on the next (obs-fold, RFC 9112 5.2): h11 joins it into the
+# previous value, the proxy engine's llhttp refuses it. Both paths must agree, so the
+# server refuses it too (the RFC's other allowed answer), before anything is routed.
+_OBS_FOLD = re.compile(rb"\n[ \t]")
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+
+def _head_has_obs_fold(data: bytes | bytearray) -> bool:
+    """True when the request head at the start of ``data`` folds a header line."""
+    end = _HEAD_END.search(data)
+    return _OBS_FOLD.search(data, 0, end.start() if end else len(data)) is not None
 #: After an error answered mid-request, input is read and dropped for up to this long
 #: before closing, so the client's unread bytes do not turn our close into a reset that
 #: destroys the error response (RFC 9112 §9.6 "lingering close").
@@ -208,6 +219,9 @@ class HttpProtocol(asyncio.Protocol):
         self._connections = connections
         self._idle: Optional[asyncio.TimerHandle] = None
         self._lingering = False
+        #: The bytes of the request head being read (until h11 has parsed it), checked
+        #: for obs-fold: h11 keeps no trace of a fold once it has joined the lines.
+        self._head = bytearray()
 
     # -- asyncio.Protocol
 
@@ -220,6 +234,8 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._detached or self._lingering:
             return
+        if self._h11.their_state is h11.IDLE and len(self._head) <= MAX_HEAD:
+            self._head += data
         self._h11.receive_data(data)
         self._process()
 
@@ -265,6 +281,11 @@ class HttpProtocol(asyncio.Protocol):
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
             if isinstance(event, h11.Request):
+                if _head_has_obs_fold(self._head):
+                    self._send_error_and_close(400, "bad_request",
+                                               "malformed HTTP request: a header line is folded (obs-fold)")
+                    return
+                self._head = bytearray()
                 self._request = event
                 self._body = bytearray()
                 if self._start_raw(event):
@@ -330,6 +351,7 @@ class HttpProtocol(asyncio.Protocol):
             # The client is mid-upgrade or otherwise not reusable: end the connection.
             self.transport.close()
             return
+        self._head = bytearray(self._h11.trailing_data[0][:MAX_HEAD + 1])  # a pipelined head
         self._arm_idle()
         self.transport.resume_reading()
         self._process()
