@@ -182,3 +182,44 @@ def test_a_folded_header_line_is_a_400_on_every_path(tmp_path, where):
                 assert codes == [200, 400] and len(targets) == 1, (codes, targets)
 
     run(body, timeout=60)
+
+
+def test_a_half_closed_client_gets_a_slow_answer_while_the_target_makes_progress(tmp_path, monkeypatch):
+    """Since a client's EOF with an answer outstanding is given up after EOF_PATIENCE of
+    target silence (found by tests/test_service_proxy_adversarial.py: a client that left
+    a hung target held the stream and both connections for ever), a half-closed client
+    must still get an answer whose pieces come slower than the client's EOF but never
+    pause for EOF_PATIENCE; a silent target is given up."""
+    monkeypatch.setattr("relay.gateway.http_proxy.EOF_PATIENCE", 0.5)
+    pieces = 6
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"/silent" in head:
+            await reader.read()  # never answers; ends when the gateway gives up
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % pieces)
+        for _ in range(pieces):  # 6 x 0.3 s: 1.8 s in all, never 0.5 s without a byte
+            await asyncio.sleep(0.3)
+            writer.write(b"x")
+            await writer.drain()
+        await reader.read()
+
+    async def body():
+        async with target(slow) as (port, _), tunnel_to(tmp_path, port) as (gw, _, _, tunnel):
+            base = path_of(tunnel["tunnel_url"])
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(req(base + "slow"))
+            writer.write_eof()
+            raw, eof = await read_all(reader, timeout=15)
+            writer.close()
+            assert eof and statuses(raw) == [200] and raw.endswith(b"\r\n\r\n" + b"x" * pieces), raw
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(req(base + "silent"))
+            writer.write_eof()
+            async with asyncio.timeout(10):
+                rest = await reader.read()  # ends: the gateway gave up after EOF_PATIENCE
+            writer.close()
+            assert b"200" not in rest
+
+    run(body, timeout=60)

@@ -85,6 +85,12 @@ IDLE_TIMEOUT = 60.0
 #: A request body left unread by an error response is read and dropped up to this size
 #: to keep the connection; larger ones close it.
 DISCARD_LIMIT = 64 * 1024
+#: After the client's EOF, an answer still awaited or in progress is given up once the
+#: target has sent nothing for this long. A half-closed client may still be reading, but
+#: one that closed for good would never read it, and only bytes written to it could tell
+#: the two apart; without this a hung target would hold the stream, the agent's
+#: connection and its own for ever. (nginx gives up at the client's EOF at once.)
+EOF_PATIENCE = 3.0
 #: When the target answered before the whole request body was sent, the rest of the
 #: body gets this long to go out before the connection is given up.
 BODY_GRACE = 2.0
@@ -758,6 +764,8 @@ class ProxyConnection(asyncio.Protocol):
         self._joined: Optional[ProxyStats] = None  # the stats whose clients we were last added to
         self._idle_since = 0.0
         self._idle_timer: Optional[asyncio.TimerHandle] = None
+        self._patience: Optional[asyncio.TimerHandle] = None  # see EOF_PATIENCE
+        self._upstream_batches = 0  # batches of target bytes handled: progress, for EOF_PATIENCE
 
     # -- asyncio.Protocol (client side)
 
@@ -829,13 +837,35 @@ class ProxyConnection(asyncio.Protocol):
         if not self._detached:
             self._events.append((_EOF, None))  # handled in order, after what came before
             self._process()
+            if self._req is not None and not self._lost and not self._detached:
+                self._wait_patiently(-1)
         return True  # keep our side open: a response may still be going out
+
+    def _wait_patiently(self, seen: int) -> None:
+        """After the client's EOF: abort unless the target sent something since the last
+        look (``seen`` batches) or the client is still reading a backlog, then look again
+        EOF_PATIENCE later."""
+        self._patience = None
+        if self._lost or self._detached or self._req is None:
+            return
+        # Silence of the target, not a client still taking what was sent (write paused).
+        if self._upstream_batches == seen and not self._write_paused:
+            exchange = self._exchange
+            if exchange is not None:
+                exchange.stats.fail("client gone, target silent")
+            self.abort()
+            return
+        self._patience = asyncio.get_running_loop().call_later(
+            EOF_PATIENCE, self._wait_patiently, self._upstream_batches)
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         self._lost = True
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        if self._patience is not None:
+            self._patience.cancel()
+            self._patience = None
         if self._connections is not None and not self._detached:
             self._connections.discard(self)
         if self._busy is not None and not self._busy.done():
@@ -1307,6 +1337,7 @@ class ProxyConnection(asyncio.Protocol):
 
     def _upstream_data(self, side: _StreamSide, data: bytes, n: int) -> None:
         """A batch of bytes from the target (called by the stream's sink)."""
+        self._upstream_batches += 1
         exchange = self._exchange
         if side is not self._side or exchange is None:
             # Bytes with no request outstanding: the target is out of step.
