@@ -228,6 +228,9 @@ def test_every_validation_error_names_its_field(tmp_path):
                     assert answer["error"]["message"].startswith(message), (body, answer)
                 status, _, answer = await api(gw, "POST", "/api/v1/tunnels", sk, raw=b"{nope")
                 assert status == 400 and answer["error"]["code"] == "invalid_json"
+                # Nested past the JSON parser's recursion limit (was a 500).
+                status, _, answer = await api(gw, "POST", "/api/v1/tunnels", sk, raw=b"[" * 100000 + b"]" * 100000)
+                assert status == 400 and answer["error"]["code"] == "invalid_json", (status, answer)
                 status, _, answer = await api(gw, "POST", "/api/v1/tunnels", sk, [good])
                 assert status == 400 and answer["error"]["code"] == "invalid_request"
                 status, _, answer = await api(gw, "POST", "/api/v1/tunnels", sk,

@@ -130,6 +130,8 @@ class Request:
             return json.loads(self.body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise HttpError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+        except RecursionError:  # e.g. 100,000 nested arrays: within MAX_BODY, past the parser
+            raise HttpError(400, "invalid_json", "request body is nested too deeply") from None
 
     @property
     def peer(self) -> Any:
