@@ -55,6 +55,14 @@ def in_use(gw: Any) -> int:
     return open_streams(gw) - pooled(gw)
 
 
+async def leaked(gw: Any, baseline: int) -> list[str]:
+    """[] once the streams in use are back to ``baseline`` (waiting a bounded time), else
+    the failure to report."""
+    if await settle(lambda: in_use(gw) == baseline):
+        return []
+    return [f"open streams {in_use(gw)} != baseline {baseline}"]
+
+
 def paths(seen: list[Seen]) -> list[bytes]:
     return [r[1] for s in seen for r in s.requests]
 
@@ -164,8 +172,7 @@ def test_the_gateway_credential_never_reaches_the_target(tmp_path, position):
             # The plain spellings must be accepted (not all refused for a wrong reason).
             assert paths(seen).count(b"/plain") == 1 and paths(seen).count(b"/lower-case-name") == 1
             assert not seen_b, "team B's target got a request"
-            if not await settle(lambda: in_use(gw) == baseline):
-                failures.append(f"open streams {in_use(gw)} != baseline {baseline}")
+            failures.extend(await leaked(gw, baseline))
 
     run(body, timeout=100)
     assert not failures, "\n".join(failures)
@@ -231,8 +238,7 @@ def test_each_pipelined_request_is_authenticated_on_its_own(tmp_path):
                 failures.append(f"pipeline: target got {paths(seen[before:])}, want {answered_good}")
             failures.extend(no_credential(seen, sk, keys["dk"], keys_b["sk"]))
             assert not seen_b
-            if not await settle(lambda: in_use(gw) == baseline):
-                failures.append(f"open streams {in_use(gw)} != baseline {baseline}")
+            failures.extend(await leaked(gw, baseline))
 
     run(body, timeout=60)
     assert not failures, "\n".join(failures)
@@ -295,8 +301,7 @@ def test_smuggling_shapes_on_the_service_path(tmp_path, position):
                     failures.append(f"{name}: the target got {got}, want {expected}")
             failures.extend(no_credential(seen, sk))
             assert not seen_b
-            if not await settle(lambda: in_use(gw) == baseline):
-                failures.append(f"open streams {in_use(gw)} != baseline {baseline}")
+            failures.extend(await leaked(gw, baseline))
 
     run(body, timeout=100)
     assert not failures, "\n".join(failures)
@@ -400,8 +405,7 @@ def test_paths_cannot_leave_the_slug_or_the_team(tmp_path):
             failures.extend(no_credential(seen, sk, keys_b["sk"]))
             if seen_b:
                 failures.append(f"team B's target got {paths(seen_b)}")
-            if not await settle(lambda: in_use(gw) == baseline):
-                failures.append(f"open streams {in_use(gw)} != baseline {baseline}")
+            failures.extend(await leaked(gw, baseline))
 
     run(body, timeout=60)
     assert not failures, "\n".join(failures)
@@ -541,8 +545,7 @@ def test_invoke_with_a_bad_body_is_a_4xx_json_error_and_nothing_reaches_the_targ
                 status, out = await invoke(gw, sk, "svc-a", method="GET", path=f"/after/{name.replace(' ', '-')}")
                 if status != 200 or out["status_code"] != 200:
                     failures.append(f"{name}: the next invoke got {status} {out}")
-            if not await settle(lambda: in_use(gw) == baseline):
-                failures.append(f"open streams {in_use(gw)} != baseline {baseline}")
+            failures.extend(await leaked(gw, baseline))
             for s in seen:
                 for method, tgt, headers, _ in s.requests:
                     if not tgt.startswith(b"/after/"):
@@ -731,8 +734,7 @@ def test_a_misbehaving_target_on_the_proxy_path(tmp_path):
             count, slowest, errors = await asyncio.wait_for(others, 20)
             if errors or count < 1 or slowest > 3:
                 failures.append(f"bystanders: {count} rounds, slowest {slowest:.2f}s, errors {errors[:5]}")
-            if not await settle(lambda: in_use(gw) == baseline):
-                failures.append(f"open streams {in_use(gw)} != baseline {baseline}")
+            failures.extend(await leaked(gw, baseline))
 
     run(body, timeout=60)
     assert not failures, "\n".join(failures)
@@ -1068,8 +1070,7 @@ def test_a_refused_requests_body_is_never_parsed_as_a_request(tmp_path):
                             failures.append(f"{label}: the target got {got}, want {expected}")
             if seen_b:
                 failures.append(f"team B's target got {paths(seen_b)}")
-            if not await settle(lambda: in_use(gw) == baseline):
-                failures.append(f"open streams {in_use(gw)} != baseline {baseline}")
+            failures.extend(await leaked(gw, baseline))
 
     run(body, timeout=60)
     assert not failures, "\n".join(failures)
