@@ -195,6 +195,21 @@ def bad_requests(base: str) -> list[tuple[str, bytes, set[int]]]:
     ]
 
 
+def forwarded_cleanly(name: str, codes: list[int], forwarded: list[tuple]) -> list[str]:
+    """For a bad request that was forwarded (a lenient parse RFC 9112 allows: a fold
+    replaced by a space, a bare LF taken as a line end): failures unless the target got
+    it as one clean request for ``/x`` and whatever followed in the client's bytes was
+    the gateway's to answer (its own 404 for /smuggled)."""
+    failures = []
+    got = [r[1] for r in forwarded]
+    if got[-1:] != [b"/x"] or codes[1:] not in ([], [404]):
+        failures.append(f"{name}: forwarded as {got}, answers {codes}")
+    for hname, value in forwarded[-1][2] if forwarded else ():
+        if b"\x00" in value or b"\r" in value or b"\n" in value:
+            failures.append(f"{name}: forwarded header {hname!r}: {value!r}")
+    return failures
+
+
 @pytest.mark.parametrize("position", ["first", "pipelined"])
 def test_smuggling_shapes_are_refused_or_forwarded_unambiguously(tmp_path, position):
     """Each bad request alone on a connection (first: parsed by the gateway's HTTP server
@@ -226,15 +241,7 @@ def test_smuggling_shapes_are_refused_or_forwarded_unambiguously(tmp_path, posit
                 if b"/smuggled" in got:
                     failures.append(f"{name}: the target got a smuggled request: {got}")
                 if 0 in allowed and codes[:1] == [200]:
-                    # Forwarded (a lenient parse RFC 9112 allows: a fold replaced by a
-                    # space, a bare LF taken as a line end): the target must have got it
-                    # as one clean request, and whatever followed in the client's bytes
-                    # was the gateway's to answer (its own 404 for /smuggled).
-                    if got[-1:] != [b"/x"] or codes[1:] not in ([], [404]):
-                        failures.append(f"{name}: forwarded as {got}, answers {codes}")
-                    for hname, value in forwarded[-1][2]:
-                        if b"\x00" in value or b"\r" in value or b"\n" in value:
-                            failures.append(f"{name}: forwarded header {hname!r}: {value!r}")
+                    failures.extend(forwarded_cleanly(name, codes, forwarded))
                     continue
                 if len(codes) != 1 or codes[0] not in allowed:
                     failures.append(f"{name}: answered {codes} (want one of {sorted(allowed)}): {raw[:300]!r}")
@@ -952,23 +959,29 @@ def test_mid_pipeline_hand_back_with_request_bodies(tmp_path):
     run(body, timeout=60)
 
 
+async def get_only_share(gw: Any, sk: str, agent_id: str, port: int) -> str:
+    """An http tunnel (Tunnels API) to 127.0.0.1:``port`` through the agent, and a
+    GET-only share link on it; returns the link's path prefix (``/s/TOKEN``)."""
+    from tests.test_tunnels_api import api, create
+
+    tunnel = await create(gw, sk, target=f"127.0.0.1:{port}", agent_id=agent_id, name="web", protocol="http")
+    status, _, share = await api(gw, "POST", f"/api/v1/tunnels/{tunnel['id']}/shares", sk,
+                                 {"name": "ro", "allowed_methods": ["GET"], "expires_in": "1h"})
+    assert status == 201, share
+    return "/s/" + share["share_url"].rsplit("/s/", 1)[1]
+
+
 def test_share_refusals_never_reach_the_target(tmp_path):
     """A GET-only share link: refused POST/PUT (a body that looks like a request, a
     chunked one, one past the discard limit) after an allowed GET in the same write are
     answered 405 and their bodies never parsed as requests nor sent to the target. (What
-    comes after a refusal on the same connection: tests/_pending_proxy_findings.py.)"""
+    comes after a refusal on the same connection: tests/test_http_proxy_findings.py.)"""
     from tests.test_gateway_e2e import gateway_and_team, running_agent
-    from tests.test_tunnels_api import api, create
 
     async def body():
         async with h11_target(echo_answer) as (port, seen), gateway_and_team(tmp_path) as (gw, keys):
             async with running_agent(gw, keys["ak"], name="web-box") as agent:
-                tunnel = await create(gw, keys["sk"], target=f"127.0.0.1:{port}", agent_id=agent.agent_id,
-                                      name="web", protocol="http")
-                status, _, share = await api(gw, "POST", f"/api/v1/tunnels/{tunnel['id']}/shares", keys["sk"],
-                                             {"name": "ro", "allowed_methods": ["GET"], "expires_in": "1h"})
-                assert status == 201, share
-                prefix = "/s/" + share["share_url"].rsplit("/s/", 1)[1]
+                prefix = await get_only_share(gw, keys["sk"], agent.agent_id, port)
                 baseline = open_streams(gw)
                 refused = [req(prefix + "b", f"Content-Length: {len(SMUGGLED)}\r\n", "POST") + SMUGGLED,
                            req(prefix + "d", "Transfer-Encoding: chunked\r\n", "PUT")

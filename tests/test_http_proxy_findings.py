@@ -10,8 +10,8 @@ import contextlib
 import pytest
 
 from tests.test_gateway_e2e import run
-from tests.test_http_proxy_adversarial import (h11_target, path_of, read_all, read_head, req, statuses, target,
-                                               tunnel_to)
+from tests.test_http_proxy_adversarial import (get_only_share, h11_target, path_of, read_all, read_head, req,
+                                               statuses, target, tunnel_to)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -128,17 +128,11 @@ def test_a_share_refusal_before_pipelined_requests_says_connection_close(tmp_pat
     ``Connection: close`` on the 405.
     """
     from tests.test_gateway_e2e import gateway_and_team, running_agent
-    from tests.test_tunnels_api import api, create
 
     async def body():
         async with h11_target() as (port, seen), gateway_and_team(tmp_path) as (gw, keys):
             async with running_agent(gw, keys["ak"], name="web-box") as agent:
-                tunnel = await create(gw, keys["sk"], target=f"127.0.0.1:{port}", agent_id=agent.agent_id,
-                                      name="web", protocol="http")
-                status, _, share = await api(gw, "POST", f"/api/v1/tunnels/{tunnel['id']}/shares", keys["sk"],
-                                             {"name": "ro", "allowed_methods": ["GET"], "expires_in": "1h"})
-                assert status == 201, share
-                prefix = "/s/" + share["share_url"].rsplit("/s/", 1)[1]
+                prefix = await get_only_share(gw, keys["sk"], agent.agent_id, port)
                 reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
                 writer.write(req(prefix + "a") + req(prefix + "b", "Content-Length: 0\r\n", "POST") + req(prefix + "c"))
                 raw, eof = await read_all(reader, timeout=4)
