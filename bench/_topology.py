@@ -10,6 +10,9 @@ by the connection's first byte:
   its CLOCK_MONOTONIC time)`` as two big-endian doubles/ints (16 bytes), so the client
   gets the rate *as seen by the target*, with no buffering in between to blur it.
 * ``E`` (echo): echoes everything.
+* ``G`` (HTTP, the ``G`` of a first ``GET``, kept as part of the request): answers every
+  request head (HTTP/1.1 GETs without bodies) with ``200`` and 1 KiB, keeping the
+  connection alive.
 
 A connection that never sends its first byte costs the target one idle socket.
 """
@@ -37,13 +40,15 @@ HOST = "127.0.0.1"
 REPORT = struct.Struct("!qd")  # bytes received, target's time.monotonic()
 REPORT_INTERVAL = 0.05
 SOURCE_CHUNK = b"\x5a" * (256 * 1024)
+HTTP_RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                 b"Content-Length: 1024\r\n\r\n" + b"\x5a" * 1024)
 
 
 # ----------------------------------------------------------------------------- target server
 
 
 class _Target(asyncio.Protocol):
-    __slots__ = ("transport", "mode", "received", "paused", "timer", "loop")
+    __slots__ = ("transport", "mode", "received", "paused", "timer", "loop", "pending")
 
     def __init__(self) -> None:
         self.transport: Any = None
@@ -51,6 +56,7 @@ class _Target(asyncio.Protocol):
         self.received = 0
         self.paused = False
         self.timer: Optional[asyncio.TimerHandle] = None
+        self.pending = b""
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -62,7 +68,8 @@ class _Target(asyncio.Protocol):
         mode = self.mode
         if not mode:
             mode = self.mode = data[:1]
-            data = data[1:]
+            if mode != b"G":
+                data = data[1:]
             if mode == b"R":
                 self.transport.set_write_buffer_limits(high=1024 * 1024)
                 self._fill()
@@ -74,6 +81,13 @@ class _Target(asyncio.Protocol):
         elif mode == b"E":
             if data:
                 self.transport.write(data)
+        elif mode == b"G":
+            pending = self.pending + data
+            answered = pending.count(b"\r\n\r\n")
+            if answered:
+                self.transport.write(HTTP_RESPONSE * answered)
+                pending = pending[pending.rindex(b"\r\n\r\n") + 4:]
+            self.pending = pending
 
     def _fill(self) -> None:
         transport = self.transport

@@ -1,6 +1,6 @@
 """Instructions per message through a TCP tunnel, counted by callgrind: the steady number.
 
-    .venv/bin/python bench/callgrind_tcp.py [--side gateway|agent|both] [--mode rtt|connect]
+    .venv/bin/python bench/callgrind_tcp.py [--side gateway|agent|both] [--mode rtt|connect|http]
                                             [--count 1000] [--baseline DIR]
 
 Wall-clock latency on a shared 2-core machine moves by 30% between runs; the number of
@@ -8,7 +8,9 @@ user-space instructions a process executes per 64-byte round trip does not. This
 ``relay gateway`` and ``relay agent`` (one of them under ``valgrind --tool=callgrind``
 with instrumentation off), a TCP tunnel to an echo target, warms up, switches counting on
 for ``--count`` round trips (``--mode rtt``: one persistent connection; ``--mode
-connect``: a fresh connection per request, connect to first byte), and prints the
+connect``: a fresh connection per request, connect to first byte; ``--mode http``: an
+HTTP tunnel instead, keep-alive GETs answered with 1 KiB, the shape of
+``bench/e2e_http.py``'s load one request at a time), and prints the
 instructions per round trip with the top functions. ``--baseline DIR`` measures the relay
 package in DIR too (e.g. ``git archive COMMIT relay | tar -x -C DIR`` with the compiled
 extensions built or copied in), in the same run, and prints the ratio.
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Optional
 
@@ -73,7 +76,33 @@ def _round_trips(hub: int, count: int, fresh: bool) -> None:
         conn.close()
 
 
-def measure(source: Optional[Path], side: str, count: int, fresh: bool, top: int) -> int:
+def _http_requests(port: int, path: str, count: int) -> None:
+    """``count`` keep-alive GETs of ``path`` on one connection, each read to its last byte."""
+    conn = _connect(port)
+    request = f"GET {path}1k.bin HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
+    buffered = b""
+    for _ in range(count):
+        conn.sendall(request)
+        while b"\r\n\r\n" not in buffered:
+            buffered += _recv(conn)
+        head, _, buffered = buffered.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"the tunnel answered {head[:80]!r}")
+        length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+        while len(buffered) < length:
+            buffered += _recv(conn)
+        buffered = buffered[length:]
+    conn.close()
+
+
+def _recv(conn: socket.socket) -> bytes:
+    chunk = conn.recv(65536)
+    if not chunk:
+        raise RuntimeError("the tunnel closed the connection")
+    return chunk
+
+
+def measure(source: Optional[Path], side: str, count: int, mode: str, top: int) -> int:
     """Instructions per round trip of ``side`` running the relay package in ``source``
     (None: this checkout)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -98,15 +127,21 @@ def measure(source: Optional[Path], side: str, count: int, fresh: bool, top: int
                                       "--log-level", "warning"],
                             env={**env, "RELAY_AGENT_KEY": keys["ak"]}, cwd=cwd)
         agent_id = topo.wait_for(lambda: _online_agent(port, keys["sk"]), 120, "relay agent", agent, procs)
+        protocol = "http" if mode == "http" else "tcp"
         status, body = topo._api(port, "POST", f"/api/v1/agents/{agent_id}/tunnel", keys["sk"],
-                                 {"target_port": echo_port, "tunnel_protocol": "tcp"})
+                                 {"target_port": echo_port, "tunnel_protocol": protocol})
         if status != 200:
             raise RuntimeError(f"tunnel: {status} {body}")
-        hub = int(body["hub_port"])
-        _round_trips(hub, 300, fresh)  # warm-up: imports, caches, the window's first growth
+        if mode == "http":
+            path = urllib.parse.urlsplit(body["tunnel_url"]).path
+            run = lambda n: _http_requests(port, path, n)  # noqa: E731
+        else:
+            hub = int(body["hub_port"])
+            run = lambda n: _round_trips(hub, n, mode == "connect")  # noqa: E731
+        run(300)  # warm-up: imports, caches, the window's first growth
         pid = str((gateway if side == "gateway" else agent).pid)
         subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
-        _round_trips(hub, count, fresh)
+        run(count)
         subprocess.run(["callgrind_control", "-i", "off", pid], check=True, capture_output=True)
         subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
         time.sleep(1.0)
@@ -126,7 +161,7 @@ def measure(source: Optional[Path], side: str, count: int, fresh: bool, top: int
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", choices=("gateway", "agent", "both"), default="both")
-    parser.add_argument("--mode", choices=("rtt", "connect"), default="rtt")
+    parser.add_argument("--mode", choices=("rtt", "connect", "http"), default="rtt")
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--baseline", metavar="DIR", help="a directory holding another relay package")
     parser.add_argument("--top", type=int, default=0, help="also print the N costliest functions")
@@ -136,13 +171,14 @@ def main() -> int:
         return 2
     topo.raise_nofile()
     sides = ("gateway", "agent") if args.side == "both" else (args.side,)
-    unit = "round trip" if args.mode == "rtt" else "connection (connect, 64 B each way, close)"
+    unit = {"rtt": "round trip", "connect": "connection (connect, 64 B each way, close)",
+            "http": "HTTP request (keep-alive GET, 1 KiB answer)"}[args.mode]
     print(f"user-space instructions per {unit}, {args.count} counted, callgrind")
     for side in sides:
-        here = measure(None, side, args.count, args.mode == "connect", args.top)
+        here = measure(None, side, args.count, args.mode, args.top)
         line = f"  {side:8s} this checkout {here:10,}"
         if args.baseline:
-            base = measure(Path(args.baseline).resolve(), side, args.count, args.mode == "connect", args.top)
+            base = measure(Path(args.baseline).resolve(), side, args.count, args.mode, args.top)
             line += f"   baseline {base:10,}   ratio {here / base:.2f}"
         print(line, flush=True)
     return 0
