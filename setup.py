@@ -19,6 +19,10 @@ COMPILED_SOURCES = [
     ("relay.mux.flow", "relay/mux/flow.py"),
     ("relay.mux.stream", "relay/mux/stream.py"),
     ("relay.mux.connection", "relay/mux/connection.py"),
+    ("relay.binding", "relay/binding.py"),
+    ("relay.aio.stream", "relay/aio/stream.py"),
+    ("relay.aio.session", "relay/aio/session.py"),
+    ("relay.aio.transport", "relay/aio/transport.py"),
 ]
 
 

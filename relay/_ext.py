@@ -24,7 +24,10 @@ from typing import Optional, Sequence
 NO_EXTENSIONS: bool = bool(os.environ.get("RELAY_NO_EXTENSIONS"))
 
 #: Modules compiled from their own Python source when extensions are built (setup.py).
-COMPILED_SOURCES: tuple[str, ...] = ("relay.mux.flow", "relay.mux.stream", "relay.mux.connection")
+COMPILED_SOURCES: tuple[str, ...] = (
+    "relay.mux.flow", "relay.mux.stream", "relay.mux.connection",
+    "relay.binding", "relay.aio.stream", "relay.aio.session", "relay.aio.transport",
+)
 
 #: Names of the compiled modules actually in use, filled in as they load.
 LOADED: dict[str, bool] = {}

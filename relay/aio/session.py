@@ -18,6 +18,11 @@ import logging
 from collections import deque
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
 
+try:
+    import cython
+except ImportError:  # runs uncompiled without Cython installed
+    from relay.mux import _cython_shim as cython  # type: ignore[no-redef]
+
 from relay.aio.stream import MuxStream, StreamRefused, StreamResetError, StreamSplice
 from relay.binding import StreamEventRouter
 from relay.mux.connection import MuxConfig, MuxConnection
@@ -66,8 +71,10 @@ class SessionClosedError(ConnectionResetError):
         self.message = message
 
 
-class MuxSession(StreamEventRouter, asyncio.Protocol):
-    """A multiplexed session over one transport.
+class MuxSession(StreamEventRouter):
+    """A multiplexed session over one transport (an asyncio protocol by its methods:
+    compiled, it is an extension type, which cannot subclass ``asyncio.Protocol``, and
+    event loops only duck-type protocols).
 
     ``client=True`` on the dialling side (the agent). Incoming streams go to
     ``on_stream(stream)`` if given (a plain callback, or a coroutine function run as a
@@ -335,6 +342,7 @@ class MuxSession(StreamEventRouter, asyncio.Protocol):
         if self._flush_handle is None and self._transport is not None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
+    @cython.locals(stream=MuxStream)
     def _flush(self) -> None:
         """Write what the core has to send, while the transport accepts it."""
         self._flush_handle = None

@@ -541,8 +541,11 @@ class MuxStreamWriter:
         return self.stream
 
 
-class StreamSplice(asyncio.Protocol):
+class StreamSplice:
     """Relay a :class:`MuxStream` to a local asyncio transport, Protocol to Protocol.
+
+    An asyncio protocol by its methods, not by its base: compiled, it is an extension
+    type, which cannot subclass ``asyncio.Protocol`` (event loops only duck-type it).
 
     Use it as the protocol of a local connection (``loop.create_connection(lambda:
     StreamSplice(stream), ...)``, or a server whose factory opens a stream with

@@ -74,8 +74,11 @@ async def serve_tcp(on_session: SessionCallback, host: str, port: int, *, config
     return await loop.create_server(factory, host, port)
 
 
-class WebSocketTransport(asyncio.Protocol):
+class WebSocketTransport:
     """Carry a MuxSession over WebSocket binary messages (after the HTTP upgrade).
+
+    An asyncio protocol by its methods, not by its base: compiled, it is an extension
+    type, which cannot subclass ``asyncio.Protocol`` (event loops only duck-type it).
 
     It is the Protocol of the underlying TCP/TLS transport, and the transport of the
     session. ``client=True`` masks outgoing frames and expects unmasked ones, as
