@@ -23,6 +23,7 @@ COMPILED_SOURCES = [
     ("relay.aio.stream", "relay/aio/stream.py"),
     ("relay.aio.session", "relay/aio/session.py"),
     ("relay.aio.transport", "relay/aio/transport.py"),
+    ("relay.gateway.http_proxy", "relay/gateway/http_proxy.py"),
 ]
 
 

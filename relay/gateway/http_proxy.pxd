@@ -1,0 +1,45 @@
+# The per-request objects of the HTTP proxy engine as extension types (see http_proxy.py
+# and docs/DESIGN.md): typed fields and typed references between them, so the steady
+# keep-alive path reads and writes struct fields instead of instance dictionaries.
+# Flags are bint, counters and offsets Py_ssize_t; whatever may hold None or any Python
+# value stays object.
+
+cdef class ProxyConnection
+
+cdef class RequestHead:
+    cdef public object method, target, http_version, raw_headers
+
+cdef class _Exchange:
+    cdef public RequestHead head
+    cdef public object upstream, stats, upgrade, sent, grace
+    cdef public bint has_body, chunked, is_head, started, response_done, request_done
+    cdef public bint keep_target, reused, retried
+
+cdef class _StreamSide:
+    cdef public ProxyConnection conn
+    cdef public object stream, key, parser, _in, failed, _buf, _carry, _reason, _block
+    cdef public object session, stream_id
+    cdef public Py_ssize_t _in_n, _pos, _head_at, _status, _upgrade_offset
+    cdef public bint eof, used, _in_head, _mid, _informational, _rechunk, _until_eof, _complete
+
+cdef class _PolledSide(_StreamSide):
+    cdef public object _drain_task, _task
+    cdef public Py_ssize_t _unsent
+
+cdef class ProxyConnection:
+    cdef object __weakref__  # ProxyStats.clients is a WeakSet
+    cdef public object _resolve, _fallback, _connections, _parser, transport, _loop
+    cdef public object _client_ip, _scheme, _events, _url, _hdrs, _raw, _chunk
+    cdef public object _drain_waiter, _upgrade_pending, _busy, _discard, _out
+    cdef public object _head_cache, _fwd_cache, _clean_target, _joined, _idle_timer, _patience
+    cdef public RequestHead _req
+    cdef public _Exchange _exchange
+    cdef public _StreamSide _side, _held_side
+    cdef public double _idle_since
+    cdef public Py_ssize_t _queued, _head_bytes, _framing_bytes, _head_size, _raw_base, _read_base
+    cdef public Py_ssize_t _begun, _resolved, _held, _discarded, _upstream_batches
+    cdef public bint _in_head, _too_large, _h_chunked, _h_body, _h_expect, _raw_exact, _in_message
+    cdef public bint _fresh_read, _paused_stream, _paused_queue, _transport_paused, _write_paused
+    cdef public bint _client_eof, _lost, _closing, _detached, _handed_back
+    cdef public bint _req_keep_alive, _req_http11, _expect_continue, _req_chunked, _req_has_body
+    cdef public bint _req_done, _close_after
