@@ -1,10 +1,14 @@
 # The per-request objects of the HTTP proxy engine as extension types (see http_proxy.py
 # and docs/DESIGN.md): typed fields and typed references between them, so the steady
-# keep-alive path reads and writes struct fields instead of instance dictionaries.
-# Flags are bint, counters and offsets Py_ssize_t; whatever may hold None or any Python
-# value stays object.
+# keep-alive path reads and writes struct fields instead of instance dictionaries, and
+# the methods only the engine itself calls are C calls. Flags are bint, counters and
+# offsets Py_ssize_t; whatever may hold None or any Python value stays object. Methods
+# that asyncio, uvloop, httptools, relay.aio or a timer call stay Python methods.
 
 cdef class ProxyConnection
+
+# Client events (see _process), compared as C integers.
+cdef Py_ssize_t _HEAD, _BODY, _END, _EOF, _ERR
 
 cdef class RequestHead:
     cdef public object method, target, http_version, raw_headers
@@ -22,9 +26,24 @@ cdef class _StreamSide:
     cdef public Py_ssize_t _in_n, _pos, _head_at, _status, _upgrade_offset
     cdef public bint eof, used, _in_head, _mid, _informational, _rechunk, _until_eof, _complete
 
+    cdef _bind(self)
+    cdef ack(self, Py_ssize_t n)
+    cdef bint send_blocked(self)
+    cdef wait_send(self)
+    cdef bint can_splice(self)
+    cdef carry(self, data)
+    cdef detach(self)
+
 cdef class _PolledSide(_StreamSide):
     cdef public object _drain_task, _task
     cdef public Py_ssize_t _unsent
+
+    cdef _bind(self)
+    cdef ack(self, Py_ssize_t n)
+    cdef bint send_blocked(self)
+    cdef wait_send(self)
+    cdef bint can_splice(self)
+    cdef detach(self)
 
 cdef class ProxyConnection:
     cdef object __weakref__  # ProxyStats.clients is a WeakSet
@@ -43,3 +62,37 @@ cdef class ProxyConnection:
     cdef public bint _client_eof, _lost, _closing, _detached, _handed_back
     cdef public bint _req_keep_alive, _req_http11, _expect_continue, _req_chunked, _req_has_body
     cdef public bint _req_done, _close_after
+
+    cdef _parse_failed(self, exc)
+    cdef _process(self)
+    cdef _start_request(self, RequestHead head, bint keep_alive, bint chunked, bint has_body, bint expect)
+    cdef _slow(self, coro)
+    cdef _resolved_one(self)
+    cdef _dispatch(self, RequestHead head, upstream)
+    cdef _send_request(self, _Exchange exchange)
+    cdef _write_head(self, _Exchange exchange, _StreamSide side)
+    cdef _forward_head(self, RequestHead head, upstream, _Exchange exchange)
+    cdef _header_lines(self, RequestHead head, upstream, _Exchange exchange)
+    cdef _request_body(self, body)
+    cdef _request_end(self)
+    cdef _client_gone(self)
+    cdef _client_error(self, exc)
+    cdef _update_queue_pause(self)
+    cdef _set_reading(self)
+    cdef bint _try_resume_for_stream(self, _StreamSide side)
+    cdef _upstream_data(self, _StreamSide side, data, Py_ssize_t n)
+    cdef _flush(self, _StreamSide side, Py_ssize_t n)
+    cdef _release_held(self)
+    cdef _response_head(self, _StreamSide side, Py_ssize_t status, head)
+    cdef _response_complete(self, _Exchange exchange, _StreamSide side)
+    cdef _finish_exchange(self, _Exchange exchange)
+    cdef _end_exchange(self, _Exchange exchange, bint keep_stream)
+    cdef _maybe_next(self)
+    cdef _upstream_eof(self, _StreamSide side)
+    cdef _upstream_failed(self, _StreamSide side, exc)
+    cdef _exchange_failed(self, _Exchange exchange, exc)
+    cdef _refuse(self, exc, bint close=*)
+    cdef _reply_error(self, exc, bint close=*)
+    cdef _hand_back(self, RequestHead head)
+    cdef _switch(self, _StreamSide side, _Exchange exchange, target_pending, Py_ssize_t n)
+    cdef _drop_stream(self, bint abort=*)

@@ -64,6 +64,11 @@ from typing import Any, Optional, Union
 
 import httptools
 
+try:
+    import cython
+except ImportError:  # the pure-Python engine runs without Cython installed
+    from relay.mux import _cython_shim as cython  # type: ignore[no-redef]
+
 from relay.aio import SessionClosedError, StreamRefused, StreamSplice
 from relay.aio.stream import MuxStream
 from relay.mux.errors import ErrorCode
@@ -493,6 +498,7 @@ class _StreamSide:
         self._informational = False
         self._head_at = self._pos
 
+    @cython.locals(exchange=_Exchange, start=cython.longlong, end=cython.longlong, status=cython.longlong)
     def on_headers_complete(self) -> None:
         self._in_head = False
         carry = self._carry
@@ -527,6 +533,7 @@ class _StreamSide:
             self._complete = True
             raise _HeadDone()
 
+    @cython.locals(exchange=_Exchange)
     def on_body(self, body: bytes) -> None:
         conn = self.conn
         if conn is not None:  # (the connection's part, inlined: this runs per body piece)
@@ -554,6 +561,7 @@ class _StreamSide:
         self._in.append(data)
         self._in_n += n
 
+    @cython.locals(n=cython.longlong)
     def _write_out(self) -> None:
         """Parse what the last batch of frames carried; the connection writes the result
         to the client once and acknowledges it."""
@@ -784,6 +792,7 @@ class ProxyConnection:
         self._idle_since = loop.time()
         self._idle_timer = loop.call_later(IDLE_TIMEOUT, self._check_idle)
 
+    @cython.locals(begun=cython.longlong, events=cython.longlong)
     def data_received(self, data: bytes) -> None:
         if self._detached or self._closing:
             return
@@ -843,6 +852,7 @@ class ProxyConnection:
                 self._wait_patiently(-1)
         return True  # keep our side open: a response may still be going out
 
+    @cython.locals(exchange=_Exchange)
     def _wait_patiently(self, seen: int) -> None:
         """After the client's EOF: abort unless the target sent something since the last
         look (``seen`` batches) or the client is still reading a backlog, then look again
@@ -860,6 +870,7 @@ class ProxyConnection:
         self._patience = asyncio.get_running_loop().call_later(
             EOF_PATIENCE, self._wait_patiently, self._upstream_batches)
 
+    @cython.locals(exchange=_Exchange)
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         self._lost = True
         if self._idle_timer is not None:
@@ -952,6 +963,7 @@ class ProxyConnection:
 
     # -- handling client input, in order
 
+    @cython.locals(kind=cython.longlong)
     def _process(self) -> None:
         """Handle queued client events as far as the state allows."""
         events = self._events
@@ -961,7 +973,8 @@ class ProxyConnection:
                 if self._req is not None:
                     break  # pipelined: after the current exchange
                 events.popleft()
-                self._start_request(*value)
+                head, keep_alive, chunked, has_body, expect = value  # (no *args: a C call when compiled)
+                self._start_request(head, keep_alive, chunked, has_body, expect)
             elif kind == _BODY:
                 events.popleft()
                 self._queued -= len(value)
@@ -1041,6 +1054,7 @@ class ProxyConnection:
         if self._resolved >= self._begun:
             self._raw = None  # nothing unresolved left to hand back
 
+    @cython.locals(side=_StreamSide, exchange=_Exchange, resolved=cython.longlong)
     def _dispatch(self, head: RequestHead, upstream: Optional[Upstream]) -> None:
         if upstream is None:
             if self._fallback is None:
@@ -1079,6 +1093,7 @@ class ProxyConnection:
             return
         self._send_request(exchange)
 
+    @cython.locals(side=_StreamSide)
     def _send_request(self, exchange: _Exchange) -> None:
         """Write the request head to a stream to the target (the kept one if it fits)."""
         side = self._side
@@ -1221,6 +1236,7 @@ class ProxyConnection:
         parts.append(b"\r\n")
         return b"".join(parts)
 
+    @cython.locals(exchange=_Exchange, side=_StreamSide)
     def _request_body(self, body: bytes) -> None:
         if self._discard is not None:
             self._discarded += len(body)
@@ -1248,6 +1264,7 @@ class ProxyConnection:
             side.wait_send()
             self._set_reading()
 
+    @cython.locals(exchange=_Exchange, side=_StreamSide)
     def _request_end(self) -> None:
         self._req_done = True
         if self._discard is not None:
@@ -1269,6 +1286,7 @@ class ProxyConnection:
         if exchange.response_done:
             self._finish_exchange(exchange)
 
+    @cython.locals(exchange=_Exchange)
     def _client_gone(self) -> None:
         """The client ended its side with no request waiting for an answer."""
         exchange = self._exchange
@@ -1280,6 +1298,7 @@ class ProxyConnection:
         self._closing = True
         self.transport.close()
 
+    @cython.locals(exchange=_Exchange)
     def _client_error(self, exc: Optional[BaseException]) -> None:
         """The client sent something unparseable (or a head over MAX_HEAD), with no
         request waiting for an answer."""
@@ -1337,6 +1356,7 @@ class ProxyConnection:
 
     # -- the response
 
+    @cython.locals(exchange=_Exchange)
     def _upstream_data(self, side: _StreamSide, data: bytes, n: int) -> None:
         """A batch of bytes from the target (called by the stream's sink)."""
         self._upstream_batches += 1
@@ -1398,12 +1418,14 @@ class ProxyConnection:
         else:
             side.ack(n)
 
+    @cython.locals(side=_StreamSide, held=cython.longlong)
     def _release_held(self) -> None:
         held, self._held = self._held, 0
         side, self._held_side = self._held_side, None
         if held and side is not None:
             side.ack(held)
 
+    @cython.locals(exchange=_Exchange, line_end=cython.longlong)
     def _response_head(self, side: _StreamSide, status: int, head: bytes) -> None:
         """The target's response head (not 1xx), ``head`` its status line and header
         lines (without the blank line): rewritten into ``_out`` with hop-by-hop headers
@@ -1501,6 +1523,7 @@ class ProxyConnection:
         if self._events:
             self._process()
 
+    @cython.locals(exchange=_Exchange)
     def _upstream_eof(self, side: _StreamSide) -> None:
         """The target ended its side of the stream."""
         exchange = self._exchange
@@ -1517,6 +1540,7 @@ class ProxyConnection:
             return
         self._upstream_failed(side, ConnectionResetError("the target closed the connection"))
 
+    @cython.locals(exchange=_Exchange)
     def _upstream_failed(self, side: _StreamSide, exc: BaseException) -> None:
         """The stream failed (reset, refused, garbage, early close)."""
         if side is not self._side:
@@ -1685,6 +1709,7 @@ class ProxyConnection:
 
     # -- streams and timers
 
+    @cython.locals(side=_StreamSide)
     def _drop_stream(self, abort: bool = False) -> None:
         side, self._side = self._side, None
         if side is None:
