@@ -10,12 +10,24 @@ cdef class ProxyConnection
 # Client events (see _process), compared as C integers.
 cdef Py_ssize_t _HEAD, _BODY, _END, _EOF, _ERR
 
+# Dataclasses in both builds: Cython makes extension types of them, with these fields.
+cdef class ProxyStats:
+    cdef public Py_ssize_t requests, active_requests, websockets, active_websockets
+    cdef public Py_ssize_t bytes_in, bytes_out, errors
+    cdef public object last_error, clients
+
+cdef class Upstream:
+    cdef public object open_stream, key, target, headers, host, host_override, drop_headers
+    cdef public ProxyStats stats
+
 cdef class RequestHead:
     cdef public object method, target, http_version, raw_headers
 
 cdef class _Exchange:
     cdef public RequestHead head
-    cdef public object upstream, stats, upgrade, sent, grace
+    cdef public Upstream upstream
+    cdef public ProxyStats stats
+    cdef public object upgrade, sent, grace
     cdef public bint has_body, chunked, is_head, started, response_done, request_done
     cdef public bint keep_target, reused, retried
 
@@ -68,11 +80,11 @@ cdef class ProxyConnection:
     cdef _start_request(self, RequestHead head, bint keep_alive, bint chunked, bint has_body, bint expect)
     cdef _slow(self, coro)
     cdef _resolved_one(self)
-    cdef _dispatch(self, RequestHead head, upstream)
+    cdef _dispatch(self, RequestHead head, Upstream upstream)
     cdef _send_request(self, _Exchange exchange)
     cdef _write_head(self, _Exchange exchange, _StreamSide side)
-    cdef _forward_head(self, RequestHead head, upstream, _Exchange exchange)
-    cdef _header_lines(self, RequestHead head, upstream, _Exchange exchange)
+    cdef _forward_head(self, RequestHead head, Upstream upstream, _Exchange exchange)
+    cdef _header_lines(self, RequestHead head, Upstream upstream, _Exchange exchange)
     cdef _request_body(self, body)
     cdef _request_end(self)
     cdef _client_gone(self)

@@ -1054,7 +1054,7 @@ class ProxyConnection:
         if self._resolved >= self._begun:
             self._raw = None  # nothing unresolved left to hand back
 
-    @cython.locals(side=_StreamSide, exchange=_Exchange, resolved=cython.longlong)
+    @cython.locals(side=_StreamSide, exchange=_Exchange, stats=ProxyStats, resolved=cython.longlong)
     def _dispatch(self, head: RequestHead, upstream: Optional[Upstream]) -> None:
         if upstream is None:
             if self._fallback is None:
