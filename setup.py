@@ -24,6 +24,7 @@ COMPILED_SOURCES = [
     ("relay.aio.session", "relay/aio/session.py"),
     ("relay.aio.transport", "relay/aio/transport.py"),
     ("relay.gateway.http_proxy", "relay/gateway/http_proxy.py"),
+    ("relay.gateway.http_tunnels", "relay/gateway/http_tunnels.py"),
 ]
 
 

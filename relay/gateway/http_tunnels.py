@@ -26,6 +26,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Optional
 
+try:
+    import cython
+except ImportError:  # the pure-Python gateway runs without Cython installed
+    from relay.mux import _cython_shim as cython  # type: ignore[no-redef]
+
 from relay.aio import SessionClosedError
 from relay.aio.stream import MuxStream
 from relay.gateway.http_proxy import ProxyError, ProxyStats, RequestHead, Upstream, serve_connection
@@ -53,7 +58,8 @@ ANSWER_TARGET = 1024
 
 
 class HttpTunnels:
-    """The HTTP tunnel proxy and admin endpoints of one gateway."""
+    """The HTTP tunnel proxy and admin endpoints of one gateway (an extension type when
+    compiled, see http_tunnels.pxd: its resolver runs once per proxied request)."""
 
     def __init__(self, gateway: "Gateway", connections: Optional[set] = None) -> None:
         self._gateway = gateway
@@ -112,6 +118,7 @@ class HttpTunnels:
     def _http_server(self) -> HttpProtocol:
         return HttpProtocol(self._gateway.router, self._connections)
 
+    @cython.locals(request=RequestHead)
     def _resolve(self, request: RequestHead) -> Optional[Upstream]:
         """Where a request on a proxy connection goes (None: another route's, e.g. the
         admin endpoints or the API, which the gateway's HTTP server answers)."""
