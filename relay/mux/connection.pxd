@@ -11,3 +11,18 @@ cdef class MuxConnection:
     cdef public object client, config, now, peer_info, peer_settings, rtt, version
     cdef public long long _control_size, _session_send_credit, _granted_growth, _tuned_window, _fair, _peer_max_frame
     cdef public ReceiveWindow _session_recv
+    # cpdef: the binding (relay/aio, relay/binding.py) holds a typed MuxConnection and
+    # calls these per message; C calls skip the method lookup and argument tuple.
+    cpdef bint writable(self, stream_id) except -1
+    cpdef send_window(self, stream_id)
+    cpdef queued_bytes(self, stream_id)
+    cpdef send_data(self, stream_id, data, end_stream=*)
+    cpdef acknowledge_received_data(self, stream_id, n)
+    cpdef _consumed_tuned(self, ReceiveWindow recv, n)
+    cpdef list data_to_send_parts(self, max_bytes=*)
+    cpdef _schedule_data(self, list out, size, max_bytes)
+    cpdef list writable_streams(self)
+    cpdef list receive_data(self, data, now=*)
+    cpdef _on_data(self, flags, stream_id, payload)
+    cpdef next_deadline(self)
+    cpdef _queue_control(self, frame, defer=*)

@@ -5,3 +5,4 @@ cdef class Stream:
     cdef public object state, chunks
     cdef public bint local, answered, fin_pending, fin_sent, in_ready, blocked, reading_stopped
     cdef public ReceiveWindow recv
+    cpdef transition(self, event)
