@@ -18,6 +18,7 @@ EXTENSIONS = [
 COMPILED_SOURCES = [
     ("relay.mux.flow", "relay/mux/flow.py"),
     ("relay.mux.stream", "relay/mux/stream.py"),
+    ("relay.mux.events", "relay/mux/events.py"),
     ("relay.mux.connection", "relay/mux/connection.py"),
     ("relay.binding", "relay/binding.py"),
     ("relay.aio.stream", "relay/aio/stream.py"),

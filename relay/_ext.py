@@ -25,7 +25,7 @@ NO_EXTENSIONS: bool = bool(os.environ.get("RELAY_NO_EXTENSIONS"))
 
 #: Modules compiled from their own Python source when extensions are built (setup.py).
 COMPILED_SOURCES: tuple[str, ...] = (
-    "relay.mux.flow", "relay.mux.stream", "relay.mux.connection",
+    "relay.mux.flow", "relay.mux.stream", "relay.mux.events", "relay.mux.connection",
     "relay.binding", "relay.aio.stream", "relay.aio.session", "relay.aio.transport",
     "relay.gateway.http_proxy", "relay.gateway.http_tunnels",
 )

@@ -2,21 +2,35 @@
 
 Each event is a frozen, keyword-only dataclass; the binding reacts to them and never to
 raw frames.
+
+Compiled (``events.pxd``), each is an extension type built by Cython's dataclass support:
+same keyword constructor, repr, equality, hash, ``dataclasses.fields``/``replace``/
+``asdict`` and pickling, and its fields are read-only (assigning one raises
+AttributeError, as the frozen dataclass's FrozenInstanceError is one). Uncompiled, they
+are standard-library dataclasses with ``__slots__``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Optional, Union
+
+try:
+    import cython
+except ImportError:  # the pure-Python core runs without Cython installed
+    from relay.mux import _cython_shim as cython  # type: ignore[no-redef]
+if not cython.compiled:
+    # The shim's dataclass adds slots=True, which Cython's decorator does not accept
+    # (an extension type has fixed fields anyway).
+    from relay.mux import _cython_shim as cython  # type: ignore[no-redef]
 
 Buffer = Union[bytes, memoryview]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@cython.dataclasses.dataclass(frozen=True, kw_only=True)
 class Event:
     """Base class of all multiplexer events."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@cython.dataclasses.dataclass(frozen=True, kw_only=True)
 class HelloReceived(Event):
     """The peer's SETTINGS arrived; streams may be opened and data sent from now on."""
 
@@ -28,7 +42,7 @@ class HelloReceived(Event):
     info: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@cython.dataclasses.dataclass(frozen=True, kw_only=True)
 class StreamOpened(Event):
     """The peer opened a stream; answer with ``accept_stream`` or ``refuse_stream``."""
 
@@ -37,14 +51,14 @@ class StreamOpened(Event):
     metadata: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@cython.dataclasses.dataclass(frozen=True, kw_only=True)
 class StreamAccepted(Event):
     """The peer accepted a stream this side opened."""
 
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@cython.dataclasses.dataclass(frozen=True, kw_only=True)
 class DataReceived(Event):
     """Stream payload. Acknowledge it with ``acknowledge_received_data`` once consumed.
 
@@ -60,27 +74,40 @@ class DataReceived(Event):
     end_stream: bool = False
 
 
-_new = object.__new__
-_set_stream_id = DataReceived.stream_id.__set__  # type: ignore[attr-defined]
-_set_data = DataReceived.data.__set__  # type: ignore[attr-defined]
-_set_length = DataReceived.flow_controlled_length.__set__  # type: ignore[attr-defined]
-_set_end = DataReceived.end_stream.__set__  # type: ignore[attr-defined]
+if cython.compiled:
+    @cython.locals(event=DataReceived)
+    def data_received(stream_id: int, data: Buffer, n: int, end_stream: bool = False) -> DataReceived:
+        """``DataReceived(stream_id=..., data=..., flow_controlled_length=n, end_stream=...)``,
+        built the way the core needs it once per DATA frame: the fields filled directly
+        (read-only is for Python code; this module's compiled code may set them), not
+        through the keyword-parsing ``__init__``."""
+        event = DataReceived.__new__(DataReceived)
+        event.stream_id = stream_id
+        event.data = data
+        event.flow_controlled_length = n
+        event.end_stream = end_stream
+        return event
+else:
+    _new = object.__new__
+    _set_stream_id = DataReceived.stream_id.__set__  # type: ignore[attr-defined]
+    _set_data = DataReceived.data.__set__  # type: ignore[attr-defined]
+    _set_length = DataReceived.flow_controlled_length.__set__  # type: ignore[attr-defined]
+    _set_end = DataReceived.end_stream.__set__  # type: ignore[attr-defined]
+
+    def data_received(stream_id: int, data: Buffer, n: int, end_stream: bool = False) -> DataReceived:
+        """``DataReceived(stream_id=..., data=..., flow_controlled_length=n, end_stream=...)``,
+        built the way the core needs it once per DATA frame: a frozen dataclass's
+        ``__init__`` goes through ``object.__setattr__`` per field, which costs twice as
+        much as filling the slots directly. The result is the same frozen object."""
+        event = _new(DataReceived)
+        _set_stream_id(event, stream_id)
+        _set_data(event, data)
+        _set_length(event, n)
+        _set_end(event, end_stream)
+        return event
 
 
-def data_received(stream_id: int, data: Buffer, n: int, end_stream: bool = False) -> DataReceived:
-    """``DataReceived(stream_id=..., data=..., flow_controlled_length=n, end_stream=...)``,
-    built the way the core needs it once per DATA frame: a frozen dataclass's
-    ``__init__`` goes through ``object.__setattr__`` per field, which costs twice as much
-    as filling the slots directly. The result is the same frozen object."""
-    event = _new(DataReceived)
-    _set_stream_id(event, stream_id)
-    _set_data(event, data)
-    _set_length(event, n)
-    _set_end(event, end_stream)
-    return event
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@cython.dataclasses.dataclass(frozen=True, kw_only=True)
 class StreamEnded(Event):
     """The peer half-closed the stream (it will send no more data).
 
@@ -94,7 +121,7 @@ class StreamEnded(Event):
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@cython.dataclasses.dataclass(frozen=True, kw_only=True)
 class StreamReset(Event):
     """The stream was aborted: refused by the peer, reset by it, or timed out here."""
 
@@ -105,14 +132,14 @@ class StreamReset(Event):
     remote: bool = True
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@cython.dataclasses.dataclass(frozen=True, kw_only=True)
 class ControlReceived(Event):
     """An application control message (msgpack-decoded) on the session."""
 
     message: Any
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@cython.dataclasses.dataclass(frozen=True, kw_only=True)
 class PingAcknowledged(Event):
     """A PING this side sent came back; ``rtt`` is in the caller's clock units."""
 
@@ -122,7 +149,7 @@ class PingAcknowledged(Event):
     rtt: Optional[float]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@cython.dataclasses.dataclass(frozen=True, kw_only=True)
 class GoAwayReceived(Event):
     """The peer is draining: no new streams; those above ``last_stream_id`` were dropped."""
 
@@ -131,10 +158,10 @@ class GoAwayReceived(Event):
     message: str = ""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@cython.dataclasses.dataclass(frozen=True, kw_only=True)
 class ConnectionTerminated(Event):
     """The session is over (peer silent past the timeout, or fatal error)."""
 
     error_code: int
     message: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = cython.dataclasses.field(default_factory=dict)
