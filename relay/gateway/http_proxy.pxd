@@ -5,6 +5,9 @@
 # offsets Py_ssize_t; whatever may hold None or any Python value stays object. Methods
 # that asyncio, uvloop, httptools, relay.aio or a timer call stay Python methods.
 
+from relay.aio.session cimport MuxSession
+from relay.aio.stream cimport MuxStream
+
 cdef class ProxyConnection
 
 # Client events (see _process), compared as C integers.
@@ -34,11 +37,13 @@ cdef class _Exchange:
 cdef class _StreamSide:
     cdef public ProxyConnection conn
     cdef public object stream, key, parser, _in, failed, _buf, _carry, _reason, _block
-    cdef public object session, stream_id
+    cdef public MuxSession session  # None for a _PolledSide
+    cdef public object stream_id
     cdef public Py_ssize_t _in_n, _pos, _head_at, _status, _upgrade_offset
     cdef public bint eof, used, _in_head, _mid, _informational, _rechunk, _until_eof, _complete
 
     cdef _bind(self)
+    cdef write(self, data)
     cdef ack(self, Py_ssize_t n)
     cdef bint send_blocked(self)
     cdef wait_send(self)
@@ -51,6 +56,8 @@ cdef class _PolledSide(_StreamSide):
     cdef public Py_ssize_t _unsent
 
     cdef _bind(self)
+    cdef write(self, data)
+    cdef write(self, data)
     cdef ack(self, Py_ssize_t n)
     cdef bint send_blocked(self)
     cdef wait_send(self)

@@ -473,11 +473,18 @@ class _StreamSide:
         self.stream_id = stream.stream_id
         stream._attach_sink(self)
 
+    @cython.locals(stream=MuxStream)
+    def write(self, data: Any) -> None:
+        """Send ``data`` to the target (MuxStream.write, called as the C method it wraps)."""
+        stream = self.stream
+        stream._send(data)
+
     def ack(self, n: int) -> None:
         """``n`` received bytes were delivered: grant them back as window."""
         if n and self.failed is None:
             self.session._acknowledge(self.stream_id, n)
 
+    @cython.locals(stream=MuxStream)
     def send_blocked(self) -> bool:
         """True while the stream should not be given more (queue full or no window)."""
         stream = self.stream
@@ -642,6 +649,9 @@ class _PolledSide(_StreamSide):
                     conn = self.conn
         except (ConnectionError, OSError) as exc:
             self._mux_reset(exc)
+
+    def write(self, data: Any) -> None:
+        self.stream.write(data)
 
     def ack(self, n: int) -> None:
         pass  # TCP has its own flow control; the pump waits while the client is paused
@@ -1085,7 +1095,7 @@ class ProxyConnection:
             # _write_head, inlined.
             exchange.reused = True
             try:
-                side.stream.write(sent)
+                side.write(sent)
             except (ConnectionError, RuntimeError, SessionClosedError) as exc:
                 self._upstream_failed(side, exc)
                 return
@@ -1146,7 +1156,7 @@ class ProxyConnection:
 
     def _write_head(self, exchange: _Exchange, side: _StreamSide) -> None:
         try:
-            side.stream.write(exchange.sent)
+            side.write(exchange.sent)
             if not exchange.has_body:
                 exchange.request_done = True
             elif self._expect_continue and not self._lost:
@@ -1249,12 +1259,11 @@ class ProxyConnection:
         if exchange is None or side is None or side.failed is not None:
             return  # the exchange ended early (e.g. the target failed): the body has nowhere to go
         exchange.stats.bytes_in += len(body)
-        stream = side.stream
         try:
             if exchange.chunked:
-                stream.write(b"%x\r\n%s\r\n" % (len(body), body))
+                side.write(b"%x\r\n%s\r\n" % (len(body), body))
             else:
-                stream.write(body)
+                side.write(body)
         except (ConnectionError, RuntimeError, SessionClosedError):
             return  # the reset reaches _upstream_failed
         if isinstance(side, _PolledSide):
@@ -1280,7 +1289,7 @@ class ProxyConnection:
             side = self._side
             if exchange.chunked and side is not None and side.failed is None:
                 try:
-                    side.stream.write(b"0\r\n\r\n")
+                    side.write(b"0\r\n\r\n")
                 except (ConnectionError, RuntimeError, SessionClosedError):
                     pass
         if exchange.response_done:
