@@ -1416,7 +1416,10 @@ class ProxyConnection:
         out = self._out
         if out and not self._lost:
             self._out = []
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            if len(out) == 1:
+                self.transport.write(out[0])
+            else:  # (uvloop writes the pieces with one writev: no joined copy)
+                self.transport.writelines(out)
         elif out:
             self._out = []
         if self._write_paused and not self._lost:
