@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from relay.mux.connection import MuxConfig, MuxConnection
-from relay.mux.errors import ErrorCode
+from relay.mux.errors import ErrorCode, StreamLimitError
 from relay.mux.events import (
     DataReceived,
     StreamAccepted,
@@ -35,6 +35,13 @@ CONFIG = dict(
     max_metadata_size=1024,
 )
 PATTERN = bytes(range(256)) * 256
+RECEIVING = ("OPEN", "HALF_CLOSED_LOCAL")
+
+
+def expected_reservation(conn: MuxConnection) -> int:
+    """The receive budget in use, recomputed from the streams themselves."""
+    return sum(s.recv.window + s.recv.debt if s.state.name in RECEIVING else s.unacked
+               for s in conn._streams.values())
 
 
 @dataclass
@@ -101,7 +108,11 @@ class MuxPair(RuleBasedStateMachine):
         me, _ = self.sides(side)
         if me.conn._goaway_received or me.conn._goaway_sent or len(me.streams) >= 12:
             return
-        sid = me.conn.open_stream(metadata)
+        try:
+            sid = me.conn.open_stream(metadata)
+        except StreamLimitError:  # the receive budget is spent: a refusal, not a failure
+            assert me.conn._reserved + me.conn.config.initial_window > me.conn.config.session_window
+            return
         me.streams[sid] = StreamModel()
 
     @rule(side=st.sampled_from("ab"), index=st.integers(0, 20), accept=st.booleans())
@@ -214,6 +225,7 @@ class MuxPair(RuleBasedStateMachine):
                 assert stream.queued >= 0
             assert 0 <= conn.buffered_received <= conn.config.session_window
             assert conn.buffered_received == sum(s.unacked for s in conn._streams.values())
+            assert conn._reserved == expected_reservation(conn) <= conn.config.session_window
 
     # ------------------------------------------------------------ the end
 

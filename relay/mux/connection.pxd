@@ -12,7 +12,7 @@ cdef class MuxConnection:
     cdef public object _peer_stream_count, _ping_counter, _ready, _receiving, _receiving_refresh
     cdef public object _terminated
     cdef public object client, config, now, peer_info, peer_settings, rtt, version
-    cdef public long long _control_size, _session_send_credit, _granted_growth, _tuned_window, _fair, _peer_max_frame
+    cdef public long long _control_size, _session_send_credit, _granted_growth, _tuned_window, _fair, _peer_max_frame, _reserved
     cdef public ReceiveWindow _session_recv
     # cpdef: the binding (relay/aio, relay/binding.py) holds a typed MuxConnection and
     # calls these per message; C calls skip the method lookup and argument tuple.
@@ -22,6 +22,8 @@ cdef class MuxConnection:
     cpdef send_data(self, stream_id, data, end_stream=*)
     cpdef acknowledge_received_data(self, stream_id, n)
     cpdef _consumed_tuned(self, ReceiveWindow recv, n)
+    cpdef bint _session_consumed(self, n) except -1
+    cpdef _announce_session(self)
     cpdef list data_to_send_parts(self, max_bytes=*)
     cpdef _schedule_data(self, list out, size, max_bytes)
     cpdef list writable_streams(self)

@@ -32,6 +32,7 @@ from relay.mux.errors import (
     LocalProtocolError,
     ProtocolError,
     StreamClosedError,
+    StreamLimitError,
 )
 from relay.mux.events import (
     ConnectionTerminated,
@@ -89,11 +90,17 @@ class MuxConfig:
 
     #: Largest DATA payload we send, and the largest we accept (advertised).
     max_frame_size: int = 16 * 1024
-    #: Window each new stream starts with, in each direction (advertised).
-    initial_window: int = 256 * 1024
+    #: Window each new stream starts with, in each direction (advertised). Small on
+    #: purpose, as TCP's initial window is: every stream's window is paid for out of
+    #: ``session_window`` (see ``MuxConnection``), and a stream grows only as its reader
+    #: shows it reads (auto-tuning), so a reader that never reads holds this much and no
+    #: more. A session holds at most ``session_window // initial_window`` streams.
+    initial_window: int = 16 * 1024
     #: Auto-tuning never grows a stream's receive window beyond this.
     max_window: int = 16 * 1024 * 1024
-    #: Session receive window: the most unconsumed bytes the peer can make us hold.
+    #: Session receive window: the most unconsumed bytes the peer can make us hold. It is
+    #: also the budget every stream's receive window is reserved from, so it is never the
+    #: limit a stream with window left runs into.
     session_window: int = 64 * 1024 * 1024
     #: Concurrent streams the peer may open towards us (advertised).
     max_streams: int = 32768
@@ -103,6 +110,13 @@ class MuxConfig:
     max_control_size: int = 1024 * 1024
     #: Per-stream send queue limit; past it the stream is not writable.
     send_queue_limit: int = 1024 * 1024
+    #: Control frames queued and not yet taken by ``data_to_send``, in bytes and in
+    #: frames. A peer that provokes answers (PING echoes, RESETs of refused opens or
+    #: broken streams) faster than it reads them fails the session past either bound
+    #: (``OVERLOADED``), as nghttp2 caps its outbound control queue (CVE-2019-9512/9514).
+    #: A peer that reads keeps this queue near empty: the binding drains it on every flush.
+    max_queued_control: int = 1024 * 1024
+    max_queued_control_frames: int = 16 * 1024
     #: Silence after which a PING is sent, and after which the peer is declared dead.
     keepalive_interval: float = 15.0
     keepalive_timeout: float = 45.0
@@ -117,7 +131,8 @@ class MuxConfig:
     def __post_init__(self) -> None:
         # Byte counts are integers: the compiled core keeps them in C integers, and a
         # float here would mean different arithmetic in the two builds.
-        for key in (*_SETTING_RANGES, "max_window", "send_queue_limit"):
+        for key in (*_SETTING_RANGES, "max_window", "send_queue_limit", "max_queued_control",
+                    "max_queued_control_frames"):
             value = getattr(self, key)
             if type(value) is not int:
                 raise TypeError(f"MuxConfig.{key} must be an int, not {type(value).__name__}")
@@ -127,6 +142,8 @@ class MuxConfig:
                 raise ValueError(f"MuxConfig.{key}={value} is outside {low}..{high}")
         if self.max_window < self.initial_window:
             raise ValueError("MuxConfig.max_window must be at least initial_window")
+        if self.session_window < self.initial_window:
+            raise ValueError("MuxConfig.session_window must be at least initial_window")
 
     def advertised(self) -> dict[str, Any]:
         return {
@@ -157,6 +174,16 @@ class MuxConnection:
 
     ``client=True`` for the side that dialled (the agent): it allocates odd stream ids,
     the other side even ones, so both can open streams at once without colliding.
+
+    The receive budget: every stream's receive window (``window + debt``, from the
+    moment it opens) is reserved out of ``session_window``, and so are received bytes
+    of streams that no longer receive until they are acknowledged. The reservations
+    never add up to more than ``session_window``, so the session window can never run
+    out while a stream still has window: a stalled reader holds its own window and
+    nothing of anyone else's. A stream that cannot get its ``initial_window`` reserved
+    is not opened (``open_stream`` raises :class:`StreamLimitError`; a peer's OPEN is
+    refused with ``TOO_MANY_STREAMS``), and auto-tuning grows a window only out of what
+    is left.
     """
 
     def __init__(self, client: bool, config: Optional[MuxConfig] = None) -> None:
@@ -192,6 +219,9 @@ class MuxConnection:
         #: Window growth granted by auto-tuning, summed over streams (bounded by budget):
         #: the sum of ``recv.committed - initial_window``.
         self._granted_growth = 0
+        #: The receive budget in use (see the class docstring): ``window + debt`` of every
+        #: stream still receiving, plus unacknowledged bytes of the others.
+        self._reserved = 0
         #: Auto-tuning's window for every receiving stream. Shared rather than per stream:
         #: the streams of a session share one path, and when that path (or the CPU) is
         #: the bottleneck each stream's share of it is its share of the windows in flight.
@@ -287,7 +317,7 @@ class MuxConnection:
         if self._goaway_sent or self._goaway_received:
             raise LocalProtocolError("the session is draining (GOAWAY); open a new session")
         if self.established and self._local_stream_count >= self._peer_max_streams:
-            raise LocalProtocolError(f"the peer allows at most {self._peer_max_streams} streams")
+            raise StreamLimitError(f"the peer allows at most {self._peer_max_streams} streams")
         stream_id = self._next_stream_id
         if stream_id > MAX_STREAM_ID:
             raise LocalProtocolError("stream ids are exhausted; open a new session")
@@ -295,6 +325,10 @@ class MuxConnection:
         limit = self._peer_max_metadata if self.established else _PRE_HELLO_LIMIT
         if len(payload) > limit:
             raise LocalProtocolError(f"open metadata is {len(payload)} bytes; the limit is {limit}")
+        if not self._reserve_stream():
+            raise StreamLimitError(
+                f"the receive budget is spent: {self._reserved} of {self.config.session_window} bytes "
+                f"are reserved by {len(self._streams)} streams")
         self._next_stream_id += 2
         self._streams[stream_id] = Stream(
             stream_id, True, self._peer_initial_window, ReceiveWindow(self.config.initial_window)
@@ -418,13 +452,11 @@ class MuxConnection:
             if increment:
                 self._queue_control(encode_frame(_WINDOW_UPDATE, 0, stream_id, _pack_u32(increment)))
                 queued = True
-        elif state is StreamState.CLOSED and stream.unacked == 0 and not stream.fin_pending:
-            self._forget(stream)  # finished both ways and nothing left to acknowledge
-        increment = self._session_recv.consumed(n)
-        if increment:
-            self._queue_control(encode_frame(_WINDOW_UPDATE, 0, 0, _pack_u32(increment)))
-            queued = True
-        return queued
+        else:  # it receives no more: what it held is released as it is consumed
+            self._reserved -= n
+            if state is StreamState.CLOSED and stream.unacked == 0 and not stream.fin_pending:
+                self._forget(stream)  # finished both ways and nothing left to acknowledge
+        return self._session_consumed(n) or queued
 
     @cython.locals(recv=ReceiveWindow)
     def _consumed_tuned(self, recv: ReceiveWindow, n: int) -> int:
@@ -447,12 +479,15 @@ class MuxConnection:
         committed = recv.window + recv.debt
         if target != recv.window:
             if target > committed:  # growth: only as far as the budget still allows
-                allowed = cfg.session_window // 2 - self._granted_growth
+                allowed = min(cfg.session_window // 2 - self._granted_growth,
+                              cfg.session_window - self._reserved)
                 target = max(recv.window, min(target, committed + max(allowed, 0)))
             if target != recv.window:
                 recv.resize(target)
         increment = recv.consumed(n)
-        self._granted_growth += recv.window + recv.debt - committed
+        grown = recv.window + recv.debt - committed
+        self._granted_growth += grown
+        self._reserved += grown
         return increment
 
     def _fair_window(self) -> int:
@@ -648,6 +683,11 @@ class MuxConnection:
         if n > session.credit:
             raise FlowControlError("the peer exceeded the session window")
         session.credit -= n
+        if session.pending and session.credit <= session.pending:
+            # Consumed bytes not yet announced would soon be all the peer may send: say so
+            # now, or streams of stalled readers could use up the rest while the reader
+            # that consumed has nothing left to acknowledge (and so never announces).
+            self._announce_session()
         stream = self._streams.get(stream_id)
         if stream is None:
             self._check_known_stream(stream_id)
@@ -689,6 +729,7 @@ class MuxConnection:
                 self._events.append(data_received(stream_id, payload, n, True))
             self._events.append(StreamEnded(stream_id=stream_id))
             self._receiving.pop(stream_id, None)  # it receives nothing more
+            self._reserved -= stream.recv.window + stream.recv.debt - stream.unacked
             if stream.transition(StreamInput.RECV_FIN) is StreamState.CLOSED:
                 self._closed_cleanly(stream)
         elif n:
@@ -742,12 +783,16 @@ class MuxConnection:
         if not isinstance(metadata, dict):
             self._refuse_new(stream, ErrorCode.PROTOCOL_ERROR, "open metadata must be a map")
             return
+        if not self._reserve_stream():
+            self._refuse_new(stream, ErrorCode.TOO_MANY_STREAMS,
+                             "receive budget spent: too many streams hold unread data")
+            return
         self._streams[stream_id] = stream
         self._peer_stream_count += 1
         self._events.append(StreamOpened(stream_id=stream_id, metadata=metadata))
 
     def _refuse_new(self, stream: Stream, code: ErrorCode, message: str) -> None:
-        self._queue_control(encode_frame(FrameType.RESET, 0, stream.stream_id, _reset_payload(code, message)))
+        self._answer(encode_frame(FrameType.RESET, 0, stream.stream_id, _reset_payload(code, message)))
 
     def _on_accept(self, flags: int, stream_id: int, payload: Any) -> None:
         if payload:
@@ -788,7 +833,7 @@ class MuxConnection:
                 self.rtt = sample if self.rtt is None else 0.875 * self.rtt + 0.125 * sample
             self._events.append(PingAcknowledged(ping_id=counter, rtt=sample))
         else:
-            self._queue_control(encode_frame(FrameType.PING, _ACK, 0, bytes(payload)))
+            self._answer(encode_frame(FrameType.PING, _ACK, 0, bytes(payload)))
 
     def _on_goaway(self, flags: int, stream_id: int, payload: Any) -> None:
         if len(payload) < 8 or len(payload) > 8 + MAX_REASON:
@@ -965,10 +1010,37 @@ class MuxConnection:
     def _stream_error(self, stream: Stream, code: ErrorCode, message: str) -> None:
         self._events.append(StreamReset(stream_id=stream.stream_id, error_code=code, message=message, remote=False))
         self.reset_stream(stream.stream_id, code, message)
+        self._check_control_queue()
+
+    def _answer(self, frame: bytes) -> None:
+        """Queue a frame the peer's input calls for (not our application's command)."""
+        self._queue_control(frame)
+        self._check_control_queue()
+
+    def _check_control_queue(self) -> None:
+        # Only answers the peer provoked get here: our own commands never fail the session.
+        cfg = self.config
+        if self._control_size > cfg.max_queued_control or len(self._control) > cfg.max_queued_control_frames:
+            raise ProtocolError(
+                f"the peer provokes answers faster than it reads them: {len(self._control)} frames "
+                f"({self._control_size} bytes) queued", ErrorCode.OVERLOADED)
+
+    def _reserve_stream(self) -> bool:
+        """Reserve a new stream's initial window out of the receive budget, if it fits."""
+        initial = self.config.initial_window
+        if self._reserved + initial > self.config.session_window:
+            return False
+        self._reserved += initial
+        return True
 
     def _close_stream(self, stream: Stream) -> None:
         """Close after a reset: drop queues, credit unacknowledged data, forget the stream."""
-        was_closed = stream.state is StreamState.CLOSED
+        state = stream.state
+        was_closed = state is StreamState.CLOSED
+        if state is _OPEN or state is _HALF_CLOSED_LOCAL:  # still receiving: its window
+            self._reserved -= stream.recv.window + stream.recv.debt
+        else:  # what it received and the application had not consumed
+            self._reserved -= stream.unacked
         stream.transition(StreamInput.RESET)
         stream.chunks = None
         stream.queued = 0
@@ -993,11 +1065,35 @@ class MuxConnection:
     def _forget(self, stream: Stream) -> None:
         self._streams.pop(stream.stream_id, None)
 
+    def _announce_session(self) -> None:
+        session = self._session_recv
+        increment = session.pending
+        session.pending = 0
+        session.credit += increment
+        self._queue_control(encode_frame(_WINDOW_UPDATE, 0, 0, _pack_u32(increment)))
+
     def _credit_session(self, n: int) -> None:
         if n:
-            increment = self._session_recv.consumed(n)
-            if increment:
-                self._queue_control(encode_frame(FrameType.WINDOW_UPDATE, 0, 0, _U32.pack(increment)))
+            self._session_consumed(n)
+
+    @cython.locals(session=ReceiveWindow)
+    def _session_consumed(self, n: int) -> bool:
+        """Count ``n`` consumed bytes at the session level; True if that queued an update.
+
+        Besides the quarter and zero rules of :class:`ReceiveWindow`, the session
+        announces what was consumed as soon as the peer's remaining credit is no larger:
+        with every stream's window reserved out of the session's, the session credit
+        then never falls short of what a stream that reads was granted (tests/
+        test_mux_hostile.py holds it to that)."""
+        session = self._session_recv
+        increment = session.consumed(n)
+        if increment:
+            self._queue_control(encode_frame(_WINDOW_UPDATE, 0, 0, _pack_u32(increment)))
+            return True
+        if session.pending and session.credit <= session.pending:
+            self._announce_session()
+            return True
+        return False
 
     def _fail(self, error: ProtocolError) -> None:
         """The peer broke the protocol: queue GOAWAY with the error's code and stop."""
@@ -1014,6 +1110,7 @@ class MuxConnection:
                 self._events.append(StreamReset(stream_id=stream.stream_id, error_code=code, message=message, remote=False))
         self._streams.clear()
         self._ready.clear()
+        self._reserved = 0
         self._events.append(ConnectionTerminated(error_code=code, message=message))
 
 

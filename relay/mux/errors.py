@@ -28,6 +28,7 @@ class ErrorCode(IntEnum):
     UNSUPPORTED_VERSION = 11
     TIMEOUT = 12
     GOING_AWAY = 13
+    OVERLOADED = 14
 
 
 class MuxError(Exception):
@@ -67,3 +68,9 @@ class StreamClosedError(LocalProtocolError):
     def __init__(self, stream_id: int, message: str = "stream is closed") -> None:
         super().__init__(f"stream {stream_id}: {message}")
         self.stream_id = stream_id
+
+
+class StreamLimitError(LocalProtocolError):
+    """No stream can be opened now: the peer's stream limit or this side's receive budget
+    (every open stream's window is reserved out of ``session_window``) is reached.
+    Retrying after other streams finish or drain may succeed."""
