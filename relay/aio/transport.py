@@ -84,6 +84,9 @@ class WebSocketTransport:
     session. ``client=True`` masks outgoing frames and expects unmasked ones, as
     RFC 6455 requires of the side that opened the WebSocket. Pings are answered, a
     close frame is echoed and ends the session; text messages are a protocol error.
+    While the socket's write buffer is above its high-water mark only the latest ping
+    is remembered and answered once it drains (RFC 6455 §5.5.3 allows answering only
+    the most recent): a peer that sends pings and reads nothing cannot grow our buffer.
 
     Use :meth:`attach` to switch an already connected transport over (bytes read past
     the handshake are passed as ``initial``).
@@ -98,6 +101,8 @@ class WebSocketTransport:
         self._parser = ws.FrameParser(max_message_size, not client)
         self._transport: Any = None
         self._close_sent = False
+        self._write_paused = False
+        self._unanswered_ping: Optional[bytes] = None  # the latest, while writing is paused
 
     @classmethod
     def attach(cls, transport: asyncio.Transport, session: MuxSession, *, client: bool,
@@ -172,7 +177,10 @@ class WebSocketTransport:
             if opcode == _BINARY:
                 session.data_received(payload)
             elif opcode == ws.Opcode.PING:
-                self._transport.write(ws.encode_frame(ws.Opcode.PONG, payload, mask=self._client))
+                if self._write_paused:
+                    self._unanswered_ping = bytes(payload)
+                else:
+                    self._transport.write(ws.encode_frame(ws.Opcode.PONG, payload, mask=self._client))
             elif opcode == ws.Opcode.CLOSE:
                 self._send_close(ws.CloseCode.NORMAL)
                 self._transport.close()
@@ -188,12 +196,21 @@ class WebSocketTransport:
         return None
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self._unanswered_ping = None
         self.session.connection_lost(exc)
 
     def pause_writing(self) -> None:
+        self._write_paused = True
         self.session.pause_writing()
 
     def resume_writing(self) -> None:
+        self._write_paused = False
+        ping = self._unanswered_ping
+        if ping is not None:
+            self._unanswered_ping = None
+            if not self._close_sent:
+                ws = self._ws
+                self._transport.write(ws.encode_frame(ws.Opcode.PONG, ping, mask=self._client))
         self.session.resume_writing()
 
     def _send_close(self, code: int) -> None:
