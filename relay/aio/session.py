@@ -26,7 +26,7 @@ except ImportError:  # runs uncompiled without Cython installed
 from relay.aio.stream import MuxStream, StreamRefused, StreamResetError, StreamSplice
 from relay.binding import StreamEventRouter
 from relay.mux.connection import MuxConfig, MuxConnection
-from relay.mux.errors import ErrorCode, ProtocolError
+from relay.mux.errors import ErrorCode, ProtocolError, StreamLimitError
 from relay.mux.events import (
     ConnectionTerminated,
     ControlReceived,
@@ -166,10 +166,22 @@ class MuxSession(StreamEventRouter):
         ``await stream.wait_accepted()`` tells whether the peer accepted it.
         """
         self._check_open()
-        stream_id = self._conn.open_stream(metadata or {})
+        try:
+            stream_id = self._conn.open_stream(metadata or {})
+        except StreamLimitError as exc:
+            # Like a refusal by the peer, which it would be if the peer had no room: the
+            # caller already handles that (the stream never existed on the wire).
+            return self._refused_stream(metadata or {}, ErrorCode.TOO_MANY_STREAMS, str(exc))
         stream = MuxStream(self, stream_id, metadata or {}, local=True)
         self._streams[stream_id] = stream
         self._schedule_flush()
+        return stream
+
+    def _refused_stream(self, metadata: dict[str, Any], error_code: int, reason: str) -> MuxStream:
+        """A stream that is already refused (``error_code``, ``reason``) and never existed
+        on the wire: callers handle it exactly like a refusal by the peer."""
+        stream = MuxStream(self, 0, metadata, local=True)  # id 0: never a real stream
+        stream._on_reset(error_code, reason, remote=True)
         return stream
 
     async def open_stream(self, metadata: Optional[dict[str, Any]] = None) -> MuxStream:
@@ -240,7 +252,8 @@ class MuxSession(StreamEventRouter):
         message = self._controls.popleft()
         if self._reading_paused and len(self._controls) < CONTROL_QUEUE_LIMIT:
             self._reading_paused = False
-            self._transport.resume_reading()
+            if self._transport is not None:
+                self._transport.resume_reading()
         return message
 
     async def ping(self) -> float:
@@ -588,5 +601,10 @@ class MuxSession(StreamEventRouter):
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        # The transport (our protocol adapter, or asyncio's) refers back to us: drop our
+        # side of the cycle, so a session is freed when its peer leaves, not by a later
+        # garbage collection (a flood of short sessions must not pile up in memory).
+        self._transport = None
+        self._writelines = None
         if not self._closed.done():
             self._closed.set_result(None)

@@ -402,6 +402,10 @@ class Gateway:
         finally:
             self.registry.unregister(entry)
             self.hooks.fire(self.hooks.on_agent_disconnected, entry)
+            # entry.session, session.agent and the control callback's holder refer to each
+            # other: undone here so the session is freed as soon as it ends.
+            session.agent = None
+            holder.clear()
             if not self.registry.is_online(entry.agent_id):
                 self._schedule_gone(entry.team_id, entry.agent_id)
 

@@ -147,15 +147,8 @@ class GatewaySession(MuxSession):
             if reason is not None:
                 self._check_open()  # a closed session still says so first
                 log.info("stream to agent %s denied: %s", agent.agent_id, reason)
-                return self._denied_stream(metadata or {}, reason)
+                return self._refused_stream(metadata or {}, ErrorCode.NOT_ALLOWED, reason)
         return super().open_stream_nowait(metadata)
-
-    def _denied_stream(self, metadata: dict[str, Any], reason: str) -> MuxStream:
-        """A stream that is already refused (NOT_ALLOWED, ``reason``) and never existed on
-        the wire: callers handle it exactly like a refusal by the agent."""
-        stream = MuxStream(self, 0, metadata, local=True)  # id 0: never a real stream
-        stream._on_reset(ErrorCode.NOT_ALLOWED, reason, remote=True)
-        return stream
 
     def _stream_finished(self, stream: MuxStream) -> None:
         known = stream.stream_id in self._streams
