@@ -490,7 +490,9 @@ def test_closing_with_unread_data_gives_the_window_back(run):
             stream.write(b"u" * 200_000)
             stream.write_eof()
 
-        async with session_pair(on_stream=handler) as (client, server):
+        # A window that holds the whole reply, so it can arrive before anything is read.
+        roomy = MuxConfig(initial_window=256 * 1024)
+        async with session_pair(client_config=roomy, on_stream=handler) as (client, server):
             stream = await client.open_stream()
             stream.write_eof()
             await stream.wait_closed()  # both sides ended; 200 kB still unread

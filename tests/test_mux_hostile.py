@@ -257,6 +257,28 @@ def test_refused_open_flood_without_reading_fails_the_session() -> None:
     assert len(victim._control) <= 1002
 
 
+def test_opens_the_application_refuses_count_against_the_cap_too() -> None:
+    """The gateway refuses every OPEN from an agent itself (the binding calls
+    reset_stream): a peer that floods OPENs and reads nothing is dropped at its next
+    input once those RESETs pass the cap, not after millions of them."""
+    victim, _ = pair(max_queued_control_frames=1000)
+    overloaded = None
+    for batch in range(20):
+        frames = b"".join(encode_frame(FrameType.OPEN, 0, 2 * (batch * 500 + i) + 1, msgpack.packb({}))
+                          for i in range(500))
+        try:
+            events = victim.receive_data(frames)
+        except ProtocolError as exc:
+            overloaded = exc
+            break
+        for event in events:
+            if isinstance(event, StreamOpened):
+                victim.reset_stream(event.stream_id, ErrorCode.REFUSED, "no streams from you")
+    assert overloaded is not None and overloaded.error_code == ErrorCode.OVERLOADED
+    assert batch <= 3  # dropped soon after the cap, not at the end of the flood
+    assert len(victim._control) <= 1000 + 500 + 1  # the cap, one batch, the GOAWAY
+
+
 def test_opens_past_the_receive_budget_are_refused_not_queued() -> None:
     victim, peer = pair(initial_window=16 * 1024, session_window=1024 * 1024)
     for _ in range(100):

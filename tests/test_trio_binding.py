@@ -694,7 +694,8 @@ def test_incoming_stream_is_accepted_by_using_it_and_control_backpressure():
 
 def test_receive_sizes_split_and_join_frames():
     async def main():
-        async with session_pair("memory") as (a, b):
+        roomy = MuxConfig(initial_window=256 * 1024)  # all 100 kB arrive before any read
+        async with session_pair("memory", roomy, roomy) as (a, b):
             s1, s2 = await open_pair(a, b)
             data = os.urandom(100_000)
             await s1.send_all(data)

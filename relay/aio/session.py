@@ -324,8 +324,6 @@ class MuxSession(StreamEventRouter):
             if (conn.has_data_to_send or conn.has_writable_streams or self._flushing
                     or self._draining):
                 self._schedule_flush()
-            if self._blocked_readers:  # a WINDOW_UPDATE may have reopened their window
-                self._resume_blocked_readers()
             # _reschedule_timer's common case, inlined: an armed timer that fires no
             # later than the core's deadline stays as it is.
             deadline = conn.next_deadline()
@@ -383,11 +381,13 @@ class MuxSession(StreamEventRouter):
             self._schedule_flush()  # more may be waiting: continue after other callbacks
         streams = self._streams
         for stream_id in conn.writable_streams():
+            if stream_id == 0:  # the session window reopened: any blocked reader may go on
+                if self._blocked_readers:
+                    self._resume_blocked_readers()
+                continue
             stream = streams.get(stream_id)
             if stream is not None:
                 stream._on_writable()
-        if self._blocked_readers:
-            self._resume_blocked_readers()
         if self._flushing:
             self._flushing = {s for s in self._flushing if conn.queued_bytes(s)}
         if self._draining:

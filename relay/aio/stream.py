@@ -15,6 +15,8 @@ without a task or an intermediate buffer (see its docstring).
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
 from collections import deque
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -541,6 +543,28 @@ class MuxStreamWriter:
         return self.stream
 
 
+#: Unsent bytes a spliced TCP socket may hold in the kernel (TCP_NOTSENT_LOWAT; Linux
+#: and macOS). Without it the kernel's send buffer autotunes to megabytes for a peer
+#: that reads nothing, and a thousand such peers exhaust the host's TCP memory: every
+#: connection on the machine then crawls. Bytes in flight are not limited by it.
+UNSENT_LIMIT = 128 * 1024
+_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform == "linux" else None)
+
+
+def limit_unsent(transport: Any) -> None:
+    """Cap what a TCP transport's socket keeps unsent in the kernel at UNSENT_LIMIT:
+    past it the socket reports itself full, the transport buffers and pauses, and the
+    splice stops acknowledging, so a reader that does not read holds one stream window
+    of ours and little of the kernel's."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or _TCP_NOTSENT_LOWAT is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, UNSENT_LIMIT)
+    except OSError:
+        pass  # not TCP, or an old kernel: the limit is an optimisation of memory only
+
+
 class StreamSplice:
     """Relay a :class:`MuxStream` to a local asyncio transport, Protocol to Protocol.
 
@@ -557,13 +581,14 @@ class StreamSplice:
       (``pause_writing``) acknowledgements are held and released by ``resume_writing``.
       So a slow local consumer stops the remote sender after one window.
     * local -> mux: each chunk read goes to the stream's send queue; local reading is
-      paused while the stream is not writable or its send window is exhausted, and
-      resumed by the session when room or window comes back.
+      paused while the queue holds as much as the send window lets leave
+      (``send_blocked``), and resumed when the peer grants more window.
     * EOF both ways (``write_eof``), resets both ways (a local error resets the stream;
       a stream reset aborts the local transport).
 
     Memory per splice is bounded by one stream window + the local transport's high-water
-    mark inbound, and ``send_queue_limit`` + one read outbound.
+    mark inbound, and the peer's window for the stream + one read outbound: a thousand
+    stalled streams hold what their peer granted them, not a full send queue each.
     """
 
     def __init__(self, stream: MuxStream) -> None:
@@ -586,6 +611,7 @@ class StreamSplice:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        limit_unsent(transport)
         stream = self.stream
         if not stream.local and not stream.answered and stream._exc is None:
             stream.accept()  # before data_received can run: sending needs an accepted stream
@@ -597,7 +623,7 @@ class StreamSplice:
         except (ConnectionError, RuntimeError, StreamClosedError):
             self.transport.abort()  # the stream is gone: nowhere to put these bytes
             return
-        if not more:
+        if not more:  # send_blocked: pause reading until the window lets this go
             self._pause_if_blocked()
 
     def eof_received(self) -> bool:
@@ -686,7 +712,7 @@ class StreamSplice:
             return
         stream = self.stream
         conn = stream._conn
-        if not stream.writable() or conn.send_window(stream.stream_id) <= 0:
+        if not stream.writable() or conn.send_blocked(stream.stream_id):
             self._reading_paused = True
             self.transport.pause_reading()
             stream._session._block_reader(self)
@@ -698,7 +724,7 @@ class StreamSplice:
         stream = self.stream
         if stream._exc is not None or self.transport.is_closing():
             return True
-        if stream.writable() and stream._conn.send_window(stream.stream_id) > 0:
+        if stream.writable() and not stream._conn.send_blocked(stream.stream_id):
             self._reading_paused = False
             self.transport.resume_reading()
             return True

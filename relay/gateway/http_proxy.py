@@ -488,7 +488,7 @@ class _StreamSide:
     def send_blocked(self) -> bool:
         """True while the stream should not be given more (queue full or no window)."""
         stream = self.stream
-        return not stream.writable() or stream._conn.send_window(stream.stream_id) <= 0
+        return not stream.writable() or stream._conn.send_blocked(stream.stream_id)
 
     def wait_send(self) -> None:
         """Have :meth:`_try_resume_reading` called once the stream may take more."""

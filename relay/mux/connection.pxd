@@ -18,6 +18,7 @@ cdef class MuxConnection:
     # calls these per message; C calls skip the method lookup and argument tuple.
     cpdef bint writable(self, stream_id) except -1
     cpdef send_window(self, stream_id)
+    cpdef bint send_blocked(self, stream_id) except -1
     cpdef queued_bytes(self, stream_id)
     cpdef send_data(self, stream_id, data, end_stream=*)
     cpdef acknowledge_received_data(self, stream_id, n)

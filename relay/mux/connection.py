@@ -279,6 +279,18 @@ class MuxConnection:
             return 0
         return min(stream.send_credit, self._session_send_credit)
 
+    @cython.locals(stream=Stream)
+    def send_blocked(self, stream_id: int) -> bool:
+        """True while data written to the stream now could not all leave: its queue is
+        full, or already holds as much as the stream's send window, or the session
+        window is spent. A reader feeding the stream (a splice) pauses until
+        :meth:`writable_streams` lists it, so what it buffers here stays within the
+        window the peer granted plus one read, however many streams stall."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return True
+        return stream.blocked or stream.queued >= stream.send_credit or self._session_send_credit <= 0
+
     def send_capacity(self, stream_id: int) -> int:
         """Bytes ``send_data`` can queue on the stream before it stops being writable."""
         stream = self._streams.get(stream_id)
@@ -362,9 +374,7 @@ class MuxConnection:
         ``bytes`` are queued without copying; other buffers are copied, since the caller
         may reuse them. Raises :class:`LocalProtocolError` if the stream's send queue is
         already at ``send_queue_limit`` (wait for :meth:`writable_streams`). Returns
-        whether more may follow at once: the send queue is below its limit and there is
-        send window (both the stream's and the session's), as :meth:`writable` and
-        :meth:`send_window` would say.
+        whether more should follow at once: not :meth:`send_blocked`.
         """
         stream = self._streams.get(stream_id)
         # Stream.can_send, inlined: this runs for every write.
@@ -391,7 +401,7 @@ class MuxConnection:
         if end_stream:
             self._end_local(stream)
             return False
-        return not stream.blocked and stream.send_credit > 0 and self._session_send_credit > 0
+        return not stream.blocked and stream.queued < stream.send_credit and self._session_send_credit > 0
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close the stream: the peer sees EOF after the data already queued."""
@@ -622,8 +632,10 @@ class MuxConnection:
 
     def writable_streams(self) -> list[int]:
         """Streams that can take data again since the last call: their full send queue
-        drained below the limit, or their send window reopened from zero. An id may
-        appear more than once; a stream listed may have closed since."""
+        drained below the limit, or a WINDOW_UPDATE came while they were
+        :meth:`send_blocked` by their window. ``0`` in the list means the session window
+        reopened from zero: every blocked stream may go on. An id may appear more than
+        once; a stream listed may have closed since, or still be blocked."""
         writable = self._writable
         self._writable = []
         return writable
@@ -647,6 +659,10 @@ class MuxConnection:
             self._terminate(ErrorCode.CANCEL, "the transport closed")
             return self._take_events()
         try:
+            # Answers we still owe include those our application gave to the peer's last
+            # input (refusing its OPENs, say): a peer that keeps sending without reading
+            # them is dropped here, before its next frames can add more.
+            self._check_control_queue()
             frames = self._decoder.feed(data)
             if frames and self.peer_settings is None and frames[0][0] != _SETTINGS:
                 raise ProtocolError("the first frame must be SETTINGS")
@@ -742,6 +758,8 @@ class MuxConnection:
         if increment == 0:
             raise ProtocolError("WINDOW_UPDATE with a zero increment")
         if stream_id == 0:
+            if self._session_send_credit <= 0:
+                self._writable.append(0)  # every stream blocked on the session may go on
             self._session_send_credit += increment
             if self._session_send_credit > MAX_WINDOW:
                 raise FlowControlError("session window overflow")
@@ -750,8 +768,8 @@ class MuxConnection:
         if stream is None:
             self._check_known_stream(stream_id)
             return
-        if stream.send_credit == 0 and stream.can_send:
-            self._writable.append(stream_id)  # it can take data again
+        if stream.queued >= stream.send_credit and stream.can_send:
+            self._writable.append(stream_id)  # blocked by its window: it may go on
         stream.send_credit += increment
         if stream.send_credit > MAX_WINDOW:
             raise FlowControlError(f"window overflow on stream {stream_id}")
@@ -1018,7 +1036,8 @@ class MuxConnection:
         self._check_control_queue()
 
     def _check_control_queue(self) -> None:
-        # Only answers the peer provoked get here: our own commands never fail the session.
+        # Called where the peer's input adds to the queue; our own commands alone (bounded
+        # by the number of streams) do not come near the caps.
         cfg = self.config
         if self._control_size > cfg.max_queued_control or len(self._control) > cfg.max_queued_control_frames:
             raise ProtocolError(
