@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import sys
 from collections import deque
 from typing import TYPE_CHECKING, Any, Optional
@@ -31,6 +32,30 @@ if TYPE_CHECKING:
 DEFAULT_LIMIT = 64 * 1024
 #: ``read(-1)`` reads in pieces of this size (each acknowledged as it is taken).
 _READ_ALL_CHUNK = 256 * 1024
+#: SO_LINGER {on, 0 s}: closing the socket sends a RST instead of a FIN.
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def abort_with_reset(transport: Any) -> None:
+    """Abort ``transport`` so that its peer reads a reset (ECONNRESET), never an end.
+
+    asyncio's and uvloop's ``abort()`` drop the write buffer but still end the
+    connection with a FIN, which the peer cannot tell from a complete transfer. Setting
+    SO_LINGER {on, 0 s} first makes the close send a RST (as HAProxy's ``nolinger``). A
+    transport that carries a reset its own way has a ``send_reset()`` method, used
+    instead (the gateway's TCP-over-WebSocket end: close code 4000).
+    """
+    send_reset = getattr(transport, "send_reset", None)
+    if send_reset is not None:
+        send_reset()
+        return
+    try:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+    except (OSError, AttributeError, ValueError):  # closed already, or not a TCP socket
+        pass
+    transport.abort()
 
 
 class StreamResetError(ConnectionResetError):
@@ -584,7 +609,8 @@ class StreamSplice:
       paused while the queue holds as much as the send window lets leave
       (``send_blocked``), and resumed when the peer grants more window.
     * EOF both ways (``write_eof``), resets both ways (a local error resets the stream;
-      a stream reset aborts the local transport).
+      a stream reset, or the session's end, aborts the local transport with a TCP RST:
+      :func:`abort_with_reset`).
 
     Memory per splice is bounded by one stream window + the local transport's high-water
     mark inbound, and the peer's window for the stream + one read outbound: a thousand
@@ -621,7 +647,7 @@ class StreamSplice:
         try:
             more = self.stream._send(data)
         except (ConnectionError, RuntimeError, StreamClosedError):
-            self.transport.abort()  # the stream is gone: nowhere to put these bytes
+            abort_with_reset(self.transport)  # the stream is gone: nowhere to put these bytes
             return
         if not more:  # send_blocked: pause reading until the window lets this go
             self._pause_if_blocked()
@@ -705,7 +731,7 @@ class StreamSplice:
         self._out = []  # abandoned with the stream (the core credits it back)
         self._out_n = 0
         if self.transport is not None:
-            self.transport.abort()
+            abort_with_reset(self.transport)  # a RST: a cut stream must not look complete
 
     def _pause_if_blocked(self) -> None:
         if self._reading_paused or self.transport.is_closing():
@@ -733,10 +759,10 @@ class StreamSplice:
     # -- public
 
     def abort(self) -> None:
-        """Abort both the local connection and the stream."""
+        """Abort both the local connection (with a RST) and the stream."""
         self.stream.abort()
         if self.transport is not None:
-            self.transport.abort()
+            abort_with_reset(self.transport)
 
     async def wait_closed(self) -> None:
         """Wait until the local connection is closed."""
