@@ -303,7 +303,7 @@ def test_agent_killed_mid_download_is_a_reset(stack, entry):
         assert _recv_to_end(sock) == stack.targets.expected_reply(data)
 
 
-@pytest.mark.parametrize("backend", ["asyncio"])
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_gateway_killed_mid_upload_is_a_reset_at_the_target(tmp_path, backend):
     """SIGKILL the gateway while a client uploads through a hub port: the target reads
     ECONNRESET (the agent resets its connection), not an EOF after a truncated upload."""

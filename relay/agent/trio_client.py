@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import ssl
+import struct
 from collections.abc import Iterable
 from typing import Any, Optional
 
@@ -268,11 +270,23 @@ async def splice(stream: MuxStream, local: trio.abc.HalfCloseableStream,
             # We read no more from the stream: the core credits what is unread and
             # answers further DATA with a RESET, rather than letting it pile up.
             session.connection.stop_reading(stream.stream_id)
+        if stream.reset_error is not None:
+            # A reset (or the session's end) must reach the target as a RST, never as a
+            # FIN that would make a cut stream look complete: SO_LINGER {on, 0 s}.
+            _linger_zero(local)
         # Both closes are immediate (no peer round trip); shielded so that a splice
         # cancelled with its session still closes the local socket.
         with trio.CancelScope(shield=True):
             await local.aclose()
             await stream.aclose()
+
+
+def _linger_zero(local: Any) -> None:
+    """Make closing ``local`` (a trio.SocketStream) send a RST instead of a FIN."""
+    try:
+        local.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except (AttributeError, OSError, trio.ClosedResourceError):  # not a socket, or closed
+        pass
 
 
 # ---------------------------------------------------------------------- CLI hook
