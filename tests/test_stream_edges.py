@@ -252,6 +252,52 @@ def _read_until_failure(sock: socket.socket, limit: float) -> str:
 # ----------------------------------------------------------------------------- finding 6
 
 
+def _ws_open(url: str) -> tuple[socket.socket, bytes]:
+    """A raw WebSocket client connection to a tunnel URL: ``(socket, leftover)``."""
+    from urllib.parse import urlsplit
+
+    from relay.ws.handshake import ClientHandshake
+
+    split = urlsplit(url)
+    sock = socket.create_connection((split.hostname, split.port), timeout=20)
+    handshake = ClientHandshake(split.netloc, split.path)
+    sock.sendall(handshake.request_bytes())
+    accepted = None
+    while accepted is None:
+        accepted = handshake.receive_data(sock.recv(65536))
+    return sock, accepted.leftover
+
+
+def test_websocket_client_closing_after_its_upload_loses_nothing(stack):
+    """A plain WebSocket client (no ``EOF`` message) that sends close 1000 right after
+    its last byte: the gateway ends the stream after the queued bytes, it does not reset
+    it (the target starts reading 1 s later)."""
+    from relay.ws import CloseCode, FrameParser, Opcode, encode_close_payload, encode_frame
+
+    targets = stack.targets
+    targets.sink_delay = 1.0
+    try:
+        data = os.urandom(6 * MiB)
+        before = len(targets.outcomes["sink"])
+        sock, leftover = _ws_open(stack.tunnel_url["sink"])
+        with sock:
+            for offset in range(0, len(data), 256 * 1024):
+                sock.sendall(encode_frame(Opcode.BINARY, data[offset:offset + 256 * 1024], mask=True))
+            sock.sendall(encode_frame(Opcode.CLOSE, encode_close_payload(CloseCode.NORMAL), mask=True))
+            parser = FrameParser(64 * MiB, False)
+            messages = parser.feed(leftover)
+            while not any(op == Opcode.CLOSE for op, _ in messages):
+                chunk = sock.recv(65536)
+                assert chunk, "no close frame from the gateway"
+                messages = parser.feed(chunk)
+        outcome = _next_outcome(targets, "sink", before)
+        assert outcome.done.wait(60), "the target never saw the end"
+        assert outcome.ended == "eof" and outcome.received == len(data), outcome
+        assert outcome.digest.digest() == hashlib.sha256(data).digest()
+    finally:
+        targets.sink_delay = 0.0
+
+
 @pytest.mark.parametrize("entry", ["hub_port"])
 def test_local_reset_resets_the_target_connection(stack, entry):
     """A client that closes with a RST: the agent's connection to the target is reset

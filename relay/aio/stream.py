@@ -661,19 +661,21 @@ class StreamSplice:
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         stream = self.stream
         self.stream._session._unblock_reader(self)
-        if exc is not None:
-            stream.abort(ErrorCode.CANCEL, f"local connection failed: {exc}")
-        elif not stream.finished:
-            stream.write_eof()
-            if not self._mux_eof_seen:
-                # Nobody is left to deliver the peer's data to: it must stop sending.
-                stream.abort(ErrorCode.CANCEL, "local connection closed")
-        held = self._held + self._out_n
+        held = self._held + self._out_n  # acknowledged first: stop_reading credits the rest
         self._out = []
         self._out_n = 0
         if held:
             stream._session._acknowledge(stream.stream_id, held)
             self._held = 0
+        if exc is not None:
+            stream.abort(ErrorCode.CANCEL, f"local connection failed: {exc}")
+        elif not stream.finished:
+            stream.write_eof()
+            if not self._mux_eof_seen:
+                # Nobody is left to deliver the peer's data to: it must stop sending. Not
+                # a reset: our bytes still queued go first, then the FIN; the peer is
+                # reset only if it sends more (as TCP answers data for a closed socket).
+                stream._conn.stop_reading(stream.stream_id)
         if not self._closed.done():
             self._closed.set_result(None)
 
