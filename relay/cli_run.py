@@ -179,30 +179,64 @@ def agent(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ..
 
 #: Largest WebSocket message accepted from the gateway by ``relay connect``.
 CONNECT_MAX_MESSAGE = 16 * 1024 * 1024
-#: How long a finished connection waits for the gateway's closing handshake.
+#: How long a finished connection waits for the gateway's closing handshake, and for
+#: its local client to take the last bytes.
 CONNECT_CLOSE_TIMEOUT = 5.0
+
+
+class _TunnelReset(Exception):
+    """The byte stream was cut: the gateway reset it, or the WebSocket failed."""
+
+
+class _LocalReset(Exception):
+    """The local connection was reset (or writing to it failed)."""
 
 
 async def _ws_bridge(url: str, ssl_context: Any, local_reader: asyncio.StreamReader,
                      local_writer: asyncio.StreamWriter) -> None:
-    """Carry one local TCP connection over one WebSocket to a TCP tunnel's URL.
+    """Carry one local TCP connection over one WebSocket to a TCP tunnel's URL, with
+    the convention of relay.ws.tcp_tunnel (docs/PROTOCOL.md section 14):
 
-    Bytes go both ways as binary messages. WebSocket has no half-close: local EOF sends
-    a close frame (the gateway then ends the stream), a close frame from the gateway (the
-    target ended) half-closes the local connection.
+    * bytes both ways as binary messages, with backpressure both ways (a side is read
+      only while the other takes what was read);
+    * local EOF is the text message ``EOF`` (the gateway ends the stream after the
+      bytes before it, and the reply keeps coming); ``EOF`` from the gateway is
+      ``shutdown(SHUT_WR)`` of the local connection;
+    * the gateway's close 1000 (once both directions ended) closes the local connection
+      after its last byte;
+    * a reset, either way, is never a clean end: a local reset (or a failed local write)
+      is close 4000 to the gateway, which resets the stream; close 4000 (or any other
+      code, a close 1000 before our upload ended, or a WebSocket that breaks without a
+      closing handshake) aborts the local connection with a TCP RST.
     """
     from urllib.parse import urlsplit
 
-    from relay.ws import CloseCode, FrameParser, Opcode, encode_close_payload, encode_frame
+    from relay.aio.stream import abort_with_reset
+    from relay.ws import (CloseCode, FrameParser, Opcode, WebSocketProtocolError, encode_close_payload,
+                          encode_frame, parse_close)
     from relay.ws.handshake import ClientHandshake
+    from relay.ws.tcp_tunnel import CLOSE_RESET, EOF_MESSAGE
 
     split = urlsplit(url)
     tls = split.scheme == "wss"
     port = split.port or (443 if tls else 80)
     handshake = ClientHandshake(split.netloc, split.path or "/")
-    ws_reader, ws_writer = await asyncio.open_connection(
-        split.hostname, port, ssl=(ssl_context or True) if tls else None)
+    try:
+        ws_reader, ws_writer = await asyncio.open_connection(
+            split.hostname, port, ssl=(ssl_context or True) if tls else None)
+    except BaseException:
+        abort_with_reset(local_writer.transport)  # no tunnel: the client must not see an end
+        raise
+    eof_sent = False
     close_sent = False
+    clean = False
+
+    def send_close(code: int, reason: str = "") -> None:
+        nonlocal close_sent
+        if not close_sent and not ws_writer.is_closing():
+            close_sent = True
+            ws_writer.write(encode_frame(Opcode.CLOSE, encode_close_payload(code, reason), mask=True))
+
     try:
         ws_writer.write(handshake.request_bytes())
         accepted = None
@@ -211,49 +245,93 @@ async def _ws_bridge(url: str, ssl_context: Any, local_reader: asyncio.StreamRea
         parser = FrameParser(CONNECT_MAX_MESSAGE, False)
 
         async def upstream() -> None:  # local -> WebSocket
-            nonlocal close_sent
-            while data := await local_reader.read(256 * 1024):
+            nonlocal eof_sent
+            while True:
+                try:
+                    data = await local_reader.read(256 * 1024)
+                except ConnectionError as exc:
+                    raise _LocalReset(str(exc) or type(exc).__name__) from None
+                if not data:
+                    break
                 ws_writer.write(encode_frame(Opcode.BINARY, data, mask=True))
                 await ws_writer.drain()
-            if not close_sent:
-                close_sent = True
-                ws_writer.write(encode_frame(Opcode.CLOSE, encode_close_payload(CloseCode.NORMAL), mask=True))
-                await ws_writer.drain()
+            eof_sent = True  # before the drain: the gateway may answer before it returns
+            ws_writer.write(encode_frame(Opcode.TEXT, EOF_MESSAGE, mask=True))
+            await ws_writer.drain()
 
-        async def downstream() -> None:  # WebSocket -> local
-            nonlocal close_sent
+        async def write_local(data: Any) -> None:
+            try:
+                local_writer.write(data)
+                await local_writer.drain()
+            except ConnectionError as exc:
+                raise _LocalReset(str(exc) or type(exc).__name__) from None
+
+        async def downstream() -> None:  # WebSocket -> local; returns at a clean end
             messages = parser.feed(accepted.leftover)
             while True:
                 for opcode, payload in messages:
                     if opcode == Opcode.BINARY:
-                        local_writer.write(payload)
-                        await local_writer.drain()
+                        if payload:
+                            await write_local(payload)
+                    elif opcode == Opcode.TEXT:
+                        if bytes(payload) != EOF_MESSAGE:
+                            send_close(CloseCode.UNSUPPORTED_DATA)
+                            raise _TunnelReset("unexpected text message from the gateway")
+                        if local_writer.can_write_eof() and not local_writer.is_closing():
+                            try:
+                                local_writer.write_eof()
+                            except OSError as exc:
+                                raise _LocalReset(str(exc)) from None
                     elif opcode == Opcode.PING:
                         ws_writer.write(encode_frame(Opcode.PONG, payload, mask=True))
                     elif opcode == Opcode.CLOSE:
-                        if local_writer.can_write_eof():
-                            local_writer.write_eof()
-                        if not close_sent:
-                            close_sent = True
-                            ws_writer.write(encode_frame(Opcode.CLOSE, payload[:2], mask=True))
-                        return
-                data = await ws_reader.read(256 * 1024)
+                        code, reason = parse_close(payload)
+                        send_close(CloseCode.NORMAL if code == CloseCode.NORMAL else code, reason)
+                        if code == CloseCode.NORMAL and eof_sent:
+                            return
+                        raise _TunnelReset(f"the gateway closed the tunnel with {code}"
+                                           f"{': ' + reason if reason else ''}")
+                try:
+                    data = await ws_reader.read(256 * 1024)
+                except ConnectionError as exc:
+                    raise _TunnelReset(f"the gateway connection failed: {exc}") from None
                 if not data:
-                    return
+                    raise _TunnelReset("the gateway connection ended without a closing handshake")
                 messages = parser.feed(data)
 
         up = asyncio.ensure_future(upstream())
         down = asyncio.ensure_future(downstream())
         try:
-            await down  # the WebSocket ends when the gateway closes it
-            if not up.done():  # the target ended: give the client a moment to finish
-                await asyncio.wait([up], timeout=CONNECT_CLOSE_TIMEOUT)
+            pending: set[asyncio.Future] = {up, down}
+            while down in pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if up in done:
+                    up.result()  # an upload that failed ends the connection at once
+            down.result()
+            clean = True
         finally:
             up.cancel()
             down.cancel()
+    except _LocalReset as exc:
+        send_close(CLOSE_RESET, f"local connection reset: {exc}")
+        abort_with_reset(local_writer.transport)
+        raise
+    except BaseException as exc:  # _TunnelReset, a broken WebSocket, cancellation (stopping)
+        if isinstance(exc, WebSocketProtocolError):
+            send_close(exc.close_code, str(exc))
+        elif isinstance(exc, asyncio.CancelledError):
+            send_close(CloseCode.GOING_AWAY, "relay connect stopping")
+        abort_with_reset(local_writer.transport)
+        raise
     finally:
+        if clean:
+            local_writer.close()  # after the last byte
+            try:
+                async with asyncio.timeout(CONNECT_CLOSE_TIMEOUT):
+                    await local_writer.wait_closed()
+            except (TimeoutError, ConnectionError):
+                abort_with_reset(local_writer.transport)
         ws_writer.close()
-        local_writer.close()
 
 
 async def run_connect(url: str, host: str, port: int, *, ssl_context: Any = None,
@@ -271,9 +349,11 @@ async def run_connect(url: str, host: str, port: int, *, ssl_context: Any = None
         active.add(task)
         try:
             await _ws_bridge(url, ssl_context, reader, writer)
+        except _LocalReset as exc:
+            log.info("local connection reset: %s", exc)
         except Exception as exc:  # one failed connection must not end the others
+            # (the local connection was reset already: a failure is never a clean end)
             log.warning("tunnel connection failed: %s", exc)
-            writer.close()
         finally:
             active.discard(task)
 

@@ -252,6 +252,37 @@ def _read_until_failure(sock: socket.socket, limit: float) -> str:
 # ----------------------------------------------------------------------------- finding 6
 
 
+def test_half_close_reply_through_relay_connect_and_hub_port(stack):
+    """Send, shut down the write side, read the reply: the same through both entries."""
+    data = os.urandom(300 * 1024)
+    expected = stack.targets.expected_reply(data)
+    for port in (stack.hub["reply"], stack.connect["reply"].port):
+        with _connect(port) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            reply = _recv_to_end(sock)
+        assert len(reply) == len(expected) and reply == expected, (port, len(reply))
+
+
+def test_upload_through_relay_connect_arrives_whole(stack):
+    """The client sends 6 MiB and closes at once; the target starts reading only 1 s
+    later, so most of it is still queued in the relay when the client's end arrives."""
+    targets = stack.targets
+    targets.sink_delay = 1.0
+    try:
+        for attempt in range(3):
+            data = os.urandom(6 * MiB)
+            before = len(targets.outcomes["sink"])
+            with _connect(stack.connect["sink"].port) as sock:
+                sock.sendall(data)
+            outcome = _next_outcome(targets, "sink", before)
+            assert outcome.done.wait(60), f"attempt {attempt}: the target never saw the end"
+            assert outcome.ended == "eof" and outcome.received == len(data), (attempt, outcome)
+            assert outcome.digest.digest() == hashlib.sha256(data).digest()
+    finally:
+        targets.sink_delay = 0.0
+
+
 def _ws_open(url: str) -> tuple[socket.socket, bytes]:
     """A raw WebSocket client connection to a tunnel URL: ``(socket, leftover)``."""
     from urllib.parse import urlsplit
@@ -298,7 +329,7 @@ def test_websocket_client_closing_after_its_upload_loses_nothing(stack):
         targets.sink_delay = 0.0
 
 
-@pytest.mark.parametrize("entry", ["hub_port"])
+@pytest.mark.parametrize("entry", ["relay_connect", "hub_port"])
 def test_local_reset_resets_the_target_connection(stack, entry):
     """A client that closes with a RST: the agent's connection to the target is reset
     promptly, not left open until the target closes."""
@@ -321,11 +352,12 @@ def test_local_reset_resets_the_target_connection(stack, entry):
 # ----------------------------------------------------------------------------- finding 8
 
 
-@pytest.mark.parametrize("entry", ["hub_port"])
+@pytest.mark.parametrize("entry", ["relay_connect", "hub_port"])
 def test_agent_killed_mid_download_is_a_reset(stack, entry):
     """SIGKILL the agent while a client downloads: the client reads ECONNRESET, never a
     clean EOF that would look like a complete transfer."""
     port = stack.connect["source"].port if entry == "relay_connect" else stack.hub["source"]
+    relay = stack.relay
     sock = _connect(port)
     try:
         got = 0
@@ -333,15 +365,15 @@ def test_agent_killed_mid_download_is_a_reset(stack, entry):
             chunk = sock.recv(1 << 20)
             assert chunk, f"closed after {got} bytes"
             got += len(chunk)
-        relay = stack.relay
         relay.agent.kill()
         relay.agent.wait(10)
         ended = _read_until_failure(sock, 10)
     finally:
         sock.close()
+        if relay.agent.poll() is not None:  # the same identity: the tunnels serve again
+            wait_for(lambda: relay.online_agent() is None, what="agent offline")
+            relay.start_agent()
     assert ended == "reset"
-    wait_for(lambda: relay.online_agent() is None, what="agent offline")
-    relay.start_agent()  # the same identity: the tunnel serves again
     data = b"after the restart"
     with _connect(stack.hub["reply"]) as sock:
         sock.sendall(data)

@@ -182,13 +182,11 @@ class WebSocketTransport:
                 else:
                     self._transport.write(ws.encode_frame(ws.Opcode.PONG, payload, mask=self._client))
             elif opcode == ws.Opcode.CLOSE:
-                self._send_close(ws.CloseCode.NORMAL)
-                self._transport.close()
+                self._close_received(payload)
                 return
             elif opcode == ws.Opcode.TEXT:
-                self._send_close(ws.CloseCode.UNSUPPORTED_DATA)
-                self._transport.close()
-                return
+                if not self._text_received(payload):
+                    return
             # PONG: nothing to do (liveness is the mux's PING)
 
     def eof_received(self) -> None:
@@ -212,6 +210,19 @@ class WebSocketTransport:
                 ws = self._ws
                 self._transport.write(ws.encode_frame(ws.Opcode.PONG, ping, mask=self._client))
         self.session.resume_writing()
+
+    def _close_received(self, payload: Any) -> None:
+        """A close frame: answer it and close. A subclass may read the peer's code first
+        (the TCP-over-WebSocket tunnel tells a clean end from a reset by it)."""
+        self._send_close(self._ws.CloseCode.NORMAL)
+        self._transport.close()
+
+    def _text_received(self, payload: Any) -> bool:
+        """A text message, which the mux does not define: close with 1003. A subclass may
+        give some a meaning; returns whether to go on with the messages received."""
+        self._send_close(self._ws.CloseCode.UNSUPPORTED_DATA)
+        self._transport.close()
+        return False
 
     def _send_close(self, code: int) -> None:
         if not self._close_sent and not self._transport.is_closing():

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from relay.aio import MuxSession, SessionClosedError, StreamRefused, StreamSplice, WebSocketTransport
-from relay.aio.stream import MuxStream
+from relay.aio.stream import MuxStream, abort_with_reset
 from relay.gateway.registry import Registry
 from relay.gateway.store import Store, TunnelSession
 from relay.mux.errors import ErrorCode
+from relay.ws.tcp_tunnel import CLOSE_RESET, EOF_MESSAGE, reset_reason
 
 __all__ = ["HubListener", "TunnelManager"]
 
@@ -66,10 +67,23 @@ class _HubSplice(StreamSplice):
 
 
 class _WsTunnelTransport(WebSocketTransport):
-    """The WebSocket end of a TCP-over-WS connection, as its splice's transport: binary
-    messages carry the stream's bytes both ways. WebSocket has no half-close, so the end
-    of the agent's side is a close frame (the client's answering close ends the TCP
-    connection)."""
+    """The WebSocket end of a TCP-over-WS connection (``relay connect``), as its splice's
+    transport: binary messages carry the stream's bytes both ways, and the convention of
+    relay.ws.tcp_tunnel (docs/PROTOCOL.md section 14) carries ends and resets:
+
+    * the text message ``EOF`` from the client ends the stream (FIN after the bytes
+      before it); the agent's end is sent as ``EOF`` (``write_eof``); once both
+      directions have ended, close 1000 (``close``, after the last byte);
+    * close 1000 from the client is its clean end (an ``EOF`` if none came before);
+    * a stream reset (or the agent's session ending) is close 4000 (``send_reset``);
+      any other close code from the client, or a connection that ends without a closing
+      handshake, resets the stream (CANCEL), so the agent resets its target connection.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._clean = False  # a clean close 1000 was received, or sent by us
+        self._reset_sent = False
 
     def can_write_eof(self) -> bool:
         return True
@@ -80,9 +94,70 @@ class _WsTunnelTransport(WebSocketTransport):
         self.write(b"".join(chunks))
 
     def write_eof(self) -> None:
-        from relay.ws import CloseCode
+        if not self.is_closing():
+            self._transport.write(self._ws.encode_frame(self._ws.Opcode.TEXT, EOF_MESSAGE))
 
-        self._send_close(CloseCode.NORMAL)
+    def close(self) -> None:
+        """Both directions ended: close 1000 after the last byte (WebSocketTransport's)."""
+        self._clean = True
+        super().close()
+
+    def send_reset(self) -> None:
+        """The stream was reset: close 4000 with the reason, so ``relay connect`` resets
+        its local connection. If bytes are still waiting to go out (a client that does
+        not read), the TCP connection is reset at once instead: the client sees a reset
+        either way, and a reset need not deliver what was left."""
+        if self._reset_sent:
+            return
+        self._reset_sent = True
+        transport = self._transport
+        if transport.is_closing():
+            return
+        if transport.get_write_buffer_size():
+            self._close_sent = True
+            abort_with_reset(transport)
+            return
+        self._send_close_code(CLOSE_RESET, reset_reason(self.session.stream.exception))
+        transport.close()
+
+    def _send_close_code(self, code: int, reason: str) -> None:
+        if not self._close_sent and not self._transport.is_closing():
+            ws = self._ws
+            self._transport.write(ws.encode_frame(ws.Opcode.CLOSE, ws.encode_close_payload(code, reason)))
+        self._close_sent = True
+
+    def _text_received(self, payload: Any) -> bool:
+        if bytes(payload) != EOF_MESSAGE:
+            return super()._text_received(payload)  # close 1003: a reset (connection_lost)
+        if not self.session.eof_received():  # the agent's side had ended: both are done
+            self.close()
+            return False
+        return True
+
+    def _close_received(self, payload: Any) -> None:
+        ws = self._ws
+        try:
+            code, reason = ws.parse_close(payload)
+        except ws.WebSocketProtocolError as exc:
+            code, reason = exc.close_code, str(exc)
+        if code == ws.CloseCode.NORMAL:
+            self._clean = True
+            self.session.eof_received()  # the client's end, after the bytes before it
+        else:
+            self.session.stream.abort(ErrorCode.CANCEL, f"the client closed with {code}"
+                                      f"{': ' + reason if reason else ''}")
+        super()._close_received(payload)
+
+    def eof_received(self) -> None:
+        """TCP EOF without a closing handshake: the client went away mid-stream."""
+        if not self._clean:
+            self.session.stream.abort(ErrorCode.CANCEL, "the client's connection ended without a close")
+        return None
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        if exc is None and not self._clean:
+            exc = ConnectionResetError("the WebSocket ended without a clean close")
+        super().connection_lost(exc)
 
 
 #: Largest WebSocket message accepted from a TCP-over-WS client. Each message is
