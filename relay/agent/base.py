@@ -46,6 +46,9 @@ class AgentBase:
         self.agent_id: Optional[str] = None
         self.session = None
         self.state = "idle"
+        #: True once a session was established: the key worked, so a later refusal (the
+        #: key revoked, the name taken) is logged and retried with backoff, not fatal.
+        self.ever_connected = False
 
     def __repr__(self) -> str:  # never show the key
         return f"{type(self).__name__}({self.gateway_url!r}, name={self.name!r})"
@@ -64,6 +67,20 @@ class AgentBase:
         """Drop the current connection (``run`` would reconnect: cancel it to stop)."""
         if self.session is not None:
             self.session.abort(ErrorCode.NO_ERROR, "agent stopping")
+
+    @staticmethod
+    def refusal(session: Any) -> Optional[str]:
+        """Why the gateway ended ``session`` if it refused this agent (a GOAWAY
+        ``NOT_ALLOWED``: credential revoked, name already connected ...), else None."""
+        goaway = getattr(session, "goaway_received", None)
+        if goaway is None or goaway.error_code != ErrorCode.NOT_ALLOWED:
+            return None
+        return f"the gateway refused this agent: {goaway.message or 'not allowed'}"
+
+    def _refused(self, reason: str, delay: float) -> None:
+        """Log a refusal where operators look (ERROR), with the delay before trying again."""
+        self.state = "refused"
+        log.error("%s; retrying in %.1fs", reason, delay)
 
     def _set_state(self, state: str, detail: str = "") -> None:
         if state == self.state and not detail:

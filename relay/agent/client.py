@@ -15,8 +15,11 @@ else is refused with NOT_ALLOWED and a message saying why; an unreachable target
 CONNECT_FAILED. The relay must never become an open proxy into the agent's network.
 
 After any drop the agent reconnects with exponential backoff (0.5 s doubling to 30 s,
-+-20 % jitter, reset after a connection that lasted 10 s). A rejected key (401/403) is
-permanent: :meth:`Agent.run` raises :class:`AgentAuthError`. The key is never logged.
++-20 % jitter, reset after a connection that lasted 10 s and was not refused). A key
+rejected (401/403) before it ever worked is permanent: :meth:`Agent.run` raises
+:class:`AgentAuthError`. Once connected, a refusal (the gateway's GOAWAY NOT_ALLOWED, e.g.
+"credential revoked" or another agent holding this name, or a later 401) is logged at
+ERROR with its reason and retried with the growing delay. The key is never logged.
 """
 from __future__ import annotations
 
@@ -213,6 +216,7 @@ class Agent(AgentBase):
         self._set_state("connecting")
         session = await self.connect()
         self.session = session
+        self.ever_connected = True
         self.connected.set()
         self._set_state("connected")
         try:
@@ -224,26 +228,37 @@ class Agent(AgentBase):
 
     async def run(self) -> None:
         """Serve forever, reconnecting with backoff after any drop. Raises
-        :class:`AgentAuthError` if the key is rejected."""
+        :class:`AgentAuthError` if the key is rejected before it ever worked; once it
+        has, a refusal (key revoked, name taken by another agent) is logged at ERROR and
+        retried with a growing delay: the gateway's operator may fix it, and a fleet
+        of refused agents must not hammer the gateway."""
         attempt = 0
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
+            refused: Optional[str] = None
             try:
                 await self.run_once()
-                # Start the backoff over only after a connection that lasted: one the
-                # gateway drops at once (e.g. a duplicate agent) must not loop tightly.
-                if loop.time() - started >= STABLE_CONNECTION:
+                refused = self.refusal(self._newest)
+                # Start the backoff over only after a connection that lasted and was not
+                # refused: one the gateway drops at once must not loop tightly.
+                if refused is None and loop.time() - started >= STABLE_CONNECTION:
                     attempt = 0
                 reason = "connection lost"
-            except AgentAuthError:
-                self._set_state("rejected")
-                raise
+            except AgentAuthError as exc:
+                if not self.ever_connected:  # never worked: a wrong key, not a revoked one
+                    self._set_state("rejected")
+                    raise
+                refused = f"{exc} (was the key revoked?)"
             except (OSError, HandshakeError, TimeoutError, ConnectionError) as exc:
+                refused = self.refusal(self._newest)
                 reason = str(exc) or type(exc).__name__
             delay = self.backoff_delay(attempt)
             attempt += 1
-            self._set_state("disconnected", f"{reason}; retrying in {delay:.1f}s")
+            if refused is not None:
+                self._refused(refused, delay)
+            else:
+                self._set_state("disconnected", f"{reason}; retrying in {delay:.1f}s")
             await asyncio.sleep(delay)
 
     def close(self) -> None:

@@ -76,6 +76,7 @@ class TrioAgent(AgentBase):
         #: How many sessions were established since start (reconnects = this - 1).
         self.connections = 0
         self._connected = trio.Event()
+        self._last_session: Optional[TrioMuxSession] = None
 
     # ------------------------------------------------------------------ policy (relay.agent.policy)
 
@@ -164,6 +165,7 @@ class TrioAgent(AgentBase):
 
         session = TrioMuxSession(WebSocketStream(ws), client=True, config=self.hello_config(),
                                  handler=handler, on_control=self._on_control)
+        self._last_session = session  # for run(): did the gateway refuse us, and why
         failure: Optional[Exception] = None
         # Errors are raised after the nursery, never from inside it: there they would
         # come out wrapped in an ExceptionGroup, which run()'s retry logic does not catch.
@@ -176,6 +178,7 @@ class TrioAgent(AgentBase):
                     failure = trio.TooSlowError("the gateway sent no SETTINGS in time")
                 else:
                     self.session = session
+                    self.ever_connected = True
                     self.connections += 1
                     self._connected.set()
                     self._set_state("connected")
@@ -198,21 +201,30 @@ class TrioAgent(AgentBase):
         attempt = 0
         while True:
             started = trio.current_time()
+            self._last_session = None
+            refused: Optional[str] = None
             try:
                 await self.run_once()
-                # Start the backoff over only after a connection that lasted: one the
-                # gateway drops at once (e.g. a duplicate agent) must not loop tightly.
-                if trio.current_time() - started >= STABLE_CONNECTION:
+                refused = self.refusal(self._last_session)
+                # Start the backoff over only after a connection that lasted and was not
+                # refused: one the gateway drops at once must not loop tightly.
+                if refused is None and trio.current_time() - started >= STABLE_CONNECTION:
                     attempt = 0
                 reason = "connection lost"
-            except AgentAuthError:
-                self._set_state("rejected")
-                raise
+            except AgentAuthError as exc:
+                if not self.ever_connected:  # never worked: a wrong key, not a revoked one
+                    self._set_state("rejected")
+                    raise
+                refused = f"{exc} (was the key revoked?)"
             except (OSError, HandshakeError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                refused = self.refusal(self._last_session)
                 reason = str(exc) or type(exc).__name__
             delay = self.backoff_delay(attempt)
             attempt += 1
-            self._set_state("disconnected", f"{reason}; retrying in {delay:.1f}s")
+            if refused is not None:
+                self._refused(refused, delay)
+            else:
+                self._set_state("disconnected", f"{reason}; retrying in {delay:.1f}s")
             await trio.sleep(delay)
 
     @property

@@ -28,6 +28,7 @@ from relay.gateway.hooks import GatewayHooks, GatewaySession
 from relay.gateway.http_proxy import ProxyError, Upstream, serve_connection
 from relay.gateway.http_tunnels import HttpTunnels
 from relay.gateway.registry import Registry
+from relay.gateway.revocation import RevocationWatcher
 from relay.gateway.services import ServiceManager, add_services_openapi
 from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
 from relay.gateway.store import TUNNEL_SESSION_PROTOCOLS, SecretToken, Store, Team, ensure_default_team
@@ -78,6 +79,9 @@ class Gateway:
         self.store = store
         self.auth = Authenticator(store, jwt_key)
         self.registry = Registry(store)
+        #: Ends the sessions of agents whose key gets revoked (relay.gateway.revocation).
+        self.revocations = RevocationWatcher(store, self.registry)
+        self._revocation_watch: Optional[asyncio.Task] = None
         #: Programmatic hooks (relay.gateway.hooks; docs/EMBEDDING.md).
         self.hooks = GatewayHooks()
         self._public_url = public_url
@@ -119,6 +123,7 @@ class Gateway:
         await self.tunnels_api.start()
         await self.services.start()
         self._heartbeat = loop.create_task(self._record_heartbeats())
+        self._revocation_watch = loop.create_task(self.revocations.run())
 
     async def _record_heartbeats(self) -> None:
         """Refresh ``last_seen`` of connected agents. Liveness itself is the mux
@@ -135,8 +140,9 @@ class Gateway:
         """Stop listening, drop agents and HTTP connections, stop hub ports."""
         if self._server is not None:
             self._server.close()
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+        for task in (self._heartbeat, self._revocation_watch):
+            if task is not None:
+                task.cancel()
         for timer in self._gone_timers.values():
             timer.cancel()
         self._gone_timers.clear()

@@ -12,6 +12,7 @@ registered, the gateway sends the control message
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -21,13 +22,30 @@ from typing import Any, Callable, Optional
 from relay.aio import MuxSession
 from relay.gateway.store import Agent, Store
 
-__all__ = ["ConnectedAgent", "Registry", "agent_identity"]
+__all__ = ["ConnectedAgent", "Registry", "agent_identity", "end_session"]
 
 log = logging.getLogger("relay.gateway.agents")
 
 MAX_NAME = 100
 MAX_LABELS = 64
 MAX_LABEL = 100
+#: A session the gateway ends (revoked credential, refused duplicate) has this long to
+#: flush its GOAWAY and stream resets before its transport is aborted regardless: a peer
+#: that does not read must not keep it open.
+END_GRACE = 1.0
+
+
+def end_session(session: MuxSession, error_code: int, message: str) -> None:
+    """End an agent's session now and say why: a GOAWAY with ``error_code`` and
+    ``message``, every open stream reset with the same reason (their clients are cut at
+    once, not drained), the transport closed once that is written, aborted after
+    :data:`END_GRACE` at the latest."""
+    if session.is_closed:
+        return
+    session.close(error_code, message)  # GOAWAY first, so the peer learns the reason
+    for stream in list(session.streams.values()):
+        stream.abort(error_code, message)
+    asyncio.get_running_loop().call_later(END_GRACE, session.abort, error_code, message)
 
 
 @dataclass
@@ -44,6 +62,8 @@ class ConnectedAgent:
     peer: Any = None
     #: Live status (idle, busy, tunnel, unhealthy), as last set through the registry.
     status: str = "idle"
+    #: The credential the agent connected with (revoking it ends the session).
+    credential_id: Optional[str] = None
 
 
 def agent_identity(info: Any) -> tuple[str, list[str], str]:
@@ -97,7 +117,8 @@ class Registry:
         agent_id = str(uuid.uuid5(uuid.UUID(credential_id), name))
         self._store.upsert_agent(team_id, agent_id, name, labels, version, status)
         entry = ConnectedAgent(agent_id, team_id, name, labels, version, session,
-                               peer=session.get_extra_info("peername"), status=status)
+                               peer=session.get_extra_info("peername"), status=status,
+                               credential_id=credential_id)
         old = self._agents.get(agent_id)
         self._agents[agent_id] = entry
         self.version += 1
@@ -116,6 +137,13 @@ class Registry:
         self.version += 1
         self._store.set_agent_status(entry.team_id, entry.agent_id, "offline")
         log.info("agent %s (%s) offline", entry.name, entry.agent_id)
+
+    def expel(self, entry: ConnectedAgent, error_code: int, message: str) -> None:
+        """End a connected agent's session for ``message`` (e.g. its credential was
+        revoked): offline at once, so nothing new is routed to it while the session
+        closes (see :func:`end_session`)."""
+        self.unregister(entry)
+        end_session(entry.session, error_code, message)
 
     def set_status(self, team_id: str, agent_id: str, status: str) -> None:
         """Record a status change of a connected agent (idle/tunnel/...)."""

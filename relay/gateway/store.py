@@ -26,7 +26,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -634,6 +634,16 @@ class Store:
                 " WHERE id = ? AND team_id = ? AND revoked_at IS NULL",
                 (self._clock(), normalize_uuid(credential_id), normalize_uuid(team_id)))
         return cur.rowcount == 1
+
+    def revoked_credentials(self, credential_ids: Iterable[str]) -> set[str]:
+        """Which of ``credential_ids`` are revoked (ids the store does not know, e.g. an
+        ``authenticate`` hook's own, are not: the store cannot revoke them)."""
+        wanted = json.dumps(sorted({str(i) for i in credential_ids}))
+        with self._read() as db:
+            # json_each: one bound parameter however many ids (no SQLite variable limit).
+            rows = db.execute("SELECT id FROM credentials WHERE revoked_at IS NOT NULL"
+                              " AND id IN (SELECT value FROM json_each(?))", (wanted,)).fetchall()
+        return {row["id"] for row in rows}
 
     # -- agents ------------------------------------------------------------------------
 

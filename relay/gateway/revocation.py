@@ -1,0 +1,75 @@
+"""Revoking a credential ends what it authorised: the live sessions of its agents.
+
+A key is checked when an agent connects (the WebSocket upgrade); the session lives on
+after that. So the gateway watches for revocations: every :data:`POLL_INTERVAL` it reads
+the store's generation (one ``PRAGMA data_version``, which also sees commits of other
+processes: ``relay admin key revoke`` on the same data directory while the gateway
+runs), and when anything was committed (or an agent connected) since its last look, it
+asks the store which credentials of the connected agents are revoked. Each such agent is
+expelled: offline at once, then a GOAWAY ``NOT_ALLOWED`` "credential revoked" and every
+open stream reset (their clients cut), so a revocation takes effect within about
+``POLL_INTERVAL`` plus a round trip. The agent cannot come back: its next upgrade is
+refused with 401.
+
+API requests need nothing of this: they are authenticated one by one against the
+store's current rows (relay.gateway.auth), so the next request with a revoked sk-/dk-
+key is refused, keep-alive or not. Agents authenticated by an ``authenticate`` hook with
+ids of their own are not in the credentials table and are never expelled here.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Optional
+
+from relay.gateway.registry import ConnectedAgent, Registry
+from relay.gateway.store import Store
+from relay.mux.errors import ErrorCode
+
+__all__ = ["POLL_INTERVAL", "REVOKED_MESSAGE", "RevocationWatcher"]
+
+log = logging.getLogger("relay.gateway.revocation")
+
+#: Seconds between two looks at the store's generation (cheap: one pragma, no table read).
+POLL_INTERVAL = 0.25
+#: The GOAWAY and stream-reset message an expelled agent receives.
+REVOKED_MESSAGE = "credential revoked"
+
+
+class RevocationWatcher:
+    """Expels connected agents whose credential was revoked (see the module docstring)."""
+
+    def __init__(self, store: Store, registry: Registry, interval: float = POLL_INTERVAL) -> None:
+        self._store = store
+        self._registry = registry
+        self._interval = interval
+        self._seen: Optional[tuple[Any, int]] = None
+
+    async def run(self) -> None:
+        """Check every ``interval`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                self.check()
+            except Exception as exc:  # a busy database must not stop the watch
+                log.warning("cannot check for revoked credentials: %s", exc)
+
+    def check(self) -> list[ConnectedAgent]:
+        """Expel the connected agents whose credential is revoked now; returns them."""
+        # The generation is read before the credentials: a revocation committed after the
+        # query changes it, so the next check sees that one.
+        seen = (self._store.generation(), self._registry.version)
+        if seen == self._seen:
+            return []
+        self._seen = seen
+        agents = [entry for entry in self._registry.connected() if entry.credential_id]
+        if not agents:
+            return []
+        revoked = self._store.revoked_credentials({entry.credential_id for entry in agents})
+        expelled = [entry for entry in agents if entry.credential_id in revoked]
+        for entry in expelled:
+            log.warning("agent %s (%s) of team %s: credential revoked; closing its session and "
+                        "%d open stream(s)", entry.name, entry.agent_id, entry.team_id,
+                        len(entry.session.streams))
+            self._registry.expel(entry, ErrorCode.NOT_ALLOWED, REVOKED_MESSAGE)
+        return expelled
