@@ -7,6 +7,7 @@ build on :class:`AgentBase` and add their loop's connecting, serving and waiting
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
 import ssl
 from collections.abc import Iterable
@@ -44,6 +45,10 @@ class AgentBase:
         self._ssl = ssl_context if ssl_context is not None else (ssl.create_default_context() if self.tls else None)
         #: The id the gateway gave us (from its welcome), once connected.
         self.agent_id: Optional[str] = None
+        #: Sent in every hello: the same for all reconnects of this agent object, so the
+        #: gateway tells this agent coming back from another process with the same key
+        #: and name (a clone, or a restart whose old connection is not dead yet).
+        self.instance_id = secrets.token_hex(8)
         self.session = None
         self.state = "idle"
         #: True once a session was established: the key worked, so a later refusal (the

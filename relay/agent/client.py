@@ -182,7 +182,7 @@ class Agent(AgentBase):
         """
         config = self._mux_config or MuxConfig()
         info = {"name": self.name, "labels": self.labels, "version": __version__,
-                "limits": {"max_streams": config.max_streams},
+                "instance": self.instance_id, "limits": {"max_streams": config.max_streams},
                 "services": [spec.to_info() for spec in self.services]}
         config = dataclasses.replace(config, info={**config.info, **info})
         session = MuxSession(True, config, on_stream=self._on_stream, on_control=self._on_control)

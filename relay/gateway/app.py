@@ -27,7 +27,7 @@ from relay.gateway.auth import Authenticator, Principal
 from relay.gateway.hooks import GatewayHooks, GatewaySession
 from relay.gateway.http_proxy import ProxyError, Upstream, serve_connection
 from relay.gateway.http_tunnels import HttpTunnels
-from relay.gateway.registry import Registry
+from relay.gateway.registry import AgentNameTaken, Registry, end_session
 from relay.gateway.revocation import RevocationWatcher
 from relay.gateway.services import ServiceManager, add_services_openapi
 from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
@@ -391,7 +391,13 @@ class Gateway:
             return
         assert principal.credential_id is not None
         try:
-            entry = self.registry.register(principal.team_id, principal.credential_id, info, session)
+            entry = await self.registry.admit(principal.team_id, principal.credential_id, info, session)
+        except AgentNameTaken as exc:  # a live agent holds this key and name: it keeps them
+            end_session(session, ErrorCode.NOT_ALLOWED, exc.message)
+            return
+        except ConnectionError as exc:
+            log.info("agent connection from %s ended before it was registered: %s", peer, exc)
+            return
         except Exception as exc:  # a store failure must not leave a half-registered agent
             log.error("cannot register agent from %s: %s", peer, exc)
             session.abort(ErrorCode.INTERNAL_ERROR, "registration failed")

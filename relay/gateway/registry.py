@@ -5,30 +5,49 @@ the live connections. An agent's identity is stable across reconnects: its id is
 ``uuid5(credential id, name)``, so the same key and ``--name`` is the same agent after a
 restart of either side, and two agents of one team need different names (or keys).
 
+One connection per identity, and the one that holds it keeps it (:meth:`Registry.admit`).
+A second connection with the same key and name is either the same agent coming back
+(its hello carries the ``instance`` id of the process, unchanged across its reconnects),
+a restarted agent whose old connection the gateway has not seen die yet, or a clone (a
+copied machine: the default name is the host name, so clones collide). The same
+instance replaces its old connection at once. Otherwise the holder gets a PING: if it
+answers within :data:`PROBE_TIMEOUT` it is alive, and the newcomer is refused with a
+GOAWAY ``NOT_ALLOWED`` "agent name ... is already connected" (a WARNING here; the
+refused agent logs it at ERROR and retries with a growing delay); if not, it was dead
+and is replaced. So two live clones never knock each other off: the first keeps the
+name and all traffic, the second waits until the first goes away.
+
 What the agent says about itself travels in its mux SETTINGS ``info`` (see
-docs/PROTOCOL.md): ``{"name": str, "labels": [str, ...], "version": str}``. Once
+docs/PROTOCOL.md): ``{"name": str, "labels": [str, ...], "version": str, "instance":
+str}``. Once
 registered, the gateway sends the control message
 ``{"type": "welcome", "agent_id": ..., "team_id": ...}`` so the agent can log who it is.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from relay.aio import MuxSession
 from relay.gateway.store import Agent, Store
 
-__all__ = ["ConnectedAgent", "Registry", "agent_identity", "end_session"]
+__all__ = ["AgentNameTaken", "ConnectedAgent", "Registry", "agent_identity", "end_session"]
 
 log = logging.getLogger("relay.gateway.agents")
 
 MAX_NAME = 100
 MAX_LABELS = 64
 MAX_LABEL = 100
+MAX_INSTANCE = 64
+#: A connected agent whose identity another connection claims must answer a PING within
+#: this time to keep it (a live agent answers in one round trip; a dead one never does).
+PROBE_TIMEOUT = 3.0
 #: A session the gateway ends (revoked credential, refused duplicate) has this long to
 #: flush its GOAWAY and stream resets before its transport is aborted regardless: a peer
 #: that does not read must not keep it open.
@@ -64,6 +83,23 @@ class ConnectedAgent:
     status: str = "idle"
     #: The credential the agent connected with (revoking it ends the session).
     credential_id: Optional[str] = None
+    #: The agent process's instance id from its hello ("" if it sent none).
+    instance: str = ""
+
+
+class AgentNameTaken(Exception):
+    """Another live connection holds this agent identity (same key and name)."""
+
+    def __init__(self, holder: ConnectedAgent, message: str) -> None:
+        super().__init__(message)
+        self.holder = holder
+        self.message = message
+
+
+def agent_instance(info: Any) -> str:
+    """The ``instance`` id from an agent's hello ("" if absent or malformed)."""
+    instance = info.get("instance") if isinstance(info, dict) else None
+    return instance[:MAX_INSTANCE] if isinstance(instance, str) else ""
 
 
 def agent_identity(info: Any) -> tuple[str, list[str], str]:
@@ -94,6 +130,8 @@ class Registry:
         #: Called with the entry after every status change of a connected agent (e.g. the
         #: task dispatcher, to hand queued work to an agent that became idle).
         self.status_listeners: list[Callable[[ConnectedAgent], None]] = []
+        # Admissions in progress by agent id: (lock, how many wait for it or hold it).
+        self._claims: dict[str, tuple[asyncio.Lock, int]] = {}
 
     def get(self, team_id: str, agent_id: str) -> Optional[ConnectedAgent]:
         """The team's agent if it is connected now (another team's agent: None)."""
@@ -109,6 +147,49 @@ class Registry:
     def connected(self) -> list[ConnectedAgent]:
         return list(self._agents.values())
 
+    async def admit(self, team_id: str, credential_id: str, info: Any,
+                    session: MuxSession) -> ConnectedAgent:
+        """Register a newly connected agent unless a live connection holds its identity
+        (see the module docstring). Raises :class:`AgentNameTaken` for a refused
+        newcomer, ConnectionError if the newcomer's session ended meanwhile."""
+        name, _, _ = agent_identity(info)
+        agent_id = str(uuid.uuid5(uuid.UUID(credential_id), name))
+        instance = agent_instance(info)
+        async with self._claiming(agent_id):  # one admission per identity at a time
+            old = self._agents.get(agent_id)
+            if old is not None and not old.session.is_closed and not (instance and instance == old.instance):
+                if await _answers_ping(old.session):
+                    peer = session.get_extra_info("peername")
+                    log.warning(
+                        "agent %r (%s) of team %s: refused a second connection from %s: the same "
+                        "key and name is connected from %s and alive (a cloned machine? give each "
+                        "agent its own --name)", name, agent_id, team_id, _address(peer),
+                        _address(old.peer))
+                    raise AgentNameTaken(old, (
+                        f"agent name {name!r} is already connected with this key (from "
+                        f"{_address(old.peer)}); another agent with the same key and name is "
+                        f"running (a cloned machine?): give each agent its own --name"))
+                log.info("agent %r (%s): its previous connection from %s does not answer; replacing it",
+                         name, agent_id, _address(old.peer))
+            if session.is_closed:
+                raise ConnectionError("the connection ended before it was registered")
+            return self.register(team_id, credential_id, info, session)
+
+    @contextlib.asynccontextmanager
+    async def _claiming(self, agent_id: str) -> AsyncIterator[None]:
+        lock, users = self._claims.get(agent_id, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._claims[agent_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._claims[agent_id]
+            if users == 1:
+                del self._claims[agent_id]  # nobody else waits: keep no lock per agent ever seen
+            else:
+                self._claims[agent_id] = (lock, users - 1)
+
     def register(self, team_id: str, credential_id: str, info: Any, session: MuxSession,
                  status: str = "idle") -> ConnectedAgent:
         """Record a newly connected agent (store row + live entry). A previous connection
@@ -118,11 +199,11 @@ class Registry:
         self._store.upsert_agent(team_id, agent_id, name, labels, version, status)
         entry = ConnectedAgent(agent_id, team_id, name, labels, version, session,
                                peer=session.get_extra_info("peername"), status=status,
-                               credential_id=credential_id)
+                               credential_id=credential_id, instance=agent_instance(info))
         old = self._agents.get(agent_id)
         self._agents[agent_id] = entry
         self.version += 1
-        if old is not None and old.session is not session:
+        if old is not None and old.session is not session and not old.session.is_closed:
             log.info("agent %s (%s) reconnected; dropping its previous connection", name, agent_id)
             old.session.abort(message="replaced by a new connection of the same agent")
         log.info("agent %s (%s) online in team %s from %s", name, agent_id, team_id, entry.peer)
@@ -177,3 +258,20 @@ class Registry:
     def abort_all(self, message: str = "gateway shutting down") -> None:
         for entry in list(self._agents.values()):
             entry.session.abort(message=message)
+
+
+async def _answers_ping(session: MuxSession) -> bool:
+    """True if the session's peer answers a PING within :data:`PROBE_TIMEOUT`."""
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            await session.ping()
+        return True
+    except (TimeoutError, ConnectionError):
+        return False
+
+
+def _address(peer: Any) -> str:
+    """``host:port`` of a peername tuple, for log lines and messages."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+    return str(peer) if peer else "an unknown address"
