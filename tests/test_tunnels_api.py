@@ -388,7 +388,8 @@ def test_connect_sends_bind_to_the_second_agent_and_formats_the_connection_strin
                     assert conn["local_port"] == local and conn["agent_id"] == reacher.agent_id
                     await wait_until(lambda: any(m.get("type") == "bind" for m in received))
                     [bind] = [m for m in received if m.get("type") == "bind"]
-                    assert bind == {"type": "bind", "tunnel_id": pg["id"], "local_port": local,
+                    assert bind == {"type": "bind", "request_id": bind["request_id"], "tunnel_id": pg["id"],
+                                    "local_port": local,
                                     "hub": {"host": "127.0.0.1", "port": pg["hub_port"]}, "protocol": "tcp"}
                     await wait_until(lambda: reacher.binder.bound.get(pg["id"]) == local)
 

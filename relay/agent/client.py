@@ -168,7 +168,13 @@ class Agent(AgentBase):
             self.agent_id = str(message.get("agent_id"))
             log.info("registered as agent %s (%s)", self.agent_id, self.name)
         elif isinstance(message, dict) and message.get("type") == "bind":  # Tunnels API connect
-            self.binder.on_control(message)
+            session = self._newest  # the result goes back on the session that asked
+
+            def reply(result: dict[str, Any]) -> None:
+                if session is not None and not session.is_closed:
+                    session.send_control(result)
+
+            self.binder.on_control(message, reply)
         elif isinstance(message, dict) and message.get("type") == "task" and self._newest is not None:
             self.tasks.on_control(self._newest, message)  # seed 001 tasks
 

@@ -14,7 +14,7 @@ backpressure and half-close (:func:`splice`).
 URL and allowlist parsing, target checks with their refusal messages, and the backoff
 come from ``relay.agent.policy``, which the asyncio agent uses too; tests/conformance
 checks that both agents answer alike. Not ported yet (the asyncio agent grew them meanwhile): the Tunnels API
-``bind`` control (``relay.agent.bind`` is asyncio-only; logged and ignored), task
+``bind`` control (``relay.agent.bind`` is asyncio-only; answered with a failure), task
 handlers (``relay.agent.tasks``), ``allow_stream`` policies and declared services;
 ``relay agent --backend trio`` refuses ``--service`` rather than ignore it.
 """
@@ -130,7 +130,13 @@ class TrioAgent(AgentBase):
                 self.session.send_control({"type": "task.error", "task_id": message.get("task_id"),
                                            "error": "this agent (trio backend) runs no tasks"})
         elif isinstance(message, dict) and message.get("type") == "bind":
-            log.warning("the trio agent does not serve bind messages yet; ignored")
+            # Answer rather than ignore: the gateway's connect call waits for the result.
+            log.warning("the trio agent does not serve bind messages yet; refusing it")
+            if self.session is not None and not self.session.is_closed:
+                self.session.send_control({"type": "bind.result", "request_id": message.get("request_id"),
+                                           "tunnel_id": message.get("tunnel_id"),
+                                           "local_port": message.get("local_port"), "ok": False,
+                                           "error": "this agent (trio backend) does not bind tunnels yet"})
 
     # ------------------------------------------------------------------ connecting
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 from relay import __version__
 from relay.aio import MuxSession, WebSocketTransport
 from relay.gateway.auth import Authenticator, Principal
+from relay.gateway.bindings import Bindings
 from relay.gateway.hooks import GatewayHooks, GatewaySession
 from relay.gateway.http_proxy import ProxyError, Upstream, serve_connection
 from relay.gateway.http_tunnels import HttpTunnels
@@ -175,6 +176,7 @@ class Gateway:
         add("DELETE", "/api/v1/agents/{agent_id}/tunnel", self._close_tunnel)
         # Raw: an HTTP tunnel's own GET /tcp is handed to the proxy untouched (body unread).
         add("GET", "/tunnel/{token}/tcp", self._tcp_over_ws, raw=True)
+        self.bindings = Bindings(self)  # seed 002's connect: agents listening for tunnels
         self.tunnels_api = TunnelsApi(self)  # seed 002: /api/v1/tunnels, shares, webhooks
         self.tunnels_api.register(self.router)
         self.tasks = TaskManager(self)  # seed 001: /api/v1/tasks
@@ -369,6 +371,8 @@ class Gateway:
         entry = holder.get("entry")
         if entry is not None and isinstance(message, dict) and self.tasks.on_control(entry, message):
             return
+        if entry is not None and self.bindings.on_control(entry, message):
+            return
         if entry is None or not isinstance(message, dict) or message.get("type") != "status":
             return
         status = message.get("status")
@@ -409,6 +413,7 @@ class Gateway:
                 self.registry.set_status(principal.team_id, entry.agent_id, "tunnel")
             session.send_control({"type": "welcome", "agent_id": entry.agent_id,
                                   "team_id": entry.team_id})
+            self.bindings.agent_connected(entry)  # what it listened on before it went
             self.hooks.fire(self.hooks.on_agent_connected, entry)
             await session.wait_closed()
         finally:

@@ -196,6 +196,20 @@ MIGRATIONS: list[Sequence[str]] = [
         )""",
         "CREATE INDEX webhook_deliveries_by_age ON webhook_deliveries(created_at)",
     ),
+    # 5: the Tunnels API's connect, made durable (relay.gateway.bindings): which agent
+    # listens on which loopback port for which tunnel, re-sent when that agent connects
+    # again. A deleted tunnel takes its bindings along.
+    (
+        """CREATE TABLE tunnel_bindings (
+            tunnel_id   TEXT NOT NULL REFERENCES tunnels(id) ON DELETE CASCADE,
+            team_id     TEXT NOT NULL REFERENCES teams(id),
+            agent_id    TEXT NOT NULL REFERENCES agents(id),
+            local_port  INTEGER NOT NULL,
+            created_at  REAL NOT NULL,
+            PRIMARY KEY (tunnel_id, agent_id)
+        )""",
+        "CREATE INDEX tunnel_bindings_by_agent ON tunnel_bindings(team_id, agent_id)",
+    ),
 ]
 
 # --------------------------------------------------------------------------- errors
@@ -914,6 +928,29 @@ class Store:
                 return None
             db.execute("DELETE FROM tunnels WHERE id = ?", (tunnel_id,))  # shares cascade
         return _tunnel(row)
+
+    # -- tunnel bindings (the Tunnels API's connect) ----------------------------------
+
+    def put_binding(self, team_id: str, tunnel_id: str, agent_id: str, local_port: int) -> None:
+        """Record that the team's agent listens on ``local_port`` for the tunnel (one
+        port per tunnel and agent: a new one replaces the old)."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO tunnel_bindings (tunnel_id, team_id, agent_id, local_port, created_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (tunnel_id, agent_id)"
+                " DO UPDATE SET local_port = excluded.local_port, created_at = excluded.created_at",
+                (normalize_uuid(tunnel_id), normalize_uuid(team_id), normalize_uuid(agent_id),
+                 local_port, self._clock()))
+
+    def list_bindings(self, team_id: str, agent_id: str) -> list[tuple[Tunnel, int]]:
+        """The agent's bindings as ``(tunnel, local_port)``, oldest first."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT t.*, b.local_port AS bound_port FROM tunnel_bindings b"
+                " JOIN tunnels t ON t.id = b.tunnel_id"
+                " WHERE b.team_id = ? AND b.agent_id = ? ORDER BY b.created_at, t.id",
+                (normalize_uuid(team_id), normalize_uuid(agent_id))).fetchall()
+        return [(_tunnel(row), row["bound_port"]) for row in rows]
 
     # -- tunnel shares -----------------------------------------------------------------
 

@@ -53,8 +53,11 @@ tunnel listens on the same port again.
 
 ``connect``: ``agent_id`` is a second agent of the team (must be online: else 409) that
 should bind ``127.0.0.1:local_port`` (default: the target port) and carry it to the
-tunnel. The gateway sends it the control message ``{"type": "bind", "tunnel_id",
-"local_port", "hub": {"host", "port"}, "protocol"}``. The answer carries the
+tunnel. The gateway sends it the control message ``{"type": "bind", "request_id",
+"tunnel_id", "local_port", "hub": {"host", "port"}, "protocol"}`` and answers once the
+agent reported the result: ``502 bind_failed`` with its reason if it cannot listen,
+``504 bind_timeout`` without a result; the binding is re-sent whenever that agent
+connects again (:mod:`relay.gateway.bindings`). The answer carries the
 ``connection_string`` a client uses on that machine: ``postgresql://user@HOST:PORT/dbname``
 (target port 5432), ``mysql://user@HOST:PORT/`` (3306), ``redis://HOST:PORT`` (6379),
 ``mongodb://HOST:PORT`` (27017), ``http(s)://HOST:PORT/`` (http/https tunnels), else
@@ -84,7 +87,6 @@ import re
 import secrets
 import time
 from typing import TYPE_CHECKING, Any, Optional
-from urllib.parse import urlsplit
 
 from relay.gateway.auth import Principal
 from relay.gateway.server import HttpError, Request, Response, Router, json_response
@@ -488,17 +490,8 @@ class TunnelsApi:
         receiver = self.gw.registry.get(principal.team_id, agent_id)
         if receiver is None:
             raise HttpError(409, "agent_offline", f"agent {agent_id} is not connected")
-        tunnels = self.gw.tunnels
-        hub_host = tunnels.hub_host if tunnels else None
-        if hub_host in ("", "0.0.0.0", "::"):  # listening everywhere: name the gateway's host
-            hub_host = urlsplit(self.gw.url).hostname
-        hub = {"host": hub_host, "port": tunnel.hub_port}
-        message = {"type": "bind", "tunnel_id": tunnel.id, "local_port": local_port,
-                   "hub": hub, "protocol": tunnel.protocol}
-        try:
-            receiver.session.send_control(message)
-        except Exception as exc:  # the session died between the lookup and the send
-            raise HttpError(409, "agent_offline", f"agent {agent_id} is not connected: {exc}") from None
+        # Waits for the agent's result and records the binding (relay.gateway.bindings).
+        hub = await self.gw.bindings.bind(receiver, tunnel, local_port)
         return json_response({
             "tunnel_id": tunnel.id,
             "agent_id": agent_id,

@@ -150,7 +150,8 @@ def _paths() -> dict[str, Any]:
         "/tunnels/{tunnelId}/connect": {
             "post": {"summary": "Have a second agent bind the tunnel locally", "parameters": [tid, _TEAM],
                      "requestBody": _body(_ref("Connect")),
-                     "responses": {"200": _json(_ref("Connection"), "Connection"), **_errors(400, 404, 409)}},
+                     "responses": {"200": _json(_ref("Connection"), "Connection"),
+                                   **_errors(400, 404, 409, 502, 504)}},
         },
         "/tunnels/{tunnelId}/shares": {
             "post": {"summary": "Create a share link", "parameters": [tid, _TEAM],
