@@ -8,8 +8,9 @@ Endpoints (one listening address):
   any upgrade. After the 101 the connection carries one mux session (the gateway is the
   ``client=False`` side) in WebSocket binary messages.
 * ``GET /api/v1/agents``, ``GET /api/v1/agents/{agent_id}`` (sk-, dk-, JWT).
-* ``POST /api/v1/agents/{agent_id}/tunnel`` (seed 000) and
-  ``DELETE /api/v1/agents/{agent_id}/tunnel[?session_id=...]``.
+* ``POST /api/v1/agents/{agent_id}/tunnel`` (seed 000; runtime: sk-, dk-, JWT) and
+  ``DELETE /api/v1/agents/{agent_id}/tunnel[?session_id=...]`` (management: sk-, JWT;
+  a dk- key gets 403).
 """
 from __future__ import annotations
 
@@ -253,7 +254,10 @@ class Gateway:
         return json_response(await self.tunnels.open(principal.team_id, agent.id, port, protocol))
 
     async def _close_tunnel(self, request: Request) -> Response:
-        principal = self._principal(request)
+        # Closing sessions is management (seed 002: deleting a tunnel is; SPEC: dk- keys
+        # are runtime only): a dk- key may open and use tunnels, not end other people's.
+        # The opener keeps its own way to close one: the session's admin_token.
+        principal = self._principal(request).require_manage()
         agent = self._team_agent(principal, request.params["agent_id"])
         session_id = request.query_value("session_id")
         closed = self._close_sessions(principal.team_id, agent.id, session_id)
@@ -495,7 +499,8 @@ def openapi_document(server_url: str) -> dict[str, Any]:
                 "delete": {"summary": "Close one (session_id) or all of the agent's tunnel sessions",
                            "parameters": [agent_id, team, {"name": "session_id", "in": "query", "required": False,
                                                            "schema": {"type": "string"}}],
-                           "responses": {"200": {"description": "Closed session ids"}, "401": error, "404": error}},
+                           "responses": {"200": {"description": "Closed session ids"}, "401": error, "403": error,
+                                         "404": error}},
             },
         },
     }
