@@ -1128,3 +1128,90 @@ def test_100_concurrent_clients_switching_slugs_and_teams_on_kept_connections(tm
                 assert await settle(lambda: in_use(gw) == baseline), (in_use(gw), baseline)
 
     run(body, timeout=90)
+
+
+# ----------------------------------------------------------------------------- absolute-form (issue 12, finding 3)
+
+
+def test_absolute_form_is_served_like_origin_form_and_never_spins(tmp_path):
+    """``GET http://x/api/v1/r/containers/SLUG/... HTTP/1.1`` (RFC 9112 §3.2.2: a server
+    must accept absolute-form) with a runtime dk- key: answered by the container like
+    the origin form, on the first request of a connection and on a kept-alive one; the
+    target gets the origin-form path. It used to be passed between the HTTP server (which
+    routes on the parsed path) and the proxy's resolver (which compared the raw target)
+    for ever, with no I/O: 100% of a core, even after the client left."""
+
+    async def body():
+        async with two_teams(tmp_path) as (gw, keys, _, seen, seen_b):
+            dk = keys["dk"]
+            baseline = in_use(gw)
+            wire = (f"GET http://x{PROXY}svc-a/v1/models?q=1 HTTP/1.1\r\nHost: x\r\n" + auth(dk)
+                    + "\r\n").encode()
+            raw, _ = await exchange(gw.port, wire + req(PROXY + "svc-a/second", auth(dk) + "Connection: close\r\n"),
+                                    timeout=5)
+            assert statuses(raw) == [200, 200], raw[:400]
+            assert b"A GET /v1/models?q=1" in raw
+            raw, _ = await exchange(gw.port, req(PROXY + "svc-a/first", auth(dk))
+                                    + wire.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nConnection: close\r\n", 1),
+                                    timeout=5)
+            assert statuses(raw) == [200, 200], raw[:400]
+            assert paths(seen) == [b"/v1/models?q=1", b"/second", b"/first", b"/v1/models?q=1"]
+            # Another team's slug in absolute-form is still that team's 404.
+            raw, _ = await exchange(gw.port, f"GET http://x{PROXY}svc-b/x HTTP/1.1\r\nHost: x\r\n"
+                                    f"{auth(dk)}Connection: close\r\n\r\n".encode(), timeout=5)
+            assert statuses(raw) == [404] and not seen_b
+            # A client that sends one and leaves: nothing keeps running.
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(wire)
+            await writer.drain()
+            writer.close()
+            await asyncio.sleep(0.2)
+            cpu = time.process_time()
+            await asyncio.sleep(1.0)
+            assert time.process_time() - cpu < 0.5, "the gateway keeps a core busy"
+            assert not await leaked(gw, baseline)
+
+    run(body, timeout=60)
+
+
+def test_a_raw_route_whose_owner_declines_its_request_answers_404_once(tmp_path):
+    """The mechanism under the finding above: whatever a raw route's resolver declines
+    of the very request the route gave it is answered (404) by the HTTP server instead
+    of being handed over again, so no disagreement between a route and its resolver can
+    pass a connection back and forth without I/O. Later requests on the connection are
+    routed as usual (the raw route may take them)."""
+    from relay.gateway.http_proxy import serve_connection
+    from relay.gateway.server import HttpProtocol, Router, json_response
+
+    async def body():
+        router = Router()
+        calls: list[str] = []
+
+        async def ping(request):
+            return json_response({"pong": True})
+
+        async def grabby(request):  # takes everything under /raw/, its resolver declines it all
+            calls.append(request.path)
+            transport, data = request.take_over_raw()
+            serve_connection(transport, data, lambda head: None,
+                             fallback=lambda declined=False: HttpProtocol(router, declined=declined))
+
+        router.add("GET", "/ping", ping)
+        router.add("*", "/raw/{rest:path}", grabby, raw=True)
+        server = await asyncio.get_running_loop().create_server(lambda: HttpProtocol(router), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            raw, eof = await exchange(port, b"GET /raw/x HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5)
+            assert statuses(raw) == [404] and eof, raw
+            assert calls == ["/raw/x", "/raw/x"]  # taken over once, then answered
+            # Kept alive: a served request first, then the raw route's.
+            raw, eof = await exchange(port, b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n"
+                                      b"GET /raw/y HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5)
+            assert statuses(raw) == [200, 404], raw
+            cpu = time.process_time()
+            await asyncio.sleep(0.5)
+            assert time.process_time() - cpu < 0.3
+        finally:
+            server.close()
+
+    run(body, timeout=30)

@@ -27,7 +27,7 @@ from relay.aio import MuxSession, WebSocketTransport
 from relay.gateway.auth import Authenticator, Principal
 from relay.gateway.bindings import Bindings
 from relay.gateway.hooks import GatewayHooks, GatewaySession
-from relay.gateway.http_proxy import ProxyError, Upstream, serve_connection
+from relay.gateway.http_proxy import ProxyError, Upstream, origin_form, serve_connection
 from relay.gateway.http_tunnels import HttpTunnels
 from relay.gateway.registry import AgentNameTaken, Registry, end_session
 from relay.gateway.revocation import RevocationWatcher
@@ -286,7 +286,8 @@ class Gateway:
         if row is None or row.protocol != "tcp":
             transport, data = request.take_over_raw()
             serve_connection(transport, data, self._http_tunnel_tcp_path,
-                             fallback=lambda: HttpProtocol(self.router, self._connections),
+                             fallback=lambda declined=False: HttpProtocol(
+                                 self.router, self._connections, declined=declined),
                              connections=self._connections)
             return None
         assert self.tunnels is not None
@@ -310,10 +311,7 @@ class Gateway:
         /tunnel/{token}/tcp[?query]`` of an open HTTP tunnel goes to its target like any
         other path (same Upstream as relay.gateway.http_tunnels builds); every other
         request goes back to the HTTP server (None), which routes it as usual."""
-        target = request.target
-        if target.startswith((b"http://", b"https://")):  # absolute-form: keep the path
-            slash = target.find(b"/", target.find(b"//") + 2)
-            target = target[slash:] if slash >= 0 else b"/"
+        target = origin_form(request.target)  # absolute-form: keep the path
         path = target.split(b"?", 1)[0]
         if request.method not in (b"GET", b"HEAD") or not path.startswith(b"/tunnel/") \
                 or not path.endswith(b"/tcp") or path.count(b"/") != 3:

@@ -74,7 +74,7 @@ from relay.aio.stream import MuxStream
 from relay.mux.errors import ErrorCode
 
 __all__ = ["ProxyConnection", "ProxyError", "ProxyStats", "RequestHead", "Resolver", "Upstream",
-           "refusal_error", "serve_connection"]
+           "origin_form", "refusal_error", "serve_connection"]
 
 log = logging.getLogger("relay.gateway.proxy")
 
@@ -208,6 +208,26 @@ class RequestHead:
 #: Decides where a request goes: an Upstream, None (not ours: hand the connection back),
 #: or raises ProxyError. May be a coroutine function.
 Resolver = Callable[[RequestHead], Union[Optional[Upstream], Awaitable[Optional[Upstream]]]]
+
+
+def origin_form(target: bytes) -> bytes:
+    """A request-target as the path and query it names: an absolute-form target
+    (``http://host/path?q``, which RFC 9112 §3.2.2 says a server must accept) becomes
+    ``/path?q`` (``/`` for an empty path); any other form is returned as it is.
+
+    Every resolver routes on this, like the gateway's router (which routes on the
+    parsed URL's path): a resolver that compared the raw target would decline what the
+    router gave it, and the connection would go back and forth between them."""
+    if target[:1] == b"/" or not target[:8].lower().startswith((b"http://", b"https://")):
+        return target
+    start = target.find(b"//") + 2
+    end = len(target)
+    for sep in (b"/", b"?", b"#"):
+        found = target.find(sep, start)
+        if 0 <= found < end:
+            end = found
+    rest = target[end:]
+    return rest if rest[:1] == b"/" else b"/" + rest
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -690,13 +710,15 @@ def _new_side(conn: "ProxyConnection", stream: Any, key: Hashable) -> _StreamSid
 
 
 def serve_connection(transport: asyncio.Transport, initial: bytes, resolve: Resolver, *,
-                     fallback: Optional[Callable[[], asyncio.Protocol]] = None,
+                     fallback: Optional[Callable[..., asyncio.Protocol]] = None,
                      connections: Optional[set] = None) -> "ProxyConnection":
     """Start proxying the client connection ``transport`` (taken over from the HTTP
     server, paused), whose first unparsed bytes are ``initial``.
 
-    ``fallback`` builds the protocol a request the resolver declines is handed to (the
-    gateway's HTTP server); without one such requests get 404. ``connections``: a set
+    ``fallback(declined=...)`` builds the protocol a request the resolver declines is
+    handed to (the gateway's HTTP server; ``declined`` is true when that request is the
+    first one, which the server's route gave us: it must not be handed over again);
+    without one such requests get 404. ``connections``: a set
     the connection stays in while open (the gateway closes its members at shutdown).
     """
     conn = ProxyConnection(resolve, fallback=fallback, connections=connections)
@@ -713,7 +735,7 @@ class ProxyConnection:
     Protocol by its methods (asyncio and uvloop only call them), not by inheritance, as
     the compiled build makes it an extension type (http_proxy.pxd)."""
 
-    def __init__(self, resolve: Resolver, *, fallback: Optional[Callable[[], asyncio.Protocol]] = None,
+    def __init__(self, resolve: Resolver, *, fallback: Optional[Callable[..., asyncio.Protocol]] = None,
                  connections: Optional[set] = None) -> None:
         self._resolve = resolve
         self._fallback = fallback
@@ -1646,7 +1668,9 @@ class ProxyConnection:
             self._idle_timer = None
         if self._connections is not None:
             self._connections.discard(self)
-        protocol = self._fallback()
+        # The very request the route handed over (nothing was resolved before it): the
+        # HTTP server must not give it back to us or to another proxy (no loop).
+        protocol = self._fallback(declined=self._resolved == 0)
         transport = self.transport
         transport.set_protocol(protocol)
         protocol.connection_made(transport)

@@ -115,8 +115,8 @@ class HttpTunnels:
         serve_connection(transport, data, self._resolve, fallback=self._http_server,
                          connections=self._connections)
 
-    def _http_server(self) -> HttpProtocol:
-        return HttpProtocol(self._gateway.router, self._connections)
+    def _http_server(self, declined: bool = False) -> HttpProtocol:
+        return HttpProtocol(self._gateway.router, self._connections, declined=declined)
 
     @cython.locals(request=RequestHead)
     def _resolve(self, request: RequestHead) -> Optional[Upstream]:

@@ -17,6 +17,10 @@ headers time, before any of its body is read (``request.body`` is empty), and mu
 :meth:`Request.take_over_raw`: the connection is handed over as bytes (the request head
 re-serialised + everything received after it), so the new owner parses with its own
 HTTP parser and streams the body however it likes.
+A new owner that declines a request hands the connection back to a new HttpProtocol
+(built with ``declined=True`` when the declined request is the one the route gave it):
+that request can then be answered by its route, e.g. an error, but never taken over
+again, so a disagreement between a route and its owner costs one 404, not a spin.
 """
 from __future__ import annotations
 
@@ -147,7 +151,16 @@ class Request:
         """For a raw route: detach the connection and return it with every byte of it not
         answered yet, starting with this request's head (re-serialised; its body, if any,
         follows unread). The caller owns the (paused) transport from now on."""
-        transport, leftover = self._protocol._take_over()
+        protocol = self._protocol
+        if protocol._declined:
+            # This very request was taken over once already and its new owner handed it
+            # back unserved (its resolver disagrees with the router about the target).
+            # Taking it over again would pass the connection back and forth for ever
+            # with no I/O, so it is answered here instead.
+            log.warning("%s %s: handed back unserved by its raw route; answered 404",
+                        self.method, self.path[:200])
+            raise HttpError(404, "not_found", f"no such endpoint: {self.path[:200]}")
+        transport, leftover = protocol._take_over()
         return transport, serialize_head(self.raw) + leftover
 
 
@@ -210,8 +223,13 @@ class Router:
 class HttpProtocol(asyncio.Protocol):
     """One HTTP/1.1 server connection."""
 
-    def __init__(self, router: Router, connections: Optional[set["HttpProtocol"]] = None) -> None:
+    def __init__(self, router: Router, connections: Optional[set["HttpProtocol"]] = None, *,
+                 declined: bool = False) -> None:
+        """``declined``: the connection comes back from a raw route's new owner (the
+        proxy engine), which handed back the very request the route gave it: that first
+        request may not be taken over again (see :meth:`Request.take_over_raw`)."""
         self._router = router
+        self._declined = declined
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.transport: Optional[asyncio.Transport] = None
         self._request: Optional[h11.Request] = None
@@ -340,6 +358,7 @@ class HttpProtocol(asyncio.Protocol):
             response = error_response(500, "internal_error", "internal server error")
         if self._detached:
             return  # the handler took the connection over (upgrade)
+        self._declined = False  # only the handed-back request itself is concerned
         if response is None:
             response = Response(204)
         self._task = None

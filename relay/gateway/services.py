@@ -81,7 +81,7 @@ import h11
 from relay.agent.services import SLUG_RE
 from relay.aio import StreamRefused
 from relay.gateway.auth import AuthError, Principal
-from relay.gateway.http_proxy import ProxyError, ProxyStats, RequestHead, Upstream, serve_connection
+from relay.gateway.http_proxy import ProxyError, ProxyStats, RequestHead, Upstream, origin_form, serve_connection
 from relay.gateway.invoke import dot_segment_error, has_dot_segment, http_exchange, invoke, stream_close
 from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
 from relay.gateway.store import Service
@@ -702,13 +702,14 @@ class ServiceManager:
         serve_connection(transport, data, self._resolve, fallback=self._http_server,
                          connections=self.gw._connections)
 
-    def _http_server(self) -> HttpProtocol:
-        return HttpProtocol(self.gw.router, self.gw._connections)
+    def _http_server(self, declined: bool = False) -> HttpProtocol:
+        return HttpProtocol(self.gw.router, self.gw._connections, declined=declined)
 
     def _resolve(self, request: RequestHead) -> Optional[Upstream]:
         """Where a request goes. None hands the connection back to the HTTP server: for
-        other paths, and for a failed check (the route answers it, headers included)."""
-        target = request.target
+        other paths, and for a failed check (the route answers it, headers included).
+        An absolute-form target is served like its origin form (RFC 9112 §3.2.2)."""
+        target = origin_form(request.target)
         if not target.startswith(PREFIX):
             return None
         end = target.find(b"/", len(PREFIX))
@@ -771,10 +772,11 @@ class ServiceManager:
                     (b"x-forwarded-for", str(peer[0] if peer else "").encode()),
                     (b"x-forwarded-proto", gateway_scheme),
                     (b"x-forwarded-host", request.header("host").encode("latin-1") if request.header("host") else b"")]
-        end = raw.target.find(b"/", len(PREFIX))
-        if inst.base_path and has_dot_segment(raw.target[end:].decode("latin-1")):
+        path = origin_form(raw.target)
+        end = path.find(b"/", len(PREFIX))
+        if inst.base_path and has_dot_segment(path[end:].decode("latin-1")):
             raise dot_segment_error()
-        target = inst.base_path.encode() + raw.target[end:]
+        target = inst.base_path.encode() + path[end:]
         try:
             upstream = await inst.open()
         except (ConnectionError, OSError, TimeoutError) as exc:

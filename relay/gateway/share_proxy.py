@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Optional
 
 from relay.aio import SessionClosedError
 from relay.aio.stream import MuxStream
-from relay.gateway.http_proxy import ProxyError, ProxyStats, RequestHead, Upstream, serve_connection
+from relay.gateway.http_proxy import ProxyError, ProxyStats, RequestHead, Upstream, origin_form, serve_connection
 from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
 from relay.gateway.shares import check_share
 from relay.gateway.store import Share
@@ -134,17 +134,14 @@ class ShareProxy:
         serve_connection(transport, data, resolve, fallback=self._http_server,
                          connections=self._api.gw._connections)
 
-    def _http_server(self) -> HttpProtocol:
-        return HttpProtocol(self._api.gw.router, self._api.gw._connections)
+    def _http_server(self, declined: bool = False) -> HttpProtocol:
+        return HttpProtocol(self._api.gw.router, self._api.gw._connections, declined=declined)
 
     def _resolve(self, request: RequestHead, count: bool) -> Optional[Upstream]:
         """Where a request on a share proxy connection goes. None hands the connection
         back to the HTTP server: for other paths, and for a request that fails a check
         (the route answers it there, with the error's headers)."""
-        target = request.target
-        if target.startswith((b"http://", b"https://")):  # absolute-form: keep the path
-            slash = target.find(b"/", target.find(b"//") + 2)
-            target = target[slash:] if slash >= 0 else b"/"
+        target = origin_form(request.target)  # absolute-form: keep the path
         prefix = SHARE_PREFIX.encode()
         if not target.startswith(prefix):
             return None
