@@ -91,10 +91,13 @@ _log_option = click.option("--log-level", type=click.Choice(LOG_LEVELS), default
               help="PEM certificate chain: serve HTTPS/WSS.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), envvar="RELAY_TLS_KEY",
               help="PEM private key of --tls-cert.")
+@click.option("--allow-private-egress", is_flag=True, default=False, envvar="RELAY_ALLOW_PRIVATE_EGRESS",
+              help="Let external services and webhooks reach loopback, link-local and private "
+                   "addresses (refused by default; the gateway's own ports never are).")
 @_log_option
 def gateway(listen: str, data_dir: Path, public_url: Optional[str], hub_host: str,
             jwt_key: Optional[str], tls_cert: Optional[Path], tls_key: Optional[Path],
-            log_level: str) -> None:
+            allow_private_egress: bool, log_level: str) -> None:
     """Run the gateway: agent endpoint, control API, tunnels."""
     from relay.gateway.app import run_gateway
     from relay.gateway.store import StoreError
@@ -107,6 +110,7 @@ def gateway(listen: str, data_dir: Path, public_url: Optional[str], hub_host: st
     try:
         _run(run_gateway(host, port, data_dir, public_url=public_url, hub_host=hub_host,
                          jwt_key=jwt_key, tls_cert=tls_cert, tls_key=tls_key,
+                         allow_private_egress=allow_private_egress,
                          echo=lambda line: click.echo(line)))
     except (StoreError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -16,7 +16,8 @@ from relay.cli import main
 pytestmark = pytest.mark.timeout(60)
 
 _ENV = ("RELAY_CONFIG", "RELAY_LISTEN", "RELAY_DATA", "RELAY_PUBLIC_URL", "RELAY_HUB_HOST",
-        "RELAY_JWT_KEY", "RELAY_LOG_LEVEL", "RELAY_GATEWAY", "RELAY_AGENT_KEY", "RELAY_CA_CERT")
+        "RELAY_JWT_KEY", "RELAY_LOG_LEVEL", "RELAY_GATEWAY", "RELAY_AGENT_KEY", "RELAY_CA_CERT",
+        "RELAY_ALLOW_PRIVATE_EGRESS")
 
 
 @pytest.fixture
@@ -85,6 +86,18 @@ log_level = "warning"
     # RELAY_CONFIG names the file as well as --config does.
     result = invoke("gateway", env={"RELAY_CONFIG": str(cfg)})
     assert result.exit_code == 0 and recorded["gateway"]["listen"] == "127.0.0.1:1111"
+
+
+def test_gateway_private_egress_is_off_unless_asked_for_by_flag_env_or_file(tmp_path, recorded):
+    assert invoke("gateway").exit_code == 0
+    assert recorded["gateway"]["allow_private_egress"] is False
+    assert invoke("gateway", "--allow-private-egress").exit_code == 0
+    assert recorded["gateway"]["allow_private_egress"] is True
+    assert invoke("gateway", env={"RELAY_ALLOW_PRIVATE_EGRESS": "1"}).exit_code == 0
+    assert recorded["gateway"]["allow_private_egress"] is True
+    cfg = write(tmp_path, "[gateway]\nallow_private_egress = true\n")
+    assert invoke("gateway", "--config", str(cfg)).exit_code == 0
+    assert recorded["gateway"]["allow_private_egress"] is True
 
 
 def test_agent_lists_and_a_key_in_a_readable_file_warns(tmp_path, recorded):

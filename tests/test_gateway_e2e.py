@@ -93,9 +93,12 @@ async def run_cmd(*argv: str, timeout: float = 60.0) -> tuple[int, bytes, bytes]
 
 @contextlib.asynccontextmanager
 async def gateway_and_team(tmp_path: Path, **kwargs: Any):
-    """An in-process gateway with one team; yields (gateway, keys)."""
+    """An in-process gateway with one team; yields (gateway, keys). Its egress may reach
+    private addresses (the tests' targets are on 127.0.0.1) unless the caller passes
+    ``allow_private_egress=False``."""
     store = Store.open(tmp_path / "data")
     _, keys = store.create_team_with_keys("team-a")
+    kwargs.setdefault("allow_private_egress", True)
     gw = Gateway(store, **kwargs)
     await gw.start("127.0.0.1", 0)
     try:

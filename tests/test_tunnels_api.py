@@ -615,7 +615,7 @@ def test_tunnels_shares_and_webhooks_survive_a_restart(tmp_path):
         data = tmp_path / "data"
         store = Store.open(data)
         _, keys = store.create_team_with_keys("team-a")
-        gw = Gateway(store)
+        gw = Gateway(store, allow_private_egress=True)  # its webhook is on 127.0.0.1
         await gw.start("127.0.0.1", 0)
         try:
             async with running_agent(gw, keys["ak"], name="box") as agent:
@@ -635,7 +635,7 @@ def test_tunnels_shares_and_webhooks_survive_a_restart(tmp_path):
         assert await refused(tcp["hub_port"])
 
         store = Store.open(data)
-        gw = Gateway(store)
+        gw = Gateway(store, allow_private_egress=True)  # its webhook is on 127.0.0.1
         await gw.start("127.0.0.1", 0)
         try:
             sk = keys["sk"]

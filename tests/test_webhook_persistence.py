@@ -13,6 +13,7 @@ import time
 import pytest
 
 from relay.gateway.store import Store
+from relay.gateway.egress import EgressPolicy
 from relay.gateway.webhooks import WebhookDispatcher
 from tests.test_gateway_e2e import gateway_and_team, run, running_agent, wait_until
 from tests.test_tunnels_api import api, create
@@ -65,7 +66,8 @@ def test_pending_rows_bounded_and_dropped_with_their_webhook(tmp_path):
                 team, _ = store.create_team_with_keys("t")
                 hook = store.create_webhook(team.id, hole.url, ["tunnel.created"])
                 other = store.create_webhook(team.id, hole.url, ["tunnel.created"])
-                dispatcher = WebhookDispatcher(store=store, queue_limit=3, concurrency=1, timeout=30.0)
+                dispatcher = WebhookDispatcher(store=store, queue_limit=3, concurrency=1, timeout=30.0,
+                                               egress=EgressPolicy(allow_private=True))  # a 127.0.0.1 receiver
                 try:
                     for i in range(10):
                         dispatcher.publish([hook], "tunnel.created", team.id, {"n": i})

@@ -26,6 +26,7 @@ from relay import __version__
 from relay.aio import MuxSession, WebSocketTransport
 from relay.gateway.auth import Authenticator, Principal
 from relay.gateway.bindings import Bindings
+from relay.gateway.egress import EgressPolicy
 from relay.gateway.hooks import GatewayHooks, GatewaySession
 from relay.gateway.http_proxy import ProxyError, Upstream, origin_form, serve_connection
 from relay.gateway.http_tunnels import HttpTunnels
@@ -77,8 +78,12 @@ class Gateway:
                  hub_host: str = "127.0.0.1", jwt_key: Optional[str] = None,
                  mux_config: Optional[MuxConfig] = None,
                  ssl_context: Optional[ssl.SSLContext] = None,
-                 agent_gone_grace: float = AGENT_GONE_GRACE) -> None:
+                 agent_gone_grace: float = AGENT_GONE_GRACE,
+                 allow_private_egress: bool = False) -> None:
         self.store = store
+        #: Where the gateway itself may connect (external services, webhooks):
+        #: relay.gateway.egress. Never its own listening and hub ports.
+        self.egress = EgressPolicy(allow_private_egress, own_ports=self.own_ports, own_hosts=[hub_host])
         self.auth = Authenticator(store, jwt_key)
         self.registry = Registry(store)
         #: Ends the sessions of agents whose key gets revoked (relay.gateway.revocation).
@@ -111,6 +116,13 @@ class Gateway:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{'https' if self._ssl else 'http'}://{host}:{self.port}"
 
+    def own_ports(self) -> set[int]:
+        """The TCP ports this gateway listens on now: its address and every hub port."""
+        ports = {self.port} if self.port else set()
+        if self.tunnels is not None:
+            ports.update(hub.port for hub in self.tunnels.hubs() if hub.port)
+        return ports
+
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Listen on ``host:port`` (0: an ephemeral port, see :attr:`port`)."""
         loop = asyncio.get_running_loop()
@@ -119,6 +131,7 @@ class Gateway:
             lambda: HttpProtocol(self.router, self._connections), host, port, ssl=self._ssl)
         sockname = self._server.sockets[0].getsockname()
         self.host, self.port = sockname[0], sockname[1]
+        self.egress.add_own_host(self.host)
         self.tunnels = TunnelManager(self.store, self.registry, public_url=self.url,
                                      hub_host=self._hub_host)
         await self.tunnels.restore()
@@ -544,13 +557,15 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
                       public_url: Optional[str] = None, hub_host: str = "127.0.0.1",
                       jwt_key: Optional[str] = None,
                       tls_cert: Optional[Path] = None, tls_key: Optional[Path] = None,
+                      allow_private_egress: bool = False,
                       echo: Callable[[str], None] = print,
                       stop: Optional[asyncio.Event] = None) -> None:
     """Run a gateway until SIGINT/SIGTERM (or ``stop`` is set).
 
     On the first start of an empty data directory, creates the default team and prints
     its keys once. Prints ``relay gateway listening on URL`` when ready. ``tls_cert``
-    (PEM chain) and ``tls_key`` make it serve HTTPS/WSS.
+    (PEM chain) and ``tls_key`` make it serve HTTPS/WSS. ``allow_private_egress``: the
+    gateway may connect to loopback/private/link-local addresses (relay.gateway.egress).
     """
     ssl_context = None
     if tls_cert is not None:
@@ -565,7 +580,7 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
         if created is not None:
             _print_default_team(*created, echo=echo)
         gateway = Gateway(store, public_url=public_url, hub_host=hub_host, jwt_key=jwt_key,
-                          ssl_context=ssl_context)
+                          ssl_context=ssl_context, allow_private_egress=allow_private_egress)
         await gateway.start(listen_host, listen_port)
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -12,6 +12,11 @@ A service is a team's ``slug`` (``^[a-z0-9][a-z0-9-]{1,98}[a-z0-9]$``) with one 
   name (:attr:`ServiceManager.external_ssl_context` may name other CAs); it has one
   instance, the gateway, always online. WebSocket (any ``Upgrade``) requests to it are
   relayed by the manager itself (:meth:`ServiceManager._external_upgrade`).
+  Where the gateway may connect is the egress policy of :mod:`relay.gateway.egress`
+  (no loopback/private/link-local addresses unless ``--allow-private-egress``, never
+  the gateway's own ports): a URL with such a literal address is refused at creation
+  (400 ``egress_not_allowed``), and every connection is checked on the addresses the
+  name resolves to (refused: 502, like any unreachable target).
 
 Instances are learnt from the live agent registry (on every API call and every probe
 tick), so nothing depends on event ordering. An instance whose agent disconnects stays,
@@ -81,6 +86,7 @@ import h11
 from relay.agent.services import SLUG_RE
 from relay.aio import StreamRefused
 from relay.gateway.auth import AuthError, Principal
+from relay.gateway.egress import EgressPolicy
 from relay.gateway.http_proxy import ProxyError, ProxyStats, RequestHead, Upstream, origin_form, serve_connection
 from relay.gateway.invoke import dot_segment_error, has_dot_segment, http_exchange, invoke, stream_close
 from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
@@ -121,6 +127,7 @@ class Instance:
     session: Any = None
     base_path: str = ""  # external: the URL's path prefix
     tls: Optional[ssl.SSLContext] = None  # external https: TLS to host, verified
+    egress: Optional[EgressPolicy] = None  # external: where the gateway may connect
     host_header: str = ""
     online: bool = True
     offline_since: float = 0.0
@@ -200,8 +207,10 @@ class Instance:
         accept, so a refused target is known here), or a TCP connection (external)."""
         async with asyncio.timeout(OPEN_TIMEOUT):
             if self.agent_id is None:
-                reader, writer = await asyncio.open_connection(
-                    self.host, self.port, ssl=self.tls, server_hostname=self.host if self.tls else None)
+                # Through the gateway's egress policy (relay.gateway.egress): checked on
+                # the resolved addresses at every connection, not only at creation.
+                assert self.egress is not None
+                reader, writer = await self.egress.open_connection(self.host, self.port, ssl_context=self.tls)
                 return TcpStream(reader, writer)
             return await self.session.open_stream({"protocol": "http", "target": f"{self.host}:{self.port}"})
 
@@ -394,7 +403,7 @@ class ServiceManager:
             inst = Instance(None, "external", host, port, record.spec.get("health"),
                             base_path=url.path.rstrip("/"),
                             host_header=(f"[{host}]" if ":" in host else host) + (f":{url.port}" if url.port else ""),
-                            tls=self.external_ssl_context if https else None)
+                            tls=self.external_ssl_context if https else None, egress=self.gw.egress)
             state.instances[None] = inst
             self._after_instance_added(record.team_id, record.slug, state, inst)
         return state
@@ -643,6 +652,9 @@ class ServiceManager:
         if not valid_url or split.query or split.fragment or split.username or not url.isascii() \
                 or not url.isprintable() or " " in url:
             raise HttpError(400, "invalid_request", "url: must be http(s)://HOST[:PORT][/PATH]")
+        refused = self.gw.egress.check_url(url)
+        if refused is not None:
+            raise HttpError(400, "egress_not_allowed", f"url: {refused}")
         spec: dict[str, Any] = {"url": url, "exposed_port": split.port or (443 if split.scheme == "https" else 80),
                                 "labels": []}
         for name, limit in (("health", 2048), ("usage_prompt", MAX_PROMPT), ("openapi_url", 2048)):

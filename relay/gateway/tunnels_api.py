@@ -226,7 +226,8 @@ class TunnelsApi:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
-        self.webhooks = WebhookDispatcher(store=getattr(gateway, "store", None))
+        self.webhooks = WebhookDispatcher(store=getattr(gateway, "store", None),
+                                          egress=getattr(gateway, "egress", None))
         self.limiter = RateLimiter()
         #: Time source for share expiry and rate limits (tests replace it).
         self.clock = time.time
@@ -574,6 +575,9 @@ class TunnelsApi:
     async def _create_webhook(self, request: Request) -> Response:
         principal = self._principal(request, manage=True)
         url, events = parse_webhook_request(request.json())
+        refused = self.webhooks.egress.check_url(url)
+        if refused is not None:
+            raise HttpError(400, "egress_not_allowed", f"url: {refused}")
         hook = self.gw.store.create_webhook(principal.team_id, url, events)
         return json_response(self._webhook_json(hook, with_secret=True), 201)
 

@@ -11,6 +11,12 @@ this attempt) and ``X-Relay-Signature: sha256=<hex HMAC-SHA256 of the raw body, 
 with the webhook's secret>``. Receivers verify the signature over the exact bytes they
 received before parsing them.
 
+
+Deliveries go through the gateway's egress policy (:mod:`relay.gateway.egress`): a URL
+with a literal forbidden address is refused at registration (400 ``egress_not_allowed``),
+and every attempt checks the addresses the name resolves to (a refused one is a failed
+attempt).
+
 Any 2xx answer is success. Anything else (another status, a refused or reset connection,
 no answer within :data:`TIMEOUT`) is retried after 0.5 s, 1 s, 2 s, 4 s: at most
 :data:`ATTEMPTS` attempts, then the delivery is logged as failed and dropped.
@@ -51,6 +57,7 @@ from urllib.parse import urlsplit
 import h11
 
 from relay import __version__
+from relay.gateway.egress import EgressPolicy
 from relay.gateway.server import HttpError
 from relay.gateway.store import Store, Webhook
 
@@ -106,9 +113,12 @@ def parse_webhook_request(body: Any) -> tuple[str, tuple[str, ...]]:
 
 
 async def post_json(url: str, body: bytes, headers: dict[str, str], *,
-                    timeout: float = TIMEOUT, ssl_context: Optional[ssl.SSLContext] = None) -> int:
+                    timeout: float = TIMEOUT, ssl_context: Optional[ssl.SSLContext] = None,
+                    egress: Optional[EgressPolicy] = None) -> int:
     """POST ``body`` to ``url`` over HTTP/1.1; returns the response status. Raises
-    OSError/TimeoutError/h11 errors when there is no proper answer within ``timeout``."""
+    OSError/TimeoutError/h11 errors when there is no proper answer within ``timeout``.
+    With ``egress`` the connection goes through that policy (EgressRefused, an OSError,
+    if it refuses every address); without, it goes where the URL says."""
     split = urlsplit(url)
     tls = split.scheme == "https"
     host = split.hostname or ""
@@ -117,8 +127,11 @@ async def post_json(url: str, body: bytes, headers: dict[str, str], *,
     host_header = split.netloc.rpartition("@")[2]  # never send userinfo as Host
     conn = h11.Connection(h11.CLIENT)
     async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=(ssl_context or ssl.create_default_context()) if tls else None)
+        context = (ssl_context or ssl.create_default_context()) if tls else None
+        if egress is not None:
+            reader, writer = await egress.open_connection(host, port, ssl_context=context)
+        else:
+            reader, writer = await asyncio.open_connection(host, port, ssl=context)
         try:
             request = h11.Request(method="POST", target=target, headers=[
                 ("Host", host_header), ("User-Agent", f"relay-webhooks/{__version__}"),
@@ -171,8 +184,11 @@ class WebhookDispatcher:
                  backoff: float = BACKOFF, queue_limit: int = QUEUE_LIMIT,
                  concurrency: int = CONCURRENCY,
                  ssl_context: Optional[ssl.SSLContext] = None,
-                 store: Optional[Store] = None) -> None:
+                 store: Optional[Store] = None,
+                 egress: Optional[EgressPolicy] = None) -> None:
         self._store = store  # None: pending deliveries live in memory only
+        #: Where deliveries may go (default: global addresses only, see relay.gateway.egress).
+        self.egress = egress if egress is not None else EgressPolicy()
         self._concurrency = concurrency
         self.timeout = timeout
         self.attempts = attempts
@@ -312,7 +328,7 @@ class WebhookDispatcher:
         }
         try:
             status = await post_json(delivery.hook.url, delivery.body, headers,
-                                     timeout=self.timeout, ssl_context=self._ssl)
+                                     timeout=self.timeout, ssl_context=self._ssl, egress=self.egress)
         except TimeoutError:
             return f"no answer within {self.timeout:g}s"
         except (OSError, h11.ProtocolError, ssl.SSLError) as exc:
