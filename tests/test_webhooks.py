@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import time
 import uuid
 from typing import Any, Optional
@@ -27,7 +28,9 @@ class Receiver:
     ``statuses`` (the last one repeats); with ``blackhole`` it reads the request and
     never answers."""
 
-    def __init__(self, statuses: tuple[int, ...] = (200,), blackhole: bool = False) -> None:
+    def __init__(self, statuses: tuple[int, ...] = (200,), blackhole: bool = False,
+                 path: bytes = b"/hooks/relay?src=test") -> None:
+        self.path = path
         self.statuses = list(statuses)
         self.blackhole = blackhole
         #: (headers with lower-case names, raw body, arrival time) per request.
@@ -71,7 +74,8 @@ class Receiver:
                 body += event.data
             elif isinstance(event, h11.EndOfMessage):
                 break
-        assert target == b"/hooks/relay?src=test"
+        if target != self.path:
+            raise ConnectionError("unexpected webhook target")  # (the target is not shown)
         self.requests.append((headers, body, time.monotonic()))
         if self.blackhole:
             await asyncio.sleep(3600)
@@ -252,3 +256,33 @@ def test_post_json_and_sign():
 
     run(main)
     assert sign("key", b"body") == "sha256=" + hmac.new(b"key", b"body", hashlib.sha256).hexdigest()
+
+
+# ----------------------------------------------------------------------------- issue 12 (9b)
+
+
+def test_webhook_urls_are_logged_without_path_query_or_userinfo(tmp_path, caplog):
+    """Slack/Discord-style URLs carry their secret in the path: a failing webhook is
+    retried and finally given up, and no log record at any level (DEBUG included) shows
+    the path, the query or the userinfo; the host and port are shown."""
+    caplog.set_level(logging.DEBUG)
+    secret_path = "/services/T0SECRET/B0SECRET/XyZsEcReTtOkEn"
+
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys), \
+                Receiver(statuses=(500,), path=f"{secret_path}?token=QUERYSECRET".encode()) as receiver:
+            dispatcher = gw.tunnels_api.webhooks
+            dispatcher.backoff, dispatcher.attempts = 0.02, 3
+            url = f"http://user:pa55word@127.0.0.1:{receiver.port}{secret_path}?token=QUERYSECRET"
+            status, _, _ = await api(gw, "POST", "/api/v1/webhooks", keys["sk"], {"url": url})
+            assert status == 201
+            async with running_agent(gw, keys["ak"], name="box") as agent:
+                await create(gw, keys["sk"], target="127.0.0.1:8188", agent_id=agent.agent_id)
+                await wait_until(lambda: dispatcher.failed >= 1, timeout=20)
+
+    run(main)
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert "retrying" in text and "failed after 3 attempts" in text
+    for secret in ("T0SECRET", "XyZsEcReTtOkEn", "QUERYSECRET", "pa55word", "user:"):
+        assert secret not in text, f"{secret} was logged"
+    assert "http://127.0.0.1:" in text

@@ -15,7 +15,9 @@ received before parsing them.
 Deliveries go through the gateway's egress policy (:mod:`relay.gateway.egress`): a URL
 with a literal forbidden address is refused at registration (400 ``egress_not_allowed``),
 and every attempt checks the addresses the name resolves to (a refused one is a failed
-attempt).
+attempt). Logs name a webhook by ``scheme://host[:port]`` only
+(:func:`~relay.gateway.egress.redact_url`): the path and query of a Slack or Discord
+webhook URL are its secret.
 
 Any 2xx answer is success. Anything else (another status, a refused or reset connection,
 no answer within :data:`TIMEOUT`) is retried after 0.5 s, 1 s, 2 s, 4 s: at most
@@ -57,7 +59,7 @@ from urllib.parse import urlsplit
 import h11
 
 from relay import __version__
-from relay.gateway.egress import EgressPolicy
+from relay.gateway.egress import EgressPolicy, redact_url
 from relay.gateway.server import HttpError
 from relay.gateway.store import Store, Webhook
 
@@ -250,7 +252,7 @@ class WebhookDispatcher:
             old = self._queue.popleft()
             self.dropped += 1
             log.warning("webhook queue full (%d): dropped %s for %s", self.queue_limit,
-                        old.event, old.hook.url)
+                        old.event, redact_url(old.hook.url))
             self._forget(old)
         self._queue.append(delivery)
 
@@ -307,12 +309,12 @@ class WebhookDispatcher:
                 if delivery.attempts >= self.attempts:
                     self.failed += 1
                     log.warning("webhook %s to %s failed after %d attempts: %s", delivery.event,
-                                delivery.hook.url, delivery.attempts, problem)
+                                redact_url(delivery.hook.url), delivery.attempts, problem)
                     self._forget(delivery)
                     return
                 self._record_attempts(delivery)
                 log.info("webhook %s to %s: %s; retrying in %.1fs", delivery.event,
-                         delivery.hook.url, problem, delay)
+                         redact_url(delivery.hook.url), problem, delay)
                 await asyncio.sleep(delay)
                 delay *= 2
         finally:
