@@ -91,8 +91,10 @@ class Receiver:
 
 
 def verify(secret: str, headers: dict[str, str], body: bytes) -> dict[str, Any]:
-    """What a receiver does: check the signature over the raw body, then parse it."""
-    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    """What a receiver does: check the signature over the timestamp and the raw body
+    (``TIMESTAMP.BODY``), then parse it."""
+    signed = headers["x-relay-timestamp"].encode() + b"." + body
+    expected = "sha256=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
     assert hmac.compare_digest(headers["x-relay-signature"], expected)
     assert abs(int(headers["x-relay-timestamp"]) - time.time()) < 60
     assert headers["content-type"] == "application/json"
@@ -255,10 +257,43 @@ def test_post_json_and_sign():
             assert time.monotonic() - started < 2
 
     run(main)
-    assert sign("key", b"body") == "sha256=" + hmac.new(b"key", b"body", hashlib.sha256).hexdigest()
+    assert sign("key", "1700000000", b"body") == \
+        "sha256=" + hmac.new(b"key", b"1700000000.body", hashlib.sha256).hexdigest()
 
 
-# ----------------------------------------------------------------------------- issue 12 (9b)
+# ----------------------------------------------------------------------------- issue 12 (9b, 9h)
+
+
+def test_the_signature_covers_the_timestamp_so_a_delivery_cannot_be_replayed(tmp_path):
+    """A real delivery to a real receiver: its signature verifies over ``TIMESTAMP.BODY``
+    and not over the body alone; the same body and signature with another timestamp (a
+    replay made to look fresh) fail the documented check (relay.gateway.webhooks.verify),
+    and so does a stale timestamp with its own valid signature."""
+    from relay.gateway.webhooks import verify as receiver_verify
+
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys), Receiver() as receiver:
+            sk = keys["sk"]
+            status, _, hook = await api(gw, "POST", "/api/v1/webhooks", sk, {"url": receiver.url})
+            assert status == 201
+            async with running_agent(gw, keys["ak"], name="box") as agent:
+                await create(gw, sk, target="127.0.0.1:8188", agent_id=agent.agent_id)
+                await wait_until(lambda: len(receiver.requests) >= 1)
+            headers, body, _ = receiver.requests[0]
+            secret, stamp, signature = hook["secret"], headers["x-relay-timestamp"], headers["x-relay-signature"]
+            assert receiver_verify(secret, stamp, body, signature)
+            verify(secret, headers, body)
+            body_only = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+            assert signature != body_only, "the signature does not cover the timestamp"
+            later = str(int(stamp) + 3600)
+            assert not receiver_verify(secret, later, body, signature, now=int(stamp) + 3600)
+            with pytest.raises(AssertionError):
+                verify(secret, {**headers, "x-relay-timestamp": later}, body)
+            # Validly signed but old: refused by the tolerance.
+            assert not receiver_verify(secret, stamp, body, signature, now=int(stamp) + 3600)
+            assert not receiver_verify("whsec_wrong", stamp, body, signature)
+
+    run(main)
 
 
 def test_webhook_urls_are_logged_without_path_query_or_userinfo(tmp_path, caplog):

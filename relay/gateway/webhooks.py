@@ -7,10 +7,15 @@ Delivery, as a receiver sees it: ``POST`` to the registered URL with a JSON body
 
 and the headers ``X-Relay-Event``, ``X-Relay-Delivery`` (the same id on every retry of
 one delivery, so a receiver can drop duplicates), ``X-Relay-Timestamp`` (Unix seconds of
-this attempt) and ``X-Relay-Signature: sha256=<hex HMAC-SHA256 of the raw body, keyed
-with the webhook's secret>``. Receivers verify the signature over the exact bytes they
-received before parsing them.
+this attempt) and ``X-Relay-Signature: sha256=<hex HMAC-SHA256, keyed with the webhook's
+secret, of TIMESTAMP + "." + the raw body>`` (as Stripe signs). The timestamp is signed
+so that a recorded delivery cannot be replayed later with a fresh timestamp. Receivers:
 
+1. rebuild ``X-Relay-Timestamp`` + ``"."`` + the exact body bytes received, compute the
+   HMAC and compare it with the header in constant time (``hmac.compare_digest``);
+2. refuse a timestamp more than a few minutes (we suggest :data:`TOLERANCE`, 5 min)
+   away from their clock;
+3. only then parse the body, and drop ``X-Relay-Delivery`` ids already seen.
 
 Deliveries go through the gateway's egress policy (:mod:`relay.gateway.egress`): a URL
 with a literal forbidden address is refused at registration (400 ``egress_not_allowed``),
@@ -63,7 +68,7 @@ from relay.gateway.egress import EgressPolicy, redact_url
 from relay.gateway.server import HttpError
 from relay.gateway.store import Store, Webhook
 
-__all__ = ["EVENTS", "WebhookDispatcher", "parse_webhook_request", "post_json", "sign"]
+__all__ = ["EVENTS", "WebhookDispatcher", "parse_webhook_request", "post_json", "sign", "verify"]
 
 log = logging.getLogger("relay.gateway.webhooks")
 
@@ -83,9 +88,26 @@ MAX_RESPONSE = 64 * 1024
 MAX_URL = 2048
 
 
-def sign(secret: str, body: bytes) -> str:
-    """The ``X-Relay-Signature`` value: ``sha256=`` + hex HMAC-SHA256 of ``body``."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+#: How far from now a receiver should accept ``X-Relay-Timestamp`` (seconds).
+TOLERANCE = 300
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """The ``X-Relay-Signature`` value: ``sha256=`` + hex HMAC-SHA256 of
+    ``timestamp.body`` (the ``X-Relay-Timestamp`` value, a dot, the raw body)."""
+    message = timestamp.encode("ascii") + b"." + body
+    return "sha256=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def verify(secret: str, timestamp: str, body: bytes, signature: str, *,
+           now: Optional[float] = None, tolerance: float = TOLERANCE) -> bool:
+    """What a receiver does (module docstring): the signature matches ``timestamp.body``
+    and the timestamp is within ``tolerance`` seconds of ``now``."""
+    try:
+        fresh = abs((time.time() if now is None else now) - int(timestamp)) <= tolerance
+    except ValueError:
+        return False
+    return fresh and hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
 def parse_webhook_request(body: Any) -> tuple[str, tuple[str, ...]]:
@@ -322,11 +344,12 @@ class WebhookDispatcher:
 
     async def _attempt(self, delivery: Delivery) -> Optional[str]:
         """One POST; None on a 2xx answer, else what went wrong."""
+        timestamp = str(int(time.time()))
         headers = {
             "X-Relay-Event": delivery.event,
             "X-Relay-Delivery": delivery.id,
-            "X-Relay-Timestamp": str(int(time.time())),
-            "X-Relay-Signature": sign(delivery.hook.secret, delivery.body),
+            "X-Relay-Timestamp": timestamp,
+            "X-Relay-Signature": sign(delivery.hook.secret, timestamp, delivery.body),
         }
         try:
             status = await post_json(delivery.hook.url, delivery.body, headers,
