@@ -133,7 +133,7 @@ class Gateway:
         self.host, self.port = sockname[0], sockname[1]
         self.egress.add_own_host(self.host)
         self.tunnels = TunnelManager(self.store, self.registry, public_url=self.url,
-                                     hub_host=self._hub_host)
+                                     hub_host=self._hub_host, egress=self.egress)
         await self.tunnels.restore()
         await self.tunnels_api.start()
         await self.services.start()
@@ -264,6 +264,9 @@ class Gateway:
         if self.registry.get(principal.team_id, agent.id) is None:
             raise HttpError(409, "agent_offline", f"agent {agent.id} ({agent.name}) is not connected")
         assert self.tunnels is not None
+        refusal = await self.tunnels.target_refusal(principal.team_id, agent.id, "127.0.0.1", port, protocol)
+        if refusal is not None:  # the agent would refuse every request, or a loop
+            raise HttpError(*refusal)
         return json_response(await self.tunnels.open(principal.team_id, agent.id, port, protocol))
 
     async def _close_tunnel(self, request: Request) -> Response:
@@ -506,7 +509,7 @@ def openapi_document(server_url: str) -> dict[str, Any]:
                                                        "admin_token": {"type": "string"},
                                                        "tunnel_protocol": {"type": "string", "enum": list(TUNNEL_SESSION_PROTOCOLS)},
                                                        "hub_port": {"type": "integer", "description": "tcp only"}}}}}},
-                                       "400": error, "401": error, "404": error, "409": error}},
+                                       "400": error, "401": error, "403": error, "404": error, "409": error}},
                 "delete": {"summary": "Close one (session_id) or all of the agent's tunnel sessions",
                            "parameters": [agent_id, team, {"name": "session_id", "in": "query", "required": False,
                                                            "schema": {"type": "string"}}],

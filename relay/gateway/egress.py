@@ -116,6 +116,30 @@ class EgressPolicy:
                     f"to those only when started with --allow-private-egress")
         return None
 
+    def is_gateway(self, host: str, port: int, *, from_this_host: bool,
+                   future_ports: Iterable[int] = ()) -> bool:
+        """Would a connection to ``host:port`` reach this gateway's own listening or hub
+        port (or one of ``future_ports``, about to listen)? ``from_this_host``: the
+        connection is made on the gateway's host (an agent running there), where loopback
+        and unspecified addresses are the gateway's too. Only literal addresses and
+        ``localhost`` names are judged (no DNS)."""
+        if port not in set(self._own_ports()) and port not in set(future_ports):
+            return False
+        host = host.strip("[]").rstrip(".").lower()
+        if host == "localhost" or host.endswith(".localhost"):
+            host = "127.0.0.1"
+        ip = _address(host)
+        if ip is None:
+            return False
+        if ip.is_loopback or ip.is_unspecified:
+            return from_this_host
+        return ip in self._own_hosts
+
+    def is_own_host(self, host: str) -> bool:
+        """Is ``host`` (an address, e.g. an agent's peer address) this gateway's host?"""
+        ip = _address(host)
+        return ip is not None and (ip.is_loopback or ip in self._own_hosts)
+
     def check_url(self, url: str) -> Optional[str]:
         """At registration: why ``url`` (http/https) can never be reached, judged from
         what it says without resolving a name (``localhost`` names count as loopback)."""

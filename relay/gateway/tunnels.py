@@ -11,6 +11,28 @@ agent reconnect; while the agent is offline connections are closed at once.
 If the agent refuses a stream (its allowlist: NOT_ALLOWED; nothing listening:
 CONNECT_FAILED) the client's connection is aborted at once and the reason is logged
 and kept as the session's ``last_error``.
+
+Checked before a tunnel exists (:meth:`TunnelManager.target_refusal`, answered 4xx by
+the API):
+
+* the agent's policy: the gateway asks the agent itself, the only authority on what it
+  allows (its ``--allow`` list, its declared services, programmatic ``allow_stream``
+  policies), by opening one stream to the target with the metadata the tunnel will use
+  and closing it as soon as it is answered. NOT_ALLOWED → 403 ``target_not_allowed``
+  with the agent's reason. Anything else (accepted; CONNECT_FAILED because the service
+  is not started yet; no answer within :data:`PROBE_TIMEOUT`) lets the tunnel open. An
+  allowed target sees one connection opened and closed.
+* loops: a target that is the gateway's own listening or hub port (loopback,
+  ``localhost`` or unspecified addresses when the agent runs on the gateway's host, or
+  not connected so that nobody can tell; any address of the gateway's own host
+  otherwise) → 400 ``target_is_gateway``: every connection to such a hub port would
+  make the agent connect to a hub port again, until the process ran out of files.
+
+At connection time, because hub ports come and go after a tunnel was created, the same
+loop check runs for every accepted hub connection (refused: closed at once, with
+``last_error``), and a hub port carries at most :data:`MAX_HUB_CONNECTIONS` connections
+at once (more are closed at once), which bounds what any loop the checks cannot see
+(a DNS name, a chain through other machines) can consume.
 """
 from __future__ import annotations
 
@@ -18,11 +40,13 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from relay.aio import MuxSession, SessionClosedError, StreamRefused, StreamSplice, WebSocketTransport
 from relay.aio.stream import MuxStream, abort_with_reset
+from relay.gateway.egress import EgressPolicy
 from relay.gateway.registry import Registry
 from relay.gateway.store import Store, TunnelSession
 from relay.mux.errors import ErrorCode
@@ -33,6 +57,11 @@ __all__ = ["HubListener", "TunnelManager"]
 log = logging.getLogger("relay.gateway.tunnels")
 
 DEFAULT_TARGET_PORT = 8188
+#: Live connections one hub port carries at most (each holds a socket here, a stream and
+#: a socket at the agent); past it new ones are closed at once.
+MAX_HUB_CONNECTIONS = 1024
+#: How long opening a tunnel waits for the agent's answer about its target.
+PROBE_TIMEOUT = 5.0
 
 
 @dataclass
@@ -176,8 +205,10 @@ class TunnelManager:
     """Opens and closes tunnel sessions and their hub ports."""
 
     def __init__(self, store: Store, registry: Registry, *, public_url: str,
-                 hub_host: str = "127.0.0.1") -> None:
+                 hub_host: str = "127.0.0.1", egress: Optional[EgressPolicy] = None) -> None:
         self._store = store
+        #: Knows the gateway's own ports and addresses (loops are refused with it).
+        self._egress = egress
         self._registry = registry
         self.public_url = public_url.rstrip("/")
         self.hub_host = hub_host
@@ -187,6 +218,53 @@ class TunnelManager:
         self.connections_total = 0
         #: Streams the agents refused, by error code name (NOT_ALLOWED, CONNECT_FAILED ...).
         self.refused: Counter[str] = Counter()
+
+    # -- checks before a tunnel exists
+
+    def _agent_on_this_host(self, team_id: str, agent_id: str) -> bool:
+        """Does the agent run on the gateway's host? Unknown (offline) counts as yes."""
+        entry = self._registry.get(team_id, agent_id)
+        peer = entry.session.get_extra_info("peername") if entry is not None else None
+        if not peer or self._egress is None:
+            return True
+        return self._egress.is_own_host(str(peer[0]))
+
+    def loop_refusal(self, team_id: str, agent_id: str, host: str, port: int,
+                     future_ports: Iterable[int] = ()) -> Optional[str]:
+        """Why a tunnel through this agent to ``host:port`` would loop into the gateway's
+        own listening or hub port (or one of ``future_ports``, about to listen), or None
+        (module docstring)."""
+        if self._egress is None:
+            return None
+        if self._egress.is_gateway(host, port, from_this_host=self._agent_on_this_host(team_id, agent_id),
+                                   future_ports=future_ports):
+            return (f"{host}:{port} is this gateway's own listening or hub port "
+                    f"as seen from the agent: a tunnel to it would connect to itself for ever")
+        return None
+
+    async def target_refusal(self, team_id: str, agent_id: str, host: str, port: int, protocol: str,
+                             future_ports: Iterable[int] = ()) -> Optional[tuple[int, str, str]]:
+        """``(status, code, message)`` if a tunnel to ``host:port`` must not open: a loop
+        (400 ``target_is_gateway``) or a target the connected agent does not allow (403
+        ``target_not_allowed``); None otherwise (module docstring)."""
+        loop = self.loop_refusal(team_id, agent_id, host, port, future_ports)
+        if loop is not None:
+            return 400, "target_is_gateway", loop
+        entry = self._registry.get(team_id, agent_id)
+        if entry is None:
+            return None  # offline: it answers for itself when connections come
+        shown = f"[{host}]" if ":" in host else host
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                stream = await entry.session.open_stream({"protocol": protocol, "target": f"{shown}:{port}"})
+        except StreamRefused as exc:
+            if exc.error_code == ErrorCode.NOT_ALLOWED:
+                return 403, "target_not_allowed", exc.message or f"the agent does not allow {shown}:{port}"
+            return None  # e.g. CONNECT_FAILED: allowed, the service may start later
+        except (TimeoutError, ConnectionError):
+            return None  # no answer: the agent decides on every connection anyway
+        stream.abort(ErrorCode.CANCEL, "target check only")
+        return None
 
     # -- API operations
 
@@ -326,11 +404,21 @@ class TunnelManager:
         return self._splice(hub) or _Closed()
 
     def _splice(self, hub: HubListener) -> Optional[StreamSplice]:
-        """Open a stream to the tunnel's target; None if the agent is not connected."""
+        """Open a stream to the tunnel's target; None if the agent is not connected, the
+        target loops into the gateway, or the hub port is full (module docstring)."""
         agent = self._registry.get(hub.team_id, hub.agent_id)
         if agent is None:
             hub.last_error = "agent offline"
             log.info("tcp tunnel %s: connection closed: agent %s is offline", hub.session_id, hub.agent_id)
+            return None
+        if len(hub.splices) >= MAX_HUB_CONNECTIONS:
+            hub.last_error = f"more than {MAX_HUB_CONNECTIONS} connections at once"
+            log.warning("tcp tunnel %s: connection closed: %s", hub.session_id, hub.last_error)
+            return None
+        loop = self.loop_refusal(hub.team_id, hub.agent_id, hub.target_host, hub.target_port)
+        if loop is not None:  # e.g. a hub port bound after the tunnel was created
+            hub.last_error = f"refused: {loop}"
+            log.warning("tcp tunnel %s: connection closed: %s", hub.session_id, loop)
             return None
         session: MuxSession = agent.session
         try:

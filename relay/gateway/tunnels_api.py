@@ -34,6 +34,11 @@ tunnels the hub port is the way in and ``public`` is only recorded), ``hub_port`
 another tunnel holds it). ``auto`` resolves by target port: 443 → https; 80, 3000, 5000,
 7860, 8000, 8080, 8188, 8888 → http; anything else → tcp. Unknown fields → 400.
 
+Before the tunnel exists (relay.gateway.tunnels, ``TunnelManager.target_refusal``): a
+target that is the gateway's own listening or hub port (the requested ``hub_port``
+included) as seen from the agent → 400 ``target_is_gateway``; with the agent online,
+a target it does not allow → 403 ``target_not_allowed`` (the agent's reason).
+
 A tunnel (every protocol) is reachable as a raw TCP hub port on the gateway host
 (``hub_host:hub_port``): each connection becomes one stream through the agent to the
 target, exactly like a seed 000 tcp session (:class:`~relay.gateway.tunnels.TunnelManager`
@@ -405,6 +410,13 @@ class TunnelsApi:
             if not _valid_port(hub_port) or not low <= hub_port <= high:
                 raise _bad("hub_port", f"must be an integer from {low} to {high}")
         agent_id = self._team_agent_id(principal, body["agent_id"])
+        tunnels = self.gw.tunnels
+        assert tunnels is not None, "the gateway is not started"
+        # The requested hub port is not listening yet, but is about to be one of ours.
+        refusal = await tunnels.target_refusal(principal.team_id, agent_id, host, port, "tcp",
+                                               future_ports=() if hub_port is None else (hub_port,))
+        if refusal is not None:  # a loop into the gateway, or a target the agent refuses
+            raise HttpError(*refusal)
         async with self._hub_lock:  # the port check, the insert and the bind as one step
             if hub_port is not None and self.gw.store.tunnel_on_hub_port(hub_port) is not None:
                 raise HttpError(409, "hub_port_taken", f"hub_port: {hub_port} is used by another tunnel")
