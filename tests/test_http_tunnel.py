@@ -181,7 +181,6 @@ def test_methods_keepalive_forwarded_and_hop_by_hop_headers(tmp_path):
             client = await Client.connect(gw.port)
             body = os.urandom(100_000)
             seen = []
-            before = app.connections  # (opening the tunnel checked the target once)
             for method in ("GET", "POST", "PUT", "DELETE", "PATCH"):
                 status, hdrs, data = await client.request(
                     method, prefix + "echo/x?q=1&r=%2F",
@@ -223,7 +222,7 @@ def test_methods_keepalive_forwarded_and_hop_by_hop_headers(tmp_path):
             await client.close()
 
             # All of that was one client connection and one connection to the app.
-            assert app.connections - before == 1
+            assert app.connections == 1
 
             # curl, as a real client, for the same methods.
             url = tunnel["tunnel_url"]

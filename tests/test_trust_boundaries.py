@@ -10,6 +10,7 @@ import contextlib
 
 import pytest
 
+from relay.mux.connection import MuxConfig
 from tests.test_gateway_e2e import echo_server, gateway_and_team, http, run, running_agent, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -54,16 +55,24 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def reporting(*allow: str) -> dict:
+    """Agent arguments for an agent whose hello reports its allowlist (``allow`` in the
+    hello, as relay.gateway.tunnels reads it; the hello's info comes from MuxConfig)."""
+    return {"allow": list(allow), "mux_config": MuxConfig(info={"allow": list(allow)})}
+
+
 def test_a_target_the_agent_does_not_allow_is_refused_when_the_tunnel_opens(tmp_path):
-    """The gateway asks the agent (its allowlist, services, policies) before a tunnel
-    exists: a target it refuses answers 403 target_not_allowed with the agent's reason
-    and nothing is created, for seed 000 sessions (http and tcp) and Tunnels API
-    tunnels. An allowed target opens even when nothing listens on it yet."""
+    """With the agent's policy in its hello, the gateway refuses at open a target the
+    agent would refuse on every connection: 403 target_not_allowed with the agent's
+    reason, nothing created, for seed 000 sessions (http and tcp) and Tunnels API
+    tunnels; allowed targets (listed, a declared service's, loopback for an empty list)
+    open even when nothing listens on them yet. An agent that reports no policy decides
+    alone, on every connection, as before."""
 
     async def main():
         async with gateway_and_team(tmp_path) as (gw, keys), echo_server() as echo_port:
             sk = keys["sk"]
-            async with running_agent(gw, keys["ak"], name="strict", allow=[f"127.0.0.1:{echo_port}"]) as agent:
+            async with running_agent(gw, keys["ak"], name="strict", **reporting(f"127.0.0.1:{echo_port}")) as agent:
                 base = f"/api/v1/agents/{agent.agent_id}/tunnel"
                 for protocol in ("http", "tcp"):
                     status, body = await api_post(gw, base, keys["dk"], {"target_port": 8188, "tunnel_protocol": protocol})
@@ -83,10 +92,17 @@ def test_a_target_the_agent_does_not_allow_is_refused_when_the_tunnel_opens(tmp_
                 async with asyncio.timeout(5):
                     assert await reader.readexactly(4) == b"ping"
                 writer.close()
-            async with running_agent(gw, keys["ak"], name="loose") as agent:  # loopback allowed
+            async with running_agent(gw, keys["ak"], name="loopback", **reporting()) as agent:
                 status, body = await api_post(gw, "/api/v1/tunnels", sk,
                                               {"target": f"127.0.0.1:{_free_port()}", "agent_id": agent.agent_id})
                 assert status == 201, body  # nothing listens yet: allowed, it may start later
+                status, body = await api_post(gw, "/api/v1/tunnels", sk,
+                                              {"target": "db.internal:5432", "agent_id": agent.agent_id})
+                assert status == 403 and body["error"]["code"] == "target_not_allowed", body
+            async with running_agent(gw, keys["ak"], name="silent", allow=["127.0.0.1:1"]) as agent:
+                status, body = await api_post(gw, "/api/v1/tunnels", sk,
+                                              {"target": "10.9.9.9:22", "agent_id": agent.agent_id})
+                assert status == 201, body  # no policy in its hello: it refuses per connection
 
     run(main)
 

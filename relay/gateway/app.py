@@ -264,7 +264,7 @@ class Gateway:
         if self.registry.get(principal.team_id, agent.id) is None:
             raise HttpError(409, "agent_offline", f"agent {agent.id} ({agent.name}) is not connected")
         assert self.tunnels is not None
-        refusal = await self.tunnels.target_refusal(principal.team_id, agent.id, "127.0.0.1", port, protocol)
+        refusal = self.tunnels.target_refusal(principal.team_id, agent.id, "127.0.0.1", port)
         if refusal is not None:  # the agent would refuse every request, or a loop
             raise HttpError(*refusal)
         return json_response(await self.tunnels.open(principal.team_id, agent.id, port, protocol))

@@ -15,13 +15,12 @@ and kept as the session's ``last_error``.
 Checked before a tunnel exists (:meth:`TunnelManager.target_refusal`, answered 4xx by
 the API):
 
-* the agent's policy: the gateway asks the agent itself, the only authority on what it
-  allows (its ``--allow`` list, its declared services, programmatic ``allow_stream``
-  policies), by opening one stream to the target with the metadata the tunnel will use
-  and closing it as soon as it is answered. NOT_ALLOWED → 403 ``target_not_allowed``
-  with the agent's reason. Anything else (accepted; CONNECT_FAILED because the service
-  is not started yet; no answer within :data:`PROBE_TIMEOUT`) lets the tunnel open. An
-  allowed target sees one connection opened and closed.
+* the agent's policy, when its hello reports it (``"allow": ["HOST:PORT", ...]``, an
+  empty list meaning loopback hosts only, the stock agents' rule; the targets of its
+  declared ``services`` are allowed too; relay.agent.policy decides exactly as the agent
+  does): a target it would refuse → 403 ``target_not_allowed``, nothing created. An
+  agent whose hello does not report ``allow`` (older agents, and the stock agents until
+  they send it), or that is offline, decides alone on every connection (NOT_ALLOWED).
 * loops: a target that is the gateway's own listening or hub port (loopback,
   ``localhost`` or unspecified addresses when the agent runs on the gateway's host, or
   not connected so that nobody can tell; any address of the gateway's own host
@@ -45,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from relay.aio import MuxSession, SessionClosedError, StreamRefused, StreamSplice, WebSocketTransport
+from relay.agent.policy import allowed_by_list, not_allowed_message, parse_allowlist, parse_host_port
 from relay.aio.stream import MuxStream, abort_with_reset
 from relay.gateway.egress import EgressPolicy
 from relay.gateway.registry import Registry
@@ -52,7 +52,7 @@ from relay.gateway.store import Store, TunnelSession
 from relay.mux.errors import ErrorCode
 from relay.ws.tcp_tunnel import CLOSE_RESET, EOF_MESSAGE, reset_reason
 
-__all__ = ["HubListener", "TunnelManager"]
+__all__ = ["HubListener", "TunnelManager", "policy_refusal"]
 
 log = logging.getLogger("relay.gateway.tunnels")
 
@@ -60,8 +60,6 @@ DEFAULT_TARGET_PORT = 8188
 #: Live connections one hub port carries at most (each holds a socket here, a stream and
 #: a socket at the agent); past it new ones are closed at once.
 MAX_HUB_CONNECTIONS = 1024
-#: How long opening a tunnel waits for the agent's answer about its target.
-PROBE_TIMEOUT = 5.0
 
 
 @dataclass
@@ -201,6 +199,29 @@ class _Closed(asyncio.Protocol):
         transport.close()
 
 
+def policy_refusal(hello: Any, host: str, port: int) -> Optional[str]:
+    """Why the agent whose hello is ``hello`` would refuse ``host:port``, if its hello
+    reports its policy (``allow``; module docstring), else None."""
+    raw = hello.get("allow") if isinstance(hello, dict) else None
+    if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+        return None  # not reported: the agent decides alone
+    try:
+        allow = parse_allowlist(raw)
+    except ValueError:
+        return None
+    services = hello.get("services") if isinstance(hello.get("services"), list) else []
+    for service in services:
+        try:
+            if isinstance(service, dict) and parse_host_port(str(service.get("target"))) == (host.lower(), port):
+                return None
+        except ValueError:
+            continue
+    if allowed_by_list(allow, host, port):
+        return None
+    name = hello.get("name") if isinstance(hello.get("name"), str) else "?"
+    return not_allowed_message(host.lower(), port, name, allow)
+
+
 class TunnelManager:
     """Opens and closes tunnel sessions and their hub ports."""
 
@@ -242,8 +263,8 @@ class TunnelManager:
                     f"as seen from the agent: a tunnel to it would connect to itself for ever")
         return None
 
-    async def target_refusal(self, team_id: str, agent_id: str, host: str, port: int, protocol: str,
-                             future_ports: Iterable[int] = ()) -> Optional[tuple[int, str, str]]:
+    def target_refusal(self, team_id: str, agent_id: str, host: str, port: int,
+                       future_ports: Iterable[int] = ()) -> Optional[tuple[int, str, str]]:
         """``(status, code, message)`` if a tunnel to ``host:port`` must not open: a loop
         (400 ``target_is_gateway``) or a target the connected agent does not allow (403
         ``target_not_allowed``); None otherwise (module docstring)."""
@@ -251,19 +272,9 @@ class TunnelManager:
         if loop is not None:
             return 400, "target_is_gateway", loop
         entry = self._registry.get(team_id, agent_id)
-        if entry is None:
-            return None  # offline: it answers for itself when connections come
-        shown = f"[{host}]" if ":" in host else host
-        try:
-            async with asyncio.timeout(PROBE_TIMEOUT):
-                stream = await entry.session.open_stream({"protocol": protocol, "target": f"{shown}:{port}"})
-        except StreamRefused as exc:
-            if exc.error_code == ErrorCode.NOT_ALLOWED:
-                return 403, "target_not_allowed", exc.message or f"the agent does not allow {shown}:{port}"
-            return None  # e.g. CONNECT_FAILED: allowed, the service may start later
-        except (TimeoutError, ConnectionError):
-            return None  # no answer: the agent decides on every connection anyway
-        stream.abort(ErrorCode.CANCEL, "target check only")
+        reason = policy_refusal(entry.session.peer_info if entry is not None else None, host, port)
+        if reason is not None:
+            return 403, "target_not_allowed", reason
         return None
 
     # -- API operations

@@ -413,8 +413,8 @@ class TunnelsApi:
         tunnels = self.gw.tunnels
         assert tunnels is not None, "the gateway is not started"
         # The requested hub port is not listening yet, but is about to be one of ours.
-        refusal = await tunnels.target_refusal(principal.team_id, agent_id, host, port, "tcp",
-                                               future_ports=() if hub_port is None else (hub_port,))
+        refusal = tunnels.target_refusal(principal.team_id, agent_id, host, port,
+                                         future_ports=() if hub_port is None else (hub_port,))
         if refusal is not None:  # a loop into the gateway, or a target the agent refuses
             raise HttpError(*refusal)
         async with self._hub_lock:  # the port check, the insert and the bind as one step
