@@ -125,3 +125,32 @@ def test_connect_reports_a_failed_bind_and_rebinds_after_the_agent_restarts(
         if receiver.poll() is None:
             receiver.terminate()
             receiver.wait(10)
+
+
+def test_a_reset_through_a_binding_arrives_as_a_reset(relay: RelayProcs, targets: Targets) -> None:
+    """The exposing agent is killed mid-download: the client of the receiver's bound port
+    reads a reset (ECONNRESET), not a clean end it could take for the whole file."""
+    status, tunnel = relay.api("POST", "/api/v1/tunnels", {"target": f"127.0.0.1:{targets.source_port}",
+                                                          "agent_id": relay.agent_id, "name": "source"})
+    assert status == 201, tunnel
+    receiver = _start_receiver(relay)
+    try:
+        laptop = wait_for(lambda: relay.online_agent("laptop"), what="receiver online")
+        local = free_port()
+        status, body = relay.api("POST", f"/api/v1/tunnels/{tunnel['id']}/connect",
+                                 {"agent_id": laptop, "local_port": local})
+        assert status == 200, body
+        with socket.create_connection(("127.0.0.1", local), timeout=10) as sock:
+            got = 0
+            while got < 4 * 1024 * 1024:
+                chunk = sock.recv(1 << 20)
+                assert chunk, f"ended after {got} bytes"
+                got += len(chunk)
+            relay.agent.send_signal(signal.SIGKILL)  # the exposing agent, mid-transfer
+            with pytest.raises(ConnectionResetError):
+                while sock.recv(1 << 20):
+                    pass
+    finally:
+        if receiver.poll() is None:
+            receiver.terminate()
+            receiver.wait(10)

@@ -22,6 +22,8 @@ import logging
 from collections.abc import Callable
 from typing import Any, Optional
 
+from relay.aio.stream import abort_with_reset
+
 __all__ = ["Binder"]
 
 log = logging.getLogger("relay.agent.bind")
@@ -120,7 +122,8 @@ class Binder:
 
 async def _relay_to_hub(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                         hub_host: str, hub_port: int) -> None:
-    """Relay one local connection to the hub port, both ways, half-closes included."""
+    """Relay one local connection to the hub port, both ways, half-closes included; a
+    reset of either side (or a failure) reaches the other as a reset (RST)."""
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
             hub_reader, hub_writer = await asyncio.open_connection(hub_host, hub_port)
@@ -128,16 +131,21 @@ async def _relay_to_hub(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         log.info("cannot reach hub %s:%d: %s", hub_host, hub_port, exc)
         writer.close()
         return
+    reset = True  # unless both directions end cleanly
     try:
         # A task group: a reset on one side cancels the other direction too.
         async with asyncio.TaskGroup() as group:
             group.create_task(_copy(reader, hub_writer))
             group.create_task(_copy(hub_reader, writer))
+        reset = False
     except* OSError:  # ConnectionResetError & co: the connection is over either way
         pass
     finally:
         for w in (writer, hub_writer):
-            w.close()
+            if reset:  # the other side must read a reset too, never a clean end
+                abort_with_reset(w.transport)
+            else:
+                w.close()
 
 
 async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
