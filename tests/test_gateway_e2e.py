@@ -109,9 +109,9 @@ async def gateway_and_team(tmp_path: Path, **kwargs: Any):
 
 
 @contextlib.asynccontextmanager
-async def running_agent(gw: Gateway, key: str, **kwargs: Any):
-    """An in-process agent connected to ``gw``; yields it once registered."""
-    agent = Agent(gw.url, key, backoff_initial=0.05, **kwargs)
+async def running_agent(gw: Gateway, key: str, agent_class: type = Agent, **kwargs: Any):
+    """An in-process agent (``agent_class``) connected to ``gw``; yields it once registered."""
+    agent = agent_class(gw.url, key, backoff_initial=0.05, **kwargs)
     task = asyncio.get_running_loop().create_task(agent.run())
     try:
         await wait_until(lambda: agent.agent_id is not None or task.done())

@@ -10,6 +10,7 @@ import contextlib
 
 import pytest
 
+from relay.agent import Agent
 from relay.mux.connection import MuxConfig
 from tests.test_gateway_e2e import echo_server, gateway_and_team, http, run, running_agent, wait_until
 
@@ -99,7 +100,21 @@ def test_a_target_the_agent_does_not_allow_is_refused_when_the_tunnel_opens(tmp_
                 status, body = await api_post(gw, "/api/v1/tunnels", sk,
                                               {"target": "db.internal:5432", "agent_id": agent.agent_id})
                 assert status == 403 and body["error"]["code"] == "target_not_allowed", body
-            async with running_agent(gw, keys["ak"], name="silent", allow=["127.0.0.1:1"]) as agent:
+            # The stock agent reports its --allow list (README: --allow 127.0.0.1:22, then
+            # a tunnel to 8188 used to answer 200 and fail every request with 502).
+            async with running_agent(gw, keys["ak"], name="stock", allow=["127.0.0.1:22"]) as agent:
+                status, body = await api_post(gw, f"/api/v1/agents/{agent.agent_id}/tunnel", sk,
+                                              {"target_port": 8188, "tunnel_protocol": "http"})
+                assert status == 403 and body["error"]["code"] == "target_not_allowed", body
+                status, body = await api_post(gw, f"/api/v1/agents/{agent.agent_id}/tunnel", sk,
+                                              {"target_port": 22, "tunnel_protocol": "tcp"})
+                assert status == 200, body
+
+            class OwnRules(Agent):  # decides by its own rules: reports no allowlist
+                def is_allowed(self, host: str, port: int) -> bool:
+                    return port == 1
+
+            async with running_agent(gw, keys["ak"], OwnRules, name="silent") as agent:
                 status, body = await api_post(gw, "/api/v1/tunnels", sk,
                                               {"target": "10.9.9.9:22", "agent_id": agent.agent_id})
                 assert status == 201, body  # no policy in its hello: it refuses per connection

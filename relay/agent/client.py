@@ -189,7 +189,8 @@ class Agent(AgentBase):
         config = self._mux_config or MuxConfig()
         info = {"name": self.name, "labels": self.labels, "version": __version__,
                 "instance": self.instance_id, "limits": {"max_streams": config.max_streams},
-                "services": [spec.to_info() for spec in self.services]}
+                "services": [spec.to_info() for spec in self.services],
+                **self.allow_hello(Agent.is_allowed)}
         config = dataclasses.replace(config, info={**config.info, **info})
         session = MuxSession(True, config, on_stream=self._on_stream, on_control=self._on_control)
         # Messages can arrive before connect() returns and self.session is set.

@@ -100,7 +100,8 @@ class TrioAgent(AgentBase):
         """The session config: ours (or the default) with the hello in ``info``."""
         config = self._mux_config or MuxConfig()
         info = {"name": self.name, "labels": self.labels, "version": __version__,
-                "instance": self.instance_id, "limits": {"max_streams": config.max_streams}}
+                "instance": self.instance_id, "limits": {"max_streams": config.max_streams},
+                **self.allow_hello(TrioAgent.is_allowed)}
         return dataclasses.replace(config, info={**config.info, **info})
 
     # ------------------------------------------------------------------ streams

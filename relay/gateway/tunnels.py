@@ -18,9 +18,10 @@ the API):
 * the agent's policy, when its hello reports it (``"allow": ["HOST:PORT", ...]``, an
   empty list meaning loopback hosts only, the stock agents' rule; the targets of its
   declared ``services`` are allowed too; relay.agent.policy decides exactly as the agent
-  does): a target it would refuse → 403 ``target_not_allowed``, nothing created. An
-  agent whose hello does not report ``allow`` (older agents, and the stock agents until
-  they send it), or that is offline, decides alone on every connection (NOT_ALLOWED).
+  does): a target it would refuse → 403 ``target_not_allowed``, nothing created. The
+  stock agents report it unless a subclass decides by its own ``is_allowed``; an agent
+  whose hello does not report ``allow`` (such a subclass, an older agent), or that is
+  offline, decides alone on every connection (NOT_ALLOWED).
 * loops: a target that is the gateway's own listening or hub port (loopback,
   ``localhost`` or unspecified addresses when the agent runs on the gateway's host, or
   not connected so that nobody can tell; any address of the gateway's own host
