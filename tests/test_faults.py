@@ -60,12 +60,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "c
 
 
 class Targets:
-    """An echo service and an endless source (random bytes until the reader goes) on
-    127.0.0.1, served by an asyncio loop in a daemon thread."""
+    """An echo service, an endless source (random bytes until the reader goes) and a
+    burst (BURST bytes, then silence) on 127.0.0.1, served by an asyncio loop in a
+    daemon thread."""
+
+    #: What the burst target sends before it waits.
+    BURST = 6 * 1024 * 1024
 
     def __init__(self) -> None:
         self.echo_port = 0
         self.source_port = 0
+        self.burst_port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, daemon=True)
@@ -94,11 +99,25 @@ class Targets:
                     await writer.drain()
             writer.close()
 
+        async def burst(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            # BURST bytes, then nothing until the reader goes: a response its reader
+            # stops reading, which fills the relay's windows without filling every
+            # kernel buffer on this machine (one kernel serves both ends here).
+            limit_unsent(writer.transport)
+            with contextlib.suppress(ConnectionError):
+                for _ in range(self.BURST // len(chunk)):
+                    writer.write(chunk)
+                    await writer.drain()
+                await reader.read()
+            writer.close()
+
         async def start() -> None:
             self._servers = [await asyncio.start_server(echo, "127.0.0.1", 0, backlog=512),
-                             await asyncio.start_server(source, "127.0.0.1", 0)]
+                             await asyncio.start_server(source, "127.0.0.1", 0),
+                             await asyncio.start_server(burst, "127.0.0.1", 0, backlog=2048)]
             self.echo_port = self._servers[0].sockets[0].getsockname()[1]
             self.source_port = self._servers[1].sockets[0].getsockname()[1]
+            self.burst_port = self._servers[2].sockets[0].getsockname()[1]
             self._ready.set()
 
         self._loop.run_until_complete(start())

@@ -508,9 +508,21 @@ def test_psql_pgbench_and_redis_benchmark_through_hub_ports(tmp_path, postgres_s
 def test_target_not_on_allowlist_is_refused(tmp_path, sshd_server, caplog):
     caplog.set_level(logging.WARNING, logger="relay")
 
+    class OwnRules(Agent):
+        """Decides by its own rules, so its hello reports no allowlist and the gateway
+        cannot refuse the tunnel up front: every connection is refused by the agent."""
+
+        def is_allowed(self, host: str, port: int) -> bool:
+            return port == 1
+
     async def main():
         async with gateway_and_team(tmp_path) as (gw, keys):
-            async with running_agent(gw, keys["ak"], name="strict", allow=["127.0.0.1:1"]) as agent:
+            # A stock agent reports its allowlist: the tunnel is refused when it opens.
+            async with running_agent(gw, keys["ak"], name="stock", allow=["127.0.0.1:1"]) as agent:
+                status, body = await http(gw.port, "POST", f"/api/v1/agents/{agent.agent_id}/tunnel", keys["sk"],
+                                          {"target_port": sshd_server.port, "tunnel_protocol": "tcp"})
+                assert status == 403 and body["error"]["code"] == "target_not_allowed", body
+            async with running_agent(gw, keys["ak"], OwnRules, name="strict") as agent:
                 tunnel = await open_tcp_tunnel(gw, keys["sk"], agent.agent_id, sshd_server.port)
                 started = time.monotonic()
                 reader, writer = await asyncio.open_connection("127.0.0.1", tunnel["hub_port"])

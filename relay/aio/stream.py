@@ -779,7 +779,7 @@ async def connect_stream_to(stream: MuxStream, host: str, port: int, **kwargs: A
     """
     loop = asyncio.get_running_loop()
     try:
-        _, splice = await loop.create_connection(lambda: StreamSplice(stream), host, port, **kwargs)
+        transport, splice = await loop.create_connection(lambda: StreamSplice(stream), host, port, **kwargs)
     except BaseException as exc:
         message = f"cannot connect to {host}:{port}: {exc}" if isinstance(exc, OSError) else "cancelled"
         if not stream.local and not stream.answered:
@@ -787,4 +787,24 @@ async def connect_stream_to(stream: MuxStream, host: str, port: int, **kwargs: A
         else:
             stream.abort(ErrorCode.CONNECT_FAILED, message)
         raise
+    limit_receive_buffer(transport)
     return splice
+
+
+#: Receive buffer of a connection to a target (SO_RCVBUF; the kernel doubles it). A
+#: target is near the agent (its host or LAN), where this is a window of ample
+#: throughput; autotuned, the buffer grows to megabytes while the splice reads fast, and
+#: stays that full once the stream stalls: a thousand stalled streams then hold GBs of
+#: the agent host's TCP memory, and every connection on that host crawls.
+TARGET_RECEIVE_BUFFER = 256 * 1024
+
+
+def limit_receive_buffer(transport: Any) -> None:
+    """Fix a target connection's receive buffer at TARGET_RECEIVE_BUFFER."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TARGET_RECEIVE_BUFFER)
+    except OSError:
+        pass  # not a socket option this transport has: an optimisation of memory only
