@@ -125,7 +125,8 @@ def test_allow_stream_denial_and_exact_byte_counts(tmp_path):
                                          {"target_port": 22, "tunnel_protocol": "tcp"})
                 reader, writer = await asyncio.open_connection("127.0.0.1", ssh["hub_port"])
                 async with asyncio.timeout(10):
-                    assert await reader.read() == b""
+                    with pytest.raises(ConnectionResetError):  # refused: a reset, never an end
+                        await reader.read()
                 writer.close()
                 agent_info = (await http(gw.port, "GET", f"/api/v1/agents/{a.agent_id}", sk))[1]
                 [ssh_info] = [t for t in agent_info["tunnels"] if t["session_id"] == ssh["session_id"]]

@@ -49,7 +49,9 @@ def test_schemathesis_no_5xx_and_conforming_responses(tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{port}"
     try:
         gateway = subprocess.Popen([sys.executable, "-m", "relay", "gateway", "--listen", f"127.0.0.1:{port}",
-                                    "--data", str(tmp_path / "data")], env=env, text=True,
+                                    "--data", str(tmp_path / "data"),
+                                    # the external service below is a server on 127.0.0.1
+                                    "--allow-private-egress"], env=env, text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         procs.append(gateway)
         keys: dict[str, str] = {}
