@@ -142,3 +142,67 @@ def test_revocation_in_the_gateways_own_process_and_hook_agents(tmp_path: Path) 
                 assert isinstance(doomed, Agent) and doomed.ever_connected
 
     run(main)
+
+
+def test_revoking_an_api_key_cuts_what_it_opened_beyond_one_request(tmp_path: Path) -> None:
+    """A dk- key holds a task's event stream and a keep-alive connection through the
+    service proxy; an sk- key holds another proxied connection. Revoking the dk- key cuts
+    its two connections with a reset within a second; the sk- key's goes on serving."""
+    import asyncio
+
+    from tests.openai_server import OpenAIServer
+    from tests.test_gateway_e2e import gateway_and_team, run
+    from tests.test_invoke import serving_agent, wait_status
+    from tests.test_tasks import submit
+
+    async def proxied(port: int, key: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A keep-alive connection through the service proxy, after one answered request."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET /api/v1/r/containers/svc-a/echo HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {key}\r\n\r\n".encode())
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+            await reader.readexactly(length)
+        return reader, writer
+
+    async def cut(reader: asyncio.StreamReader) -> str:
+        try:
+            async with asyncio.timeout(2):
+                while await reader.read(65536):
+                    pass
+            return "eof"
+        except ConnectionResetError:
+            return "reset"
+
+    async def main() -> None:
+        async with gateway_and_team(tmp_path) as (gw, keys):
+            app = await OpenAIServer("one").start()
+            try:
+                async with serving_agent(gw, keys["ak"], "box", f"svc-a=127.0.0.1:{app.port}"):
+                    await wait_status(gw, keys["sk"], "svc-a", "running")
+                    task = await submit(gw.port, keys["dk"], "nobody-runs-this", labels=["absent"])
+                    events_r, events_w = await asyncio.open_connection("127.0.0.1", gw.port)
+                    events_w.write(f"GET /api/v1/tasks/{task['task_id']}/events HTTP/1.1\r\nHost: x\r\n"
+                                   f"Authorization: Bearer {keys['dk']}\r\n\r\n".encode())
+                    async with asyncio.timeout(5):
+                        assert (await events_r.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+                    doomed_r, doomed_w = await proxied(gw.port, keys["dk"])
+                    kept_r, kept_w = await proxied(gw.port, keys["sk"])
+
+                    credential = gw.store.lookup_credential(keys["dk"])
+                    assert gw.store.revoke_credential(credential.team_id, credential.id)
+                    assert await cut(events_r) == "reset"
+                    assert await cut(doomed_r) == "reset"
+                    # The sk- key's connection still serves, on the same keep-alive socket.
+                    kept_w.write(b"GET /api/v1/r/containers/svc-a/echo HTTP/1.1\r\nHost: x\r\n"
+                                 + f"Authorization: Bearer {keys['sk']}\r\n\r\n".encode())
+                    async with asyncio.timeout(5):
+                        assert (await kept_r.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+                    for w in (events_w, doomed_w, kept_w):
+                        w.close()
+            finally:
+                await app.close()
+
+    run(main)

@@ -1,4 +1,5 @@
-"""Revoking a credential ends what it authorised: the live sessions of its agents.
+"""Revoking a credential ends what it authorised: the live sessions of its agents, and
+the connections it opened that outlive a request.
 
 A key is checked when an agent connects (the WebSocket upgrade); the session lives on
 after that. So the gateway watches for revocations: every :data:`POLL_INTERVAL` it reads
@@ -11,10 +12,14 @@ open stream reset (their clients cut), so a revocation takes effect within about
 ``POLL_INTERVAL`` plus a round trip. The agent cannot come back: its next upgrade is
 refused with 401.
 
-API requests need nothing of this: they are authenticated one by one against the
-store's current rows (relay.gateway.auth), so the next request with a revoked sk-/dk-
-key is refused, keep-alive or not. Agents authenticated by an ``authenticate`` hook with
-ids of their own are not in the credentials table and are never expelled here.
+API requests are authenticated one by one against the store's current rows
+(relay.gateway.auth), so the next request with a revoked sk-/dk- key is refused,
+keep-alive or not. What outlives a request is *held* (:meth:`RevocationWatcher.hold`):
+a client connection the service proxy took over, an upgrade relayed to an external
+service, a task's event stream. When the credential that authorised it is revoked, the
+same check cuts it with a reset. Agents authenticated by an ``authenticate`` hook with
+ids of their own, and JWT users, are not in the credentials table and are never
+expelled or cut here.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import asyncio
 import logging
 from typing import Any, Optional
 
+from relay.aio.stream import abort_with_reset
 from relay.gateway.registry import ConnectedAgent, Registry
 from relay.gateway.store import Store
 from relay.mux.errors import ErrorCode
@@ -44,6 +50,22 @@ class RevocationWatcher:
         self._registry = registry
         self._interval = interval
         self._seen: Optional[tuple[Any, int]] = None
+        #: Client connections carrying what a credential authorised beyond one request:
+        #: credential id -> transports (closed ones pruned as the set doubles).
+        self._held: dict[str, set[Any]] = {}
+        self._pruned_at: dict[str, int] = {}
+
+    def hold(self, principal: Any, transport: Any) -> None:
+        """Cut ``transport`` with a reset if ``principal``'s credential is revoked while
+        it is open (no-op for principals without a credential id: JWT users, hooks)."""
+        credential_id = getattr(principal, "credential_id", None)
+        if credential_id is None:
+            return
+        held = self._held.setdefault(credential_id, set())
+        held.add(transport)
+        if len(held) >= 2 * self._pruned_at.get(credential_id, 8):
+            held.difference_update([t for t in held if t.is_closing()])
+            self._pruned_at[credential_id] = max(len(held), 8)
 
     async def run(self) -> None:
         """Check every ``interval`` seconds until cancelled."""
@@ -63,9 +85,17 @@ class RevocationWatcher:
             return []
         self._seen = seen
         agents = [entry for entry in self._registry.connected() if entry.credential_id]
-        if not agents:
+        if not agents and not self._held:
             return []
-        revoked = self._store.revoked_credentials({entry.credential_id for entry in agents})
+        revoked = self._store.revoked_credentials({entry.credential_id for entry in agents} | set(self._held))
+        for credential_id in revoked & set(self._held):
+            cut = [t for t in self._held.pop(credential_id) if not t.is_closing()]
+            self._pruned_at.pop(credential_id, None)
+            if cut:
+                log.warning("credential %s revoked: cutting %d open connection(s) it authorised",
+                            credential_id, len(cut))
+            for transport in cut:
+                abort_with_reset(transport)
         expelled = [entry for entry in agents if entry.credential_id in revoked]
         for entry in expelled:
             log.warning("agent %s (%s) of team %s: credential revoked; closing its session and "

@@ -74,6 +74,7 @@ leave the prefix, is a 400), streams both ways (SSE included) through
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 import time
@@ -709,18 +710,21 @@ class ServiceManager:
         if candidates[0].agent_id is None and request.header("upgrade"):
             await self._external_upgrade(request, principal, candidates[0])
             return
-        # _resolve checks (and picks) again for this very request.
+        # _resolve checks (and picks) again for this very request, and each later one.
         transport, data = request.take_over_raw()
-        serve_connection(transport, data, self._resolve, fallback=self._http_server,
-                         connections=self.gw._connections)
+        self.gw.revocations.hold(principal, transport)
+        serve_connection(transport, data, functools.partial(self._resolve, transport=transport),
+                         fallback=self._http_server, connections=self.gw._connections)
 
     def _http_server(self, declined: bool = False) -> HttpProtocol:
         return HttpProtocol(self.gw.router, self.gw._connections, declined=declined)
 
-    def _resolve(self, request: RequestHead) -> Optional[Upstream]:
+    def _resolve(self, request: RequestHead, transport: Any = None) -> Optional[Upstream]:
         """Where a request goes. None hands the connection back to the HTTP server: for
         other paths, and for a failed check (the route answers it, headers included).
-        An absolute-form target is served like its origin form (RFC 9112 §3.2.2)."""
+        An absolute-form target is served like its origin form (RFC 9112 §3.2.2). The
+        client's connection (``transport``) is held for each credential it used: revoking
+        one cuts it (relay.gateway.revocation)."""
         target = origin_form(request.target)
         if not target.startswith(PREFIX):
             return None
@@ -733,6 +737,8 @@ class ServiceManager:
             principal, candidates = self._check(headers.get(b"authorization"), headers.get(b"x-team-id"), slug)
         except (HttpError, AuthError):
             return None
+        if transport is not None:
+            self.gw.revocations.hold(principal, transport)
         first = candidates[0]
         if first.agent_id is None and headers.get(b"upgrade"):
             return None  # the route (_proxy) relays upgrades to external services itself
@@ -802,6 +808,7 @@ class ServiceManager:
             upstream.abort()
             raise HttpError(400, "invalid_request", f"cannot forward this upgrade request: {exc}") from None
         transport, leftover = request.take_over()
+        self.gw.revocations.hold(principal, transport)
         task = asyncio.get_running_loop().create_task(
             self._relay_upgrade(transport, leftover, upstream, conn, head, slug))
         state = self._states.get((principal.team_id, slug))

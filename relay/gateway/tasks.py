@@ -228,8 +228,8 @@ class TaskManager:
         return self.gw.auth.authenticate(request.header("authorization"),
                                          request.header("x-team-id")).require_runtime()
 
-    def _task(self, request: Request) -> Task:
-        principal = self._principal(request)
+    def _task(self, request: Request, principal: Any = None) -> Task:
+        principal = principal or self._principal(request)
         task = self.get(principal.team_id, request.params["task_id"])
         if task is None:  # unknown or another team's: the same 404
             raise HttpError(404, "task_not_found", f"no task {request.params['task_id']} in this team")
@@ -257,13 +257,16 @@ class TaskManager:
         return json_response(self._task(request).describe())
 
     async def _events(self, request: Request) -> None:
-        """Server-Sent Events from the first event (or after ``Last-Event-ID``) to the end."""
-        task = self._task(request)
+        """Server-Sent Events from the first event (or after ``Last-Event-ID``) to the end;
+        cut if the credential that asked is revoked meanwhile."""
+        principal = self._principal(request)
+        task = self._task(request, principal)
         try:
             position = max(0, int(request.header("last-event-id") or 0))
         except ValueError:
             position = 0
         transport, _ = request.take_over()
+        self.gw.revocations.hold(principal, transport)
         client = _SseClient()
         transport.set_protocol(client)
         client.connection_made(transport)
