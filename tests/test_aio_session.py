@@ -101,6 +101,27 @@ def test_open_accept_echo(run):
     run(main)
 
 
+def test_opens_past_the_receive_budget_are_refused_streams(run):
+    """Every open reserves its initial window from the session window: with room for 4,
+    the 5th open is refused (TOO_MANY_STREAMS) without reaching the wire, and room comes
+    back when a stream ends."""
+    async def main():
+        async def handler(stream):
+            stream.accept()
+
+        small = MuxConfig(initial_window=16 * 1024, session_window=64 * 1024)
+        async with session_pair(client_config=small, on_stream=handler) as (client, server):
+            streams = [await client.open_stream({}) for _ in range(4)]
+            with pytest.raises(StreamRefused) as info:
+                await client.open_stream({})
+            assert info.value.error_code == ErrorCode.TOO_MANY_STREAMS
+            assert "budget" in info.value.message
+            streams[0].abort()
+            assert (await client.open_stream({})).answered
+
+    run(main)
+
+
 def test_refuse_with_code_and_message(run):
     async def main():
         async def handler(stream):

@@ -287,6 +287,24 @@ def test_reset_propagates_as_broken_resource(kind):
     run(main)
 
 
+def test_opens_past_the_receive_budget_are_refused_streams():
+    """As in asyncio: with room for 4 streams in the budget, the 5th open is refused
+    (TOO_MANY_STREAMS) without reaching the wire; room comes back when one ends."""
+    small = MuxConfig(initial_window=16 * 1024, session_window=64 * 1024)
+
+    async def main():
+        async with session_pair("memory", small, None, server_handler=echo) as (a, b):
+            streams = [await a.open_stream({}) for _ in range(4)]
+            with pytest.raises(StreamRefused) as info:
+                await a.open_stream({})
+            assert info.value.error_code == ErrorCode.TOO_MANY_STREAMS
+            assert "budget" in info.value.message
+            streams[0].reset()
+            await a.open_stream({})
+
+    run(main)
+
+
 def test_refused_open_raises_with_code():
     async def handler(stream):
         if stream.metadata.get("target") == "forbidden":

@@ -26,7 +26,7 @@ import trio
 
 from relay.binding import StreamEventRouter
 from relay.mux.connection import MuxConfig, MuxConnection
-from relay.mux.errors import ErrorCode, ProtocolError
+from relay.mux.errors import ErrorCode, ProtocolError, StreamLimitError
 from relay.mux.events import (
     ConnectionTerminated,
     ControlReceived,
@@ -273,9 +273,18 @@ class TrioMuxSession(StreamEventRouter):
     # ------------------------------------------------------------------ streams
 
     def open_stream_nowait(self, metadata: Optional[dict[str, Any]] = None) -> MuxStream:
-        """Open a stream and return it at once; data may be sent before it is accepted."""
+        """Open a stream and return it at once; data may be sent before it is accepted.
+
+        With no room for another stream (the peer's limit, or this side's receive budget)
+        the stream comes back already refused with TOO_MANY_STREAMS, as if the peer had
+        refused it: ``wait_accepted`` raises :class:`StreamRefused`."""
         self._check_open()
-        stream_id = self._conn.open_stream(metadata or {})
+        try:
+            stream_id = self._conn.open_stream(metadata or {})
+        except StreamLimitError as exc:
+            refused = MuxStream(self, 0, metadata or {}, local=True)  # id 0: never on the wire
+            refused._on_reset(ErrorCode.TOO_MANY_STREAMS, str(exc), remote=True)
+            return refused
         stream = MuxStream(self, stream_id, metadata or {}, local=True)
         self._streams[stream_id] = stream
         self._wake_sender()
