@@ -572,7 +572,7 @@ class MuxStreamWriter:
 #: and macOS). Without it the kernel's send buffer autotunes to megabytes for a peer
 #: that reads nothing, and a thousand such peers exhaust the host's TCP memory: every
 #: connection on the machine then crawls. Bytes in flight are not limited by it.
-UNSENT_LIMIT = 128 * 1024
+UNSENT_LIMIT = 256 * 1024
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform == "linux" else None)
 
 
@@ -709,6 +709,11 @@ class StreamSplice:
         if transport.is_closing():
             self._session._acknowledge(self._stream_id, n)
             return
+        if self._write_paused:
+            # Queued behind a reader that does not keep up, perhaps for good: a
+            # payload view would keep the whole received read alive with it (a
+            # thousand stalled readers, each pinning a 256 KiB read for 16 KiB).
+            out = [bytes(x) if type(x) is memoryview else x for x in out]
         if len(out) == 1:
             transport.write(out[0])
         else:
