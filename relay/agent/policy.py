@@ -7,25 +7,20 @@ these, so their URLs, allowlists, refusal messages and backoff cannot drift apar
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
 from typing import Any, NamedTuple
 
+from relay.allowlist import (  # noqa: F401 (re-exported: the agents' policy API)
+    LOOPBACK_HOSTS,
+    allowed_by_list,
+    describe_allowlist,
+    not_allowed_message,
+    parse_allowlist,
+    parse_host_port,
+)
+
 AGENT_PATH = "/api/v1/agent/connect"
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 #: Stream protocols served; all are plain byte splices to the target.
 STREAM_PROTOCOLS = frozenset({"tcp", "http"})
-
-
-def parse_host_port(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` -> ``(host, port)``; ValueError if malformed."""
-    value = value.strip()
-    if value.startswith("["):
-        host, sep, port = value[1:].partition("]:")
-    else:
-        host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    return host.lower(), int(port)
 
 
 class GatewayAddress(NamedTuple):
@@ -53,25 +48,6 @@ def parse_gateway_url(gateway_url: str) -> GatewayAddress:
                           f"{split.scheme}://{split.netloc}{path}")
 
 
-def parse_allowlist(allow: Iterable[Any]) -> set[tuple[str, int]]:
-    """``HOST:PORT`` strings or ``(host, port)`` pairs -> a set of ``(host, port)``."""
-    return {parse_host_port(a) if isinstance(a, str) else (a[0].lower(), int(a[1])) for a in allow}
-
-
-def allowed_by_list(allow: set[tuple[str, int]], host: str, port: int) -> bool:
-    """An empty allowlist means loopback hosts only; otherwise exactly the listed pairs."""
-    host = host.lower()
-    if not allow:
-        return host in LOOPBACK_HOSTS
-    return (host, port) in allow
-
-
-def describe_allowlist(allow: set[tuple[str, int]]) -> str:
-    if not allow:
-        return "loopback hosts only"
-    return ", ".join(f"{h}:{p}" for h, p in sorted(allow))
-
-
 class TargetRefused(Exception):
     """An incoming stream's target is malformed or not allowed; carries the mux error
     code and the message the client will see."""
@@ -94,11 +70,6 @@ def parse_target(metadata: Any) -> tuple[str, int]:
         return parse_host_port(target if isinstance(target, str) else "")
     except ValueError:
         raise TargetRefused(ErrorCode.PROTOCOL_ERROR, f"bad target {target!r}: expected HOST:PORT") from None
-
-
-def not_allowed_message(host: str, port: int, agent_name: str, allow: set[tuple[str, int]]) -> str:
-    return (f"target {host}:{port} is not allowed by agent {agent_name!r} "
-            f"(allowed: {describe_allowlist(allow)})")
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, jitter: float) -> float:

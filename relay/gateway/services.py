@@ -320,7 +320,7 @@ def _iso(ts: Optional[float]) -> Optional[str]:
 
 def _declarations(info: Any) -> dict[str, dict[str, Any]]:
     """Valid service declarations of an agent's hello, by slug (bad ones are dropped)."""
-    from relay.agent.client import parse_host_port
+    from relay.allowlist import parse_host_port
 
     out: dict[str, dict[str, Any]] = {}
     raw = info.get("services") if isinstance(info, dict) else None

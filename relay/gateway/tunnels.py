@@ -17,7 +17,7 @@ the API):
 
 * the agent's policy, when its hello reports it (``"allow": ["HOST:PORT", ...]``, an
   empty list meaning loopback hosts only, the stock agents' rule; the targets of its
-  declared ``services`` are allowed too; relay.agent.policy decides exactly as the agent
+  declared ``services`` are allowed too; relay.allowlist decides exactly as the agent
   does): a target it would refuse → 403 ``target_not_allowed``, nothing created. The
   stock agents report it unless a subclass decides by its own ``is_allowed``; an agent
   whose hello does not report ``allow`` (such a subclass, an older agent), or that is
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from relay.aio import MuxSession, SessionClosedError, StreamRefused, StreamSplice, WebSocketTransport
-from relay.agent.policy import allowed_by_list, not_allowed_message, parse_allowlist, parse_host_port
+from relay.allowlist import allowed_by_list, not_allowed_message, parse_allowlist, parse_host_port
 from relay.aio.stream import MuxStream, abort_with_reset
 from relay.gateway.egress import EgressPolicy
 from relay.gateway.registry import Registry
