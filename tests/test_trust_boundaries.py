@@ -6,6 +6,7 @@ every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import socket
 import contextlib
 
 import pytest
@@ -148,6 +149,15 @@ def test_a_tunnel_cannot_target_the_gateways_own_ports_and_a_loop_is_bounded(tmp
                 status, body = await api_post(gw, f"/api/v1/agents/{aid}/tunnel", sk,
                                               {"target_port": gw.port, "tunnel_protocol": "tcp"})
                 assert status == 400 and body["error"]["code"] == "target_is_gateway", body
+                # A name that resolves to this host (the machine's own name: loopback or
+                # one of its addresses), aimed at the gateway's port.
+                name = socket.gethostname()
+                assert socket.getaddrinfo(name, gw.port, type=socket.SOCK_STREAM)
+                async with running_agent(gw, keys["ak"], name="named", allow=[f"{name}:{gw.port}"]) as named:
+                    status, body = await api_post(gw, "/api/v1/tunnels", sk,
+                                                  {"target": f"{name}:{gw.port}", "agent_id": named.agent_id})
+                    assert status == 400 and body["error"]["code"] == "target_is_gateway", body
+                    assert f"{name.lower()} resolves to" in body["error"]["message"], body
                 status, listed = await http(gw.port, "GET", "/api/v1/tunnels", sk)
                 assert [t["id"] for t in listed["tunnels"]] == [other["id"]]
                 # A hub port bound after the tunnel aimed at it was created.

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 from typing import Optional, Union
 from urllib.parse import urlsplit
 
-__all__ = ["EgressPolicy", "EgressRefused", "redact_url"]
+__all__ = ["EgressPolicy", "EgressRefused", "is_ip_literal", "redact_url"]
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -57,6 +57,12 @@ def redact_url(url: str) -> str:
         return "<malformed url>"
     host = f"[{host}]" if ":" in host else host
     return f"{split.scheme}://{host}" + (f":{port}" if port else "")
+
+
+def is_ip_literal(host: str) -> bool:
+    """Is ``host`` an IP address or a ``localhost`` name (judged without DNS)?"""
+    host = host.strip("[]").rstrip(".").lower()
+    return host == "localhost" or host.endswith(".localhost") or _address(host) is not None
 
 
 def _address(text: str) -> Optional[IPAddress]:
@@ -134,6 +140,10 @@ class EgressPolicy:
         if ip.is_loopback or ip.is_unspecified:
             return from_this_host
         return ip in self._own_hosts
+
+    def own_ports(self) -> list[int]:
+        """The gateway's listening and hub ports, now."""
+        return list(self._own_ports())
 
     def is_own_host(self, host: str) -> bool:
         """Is ``host`` (an address, e.g. an agent's peer address) this gateway's host?"""

@@ -26,18 +26,21 @@ the API):
   ``localhost`` or unspecified addresses when the agent runs on the gateway's host, or
   not connected so that nobody can tell; any address of the gateway's own host
   otherwise) → 400 ``target_is_gateway``: every connection to such a hub port would
-  make the agent connect to a hub port again, until the process ran out of files.
+  make the agent connect to a hub port again, until the process ran out of files. A
+  target given as a DNS name is resolved here (Tunnels API) and each address judged the
+  same way (:meth:`TunnelManager.resolved_loop_refusal`).
 
 At connection time, because hub ports come and go after a tunnel was created, the same
 loop check runs for every accepted hub connection (refused: closed at once, with
 ``last_error``), and a hub port carries at most :data:`MAX_HUB_CONNECTIONS` connections
 at once (more are closed at once), which bounds what any loop the checks cannot see
-(a DNS name, a chain through other machines) can consume.
+(a name whose DNS answer changes later, a chain through other machines) can consume.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -45,9 +48,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from relay.aio import MuxSession, SessionClosedError, StreamRefused, StreamSplice, WebSocketTransport
-from relay.allowlist import allowed_by_list, not_allowed_message, parse_allowlist, parse_host_port
 from relay.aio.stream import MuxStream, abort_with_reset
-from relay.gateway.egress import EgressPolicy
+from relay.allowlist import allowed_by_list, not_allowed_message, parse_allowlist, parse_host_port
+from relay.gateway.egress import EgressPolicy, is_ip_literal
 from relay.gateway.registry import Registry
 from relay.gateway.store import Store, TunnelSession
 from relay.mux.errors import ErrorCode
@@ -61,6 +64,8 @@ DEFAULT_TARGET_PORT = 8188
 #: Live connections one hub port carries at most (each holds a socket here, a stream and
 #: a socket at the agent); past it new ones are closed at once.
 MAX_HUB_CONNECTIONS = 1024
+#: How long the check of a target's name may wait for DNS (then the agent decides).
+NAME_LOOKUP_TIMEOUT = 2.0
 
 
 @dataclass
@@ -262,6 +267,27 @@ class TunnelManager:
                                    future_ports=future_ports):
             return (f"{host}:{port} is this gateway's own listening or hub port "
                     f"as seen from the agent: a tunnel to it would connect to itself for ever")
+        return None
+
+    async def resolved_loop_refusal(self, team_id: str, agent_id: str, host: str, port: int,
+                                    future_ports: Iterable[int] = ()) -> Optional[str]:
+        """:meth:`loop_refusal` for a target given as a DNS name: the name is resolved
+        (as an agent on this host would resolve it) and each address judged. Only for
+        the gateway's own ports; a name that does not resolve here is left to the agent."""
+        if self._egress is None or is_ip_literal(host):
+            return None
+        ports = set(self._egress.own_ports()) | set(future_ports)
+        if port not in ports:
+            return None
+        try:
+            async with asyncio.timeout(NAME_LOOKUP_TIMEOUT):
+                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, TimeoutError):
+            return None
+        for address in dict.fromkeys(str(info[4][0]) for info in infos):
+            loop = self.loop_refusal(team_id, agent_id, address, port, future_ports)
+            if loop is not None:
+                return f"{host} resolves to {address}: {loop}"
         return None
 
     def target_refusal(self, team_id: str, agent_id: str, host: str, port: int,

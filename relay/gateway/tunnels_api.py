@@ -413,10 +413,13 @@ class TunnelsApi:
         tunnels = self.gw.tunnels
         assert tunnels is not None, "the gateway is not started"
         # The requested hub port is not listening yet, but is about to be one of ours.
-        refusal = tunnels.target_refusal(principal.team_id, agent_id, host, port,
-                                         future_ports=() if hub_port is None else (hub_port,))
+        future = () if hub_port is None else (hub_port,)
+        refusal = tunnels.target_refusal(principal.team_id, agent_id, host, port, future_ports=future)
         if refusal is not None:  # a loop into the gateway, or a target the agent refuses
             raise HttpError(*refusal)
+        loop = await tunnels.resolved_loop_refusal(principal.team_id, agent_id, host, port, future)
+        if loop is not None:  # a name that resolves to the gateway itself
+            raise HttpError(400, "target_is_gateway", loop)
         async with self._hub_lock:  # the port check, the insert and the bind as one step
             if hub_port is not None and self.gw.store.tunnel_on_hub_port(hub_port) is not None:
                 raise HttpError(409, "hub_port_taken", f"hub_port: {hub_port} is used by another tunnel")
