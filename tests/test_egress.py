@@ -146,6 +146,11 @@ def test_policy_units_and_redaction():
     assert policy.check_url("http://127.0.0.1:1/") and policy.check_url("http://LOCALHOST./")
     assert policy.check_url("http://[fe80::1]/") and policy.check_url("http://[fd00::1]/")
     assert policy.check_url("http://224.0.0.1/")
+    # IPv6 spellings of private IPv4 addresses: NAT64, 6to4, IPv4-mapped.
+    assert policy.check_url("http://[64:ff9b::a9fe:a9fe]/")  # 169.254.169.254 via NAT64
+    assert policy.check_url("http://[2002:a00:1::1]/")  # 6to4 of 10.0.0.1
+    assert policy.check_url("http://[::ffff:127.0.0.1]/")
+    assert policy.check_url("http://[64:ff9b::808:808]/") is None  # 8.8.8.8: public
     assert asyncio.run(resolve("8.8.8.8", 443)) == ["8.8.8.8"]
     allowing = EgressPolicy(True, own_ports=lambda: {8080})
     assert allowing.check_url("http://10.0.0.1:8081/") is None

@@ -70,9 +70,23 @@ def _address(text: str) -> Optional[IPAddress]:
         ip = ipaddress.ip_address(text.split("%", 1)[0])  # a v6 zone id is not part of it
     except ValueError:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        # IPv6 forms that carry an IPv4 address to a network that may route it there:
+        # judged as that IPv4 address (a NAT64 gateway turns 64:ff9b::a9fe:a9fe into
+        # 169.254.169.254).
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip in _NAT64:
+            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if ip.sixtofour is not None:
+            return ip.sixtofour
+        if ip.teredo is not None:
+            return ip.teredo[1]
     return ip
+
+
+#: The NAT64 well-known prefix (RFC 6052).
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 def is_private(ip: IPAddress) -> bool:
