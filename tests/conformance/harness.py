@@ -332,11 +332,15 @@ class Env:
             with pytest.raises(StreamRefused) as caught:
                 await self.open_stream_to(target)
             return ErrorCode(caught.value.error_code).name, caught.value.message
-        conn = await self.open_stream_to(target)
-        with trio.fail_after(5):  # the gateway cuts the client connection at once
-            with contextlib.suppress(trio.BrokenResourceError):
-                assert await conn.receive_all() == b""
-        await conn.close()
+        try:
+            conn = await self.open_stream_to(target)
+        except OSError:
+            conn = None  # the gateway's reset (a refusal is a RST) beat connect() returning
+        if conn is not None:
+            with trio.fail_after(5):  # the gateway cuts the client connection at once
+                with contextlib.suppress(trio.BrokenResourceError):
+                    assert await conn.receive_all() == b""
+            await conn.close()
         hub_key = f"conformance {target}"
 
         def last_error() -> Optional[str]:
