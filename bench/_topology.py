@@ -301,7 +301,7 @@ def start_ssh_forward(procs: Procs, sshd: Any, name: str, targets: list[int], tt
     instead of ``-N``. Returns the forwarded ports on the "gateway host"."""
     ports = [_free_port() for _ in targets]
     forwards = []
-    for port, target in zip(ports, targets):
+    for port, target in zip(ports, targets, strict=True):
         forwards += ["-R", f"{HOST}:{port}:{HOST}:{target}"]
     argv = sshd.ssh_args()
     head, dest = argv[:-1], argv[-1]

@@ -52,10 +52,10 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-import psutil  # noqa: E402
-
 import _topology as topo  # noqa: E402
+import psutil  # noqa: E402
 from e2e_tcp import summarise_profile  # noqa: E402
+
 from tests.servers import start_nginx  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -167,7 +167,7 @@ def pyspy(label: str, pids: dict[str, int], outdir: Path, stamp: str, reports: d
     try:
         yield
     finally:
-        for name, proc, raw in running:
+        for _name, proc, _raw in running:
             proc.send_signal(signal.SIGINT)
         for name, proc, raw in running:
             try:

@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import gc
 import json
 import os
 import re
@@ -52,10 +51,10 @@ from typing import Any, Callable, Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+import _topology as topo  # noqa: E402
 import psutil  # noqa: E402
 import uvloop  # noqa: E402
 
-import _topology as topo  # noqa: E402
 from tests.servers import start_nginx, start_sshd  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -228,7 +227,7 @@ async def downloads(port: int, streams: int, warmup: float, seconds: float,
     finally:
         for transport, _ in conns:
             transport.abort()
-    rates = [(b - a) / dt / MB for a, b in zip(start, end)]
+    rates = [(b - a) / dt / MB for a, b in zip(start, end, strict=True)]
     if min(rates) <= 0:
         raise RuntimeError(f"a stream made no progress: {rates}")
     return rates, (sum(end) - sum(start)) / MB / cpu if cpu_pids and cpu > 0 else None
@@ -404,7 +403,7 @@ class Profiler:
         try:
             yield
         finally:
-            for name, proc, raw in procs:
+            for _name, proc, _raw in procs:
                 proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
             for name, proc, raw in procs:
                 try:
@@ -584,7 +583,7 @@ class Bench:
         names = ["target"] + (["nginx"] if nginx_port else [])
         if want - {"idle"}:
             relay = self.relay = topo.Relay(self.procs)
-            for name, t in zip(names, targets):
+            for name, t in zip(names, targets, strict=True):
                 ports["relay"][name] = relay.tunnel(t)
             self.pids["relay"] = {"gateway": relay.gateway.pid, "agent": relay.agent.pid}
             self.cpu_pids["relay"] = [relay.gateway.pid, relay.agent.pid]
@@ -593,7 +592,7 @@ class Bench:
                 extra_env = dict(kv.split("=", 1) for kv in self.args.baseline_env)
                 base = topo.Relay(self.procs, source=source, name="-base", extra_env=extra_env)
                 self.cpu_pids["base"] = [base.gateway.pid, base.agent.pid]
-                for name, t in zip(names, targets):
+                for name, t in zip(names, targets, strict=True):
                     ports["base"][name] = base.tunnel(t)
             if self.args.paths != ["relay"]:
                 (self.workdir / "sshd").mkdir()
@@ -602,7 +601,7 @@ class Bench:
                 for path, tty in (("ssh -N", False), ("ssh -tt", True)):
                     before = {c.pid for c in master.children()}
                     fwd = topo.start_ssh_forward(self.procs, self.sshd, path.replace(" ", ""), targets, tty)
-                    ports[path] = dict(zip(names, fwd))
+                    ports[path] = dict(zip(names, fwd, strict=True))
                     # ssh itself + the sshd child(ren) serving its connection (not the
                     # probe connections' short-lived ones: those are gone again by now).
                     time.sleep(0.2)
@@ -696,7 +695,6 @@ class Bench:
         baseline nor the growth is blurred by heap left over from the other benchmarks."""
         count = self.args.idle_streams
         target = self.ports["direct"]["target"]
-        runs: list[tuple[str, dict[str, int], int, list[subprocess.Popen]]] = []
         sub = topo.Procs(self.workdir / "idle")
         sub.workdir.mkdir(exist_ok=True)
         try:

@@ -191,7 +191,7 @@ def test_memory_per_idle_stream(benchmark, record_rate):
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
         a, b = _mux_pair()
-        for first in range(0, count, 1000):
+        for _ in range(0, count, 1000):
             _mux_open(a, b, 1000)
         gc.collect()
         after = tracemalloc.get_traced_memory()[0]

@@ -22,8 +22,15 @@ import click
 
 from relay import __version__
 from relay.gateway.store import (
-    CREDENTIAL_KINDS, Credential, SecretToken, Store, StoreError, Team, default_data_dir,
-    hash_token, normalize_uuid,
+    CREDENTIAL_KINDS,
+    Credential,
+    SecretToken,
+    Store,
+    StoreError,
+    Team,
+    default_data_dir,
+    hash_token,
+    normalize_uuid,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -135,7 +135,9 @@ def gateway(listen: str, data_dir: Path, public_url: Optional[str], hub_host: st
 @click.option("--service", "services", multiple=True,
               metavar="SLUG=HOST:PORT[,health=/health][,prompt=TEXT][,openapi=PATH][,label=L]",
               help="Declare a container service (repeatable; see relay.agent.services).")
-@click.option("--backend", type=click.Choice(["asyncio", "trio"]), default="asyncio", show_default=True, envvar="RELAY_AGENT_BACKEND", expose_value=False, help="Event loop to run on: asyncio (uvloop) or trio.", callback=_select_backend)
+@click.option("--backend", type=click.Choice(["asyncio", "trio"]), default="asyncio", show_default=True,
+              envvar="RELAY_AGENT_BACKEND", expose_value=False, help="Event loop to run on: asyncio (uvloop) or trio.",
+              callback=_select_backend)
 @_log_option
 def agent(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ...],
           allow: tuple[str, ...], ca_cert: Optional[Path], log_level: str,
@@ -216,8 +218,15 @@ async def _ws_bridge(url: str, ssl_context: Any, local_reader: asyncio.StreamRea
     from urllib.parse import urlsplit
 
     from relay.aio.stream import abort_with_reset
-    from relay.ws import (CloseCode, FrameParser, Opcode, WebSocketProtocolError, encode_close_payload,
-                          encode_frame, parse_close)
+    from relay.ws import (
+        CloseCode,
+        FrameParser,
+        Opcode,
+        WebSocketProtocolError,
+        encode_close_payload,
+        encode_frame,
+        parse_close,
+    )
     from relay.ws.handshake import ClientHandshake
     from relay.ws.tcp_tunnel import CLOSE_RESET, EOF_MESSAGE
 

@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import os
 import random
-import socket
 
 import pytest
 import uvloop

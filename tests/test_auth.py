@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from relay.gateway.auth import AuthError, Authenticator, Principal
+from relay.gateway.auth import Authenticator, AuthError, Principal
 from relay.gateway.store import Store
 
 SECRET = "a-test-hmac-secret-that-is-long-enough-0123456789"

@@ -400,7 +400,7 @@ class FakeAgent:
 
     def closed(self) -> bool:
         """True if the gateway closes the socket (within the socket timeout)."""
-        while (frame := self.next_frame()) is not None:
+        while self.next_frame() is not None:
             pass
         return True
 

@@ -510,9 +510,9 @@ def test_client_gone_mid_response_closes_the_stream_and_the_targets_connection(t
                     writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                                                struct.pack("ii", 1, 0))
                 writer.close()
-                assert await settle(lambda: len(ended) == round_ + 1), f"round {round_}: target still writing"
+                assert await settle(lambda round_=round_: len(ended) == round_ + 1), f"round {round_}: target still writing"
                 assert ended[round_].startswith("closed"), ended
-                assert await settle(lambda: open_streams(gw) == baseline), (round_, open_streams(gw), baseline)
+                assert await settle(lambda baseline=baseline: open_streams(gw) == baseline), (round_, open_streams(gw), baseline)
             assert await ask(gw.port, base + "after") == [(200, b"ok")]
 
     run(body, timeout=120)
@@ -547,7 +547,7 @@ def test_client_gone_mid_request_body_closes_the_stream_and_the_targets_connecti
                 await writer.drain()
                 await asyncio.sleep(0.3)
                 writer.close()
-                assert await settle(lambda: len(received) == round_ + 1), f"{framing}: target still waiting"
+                assert await settle(lambda round_=round_: len(received) == round_ + 1), f"{framing}: target still waiting"
                 assert received[round_][0] <= 200_100, received  # (chunk lines re-framed)
                 assert await settle(lambda: open_streams(gw) == baseline), (framing, open_streams(gw), baseline)
 
@@ -592,7 +592,7 @@ def test_target_closing_mid_body_aborts_the_client_connection(tmp_path):
                 raw, eof = await read_all(client.reader, timeout=10)
                 assert eof, name
                 await client.close()
-                assert await settle(lambda: open_streams(gw) == baseline), name
+                assert await settle(lambda baseline=baseline: open_streams(gw) == baseline), name
 
     run(body, timeout=120)
 
@@ -620,7 +620,7 @@ def test_target_garbage_is_a_502_and_the_connection_goes_on(tmp_path):
                 head, _, data = await client.response()
                 assert head.status_code == 502 and b'"error"' in data, (name, head, data)
                 await client.close()
-                assert await settle(lambda: open_streams(gw) == baseline), name
+                assert await settle(lambda baseline=baseline: open_streams(gw) == baseline), name
 
     run(body, timeout=150)
 
@@ -759,7 +759,7 @@ def test_target_answering_before_reading_the_body(tmp_path):
                 except h11.RemoteProtocolError:
                     assert name == "close", name
                 await client.close()
-                assert await settle(lambda: open_streams(gw) == baseline), name
+                assert await settle(lambda baseline=baseline: open_streams(gw) == baseline), name
 
     run(body, timeout=120)
 

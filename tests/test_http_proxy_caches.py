@@ -104,7 +104,7 @@ def test_a_repeated_request_head_is_rebuilt_from_what_changed(tmp_path):
                 head, _, _ = await client.response()
                 assert head.status_code == 200
             assert len(heads) == len(sent)
-            for (path, extra), (line, headers) in zip(sent, heads):
+            for (path, extra), (line, headers) in zip(sent, heads, strict=True):
                 prefix = base2 if path.startswith(base2) else base
                 assert line == f"GET /{path[len(prefix):]} HTTP/1.1"
                 assert headers["x-forwarded-prefix"] == prefix.rstrip("/")

@@ -10,8 +10,17 @@ import contextlib
 import pytest
 
 from tests.test_gateway_e2e import run
-from tests.test_http_proxy_adversarial import (get_only_share, h11_target, path_of, read_all, read_head, req,
-                                               statuses, target, tunnel_to)
+from tests.test_http_proxy_adversarial import (
+    get_only_share,
+    h11_target,
+    path_of,
+    read_all,
+    read_head,
+    req,
+    statuses,
+    target,
+    tunnel_to,
+)
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -300,7 +300,7 @@ def test_server_sent_events_and_chunks_arrive_as_sent(tmp_path):
             # ...and each one arrived right after it was sent, not batched later.
             for arrived, event in events:
                 assert arrived - event["sent"] < interval / 2, (arrived, event)
-            gaps = [b[0] - a[0] for a, b in zip(events, events[1:])]
+            gaps = [b[0] - a[0] for a, b in zip(events, events[1:], strict=False)]
             assert all(gap > interval / 2 for gap in gaps), gaps
 
             # A chunked response: the pieces come one by one too.

@@ -488,7 +488,8 @@ def test_open_metadata_round_trip(mode: str) -> None:
     assert a_events == [StreamOpened(stream_id=2, metadata={}), StreamOpened(stream_id=4, metadata={})]
 
 
-@pytest.mark.parametrize("client, stream_id", [(False, 2), (False, 0), (True, 1)], ids=["even-to-server", "zero", "odd-to-client"])
+@pytest.mark.parametrize("client, stream_id", [(False, 2), (False, 0), (True, 1)],
+                         ids=["even-to-server", "zero", "odd-to-client"])
 def test_open_with_the_wrong_parity_is_a_protocol_error(client: bool, stream_id: int) -> None:
     assert_fatal(established(client=client), open_frame(stream_id), ProtocolError, ErrorCode.PROTOCOL_ERROR)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from relay.mux.connection import MuxConfig, MuxConnection
 from relay.mux.errors import ErrorCode, StreamLimitError

@@ -24,8 +24,8 @@ from relay.mux.events import (
 from relay.mux.stream import StreamState
 from tests.test_mux_connection import (
     FIN,
-    KiB,
     MODES,
+    KiB,
     Pair,
     T,
     data_frame,

@@ -25,8 +25,16 @@ from typing import Any, Optional
 import pytest
 
 from tests.test_gateway_e2e import gateway_and_team, http, run
-from tests.test_http_proxy_adversarial import (Seen, bad_requests, forwarded_cleanly, h11_target, open_streams,
-                                               read_all, settle, statuses)
+from tests.test_http_proxy_adversarial import (
+    Seen,
+    bad_requests,
+    forwarded_cleanly,
+    h11_target,
+    open_streams,
+    read_all,
+    settle,
+    statuses,
+)
 from tests.test_http_proxy_engine import RawClient, read_head, req, target
 from tests.test_invoke import invoke, serving_agent, wait_status
 
@@ -382,7 +390,7 @@ def test_paths_cannot_leave_the_slug_or_the_team(tmp_path):
                     if codes != [200] or got != [want.encode()]:
                         failures.append(f"{position} {rest[:60]}: answers {codes}, target got {[g[:60] for g in got]}")
                     for s in seen[before:]:
-                        for _, tgt, headers, _ in s.requests:
+                        for _, _tgt, headers, _ in s.requests:
                             host = dict(headers).get(b"host")
                             if host != b"t.test":
                                 failures.append(f"{position} {rest[:60]}: Host {host!r}")
@@ -541,7 +549,7 @@ def test_invoke_with_a_bad_body_is_a_4xx_json_error_and_nothing_reaches_the_targ
                     failures.append(f"{name}: the next invoke got {status} {out}")
             failures.extend(await leaked(gw, baseline))
             for s in seen:
-                for method, tgt, headers, _ in s.requests:
+                for method, tgt, _headers, _ in s.requests:
                     if not tgt.startswith(b"/after/"):
                         failures.append(f"the target got {method} {tgt}")
 
@@ -722,7 +730,7 @@ def test_a_misbehaving_target_on_the_proxy_path(tmp_path):
                 if not head.startswith(b"HTTP/1.1 200") or complete or not eof or time.monotonic() - started > 5:
                     failures.append(f"{name}: {raw[:200]!r}... ({len(data)} body bytes) eof {eof}")
             for name in ("garbage", "badchunk", "twocl"):
-                if not await settle(lambda: f"{name}: closed" in log, 10):
+                if not await settle(lambda name=name: f"{name}: closed" in log, 10):
                     failures.append(f"{name}: the target's connection stayed open")
             stop.set()
             count, slowest, errors = await asyncio.wait_for(others, 20)
@@ -797,7 +805,7 @@ def test_a_misbehaving_target_on_invoke(tmp_path, monkeypatch):
                     if sent != 1 and not (method == "GET" and sent == 2):
                         failures.append(f"{method} {name}: the target got it {sent} times")
             for name in ("garbage", "hang", "slowbody", "badchunk", "twocl", "huge"):
-                if not await settle(lambda: f"{name}: closed" in log, 10):
+                if not await settle(lambda name=name: f"{name}: closed" in log, 10):
                     failures.append(f"{name}: a target connection stayed open ({log.count(name + ': closed')})")
             if progress[0] > 40 * 1024 * 1024:
                 failures.append(f"huge: the target wrote {progress[0]} bytes before it was stopped")
@@ -897,7 +905,7 @@ def test_an_agent_vanishing_mid_request_and_the_next_request_goes_to_a_healthy_o
             for i, log in enumerate(logs):  # each target's connection went with its agent
                 for name in ("hang", "slowbody"):
                     if any(p.endswith(f"/{name}") for p in log) and not await settle(
-                            lambda: f"{name}: closed" in log, 10):
+                            lambda name=name, log=log: f"{name}: closed" in log, 10):
                         failures.append(f"t{i}: the {name} connection stayed open: {log}")
 
     run(body, timeout=60)

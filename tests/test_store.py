@@ -13,8 +13,16 @@ from hypothesis import strategies as st
 
 from relay.gateway import store as store_mod
 from relay.gateway.store import (
-    DB_FILENAME, MIGRATIONS, ConflictError, NotFoundError, SecretToken, Store, StoreError,
-    ensure_default_team, hash_token, normalize_uuid,
+    DB_FILENAME,
+    MIGRATIONS,
+    ConflictError,
+    NotFoundError,
+    SecretToken,
+    Store,
+    StoreError,
+    ensure_default_team,
+    hash_token,
+    normalize_uuid,
 )
 
 

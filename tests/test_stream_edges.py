@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import signal
 import socket
 import struct
 import subprocess
@@ -31,7 +30,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import pytest
 

@@ -6,7 +6,6 @@ so nothing sleeps longer than it must. Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from typing import Any, Optional
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import contextlib
 
 import pytest
 
 from relay.agent import Agent
 from relay.mux.connection import MuxConfig
-from tests.test_gateway_e2e import echo_server, gateway_and_team, http, run, running_agent, wait_until
+from tests.test_gateway_e2e import echo_server, gateway_and_team, http, run, running_agent
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,9 +14,9 @@ from typing import Any, Optional
 import pytest
 
 from relay.gateway.app import Gateway
+from relay.gateway.server import HttpError
 from relay.gateway.store import Store
 from relay.gateway.tunnels_api import auto_protocol, connection_string, parse_target
-from relay.gateway.server import HttpError
 from tests.test_gateway_e2e import gateway_and_team, run, running_agent, wait_until
 
 pytestmark = pytest.mark.timeout(120)

@@ -119,7 +119,7 @@ def test_large_frames_cut_anywhere_come_out_whole(ws, masked: bool, seed: int) -
     cuts = sorted(set(cuts))
     parser = ws.FrameParser(1 << 20, masked)
     got = []
-    for start, stop in zip([0, *cuts], [*cuts, len(wire)]):
+    for start, stop in zip([0, *cuts], [*cuts, len(wire)], strict=True):
         got += parser.feed(wire[start:stop])
     assert got == expected
     assert parser.buffered == 0

@@ -446,7 +446,7 @@ def message_streams(draw):
         else:
             payload = payload_of(draw(LENGTHS), draw(st.integers(0, 9)))
         cuts = sorted(draw(st.lists(st.integers(0, len(payload)), max_size=3)))
-        pieces = [payload[a:b] for a, b in zip([0, *cuts], [*cuts, len(payload)])]
+        pieces = [payload[a:b] for a, b in zip([0, *cuts], [*cuts, len(payload)], strict=True)]
         for i, piece in enumerate(pieces):
             frames.append((kind if i == 0 else CONT, piece, i == len(pieces) - 1))
             if i < len(pieces) - 1 and draw(st.booleans()):

@@ -39,10 +39,7 @@ from relay.agent.policy import (  # re-exported: the agent's public names
     STREAM_PROTOCOLS,
     TargetRefused,
     allowed_by_list,
-    backoff_delay,
     not_allowed_message,
-    parse_allowlist,
-    parse_gateway_url,
     parse_host_port,
     parse_target,
 )

@@ -23,7 +23,7 @@ try:
 except ImportError:  # runs uncompiled without Cython installed
     from relay.mux import _cython_shim as cython  # type: ignore[no-redef]
 
-from relay.aio.stream import MuxStream, StreamRefused, StreamResetError, StreamSplice
+from relay.aio.stream import MuxStream, StreamRefused, StreamSplice
 from relay.binding import StreamEventRouter
 from relay.mux.connection import MuxConfig, MuxConnection
 from relay.mux.errors import ErrorCode, ProtocolError, StreamLimitError

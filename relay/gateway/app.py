@@ -32,8 +32,8 @@ from relay.gateway.http_proxy import ProxyError, Upstream, origin_form, serve_co
 from relay.gateway.http_tunnels import HttpTunnels
 from relay.gateway.registry import AgentNameTaken, Registry, end_session
 from relay.gateway.revocation import RevocationWatcher
-from relay.gateway.services import ServiceManager, add_services_openapi
 from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
+from relay.gateway.services import ServiceManager, add_services_openapi
 from relay.gateway.store import TUNNEL_SESSION_PROTOCOLS, SecretToken, Store, Team, ensure_default_team
 from relay.gateway.tasks import TaskManager
 from relay.gateway.tunnels import DEFAULT_TARGET_PORT, TunnelManager
@@ -507,7 +507,8 @@ def openapi_document(server_url: str) -> dict[str, Any]:
                              "schema": {"type": "object", "required": ["session_id", "tunnel_url", "admin_token"],
                                         "properties": {"session_id": {"type": "string"}, "tunnel_url": {"type": "string"},
                                                        "admin_token": {"type": "string"},
-                                                       "tunnel_protocol": {"type": "string", "enum": list(TUNNEL_SESSION_PROTOCOLS)},
+                                                       "tunnel_protocol": {"type": "string",
+                                                                           "enum": list(TUNNEL_SESSION_PROTOCOLS)},
                                                        "hub_port": {"type": "integer", "description": "tcp only"}}}}}},
                                        "400": error, "401": error, "403": error, "404": error, "409": error}},
                 "delete": {"summary": "Close one (session_id) or all of the agent's tunnel sessions",

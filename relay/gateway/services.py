@@ -464,7 +464,7 @@ class ServiceManager:
         for agent_id in [a for a in self._sessions if a not in live]:
             del self._sessions[agent_id]
         deadline = float("inf")
-        for (team_id, slug), state in self._states.items():
+        for state in self._states.values():
             for agent_id, inst in list(state.instances.items()):
                 if agent_id is None:
                     continue

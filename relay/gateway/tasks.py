@@ -28,8 +28,9 @@ The agent answers with control messages ``{"type": "task.progress", "task_id",
 that disconnects mid-task fails it with ``"agent disconnected"``.
 
 State is in memory only (a restart forgets tasks): at most :data:`MAX_EVENTS` events and
-:data:`MAX_TASK_BYTES` of them per task (``events_dropped`` counts the rest), finished tasks are kept :data:`FINISHED_TTL` seconds, and at most :data:`MAX_TASKS`
-tasks in all (the oldest finished ones go first).
+:data:`MAX_TASK_BYTES` of them per task (``events_dropped`` counts the rest), finished tasks are
+kept :data:`FINISHED_TTL` seconds, and at most :data:`MAX_TASKS` tasks in all (the oldest
+finished ones go first).
 """
 from __future__ import annotations
 

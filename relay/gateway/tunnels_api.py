@@ -30,7 +30,8 @@ offline), ``name`` (1..100 characters; generated as adjective-noun-4hex if absen
 ``400 unsupported_protocol``: the relay carries TCP streams only), ``public`` (bool; for
 an http tunnel it creates an unrestricted, never-expiring share named ``public`` whose
 URL comes back once as ``public_url``: delete that share to unpublish; for tcp/https
-tunnels the hub port is the way in and ``public`` is only recorded), ``hub_port`` (1024..65535, optional: a specific hub port; 409 if
+tunnels the hub port is the way in and ``public`` is only recorded), ``hub_port`` (1024..65535,
+optional: a specific hub port; 409 if
 another tunnel holds it). ``auto`` resolves by target port: 443 → https; 80, 3000, 5000,
 7860, 8000, 8080, 8188, 8888 → http; anything else → tcp. Unknown fields → 400.
 

@@ -21,9 +21,9 @@ Server, given the ``h11.Request`` its HTTP layer parsed::
 from __future__ import annotations
 
 import json
-from http import HTTPStatus
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 import h11
 from wsproto.connection import ConnectionType
