@@ -71,10 +71,16 @@ def test_credential_cached_and_revocation_by_another_process_is_seen_at_once(tmp
                         capture_output=True, text=True, timeout=60)
                     assert done.returncode == 0, done.stderr
                     assert keys["dk"] not in done.stdout + done.stderr  # the key is never echoed
-                    # The very next request on the same keep-alive connection is refused.
-                    status, payload = await keep_alive_get(reader, writer, "/api/v1/r/containers/ext-a/x",
-                                                           keys["dk"])
-                    assert status == 401 and b"invalid_credentials" in payload, payload
+                    # The very next request on the same keep-alive connection is refused, or
+                    # the connection is already gone: the revocation watcher cuts what the key
+                    # opened (relay.gateway.revocation) within its next poll.
+                    try:
+                        status, payload = await keep_alive_get(reader, writer, "/api/v1/r/containers/ext-a/x",
+                                                               keys["dk"])
+                    except (ConnectionError, RuntimeError, asyncio.IncompleteReadError):
+                        pass  # cut: a reset, or the transport already closed under us
+                    else:
+                        assert status == 401 and b"invalid_credentials" in payload, payload
                 finally:
                     writer.close()
                 assert (await invoke(gw, keys["dk"], "ext-a", method="GET", path="/"))[0] == 401
