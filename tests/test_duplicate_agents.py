@@ -12,32 +12,15 @@ import re
 import signal
 import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.test_faults import RelayProcs, Targets, wait_for
+from tests.test_faults import RelayProcs, Targets, relay_fixtures, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def targets() -> Iterator[Targets]:
-    running = Targets()
-    try:
-        yield running
-    finally:
-        running.close()
-
-
-@pytest.fixture
-def relay(tmp_path: Path) -> Iterator[RelayProcs]:
-    procs = RelayProcs(tmp_path)
-    try:
-        yield procs
-    finally:
-        procs.close()
+targets_fixture, relay_fixture = relay_fixtures()
 
 
 def _echo(port: int, payload: bytes) -> bytes:

@@ -206,22 +206,31 @@ class RelayProcs:
                     proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def targets() -> Iterator[Targets]:
-    running = Targets()
-    try:
-        yield running
-    finally:
-        running.close()
+def relay_fixtures(scope: str = "function") -> tuple[Any, Any]:
+    """The ``targets`` (:class:`Targets`) and ``relay`` (:class:`RelayProcs`) fixtures at
+    ``scope``, for a test module to take as its own:
+    ``targets_fixture, relay_fixture = relay_fixtures("module")``."""
+
+    @pytest.fixture(scope=scope, name="targets")
+    def targets_fixture() -> Iterator[Targets]:
+        running = Targets()
+        try:
+            yield running
+        finally:
+            running.close()
+
+    @pytest.fixture(scope=scope, name="relay")
+    def relay_fixture(tmp_path_factory) -> Iterator[RelayProcs]:
+        procs = RelayProcs(tmp_path_factory.mktemp("relay"))
+        try:
+            yield procs
+        finally:
+            procs.close()
+
+    return targets_fixture, relay_fixture
 
 
-@pytest.fixture(scope="module")
-def relay(tmp_path_factory) -> Iterator[RelayProcs]:
-    procs = RelayProcs(tmp_path_factory.mktemp("faults"))
-    try:
-        yield procs
-    finally:
-        procs.close()
+targets_fixture, relay_fixture = relay_fixtures("module")
 
 
 def echo_once(port: int, payload: bytes = b"ping through the relay") -> bytes:

@@ -17,12 +17,12 @@ Throughput and memory are printed (``pytest -s``); nothing asserts on speed.
 """
 from __future__ import annotations
 
-import contextlib
+import itertools
 import resource
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
 
 import msgpack
 import psutil
@@ -33,9 +33,9 @@ from tests.test_faults import (
     OPEN,
     FakeAgent,
     RelayProcs,
-    Targets,
     download,
     echo_once,
+    relay_fixtures,
     rss_mib,
     wait_for,
 )
@@ -53,22 +53,7 @@ FLOOD_BYTES = 256 * MiB
 FLOOD_SECONDS = 20.0
 
 
-@pytest.fixture(scope="module")
-def targets() -> Iterator[Targets]:
-    running = Targets()
-    try:
-        yield running
-    finally:
-        running.close()
-
-
-@pytest.fixture(scope="module")
-def relay(tmp_path_factory) -> Iterator[RelayProcs]:
-    procs = RelayProcs(tmp_path_factory.mktemp("flood"))
-    try:
-        yield procs
-    finally:
-        procs.close()
+targets_fixture, relay_fixture = relay_fixtures("module")
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +70,17 @@ def settled_rss(proc: psutil.Process) -> float:
     return rss_mib(proc)
 
 
-def flood(sock: socket.socket, message: bytes, gateway: psutil.Process) -> tuple[int, float]:
-    """Send ``message`` over and over until the gateway stops taking it (it closed the
-    session, or stopped reading) or FLOOD_BYTES / FLOOD_SECONDS are spent. Returns the
+def flood(sock: socket.socket, messages: Iterable[bytes], gateway: psutil.Process) -> tuple[int, float]:
+    """Send ``messages`` until the gateway stops taking them (it closed the session, or
+    stopped reading), they run out, or FLOOD_BYTES / FLOOD_SECONDS are spent. Returns the
     bytes sent and the gateway's peak RSS seen meanwhile."""
     sock.settimeout(5.0)
     sent = 0
     peak = 0.0
     deadline = time.monotonic() + FLOOD_SECONDS
-    while sent < FLOOD_BYTES and time.monotonic() < deadline:
+    for message in messages:
+        if sent >= FLOOD_BYTES or time.monotonic() >= deadline:
+            break
         try:
             sock.sendall(message)
         except (socket.timeout, ConnectionError):
@@ -133,12 +120,15 @@ def ws_message(payload: bytes) -> bytes:
     return encode_frame(Opcode.BINARY, payload, mask=True)
 
 
-def check_flood(relay: RelayProcs, hub: int, what: str, frames: bytes) -> None:
+def check_flood(relay: RelayProcs, hub: int, what: str, messages: Iterable[bytes]) -> None:
+    """A fake agent that reads nothing sends ``messages`` (WebSocket messages of mux
+    frames): the session ends OVERLOADED, the gateway's RSS stays bounded and comes back,
+    and the real agent serves throughout."""
     gw = relay.gateway_process
     baseline = settled_rss(gw)
     logged = len(gateway_log(relay))
     fake = fake_agent_not_reading(relay)
-    sent, peak = flood(fake.sock, ws_message(frames), gw)
+    sent, peak = flood(fake.sock, messages, gw)
     wait_for(lambda: overload_logged(relay, logged), timeout=10, what="session ended OVERLOADED")
     assert fake.closed()
     fake.sock.close()
@@ -153,7 +143,7 @@ def check_flood(relay: RelayProcs, hub: int, what: str, frames: bytes) -> None:
 
 def test_mux_ping_flood_from_a_peer_that_never_reads(relay, warm):
     pings = b"".join(FRAME.pack(1, PING, 0, 0, 8) + struct.pack(">Q", i) for i in range(12000))
-    check_flood(relay, warm, "mux PING flood", pings)
+    check_flood(relay, warm, "mux PING flood", itertools.repeat(ws_message(pings)))
 
 
 def test_refused_open_flood_from_a_peer_that_never_reads(relay, warm):
@@ -168,28 +158,7 @@ def test_refused_open_flood_from_a_peer_that_never_reads(relay, warm):
             opens += FRAME.pack(1, OPEN, 0, stream_id, len(empty)) + empty
             stream_id += 2
         batches.append(ws_message(bytes(opens)))
-    gw = relay.gateway_process
-    baseline = settled_rss(gw)
-    logged = len(gateway_log(relay))
-    fake = fake_agent_not_reading(relay)
-    fake.sock.settimeout(3.0)
-    sent = 0
-    peak = 0.0
-    with contextlib.suppress(socket.timeout, ConnectionError):
-        for batch in batches:
-            fake.sock.sendall(batch)
-            sent += len(batch)
-            peak = max(peak, rss_mib(gw))
-    peak = max(peak, rss_mib(gw))
-    wait_for(lambda: overload_logged(relay, logged), timeout=10, what="session ended OVERLOADED")
-    assert fake.closed()
-    fake.sock.close()
-    after = wait_for(lambda: (r := rss_mib(gw)) <= baseline + 8 and r, timeout=15, what="RSS back near baseline")
-    print(f"\nrefused-OPEN flood: {sent / MiB:.0f} MiB ({sent // 13} OPENs at most) sent; gateway RSS "
-          f"baseline {baseline:.1f}, peak {peak:.1f}, after {after:.1f} MiB")
-    assert peak <= baseline + FLOOD_RSS_LIMIT_MIB, (baseline, peak)
-    assert relay.online_agent() == relay.agent_id
-    assert echo_once(warm) == b"ping through the relay"
+    check_flood(relay, warm, "refused-OPEN flood", batches)
 
 
 def test_websocket_ping_flood_at_a_tcp_tunnel_url(relay, targets, warm):
@@ -211,7 +180,7 @@ def test_websocket_ping_flood_at_a_tcp_tunnel_url(relay, targets, warm):
     while handshake.receive_data(sock.recv(4096)) is None:
         pass
     pings = b"".join(encode_frame(Opcode.PING, b"p" * 125, mask=True) for _ in range(2000))
-    sent, peak = flood(sock, pings, gw)
+    sent, peak = flood(sock, itertools.repeat(pings), gw)
     sock.close()
     after = wait_for(lambda: (r := rss_mib(gw)) <= baseline + 8 and r, timeout=15, what="RSS back near baseline")
     print(f"\nWebSocket PING flood: {sent / MiB:.0f} MiB sent; gateway RSS baseline {baseline:.1f}, "

@@ -12,33 +12,16 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.servers import free_port
-from tests.test_faults import RelayProcs, Targets, wait_for
+from tests.test_faults import RelayProcs, Targets, echo_once, relay_fixtures, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def targets() -> Iterator[Targets]:
-    running = Targets()
-    try:
-        yield running
-    finally:
-        running.close()
-
-
-@pytest.fixture
-def relay(tmp_path: Path) -> Iterator[RelayProcs]:
-    procs = RelayProcs(tmp_path)
-    try:
-        yield procs
-    finally:
-        procs.close()
+targets_fixture, relay_fixture = relay_fixtures()
 
 
 def _start_receiver(relay: RelayProcs) -> subprocess.Popen:
@@ -53,22 +36,9 @@ def _online(relay: RelayProcs, name: str) -> bool:
         return False
 
 
-def _echo(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.settimeout(5)
-        sock.sendall(payload)
-        received = b""
-        while len(received) < len(payload):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            received += chunk
-        return received
-
-
 def _echoes(port: int) -> bool:
     try:
-        return _echo(port, b"are you there") == b"are you there"
+        return echo_once(port, b"are you there") == b"are you there"
     except OSError:
         return False
 
@@ -99,7 +69,7 @@ def test_connect_reports_a_failed_bind_and_rebinds_after_the_agent_restarts(
         status, body = relay.api("POST", connect, {"agent_id": laptop, "local_port": local})
         assert status == 200, body
         assert body["connection_string"] == f"tcp://127.0.0.1:{local}"
-        assert _echo(local, b"via the laptop") == b"via the laptop"
+        assert echo_once(local, b"via the laptop") == b"via the laptop"
 
         # The receiver restarts (its listeners die with it): the gateway re-sends the
         # binding when it is back, and the same local port works again.

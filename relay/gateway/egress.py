@@ -61,8 +61,16 @@ def redact_url(url: str) -> str:
 
 def is_ip_literal(host: str) -> bool:
     """Is ``host`` an IP address or a ``localhost`` name (judged without DNS)?"""
+    return _literal(host) is not None
+
+
+def _literal(host: str) -> Optional[IPAddress]:
+    """The address ``host`` names without DNS: an IP literal (brackets allowed), or
+    loopback for ``localhost`` names (RFC 6761); None for any other name."""
     host = host.strip("[]").rstrip(".").lower()
-    return host == "localhost" or host.endswith(".localhost") or _address(host) is not None
+    if host == "localhost" or host.endswith(".localhost"):
+        host = "127.0.0.1"
+    return _address(host)
 
 
 def _address(text: str) -> Optional[IPAddress]:
@@ -145,10 +153,7 @@ class EgressPolicy:
         ``localhost`` names are judged (no DNS)."""
         if port not in set(self._own_ports()) and port not in set(future_ports):
             return False
-        host = host.strip("[]").rstrip(".").lower()
-        if host == "localhost" or host.endswith(".localhost"):
-            host = "127.0.0.1"
-        ip = _address(host)
+        ip = _literal(host)
         if ip is None:
             return False
         if ip.is_loopback or ip.is_unspecified:
@@ -168,11 +173,8 @@ class EgressPolicy:
         """At registration: why ``url`` (http/https) can never be reached, judged from
         what it says without resolving a name (``localhost`` names count as loopback)."""
         split = urlsplit(url)
-        host = (split.hostname or "").rstrip(".").lower()
         port = split.port or (443 if split.scheme == "https" else 80)
-        if host == "localhost" or host.endswith(".localhost"):  # RFC 6761: always loopback
-            host = "127.0.0.1"
-        ip = _address(host)
+        ip = _literal(split.hostname or "")
         return None if ip is None else self.refusal(ip, port)
 
     async def resolve(self, host: str, port: int) -> list[str]:
