@@ -338,6 +338,64 @@ def test_a_thousand_stalled_readers_do_not_slow_a_healthy_stream() -> None:
     assert victim._reserved == expected_reservation(victim)
 
 
+def test_readers_that_took_a_burst_and_stalled_leave_a_healthy_stream_room_to_grow() -> None:
+    """Readers that take a burst at once (as a client's socket buffers do) and then stall
+    keep the window growth they were given: granted credit is never taken back. They may
+    spend the open half of the growth budget, not the rest: a healthy stream beside them
+    earns its window by reading (issue 12: beside 1,000 such readers a download crawled,
+    its window stuck at the initial 16 KiB because they held all the growth)."""
+    victim, peer = pair()  # the default limits
+    cfg = victim.config
+    now = 0.0
+
+    def round_trip(reader: int) -> int:
+        """Deliver what the peer has; only ``reader``'s data is read (at once)."""
+        nonlocal now
+        now += 0.0002
+        got = 0
+        for event in victim.receive_data(peer.data_to_send(), now) if peer.has_data_to_send else ():
+            if isinstance(event, StreamOpened):
+                victim.accept_stream(event.stream_id)
+            elif isinstance(event, DataReceived) and event.stream_id == reader:
+                got += event.flow_controlled_length
+        if got:
+            victim.acknowledge_received_data(reader, got)
+        if victim.has_data_to_send:
+            peer.receive_data(victim.data_to_send(), now)
+        return got
+
+    def read(sid: int, size: int) -> None:
+        taken = 0
+        for _ in range(10_000):
+            if taken >= size:
+                return
+            peer.send_data(sid, b"x" * max(peer.send_window(sid), 1))
+            taken += round_trip(sid)
+        raise AssertionError(f"stream {sid} stopped moving after {taken} bytes")
+
+    stalled = []
+    for _ in range(64):  # enough to take the whole growth budget, were it all open
+        sid = peer.open_stream({})
+        read(sid, 512 * 1024)  # a burst, read as fast as it comes ...
+        peer.send_data(sid, b"s" * peer.send_window(sid))  # ... then never again
+        round_trip(-1)
+        stalled.append(sid)
+    assert victim._granted_growth >= cfg.session_window // 4  # the open half is theirs now
+    held = victim._granted_growth
+    windows = [victim._streams[sid].recv.committed for sid in stalled]
+
+    now += 2 * cfg.receiving_horizon  # they are stalled: no longer counted as receiving
+    healthy = peer.open_stream({})
+    read(healthy, 32 * 1024 * 1024)
+    # Grown far past its initial window (it stayed at 16 KiB before: no growth was left).
+    assert victim._streams[healthy].recv.window >= 64 * cfg.initial_window
+    assert not victim.terminated
+    # The stalled readers got nothing more, and the budget holds.
+    assert [victim._streams[sid].recv.committed for sid in stalled] == windows
+    assert victim._granted_growth - held <= cfg.session_window // 4
+    assert victim._reserved == expected_reservation(victim) <= cfg.session_window
+
+
 def test_data_beyond_a_stream_window_resets_only_that_stream() -> None:
     """docs/PROTOCOL.md §7: a stream's overrun is a stream error, not a session error."""
     victim, peer = pair(initial_window=4096)

@@ -169,6 +169,14 @@ _SETTING_RANGES = {
 }
 
 
+#: Beyond the open half of the growth budget a stream's window may exceed its initial
+#: size by a quarter of what it has consumed past its first ``_EARNED_AFTER`` bytes (see
+#: ``_consumed_tuned``). The offset is larger than the socket buffers a stalled client's
+#: kernel takes in one go, so taking a burst and stalling earns nothing.
+_EARNED_RATIO = 4
+_EARNED_AFTER = 1024 * 1024
+
+
 class MuxConnection:
     """One end of a multiplexed session.
 
@@ -479,6 +487,14 @@ class MuxConnection:
         target as it consumes: up at once (the growth rides on this update), down by
         withholding credit (:meth:`ReceiveWindow.resize`). A stream alone still grows to
         ``max_window``; 32 streams converge on equal windows, hence equal throughput.
+
+        Growth granted is never taken back, so a reader that takes a burst and then stalls
+        keeps what it was given. The first half of the growth budget is open to any
+        stream; the second half only to a stream whose growth stays within a quarter of
+        what it has consumed past its first MiB (``_EARNED_RATIO``, ``_EARNED_AFTER``).
+        Stalled readers can spend the open half, but to hold the rest each must first read
+        a MiB and then four times what it holds, while a healthy reader beside them earns
+        its window within a few dozen round trips.
         """
         cfg = self.config
         target = self._tuned_window
@@ -491,6 +507,13 @@ class MuxConnection:
             if target > committed:  # growth: only as far as the budget still allows
                 allowed = min(cfg.session_window // 2 - self._granted_growth,
                               cfg.session_window - self._reserved)
+                open_left = cfg.session_window // 4 - self._granted_growth
+                if target - committed > open_left:
+                    # The open half of the growth budget is spent (readers that took a burst
+                    # and stalled may hold it for ever): beyond it a window grows only as
+                    # its reader earns it by reading.
+                    earned = cfg.initial_window + max(recv.total - _EARNED_AFTER, 0) // _EARNED_RATIO - committed
+                    allowed = min(allowed, max(open_left, earned))
                 target = max(recv.window, min(target, committed + max(allowed, 0)))
             if target != recv.window:
                 recv.resize(target)

@@ -1,5 +1,5 @@
 cdef class ReceiveWindow:
-    cdef public long long window, credit, pending, epoch_consumed, debt
+    cdef public long long window, credit, pending, epoch_consumed, debt, total
     cdef public object epoch_start
     cdef public double seen
     # cpdef: called by the core (typed references) on every acknowledgement.

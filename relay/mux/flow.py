@@ -31,7 +31,7 @@ from typing import Optional
 class ReceiveWindow:
     """The receiving side's view of one flow-control window."""
 
-    __slots__ = ("window", "credit", "pending", "epoch_start", "epoch_consumed", "debt", "seen")
+    __slots__ = ("window", "credit", "pending", "epoch_start", "epoch_consumed", "debt", "seen", "total")
 
     def __init__(self, window: int) -> None:
         #: Current target size of the window (auto-tuning moves it).
@@ -46,6 +46,8 @@ class ReceiveWindow:
         self.debt = 0
         #: When the connection last counted this stream as receiving (its clock).
         self.seen = float("-inf")
+        #: Bytes consumed over the stream's life: what its reader has shown it reads.
+        self.total = 0
 
     @property
     def committed(self) -> int:
@@ -61,6 +63,7 @@ class ReceiveWindow:
 
     def consumed(self, n: int) -> int:
         """Account for ``n`` consumed bytes; returns the increment to announce now, or 0."""
+        self.total += n
         pending = self.pending + n
         if self.debt:  # shrinking: consumed bytes repay the debt before being granted again
             repaid = min(self.debt, pending)
