@@ -25,6 +25,7 @@ from relay.trio import (
     TrioMuxSession,
     WebSocketStream,
 )
+from relay.trio.stream import SEND_SLICE
 
 KINDS = ["memory", "tcp"]
 
@@ -127,8 +128,8 @@ def test_check_half_closeable_stream(kind):
             async def clog(stream, conn):
                 while True:
                     await trio.testing.wait_all_tasks_blocked()
-                    if not conn.writable(stream.stream_id):
-                        return
+                    if not conn.writable(stream.stream_id) or conn.send_blocked(stream.stream_id):
+                        return  # send_all would wait now
                     room = small.send_queue_limit - conn.queued_bytes(stream.stream_id)
                     await stream.send_all(b"x" * room)
 
@@ -256,6 +257,40 @@ def test_backpressure_stalled_reader(kind):
             assert hashlib.sha256(data).digest() == hashlib.sha256(payload).digest()
 
     run(main)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stalled_readers_hold_only_their_windows_at_the_sender(kind):
+    """Writers sending 1 MiB each to readers that never read: the sender's core queues at
+    most each stream's window plus one slice, not ``send_queue_limit`` per stream
+    (before, 20 stalled streams held 20 MiB here; 1,000 would hold 1 GB)."""
+    config = MuxConfig(initial_window=16 * 1024)  # send_queue_limit: the default 1 MiB
+    payload = bytes(1024 * 1024)
+
+    async def main():
+        async with session_pair(kind, config, config) as (a, b):
+            pairs = [await open_pair(a, b) for _ in range(20)]
+            async with trio.open_nursery() as nursery:
+                for s1, _ in pairs:
+                    nursery.start_soon(s1.send_all, payload)
+                await trio.sleep(0.3)
+                await trio.testing.wait_all_tasks_blocked()
+                queued = [a.connection.queued_bytes(s1.stream_id) for s1, _ in pairs]
+                assert max(queued) <= SEND_SLICE, queued  # the window itself has left
+                assert b.connection.buffered_received == 20 * config.initial_window
+                # A reader that resumes gets everything, the others stay stalled.
+                data = await receive_all_n(pairs[0][1], len(payload))
+                assert data == payload
+                nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+async def receive_all_n(stream: MuxStream, size: int) -> bytes:
+    received = bytearray()
+    while len(received) < size:
+        received += await stream.receive_some()
+    return bytes(received)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -432,6 +432,10 @@ class TrioMuxSession(StreamEventRouter):
             data = conn.data_to_send(FLUSH_SLICE)
             # Wake writers before writing: they refill the queue while this write runs.
             for stream_id in conn.writable_streams():
+                if stream_id == 0:  # the session window reopened: every blocked writer may go on
+                    for stream in streams.values():
+                        stream._on_writable()
+                    continue
                 stream = streams.get(stream_id)
                 if stream is not None:
                     stream._on_writable()

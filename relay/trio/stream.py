@@ -5,9 +5,12 @@ acknowledged to the core (``acknowledge_received_data``) only as ``receive_some`
 them to the caller, so a reader that stops reading stops granting window and the peer
 stops after one window.
 
-Backpressure, sending: ``send_all`` hands bytes to the core's per-stream send queue, at
-most up to ``send_queue_limit``, and waits while the queue is full. The session's send
-loop drains the queue onto the transport as the windows allow and wakes the writer.
+Backpressure, sending: ``send_all`` hands bytes to the core's per-stream send queue in
+slices of at most ``SEND_SLICE``, and waits while the queue holds as much as the stream's
+window lets leave (``send_blocked``), never past ``send_queue_limit``. The session's send
+loop drains the queue onto the transport as the windows allow and wakes the writer. So a
+stream whose reader stalls holds at most its window plus one slice here, as the asyncio
+binding's splices do, however many streams stall.
 
 Closing follows TCP: ``aclose`` sends our FIN after the data already queued (graceful),
 but if unread data is left, or data arrives after the close, the stream is reset, so a
@@ -30,6 +33,8 @@ if TYPE_CHECKING:
 #: ``receive_some()`` without ``max_bytes`` returns at most this much (buffered frames are
 #: joined up to it: fewer calls per megabyte, bounded copies).
 DEFAULT_RECEIVE_SIZE = 64 * 1024
+#: The most ``send_all`` queues at a time before checking the window again.
+SEND_SLICE = 64 * 1024
 
 
 def _code_name(error_code: int) -> str:
@@ -261,12 +266,13 @@ class MuxStream(trio.abc.HalfCloseableStream):
             limit = conn.config.send_queue_limit
             yielded = False
             while offset < total:
-                while not conn.writable(self.stream_id):
+                while not conn.writable(self.stream_id) or conn.send_blocked(self.stream_id):
                     await self._writers.park()
                     yielded = True
                     self._check_sendable()
-                # Never queue past the limit: it is what bounds memory per stream.
-                room = limit - conn.queued_bytes(self.stream_id)
+                # Never queue past the limit, nor more than a slice beyond what the window
+                # lets leave: that is what bounds memory per stream.
+                room = min(limit - conn.queued_bytes(self.stream_id), SEND_SLICE)
                 end = min(total, offset + room)
                 # One copy: the caller may reuse its buffer once send_all returns.
                 chunk = data if offset == 0 and end == total and type(data) is bytes else bytes(view[offset:end])
@@ -277,11 +283,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
-        """Wait until the send queue has room (``send_all`` would not wait)."""
+        """Wait until the stream may queue more (``send_all`` would not wait at once)."""
         with self._send_conflict:
             await trio.lowlevel.checkpoint()
             self._check_sendable()
-            while not self._conn.writable(self.stream_id):
+            while not self._conn.writable(self.stream_id) or self._conn.send_blocked(self.stream_id):
                 await self._writers.park()
                 self._check_sendable()
 
