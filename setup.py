@@ -24,8 +24,8 @@ COMPILED_SOURCES = [
     ("relay.aio.stream", "relay/aio/stream.py"),
     ("relay.aio.session", "relay/aio/session.py"),
     ("relay.aio.transport", "relay/aio/transport.py"),
-    ("relay.gateway.http_proxy", "relay/gateway/http_proxy.py"),
-    ("relay.gateway.http_tunnels", "relay/gateway/http_tunnels.py"),
+    ("relay.gateway.http.proxy", "relay/gateway/http/proxy.py"),
+    ("relay.gateway.http.tunnel_proxy", "relay/gateway/http/tunnel_proxy.py"),
 ]
 
 

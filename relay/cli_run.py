@@ -55,10 +55,49 @@ def raise_nofile_limit() -> int:
 
 
 def _select_backend(ctx: click.Context, param: Any, value: str) -> None:
-    """``relay agent --backend``: trio runs relay.agent.trio_client's body instead."""
+    """``relay agent --backend trio``: run :func:`_trio_agent` for this invocation instead
+    of the asyncio body, with the same options. Called from the option's callback (before
+    the command runs), it replaces the command's invocation on this click context only,
+    so the asyncio command stays untouched."""
     if value == "trio":
         raise_nofile_limit()  # the trio body does not return to agent() below
-        __import__("relay.agent.trio_client").agent.trio_client.use_trio_backend(ctx)
+
+        def invoke(callback: Any, **params: Any) -> Any:
+            return _trio_agent(**params)
+
+        ctx.invoke = invoke  # type: ignore[method-assign]
+
+
+def _trio_agent(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ...],
+                allow: tuple[str, ...], ca_cert: Any, log_level: str, **options: Any) -> None:
+    """The body of ``relay agent`` on trio (relay.agent.trio_client.TrioAgent): same
+    checks, logging and one-line errors as the asyncio one."""
+    import ssl
+
+    import trio
+
+    from relay.agent.client import AgentAuthError
+    from relay.agent.trio_client import TrioAgent
+
+    unsupported = sorted(name for name, value in options.items() if value)
+    if unsupported:  # options the asyncio agent grew that this one does not serve yet
+        raise click.UsageError(f"--backend trio does not support {', '.join(unsupported)} yet")
+    if not key.startswith("ak-"):
+        raise click.BadParameter("an agent key starts with 'ak-'", param_hint="--key")
+    for entry in allow:
+        _split_host_port(entry, "--allow")
+    _setup_logging(log_level)
+    try:
+        context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert is not None else None
+        agent = TrioAgent(gateway_url, key, name=name, labels=labels, allow=allow, ssl_context=context)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gateway") from None
+    try:
+        trio.run(agent.run)
+    except AgentAuthError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
 
 
 def _split_host_port(value: str, what: str, allow_zero: bool = False) -> tuple[str, int]:

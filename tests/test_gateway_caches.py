@@ -73,7 +73,7 @@ def test_credential_cached_and_revocation_by_another_process_is_seen_at_once(tmp
                     assert keys["dk"] not in done.stdout + done.stderr  # the key is never echoed
                     # The very next request on the same keep-alive connection is refused, or
                     # the connection is already gone: the revocation watcher cuts what the key
-                    # opened (relay.gateway.revocation) within its next poll.
+                    # opened (relay.gateway.agents.revocation) within its next poll.
                     try:
                         status, payload = await keep_alive_get(reader, writer, "/api/v1/r/containers/ext-a/x",
                                                                keys["dk"])

@@ -1,6 +1,6 @@
 """Bad clients and bad targets against the HTTP proxy engine, through real sockets.
 
-An independent adversarial pass over relay/gateway/http_proxy.py: in-process gateway +
+An independent adversarial pass over relay/gateway/http/proxy.py: in-process gateway +
 agent on one uvloop loop (the fixtures of tests/test_http_tunnel.py), HTTP tunnels to
 targets on 127.0.0.1 whose every byte a test decides, and clients that write raw bytes.
 Each test checks what reaches the target (a request is forwarded whole and well formed,

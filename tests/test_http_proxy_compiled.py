@@ -1,4 +1,4 @@
-"""The HTTP proxy engine is its own twin (relay/gateway/http_proxy.pxd): compiled in the
+"""The HTTP proxy engine is its own twin (relay/gateway/http/proxy.pxd): compiled in the
 accelerated run, with extension types that keep what the rest of the gateway relies on."""
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import os
 import pytest
 
 from relay import _ext
-from relay.gateway import http_proxy
-from relay.gateway.http_proxy import ProxyConnection, ProxyStats, RequestHead, Upstream
+from relay.gateway.http import proxy as http_proxy
+from relay.gateway.http.proxy import ProxyConnection, ProxyStats, RequestHead, Upstream
 
 PURE = bool(os.environ.get("RELAY_NO_EXTENSIONS"))
 
 
 def test_engine_compiled_only_in_the_accelerated_run() -> None:
-    assert "relay.gateway.http_proxy" in _ext.COMPILED_SOURCES
+    assert "relay.gateway.http.proxy" in _ext.COMPILED_SOURCES
     assert _ext.is_compiled(http_proxy) is not PURE
 
 

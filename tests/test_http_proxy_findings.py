@@ -193,7 +193,7 @@ def test_a_half_closed_client_gets_a_slow_answer_while_the_target_makes_progress
     a hung target held the stream and both connections for ever), a half-closed client
     must still get an answer whose pieces come slower than the client's EOF but never
     pause for EOF_PATIENCE; a silent target is given up."""
-    monkeypatch.setattr("relay.gateway.http_proxy.EOF_PATIENCE", 0.5)
+    monkeypatch.setattr("relay.gateway.http.proxy.EOF_PATIENCE", 0.5)
     pieces = 6
 
     async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

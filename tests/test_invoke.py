@@ -136,7 +136,7 @@ def test_invoke_validation_and_size_cap(tmp_path, monkeypatch) -> None:
                         assert status == 400, (req, out)
                         assert set(out["error"]) == {"code", "message"}
                     assert (await invoke(gw, keys["sk"], "echo", method="GET", path="/" + "a" * 2047))[0] == 200
-                    monkeypatch.setattr("relay.gateway.invoke.MAX_RESPONSE", 1000)
+                    monkeypatch.setattr("relay.gateway.api.invoke.MAX_RESPONSE", 1000)
                     status, out = await invoke(gw, keys["sk"], "echo", method="GET", path="/big?size=1001")
                     assert status == 502 and out["error"]["code"] == "response_too_large", out
                     status, out = await invoke(gw, keys["sk"], "echo", method="GET", path="/big?size=1000")

@@ -14,7 +14,7 @@ from typing import Optional
 import h11
 import pytest
 
-from relay.gateway import services as services_module
+from relay.gateway.api import services as services_module
 from tests.test_gateway_e2e import gateway_and_team, run, wait_until
 from tests.test_invoke import invoke, serving_agent, wait_status
 

@@ -2,9 +2,9 @@
 (seeds 003, 004), through real sockets on 127.0.0.1.
 
 The service-side counterpart of tests/test_http_proxy_adversarial.py: the transparent
-proxy ``ANY /api/v1/r/containers/{slug}/*`` (relay/gateway/services.py in front of the
-engine of relay/gateway/http_proxy.py) and ``POST /api/v1/r/invoke/{slug}``
-(relay/gateway/invoke.py). An in-process gateway with agents declaring services whose
+proxy ``ANY /api/v1/r/containers/{slug}/*`` (relay/gateway/api/services.py in front of the
+engine of relay/gateway/http/proxy.py) and ``POST /api/v1/r/invoke/{slug}``
+(relay/gateway/api/invoke.py). An in-process gateway with agents declaring services whose
 targets are servers on 127.0.0.1 that record every byte they get (a strict h11 parse,
 or a scripted raw handler). Each test checks what reaches the target (one well-formed
 request per request the gateway authenticated, never the gateway credential, never a
@@ -773,8 +773,8 @@ def test_a_misbehaving_target_on_invoke(tmp_path, monkeypatch):
     ``tunnel_error``, ``upstream_timeout`` past the exchange limit, ``response_too_large``
     past the buffering limit, the body read no further), each request sent once, the
     stream dropped (never back in the pool), others served throughout, no leak."""
-    monkeypatch.setattr("relay.gateway.invoke.INVOKE_TIMEOUT", 1.5)
-    monkeypatch.setattr("relay.gateway.invoke.MAX_RESPONSE", 1024 * 1024)
+    monkeypatch.setattr("relay.gateway.api.invoke.INVOKE_TIMEOUT", 1.5)
+    monkeypatch.setattr("relay.gateway.api.invoke.MAX_RESPONSE", 1024 * 1024)
     log: list[str] = []
     progress = [0]
     failures: list[str] = []
@@ -1188,8 +1188,8 @@ def test_a_raw_route_whose_owner_declines_its_request_answers_404_once(tmp_path)
     of being handed over again, so no disagreement between a route and its resolver can
     pass a connection back and forth without I/O. Later requests on the connection are
     routed as usual (the raw route may take them)."""
-    from relay.gateway.http_proxy import serve_connection
-    from relay.gateway.server import HttpProtocol, Router, json_response
+    from relay.gateway.http.proxy import serve_connection
+    from relay.gateway.http.server import HttpProtocol, Router, json_response
 
     async def body():
         router = Router()

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from relay.agent.services import parse_service
-from relay.gateway.services import _declarations
+from relay.gateway.api.services import _declarations
 from tests.openai_server import OpenAIServer
 from tests.test_gateway_e2e import gateway_and_team, http, run
 from tests.test_invoke import fast_probes, invoke, serving_agent, wait_status

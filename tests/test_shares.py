@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from relay.gateway.server import HttpError
-from relay.gateway.shares import RateLimiter, allowed_methods, check_share, parse_share_request
+from relay.gateway.api.shares import RateLimiter, allowed_methods, check_share, parse_share_request
+from relay.gateway.http.server import HttpError
 from relay.gateway.store import Share
 
 T0 = 1_700_000_040.0  # a window boundary (divisible by 60)

@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.gateway import store as store_mod
 from relay.gateway.store import (
     DB_FILENAME,
     MIGRATIONS,
@@ -24,6 +23,7 @@ from relay.gateway.store import (
     hash_token,
     normalize_uuid,
 )
+from relay.gateway.store import base as store_mod
 
 
 @pytest.fixture

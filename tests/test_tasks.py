@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import pytest
 
-from relay.gateway import tasks as gateway_tasks
+from relay.gateway.api import tasks as gateway_tasks
 from tests.test_gateway_e2e import gateway_and_team, http, run, running_agent, wait_until
 
 pytestmark = pytest.mark.timeout(60)

@@ -58,7 +58,7 @@ def _free_port() -> int:
 
 def reporting(*allow: str) -> dict:
     """Agent arguments for an agent whose hello reports its allowlist (``allow`` in the
-    hello, as relay.gateway.tunnels reads it; the hello's info comes from MuxConfig)."""
+    hello, as relay.gateway.agents.tunnel_sessions reads it; the hello's info comes from MuxConfig)."""
     return {"allow": list(allow), "mux_config": MuxConfig(info={"allow": list(allow)})}
 
 
@@ -129,7 +129,7 @@ def test_a_tunnel_cannot_target_the_gateways_own_ports_and_a_loop_is_bounded(tmp
     listening after a tunnel aimed at it was created is refused at connection time:
     the client's connection closes at once, nothing reaches the other hub. And a hub port
     carries at most MAX_HUB_CONNECTIONS connections at once."""
-    import relay.gateway.tunnels as tunnels_module
+    import relay.gateway.agents.tunnel_sessions as tunnels_module
 
     async def main():
         async with gateway_and_team(tmp_path) as (gw, keys), echo_server() as echo_port:

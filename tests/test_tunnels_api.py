@@ -13,10 +13,10 @@ from typing import Any, Optional
 
 import pytest
 
+from relay.gateway.api.tunnels import auto_protocol, connection_string, parse_target
 from relay.gateway.app import Gateway
-from relay.gateway.server import HttpError
+from relay.gateway.http.server import HttpError
 from relay.gateway.store import Store
-from relay.gateway.tunnels_api import auto_protocol, connection_string, parse_target
 from tests.test_gateway_e2e import gateway_and_team, run, running_agent, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -686,7 +686,7 @@ def test_concurrent_pause_and_resume_leave_status_and_listener_in_agreement(tmp_
 
 
 def test_openapi_describes_every_tunnels_api_route(tmp_path):
-    from relay.gateway.tunnels_api import TunnelsApi
+    from relay.gateway.api.tunnels import TunnelsApi
 
     class Recorder:
         def __init__(self) -> None:

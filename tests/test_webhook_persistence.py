@@ -12,9 +12,9 @@ import time
 
 import pytest
 
+from relay.gateway.api.webhooks import WebhookDispatcher
 from relay.gateway.egress import EgressPolicy
 from relay.gateway.store import Store
-from relay.gateway.webhooks import WebhookDispatcher
 from tests.test_gateway_e2e import gateway_and_team, run, running_agent, wait_until
 from tests.test_tunnels_api import api, create
 from tests.test_webhooks import Receiver, verify

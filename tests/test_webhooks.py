@@ -15,8 +15,8 @@ from typing import Any, Optional
 import h11
 import pytest
 
+from relay.gateway.api.webhooks import WebhookDispatcher, post_json, sign
 from relay.gateway.store import Webhook
-from relay.gateway.webhooks import WebhookDispatcher, post_json, sign
 from tests.test_gateway_e2e import gateway_and_team, run, running_agent, wait_until
 from tests.test_tunnels_api import api, create
 
@@ -267,9 +267,9 @@ def test_post_json_and_sign():
 def test_the_signature_covers_the_timestamp_so_a_delivery_cannot_be_replayed(tmp_path):
     """A real delivery to a real receiver: its signature verifies over ``TIMESTAMP.BODY``
     and not over the body alone; the same body and signature with another timestamp (a
-    replay made to look fresh) fail the documented check (relay.gateway.webhooks.verify),
+    replay made to look fresh) fail the documented check (relay.gateway.api.webhooks.verify),
     and so does a stale timestamp with its own valid signature."""
-    from relay.gateway.webhooks import verify as receiver_verify
+    from relay.gateway.api.webhooks import verify as receiver_verify
 
     async def main():
         async with gateway_and_team(tmp_path) as (gw, keys), Receiver() as receiver:

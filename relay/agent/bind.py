@@ -9,7 +9,7 @@ reachable from this agent (the gateway's ``--hub-host``); a gateway on loopback 
 serves agents on its own machine.
 
 The agent answers each bind with ``{"type": "bind.result", "request_id", "tunnel_id",
-"local_port", "ok", "error"?}`` (the gateway waits for it: relay.gateway.bindings). A
+"local_port", "ok", "error"?}`` (the gateway waits for it: relay.gateway.agents.bindings). A
 second bind of the same tunnel on another port replaces the first listener once the new
 one is bound; the same binding again (the gateway re-sends every stored binding when the
 agent connects) keeps the listener as it is. Listeners live until the agent is closed

@@ -3,7 +3,7 @@
 One outbound WebSocket to ``GATEWAY/api/v1/agent/connect`` with ``Authorization: Bearer
 ak-...`` carries one mux session (the agent is the ``client=True`` side). The agent's
 hello is its SETTINGS ``info``: ``{"name", "labels", "version", "limits"}`` (see
-relay.gateway.registry); the gateway answers with a ``welcome`` control message naming
+relay.gateway.agents.registry); the gateway answers with a ``welcome`` control message naming
 the agent id. Liveness is the mux keepalive (PING after 15 s of silence, dead after 45 s).
 
 Streams the gateway opens carry ``{"protocol": "tcp"|"http", "target": "HOST:PORT"}``; both

@@ -10,14 +10,14 @@ whenever its agent is online. ``prompt`` may not contain commas (the separator).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from relay.allowlist import parse_host_port
+from relay.services import SLUG_RE
+
 __all__ = ["SLUG_RE", "ServiceSpec", "parse_service"]
 
-#: The slug pattern of seed 003 (URL-safe, 3..100 characters).
-SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,98}[a-z0-9]$")
 DEFAULT_HEALTH = "/health"
 MAX_PROMPT = 4000
 
@@ -48,8 +48,6 @@ def _path(value: str, option: str) -> str:
 
 def parse_service(text: str) -> ServiceSpec:
     """Parse one ``--service`` value; ValueError with a one-line reason if malformed."""
-    from relay.agent.client import parse_host_port  # here: client imports this module's users
-
     head, *options = text.split(",")
     slug, sep, target = head.partition("=")
     slug = slug.strip()

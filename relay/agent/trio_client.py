@@ -16,7 +16,8 @@ come from ``relay.agent.policy``, which the asyncio agent uses too; tests/confor
 checks that both agents answer alike. Not ported yet (the asyncio agent grew them meanwhile): the Tunnels API
 ``bind`` control (``relay.agent.bind`` is asyncio-only; answered with a failure), task
 handlers (``relay.agent.tasks``), ``allow_stream`` policies and declared services;
-``relay agent --backend trio`` refuses ``--service`` rather than ignore it.
+``relay agent --backend trio`` (its body is in relay.cli_run) refuses ``--service``
+rather than ignore it.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from relay.mux.connection import MuxConfig
 from relay.mux.errors import ErrorCode
 from relay.trio import MuxStream, StreamRefused, TrioMuxSession, WebSocketStream
 
-__all__ = ["TrioAgent", "splice", "use_trio_backend"]
+__all__ = ["TrioAgent", "splice"]
 
 log = logging.getLogger("relay.agent")
 
@@ -305,46 +306,4 @@ def _linger_zero(local: Any) -> None:
     try:
         local.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except (AttributeError, OSError, trio.ClosedResourceError):  # not a socket, or closed
-        pass
-
-
-# ---------------------------------------------------------------------- CLI hook
-
-def use_trio_backend(ctx: Any) -> None:
-    """``relay agent --backend trio``: run this agent for this invocation instead of the
-    asyncio one, with the same options. Called from the ``--backend`` option's callback
-    (before the command runs), it replaces the command's invocation on this click
-    context only, so the asyncio command stays untouched."""
-
-    def invoke(callback: Any, **params: Any) -> Any:
-        return run_cli(**params)
-
-    ctx.invoke = invoke
-
-
-def run_cli(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ...],
-            allow: tuple[str, ...], ca_cert: Any, log_level: str, **options: Any) -> None:
-    """The body of ``relay agent`` on trio: same checks, logging and one-line errors."""
-    import click
-
-    from relay.cli_run import _setup_logging, _split_host_port
-
-    unsupported = sorted(name for name, value in options.items() if value)
-    if unsupported:  # options the asyncio agent grew that this one does not serve yet
-        raise click.UsageError(f"--backend trio does not support {', '.join(unsupported)} yet")
-    if not key.startswith("ak-"):
-        raise click.BadParameter("an agent key starts with 'ak-'", param_hint="--key")
-    for entry in allow:
-        _split_host_port(entry, "--allow")
-    _setup_logging(log_level)
-    try:
-        context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert is not None else None
-        agent = TrioAgent(gateway_url, key, name=name, labels=labels, allow=allow, ssl_context=context)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--gateway") from None
-    try:
-        trio.run(agent.run)
-    except AgentAuthError as exc:
-        raise click.ClickException(str(exc)) from None
-    except KeyboardInterrupt:
         pass

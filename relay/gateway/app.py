@@ -24,20 +24,20 @@ from typing import Any, Callable, Optional
 
 from relay import __version__
 from relay.aio import MuxSession, WebSocketTransport
+from relay.gateway.agents.bindings import Bindings
+from relay.gateway.agents.registry import AgentNameTaken, Registry, end_session
+from relay.gateway.agents.revocation import RevocationWatcher
+from relay.gateway.agents.tunnel_sessions import DEFAULT_TARGET_PORT, TunnelManager
+from relay.gateway.api.services import ServiceManager, add_services_openapi
+from relay.gateway.api.tasks import TaskManager
+from relay.gateway.api.tunnels import TunnelsApi
 from relay.gateway.auth import Authenticator, Principal
-from relay.gateway.bindings import Bindings
 from relay.gateway.egress import EgressPolicy
 from relay.gateway.hooks import GatewayHooks, GatewaySession
-from relay.gateway.http_proxy import ProxyError, Upstream, origin_form, serve_connection
-from relay.gateway.http_tunnels import HttpTunnels
-from relay.gateway.registry import AgentNameTaken, Registry, end_session
-from relay.gateway.revocation import RevocationWatcher
-from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
-from relay.gateway.services import ServiceManager, add_services_openapi
+from relay.gateway.http.proxy import ProxyError, Upstream, origin_form, serve_connection
+from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, Router, json_response
+from relay.gateway.http.tunnel_proxy import HttpTunnels
 from relay.gateway.store import TUNNEL_SESSION_PROTOCOLS, SecretToken, Store, Team, ensure_default_team
-from relay.gateway.tasks import TaskManager
-from relay.gateway.tunnels import DEFAULT_TARGET_PORT, TunnelManager
-from relay.gateway.tunnels_api import TunnelsApi
 from relay.mux.connection import MuxConfig
 from relay.mux.errors import ErrorCode
 from relay.ws.handshake import HandshakeError, accept_response, parse_upgrade_request, reject_response
@@ -86,7 +86,7 @@ class Gateway:
         self.egress = EgressPolicy(allow_private_egress, own_ports=self.own_ports, own_hosts=[hub_host])
         self.auth = Authenticator(store, jwt_key)
         self.registry = Registry(store)
-        #: Ends the sessions of agents whose key gets revoked (relay.gateway.revocation).
+        #: Ends the sessions of agents whose key gets revoked (relay.gateway.agents.revocation).
         self.revocations = RevocationWatcher(store, self.registry)
         self._revocation_watch: Optional[asyncio.Task] = None
         #: Programmatic hooks (relay.gateway.hooks; docs/EMBEDDING.md).
@@ -325,7 +325,7 @@ class Gateway:
     def _http_tunnel_tcp_path(self, request: Any) -> Optional[Upstream]:
         """Resolver of connections handed over by :meth:`_tcp_over_ws`: ``GET``/``HEAD
         /tunnel/{token}/tcp[?query]`` of an open HTTP tunnel goes to its target like any
-        other path (same Upstream as relay.gateway.http_tunnels builds); every other
+        other path (same Upstream as relay.gateway.http.tunnel_proxy builds); every other
         request goes back to the HTTP server (None), which routes it as usual."""
         target = origin_form(request.target)  # absolute-form: keep the path
         path = target.split(b"?", 1)[0]

@@ -8,7 +8,7 @@ application can each add their own::
     gateway.hooks.allow_stream.append(
         lambda agent, meta: meta.get("target") != "127.0.0.1:22" or "no ssh here")
 
-``agent`` is always the live :class:`~relay.gateway.registry.ConnectedAgent` (``agent_id``,
+``agent`` is always the live :class:`~relay.gateway.agents.registry.ConnectedAgent` (``agent_id``,
 ``team_id``, ``name``, ``labels``, ``version``, ``status``, ``session``).
 
 * ``authenticate`` (one slot, not a list; sync or async): ``fn(request, default)`` decides
@@ -50,8 +50,8 @@ from relay.gateway.auth import Principal
 from relay.mux.errors import ErrorCode
 
 if TYPE_CHECKING:
-    from relay.gateway.registry import ConnectedAgent
-    from relay.gateway.server import Request
+    from relay.gateway.agents.registry import ConnectedAgent
+    from relay.gateway.http.server import Request
 
 __all__ = ["GatewayHooks", "GatewaySession", "agent_principal"]
 

@@ -2,15 +2,15 @@
 gateway's ``/api/v1/openapi.json``. Paths are relative to the document's server
 ``{gateway}/api/v1``, except the share links ``/s/{shareToken}/...``, whose path items
 carry their own ``servers`` (the gateway's root). Kept next to
-:mod:`relay.gateway.tunnels_api`; a test checks that every route registered there is
+:mod:`relay.gateway.api.tunnels`; a test checks that every route registered there is
 described here with the same methods.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from relay.gateway.shares import EXPIRY_CHOICES, HTTP_METHODS
-from relay.gateway.webhooks import EVENTS
+from relay.gateway.api.shares import EXPIRY_CHOICES, HTTP_METHODS
+from relay.gateway.api.webhooks import EVENTS
 
 __all__ = ["add_tunnels_api"]
 
@@ -186,7 +186,7 @@ def _paths() -> dict[str, Any]:
 
 
 def _share_paths(root: str) -> dict[str, Any]:
-    """The share links ``/s/{shareToken}[/...]`` (relay.gateway.share_proxy). They live at
+    """The share links ``/s/{shareToken}[/...]`` (relay.gateway.http.share_proxy). They live at
     the gateway's root, not under ``/api/v1``: each path item says so with its own
     ``servers``. No Authorization: the token in the URL is the credential."""
     token = {**_path_param("shareToken"), "description": "The share link's token (from share_url).",

@@ -5,7 +5,7 @@ Routes (installed after the gateway's own ``GET /tunnel/{token}/tcp``, the TCP-o
 relay of tcp tunnels, which therefore keeps that one path):
 
 * ``ANY /tunnel/{token}/{path}`` (a raw route): the reverse proxy of
-  :mod:`relay.gateway.http_proxy`; ``/tunnel/{token}`` is stripped, the rest (query
+  :mod:`relay.gateway.http.proxy`; ``/tunnel/{token}`` is stripped, the rest (query
   included) is what the target sees, so a page loaded at ``/tunnel/{token}/`` resolves
   its relative links and sub-resources inside the tunnel. The access token in the URL
   is the credential: anyone holding the URL may use it.
@@ -33,8 +33,8 @@ except ImportError:  # the pure-Python gateway runs without Cython installed
 
 from relay.aio import SessionClosedError
 from relay.aio.stream import MuxStream
-from relay.gateway.http_proxy import ProxyError, ProxyStats, RequestHead, Upstream, serve_connection
-from relay.gateway.server import HttpError, HttpProtocol, Request, Response, json_response
+from relay.gateway.http.proxy import ProxyError, ProxyStats, RequestHead, Upstream, serve_connection
+from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, json_response
 from relay.gateway.store import TunnelSession
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ ANSWER_TARGET = 1024
 
 class HttpTunnels:
     """The HTTP tunnel proxy and admin endpoints of one gateway (an extension type when
-    compiled, see http_tunnels.pxd: its resolver runs once per proxied request)."""
+    compiled, see tunnel_proxy.pxd: its resolver runs once per proxied request)."""
 
     def __init__(self, gateway: "Gateway", connections: Optional[set] = None) -> None:
         self._gateway = gateway

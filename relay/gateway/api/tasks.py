@@ -43,15 +43,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
-from relay.gateway.registry import ConnectedAgent
-from relay.gateway.server import HttpError, Request, Response, Router, json_response
+from relay.gateway.agents.registry import ConnectedAgent
+from relay.gateway.http.server import HttpError, Request, Response, Router, json_response
 
 if TYPE_CHECKING:
     from relay.gateway.app import Gateway
 
 __all__ = ["Task", "TaskManager"]
 
-log = logging.getLogger("relay.gateway.tasks")
+log = logging.getLogger("relay.gateway.api.tasks")
 
 #: Tasks waiting for an agent, per team; one more is answered 503.
 QUEUE_LIMIT = 100

@@ -50,15 +50,15 @@ from typing import Any, Optional
 from relay.aio import MuxSession, SessionClosedError, StreamRefused, StreamSplice, WebSocketTransport
 from relay.aio.stream import MuxStream, abort_with_reset
 from relay.allowlist import allowed_by_list, not_allowed_message, parse_allowlist, parse_host_port
+from relay.gateway.agents.registry import Registry
 from relay.gateway.egress import EgressPolicy, is_ip_literal
-from relay.gateway.registry import Registry
 from relay.gateway.store import Store, TunnelSession
 from relay.mux.errors import ErrorCode
 from relay.ws.tcp_tunnel import CLOSE_RESET, EOF_MESSAGE, reset_reason
 
 __all__ = ["HubListener", "TunnelManager", "policy_refusal"]
 
-log = logging.getLogger("relay.gateway.tunnels")
+log = logging.getLogger("relay.gateway.agents.tunnel_sessions")
 
 DEFAULT_TARGET_PORT = 8188
 #: Live connections one hub port carries at most (each holds a socket here, a stream and

@@ -61,14 +61,14 @@ Endpoints (``{slug}`` is the service slug):
 ``GET    /api/v1/r/containers/{slug}``          runtime  service
 ``DELETE /api/v1/r/containers/{slug}``          manage   204 (deployed: only when stopped)
 ``ANY    /api/v1/r/containers/{slug}/{path}``   runtime  transparent streaming proxy
-``POST   /api/v1/r/invoke/{slug}``              runtime  seed 004 (relay.gateway.invoke)
+``POST   /api/v1/r/invoke/{slug}``              runtime  seed 004 (relay.gateway.api.invoke)
 ==============================================  =======  ======================================
 
 runtime = sk-, dk-, or JWT with X-Team-ID; manage = sk- or JWT. The proxy forwards the
 path after the slug and the query as they are (under an external service URL's path
 prefix, a path with ``.`` or ``..`` segments, which a server resolving them would use to
 leave the prefix, is a 400), streams both ways (SSE included) through
-:mod:`relay.gateway.http_proxy`, and drops the caller's ``Authorization`` and
+:mod:`relay.gateway.http.proxy`, and drops the caller's ``Authorization`` and
 ``X-Team-ID`` (the gateway credential is never shown to the container).
 """
 from __future__ import annotations
@@ -84,22 +84,23 @@ from urllib.parse import urlsplit
 
 import h11
 
-from relay.agent.services import SLUG_RE
 from relay.aio import StreamRefused
+from relay.allowlist import parse_host_port
+from relay.gateway.api.invoke import dot_segment_error, has_dot_segment, http_exchange, invoke, stream_close
 from relay.gateway.auth import AuthError, Principal
 from relay.gateway.egress import EgressPolicy
-from relay.gateway.http_proxy import ProxyError, ProxyStats, RequestHead, Upstream, origin_form, serve_connection
-from relay.gateway.invoke import dot_segment_error, has_dot_segment, http_exchange, invoke, stream_close
-from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
+from relay.gateway.http.proxy import ProxyError, ProxyStats, RequestHead, Upstream, origin_form, serve_connection
+from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, Router, json_response
 from relay.gateway.store import Service
 from relay.mux.errors import ErrorCode
+from relay.services import SLUG_RE
 
 if TYPE_CHECKING:
     from relay.gateway.app import Gateway
 
 __all__ = ["ServiceManager", "SERVICE_STATUSES", "add_services_openapi"]
 
-log = logging.getLogger("relay.gateway.services")
+log = logging.getLogger("relay.gateway.api.services")
 
 SERVICE_STATUSES = ("created", "deploying", "running", "stopping", "stopped", "failed")
 PREFIX = b"/api/v1/r/containers/"
@@ -243,7 +244,7 @@ class ServiceState:
 
 class TcpStream:
     """A TCP connection with the subset of the MuxStream interface the proxy engine and
-    :func:`~relay.gateway.invoke.http_exchange` use (external services)."""
+    :func:`~relay.gateway.api.invoke.http_exchange` use (external services)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader, self._writer = reader, writer
@@ -320,8 +321,6 @@ def _iso(ts: Optional[float]) -> Optional[str]:
 
 def _declarations(info: Any) -> dict[str, dict[str, Any]]:
     """Valid service declarations of an agent's hello, by slug (bad ones are dropped)."""
-    from relay.allowlist import parse_host_port
-
     out: dict[str, dict[str, Any]] = {}
     raw = info.get("services") if isinstance(info, dict) else None
     for item in raw if isinstance(raw, list) else []:
@@ -724,7 +723,7 @@ class ServiceManager:
         other paths, and for a failed check (the route answers it, headers included).
         An absolute-form target is served like its origin form (RFC 9112 §3.2.2). The
         client's connection (``transport``) is held for each credential it used: revoking
-        one cuts it (relay.gateway.revocation)."""
+        one cuts it (relay.gateway.agents.revocation)."""
         target = origin_form(request.target)
         if not target.startswith(PREFIX):
             return None

@@ -1,4 +1,4 @@
-# The per-request objects of the HTTP proxy engine as extension types (see http_proxy.py
+# The per-request objects of the HTTP proxy engine as extension types (see proxy.py
 # and docs/DESIGN.md): typed fields and typed references between them, so the steady
 # keep-alive path reads and writes struct fields instead of instance dictionaries, and
 # the methods only the engine itself calls are C calls. Flags are bint, counters and

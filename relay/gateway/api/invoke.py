@@ -18,7 +18,7 @@ headers joined with ", "; its hop-by-hop headers dropped). The body is buffered:
 :data:`MAX_RESPONSE` bytes the gateway answers 502 ``response_too_large`` (use the
 transparent proxy for big or streamed bodies).
 
-Gateway-level failures are those of seed 003, decided by :mod:`relay.gateway.services`:
+Gateway-level failures are those of seed 003, decided by :mod:`relay.gateway.api.services`:
 400 not running, 404 unknown slug (another team's too), 502 no instance could be reached
 or the container's answer was not valid HTTP, 503 running but no healthy instance or no
 online agent. Auth: JWT + X-Team-ID, sk- or dk- (invoke is runtime use).
@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import h11
 
-from relay.gateway.http_proxy import ProxyError
-from relay.gateway.server import HttpError, Request, Response, json_response
+from relay.gateway.http.proxy import ProxyError
+from relay.gateway.http.server import HttpError, Request, Response, json_response
 
 if TYPE_CHECKING:
-    from relay.gateway.services import ServiceManager
+    from relay.gateway.api.services import ServiceManager
 
 __all__ = ["INVOKE_METHODS", "MAX_RESPONSE", "ResponseTooLarge", "http_exchange", "invoke"]
 

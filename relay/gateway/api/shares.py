@@ -30,7 +30,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from relay.gateway.server import HttpError
+from relay.gateway.http.server import HttpError
 from relay.gateway.store import Share
 
 __all__ = [

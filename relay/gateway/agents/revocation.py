@@ -28,13 +28,13 @@ import logging
 from typing import Any, Optional
 
 from relay.aio.stream import abort_with_reset
-from relay.gateway.registry import ConnectedAgent, Registry
+from relay.gateway.agents.registry import ConnectedAgent, Registry
 from relay.gateway.store import Store
 from relay.mux.errors import ErrorCode
 
 __all__ = ["POLL_INTERVAL", "REVOKED_MESSAGE", "RevocationWatcher"]
 
-log = logging.getLogger("relay.gateway.revocation")
+log = logging.getLogger("relay.gateway.agents.revocation")
 
 #: Seconds between two looks at the store's generation (cheap: one pragma, no table read).
 POLL_INTERVAL = 0.25

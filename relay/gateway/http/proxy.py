@@ -733,7 +733,7 @@ def serve_connection(transport: asyncio.Transport, initial: bytes, resolve: Reso
 class ProxyConnection:
     """One client connection served by the proxy (see the module docstring): an asyncio
     Protocol by its methods (asyncio and uvloop only call them), not by inheritance, as
-    the compiled build makes it an extension type (http_proxy.pxd)."""
+    the compiled build makes it an extension type (proxy.pxd)."""
 
     def __init__(self, resolve: Resolver, *, fallback: Optional[Callable[..., asyncio.Protocol]] = None,
                  connections: Optional[set] = None) -> None:

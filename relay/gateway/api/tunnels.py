@@ -35,14 +35,14 @@ optional: a specific hub port; 409 if
 another tunnel holds it). ``auto`` resolves by target port: 443 → https; 80, 3000, 5000,
 7860, 8000, 8080, 8188, 8888 → http; anything else → tcp. Unknown fields → 400.
 
-Before the tunnel exists (relay.gateway.tunnels, ``TunnelManager.target_refusal``): a
+Before the tunnel exists (relay.gateway.agents.tunnel_sessions, ``TunnelManager.target_refusal``): a
 target that is the gateway's own listening or hub port (the requested ``hub_port``
 included) as seen from the agent → 400 ``target_is_gateway``; with the agent online,
 a target it does not allow → 403 ``target_not_allowed`` (the agent's reason).
 
 A tunnel (every protocol) is reachable as a raw TCP hub port on the gateway host
 (``hub_host:hub_port``): each connection becomes one stream through the agent to the
-target, exactly like a seed 000 tcp session (:class:`~relay.gateway.tunnels.TunnelManager`
+target, exactly like a seed 000 tcp session (:class:`~relay.gateway.agents.tunnel_sessions.TunnelManager`
 does the work). The port is kept in the store, so after a gateway restart an active
 tunnel listens on the same port again.
 
@@ -63,7 +63,7 @@ tunnel. The gateway sends it the control message ``{"type": "bind", "request_id"
 "tunnel_id", "local_port", "hub": {"host", "port"}, "protocol"}`` and answers once the
 agent reported the result: ``502 bind_failed`` with its reason if it cannot listen,
 ``504 bind_timeout`` without a result; the binding is re-sent whenever that agent
-connects again (:mod:`relay.gateway.bindings`). The answer carries the
+connects again (:mod:`relay.gateway.agents.bindings`). The answer carries the
 ``connection_string`` a client uses on that machine: ``postgresql://user@HOST:PORT/dbname``
 (target port 5432), ``mysql://user@HOST:PORT/`` (3306), ``redis://HOST:PORT`` (6379),
 ``mongodb://HOST:PORT`` (27017), ``http(s)://HOST:PORT/`` (http/https tunnels), else
@@ -72,15 +72,15 @@ port and relaying each connection to the hub port (:mod:`relay.agent.bind`), so 
 port must be reachable from it.
 
 Shares (http tunnels only: the share URL is served by the gateway's HTTP reverse proxy,
-which speaks plain HTTP to the target): see :mod:`relay.gateway.shares` for the fields
-and the checks, :mod:`relay.gateway.share_proxy` for the serving. The ``share_url``
+which speaks plain HTTP to the target): see :mod:`relay.gateway.api.shares` for the fields
+and the checks, :mod:`relay.gateway.http.share_proxy` for the serving. The ``share_url``
 (``{gateway}/s/{share_token}/``) is returned once, at creation: only a hash of its token
 is stored. At the share URL every request is checked (404 unknown token, 410 expired,
 405 method not allowed with ``Allow``, 429 over the rate limit with ``Retry-After``, 503
 tunnel paused or agent offline), then proxied to the tunnel's target with the
 ``/s/{share_token}`` prefix stripped.
 
-Webhooks: see :mod:`relay.gateway.webhooks`; ``tunnel.created`` and ``tunnel.deleted``
+Webhooks: see :mod:`relay.gateway.api.webhooks`; ``tunnel.created`` and ``tunnel.deleted``
 carry the tunnel as the API shows it.
 """
 from __future__ import annotations
@@ -94,20 +94,20 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
+from relay.gateway.api.shares import RateLimiter, parse_share_request, printable_text
+from relay.gateway.api.tunnels_openapi import add_tunnels_api
+from relay.gateway.api.webhooks import WebhookDispatcher, parse_webhook_request
 from relay.gateway.auth import Principal
-from relay.gateway.server import HttpError, Request, Response, Router, json_response
-from relay.gateway.share_proxy import ShareProxy
-from relay.gateway.shares import RateLimiter, parse_share_request, printable_text
+from relay.gateway.http.server import HttpError, Request, Response, Router, json_response
+from relay.gateway.http.share_proxy import ShareProxy
 from relay.gateway.store import Share, Tunnel, Webhook, normalize_uuid
-from relay.gateway.tunnels_openapi import add_tunnels_api
-from relay.gateway.webhooks import WebhookDispatcher, parse_webhook_request
 
 if TYPE_CHECKING:
     from relay.gateway.app import Gateway
 
 __all__ = ["TunnelsApi", "auto_protocol", "connection_string", "generate_name", "parse_target"]
 
-log = logging.getLogger("relay.gateway.tunnels_api")
+log = logging.getLogger("relay.gateway.api.tunnels")
 
 PROTOCOLS: tuple[str, ...] = ("auto", "tcp", "udp", "http", "https")
 #: Target ports ``auto`` treats as HTTP (web servers, dev servers, Gradio, ComfyUI, Jupyter).
@@ -507,7 +507,7 @@ class TunnelsApi:
         receiver = self.gw.registry.get(principal.team_id, agent_id)
         if receiver is None:
             raise HttpError(409, "agent_offline", f"agent {agent_id} is not connected")
-        # Waits for the agent's result and records the binding (relay.gateway.bindings).
+        # Waits for the agent's result and records the binding (relay.gateway.agents.bindings).
         hub = await self.gw.bindings.bind(receiver, tunnel, local_port)
         return json_response({
             "tunnel_id": tunnel.id,

@@ -1,8 +1,8 @@
 """Serving share links: ``/s/{share_token}/...`` through the HTTP reverse proxy.
 
-A share (see :mod:`relay.gateway.shares`) is a link to an http tunnel of the Tunnels API.
+A share (see :mod:`relay.gateway.api.shares`) is a link to an http tunnel of the Tunnels API.
 What arrives at its URL is checked, then proxied exactly like a seed 000 HTTP tunnel
-(:mod:`relay.gateway.http_proxy`: streaming both ways, keep-alive, SSE, WebSocket
+(:mod:`relay.gateway.http.proxy`: streaming both ways, keep-alive, SSE, WebSocket
 upgrades, ``X-Forwarded-*``): ``/s/{share_token}`` is stripped, the rest of the path and
 the query go to the tunnel's target through its agent, ``X-Forwarded-Prefix`` says what
 was stripped.
@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Optional
 
 from relay.aio import SessionClosedError
 from relay.aio.stream import MuxStream
-from relay.gateway.http_proxy import ProxyError, ProxyStats, RequestHead, Upstream, origin_form, serve_connection
-from relay.gateway.server import HttpError, HttpProtocol, Request, Response, Router, json_response
-from relay.gateway.shares import check_share
+from relay.gateway.api.shares import check_share
+from relay.gateway.http.proxy import ProxyError, ProxyStats, RequestHead, Upstream, origin_form, serve_connection
+from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, Router, json_response
 from relay.gateway.store import Share
 
 if TYPE_CHECKING:
-    from relay.gateway.tunnels_api import TunnelsApi
+    from relay.gateway.api.tunnels import TunnelsApi
 
 __all__ = ["SHARE_PREFIX", "ShareProxy"]
 

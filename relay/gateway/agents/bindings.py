@@ -29,8 +29,8 @@ import secrets
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from relay.gateway.registry import ConnectedAgent
-from relay.gateway.server import HttpError
+from relay.gateway.agents.registry import ConnectedAgent
+from relay.gateway.http.server import HttpError
 from relay.gateway.store import Tunnel
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BIND_TIMEOUT", "Bindings"]
 
-log = logging.getLogger("relay.gateway.bindings")
+log = logging.getLogger("relay.gateway.agents.bindings")
 
 #: How long ``connect`` waits for the agent's bind result.
 BIND_TIMEOUT = 10.0
