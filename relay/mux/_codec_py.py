@@ -6,6 +6,7 @@ header ``>BBHII`` (version, type, flags, stream id, length) and ``length`` paylo
 from __future__ import annotations
 
 from struct import Struct
+from typing import Optional, Union
 
 from relay.mux.errors import FrameSizeError, ProtocolError
 
@@ -21,7 +22,9 @@ _HEADER = Struct(">BBHII")
 _pack_header = _HEADER.pack
 _unpack_header = _HEADER.unpack_from
 
-Frame = tuple  # (type, flags, stream_id, payload)
+#: (type, flags, stream_id, payload); the payload is bytes, or a read-only memoryview of
+#: at least ZERO_COPY_THRESHOLD bytes.
+Frame = tuple[int, int, int, Union[bytes, memoryview]]
 
 
 def encode_header(frame_type: int, flags: int, stream_id: int, length: int) -> bytes:
@@ -57,7 +60,7 @@ class FrameDecoder:
         """Bytes held back waiting for the rest of a frame."""
         return self._pending_len
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         if type(data) is not bytes:
             data = bytes(data)  # payload slices must not alias a buffer the caller reuses
         if self._pending:
@@ -71,7 +74,8 @@ class FrameDecoder:
         frames: list[Frame] = []
         end = len(data)
         pos = 0
-        view = None
+        view: Optional[memoryview] = None
+        payload: Union[bytes, memoryview]
         max_payload = self.max_payload
         while end - pos >= HEADER_SIZE:
             version, frame_type, flags, stream_id, length = _unpack_header(data, pos)

@@ -22,7 +22,7 @@ cdef class MuxConnection:
     cpdef queued_bytes(self, stream_id)
     cpdef send_data(self, stream_id, data, end_stream=*)
     cpdef acknowledge_received_data(self, stream_id, n)
-    cpdef _consumed_tuned(self, ReceiveWindow recv, n)
+    cpdef _consumed_tuned(self, ReceiveWindow recv, n, now, rtt)
     cpdef bint _session_consumed(self, n) except -1
     cpdef _announce_session(self)
     cpdef list data_to_send_parts(self, max_bytes=*)

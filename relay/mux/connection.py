@@ -16,14 +16,17 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from struct import Struct
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import msgpack
 
-try:
-    import cython
-except ImportError:  # the pure-Python core runs without Cython installed
-    from relay.mux import _cython_shim as cython  # type: ignore[no-redef]
+if TYPE_CHECKING:  # mypy checks the pure-Python twin: cython's no-op declarations
+    from relay.mux import _cython_shim as cython
+else:
+    try:
+        import cython
+    except ImportError:  # the pure-Python core runs without Cython installed
+        from relay.mux import _cython_shim as cython
 
 from relay.mux.errors import (
     ErrorCode,
@@ -56,7 +59,7 @@ from relay.mux.frames import (
     encode_frame,
     encode_header,
 )
-from relay.mux.stream import Stream, StreamInput, StreamState
+from relay.mux.stream import Chunk, Stream, StreamInput, StreamState
 
 _U32 = Struct(">I")
 _RESET = Struct(">I")
@@ -203,7 +206,8 @@ class MuxConnection:
         )
         self._streams: dict[int, Stream] = {}
         self._ready: deque[int] = deque()
-        self._control: list[bytes] = []
+        #: Control frames to send (the list itself becomes what data_to_send_parts returns).
+        self._control: list[Chunk] = []
         self._control_size = 0
         #: Frames held until the peer's SETTINGS arrive (OPEN, CONTROL, PING ...).
         self._deferred: list[bytes] = []
@@ -463,8 +467,10 @@ class MuxConnection:
         queued = False
         state = stream.state
         if state is _OPEN or state is _HALF_CLOSED_LOCAL:
-            if self.rtt is not None and self.now is not None:
-                increment = self._consumed_tuned(stream.recv, n)
+            now = self.now
+            rtt = self.rtt
+            if rtt is not None and now is not None:
+                increment = self._consumed_tuned(stream.recv, n, now, rtt)
             else:
                 increment = stream.recv.consumed(n)
             if increment:
@@ -477,8 +483,9 @@ class MuxConnection:
         return self._session_consumed(n) or queued
 
     @cython.locals(recv=ReceiveWindow)
-    def _consumed_tuned(self, recv: ReceiveWindow, n: int) -> int:
-        """Consume ``n`` bytes of a stream with auto-tuning; returns the increment to send.
+    def _consumed_tuned(self, recv: ReceiveWindow, n: int, now: float, rtt: float) -> int:
+        """Consume ``n`` bytes of a stream with auto-tuning at time ``now`` (the session's
+        clock, with ``rtt`` measured); returns the increment to send.
 
         One target window (``_tuned_window``) for all receiving streams: it doubles when
         any stream finds its window was the bottleneck, and it is capped at a fair share
@@ -498,9 +505,9 @@ class MuxConnection:
         """
         cfg = self.config
         target = self._tuned_window
-        if recv.epoch_test(n, self.now, self.rtt):
+        if recv.epoch_test(n, now, rtt):
             target = max(target, min(2 * recv.window, cfg.max_window))
-        target = min(target, self._fair if self.now < self._fair_until else self._fair_window())
+        target = min(target, self._fair if now < self._fair_until else self._fair_window(now))
         self._tuned_window = target
         committed = recv.window + recv.debt
         if target != recv.window:
@@ -523,15 +530,14 @@ class MuxConnection:
         self._reserved += grown
         return increment
 
-    def _fair_window(self) -> int:
-        """The largest window a receiving stream may have now: an equal share of half the
-        growth budget among the streams receiving within ``receiving_horizon``.
+    def _fair_window(self, now: float) -> int:
+        """The largest window a receiving stream may have at ``now``: an equal share of
+        half the growth budget among the streams receiving within ``receiving_horizon``.
 
         Computed at most once per ``receiving_horizon / 8`` (it is asked on every
         acknowledgement), and at once when a stream starts receiving, so a newcomer
         shrinks the others' share without delay; a stream going quiet raises it late
         by that much at most."""
-        now = self.now
         if now < self._fair_until:
             return self._fair
         receiving = self._receiving
@@ -592,7 +598,7 @@ class MuxConnection:
             return b""
         return b"".join(out)
 
-    def data_to_send_parts(self, max_bytes: Optional[int] = None) -> list:
+    def data_to_send_parts(self, max_bytes: Optional[int] = None) -> list[Chunk]:
         """:meth:`data_to_send` as the list of buffers to write in order (empty: nothing),
         not joined: frame headers and the queued payloads themselves (``bytes`` or
         read-only ``memoryview``), for a transport that gathers them (``writelines``,
@@ -608,7 +614,7 @@ class MuxConnection:
         return out
 
     @cython.locals(stream=Stream, n=cython.longlong, session=cython.longlong)
-    def _schedule_data(self, out: list, size: int, max_bytes: Optional[int]) -> int:
+    def _schedule_data(self, out: list[Chunk], size: int, max_bytes: Optional[int]) -> int:
         """Round-robin: one DATA frame per ready stream per turn, within both windows."""
         ready = self._ready
         streams = self._streams
@@ -626,7 +632,9 @@ class MuxConnection:
             if n > budget - size:
                 n = budget - size
             chunks = stream.chunks
+            assert chunks is not None  # a ready stream has bytes queued
             first = chunks[0]
+            pieces: Sequence[Chunk]
             if len(first) == n:  # the common case: a whole queued buffer fits the frame
                 chunks.popleft()
                 pieces = (first,)
@@ -665,7 +673,7 @@ class MuxConnection:
 
     # ------------------------------------------------------------------ input
 
-    def receive_data(self, data: bytes, now: Optional[float] = None) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray | memoryview, now: Optional[float] = None) -> list[Event]:
         """Feed bytes from the transport; ``b""`` means the transport reached EOF.
 
         Raises :class:`ProtocolError` (after queueing a GOAWAY) if the peer broke the

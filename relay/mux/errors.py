@@ -9,6 +9,10 @@ sent and the connection stays usable.
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from relay.mux.events import Event
 
 
 class ErrorCode(IntEnum):
@@ -39,6 +43,9 @@ class ProtocolError(MuxError):
     """The peer violated the protocol; a GOAWAY with :attr:`error_code` is queued."""
 
     error_code: ErrorCode = ErrorCode.PROTOCOL_ERROR
+    #: Set when :meth:`MuxConnection.receive_data` raises it: the events produced before
+    #: and by the failure (StreamReset for every open stream, ConnectionTerminated).
+    events: list[Event]
 
     def __init__(self, message: str, error_code: ErrorCode | None = None) -> None:
         super().__init__(message)

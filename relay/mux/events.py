@@ -11,16 +11,19 @@ are standard-library dataclasses with ``__slots__``.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-try:
-    import cython
-except ImportError:  # the pure-Python core runs without Cython installed
-    from relay.mux import _cython_shim as cython  # type: ignore[no-redef]
-if not cython.compiled:
-    # The shim's dataclass adds slots=True, which Cython's decorator does not accept
-    # (an extension type has fixed fields anyway).
-    from relay.mux import _cython_shim as cython  # type: ignore[no-redef]
+if TYPE_CHECKING:  # mypy checks the pure-Python twin: cython's no-op declarations
+    from relay.mux import _cython_shim as cython
+else:
+    try:
+        import cython
+    except ImportError:  # the pure-Python core runs without Cython installed
+        from relay.mux import _cython_shim as cython
+    if not cython.compiled:
+        # The shim's dataclass adds slots=True, which Cython's decorator does not accept
+        # (an extension type has fixed fields anyway).
+        from relay.mux import _cython_shim as cython
 
 Buffer = Union[bytes, memoryview]
 
@@ -74,7 +77,9 @@ class DataReceived(Event):
     end_stream: bool = False
 
 
-if cython.compiled:
+# mypy checks the pure-Python branch (the compiled one sets read-only fields, which only
+# this module's compiled code may).
+if not TYPE_CHECKING and cython.compiled:
     @cython.locals(event=DataReceived)
     def data_received(stream_id: int, data: Buffer, n: int, end_stream: bool = False) -> DataReceived:
         """``DataReceived(stream_id=..., data=..., flow_controlled_length=n, end_stream=...)``,
@@ -89,10 +94,12 @@ if cython.compiled:
         return event
 else:
     _new = object.__new__
-    _set_stream_id = DataReceived.stream_id.__set__  # type: ignore[attr-defined]
-    _set_data = DataReceived.data.__set__  # type: ignore[attr-defined]
-    _set_length = DataReceived.flow_controlled_length.__set__  # type: ignore[attr-defined]
-    _set_end = DataReceived.end_stream.__set__  # type: ignore[attr-defined]
+    # The slots' member descriptors (class attributes, which mypy types as the fields).
+    _slots = vars(DataReceived)
+    _set_stream_id = _slots["stream_id"].__set__
+    _set_data = _slots["data"].__set__
+    _set_length = _slots["flow_controlled_length"].__set__
+    _set_end = _slots["end_stream"].__set__
 
     def data_received(stream_id: int, data: Buffer, n: int, end_stream: bool = False) -> DataReceived:
         """``DataReceived(stream_id=..., data=..., flow_controlled_length=n, end_stream=...)``,

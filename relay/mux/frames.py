@@ -8,6 +8,7 @@ description. The codec that turns bytes into frames comes from the compiled modu
 from __future__ import annotations
 
 from enum import IntEnum, IntFlag
+from typing import TYPE_CHECKING
 
 from relay._ext import load
 
@@ -36,7 +37,10 @@ class Flag(IntFlag):
     ACK = 0x2  # PING: this is the echo of the peer's PING
 
 
-_codec = load("relay.mux._codec", "relay.mux._codec_py")
+if TYPE_CHECKING:  # mypy checks against the pure twin; ext/_codec.pyx has the same API
+    from relay.mux import _codec_py as _codec
+else:
+    _codec = load("relay.mux._codec", "relay.mux._codec_py")
 
 #: ``FrameDecoder(max_payload)``: ``feed(data) -> list[(type, flags, stream_id, payload)]``.
 FrameDecoder = _codec.FrameDecoder

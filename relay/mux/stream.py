@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections import deque
 from enum import Enum
-from typing import Optional
+from typing import Optional, Union
 
 from relay.mux.flow import ReceiveWindow
+
+#: A queued outgoing buffer: what ``send_data`` queued, or a view of its unsent rest.
+Chunk = Union[bytes, memoryview]
 
 
 class StreamState(Enum):
@@ -66,7 +69,7 @@ class Stream:
         #: How many bytes the peer's window still lets us send.
         self.send_credit = send_credit
         #: Queued outgoing buffers (allocated on first send: an idle stream stays small).
-        self.chunks: Optional[deque] = None
+        self.chunks: Optional[deque[Chunk]] = None
         self.queued = 0
         #: FIN is to ride on the last queued DATA frame.
         self.fin_pending = False
@@ -94,10 +97,12 @@ class Stream:
     def can_receive(self) -> bool:
         return self.state is StreamState.OPEN or self.state is StreamState.HALF_CLOSED_LOCAL
 
-    def take(self, n: int) -> list:
-        """Remove and return the first ``n`` queued bytes as a list of buffers (no copy)."""
+    def take(self, n: int) -> list[Chunk]:
+        """Remove and return the first ``n`` queued bytes as a list of buffers (no copy).
+        The caller knows that many are queued."""
         chunks = self.chunks
-        pieces = []
+        assert chunks is not None  # bytes are queued, so the queue exists
+        pieces: list[Chunk] = []
         while n:
             chunk = chunks[0]
             size = len(chunk)

@@ -7,9 +7,14 @@ API. ``COMPILED`` says which one is in use. The opening handshake (h11 + wsproto
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from relay._ext import load
 
-_framing = load("relay.ws._framing", "relay.ws._framing_py")
+if TYPE_CHECKING:  # mypy checks against the pure twin; ext/_framing.pyx has the same API
+    from relay.ws import _framing_py as _framing
+else:
+    _framing = load("relay.ws._framing", "relay.ws._framing_py")
 
 #: ``FrameParser(max_message_size, require_mask)``: ``feed(data) -> [(opcode, payload)]``.
 FrameParser = _framing.FrameParser
