@@ -16,12 +16,15 @@ import asyncio
 import inspect
 import logging
 from collections import deque
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Optional, Union
 
-try:
-    import cython
-except ImportError:  # runs uncompiled without Cython installed
-    from relay.mux import _cython_shim as cython  # type: ignore[no-redef]
+if TYPE_CHECKING:  # mypy checks the pure-Python twin: cython's no-op declarations
+    from relay.mux import _cython_shim as cython
+else:
+    try:
+        import cython
+    except ImportError:  # runs uncompiled without Cython installed
+        from relay.mux import _cython_shim as cython
 
 from relay.aio.stream import MuxStream, StreamRefused, StreamSplice
 from relay.binding import StreamEventRouter
@@ -30,11 +33,13 @@ from relay.mux.errors import ErrorCode, ProtocolError, StreamLimitError
 from relay.mux.events import (
     ConnectionTerminated,
     ControlReceived,
+    Event,
     GoAwayReceived,
     HelloReceived,
     PingAcknowledged,
     StreamOpened,
 )
+from relay.mux.stream import Chunk
 
 log = logging.getLogger("relay.aio")
 
@@ -97,7 +102,7 @@ class MuxSession(StreamEventRouter):
         self._on_stream = on_stream
         self._on_control = on_control
         self._transport: Any = None
-        self._writelines: Optional[Callable[[list], None]] = None
+        self._writelines: Optional[Callable[[list[Chunk]], None]] = None
         self._streams: dict[int, MuxStream] = {}
         self._write_paused = False
         self._flush_handle: Optional[asyncio.Handle] = None
@@ -110,14 +115,14 @@ class MuxSession(StreamEventRouter):
         #: Splices holding payloads from the events being handled (see _write_pending_splices).
         self._pending_splices: list[StreamSplice] = []
         self._incoming: deque[MuxStream] = deque()
-        self._incoming_waiter: Optional[asyncio.Future] = None
+        self._incoming_waiter: Optional[asyncio.Future[None]] = None
         self._controls: deque[Any] = deque()
-        self._control_waiter: Optional[asyncio.Future] = None
+        self._control_waiter: Optional[asyncio.Future[None]] = None
         self._reading_paused = False
-        self._ping_waiters: dict[int, asyncio.Future] = {}  # by the core's ping id
-        self._hello: asyncio.Future = self._loop.create_future()
-        self._closed: asyncio.Future = self._loop.create_future()
-        self._tasks: set[asyncio.Task] = set()
+        self._ping_waiters: dict[int, asyncio.Future[Optional[float]]] = {}  # by the core's ping id
+        self._hello: asyncio.Future[None] = self._loop.create_future()
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._draining = False
         self._error: Optional[SessionClosedError] = None
         #: The peer's GOAWAY, once received.
@@ -259,10 +264,12 @@ class MuxSession(StreamEventRouter):
     async def ping(self) -> float:
         """Send a PING and return its round-trip time in seconds."""
         self._check_open()
-        waiter = self._loop.create_future()
+        waiter: asyncio.Future[Optional[float]] = self._loop.create_future()
         self._ping_waiters[self._conn.ping(self._loop.time())] = waiter
         self._schedule_flush()
-        return await waiter
+        rtt = await waiter
+        assert rtt is not None  # the PING went out with the loop's clock: it was timed
+        return rtt
 
     def close(self, error_code: int = ErrorCode.NO_ERROR, message: str = "") -> None:
         """Graceful close: GOAWAY now, close the transport once every stream finished."""
@@ -411,7 +418,7 @@ class MuxSession(StreamEventRouter):
                 splice._write_out()
             pending = self._pending_splices
 
-    def _handle_events(self, events: list) -> None:
+    def _handle_events(self, events: list[Event]) -> None:
         try:
             session_events = self._route_stream_events(events)
             if session_events:
@@ -420,21 +427,20 @@ class MuxSession(StreamEventRouter):
             if self._pending_splices:
                 self._write_pending_splices()
 
-    def _dispatch_session_events(self, events: list) -> None:
+    def _dispatch_session_events(self, events: list[Event]) -> None:
         for event in events:
-            kind = type(event)
-            if kind is ControlReceived:
+            if type(event) is ControlReceived:
                 self._on_control_received(event.message)
-            elif kind is PingAcknowledged:
+            elif type(event) is PingAcknowledged:
                 waiter = self._ping_waiters.pop(event.ping_id, None)  # None: a keepalive
                 if waiter is not None and not waiter.done():
                     waiter.set_result(event.rtt)
-            elif kind is HelloReceived:
+            elif type(event) is HelloReceived:
                 if not self._hello.done():
                     self._hello.set_result(None)
-            elif kind is GoAwayReceived:
+            elif type(event) is GoAwayReceived:
                 self.goaway_received = event
-            elif kind is ConnectionTerminated:
+            elif type(event) is ConnectionTerminated:
                 self._finish(event.error_code, event.message)
                 if self._transport is not None:
                     self._transport.abort()  # dead or gone peer: nothing left worth flushing
@@ -592,9 +598,9 @@ class MuxSession(StreamEventRouter):
         if not self._hello.done():
             self._hello.set_exception(self._error)
             self._hello.exception()  # retrieved: nobody may be waiting for it
-        for waiter in self._ping_waiters.values():
-            if not waiter.done():
-                waiter.set_exception(self._error)
+        for ping_waiter in self._ping_waiters.values():
+            if not ping_waiter.done():
+                ping_waiter.set_exception(self._error)
         self._ping_waiters.clear()
 
     def _transport_closed(self) -> None:

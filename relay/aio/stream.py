@@ -19,7 +19,7 @@ import socket
 import struct
 import sys
 from collections import deque
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 from relay.mux.errors import ErrorCode, StreamClosedError
 
@@ -86,7 +86,7 @@ class StreamRefused(ConnectionRefusedError):
         self.message = message
 
 
-def _wake(waiter: Optional[asyncio.Future], exc: Optional[BaseException] = None) -> None:
+def _wake(waiter: Optional[asyncio.Future[None]], exc: Optional[BaseException] = None) -> None:
     if waiter is not None and not waiter.done():
         if exc is None:
             waiter.set_result(None)
@@ -129,10 +129,10 @@ class MuxStream:
         self._exc: Optional[BaseException] = None
         self._finished = False
         self._pending: deque[bytes] = deque()  # writes waiting for room in the core queue
-        self._read_waiter: Optional[asyncio.Future] = None
-        self._write_waiter: Optional[asyncio.Future] = None
-        self._answer_waiter: Optional[asyncio.Future] = None
-        self._closed_waiter: Optional[asyncio.Future] = None
+        self._read_waiter: Optional[asyncio.Future[None]] = None
+        self._write_waiter: Optional[asyncio.Future[None]] = None
+        self._answer_waiter: Optional[asyncio.Future[None]] = None
+        self._closed_waiter: Optional[asyncio.Future[None]] = None
         self._sink: Optional[StreamSplice] = None
         self._limit = min(DEFAULT_LIMIT, self._conn.config.initial_window)
         #: Payload bytes written to the stream / received on it (per-stream accounting).
@@ -190,7 +190,7 @@ class MuxStream:
     async def read(self, n: int = -1) -> bytes:
         """Read up to ``n`` bytes (``-1``: until EOF). ``b""`` means EOF."""
         if n < 0:
-            parts = []
+            parts: list[bytes] = []
             while True:
                 part = await self.read(_READ_ALL_CHUNK)
                 if not part:
@@ -207,7 +207,7 @@ class MuxStream:
         """Read exactly ``n`` bytes; raises ``asyncio.IncompleteReadError`` at an early EOF."""
         if n < 0:
             raise ValueError("readexactly size can not be less than zero")
-        parts = []
+        parts: list[bytes] = []
         remaining = n
         while remaining:
             while not self._buffer:
@@ -636,7 +636,8 @@ class StreamSplice:
     # -- local side (asyncio.Protocol)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream connection's transport (asyncio types the argument for every kind).
+        self.transport = cast(asyncio.Transport, transport)
         limit_unsent(transport)
         stream = self.stream
         if not stream.local and not stream.answered and stream._exc is None:
@@ -706,6 +707,7 @@ class StreamSplice:
         self._out = []
         self._out_n = 0
         transport = self.transport
+        assert transport is not None  # data reaches a splice once it is attached, connected
         if transport.is_closing():
             self._session._acknowledge(self._stream_id, n)
             return
@@ -727,6 +729,7 @@ class StreamSplice:
         self._write_out()  # the data that came before the FIN goes first
         self._mux_eof_seen = True
         transport = self.transport
+        assert transport is not None  # the stream's EOF reaches a splice once connected
         if transport.is_closing():
             return
         if self._local_eof:
@@ -741,13 +744,15 @@ class StreamSplice:
             abort_with_reset(self.transport)  # a RST: a cut stream must not look complete
 
     def _pause_if_blocked(self) -> None:
-        if self._reading_paused or self.transport.is_closing():
+        transport = self.transport
+        assert transport is not None  # called on local data: connected
+        if self._reading_paused or transport.is_closing():
             return
         stream = self.stream
         conn = stream._conn
         if not stream.writable() or conn.send_blocked(stream.stream_id):
             self._reading_paused = True
-            self.transport.pause_reading()
+            transport.pause_reading()
             stream._session._block_reader(self)
 
     def _try_resume_reading(self) -> bool:
@@ -755,11 +760,13 @@ class StreamSplice:
         if not self._reading_paused:
             return True
         stream = self.stream
-        if stream._exc is not None or self.transport.is_closing():
+        transport = self.transport
+        assert transport is not None  # only a connected splice pauses its reading
+        if stream._exc is not None or transport.is_closing():
             return True
         if stream.writable() and not stream._conn.send_blocked(stream.stream_id):
             self._reading_paused = False
-            self.transport.resume_reading()
+            transport.resume_reading()
             return True
         return False
 
@@ -784,7 +791,10 @@ async def connect_stream_to(stream: MuxStream, host: str, port: int, **kwargs: A
     """
     loop = asyncio.get_running_loop()
     try:
-        transport, splice = await loop.create_connection(lambda: StreamSplice(stream), host, port, **kwargs)
+        transport, splice = await loop.create_connection(
+            # An asyncio protocol by its methods (compiled, an extension type cannot
+            # subclass asyncio.Protocol), which typeshed's bound on the factory does not see.
+            lambda: StreamSplice(stream), host, port, **kwargs)  # type: ignore[type-var]
     except BaseException as exc:
         message = f"cannot connect to {host}:{port}: {exc}" if isinstance(exc, OSError) else "cancelled"
         if not stream.local and not stream.answered:

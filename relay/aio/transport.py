@@ -48,7 +48,10 @@ async def connect_tcp(host: str, port: int, *, client: bool = True, config: Opti
     Extra keyword arguments go to :class:`MuxSession` (``on_stream``, ``on_control``).
     """
     loop = asyncio.get_running_loop()
-    _, session = await loop.create_connection(lambda: MuxSession(client, config, **session_kwargs), host, port)
+    _, session = await loop.create_connection(
+        # MuxSession is an asyncio protocol by its methods (compiled, an extension type
+        # cannot subclass asyncio.Protocol), which typeshed's bound on the factory does not see.
+        lambda: MuxSession(client, config, **session_kwargs), host, port)  # type: ignore[type-var]
     return session
 
 
@@ -60,18 +63,20 @@ async def serve_tcp(on_session: SessionCallback, host: str, port: int, *, config
     awaitable, that runs as a task. Extra keyword arguments go to :class:`MuxSession`.
     """
     loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task] = set()
+    tasks: set[asyncio.Future[None]] = set()
 
     def factory() -> MuxSession:
         session = MuxSession(client, config, **session_kwargs)
         result = on_session(session)
         if inspect.isawaitable(result):
-            task = loop.create_task(result)  # type: ignore[arg-type]
+            # Any awaitable, as SessionCallback says (create_task takes only coroutines).
+            task = asyncio.ensure_future(result, loop=loop)
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         return session
 
-    return await loop.create_server(factory, host, port)
+    # A protocol by its methods, as above.
+    return await loop.create_server(factory, host, port)  # type: ignore[arg-type]
 
 
 class WebSocketTransport:
@@ -109,7 +114,9 @@ class WebSocketTransport:
                initial: bytes = b"", **kwargs: Any) -> "WebSocketTransport":
         """Make ``transport`` (handshake already done) carry ``session``."""
         adapter = cls(session, client=client, **kwargs)
-        transport.set_protocol(adapter)
+        # An asyncio protocol by its methods (compiled, an extension type cannot subclass
+        # asyncio.Protocol), which typeshed's BaseProtocol parameter does not see.
+        transport.set_protocol(adapter)  # type: ignore[arg-type]
         adapter.connection_made(transport)
         if initial:
             adapter.data_received(initial)

@@ -30,6 +30,7 @@ from relay.mux.errors import ErrorCode, ProtocolError, StreamLimitError
 from relay.mux.events import (
     ConnectionTerminated,
     ControlReceived,
+    Event,
     GoAwayReceived,
     HelloReceived,
     PingAcknowledged,
@@ -114,6 +115,17 @@ class WebSocketStream(trio.abc.Stream):
         await self._ws.aclose()
 
 
+class _PingWaiter:
+    """A :meth:`TrioMuxSession.ping` in flight: set ``done`` when its echo (``rtt``)
+    arrives, or when the session ends (``rtt`` stays None)."""
+
+    __slots__ = ("done", "rtt")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.rtt: Optional[float] = None
+
+
 class TrioMuxSession(StreamEventRouter):
     """A multiplexed session over one ``trio.abc.Stream``.
 
@@ -151,7 +163,7 @@ class TrioMuxSession(StreamEventRouter):
         self._controls: deque[Any] = deque()
         self._control_lot = trio.lowlevel.ParkingLot()  # next_control waiters
         self._control_room = trio.lowlevel.ParkingLot()  # the receive loop, queue full
-        self._ping_waiters: dict[int, list] = {}  # ping id -> [trio.Event, rtt]
+        self._ping_waiters: dict[int, _PingWaiter] = {}  # by the core's ping id
         self._send_wanted = trio.Event()
         self._hello = trio.Event()
         self._ending = trio.Event()  # the session is over: stop the loops
@@ -349,13 +361,14 @@ class TrioMuxSession(StreamEventRouter):
     async def ping(self) -> float:
         """Send a PING and return its round-trip time in seconds."""
         self._check_open()
-        waiter = [trio.Event(), None]
+        waiter = _PingWaiter()
         self._ping_waiters[self._conn.ping(trio.current_time())] = waiter
         self._wake_sender()
-        await waiter[0].wait()
-        if waiter[1] is None:
-            self._check_open()
-        return waiter[1]
+        await waiter.done.wait()
+        if waiter.rtt is None:
+            self._check_open()  # woken by the session's end
+        assert waiter.rtt is not None  # the PING went out with trio's clock: it was timed
+        return waiter.rtt
 
     def goaway(self, error_code: int = ErrorCode.NO_ERROR, message: str = "") -> None:
         """Start a graceful close: the peer opens no more streams; once every stream has
@@ -479,35 +492,35 @@ class TrioMuxSession(StreamEventRouter):
 
     # ------------------------------------------------------------------ events
 
-    def _dispatch(self, events: list) -> None:
+    def _dispatch(self, events: list[Event]) -> None:
         for event in self._route_stream_events(events):
-            kind = type(event)
-            if kind is ControlReceived:
+            if type(event) is ControlReceived:
                 self._on_control_received(event.message)
-            elif kind is PingAcknowledged:
+            elif type(event) is PingAcknowledged:
                 waiter = self._ping_waiters.pop(event.ping_id, None)  # None: a keepalive
                 if waiter is not None:
-                    waiter[1] = event.rtt
-                    waiter[0].set()
-            elif kind is HelloReceived:
+                    waiter.rtt = event.rtt
+                    waiter.done.set()
+            elif type(event) is HelloReceived:
                 self._hello.set()
-            elif kind is GoAwayReceived:
+            elif type(event) is GoAwayReceived:
                 self.goaway_received = event
-            elif kind is ConnectionTerminated:
+            elif type(event) is ConnectionTerminated:
                 self._finish(event.error_code, event.message)
 
     def _on_stream_opened(self, event: StreamOpened) -> None:
         stream = MuxStream(self, event.stream_id, event.metadata, local=False)
         self._streams[event.stream_id] = stream
-        if self._handler is not None and self._nursery is not None:
-            self._nursery.start_soon(self._run_handler, stream)
+        handler = self._handler
+        if handler is not None and self._nursery is not None:
+            self._nursery.start_soon(self._run_handler, handler, stream)
             return
         self._incoming.append(stream)
         self._incoming_lot.unpark_all()  # all: a woken waiter may be cancelled before it takes
 
-    async def _run_handler(self, stream: MuxStream) -> None:
+    async def _run_handler(self, handler: StreamHandler, stream: MuxStream) -> None:
         try:
-            await self._handler(stream)  # type: ignore[misc]
+            await handler(stream)
         except Exception as exc:
             # One stream's failure must not end the session and its other streams.
             if isinstance(exc, StreamRefused):  # the handler's way to refuse with a code
@@ -575,7 +588,7 @@ class TrioMuxSession(StreamEventRouter):
         self._control_lot.unpark_all()
         self._control_room.unpark_all()
         for waiter in self._ping_waiters.values():
-            waiter[0].set()
+            waiter.done.set()
         self._ping_waiters.clear()
         self._hello.set()  # wait_established re-checks and raises
         self._ending.set()
