@@ -38,10 +38,10 @@ class Binder:
     """Local listeners created by ``bind`` control messages, by tunnel id."""
 
     def __init__(self) -> None:
-        self._servers: dict[str, asyncio.AbstractServer] = {}
+        self._servers: dict[str, asyncio.Server] = {}
         # What each listener serves: tunnel id -> (local port, hub host, hub port).
         self._serving: dict[str, tuple[int, str, int]] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def bound(self) -> dict[str, int]:

@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import ssl
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from relay import __version__
 from relay.agent.base import AgentBase
@@ -71,12 +71,14 @@ class _Handshake(asyncio.Protocol):
     def __init__(self, handshake: ClientHandshake, session: MuxSession) -> None:
         self._handshake = handshake
         self._session = session
-        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._transport: Optional[asyncio.Transport] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
-        transport.write(self._handshake.request_bytes())  # type: ignore[attr-defined]
+        # A TCP (or TLS) connection's transport: asyncio types the argument for every kind.
+        tcp = cast(asyncio.Transport, transport)
+        self._transport = tcp
+        tcp.write(self._handshake.request_bytes())
 
     def data_received(self, data: bytes) -> None:
         self._feed(data)
@@ -90,16 +92,18 @@ class _Handshake(asyncio.Protocol):
             self.done.set_exception(ConnectionError(f"connection lost during the upgrade: {exc or 'closed'}"))
 
     def _feed(self, data: bytes) -> None:
+        transport = self._transport
+        assert transport is not None  # data arrives once connected
         if self.done.done():
             return
         try:
             accepted = self._handshake.receive_data(data)
         except HandshakeError as exc:
             self.done.set_exception(exc)
-            self._transport.close()
+            transport.close()
             return
         if accepted is not None:
-            WebSocketTransport.attach(self._transport, self._session, client=True,
+            WebSocketTransport.attach(transport, self._session, client=True,
                                       initial=accepted.leftover)
             self.done.set_result(None)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from typing import Any, NamedTuple
 
-from relay.allowlist import (  # noqa: F401 (re-exported: the agents' policy API)
+from relay.allowlist import (
     LOOPBACK_HOSTS,
     allowed_by_list,
     describe_allowlist,
@@ -17,6 +17,13 @@ from relay.allowlist import (  # noqa: F401 (re-exported: the agents' policy API
     parse_allowlist,
     parse_host_port,
 )
+
+# The allowlist names are re-exported: the agents' policy API.
+__all__ = [
+    "AGENT_PATH", "LOOPBACK_HOSTS", "STREAM_PROTOCOLS", "GatewayAddress", "TargetRefused",
+    "allowed_by_list", "backoff_delay", "describe_allowlist", "not_allowed_message",
+    "parse_allowlist", "parse_gateway_url", "parse_host_port", "parse_target",
+]
 
 AGENT_PATH = "/api/v1/agent/connect"
 #: Stream protocols served; all are plain byte splices to the target.
@@ -75,5 +82,5 @@ def parse_target(metadata: Any) -> tuple[str, int]:
 def backoff_delay(attempt: int, initial: float, maximum: float, jitter: float) -> float:
     """Delay before reconnect attempt ``attempt`` (0-based): exponential, capped, with
     jitter so many agents dropped at once do not return in lockstep."""
-    base = min(maximum, initial * (2 ** min(attempt, 30)))
+    base = min(maximum, initial * 2.0 ** min(attempt, 30))
     return base * random.uniform(1 - jitter, 1 + jitter)

@@ -91,7 +91,7 @@ class AgentTasks:
 
     def __init__(self) -> None:
         self.handlers: dict[str, TaskHandler] = {}
-        self._running: set[asyncio.Task] = set()
+        self._running: set[asyncio.Task[None]] = set()
 
     def register(self, kind: str, handler: TaskHandler) -> None:
         """Run ``handler`` for tasks of ``kind`` (replacing any earlier one)."""
