@@ -89,12 +89,13 @@ def default_map_for(command: click.Command, table: dict[str, Any], path: Path,
                 by_alias[alias] = param
     result: dict[str, Any] = {}
     for key, value in table.items():
-        param = by_alias.get(key.replace("-", "_"))
-        if param is None:
+        option = by_alias.get(key.replace("-", "_"))
+        if option is None:
             known = sorted({p.opts[0].lstrip("-").replace("-", "_") for p in by_alias.values()})
             raise ConfigError(f"config file {path}: unknown key {key!r} in [{section}] "
                               f"(known: {', '.join(known)})")
-        result[param.name] = _check_value(param, value, f"{path}: [{section}] {key}")  # type: ignore[index]
+        assert option.name is not None  # an option that exposes its value has a name
+        result[option.name] = _check_value(option, value, f"{path}: [{section}] {key}")
     return result
 
 
