@@ -58,13 +58,17 @@ class AgentBase:
     def __repr__(self) -> str:  # never show the key
         return f"{type(self).__name__}({self.gateway_url!r}, name={self.name!r})"
 
+    def is_allowed(self, host: str, port: int) -> bool:
+        """May the gateway reach ``host:port`` through this agent? (Each agent says.)"""
+        raise NotImplementedError
+
     def allow_hello(self, stock_is_allowed: Any) -> dict[str, Any]:
         """``{"allow": ["HOST:PORT", ...]}`` for the hello while this agent decides by
         its allowlist (``stock_is_allowed``: the class's own ``is_allowed``), so the
         gateway refuses a tunnel to a target we would refuse when the tunnel is
         opened, not with a 502 on every request later. A subclass that decides by
         its own rules says nothing, and the gateway leaves the decision to it."""
-        if type(self).is_allowed is not stock_is_allowed:  # type: ignore[attr-defined]
+        if type(self).is_allowed is not stock_is_allowed:
             return {}
         return {"allow": [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in sorted(self.allow)]}
 

@@ -26,7 +26,7 @@ else:
     except ImportError:  # runs uncompiled without Cython installed
         from relay.mux import _cython_shim as cython
 
-from relay.aio.stream import MuxStream, StreamRefused, StreamSplice
+from relay.aio.stream import MuxStream, StreamRefused, StreamSink
 from relay.binding import StreamEventRouter
 from relay.mux.connection import MuxConfig, MuxConnection
 from relay.mux.errors import ErrorCode, ProtocolError, StreamLimitError
@@ -111,9 +111,9 @@ class MuxSession(StreamEventRouter):
         #: Finished streams whose last bytes (and FIN) still sit in the core queue.
         self._flushing: set[int] = set()
         #: Splices whose local reading is paused until their stream can take data again.
-        self._blocked_readers: set[StreamSplice] = set()
+        self._blocked_readers: set[StreamSink] = set()
         #: Splices holding payloads from the events being handled (see _write_pending_splices).
-        self._pending_splices: list[StreamSplice] = []
+        self._pending_splices: list[StreamSink] = []
         self._incoming: deque[MuxStream] = deque()
         self._incoming_waiter: Optional[asyncio.Future[None]] = None
         self._controls: deque[Any] = deque()
@@ -520,10 +520,10 @@ class MuxSession(StreamEventRouter):
             if self._draining:
                 self._check_drained()
 
-    def _block_reader(self, splice: StreamSplice) -> None:
+    def _block_reader(self, splice: StreamSink) -> None:
         self._blocked_readers.add(splice)
 
-    def _unblock_reader(self, splice: StreamSplice) -> None:
+    def _unblock_reader(self, splice: StreamSink) -> None:
         self._blocked_readers.discard(splice)
 
     def _resume_blocked_readers(self) -> None:

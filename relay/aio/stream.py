@@ -19,7 +19,7 @@ import socket
 import struct
 import sys
 from collections import deque
-from typing import TYPE_CHECKING, Any, Optional, cast
+from typing import TYPE_CHECKING, Any, Optional, Protocol, cast
 
 from relay.mux.errors import ErrorCode, StreamClosedError
 
@@ -86,6 +86,18 @@ class StreamRefused(ConnectionRefusedError):
         self.message = message
 
 
+class StreamSink(Protocol):
+    """What a :class:`MuxStream` hands what it receives to instead of buffering it
+    (:meth:`MuxStream._attach_sink`): a :class:`StreamSplice`, or the HTTP proxy's side
+    of a stream (relay.gateway.http_proxy), which reads its responses that way."""
+
+    def _mux_data(self, data: Any, n: int) -> None: ...
+    def _write_out(self) -> None: ...
+    def _mux_eof(self) -> None: ...
+    def _mux_reset(self, exc: BaseException) -> None: ...
+    def _try_resume_reading(self) -> bool: ...
+
+
 def _wake(waiter: Optional[asyncio.Future[None]], exc: Optional[BaseException] = None) -> None:
     if waiter is not None and not waiter.done():
         if exc is None:
@@ -133,7 +145,7 @@ class MuxStream:
         self._write_waiter: Optional[asyncio.Future[None]] = None
         self._answer_waiter: Optional[asyncio.Future[None]] = None
         self._closed_waiter: Optional[asyncio.Future[None]] = None
-        self._sink: Optional[StreamSplice] = None
+        self._sink: Optional[StreamSink] = None
         self._limit = min(DEFAULT_LIMIT, self._conn.config.initial_window)
         #: Payload bytes written to the stream / received on it (per-stream accounting).
         self.bytes_sent = 0
@@ -505,7 +517,7 @@ class MuxStream:
         _wake(self._closed_waiter)
         self._session._stream_finished(self)
 
-    def _attach_sink(self, sink: "StreamSplice") -> None:
+    def _attach_sink(self, sink: StreamSink) -> None:
         """Route everything received from now on to ``sink``; hand it what is buffered."""
         if self._sink is not None:
             raise RuntimeError("this stream is already spliced")
@@ -523,8 +535,8 @@ class MuxStream:
     def _detach_sink(self) -> None:
         """Stop routing received data to the current sink, so another can be attached.
 
-        A sink is any object with StreamSplice's ``_mux_data``/``_write_out``/
-        ``_mux_eof``/``_mux_reset``/``_try_resume_reading``: the HTTP proxy reads its
+        A sink is any :class:`StreamSink` (StreamSplice's ``_mux_data``/``_write_out``/
+        ``_mux_eof``/``_mux_reset``/``_try_resume_reading``): the HTTP proxy reads its
         responses that way and hands the stream to a StreamSplice after a ``101``.
         """
         self._sink = None
@@ -791,10 +803,9 @@ async def connect_stream_to(stream: MuxStream, host: str, port: int, **kwargs: A
     """
     loop = asyncio.get_running_loop()
     try:
+        # Compiled, StreamSplice is an extension type, which cannot subclass asyncio.Protocol.
         transport, splice = await loop.create_connection(
-            # An asyncio protocol by its methods (compiled, an extension type cannot
-            # subclass asyncio.Protocol), which typeshed's bound on the factory does not see.
-            lambda: StreamSplice(stream), host, port, **kwargs)  # type: ignore[type-var]
+            lambda: StreamSplice(stream), host, port, **kwargs)  # type: ignore[type-var]  # a duck-typed protocol (see above)
     except BaseException as exc:
         message = f"cannot connect to {host}:{port}: {exc}" if isinstance(exc, OSError) else "cancelled"
         if not stream.local and not stream.answered:

@@ -37,6 +37,18 @@ class MuxTransport(Protocol):
     def get_extra_info(self, name: str, default: Any = None) -> Any: ...
 
 
+class CarriedProtocol(Protocol):
+    """What a :class:`WebSocketTransport` drives: an asyncio stream protocol by its
+    callbacks (a MuxSession; relay.gateway.tunnels carries a StreamSplice)."""
+
+    def connection_made(self, transport: Any) -> None: ...
+    def data_received(self, data: bytes) -> None: ...
+    def eof_received(self) -> Optional[bool]: ...
+    def connection_lost(self, exc: Optional[BaseException]) -> None: ...
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
+
+
 SessionCallback = Callable[[MuxSession], Union[Awaitable[None], None]]
 _BINARY = 0x2  # WebSocket binary message opcode (relay.ws.Opcode.BINARY)
 
@@ -48,10 +60,11 @@ async def connect_tcp(host: str, port: int, *, client: bool = True, config: Opti
     Extra keyword arguments go to :class:`MuxSession` (``on_stream``, ``on_control``).
     """
     loop = asyncio.get_running_loop()
-    _, session = await loop.create_connection(
-        # MuxSession is an asyncio protocol by its methods (compiled, an extension type
-        # cannot subclass asyncio.Protocol), which typeshed's bound on the factory does not see.
-        lambda: MuxSession(client, config, **session_kwargs), host, port)  # type: ignore[type-var]
+    def factory() -> MuxSession:
+        return MuxSession(client, config, **session_kwargs)
+
+    # Compiled, MuxSession is an extension type, which cannot subclass asyncio.Protocol.
+    _, session = await loop.create_connection(factory, host, port)  # type: ignore[type-var]  # a duck-typed protocol (see above)
     return session
 
 
@@ -75,8 +88,7 @@ async def serve_tcp(on_session: SessionCallback, host: str, port: int, *, config
             task.add_done_callback(tasks.discard)
         return session
 
-    # A protocol by its methods, as above.
-    return await loop.create_server(factory, host, port)  # type: ignore[arg-type]
+    return await loop.create_server(factory, host, port)  # type: ignore[arg-type]  # a duck-typed protocol (see above)
 
 
 class WebSocketTransport:
@@ -97,7 +109,7 @@ class WebSocketTransport:
     the handshake are passed as ``initial``).
     """
 
-    def __init__(self, session: MuxSession, *, client: bool, max_message_size: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, session: CarriedProtocol, *, client: bool, max_message_size: int = 16 * 1024 * 1024) -> None:
         from relay import ws  # imported here: the raw TCP path must not need relay.ws
 
         self._ws = ws
@@ -110,13 +122,12 @@ class WebSocketTransport:
         self._unanswered_ping: Optional[bytes] = None  # the latest, while writing is paused
 
     @classmethod
-    def attach(cls, transport: asyncio.Transport, session: MuxSession, *, client: bool,
+    def attach(cls, transport: asyncio.Transport, session: CarriedProtocol, *, client: bool,
                initial: bytes = b"", **kwargs: Any) -> "WebSocketTransport":
         """Make ``transport`` (handshake already done) carry ``session``."""
         adapter = cls(session, client=client, **kwargs)
-        # An asyncio protocol by its methods (compiled, an extension type cannot subclass
-        # asyncio.Protocol), which typeshed's BaseProtocol parameter does not see.
-        transport.set_protocol(adapter)  # type: ignore[arg-type]
+        # Compiled, WebSocketTransport is an extension type, which cannot subclass asyncio.Protocol.
+        transport.set_protocol(adapter)  # type: ignore[arg-type]  # a duck-typed protocol (see above)
         adapter.connection_made(transport)
         if initial:
             adapter.data_received(initial)
