@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from relay import __version__
-from relay.aio import MuxSession, WebSocketTransport
+from relay.aio import WebSocketTransport
 from relay.gateway.agents.bindings import Bindings
 from relay.gateway.agents.registry import AgentNameTaken, Registry, end_session
 from relay.gateway.agents.revocation import RevocationWatcher
@@ -88,7 +88,7 @@ class Gateway:
         self.registry = Registry(store)
         #: Ends the sessions of agents whose key gets revoked (relay.gateway.agents.revocation).
         self.revocations = RevocationWatcher(store, self.registry)
-        self._revocation_watch: Optional[asyncio.Task] = None
+        self._revocation_watch: Optional[asyncio.Task[None]] = None
         #: Programmatic hooks (relay.gateway.hooks; docs/EMBEDDING.md).
         self.hooks = GatewayHooks()
         self._public_url = public_url
@@ -97,13 +97,13 @@ class Gateway:
         self._ssl = ssl_context
         self._agent_gone_grace = agent_gone_grace
         self._gone_timers: dict[str, asyncio.TimerHandle] = {}
-        self._heartbeat: Optional[asyncio.Task] = None
+        self._heartbeat: Optional[asyncio.Task[None]] = None
         self._metrics_registry: Any = None
         self.tunnels: Optional[TunnelManager] = None
         self.router = Router()
         self._server: Optional[asyncio.AbstractServer] = None
         self._connections: set[HttpProtocol] = set()
-        self._agent_tasks: set[asyncio.Task] = set()
+        self._agent_tasks: set[asyncio.Task[None]] = set()
         self.host = ""
         self.port = 0
         self._routes()
@@ -400,7 +400,7 @@ class Gateway:
             status = "tunnel"
         self.registry.set_status(entry.team_id, entry.agent_id, status)
 
-    async def _serve_agent(self, principal: Principal, session: MuxSession,
+    async def _serve_agent(self, principal: Principal, session: GatewaySession,
                            holder: dict[str, Any]) -> None:
         """Register the agent once its SETTINGS arrived; unregister when it goes."""
         peer = session.get_extra_info("peername")

@@ -302,9 +302,11 @@ def _load_public_key(pem: str) -> tuple[Any, tuple[str, ...]]:
     # Imported here: only asymmetric JWT keys need cryptography.
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+    from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     data = pem.encode()
+    public_key: PublicKeyTypes  # a certificate's key types are among these
     try:
         if b"CERTIFICATE" in data:
             public_key = x509.load_pem_x509_certificate(data).public_key()

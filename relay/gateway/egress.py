@@ -34,7 +34,7 @@ import ipaddress
 import socket
 import ssl
 from collections.abc import Callable, Iterable
-from typing import Optional, Union
+from typing import Any, Optional, Union
 from urllib.parse import urlsplit
 
 __all__ = ["EgressPolicy", "EgressRefused", "is_ip_literal", "redact_url"]
@@ -198,7 +198,7 @@ class EgressPolicy:
         return allowed
 
     async def open_connection(self, host: str, port: int, *, ssl_context: Optional[ssl.SSLContext] = None,
-                              **kwargs: object) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                              **kwargs: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """``asyncio.open_connection`` to ``host:port`` through the policy: to the first
         allowed address that answers (TLS verified against ``host``, the name)."""
         error: Optional[OSError] = None
@@ -206,7 +206,7 @@ class EgressPolicy:
             try:
                 return await asyncio.open_connection(
                     address, port, ssl=ssl_context, server_hostname=host if ssl_context else None,
-                    **kwargs)  # type: ignore[arg-type]
+                    **kwargs)
             except OSError as exc:
                 error = exc
         assert error is not None

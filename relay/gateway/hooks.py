@@ -40,9 +40,9 @@ import asyncio
 import inspect
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Union
 
 from relay.aio import MuxSession
 from relay.aio.stream import MuxStream
@@ -51,16 +51,31 @@ from relay.mux.errors import ErrorCode
 
 if TYPE_CHECKING:
     from relay.gateway.agents.registry import ConnectedAgent
-    from relay.gateway.http.server import Request
 
-__all__ = ["GatewayHooks", "GatewaySession", "agent_principal"]
+__all__ = ["AgentUpgradeRequest", "GatewayHooks", "GatewaySession", "agent_principal"]
 
 log = logging.getLogger("relay.gateway.hooks")
+
+class AgentUpgradeRequest(Protocol):
+    """What an ``authenticate`` hook sees of an agent's upgrade request: the gateway's
+    own :class:`~relay.gateway.server.Request`, or, for an agent endpoint mounted in
+    another framework, :class:`~relay.gateway.embed.AgentRequest`."""
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Lower-case names."""
+        ...
+
+    @property
+    def peer(self) -> Any: ...
+
+    def header(self, name: str) -> Optional[str]: ...
+
 
 AgentHook = Callable[["ConnectedAgent"], Any]
 StreamPolicy = Callable[["ConnectedAgent", dict[str, Any]], Union[bool, str, None]]
 StreamClosedHook = Callable[["ConnectedAgent", dict[str, Any], int, int], Any]
-Authenticate = Callable[["Request", Callable[[], Principal]], Union[Principal, Awaitable[Principal]]]
+Authenticate = Callable[[AgentUpgradeRequest, Callable[[], Principal]], Union[Principal, Awaitable[Principal]]]
 
 #: Namespace of the credential ids :func:`agent_principal` derives (agent ids are
 #: ``uuid5(credential id, name)``, so a stable subject gives stable agent ids).
@@ -84,9 +99,9 @@ class GatewayHooks:
     on_agent_disconnected: list[AgentHook] = field(default_factory=list)
     allow_stream: list[StreamPolicy] = field(default_factory=list)
     on_stream_closed: list[StreamClosedHook] = field(default_factory=list)
-    _tasks: set[asyncio.Task] = field(default_factory=set, repr=False)
+    _tasks: set[asyncio.Future[Any]] = field(default_factory=set, repr=False)
 
-    async def run_authenticate(self, request: "Request", default: Callable[[], Principal]) -> Principal:
+    async def run_authenticate(self, request: AgentUpgradeRequest, default: Callable[[], Principal]) -> Principal:
         """The principal of a connecting agent: the hook's answer, or ``default()``."""
         if self.authenticate is None:
             return default()
@@ -124,7 +139,7 @@ class GatewayHooks:
                 self._tasks.add(task)
                 task.add_done_callback(self._hook_done)
 
-    def _hook_done(self, task: asyncio.Task) -> None:
+    def _hook_done(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("gateway hook failed", exc_info=task.exception())

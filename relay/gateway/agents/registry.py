@@ -251,8 +251,8 @@ class Registry:
             "online": online,
             "first_seen": agent.first_seen,
             "last_seen": agent.last_seen,
-            "connected_at": live.connected_at if online else None,
-            "open_streams": len(live.session.streams) if online else 0,
+            "connected_at": live.connected_at if live is not None and online else None,
+            "open_streams": len(live.session.streams) if live is not None and online else 0,
         }
 
     def abort_all(self, message: str = "gateway shutting down") -> None:

@@ -87,7 +87,8 @@ class RevocationWatcher:
         agents = [entry for entry in self._registry.connected() if entry.credential_id]
         if not agents and not self._held:
             return []
-        revoked = self._store.revoked_credentials({entry.credential_id for entry in agents} | set(self._held))
+        revoked = self._store.revoked_credentials(
+            {entry.credential_id for entry in agents if entry.credential_id} | set(self._held))
         for credential_id in revoked & set(self._held):
             cut = [t for t in self._held.pop(credential_id) if not t.is_closing()]
             self._pruned_at.pop(credential_id, None)

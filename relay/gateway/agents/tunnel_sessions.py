@@ -113,6 +113,8 @@ class _WsTunnelTransport(WebSocketTransport):
       handshake, resets the stream (CANCEL), so the agent resets its target connection.
     """
 
+    session: StreamSplice  # what it carries (see serve_websocket)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._clean = False  # a clean close 1000 was received, or sent by us
@@ -432,14 +434,18 @@ class TunnelManager:
         if splice is None:
             transport.close()
             return False
-        _WsTunnelTransport.attach(transport, splice, client=False, initial=leftover,  # type: ignore[arg-type]
+        _WsTunnelTransport.attach(transport, splice, client=False, initial=leftover,
                                   max_message_size=WS_MAX_MESSAGE)
         transport.resume_reading()  # the HTTP layer paused it while the request was handled
         return True
 
-    def _hub_protocol(self, hub: HubListener) -> asyncio.Protocol:
+    def _hub_protocol(self, hub: HubListener) -> asyncio.BaseProtocol:
         """One accepted hub connection -> one stream to the agent (or an instant close)."""
-        return self._splice(hub) or _Closed()
+        splice = self._splice(hub)
+        if splice is None:
+            return _Closed()
+        # Compiled, StreamSplice is an extension type, which cannot subclass asyncio.Protocol.
+        return splice  # type: ignore[return-value]  # a duck-typed protocol (see above)
 
     def _splice(self, hub: HubListener) -> Optional[StreamSplice]:
         """Open a stream to the tunnel's target; None if the agent is not connected, the

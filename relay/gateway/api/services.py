@@ -326,8 +326,9 @@ def _declarations(info: Any) -> dict[str, dict[str, Any]]:
     for item in raw if isinstance(raw, list) else []:
         if not isinstance(item, dict) or not isinstance(item.get("slug"), str) or not SLUG_RE.match(item["slug"]):
             continue
+        target = item.get("target")
         try:
-            host, port = parse_host_port(item.get("target") if isinstance(item.get("target"), str) else "")
+            host, port = parse_host_port(target if isinstance(target, str) else "")
         except ValueError:
             continue
         health = item.get("health")
@@ -460,8 +461,8 @@ class ServiceManager:
                     previous.retire()
                 state.instances[entry.agent_id] = inst
                 self._after_instance_added(entry.team_id, slug, state, inst)
-        for agent_id in [a for a in self._sessions if a not in live]:
-            del self._sessions[agent_id]
+        for gone in [a for a in self._sessions if a not in live]:
+            del self._sessions[gone]
         deadline = float("inf")
         for state in self._states.values():
             for agent_id, inst in list(state.instances.items()):
@@ -649,8 +650,8 @@ class ServiceManager:
                 and split.port != 0
         except ValueError:
             valid_url = False
-        if not valid_url or split.query or split.fragment or split.username or not url.isascii() \
-                or not url.isprintable() or " " in url:
+        if not valid_url or not isinstance(url, str) or split is None or split.query or split.fragment \
+                or split.username or not url.isascii() or not url.isprintable() or " " in url:
             raise HttpError(400, "invalid_request", "url: must be http(s)://HOST[:PORT][/PATH]")
         refused = self.gw.egress.check_url(url)
         if refused is not None:
@@ -785,10 +786,11 @@ class ServiceManager:
             raise HttpError(400, "invalid_request", "Upgrade needs Connection: upgrade")
         peer = request.peer
         gateway_scheme = b"https" if self.gw._ssl else b"http"
+        forwarded_host = request.header("host")
         headers += [(b"host", inst.host_header.encode()), (b"connection", b"upgrade"), (b"upgrade", upgrade),
                     (b"x-forwarded-for", str(peer[0] if peer else "").encode()),
                     (b"x-forwarded-proto", gateway_scheme),
-                    (b"x-forwarded-host", request.header("host").encode("latin-1") if request.header("host") else b"")]
+                    (b"x-forwarded-host", forwarded_host.encode("latin-1") if forwarded_host else b"")]
         path = origin_form(raw.target)
         end = path.find(b"/", len(PREFIX))
         if inst.base_path and has_dot_segment(path[end:].decode("latin-1")):

@@ -286,7 +286,8 @@ class TaskManager:
                     break
                 await client.drain()
                 waiter = asyncio.ensure_future(changed.wait())
-                done, _ = await asyncio.wait({waiter, client.closed}, timeout=SSE_KEEPALIVE,
+                either: set[asyncio.Future[Any]] = {waiter, client.closed}
+                done, _ = await asyncio.wait(either, timeout=SSE_KEEPALIVE,
                                              return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 if not done:
@@ -351,7 +352,7 @@ class TaskManager:
 
     def on_control(self, agent: ConnectedAgent, message: dict[str, Any]) -> bool:
         """A control message from ``agent``; True if it was about a task (handled here)."""
-        kind = _AGENT_EVENTS.get(message.get("type"))  # type: ignore[arg-type]
+        kind = _AGENT_EVENTS.get(message.get("type", ""))
         if kind is None:
             return False
         task = self._running.get(agent.agent_id)
@@ -405,15 +406,15 @@ class TaskManager:
                             {"Retry-After": "5"})
 
 
-class _SseClient:
+class _SseClient(asyncio.Protocol):
     """Protocol of an SSE response's connection: notices the client leaving and honours
     the transport's flow control (a slow reader pauses the writer, never grows a buffer
     past the transport's high-water mark)."""
 
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
-        self.closed: asyncio.Future = loop.create_future()
-        self._resumed: Optional[asyncio.Future] = None
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self._resumed: Optional[asyncio.Future[None]] = None
 
     def connection_made(self, transport: Any) -> None:
         pass

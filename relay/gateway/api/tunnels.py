@@ -92,7 +92,7 @@ import logging
 import re
 import secrets
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, TypeGuard
 
 from relay.gateway.api.shares import RateLimiter, parse_share_request, printable_text
 from relay.gateway.api.tunnels_openapi import add_tunnels_api
@@ -142,7 +142,7 @@ def _valid_port(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
 
 
-def _valid_host(host: Any) -> bool:
+def _valid_host(host: Any) -> TypeGuard[str]:
     if not isinstance(host, str) or not host:
         return False
     try:
@@ -154,6 +154,7 @@ def _valid_host(host: Any) -> bool:
 
 def parse_target(value: Any) -> tuple[str, int]:
     """``"host:port"``, ``"[v6]:port"`` or ``{"host": ..., "port": ...}`` → (host, port)."""
+    host: Any  # checked below, whichever form it came in
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):

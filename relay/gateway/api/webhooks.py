@@ -127,7 +127,7 @@ def parse_webhook_request(body: Any) -> tuple[str, tuple[str, ...]]:
         port_ok = split is not None and (split.port is None or 0 < split.port < 65536)
     except ValueError:
         port_ok = False
-    if (split is None or split.scheme not in ("http", "https") or not split.hostname
+    if (not isinstance(url, str) or split is None or split.scheme not in ("http", "https") or not split.hostname
             or not port_ok or len(url) > MAX_URL):
         raise HttpError(400, "invalid_url", f"url: must be an http:// or https:// URL of at most {MAX_URL} characters")
     events = body.get("events", list(EVENTS))

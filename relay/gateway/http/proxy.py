@@ -60,14 +60,17 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union, cast
 
 import httptools
 
-try:
-    import cython
-except ImportError:  # the pure-Python engine runs without Cython installed
-    from relay.mux import _cython_shim as cython  # type: ignore[no-redef]
+if TYPE_CHECKING:  # mypy checks the pure-Python twin: cython's no-op declarations
+    from relay.mux import _cython_shim as cython
+else:
+    try:
+        import cython
+    except ImportError:  # the pure-Python engine runs without Cython installed
+        from relay.mux import _cython_shim as cython
 
 from relay.aio import SessionClosedError, StreamRefused, StreamSplice
 from relay.aio.stream import MuxStream
@@ -592,8 +595,8 @@ class _StreamSide:
     def _write_out(self) -> None:
         """Parse what the last batch of frames carried; the connection writes the result
         to the client once and acknowledges it."""
-        data, n = self._in, self._in_n
-        if not data:
+        chunks, n = self._in, self._in_n
+        if not chunks:
             return
         self._in = []
         self._in_n = 0
@@ -601,7 +604,7 @@ class _StreamSide:
         if conn is None:
             self.ack(n)
             return
-        data = data[0] if len(data) == 1 else b"".join(data)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if type(data) is not bytes:
             data = bytes(data)  # a view of the received frame: the head is searched in it
         conn._upstream_data(self, data, n)
@@ -722,7 +725,8 @@ def serve_connection(transport: asyncio.Transport, initial: bytes, resolve: Reso
     the connection stays in while open (the gateway closes its members at shutdown).
     """
     conn = ProxyConnection(resolve, fallback=fallback, connections=connections)
-    transport.set_protocol(conn)
+    # Compiled, ProxyConnection is an extension type, which cannot subclass asyncio.Protocol.
+    transport.set_protocol(conn)  # type: ignore[arg-type]  # a duck-typed protocol (see above)
     conn.connection_made(transport)
     if initial:
         conn.data_received(initial)
@@ -812,7 +816,8 @@ class ProxyConnection:
     # -- asyncio.Protocol (client side)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A TCP (or TLS) connection's transport: asyncio types the argument for every kind.
+        self.transport = cast(asyncio.Transport, transport)
         loop = self._loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
@@ -1066,7 +1071,9 @@ class ProxyConnection:
 
     def _slow(self, coro: Any) -> None:
         """Run a slow path (a coroutine); client events wait until it is done."""
-        task = self._busy = self._loop.create_task(coro)
+        loop = self._loop
+        assert loop is not None  # connected
+        task = self._busy = loop.create_task(coro)
         task.add_done_callback(self._slow_done)
 
     def _slow_done(self, task: asyncio.Task) -> None:
@@ -1183,7 +1190,9 @@ class ProxyConnection:
                 exchange.request_done = True
             elif self._expect_continue and not self._lost:
                 self._expect_continue = False
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                transport = self.transport
+                assert transport is not None  # connected
+                transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         except (ConnectionError, RuntimeError, SessionClosedError) as exc:
             self._upstream_failed(side, exc)
 
@@ -1327,7 +1336,9 @@ class ProxyConnection:
         self._drop_stream(abort=exchange is not None)
         self._req = None
         self._closing = True
-        self.transport.close()
+        transport = self.transport
+        assert transport is not None  # connected
+        transport.close()
 
     @cython.locals(exchange=_Exchange)
     def _client_error(self, exc: Optional[BaseException]) -> None:
@@ -1340,7 +1351,9 @@ class ProxyConnection:
             self._end_exchange(exchange, keep_stream=False)
             if exchange.started:
                 self._closing = True
-                self.transport.abort()
+                transport = self.transport
+                assert transport is not None  # connected
+                transport.abort()
                 return
         if exc is None:
             error = ProxyError(431, "bad_request", "request header block too large")
@@ -1438,10 +1451,12 @@ class ProxyConnection:
         out = self._out
         if out and not self._lost:
             self._out = []
+            transport = self.transport
+            assert transport is not None  # connected
             if len(out) == 1:
-                self.transport.write(out[0])
+                transport.write(out[0])
             else:  # (uvloop writes the pieces with one writev: no joined copy)
-                self.transport.writelines(out)
+                transport.writelines(out)
         elif out:
             self._out = []
         if self._write_paused and not self._lost:
@@ -1506,14 +1521,18 @@ class ProxyConnection:
             self._maybe_next()
         else:
             # The target answered before the whole body went out: give it a moment.
-            exchange.grace = self._loop.call_later(BODY_GRACE, self._grace_over, exchange)
+            loop = self._loop
+            assert loop is not None  # connected
+            exchange.grace = loop.call_later(BODY_GRACE, self._grace_over, exchange)
 
     def _grace_over(self, exchange: _Exchange) -> None:
         if self._exchange is exchange and not self._lost:
             self._end_exchange(exchange, keep_stream=False)
             self._drop_stream(abort=True)
             self._closing = True
-            self.transport.close()
+            transport = self.transport
+            assert transport is not None  # connected
+            transport.close()
 
     def _finish_exchange(self, exchange: _Exchange) -> None:
         """Both the request and the response are complete: ready for the next request."""
@@ -1545,7 +1564,9 @@ class ProxyConnection:
             self._closing = True
             self._drop_stream(abort=False)
             if not self._lost:
-                self.transport.close()
+                transport = self.transport
+                assert transport is not None  # connected
+                transport.close()
             return
         pending = self._upgrade_pending
         if pending is not None:  # an upgrade the target declined: parse on
@@ -1553,7 +1574,9 @@ class ProxyConnection:
             if pending:
                 self.data_received(bytes(pending))
                 return
-        self._idle_since = self._loop.time()
+        loop = self._loop
+        assert loop is not None  # connected
+        self._idle_since = loop.time()
         if self._events:
             self._process()
 
@@ -1589,7 +1612,9 @@ class ProxyConnection:
             self._out = []
             self._closing = True
             if not self._lost:
-                self.transport.abort()  # a cut body must not look complete to the client
+                transport = self.transport
+                assert transport is not None  # connected
+                transport.abort()  # a cut body must not look complete to the client
             return
         if exchange.reused and not isinstance(exc, (StreamRefused, httptools.HttpParserError)):
             if exchange.has_body or exchange.retried:
@@ -1629,12 +1654,16 @@ class ProxyConnection:
         if not (self._req is not None and self._req.method == b"HEAD"):
             head.append(body)
         if not self._lost:
-            self.transport.write(b"".join(head))
+            transport = self.transport
+            assert transport is not None  # connected
+            transport.write(b"".join(head))
         if close:
             self._closing = True
             self._drop_stream(abort=self._exchange is not None)
             if not self._lost:
-                self.transport.close()
+                transport = self.transport
+                assert transport is not None  # connected
+                transport.close()
             return
         self._maybe_next()
 
@@ -1653,7 +1682,9 @@ class ProxyConnection:
             self._events.clear()
             self._drop_stream(abort=False)
             if not self._lost:
-                self.transport.close()
+                transport = self.transport
+                assert transport is not None  # connected
+                transport.close()
             return
         pending = self._upgrade_pending
         data = raw[start:]
@@ -1670,8 +1701,11 @@ class ProxyConnection:
             self._connections.discard(self)
         # The very request the route handed over (nothing was resolved before it): the
         # HTTP server must not give it back to us or to another proxy (no loop).
-        protocol = self._fallback(declined=self._resolved == 0)
+        fallback = self._fallback
+        assert fallback is not None  # _dispatch hands a request back only to one
+        protocol = fallback(declined=self._resolved == 0)
         transport = self.transport
+        assert transport is not None  # connected
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         transport.resume_reading()
@@ -1721,6 +1755,7 @@ class ProxyConnection:
         side.detach()
         stream._detach_sink()
         transport = self.transport
+        assert transport is not None  # connected
         transport.write(b"".join(out) + b"".join(parts) + target_pending)
         side.ack(n)
         if self._held:
@@ -1728,7 +1763,8 @@ class ProxyConnection:
         if client_pending:
             stream.write(client_pending)
         splice = StreamSplice(stream)
-        transport.set_protocol(splice)
+        # Compiled, StreamSplice is an extension type, which cannot subclass asyncio.Protocol.
+        transport.set_protocol(splice)  # type: ignore[arg-type]  # a duck-typed protocol (see above)
         splice.connection_made(transport)
         if self._client_eof:
             splice.eof_received()
@@ -1768,12 +1804,15 @@ class ProxyConnection:
         if self._lost or self._detached:
             return
         loop = self._loop
+        assert loop is not None  # connected
         if self._req is None and not self._events:
             left = self._idle_since + IDLE_TIMEOUT - loop.time()
             if left <= 0:
                 self._closing = True
                 self._drop_stream(abort=False)
-                self.transport.close()
+                transport = self.transport
+                assert transport is not None  # connected
+                transport.close()
                 return
         else:
             left = IDLE_TIMEOUT

@@ -31,7 +31,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Optional
+from typing import Any, Optional, cast
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -64,7 +64,7 @@ def _head_has_obs_fold(data: bytes | bytearray) -> bool:
 #: destroys the error response (RFC 9112 §9.6 "lingering close").
 LINGER = 2.0
 
-SERVER_HEADER = b"relay"
+SERVER_HEADER = "relay"
 
 
 class HttpError(Exception):
@@ -188,8 +188,8 @@ class Router:
     def add(self, method: str, pattern: str, handler: Handler, *, raw: bool = False) -> None:
         """Route ``method pattern`` to ``handler``. ``raw``: call it at headers time (see
         :meth:`Request.take_over_raw`)."""
-        regex = re.sub(r"\{(\w+):path\}", r"(?P<\1>.*)", pattern)
-        regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", regex) + "$")
+        source = re.sub(r"\{(\w+):path\}", r"(?P<\1>.*)", pattern)
+        regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", source) + "$")
         if raw:
             self._raw.add(handler)
         for existing, methods in self._routes:
@@ -246,10 +246,17 @@ class HttpProtocol(asyncio.Protocol):
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A TCP (or TLS) connection's transport: asyncio types the argument for every kind.
+        self.transport = cast(asyncio.Transport, transport)
         if self._connections is not None:
             self._connections.add(self)
         self._arm_idle()
+
+    def _connected(self) -> asyncio.Transport:
+        """The transport (connection_made sets it before any data or request)."""
+        transport = self.transport
+        assert transport is not None
+        return transport
 
     def data_received(self, data: bytes) -> None:
         if self._detached or self._lingering:
@@ -276,7 +283,7 @@ class HttpProtocol(asyncio.Protocol):
     def close(self) -> None:
         """Close the connection (unless an upgrade took it over)."""
         if not self._detached and self.transport is not None:
-            self.transport.close()
+            self._connected().close()
 
     # -- request processing
 
@@ -288,7 +295,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _idle_timeout(self) -> None:
         if self._task is None and not self._detached and self.transport is not None:
-            self.transport.close()
+            self._connected().close()
 
     def _process(self) -> None:
         """Read events until a whole request is in, then run its handler."""
@@ -320,11 +327,11 @@ class HttpProtocol(asyncio.Protocol):
                 assert self._request is not None
                 request = Request(self, self._request, bytes(self._body))
                 self._body = bytearray()
-                self.transport.pause_reading()  # one request at a time; bounded buffering
+                self._connected().pause_reading()  # one request at a time; bounded buffering
                 self._task = asyncio.get_running_loop().create_task(self._handle(request))
                 return
             elif isinstance(event, h11.ConnectionClosed):
-                self.transport.close()
+                self._connected().close()
                 return
 
     def _start_raw(self, event: h11.Request) -> bool:
@@ -337,7 +344,7 @@ class HttpProtocol(asyncio.Protocol):
         if not self._router.is_raw(handler):
             return False
         request.params = params
-        self.transport.pause_reading()
+        self._connected().pause_reading()
         self._task = asyncio.get_running_loop().create_task(self._handle(request, handler))
         return True
 
@@ -364,21 +371,21 @@ class HttpProtocol(asyncio.Protocol):
         self._task = None
         self._send(response, head_only=request.method == "HEAD")
         if self._h11.our_state is h11.MUST_CLOSE or self._h11.their_state is h11.MUST_CLOSE:
-            self.transport.close()
+            self._connected().close()
             return
         try:
             self._h11.start_next_cycle()
         except h11.LocalProtocolError:
             # The client is mid-upgrade or otherwise not reusable: end the connection.
-            self.transport.close()
+            self._connected().close()
             return
         self._head = bytearray(self._h11.trailing_data[0][:MAX_HEAD + 1])  # a pipelined head
         self._arm_idle()
-        self.transport.resume_reading()
+        self._connected().resume_reading()
         self._process()
 
     def _send(self, response: Response, head_only: bool = False) -> None:
-        headers = [("Server", SERVER_HEADER), ("Content-Length", str(len(response.body)))]
+        headers: list[tuple[str, str]] = [("Server", SERVER_HEADER), ("Content-Length", str(len(response.body)))]
         if response.body or response.status not in (204, 304):
             headers.append(("Content-Type", response.content_type))
         headers += list(response.headers.items())
@@ -396,14 +403,14 @@ class HttpProtocol(asyncio.Protocol):
                 out += self._h11.send(h11.Data(data=response.body))
             out += self._h11.send(h11.EndOfMessage())
         except h11.LocalProtocolError:
-            self.transport.close()
+            self._connected().close()
             return
-        self.transport.write(out)
+        self._connected().write(out)
 
     def _send_error_and_close(self, status: int, code: str, message: str) -> None:
         if self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             self._send(error_response(status, code, message))
-        transport = self.transport
+        transport = self._connected()
         if transport.can_write_eof():
             # Lingering close: end our side, drop what the client still sends, close later.
             self._lingering = True
@@ -420,7 +427,7 @@ class HttpProtocol(asyncio.Protocol):
         if self._connections is not None:
             self._connections.discard(self)
         leftover, _ = self._h11.trailing_data
-        return self.transport, bytes(leftover)  # type: ignore[return-value]
+        return self._connected(), bytes(leftover)
 
 
 def _reason(status: int) -> bytes:

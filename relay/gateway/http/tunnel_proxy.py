@@ -26,10 +26,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Optional
 
-try:
-    import cython
-except ImportError:  # the pure-Python gateway runs without Cython installed
-    from relay.mux import _cython_shim as cython  # type: ignore[no-redef]
+if TYPE_CHECKING:  # mypy checks the pure-Python twin: cython's no-op declarations
+    from relay.mux import _cython_shim as cython
+else:
+    try:
+        import cython
+    except ImportError:  # the pure-Python gateway runs without Cython installed
+        from relay.mux import _cython_shim as cython
 
 from relay.aio import SessionClosedError
 from relay.aio.stream import MuxStream

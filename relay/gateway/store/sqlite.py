@@ -356,11 +356,11 @@ class Store:
 
     def get_team(self, team_id: str) -> Team | None:
         """The team with this id, or None (also for a malformed id)."""
-        team_id = normalize_uuid(team_id)
-        if team_id is None:
+        tid = normalize_uuid(team_id)
+        if tid is None:
             return None
         with self._read() as db:
-            row = db.execute("SELECT * FROM teams WHERE id = ?", (team_id,)).fetchone()
+            row = db.execute("SELECT * FROM teams WHERE id = ?", (tid,)).fetchone()
         return _team(row) if row else None
 
     def list_teams(self) -> list[Team]:
@@ -639,16 +639,16 @@ class Store:
 
     def close_tunnel_sessions(self, team_id: str, agent_id: str) -> list[str]:
         """Close all of an agent's open sessions; returns the ids that were closed."""
-        team_id, agent_id = normalize_uuid(team_id), normalize_uuid(agent_id)
+        team, agent = normalize_uuid(team_id), normalize_uuid(agent_id)
         with self._write() as db:
             ids = [row[0] for row in db.execute(
                 "SELECT session_id FROM tunnel_sessions"
                 " WHERE team_id = ? AND agent_id = ? AND closed_at IS NULL"
-                " ORDER BY created_at, session_id", (team_id, agent_id))]
+                " ORDER BY created_at, session_id", (team, agent))]
             db.execute(
                 "UPDATE tunnel_sessions SET closed_at = ?"
                 " WHERE team_id = ? AND agent_id = ? AND closed_at IS NULL",
-                (self._clock(), team_id, agent_id))
+                (self._clock(), team, agent))
         self.tunnel_sessions_version += 1
         return ids
 
@@ -712,23 +712,23 @@ class Store:
             raise StoreError(f"update_tunnel takes some of {', '.join(sorted(allowed))}")
         columns = [f"{key} = ?" for key in changes] + ["updated_at = ?"]
         values = [json.dumps(v, sort_keys=True) if k == "metadata" else v for k, v in changes.items()]
-        tunnel_id, team_id = normalize_uuid(tunnel_id), normalize_uuid(team_id)
+        tunnel, team = normalize_uuid(tunnel_id), normalize_uuid(team_id)
         with self._write() as db:
             cur = db.execute(f"UPDATE tunnels SET {', '.join(columns)} WHERE id = ? AND team_id = ?",
-                             (*values, self._clock(), tunnel_id, team_id))
+                             (*values, self._clock(), tunnel, team))
             if cur.rowcount != 1:
                 return None
-            return _tunnel(db.execute("SELECT * FROM tunnels WHERE id = ?", (tunnel_id,)).fetchone())
+            return _tunnel(db.execute("SELECT * FROM tunnels WHERE id = ?", (tunnel,)).fetchone())
 
     def delete_tunnel(self, team_id: str, tunnel_id: str) -> Tunnel | None:
         """Delete the team's tunnel and its shares; returns the deleted row (or None)."""
-        tunnel_id, team_id = normalize_uuid(tunnel_id), normalize_uuid(team_id)
+        tunnel, team = normalize_uuid(tunnel_id), normalize_uuid(team_id)
         with self._write() as db:
             row = db.execute("SELECT * FROM tunnels WHERE id = ? AND team_id = ?",
-                             (tunnel_id, team_id)).fetchone()
+                             (tunnel, team)).fetchone()
             if row is None:
                 return None
-            db.execute("DELETE FROM tunnels WHERE id = ?", (tunnel_id,))  # shares cascade
+            db.execute("DELETE FROM tunnels WHERE id = ?", (tunnel,))  # shares cascade
         return _tunnel(row)
 
     # -- tunnel bindings (the Tunnels API's connect) ----------------------------------
