@@ -65,7 +65,7 @@ def _select_backend(ctx: click.Context, param: Any, value: str) -> None:
         def invoke(callback: Any, **params: Any) -> Any:
             return _trio_agent(**params)
 
-        ctx.invoke = invoke  # type: ignore[method-assign]
+        ctx.invoke = invoke  # type: ignore[method-assign]  # on this context only (see above)
 
 
 def _trio_agent(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ...],

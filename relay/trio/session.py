@@ -446,8 +446,8 @@ class TrioMuxSession(StreamEventRouter):
             # Wake writers before writing: they refill the queue while this write runs.
             for stream_id in conn.writable_streams():
                 if stream_id == 0:  # the session window reopened: every blocked writer may go on
-                    for stream in streams.values():
-                        stream._on_writable()
+                    for blocked in streams.values():
+                        blocked._on_writable()
                     continue
                 stream = streams.get(stream_id)
                 if stream is not None:
