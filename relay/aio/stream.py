@@ -89,7 +89,7 @@ class StreamRefused(ConnectionRefusedError):
 class StreamSink(Protocol):
     """What a :class:`MuxStream` hands what it receives to instead of buffering it
     (:meth:`MuxStream._attach_sink`): a :class:`StreamSplice`, or the HTTP proxy's side
-    of a stream (relay.gateway.http_proxy), which reads its responses that way."""
+    of a stream (relay.gateway.http.proxy), which reads its responses that way."""
 
     def _mux_data(self, data: Any, n: int) -> None: ...
     def _write_out(self) -> None: ...

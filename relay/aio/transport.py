@@ -39,7 +39,7 @@ class MuxTransport(Protocol):
 
 class CarriedProtocol(Protocol):
     """What a :class:`WebSocketTransport` drives: an asyncio stream protocol by its
-    callbacks (a MuxSession; relay.gateway.tunnels carries a StreamSplice)."""
+    callbacks (a MuxSession; relay.gateway.agents.tunnel_sessions carries a StreamSplice)."""
 
     def connection_made(self, transport: Any) -> None: ...
     def data_received(self, data: bytes) -> None: ...
