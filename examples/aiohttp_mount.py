@@ -67,8 +67,9 @@ async def service_proxy(request: web.Request) -> web.StreamResponse:
     """Route one request to a port on the agent's machine (tunnel routing)."""
     gateway: Gateway = request.app["gateway"]
     try:
-        principal = gateway.auth.authenticate(request.headers.get("Authorization"),
-                                              request.headers.get("X-Team-ID")).require_runtime()
+        principal = await gateway.auth.authenticate(request.headers.get("Authorization"),
+                                                    request.headers.get("X-Team-ID"))
+        principal.require_runtime()
     except AuthError as exc:
         return web.json_response(exc.to_json(), status=exc.status)
     target = f"127.0.0.1:{int(request.match_info['port'])}"
@@ -143,7 +144,7 @@ async def serving(app: web.Application, port: int = 0):
 async def main(selftest: bool, port: int) -> int:
     data = Path(tempfile.mkdtemp(prefix="relay-aiohttp-"))
     store = Store.open(data)
-    _, keys = store.create_team_with_keys("example")
+    _, keys = await store.create_team_with_keys("example")
     gateway = Gateway(store)
     await gateway.start("127.0.0.1", 0)  # its own API/tunnels port, same loop
     try:
@@ -157,7 +158,7 @@ async def main(selftest: bool, port: int) -> int:
             return await selfcheck(gateway, app_port, str(keys["ak"]), str(keys["sk"]))
     finally:
         await gateway.close()
-        store.close()
+        await store.close()
 
 
 async def selfcheck(gateway: Gateway, app_port: int, ak: str, sk: str) -> int:

@@ -73,7 +73,7 @@ async def http(port: int, method: str, path: str, key: str, body: Any = None) ->
 
 async def main(selftest: bool) -> int:
     store = Store.open(Path(tempfile.mkdtemp(prefix="relay-embedded-")))
-    team, keys = store.create_team_with_keys("example")
+    team, keys = await store.create_team_with_keys("example")
     log: list[str] = []
     gateway = Gateway(store)
     install_hooks(gateway, team.id, log)
@@ -137,7 +137,7 @@ async def main(selftest: bool) -> int:
         agent.close()
         await gateway.close()
         service.close()
-        store.close()
+        await store.close()
     await asyncio.sleep(0.05)  # let the disconnected hook run
     for entry in log:
         print("hook:", entry)

@@ -12,11 +12,13 @@ line on stderr and a non-zero exit: raise :class:`click.ClickException`.
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Optional, TypeVar
 
 import click
 
@@ -31,9 +33,11 @@ from relay.gateway.store import (
     default_data_dir,
     hash_token,
     normalize_uuid,
+    open_store,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 _KIND_HELP = {
     "sk": "team integration key: runtime + management",
@@ -59,6 +63,16 @@ def data_dir_option(func: F) -> F:
     )(func)
 
 
+def store_option(func: F) -> F:
+    """The shared ``--store URL`` option (env ``RELAY_STORE``): which database holds the
+    state (relay.gateway.store.open_store); SQLite in ``--data`` when not given."""
+    return click.option(
+        "--store", "store_url", envvar="RELAY_STORE", metavar="URL", default=None, show_envvar=True,
+        help="Where the state is kept: sqlite:///PATH (or a path) or postgresql://USER:PASSWORD@HOST:PORT/DB "
+             "(needs relay[postgres]); default: SQLite in --data.",
+    )(func)
+
+
 def json_option(func: F) -> F:
     """``--json``: print one JSON document instead of text."""
     return click.option("--json", "as_json", is_flag=True,
@@ -68,34 +82,53 @@ def json_option(func: F) -> F:
 # --------------------------------------------------------------------------- admin
 
 
+@dataclass
+class _AdminStore:
+    """Where ``relay admin`` finds the state (its group's options)."""
+
+    data_dir: Path
+    url: Optional[str]
+
+
 @main.group()
 @data_dir_option
+@store_option
 @click.pass_context
-def admin(ctx: click.Context, data_dir: Path) -> None:
-    """Manage teams and credentials in a gateway's data directory."""
-    # Opened lazily by the subcommand, so `--help` never touches the data directory.
-    ctx.obj = data_dir
+def admin(ctx: click.Context, data_dir: Path, store_url: Optional[str]) -> None:
+    """Manage teams and credentials in a gateway's store (its data directory, or the
+    database --store names)."""
+    # Opened lazily by the subcommand, so `--help` never touches the store.
+    ctx.obj = _AdminStore(data_dir, store_url)
 
 
-def _store(ctx: click.Context) -> Store:
-    data_dir = ctx.find_object(Path)
-    assert data_dir is not None, "the admin group sets the data directory"
-    try:
-        store = Store.open(data_dir)
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from None
-    ctx.call_on_close(store.close)
-    return store
+def _with_store(ctx: click.Context, body: Callable[[Store], Awaitable[T]]) -> T:
+    """Open the store, run ``body(store)``, close it; a StoreError is a one-line error."""
+    where = ctx.find_object(_AdminStore)
+    assert where is not None, "the admin group sets the store"
+
+    async def run() -> T:
+        try:
+            store = await open_store(where.url, where.data_dir, listen=False)
+        except StoreError as exc:
+            raise click.ClickException(str(exc)) from None
+        try:
+            return await body(store)
+        except StoreError as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
-def _resolve_team(store: Store, team: str) -> Team:
+async def _resolve_team(store: Store, team: str) -> Team:
     """A team by UUID, or by name when exactly one team has it."""
     if normalize_uuid(team) is not None:
-        found = store.get_team(team)
+        found = await store.get_team(team)
         if found is not None:
             return found
     else:
-        named = [t for t in store.list_teams() if t.name == team]
+        named = [t for t in await store.list_teams() if t.name == team]
         if len(named) == 1:
             return named[0]
         if len(named) > 1:
@@ -134,11 +167,7 @@ def team() -> None:
 @click.pass_context
 def team_create(ctx: click.Context, name: str, as_json: bool) -> None:
     """Create team NAME with one sk-, dk- and ak- key, and print the keys once."""
-    store = _store(ctx)
-    try:
-        created = store.create_team_with_keys(name)
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from None
+    created = _with_store(ctx, lambda store: store.create_team_with_keys(name))
     assert created is not None
     new_team, keys = created
     if as_json:
@@ -160,7 +189,7 @@ def _echo_keys(keys: dict[str, SecretToken]) -> None:
 @click.pass_context
 def team_list(ctx: click.Context, as_json: bool) -> None:
     """List teams."""
-    teams = _store(ctx).list_teams()
+    teams = _with_store(ctx, lambda store: store.list_teams())
     if as_json:
         _print_json([{"team_id": t.id, "name": t.name, "created_at": _iso(t.created_at)}
                      for t in teams])
@@ -189,9 +218,12 @@ _team_option = click.option("--team", "team_ref", required=True, metavar="ID",
 def key_create(ctx: click.Context, team_ref: str, kind: str, as_json: bool) -> None:
     """Create a key for a team and print it once."""
     kind = _check_kind(kind)
-    store = _store(ctx)
-    found = _resolve_team(store, team_ref)
-    _, token = store.create_credential(found.id, kind)
+
+    async def create(store: Store) -> tuple[Team, SecretToken]:
+        found = await _resolve_team(store, team_ref)
+        return found, (await store.create_credential(found.id, kind))[1]
+
+    found, token = _with_store(ctx, create)
     if as_json:
         _print_json({"team_id": found.id, "kind": kind, "key": str(token)})
         return
@@ -211,9 +243,11 @@ def _credential_json(cred: Credential) -> dict[str, Any]:
 @click.pass_context
 def key_list(ctx: click.Context, team_ref: str, include_revoked: bool, as_json: bool) -> None:
     """List a team's keys (display prefixes only; keys themselves are not stored)."""
-    store = _store(ctx)
-    found = _resolve_team(store, team_ref)
-    creds = store.list_credentials(found.id, include_revoked=include_revoked)
+    async def listing(store: Store) -> tuple[Team, list[Credential]]:
+        found = await _resolve_team(store, team_ref)
+        return found, await store.list_credentials(found.id, include_revoked=include_revoked)
+
+    found, creds = _with_store(ctx, listing)
     if as_json:
         _print_json({"team_id": found.id, "keys": [_credential_json(c) for c in creds]})
         return
@@ -229,18 +263,21 @@ def key_list(ctx: click.Context, team_ref: str, include_revoked: bool, as_json: 
 @click.pass_context
 def key_revoke(ctx: click.Context, team_ref: str, key_ref: str, as_json: bool) -> None:
     """Revoke a team's key. KEY is the key id, its display prefix (sk-AbCdEf), or the key."""
-    store = _store(ctx)
-    found = _resolve_team(store, team_ref)
-    cred = _find_credential(store, found.id, key_ref.strip())
-    store.revoke_credential(found.id, cred.id)
+    async def revoke(store: Store) -> tuple[Team, Credential]:
+        found = await _resolve_team(store, team_ref)
+        cred = await _find_credential(store, found.id, key_ref.strip())
+        await store.revoke_credential(found.id, cred.id)
+        return found, cred
+
+    found, cred = _with_store(ctx, revoke)
     if as_json:
         _print_json({"team_id": found.id, "revoked": cred.id, "prefix": cred.display})
         return
     click.echo(f"Revoked {cred.kind} key {cred.display} ({cred.id})")
 
 
-def _find_credential(store: Store, team_id: str, ref: str) -> Credential:
-    active = store.list_credentials(team_id)
+async def _find_credential(store: Store, team_id: str, ref: str) -> Credential:
+    active = await store.list_credentials(team_id)
     if normalize_uuid(ref) is not None:
         matches = [c for c in active if c.id == normalize_uuid(ref)]
     else:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import click
 
-from relay.cli import data_dir_option, main
+from relay.cli import data_dir_option, main, store_option
 from relay.config import config_option
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -120,6 +120,7 @@ _log_option = click.option("--log-level", type=click.Choice(LOG_LEVELS), default
 @click.option("--listen", default="127.0.0.1:8080", show_default=True, envvar="RELAY_LISTEN",
               metavar="HOST:PORT", help="Address to serve HTTP, the API and agents on (port 0: any).")
 @data_dir_option
+@store_option
 @click.option("--public-url", envvar="RELAY_PUBLIC_URL", metavar="URL",
               help="Base URL clients reach this gateway at (for tunnel URLs).")
 @click.option("--hub-host", default="127.0.0.1", show_default=True, envvar="RELAY_HUB_HOST",
@@ -134,7 +135,7 @@ _log_option = click.option("--log-level", type=click.Choice(LOG_LEVELS), default
               help="Let external services and webhooks reach loopback, link-local and private "
                    "addresses (refused by default; the gateway's own ports never are).")
 @_log_option
-def gateway(listen: str, data_dir: Path, public_url: Optional[str], hub_host: str,
+def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: Optional[str], hub_host: str,
             jwt_key: Optional[str], tls_cert: Optional[Path], tls_key: Optional[Path],
             allow_private_egress: bool, log_level: str) -> None:
     """Run the gateway: agent endpoint, control API, tunnels."""
@@ -149,7 +150,7 @@ def gateway(listen: str, data_dir: Path, public_url: Optional[str], hub_host: st
     try:
         _run(run_gateway(host, port, data_dir, public_url=public_url, hub_host=hub_host,
                          jwt_key=jwt_key, tls_cert=tls_cert, tls_key=tls_key,
-                         allow_private_egress=allow_private_egress,
+                         allow_private_egress=allow_private_egress, store_url=store_url,
                          echo=lambda line: click.echo(line)))
     except (StoreError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None

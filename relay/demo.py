@@ -88,13 +88,13 @@ async def sample_services() -> AsyncIterator[tuple[int, int]]:
 # --------------------------------------------------------------------------- the demo
 
 
-def _demo_keys(store: Any) -> tuple[str, dict[str, str]]:
+async def _demo_keys(store: Any) -> tuple[str, dict[str, str]]:
     """The ``demo`` team (created if missing) and fresh sk-/ak- keys for it. With a
     reused ``--data`` the old keys stay valid; only the new ones are printed."""
-    for team in store.list_teams():
+    for team in await store.list_teams():
         if team.name == "demo":
-            return team.id, {kind: str(store.create_credential(team.id, kind)[1]) for kind in ("sk", "ak")}
-    team, keys = store.create_team_with_keys("demo", ("sk", "ak"))
+            return team.id, {kind: str((await store.create_credential(team.id, kind))[1]) for kind in ("sk", "ak")}
+    team, keys = await store.create_team_with_keys("demo", ("sk", "ak"))
     return team.id, {kind: str(key) for kind, key in keys.items()}
 
 
@@ -114,14 +114,14 @@ async def run_demo(host: str, port: int, data_dir: Optional[Path], *,
     from relay.gateway.app import Gateway
     from relay.gateway.store import Store
 
-    with contextlib.ExitStack() as cleanup:
+    async with contextlib.AsyncExitStack() as cleanup:
         if data_dir is None:
             data_dir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="relay-demo-")))
         async with sample_services() as (web_port, echo_port):
             progress(f"[1/4] sample services: hello page on 127.0.0.1:{web_port}, echo on 127.0.0.1:{echo_port}")
             store = Store.open(data_dir)
-            cleanup.callback(store.close)
-            team_id, keys = _demo_keys(store)
+            cleanup.push_async_callback(store.close)
+            team_id, keys = await _demo_keys(store)
             gateway = Gateway(store)
             await gateway.start(host, port)
             try:

@@ -20,12 +20,12 @@ import signal
 import ssl
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from relay import __version__
 from relay.aio import WebSocketTransport
 from relay.gateway.agents.bindings import Bindings
-from relay.gateway.agents.registry import AgentNameTaken, Registry, end_session
+from relay.gateway.agents.registry import AgentNameTaken, ConnectedAgent, Registry, end_session
 from relay.gateway.agents.revocation import RevocationWatcher
 from relay.gateway.agents.tunnel_sessions import DEFAULT_TARGET_PORT, TunnelManager
 from relay.gateway.api.services import ServiceManager, add_services_openapi
@@ -37,7 +37,14 @@ from relay.gateway.hooks import GatewayHooks, GatewaySession
 from relay.gateway.http.proxy import ProxyError, Upstream, origin_form, serve_connection
 from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, Router, json_response
 from relay.gateway.http.tunnel_proxy import HttpTunnels
-from relay.gateway.store import TUNNEL_SESSION_PROTOCOLS, SecretToken, Store, Team, ensure_default_team
+from relay.gateway.store import (
+    TUNNEL_SESSION_PROTOCOLS,
+    SecretToken,
+    Store,
+    Team,
+    ensure_default_team,
+    open_store,
+)
 from relay.mux.connection import MuxConfig
 from relay.mux.errors import ErrorCode
 from relay.ws.handshake import HandshakeError, accept_response, parse_upgrade_request, reject_response
@@ -126,7 +133,7 @@ class Gateway:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Listen on ``host:port`` (0: an ephemeral port, see :attr:`port`)."""
         loop = asyncio.get_running_loop()
-        self.store.mark_all_agents_offline()  # nobody is connected before we listen
+        await self.store.mark_all_agents_offline()  # nobody is connected before we listen
         self._server = await loop.create_server(
             lambda: HttpProtocol(self.router, self._connections), host, port, ssl=self._ssl)
         sockname = self._server.sockets[0].getsockname()
@@ -147,7 +154,7 @@ class Gateway:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
             for entry in self.registry.connected():
                 try:
-                    self.store.touch_agent(entry.team_id, entry.agent_id)
+                    await self.store.touch_agent(entry.team_id, entry.agent_id)
                 except Exception as exc:  # a busy database must not stop the loop
                     log.warning("cannot record heartbeat of agent %s: %s", entry.agent_id, exc)
 
@@ -173,6 +180,7 @@ class Gateway:
             task.cancel()
         if self._agent_tasks:
             await asyncio.gather(*self._agent_tasks, return_exceptions=True)
+        await self.registry.writes.flush()  # the agents' offline rows, before the store closes
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -201,10 +209,10 @@ class Gateway:
         self.http_tunnels = HttpTunnels(self, self._connections)
         self.http_tunnels.install()
 
-    def _principal(self, request: Request) -> Principal:
+    async def _principal(self, request: Request) -> Principal:
         """The API caller (sk-, dk-, JWT); 401/400/403 as AuthError."""
-        return self.auth.authenticate(request.header("authorization"),
-                                      request.header("x-team-id")).require_runtime()
+        principal = await self.auth.authenticate(request.header("authorization"), request.header("x-team-id"))
+        return principal.require_runtime()
 
     async def _healthz(self, request: Request) -> Response:
         return json_response({"status": "ok", "version": __version__,
@@ -226,26 +234,26 @@ class Gateway:
         return Response(200, generate_latest(self._metrics_registry), content_type=CONTENT_TYPE_LATEST)
 
     async def _list_agents(self, request: Request) -> Response:
-        principal = self._principal(request)
-        agents = self.store.list_agents(principal.team_id)
+        principal = await self._principal(request)
+        agents = await self.store.list_agents(principal.team_id)
         return json_response({"agents": [self.registry.describe(a) for a in agents]})
 
-    def _team_agent(self, principal: Principal, agent_id: str) -> Any:
-        agent = self.store.get_agent(principal.team_id, agent_id)
+    async def _team_agent(self, principal: Principal, agent_id: str) -> Any:
+        agent = await self.store.get_agent(principal.team_id, agent_id)
         if agent is None:  # unknown, malformed, or another team's: all the same 404
             raise HttpError(404, "agent_not_found", f"no agent {agent_id} in this team")
         return agent
 
     async def _get_agent(self, request: Request) -> Response:
-        principal = self._principal(request)
-        agent = self._team_agent(principal, request.params["agent_id"])
+        principal = await self._principal(request)
+        agent = await self._team_agent(principal, request.params["agent_id"])
         body = self.registry.describe(agent)
         assert self.tunnels is not None
-        body["tunnels"] = self.tunnels.sessions(principal.team_id, agent.id)
+        body["tunnels"] = await self.tunnels.sessions(principal.team_id, agent.id)
         return json_response(body)
 
     async def _open_tunnel(self, request: Request) -> Response:
-        principal = self._principal(request)
+        principal = await self._principal(request)
         body = request.json()
         if not isinstance(body, dict):
             raise HttpError(400, "invalid_request", "request body must be a JSON object")
@@ -260,7 +268,7 @@ class Gateway:
         if protocol not in TUNNEL_SESSION_PROTOCOLS:
             raise HttpError(400, "invalid_tunnel_protocol",
                             f"tunnel_protocol must be one of {', '.join(TUNNEL_SESSION_PROTOCOLS)}")
-        agent = self._team_agent(principal, request.params["agent_id"])
+        agent = await self._team_agent(principal, request.params["agent_id"])
         if self.registry.get(principal.team_id, agent.id) is None:
             raise HttpError(409, "agent_offline", f"agent {agent.id} ({agent.name}) is not connected")
         assert self.tunnels is not None
@@ -273,20 +281,20 @@ class Gateway:
         # Closing sessions is management (seed 002: deleting a tunnel is; SPEC: dk- keys
         # are runtime only): a dk- key may open and use tunnels, not end other people's.
         # The opener keeps its own way to close one: the session's admin_token.
-        principal = self._principal(request).require_manage()
-        agent = self._team_agent(principal, request.params["agent_id"])
+        principal = (await self._principal(request)).require_manage()
+        agent = await self._team_agent(principal, request.params["agent_id"])
         session_id = request.query_value("session_id")
-        closed = self._close_sessions(principal.team_id, agent.id, session_id)
+        closed = await self._close_sessions(principal.team_id, agent.id, session_id)
         if session_id is not None and not closed:
             raise HttpError(404, "tunnel_not_found", f"no open tunnel session {session_id} on this agent")
         return json_response({"closed": closed})
 
-    def _close_sessions(self, team_id: str, agent_id: str, session_id: Optional[str] = None) -> list[str]:
+    async def _close_sessions(self, team_id: str, agent_id: str, session_id: Optional[str] = None) -> list[str]:
         """Close tunnel sessions (one, or all of the agent's) and cut what runs through
         them now: hub ports stop (TunnelManager.close), and the live client connections
         of an HTTP tunnel, WebSockets included, are closed, as the admin close does."""
         assert self.tunnels is not None
-        closed = self.tunnels.close(team_id, agent_id, session_id)
+        closed = await self.tunnels.close(team_id, agent_id, session_id)
         for sid in closed:
             self.http_tunnels.session_closed(sid)
         return closed
@@ -298,7 +306,7 @@ class Gateway:
         is the credential; each WebSocket connection becomes one stream to the target. For
         anything else the path is an HTTP tunnel's own ``/tcp``: the connection is proxied
         like every other path of the tunnel (unknown or closed tokens get its 404)."""
-        row = self.store.get_tunnel_session_by_token(request.params["token"])
+        row = await self.store.get_tunnel_session_by_token(request.params["token"])
         if row is None or row.protocol != "tcp":
             transport, data = request.take_over_raw()
             serve_connection(transport, data, self._http_tunnel_tcp_path,
@@ -322,19 +330,22 @@ class Gateway:
         self.tunnels.serve_websocket(hub, transport, leftover)
         return None
 
-    def _http_tunnel_tcp_path(self, request: Any) -> Optional[Upstream]:
+    def _http_tunnel_tcp_path(self, request: Any) -> Optional[Awaitable[Optional[Upstream]]]:
         """Resolver of connections handed over by :meth:`_tcp_over_ws`: ``GET``/``HEAD
         /tunnel/{token}/tcp[?query]`` of an open HTTP tunnel goes to its target like any
-        other path (same Upstream as relay.gateway.http.tunnel_proxy builds); every other
-        request goes back to the HTTP server (None), which routes it as usual."""
+        other path (same Upstream as relay.gateway.http.tunnel_proxy builds, after a
+        store lookup); every other request goes back to the HTTP server (None), which
+        routes it as usual."""
         target = origin_form(request.target)  # absolute-form: keep the path
         path = target.split(b"?", 1)[0]
         if request.method not in (b"GET", b"HEAD") or not path.startswith(b"/tunnel/") \
                 or not path.endswith(b"/tcp") or path.count(b"/") != 3:
             return None
-        end = len(path) - len(b"/tcp")
-        token = path[len(b"/tunnel/"):end].decode("ascii", "replace")
-        row = self.store.get_tunnel_session_by_token(token)
+        return self._http_tunnel_tcp_upstream(target, len(path) - len(b"/tcp"))
+
+    async def _http_tunnel_tcp_upstream(self, target: bytes, end: int) -> Optional[Upstream]:
+        token = target[len(b"/tunnel/"):end].decode("ascii", "replace")
+        row = await self.store.get_tunnel_session_by_token(token)
         if row is None or row.protocol != "http":
             if row is not None and row.protocol == "tcp":
                 return None  # a tcp tunnel's relay: the HTTP server's route answers
@@ -360,7 +371,7 @@ class Gateway:
     async def _agent_connect(self, request: Request) -> Optional[Response]:
         """Authenticate (401 before upgrading), upgrade, and run the agent's session."""
         principal = await self.hooks.run_authenticate(
-            request, lambda: self.auth.authenticate(request.header("authorization"), None).require_agent())
+            request, await self.auth.agent_default(request.header("authorization")))
         try:
             upgrade = parse_upgrade_request(request.raw)
         except HandshakeError as exc:
@@ -396,9 +407,29 @@ class Gateway:
         status = message.get("status")
         if status not in AGENT_REPORTED_STATUSES:
             return
-        if status == "idle" and self.store.list_tunnel_sessions(entry.team_id, entry.agent_id):
-            status = "tunnel"
-        self.registry.set_status(entry.team_id, entry.agent_id, status)
+        if status == "idle":
+            self.rest(entry)
+        else:
+            self.registry.set_status(entry.team_id, entry.agent_id, status)
+
+    def rest(self, entry: ConnectedAgent) -> None:
+        """Make a connected agent ``idle``, or ``tunnel`` while it has open tunnel
+        sessions (a gateway-owned status that wins over the agent's own ``idle``). The
+        store is asked first, so the status is set a moment later, and only if no other
+        status change came meanwhile (the newest wins)."""
+        entry.status_seq += 1
+        task = asyncio.get_running_loop().create_task(self._rest(entry, entry.status_seq))
+        self._agent_tasks.add(task)
+        task.add_done_callback(self._agent_tasks.discard)
+
+    async def _rest(self, entry: ConnectedAgent, seq: int) -> None:
+        try:
+            status = "tunnel" if await self.store.list_tunnel_sessions(entry.team_id, entry.agent_id) else "idle"
+        except Exception as exc:  # cannot tell: the agent's own word
+            log.warning("cannot read the tunnel sessions of agent %s: %s", entry.agent_id, exc)
+            status = "idle"
+        if entry.status_seq == seq:
+            self.registry.set_status(entry.team_id, entry.agent_id, status)
 
     async def _serve_agent(self, principal: Principal, session: GatewaySession,
                            holder: dict[str, Any]) -> None:
@@ -427,11 +458,12 @@ class Gateway:
         holder["entry"] = session.agent = entry
         try:
             assert self.tunnels is not None
-            if self.store.list_tunnel_sessions(principal.team_id, entry.agent_id):
+            seq = entry.status_seq
+            if await self.store.list_tunnel_sessions(principal.team_id, entry.agent_id) and entry.status_seq == seq:
                 self.registry.set_status(principal.team_id, entry.agent_id, "tunnel")
             session.send_control({"type": "welcome", "agent_id": entry.agent_id,
                                   "team_id": entry.team_id})
-            self.bindings.agent_connected(entry)  # what it listened on before it went
+            await self.bindings.agent_connected(entry)  # what it listened on before it went
             self.hooks.fire(self.hooks.on_agent_connected, entry)
             await session.wait_closed()
         finally:
@@ -454,7 +486,16 @@ class Gateway:
             self._gone_timers.pop(agent_id, None)
             if self.registry.is_online(agent_id) or self.tunnels is None:
                 return
-            closed = self._close_sessions(team_id, agent_id)
+            task = asyncio.get_running_loop().create_task(close())
+            self._agent_tasks.add(task)
+            task.add_done_callback(self._agent_tasks.discard)
+
+        async def close() -> None:
+            try:
+                closed = await self._close_sessions(team_id, agent_id)
+            except Exception as exc:  # the next start closes them (or the agent is back)
+                log.warning("cannot close the tunnels of agent %s, gone: %s", agent_id, exc)
+                return
             if closed:
                 log.info("agent %s gone for %.0fs: closed its tunnels %s", agent_id,
                          self._agent_gone_grace, ", ".join(closed))
@@ -562,12 +603,15 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
                       jwt_key: Optional[str] = None,
                       tls_cert: Optional[Path] = None, tls_key: Optional[Path] = None,
                       allow_private_egress: bool = False,
+                      store_url: Optional[str] = None,
                       echo: Callable[[str], None] = print,
                       stop: Optional[asyncio.Event] = None) -> None:
     """Run a gateway until SIGINT/SIGTERM (or ``stop`` is set).
 
-    On the first start of an empty data directory, creates the default team and prints
-    its keys once. Prints ``relay gateway listening on URL`` when ready. ``tls_cert``
+    The state is in ``store_url`` (relay.gateway.store.open_store: a SQLite path or
+    ``postgresql://...``), by default SQLite in ``data_dir``. On the first start of an
+    empty store, creates the default team and prints its keys once. Prints ``relay gateway
+    listening on URL`` when ready. ``tls_cert``
     (PEM chain) and ``tls_key`` make it serve HTTPS/WSS. ``allow_private_egress``: the
     gateway may connect to loopback/private/link-local addresses (relay.gateway.egress).
     """
@@ -578,9 +622,9 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
             ssl_context.load_cert_chain(tls_cert, tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise ValueError(f"cannot load TLS certificate {tls_cert}: {exc}") from None
-    store = Store.open(data_dir)
+    store = await open_store(store_url, data_dir)
     try:
-        created = ensure_default_team(store)
+        created = await ensure_default_team(store)
         if created is not None:
             _print_default_team(*created, echo=echo)
         gateway = Gateway(store, public_url=public_url, hub_host=hub_host, jwt_key=jwt_key,
@@ -595,7 +639,7 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
                 pass
         host = f"[{gateway.host}]" if ":" in gateway.host else gateway.host
         scheme = "https" if ssl_context else "http"
-        echo(f"relay gateway listening on {scheme}://{host}:{gateway.port} (data: {data_dir})")
+        echo(f"relay gateway listening on {scheme}://{host}:{gateway.port} (store: {store.location})")
         started = time.monotonic()
         try:
             await stop.wait()
@@ -603,4 +647,4 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
             log.info("gateway stopping after %.0fs", time.monotonic() - started)
             await gateway.close()
     finally:
-        store.close()
+        await store.close()

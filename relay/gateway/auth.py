@@ -27,14 +27,18 @@ accepted sk-/dk-/ak- credential and a known team are kept in memory keyed by the
 SHA-256 (as in the database: a hash lookup, the token itself is never a key or logged)
 for as long as :meth:`Store.generation` stays the same; any commit to the database, by
 this gateway or by another process (``relay admin`` revoking a key), empties them, so a
-revoked key is refused on its very next request. Unknown or revoked tokens are never
+revoked key is refused on its very next request (PostgreSQL: once the commit's
+notification arrived, see relay.gateway.store.postgres). :meth:`Authenticator.cached`
+answers from these caches alone, for the proxies' per-request resolvers, which may not
+wait; :meth:`Authenticator.authenticate` asks the store on a miss. A row read while
+something else committed is not kept. Unknown or revoked tokens are never
 cached (nothing for a guesser to fill memory with). A verified JWT's claims are kept by
 token hash until its ``exp``; the caches are bounded (:data:`CACHE_MAX` entries each).
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,15 +168,48 @@ class Authenticator:
     def jwt_enabled(self) -> bool:
         return self._jwt_key is not None
 
-    def authenticate(self, authorization_header: str | None,
-                     x_team_id: str | None) -> Principal:
-        """Resolve the caller, or raise :class:`AuthError` (400/401/403)."""
+    def cached(self, authorization_header: str | None, x_team_id: str | None) -> Principal | None:
+        """:meth:`authenticate` from memory only, for paths that must not wait (the
+        proxies' per-request resolvers): the principal, or None when the store has to
+        be asked (a credential or team not in the caches: then await
+        :meth:`authenticate`). Raises :class:`AuthError` for what needs no store."""
         token = _bearer_token(authorization_header)
         if token_kind(token) is not None:
-            return self._credential_principal(token)
+            self._fresh_caches()
+            cred = self._credentials.get(hash_token(token))
+            return None if cred is None else _principal_of(cred)
         if token.count(".") == 2:
-            return self._user_principal(token, x_team_id)
+            team_id, subject, claims = self._user_claims(token, x_team_id)
+            self._fresh_caches()
+            if team_id not in self._teams:
+                return None
+            return Principal(kind="user", team_id=team_id, subject=subject, claims=claims)
         raise AuthError(401, "invalid_credentials", "unrecognised bearer token")
+
+    async def authenticate(self, authorization_header: str | None,
+                           x_team_id: str | None) -> Principal:
+        """Resolve the caller, or raise :class:`AuthError` (400/401/403)."""
+        principal = self.cached(authorization_header, x_team_id)
+        if principal is not None:
+            return principal
+        token = _bearer_token(authorization_header)
+        if token_kind(token) is not None:
+            return await self._credential_principal(token)
+        return await self._user_principal(token, x_team_id)
+
+    async def agent_default(self, authorization_header: str | None) -> Callable[[], Principal]:
+        """The built-in ``ak-`` check of a connecting agent, done now, as the
+        ``default`` an ``authenticate`` hook may call (synchronously) to use it."""
+        try:
+            principal = (await self.authenticate(authorization_header, None)).require_agent()
+        except AuthError as exc:
+            error = exc
+
+            def refuse() -> Principal:
+                raise error
+
+            return refuse
+        return lambda: principal
 
     def _fresh_caches(self) -> None:
         """Empty the row caches if anything was committed to the database since they were
@@ -183,22 +220,22 @@ class Authenticator:
             self._teams.clear()
             self._generation = generation
 
-    def _credential_principal(self, token: str) -> Principal:
-        self._fresh_caches()
-        key = hash_token(token)
-        cred = self._credentials.get(key)
+    async def _credential_principal(self, token: str) -> Principal:
+        before = self._store.generation()
+        cred = await self._store.lookup_credential(token)  # compares the hash in constant time
         if cred is None:
-            cred = self._store.lookup_credential(token)  # compares the hash in constant time
-            if cred is None:
-                raise AuthError(401, "invalid_credentials", "unknown or revoked credential")
+            raise AuthError(401, "invalid_credentials", "unknown or revoked credential")
+        self._fresh_caches()
+        # Kept only if nothing was committed while the lookup ran: the row may be stale.
+        if self._generation == before:
             if len(self._credentials) >= CACHE_MAX:
                 self._credentials.clear()
-            self._credentials[key] = cred
-        kind = "agent" if cred.kind == "ak" else cred.kind
-        return Principal(kind=kind, team_id=cred.team_id, subject=cred.id,
-                         credential_id=cred.id)
+            self._credentials[hash_token(token)] = cred
+        return _principal_of(cred)
 
-    def _user_principal(self, token: str, x_team_id: str | None) -> Principal:
+    def _user_claims(self, token: str, x_team_id: str | None) -> tuple[str, str, dict[str, Any]]:
+        """``(team_id, subject, claims)`` of a user session token; every check that
+        needs no store (the team's existence is the caller's)."""
         claims = self._verify_jwt(token)
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
@@ -212,10 +249,15 @@ class Authenticator:
             raise AuthError(400, "invalid_team_id", "X-Team-ID must be a team UUID")
         if team_id not in teams:
             raise AuthError(403, "not_a_member", f"not a member of team {team_id}")
+        return team_id, subject, claims
+
+    async def _user_principal(self, token: str, x_team_id: str | None) -> Principal:
+        team_id, subject, claims = self._user_claims(token, x_team_id)
+        before = self._store.generation()
+        if await self._store.get_team(team_id) is None:
+            raise AuthError(403, "unknown_team", f"team {team_id} does not exist on this gateway")
         self._fresh_caches()
-        if team_id not in self._teams:
-            if self._store.get_team(team_id) is None:
-                raise AuthError(403, "unknown_team", f"team {team_id} does not exist on this gateway")
+        if self._generation == before:
             if len(self._teams) >= CACHE_MAX:
                 self._teams.clear()
             self._teams.add(team_id)
@@ -254,6 +296,11 @@ class Authenticator:
         except jwt.InvalidTokenError as exc:
             # PyJWT's messages name the failed check, never the token itself.
             raise AuthError(401, "invalid_token", f"invalid JWT: {exc}") from None
+
+
+def _principal_of(cred: Credential) -> Principal:
+    kind = "agent" if cred.kind == "ak" else cred.kind
+    return Principal(kind=kind, team_id=cred.team_id, subject=cred.id, credential_id=cred.id)
 
 
 def _bearer_token(header: str | None) -> str:

@@ -58,7 +58,7 @@ async def authenticate_agent(gateway: "Gateway", headers: Mapping[str, str], pee
     hook, else its ``ak-`` key check. Raises :class:`AuthError` (``status``, ``to_json()``)."""
     request = AgentRequest({k.lower(): v for k, v in headers.items()}, peer)
     return await gateway.hooks.run_authenticate(
-        request, lambda: gateway.auth.authenticate(request.header("authorization"), None).require_agent())
+        request, await gateway.auth.agent_default(request.header("authorization")))
 
 
 def open_agent_stream(gateway: "Gateway", team_id: str, agent_id: str, metadata: dict[str, Any]) -> MuxStream:

@@ -99,7 +99,7 @@ class Bindings:
             raise HttpError(502, "bind_failed",
                             f"agent {receiver.agent_id} ({receiver.name}) cannot listen on "
                             f"127.0.0.1:{local_port}: {_error(answer)}")
-        self.gw.store.put_binding(tunnel.team_id, tunnel.id, receiver.agent_id, local_port)
+        await self.gw.store.put_binding(tunnel.team_id, tunnel.id, receiver.agent_id, local_port)
         return message["hub"]
 
     def on_control(self, entry: ConnectedAgent, message: Any) -> bool:
@@ -117,9 +117,9 @@ class Bindings:
                         message.get("local_port"), _error(message))
         return True
 
-    def agent_connected(self, entry: ConnectedAgent) -> None:
+    async def agent_connected(self, entry: ConnectedAgent) -> None:
         """Re-send the agent's stored bindings (it may have restarted and lost them)."""
-        for tunnel, local_port in self.gw.store.list_bindings(entry.team_id, entry.agent_id):
+        for tunnel, local_port in await self.gw.store.list_bindings(entry.team_id, entry.agent_id):
             try:
                 entry.session.send_control(self._message(tunnel, local_port, secrets.token_hex(8)))
             except Exception as exc:  # gone again already: the next connection re-sends

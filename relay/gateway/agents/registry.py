@@ -17,6 +17,13 @@ refused agent logs it at ERROR and retries with a growing delay); if not, it was
 and is replaced. So two live clones never knock each other off: the first keeps the
 name and all traffic, the second waits until the first goes away.
 
+The store's agent rows follow the live entries: written when an agent is admitted
+(awaited: a store failure refuses the agent), and on every status change and
+disconnect through one ordered queue (:class:`StoreWrites`), so callers on the event
+loop's synchronous paths never wait for the database and the rows still end in the
+order the changes happened. The live status is the registry's; the API shows it for
+connected agents.
+
 What the agent says about itself travels in its mux SETTINGS ``info`` (see
 docs/PROTOCOL.md): ``{"name": str, "labels": [str, ...], "version": str, "instance":
 str}``. Once
@@ -30,14 +37,17 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from relay.aio import MuxSession
 from relay.gateway.store import Agent, Store
 
-__all__ = ["AgentNameTaken", "ConnectedAgent", "Registry", "agent_identity", "end_session"]
+__all__ = ["AgentNameTaken", "ConnectedAgent", "Registry", "StoreWrites", "agent_identity", "end_session"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("relay.gateway.agents")
 
@@ -85,6 +95,9 @@ class ConnectedAgent:
     credential_id: Optional[str] = None
     #: The agent process's instance id from its hello ("" if it sent none).
     instance: str = ""
+    #: Bumped by every status change: a status decided after a wait (see
+    #: relay.gateway.app.Gateway.rest) is applied only if nothing changed meanwhile.
+    status_seq: int = 0
 
 
 class AgentNameTaken(Exception):
@@ -107,15 +120,72 @@ def agent_identity(info: Any) -> tuple[str, list[str], str]:
     malformed is replaced by a default rather than rejected, so an old or odd agent
     still connects."""
     info = info if isinstance(info, dict) else {}
-    name = info.get("name")
-    name = name.strip()[:MAX_NAME] if isinstance(name, str) and name.strip() else "agent"
+    name = _text(info.get("name")).strip()[:MAX_NAME] or "agent"
     raw_labels = info.get("labels")
     labels: list[str] = []
     if isinstance(raw_labels, (list, tuple)):
-        labels = sorted({lbl[:MAX_LABEL] for lbl in raw_labels if isinstance(lbl, str) and lbl})[:MAX_LABELS]
-    version = info.get("version")
-    version = version[:50] if isinstance(version, str) else ""
+        labels = sorted({_text(lbl)[:MAX_LABEL] for lbl in raw_labels if _text(lbl)})[:MAX_LABELS]
+    version = _text(info.get("version"))[:50]
     return name, labels, version
+
+
+def _text(value: Any) -> str:
+    """``value`` if a string, without control characters and lone surrogates (which no
+    database stores as text); "" otherwise."""
+    if not isinstance(value, str):
+        return ""
+    if value.isprintable() and value.isascii():
+        return value
+    return "".join(c for c in value if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF)
+
+
+class StoreWrites:
+    """Store writes made one at a time, in the order they were submitted, by one task:
+    for paths that cannot wait (a status change in a control-message callback) but
+    whose writes must not overtake each other."""
+
+    def __init__(self) -> None:
+        self._queue: deque[tuple[Callable[[], Awaitable[Any]], Optional[asyncio.Future], str]] = deque()
+        self._runner: Optional[asyncio.Task] = None
+
+    def submit(self, write: Callable[[], Awaitable[Any]], what: str) -> None:
+        """Queue ``write()``; a failure is logged (``what`` names it)."""
+        self._queue.append((write, None, what))
+        self._start()
+
+    def run(self, write: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        """Queue ``write()`` and return its result (or exception) to await."""
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._queue.append((write, future, ""))
+        self._start()
+        return future
+
+    async def flush(self) -> None:
+        """Wait until everything submitted so far was written (or failed)."""
+        if self._queue or (self._runner is not None and not self._runner.done()):
+            await self.run(_nothing)
+
+    def _start(self) -> None:
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while self._queue:
+            write, future, what = self._queue.popleft()
+            try:
+                result = await write()
+            except Exception as exc:  # noqa: BLE001 - reported to the waiter, or logged
+                if future is None:
+                    log.warning("cannot record %s: %s", what, exc)
+                elif not future.done():
+                    future.set_exception(exc)
+            else:
+                if future is not None and not future.done():
+                    future.set_result(result)
+
+
+async def _nothing() -> None:
+    return None
 
 
 class Registry:
@@ -123,6 +193,8 @@ class Registry:
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        #: The store writes of agent rows, in order (see the module docstring).
+        self.writes = StoreWrites()
         self._agents: dict[str, ConnectedAgent] = {}
         #: Bumped on every register/unregister, so users of :meth:`connected` (the service
         #: manager) can skip rescanning the agents while nothing changed.
@@ -173,7 +245,7 @@ class Registry:
                          name, agent_id, _address(old.peer))
             if session.is_closed:
                 raise ConnectionError("the connection ended before it was registered")
-            return self.register(team_id, credential_id, info, session)
+            return await self.register(team_id, credential_id, info, session)
 
     @contextlib.asynccontextmanager
     async def _claiming(self, agent_id: str) -> AsyncIterator[None]:
@@ -190,13 +262,14 @@ class Registry:
             else:
                 self._claims[agent_id] = (lock, users - 1)
 
-    def register(self, team_id: str, credential_id: str, info: Any, session: MuxSession,
-                 status: str = "idle") -> ConnectedAgent:
+    async def register(self, team_id: str, credential_id: str, info: Any, session: MuxSession,
+                       status: str = "idle") -> ConnectedAgent:
         """Record a newly connected agent (store row + live entry). A previous connection
         of the same agent (not yet noticed dead) is replaced and aborted."""
         name, labels, version = agent_identity(info)
         agent_id = str(uuid.uuid5(uuid.UUID(credential_id), name))
-        self._store.upsert_agent(team_id, agent_id, name, labels, version, status)
+        store = self._store
+        await self.writes.run(lambda: store.upsert_agent(team_id, agent_id, name, labels, version, status))
         entry = ConnectedAgent(agent_id, team_id, name, labels, version, session,
                                peer=session.get_extra_info("peername"), status=status,
                                credential_id=credential_id, instance=agent_instance(info))
@@ -216,7 +289,8 @@ class Registry:
             return
         del self._agents[entry.agent_id]
         self.version += 1
-        self._store.set_agent_status(entry.team_id, entry.agent_id, "offline")
+        entry.status_seq += 1
+        self._record_status(entry.team_id, entry.agent_id, "offline")
         log.info("agent %s (%s) offline", entry.name, entry.agent_id)
 
     def expel(self, entry: ConnectedAgent, error_code: int, message: str) -> None:
@@ -229,14 +303,19 @@ class Registry:
     def set_status(self, team_id: str, agent_id: str, status: str) -> None:
         """Record a status change of a connected agent (idle/tunnel/...)."""
         if self.is_online(agent_id):
-            self._store.set_agent_status(team_id, agent_id, status)
             entry = self._agents[agent_id]
             entry.status = status
+            entry.status_seq += 1
+            self._record_status(team_id, agent_id, status)
             for listener in list(self.status_listeners):
                 try:
                     listener(entry)
                 except Exception:
                     log.exception("agent status listener failed")
+
+    def _record_status(self, team_id: str, agent_id: str, status: str) -> None:
+        store = self._store
+        self.writes.submit(lambda: store.set_agent_status(team_id, agent_id, status), "agent status")
 
     def describe(self, agent: Agent) -> dict[str, Any]:
         """The API representation of an agent row, with live connection details."""
@@ -247,7 +326,7 @@ class Registry:
             "name": agent.name,
             "labels": agent.labels,
             "version": agent.version,
-            "status": agent.status if online else "offline",
+            "status": live.status if online else "offline",
             "online": online,
             "first_seen": agent.first_seen,
             "last_seen": agent.last_seen,

@@ -3,9 +3,9 @@ the connections it opened that outlive a request.
 
 A key is checked when an agent connects (the WebSocket upgrade); the session lives on
 after that. So the gateway watches for revocations: every :data:`POLL_INTERVAL` it reads
-the store's generation (one ``PRAGMA data_version``, which also sees commits of other
-processes: ``relay admin key revoke`` on the same data directory while the gateway
-runs), and when anything was committed (or an agent connected) since its last look, it
+the store's generation (SQLite: one ``PRAGMA data_version``; PostgreSQL: from memory,
+its change notifications; both see commits of other processes, such as ``relay admin
+key revoke`` while the gateway runs), and when anything was committed (or an agent connected) since its last look, it
 asks the store which credentials of the connected agents are revoked. Each such agent is
 expelled: offline at once, then a GOAWAY ``NOT_ALLOWED`` "credential revoked" and every
 open stream reset (their clients cut), so a revocation takes effect within about
@@ -36,7 +36,7 @@ __all__ = ["POLL_INTERVAL", "REVOKED_MESSAGE", "RevocationWatcher"]
 
 log = logging.getLogger("relay.gateway.agents.revocation")
 
-#: Seconds between two looks at the store's generation (cheap: one pragma, no table read).
+#: Seconds between two looks at the store's generation (cheap: no table read).
 POLL_INTERVAL = 0.25
 #: The GOAWAY and stream-reset message an expelled agent receives.
 REVOKED_MESSAGE = "credential revoked"
@@ -72,11 +72,12 @@ class RevocationWatcher:
         while True:
             await asyncio.sleep(self._interval)
             try:
-                self.check()
+                await self.check()
             except Exception as exc:  # a busy database must not stop the watch
+                self._seen = None  # look again next time
                 log.warning("cannot check for revoked credentials: %s", exc)
 
-    def check(self) -> list[ConnectedAgent]:
+    async def check(self) -> list[ConnectedAgent]:
         """Expel the connected agents whose credential is revoked now; returns them."""
         # The generation is read before the credentials: a revocation committed after the
         # query changes it, so the next check sees that one.
@@ -87,7 +88,7 @@ class RevocationWatcher:
         agents = [entry for entry in self._registry.connected() if entry.credential_id]
         if not agents and not self._held:
             return []
-        revoked = self._store.revoked_credentials(
+        revoked = await self._store.revoked_credentials(
             {entry.credential_id for entry in agents if entry.credential_id} | set(self._held))
         for credential_id in revoked & set(self._held):
             cut = [t for t in self._held.pop(credential_id) if not t.is_closing()]

@@ -317,7 +317,7 @@ class TunnelManager:
             hub = HubListener("", team_id, agent_id, target_port)
             await self._listen(hub)
         try:
-            session, access, admin = self._store.create_tunnel_session(
+            session, access, admin = await self._store.create_tunnel_session(
                 team_id, agent_id, target_port, protocol, hub_port=hub.port if hub else None)
         except BaseException:
             if hub is not None and hub.server is not None:
@@ -340,26 +340,26 @@ class TunnelManager:
         self._registry.set_status(team_id, agent_id, "tunnel")
         return result
 
-    def close(self, team_id: str, agent_id: str, session_id: Optional[str] = None) -> list[str]:
+    async def close(self, team_id: str, agent_id: str, session_id: Optional[str] = None) -> list[str]:
         """Close one session (``session_id``) or all of the agent's; returns the closed ids.
         The agent returns to idle when none is left."""
         if session_id is not None:
-            row = self._store.get_tunnel_session(team_id, session_id)
+            row = await self._store.get_tunnel_session(team_id, session_id)
             if row is None or row.agent_id != agent_id or not row.is_open:
                 return []
-            self._store.close_tunnel_session(team_id, session_id)
+            await self._store.close_tunnel_session(team_id, session_id)
             closed = [session_id]
         else:
-            closed = self._store.close_tunnel_sessions(team_id, agent_id)
+            closed = await self._store.close_tunnel_sessions(team_id, agent_id)
         for sid in closed:
             self._close_hub(sid)
-        if not self._store.list_tunnel_sessions(team_id, agent_id):
+        if not await self._store.list_tunnel_sessions(team_id, agent_id):
             self._registry.set_status(team_id, agent_id, "idle")
         return closed
 
-    def sessions(self, team_id: str, agent_id: str) -> list[dict[str, Any]]:
+    async def sessions(self, team_id: str, agent_id: str) -> list[dict[str, Any]]:
         """The agent's open sessions, for the API (no tokens: they are not stored)."""
-        return [self._describe(row) for row in self._store.list_tunnel_sessions(team_id, agent_id)]
+        return [self._describe(row) for row in await self._store.list_tunnel_sessions(team_id, agent_id)]
 
     def hubs(self) -> list[HubListener]:
         """The live hub listeners (for metrics)."""
@@ -382,8 +382,8 @@ class TunnelManager:
     async def restore(self) -> None:
         """At start: reopen hub ports of tcp sessions left open by the last run, on the
         same port when it is free (else the session is closed: its URL would lie)."""
-        for team in self._store.list_teams():
-            for row in self._store.list_tunnel_sessions(team.id):
+        for team in await self._store.list_teams():
+            for row in await self._store.list_tunnel_sessions(team.id):
                 if row.protocol != "tcp":
                     continue
                 hub = HubListener(row.session_id, row.team_id, row.agent_id, row.target_port)
@@ -392,7 +392,7 @@ class TunnelManager:
                 except OSError as exc:
                     log.warning("tcp tunnel %s: cannot reopen hub port %s (%s); closing it",
                                 row.session_id, row.hub_port, exc)
-                    self._store.close_tunnel_session(row.team_id, row.session_id)
+                    await self._store.close_tunnel_session(row.team_id, row.session_id)
                     continue
                 self._hubs[row.session_id] = hub
                 log.info("tcp tunnel %s: hub port %s:%d reopened", row.session_id, self.hub_host, hub.port)

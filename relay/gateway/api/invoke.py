@@ -207,14 +207,14 @@ async def invoke(services: "ServiceManager", request: Request) -> Response:
     sent once more on a fresh stream. A non-idempotent one (POST, PATCH) is never sent
     twice, so it only takes a stream idle for at most :data:`UNSAFE_REUSE_IDLE` seconds,
     shorter than any server's keep-alive timeout, where that race is negligible."""
-    principal = services.gw._principal(request)  # runtime: sk-, dk-, JWT + X-Team-ID
+    principal = await services.gw._principal(request)  # runtime: sk-, dk-, JWT + X-Team-ID
     try:
         document = request.json()
     except RecursionError:  # json.loads on a deeply nested body (a 500 otherwise)
         raise HttpError(400, "invalid_json", "request body is not valid JSON: nested too deeply") from None
     method, path, headers, payload = parse_invoke_body(document)
     slug = request.params["slug"]
-    candidates = services.candidates(principal.team_id, slug)  # 404/400/503
+    candidates = await services.candidates(principal.team_id, slug)  # 404/400/503
     if candidates[0].base_path and has_dot_segment(path):  # it could leave the external URL's prefix
         raise dot_segment_error()
     idempotent = method in IDEMPOTENT

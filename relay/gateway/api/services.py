@@ -91,7 +91,7 @@ from relay.gateway.auth import AuthError, Principal
 from relay.gateway.egress import EgressPolicy
 from relay.gateway.http.proxy import ProxyError, ProxyStats, RequestHead, Upstream, origin_form, serve_connection
 from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, Router, json_response
-from relay.gateway.store import Service
+from relay.gateway.store import Service, StoreError
 from relay.mux.errors import ErrorCode
 from relay.services import SLUG_RE
 
@@ -364,6 +364,7 @@ class ServiceManager:
         # Service rows by (team, slug), valid while the store's generation stays the same.
         self._records: dict[tuple[str, str], Service] = {}
         self._records_generation: Any = None
+        self._sync_lock = asyncio.Lock()
         #: TLS for external https:// services: certificates verified against the system's
         #: CAs and the URL's host name (set another context, e.g. with a private CA).
         self.external_ssl_context: ssl.SSLContext = ssl.create_default_context()
@@ -416,19 +417,30 @@ class ServiceManager:
         else:
             self._spawn_probe(team_id, slug, inst)
 
-    def sync(self) -> None:
-        """Bring instances in line with the agent registry (see the module docstring).
+    def _in_sync(self) -> bool:
+        """True while nothing :meth:`sync` depends on can have changed: the registry's
+        version is the one of the last full pass, no known session has closed (a session
+        ends before its agent is unregistered), and no offline instance's grace has run
+        out. Called on every proxied request and invoke."""
+        return (self.gw.registry.version == self._synced_version and time.time() <= self._sync_deadline
+                and not any(session.is_closed for session in self._sessions.values()))
 
-        Called on every proxied request and invoke, so it returns at once while nothing
-        it depends on can have changed: the registry's version is the one of the last
-        full pass, no known session has closed (a session ends before its agent is
-        unregistered), and no offline instance's grace has run out."""
-        now = time.time()
-        registry = self.gw.registry
-        if (registry.version == self._synced_version and now <= self._sync_deadline
-                and not any(session.is_closed for session in self._sessions.values())):
+    async def sync(self) -> None:
+        """Bring instances in line with the agent registry (see the module docstring);
+        returns at once while :meth:`_in_sync`. One pass at a time; a pass that waited
+        for the store counts only once it is complete, so a request never sees half of
+        one."""
+        if self._in_sync():
             return
-        self._synced_version = registry.version
+        async with self._sync_lock:
+            if not self._in_sync():
+                version = self.gw.registry.version
+                self._synced_version = -1  # a pass in progress is not in sync
+                await self._sync_pass()
+                self._synced_version = version
+
+    async def _sync_pass(self) -> None:
+        now = time.time()
         store = self.gw.store
         live: dict[str, Any] = {}
         for entry in self.gw.registry.connected():
@@ -443,7 +455,7 @@ class ServiceManager:
                 if team_id == entry.team_id and entry.agent_id in state.instances and slug not in declared:
                     state.instances.pop(entry.agent_id).retire()
             for slug, decl in declared.items():
-                record = store.get_service(entry.team_id, slug)
+                record = await store.get_service(entry.team_id, slug)
                 if record is not None and record.service_type != "deployed":
                     log.warning("agent %s declares %s, an external service of its team: ignored",
                                 entry.name, slug)
@@ -451,7 +463,7 @@ class ServiceManager:
                 spec = {k: decl[k] for k in ("health", "usage_prompt", "openapi_url", "labels")}
                 spec["exposed_port"] = decl["port"]
                 if record is None or record.spec != spec:
-                    record = store.put_service(entry.team_id, slug, "deployed", spec,
+                    record = await store.put_service(entry.team_id, slug, "deployed", spec,
                                                record.status if record else "created")
                 state = self._state(record)
                 inst = Instance(entry.agent_id, entry.name, decl["host"], decl["port"], decl["health"],
@@ -480,35 +492,42 @@ class ServiceManager:
                 state.running = False
         self._sync_deadline = deadline
 
-    def _lookup(self, team_id: str, slug: str) -> Optional[Service]:
-        """The service row, from memory while the store's generation is unchanged (any
-        commit, e.g. a delete, empties the cache: a deleted service is gone at once)."""
+    def _cached(self, team_id: str, slug: str) -> Optional[Service]:
+        """The service row from memory, kept while the store's generation is unchanged
+        (any commit, e.g. a delete, empties the cache: a deleted service is gone at
+        once); None if not there."""
         generation = self.gw.store.generation()
         if generation != self._records_generation:
             self._records.clear()
             self._records_generation = generation
-        key = (team_id, slug)
-        record = self._records.get(key)
+        return self._records.get((team_id, slug))
+
+    async def _lookup(self, team_id: str, slug: str) -> Optional[Service]:
+        """The service row: :meth:`_cached`, else read (and kept) from the store."""
+        record = self._cached(team_id, slug)
         if record is None:
-            record = self.gw.store.get_service(team_id, slug)
-            if record is not None:  # unknown slugs are not kept (bounded by real rows)
+            before = self._records_generation
+            record = await self.gw.store.get_service(team_id, slug)
+            # Unknown slugs are not kept (bounded by real rows), nor a row read while
+            # something was committed.
+            if record is not None and self._cached(team_id, slug) is None and self._records_generation == before:
                 if len(self._records) >= 4096:
                     self._records.clear()
-                self._records[key] = record
+                self._records[(team_id, slug)] = record
         return record
 
-    def _record(self, team_id: str, slug: str) -> tuple[Service, ServiceState]:
+    async def _record(self, team_id: str, slug: str) -> tuple[Service, ServiceState]:
         """The team's service and its live state; 404 if unknown (or another team's)."""
-        record = self._lookup(team_id, slug) if SLUG_RE.match(slug) else None
+        record = await self._lookup(team_id, slug) if SLUG_RE.match(slug) else None
         if record is None:
             raise HttpError(404, "service_not_found", f"no service {slug!r} in this team")
         return record, self._state(record)
 
-    def describe(self, record: Service, state: ServiceState) -> dict[str, Any]:
+    async def describe(self, record: Service, state: ServiceState) -> dict[str, Any]:
         """The API representation (seed 003's fields first)."""
         status = state.status()
         if status != record.status:
-            self.gw.store.set_service_status(record.team_id, record.slug, status)
+            await self.gw.store.set_service_status(record.team_id, record.slug, status)
         spec = record.spec
         instances = [i.describe() for i in state.instances.values()]
         body = {"service_slug": record.slug, "service_status": status,
@@ -525,11 +544,25 @@ class ServiceManager:
 
     # ------------------------------------------------------------------ routing
 
-    def candidates(self, team_id: str, slug: str, rotate: bool = True) -> list[Instance]:
+    def candidates_nowait(self, team_id: str, slug: str, rotate: bool = True) -> Optional[list[Instance]]:
+        """:meth:`candidates` from memory, for the proxy's per-request resolver: None
+        when the store must be asked first (a pass of :meth:`sync` is due, or the
+        service row is not cached)."""
+        if not self._in_sync():
+            return None
+        record = self._cached(team_id, slug) if SLUG_RE.match(slug) else None
+        if record is None:
+            return None
+        return self._pick(slug, self._state(record), rotate)
+
+    async def candidates(self, team_id: str, slug: str, rotate: bool = True) -> list[Instance]:
         """Healthy online instances in round-robin order, or the seed 003 error.
         ``rotate``: advance the round robin (False for a check only)."""
-        self.sync()
-        record, state = self._record(team_id, slug)
+        await self.sync()
+        _, state = await self._record(team_id, slug)
+        return self._pick(slug, state, rotate)
+
+    def _pick(self, slug: str, state: ServiceState, rotate: bool) -> list[Instance]:
         status = state.status()
         if status != "running":
             raise HttpError(400, "service_not_running", f"service {slug!r} is {status}, not running")
@@ -608,7 +641,7 @@ class ServiceManager:
         while True:
             await asyncio.sleep(self.probe_interval)
             try:
-                self.sync()
+                await self.sync()
                 for (team_id, slug), state in list(self._states.items()):
                     for inst in state.instances.values():
                         inst.prune()
@@ -619,24 +652,24 @@ class ServiceManager:
 
     # ------------------------------------------------------------------ API routes
 
-    def _principal(self, request: Request, manage: bool = False) -> Principal:
-        principal = self.gw._principal(request)
+    async def _principal(self, request: Request, manage: bool = False) -> Principal:
+        principal = await self.gw._principal(request)
         return principal.require_manage() if manage else principal
 
     async def _list(self, request: Request) -> Response:
-        principal = self._principal(request)
-        self.sync()
-        records = self.gw.store.list_services(principal.team_id)
-        return json_response({"services": [self.describe(r, self._state(r)) for r in records]})
+        principal = await self._principal(request)
+        await self.sync()
+        records = await self.gw.store.list_services(principal.team_id)
+        return json_response({"services": [await self.describe(r, self._state(r)) for r in records]})
 
     async def _get(self, request: Request) -> Response:
-        principal = self._principal(request)
-        self.sync()
-        return json_response(self.describe(*self._record(principal.team_id, request.params["slug"])))
+        principal = await self._principal(request)
+        await self.sync()
+        return json_response(await self.describe(*await self._record(principal.team_id, request.params["slug"])))
 
     async def _create(self, request: Request) -> Response:
         """An external service: ``{service_slug, url, health?, usage_prompt?, openapi_url?, labels?}``."""
-        principal = self._principal(request, manage=True)
+        principal = await self._principal(request, manage=True)
         body = request.json()
         if not isinstance(body, dict):
             raise HttpError(400, "invalid_request", "request body must be a JSON object")
@@ -670,22 +703,22 @@ class ServiceManager:
             if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or len(labels) > MAX_LABELS:
                 raise HttpError(400, "invalid_request", f"labels: an array of at most {MAX_LABELS} strings")
             spec["labels"] = labels
-        if self.gw.store.get_service(principal.team_id, slug) is not None:
+        if await self.gw.store.get_service(principal.team_id, slug) is not None:
             raise HttpError(409, "service_exists", f"service {slug!r} already exists in this team")
-        record = self.gw.store.put_service(principal.team_id, slug, "external", spec, "created")
+        record = await self.gw.store.put_service(principal.team_id, slug, "external", spec, "created")
         old = self._states.pop((record.team_id, slug), None)
         for inst in old.instances.values() if old is not None else ():
             inst.retire()
-        return json_response(self.describe(record, self._state(record)), 201)
+        return json_response(await self.describe(record, self._state(record)), 201)
 
     async def _delete(self, request: Request) -> Response:
-        principal = self._principal(request, manage=True)
-        self.sync()
-        record, state = self._record(principal.team_id, request.params["slug"])
+        principal = await self._principal(request, manage=True)
+        await self.sync()
+        record, state = await self._record(principal.team_id, request.params["slug"])
         if record.service_type == "deployed" and state.instances:
             raise HttpError(409, "service_declared", "agents still declare this service; "
                                                      "it can be deleted once it is stopped")
-        self.gw.store.delete_service(record.team_id, record.slug)
+        await self.gw.store.delete_service(record.team_id, record.slug)
         self._states.pop((record.team_id, record.slug), None)
         for inst in state.instances.values():
             inst.retire()
@@ -697,16 +730,27 @@ class ServiceManager:
 
     # ------------------------------------------------------------------ the proxy
 
-    def _check(self, authorization: Optional[str], team: Optional[str], slug: str,
-               rotate: bool = True) -> tuple[Principal, list[Instance]]:
-        principal = self.gw.auth.authenticate(authorization, team).require_runtime()
-        return principal, self.candidates(principal.team_id, slug, rotate)
+    async def _check(self, authorization: Optional[str], team: Optional[str], slug: str,
+                     rotate: bool = True) -> tuple[Principal, list[Instance]]:
+        principal = (await self.gw.auth.authenticate(authorization, team)).require_runtime()
+        return principal, await self.candidates(principal.team_id, slug, rotate)
+
+    def _check_nowait(self, authorization: Optional[str], team: Optional[str], slug: str,
+                      rotate: bool = True) -> Optional[tuple[Principal, list[Instance]]]:
+        """:meth:`_check` from memory (the caches of relay.gateway.auth and of service
+        rows); None when the store must be asked."""
+        principal = self.gw.auth.cached(authorization, team)
+        if principal is None:
+            return None
+        principal.require_runtime()
+        candidates = self.candidates_nowait(principal.team_id, slug, rotate)
+        return None if candidates is None else (principal, candidates)
 
     async def _proxy(self, request: Request) -> None:
         """Raw route: check the first request (errors answered by the HTTP server), then
         let the proxy engine own the connection, asking :meth:`_resolve` per request."""
-        principal, candidates = self._check(request.header("authorization"), request.header("x-team-id"),
-                                            request.params["slug"], rotate=False)
+        principal, candidates = await self._check(request.header("authorization"), request.header("x-team-id"),
+                                                  request.params["slug"], rotate=False)
         if candidates[0].agent_id is None and request.header("upgrade"):
             await self._external_upgrade(request, principal, candidates[0])
             return
@@ -734,9 +778,26 @@ class ServiceManager:
             return None
         headers = {n: v.decode("latin-1") for n, v in request.headers}
         try:
-            principal, candidates = self._check(headers.get(b"authorization"), headers.get(b"x-team-id"), slug)
+            checked = self._check_nowait(headers.get(b"authorization"), headers.get(b"x-team-id"), slug)
         except (HttpError, AuthError):
             return None
+        if checked is None:  # not all in memory: ask the store first (a slow path)
+            return self._resolve_slowly(target, end, slug, headers, transport)  # type: ignore[return-value]
+        return self._upstream(checked, target, end, slug, headers, transport)
+
+    async def _resolve_slowly(self, target: bytes, end: int, slug: str, headers: dict[bytes, str],
+                              transport: Any) -> Optional[Upstream]:
+        try:
+            checked = await self._check(headers.get(b"authorization"), headers.get(b"x-team-id"), slug)
+        except (HttpError, AuthError):
+            return None
+        except StoreError as exc:
+            raise ProxyError(503, "store_unavailable", str(exc)) from None
+        return self._upstream(checked, target, end, slug, headers, transport)
+
+    def _upstream(self, checked: tuple[Principal, list[Instance]], target: bytes, end: int, slug: str,
+                  headers: dict[bytes, str], transport: Any) -> Optional[Upstream]:
+        principal, candidates = checked
         if transport is not None:
             self.gw.revocations.hold(principal, transport)
         first = candidates[0]

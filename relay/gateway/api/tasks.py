@@ -225,19 +225,19 @@ class TaskManager:
 
     # ------------------------------------------------------------------ API
 
-    def _principal(self, request: Request) -> Any:
-        return self.gw.auth.authenticate(request.header("authorization"),
-                                         request.header("x-team-id")).require_runtime()
+    async def _principal(self, request: Request) -> Any:
+        principal = await self.gw.auth.authenticate(request.header("authorization"), request.header("x-team-id"))
+        return principal.require_runtime()
 
-    def _task(self, request: Request, principal: Any = None) -> Task:
-        principal = principal or self._principal(request)
+    async def _task(self, request: Request, principal: Any = None) -> Task:
+        principal = principal or await self._principal(request)
         task = self.get(principal.team_id, request.params["task_id"])
         if task is None:  # unknown or another team's: the same 404
             raise HttpError(404, "task_not_found", f"no task {request.params['task_id']} in this team")
         return task
 
     async def _submit(self, request: Request) -> Response:
-        principal = self._principal(request)
+        principal = await self._principal(request)
         kind, task_input, labels = _validate(request)
         self._expire()
         queue = self._queues.setdefault(principal.team_id, deque())
@@ -255,13 +255,13 @@ class TaskManager:
                               "agent_id": task.agent_id}, 202)
 
     async def _get(self, request: Request) -> Response:
-        return json_response(self._task(request).describe())
+        return json_response((await self._task(request)).describe())
 
     async def _events(self, request: Request) -> None:
         """Server-Sent Events from the first event (or after ``Last-Event-ID``) to the end;
         cut if the credential that asked is revoked meanwhile."""
-        principal = self._principal(request)
-        task = self._task(request, principal)
+        principal = await self._principal(request)
+        task = await self._task(request, principal)
         try:
             position = max(0, int(request.header("last-event-id") or 0))
         except ValueError:
@@ -346,8 +346,7 @@ class TaskManager:
     def _release(self, agent: ConnectedAgent) -> None:
         """The agent finished its task: idle again (or ``tunnel``), and maybe the next one."""
         if agent.status == "busy" and not agent.session.is_closed:
-            tunnels = self.gw.store.list_tunnel_sessions(agent.team_id, agent.agent_id)
-            self.gw.registry.set_status(agent.team_id, agent.agent_id, "tunnel" if tunnels else "idle")
+            self.gw.rest(agent)  # idle (or tunnel) a moment later; becoming idle dispatches
         self._dispatch(agent.team_id)
 
     def on_control(self, agent: ConnectedAgent, message: dict[str, Any]) -> bool:

@@ -270,8 +270,8 @@ class TunnelsApi:
     async def start(self) -> None:
         """Reopen the hub ports of active tunnels (same port as before the restart) and
         resume webhook deliveries a previous run left unfinished."""
-        self.webhooks.resume()
-        for tunnel in self.gw.store.list_tunnels(None):
+        await self.webhooks.resume()
+        for tunnel in await self.gw.store.list_tunnels(None):
             if tunnel.status == "active":
                 async with self._hub_lock:
                     await self._open_hub(tunnel)
@@ -279,27 +279,27 @@ class TunnelsApi:
     async def close(self) -> None:
         """Stop hub listeners and webhook deliveries."""
         if self.gw.tunnels is not None:
-            for tunnel in self.gw.store.list_tunnels(None):
+            for tunnel in await self.gw.store.list_tunnels(None):
                 self.gw.tunnels.close_hub(tunnel.id)
         await self.webhooks.close()
 
     # -- helpers
 
-    def _principal(self, request: Request, manage: bool = False) -> Principal:
-        principal = self.gw._principal(request)
+    async def _principal(self, request: Request, manage: bool = False) -> Principal:
+        principal = await self.gw._principal(request)
         return principal.require_manage() if manage else principal
 
-    def _tunnel(self, principal: Principal, tunnel_id: str) -> Tunnel:
-        tunnel = self.gw.store.get_tunnel(principal.team_id, tunnel_id)
+    async def _tunnel(self, principal: Principal, tunnel_id: str) -> Tunnel:
+        tunnel = await self.gw.store.get_tunnel(principal.team_id, tunnel_id)
         if tunnel is None:  # unknown, malformed, or another team's: all the same 404
             raise HttpError(404, "tunnel_not_found", f"no tunnel {tunnel_id} in this team")
         return tunnel
 
-    def _team_agent_id(self, principal: Principal, value: Any) -> str:
+    async def _team_agent_id(self, principal: Principal, value: Any) -> str:
         agent_id = normalize_uuid(value)
         if agent_id is None:
             raise _bad("agent_id", "must be the UUID of one of this team's agents")
-        if self.gw.store.get_agent(principal.team_id, agent_id) is None:
+        if await self.gw.store.get_agent(principal.team_id, agent_id) is None:
             raise HttpError(404, "agent_not_found", f"no agent {agent_id} in this team")
         return agent_id
 
@@ -317,7 +317,7 @@ class TunnelsApi:
                 self._errors[tunnel.id] = f"cannot listen on hub port {tunnel.hub_port or 0}: {exc.strerror or exc}"
                 log.warning("tunnel %s: %s", tunnel.id, self._errors[tunnel.id])
                 return tunnel
-            holder = None if tunnel.hub_port else self.gw.store.tunnel_on_hub_port(hub.port)
+            holder = None if tunnel.hub_port else await self.gw.store.tunnel_on_hub_port(hub.port)
             if holder is None or holder.id == tunnel.id:
                 break
             # The OS handed out a port a paused tunnel keeps for itself: take another.
@@ -327,7 +327,7 @@ class TunnelsApi:
             return tunnel
         self._errors.pop(tunnel.id, None)
         if tunnel.hub_port != hub.port:
-            tunnel = self.gw.store.update_tunnel(tunnel.team_id, tunnel.id, hub_port=hub.port) or tunnel
+            tunnel = await self.gw.store.update_tunnel(tunnel.team_id, tunnel.id, hub_port=hub.port) or tunnel
         log.info("tunnel %s (%s): hub port %s:%d -> agent %s %s:%d", tunnel.id, tunnel.name,
                  tunnels.hub_host, hub.port, tunnel.agent_id, tunnel.target_host, tunnel.target_port)
         return tunnel
@@ -372,19 +372,19 @@ class TunnelsApi:
             "updated_at": _iso(tunnel.updated_at),
         }
 
-    def _publish(self, team_id: str, event: str, data: dict[str, Any]) -> None:
+    async def _publish(self, team_id: str, event: str, data: dict[str, Any]) -> None:
         """Queue a webhook event; never waits, never fails the request."""
         try:
-            hooks = self.gw.store.list_webhooks(team_id, event)
+            hooks = await self.gw.store.list_webhooks(team_id, event)
         except Exception as exc:  # a webhook must never break the API call that caused it
             log.error("cannot read webhooks for %s: %s", event, exc)
             return
-        self.webhooks.publish(hooks, event, team_id, data)
+        await self.webhooks.publish(hooks, event, team_id, data)
 
     # -- tunnels
 
     async def _create(self, request: Request) -> Response:
-        principal = self._principal(request, manage=True)
+        principal = await self._principal(request, manage=True)
         body = _object(request, _CREATE_FIELDS)
         if "target" not in body:
             raise _bad("target", "is required")
@@ -411,7 +411,7 @@ class TunnelsApi:
         if hub_port is not None:
             if not _valid_port(hub_port) or not low <= hub_port <= high:
                 raise _bad("hub_port", f"must be an integer from {low} to {high}")
-        agent_id = self._team_agent_id(principal, body["agent_id"])
+        agent_id = await self._team_agent_id(principal, body["agent_id"])
         tunnels = self.gw.tunnels
         assert tunnels is not None, "the gateway is not started"
         # The requested hub port is not listening yet, but is about to be one of ours.
@@ -423,32 +423,32 @@ class TunnelsApi:
         if loop is not None:  # a name that resolves to the gateway itself
             raise HttpError(400, "target_is_gateway", loop)
         async with self._hub_lock:  # the port check, the insert and the bind as one step
-            if hub_port is not None and self.gw.store.tunnel_on_hub_port(hub_port) is not None:
+            if hub_port is not None and await self.gw.store.tunnel_on_hub_port(hub_port) is not None:
                 raise HttpError(409, "hub_port_taken", f"hub_port: {hub_port} is used by another tunnel")
-            tunnel = self.gw.store.create_tunnel(principal.team_id, agent_id, name, host, port, protocol,
+            tunnel = await self.gw.store.create_tunnel(principal.team_id, agent_id, name, host, port, protocol,
                                                  public=public, hub_port=hub_port)
             tunnel = await self._open_hub(tunnel)
         result = self.describe(tunnel)
-        self._publish(principal.team_id, "tunnel.created", result)
+        await self._publish(principal.team_id, "tunnel.created", result)
         if public and protocol == "http":
             # Public = an unrestricted share made with the tunnel (delete it to unpublish).
-            _, token = self.gw.store.create_share(principal.team_id, tunnel.id, "public",
+            _, token = await self.gw.store.create_share(principal.team_id, tunnel.id, "public",
                                                   "created with the tunnel (public: true)")
             result = {**result, "public_url": f"{self.gw.url}/s/{token}/"}
         return json_response(result, 201)
 
     async def _list(self, request: Request) -> Response:
-        principal = self._principal(request)
+        principal = await self._principal(request)
         return json_response({"tunnels": [self.describe(t)
-                                          for t in self.gw.store.list_tunnels(principal.team_id)]})
+                                          for t in await self.gw.store.list_tunnels(principal.team_id)]})
 
     async def _get(self, request: Request) -> Response:
-        principal = self._principal(request)
-        return json_response(self.describe(self._tunnel(principal, request.params["tunnel_id"])))
+        principal = await self._principal(request)
+        return json_response(self.describe(await self._tunnel(principal, request.params["tunnel_id"])))
 
     async def _update(self, request: Request) -> Response:
-        principal = self._principal(request, manage=True)
-        tunnel = self._tunnel(principal, request.params["tunnel_id"])
+        principal = await self._principal(request, manage=True)
+        tunnel = await self._tunnel(principal, request.params["tunnel_id"])
         body = _object(request, _UPDATE_FIELDS)
         if not body:
             raise HttpError(400, "invalid_request", "nothing to update: send name, status or metadata")
@@ -467,10 +467,10 @@ class TunnelsApi:
                 raise _bad("metadata", f"must be at most {MAX_METADATA} bytes as JSON")
             changes["metadata"] = metadata
         async with self._hub_lock:  # the stored status and the listener change together
-            tunnel = self.gw.store.update_tunnel(principal.team_id, tunnel.id, **changes) or tunnel
+            tunnel = await self.gw.store.update_tunnel(principal.team_id, tunnel.id, **changes) or tunnel
             if changes.get("status") == "paused":
                 self._close_hub(tunnel)
-                self.share_proxy.forget([s.id for s in self.gw.store.list_shares(tunnel.team_id, tunnel.id)])
+                self.share_proxy.forget([s.id for s in await self.gw.store.list_shares(tunnel.team_id, tunnel.id)])
             elif changes.get("status") == "active":
                 tunnels = self.gw.tunnels
                 if tunnels is None or tunnels.hub(tunnel.id) is None:  # paused or errored: (re)open
@@ -478,24 +478,24 @@ class TunnelsApi:
         return json_response(self.describe(tunnel))
 
     async def _delete(self, request: Request) -> Response:
-        principal = self._principal(request, manage=True)
-        tunnel = self._tunnel(principal, request.params["tunnel_id"])
-        shares = self.gw.store.list_shares(principal.team_id, tunnel.id)
+        principal = await self._principal(request, manage=True)
+        tunnel = await self._tunnel(principal, request.params["tunnel_id"])
+        shares = await self.gw.store.list_shares(principal.team_id, tunnel.id)
         last = self.describe(tunnel)
         async with self._hub_lock:
-            if self.gw.store.delete_tunnel(principal.team_id, tunnel.id) is None:
+            if await self.gw.store.delete_tunnel(principal.team_id, tunnel.id) is None:
                 raise HttpError(404, "tunnel_not_found", f"no tunnel {tunnel.id} in this team")
             self._close_hub(tunnel)
         for share in shares:
             self.limiter.forget(share.id)
         self.share_proxy.forget([share.id for share in shares])
         last["status"] = "deleted"
-        self._publish(principal.team_id, "tunnel.deleted", last)
+        await self._publish(principal.team_id, "tunnel.deleted", last)
         return json_response(None, 204)
 
     async def _connect(self, request: Request) -> Response:
-        principal = self._principal(request)
-        tunnel = self._tunnel(principal, request.params["tunnel_id"])
+        principal = await self._principal(request)
+        tunnel = await self._tunnel(principal, request.params["tunnel_id"])
         body = _object(request, {"agent_id", "local_port"})
         if "agent_id" not in body:
             raise _bad("agent_id", "is required")
@@ -504,7 +504,7 @@ class TunnelsApi:
             local_port = tunnel.target_port
         elif not _valid_port(local_port):
             raise _bad("local_port", "must be an integer from 1 to 65535")
-        agent_id = self._team_agent_id(principal, body["agent_id"])
+        agent_id = await self._team_agent_id(principal, body["agent_id"])
         receiver = self.gw.registry.get(principal.team_id, agent_id)
         if receiver is None:
             raise HttpError(409, "agent_offline", f"agent {agent_id} is not connected")
@@ -542,39 +542,39 @@ class TunnelsApi:
         return result
 
     async def _create_share(self, request: Request) -> Response:
-        principal = self._principal(request, manage=True)
-        tunnel = self._tunnel(principal, request.params["tunnel_id"])
+        principal = await self._principal(request, manage=True)
+        tunnel = await self._tunnel(principal, request.params["tunnel_id"])
         spec = parse_share_request(request.json())
         if tunnel.protocol != "http":
             raise HttpError(400, "invalid_tunnel_protocol",
                             f"shares are served by the gateway's HTTP proxy, which speaks plain HTTP "
                             f"to the target: create them on an http tunnel (this one is {tunnel.protocol})")
-        share, token = self.gw.store.create_share(
+        share, token = await self.gw.store.create_share(
             principal.team_id, tunnel.id, spec.name, spec.description,
             expires_at=spec.expires_at(self.clock()), allowed_methods=spec.allowed_methods,
             rate_limit=spec.rate_limit)
         return json_response(self._share_json(share, token), 201)
 
     async def _list_shares(self, request: Request) -> Response:
-        principal = self._principal(request)
-        tunnel = self._tunnel(principal, request.params["tunnel_id"])
+        principal = await self._principal(request)
+        tunnel = await self._tunnel(principal, request.params["tunnel_id"])
         return json_response({"shares": [self._share_json(s)
-                                         for s in self.gw.store.list_shares(principal.team_id, tunnel.id)]})
+                                         for s in await self.gw.store.list_shares(principal.team_id, tunnel.id)]})
 
-    def _share(self, principal: Principal, request: Request) -> Share:
-        tunnel = self._tunnel(principal, request.params["tunnel_id"])
-        share = self.gw.store.get_share(principal.team_id, tunnel.id, request.params["share_id"])
+    async def _share(self, principal: Principal, request: Request) -> Share:
+        tunnel = await self._tunnel(principal, request.params["tunnel_id"])
+        share = await self.gw.store.get_share(principal.team_id, tunnel.id, request.params["share_id"])
         if share is None:
             raise HttpError(404, "share_not_found", f"no share {request.params['share_id']} on this tunnel")
         return share
 
     async def _get_share(self, request: Request) -> Response:
-        return json_response(self._share_json(self._share(self._principal(request), request)))
+        return json_response(self._share_json(await self._share(await self._principal(request), request)))
 
     async def _delete_share(self, request: Request) -> Response:
-        principal = self._principal(request, manage=True)
-        share = self._share(principal, request)
-        self.gw.store.delete_share(principal.team_id, share.tunnel_id, share.id)
+        principal = await self._principal(request, manage=True)
+        share = await self._share(principal, request)
+        await self.gw.store.delete_share(principal.team_id, share.tunnel_id, share.id)
         self.limiter.forget(share.id)
         self.share_proxy.forget([share.id])
         return json_response(None, 204)
@@ -590,28 +590,28 @@ class TunnelsApi:
         return result
 
     async def _create_webhook(self, request: Request) -> Response:
-        principal = self._principal(request, manage=True)
+        principal = await self._principal(request, manage=True)
         url, events = parse_webhook_request(request.json())
         refused = self.webhooks.egress.check_url(url)
         if refused is not None:
             raise HttpError(400, "egress_not_allowed", f"url: {refused}")
-        hook = self.gw.store.create_webhook(principal.team_id, url, events)
+        hook = await self.gw.store.create_webhook(principal.team_id, url, events)
         return json_response(self._webhook_json(hook, with_secret=True), 201)
 
     async def _list_webhooks(self, request: Request) -> Response:
-        principal = self._principal(request, manage=True)
+        principal = await self._principal(request, manage=True)
         return json_response({"webhooks": [self._webhook_json(h)
-                                           for h in self.gw.store.list_webhooks(principal.team_id)]})
+                                           for h in await self.gw.store.list_webhooks(principal.team_id)]})
 
     async def _get_webhook(self, request: Request) -> Response:
-        principal = self._principal(request, manage=True)
-        hook = self.gw.store.get_webhook(principal.team_id, request.params["webhook_id"])
+        principal = await self._principal(request, manage=True)
+        hook = await self.gw.store.get_webhook(principal.team_id, request.params["webhook_id"])
         if hook is None:
             raise HttpError(404, "webhook_not_found", f"no webhook {request.params['webhook_id']} in this team")
         return json_response(self._webhook_json(hook))
 
     async def _delete_webhook(self, request: Request) -> Response:
-        principal = self._principal(request, manage=True)
-        if not self.gw.store.delete_webhook(principal.team_id, request.params["webhook_id"]):
+        principal = await self._principal(request, manage=True)
+        if not await self.gw.store.delete_webhook(principal.team_id, request.params["webhook_id"]):
             raise HttpError(404, "webhook_not_found", f"no webhook {request.params['webhook_id']} in this team")
         return json_response(None, 204)

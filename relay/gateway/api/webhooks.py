@@ -229,8 +229,9 @@ class WebhookDispatcher:
         self.failed = 0
         self.dropped = 0
 
-    def publish(self, hooks: list[Webhook], event: str, team_id: str, data: Any) -> None:
-        """Queue ``event`` for each of ``hooks``; returns at once."""
+    async def publish(self, hooks: list[Webhook], event: str, team_id: str, data: Any) -> None:
+        """Queue ``event`` for each of ``hooks`` (and record them in the store); the
+        deliveries are made in the background."""
         if not hooks:
             return
         new: list[Delivery] = []
@@ -242,40 +243,42 @@ class WebhookDispatcher:
             }).encode()
             delivery = Delivery(hook, event, body, delivery_id)
             new.append(delivery)
-            self._enqueue(delivery)
+            await self._enqueue(delivery)
         if self._store is not None:
             try:
-                self._store.add_webhook_deliveries(
+                await self._store.add_webhook_deliveries(
                     [(d.id, d.hook.id, d.event, d.body) for d in new],
                     keep=self.queue_limit + self._concurrency)
             except Exception as exc:  # still delivered from memory; only a restart loses it
                 log.error("cannot record webhook deliveries: %s", exc)
         self._start()
 
-    def resume(self) -> int:
+    async def resume(self) -> int:
         """Queue the deliveries a previous run of the gateway left unfinished (see the
         module docstring); returns how many. Call once, at start, before publishing."""
         if self._store is None:
             return 0
         try:
-            pending = self._store.pending_webhook_deliveries(self.queue_limit)
+            pending = await self._store.pending_webhook_deliveries(self.queue_limit)
         except Exception as exc:
             log.error("cannot read pending webhook deliveries: %s", exc)
             return 0
         for hook, event, body, delivery_id, attempts in pending:
-            self._enqueue(Delivery(hook, event, body, delivery_id, attempts))
+            await self._enqueue(Delivery(hook, event, body, delivery_id, attempts))
         if pending:
             log.info("resuming %d pending webhook deliveries", len(pending))
             self._start()
         return len(pending)
 
-    def _enqueue(self, delivery: Delivery) -> None:
+    async def _enqueue(self, delivery: Delivery) -> None:
         if len(self._queue) >= self.queue_limit:
             old = self._queue.popleft()
             self.dropped += 1
             log.warning("webhook queue full (%d): dropped %s for %s", self.queue_limit,
                         old.event, redact_url(old.hook.url))
-            self._forget(old)
+            self._queue.append(delivery)
+            await self._forget(old)
+            return
         self._queue.append(delivery)
 
     def _start(self) -> None:
@@ -283,18 +286,18 @@ class WebhookDispatcher:
         if self._runner is None or self._runner.done():
             self._runner = asyncio.get_running_loop().create_task(self._run())
 
-    def _forget(self, delivery: Delivery) -> None:
+    async def _forget(self, delivery: Delivery) -> None:
         """The delivery is over: its row goes."""
         if self._store is not None:
             try:
-                self._store.delete_webhook_delivery(delivery.id)
+                await self._store.delete_webhook_delivery(delivery.id)
             except Exception as exc:  # at worst it is sent again after a restart
                 log.error("cannot remove webhook delivery %s: %s", delivery.id, exc)
 
-    def _record_attempts(self, delivery: Delivery) -> None:
+    async def _record_attempts(self, delivery: Delivery) -> None:
         if self._store is not None:
             try:
-                self._store.set_webhook_delivery_attempts(delivery.id, delivery.attempts)
+                await self._store.set_webhook_delivery_attempts(delivery.id, delivery.attempts)
             except Exception as exc:
                 log.error("cannot record attempts of webhook delivery %s: %s", delivery.id, exc)
 
@@ -325,16 +328,16 @@ class WebhookDispatcher:
                 delivery.attempts += 1
                 problem = await self._attempt(delivery)
                 if problem is None:
+                    await self._forget(delivery)  # counted once its row is gone too
                     self.delivered += 1
-                    self._forget(delivery)
                     return
                 if delivery.attempts >= self.attempts:
-                    self.failed += 1
                     log.warning("webhook %s to %s failed after %d attempts: %s", delivery.event,
                                 redact_url(delivery.hook.url), delivery.attempts, problem)
-                    self._forget(delivery)
+                    await self._forget(delivery)
+                    self.failed += 1
                     return
-                self._record_attempts(delivery)
+                await self._record_attempts(delivery)
                 log.info("webhook %s to %s: %s; retrying in %.1fs", delivery.event,
                          redact_url(delivery.hook.url), problem, delay)
                 await asyncio.sleep(delay)

@@ -37,6 +37,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 
 from relay.gateway.auth import AuthError
+from relay.gateway.store import StoreUnavailable
 
 __all__ = ["HttpError", "HttpProtocol", "Request", "Response", "Router", "json_response"]
 
@@ -358,6 +359,10 @@ class HttpProtocol(asyncio.Protocol):
             response = error_response(exc.status, exc.code, exc.message, exc.headers)
         except AuthError as exc:
             response = error_response(exc.status, exc.code, exc.message, exc.headers)
+        except StoreUnavailable as exc:  # the database cannot be reached now: try again later
+            log.warning("%s %s: %s", request.method, request.path, exc)
+            response = error_response(503, "store_unavailable", "the gateway's database is unavailable; "
+                                      "try again later", {"Retry-After": "5"})
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -16,19 +16,24 @@ request: the first request is checked by the route handler, which raises the err
 back by the proxy to the gateway's HTTP server, whose route runs the same checks again
 and answers the error. A passing request is counted against the rate limit once.
 
+The share and its tunnel are read from the store once and kept in memory until anything
+is committed to the store (its generation changes), so a request on a known link makes
+no database round trip, and a deleted share, a paused or deleted tunnel, is seen on the
+very next request (PostgreSQL: once the commit's notification arrived).
+
 ``/s/{share_token}`` without the slash is redirected (308) to ``/s/{share_token}/`` after
 the token and expiry checks, so pages with relative links work.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from relay.aio import SessionClosedError
 from relay.aio.stream import MuxStream
 from relay.gateway.api.shares import check_share
 from relay.gateway.http.proxy import ProxyError, ProxyStats, RequestHead, Upstream, origin_form, serve_connection
 from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, Router, json_response
-from relay.gateway.store import Share
+from relay.gateway.store import Share, StoreError, Tunnel, hash_token
 
 if TYPE_CHECKING:
     from relay.gateway.api.tunnels import TunnelsApi
@@ -36,6 +41,8 @@ if TYPE_CHECKING:
 __all__ = ["SHARE_PREFIX", "ShareProxy"]
 
 SHARE_PREFIX = "/s/"
+#: Shares (with their tunnels) kept in memory at most.
+CACHE_MAX = 4096
 
 
 class ShareProxy:
@@ -46,6 +53,9 @@ class ShareProxy:
         # Share id -> counters and open client connections (to cut them when the share
         # or its tunnel goes away).
         self._stats: dict[str, ProxyStats] = {}
+        # Token hash -> (share, tunnel), valid while the store's generation stays the same.
+        self._rows: dict[str, tuple[Share, Tunnel]] = {}
+        self._generation: Any = None
 
     def register(self, router: Router) -> None:
         router.add("*", SHARE_PREFIX + "{share_token}", self._add_slash)
@@ -64,22 +74,43 @@ class ShareProxy:
 
     # -- checks
 
-    def _lookup(self, token: str) -> Share:
-        share = self._api.gw.store.get_share_by_token(token)
-        if share is None:
-            raise HttpError(404, "share_not_found", "no such share link")
-        return share
+    def _cached(self, token: str) -> Optional[tuple[Share, Tunnel]]:
+        """The share of ``token`` and its tunnel, from memory while the store's generation
+        is unchanged (any commit empties it: a deleted share or a paused tunnel is seen
+        on the next request); None if not there. Keyed by the token's hash."""
+        generation = self._api.gw.store.generation()
+        if generation != self._generation:
+            self._rows.clear()
+            self._generation = generation
+        return self._rows.get(hash_token(token))
 
-    def _admit(self, token: str, method: str, count: bool) -> Upstream:
+    async def _lookup(self, token: str) -> tuple[Share, Tunnel]:
+        """The share of ``token`` and its tunnel (cached, else read); 404 if unknown."""
+        rows = self._cached(token)
+        if rows is not None:
+            return rows
+        before = self._generation
+        store = self._api.gw.store
+        share = await store.get_share_by_token(token)
+        tunnel = await store.get_tunnel(share.team_id, share.tunnel_id) if share is not None else None
+        if share is None or tunnel is None:
+            raise HttpError(404, "share_not_found", "no such share link")
+        if self._cached(token) is None and self._generation == before:  # nothing committed meanwhile
+            if len(self._rows) >= CACHE_MAX:
+                self._rows.clear()
+            self._rows[hash_token(token)] = (share, tunnel)
+        return share, tunnel
+
+    async def _admit(self, token: str, method: str, count: bool) -> Upstream:
         """Run every check for one request and return where it goes; raises HttpError.
         ``count``: count it against the rate limit (once per request)."""
+        return self._admit_rows(await self._lookup(token), token, method, count)
+
+    def _admit_rows(self, rows: tuple[Share, Tunnel], token: str, method: str, count: bool) -> Upstream:
         api = self._api
-        share = self._lookup(token)
+        share, tunnel = rows
         now = api.clock()
         check_share(share, method, now)  # expiry and method; counts nothing
-        tunnel = api.gw.store.get_tunnel(share.team_id, share.tunnel_id)
-        if tunnel is None:
-            raise HttpError(404, "share_not_found", "no such share link")
         if tunnel.status == "paused":
             raise HttpError(503, "tunnel_paused", "the shared tunnel is paused")
         if tunnel.protocol != "http":  # shares are only created on http tunnels
@@ -112,7 +143,7 @@ class ShareProxy:
 
     async def _add_slash(self, request: Request) -> Response:
         token = request.params["share_token"]
-        share = self._lookup(token)
+        share, _ = await self._lookup(token)
         check_share(share, "GET", self._api.clock())  # expired: 410 rather than a redirect
         location = f"{SHARE_PREFIX}{token}/"
         query = request.target.partition("?")[2]
@@ -123,7 +154,7 @@ class ShareProxy:
     async def _proxy(self, request: Request) -> None:
         """Raw route: check the first request (errors answered normally), then hand the
         connection to the proxy, which asks :meth:`_resolve` about every request."""
-        self._admit(request.params["share_token"], request.method, count=True)
+        await self._admit(request.params["share_token"], request.method, count=True)
         transport, data = request.take_over_raw()
         first = [True]
 
@@ -149,9 +180,23 @@ class ShareProxy:
         if end < 0:
             return None  # /s/{token} or /s/{token}?...: the redirect
         token = target[len(prefix):end].decode("ascii", "replace")
+        method = request.method.decode("ascii", "replace")
+        rows = self._cached(token)
+        if rows is None:  # not in memory: ask the store first (a slow path)
+            return self._resolve_slowly(token, method, count, target[end:])  # type: ignore[return-value]
         try:
-            upstream = self._admit(token, request.method.decode("ascii", "replace"), count)
+            upstream = self._admit_rows(rows, token, method, count)
         except HttpError:
             return None
         upstream.target = target[end:]
+        return upstream
+
+    async def _resolve_slowly(self, token: str, method: str, count: bool, rest: bytes) -> Optional[Upstream]:
+        try:
+            upstream = await self._admit(token, method, count)
+        except HttpError:
+            return None
+        except StoreError as exc:
+            raise ProxyError(503, "store_unavailable", str(exc)) from None
+        upstream.target = rest
         return upstream

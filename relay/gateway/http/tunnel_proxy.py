@@ -24,7 +24,7 @@ listening: the agent refuses the stream with CONNECT_FAILED): 502.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:  # mypy checks the pure-Python twin: cython's no-op declarations
     from relay.mux import _cython_shim as cython
@@ -38,7 +38,7 @@ from relay.aio import SessionClosedError
 from relay.aio.stream import MuxStream
 from relay.gateway.http.proxy import ProxyError, ProxyStats, RequestHead, Upstream, serve_connection
 from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, json_response
-from relay.gateway.store import TunnelSession
+from relay.gateway.store import StoreError, TunnelSession
 
 if TYPE_CHECKING:
     from relay.aio import MuxSession
@@ -138,6 +138,8 @@ class HttpTunnels:
         answer = self._resolve_fully(request)
         if answer is None:
             return None
+        if type(answer) is not tuple:  # the session is not in memory: a slow path
+            return answer
         upstream, session = answer
         if len(request.target) <= ANSWER_TARGET:
             answers = self._answers
@@ -146,8 +148,11 @@ class HttpTunnels:
             answers[key] = (upstream, session, sessions_version, agents_version)
         return upstream
 
-    def _resolve_fully(self, request: RequestHead) -> Optional[tuple[Upstream, "MuxSession"]]:
-        """:meth:`_resolve` without the answer cache: ``(upstream, agent session)``."""
+    def _resolve_fully(self, request: RequestHead, row: Optional[TunnelSession] = None) -> Any:
+        """:meth:`_resolve` without the answer cache: ``(upstream, agent session)``, None
+        (not a proxied path), or, when the token's session is not in memory and ``row``
+        (the session, read already) is not given, a coroutine resolving to the upstream
+        once the store answered."""
         target = request.target
         if target.startswith((b"http://", b"https://")):  # absolute-form: keep the path
             slash = target.find(b"/", target.find(b"//") + 2)
@@ -174,7 +179,10 @@ class HttpTunnels:
         if not mine:
             return None  # e.g. the stats endpoint, or a tcp tunnel's /tcp
         token = target[len(PREFIX):end].decode("ascii", "replace")
-        row = self._open_http_session(token)
+        if row is None:
+            row = self._cached_session(token)
+            if row is None:
+                return self._resolve_slowly(request, token)
         agent = self._gateway.registry.get(row.team_id, row.agent_id)
         if agent is None:
             raise ProxyError(503, "agent_offline", "the tunnel's agent is not connected")
@@ -204,21 +212,41 @@ class HttpTunnels:
                 [(b"x-forwarded-prefix", prefix)], f"127.0.0.1:{row.target_port}".encode(),
                 self.stats(row.session_id))
 
-    def _open_http_session(self, token: str) -> TunnelSession:
+    async def _resolve_slowly(self, request: RequestHead, token: str) -> Optional[Upstream]:
+        try:
+            row = await self._open_http_session(token)
+        except StoreError as exc:
+            raise ProxyError(503, "store_unavailable", str(exc)) from None
+        # The session is in memory now: the usual path, answer cache included.
+        upstream = self._resolve(request)
+        if upstream is None or type(upstream) is Upstream:
+            return upstream
+        upstream.close()  # dropped from memory meanwhile (a session closed): no second wait
+        answer = self._resolve_fully(request, row)
+        return None if answer is None else answer[0]
+
+    def _cached_session(self, token: str) -> Optional[TunnelSession]:
+        """The open http session of ``token`` from memory (None: not there)."""
         store = self._gateway.store
-        sessions = self._sessions
         if self._sessions_version != store.tunnel_sessions_version:
-            sessions.clear()  # something was closed: its token must stop working now
+            self._sessions.clear()  # something was closed: its token must stop working now
             self._sessions_version = store.tunnel_sessions_version
-        row = sessions.get(token)
+        return self._sessions.get(token)
+
+    async def _open_http_session(self, token: str) -> TunnelSession:
+        """The open http session of ``token`` (cached, else read and kept); 404 if none."""
+        row = self._cached_session(token)
         if row is not None:
             return row
-        row = store.get_tunnel_session_by_token(token)
+        version = self._sessions_version
+        row = await self._gateway.store.get_tunnel_session_by_token(token)
         if row is None or row.protocol != "http":  # unknown, closed, or a tcp tunnel
             raise ProxyError(404, "tunnel_not_found", "no such open http tunnel")
-        if len(sessions) >= SESSION_CACHE:
-            sessions.clear()
-        sessions[token] = row
+        sessions = self._sessions
+        if self._gateway.store.tunnel_sessions_version == version:  # nothing closed meanwhile
+            if len(sessions) >= SESSION_CACHE:
+                sessions.clear()
+            sessions[token] = row
         return row
 
     # -- plain routes
@@ -231,21 +259,21 @@ class HttpTunnels:
             location += "?" + query
         return json_response({"location": location}, 308, {"Location": location})
 
-    def _admin_session(self, request: Request) -> TunnelSession:
+    async def _admin_session(self, request: Request) -> TunnelSession:
         """The open http session of the URL's token, if the admin token matches."""
         try:
-            row = self._open_http_session(request.params["token"])
+            row = await self._open_http_session(request.params["token"])
         except ProxyError as exc:
             raise HttpError(exc.status, exc.code, exc.message) from None
         admin = request.header(ADMIN_HEADER)
         if not admin:
             raise HttpError(401, "admin_token_required", f"send the session's admin_token in {ADMIN_HEADER}")
-        if self._gateway.store.check_tunnel_admin_token(row.session_id, admin) is None:
+        if await self._gateway.store.check_tunnel_admin_token(row.session_id, admin) is None:
             raise HttpError(403, "invalid_admin_token", "wrong admin_token for this tunnel session")
         return row
 
     async def _admin_stats(self, request: Request) -> Response:
-        row = self._admin_session(request)
+        row = await self._admin_session(request)
         online = self._gateway.registry.get(row.team_id, row.agent_id) is not None
         return json_response({
             "session_id": row.session_id,
@@ -258,9 +286,9 @@ class HttpTunnels:
         })
 
     async def _admin_close(self, request: Request) -> Response:
-        row = self._admin_session(request)
+        row = await self._admin_session(request)
         tunnels = self._gateway.tunnels
         assert tunnels is not None
-        closed = tunnels.close(row.team_id, row.agent_id, row.session_id)
+        closed = await tunnels.close(row.team_id, row.agent_id, row.session_id)
         self.session_closed(row.session_id)
         return json_response({"closed": closed})

@@ -1,5 +1,7 @@
 """The gateway's state as every backend stores it: rows, errors, and the handling of secrets.
 
+:class:`Store` is the interface every backend implements (relay.gateway.store.sqlite,
+relay.gateway.store.postgres); the gateway, ``relay admin`` and the tests use only it.
 The rows (:class:`Team`, :class:`Credential`, :class:`Agent`, :class:`TunnelSession`,
 :class:`Tunnel`, :class:`Share`, :class:`Webhook`, :class:`Service`) are frozen
 dataclasses, the same whichever backend read them; the ``_team``/``_agent``/...
@@ -12,19 +14,18 @@ takes a ``team_id`` and never returns another team's rows.
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import hmac
 import json
 import os
 import re
 import secrets
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from relay.gateway.store.sqlite import Store
+from typing import Any
 
 #: A database row: column name -> value (a ``sqlite3.Row`` ...).
 Row = Mapping[str, Any]
@@ -61,6 +62,11 @@ class NotFoundError(StoreError, LookupError):
 
 class ConflictError(StoreError):
     """The request clashes with existing state (e.g. an agent id owned by another team)."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached now (PostgreSQL down, connection lost, too slow).
+    Nothing was written; the same call may work later."""
 
 
 # --------------------------------------------------------------------------- secrets
@@ -330,12 +336,332 @@ def default_data_dir() -> Path:
 
 
 
-def ensure_default_team(store: Store) -> tuple[Team, dict[str, SecretToken]] | None:
+# --------------------------------------------------------------------------- the interface
+
+
+class Store(abc.ABC):
+    """The gateway's state, whatever holds it: :class:`~relay.gateway.store.sqlite.SqliteStore`
+    (a file in the data directory, the default) or
+    :class:`~relay.gateway.store.postgres.PostgresStore` (a PostgreSQL database shared by
+    several gateways). :func:`relay.gateway.store.open_store` picks one from a URL;
+    :meth:`Store.open` opens the SQLite one in a data directory.
+
+    Every data method is a coroutine and one short transaction. Team-scoped methods take
+    a ``team_id`` and never see another team's rows; a malformed id finds nothing. What
+    is answered per request (credentials, tunnel sessions, shares, services) is kept in
+    memory by its users while :meth:`generation` stays the same, so a cached request
+    makes no database round trip; :meth:`generation` itself never waits.
+    """
+
+    #: Bumped whenever this store closes tunnel sessions (in-memory token caches compare it).
+    tunnel_sessions_version: int = 0
+
+    @classmethod
+    def open(cls, data_dir: str | os.PathLike[str], *,
+             clock: Callable[[], float] = time.time) -> Store:
+        """The SQLite store in ``data_dir`` (created and migrated if needed); see
+        :meth:`relay.gateway.store.sqlite.SqliteStore.open`."""
+        from relay.gateway.store.sqlite import SqliteStore
+
+        return SqliteStore.open(data_dir, clock=clock)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    #: Where the state is, for messages (never with a password).
+    location: str = ""
+
+    @abc.abstractmethod
+    def generation(self) -> Hashable:
+        """A value that changes whenever anything was committed since the last call
+        returned it, by this store or by anyone else (``relay admin`` in another process,
+        another gateway). In-memory caches of rows keep what they hold only while it
+        stays the same. Cheap and never waits: no database round trip per call."""
+
+    @abc.abstractmethod
+    async def schema_version(self) -> int:
+        """The schema version of the open database (how many migrations ran)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the database. The store is unusable afterwards."""
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- teams -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_team(self, name: str) -> Team:
+        """Create a team named ``name`` (1..100 characters) with a new UUID."""
+
+    @abc.abstractmethod
+    async def create_team_with_keys(
+        self, name: str, kinds: Sequence[str] = CREDENTIAL_KINDS, *, only_if_no_teams: bool = False,
+    ) -> tuple[Team, dict[str, SecretToken]] | None:
+        """Create a team and one credential of each of ``kinds``, atomically.
+
+        Returns the team and ``{kind: plaintext token}`` (shown once, never stored). With
+        ``only_if_no_teams`` nothing is created, and None returned, if any team exists
+        (checked in the same transaction, so two starting gateways create one team).
+        """
+
+    @abc.abstractmethod
+    async def get_team(self, team_id: str) -> Team | None:
+        """The team with this id, or None (also for a malformed id)."""
+
+    @abc.abstractmethod
+    async def list_teams(self) -> list[Team]:
+        """All teams, oldest first."""
+
+    # -- credentials -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_credential(self, team_id: str, kind: str) -> tuple[Credential, SecretToken]:
+        """Issue a new ``kind`` (``ak``/``sk``/``dk``) credential for the team. Returns
+        the row and the plaintext token; the token is not stored anywhere."""
+
+    @abc.abstractmethod
+    async def lookup_credential(self, token: str) -> Credential | None:
+        """The active (not revoked) credential whose token is ``token``, else None."""
+
+    @abc.abstractmethod
+    async def get_credential(self, team_id: str, credential_id: str) -> Credential | None:
+        """The team's credential with this id (revoked or not), or None."""
+
+    @abc.abstractmethod
+    async def list_credentials(self, team_id: str, *, include_revoked: bool = False) -> list[Credential]:
+        """The team's credentials, oldest first; revoked ones only if asked."""
+
+    @abc.abstractmethod
+    async def revoke_credential(self, team_id: str, credential_id: str) -> bool:
+        """Revoke one of the team's credentials. False if no such active credential."""
+
+    @abc.abstractmethod
+    async def revoked_credentials(self, credential_ids: Iterable[str]) -> set[str]:
+        """Which of ``credential_ids`` are revoked (ids the store does not know, e.g. an
+        ``authenticate`` hook's own, are not: the store cannot revoke them)."""
+
+    # -- agents ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def upsert_agent(self, team_id: str, agent_id: str | None, name: str, labels: Any = None,
+                           version: str = "", status: str = "idle") -> Agent:
+        """Register an agent that connected, or refresh one seen before.
+
+        ``agent_id=None`` registers a new agent with a fresh UUID. An ``agent_id`` the
+        agent chose itself is kept. Raises :class:`ConflictError` if that id belongs to
+        another team's agent (one team can never take over another's agent), and
+        :class:`NotFoundError` for an unknown team.
+        """
+
+    @abc.abstractmethod
+    async def get_agent(self, team_id: str, agent_id: str) -> Agent | None:
+        """The team's agent with this id; None if unknown *or another team's*."""
+
+    @abc.abstractmethod
+    async def list_agents(self, team_id: str) -> list[Agent]:
+        """The team's agents, first seen first."""
+
+    @abc.abstractmethod
+    async def set_agent_status(self, team_id: str, agent_id: str, status: str) -> bool:
+        """Set an agent's status and mark it seen now. False if not the team's agent."""
+
+    @abc.abstractmethod
+    async def touch_agent(self, team_id: str, agent_id: str) -> bool:
+        """Record a heartbeat (``last_seen`` = now). False if not the team's agent."""
+
+    @abc.abstractmethod
+    async def mark_all_agents_offline(self) -> int:
+        """Set every agent offline (at gateway start no agent is connected yet).
+        Returns how many changed."""
+
+    # -- tunnel sessions (seed 000) ----------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_tunnel_session(
+        self, team_id: str, agent_id: str, target_port: int = 8188, protocol: str = "http",
+        *, hub_port: int | None = None, metadata: Any = None,
+    ) -> tuple[TunnelSession, SecretToken, SecretToken]:
+        """Open a tunnel session on one of the team's agents.
+
+        Returns ``(session, access_token, admin_token)``. The access token goes into the
+        shareable ``tunnel_url``; the admin token authorises close/stats/terminal. Both
+        are returned only here. Raises :class:`NotFoundError` if the agent is not the
+        team's, :class:`StoreError` for a bad port or protocol.
+        """
+
+    @abc.abstractmethod
+    async def get_tunnel_session(self, team_id: str, session_id: str) -> TunnelSession | None:
+        """The team's tunnel session (open or closed), or None."""
+
+    @abc.abstractmethod
+    async def get_tunnel_session_by_token(self, token: str, *,
+                                          open_only: bool = True) -> TunnelSession | None:
+        """The session whose *access* token is ``token`` (the one in ``tunnel_url``).
+        Closed sessions are not returned unless ``open_only=False``."""
+
+    @abc.abstractmethod
+    async def check_tunnel_admin_token(self, session_id: str, admin_token: str) -> TunnelSession | None:
+        """The session if ``admin_token`` is its admin token, else None."""
+
+    @abc.abstractmethod
+    async def list_tunnel_sessions(self, team_id: str, agent_id: str | None = None, *,
+                                   open_only: bool = True) -> list[TunnelSession]:
+        """The team's tunnel sessions (of one agent if given), oldest first."""
+
+    @abc.abstractmethod
+    async def close_tunnel_session(self, team_id: str, session_id: str) -> bool:
+        """Close one of the team's open sessions. False if none was open."""
+
+    @abc.abstractmethod
+    async def close_tunnel_sessions(self, team_id: str, agent_id: str) -> list[str]:
+        """Close all of an agent's open sessions; returns the ids that were closed."""
+
+    # -- tunnels (Tunnels API, seed 002) -----------------------------------------------
+
+    @abc.abstractmethod
+    async def create_tunnel(self, team_id: str, agent_id: str, name: str, target_host: str,
+                            target_port: int, protocol: str, *, public: bool = False,
+                            hub_port: int | None = None, status: str = "active",
+                            metadata: Any = None) -> Tunnel:
+        """Record a tunnel of one of the team's agents. Input is validated by the API
+        layer; this raises :class:`NotFoundError` if the agent is not the team's."""
+
+    @abc.abstractmethod
+    async def get_tunnel(self, team_id: str, tunnel_id: str) -> Tunnel | None:
+        """The team's tunnel; None if unknown *or another team's*."""
+
+    @abc.abstractmethod
+    async def list_tunnels(self, team_id: str | None) -> list[Tunnel]:
+        """The team's tunnels, oldest first; ``None``: every team's (gateway start)."""
+
+    @abc.abstractmethod
+    async def tunnel_on_hub_port(self, hub_port: int) -> Tunnel | None:
+        """The tunnel (of any team) that holds ``hub_port``, if one does."""
+
+    @abc.abstractmethod
+    async def update_tunnel(self, team_id: str, tunnel_id: str, **changes: Any) -> Tunnel | None:
+        """Change some of ``name``, ``status``, ``metadata``, ``hub_port`` of the team's
+        tunnel; returns the new row, or None if there is no such tunnel."""
+
+    @abc.abstractmethod
+    async def delete_tunnel(self, team_id: str, tunnel_id: str) -> Tunnel | None:
+        """Delete the team's tunnel with its shares and bindings; returns the deleted
+        row (or None)."""
+
+    # -- tunnel bindings (the Tunnels API's connect) -----------------------------------
+
+    @abc.abstractmethod
+    async def put_binding(self, team_id: str, tunnel_id: str, agent_id: str, local_port: int) -> None:
+        """Record that the team's agent listens on ``local_port`` for the tunnel (one
+        port per tunnel and agent: a new one replaces the old)."""
+
+    @abc.abstractmethod
+    async def list_bindings(self, team_id: str, agent_id: str) -> list[tuple[Tunnel, int]]:
+        """The agent's bindings as ``(tunnel, local_port)``, oldest first."""
+
+    # -- tunnel shares -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_share(self, team_id: str, tunnel_id: str, name: str, description: str = "", *,
+                           expires_at: float | None = None, allowed_methods: Sequence[str] | None = None,
+                           rate_limit: int | None = None) -> tuple[Share, SecretToken]:
+        """Create a share link of the team's tunnel. Returns the row and the plaintext
+        token of its URL (returned only here; only its hash is stored). Raises
+        :class:`NotFoundError` if the tunnel is not the team's."""
+
+    @abc.abstractmethod
+    async def get_share(self, team_id: str, tunnel_id: str, share_id: str) -> Share | None:
+        """The share of the team's tunnel, or None."""
+
+    @abc.abstractmethod
+    async def list_shares(self, team_id: str, tunnel_id: str) -> list[Share]:
+        """The shares of the team's tunnel, oldest first."""
+
+    @abc.abstractmethod
+    async def delete_share(self, team_id: str, tunnel_id: str, share_id: str) -> bool:
+        """Delete a share of the team's tunnel. False if there was none."""
+
+    @abc.abstractmethod
+    async def get_share_by_token(self, token: str) -> Share | None:
+        """The share whose URL token is ``token`` (expired ones included: the caller
+        decides what an expired link answers)."""
+
+    # -- webhooks ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_webhook(self, team_id: str, url: str, events: Sequence[str]) -> Webhook:
+        """Register a webhook; its signing secret is generated here. The secret is kept
+        in plaintext (unlike tokens) because the gateway must sign with it; the API
+        shows it only once."""
+
+    @abc.abstractmethod
+    async def get_webhook(self, team_id: str, webhook_id: str) -> Webhook | None:
+        """The team's webhook, or None."""
+
+    @abc.abstractmethod
+    async def list_webhooks(self, team_id: str, event: str | None = None) -> list[Webhook]:
+        """The team's webhooks (only those subscribed to ``event`` if given)."""
+
+    @abc.abstractmethod
+    async def delete_webhook(self, team_id: str, webhook_id: str) -> bool:
+        """Delete the team's webhook (and its pending deliveries). False if there was none."""
+
+    # -- pending webhook deliveries ----------------------------------------------------
+
+    @abc.abstractmethod
+    async def add_webhook_deliveries(self, deliveries: Sequence[tuple[str, str, str, bytes]],
+                                     keep: int) -> None:
+        """Record deliveries ``(id, webhook_id, event, body)`` not made yet, in one
+        transaction, then drop the oldest beyond ``keep`` rows (the table stays bounded).
+        A delivery of a webhook that no longer exists is not recorded."""
+
+    @abc.abstractmethod
+    async def set_webhook_delivery_attempts(self, delivery_id: str, attempts: int) -> None:
+        """Record how many attempts a pending delivery has had."""
+
+    @abc.abstractmethod
+    async def delete_webhook_delivery(self, delivery_id: str) -> None:
+        """The delivery is over (delivered, failed for good, or dropped)."""
+
+    @abc.abstractmethod
+    async def pending_webhook_deliveries(self, limit: int) -> list[tuple[Webhook, str, bytes, str, int]]:
+        """Deliveries left unfinished (e.g. by a restart), oldest first, at most ``limit``:
+        ``(webhook, event, body, delivery id, attempts made)``."""
+
+    # -- container services (seeds 003, 004) -------------------------------------------
+
+    @abc.abstractmethod
+    async def put_service(self, team_id: str, slug: str, service_type: str, spec: Any,
+                          status: str) -> Service:
+        """Create or replace the team's service ``slug`` (``created_at`` is kept)."""
+
+    @abc.abstractmethod
+    async def set_service_status(self, team_id: str, slug: str, status: str) -> None:
+        """Record the service's current status (derived live by relay.gateway.api.services)."""
+
+    @abc.abstractmethod
+    async def get_service(self, team_id: str, slug: str) -> Service | None:
+        """The team's service; None if unknown *or another team's*."""
+
+    @abc.abstractmethod
+    async def list_services(self, team_id: str | None) -> list[Service]:
+        """The team's services by slug; ``None``: every team's."""
+
+    @abc.abstractmethod
+    async def delete_service(self, team_id: str, slug: str) -> bool:
+        """Delete the team's service. False if there was none."""
+
+
+async def ensure_default_team(store: Store) -> tuple[Team, dict[str, SecretToken]] | None:
     """On the first start of an empty gateway, create team ``default`` with one key of
     each kind and return ``(team, {kind: plaintext key})`` so the caller can print the
     keys once. Returns None if any team already exists. Safe against a concurrent
     ``relay admin team create``: the check and the insert are one transaction."""
-    return store.create_team_with_keys("default", only_if_no_teams=True)
+    return await store.create_team_with_keys("default", only_if_no_teams=True)
 
 
 def _check_status(status: str) -> None:
