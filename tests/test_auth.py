@@ -14,26 +14,37 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from relay.gateway.auth import Authenticator, AuthError, Principal
+from relay.gateway.auth import Authenticator as AsyncAuthenticator
+from relay.gateway.auth import AuthError, Principal
 from relay.gateway.store import Store
+from tests.store_fixtures import now
 
 SECRET = "a-test-hmac-secret-that-is-long-enough-0123456789"
 
 
+class Authenticator(AsyncAuthenticator):
+    """relay.gateway.auth.Authenticator with ``authenticate`` called to its end at once
+    (the SQLite store never waits): these tests are about its rules."""
+
+    def authenticate(self, authorization_header, x_team_id):  # type: ignore[override]
+        return now(super().authenticate(authorization_header, x_team_id))
+
+
 @pytest.fixture
 def store(tmp_path: Path):
-    with Store.open(tmp_path / "data") as s:
-        yield s
+    s = Store.open(tmp_path / "data")
+    yield s
+    now(s.close())
 
 
 @pytest.fixture
 def team(store: Store):
-    return store.create_team_with_keys("acme")
+    return now(store.create_team_with_keys("acme"))
 
 
 @pytest.fixture
 def other_team(store: Store):
-    return store.create_team_with_keys("other")
+    return now(store.create_team_with_keys("other"))
 
 
 @pytest.fixture
@@ -123,8 +134,8 @@ def test_revoked_and_near_miss_keys_are_401_and_never_echoed(store, auth, team) 
         err = _fails(auth, f"Bearer {bad}")
         assert (err.status, err.code) == (401, "invalid_credentials")
         assert bad not in err.message and bad not in repr(err)
-    cred = store.lookup_credential(token)
-    store.revoke_credential(t.id, cred.id)
+    cred = now(store.lookup_credential(token))
+    now(store.revoke_credential(t.id, cred.id))
     err = _fails(auth, f"Bearer {token}")
     assert err.status == 401
     assert token not in json.dumps(err.to_json())

@@ -82,7 +82,7 @@ class Stack:
         echo_server = await asyncio.start_server(echo, "127.0.0.1", 0)
         self.echo_port = echo_server.sockets[0].getsockname()[1]
         store = Store.open(self._data_dir)
-        _, keys = store.create_team_with_keys("cli")
+        _, keys = await store.create_team_with_keys("cli")
         self.keys = {kind: str(key) for kind, key in keys.items()}
         server_ctx = client_ctx = None
         if self._tls is not None:
@@ -95,7 +95,7 @@ class Stack:
         agents = [Agent(gateway.url, self.keys["ak"], name="alpha", backoff_initial=0.05, ssl_context=client_ctx)]
         if self._twins:  # the name is unique per key, not per team
             for _ in range(2):
-                _, twin_key = store.create_credential(store.list_teams()[0].id, "ak")
+                _, twin_key = await store.create_credential((await store.list_teams())[0].id, "ak")
                 agents.append(Agent(gateway.url, str(twin_key), name="twin", backoff_initial=0.05))
         tasks = [asyncio.get_running_loop().create_task(agent.run()) for agent in agents]
         try:
@@ -112,7 +112,7 @@ class Stack:
                 with contextlib.suppress(BaseException):
                     await task
             await gateway.close()
-            store.close()
+            await store.close()
             echo_server.close()
 
 

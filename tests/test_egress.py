@@ -57,7 +57,7 @@ def test_by_default_loopback_link_local_private_and_the_gateways_own_ports_are_r
 
     async def main():
         async with gateway_and_team(tmp_path, allow_private_egress=False) as (gw, keys):
-            _, keys_b = gw.store.create_team_with_keys("team-b")
+            _, keys_b = await gw.store.create_team_with_keys("team-b")
             sk = keys["sk"]
             async with team_b_hub(gw, keys_b) as (hub_port, seen):
                 forbidden = [f"http://127.0.0.1:{hub_port}/", f"http://127.0.0.1:{gw.port}/",
@@ -71,7 +71,7 @@ def test_by_default_loopback_link_local_private_and_the_gateways_own_ports_are_r
                     assert status == 400 and body["error"]["code"] == "egress_not_allowed", (url, body)
                     status, _, body = await api(gw, "POST", "/api/v1/webhooks", sk, {"url": url})
                     assert status == 400 and body["error"]["code"] == "egress_not_allowed", (url, body)
-                assert gw.store.list_services(gw.store.list_teams()[0].id) == []
+                assert await gw.store.list_services((await gw.store.list_teams())[0].id) == []
                 # A name is not refused at creation, but every connection checks what it
                 # resolves to: refused, as an unreachable target (502), nothing sent.
                 status, svc = await http(gw.port, "POST", SERVICES, sk,
@@ -98,7 +98,7 @@ def test_by_default_loopback_link_local_private_and_the_gateways_own_ports_are_r
 def test_with_private_egress_allowed_the_gateways_own_ports_stay_refused(tmp_path):
     async def main():
         async with gateway_and_team(tmp_path, allow_private_egress=True) as (gw, keys):
-            _, keys_b = gw.store.create_team_with_keys("team-b")
+            _, keys_b = await gw.store.create_team_with_keys("team-b")
             sk = keys["sk"]
             async with team_b_hub(gw, keys_b) as (hub_port, seen):
                 for n, url in enumerate([f"http://127.0.0.1:{hub_port}/", f"http://127.0.0.1:{gw.port}/",

@@ -3,7 +3,9 @@ claims, service rows and the agent scan are not re-read per request, yet a revok
 a deleted service or an expired JWT stops working on the very next request.
 
 Real gateway, real sockets on 127.0.0.1; the revocation is done by ``relay admin`` in
-another process (a separate SQLite connection, as in production).
+another process (a separate database connection, as in production). The first two
+tests run on both store backends (SQLite, and PostgreSQL, where what another process
+commits is seen through the change notifications).
 """
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ import time
 
 import pytest
 
-from relay.gateway.store import Store
+from relay.gateway.store import open_store
 from tests.openai_server import OpenAIServer
-from tests.test_gateway_e2e import gateway_and_team, http, run
+from tests.test_gateway_e2e import first_team_id, gateway_and_team, http, run
 from tests.test_invoke import invoke
 
 pytestmark = pytest.mark.timeout(120)
@@ -44,9 +46,9 @@ async def external(gw, sk: str, slug: str, app: OpenAIServer) -> None:
     assert status == 201 and svc["service_status"] == "running", svc
 
 
-def test_credential_cached_and_revocation_by_another_process_is_seen_at_once(tmp_path) -> None:
+def test_credential_cached_and_revocation_by_another_process_is_seen_at_once(tmp_path, store_url) -> None:
     async def body() -> None:
-        async with gateway_and_team(tmp_path) as (gw, keys):
+        async with gateway_and_team(tmp_path, store_url) as (gw, keys):
             app = await OpenAIServer("ext").start()
             try:
                 await external(gw, keys["sk"], "ext-a", app)
@@ -62,11 +64,11 @@ def test_credential_cached_and_revocation_by_another_process_is_seen_at_once(tmp
                         assert status == 200
                         status, out = await invoke(gw, keys["dk"], "ext-a", method="GET", path=f"/{i}")
                         assert status == 200 and out["status_code"] == 200
-                    assert len(reads) == 1, reads  # ten authentications, one SQLite read
-                    # `relay admin key revoke` in another process: its own SQLite connection.
-                    team_id = gw.store.list_teams()[0].id
+                    assert len(reads) == 1, reads  # ten authentications, one database read
+                    # `relay admin key revoke` in another process: its own database connection.
+                    team_id = await first_team_id(gw)
                     done = await asyncio.to_thread(
-                        subprocess.run, [sys.executable, "-m", "relay", "admin", "--data", str(tmp_path / "data"),
+                        subprocess.run, [sys.executable, "-m", "relay", "admin", "--store", store_url,
                                          "key", "revoke", "--team", team_id, keys["dk"]],
                         capture_output=True, text=True, timeout=60)
                     assert done.returncode == 0, done.stderr
@@ -91,9 +93,9 @@ def test_credential_cached_and_revocation_by_another_process_is_seen_at_once(tmp
     run(body)
 
 
-def test_deleted_service_stops_at_once_and_rows_are_cached(tmp_path) -> None:
+def test_deleted_service_stops_at_once_and_rows_are_cached(tmp_path, store_url) -> None:
     async def body() -> None:
-        async with gateway_and_team(tmp_path) as (gw, keys):
+        async with gateway_and_team(tmp_path, store_url) as (gw, keys):
             app = await OpenAIServer("ext").start()
             try:
                 await external(gw, keys["sk"], "ext-b", app)
@@ -120,16 +122,21 @@ def test_deleted_service_stops_at_once_and_rows_are_cached(tmp_path) -> None:
                 assert status == 404 and out["error"]["code"] == "service_not_found"
                 status, out = await invoke(gw, keys["sk"], "ext-b", method="GET", path="/")
                 assert status == 404 and out["error"]["code"] == "service_not_found"
-                # A row written by another connection (a second Store on the same file) is
-                # seen too: the cache holds nothing stale for a slug re-created elsewhere.
-                other = Store.open(tmp_path / "data")
+                # A row written by another connection (a second store on the same database)
+                # is seen too: the cache holds nothing stale for a slug re-created elsewhere.
+                other = await open_store(store_url, listen=False)
                 try:
-                    team_id = gw.store.list_teams()[0].id
-                    other.put_service(team_id, "ext-b", "external",
-                                      {"url": app.url + "/echo/again", "exposed_port": app.port, "labels": []},
-                                      "created")
+                    team_id = await first_team_id(gw)
+                    generation = gw.store.generation()
+                    await other.put_service(team_id, "ext-b", "external",
+                                            {"url": app.url + "/echo/again", "exposed_port": app.port, "labels": []},
+                                            "created")
                 finally:
-                    other.close()
+                    await other.close()
+                for _ in range(200):  # PostgreSQL: until the commit's notification arrived
+                    if gw.store.generation() != generation:
+                        break
+                    await asyncio.sleep(0.01)
                 status, out = await invoke(gw, keys["sk"], "ext-b", method="GET", path="/z")
                 assert status == 200 and out["headers"]["x-echo-target"] == "/echo/again/z", out
             finally:
@@ -148,7 +155,7 @@ def test_cached_jwt_is_refused_once_expired(tmp_path) -> None:
             app = await OpenAIServer("ext").start()
             try:
                 await external(gw, keys["sk"], "ext-c", app)
-                team_id = gw.store.list_teams()[0].id
+                team_id = await first_team_id(gw)
                 exp = int(time.time()) + 2
                 token = pyjwt.encode({"sub": "u1", "exp": exp, "teams": [team_id]}, secret, algorithm="HS256")
                 mine = {"X-Team-ID": team_id}
@@ -161,7 +168,7 @@ def test_cached_jwt_is_refused_once_expired(tmp_path) -> None:
                     assert status == 200, out
                 assert len(decodes) == 1
                 # Cached claims still check membership per request: another team is 403.
-                other, _ = gw.store.create_team_with_keys("team-b")
+                other, _ = await gw.store.create_team_with_keys("team-b")
                 status, out = await http(gw.port, "POST", "/api/v1/r/invoke/ext-c", token,
                                          {"method": "GET", "path": "/"}, headers={"X-Team-ID": other.id})
                 assert status == 403 and out["error"]["code"] == "not_a_member"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ import uvloop
 
 from relay.agent import Agent, AgentAuthError
 from relay.gateway.app import Gateway
-from relay.gateway.store import Store
+from relay.gateway.store import open_store
 from tests.servers import free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -46,6 +47,36 @@ def run(fn, timeout: float = 60.0) -> Any:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(bounded())
+
+
+def make_team(data_dir: Path, name: str, store_url: Optional[str] = None) -> dict[str, str]:
+    """Create team ``name`` in the store of ``data_dir`` (or ``store_url``) from code that
+    is not a coroutine (before a gateway process starts); its keys by kind."""
+
+    async def create() -> dict[str, str]:
+        store = await open_store(store_url, data_dir, listen=False)
+        try:
+            created = await store.create_team_with_keys(name)
+        finally:
+            await store.close()
+        assert created is not None
+        return {kind: str(key) for kind, key in created[1].items()}
+
+    return asyncio.run(create())
+
+
+def store_call(data_dir: Path, call: Any, store_url: Optional[str] = None) -> Any:
+    """``await call(store)`` on the store of ``data_dir`` (or ``store_url``), opened for
+    this call only, from code that is not a coroutine."""
+
+    async def once() -> Any:
+        store = await open_store(store_url, data_dir, listen=False)
+        try:
+            return await call(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(once())
 
 
 async def http(port: int, method: str, path: str, token: Optional[str] = None,
@@ -70,8 +101,10 @@ async def http(port: int, method: str, path: str, token: Optional[str] = None,
 
 
 async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> None:
+    """Poll ``predicate()`` (a value, or an awaitable of one: a coroutine function works
+    too) until it is true."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not await _truth(predicate()):
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(interval)
@@ -91,13 +124,18 @@ async def run_cmd(*argv: str, timeout: float = 60.0) -> tuple[int, bytes, bytes]
     return proc.returncode, out, err
 
 
+async def _truth(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
 @contextlib.asynccontextmanager
-async def gateway_and_team(tmp_path: Path, **kwargs: Any):
+async def gateway_and_team(tmp_path: Path, store_url: Optional[str] = None, **kwargs: Any):
     """An in-process gateway with one team; yields (gateway, keys). Its egress may reach
     private addresses (the tests' targets are on 127.0.0.1) unless the caller passes
-    ``allow_private_egress=False``."""
-    store = Store.open(tmp_path / "data")
-    _, keys = store.create_team_with_keys("team-a")
+    ``allow_private_egress=False``. The state is SQLite in ``tmp_path``, or the store
+    ``store_url`` names (a PostgreSQL database of tests/store_fixtures.py)."""
+    store = await open_store(store_url, tmp_path / "data")
+    _, keys = await store.create_team_with_keys("team-a")
     kwargs.setdefault("allow_private_egress", True)
     gw = Gateway(store, **kwargs)
     await gw.start("127.0.0.1", 0)
@@ -105,7 +143,12 @@ async def gateway_and_team(tmp_path: Path, **kwargs: Any):
         yield gw, keys
     finally:
         await gw.close()
-        store.close()
+        await store.close()
+
+
+async def first_team_id(gw: Gateway) -> str:
+    """The id of the gateway's oldest team (gateway_and_team's own)."""
+    return (await gw.store.list_teams())[0].id
 
 
 @contextlib.asynccontextmanager
@@ -152,9 +195,9 @@ def test_agent_allowlist_and_backoff():
 # ----------------------------------------------------------------------------- API and auth
 
 
-def test_healthz_and_agents_api_auth(tmp_path):
+def test_healthz_and_agents_api_auth(tmp_path, store_url):
     async def main():
-        async with gateway_and_team(tmp_path) as (gw, keys):
+        async with gateway_and_team(tmp_path, store_url) as (gw, keys):
             status, body = await http(gw.port, "GET", "/healthz")
             assert status == 200 and body["status"] == "ok"
             assert (await http(gw.port, "GET", "/api/v1/agents"))[0] == 401
@@ -208,10 +251,10 @@ def test_agent_endpoint_rejects_missing_and_wrong_keys(tmp_path):
     run(main)
 
 
-def test_other_teams_agent_is_404_and_tunnel_validation(tmp_path):
+def test_other_teams_agent_is_404_and_tunnel_validation(tmp_path, store_url):
     async def main():
-        async with gateway_and_team(tmp_path) as (gw, keys):
-            _, other = gw.store.create_team_with_keys("team-b")
+        async with gateway_and_team(tmp_path, store_url) as (gw, keys):
+            _, other = await gw.store.create_team_with_keys("team-b")
             async with running_agent(gw, keys["ak"], name="a") as agent:
                 base = f"/api/v1/agents/{agent.agent_id}"
                 assert (await http(gw.port, "GET", base, other["sk"]))[0] == 404
@@ -232,7 +275,7 @@ def test_other_teams_agent_is_404_and_tunnel_validation(tmp_path):
                 assert set(body) == {"session_id", "tunnel_url", "admin_token", "tunnel_protocol"}
                 assert body["tunnel_protocol"] == "http"
                 assert body["tunnel_url"].startswith(gw.url + "/tunnel/") and body["tunnel_url"].endswith("/")
-                [row] = gw.store.list_tunnel_sessions(gw.store.list_teams()[0].id)
+                [row] = await gw.store.list_tunnel_sessions(await first_team_id(gw))
                 assert row.target_port == 8188 and row.session_id == body["session_id"]
                 status, info = await http(gw.port, "GET", base, keys["sk"])
                 assert info["status"] == "tunnel" and len(info["tunnels"]) == 1
@@ -296,30 +339,37 @@ def test_bad_http_and_a_burst_of_bad_agents_leave_nothing_behind(tmp_path):
     run(main)
 
 
-def test_tunnels_close_when_the_agent_is_gone_for_good(tmp_path):
+def test_tunnels_close_when_the_agent_is_gone_for_good(tmp_path, store_url):
     async def main():
-        async with gateway_and_team(tmp_path, agent_gone_grace=0.3) as (gw, keys):
+        async with gateway_and_team(tmp_path, store_url, agent_gone_grace=0.3) as (gw, keys):
             async with running_agent(gw, keys["ak"], name="brief") as agent:
                 tunnel = await open_tcp_tunnel(gw, keys["sk"], agent.agent_id, 22)
                 agent_id = agent.agent_id
-            team_id = gw.store.list_teams()[0].id
-            assert gw.store.list_tunnel_sessions(team_id, agent_id)  # kept during the grace
-            await wait_until(lambda: not gw.store.list_tunnel_sessions(team_id, agent_id), timeout=5)
+            team_id = await first_team_id(gw)
+            assert await gw.store.list_tunnel_sessions(team_id, agent_id)  # kept during the grace
+
+            async def closed() -> bool:
+                return not await gw.store.list_tunnel_sessions(team_id, agent_id)
+
+            await wait_until(closed, timeout=5)
             with pytest.raises(OSError):
                 await asyncio.open_connection("127.0.0.1", tunnel["hub_port"])
 
     run(main)
 
 
-def test_agent_controls_and_streams_towards_the_gateway(tmp_path):
+def test_agent_controls_and_streams_towards_the_gateway(tmp_path, store_url):
     from relay.aio import StreamRefused
 
     async def main():
-        async with gateway_and_team(tmp_path) as (gw, keys), echo_server() as echo_port:
+        async with gateway_and_team(tmp_path, store_url) as (gw, keys), echo_server() as echo_port:
             async with running_agent(gw, keys["ak"], name="chatty") as agent:
                 path = f"/api/v1/agents/{agent.agent_id}"
                 agent.report_status("busy")
-                await wait_until(lambda: gw.store.get_agent(gw.store.list_teams()[0].id, agent.agent_id).status == "busy")
+                async def busy() -> bool:
+                    return (await gw.store.get_agent(await first_team_id(gw), agent.agent_id)).status == "busy"
+
+                await wait_until(busy)
                 assert (await http(gw.port, "GET", path, keys["sk"]))[1]["status"] == "busy"
                 # Many control messages: handled, never queued until the session stalls.
                 for _ in range(1000):
@@ -344,7 +394,7 @@ def test_user_jwt_needs_x_team_id(tmp_path):
 
     async def main():
         async with gateway_and_team(tmp_path, jwt_key=secret) as (gw, keys):
-            team_id = gw.store.list_teams()[0].id
+            team_id = await first_team_id(gw)
             token = pyjwt.encode({"sub": "u1", "exp": int(time.time()) + 60, "teams": [team_id]},
                                  secret, algorithm="HS256")
             status, body = await http(gw.port, "GET", "/api/v1/agents", token)
@@ -840,9 +890,7 @@ def test_cli_errors_are_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "relay", "agent", "--gateway", "http://127.0.0.1:1",
                            "--key", "sk-nope"], capture_output=True, timeout=30)
     assert done.returncode != 0 and b"ak-" in done.stderr
-    store = Store.open(tmp_path / "d")
-    _, keys = store.create_team_with_keys("t")
-    store.close()
+    make_team(tmp_path / "d", "t")
     gw = _spawn("gateway", "--listen", "127.0.0.1:0", "--data", str(tmp_path / "d"),
                 log=tmp_path / "gw.log")
     try:

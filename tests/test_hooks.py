@@ -40,7 +40,7 @@ def test_connected_disconnected_and_authenticate_hooks(tmp_path):
                 events.append(("down", agent.name, agent.labels))
             gw.hooks.on_agent_disconnected.append(gone)
 
-            team_id = gw.store.list_teams()[0].id
+            team_id = (await gw.store.list_teams())[0].id
             seen: list[Any] = []
 
             async def authenticate(request, default):

@@ -151,7 +151,7 @@ def test_400_404_502_503_by_their_real_causes(tmp_path) -> None:
     async def body() -> None:
         async with gateway_and_team(tmp_path) as (gw, keys):
             fast_probes(gw)
-            other_team, other_keys = gw.store.create_team_with_keys("team-b")
+            other_team, other_keys = await gw.store.create_team_with_keys("team-b")
             app = await OpenAIServer("one").start()
             dead_port = free_port()  # nothing listens there
             try:

@@ -113,7 +113,7 @@ def test_streams_are_reused_and_the_pool_is_bounded(tmp_path, monkeypatch) -> No
                     results = await asyncio.gather(*(call(gw, keys["sk"]) for _ in range(10)))
                     assert all(status == 200 for status, _ in results)
                     assert server.connections >= 2
-                    (inst,) = gw.services._states[(gw.store.list_teams()[0].id, "kept")].instances.values()
+                    (inst,) = gw.services._states[((await gw.store.list_teams())[0].id, "kept")].instances.values()
                     assert 1 <= len(inst.idle) <= 4
                     await wait_until(lambda: server.open <= 4, timeout=10)
             finally:
@@ -155,7 +155,7 @@ def test_idle_streams_closed_when_the_agent_goes_away(tmp_path) -> None:
         async with gateway_and_team(tmp_path) as (gw, keys):
             server = await CountingServer().start()
             try:
-                team_id = gw.store.list_teams()[0].id
+                team_id = (await gw.store.list_teams())[0].id
                 async with serving_agent(gw, keys["ak"], "box", f"kept=127.0.0.1:{server.port},health=none"):
                     await wait_status(gw, keys["sk"], "kept", "running")
                     await asyncio.gather(*(call(gw, keys["sk"]) for _ in range(3)))
@@ -165,7 +165,7 @@ def test_idle_streams_closed_when_the_agent_goes_away(tmp_path) -> None:
                 # The agent is gone: its idle streams are dropped and the container's
                 # connections end.
                 await wait_until(lambda: gw.registry.connected() == [], timeout=10)
-                gw.services.sync()
+                await gw.services.sync()
                 assert inst.idle == [] and not inst.online
                 assert all(stream.is_closing() or stream.exception is not None for stream in streams)
                 await wait_until(lambda: server.open == 0, timeout=10)

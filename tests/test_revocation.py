@@ -90,7 +90,7 @@ def test_revoked_agent_key_ends_its_session_and_streams(relay: RelayProcs, targe
     assert "credential revoked" in gateway_log, gateway_log
 
 
-def test_revocation_in_the_gateways_own_process_and_hook_agents(tmp_path: Path) -> None:
+def test_revocation_in_the_gateways_own_process_and_hook_agents(tmp_path: Path, store_url: str) -> None:
     """A key revoked through the gateway's own store (no other process) ends its agent's
     session too; an agent admitted by an ``authenticate`` hook (an id the store does not
     know) and an agent with another key are left alone."""
@@ -101,9 +101,9 @@ def test_revocation_in_the_gateways_own_process_and_hook_agents(tmp_path: Path) 
     from tests.test_gateway_e2e import gateway_and_team, run, running_agent, wait_until
 
     async def main() -> None:
-        async with gateway_and_team(tmp_path) as (gw, keys):
-            team_id = gw.store.lookup_credential(keys["ak"]).team_id
-            _, second = gw.store.create_credential(team_id, "ak")
+        async with gateway_and_team(tmp_path, store_url) as (gw, keys):
+            team_id = (await gw.store.lookup_credential(keys["ak"])).team_id
+            _, second = await gw.store.create_credential(team_id, "ak")
 
             def authenticate(request, default):
                 if request.header("authorization") == "Bearer ak-platform-machine-7":
@@ -115,10 +115,10 @@ def test_revocation_in_the_gateways_own_process_and_hook_agents(tmp_path: Path) 
                     running_agent(gw, second, name="other") as other, \
                     running_agent(gw, "ak-platform-machine-7", name="hooked") as hooked:
                 assert len(gw.registry.connected()) == 3
-                credential = gw.store.lookup_credential(keys["ak"])
-                assert gw.store.revoked_credentials([credential.id, "not-an-id"]) == set()
-                assert gw.store.revoke_credential(team_id, credential.id)
-                assert gw.store.revoked_credentials([credential.id, "not-an-id"]) == {credential.id}
+                credential = await gw.store.lookup_credential(keys["ak"])
+                assert await gw.store.revoked_credentials([credential.id, "not-an-id"]) == set()
+                assert await gw.store.revoke_credential(team_id, credential.id)
+                assert await gw.store.revoked_credentials([credential.id, "not-an-id"]) == {credential.id}
                 await wait_until(lambda: not gw.registry.is_online(doomed.agent_id), timeout=3)
                 await wait_until(lambda: doomed.state == "refused", timeout=3)
                 await asyncio.sleep(0.6)  # several polls later: the others are still there
@@ -128,7 +128,7 @@ def test_revocation_in_the_gateways_own_process_and_hook_agents(tmp_path: Path) 
     run(main)
 
 
-def test_revoking_an_api_key_cuts_what_it_opened_beyond_one_request(tmp_path: Path) -> None:
+def test_revoking_an_api_key_cuts_what_it_opened_beyond_one_request(tmp_path: Path, store_url: str) -> None:
     """A dk- key holds a task's event stream and a keep-alive connection through the
     service proxy; an sk- key holds another proxied connection. Revoking the dk- key cuts
     its two connections with a reset within a second; the sk- key's goes on serving."""
@@ -161,7 +161,7 @@ def test_revoking_an_api_key_cuts_what_it_opened_beyond_one_request(tmp_path: Pa
             return "reset"
 
     async def main() -> None:
-        async with gateway_and_team(tmp_path) as (gw, keys):
+        async with gateway_and_team(tmp_path, store_url) as (gw, keys):
             app = await OpenAIServer("one").start()
             try:
                 async with serving_agent(gw, keys["ak"], "box", f"svc-a=127.0.0.1:{app.port}"):
@@ -175,8 +175,8 @@ def test_revoking_an_api_key_cuts_what_it_opened_beyond_one_request(tmp_path: Pa
                     doomed_r, doomed_w = await proxied(gw.port, keys["dk"])
                     kept_r, kept_w = await proxied(gw.port, keys["sk"])
 
-                    credential = gw.store.lookup_credential(keys["dk"])
-                    assert gw.store.revoke_credential(credential.team_id, credential.id)
+                    credential = await gw.store.lookup_credential(keys["dk"])
+                    assert await gw.store.revoke_credential(credential.team_id, credential.id)
                     assert await cut(events_r) == "reset"
                     assert await cut(doomed_r) == "reset"
                     # The sk- key's connection still serves, on the same keep-alive socket.

@@ -111,7 +111,7 @@ async def two_teams(tmp_path, answer_a=None):
     seen_b)."""
     async with h11_target(answer_a or tagged(b"A")) as (port_a, seen_a), \
             h11_target(tagged(b"B")) as (port_b, seen_b), gateway_and_team(tmp_path) as (gw, keys_a):
-        _, keys_b = gw.store.create_team_with_keys("team-b")
+        _, keys_b = await gw.store.create_team_with_keys("team-b")
         async with serving_agent(gw, keys_a["ak"], "box-a", f"svc-a=127.0.0.1:{port_a},health=none"), \
                 serving_agent(gw, keys_b["ak"], "box-b", f"svc-b=127.0.0.1:{port_b},health=none"):
             await wait_status(gw, keys_a["sk"], "svc-a", "running")
@@ -134,7 +134,7 @@ def test_the_gateway_credential_never_reaches_the_target(tmp_path, position):
     async def body():
         async with two_teams(tmp_path) as (gw, keys, keys_b, seen, seen_b):
             sk, dk = keys["sk"], keys["dk"]
-            team = gw.store.list_teams()[0].id
+            team = (await gw.store.list_teams())[0].id
             variants = [
                 ("plain", auth(sk)),
                 ("dk", auth(dk)),
@@ -344,7 +344,7 @@ def test_paths_cannot_leave_the_slug_or_the_team(tmp_path):
             sk = keys["sk"]
             port_b = None
             for entry in gw.registry.connected():
-                if entry.team_id != gw.store.list_teams()[0].id:
+                if entry.team_id != (await gw.store.list_teams())[0].id:
                     port_b = gw.services._states[(entry.team_id, "svc-b")].instances[entry.agent_id].port
             forwarded = [  # (request-target, what svc-a's container must get)
                 ("svc-a/../svc-b/x", "/../svc-b/x"),
@@ -959,13 +959,13 @@ def test_one_connection_across_slugs_invoke_and_the_api_and_a_key_revoked_betwee
                 assert got[7] == (200, b"C GET /7"), got[7]
                 assert paths(seen) == [b"/1", b"/5"] and paths(seen_c) == [b"/2", b"/3", b"/7"] and not seen_b
                 # A key revoked between two requests of one kept connection.
-                team = gw.store.list_teams()[0].id
-                cred, token = gw.store.create_credential(team, "dk")
+                team = (await gw.store.list_teams())[0].id
+                cred, token = await gw.store.create_credential(team, "dk")
                 client = await RawClient.connect(gw.port)
                 await client.send(req(PROXY + "svc-a/before", auth(token)))
                 head, _, data = await client.response()
                 assert (head.status_code, data) == (200, b"A GET /before")
-                assert gw.store.revoke_credential(team, cred.id)
+                assert await gw.store.revoke_credential(team, cred.id)
                 client.next_cycle()
                 await client.send(req(PROXY + "svc-a/after", auth(token)))
                 head, _, data = await client.response()
@@ -992,7 +992,7 @@ def test_dot_segments_cannot_leave_an_external_services_path_prefix(tmp_path):
     async def body():
         async with h11_target(tagged(b"H")) as (port, seen), gateway_and_team(tmp_path) as (gw, keys):
             sk = keys["sk"]
-            team_b, keys_b = gw.store.create_team_with_keys("team-b")
+            team_b, keys_b = await gw.store.create_team_with_keys("team-b")
             for token, slug, prefix in ((sk, "ext-x", "/x"), (sk, "ext-y", "/y"), (keys_b["sk"], "ext-z", "/z")):
                 status, out = await http(gw.port, "POST", "/api/v1/r/containers", token,
                                          {"service_slug": slug, "url": f"http://127.0.0.1:{port}{prefix}"})

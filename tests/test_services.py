@@ -49,9 +49,9 @@ async def raw_request(port: int, head: str) -> bytes:
     return data
 
 
-def test_declared_service_fields_and_transparent_proxy(tmp_path) -> None:
+def test_declared_service_fields_and_transparent_proxy(tmp_path, store_url) -> None:
     async def body() -> None:
-        async with gateway_and_team(tmp_path) as (gw, keys):
+        async with gateway_and_team(tmp_path, store_url) as (gw, keys):
             fast_probes(gw)
             app = await OpenAIServer("one").start()
             try:
@@ -108,9 +108,9 @@ def test_declared_service_fields_and_transparent_proxy(tmp_path) -> None:
     run(body)
 
 
-def test_external_service(tmp_path) -> None:
+def test_external_service(tmp_path, store_url) -> None:
     async def body() -> None:
-        async with gateway_and_team(tmp_path) as (gw, keys):
+        async with gateway_and_team(tmp_path, store_url) as (gw, keys):
             fast_probes(gw)
             app = await OpenAIServer("ext").start()
             try:
@@ -167,8 +167,8 @@ def test_user_jwt_with_x_team_id_on_proxy_and_invoke(tmp_path) -> None:
     async def body() -> None:
         async with gateway_and_team(tmp_path, jwt_key=secret) as (gw, keys):
             fast_probes(gw)
-            team_id = gw.store.list_teams()[0].id
-            other, _ = gw.store.create_team_with_keys("team-b")
+            team_id = (await gw.store.list_teams())[0].id
+            other, _ = await gw.store.create_team_with_keys("team-b")
             token = pyjwt.encode({"sub": "u1", "exp": int(time.time()) + 60, "teams": [team_id, other.id]},
                                  secret, algorithm="HS256")
             app = await OpenAIServer("one").start()

@@ -64,9 +64,9 @@ def gated(agent: Any, kind: str = "wait") -> dict[str, asyncio.Event]:
     return gates
 
 
-def test_dispatch_by_labels_result_and_sse_order(tmp_path):
+def test_dispatch_by_labels_result_and_sse_order(tmp_path, store_url):
     async def body():
-        async with gateway_and_team(tmp_path) as (gw, keys):
+        async with gateway_and_team(tmp_path, store_url) as (gw, keys):
             sk = str(keys["sk"])
             async with running_agent(gw, str(keys["ak"]), name="cpu", labels=["linux"]) as cpu, \
                     running_agent(gw, str(keys["ak"]), name="gpu", labels=["linux", "gpu"]) as gpu:
@@ -108,9 +108,9 @@ def gpu_team(gw: Any, agent: Any) -> str:
     return next(a.team_id for a in gw.registry.connected() if a.agent_id == agent.agent_id)
 
 
-def test_busy_agent_skipped_then_queue_drains_when_idle(tmp_path):
+def test_busy_agent_skipped_then_queue_drains_when_idle(tmp_path, store_url):
     async def body():
-        async with gateway_and_team(tmp_path) as (gw, keys):
+        async with gateway_and_team(tmp_path, store_url) as (gw, keys):
             sk = str(keys["sk"])
             async with running_agent(gw, str(keys["ak"]), name="a") as a, \
                     running_agent(gw, str(keys["ak"]), name="b") as b:
@@ -206,7 +206,7 @@ def test_other_team_404_validation_and_queue_limit(tmp_path, monkeypatch):
     async def body():
         async with gateway_and_team(tmp_path) as (gw, keys):
             sk, dk = str(keys["sk"]), str(keys["dk"])
-            _, other = gw.store.create_team_with_keys("team-b")
+            _, other = await gw.store.create_team_with_keys("team-b")
             answer = await submit(gw.port, dk, "echo", 1)  # dk- keys may submit (runtime)
             assert answer["status"] == "queued"
             path = f"/api/v1/tasks/{answer['task_id']}"

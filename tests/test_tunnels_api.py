@@ -16,7 +16,7 @@ import pytest
 from relay.gateway.api.tunnels import auto_protocol, connection_string, parse_target
 from relay.gateway.app import Gateway
 from relay.gateway.http.server import HttpError
-from relay.gateway.store import Store
+from relay.gateway.store import open_store
 from tests.test_gateway_e2e import gateway_and_team, run, running_agent, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -123,9 +123,9 @@ def test_target_parsing_auto_protocol_and_connection_strings():
 # ----------------------------------------------------------------------------- CRUD
 
 
-def test_tunnel_lifecycle_through_a_real_echo_service(tmp_path):
+def test_tunnel_lifecycle_through_a_real_echo_service(tmp_path, store_url):
     async def main():
-        async with gateway_and_team(tmp_path) as (gw, keys), echo_server() as echo_port:
+        async with gateway_and_team(tmp_path, store_url) as (gw, keys), echo_server() as echo_port:
             sk = keys["sk"]
             async with running_agent(gw, keys["ak"], name="box") as agent:
                 tunnel = await create(gw, sk, target=f"127.0.0.1:{echo_port}", agent_id=agent.agent_id,
@@ -320,10 +320,10 @@ def test_status_connecting_while_agent_offline_and_error_when_port_is_busy(tmp_p
 # ----------------------------------------------------------------------------- auth
 
 
-def test_dk_cannot_manage_and_other_teams_get_404(tmp_path):
+def test_dk_cannot_manage_and_other_teams_get_404(tmp_path, store_url):
     async def main():
-        async with gateway_and_team(tmp_path) as (gw, keys):
-            _, other = gw.store.create_team_with_keys("team-b")
+        async with gateway_and_team(tmp_path, store_url) as (gw, keys):
+            _, other = await gw.store.create_team_with_keys("team-b")
             async with running_agent(gw, keys["ak"], name="box") as agent:
                 tunnel = await create(gw, keys["sk"], target="127.0.0.1:8188", agent_id=agent.agent_id)
                 path = f"/api/v1/tunnels/{tunnel['id']}"
@@ -370,10 +370,10 @@ def test_dk_cannot_manage_and_other_teams_get_404(tmp_path):
 # ----------------------------------------------------------------------------- connect
 
 
-def test_connect_sends_bind_to_the_second_agent_and_formats_the_connection_string(tmp_path):
+def test_connect_sends_bind_to_the_second_agent_and_formats_the_connection_string(tmp_path, store_url):
     async def main():
-        async with gateway_and_team(tmp_path) as (gw, keys):
-            _, other = gw.store.create_team_with_keys("team-b")
+        async with gateway_and_team(tmp_path, store_url) as (gw, keys):
+            _, other = await gw.store.create_team_with_keys("team-b")
             received: list[Any] = []
             async with running_agent(gw, keys["ak"], name="db-host") as exposer:
                 second = _recording_agent(gw, keys["ak"], "laptop", received)
@@ -457,11 +457,11 @@ async def _recording_agent(gw: Gateway, key: str, name: str, received: list[Any]
 # ----------------------------------------------------------------------------- shares
 
 
-def test_shares_api_and_enforcement_at_the_share_url(tmp_path):
+def test_shares_api_and_enforcement_at_the_share_url(tmp_path, store_url):
     from tests.webapps import WebApp
 
     async def main():
-        async with gateway_and_team(tmp_path) as (gw, keys), WebApp() as app:
+        async with gateway_and_team(tmp_path, store_url) as (gw, keys), WebApp() as app:
             sk = keys["sk"]
             clock = [1_700_000_040.0]  # a window boundary; moved by hand below
             gw.tunnels_api.clock = lambda: clock[0]
@@ -560,17 +560,17 @@ def test_shares_api_and_enforcement_at_the_share_url(tmp_path):
                 assert (await api(gw, "GET", url))[0] == 404
                 assert (await api(gw, "DELETE", f"/api/v1/tunnels/{web['id']}", sk))[0] == 204
                 assert (await api(gw, "GET", free_path))[0] == 404
-                assert gw.store.get_share_by_token(free_path.split("/")[2]) is None
+                assert await gw.store.get_share_by_token(free_path.split("/")[2]) is None
 
     run(main)
 
 
-def test_every_request_on_a_kept_alive_share_connection_is_checked(tmp_path):
+def test_every_request_on_a_kept_alive_share_connection_is_checked(tmp_path, store_url):
     from tests.test_http_tunnel import Client
     from tests.webapps import WebApp
 
     async def main():
-        async with gateway_and_team(tmp_path) as (gw, keys), WebApp() as app:
+        async with gateway_and_team(tmp_path, store_url) as (gw, keys), WebApp() as app:
             sk = keys["sk"]
             clock = [1_700_000_040.0]
             gw.tunnels_api.clock = lambda: clock[0]
@@ -610,11 +610,10 @@ def test_every_request_on_a_kept_alive_share_connection_is_checked(tmp_path):
 # ----------------------------------------------------------------------------- restart
 
 
-def test_tunnels_shares_and_webhooks_survive_a_restart(tmp_path):
+def test_tunnels_shares_and_webhooks_survive_a_restart(tmp_path, store_url):
     async def main():
-        data = tmp_path / "data"
-        store = Store.open(data)
-        _, keys = store.create_team_with_keys("team-a")
+        store = await open_store(store_url)
+        _, keys = await store.create_team_with_keys("team-a")
         gw = Gateway(store, allow_private_egress=True)  # its webhook is on 127.0.0.1
         await gw.start("127.0.0.1", 0)
         try:
@@ -631,10 +630,10 @@ def test_tunnels_shares_and_webhooks_survive_a_restart(tmp_path):
                 assert status == 201
         finally:
             await gw.close()
-            store.close()
+            await store.close()
         assert await refused(tcp["hub_port"])
 
-        store = Store.open(data)
+        store = await open_store(store_url)
         gw = Gateway(store, allow_private_egress=True)  # its webhook is on 127.0.0.1
         await gw.start("127.0.0.1", 0)
         try:
@@ -658,7 +657,7 @@ def test_tunnels_shares_and_webhooks_survive_a_restart(tmp_path):
                 assert tunnel["status"] == "active"
         finally:
             await gw.close()
-            store.close()
+            await store.close()
 
     run(main)
 

@@ -110,7 +110,7 @@ def verify(secret: str, headers: dict[str, str], body: bytes) -> dict[str, Any]:
 def test_webhooks_api_and_validation(tmp_path):
     async def main():
         async with gateway_and_team(tmp_path) as (gw, keys):
-            _, other = gw.store.create_team_with_keys("team-b")
+            _, other = await gw.store.create_team_with_keys("team-b")
             sk = keys["sk"]
             status, _, hook = await api(gw, "POST", "/api/v1/webhooks", sk,
                                         {"url": "https://hooks.example.com/relay", "events": ["tunnel.deleted"]})
@@ -163,7 +163,7 @@ def test_signed_delivery_on_create_and_delete_with_a_retry_after_500(tmp_path):
             status, _, hook = await api(gw, "POST", "/api/v1/webhooks", sk, {"url": receiver.url})
             assert status == 201
             # A hook of another team and one for deletions only must not get tunnel.created.
-            _, other = gw.store.create_team_with_keys("team-b")
+            _, other = await gw.store.create_team_with_keys("team-b")
             async with Receiver() as bystander:
                 await api(gw, "POST", "/api/v1/webhooks", other["sk"], {"url": bystander.url})
                 async with running_agent(gw, keys["ak"], name="box") as agent:
@@ -177,7 +177,7 @@ def test_signed_delivery_on_create_and_delete_with_a_retry_after_500(tmp_path):
                     payload = verify(hook["secret"], second[0], second[1])
                     assert payload["event"] == "tunnel.created"
                     assert payload["data"]["id"] == tunnel["id"] and payload["data"]["name"] == "web"
-                    assert payload["team_id"] == gw.store.list_teams()[0].id
+                    assert payload["team_id"] == (await gw.store.list_teams())[0].id
 
                     assert (await api(gw, "DELETE", f"/api/v1/tunnels/{tunnel['id']}", sk))[0] == 204
                     await wait_until(lambda: len(receiver.requests) >= 3)
@@ -229,7 +229,7 @@ def test_dispatcher_queue_is_bounded_dropping_the_oldest():
         hook = Webhook(id="h", team_id="t", url="http://127.0.0.1:9/", events=("tunnel.created",),
                        created_at=0.0, secret="s")
         for i in range(10):
-            dispatcher.publish([hook], "tunnel.created", "t", {"n": i})
+            await dispatcher.publish([hook], "tunnel.created", "t", {"n": i})
         assert dispatcher.dropped == 7 and dispatcher.pending == 3
         queued = [json.loads(d.body)["data"]["n"] for d in dispatcher._queue]
         assert queued == [7, 8, 9]  # the newest survive

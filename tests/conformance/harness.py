@@ -241,7 +241,7 @@ class Env:
         from relay.gateway.store import Store
 
         self._store = Store.open(self.tmp_path / "data")
-        team, keys = self._store.create_team_with_keys("conformance")
+        team, keys = await self._store.create_team_with_keys("conformance")
         self._team_id = team.id
         self.key = str(keys["ak"])
         self._gw = Gateway(self._store)
@@ -280,7 +280,7 @@ class Env:
             self.agent.close()
         if self._gw is not None:
             await self._gw.close()
-            self._store.close()
+            await self._store.close()
 
     # -- the gateway side's view of the agent
 
