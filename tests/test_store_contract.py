@@ -633,3 +633,56 @@ def test_reprs_never_show_secrets(store_url: str) -> None:
         assert str(keys["sk"]) == keys["sk"]  # the str itself is the plaintext, for printing
 
     with_store(store_url, body)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def test_tasks(store_url: str) -> None:
+    clock = Clock(100.0)
+
+    async def body(s: Store) -> None:
+        a, b = await s.create_team("a"), await s.create_team("b")
+        first_id, second_id = str(uuid.uuid4()), str(uuid.uuid4()).upper()
+        first = await s.create_task(a.id, first_id, "count", {"to": 3, "nested": [1, None]}, ["gpu", "linux"],
+                                    owner="gw-1")
+        assert (first.id, first.team_id, first.owner, first.kind, first.input, first.labels, first.status) == (
+            first_id, a.id, "gw-1", "count", {"to": 3, "nested": [1, None]}, ("gpu", "linux"), "queued")
+        assert (first.agent_id, first.result, first.error, first.finished_at) == (None, None, None, None)
+        assert (first.created_at, first.updated_at) == (100.0, 100.0)
+        clock.now = 110.0
+        second = await s.create_task(a.id, second_id, "echo", None, [])
+        assert second.id == normalize_uuid(second_id) and second.input is None and second.owner == ""
+        assert [t.id for t in await s.list_tasks(None, owner="gw-1")] == [first.id]
+        with pytest.raises(NotFoundError):
+            await s.create_task(str(uuid.uuid4()), str(uuid.uuid4()), "echo", {}, [])
+        with pytest.raises(StoreError):
+            await s.create_task(a.id, "not-a-uuid", "echo", {}, [])
+        assert await s.get_task(a.id, first_id) == first
+        assert await s.get_task(b.id, first_id) is None  # another team's
+        assert [t.id for t in await s.list_tasks(a.id)] == [first.id, second.id]
+        assert await s.list_tasks(b.id) == []
+        clock.now = 120.0
+        agent = str(uuid.uuid4())
+        assert await s.update_task(a.id, first_id, status="dispatched", agent_id=agent)
+        assert not await s.update_task(b.id, first_id, status="failed")  # another team's
+        clock.now = 130.0
+        assert await s.update_task(a.id, first_id, status="succeeded", result={"counted": [1, 2, 3]},
+                                   finished_at=130.0)
+        done = await s.get_task(a.id, first_id)
+        assert (done.status, done.agent_id, done.result, done.finished_at, done.updated_at) == (
+            "succeeded", agent, {"counted": [1, 2, 3]}, 130.0, 130.0)
+        assert await s.update_task(a.id, second_id, status="failed", error="agent disconnected", finished_at=131.0)
+        assert (await s.get_task(a.id, second_id)).error == "agent disconnected"
+        for bad in ({}, {"kind": "x"}, {"status": "lost"}):
+            with pytest.raises(StoreError):
+                await s.update_task(a.id, first_id, **bad)
+        third = await s.create_task(b.id, str(uuid.uuid4()), "sleep", {"seconds": 1}, [])
+        assert [t.id for t in await s.list_tasks(None, ["queued"])] == [third.id]
+        assert [t.id for t in await s.list_tasks(a.id, ["succeeded", "failed"])] == [first.id, second.id]
+        assert await s.list_tasks(None, ["nonsense"]) == []
+        assert await s.delete_finished_tasks(130.5) == 1  # the first finished at 130.0
+        assert await s.get_task(a.id, first_id) is None
+        assert [t.id for t in await s.list_tasks(None)] == [second.id, third.id]
+
+    with_store(store_url, body, clock=clock)

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import pytest
 
+from relay.agent import Agent
 from relay.gateway.api import tasks as gateway_tasks
 from tests.test_gateway_e2e import gateway_and_team, http, run, running_agent, wait_until
 
@@ -281,3 +282,65 @@ def test_a_trio_agent_answers_a_task_with_an_error_instead_of_leaving_it_waiting
                 await agent.wait()
 
     run(main, timeout=60)
+
+
+def test_tasks_are_kept_in_the_store_across_a_restart(tmp_path, store_url):
+    """Every task is a row of the store: a finished one is still answered after a restart
+    (from the store), a queued one is queued again and runs when an agent that fits
+    connects, and one an agent was running when the gateway died has failed."""
+    import uuid
+
+    from relay.gateway.app import Gateway
+    from relay.gateway.store import open_store
+
+    async def body():
+        async with gateway_and_team(tmp_path, store_url) as (gw, keys):
+            sk, ak = str(keys["sk"]), str(keys["ak"])
+            async with running_agent(gw, ak, name="cpu", labels=["linux"]) as cpu:
+                cpu.tasks.register_builtins()
+                done = await submit(gw.port, sk, "echo", {"kept": True})
+                assert (await sse(gw.port, f"/api/v1/tasks/{done['task_id']}/events", sk))[-1][0] == "result"
+                team_id = gpu_team(gw, cpu)
+            waiting = await submit(gw.port, sk, "echo", {"later": 1}, ["gpu"])
+            assert waiting["status"] == "queued"
+            # The task store holds both, already (the queued one before its 202).
+            assert (await gw.store.get_task(team_id, waiting["task_id"])).status == "queued"
+        # A task an agent was running when the gateway was killed (no chance to fail it).
+        lost = str(uuid.uuid4())
+        store = await open_store(store_url)
+        try:
+            await store.create_task(team_id, lost, "sleep", {"seconds": 60}, [], owner=gateway_tasks.TASK_OWNER)
+            await store.update_task(team_id, lost, status="running", agent_id=str(uuid.uuid4()))
+            gw = Gateway(store, allow_private_egress=True)
+            await gw.start("127.0.0.1", 0)
+            try:
+                info = await task_status(gw.port, sk, done["task_id"])  # from the store
+                assert (info["status"], info["result"]) == ("succeeded", {"kept": True})
+                events = await sse(gw.port, f"/api/v1/tasks/{done['task_id']}/events", sk)
+                assert events[-1] == ("result", {"type": "result", "result": {"kept": True}})
+                assert (await task_status(gw.port, sk, lost))["error"] == gateway_tasks.RESTARTED
+                assert (await task_status(gw.port, sk, waiting["task_id"]))["status"] == "queued"
+                async with running_agent(gw, ak, agent_class=_BuiltinsAgent, name="gpu", labels=["gpu"]):
+                    events = await sse(gw.port, f"/api/v1/tasks/{waiting['task_id']}/events", sk)
+                    assert events[-1] == ("result", {"type": "result", "result": {"later": 1}})
+                await wait_until(lambda: _stored_status(store, team_id, waiting["task_id"], "succeeded"))
+                status, _ = await http(gw.port, "GET", f"/api/v1/tasks/{uuid.uuid4()}", sk)
+                assert status == 404
+            finally:
+                await gw.close()
+        finally:
+            await store.close()
+
+    run(body)
+
+
+class _BuiltinsAgent(Agent):
+    """An agent that can run the built-in tasks from its first moment online."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tasks.register_builtins()
+
+
+async def _stored_status(store: Any, team_id: str, task_id: str, status: str) -> bool:
+    return (await store.get_task(team_id, task_id)).status == status

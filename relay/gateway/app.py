@@ -144,6 +144,7 @@ class Gateway:
         await self.tunnels.restore()
         await self.tunnels_api.start()
         await self.services.start()
+        await self.tasks.start()
         self._heartbeat = loop.create_task(self._record_heartbeats())
         self._revocation_watch = loop.create_task(self.revocations.run())
 
@@ -181,6 +182,7 @@ class Gateway:
         if self._agent_tasks:
             await asyncio.gather(*self._agent_tasks, return_exceptions=True)
         await self.registry.writes.flush()  # the agents' offline rows, before the store closes
+        await self.tasks.flush()  # and the tasks' last changes
         if self._server is not None:
             await self._server.wait_closed()
 

@@ -27,10 +27,18 @@ The agent answers with control messages ``{"type": "task.progress", "task_id",
 "error"}``; then the gateway sets it idle again (``tunnel`` if a tunnel is open). An agent
 that disconnects mid-task fails it with ``"agent disconnected"``.
 
-State is in memory only (a restart forgets tasks): at most :data:`MAX_EVENTS` events and
+Each task is also a row of the store (relay.gateway.store ``tasks``): written before the
+202 (so an acknowledged task is never lost), then on every change of status and with its
+result or error (in order, never waited for by the agent's messages). A restart of the
+gateway queues its queued tasks again and fails the ones an agent was running ("the
+gateway restarted while the task ran": the agent's side of them ended with the
+connection); ``GET /api/v1/tasks/{id}`` answers from the store a task the gateway no
+longer holds in memory (its events are then only the status and the final one).
+
+Events live in memory only: at most :data:`MAX_EVENTS` events and
 :data:`MAX_TASK_BYTES` of them per task (``events_dropped`` counts the rest), finished tasks are
-kept :data:`FINISHED_TTL` seconds, and at most :data:`MAX_TASKS` tasks in all (the oldest
-finished ones go first).
+kept :data:`FINISHED_TTL` seconds (in the store too), and at most :data:`MAX_TASKS` tasks in
+all (the oldest finished ones go first).
 """
 from __future__ import annotations
 
@@ -43,8 +51,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
-from relay.gateway.agents.registry import ConnectedAgent
+from relay.gateway.agents.registry import ConnectedAgent, StoreWrites
 from relay.gateway.http.server import HttpError, Request, Response, Router, json_response
+from relay.gateway.store import TaskRecord
 
 if TYPE_CHECKING:
     from relay.gateway.app import Gateway
@@ -71,6 +80,10 @@ MAX_LABELS = 64
 MAX_LABEL = 100
 #: An SSE comment is sent after this much silence, so idle proxies keep the stream.
 SSE_KEEPALIVE = 15.0
+#: The owner of this gateway's task rows (a restart recovers only its own).
+TASK_OWNER = "gateway"
+#: The error of a task an agent was running when its gateway stopped.
+RESTARTED = "the gateway restarted while the task ran"
 
 FINAL = ("succeeded", "failed")
 _AGENT_EVENTS = {"task.progress": "progress", "task.output": "output",
@@ -163,6 +176,10 @@ class TaskManager:
         self._last_task: dict[str, float] = {}  # agent id -> when it last got a task
         self._streams: set[asyncio.Transport] = set()  # open SSE responses
         self._dispatching = False
+        #: Names this gateway's task rows in the store.
+        self.owner = TASK_OWNER
+        self._writes = StoreWrites()  # the rows' changes, in order
+        self._pruned_at = 0.0
         gateway.hooks.on_agent_connected.append(self._agent_connected)
         gateway.hooks.on_agent_disconnected.append(self._agent_disconnected)
         gateway.registry.status_listeners.append(self._status_changed)
@@ -172,10 +189,33 @@ class TaskManager:
         router.add("GET", "/api/v1/tasks/{task_id}", self._get)
         router.add("GET", "/api/v1/tasks/{task_id}/events", self._events)
 
+    async def start(self) -> None:
+        """Recover this gateway's tasks a previous run left unfinished (module docstring)."""
+        store = self.gw.store
+        for record in await store.list_tasks(None, ("queued", "dispatched", "running"), owner=self.owner):
+            if record.status != "queued":
+                await store.update_task(record.team_id, record.id, status="failed", error=RESTARTED,
+                                        finished_at=time.time())
+                continue
+            task = Task(record.id, record.team_id, record.kind, record.input, list(record.labels),
+                        created_at=record.created_at)
+            task.add_event("status", status="queued")
+            self._tasks[task.task_id] = task
+            self._queues.setdefault(task.team_id, deque()).append(task)
+            log.info("task %s (%s) queued again after a restart", task.task_id, task.kind)
+
     def close(self) -> None:
         """End the open event streams (the gateway is stopping)."""
         for transport in list(self._streams):
             transport.close()
+
+    async def flush(self) -> None:
+        """Wait until every change of a task is in the store."""
+        await self._writes.flush()
+
+    def _record(self, task: Task, **changes: Any) -> None:
+        store = self.gw.store
+        self._writes.submit(lambda: store.update_task(task.team_id, task.task_id, **changes), "a task's state")
 
     def openapi(self, document: dict[str, Any]) -> dict[str, Any]:
         """``document`` (the gateway's OpenAPI) with the task endpoints added."""
@@ -232,6 +272,9 @@ class TaskManager:
     async def _task(self, request: Request, principal: Any = None) -> Task:
         principal = principal or await self._principal(request)
         task = self.get(principal.team_id, request.params["task_id"])
+        if task is None:  # not in memory (a restart, or forgotten): the store's row
+            record = await self.gw.store.get_task(principal.team_id, request.params["task_id"])
+            task = _from_record(record) if record is not None else None
         if task is None:  # unknown or another team's: the same 404
             raise HttpError(404, "task_not_found", f"no task {request.params['task_id']} in this team")
         return task
@@ -245,6 +288,7 @@ class TaskManager:
             raise HttpError(503, "queue_full", f"the team already has {QUEUE_LIMIT} tasks waiting for an agent",
                             {"Retry-After": "5"})
         task = Task(str(uuid.uuid4()), principal.team_id, kind, task_input, labels)
+        await self.gw.store.create_task(task.team_id, task.task_id, kind, task_input, labels, owner=self.owner)
         task.add_event("status", status="queued")
         self._tasks[task.task_id] = task
         queue.append(task)
@@ -329,6 +373,7 @@ class TaskManager:
                 queue.remove(task)
                 task.status, task.agent_id, task.session = "dispatched", agent.agent_id, agent.session
                 task.add_event("status", status="dispatched", agent_id=agent.agent_id)
+                self._record(task, status="dispatched", agent_id=agent.agent_id)
                 self._running[agent.agent_id] = task
                 self._last_task[agent.agent_id] = time.monotonic()
                 self.gw.registry.set_status(agent.team_id, agent.agent_id, "busy")
@@ -339,6 +384,7 @@ class TaskManager:
         task.status = status
         task.finished_at = time.time()
         task.add_event("result" if status == "succeeded" else "error", **event)
+        self._record(task, status=status, result=task.result, error=task.error, finished_at=task.finished_at)
         if task.agent_id is not None and self._running.get(task.agent_id) is task:
             del self._running[task.agent_id]
         log.info("task %s %s", task.task_id, status)
@@ -357,12 +403,13 @@ class TaskManager:
         task = self._running.get(agent.agent_id)
         if task is None or task.task_id != message.get("task_id") or task.session is not agent.session:
             return True  # late, or not this agent's task: ignored
-        if kind == "progress":
+        if kind in ("progress", "output") and task.status != "running":
             task.status = "running"
+            self._record(task, status="running")
+        if kind == "progress":
             task.progress = message.get("progress")
             task.add_event("progress", progress=task.progress)
         elif kind == "output":
-            task.status = "running"
             output = message.get("output")
             if task.add_event("output", output=output):  # kept only within the bounds
                 task.outputs.append(output)
@@ -391,8 +438,13 @@ class TaskManager:
             self._dispatch(agent.team_id)
 
     def _expire(self) -> None:
-        """Forget finished tasks past their TTL, and the oldest ones past MAX_TASKS."""
+        """Forget finished tasks past their TTL (their rows too, once a minute at most),
+        and the oldest ones past MAX_TASKS."""
         now = time.time()
+        if now - self._pruned_at > 60:
+            self._pruned_at = now
+            store = self.gw.store
+            self._writes.submit(lambda: store.delete_finished_tasks(now - FINISHED_TTL), "finished tasks")
         for task_id, task in list(self._tasks.items()):
             if task.finished_at is not None and now - task.finished_at > FINISHED_TTL:
                 del self._tasks[task_id]
@@ -403,6 +455,20 @@ class TaskManager:
         if len(self._tasks) >= MAX_TASKS:
             raise HttpError(503, "too_many_tasks", "too many tasks in progress; try again later",
                             {"Retry-After": "5"})
+
+
+def _from_record(record: TaskRecord) -> Task:
+    """A task known only from its store row: its status, result or error, and as events
+    its status and, once it ended, the final event."""
+    task = Task(record.id, record.team_id, record.kind, record.input, list(record.labels),
+                status=record.status, agent_id=record.agent_id, created_at=record.created_at,
+                finished_at=record.finished_at, result=record.result, error=record.error)
+    task.add_event("status", status=record.status, agent_id=record.agent_id)
+    if record.status == "succeeded":
+        task.add_event("result", result=record.result)
+    elif record.status == "failed":
+        task.add_event("error", error=record.error)
+    return task
 
 
 class _SseClient(asyncio.Protocol):

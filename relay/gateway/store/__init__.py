@@ -1,5 +1,5 @@
 """The gateway's persistent state: teams, hashed credentials, agents seen, tunnel
-sessions, tunnels, shares, webhooks and their pending deliveries, services.
+sessions, tunnels, shares, webhooks and their pending deliveries, services, tasks.
 
 One interface, :class:`Store` (relay.gateway.store.base, with the rows, the errors and
 the handling of secrets), and a backend per database: :mod:`.sqlite` (a file in the
@@ -18,6 +18,7 @@ from pathlib import Path
 from relay.gateway.store.base import (
     AGENT_STATUSES,
     CREDENTIAL_KINDS,
+    TASK_STATUSES,
     TUNNEL_SESSION_PROTOCOLS,
     Agent,
     ConflictError,
@@ -29,6 +30,7 @@ from relay.gateway.store.base import (
     Store,
     StoreError,
     StoreUnavailable,
+    TaskRecord,
     Team,
     Tunnel,
     TunnelSession,
@@ -59,6 +61,8 @@ __all__ = [
     "SqliteStore",
     "StoreError",
     "StoreUnavailable",
+    "TASK_STATUSES",
+    "TaskRecord",
     "Team",
     "Tunnel",
     "TunnelSession",

@@ -1,9 +1,10 @@
-"""The gateway's state as every backend stores it: rows, errors, and the handling of secrets.
+"""The gateway's state as every backend stores it: the interface, rows, errors, and the
+handling of secrets.
 
 :class:`Store` is the interface every backend implements (relay.gateway.store.sqlite,
 relay.gateway.store.postgres); the gateway, ``relay admin`` and the tests use only it.
 The rows (:class:`Team`, :class:`Credential`, :class:`Agent`, :class:`TunnelSession`,
-:class:`Tunnel`, :class:`Share`, :class:`Webhook`, :class:`Service`) are frozen
+:class:`Tunnel`, :class:`Share`, :class:`Webhook`, :class:`Service`, :class:`TaskRecord`) are frozen
 dataclasses, the same whichever backend read them; the ``_team``/``_agent``/...
 converters build them from a database row that maps column names to values.
 
@@ -36,6 +37,9 @@ CREDENTIAL_KINDS: tuple[str, ...] = ("sk", "dk", "ak")
 
 #: Agent statuses, as the seeds describe them.
 AGENT_STATUSES: tuple[str, ...] = ("idle", "busy", "tunnel", "unhealthy", "offline")
+
+#: Task statuses (seed 001), in the order a task goes through them; the last two are final.
+TASK_STATUSES: tuple[str, ...] = ("queued", "dispatched", "running", "succeeded", "failed")
 
 #: Protocols of a tunnel session opened with ``POST /agents/{id}/tunnel`` (seed 000).
 TUNNEL_SESSION_PROTOCOLS: tuple[str, ...] = ("http", "tcp")
@@ -252,6 +256,26 @@ class Share:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """A task (seed 001) as stored: what was asked and how it ended. Its events
+    (progress, partial outputs) live only in the memory of the gateway that runs it."""
+
+    id: str
+    team_id: str
+    owner: str
+    kind: str
+    input: Any
+    labels: tuple[str, ...]
+    status: str
+    agent_id: str | None
+    result: Any
+    error: str | None
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class Webhook:
     """A team's webhook: where to POST which events, and the HMAC signing secret."""
 
@@ -319,6 +343,15 @@ def _share(row: Row) -> Share:
         expires_at=row["expires_at"],
         allowed_methods=None if methods is None else tuple(json.loads(methods)),
         rate_limit=row["rate_limit"], created_at=row["created_at"], token_hash=row["token_hash"])
+
+
+def _task(row: Row) -> TaskRecord:
+    result = row["result"]
+    return TaskRecord(id=row["id"], team_id=row["team_id"], owner=row["owner"], kind=row["kind"],
+                      input=json.loads(row["input"]),
+                      labels=tuple(json.loads(row["labels"])), status=row["status"], agent_id=row["agent_id"],
+                      result=None if result is None else json.loads(result), error=row["error"],
+                      created_at=row["created_at"], updated_at=row["updated_at"], finished_at=row["finished_at"])
 
 
 def _webhook(row: Row) -> Webhook:
@@ -654,6 +687,34 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_service(self, team_id: str, slug: str) -> bool:
         """Delete the team's service. False if there was none."""
+
+    # -- tasks (seed 001) ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_task(self, team_id: str, task_id: str, kind: str, task_input: Any,
+                          labels: Sequence[str], owner: str = "") -> TaskRecord:
+        """Record a task just submitted (``queued``); ``task_id`` is the caller's UUID,
+        ``owner`` names the gateway that runs it. Raises :class:`NotFoundError` for an
+        unknown team."""
+
+    @abc.abstractmethod
+    async def update_task(self, team_id: str, task_id: str, **changes: Any) -> bool:
+        """Change some of ``status``, ``agent_id``, ``result``, ``error``,
+        ``finished_at`` of the team's task. False if there is no such task."""
+
+    @abc.abstractmethod
+    async def get_task(self, team_id: str, task_id: str) -> TaskRecord | None:
+        """The team's task; None if unknown *or another team's*."""
+
+    @abc.abstractmethod
+    async def list_tasks(self, team_id: str | None, statuses: Sequence[str] | None = None, *,
+                         owner: str | None = None) -> list[TaskRecord]:
+        """The team's tasks (``None``: every team's), oldest first; only those in
+        ``statuses``, and of ``owner``, if given."""
+
+    @abc.abstractmethod
+    async def delete_finished_tasks(self, before: float) -> int:
+        """Forget tasks that finished before ``before``; returns how many."""
 
 
 async def ensure_default_team(store: Store) -> tuple[Team, dict[str, SecretToken]] | None:

@@ -194,6 +194,26 @@ MIGRATIONS: list[Sequence[str]] = [
         "CREATE INDEX tunnel_bindings_by_agent ON tunnel_bindings(team_id, agent_id)",
         _notify_trigger("tunnel_bindings"),
     ),
+    # 6: tasks (seed 001). No notification: no cache holds them.
+    (
+        """CREATE TABLE tasks (
+            id           TEXT PRIMARY KEY,
+            team_id      TEXT NOT NULL REFERENCES teams(id),
+            owner        TEXT NOT NULL DEFAULT '',
+            kind         TEXT NOT NULL,
+            input        TEXT NOT NULL,
+            labels       TEXT NOT NULL DEFAULT '[]',
+            status       TEXT NOT NULL,
+            agent_id     TEXT,
+            result       TEXT,
+            error        TEXT,
+            created_at   DOUBLE PRECISION NOT NULL,
+            updated_at   DOUBLE PRECISION NOT NULL,
+            finished_at  DOUBLE PRECISION
+        )""",
+        "CREATE INDEX tasks_by_team_status ON tasks(team_id, status)",
+        "CREATE INDEX tasks_by_owner_status ON tasks(owner, status)",
+    ),
 ]
 
 

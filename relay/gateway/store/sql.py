@@ -25,6 +25,7 @@ from relay.gateway.store.base import (
     _TOKEN_BYTES,
     CREDENTIAL_KINDS,
     PREFIX_CHARS,
+    TASK_STATUSES,
     TUNNEL_SESSION_PROTOCOLS,
     Agent,
     ConflictError,
@@ -36,6 +37,7 @@ from relay.gateway.store.base import (
     Share,
     Store,
     StoreError,
+    TaskRecord,
     Team,
     Tunnel,
     TunnelSession,
@@ -48,6 +50,7 @@ from relay.gateway.store.base import (
     _service,
     _session,
     _share,
+    _task,
     _team,
     _tunnel,
     _webhook,
@@ -691,3 +694,63 @@ class SqlStore(Store):
             changed = await tx.execute("DELETE FROM services WHERE team_id = ? AND slug = ?",
                                        (normalize_uuid(team_id) or team_id, slug))
         return changed == 1
+
+    # -- tasks (seed 001) ----------------------------------------------------------------
+
+    async def create_task(self, team_id: str, task_id: str, kind: str, task_input: Any,
+                          labels: Sequence[str], owner: str = "") -> TaskRecord:
+        now = self._clock()
+        task_id = normalize_uuid(task_id) or ""
+        if not task_id:
+            raise StoreError("task id must be a UUID")
+        async with self._write() as tx:
+            team_id = await self._require_team(tx, team_id)
+            await tx.execute(
+                "INSERT INTO tasks (id, team_id, owner, kind, input, labels, status, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+                (task_id, team_id, owner, kind, json.dumps(task_input), json.dumps(list(labels)), now, now))
+            row = await tx.fetchone("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        return _task(row)
+
+    async def update_task(self, team_id: str, task_id: str, **changes: Any) -> bool:
+        allowed = {"status", "agent_id", "result", "error", "finished_at"}
+        if not changes or not set(changes) <= allowed:
+            raise StoreError(f"update_task takes some of {', '.join(sorted(allowed))}")
+        if "status" in changes and changes["status"] not in TASK_STATUSES:
+            raise StoreError(f"task status must be one of {', '.join(TASK_STATUSES)}")
+        columns = [f"{key} = ?" for key in changes] + ["updated_at = ?"]
+        values = [json.dumps(v) if k == "result" and v is not None else v for k, v in changes.items()]
+        async with self._write() as tx:
+            changed = await tx.execute(f"UPDATE tasks SET {', '.join(columns)} WHERE id = ? AND team_id = ?",
+                                       (*values, self._clock(), normalize_uuid(task_id), normalize_uuid(team_id)))
+        return changed == 1
+
+    async def get_task(self, team_id: str, task_id: str) -> TaskRecord | None:
+        async with self._read() as tx:
+            row = await tx.fetchone("SELECT * FROM tasks WHERE id = ? AND team_id = ?",
+                                    (normalize_uuid(task_id), normalize_uuid(team_id)))
+        return _task(row) if row else None
+
+    async def list_tasks(self, team_id: str | None, statuses: Sequence[str] | None = None, *,
+                         owner: str | None = None) -> list[TaskRecord]:
+        sql, args = "SELECT * FROM tasks WHERE 1 = 1", []
+        if team_id is not None:
+            sql += " AND team_id = ?"
+            args.append(normalize_uuid(team_id))
+        if owner is not None:
+            sql += " AND owner = ?"
+            args.append(owner)
+        if statuses is not None:
+            wanted = [s for s in statuses if s in TASK_STATUSES]
+            if not wanted:
+                return []
+            sql += f" AND status IN ({', '.join('?' for _ in wanted)})"
+            args.extend(wanted)
+        async with self._read() as tx:
+            rows = await tx.fetchall(sql + " ORDER BY created_at, id", args)
+        return [_task(row) for row in rows]
+
+    async def delete_finished_tasks(self, before: float) -> int:
+        async with self._write() as tx:
+            return await tx.execute("DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?",
+                                    (before,))

@@ -161,6 +161,28 @@ MIGRATIONS: list[Sequence[str]] = [
         )""",
         "CREATE INDEX tunnel_bindings_by_agent ON tunnel_bindings(team_id, agent_id)",
     ),
+    # 6: tasks (seed 001; relay.gateway.api.tasks): what was asked and how it ended, so a
+    # task acknowledged with 202 survives a restart. ``owner``: the gateway that runs it
+    # (its restart queues its queued tasks again and fails those that were running).
+    (
+        """CREATE TABLE tasks (
+            id           TEXT PRIMARY KEY,
+            team_id      TEXT NOT NULL REFERENCES teams(id),
+            owner        TEXT NOT NULL DEFAULT '',
+            kind         TEXT NOT NULL,
+            input        TEXT NOT NULL,
+            labels       TEXT NOT NULL DEFAULT '[]',
+            status       TEXT NOT NULL,
+            agent_id     TEXT,
+            result       TEXT,
+            error        TEXT,
+            created_at   REAL NOT NULL,
+            updated_at   REAL NOT NULL,
+            finished_at  REAL
+        )""",
+        "CREATE INDEX tasks_by_team_status ON tasks(team_id, status)",
+        "CREATE INDEX tasks_by_owner_status ON tasks(owner, status)",
+    ),
 ]
 
 
