@@ -326,7 +326,7 @@ class Registry:
             "name": agent.name,
             "labels": agent.labels,
             "version": agent.version,
-            "status": live.status if online else "offline",
+            "status": live.status if live is not None and online else "offline",
             "online": online,
             "first_seen": agent.first_seen,
             "last_seen": agent.last_seen,

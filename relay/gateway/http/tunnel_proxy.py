@@ -24,7 +24,8 @@ listening: the agent refuses the stream with CONNECT_FAILED): 502.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 if TYPE_CHECKING:  # mypy checks the pure-Python twin: cython's no-op declarations
     from relay.mux import _cython_shim as cython
@@ -122,7 +123,7 @@ class HttpTunnels:
         return HttpProtocol(self._gateway.router, self._connections, declined=declined)
 
     @cython.locals(request=RequestHead)
-    def _resolve(self, request: RequestHead) -> Optional[Upstream]:
+    def _resolve(self, request: RequestHead) -> Union[Optional[Upstream], Coroutine[Any, Any, Optional[Upstream]]]:
         """Where a request on a proxy connection goes (None: another route's, e.g. the
         admin endpoints or the API, which the gateway's HTTP server answers)."""
         key = (request.method, request.target)
@@ -219,7 +220,7 @@ class HttpTunnels:
             raise ProxyError(503, "store_unavailable", str(exc)) from None
         # The session is in memory now: the usual path, answer cache included.
         upstream = self._resolve(request)
-        if upstream is None or type(upstream) is Upstream:
+        if upstream is None or isinstance(upstream, Upstream):
             return upstream
         upstream.close()  # dropped from memory meanwhile (a session closed): no second wait
         answer = self._resolve_fully(request, row)

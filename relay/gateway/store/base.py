@@ -23,13 +23,20 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-#: A database row: column name -> value (a ``sqlite3.Row`` ...).
-Row = Mapping[str, Any]
+
+class Row(Protocol):
+    """A database row (a ``sqlite3.Row``, an ``asyncpg.Record``): values by column name
+    or by position."""
+
+    def __getitem__(self, key: str | int, /) -> Any: ...
+
+    def keys(self) -> Iterable[str]: ...
+
 
 #: Credential kinds: ``sk`` team integration key (runtime + management), ``dk`` runtime
 #: only, ``ak`` agent (may only connect as an agent of its team).

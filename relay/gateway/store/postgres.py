@@ -416,7 +416,7 @@ class PostgresStore(SqlStore):
         self._listener = conn
         self._notices += 1  # whatever changed while nobody listened
 
-    def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+    def _notified(self, conn: Any, pid: int, channel: str, payload: object) -> None:
         self._notices += 1
 
     def _listener_lost(self, conn: Any) -> None:

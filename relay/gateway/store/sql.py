@@ -182,8 +182,8 @@ class SqlStore(Store):
             return team, keys
 
     async def get_team(self, team_id: str) -> Team | None:
-        team_id = normalize_uuid(team_id)
-        if team_id is None:
+        team_id = normalize_uuid(team_id) or ""
+        if not team_id:
             return None
         async with self._read() as tx:
             row = await tx.fetchone("SELECT * FROM teams WHERE id = ?", (team_id,))
@@ -422,7 +422,7 @@ class SqlStore(Store):
         return changed == 1
 
     async def close_tunnel_sessions(self, team_id: str, agent_id: str) -> list[str]:
-        team_id, agent_id = normalize_uuid(team_id), normalize_uuid(agent_id)
+        team_id, agent_id = normalize_uuid(team_id) or "", normalize_uuid(agent_id) or ""  # "" matches no row
         async with self._write() as tx:
             ids = [row[0] for row in await tx.fetchall(
                 "SELECT session_id FROM tunnel_sessions"
@@ -491,16 +491,18 @@ class SqlStore(Store):
             _check_tunnel_status(changes["status"])
         columns = [f"{key} = ?" for key in changes] + ["updated_at = ?"]
         values = [json.dumps(v, sort_keys=True) if k == "metadata" else v for k, v in changes.items()]
-        tunnel_id, team_id = normalize_uuid(tunnel_id), normalize_uuid(team_id)
+        tunnel_id, team_id = normalize_uuid(tunnel_id) or "", normalize_uuid(team_id) or ""  # "" matches no row
         async with self._write() as tx:
             changed = await tx.execute(f"UPDATE tunnels SET {', '.join(columns)} WHERE id = ? AND team_id = ?",
                                        (*values, self._clock(), tunnel_id, team_id))
             if changed != 1:
                 return None
-            return _tunnel(await tx.fetchone("SELECT * FROM tunnels WHERE id = ?", (tunnel_id,)))
+            row = await tx.fetchone("SELECT * FROM tunnels WHERE id = ?", (tunnel_id,))
+            assert row is not None  # updated in this transaction
+            return _tunnel(row)
 
     async def delete_tunnel(self, team_id: str, tunnel_id: str) -> Tunnel | None:
-        tunnel_id, team_id = normalize_uuid(tunnel_id), normalize_uuid(team_id)
+        tunnel_id, team_id = normalize_uuid(tunnel_id) or "", normalize_uuid(team_id) or ""  # "" matches no row
         async with self._write() as tx:
             row = await tx.fetchone("SELECT * FROM tunnels WHERE id = ? AND team_id = ?",
                                     (tunnel_id, team_id))
@@ -667,6 +669,7 @@ class SqlStore(Store):
                 (team_id, slug, service_type, json.dumps(spec, sort_keys=True), status, now, now))
             row = await tx.fetchone("SELECT * FROM services WHERE team_id = ? AND slug = ?",
                                     (team_id, slug))
+        assert row is not None  # written in this transaction
         return _service(row)
 
     async def set_service_status(self, team_id: str, slug: str, status: str) -> None:
@@ -710,6 +713,7 @@ class SqlStore(Store):
                 " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
                 (task_id, team_id, owner, kind, json.dumps(task_input), json.dumps(list(labels)), now, now))
             row = await tx.fetchone("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        assert row is not None  # inserted in this transaction
         return _task(row)
 
     async def update_task(self, team_id: str, task_id: str, **changes: Any) -> bool:
