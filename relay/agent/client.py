@@ -6,8 +6,9 @@ hello is its SETTINGS ``info``: ``{"name", "labels", "version", "limits"}`` (see
 relay.gateway.agents.registry); the gateway answers with a ``welcome`` control message naming
 the agent id. Liveness is the mux keepalive (PING after 15 s of silence, dead after 45 s).
 
-Streams the gateway opens carry ``{"protocol": "tcp"|"http", "target": "HOST:PORT"}``; both
-are spliced byte for byte to the target (for "http" the gateway speaks HTTP/1.1 to it
+Streams the gateway opens carry ``{"protocol": "tcp"|"http"|"udp", "target": "HOST:PORT"}``;
+tcp and http are spliced byte for byte to the target, udp streams carry datagrams to and
+from a connected UDP socket (relay.agent.udp, docs/PROTOCOL.md section 16) (for "http" the gateway speaks HTTP/1.1 to it
 through the stream, so the agent needs no HTTP knowledge). A target
 is served only if allowed: with no ``--allow`` entries, any port on a loopback host
 (127.0.0.1, localhost, ::1); with entries, exactly those ``HOST:PORT`` pairs. Anything
@@ -35,6 +36,7 @@ from relay.agent.base import AgentBase
 from relay.agent.bind import Binder
 from relay.agent.policy import (  # re-exported: the agent's public names
     AGENT_PATH,
+    DATAGRAM_PROTOCOLS,
     LOOPBACK_HOSTS,
     STREAM_PROTOCOLS,
     TargetRefused,
@@ -44,6 +46,7 @@ from relay.agent.policy import (  # re-exported: the agent's public names
     parse_target,
 )
 from relay.agent.tasks import AgentTasks, stream_denied
+from relay.agent.udp import serve_datagram_stream
 from relay.aio import MuxSession, StreamRefused, WebSocketTransport, connect_stream_to
 from relay.aio.stream import MuxStream
 from relay.mux.connection import MuxConfig
@@ -153,12 +156,18 @@ class Agent(AgentBase):
         if denied is not None:
             raise StreamRefused(ErrorCode.NOT_ALLOWED, denied)
         try:
-            host, port = parse_target(meta)
+            host, port = parse_target(meta, STREAM_PROTOCOLS | DATAGRAM_PROTOCOLS)
         except TargetRefused as exc:
             raise StreamRefused(exc.error_code, exc.message) from None
         if not self.is_allowed(host, port):
             log.warning("refused stream to %s:%d: not on this agent's allowlist", host, port)
             raise StreamRefused(ErrorCode.NOT_ALLOWED, not_allowed_message(host, port, self.name, self.allow))
+        if meta.get("protocol") in DATAGRAM_PROTOCOLS:  # one connected UDP socket per flow
+            try:
+                await serve_datagram_stream(stream, host, port)
+            except OSError as exc:
+                log.info("udp stream to %s:%d failed: %s", host, port, exc)  # already refused
+            return
         try:
             await connect_stream_to(stream, host, port)
         except OSError as exc:

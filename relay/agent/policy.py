@@ -26,8 +26,11 @@ __all__ = [
 ]
 
 AGENT_PATH = "/api/v1/agent/connect"
-#: Stream protocols served; all are plain byte splices to the target.
+#: Stream protocols served as plain byte splices to the target.
 STREAM_PROTOCOLS = frozenset({"tcp", "http"})
+#: ...and with datagram records to a UDP target (relay.mux.datagrams; the asyncio
+#: agent serves it, the trio agent refuses it as unsupported).
+DATAGRAM_PROTOCOLS = frozenset({"udp"})
 
 
 class GatewayAddress(NamedTuple):
@@ -65,13 +68,14 @@ class TargetRefused(Exception):
         self.message = message
 
 
-def parse_target(metadata: Any) -> tuple[str, int]:
-    """``(host, port)`` of an incoming stream's target, or :class:`TargetRefused`."""
+def parse_target(metadata: Any, protocols: frozenset[str] = STREAM_PROTOCOLS) -> tuple[str, int]:
+    """``(host, port)`` of an incoming stream's target, or :class:`TargetRefused`
+    (also for a ``protocol`` not in ``protocols``, the ones the caller serves)."""
     from relay.mux.errors import ErrorCode
 
     target = metadata.get("target") if isinstance(metadata, dict) else None
     protocol = metadata.get("protocol", "tcp") if isinstance(metadata, dict) else None
-    if protocol not in STREAM_PROTOCOLS:
+    if protocol not in protocols:
         raise TargetRefused(ErrorCode.REFUSED, f"unsupported stream protocol {protocol!r}")
     try:
         return parse_host_port(target if isinstance(target, str) else "")

@@ -1,0 +1,88 @@
+"""The agent's end of a datagram stream (stream protocol ``udp``): one connected UDP
+socket per stream, towards the stream's target (docs/PROTOCOL.md section 16).
+
+A connected socket (``connect()`` on a UDP socket) sends only to the target and the
+kernel delivers only the target's datagrams to it, so a flow cannot be used to spray
+other hosts or to receive from strangers. The caller has checked the target against
+the agent's allowlist. The gateway owns the flow's idle timeout (it knows the client);
+this end closes its socket when the stream ends or is reset, and when its agent's
+session ends (every stream is reset then).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Optional
+
+from relay.aio.datagrams import DatagramPipe
+from relay.aio.stream import MuxStream
+from relay.mux.datagrams import DEFAULT_QUEUE_BYTES
+from relay.mux.errors import ErrorCode
+
+__all__ = ["serve_datagram_stream"]
+
+log = logging.getLogger("relay.agent.udp")
+
+#: Receive buffer of a target socket: room for a burst of replies while the loop is busy.
+TARGET_RECEIVE_BUFFER = 4 * 1024 * 1024
+
+
+class _TargetProtocol(asyncio.DatagramProtocol):
+    """The connected socket towards the target: its datagrams go into the stream."""
+
+    def __init__(self) -> None:
+        self.pipe: Optional[DatagramPipe] = None
+        self.transport: Optional[asyncio.DatagramTransport] = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self.pipe is not None:
+            self.pipe.send(data)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable and the like, reported on a later send: a UDP client
+        # sees loss, not an error, so the flow goes on (the target may start later).
+        log.debug("udp target socket: %s", exc)
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        if self.pipe is not None and exc is not None:
+            self.pipe.abort(exc)
+
+
+async def serve_datagram_stream(stream: MuxStream, host: str, port: int) -> DatagramPipe:
+    """Open a connected UDP socket to ``host:port`` and carry ``stream``'s datagrams to
+    and from it. The stream is accepted once the socket exists, or refused with
+    CONNECT_FAILED (and the OSError re-raised) when it cannot be made (a name that does
+    not resolve, no route)."""
+    loop = asyncio.get_running_loop()
+    try:
+        transport, protocol = await loop.create_datagram_endpoint(_TargetProtocol, remote_addr=(host, port))
+    except OSError as exc:
+        stream.refuse(ErrorCode.CONNECT_FAILED, f"cannot reach {host}:{port} over udp: {exc}")
+        raise
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            import socket
+
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TARGET_RECEIVE_BUFFER)
+        except OSError:
+            pass  # the default buffer only loses more datagrams in a burst
+
+    def deliver(datagram: bytes) -> None:
+        # asyncio buffers a datagram the socket could not take (EAGAIN) without bound:
+        # past the flow's queue size, lose it instead, as a full socket buffer would.
+        if transport.get_write_buffer_size() > DEFAULT_QUEUE_BYTES:
+            pipe.flow.lost(len(datagram))
+            return
+        transport.sendto(datagram)
+
+    def closed(_pipe: DatagramPipe, exc: Optional[BaseException]) -> None:
+        protocol.pipe = None
+        transport.close()
+
+    pipe = DatagramPipe(stream, deliver, closed)
+    protocol.pipe = pipe
+    return pipe
