@@ -124,7 +124,10 @@ _log_option = click.option("--log-level", type=click.Choice(LOG_LEVELS), default
 @click.option("--public-url", envvar="RELAY_PUBLIC_URL", metavar="URL",
               help="Base URL clients reach this gateway at (for tunnel URLs).")
 @click.option("--hub-host", default="127.0.0.1", show_default=True, envvar="RELAY_HUB_HOST",
-              help="Address TCP tunnel hub ports listen on.")
+              help="Address TCP and UDP tunnel hub ports listen on.")
+@click.option("--udp-idle-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              envvar="RELAY_UDP_IDLE_TIMEOUT", metavar="SECONDS",
+              help="A udp tunnel's flow (one client address) ends after this long without a datagram.")
 @click.option("--jwt-key", envvar="RELAY_JWT_KEY", metavar="KEY",
               help="HMAC secret or PEM public key verifying user session JWTs.")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), envvar="RELAY_TLS_CERT",
@@ -137,7 +140,7 @@ _log_option = click.option("--log-level", type=click.Choice(LOG_LEVELS), default
 @_log_option
 def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: Optional[str], hub_host: str,
             jwt_key: Optional[str], tls_cert: Optional[Path], tls_key: Optional[Path],
-            allow_private_egress: bool, log_level: str) -> None:
+            allow_private_egress: bool, udp_idle_timeout: float, log_level: str) -> None:
     """Run the gateway: agent endpoint, control API, tunnels."""
     from relay.gateway.app import run_gateway
     from relay.gateway.store import StoreError
@@ -151,6 +154,7 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
         _run(run_gateway(host, port, data_dir, public_url=public_url, hub_host=hub_host,
                          jwt_key=jwt_key, tls_cert=tls_cert, tls_key=tls_key,
                          allow_private_egress=allow_private_egress, store_url=store_url,
+                         udp_idle_timeout=udp_idle_timeout,
                          echo=lambda line: click.echo(line)))
     except (StoreError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -434,14 +438,23 @@ async def run_connect(url: str, host: str, port: int, *, ssl_context: Any = None
               help="Local address to accept connections on (port 0: any free port).")
 @click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               envvar="RELAY_CA_CERT", help="Trust this CA (PEM) for a wss:// tunnel URL.")
+@click.option("--udp", is_flag=True, default=False,
+              help="Reach a udp tunnel: listen for datagrams on --listen; each local flow "
+                   "(client address) is one WebSocket to TUNNEL_URL (.../udp).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              metavar="SECONDS", help="With --udp: a flow ends after this long without a datagram.")
 @_log_option
-def connect(tunnel_url: str, listen: str, ca_cert: Optional[Path], log_level: str) -> None:
+def connect(tunnel_url: str, listen: str, ca_cert: Optional[Path], udp: bool, idle_timeout: float,
+            log_level: str) -> None:
     """Reach a TCP tunnel: every connection to --listen becomes one stream to its target.
 
-    TUNNEL_URL is the ws(s)://.../tunnel/TOKEN/tcp URL the tunnel API returned.
+    TUNNEL_URL is the ws(s)://.../tunnel/TOKEN/tcp URL the tunnel API returned. With
+    --udp, the .../tunnel/TOKEN/udp URL of a udp tunnel: every local flow of datagrams
+    becomes one flow to its target (docs/PROTOCOL.md section 16.2).
     """
+    kind = "udp" if udp else "tcp"
     if not tunnel_url.startswith(("ws://", "wss://")) or "/tunnel/" not in tunnel_url:
-        raise click.BadParameter("expected a ws(s)://HOST/tunnel/TOKEN/tcp URL", param_hint="TUNNEL_URL")
+        raise click.BadParameter(f"expected a ws(s)://HOST/tunnel/TOKEN/{kind} URL", param_hint="TUNNEL_URL")
     host, port = _split_host_port(listen, "--listen", allow_zero=True)
     _setup_logging(log_level)
     context = None
@@ -450,7 +463,13 @@ def connect(tunnel_url: str, listen: str, ca_cert: Optional[Path], log_level: st
 
         context = ssl.create_default_context(cafile=str(ca_cert))
     try:
-        _run(run_connect(tunnel_url, host, port, ssl_context=context, echo=lambda line: click.echo(line)))
+        if udp:
+            from relay.connect_udp import run_connect_udp
+
+            _run(run_connect_udp(tunnel_url, host, port, ssl_context=context, idle_timeout=idle_timeout,
+                                 echo=lambda line: click.echo(line)))
+        else:
+            _run(run_connect(tunnel_url, host, port, ssl_context=context, echo=lambda line: click.echo(line)))
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     except KeyboardInterrupt:

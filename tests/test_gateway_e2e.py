@@ -263,7 +263,7 @@ def test_other_teams_agent_is_404_and_tunnel_validation(tmp_path, store_url):
                 status, body = await http(gw.port, "GET", "/api/v1/agents", other["sk"])
                 assert status == 200 and body == {"agents": []}
                 for bad in ({"target_port": 0}, {"target_port": 65536}, {"target_port": "22"},
-                            {"target_port": True}, {"tunnel_protocol": "udp"}):
+                            {"target_port": True}, {"tunnel_protocol": "quic"}):
                     status, body = await http(gw.port, "POST", base + "/tunnel", keys["sk"], bad)
                     assert status == 400, bad
                     assert set(body["error"]) == {"code", "message"}

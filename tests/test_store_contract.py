@@ -372,7 +372,7 @@ def test_tunnel_session_validation(store_url: str) -> None:
     async def body(s: Store) -> None:
         team = await s.create_team("t")
         agent = await s.upsert_agent(team.id, None, "a")
-        for port, protocol, hub in ((0, "http", None), (65536, "http", None), (22, "udp", None),
+        for port, protocol, hub in ((0, "http", None), (65536, "http", None), (22, "quic", None),
                                     (True, "tcp", None), ("80", "http", None), (80, "tcp", 0)):
             with pytest.raises(StoreError):
                 await s.create_tunnel_session(team.id, agent.id, port, protocol, hub_port=hub)

@@ -46,6 +46,7 @@ from relay.gateway.store import (
     open_store,
 )
 from relay.mux.connection import MuxConfig
+from relay.mux.datagrams import DEFAULT_IDLE_TIMEOUT
 from relay.mux.errors import ErrorCode
 from relay.ws.handshake import HandshakeError, accept_response, parse_upgrade_request, reject_response
 
@@ -86,7 +87,8 @@ class Gateway:
                  mux_config: Optional[MuxConfig] = None,
                  ssl_context: Optional[ssl.SSLContext] = None,
                  agent_gone_grace: float = AGENT_GONE_GRACE,
-                 allow_private_egress: bool = False) -> None:
+                 allow_private_egress: bool = False,
+                 udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
         self.store = store
         #: Where the gateway itself may connect (external services, webhooks):
         #: relay.gateway.egress. Never its own listening and hub ports.
@@ -100,6 +102,7 @@ class Gateway:
         self.hooks = GatewayHooks()
         self._public_url = public_url
         self._hub_host = hub_host
+        self._udp_idle_timeout = udp_idle_timeout
         self._mux_config = mux_config
         self._ssl = ssl_context
         self._agent_gone_grace = agent_gone_grace
@@ -140,7 +143,8 @@ class Gateway:
         self.host, self.port = sockname[0], sockname[1]
         self.egress.add_own_host(self.host)
         self.tunnels = TunnelManager(self.store, self.registry, public_url=self.url,
-                                     hub_host=self._hub_host, egress=self.egress)
+                                     hub_host=self._hub_host, egress=self.egress,
+                                     udp_idle_timeout=self._udp_idle_timeout)
         await self.tunnels.restore()
         await self.tunnels_api.start()
         await self.services.start()
@@ -200,6 +204,7 @@ class Gateway:
         add("DELETE", "/api/v1/agents/{agent_id}/tunnel", self._close_tunnel)
         # Raw: an HTTP tunnel's own GET /tcp is handed to the proxy untouched (body unread).
         add("GET", "/tunnel/{token}/tcp", self._tcp_over_ws, raw=True)
+        add("GET", "/tunnel/{token}/udp", self._udp_over_ws, raw=True)
         self.bindings = Bindings(self)  # seed 002's connect: agents listening for tunnels
         self.tunnels_api = TunnelsApi(self)  # seed 002: /api/v1/tunnels, shares, webhooks
         self.tunnels_api.register(self.router)
@@ -301,7 +306,12 @@ class Gateway:
             self.http_tunnels.session_closed(sid)
         return closed
 
-    async def _tcp_over_ws(self, request: Request) -> Optional[Response]:
+    async def _udp_over_ws(self, request: Request) -> Optional[Response]:
+        """``GET /tunnel/{token}/udp``: a udp tunnel's datagrams over WebSocket (``relay
+        connect --udp``; docs/PROTOCOL.md section 16.2), else an HTTP tunnel's own path."""
+        return await self._tcp_over_ws(request, "udp")
+
+    async def _tcp_over_ws(self, request: Request, protocol: str = "tcp") -> Optional[Response]:
         """``GET /tunnel/{token}/tcp`` (a raw route, called at headers time).
 
         For a tcp tunnel, the TCP-over-WS relay at its ``tunnel_url``: the token in the URL
@@ -309,7 +319,7 @@ class Gateway:
         anything else the path is an HTTP tunnel's own ``/tcp``: the connection is proxied
         like every other path of the tunnel (unknown or closed tokens get its 404)."""
         row = await self.store.get_tunnel_session_by_token(request.params["token"])
-        if row is None or row.protocol != "tcp":
+        if row is None or row.protocol != protocol:
             transport, data = request.take_over_raw()
             serve_connection(transport, data, self._http_tunnel_tcp_path,
                              fallback=lambda declined=False: HttpProtocol(
@@ -319,7 +329,7 @@ class Gateway:
         assert self.tunnels is not None
         hub = self.tunnels.hub(row.session_id)
         if hub is None:  # closed: 404
-            raise HttpError(404, "tunnel_not_found", "no such open tcp tunnel")
+            raise HttpError(404, "tunnel_not_found", f"no such open {protocol} tunnel")
         if self.registry.get(row.team_id, row.agent_id) is None:
             raise HttpError(503, "agent_offline", "the tunnel's agent is not connected")
         try:
@@ -341,7 +351,7 @@ class Gateway:
         target = origin_form(request.target)  # absolute-form: keep the path
         path = target.split(b"?", 1)[0]
         if request.method not in (b"GET", b"HEAD") or not path.startswith(b"/tunnel/") \
-                or not path.endswith(b"/tcp") or path.count(b"/") != 3:
+                or not path.endswith((b"/tcp", b"/udp")) or path.count(b"/") != 3:
             return None
         return self._http_tunnel_tcp_upstream(target, len(path) - len(b"/tcp"))
 
@@ -349,8 +359,8 @@ class Gateway:
         token = target[len(b"/tunnel/"):end].decode("ascii", "replace")
         row = await self.store.get_tunnel_session_by_token(token)
         if row is None or row.protocol != "http":
-            if row is not None and row.protocol == "tcp":
-                return None  # a tcp tunnel's relay: the HTTP server's route answers
+            if row is not None and row.protocol in ("tcp", "udp"):
+                return None  # a tcp (udp) tunnel's relay: the HTTP server's route answers
             raise ProxyError(404, "tunnel_not_found", "no such open http tunnel")
         agent = self.registry.get(row.team_id, row.agent_id)
         if agent is None:
@@ -606,6 +616,7 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
                       tls_cert: Optional[Path] = None, tls_key: Optional[Path] = None,
                       allow_private_egress: bool = False,
                       store_url: Optional[str] = None,
+                      udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                       echo: Callable[[str], None] = print,
                       stop: Optional[asyncio.Event] = None) -> None:
     """Run a gateway until SIGINT/SIGTERM (or ``stop`` is set).
@@ -630,7 +641,8 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
         if created is not None:
             _print_default_team(*created, echo=echo)
         gateway = Gateway(store, public_url=public_url, hub_host=hub_host, jwt_key=jwt_key,
-                          ssl_context=ssl_context, allow_private_egress=allow_private_egress)
+                          ssl_context=ssl_context, allow_private_egress=allow_private_egress,
+                          udp_idle_timeout=udp_idle_timeout)
         await gateway.start(listen_host, listen_port)
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()

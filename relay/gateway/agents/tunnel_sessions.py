@@ -1,4 +1,5 @@
-"""Tunnel sessions (seed 000): records in the store, and raw TCP hub ports for tcp ones.
+"""Tunnel sessions (seed 000): records in the store, and raw TCP hub ports for tcp ones
+(UDP hub ports for udp ones: relay.gateway.agents.udp_hub).
 
 A tcp tunnel session gets a hub port: a listener on the gateway host (``hub_host``,
 127.0.0.1 by default, an ephemeral port) where every accepted TCP connection becomes one
@@ -50,9 +51,11 @@ from typing import Any, Optional
 from relay.aio import MuxSession, SessionClosedError, StreamRefused, StreamSplice, WebSocketTransport
 from relay.aio.stream import MuxStream, abort_with_reset
 from relay.allowlist import allowed_by_list, not_allowed_message, parse_allowlist, parse_host_port
+from relay.gateway.agents import udp_hub
 from relay.gateway.agents.registry import Registry
 from relay.gateway.egress import EgressPolicy, is_ip_literal
 from relay.gateway.store import Store, TunnelSession
+from relay.mux.datagrams import DEFAULT_IDLE_TIMEOUT
 from relay.mux.errors import ErrorCode
 from relay.ws.tcp_tunnel import CLOSE_RESET, EOF_MESSAGE, reset_reason
 
@@ -70,7 +73,8 @@ NAME_LOOKUP_TIMEOUT = 2.0
 
 @dataclass
 class HubListener:
-    """The raw TCP listener of one tcp tunnel session, and its live counters."""
+    """The hub port of one tunnel (a TCP listener, or a UDP socket for a udp tunnel),
+    and its live counters."""
 
     session_id: str
     team_id: str
@@ -83,6 +87,14 @@ class HubListener:
     splices: set[StreamSplice] = field(default_factory=set)
     #: Host the agent connects to (seed 000 sessions: loopback; Tunnels API: its target).
     target_host: str = "127.0.0.1"
+    #: ``tcp`` (a TCP listener; http/https Tunnels API tunnels too) or ``udp``.
+    protocol: str = "tcp"
+    #: A udp hub's counters (relay.gateway.agents.udp_hub.UdpStats); None for tcp.
+    udp: Optional[udp_hub.UdpStats] = None
+
+    def __post_init__(self) -> None:
+        if self.protocol == "udp" and self.udp is None:
+            self.udp = udp_hub.UdpStats()
 
 
 class _HubSplice(StreamSplice):
@@ -234,13 +246,16 @@ class TunnelManager:
     """Opens and closes tunnel sessions and their hub ports."""
 
     def __init__(self, store: Store, registry: Registry, *, public_url: str,
-                 hub_host: str = "127.0.0.1", egress: Optional[EgressPolicy] = None) -> None:
+                 hub_host: str = "127.0.0.1", egress: Optional[EgressPolicy] = None,
+                 udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
         self._store = store
         #: Knows the gateway's own ports and addresses (loops are refused with it).
         self._egress = egress
         self._registry = registry
         self.public_url = public_url.rstrip("/")
         self.hub_host = hub_host
+        #: Seconds without a datagram after which a udp flow ends (relay.mux.datagrams).
+        self.udp_idle_timeout = udp_idle_timeout
         self._hubs: dict[str, HubListener] = {}
         self._tasks: set[asyncio.Task] = set()
         #: Tunnel connections accepted since start (hub ports and TCP-over-WS).
@@ -311,10 +326,10 @@ class TunnelManager:
     async def open(self, team_id: str, agent_id: str, target_port: int,
                    protocol: str) -> dict[str, Any]:
         """Open a session on a connected agent; returns the seed 000 response (plus
-        ``hub_port`` for tcp). The caller has checked that the agent is online."""
+        ``hub_port`` for tcp and udp). The caller has checked that the agent is online."""
         hub: Optional[HubListener] = None
-        if protocol == "tcp":
-            hub = HubListener("", team_id, agent_id, target_port)
+        if protocol in ("tcp", "udp"):
+            hub = HubListener("", team_id, agent_id, target_port, protocol=protocol)
             await self._listen(hub)
         try:
             session, access, admin = await self._store.create_tunnel_session(
@@ -333,7 +348,7 @@ class TunnelManager:
             hub.session_id = session.session_id
             self._hubs[session.session_id] = hub
             result["hub_port"] = hub.port
-            log.info("tcp tunnel %s: hub port %s:%d -> agent %s 127.0.0.1:%d",
+            log.info("%s tunnel %s: hub port %s:%d -> agent %s 127.0.0.1:%d", protocol,
                      session.session_id, self.hub_host, hub.port, agent_id, target_port)
         else:
             log.info("http tunnel %s -> agent %s port %d", session.session_id, agent_id, target_port)
@@ -369,14 +384,15 @@ class TunnelManager:
         return self._hubs.get(session_id)
 
     def tunnel_url(self, token: str, protocol: str) -> str:
-        """``http(s)://HOST/tunnel/TOKEN/`` or, for tcp, ``ws(s)://HOST/tunnel/TOKEN/tcp``."""
-        if protocol == "tcp":
+        """``http(s)://HOST/tunnel/TOKEN/`` or, for tcp (udp), ``ws(s)://HOST/tunnel/TOKEN/tcp``
+        (``.../udp``)."""
+        if protocol in ("tcp", "udp"):
             base = self.public_url
             if base.startswith("https://"):
                 base = "wss://" + base[len("https://"):]
             elif base.startswith("http://"):
                 base = "ws://" + base[len("http://"):]
-            return f"{base}/tunnel/{token}/tcp"
+            return f"{base}/tunnel/{token}/{protocol}"
         return f"{self.public_url}/tunnel/{token}/"
 
     async def restore(self) -> None:
@@ -384,9 +400,10 @@ class TunnelManager:
         same port when it is free (else the session is closed: its URL would lie)."""
         for team in await self._store.list_teams():
             for row in await self._store.list_tunnel_sessions(team.id):
-                if row.protocol != "tcp":
+                if row.protocol not in ("tcp", "udp"):
                     continue
-                hub = HubListener(row.session_id, row.team_id, row.agent_id, row.target_port)
+                hub = HubListener(row.session_id, row.team_id, row.agent_id, row.target_port,
+                                  protocol=row.protocol)
                 try:
                     await self._listen(hub, row.hub_port or 0, exact=True)
                 except OSError as exc:
@@ -408,12 +425,14 @@ class TunnelManager:
     # -- hub ports
 
     async def open_hub(self, key: str, team_id: str, agent_id: str, target_host: str,
-                       target_port: int, port: int = 0) -> HubListener:
+                       target_port: int, port: int = 0, protocol: str = "tcp") -> HubListener:
         """Listen on a hub port that is not a seed 000 session: a Tunnels API tunnel, keyed
-        by its id. ``port`` 0 picks a free one. Raises OSError if it cannot be bound.
-        Stopped by :meth:`close_hub` (or :meth:`shutdown`)."""
+        by its id. ``port`` 0 picks a free one; ``protocol`` ``udp`` binds a UDP hub port,
+        anything else a TCP one. Raises OSError if it cannot be bound. Stopped by
+        :meth:`close_hub` (or :meth:`shutdown`)."""
         self._close_hub(key)
-        hub = HubListener(key, team_id, agent_id, target_port, target_host=target_host)
+        hub = HubListener(key, team_id, agent_id, target_port, target_host=target_host,
+                          protocol="udp" if protocol == "udp" else "tcp")
         await self._listen(hub, port, exact=True)
         self._hubs[key] = hub
         return hub
@@ -424,12 +443,23 @@ class TunnelManager:
 
     async def _listen(self, hub: HubListener, port: int = 0, exact: bool = False) -> None:
         loop = asyncio.get_running_loop()
+        if hub.protocol == "udp":
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: udp_hub.UdpHubProtocol(self, hub), local_addr=(self.hub_host, port))
+            udp_hub.size_buffers(transport)
+            hub.server = transport  # type: ignore[assignment]  # close() stops it alike
+            hub.port = transport.get_extra_info("sockname")[1]
+            return
         hub.server = await loop.create_server(lambda: self._hub_protocol(hub), self.hub_host, port)
         hub.port = hub.server.sockets[0].getsockname()[1]
 
     def serve_websocket(self, hub: HubListener, transport: asyncio.Transport, leftover: bytes) -> bool:
         """Run a TCP-over-WS connection (its 101 already sent): one stream to the agent,
-        bytes in binary messages. False (and the transport closed) if the agent is gone."""
+        bytes in binary messages. False (and the transport closed) if the agent is gone.
+        On a udp hub, one flow whose datagrams are the binary messages (relay.gateway.agents.udp_hub)."""
+        if hub.protocol == "udp":
+            udp_hub.serve_websocket(self, hub, transport, leftover)
+            return True
         splice = self._splice(hub)
         if splice is None:
             transport.close()
@@ -475,10 +505,14 @@ class TunnelManager:
         hub.connections += 1
         self.connections_total += 1
         splice = _HubSplice(stream, hub)
+        self._watch(hub, stream)
+        return splice
+
+    def _watch(self, hub: HubListener, stream: MuxStream) -> None:
+        """Keep why the agent refuses ``stream``, if it does (a task until its answer)."""
         task = asyncio.get_running_loop().create_task(self._watch_answer(hub, stream))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return splice
 
     async def _watch_answer(self, hub: HubListener, stream: MuxStream) -> None:
         """Log why the agent refused a stream (the splice already aborted the client)."""
@@ -491,7 +525,8 @@ class TunnelManager:
                 code = str(exc.error_code)
             hub.last_error = f"{code}: {exc.message}"
             self.refused[code] += 1
-            log.warning("tcp tunnel %s: agent refused the connection: %s", hub.session_id, hub.last_error)
+            log.warning("%s tunnel %s: agent refused the %s: %s", hub.protocol, hub.session_id,
+                        "flow" if hub.protocol == "udp" else "connection", hub.last_error)
         except ConnectionError:
             pass  # reset or session gone: the splice handles it
 
@@ -499,7 +534,7 @@ class TunnelManager:
         hub = self._hubs.pop(session_id, None)
         if hub is not None:
             self._stop_hub(hub)
-            log.info("tcp tunnel %s closed (hub port %d)", session_id, hub.port)
+            log.info("%s tunnel %s closed (hub port %d)", hub.protocol, session_id, hub.port)
 
     @staticmethod
     def _stop_hub(hub: HubListener) -> None:
@@ -521,4 +556,5 @@ class TunnelManager:
             "connections": hub.connections if hub else 0,
             "active_connections": len(hub.splices) if hub else 0,
             "last_error": hub.last_error if hub else None,
+            **({"udp": hub.udp.as_dict()} if hub is not None and hub.udp is not None else {}),
         }

@@ -26,23 +26,30 @@ only: another team's tunnel, share, webhook or agent answers 404.
 Create body: ``target`` (``"host:port"``, ``"[v6]:port"`` or ``{"host", "port"}``;
 required), ``agent_id`` (required; the team's agent that reaches the target; it may be
 offline), ``name`` (1..100 characters; generated as adjective-noun-4hex if absent),
-``protocol`` (``auto`` default, ``tcp``, ``http``, ``https``; ``udp`` is refused with
-``400 unsupported_protocol``: the relay carries TCP streams only), ``public`` (bool; for
+``protocol`` (``auto`` default, ``tcp``, ``udp``, ``http``, ``https``; a udp tunnel's
+hub port is a UDP socket, each client address one flow: relay.gateway.agents.udp_hub),
+``public`` (bool; for
 an http tunnel it creates an unrestricted, never-expiring share named ``public`` whose
 URL comes back once as ``public_url``: delete that share to unpublish; for tcp/https
 tunnels the hub port is the way in and ``public`` is only recorded), ``hub_port`` (1024..65535,
 optional: a specific hub port; 409 if
-another tunnel holds it). ``auto`` resolves by target port: 443 → https; 80, 3000, 5000,
-7860, 8000, 8080, 8188, 8888 → http; anything else → tcp. Unknown fields → 400.
+another tunnel holds it, whatever its protocol). ``auto`` resolves by target port: 443 →
+https; 80, 3000, 5000, 7860, 8000, 8080, 8188, 8888 → http; the well-known UDP services
+(:data:`UDP_PORTS`: DNS 53, DHCP 67/68, TFTP 69, NTP 123, SNMP 161/162, IKE 500/4500,
+syslog 514, OpenVPN 1194, STUN 3478, mDNS 5353, statsd 8125, game servers 27015,
+WireGuard 51820) → udp; anything else → tcp. Unknown fields → 400.
 
 Before the tunnel exists (relay.gateway.agents.tunnel_sessions, ``TunnelManager.target_refusal``): a
 target that is the gateway's own listening or hub port (the requested ``hub_port``
 included) as seen from the agent → 400 ``target_is_gateway``; with the agent online,
 a target it does not allow → 403 ``target_not_allowed`` (the agent's reason).
 
-A tunnel (every protocol) is reachable as a raw TCP hub port on the gateway host
-(``hub_host:hub_port``): each connection becomes one stream through the agent to the
-target, exactly like a seed 000 tcp session (:class:`~relay.gateway.agents.tunnel_sessions.TunnelManager`
+A tunnel is reachable as a raw hub port on the gateway host (``hub_host:hub_port``):
+TCP for tcp, http and https tunnels (each connection becomes one stream through the
+agent to the target, exactly like a seed 000 tcp session), UDP for udp tunnels (each
+client address and port becomes one flow: a stream of datagrams, ending after the
+gateway's ``--udp-idle-timeout`` without one; the tunnel's ``udp`` object counts
+flows, datagrams each way and datagrams dropped) (:class:`~relay.gateway.agents.tunnel_sessions.TunnelManager`
 does the work). The port is kept in the store, so after a gateway restart an active
 tunnel listens on the same port again.
 
@@ -113,6 +120,9 @@ PROTOCOLS: tuple[str, ...] = ("auto", "tcp", "udp", "http", "https")
 #: Target ports ``auto`` treats as HTTP (web servers, dev servers, Gradio, ComfyUI, Jupyter).
 HTTP_PORTS = frozenset({80, 3000, 5000, 7860, 8000, 8080, 8188, 8888})
 HTTPS_PORTS = frozenset({443})
+#: Target ports ``auto`` treats as UDP services (see the module docstring).
+UDP_PORTS = frozenset({53, 67, 68, 69, 123, 161, 162, 500, 514, 1194, 3478, 4500, 5353, 8125,
+                       27015, 51820})
 MAX_NAME = 100
 MAX_METADATA = 16 * 1024
 HUB_PORT_RANGE = (1024, 65535)
@@ -180,6 +190,8 @@ def auto_protocol(port: int) -> str:
     """What ``protocol: auto`` means for a target port (see the module docstring)."""
     if port in HTTPS_PORTS:
         return "https"
+    if port in UDP_PORTS:
+        return "udp"
     return "http" if port in HTTP_PORTS else "tcp"
 
 
@@ -187,6 +199,8 @@ def connection_string(target_port: int, protocol: str, host: str, port: int) -> 
     """How a client reaches a tunnel bound at ``host:port``, by the target's well-known
     port first (a database is a database whatever it was created as), then protocol."""
     hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if protocol == "udp":  # datagrams: none of the TCP clients below applies
+        return f"udp://{hostport}"
     if target_port == 5432:
         return f"postgresql://user@{hostport}/dbname"
     if target_port == 3306:
@@ -312,7 +326,7 @@ class TunnelsApi:
             try:
                 hub = await tunnels.open_hub(tunnel.id, tunnel.team_id, tunnel.agent_id,
                                              tunnel.target_host, tunnel.target_port,
-                                             tunnel.hub_port or 0)
+                                             tunnel.hub_port or 0, protocol=tunnel.protocol)
             except OSError as exc:
                 self._errors[tunnel.id] = f"cannot listen on hub port {tunnel.hub_port or 0}: {exc.strerror or exc}"
                 log.warning("tunnel %s: %s", tunnel.id, self._errors[tunnel.id])
@@ -368,6 +382,7 @@ class TunnelsApi:
             "connections": hub.connections if hub else 0,
             "active_connections": len(hub.splices) if hub else 0,
             "last_error": hub.last_error if hub else None,
+            **({"udp": hub.udp.as_dict()} if hub is not None and hub.udp is not None else {}),
             "created_at": _iso(tunnel.created_at),
             "updated_at": _iso(tunnel.updated_at),
         }
@@ -395,10 +410,6 @@ class TunnelsApi:
         protocol = body.get("protocol", "auto")
         if protocol is None:
             protocol = "auto"
-        if protocol == "udp":
-            raise HttpError(400, "unsupported_protocol",
-                            "protocol: udp is not supported yet (the relay carries TCP streams "
-                            "only); use tcp, http, https or auto")
         if protocol not in PROTOCOLS:
             raise _bad("protocol", f"must be one of {', '.join(PROTOCOLS)}")
         if protocol == "auto":
@@ -504,6 +515,11 @@ class TunnelsApi:
             local_port = tunnel.target_port
         elif not _valid_port(local_port):
             raise _bad("local_port", "must be an integer from 1 to 65535")
+        if tunnel.protocol == "udp":
+            raise HttpError(400, "unsupported_protocol",
+                            "connect binds a TCP port on the agent; a udp tunnel is reached at its "
+                            "UDP hub port (hub_host:hub_port), or through a seed 000 udp session "
+                            "with `relay connect --udp`")
         agent_id = await self._team_agent_id(principal, body["agent_id"])
         receiver = self.gw.registry.get(principal.team_id, agent_id)
         if receiver is None:

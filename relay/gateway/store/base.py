@@ -49,7 +49,7 @@ AGENT_STATUSES: tuple[str, ...] = ("idle", "busy", "tunnel", "unhealthy", "offli
 TASK_STATUSES: tuple[str, ...] = ("queued", "dispatched", "running", "succeeded", "failed")
 
 #: Protocols of a tunnel session opened with ``POST /agents/{id}/tunnel`` (seed 000).
-TUNNEL_SESSION_PROTOCOLS: tuple[str, ...] = ("http", "tcp")
+TUNNEL_SESSION_PROTOCOLS: tuple[str, ...] = ("http", "tcp", "udp")
 
 #: Characters of a credential token kept for display, after its ``xx-`` kind prefix.
 PREFIX_CHARS = 6
