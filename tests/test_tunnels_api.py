@@ -474,6 +474,7 @@ def test_shares_api_and_enforcement_at_the_share_url(tmp_path, store_url):
                 assert status == 201, share
                 match = re.fullmatch(re.escape(gw.url) + r"/s/([\w-]+)/", share["share_url"])
                 assert match, share["share_url"]
+                assert share["shareUrl"] == share["share_url"]  # seed 002's name, and the earlier one
                 token = match.group(1)
                 assert share["allowed_methods"] == ["GET"] and share["rate_limit"] == 2
                 assert share["expires_at"] == "2023-11-14T23:14:00Z" and share["expired"] is False

@@ -9,12 +9,14 @@ that can also flood, and a DNS server answering A queries in the DNS wire format
 from __future__ import annotations
 
 import random
+import re
 import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -369,6 +371,10 @@ def test_a_slow_reader_loses_the_oldest_datagrams_and_they_are_counted(relay: Re
     stats = session_stats(relay, session["session_id"])["udp"]
     assert stats["datagrams_dropped"] > 0
     assert len(numbers) + stats["datagrams_dropped"] <= total
+    with urllib.request.urlopen(f"http://127.0.0.1:{relay.port}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    dropped = re.search(r"^relay_udp_datagrams_dropped_total (\S+)$", metrics, re.M)
+    assert dropped and float(dropped.group(1)) >= stats["datagrams_dropped"], metrics
 
 
 def test_a_target_the_agent_does_not_allow_is_refused(relay: RelayProcs) -> None:

@@ -574,6 +574,15 @@ def openapi_document(server_url: str) -> dict[str, Any]:
     }
 
 
+def _udp_datagrams(family: Any, stats: list[dict[str, int]]) -> Any:
+    """``relay_udp_datagrams_total{direction="in"|"out"}`` over the UDP hubs' ``stats``."""
+    metric = family("relay_udp_datagrams", "UDP datagrams relayed on the hub ports listening now "
+                    "(in: from clients, out: to clients)", labels=["direction"])
+    metric.add_metric(["in"], sum(s["datagrams_in"] for s in stats))
+    metric.add_metric(["out"], sum(s["datagrams_out"] for s in stats))
+    return metric
+
+
 class _GatewayCollector:
     """Computes the gateway's metrics at scrape time from its live state (one registry
     per Gateway, so several gateways in one process do not collide)."""
@@ -596,6 +605,13 @@ class _GatewayCollector:
                                 value=sum(len(h.splices) for h in hubs))
         yield CounterMetricFamily("relay_tunnel_connections", "Tunnel connections accepted",
                                   value=tunnels.connections_total if tunnels is not None else 0)
+        udp = [h.udp.as_dict() for h in hubs if h.udp is not None]
+        yield GaugeMetricFamily("relay_udp_flows_active", "UDP tunnel flows open now",
+                                value=sum(s["active_flows"] for s in udp))
+        yield CounterMetricFamily("relay_udp_datagrams_dropped", "UDP datagrams dropped by a full "
+                                  "queue (a slow reader) on the hub ports listening now",
+                                  value=sum(s["datagrams_dropped"] for s in udp))
+        yield _udp_datagrams(CounterMetricFamily, udp)
         refused = CounterMetricFamily("relay_tunnel_streams_refused", "Streams an agent refused",
                                       labels=["code"])
         for code, count in sorted((tunnels.refused if tunnels is not None else {}).items()):

@@ -12,7 +12,7 @@ only: another team's tunnel, share, webhook or agent answers 404.
 ``PATCH  /api/v1/tunnels/{id}``              manage   ``name``/``status``/``metadata`` → tunnel
 ``DELETE /api/v1/tunnels/{id}``              manage   204 (its shares go with it)
 ``POST   /api/v1/tunnels/{id}/connect``      read     ``{agent_id, local_port?}`` → connection
-``POST   /api/v1/tunnels/{id}/shares``       manage   create → 201 share with ``share_url``
+``POST   /api/v1/tunnels/{id}/shares``       manage   create → 201 share with ``shareUrl``
 ``GET    /api/v1/tunnels/{id}/shares``       read     ``{"shares": [share, ...]}``
 ``GET    /api/v1/tunnels/{id}/shares/{sid}`` read     share
 ``DELETE /api/v1/tunnels/{id}/shares/{sid}`` manage   204
@@ -80,8 +80,10 @@ port must be reachable from it.
 
 Shares (http tunnels only: the share URL is served by the gateway's HTTP reverse proxy,
 which speaks plain HTTP to the target): see :mod:`relay.gateway.api.shares` for the fields
-and the checks, :mod:`relay.gateway.http.share_proxy` for the serving. The ``share_url``
-(``{gateway}/s/{share_token}/``) is returned once, at creation: only a hash of its token
+and the checks, :mod:`relay.gateway.http.share_proxy` for the serving. The link
+(``{gateway}/s/{share_token}/``) is returned once, at creation, as ``shareUrl`` (the
+canonical name: seed 002 tells users to save the ``shareUrl``) and, with the same value,
+as ``share_url`` for clients written against earlier answers; only a hash of its token
 is stored. At the share URL every request is checked (404 unknown token, 410 expired,
 405 method not allowed with ``Allow``, 429 over the rate limit with ``Retry-After``, 503
 tunnel paused or agent offline), then proxied to the tunnel's target with the
@@ -554,7 +556,9 @@ class TunnelsApi:
             "created_at": _iso(share.created_at),
         }
         if token is not None:
-            result["share_url"] = f"{self.gw.url}/s/{token}/"
+            url = f"{self.gw.url}/s/{token}/"
+            result["shareUrl"] = url  # canonical (seed 002)
+            result["share_url"] = url  # the same, as earlier answers spelled it
         return result
 
     async def _create_share(self, request: Request) -> Response:

@@ -50,7 +50,7 @@ SCHEMAS: dict[str, Any] = {
         "target": {"type": "string", "description": "host:port"},
         "target_host": {"type": "string"},
         "target_port": {"type": "integer"},
-        "protocol": {"type": "string", "enum": ["tcp", "http", "https"]},
+        "protocol": {"type": "string", "enum": ["tcp", "udp", "http", "https"]},
         "public": {"type": "boolean"},
         "public_url": {"type": "string", "description": "public http tunnels, in the create answer only"},
         "hub_host": _NULLABLE_STRING,
@@ -61,6 +61,10 @@ SCHEMAS: dict[str, Any] = {
         "connections": {"type": "integer"},
         "active_connections": {"type": "integer"},
         "last_error": _NULLABLE_STRING,
+        "udp": {"type": "object", "description": "udp tunnels only: flow and datagram counters",
+                "properties": {name: {"type": "integer"} for name in (
+                    "flows", "active_flows", "datagrams_in", "datagrams_out", "bytes_in", "bytes_out",
+                    "datagrams_dropped", "datagrams_refused")}},
         "created_at": {"type": "string"},
         "updated_at": {"type": "string"},
     }},
@@ -73,7 +77,8 @@ SCHEMAS: dict[str, Any] = {
         "agent_id": {"type": "string", "format": "uuid"},
         "name": {"type": "string", "minLength": 1, "maxLength": 100, "nullable": True},
         "protocol": {"type": "string", "enum": ["auto", "tcp", "udp", "http", "https"], "default": "auto",
-                     "description": "udp is refused (400 unsupported_protocol)"},
+                     "description": "auto: https for 443, http for common web ports, udp for "
+                                    "UDP service ports (53, 123, 514, 8125, 51820 ...), else tcp"},
         "public": {"type": "boolean", "default": False},
         "hub_port": {"type": "integer", "minimum": 1024, "maximum": 65535, "nullable": True},
     }},
@@ -103,7 +108,9 @@ SCHEMAS: dict[str, Any] = {
         "allowed_methods": {"type": "array", "items": {"type": "string"}, "nullable": True},
         "rate_limit": {"type": "integer", "nullable": True},
         "created_at": {"type": "string"},
-        "share_url": {"type": "string", "description": "only in the answer to the create call"},
+        "shareUrl": {"type": "string", "description": "the link to send (seed 002: save it); only in "
+                                                     "the answer to the create call"},
+        "share_url": {"type": "string", "description": "the same as shareUrl (kept for earlier clients)"},
     }},
     "ShareCreate": {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
         "name": {"type": "string", "minLength": 1, "maxLength": 100},
@@ -156,7 +163,7 @@ def _paths() -> dict[str, Any]:
         "/tunnels/{tunnelId}/shares": {
             "post": {"summary": "Create a share link", "parameters": [tid, _TEAM],
                      "requestBody": _body(_ref("ShareCreate")),
-                     "responses": {"201": _json(_ref("Share"), "Created (share_url shown once)"),
+                     "responses": {"201": _json(_ref("Share"), "Created (shareUrl shown once)"),
                                    **_errors(400, 404)}},
             "get": {"summary": "List a tunnel's shares", "parameters": [tid, _TEAM],
                     "responses": {"200": _json({"type": "object", "properties": {
