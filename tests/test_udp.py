@@ -85,7 +85,7 @@ def test_queue_drops_the_oldest_and_counts() -> None:
     by_bytes.push(bytes(40000))
     by_bytes.push(bytes(20000))
     assert by_bytes.push(bytes(10000)) == 1  # 70000 > 65535: the 40000 goes
-    assert len(by_bytes) == 2 and by_bytes.bytes == 30000
+    assert len(by_bytes) == 2 and by_bytes.queued_bytes == 30000
     assert by_bytes.push(bytes(MAX_DATAGRAM)) == 2  # the largest datagram always fits alone
     assert len(by_bytes) == 1 and by_bytes.dropped == 3
     with pytest.raises(ValueError):

@@ -74,7 +74,8 @@ async def serve_datagram_stream(stream: MuxStream, host: str, port: int) -> Data
     def deliver(datagram: bytes) -> None:
         # asyncio buffers a datagram the socket could not take (EAGAIN) without bound:
         # past the flow's queue size, lose it instead, as a full socket buffer would.
-        if transport.get_write_buffer_size() > DEFAULT_QUEUE_BYTES:
+        # (asyncio's datagram transports have the method; typeshed's base class lacks it)
+        if transport.get_write_buffer_size() > DEFAULT_QUEUE_BYTES:  # type: ignore[attr-defined]
             pipe.flow.lost(len(datagram))
             return
         transport.sendto(datagram)

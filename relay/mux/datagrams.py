@@ -143,7 +143,7 @@ class DropOldestQueue:
         return bool(self._items)
 
     @property
-    def bytes(self) -> int:
+    def queued_bytes(self) -> int:
         """Payload bytes held."""
         return self._bytes
 

@@ -137,7 +137,7 @@ def open_flow(manager: TunnelManager, hub: HubListener, deliver: Any,
 
     def closed(pipe: DatagramPipe, exc: Optional[BaseException]) -> None:
         stats.live.discard(pipe)
-        hub.splices.discard(pipe)  # type: ignore[arg-type]
+        hub.splices.discard(pipe)
         stats.add(pipe)
         if on_closed is not None:
             on_closed(pipe, exc)
@@ -147,7 +147,7 @@ def open_flow(manager: TunnelManager, hub: HubListener, deliver: Any,
         return None
     stats.flows += 1
     stats.live.add(pipe)
-    hub.splices.add(pipe)  # type: ignore[arg-type]
+    hub.splices.add(pipe)  # type: ignore[arg-type]  # aborted with the hub like a splice
     hub.connections += 1
     manager.connections_total += 1
     manager._watch(hub, stream)
@@ -171,7 +171,8 @@ class UdpHubProtocol(asyncio.DatagramProtocol):
         if pipe is None or pipe.closed:
             pipe = self._open(addr)
             if pipe is None:
-                self._hub.udp.refused += 1  # type: ignore[attr-defined]
+                if self._hub.udp is not None:
+                    self._hub.udp.refused += 1
                 return
         pipe.send(data)
 
@@ -190,9 +191,11 @@ class UdpHubProtocol(asyncio.DatagramProtocol):
 
         def deliver(datagram: bytes) -> None:
             # One socket serves every flow: while asyncio holds datagrams the kernel would
-            # not take, more of them are lost rather than buffered without bound.
-            if transport.get_write_buffer_size() > DEFAULT_QUEUE_BYTES:
-                pipe.flow.lost(len(datagram))
+            # not take, more of them are lost rather than buffered without bound. (asyncio's
+            # datagram transports have the method; typeshed's base class lacks it.)
+            if transport.get_write_buffer_size() > DEFAULT_QUEUE_BYTES:  # type: ignore[attr-defined]
+                if pipe is not None:
+                    pipe.flow.lost(len(datagram))
                 return
             transport.sendto(datagram, addr)
 
@@ -289,7 +292,7 @@ WS_MAX_DATAGRAM_MESSAGE = MAX_DATAGRAM
 def serve_websocket(manager: TunnelManager, hub: HubListener, transport: asyncio.Transport,
                     leftover: bytes) -> None:
     """Run one ``relay connect --udp`` flow on a WebSocket (its 101 already sent)."""
-    WebSocketTransport.attach(transport, _WsDatagrams(manager, hub), client=False,  # type: ignore[arg-type]
+    WebSocketTransport.attach(transport, _WsDatagrams(manager, hub), client=False,
                               initial=leftover, max_message_size=WS_MAX_DATAGRAM_MESSAGE)
     transport.resume_reading()
 
