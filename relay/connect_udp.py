@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, cast
 from urllib.parse import urlsplit
 
 from relay.mux.datagrams import DEFAULT_IDLE_TIMEOUT, DEFAULT_QUEUE_BYTES, MAX_DATAGRAM, DatagramFlow
@@ -53,7 +53,7 @@ class UdpConnect(asyncio.DatagramProtocol):
         self.dropped = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.DatagramTransport, transport)  # create_datagram_endpoint's transport
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         flow = self.flows.get(addr)

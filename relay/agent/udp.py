@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from relay.aio.datagrams import DatagramPipe
 from relay.aio.stream import MuxStream
@@ -35,7 +35,7 @@ class _TargetProtocol(asyncio.DatagramProtocol):
         self.transport: Optional[asyncio.DatagramTransport] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.DatagramTransport, transport)  # create_datagram_endpoint's transport
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         if self.pipe is not None:
@@ -75,7 +75,7 @@ async def serve_datagram_stream(stream: MuxStream, host: str, port: int) -> Data
         # asyncio buffers a datagram the socket could not take (EAGAIN) without bound:
         # past the flow's queue size, lose it instead, as a full socket buffer would.
         # (asyncio's datagram transports have the method; typeshed's base class lacks it)
-        if transport.get_write_buffer_size() > DEFAULT_QUEUE_BYTES:  # type: ignore[attr-defined]
+        if transport.get_write_buffer_size() > DEFAULT_QUEUE_BYTES:  # type: ignore[attr-defined]  # not in typeshed
             pipe.flow.lost(len(datagram))
             return
         transport.sendto(datagram)

@@ -54,7 +54,7 @@ class DatagramPipe:
         self._timer: Optional[asyncio.TimerHandle] = None
         self.splice = StreamSplice(stream)
         # Accepts a stream the peer opened and routes what it receives to write().
-        self.splice.connection_made(self)  # type: ignore[arg-type]
+        self.splice.connection_made(self)  # type: ignore[arg-type]  # the pipe stands in for a socket transport
         if idle_timeout is not None:
             self._timer = self._loop.call_at(self.flow.deadline, self._check_idle)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 from relay.aio import WebSocketTransport
 from relay.aio.datagrams import DatagramPipe
@@ -116,7 +116,7 @@ def open_flow(manager: TunnelManager, hub: HubListener, deliver: Any,
               on_closed: Any = None) -> Optional[DatagramPipe]:
     """Open one flow of ``hub`` (a stream to the agent); None, with ``last_error``, if
     the agent is offline, the hub is full or the target loops into the gateway."""
-    stats: UdpStats = hub.udp  # type: ignore[assignment]
+    stats = cast(UdpStats, hub.udp)  # a udp hub always has its stats
     agent = manager._registry.get(hub.team_id, hub.agent_id)
     if agent is None:
         hub.last_error = "agent offline"
@@ -164,7 +164,7 @@ class UdpHubProtocol(asyncio.DatagramProtocol):
         self.transport: Optional[asyncio.DatagramTransport] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.DatagramTransport, transport)  # create_datagram_endpoint's transport
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         pipe = self._flows.get(addr)
@@ -193,7 +193,7 @@ class UdpHubProtocol(asyncio.DatagramProtocol):
             # One socket serves every flow: while asyncio holds datagrams the kernel would
             # not take, more of them are lost rather than buffered without bound. (asyncio's
             # datagram transports have the method; typeshed's base class lacks it.)
-            if transport.get_write_buffer_size() > DEFAULT_QUEUE_BYTES:  # type: ignore[attr-defined]
+            if transport.get_write_buffer_size() > DEFAULT_QUEUE_BYTES:  # type: ignore[attr-defined]  # not in typeshed
                 if pipe is not None:
                     pipe.flow.lost(len(datagram))
                 return
@@ -256,7 +256,7 @@ class _WsDatagrams:
         # A client that reads slowly: its datagrams wait in a bounded queue, the oldest
         # dropped first (counted), instead of in an ever growing socket buffer.
         if self._paused:
-            self.pipe.flow.to_local.push(datagram)  # type: ignore[union-attr]
+            self.pipe.flow.to_local.push(datagram)  # type: ignore[union-attr]  # a paused pipe has its flow
         else:
             self.ws.write(datagram)
 

@@ -89,7 +89,15 @@ from relay.allowlist import parse_host_port
 from relay.gateway.api.invoke import dot_segment_error, has_dot_segment, http_exchange, invoke, stream_close
 from relay.gateway.auth import AuthError, Principal
 from relay.gateway.egress import EgressPolicy
-from relay.gateway.http.proxy import ProxyError, ProxyStats, RequestHead, Upstream, origin_form, serve_connection
+from relay.gateway.http.proxy import (
+    MaybeUpstream,
+    ProxyError,
+    ProxyStats,
+    RequestHead,
+    Upstream,
+    origin_form,
+    serve_connection,
+)
 from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, Router, json_response
 from relay.gateway.store import Service, StoreError
 from relay.mux.errors import ErrorCode
@@ -763,7 +771,7 @@ class ServiceManager:
     def _http_server(self, declined: bool = False) -> HttpProtocol:
         return HttpProtocol(self.gw.router, self.gw._connections, declined=declined)
 
-    def _resolve(self, request: RequestHead, transport: Any = None) -> Optional[Upstream]:
+    def _resolve(self, request: RequestHead, transport: Any = None) -> MaybeUpstream:
         """Where a request goes. None hands the connection back to the HTTP server: for
         other paths, and for a failed check (the route answers it, headers included).
         An absolute-form target is served like its origin form (RFC 9112 §3.2.2). The
@@ -782,7 +790,7 @@ class ServiceManager:
         except (HttpError, AuthError):
             return None
         if checked is None:  # not all in memory: ask the store first (a slow path)
-            return self._resolve_slowly(target, end, slug, headers, transport)  # type: ignore[return-value]
+            return self._resolve_slowly(target, end, slug, headers, transport)
         return self._upstream(checked, target, end, slug, headers, transport)
 
     async def _resolve_slowly(self, target: bytes, end: int, slug: str, headers: dict[bytes, str],

@@ -210,7 +210,10 @@ class RequestHead:
 
 #: Decides where a request goes: an Upstream, None (not ours: hand the connection back),
 #: or raises ProxyError. May be a coroutine function.
-Resolver = Callable[[RequestHead], Union[Optional[Upstream], Awaitable[Optional[Upstream]]]]
+#: What a resolver answers: where the request goes (None: not ours), or, on a slow path,
+#: an awaitable of that.
+MaybeUpstream = Union[Optional[Upstream], Awaitable[Optional[Upstream]]]
+Resolver = Callable[[RequestHead], MaybeUpstream]
 
 
 def origin_form(target: bytes) -> bytes:

@@ -31,7 +31,15 @@ from typing import TYPE_CHECKING, Any, Optional
 from relay.aio import SessionClosedError
 from relay.aio.stream import MuxStream
 from relay.gateway.api.shares import check_share
-from relay.gateway.http.proxy import ProxyError, ProxyStats, RequestHead, Upstream, origin_form, serve_connection
+from relay.gateway.http.proxy import (
+    MaybeUpstream,
+    ProxyError,
+    ProxyStats,
+    RequestHead,
+    Upstream,
+    origin_form,
+    serve_connection,
+)
 from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, Router, json_response
 from relay.gateway.store import Share, StoreError, Tunnel, hash_token
 
@@ -158,7 +166,7 @@ class ShareProxy:
         transport, data = request.take_over_raw()
         first = [True]
 
-        def resolve(head: RequestHead) -> Optional[Upstream]:
+        def resolve(head: RequestHead) -> MaybeUpstream:
             counted, first[0] = first[0], False  # the first request was counted above
             return self._resolve(head, count=not counted)
 
@@ -168,7 +176,7 @@ class ShareProxy:
     def _http_server(self, declined: bool = False) -> HttpProtocol:
         return HttpProtocol(self._api.gw.router, self._api.gw._connections, declined=declined)
 
-    def _resolve(self, request: RequestHead, count: bool) -> Optional[Upstream]:
+    def _resolve(self, request: RequestHead, count: bool) -> MaybeUpstream:
         """Where a request on a share proxy connection goes. None hands the connection
         back to the HTTP server: for other paths, and for a request that fails a check
         (the route answers it there, with the error's headers)."""
@@ -183,7 +191,7 @@ class ShareProxy:
         method = request.method.decode("ascii", "replace")
         rows = self._cached(token)
         if rows is None:  # not in memory: ask the store first (a slow path)
-            return self._resolve_slowly(token, method, count, target[end:])  # type: ignore[return-value]
+            return self._resolve_slowly(token, method, count, target[end:])
         try:
             upstream = self._admit_rows(rows, token, method, count)
         except HttpError:
