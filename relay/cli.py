@@ -16,7 +16,7 @@ import datetime as _dt
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Optional, TypeVar
 
 import click
 
@@ -225,14 +225,23 @@ def key_list(ctx: click.Context, team_ref: str, include_revoked: bool, as_json: 
 @key.command("revoke")
 @_team_option
 @click.argument("key_ref", metavar="KEY")
+@click.option("--redis", "redis_url", envvar="RELAY_REDIS", metavar="URL",
+              help="The fleet's Redis: every gateway of the fleet refuses the key at once.")
 @json_option
 @click.pass_context
-def key_revoke(ctx: click.Context, team_ref: str, key_ref: str, as_json: bool) -> None:
+def key_revoke(ctx: click.Context, team_ref: str, key_ref: str, redis_url: Optional[str], as_json: bool) -> None:
     """Revoke a team's key. KEY is the key id, its display prefix (sk-AbCdEf), or the key."""
     store = _store(ctx)
     found = _resolve_team(store, team_ref)
     cred = _find_credential(store, found.id, key_ref.strip())
     store.revoke_credential(found.id, cred.id)
+    if redis_url:
+        from relay.gateway.fleet import publish_invalidation
+
+        try:
+            publish_invalidation(redis_url, "credentials", ids=[cred.id])
+        except Exception as exc:  # revoked in the store all the same: gateways poll it too
+            click.echo(f"warning: revoked, but cannot tell the fleet through Redis: {exc}", err=True)
     if as_json:
         _print_json({"team_id": found.id, "revoked": cred.id, "prefix": cred.display})
         return

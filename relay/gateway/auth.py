@@ -174,6 +174,12 @@ class Authenticator:
             return self._user_principal(token, x_team_id)
         raise AuthError(401, "invalid_credentials", "unrecognised bearer token")
 
+    def forget(self) -> None:
+        """Empty the row caches now (another gateway of a fleet changed credentials)."""
+        self._credentials.clear()
+        self._teams.clear()
+        self._generation = None
+
     def _fresh_caches(self) -> None:
         """Empty the row caches if anything was committed to the database since they were
         filled (see the module docstring)."""

@@ -76,6 +76,11 @@ class RevocationWatcher:
             except Exception as exc:  # a busy database must not stop the watch
                 log.warning("cannot check for revoked credentials: %s", exc)
 
+    def forget(self) -> None:
+        """Make the next :meth:`check` ask the store whatever the generation says (a
+        revocation made through another gateway's store connection, e.g. PostgreSQL)."""
+        self._seen = None
+
     def check(self) -> list[ConnectedAgent]:
         """Expel the connected agents whose credential is revoked now; returns them."""
         # The generation is read before the credentials: a revocation committed after the
