@@ -256,7 +256,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, redis: Any, targets: Targets
     try:
         for name in ("a", "b", "c"):
             running.start_gateway(name)
-        running.start_agent("on-a", ["a", "b", "c"], allow=(f"127.0.0.1:{targets.echo_port}",))
+        running.start_agent("on-a", ["a", "b", "c"], allow=(f"127.0.0.1:{targets.echo_port}",
+                                                               f"127.0.0.1:{targets.source_port}"))
         running.start_agent("on-b", ["b", "c", "a"])
         for gateway in ("a", "b", "c"):
             for agent in ("on-a", "on-b"):
@@ -302,6 +303,42 @@ def test_tcp_hub_port_at_b_reaches_an_agent_held_by_a(fleet, targets):
     assert joined and float(joined.group(1)) >= 5
     to_agent = re.search(r'relay_fleet_forwarded_bytes_total\{direction="to_agent"\} (\S+)', metrics)
     assert to_agent and float(to_agent.group(1)) >= 4 * MiB
+
+
+def _from_agent_bytes(fleet: Fleet, gateway: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.port(gateway)}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    found = re.search(r'relay_fleet_forwarded_bytes_total\{direction="from_agent"\} (\S+)', metrics)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_client_that_stops_reading_stops_the_agent_across_both_hops(fleet, targets):
+    """An endless source behind the agent on a, read through a hub port at b by a client
+    that reads a little and then nothing: what a passes towards b stops growing (the
+    windows of both hops are full), and a reader that resumes gets the stream going."""
+    agent_id = fleet.agent_id("b", "on-a")
+    status, body = fleet.api("b", "POST", f"/api/v1/agents/{agent_id}/tunnel",
+                             {"target_port": targets.source_port, "tunnel_protocol": "tcp"})
+    assert status == 200, body
+    before = _from_agent_bytes(fleet, "a")
+    with socket.create_connection(("127.0.0.1", body["hub_port"]), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        assert len(sock.recv(65536)) > 0  # flowing
+        time.sleep(2.0)  # reading nothing: both hops fill up and stop
+        stalled = _from_agent_bytes(fleet, "a")
+        time.sleep(1.5)
+        still = _from_agent_bytes(fleet, "a")
+        print(f"\n[fleet] a stalled reader held {(stalled - before) / MiB:.1f} MiB in flight across both hops; "
+              f"{still - stalled:.0f} bytes more in the next 1.5 s")
+        assert still - stalled < 256 * 1024, "the agent's data kept flowing to a reader that reads nothing"
+        assert stalled - before < 48 * MiB  # one stream window per hop plus socket buffers
+        sock.settimeout(10)
+        got = 0
+        while got < 2 * MiB:  # reading again: it flows again
+            chunk = sock.recv(1024 * 1024)
+            assert chunk
+            got += len(chunk)
+    assert _from_agent_bytes(fleet, "a") > still
 
 
 def test_http_tunnel_opened_at_a_answers_through_c(fleet):
