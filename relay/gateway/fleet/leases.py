@@ -188,6 +188,11 @@ class LeaseStore:
     async def publish(self, message: dict[str, Any]) -> None:
         await self.client.publish(CHANNEL, json.dumps(message))
 
+    async def current(self, key: str) -> int:
+        """The fleet-wide counter ``key`` (0 if absent)."""
+        value = await self.client.get(f"{PREFIX}rate:{key}")
+        return int(value) if value is not None else 0
+
     async def count(self, key: str, n: int, window: float) -> int:
         """Add ``n`` to the fleet-wide counter ``key`` (expiring after two windows);
         returns its new value."""

@@ -5,7 +5,10 @@ The share proxy asks synchronously, once per request, and must not wait for Redi
 that path. So each gateway decides from the fleet-wide count it last heard plus what
 it counted itself since, and adds its own counts to the shared counter (``INCRBY`` of
 ``relay:rate:{share}:{window start}``) in the background, one round trip in flight per
-share at a time; the answer brings the others' counts. The fleet may overshoot by what
+share at a time; the answer brings the others' counts. A new client connection to a
+limited share first reads the fleet-wide count (one GET, awaited by the share proxy's
+route), so a gateway that never saw the share does not admit requests the others used
+up. The fleet may overshoot by what
 the gateways admit within one round trip of each other, never by a whole limit per
 gateway. Without Redis, each gateway counts alone (as a single gateway does).
 """
@@ -43,6 +46,23 @@ class FleetRateLimiter(RateLimiter):
         if not state[3]:
             self._fleet.spawn(self._send(key, state))
         return None
+
+    async def prime(self, key: str, now: float) -> None:
+        """Learn the fleet-wide count of ``key``'s current window (one GET; the share
+        proxy awaits it once per new client connection, so a gateway that never saw
+        the share does not admit a request the others used up)."""
+        start = now - (now % self.window)
+        try:
+            total = await self._fleet.leases.current(f"{key}:{int(start)}")
+        except Exception as exc:
+            self._fleet.redis_failed("read a share's request count", exc)
+            return
+        state = self._counts.get(key)
+        if state is None or state[0] != start:
+            if len(self._counts) >= self.max_keys:
+                self._counts.clear()
+            state = self._counts[key] = [start, 0, 0, 0]
+        state[1] = max(state[1], total)
 
     async def _send(self, key: str, state: list[float]) -> None:
         while state[2] and self._counts.get(key) is state:
