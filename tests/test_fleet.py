@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.client
 import http.server
 import json
 import os
@@ -229,6 +230,9 @@ def http_get(url: str, data: Optional[bytes] = None) -> tuple[int, bytes]:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+    except (ConnectionError, http.client.HTTPException):
+        # A connection cut while the tunnel closes (its live connections are cut): no answer.
+        return 0, b""
 
 
 # ----------------------------------------------------------------------------- fixtures
