@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from relay import __version__
-from relay.aio import WebSocketTransport
+from relay.aio import MuxSession, WebSocketTransport
 from relay.gateway.agents.bindings import Bindings
 from relay.gateway.agents.registry import AgentNameTaken, Registry, end_session
 from relay.gateway.agents.revocation import RevocationWatcher

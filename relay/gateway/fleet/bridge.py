@@ -233,13 +233,13 @@ class StreamTransport:
         return self._protocol
 
 
-def join_streams(incoming: MuxStream, outgoing: MuxStream, counter: Optional[Any] = None) -> StreamSplice:
+def join_streams(incoming: MuxStream, outgoing: MuxStream, counter: Optional[Any] = None) -> StreamTransport:
     """Join ``incoming`` (opened by a peer, not answered yet) to ``outgoing`` (opened by
     us): bytes, ends and resets cross over with backpressure both ways. ``incoming`` is
     accepted when ``outgoing`` first carries something back or ends, and refused with
     the same code if ``outgoing`` is refused. ``counter`` (``add_in``/``add_out``)
-    counts the bytes from ``incoming`` and towards it."""
+    counts the bytes from ``incoming`` and towards it. Returns ``incoming``'s side of
+    the join (its protocol is the splice of ``outgoing``)."""
     transport = StreamTransport(incoming, counter)
-    splice = StreamSplice(outgoing)
-    transport.start(splice)
-    return splice
+    transport.start(StreamSplice(outgoing))
+    return transport

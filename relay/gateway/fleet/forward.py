@@ -139,9 +139,9 @@ def serve_forwarded(fleet: "Fleet", stream: MuxStream) -> None:
         stream.refuse(ErrorCode.REFUSED, f"the agent is not reachable: {exc}")
         return
     metrics.forwarded_in["joined"] += 1
-    splice = join_streams(stream, target, metrics)
+    joined = join_streams(stream, target, metrics)
     if not target.answered:
-        task = asyncio.get_running_loop().create_task(_answer_when_accepted(target, splice.transport))
+        task = asyncio.get_running_loop().create_task(_answer_when_accepted(target, joined))
         fleet.track(task)
 
 

@@ -51,7 +51,7 @@ class FleetRegistry:
         self.gateways: dict[str, str] = {}
         #: Local sessions: agent id -> (lease, the registry entry it belongs to).
         self._leases: dict[str, tuple[Lease, ConnectedAgent]] = {}
-        self._remote: dict[str, RemoteAgent] = {}
+        self._remote: dict[str, tuple[RemoteAgent, ForwardSession]] = {}
         self._fetched: dict[str, float] = {}
 
     # -- local sessions (called by the gateway's Registry)
@@ -208,12 +208,13 @@ class FleetRegistry:
             metrics.lookups["miss"] += 1
             return None
         metrics.lookups["remote"] += 1
-        agent = self._remote.get(agent_id)
-        if agent is None or agent.session.location is not location:
-            session = ForwardSession(self._fleet, agent_id, location)
-            agent = RemoteAgent(agent_id, team_id, "", [], "", session,  # type: ignore[arg-type]
-                                status="remote", gateway_id=location.gateway_id)
-            self._remote[agent_id] = agent
+        cached = self._remote.get(agent_id)
+        if cached is not None and cached[1].location is location:
+            return cached[0]
+        session = ForwardSession(self._fleet, agent_id, location)
+        agent = RemoteAgent(agent_id, team_id, "", [], "", session,  # type: ignore[arg-type]  # quacks like a MuxSession
+                            status="remote", gateway_id=location.gateway_id)
+        self._remote[agent_id] = (agent, session)
         return agent
 
     def _fetch_later(self, agent_id: str) -> None:
