@@ -62,7 +62,7 @@ class _Upgrade(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
-        transport.write(self._handshake.request_bytes())  # type: ignore[attr-defined]
+        transport.write(self._handshake.request_bytes())  # type: ignore[attr-defined]  # a TCP transport: it writes
 
     def data_received(self, data: bytes) -> None:
         self._feed(data)
