@@ -259,9 +259,11 @@ def key_list(ctx: click.Context, team_ref: str, include_revoked: bool, as_json: 
 @key.command("revoke")
 @_team_option
 @click.argument("key_ref", metavar="KEY")
+@click.option("--redis", "redis_url", envvar="RELAY_REDIS", metavar="URL",
+              help="The fleet's Redis: every gateway of the fleet refuses the key at once.")
 @json_option
 @click.pass_context
-def key_revoke(ctx: click.Context, team_ref: str, key_ref: str, as_json: bool) -> None:
+def key_revoke(ctx: click.Context, team_ref: str, key_ref: str, redis_url: Optional[str], as_json: bool) -> None:
     """Revoke a team's key. KEY is the key id, its display prefix (sk-AbCdEf), or the key."""
     async def revoke(store: Store) -> tuple[Team, Credential]:
         found = await _resolve_team(store, team_ref)
@@ -270,6 +272,13 @@ def key_revoke(ctx: click.Context, team_ref: str, key_ref: str, as_json: bool) -
         return found, cred
 
     found, cred = _with_store(ctx, revoke)
+    if redis_url:
+        from relay.gateway.fleet import publish_invalidation
+
+        try:
+            publish_invalidation(redis_url, "credentials", ids=[cred.id])
+        except Exception as exc:  # revoked in the store all the same: gateways poll it too
+            click.echo(f"warning: revoked, but cannot tell the fleet through Redis: {exc}", err=True)
     if as_json:
         _print_json({"team_id": found.id, "revoked": cred.id, "prefix": cred.display})
         return

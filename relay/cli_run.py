@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -68,7 +69,7 @@ def _select_backend(ctx: click.Context, param: Any, value: str) -> None:
         ctx.invoke = invoke  # type: ignore[method-assign]  # on this context only (see above)
 
 
-def _trio_agent(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ...],
+def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: tuple[str, ...],
                 allow: tuple[str, ...], ca_cert: Any, log_level: str, **options: Any) -> None:
     """The body of ``relay agent`` on trio (relay.agent.trio_client.TrioAgent): same
     checks, logging and one-line errors as the asyncio one."""
@@ -82,6 +83,9 @@ def _trio_agent(gateway_url: str, key: str, name: Optional[str], labels: tuple[s
     unsupported = sorted(name for name, value in options.items() if value)
     if unsupported:  # options the asyncio agent grew that this one does not serve yet
         raise click.UsageError(f"--backend trio does not support {', '.join(unsupported)} yet")
+    if len(gateway_urls) > 1:
+        raise click.UsageError("--backend trio does not support several --gateway yet")
+    gateway_url = gateway_urls[0]
     if not key.startswith("ak-"):
         raise click.BadParameter("an agent key starts with 'ak-'", param_hint="--key")
     for entry in allow:
@@ -137,17 +141,37 @@ _log_option = click.option("--log-level", type=click.Choice(LOG_LEVELS), default
 @click.option("--allow-private-egress", is_flag=True, default=False, envvar="RELAY_ALLOW_PRIVATE_EGRESS",
               help="Let external services and webhooks reach loopback, link-local and private "
                    "addresses (refused by default; the gateway's own ports never are).")
+@click.option("--redis", "redis_url", envvar="RELAY_REDIS", metavar="URL",
+              help="Join a fleet: its live registry in Redis (redis://host:port/db). See docs/FLEET.md.")
+@click.option("--fleet-secret", envvar="RELAY_FLEET_SECRET", metavar="SECRET",
+              help="Secret shared by the fleet's gateways (peer sessions). Prefer the environment variable.")
+@click.option("--advertise", envvar="RELAY_ADVERTISE", metavar="URL",
+              help="URL the other gateways reach this one at (default: --public-url or the listening address).")
+@click.option("--gateway-id", envvar="RELAY_GATEWAY_ID", metavar="ID",
+              help="This gateway's id in the fleet (default: a random one per start).")
 @_log_option
 def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: Optional[str], hub_host: str,
             jwt_key: Optional[str], tls_cert: Optional[Path], tls_key: Optional[Path],
-            allow_private_egress: bool, udp_idle_timeout: float, log_level: str) -> None:
+            allow_private_egress: bool, udp_idle_timeout: float, redis_url: Optional[str],
+            fleet_secret: Optional[str], advertise: Optional[str], gateway_id: Optional[str],
+            log_level: str) -> None:
     """Run the gateway: agent endpoint, control API, tunnels."""
     from relay.gateway.app import run_gateway
+    from relay.gateway.fleet import FleetConfig
     from relay.gateway.store import StoreError
 
     host, port = _split_host_port(listen, "--listen", allow_zero=True)
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
+    fleet = None
+    if redis_url:
+        if not fleet_secret:
+            raise click.UsageError("--redis needs --fleet-secret (or RELAY_FLEET_SECRET): peers authenticate with it")
+        if gateway_id is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", gateway_id):
+            raise click.BadParameter("letters, digits, '.', '_' and '-' only, at most 64", param_hint="--gateway-id")
+        fleet = FleetConfig(redis_url, fleet_secret, gateway_id=gateway_id or "", advertise=advertise)
+    elif fleet_secret or advertise or gateway_id:
+        raise click.UsageError("--fleet-secret, --advertise and --gateway-id need --redis")
     _setup_logging(log_level)
     raise_nofile_limit()
     try:
@@ -155,6 +179,7 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
                          jwt_key=jwt_key, tls_cert=tls_cert, tls_key=tls_key,
                          allow_private_egress=allow_private_egress, store_url=store_url,
                          udp_idle_timeout=udp_idle_timeout,
+                         fleet=fleet,
                          echo=lambda line: click.echo(line)))
     except (StoreError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -166,8 +191,9 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
 
 @main.command()
 @config_option("agent")
-@click.option("--gateway", "gateway_url", required=True, envvar="RELAY_GATEWAY", metavar="URL",
-              help="Gateway URL, e.g. http://gw.example.com:8080 (https/wss for TLS).")
+@click.option("--gateway", "gateway_urls", required=True, multiple=True, envvar="RELAY_GATEWAY", metavar="URL",
+              help="Gateway URL, e.g. http://gw.example.com:8080 (https/wss for TLS). Repeat it for the "
+                   "gateways of a fleet: after a drop the agent connects to the next one.")
 @click.option("--key", required=True, envvar="RELAY_AGENT_KEY", metavar="ak-...",
               help="Agent key (ak-) of the team to join. Prefer the environment variable.")
 @click.option("--name", help="Agent name (default: the host name); stable across restarts.")
@@ -183,10 +209,11 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
               envvar="RELAY_AGENT_BACKEND", expose_value=False, help="Event loop to run on: asyncio (uvloop) or trio.",
               callback=_select_backend)
 @_log_option
-def agent(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ...],
+def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: tuple[str, ...],
           allow: tuple[str, ...], ca_cert: Optional[Path], log_level: str,
           services: tuple[str, ...] = ()) -> None:
     """Run an agent: dial out to the gateway and serve allowed targets."""
+    gateway_url, *more_gateways = gateway_urls
     from relay.agent.client import Agent, AgentAuthError
 
     if not key.startswith("ak-"):
@@ -210,7 +237,7 @@ def agent(gateway_url: str, key: str, name: Optional[str], labels: tuple[str, ..
 
                 context = ssl.create_default_context(cafile=str(ca_cert))
             the_agent = Agent(gateway_url, key, name=name, labels=labels, allow=allow,
-                              ssl_context=context)
+                              ssl_context=context, more_gateways=more_gateways)
             the_agent.tasks.register_builtins()  # echo, sleep, count (relay.agent.tasks)
             the_agent.services = specs
         except ValueError as exc:

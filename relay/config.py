@@ -41,7 +41,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: Tables a config file may have: one per command that reads it.
 SECTIONS = ("gateway", "agent")
 #: Keys holding secrets: a file with them should not be readable by other users.
-SECRET_KEYS = frozenset({"key", "jwt_key"})
+SECRET_KEYS = frozenset({"key", "jwt_key", "fleet_secret"})
 
 
 class ConfigError(click.ClickException):

@@ -32,8 +32,13 @@ class AgentBase:
                  labels: Iterable[str] = (), allow: Iterable[Any] = (),
                  mux_config: Optional[MuxConfig] = None,
                  backoff_initial: float = 0.5, backoff_max: float = 30.0, jitter: float = 0.2,
-                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+                 ssl_context: Optional[ssl.SSLContext] = None,
+                 more_gateways: Iterable[str] = ()) -> None:
         self.tls, self.host, self.port, self.path, self.gateway_url = parse_gateway_url(gateway_url)
+        #: Every gateway this agent may use, in order (a fleet's gateways): after a drop
+        #: or a failed dial it tries the next one (:meth:`next_gateway`).
+        self.gateway_urls = [parse_gateway_url(url) for url in (gateway_url, *more_gateways)]
+        self._gateway_index = 0
         self._key = key
         self.name = name or _default_name()
         self.labels = sorted(set(labels))
@@ -54,6 +59,16 @@ class AgentBase:
         #: True once a session was established: the key worked, so a later refusal (the
         #: key revoked, the name taken) is logged and retried with backoff, not fatal.
         self.ever_connected = False
+
+    def next_gateway(self) -> None:
+        """Use the next gateway of :attr:`gateway_urls` for the next connection (a
+        survivor of the fleet when the current one died)."""
+        if len(self.gateway_urls) < 2:
+            return
+        self._gateway_index = (self._gateway_index + 1) % len(self.gateway_urls)
+        self.tls, self.host, self.port, self.path, self.gateway_url = self.gateway_urls[self._gateway_index]
+        if self.tls and self._ssl is None:
+            self._ssl = ssl.create_default_context()
 
     def __repr__(self) -> str:  # never show the key
         return f"{type(self).__name__}({self.gateway_url!r}, name={self.name!r})"

@@ -122,10 +122,11 @@ class Agent(AgentBase):
                  labels: Iterable[str] = (), allow: Iterable[Any] = (),
                  mux_config: Optional[MuxConfig] = None,
                  backoff_initial: float = 0.5, backoff_max: float = 30.0, jitter: float = 0.2,
+                 more_gateways: Iterable[str] = (),
                  ssl_context: Optional[ssl.SSLContext] = None) -> None:
         super().__init__(gateway_url, key, name=name, labels=labels, allow=allow, mux_config=mux_config,
                          backoff_initial=backoff_initial, backoff_max=backoff_max, jitter=jitter,
-                         ssl_context=ssl_context)
+                         ssl_context=ssl_context, more_gateways=more_gateways)
         #: The current session while connected.
         self.session: Optional[MuxSession] = None
         #: Set while a session is established (tests and status reporting).
@@ -272,6 +273,10 @@ class Agent(AgentBase):
                 reason = str(exc) or type(exc).__name__
             delay = self.backoff_delay(attempt)
             attempt += 1
+            if len(self.gateway_urls) > 1 and refused is None:
+                # A fleet: another gateway serves as well, and this one may be dead.
+                self.next_gateway()
+                delay = min(delay, self.backoff_initial)
             if refused is not None:
                 self._refused(refused, delay)
             else:

@@ -23,16 +23,18 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 from relay import __version__
-from relay.aio import WebSocketTransport
+from relay.aio import MuxSession, WebSocketTransport
 from relay.gateway.agents.bindings import Bindings
 from relay.gateway.agents.registry import AgentNameTaken, ConnectedAgent, Registry, end_session
 from relay.gateway.agents.revocation import RevocationWatcher
-from relay.gateway.agents.tunnel_sessions import DEFAULT_TARGET_PORT, TunnelManager
+from relay.gateway.agents.tunnel_sessions import DEFAULT_TARGET_PORT, HubListener, TunnelManager
 from relay.gateway.api.services import ServiceManager, add_services_openapi
 from relay.gateway.api.tasks import TaskManager
 from relay.gateway.api.tunnels import TunnelsApi
 from relay.gateway.auth import Authenticator, Principal
 from relay.gateway.egress import EgressPolicy
+from relay.gateway.fleet import Fleet, FleetConfig
+from relay.gateway.fleet.peers import GATEWAY_HEADER, PEER_PATH, SECRET_HEADER, secret_matches
 from relay.gateway.hooks import GatewayHooks, GatewaySession
 from relay.gateway.http.proxy import ProxyError, Upstream, origin_form, serve_connection
 from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, Router, json_response
@@ -88,8 +90,13 @@ class Gateway:
                  ssl_context: Optional[ssl.SSLContext] = None,
                  agent_gone_grace: float = AGENT_GONE_GRACE,
                  allow_private_egress: bool = False,
-                 udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+                 udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 fleet: Optional[FleetConfig] = None) -> None:
         self.store = store
+        #: How this gateway joins a fleet (None: a gateway on its own), and once
+        #: started, its membership (relay.gateway.fleet).
+        self._fleet_config = fleet
+        self.fleet: Optional[Fleet] = None
         #: Where the gateway itself may connect (external services, webhooks):
         #: relay.gateway.egress. Never its own listening and hub ports.
         self.egress = EgressPolicy(allow_private_egress, own_ports=self.own_ports, own_hosts=[hub_host])
@@ -136,7 +143,8 @@ class Gateway:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Listen on ``host:port`` (0: an ephemeral port, see :attr:`port`)."""
         loop = asyncio.get_running_loop()
-        await self.store.mark_all_agents_offline()  # nobody is connected before we listen
+        if self._fleet_config is None:  # in a fleet, the store's agents may be other gateways'
+            await self.store.mark_all_agents_offline()  # nobody is connected before we listen
         self._server = await loop.create_server(
             lambda: HttpProtocol(self.router, self._connections), host, port, ssl=self._ssl)
         sockname = self._server.sockets[0].getsockname()
@@ -145,10 +153,14 @@ class Gateway:
         self.tunnels = TunnelManager(self.store, self.registry, public_url=self.url,
                                      hub_host=self._hub_host, egress=self.egress,
                                      udp_idle_timeout=self._udp_idle_timeout)
+        self.tunnels.reuse_port = self._fleet_config is not None
         await self.tunnels.restore()
         await self.tunnels_api.start()
         await self.services.start()
         await self.tasks.start()
+        if self._fleet_config is not None:
+            self.fleet = Fleet(self, self._fleet_config)
+            await self.fleet.start(self.url)
         self._heartbeat = loop.create_task(self._record_heartbeats())
         self._revocation_watch = loop.create_task(self.revocations.run())
 
@@ -167,6 +179,8 @@ class Gateway:
         """Stop listening, drop agents and HTTP connections, stop hub ports."""
         if self._server is not None:
             self._server.close()
+        if self.fleet is not None:  # first: its leases are released while Redis is still asked
+            await self.fleet.close()
         for task in (self._heartbeat, self._revocation_watch):
             if task is not None:
                 task.cancel()
@@ -198,6 +212,7 @@ class Gateway:
         add("GET", "/metrics", self._metrics)
         add("GET", "/api/v1/openapi.json", self._openapi)
         add("GET", AGENT_PATH, self._agent_connect)
+        add("GET", PEER_PATH, self._peer_connect)
         add("GET", "/api/v1/agents", self._list_agents)
         add("GET", "/api/v1/agents/{agent_id}", self._get_agent)
         add("POST", "/api/v1/agents/{agent_id}/tunnel", self._open_tunnel)
@@ -222,8 +237,74 @@ class Gateway:
         return principal.require_runtime()
 
     async def _healthz(self, request: Request) -> Response:
-        return json_response({"status": "ok", "version": __version__,
-                              "agents_online": len(self.registry.connected())})
+        body: dict[str, Any] = {"status": "ok", "version": __version__,
+                                "agents_online": len(self.registry.connected())}
+        if self.fleet is not None:
+            # Still 200 without Redis: the agents held here are served (a load
+            # balancer should keep sending their traffic); "degraded" says the rest.
+            body["fleet"] = self.fleet.health()
+            if not self.fleet.redis_up:
+                body["status"] = "degraded"
+        return json_response(body)
+
+    # ------------------------------------------------------------------ fleet
+
+    def fleet_publish(self, kind: str, **data: Any) -> None:
+        """Tell the other gateways of the fleet to forget ``kind`` (no-op alone)."""
+        if self.fleet is not None:
+            self.fleet.publish(kind, **data)
+
+    def invalidate(self, kind: str, message: dict[str, Any]) -> None:
+        """Another gateway (or ``relay admin``) changed what our caches hold: forget it
+        now, as a change made here would (relay.gateway.fleet, INVALIDATIONS)."""
+        ids = [i for i in message.get("ids", ()) if isinstance(i, str)] if isinstance(message.get("ids"), list) else []
+        if kind == "credentials":
+            self.auth.forget()
+            self.revocations.forget()
+            self.revocations.check_soon()  # expel agents and cut connections of a revoked key now
+        elif kind == "tunnel_sessions":
+            self.store.tunnel_sessions_version += 1  # the HTTP tunnels' token caches start over
+            for session_id in ids:
+                self.http_tunnels.session_closed(session_id)
+            if self.tunnels is not None:
+                self.tunnels.closed_elsewhere(ids)
+        elif kind == "tunnels":
+            if message.get("status") in ("paused", "deleted"):
+                shares = message.get("shares")
+                shares = [i for i in shares if isinstance(i, str)] if isinstance(shares, list) else []
+                for tunnel_id in ids:
+                    self.tunnels_api.stopped_elsewhere(tunnel_id, shares)
+        elif kind == "shares":
+            self.tunnels_api.share_proxy.forget(ids)
+            for share_id in ids:
+                self.tunnels_api.limiter.forget(share_id)
+        elif kind == "services":
+            self.services.forget()
+
+    async def _peer_connect(self, request: Request) -> Optional[Response]:
+        """Another gateway of the fleet opens its peer session (relay.gateway.fleet.peers):
+        401 before any upgrade unless it proves the fleet secret."""
+        fleet = self.fleet
+        if fleet is None:
+            raise HttpError(404, "not_found", "this gateway is not part of a fleet")
+        if not secret_matches(fleet.config.secret, request.header(SECRET_HEADER)):
+            log.warning("refused a peer session: wrong or missing fleet secret")
+            raise HttpError(401, "invalid_fleet_secret", "wrong or missing fleet secret")
+        peer_id = (request.header(GATEWAY_HEADER) or "")[:100]
+        try:
+            upgrade = parse_upgrade_request(request.raw)
+        except HandshakeError as exc:
+            raise HttpError(exc.status_code, "bad_websocket_upgrade", exc.message) from None
+        transport, leftover = request.take_over()
+        transport.write(accept_response(upgrade))
+        from relay.gateway.fleet.forward import serve_forwarded
+
+        session = MuxSession(False, self._mux_config, on_stream=lambda stream: serve_forwarded(fleet, stream))
+        WebSocketTransport.attach(transport, session, client=False, initial=leftover)
+        transport.resume_reading()
+        fleet.peers.accepted(peer_id, session)
+        log.info("peer session from gateway %s accepted", peer_id)
+        return None
 
     async def _openapi(self, request: Request) -> Response:
         return json_response(add_services_openapi(
@@ -328,6 +409,10 @@ class Gateway:
             return None
         assert self.tunnels is not None
         hub = self.tunnels.hub(row.session_id)
+        if hub is None and self.fleet is not None:
+            # Opened at another gateway, whose hub port is not ours: a connection here
+            # is a stream like any (forwarded if the agent is held elsewhere).
+            hub = HubListener(row.session_id, row.team_id, row.agent_id, row.target_port)
         if hub is None:  # closed: 404
             raise HttpError(404, "tunnel_not_found", f"no such open {protocol} tunnel")
         if self.registry.get(row.team_id, row.agent_id) is None:
@@ -618,6 +703,8 @@ class _GatewayCollector:
             refused.add_metric([code], count)
         yield refused
         yield GaugeMetricFamily("relay_http_connections", "Open HTTP connections", value=len(gw._connections))
+        if gw.fleet is not None:
+            yield from gw.fleet.metrics.families(gw.fleet.peers.connected(), len(gw.fleet.registry.locations))
 
 
 def _print_default_team(team: Team, keys: dict[str, SecretToken], echo: Callable[[str], None]) -> None:
@@ -633,6 +720,7 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
                       allow_private_egress: bool = False,
                       store_url: Optional[str] = None,
                       udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                      fleet: Optional[FleetConfig] = None,
                       echo: Callable[[str], None] = print,
                       stop: Optional[asyncio.Event] = None) -> None:
     """Run a gateway until SIGINT/SIGTERM (or ``stop`` is set).
@@ -643,6 +731,7 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
     listening on URL`` when ready. ``tls_cert``
     (PEM chain) and ``tls_key`` make it serve HTTPS/WSS. ``allow_private_egress``: the
     gateway may connect to loopback/private/link-local addresses (relay.gateway.egress).
+    ``fleet``: join a fleet of gateways (relay.gateway.fleet; docs/FLEET.md).
     """
     ssl_context = None
     if tls_cert is not None:
@@ -658,7 +747,7 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
             _print_default_team(*created, echo=echo)
         gateway = Gateway(store, public_url=public_url, hub_host=hub_host, jwt_key=jwt_key,
                           ssl_context=ssl_context, allow_private_egress=allow_private_egress,
-                          udp_idle_timeout=udp_idle_timeout)
+                          udp_idle_timeout=udp_idle_timeout, fleet=fleet)
         await gateway.start(listen_host, listen_port)
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -670,6 +759,8 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
         host = f"[{gateway.host}]" if ":" in gateway.host else gateway.host
         scheme = "https" if ssl_context else "http"
         echo(f"relay gateway listening on {scheme}://{host}:{gateway.port} (store: {store.location})")
+        if gateway.fleet is not None:
+            echo(f"relay gateway {gateway.fleet.gateway_id} in the fleet, advertised at {gateway.fleet.advertise}")
         started = time.monotonic()
         try:
             await stop.wait()

@@ -186,6 +186,12 @@ class Authenticator:
             return Principal(kind="user", team_id=team_id, subject=subject, claims=claims)
         raise AuthError(401, "invalid_credentials", "unrecognised bearer token")
 
+    def forget(self) -> None:
+        """Empty the row caches now (another gateway of a fleet changed credentials)."""
+        self._credentials.clear()
+        self._teams.clear()
+        self._generation = None
+
     async def authenticate(self, authorization_header: str | None,
                            x_team_id: str | None) -> Principal:
         """Resolve the caller, or raise :class:`AuthError` (400/401/403)."""

@@ -204,13 +204,33 @@ class Registry:
         self.status_listeners: list[Callable[[ConnectedAgent], None]] = []
         # Admissions in progress by agent id: (lock, how many wait for it or hold it).
         self._claims: dict[str, tuple[asyncio.Lock, int]] = {}
+        #: In a fleet: ``remote(team_id, agent_id)`` finds an agent another gateway holds
+        #: (relay.gateway.fleet.registry), which :meth:`get` answers when it is not here.
+        self.remote: Optional[Callable[[str, str], Optional[ConnectedAgent]]] = None
+        #: Called with each entry registered / unregistered (the fleet's leases).
+        self.on_register: list[Callable[[ConnectedAgent], None]] = []
+        self.on_unregister: list[Callable[[ConnectedAgent], None]] = []
 
     def get(self, team_id: str, agent_id: str) -> Optional[ConnectedAgent]:
-        """The team's agent if it is connected now (another team's agent: None)."""
+        """The team's agent if it is connected now (another team's agent: None): held
+        here, or in a fleet held by another gateway (its session then forwards)."""
+        agent = self._agents.get(agent_id.lower())
+        if agent is None or agent.team_id != team_id or agent.session.is_closed:
+            remote = self.remote
+            return remote(team_id, agent_id.lower()) if remote is not None else None
+        return agent
+
+    def local(self, team_id: str, agent_id: str) -> Optional[ConnectedAgent]:
+        """The team's agent if this gateway holds its session (never a forward)."""
         agent = self._agents.get(agent_id.lower())
         if agent is None or agent.team_id != team_id or agent.session.is_closed:
             return None
         return agent
+
+    def local_any(self, agent_id: str) -> Optional[ConnectedAgent]:
+        """The agent held here, whatever its team (for refusing cross-team forwards)."""
+        agent = self._agents.get(agent_id.lower())
+        return agent if agent is not None and not agent.session.is_closed else None
 
     def is_online(self, agent_id: str) -> bool:
         agent = self._agents.get(agent_id)
@@ -280,7 +300,16 @@ class Registry:
             log.info("agent %s (%s) reconnected; dropping its previous connection", name, agent_id)
             old.session.abort(message="replaced by a new connection of the same agent")
         log.info("agent %s (%s) online in team %s from %s", name, agent_id, team_id, entry.peer)
+        self._notify(self.on_register, entry)
         return entry
+
+    @staticmethod
+    def _notify(listeners: list[Callable[[ConnectedAgent], None]], entry: ConnectedAgent) -> None:
+        for listener in list(listeners):
+            try:
+                listener(entry)
+            except Exception:
+                log.exception("agent registry listener failed")
 
     def unregister(self, entry: ConnectedAgent) -> None:
         """The connection ended: mark the agent offline, unless a newer connection of the
@@ -290,6 +319,7 @@ class Registry:
         del self._agents[entry.agent_id]
         self.version += 1
         entry.status_seq += 1
+        self._notify(self.on_unregister, entry)
         self._record_status(entry.team_id, entry.agent_id, "offline")
         log.info("agent %s (%s) offline", entry.name, entry.agent_id)
 
@@ -319,8 +349,11 @@ class Registry:
 
     def describe(self, agent: Agent) -> dict[str, Any]:
         """The API representation of an agent row, with live connection details."""
-        live = self._agents.get(agent.id)
+        live: Optional[ConnectedAgent] = self._agents.get(agent.id)
         online = live is not None and not live.session.is_closed
+        if not online and self.remote is not None:  # held by another gateway of the fleet
+            live = self.remote(agent.team_id, agent.id)
+            online = live is not None
         return {
             "agent_id": agent.id,
             "name": agent.name,

@@ -54,6 +54,7 @@ class RevocationWatcher:
         #: credential id -> transports (closed ones pruned as the set doubles).
         self._held: dict[str, set[Any]] = {}
         self._pruned_at: dict[str, int] = {}
+        self._soon: set[asyncio.Task[None]] = set()
 
     def hold(self, principal: Any, transport: Any) -> None:
         """Cut ``transport`` with a reset if ``principal``'s credential is revoked while
@@ -71,11 +72,25 @@ class RevocationWatcher:
         """Check every ``interval`` seconds until cancelled."""
         while True:
             await asyncio.sleep(self._interval)
-            try:
-                await self.check()
-            except Exception as exc:  # a busy database must not stop the watch
-                self._seen = None  # look again next time
-                log.warning("cannot check for revoked credentials: %s", exc)
+            await self._check_logged()
+
+    def check_soon(self) -> None:
+        """Check now, in the background (told of a revocation elsewhere, e.g. by the fleet)."""
+        task = asyncio.get_running_loop().create_task(self._check_logged())
+        self._soon.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._soon.discard)
+
+    async def _check_logged(self) -> None:
+        try:
+            await self.check()
+        except Exception as exc:  # a busy database must not stop the watch
+            self._seen = None  # look again next time
+            log.warning("cannot check for revoked credentials: %s", exc)
+
+    def forget(self) -> None:
+        """Make the next :meth:`check` ask the store whatever the generation says (a
+        revocation made through another gateway's store connection, e.g. PostgreSQL)."""
+        self._seen = None
 
     async def check(self) -> list[ConnectedAgent]:
         """Expel the connected agents whose credential is revoked now; returns them."""

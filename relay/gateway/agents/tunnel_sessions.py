@@ -46,7 +46,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from relay.aio import MuxSession, SessionClosedError, StreamRefused, StreamSplice, WebSocketTransport
 from relay.aio.stream import MuxStream, abort_with_reset
@@ -262,6 +262,12 @@ class TunnelManager:
         self.connections_total = 0
         #: Streams the agents refused, by error code name (NOT_ALLOWED, CONNECT_FAILED ...).
         self.refused: Counter[str] = Counter()
+        #: Called with the ids of the sessions :meth:`close` closed (a fleet tells the
+        #: other gateways, which cut their own connections through them).
+        self.closed_listeners: list[Callable[[list[str]], None]] = []
+        #: In a fleet, hub ports are bound with SO_REUSEPORT, so gateways on one host
+        #: can all listen on a tunnel's port (and a restart never finds it taken).
+        self.reuse_port = False
 
     # -- checks before a tunnel exists
 
@@ -370,7 +376,15 @@ class TunnelManager:
             self._close_hub(sid)
         if not await self._store.list_tunnel_sessions(team_id, agent_id):
             self._registry.set_status(team_id, agent_id, "idle")
+        if closed:
+            for listener in list(self.closed_listeners):
+                listener(closed)
         return closed
+
+    def closed_elsewhere(self, session_ids: Iterable[str]) -> None:
+        """Another gateway closed these sessions: stop our hub ports for them."""
+        for sid in session_ids:
+            self._close_hub(sid)
 
     async def sessions(self, team_id: str, agent_id: str) -> list[dict[str, Any]]:
         """The agent's open sessions, for the API (no tokens: they are not stored)."""
@@ -450,7 +464,8 @@ class TunnelManager:
             hub.server = transport  # type: ignore[assignment]  # close() stops it alike
             hub.port = transport.get_extra_info("sockname")[1]
             return
-        hub.server = await loop.create_server(lambda: self._hub_protocol(hub), self.hub_host, port)
+        hub.server = await loop.create_server(lambda: self._hub_protocol(hub), self.hub_host, port,
+                                              reuse_port=self.reuse_port or None)
         hub.port = hub.server.sockets[0].getsockname()[1]
 
     def serve_websocket(self, hub: HubListener, transport: asyncio.Transport, leftover: bytes) -> bool:

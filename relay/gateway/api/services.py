@@ -500,6 +500,11 @@ class ServiceManager:
                 state.running = False
         self._sync_deadline = deadline
 
+    def forget(self) -> None:
+        """Empty the service row cache now (another gateway of a fleet changed one)."""
+        self._records.clear()
+        self._records_generation = None
+
     def _cached(self, team_id: str, slug: str) -> Optional[Service]:
         """The service row from memory, kept while the store's generation is unchanged
         (any commit, e.g. a delete, empties the cache: a deleted service is gone at
@@ -717,6 +722,7 @@ class ServiceManager:
         old = self._states.pop((record.team_id, slug), None)
         for inst in old.instances.values() if old is not None else ():
             inst.retire()
+        self.gw.fleet_publish("services", slug=slug)
         return json_response(await self.describe(record, self._state(record)), 201)
 
     async def _delete(self, request: Request) -> Response:
@@ -734,6 +740,7 @@ class ServiceManager:
             client.close()
         for task in list(state.upgrades):
             task.cancel()
+        self.gw.fleet_publish("services", slug=record.slug)
         return json_response(None, 204)
 
     # ------------------------------------------------------------------ the proxy

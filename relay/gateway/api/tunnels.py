@@ -348,6 +348,14 @@ class TunnelsApi:
                  tunnels.hub_host, hub.port, tunnel.agent_id, tunnel.target_host, tunnel.target_port)
         return tunnel
 
+    def stopped_elsewhere(self, tunnel_id: str, share_ids: list[str]) -> None:
+        """Another gateway of the fleet paused or deleted the tunnel: stop its hub port
+        here and cut its share links' live connections."""
+        if self.gw.tunnels is not None:
+            self.gw.tunnels.close_hub(tunnel_id)
+        self._errors.pop(tunnel_id, None)
+        self.share_proxy.forget(share_ids)
+
     def _close_hub(self, tunnel: Tunnel) -> None:
         self._errors.pop(tunnel.id, None)
         if self.gw.tunnels is not None:
@@ -483,7 +491,9 @@ class TunnelsApi:
             tunnel = await self.gw.store.update_tunnel(principal.team_id, tunnel.id, **changes) or tunnel
             if changes.get("status") == "paused":
                 self._close_hub(tunnel)
-                self.share_proxy.forget([s.id for s in await self.gw.store.list_shares(tunnel.team_id, tunnel.id)])
+                share_ids = [s.id for s in await self.gw.store.list_shares(tunnel.team_id, tunnel.id)]
+                self.share_proxy.forget(share_ids)
+                self.gw.fleet_publish("tunnels", ids=[tunnel.id], status="paused", shares=share_ids)
             elif changes.get("status") == "active":
                 tunnels = self.gw.tunnels
                 if tunnels is None or tunnels.hub(tunnel.id) is None:  # paused or errored: (re)open
@@ -502,6 +512,7 @@ class TunnelsApi:
         for share in shares:
             self.limiter.forget(share.id)
         self.share_proxy.forget([share.id for share in shares])
+        self.gw.fleet_publish("tunnels", ids=[tunnel.id], status="deleted", shares=[s.id for s in shares])
         last["status"] = "deleted"
         await self._publish(principal.team_id, "tunnel.deleted", last)
         return json_response(None, 204)
@@ -597,6 +608,7 @@ class TunnelsApi:
         await self.gw.store.delete_share(principal.team_id, share.tunnel_id, share.id)
         self.limiter.forget(share.id)
         self.share_proxy.forget([share.id])
+        self.gw.fleet_publish("shares", ids=[share.id])
         return json_response(None, 204)
 
     # -- webhooks

@@ -162,6 +162,11 @@ class ShareProxy:
     async def _proxy(self, request: Request) -> None:
         """Raw route: check the first request (errors answered normally), then hand the
         connection to the proxy, which asks :meth:`_resolve` about every request."""
+        prime = getattr(self._api.limiter, "prime", None)
+        if prime is not None:  # a fleet: learn the others' count before deciding
+            share, _ = await self._lookup(request.params["share_token"])
+            if share.rate_limit is not None:
+                await prime(share.id, self._api.clock())
         await self._admit(request.params["share_token"], request.method, count=True)
         transport, data = request.take_over_raw()
         first = [True]

@@ -1,0 +1,239 @@
+"""The fleet registry: leases of the sessions held here, and where every other agent is.
+
+Local side: every agent session the gateway's :class:`~relay.gateway.agents.registry.Registry`
+registers is claimed in Redis (a new epoch, relay.gateway.fleet.leases), renewed every
+third of the lease time and released (epoch permitting) when it ends. A renewal that
+finds a newer epoch means the agent connected again elsewhere: the local session is
+stale and is ended. While Redis is unreachable the sessions keep being served; those
+that could not be claimed are claimed, and the others' leases restored, once it is back.
+
+Remote side: :attr:`FleetRegistry.locations` mirrors the agent leases of the whole
+fleet, filled by one scan at start (and after any lost subscription) and kept by the
+events every claim, renewal-after-loss and release publishes, newest epoch winning. A
+lookup of an agent held elsewhere is therefore a dict read, no Redis round trip; a miss
+(an agent never heard of) asks Redis once in the background, at most once a second per
+agent, and answers "offline" meanwhile. Locations on gateways whose own lease expired
+(a dead gateway) are not used.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from relay.gateway.agents.registry import ConnectedAgent
+from relay.gateway.fleet.forward import ForwardSession, RemoteAgent
+from relay.gateway.fleet.leases import Lease, Location
+from relay.mux.errors import ErrorCode
+
+if TYPE_CHECKING:
+    from relay.gateway.fleet import Fleet
+
+__all__ = ["FleetRegistry", "MOVED_MESSAGE"]
+
+log = logging.getLogger("relay.gateway.fleet.registry")
+
+#: The GOAWAY message of a local session superseded by a newer one on another gateway.
+MOVED_MESSAGE = "the agent connected again through another gateway"
+#: A lookup miss asks Redis at most this often per agent.
+FETCH_INTERVAL = 1.0
+
+
+class FleetRegistry:
+    """Leases of local sessions and the cache of every agent's location."""
+
+    def __init__(self, fleet: "Fleet") -> None:
+        self._fleet = fleet
+        self.gateway_id = fleet.gateway_id
+        #: agent id -> where its newest session is (any gateway, this one included).
+        self.locations: dict[str, Location] = {}
+        #: Live gateways: id -> advertised URL (from their leases).
+        self.gateways: dict[str, str] = {}
+        #: Local sessions: agent id -> (lease, the registry entry it belongs to).
+        self._leases: dict[str, tuple[Lease, ConnectedAgent]] = {}
+        self._remote: dict[str, tuple[RemoteAgent, ForwardSession]] = {}
+        self._fetched: dict[str, float] = {}
+
+    # -- local sessions (called by the gateway's Registry)
+
+    def on_register(self, entry: ConnectedAgent) -> None:
+        lease = Lease(entry.agent_id, entry.team_id)
+        self._leases[entry.agent_id] = (lease, entry)
+        self._fleet.spawn(self._claim(lease, entry))
+
+    def on_unregister(self, entry: ConnectedAgent) -> None:
+        held = self._leases.get(entry.agent_id)
+        if held is None or held[1] is not entry:
+            return
+        del self._leases[entry.agent_id]
+        lease = held[0]
+        location = self.locations.get(entry.agent_id)
+        if location is not None and location.gateway_id == self.gateway_id and location.epoch == lease.epoch:
+            del self.locations[entry.agent_id]
+        if lease.epoch is not None:
+            self._fleet.spawn(self._release(lease))
+
+    async def _claim(self, lease: Lease, entry: ConnectedAgent) -> None:
+        fleet = self._fleet
+        try:
+            epoch = await fleet.leases.claim(lease.agent_id, lease.team_id)
+        except Exception as exc:
+            fleet.redis_failed("claim the lease of agent " + lease.agent_id, exc)
+            return  # claimed by the renewal loop once Redis answers
+        fleet.redis_ok()
+        fleet.metrics.claims += 1
+        held = self._leases.get(lease.agent_id)
+        lease.epoch = epoch
+        if held is None or held[0] is not lease:  # the session ended meanwhile
+            await self._release(lease)
+            return
+        self._learn(lease.agent_id, Location(self.gateway_id, epoch, lease.team_id))
+
+    async def _release(self, lease: Lease) -> None:
+        try:
+            await self._fleet.leases.release(lease)
+        except Exception as exc:  # the lease expires by itself
+            self._fleet.redis_failed("release the lease of agent " + lease.agent_id, exc)
+
+    async def renew(self) -> None:
+        """One renewal round: claims pending, renews the rest; ends lost sessions.
+        Raises on a Redis failure (the caller records it)."""
+        fleet = self._fleet
+        pending = [(lease, entry) for lease, entry in self._leases.values() if lease.epoch is None]
+        for lease, entry in pending:
+            await self._claim(lease, entry)
+        held = [(lease, entry) for lease, entry in self._leases.values() if lease.epoch is not None]
+        results = await fleet.leases.renew([lease for lease, _ in held])
+        for (lease, entry), kept in zip(held, results, strict=True):
+            fleet.metrics.renewals["ok" if kept else "lost"] += 1
+            if not kept:
+                self._lost(lease, entry)
+
+    def _lost(self, lease: Lease, entry: ConnectedAgent) -> None:
+        held = self._leases.get(lease.agent_id)
+        if held is None or held[1] is not entry:
+            return
+        log.warning("agent %s (%s): a newer session (epoch > %s) is held by another gateway; ending "
+                    "this one", entry.name, entry.agent_id, lease.epoch)
+        self._fleet.gateway.registry.expel(entry, ErrorCode.GOING_AWAY, MOVED_MESSAGE)
+
+    def local_leases(self) -> int:
+        return len(self._leases)
+
+    # -- locations
+
+    def _learn(self, agent_id: str, location: Location) -> bool:
+        """Record ``location`` if it is not older than what we know; True if it changed."""
+        current = self.locations.get(agent_id)
+        if current is not None and current.epoch > location.epoch:
+            return False
+        if current == location:
+            return False
+        self.locations[agent_id] = location
+        self._remote.pop(agent_id, None)
+        self._fleet.gateway.registry.version += 1  # cached answers depending on it go
+        if location.gateway_id != self.gateway_id:
+            held = self._leases.get(agent_id)
+            if held is not None and held[0].epoch is not None and held[0].epoch < location.epoch:
+                self._lost(*held)  # superseded: no need to wait for the next renewal
+            self._fleet.peers.ensure(location.gateway_id)
+        return True
+
+    def on_event(self, message: dict[str, Any]) -> None:
+        """A registry event from Redis (relay.gateway.fleet.leases)."""
+        kind = message.get("t")
+        if kind == "gw":  # a gateway joined: no need to wait for the next scan
+            gateway_id, url = message.get("g"), message.get("u")
+            if isinstance(gateway_id, str) and isinstance(url, str) and gateway_id not in self.gateways:
+                self.set_gateways({**self.gateways, gateway_id: url})
+            return
+        if kind == "gw-gone":  # a gateway left cleanly
+            gateway_id = message.get("g")
+            if isinstance(gateway_id, str) and gateway_id in self.gateways and gateway_id != self.gateway_id:
+                self.set_gateways({g: u for g, u in self.gateways.items() if g != gateway_id})
+            return
+        agent_id = message.get("a")
+        if not isinstance(agent_id, str):
+            return
+        if kind == "at":
+            gateway_id, epoch, team = message.get("g"), message.get("e"), message.get("team")
+            if isinstance(gateway_id, str) and isinstance(epoch, int) and isinstance(team, str):
+                self._learn(agent_id, Location(gateway_id, epoch, team))
+        elif kind == "gone":
+            current = self.locations.get(agent_id)
+            if current is not None and current.epoch == message.get("e"):
+                del self.locations[agent_id]
+                self._remote.pop(agent_id, None)
+                self._fleet.gateway.registry.version += 1
+
+    def replace_all(self, found: dict[str, Location]) -> None:
+        """After a full scan: what Redis holds, plus our own live sessions."""
+        own = {agent_id: loc for agent_id, loc in self.locations.items()
+               if loc.gateway_id == self.gateway_id and agent_id in self._leases}
+        for agent_id, location in found.items():
+            self._learn(agent_id, location)
+        for agent_id in [a for a in self.locations if a not in found and a not in own]:
+            del self.locations[agent_id]
+            self._remote.pop(agent_id, None)
+        self._fleet.gateway.registry.version += 1
+
+    def set_gateways(self, gateways: dict[str, str]) -> None:
+        """The live gateways changed (a scan of their leases)."""
+        gone = set(self.gateways) - set(gateways)
+        self.gateways = gateways
+        peers = self._fleet.peers
+        peers.urls = {gid: url for gid, url in gateways.items() if gid != self.gateway_id}
+        for gateway_id in gone:
+            if gateway_id != self.gateway_id:
+                log.warning("gateway %s is gone (its lease expired)", gateway_id)
+                peers.forget(gateway_id)
+        if gone:
+            self._remote.clear()
+            self._fleet.gateway.registry.version += 1
+        for location in set(self.locations.values()):
+            if location.gateway_id in peers.urls:
+                peers.ensure(location.gateway_id)
+
+    def remote(self, team_id: str, agent_id: str) -> Optional[RemoteAgent]:
+        """The team's agent if another live gateway holds it (a dict read; see the
+        module docstring), else None."""
+        metrics = self._fleet.metrics
+        location = self.locations.get(agent_id)
+        if location is None:
+            metrics.lookups["miss"] += 1
+            self._fetch_later(agent_id)
+            return None
+        if location.team_id != team_id or location.gateway_id == self.gateway_id \
+                or location.gateway_id not in self.gateways:
+            metrics.lookups["miss"] += 1
+            return None
+        metrics.lookups["remote"] += 1
+        cached = self._remote.get(agent_id)
+        if cached is not None and cached[1].location is location:
+            return cached[0]
+        session = ForwardSession(self._fleet, agent_id, location)
+        agent = RemoteAgent(agent_id, team_id, "", [], "", session,  # type: ignore[arg-type]  # quacks like a MuxSession
+                            status="remote", gateway_id=location.gateway_id)
+        self._remote[agent_id] = (agent, session)
+        return agent
+
+    def _fetch_later(self, agent_id: str) -> None:
+        now = time.monotonic()
+        if now - self._fetched.get(agent_id, -FETCH_INTERVAL) < FETCH_INTERVAL or not self._fleet.redis_up:
+            return
+        if len(self._fetched) > 10_000:
+            self._fetched.clear()
+        self._fetched[agent_id] = now
+        self._fleet.spawn(self._fetch(agent_id))
+
+    async def _fetch(self, agent_id: str) -> None:
+        self._fleet.metrics.lookup_fetches += 1
+        try:
+            location = await self._fleet.leases.locate(agent_id)
+        except Exception as exc:
+            self._fleet.redis_failed("locate agent " + agent_id, exc)
+            return
+        if location is not None:
+            self._learn(agent_id, location)
+
+

@@ -1,0 +1,587 @@
+"""A fleet of gateways on one machine (issue 13, items 2 and 3), against a real
+redis-server and real processes: three ``relay gateway --redis`` processes sharing one
+data directory (the SQLite store is multi-process safe) and one private Redis, with
+``relay agent`` processes spread over them.
+
+* a TCP tunnel's hub port at gateway B carries an echo to an agent held by gateway A
+  (checksums, several connections at once);
+* an HTTP tunnel opened at one gateway answers GET and POST through another one;
+* a key revoked with ``relay admin key revoke --redis`` is refused at every gateway at
+  once, and the agent using it is expelled by the gateway holding it;
+* a peer session with a wrong (or no) fleet secret is refused before any upgrade; a
+  forward naming another team for an agent is refused NOT_ALLOWED;
+* kill -9 of the gateway holding an agent: the agent connects to the next gateway of
+  its list and requests made at a third gateway work again;
+* a gateway frozen (SIGSTOP) while its agent reconnected elsewhere never takes the
+  agent back when it resumes (the epoch rule), and ends its stale session;
+* a gateway that loses Redis keeps serving its own agents, says so in /healthz and
+  /metrics, and restores its leases when Redis is back.
+
+Numbers (failover and revocation times) are printed, never asserted beyond generous
+bounds (``pytest -s`` shows them).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.client
+import http.server
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+from tests.servers import free_port, require_binary, start_redis
+from tests.test_faults import Targets, wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+SECRET = "fleet-secret-for-tests"
+MiB = 1024 * 1024
+
+
+class HttpTarget:
+    """A small HTTP/1.1 server in a thread: GET /hello, POST /sum (sha256 of the body)."""
+
+    def __init__(self) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _answer(self, body: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Type", "text/plain")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                self._answer(b"hello from behind the agent " + self.path.encode())
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                self._answer(hashlib.sha256(body).hexdigest().encode())
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _spawn(args: list[str], log: Path, env: Optional[dict[str, str]] = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "relay", *args], stdout=log.open("ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def _stop(proc: Optional[subprocess.Popen]) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.kill(proc.pid, signal.SIGCONT)  # a frozen one must be able to stop
+    except ProcessLookupError:
+        return
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+class Fleet:
+    """Gateways (by name) sharing one data directory and one Redis; agents by name."""
+
+    def __init__(self, workdir: Path, redis_url: str) -> None:
+        self.workdir = workdir
+        self.data = workdir / "data"
+        self.redis_url = redis_url
+        self.gateways: dict[str, tuple[subprocess.Popen, int]] = {}
+        self.agents: dict[str, subprocess.Popen] = {}
+        self.keys: dict[str, str] = {}
+
+    def start_gateway(self, name: str, redis_url: Optional[str] = None, secret: str = SECRET) -> int:
+        port = free_port()
+        log = self.workdir / f"gateway-{name}.log"
+        proc = _spawn(["gateway", "--listen", f"127.0.0.1:{port}", "--data", str(self.data),
+                       "--redis", redis_url or self.redis_url, "--gateway-id", name, "--log-level", "info"],
+                      log, env={"RELAY_FLEET_SECRET": secret})
+        self.gateways[name] = (proc, port)
+        wait_for(lambda: b"in the fleet" in log.read_bytes() or proc.poll() is not None, what=f"gateway {name}")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        if not self.keys:
+            self.keys = dict(re.findall(r"^  (sk|dk|ak)  (\S+)$", log.read_text(), re.M))
+        return port
+
+    def port(self, name: str) -> int:
+        return self.gateways[name][1]
+
+    def api(self, gateway: str, method: str, path: str, body: Any = None,
+            key: Optional[str] = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port(gateway)}{path}", data=data,
+                                         method=method,
+                                         headers={"Authorization": f"Bearer {key or self.keys['sk']}"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def health(self, gateway: str) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port(gateway)}/healthz", timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def start_agent(self, name: str, gateways: list[str], key: Optional[str] = None,
+                    allow: tuple[str, ...] = ()) -> subprocess.Popen:
+        args = ["agent", "--name", name]
+        for gateway in gateways:
+            args += ["--gateway", f"http://127.0.0.1:{self.port(gateway)}"]
+        for entry in allow:
+            args += ["--allow", entry]
+        proc = _spawn(args, self.workdir / f"agent-{name}.log", env={"RELAY_AGENT_KEY": key or self.keys["ak"]})
+        self.agents[name] = proc
+        return proc
+
+    def agent_id(self, gateway: str, name: str, key: Optional[str] = None) -> Optional[str]:
+        """The agent's id if ``gateway`` sees it online (held there or elsewhere)."""
+        status, body = self.api(gateway, "GET", "/api/v1/agents", key=key)
+        if status != 200:
+            return None
+        ids = [a["agent_id"] for a in body["agents"] if a["online"] and a["name"] == name]
+        return ids[0] if ids else None
+
+    def holder(self, agent_id: str) -> Optional[tuple[str, int]]:
+        """(gateway id, epoch) of the agent's lease in Redis."""
+        out = subprocess.run([require_binary("redis-cli"), "-u", self.redis_url, "GET", f"relay:agent:{agent_id}"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        if not out:
+            return None
+        gateway, epoch, _ = out.split("|")
+        return gateway, int(epoch)
+
+    def admin(self, *args: str) -> Any:
+        out = subprocess.run([sys.executable, "-m", "relay", "admin", "--data", str(self.data), *args],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout) if "--json" in args else out.stdout
+
+    def close(self) -> None:
+        for proc in list(self.agents.values()) + [p for p, _ in self.gateways.values()]:
+            _stop(proc)
+
+
+def echo_checked(port: int, size: int) -> None:
+    """Send ``size`` random bytes through ``port`` (an echo behind it); compare sha256."""
+    payload = os.urandom(size)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        received = hashlib.sha256()
+        got = 0
+
+        def reader() -> None:
+            nonlocal got
+            try:
+                while got < size:
+                    chunk = sock.recv(256 * 1024)
+                    if not chunk:
+                        break
+                    received.update(chunk)
+                    got += len(chunk)
+            except OSError:
+                pass  # a cut connection: the count below says so
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        sock.sendall(payload)
+        thread.join(30)
+    assert got == size, f"echoed {got} of {size} bytes"
+    assert received.hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+def echo_works(port: int) -> bool:
+    try:
+        echo_checked(port, 1024)
+        return True
+    except (OSError, AssertionError):
+        return False
+
+
+def http_get(url: str, data: Optional[bytes] = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (ConnectionError, http.client.HTTPException):
+        # A connection cut while the tunnel closes (its live connections are cut): no answer.
+        return 0, b""
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with start_redis(tmp_path_factory.mktemp("fleet-redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def targets() -> Iterator[Targets]:
+    running = Targets()
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, redis: Any, targets: Targets) -> Iterator[Fleet]:
+    """Gateways a, b, c; agent ``on-a`` held by a (its list: a, b, c), ``on-b`` by b."""
+    running = Fleet(tmp_path_factory.mktemp("fleet"), f"redis://127.0.0.1:{redis.port}/0")
+    try:
+        for name in ("a", "b", "c"):
+            running.start_gateway(name)
+        running.start_agent("on-a", ["a", "b", "c"], allow=(f"127.0.0.1:{targets.echo_port}",
+                                                               f"127.0.0.1:{targets.source_port}"))
+        running.start_agent("on-b", ["b", "c", "a"])
+        for gateway in ("a", "b", "c"):
+            for agent in ("on-a", "on-b"):
+                wait_for(lambda g=gateway, a=agent: running.agent_id(g, a), what=f"{agent} seen by {gateway}")
+        wait_for(lambda: all(running.health(g)["fleet"]["peers_connected"] >= 1 for g in "abc"),
+                 what="peer sessions")
+        yield running
+    finally:
+        running.close()
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_registry_leases_and_health(fleet):
+    agent_id = fleet.agent_id("c", "on-a")
+    holder = fleet.holder(agent_id)
+    assert holder is not None and holder[0] == "a"
+    health = fleet.health("b")
+    assert health["status"] == "ok" and health["fleet"]["redis"] == "ok"
+    assert set(health["fleet"]["gateways"]) >= {"a", "b", "c"}
+    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.port('a')}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    assert "relay_fleet_redis_up 1.0" in metrics
+    assert "relay_fleet_lease_claims_total" in metrics and "relay_fleet_peers_connected" in metrics
+
+
+def test_tcp_hub_port_at_b_reaches_an_agent_held_by_a(fleet, targets):
+    agent_id = fleet.agent_id("b", "on-a")
+    status, body = fleet.api("b", "POST", f"/api/v1/agents/{agent_id}/tunnel",
+                             {"target_port": targets.echo_port, "tunnel_protocol": "tcp"})
+    assert status == 200, body
+    hub = body["hub_port"]
+    echo_checked(hub, 4 * MiB)
+    threads = [threading.Thread(target=echo_checked, args=(hub, 256 * 1024)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.port('a')}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    joined = re.search(r'relay_fleet_forwarded_streams_in_total\{result="joined"\} (\S+)', metrics)
+    assert joined and float(joined.group(1)) >= 5
+    to_agent = re.search(r'relay_fleet_forwarded_bytes_total\{direction="to_agent"\} (\S+)', metrics)
+    assert to_agent and float(to_agent.group(1)) >= 4 * MiB
+
+
+def _from_agent_bytes(fleet: Fleet, gateway: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.port(gateway)}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    found = re.search(r'relay_fleet_forwarded_bytes_total\{direction="from_agent"\} (\S+)', metrics)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_client_that_stops_reading_stops_the_agent_across_both_hops(fleet, targets):
+    """An endless source behind the agent on a, read through a hub port at b by a client
+    that reads a little and then nothing: what a passes towards b stops growing (the
+    windows of both hops are full), and a reader that resumes gets the stream going."""
+    agent_id = fleet.agent_id("b", "on-a")
+    status, body = fleet.api("b", "POST", f"/api/v1/agents/{agent_id}/tunnel",
+                             {"target_port": targets.source_port, "tunnel_protocol": "tcp"})
+    assert status == 200, body
+    before = _from_agent_bytes(fleet, "a")
+    with socket.create_connection(("127.0.0.1", body["hub_port"]), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        assert len(sock.recv(65536)) > 0  # flowing
+        time.sleep(2.0)  # reading nothing: both hops fill up and stop
+        stalled = _from_agent_bytes(fleet, "a")
+        time.sleep(1.5)
+        still = _from_agent_bytes(fleet, "a")
+        print(f"\n[fleet] a stalled reader held {(stalled - before) / MiB:.1f} MiB in flight across both hops; "
+              f"{still - stalled:.0f} bytes more in the next 1.5 s")
+        assert still - stalled < 256 * 1024, "the agent's data kept flowing to a reader that reads nothing"
+        assert stalled - before < 48 * MiB  # one stream window per hop plus socket buffers
+        sock.settimeout(10)
+        deadline = time.monotonic() + 20
+        while _from_agent_bytes(fleet, "a") <= still:  # reading again: the agent sends again
+            for _ in range(64):
+                assert sock.recv(1024 * 1024)
+            assert time.monotonic() < deadline, "the stream did not resume"
+
+
+def test_http_tunnel_opened_at_a_answers_through_c(fleet):
+    web = HttpTarget()
+    try:
+        agent_id = fleet.agent_id("a", "on-b")  # held by b
+        status, body = fleet.api("a", "POST", f"/api/v1/agents/{agent_id}/tunnel", {"target_port": web.port})
+        assert status == 200, body
+        path = body["tunnel_url"].split(f":{fleet.port('a')}", 1)[1]
+        for gateway in ("c", "a", "b"):
+            base = f"http://127.0.0.1:{fleet.port(gateway)}{path}"
+            status, got = http_get(base + "page?x=1")
+            assert status == 200 and got == b"hello from behind the agent /page?x=1", (gateway, status, got)
+            payload = os.urandom(300_000)
+            status, got = http_get(base + "sum", payload)
+            assert status == 200 and got.decode() == hashlib.sha256(payload).hexdigest()
+        # Closed at c (admin token): the URL stops working at every gateway at once.
+        request = urllib.request.Request(f"http://127.0.0.1:{fleet.port('c')}{path.rstrip('/')}", method="DELETE",
+                                         headers={"X-Admin-Token": body["admin_token"]})
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert resp.status == 200
+        for gateway in ("a", "b"):
+            wait_for(lambda g=gateway: http_get(f"http://127.0.0.1:{fleet.port(g)}{path}page")[0] == 404,
+                     timeout=3, what=f"tunnel closed at {gateway}")
+    finally:
+        web.close()
+
+
+def test_share_rate_limit_counts_across_the_fleet(fleet):
+    """A share limited to 5 requests a minute allows 5 through a and b together."""
+    web = HttpTarget()
+    try:
+        agent_id = fleet.agent_id("a", "on-b")
+        status, tunnel = fleet.api("a", "POST", "/api/v1/tunnels", {
+            "target": f"127.0.0.1:{web.port}", "agent_id": agent_id, "protocol": "http", "name": "shared"})
+        assert status == 201, tunnel
+        status, share = fleet.api("b", "POST", f"/api/v1/tunnels/{tunnel['id']}/shares",
+                                  {"name": "limited", "rate_limit": 5})
+        assert status == 201, share
+        path = "/" + share["share_url"].split("/", 3)[3]
+        # Just inside a minute window, so the five are counted in one.
+        if time.time() % 60 > 50:
+            time.sleep(61 - time.time() % 60)
+        answers = [http_get(f"http://127.0.0.1:{fleet.port(g)}{path}x")[0] for g in "aaabbbc"]
+        assert answers == [200] * 5 + [429] * 2, answers
+        status, _ = fleet.api("c", "DELETE", f"/api/v1/tunnels/{tunnel['id']}")
+        assert status == 204
+        wait_for(lambda: http_get(f"http://127.0.0.1:{fleet.port('a')}{path}x")[0] == 404, timeout=3,
+                 what="share gone at a")
+    finally:
+        web.close()
+
+
+def test_revoked_key_is_refused_at_every_gateway_at_once(fleet, targets):
+    team_id = [t["team_id"] for t in fleet.admin("team", "list", "--json") if t["name"] == "default"][0]
+    dk = fleet.admin("key", "create", "--team", team_id, "--kind", "dk", "--json")["key"]
+    ak = fleet.admin("key", "create", "--team", team_id, "--kind", "ak", "--json")["key"]
+    fleet.start_agent("revoked", ["a"], key=ak)
+    wait_for(lambda: fleet.agent_id("c", "revoked"), what="agent with its own key seen at c")
+    for gateway in ("a", "b", "c"):
+        assert fleet.api(gateway, "GET", "/api/v1/agents", key=dk)[0] == 200
+    fleet.admin("key", "revoke", "--team", team_id, dk, "--redis", fleet.redis_url)
+    started = time.monotonic()  # the command returned: the store and Redis have it
+    for gateway in ("b", "c", "a"):
+        wait_for(lambda g=gateway: fleet.api(g, "GET", "/api/v1/agents", key=dk)[0] == 401, timeout=2,
+                 what=f"dk- key refused at {gateway}")
+    print(f"\n[fleet] dk- key refused at all three gateways {time.monotonic() - started:.3f}s after the revoke")
+    fleet.admin("key", "revoke", "--team", team_id, ak, "--redis", fleet.redis_url)
+    started = time.monotonic()
+    wait_for(lambda: fleet.agent_id("c", "revoked") is None, timeout=3, what="revoked agent gone at c")
+    print(f"[fleet] agent of a revoked ak- key offline at c {time.monotonic() - started:.3f}s after the revoke")
+    _stop(fleet.agents.pop("revoked"))
+
+
+def _raw_upgrade(port: int, headers: dict[str, str]) -> bytes:
+    request = (f"GET /api/v1/fleet/peer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request.encode())
+        return sock.recv(4096)
+
+
+def test_peer_session_needs_the_fleet_secret(fleet):
+    port = fleet.port("a")
+    for headers in ({}, {"X-Relay-Fleet-Secret": "wrong"}, {"X-Relay-Fleet-Secret": SECRET + "x"}):
+        answer = _raw_upgrade(port, {"X-Relay-Gateway-Id": "intruder", **headers})
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+        assert SECRET.encode() not in answer
+    answer = _raw_upgrade(port, {"X-Relay-Gateway-Id": "tester", "X-Relay-Fleet-Secret": SECRET})
+    assert answer.startswith(b"HTTP/1.1 101"), answer[:200]
+    log = (fleet.workdir / "gateway-a.log").read_text()
+    assert "wrong or missing fleet secret" in log and SECRET not in log
+
+
+def test_forward_naming_another_team_is_refused(fleet, targets):
+    team2 = fleet.admin("team", "create", "other", "--json")
+    ak2, sk2 = team2["keys"]["ak"], team2["keys"]["sk"]
+    fleet.start_agent("team2", ["a"], key=ak2, allow=(f"127.0.0.1:{targets.echo_port}",))
+    other_agent = wait_for(lambda: fleet.agent_id("a", "team2", key=sk2), what="team2 agent")
+    default_id = [t["team_id"] for t in fleet.admin("team", "list", "--json") if t["name"] == "default"][0]
+
+    from relay.aio import StreamRefused
+    from relay.gateway.fleet.peers import PeerPool
+    from relay.mux.errors import ErrorCode
+
+    async def forge() -> tuple[Any, bytes]:
+        pool = PeerPool("forger", SECRET, lambda stream: stream.refuse())
+        session = await pool._dial("a", f"http://127.0.0.1:{fleet.port('a')}")
+        meta = {"protocol": "tcp", "target": f"127.0.0.1:{targets.echo_port}"}
+        forged = session.open_stream_nowait({"agent": other_agent, "team": default_id, "meta": meta})
+        try:
+            await forged.wait_accepted()
+            refusal = None
+        except StreamRefused as exc:
+            refusal = exc
+        honest = session.open_stream_nowait({"agent": other_agent, "team": team2["team_id"], "meta": meta})
+        honest.write(b"same team")
+        echoed = await asyncio.wait_for(honest.readexactly(9), 10)
+        session.close()
+        return refusal, echoed
+
+    refusal, echoed = asyncio.run(forge())
+    assert refusal is not None and refusal.error_code == ErrorCode.NOT_ALLOWED
+    assert echoed == b"same team"
+    assert "in another team" in (fleet.workdir / "gateway-a.log").read_text()
+    # Nor does any API route another team's agent: 404 at every gateway.
+    for gateway in ("b", "c"):
+        status, _ = fleet.api(gateway, "POST", f"/api/v1/agents/{other_agent}/tunnel",
+                              {"target_port": targets.echo_port, "tunnel_protocol": "tcp"})
+        assert status == 404
+    _stop(fleet.agents.pop("team2"))
+
+
+def test_kill9_of_the_holding_gateway_agent_moves_to_a_survivor(fleet, targets):
+    fleet.start_gateway("d")
+    fleet.start_agent("mover", ["d", "a"], allow=(f"127.0.0.1:{targets.echo_port}",))
+    agent_id = wait_for(lambda: fleet.agent_id("b", "mover"), what="mover seen at b")
+    assert fleet.holder(agent_id)[0] == "d"
+    status, body = fleet.api("b", "POST", f"/api/v1/agents/{agent_id}/tunnel",
+                             {"target_port": targets.echo_port, "tunnel_protocol": "tcp"})
+    assert status == 200, body
+    hub = body["hub_port"]
+    wait_for(lambda: echo_works(hub), timeout=10, what="echo through b to d")
+    proc, _ = fleet.gateways["d"]
+    started = time.monotonic()
+    proc.kill()
+    proc.wait(10)
+    wait_for(lambda: echo_works(hub), timeout=20, what="echo through b after d died")
+    print(f"\n[fleet] requests through b work again {time.monotonic() - started:.2f}s after kill -9 of "
+          f"the gateway holding the agent")
+    holder = fleet.holder(agent_id)
+    assert holder is not None and holder[0] == "a"
+    echo_checked(hub, MiB)
+    _stop(fleet.agents.pop("mover"))
+
+
+def test_a_frozen_gateway_never_takes_its_agent_back(fleet, targets):
+    fleet.start_gateway("e")
+    first = fleet.start_agent("sticky", ["e"], allow=(f"127.0.0.1:{targets.echo_port}",))
+    agent_id = wait_for(lambda: fleet.agent_id("c", "sticky"), what="sticky seen at c")
+    gateway_e, _ = fleet.gateways["e"]
+    old = fleet.holder(agent_id)
+    assert old is not None and old[0] == "e"
+    os.kill(gateway_e.pid, signal.SIGSTOP)
+    try:
+        first.kill()
+        first.wait(10)
+        # The same agent (key and name) connects again, through b, while e is frozen.
+        fleet.start_agent("sticky", ["b"], allow=(f"127.0.0.1:{targets.echo_port}",))
+        wait_for(lambda: (fleet.holder(agent_id) or ("", 0))[0] == "b", what="lease moved to b")
+        new = fleet.holder(agent_id)
+        assert new[1] > old[1]
+        time.sleep(1.0)
+    finally:
+        os.kill(gateway_e.pid, signal.SIGCONT)
+    # e wakes up with its old session and lease: its renewals must lose, every time.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        assert fleet.holder(agent_id) == new
+        time.sleep(0.2)
+    status, body = fleet.api("c", "POST", f"/api/v1/agents/{agent_id}/tunnel",
+                             {"target_port": targets.echo_port, "tunnel_protocol": "tcp"})
+    assert status == 200, body
+    wait_for(lambda: echo_works(body["hub_port"]), timeout=10, what="echo through c to b")
+    status, body = fleet.api("e", "POST", f"/api/v1/agents/{agent_id}/tunnel",
+                             {"target_port": targets.echo_port, "tunnel_protocol": "tcp"})
+    assert status == 200, body
+    wait_for(lambda: echo_works(body["hub_port"]), timeout=10, what="echo through e to b")
+    assert fleet.holder(agent_id) == new
+    _stop(fleet.agents.pop("sticky"))
+
+
+def test_a_gateway_without_redis_serves_its_own_agents_and_recovers(tmp_path, targets):
+    redis_bin = require_binary("redis-server")
+    port = free_port()
+
+    def start_redis_on_port() -> subprocess.Popen:
+        proc = subprocess.Popen([redis_bin, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--dir", str(tmp_path)],
+                                stdout=(tmp_path / "redis.log").open("ab"), stderr=subprocess.STDOUT)
+        wait_for(lambda: _pong(port), what="redis up")
+        return proc
+
+    redis_proc = start_redis_on_port()
+    alone = Fleet(tmp_path, f"redis://127.0.0.1:{port}/0")
+    try:
+        alone.start_gateway("solo")
+        alone.start_agent("local", ["solo"], allow=(f"127.0.0.1:{targets.echo_port}",))
+        agent_id = wait_for(lambda: alone.agent_id("solo", "local"), what="agent online")
+        wait_for(lambda: alone.holder(agent_id), what="lease written")
+        status, body = alone.api("solo", "POST", f"/api/v1/agents/{agent_id}/tunnel",
+                                 {"target_port": targets.echo_port, "tunnel_protocol": "tcp"})
+        assert status == 200, body
+        hub = body["hub_port"]
+        redis_proc.kill()
+        redis_proc.wait(10)
+        wait_for(lambda: alone.health("solo")["fleet"]["redis"] == "unreachable", timeout=15,
+                 what="health says Redis is unreachable")
+        assert alone.health("solo")["status"] == "degraded"
+        echo_checked(hub, MiB)  # its own agent is still served
+        with urllib.request.urlopen(f"http://127.0.0.1:{alone.port('solo')}/metrics", timeout=10) as resp:
+            assert "relay_fleet_redis_up 0.0" in resp.read().decode()
+        redis_proc = start_redis_on_port()  # empty: the registry is rebuilt from live sessions
+        wait_for(lambda: alone.health("solo")["fleet"]["redis"] == "ok", timeout=15, what="Redis back")
+        wait_for(lambda: alone.holder(agent_id), timeout=10, what="lease restored")
+        assert alone.holder(agent_id)[0] == "solo"
+        log = (tmp_path / "gateway-solo.log").read_text()
+        assert "Redis unreachable" in log and "Redis reachable again" in log
+        echo_checked(hub, MiB)
+    finally:
+        alone.close()
+        redis_proc.kill()
+        redis_proc.wait(10)
+
+
+def _pong(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
