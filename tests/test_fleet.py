@@ -1,7 +1,8 @@
 """A fleet of gateways on one machine (issue 13, items 2 and 3), against a real
 redis-server and real processes: three ``relay gateway --redis`` processes sharing one
-data directory (the SQLite store is multi-process safe) and one private Redis, with
-``relay agent`` processes spread over them.
+store and one private Redis, with ``relay agent`` processes spread over them. Every test
+runs twice: the gateways share one SQLite file in one data directory (multi-process safe
+on one machine), then one database of the session's private PostgreSQL (``--store``).
 
 * a TCP tunnel's hub port at gateway B carries an echo to an agent held by gateway A
   (checksums, several connections at once);
@@ -109,10 +110,12 @@ def _stop(proc: Optional[subprocess.Popen]) -> None:
 class Fleet:
     """Gateways (by name) sharing one data directory and one Redis; agents by name."""
 
-    def __init__(self, workdir: Path, redis_url: str) -> None:
+    def __init__(self, workdir: Path, redis_url: str, store_url: Optional[str] = None) -> None:
         self.workdir = workdir
         self.data = workdir / "data"
         self.redis_url = redis_url
+        #: None: SQLite in the shared data directory; else every gateway's --store.
+        self.store_url = store_url
         self.gateways: dict[str, tuple[subprocess.Popen, int]] = {}
         self.agents: dict[str, subprocess.Popen] = {}
         self.keys: dict[str, str] = {}
@@ -120,7 +123,8 @@ class Fleet:
     def start_gateway(self, name: str, redis_url: Optional[str] = None, secret: str = SECRET) -> int:
         port = free_port()
         log = self.workdir / f"gateway-{name}.log"
-        proc = _spawn(["gateway", "--listen", f"127.0.0.1:{port}", "--data", str(self.data),
+        store = ["--store", self.store_url] if self.store_url else []
+        proc = _spawn(["gateway", "--listen", f"127.0.0.1:{port}", "--data", str(self.data), *store,
                        "--redis", redis_url or self.redis_url, "--gateway-id", name, "--log-level", "info"],
                       log, env={"RELAY_FLEET_SECRET": secret})
         self.gateways[name] = (proc, port)
@@ -178,7 +182,8 @@ class Fleet:
         return gateway, int(epoch)
 
     def admin(self, *args: str) -> Any:
-        out = subprocess.run([sys.executable, "-m", "relay", "admin", "--data", str(self.data), *args],
+        store = ["--store", self.store_url] if self.store_url else []
+        out = subprocess.run([sys.executable, "-m", "relay", "admin", "--data", str(self.data), *store, *args],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout) if "--json" in args else out.stdout
@@ -253,10 +258,13 @@ def targets() -> Iterator[Targets]:
         running.close()
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory, redis: Any, targets: Targets) -> Iterator[Fleet]:
-    """Gateways a, b, c; agent ``on-a`` held by a (its list: a, b, c), ``on-b`` by b."""
-    running = Fleet(tmp_path_factory.mktemp("fleet"), f"redis://127.0.0.1:{redis.port}/0")
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, redis: Any,
+          targets: Targets) -> Iterator[Fleet]:
+    """Gateways a, b, c; agent ``on-a`` held by a (its list: a, b, c), ``on-b`` by b. The
+    gateways share one SQLite file (one machine), or one PostgreSQL database."""
+    store_url = request.getfixturevalue("pg_databases").create() if request.param == "postgres" else None
+    running = Fleet(tmp_path_factory.mktemp("fleet"), f"redis://127.0.0.1:{redis.port}/0", store_url)
     try:
         for name in ("a", "b", "c"):
             running.start_gateway(name)
