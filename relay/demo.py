@@ -8,7 +8,8 @@ Starts, on one uvloop loop:
 * an agent of that team that may reach only the two sample services;
 
 then opens an http tunnel to the page and a tcp tunnel to the echo service, prints what
-to try (curl, nc, ``relay connect``, ``relay tunnel list``) and runs until Ctrl-C (or
+to try (Python one-liners, ``relay connect``, ``relay tunnel list``: nothing that a
+fresh machine may lack) and runs until Ctrl-C (or
 ``--exit-after SECONDS``). Start-up progress goes to stderr, one line per step.
 """
 from __future__ import annotations
@@ -163,26 +164,57 @@ async def _wait_for_stop(exit_after: Optional[float]) -> None:
     await stop.wait()
 
 
+def relay_invocation() -> str:
+    """How to run ``relay`` again from a shell, as a string that works when pasted.
+
+    The bare name only when it is on PATH and is this very program; else the absolute
+    path of the script that started us (``.venv/bin/relay`` run by path); else
+    ``PYTHON -m relay`` with this interpreter (``python -m relay demo``)."""
+    import os
+    import shutil
+
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "relay":
+        on_path = shutil.which("relay")
+        if on_path is not None and os.path.realpath(on_path) == os.path.realpath(argv0):
+            return "relay"
+        if argv0.exists():
+            return shlex.quote(str(argv0.resolve()))
+    return f"{shlex.quote(sys.executable)} -m relay"
+
+
+def python_invocation() -> str:
+    """This interpreter, quoted: the one client every set-up of relay guarantees."""
+    return shlex.quote(sys.executable)
+
+
 def _print_tips(echo: Callable[[str], None], url: str, sk: str, agent_id: str, web: dict[str, Any],
                 tcp: dict[str, Any], data_dir: Path, exit_after: Optional[float]) -> None:
     """What to try, as copy-paste commands. The sk- key is printed: it was made for this
-    demo (a throwaway team in a temporary directory unless --data)."""
-    relay = "relay" if Path(sys.argv[0]).name == "relay" else f"{shlex.quote(sys.executable)} -m relay"
-    hub = f"127.0.0.1 {tcp['hub_port']}"
+    demo (a throwaway team in a temporary directory unless --data).
+
+    Every command uses only relay itself and the Python that runs it (curl, nc or telnet
+    may be missing on a fresh machine); the http tunnel is also a URL for a browser."""
+    relay = relay_invocation()
+    python = python_invocation()
+    hub = f"127.0.0.1:{tcp['hub_port']}"
+    # One line of Python each: fetch a URL, and send a line over TCP and print the echo.
+    fetch = f"{python} -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())'"
+    talk = (f"{python} -c 'import socket, sys; s = socket.create_connection((\"127.0.0.1\", int(sys.argv[1]))); "
+            f"s.sendall(b\"hello\\n\"); print(s.recv(100).decode(), end=\"\")'")
     lines = [
         "",
         "relay demo is running" + (f" for {exit_after:g}s" if exit_after is not None else " (Ctrl-C to stop)"),
         f"  gateway      {url}   (data: {data_dir})",
         f"  API key      {sk}   (team 'demo')",
         f"  agent        demo-agent  {agent_id}",
-        f"  http tunnel  {web['tunnel_url']}   -> hello page",
-        f"  tcp tunnel   hub port {hub.replace(' ', ':')}, {tcp['tunnel_url']}   -> echo",
+        f"  http tunnel  {web['tunnel_url']}   -> hello page (open it in a browser)",
+        f"  tcp tunnel   hub port {hub}, {tcp['tunnel_url']}   -> echo",
         "",
-        "Try:",
-        f"  curl -s -H 'Authorization: Bearer {sk}' {url}/api/v1/agents",
-        f"  curl -s {web['tunnel_url']}",
-        f"  echo hello | nc -q1 {hub}          # or: telnet {hub}",
-        f"  {relay} connect {tcp['tunnel_url']} --listen 127.0.0.1:9000   # then: nc 127.0.0.1 9000",
+        "Try: (relay as named here; nothing else needs installing)",
+        f"  {fetch} {web['tunnel_url']}",
+        f"  {talk} {tcp['hub_port']}",
+        f"  {relay} connect {tcp['tunnel_url']} --listen 127.0.0.1:9000 &   # then the line above with 9000",
         f"  RELAY_GATEWAY={url} RELAY_KEY={sk} {relay} tunnel list",
         "",
     ]
