@@ -19,6 +19,23 @@ from relay.cli import data_dir_option, main, store_option
 from relay.config import config_option
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Where ``relay agent --key`` comes from when not given, first set wins: the agent's own
+#: name (so one shell can hold an ak- key for the agent beside an sk- key for the API),
+#: then RELAY_KEY, the name every other command reads its key from.
+AGENT_KEY_ENVVARS = ("RELAY_AGENT_KEY", "RELAY_KEY")
+
+
+def check_agent_key(key: str) -> None:
+    """A one-line usage error unless ``key`` is an ak- key, naming where it came from
+    (never the key itself)."""
+    if key.startswith("ak-"):
+        return
+    import os
+
+    source = next((name for name in AGENT_KEY_ENVVARS if os.environ.get(name) == key), None)
+    where = f" (from {source})" if source else ""
+    raise click.BadParameter(f"an agent key starts with 'ak-'{where}; create one with "
+                             f"`relay admin key create --team TEAM --kind ak`", param_hint="--key")
 
 
 def _setup_logging(level: str) -> None:
@@ -86,8 +103,7 @@ def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], la
     if len(gateway_urls) > 1:
         raise click.UsageError("--backend trio does not support several --gateway yet")
     gateway_url = gateway_urls[0]
-    if not key.startswith("ak-"):
-        raise click.BadParameter("an agent key starts with 'ak-'", param_hint="--key")
+    check_agent_key(key)
     for entry in allow:
         _split_host_port(entry, "--allow")
     _setup_logging(log_level)
@@ -116,29 +132,31 @@ def _split_host_port(value: str, what: str, allow_zero: bool = False) -> tuple[s
 
 
 _log_option = click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info",
-                           envvar="RELAY_LOG_LEVEL", show_default=True, help="Logging verbosity.")
+                           envvar="RELAY_LOG_LEVEL", show_envvar=True, show_default=True, help="Logging verbosity.")
 
 
 @main.command()
 @config_option("gateway")
-@click.option("--listen", default="127.0.0.1:8080", show_default=True, envvar="RELAY_LISTEN",
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, envvar="RELAY_LISTEN", show_envvar=True,
               metavar="HOST:PORT", help="Address to serve HTTP, the API and agents on (port 0: any).")
 @data_dir_option
 @store_option
-@click.option("--public-url", envvar="RELAY_PUBLIC_URL", metavar="URL",
+@click.option("--public-url", envvar="RELAY_PUBLIC_URL", show_envvar=True, metavar="URL",
               help="Base URL clients reach this gateway at (for tunnel URLs).")
-@click.option("--hub-host", default="127.0.0.1", show_default=True, envvar="RELAY_HUB_HOST",
-              help="Address TCP and UDP tunnel hub ports listen on.")
+@click.option("--hub-host", default="127.0.0.1", show_default=True, envvar="RELAY_HUB_HOST", show_envvar=True,
+              help="Address TCP and UDP tunnel hub ports listen on. The default serves this machine only; "
+                   "0.0.0.0 (or one interface's address) lets other machines reach them.")
 @click.option("--udp-idle-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
-              envvar="RELAY_UDP_IDLE_TIMEOUT", metavar="SECONDS",
+              envvar="RELAY_UDP_IDLE_TIMEOUT", show_envvar=True, metavar="SECONDS",
               help="A udp tunnel's flow (one client address) ends after this long without a datagram.")
-@click.option("--jwt-key", envvar="RELAY_JWT_KEY", metavar="KEY",
-              help="HMAC secret or PEM public key verifying user session JWTs.")
-@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), envvar="RELAY_TLS_CERT",
+@click.option("--jwt-key", envvar="RELAY_JWT_KEY", show_envvar=True, metavar="KEY",
+              help="HMAC secret (32+ bytes; HS256) or PEM public key (RS256/ES256) verifying user "
+                   "JWTs: claims sub, exp and teams (team ids) or team_id; callers send X-Team-ID.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), envvar="RELAY_TLS_CERT", show_envvar=True,
               help="PEM certificate chain: serve HTTPS/WSS.")
-@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), envvar="RELAY_TLS_KEY",
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), envvar="RELAY_TLS_KEY", show_envvar=True,
               help="PEM private key of --tls-cert.")
-@click.option("--allow-private-egress", is_flag=True, default=False, envvar="RELAY_ALLOW_PRIVATE_EGRESS",
+@click.option("--allow-private-egress", is_flag=True, default=False, envvar="RELAY_ALLOW_PRIVATE_EGRESS", show_envvar=True,
               help="Let external services and webhooks reach loopback, link-local and private "
                    "addresses (refused by default; the gateway's own ports never are).")
 @click.option("--redis", "redis_url", envvar="RELAY_REDIS", metavar="URL",
@@ -191,22 +209,27 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
 
 @main.command()
 @config_option("agent")
-@click.option("--gateway", "gateway_urls", required=True, multiple=True, envvar="RELAY_GATEWAY", metavar="URL",
-              help="Gateway URL, e.g. http://gw.example.com:8080 (https/wss for TLS). Repeat it for the "
-                   "gateways of a fleet: after a drop the agent connects to the next one.")
-@click.option("--key", required=True, envvar="RELAY_AGENT_KEY", metavar="ak-...",
-              help="Agent key (ak-) of the team to join. Prefer the environment variable.")
-@click.option("--name", help="Agent name (default: the host name); stable across restarts.")
-@click.option("--label", "labels", multiple=True, metavar="L", help="Advertise a label (repeatable).")
-@click.option("--allow", "allow", multiple=True, metavar="HOST:PORT",
-              help="Allow streams to this target (repeatable). Default: loopback hosts only.")
+@click.option("--gateway", "gateway_urls", required=True, multiple=True, envvar="RELAY_GATEWAY", show_envvar=True,
+              metavar="URL", help="Gateway URL, e.g. http://gw.example.com:8080 (https/wss for TLS). Repeat it for "
+                                  "the gateways of a fleet: after a drop the agent connects to the next one.")
+@click.option("--key", required=True, envvar=list(AGENT_KEY_ENVVARS), show_envvar=True, metavar="ak-...",
+              help="Agent key (ak-) of the team to join. Prefer the environment: RELAY_AGENT_KEY, "
+                   "else RELAY_KEY (the name every command reads its key from).")
+@click.option("--name", envvar="RELAY_AGENT_NAME", show_envvar=True,
+              help="Agent name (default: the host name); stable across restarts.")
+@click.option("--label", "labels", multiple=True, metavar="L", envvar="RELAY_AGENT_LABELS", show_envvar=True,
+              help="Advertise a label (repeatable; the variable: space-separated).")
+@click.option("--allow", "allow", multiple=True, metavar="HOST:PORT", envvar="RELAY_AGENT_ALLOW", show_envvar=True,
+              help="Allow streams to this target (repeatable; the variable: space-separated). "
+                   "Default: loopback hosts only, any port.")
 @click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              envvar="RELAY_CA_CERT", help="Trust this CA (PEM) for an https/wss gateway.")
+              envvar="RELAY_CA_CERT", show_envvar=True, help="Trust this CA (PEM) for an https/wss gateway.")
 @click.option("--service", "services", multiple=True,
               metavar="SLUG=HOST:PORT[,health=/health][,prompt=TEXT][,openapi=PATH][,label=L]",
               help="Declare a container service (repeatable; see relay.agent.services).")
 @click.option("--backend", type=click.Choice(["asyncio", "trio"]), default="asyncio", show_default=True,
-              envvar="RELAY_AGENT_BACKEND", expose_value=False, help="Event loop to run on: asyncio (uvloop) or trio.",
+              envvar="RELAY_AGENT_BACKEND", show_envvar=True, expose_value=False,
+              help="Event loop to run on: asyncio (uvloop) or trio.",
               callback=_select_backend)
 @_log_option
 def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: tuple[str, ...],
@@ -216,8 +239,7 @@ def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: 
     gateway_url, *more_gateways = gateway_urls
     from relay.agent.client import Agent, AgentAuthError
 
-    if not key.startswith("ak-"):
-        raise click.BadParameter("an agent key starts with 'ak-'", param_hint="--key")
+    check_agent_key(key)
     for entry in allow:
         _split_host_port(entry, "--allow")
     from relay.agent.services import parse_service
@@ -464,7 +486,7 @@ async def run_connect(url: str, host: str, port: int, *, ssl_context: Any = None
 @click.option("--listen", default="127.0.0.1:0", show_default=True, metavar="HOST:PORT",
               help="Local address to accept connections on (port 0: any free port).")
 @click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              envvar="RELAY_CA_CERT", help="Trust this CA (PEM) for a wss:// tunnel URL.")
+              envvar="RELAY_CA_CERT", show_envvar=True, help="Trust this CA (PEM) for a wss:// tunnel URL.")
 @click.option("--udp", is_flag=True, default=False,
               help="Reach a udp tunnel: listen for datagrams on --listen; each local flow "
                    "(client address) is one WebSocket to TUNNEL_URL (.../udp).")

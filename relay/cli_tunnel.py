@@ -129,7 +129,8 @@ def _error_message(exc: urllib.error.HTTPError) -> str:
 
 def _client_options(func: Any) -> Any:
     func = click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                        envvar="RELAY_CA_CERT", help="Trust this CA (PEM) for an https gateway.")(func)
+                        envvar="RELAY_CA_CERT", show_envvar=True,
+                        help="Trust this CA (PEM) for an https gateway.")(func)
     func = click.option("--key", required=True, envvar="RELAY_KEY", metavar="sk-...", show_envvar=True,
                         help="Team key (sk-, dk-) or user JWT. Prefer the environment variable.")(func)
     func = click.option("--gateway", "gateway_url", required=True, envvar="RELAY_GATEWAY", metavar="URL",

@@ -707,10 +707,26 @@ class _GatewayCollector:
             yield from gw.fleet.metrics.families(gw.fleet.peers.connected(), len(gw.fleet.registry.locations))
 
 
-def _print_default_team(team: Team, keys: dict[str, SecretToken], echo: Callable[[str], None]) -> None:
+def _print_default_team(team: Team, keys: dict[str, SecretToken], store_url: Optional[str], data_dir: Path,
+                        echo: Callable[[str], None]) -> None:
     echo(f"Created the default team {team.id}. Its keys (shown only now; store them safely):")
     for kind, key in keys.items():
         echo(f"  {kind}  {key}")
+    where = f"--store {store_url}" if store_url else f"--data {data_dir}"
+    if store_url and "@" in store_url:  # a database URL with a password: do not print it
+        where = "--store URL"
+    echo(f"  (more or lost ones: relay admin {where} key create --team default --kind sk|dk|ak)")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
@@ -727,8 +743,9 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
 
     The state is in ``store_url`` (relay.gateway.store.open_store: a SQLite path or
     ``postgresql://...``), by default SQLite in ``data_dir``. On the first start of an
-    empty store, creates the default team and prints its keys once. Prints ``relay gateway
-    listening on URL`` when ready. ``tls_cert``
+    empty store, once it listens, creates the default team and prints its keys once (a
+    start that fails creates none). Prints ``relay gateway listening on URL`` when ready.
+    ``tls_cert``
     (PEM chain) and ``tls_key`` make it serve HTTPS/WSS. ``allow_private_egress``: the
     gateway may connect to loopback/private/link-local addresses (relay.gateway.egress).
     ``fleet``: join a fleet of gateways (relay.gateway.fleet; docs/FLEET.md).
@@ -742,13 +759,15 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
             raise ValueError(f"cannot load TLS certificate {tls_cert}: {exc}") from None
     store = await open_store(store_url, data_dir)
     try:
-        created = await ensure_default_team(store)
-        if created is not None:
-            _print_default_team(*created, echo=echo)
         gateway = Gateway(store, public_url=public_url, hub_host=hub_host, jwt_key=jwt_key,
                           ssl_context=ssl_context, allow_private_egress=allow_private_egress,
                           udp_idle_timeout=udp_idle_timeout, fleet=fleet)
+        # Listen first: a start that fails (the port is taken) must not create and print
+        # keys that nobody will see again once the operator has fixed the address.
         await gateway.start(listen_host, listen_port)
+        created = await ensure_default_team(store)
+        if created is not None:
+            _print_default_team(*created, store_url=store_url, data_dir=data_dir, echo=echo)
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -761,6 +780,11 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
         echo(f"relay gateway listening on {scheme}://{host}:{gateway.port} (store: {store.location})")
         if gateway.fleet is not None:
             echo(f"relay gateway {gateway.fleet.gateway_id} in the fleet, advertised at {gateway.fleet.advertise}")
+        if _is_loopback(hub_host):
+            # Said at every start: a TCP tunnel's hub port is unreachable from other
+            # machines until the operator chooses to expose it.
+            echo(f"TCP tunnel hub ports listen on {hub_host} (this machine only; "
+                 f"--hub-host 0.0.0.0 lets other machines reach them)")
         started = time.monotonic()
         try:
             await stop.wait()
