@@ -149,6 +149,9 @@ _log_option = click.option("--log-level", type=click.Choice(LOG_LEVELS), default
 @click.option("--udp-idle-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
               envvar="RELAY_UDP_IDLE_TIMEOUT", show_envvar=True, metavar="SECONDS",
               help="A udp tunnel's flow (one client address) ends after this long without a datagram.")
+@click.option("--tunnel-domain", envvar="RELAY_TUNNEL_DOMAIN", show_envvar=True, metavar="DOMAIN",
+              help="Also serve every HTTP tunnel at a host of its own, LABEL.DOMAIN (tunnel_host_url), "
+                   "for apps that need the root path; needs a wildcard DNS record *.DOMAIN.")
 @click.option("--jwt-key", envvar="RELAY_JWT_KEY", show_envvar=True, metavar="KEY",
               help="HMAC secret (32+ bytes; HS256) or PEM public key (RS256/ES256) verifying user "
                    "JWTs: claims sub, exp and teams (team ids) or team_id; callers send X-Team-ID.")
@@ -172,7 +175,7 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
             jwt_key: Optional[str], tls_cert: Optional[Path], tls_key: Optional[Path],
             allow_private_egress: bool, udp_idle_timeout: float, redis_url: Optional[str],
             fleet_secret: Optional[str], advertise: Optional[str], gateway_id: Optional[str],
-            log_level: str) -> None:
+            log_level: str, tunnel_domain: Optional[str] = None) -> None:
     """Run the gateway: agent endpoint, control API, tunnels."""
     from relay.gateway.app import run_gateway
     from relay.gateway.fleet import FleetConfig
@@ -198,6 +201,7 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
                          allow_private_egress=allow_private_egress, store_url=store_url,
                          udp_idle_timeout=udp_idle_timeout,
                          fleet=fleet,
+                         tunnel_domain=tunnel_domain,
                          echo=lambda line: click.echo(line)))
     except (StoreError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -167,6 +167,8 @@ def tunnel_open(agent_ref: str, target_port: int, protocol: str, gateway_url: st
     click.echo(f"Opened {opened['tunnel_protocol']} tunnel {opened['session_id']} "
                f"to port {target_port} on {agent.get('name')} ({agent['agent_id']})")
     click.echo(f"  tunnel_url   {opened['tunnel_url']}")
+    if opened.get("tunnel_host_url"):
+        click.echo(f"  host url     {opened['tunnel_host_url']}    (the tunnel's own host: --tunnel-domain)")
     if opened.get("hub_port") is not None:
         host = urllib.parse.urlsplit(api.base_url).hostname
         click.echo(f"  hub port     {host}:{opened['hub_port']}    (every connection is one stream)")

@@ -18,6 +18,7 @@ import shutil
 import struct
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -96,10 +97,12 @@ class DevTools:
         return result["result"].get("value")
 
 
-async def start_chromium(profile: Path, url: str) -> tuple[asyncio.subprocess.Process, int]:
-    """Headless Chromium showing ``url`` with DevTools on a free port: (process, port)."""
+async def start_chromium(profile: Path, url: str,
+                         extra: Sequence[str] = ()) -> tuple[asyncio.subprocess.Process, int]:
+    """Headless Chromium showing ``url`` with DevTools on a free port: (process, port).
+    ``extra``: more command-line switches (e.g. ``--host-resolver-rules``)."""
     proc = await asyncio.create_subprocess_exec(
-        *chromium_args(profile), "--remote-debugging-port=0", f"--window-size={WIDTH},{HEIGHT}", url,
+        *chromium_args(profile), *extra, "--remote-debugging-port=0", f"--window-size={WIDTH},{HEIGHT}", url,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE)
     seen = []

@@ -80,7 +80,8 @@ class Gateway:
     """One gateway instance. ``await start(host, port)``, later ``await close()``.
 
     ``public_url`` is what tunnel URLs are built from (default: ``http(s)://HOST:PORT``
-    of the listening address). With ``ssl_context`` the address serves HTTPS/WSS (hub
+    of the listening address). ``tunnel_domain``: every HTTP tunnel is also served at a
+    host of its own under that domain (relay.gateway.tunnel_hosts). With ``ssl_context`` the address serves HTTPS/WSS (hub
     ports stay raw TCP).
     """
 
@@ -91,12 +92,15 @@ class Gateway:
                  agent_gone_grace: float = AGENT_GONE_GRACE,
                  allow_private_egress: bool = False,
                  udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-                 fleet: Optional[FleetConfig] = None) -> None:
+                 fleet: Optional[FleetConfig] = None,
+                 tunnel_domain: Optional[str] = None) -> None:
         self.store = store
         #: How this gateway joins a fleet (None: a gateway on its own), and once
         #: started, its membership (relay.gateway.fleet).
         self._fleet_config = fleet
         self.fleet: Optional[Fleet] = None
+        #: HTTP tunnels are also served at ``LABEL.tunnel_domain`` (relay.gateway.tunnel_hosts).
+        self.tunnel_domain = tunnel_domain
         #: Where the gateway itself may connect (external services, webhooks):
         #: relay.gateway.egress. Never its own listening and hub ports.
         self.egress = EgressPolicy(allow_private_egress, own_ports=self.own_ports, own_hosts=[hub_host])
@@ -152,7 +156,8 @@ class Gateway:
         self.egress.add_own_host(self.host)
         self.tunnels = TunnelManager(self.store, self.registry, public_url=self.url,
                                      hub_host=self._hub_host, egress=self.egress,
-                                     udp_idle_timeout=self._udp_idle_timeout)
+                                     udp_idle_timeout=self._udp_idle_timeout,
+                                     tunnel_domain=self.tunnel_domain)
         self.tunnels.reuse_port = self._fleet_config is not None
         await self.tunnels.restore()
         await self.tunnels_api.start()
@@ -229,7 +234,7 @@ class Gateway:
         self.services.register(self.router)
         # Last: its /tunnel/{token}/... catch-all must not shadow the routes above.
         self.http_tunnels = HttpTunnels(self, self._connections)
-        self.http_tunnels.install()
+        self.http_tunnels.install(self.tunnel_domain)
 
     async def _principal(self, request: Request) -> Principal:
         """The API caller (sk-, dk-, JWT); 401/400/403 as AuthError."""
@@ -460,7 +465,7 @@ class Gateway:
                 raise ProxyError(503, "agent_offline", f"the tunnel's agent is not reachable: {exc}") from None
 
         return Upstream(open_stream=open_stream, key=(id(session), row.target_port), target=target[end:],
-                        headers=[(b"x-forwarded-prefix", target[:end])],
+                        headers=[(b"x-forwarded-prefix", target[:end])], prefix=target[:end],
                         host=f"127.0.0.1:{row.target_port}".encode(), stats=self.http_tunnels.stats(row.session_id))
 
     # ------------------------------------------------------------------ agent endpoint
@@ -647,7 +652,10 @@ def openapi_document(server_url: str) -> dict[str, Any]:
                                                        "admin_token": {"type": "string"},
                                                        "tunnel_protocol": {"type": "string",
                                                                            "enum": list(TUNNEL_SESSION_PROTOCOLS)},
-                                                       "hub_port": {"type": "integer", "description": "tcp only"}}}}}},
+                                                       "hub_port": {"type": "integer", "description": "tcp only"},
+                                                       "tunnel_host_url": {
+                                                           "type": "string",
+                                                           "description": "http only, with --tunnel-domain"}}}}}},
                                        "400": error, "401": error, "403": error, "404": error, "409": error}},
                 "delete": {"summary": "Close one (session_id) or all of the agent's tunnel sessions",
                            "parameters": [agent_id, team, {"name": "session_id", "in": "query", "required": False,
@@ -737,6 +745,7 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
                       store_url: Optional[str] = None,
                       udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                       fleet: Optional[FleetConfig] = None,
+                      tunnel_domain: Optional[str] = None,
                       echo: Callable[[str], None] = print,
                       stop: Optional[asyncio.Event] = None) -> None:
     """Run a gateway until SIGINT/SIGTERM (or ``stop`` is set).
@@ -761,7 +770,8 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
     try:
         gateway = Gateway(store, public_url=public_url, hub_host=hub_host, jwt_key=jwt_key,
                           ssl_context=ssl_context, allow_private_egress=allow_private_egress,
-                          udp_idle_timeout=udp_idle_timeout, fleet=fleet)
+                          udp_idle_timeout=udp_idle_timeout, fleet=fleet,
+                          tunnel_domain=tunnel_domain)
         # Listen first: a start that fails (the port is taken) must not create and print
         # keys that nobody will see again once the operator has fixed the address.
         await gateway.start(listen_host, listen_port)

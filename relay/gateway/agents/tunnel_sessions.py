@@ -247,8 +247,11 @@ class TunnelManager:
 
     def __init__(self, store: Store, registry: Registry, *, public_url: str,
                  hub_host: str = "127.0.0.1", egress: Optional[EgressPolicy] = None,
-                 udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+                 udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 tunnel_domain: Optional[str] = None) -> None:
         self._store = store
+        #: With a domain, an http tunnel also gets ``tunnel_host_url`` (relay.gateway.tunnel_hosts).
+        self.tunnel_domain = tunnel_domain
         #: Knows the gateway's own ports and addresses (loops are refused with it).
         self._egress = egress
         self._registry = registry
@@ -350,6 +353,12 @@ class TunnelManager:
             "admin_token": str(admin),
             "tunnel_protocol": protocol,
         }
+        if protocol == "http" and self.tunnel_domain:
+            from relay.gateway.tunnel_hosts import tunnel_host_url
+
+            host_url = tunnel_host_url(str(access), self.tunnel_domain, self.public_url)
+            if host_url is not None:
+                result["tunnel_host_url"] = host_url
         if hub is not None:
             hub.session_id = session.session_id
             self._hubs[session.session_id] = hub

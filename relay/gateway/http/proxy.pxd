@@ -20,7 +20,7 @@ cdef class ProxyStats:
     cdef public object last_error, clients
 
 cdef class Upstream:
-    cdef public object open_stream, key, target, headers, host, host_override, drop_headers
+    cdef public object open_stream, key, target, headers, host, host_override, drop_headers, prefix
     cdef public ProxyStats stats
 
 cdef class RequestHead:

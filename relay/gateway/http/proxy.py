@@ -41,6 +41,9 @@ only on slow paths: a resolver or ``open_stream`` that is a coroutine function.
   are dropped both ways, except ``Upgrade``/``Connection: upgrade`` of a handshake;
   ``X-Forwarded-For`` (appended), ``-Proto`` and ``-Host`` are set; ``Host`` is kept,
   so apps that compare ``Origin`` with ``Host`` (Jupyter, ComfyUI) accept WebSockets.
+* Paths: with an :attr:`Upstream.prefix` (a path-prefixed tunnel), the response's
+  ``Location``, ``Content-Location`` and ``Set-Cookie`` paths are moved under the prefix
+  (:func:`rewrite_paths`), as nginx's ``proxy_redirect`` and ``proxy_cookie_path`` do.
 
 Failures before the response started are answered by the gateway: 502 when the agent or
 the tunnel fails to reach the target (stream refused, reset, garbage), or whatever the
@@ -77,7 +80,7 @@ from relay.aio.stream import MuxStream
 from relay.mux.errors import ErrorCode
 
 __all__ = ["ProxyConnection", "ProxyError", "ProxyStats", "RequestHead", "Resolver", "Upstream",
-           "origin_form", "refusal_error", "serve_connection"]
+           "origin_form", "refusal_error", "rewrite_paths", "serve_connection"]
 
 log = logging.getLogger("relay.gateway.proxy")
 
@@ -167,7 +170,7 @@ class Upstream:
     a stream, one after the other. ``target`` is the request-target sent upstream
     (path + query). ``headers`` are added to the forwarded request; ``host`` is the
     ``Host`` sent when the client gave none; ``host_override`` replaces the client's
-    (an external target behind a virtual host). ``drop_headers`` (lower-case names) are
+    (an external target behind a virtual host). ``prefix``: see the field. ``drop_headers`` (lower-case names) are
     not forwarded (e.g. the gateway credential in ``Authorization``). ``open_stream`` may
     be a coroutine function (e.g. to wait for the agent's accept and try another agent).
     """
@@ -180,6 +183,11 @@ class Upstream:
     stats: ProxyStats = field(default_factory=ProxyStats)
     host_override: Optional[bytes] = None
     drop_headers: frozenset = frozenset()
+    #: The public path prefix the target is served under (``/tunnel/TOKEN``), or None.
+    #: With one, a response's ``Location`` and ``Set-Cookie`` paths are moved under it
+    #: (:func:`rewrite_paths`), as nginx's ``proxy_redirect`` and ``proxy_cookie_path``
+    #: do, so an app that redirects to ``/login`` stays inside its tunnel.
+    prefix: Optional[bytes] = None
 
 
 class RequestHead:
@@ -349,6 +357,78 @@ def _rewrite_response_head(status: int, reason: bytes, block: bytes, no_body: bo
         parts.append(b"connection: close\r\n")
     parts.append(b"\r\n")
     return b"".join(parts), rechunk, until_eof, close
+
+
+# A response header line that may carry a path of the target's: matched on the raw head.
+_PATH_HEADER = re.compile(rb"\r\n(?:location|content-location|set-cookie)[ \t]*:", re.IGNORECASE)
+_COOKIE_PATH = re.compile(rb"(;[ \t]*path[ \t]*=[ \t]*)([^;\r\n]*)", re.IGNORECASE)
+
+
+def _under(prefix: bytes, path: bytes) -> bytes:
+    """``path`` (root-relative) moved under ``prefix``, unless it is there already (an
+    app that honours ``X-Forwarded-Prefix`` built it so)."""
+    if path == prefix or path.startswith(prefix + b"/") or path.startswith(prefix + b"?"):
+        return path
+    return prefix + path
+
+
+def _location(value: bytes, prefix: bytes, hosts: tuple) -> bytes:
+    """A ``Location``/``Content-Location`` value as the client must follow it: a
+    root-relative path (``/login``), or an absolute URL naming the host the target was
+    asked for (the client's ``Host``, or the target's own address), moved under
+    ``prefix``; anything else (a relative path, another site) is left alone."""
+    if value[:1] == b"/" and value[1:2] not in (b"/", b"\\"):
+        return _under(prefix, value)
+    lower = value[:8].lower()
+    if lower.startswith((b"http://", b"https://")):
+        start = value.find(b"//") + 2
+        end = len(value)
+        for sep in (b"/", b"?", b"#"):
+            found = value.find(sep, start)
+            if 0 <= found < end:
+                end = found
+        if value[start:end].lower() in hosts:
+            rest = value[end:]
+            return value[:end] + _under(prefix, rest if rest[:1] == b"/" else b"/" + rest)
+    return value
+
+
+def rewrite_paths(head: bytes, prefix: bytes, hosts: tuple = ()) -> bytes:
+    """A response head (status line and header lines, CRLF-separated) with the paths of
+    the target moved under ``prefix``: ``Location`` and ``Content-Location`` (see
+    :func:`_location`; ``hosts`` are the lower-case authorities that mean "this
+    target") and the ``Path`` attribute of every ``Set-Cookie`` (``Path=/`` becomes
+    ``Path=PREFIX/``). Bodies are never rewritten: an app whose pages link to
+    root-relative URLs needs a tunnel URL of its own (``--tunnel-domain``)."""
+    lines = head.split(b"\r\n")
+    for i in range(1, len(lines)):
+        line = lines[i]
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue
+        lname = name.strip().lower()
+        if lname in (b"location", b"content-location"):
+            stripped = value.strip()
+            new = _location(stripped, prefix, hosts)
+            if new != stripped:
+                lines[i] = name + b": " + new
+        elif lname == b"set-cookie":
+            lines[i] = _COOKIE_PATH.sub(
+                lambda m: m.group(1) + (_under(prefix, m.group(2).strip()) if m.group(2).strip()[:1] == b"/"
+                                        else m.group(2)), line)
+    return b"\r\n".join(lines)
+
+
+def _target_hosts(exchange: "_Exchange") -> tuple:
+    """The lower-case authorities an absolute URL of the target may use for itself: the
+    ``Host`` the client sent (forwarded as is) and the one the proxy sends otherwise."""
+    hosts = [exchange.upstream.host.lower()]
+    if exchange.upstream.host_override is not None:
+        hosts.append(exchange.upstream.host_override.lower())
+    for _, lname, value in exchange.head.raw_headers:
+        if lname == b"host":
+            hosts.append(value.strip().lower())
+    return tuple(hosts)
 
 
 def _error_body(code: str, message: str) -> bytes:
@@ -1486,6 +1566,10 @@ class ProxyConnection:
         if exchange is None:
             return
         exchange.started = True
+        prefix = exchange.upstream.prefix
+        if prefix is not None and _PATH_HEADER.search(head) is not None:
+            # Before the cache: the rewritten head is what the cache compares.
+            head = rewrite_paths(head, prefix, _target_hosts(exchange))
         no_body = exchange.is_head or status == 204 or status == 304
         close = not self._req_keep_alive
         http11 = self._req_http11

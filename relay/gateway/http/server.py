@@ -185,6 +185,9 @@ class Router:
     def __init__(self) -> None:
         self._routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
         self._raw: set[Handler] = set()
+        #: Consulted before the paths, with the request's ``Host``: a raw handler that
+        #: takes every request for that host (host-based tunnels), or None.
+        self.by_host: Optional[Callable[[Optional[str]], Optional[Handler]]] = None
 
     def add(self, method: str, pattern: str, handler: Handler, *, raw: bool = False) -> None:
         """Route ``method pattern`` to ``handler``. ``raw``: call it at headers time (see
@@ -338,12 +341,17 @@ class HttpProtocol(asyncio.Protocol):
     def _start_raw(self, event: h11.Request) -> bool:
         """At headers time: if a raw route takes this request, run its handler now."""
         request = Request(self, event, b"")
-        try:
-            handler, params = self._router.resolve(request.method, request.path)
-        except HttpError:
-            return False  # answered once the whole request is in, as usual
-        if not self._router.is_raw(handler):
-            return False
+        by_host = self._router.by_host
+        handler = by_host(request.header("host")) if by_host is not None else None
+        if handler is not None:
+            params: dict[str, str] = {}
+        else:
+            try:
+                handler, params = self._router.resolve(request.method, request.path)
+            except HttpError:
+                return False  # answered once the whole request is in, as usual
+            if not self._router.is_raw(handler):
+                return False
         request.params = params
         self._connected().pause_reading()
         self._task = asyncio.get_running_loop().create_task(self._handle(request, handler))

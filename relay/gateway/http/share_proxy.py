@@ -145,7 +145,7 @@ class ShareProxy:
         prefix = (SHARE_PREFIX + token).encode()
         return Upstream(open_stream=open_stream, key=(id(session), target), target=b"/",
                         headers=[(b"x-forwarded-prefix", prefix)], host=target.encode(),
-                        stats=stats)
+                        stats=stats, prefix=prefix)
 
     # -- routes
 

@@ -6,4 +6,4 @@ from relay.gateway.http.proxy cimport RequestHead
 cdef class HttpTunnels:
     cdef public object _gateway, _connections
     cdef public dict _stats, _sessions, _routes, _parts, _answers
-    cdef public object _sessions_version
+    cdef public object _sessions_version, _domain

@@ -17,6 +17,13 @@ relay of tcp tunnels, which therefore keeps that one path):
   (close the session: the URL stops working and open connections through it, WebSockets
   included, are closed).
 
+Absolute paths: the target's ``Location``/``Content-Location`` and ``Set-Cookie`` paths
+are moved under ``/tunnel/{token}`` (:func:`relay.gateway.http.proxy.rewrite_paths`);
+bodies are not. With a tunnel domain (``--tunnel-domain``, relay.gateway.tunnel_hosts)
+every tunnel is also served at ``LABEL.DOMAIN``, its whole path space the app's: a
+request whose ``Host`` names a tunnel goes to it, path untouched, whatever the path
+(:meth:`HttpTunnels._resolve_by_host`).
+
 Errors (JSON, seed 003 semantics): unknown or closed token, or a tcp session: 404; the
 agent is not connected: 503; the agent or tunnel fails to reach the target (nothing
 listening: the agent refuses the stream with CONNECT_FAILED): 502.
@@ -37,9 +44,10 @@ else:
 
 from relay.aio import SessionClosedError
 from relay.aio.stream import MuxStream
-from relay.gateway.http.proxy import ProxyError, ProxyStats, RequestHead, Upstream, serve_connection
+from relay.gateway.http.proxy import ProxyError, ProxyStats, RequestHead, Upstream, origin_form, serve_connection
 from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, json_response
 from relay.gateway.store import StoreError, TunnelSession
+from relay.gateway.tunnel_hosts import token_from_host
 
 if TYPE_CHECKING:
     from relay.aio import MuxSession
@@ -87,9 +95,16 @@ class HttpTunnels:
         #: behind it (token, session row, agent, parts) give the same answer, so the
         #: repeated requests of a keep-alive client get the same object, rebuilt never.
         self._answers: dict[tuple[bytes, bytes], tuple] = {}
+        #: The tunnel domain (lower-case) when tunnels are served by host too, else None.
+        self._domain: Optional[str] = None
 
-    def install(self) -> None:
-        """Add the routes to the gateway's router."""
+    def install(self, tunnel_domain: Optional[str] = None) -> None:
+        """Add the routes to the gateway's router; with ``tunnel_domain``, also serve
+        every HTTP tunnel at its own host ``LABEL.DOMAIN`` (relay.gateway.tunnel_hosts),
+        where requests go to the target with their path untouched."""
+        self._domain = tunnel_domain.strip(".").lower() if tunnel_domain else None
+        if self._domain:
+            self._gateway.router.by_host = self._host_route
         add = self._gateway.router.add
         add("GET", "/tunnel/{token}" + STATS_PATH, self._admin_stats)
         add("DELETE", "/tunnel/{token}", self._admin_close)
@@ -118,6 +133,44 @@ class HttpTunnels:
         transport, data = request.take_over_raw()
         serve_connection(transport, data, self._resolve, fallback=self._http_server,
                          connections=self._connections)
+
+    def _host_route(self, host: Optional[str]) -> Optional[object]:
+        """Router hook: the host proxy for a ``LABEL.DOMAIN`` host, else None (paths)."""
+        return self._proxy_by_host if token_from_host(host, self._domain) is not None else None
+
+    async def _proxy_by_host(self, request: Request) -> None:
+        """Every request to a tunnel's own host: the connection becomes a proxy connection
+        (requests naming another host go back to the HTTP server)."""
+        transport, data = request.take_over_raw()
+        serve_connection(transport, data, self._resolve_by_host, fallback=self._http_server,
+                         connections=self._connections)
+
+    @cython.locals(request=RequestHead)
+    def _resolve_by_host(self, request: RequestHead) -> Optional[Upstream]:
+        """Where a request on a tunnel host's connection goes: the tunnel its ``Host``
+        names, the request-target as the client sent it (no prefix to strip or to put
+        back: the app owns the host's whole path space)."""
+        host = None
+        for _, lname, value in request.raw_headers:
+            if lname == b"host":
+                host = value.decode("latin-1")
+        token = token_from_host(host, self._domain)
+        if token is None:
+            return None  # another host on a kept-alive connection: the HTTP server's
+        row = self._open_http_session(token)
+        agent = self._gateway.registry.get(row.team_id, row.agent_id)
+        if agent is None:
+            raise ProxyError(503, "agent_offline", "the tunnel's agent is not connected")
+        session = agent.session
+        parts = self._parts.get(token)
+        if parts is None or parts[0] is not row or parts[1] is not session:
+            parts = self._upstream_parts(row, session, PREFIX + token.encode())
+            if len(self._parts) >= SESSION_CACHE:
+                self._parts.clear()
+            self._parts[token] = parts
+        _, _, open_stream, key, _, host_header, stats = parts
+        return Upstream(open_stream=open_stream, key=key, target=origin_form(request.target),
+                        host=host_header, stats=stats)
 
     def _http_server(self, declined: bool = False) -> HttpProtocol:
         return HttpProtocol(self._gateway.router, self._connections, declined=declined)
@@ -196,7 +249,7 @@ class HttpTunnels:
             self._parts[token] = parts
         _, _, open_stream, key, headers, host, stats = parts
         return Upstream(open_stream=open_stream, key=key, target=target[end:], headers=headers,
-                        host=host, stats=stats), session
+                        host=host, stats=stats, prefix=headers[0][1]), session
 
     def _upstream_parts(self, row: TunnelSession, session: "MuxSession", prefix: bytes) -> tuple:
         """What every request to one session through one agent connection shares:
