@@ -138,3 +138,22 @@ def _online(port: int, sk: str) -> list[str]:
     with urllib.request.urlopen(request, timeout=10) as resp:
         return [a["name"] for a in json.loads(resp.read())["agents"] if a["online"]]
 
+
+def test_readme_lists_every_gateway_and_agent_option_with_its_variable_and_toml_key() -> None:
+    from relay.config import _aliases
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = {line.split("|")[2].strip().strip("`").split()[0]: line
+            for line in readme.splitlines() if line.startswith("| ") and "`--" in line}
+    for name in ("gateway", "agent"):
+        for param in main.commands[name].params:
+            if not isinstance(param, click.Option) or param.name == "help":
+                continue
+            row = rows.get(param.opts[0])
+            assert row is not None, f"README's configuration table lacks relay {name} {param.opts[0]}"
+            envvars = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
+            for envvar in envvars:
+                assert f"`{envvar}`" in row, (param.opts[0], envvar)
+            if param.expose_value and param.name != "config":
+                toml_key = row.split("|")[4].strip().strip("`")
+                assert toml_key in _aliases(param), (param.opts[0], toml_key)
