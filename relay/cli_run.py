@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +18,7 @@ from relay.cli import data_dir_option, main, store_option
 from relay.config import config_option
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")  # relay.logs.LOG_FORMATS (not imported: --help stays fast)
 #: Where ``relay agent --key`` comes from when not given, first set wins: the agent's own
 #: name (so one shell can hold an ak- key for the agent beside an sk- key for the API),
 #: then RELAY_KEY, the name every other command reads its key from.
@@ -38,9 +38,11 @@ def check_agent_key(key: str) -> None:
                              f"`relay admin key create --team TEAM --kind ak`", param_hint="--key")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr at ``level`` as text or JSON lines, secrets redacted (relay.logs)."""
+    from relay.logs import setup_logging
+
+    setup_logging(level, fmt)
 
 
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -87,7 +89,8 @@ def _select_backend(ctx: click.Context, param: Any, value: str) -> None:
 
 
 def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: tuple[str, ...],
-                allow: tuple[str, ...], ca_cert: Any, log_level: str, **options: Any) -> None:
+                allow: tuple[str, ...], ca_cert: Any, log_level: str, log_format: str = "text",
+                **options: Any) -> None:
     """The body of ``relay agent`` on trio (relay.agent.trio_client.TrioAgent): same
     checks, logging and one-line errors as the asyncio one."""
     import ssl
@@ -106,7 +109,7 @@ def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], la
     check_agent_key(key)
     for entry in allow:
         _split_host_port(entry, "--allow")
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     try:
         context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert is not None else None
         agent = TrioAgent(gateway_url, key, name=name, labels=labels, allow=allow, ssl_context=context)
@@ -133,6 +136,10 @@ def _split_host_port(value: str, what: str, allow_zero: bool = False) -> tuple[s
 
 _log_option = click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info",
                            envvar="RELAY_LOG_LEVEL", show_envvar=True, show_default=True, help="Logging verbosity.")
+_log_format_option = click.option(
+    "--log-format", type=click.Choice(LOG_FORMATS), default="text", envvar="RELAY_LOG_FORMAT", show_envvar=True,
+    show_default=True, help="Log lines on stderr: text, or one JSON object per line (secrets redacted either way; "
+                            "the gateway logs one access line per proxied HTTP request on relay.access).")
 
 
 @main.command()
@@ -171,11 +178,13 @@ _log_option = click.option("--log-level", type=click.Choice(LOG_LEVELS), default
 @click.option("--gateway-id", envvar="RELAY_GATEWAY_ID", metavar="ID",
               help="This gateway's id in the fleet (default: a random one per start).")
 @_log_option
+@_log_format_option
 def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: Optional[str], hub_host: str,
             jwt_key: Optional[str], tls_cert: Optional[Path], tls_key: Optional[Path],
             allow_private_egress: bool, udp_idle_timeout: float, redis_url: Optional[str],
             fleet_secret: Optional[str], advertise: Optional[str], gateway_id: Optional[str],
-            log_level: str, tunnel_domain: Optional[str] = None) -> None:
+            log_level: str, tunnel_domain: Optional[str] = None,
+            log_format: str = "text") -> None:
     """Run the gateway: agent endpoint, control API, tunnels."""
     from relay.gateway.app import run_gateway
     from relay.gateway.fleet import FleetConfig
@@ -193,7 +202,7 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
         fleet = FleetConfig(redis_url, fleet_secret, gateway_id=gateway_id or "", advertise=advertise)
     elif fleet_secret or advertise or gateway_id:
         raise click.UsageError("--fleet-secret, --advertise and --gateway-id need --redis")
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     raise_nofile_limit()
     try:
         _run(run_gateway(host, port, data_dir, public_url=public_url, hub_host=hub_host,
@@ -236,9 +245,10 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
               help="Event loop to run on: asyncio (uvloop) or trio.",
               callback=_select_backend)
 @_log_option
+@_log_format_option
 def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: tuple[str, ...],
           allow: tuple[str, ...], ca_cert: Optional[Path], log_level: str,
-          services: tuple[str, ...] = ()) -> None:
+          services: tuple[str, ...] = (), log_format: str = "text") -> None:
     """Run an agent: dial out to the gateway and serve allowed targets."""
     gateway_url, *more_gateways = gateway_urls
     from relay.agent.client import Agent, AgentAuthError
@@ -252,7 +262,7 @@ def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: 
         specs = [parse_service(text) for text in services]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--service") from None
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     raise_nofile_limit()
 
     async def serve() -> None:

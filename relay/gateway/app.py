@@ -2,7 +2,7 @@
 
 Endpoints (one listening address):
 
-* ``GET /healthz`` -> ``{"status": "ok", ...}``
+* ``GET /healthz`` -> ``{"status": "ok", ...}``; ``GET /metrics`` (Prometheus).
 * ``GET /api/v1/agent/connect``: the agent endpoint. WebSocket upgrade with
   ``Authorization: Bearer ak-...``; a missing or bad key is answered 401 (JSON) before
   any upgrade. After the 101 the connection carries one mux session (the gateway is the
@@ -47,6 +47,7 @@ from relay.gateway.store import (
     ensure_default_team,
     open_store,
 )
+from relay.gateway.traffic import BUCKETS, Traffic
 from relay.mux.connection import MuxConfig
 from relay.mux.datagrams import DEFAULT_IDLE_TIMEOUT
 from relay.mux.errors import ErrorCode
@@ -111,6 +112,8 @@ class Gateway:
         self._revocation_watch: Optional[asyncio.Task[None]] = None
         #: Programmatic hooks (relay.gateway.hooks; docs/EMBEDDING.md).
         self.hooks = GatewayHooks()
+        #: Access log, per-tunnel/per-service series, recent requests (relay.gateway.traffic).
+        self.traffic = Traffic()
         self._public_url = public_url
         self._hub_host = hub_host
         self._udp_idle_timeout = udp_idle_timeout
@@ -466,7 +469,8 @@ class Gateway:
 
         return Upstream(open_stream=open_stream, key=(id(session), row.target_port), target=target[end:],
                         headers=[(b"x-forwarded-prefix", target[:end])], prefix=target[:end],
-                        host=f"127.0.0.1:{row.target_port}".encode(), stats=self.http_tunnels.stats(row.session_id))
+                        host=f"127.0.0.1:{row.target_port}".encode(),
+                        stats=self.http_tunnels.stats(row.session_id, row.team_id))
 
     # ------------------------------------------------------------------ agent endpoint
 
@@ -713,6 +717,70 @@ class _GatewayCollector:
         yield GaugeMetricFamily("relay_http_connections", "Open HTTP connections", value=len(gw._connections))
         if gw.fleet is not None:
             yield from gw.fleet.metrics.families(gw.fleet.peers.connected(), len(gw.fleet.registry.locations))
+        yield from _traffic_families(gw)
+
+
+def _traffic_families(gw: "Gateway") -> Any:
+    """Per tunnel and per service: requests by status class, bytes each way, a latency
+    histogram, requests in flight; TCP tunnels' open connections; share refusals by
+    reason, invoke outcomes, tasks (relay.gateway.traffic). Labels carry session ids and
+    service slugs, never tokens."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    families = {}
+    for kind, label in (("tunnel", "session_id"), ("service", "service")):
+        labels = [label] if kind == "tunnel" else ["team_id", label]
+        families[kind] = (
+            CounterMetricFamily(f"relay_{kind}_http_requests", f"HTTP requests proxied to a {kind}, by status "
+                                "class (none: the connection was cut before a status)", labels=labels + ["code"]),
+            CounterMetricFamily(f"relay_{kind}_http_request_bytes", f"Request body bytes sent to a {kind}",
+                                labels=labels),
+            CounterMetricFamily(f"relay_{kind}_http_response_bytes", f"Response body bytes received from a {kind}",
+                                labels=labels),
+            HistogramMetricFamily(f"relay_{kind}_http_request_duration_seconds",
+                                  f"Time from request head to the end of the response, per {kind}", labels=labels),
+            GaugeMetricFamily(f"relay_{kind}_http_requests_active", f"HTTP requests to a {kind} in flight",
+                              labels=labels),
+        )
+    for dest in list(gw.traffic.destinations.values()):
+        requests, sent, received, latency, _ = families[dest.kind]
+        values = [dest.name] if dest.kind == "tunnel" else [dest.team_id, dest.name]
+        for code, count in sorted(dest.requests.items()):
+            requests.add_metric(values + [code], count)
+        sent.add_metric(values, dest.bytes_in)
+        received.add_metric(values, dest.bytes_out)
+        cumulative, buckets = 0, []
+        for bound, count in zip([*(str(b) for b in BUCKETS), "+Inf"], dest.buckets, strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        latency.add_metric(values, buckets, dest.duration_sum)
+    for session_id, stats in list(gw.http_tunnels._stats.items()):
+        families["tunnel"][4].add_metric([session_id], stats.active_requests)
+    for (team_id, slug), state in list(gw.services._states.items()):
+        families["service"][4].add_metric([team_id, slug], state.stats.active_requests)
+    for group in families.values():
+        yield from group
+    hubs = gw.tunnels.hubs() if gw.tunnels is not None else []
+    active = GaugeMetricFamily("relay_tcp_tunnel_connections_active", "Connections open now through a TCP "
+                               "tunnel's hub port or its WebSocket URL", labels=["session_id"])
+    for hub in hubs:
+        if hub.session_id:
+            active.add_metric([hub.session_id], len(hub.splices))
+    yield active
+    described = {"share_refusals": ("relay_share_refusals", "Share link requests refused, by reason", "reason"),
+                 "invoke": ("relay_invoke_requests", "Invoke calls by outcome: status class, or the "
+                            "gateway's error code", "outcome"),
+                 "tasks": ("relay_tasks", "Tasks submitted and finished, by event", "event")}
+    counters = {name: CounterMetricFamily(metric, text, labels=[label])
+                for name, (metric, text, label) in described.items()}
+    for (name, value), count in sorted(gw.traffic.counters.items()):
+        if name in counters:
+            counters[name].add_metric([value], count)
+    yield from counters.values()
+    tasks = GaugeMetricFamily("relay_tasks_current", "Known tasks by status now", labels=["status"])
+    for status, count in sorted(gw.tasks.by_status().items()):
+        tasks.add_metric([status], count)
+    yield tasks
 
 
 def _print_default_team(team: Team, keys: dict[str, SecretToken], store_url: Optional[str], data_dir: Path,

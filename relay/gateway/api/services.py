@@ -384,7 +384,7 @@ class ServiceManager:
         add("GET", "/api/v1/r/containers/{slug}", self._get)
         add("DELETE", "/api/v1/r/containers/{slug}", self._delete)
         add("*", "/api/v1/r/containers/{slug}/{rest:path}", self._proxy, raw=True)
-        add("POST", "/api/v1/r/invoke/{slug}", lambda request: invoke(self, request))
+        add("POST", "/api/v1/r/invoke/{slug}", self._invoke)
 
     async def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._probe_loop())
@@ -398,6 +398,20 @@ class ServiceManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def _invoke(self, request: Request) -> Response:
+        """``POST /api/v1/r/invoke/{slug}`` (relay.gateway.api.invoke), counted by outcome
+        for ``/metrics``: the status class of the answer, or the gateway's error code."""
+        try:
+            response = await invoke(self, request)
+        except HttpError as exc:
+            self.gw.traffic.count("invoke", exc.code)
+            raise
+        except AuthError as exc:
+            self.gw.traffic.count("invoke", exc.code)
+            raise
+        self.gw.traffic.count("invoke", f"{response.status // 100}xx")
+        return response
+
     # ------------------------------------------------------------------ live state
 
     def _state(self, record: Service) -> ServiceState:
@@ -405,6 +419,8 @@ class ServiceManager:
         state = self._states.get(key)
         if state is None:
             state = self._states[key] = ServiceState()
+            # Per-service series and access log lines (relay.gateway.traffic).
+            state.stats.observer = self.gw.traffic.observer("service", record.team_id, record.slug)
         if record.service_type == "external" and None not in state.instances:
             url = urlsplit(record.spec.get("url", ""))
             https = url.scheme == "https"
@@ -734,6 +750,7 @@ class ServiceManager:
                                                      "it can be deleted once it is stopped")
         await self.gw.store.delete_service(record.team_id, record.slug)
         self._states.pop((record.team_id, record.slug), None)
+        self.gw.traffic.forget("service", record.slug, record.team_id)
         for inst in state.instances.values():
             inst.retire()
         for client in list(state.stats.clients):

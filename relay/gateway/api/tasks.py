@@ -184,6 +184,13 @@ class TaskManager:
         gateway.hooks.on_agent_disconnected.append(self._agent_disconnected)
         gateway.registry.status_listeners.append(self._status_changed)
 
+    def by_status(self) -> dict[str, int]:
+        """How many known tasks are in each status now (queued, running, ...)."""
+        counts: dict[str, int] = {}
+        for task in self._tasks.values():
+            counts[task.status] = counts.get(task.status, 0) + 1
+        return counts
+
     def register(self, router: Router) -> None:
         router.add("POST", "/api/v1/tasks", self._submit)
         router.add("GET", "/api/v1/tasks/{task_id}", self._get)
@@ -292,6 +299,7 @@ class TaskManager:
         task.add_event("status", status="queued")
         self._tasks[task.task_id] = task
         queue.append(task)
+        self.gw.traffic.count("tasks", "submitted")
         self._dispatch(principal.team_id)
         log.info("task %s (%s) %s%s", task.task_id, kind, task.status,
                  f" to agent {task.agent_id}" if task.agent_id else "")
@@ -381,6 +389,7 @@ class TaskManager:
             self._dispatching = False
 
     def _finish(self, task: Task, status: str, **event: Any) -> None:
+        self.gw.traffic.count("tasks", status)
         task.status = status
         task.finished_at = time.time()
         task.add_event("result" if status == "succeeded" else "error", **event)

@@ -147,6 +147,12 @@ class ProxyStats:
     #: Client connections that used this destination and are still open (to close them
     #: when the destination goes away).
     clients: "weakref.WeakSet[ProxyConnection]" = field(default_factory=weakref.WeakSet)
+    #: Called once per finished exchange (answered, refused by the gateway, aborted or
+    #: upgraded), with ``(method, target, status, bytes_in, bytes_out, seconds)``: the
+    #: request-target as sent to the target, the status the client got (0 if none was
+    #: sent: the connection was cut), body bytes each way, and the time from the request
+    #: head to the end. For access logs and metrics (relay.gateway.traffic); must not raise.
+    observer: Optional[Callable[[bytes, bytes, int, int, int, float], None]] = None
 
     def as_dict(self) -> dict[str, Any]:
         """The counters as JSON-ready values."""
@@ -516,7 +522,7 @@ class _Exchange:
 
     __slots__ = ("head", "upstream", "stats", "has_body", "chunked", "upgrade", "is_head", "sent",
                  "started", "response_done", "request_done", "keep_target", "reused", "retried",
-                 "grace")
+                 "grace", "status", "nin", "nout", "t0")
 
     def __init__(self, head: RequestHead, upstream: Upstream, has_body: bool, chunked: bool) -> None:
         self.head = head
@@ -534,6 +540,22 @@ class _Exchange:
         self.reused = False
         self.retried = False
         self.grace: Optional[asyncio.TimerHandle] = None
+        self.status = 0  # what the client got (the target's, or the gateway's own error)
+        self.nin = 0  # request body bytes sent on
+        self.nout = 0  # response body bytes received
+        self.t0 = 0.0  # loop time of the request head
+
+
+def _observe(exchange: _Exchange, now: float) -> None:
+    """Tell the destination's observer (if any) that ``exchange`` is over; its failure
+    is logged, never passed on to the connection."""
+    observer = exchange.stats.observer
+    if observer is not None:
+        try:
+            observer(exchange.head.method, exchange.upstream.target, exchange.status, exchange.nin,
+                     exchange.nout, now - exchange.t0)
+        except Exception:  # an observer's bug must not break proxying
+            log.exception("proxy observer failed")
 
 
 class _StreamSide:
@@ -653,6 +675,7 @@ class _StreamSide:
             exchange = conn._exchange
             if exchange is not None:
                 exchange.stats.bytes_out += len(body)
+                exchange.nout += len(body)
             conn._out.append(b"%x\r\n%s\r\n" % (len(body), body) if self._rechunk else body)
 
     def on_message_complete(self) -> None:
@@ -1195,6 +1218,7 @@ class ProxyConnection:
         stats.requests += 1
         stats.active_requests += 1
         exchange = self._exchange = _Exchange(head, upstream, self._req_has_body, self._req_chunked)
+        exchange.t0 = self._loop.time()
         try:
             sent = exchange.sent = self._forward_head(head, upstream, exchange)
         except ProxyError as exc:
@@ -1373,6 +1397,7 @@ class ProxyConnection:
         if exchange is None or side is None or side.failed is not None:
             return  # the exchange ended early (e.g. the target failed): the body has nowhere to go
         exchange.stats.bytes_in += len(body)
+        exchange.nin += len(body)
         try:
             if exchange.chunked:
                 side.write(b"%x\r\n%s\r\n" % (len(body), body))
@@ -1566,6 +1591,7 @@ class ProxyConnection:
         if exchange is None:
             return
         exchange.started = True
+        exchange.status = status
         prefix = exchange.upstream.prefix
         if prefix is not None and _PATH_HEADER.search(head) is not None:
             # Before the cache: the rewritten head is what the cache compares.
@@ -1603,6 +1629,7 @@ class ProxyConnection:
             if self._exchange is exchange:  # _finish_exchange, inlined (the response is done)
                 self._exchange = None
                 exchange.stats.active_requests -= 1
+                _observe(exchange, self._loop.time())
                 if exchange.grace is not None:
                     exchange.grace.cancel()
             self._maybe_next()
@@ -1626,6 +1653,7 @@ class ProxyConnection:
         if self._exchange is exchange:  # _end_exchange(keep_stream=True), inlined
             self._exchange = None
             exchange.stats.active_requests -= 1
+            _observe(exchange, self._loop.time())
             if exchange.grace is not None:
                 exchange.grace.cancel()
             if not exchange.response_done:
@@ -1637,6 +1665,7 @@ class ProxyConnection:
             return
         self._exchange = None
         exchange.stats.active_requests -= 1
+        _observe(exchange, self._loop.time())
         if exchange.grace is not None:
             exchange.grace.cancel()
         if not keep_stream or not exchange.response_done:
@@ -1695,6 +1724,7 @@ class ProxyConnection:
             return
         if exchange.started or self._lost:
             exchange.stats.fail(f"response aborted: {exc}")
+            exchange.status = 0  # cut: the client got no complete answer
             self._end_exchange(exchange, keep_stream=False)
             self._out = []
             self._closing = True
@@ -1716,6 +1746,7 @@ class ProxyConnection:
     def _exchange_failed(self, exchange: _Exchange, exc: ProxyError) -> None:
         """The gateway answers the request itself (nothing of the response was sent)."""
         exchange.stats.fail(exc.message)
+        exchange.status = exc.status
         self._end_exchange(exchange, keep_stream=False)
         self._refuse(exc)
 
@@ -1835,6 +1866,8 @@ class ProxyConnection:
         self._exchange = None
         self._side = None
         stats.active_requests -= 1
+        exchange.status = 101
+        _observe(exchange, self._loop.time())
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None

@@ -162,12 +162,18 @@ class ShareProxy:
     async def _proxy(self, request: Request) -> None:
         """Raw route: check the first request (errors answered normally), then hand the
         connection to the proxy, which asks :meth:`_resolve` about every request."""
-        prime = getattr(self._api.limiter, "prime", None)
-        if prime is not None:  # a fleet: learn the others' count before deciding
-            share, _ = await self._lookup(request.params["share_token"])
-            if share.rate_limit is not None:
-                await prime(share.id, self._api.clock())
-        await self._admit(request.params["share_token"], request.method, count=True)
+        try:
+            prime = getattr(self._api.limiter, "prime", None)
+            if prime is not None:  # a fleet: learn the others' count before deciding
+                share, _ = await self._lookup(request.params["share_token"])
+                if share.rate_limit is not None:
+                    await prime(share.id, self._api.clock())
+            await self._admit(request.params["share_token"], request.method, count=True)
+        except HttpError as exc:
+            # Every refused share request ends here (a kept-alive one is handed back by
+            # _resolve and routed here), so each refusal is counted once.
+            self._api.gw.traffic.count("share_refusals", exc.code)
+            raise
         transport, data = request.take_over_raw()
         first = [True]
 

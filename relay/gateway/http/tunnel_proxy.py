@@ -111,17 +111,21 @@ class HttpTunnels:
         add("*", "/tunnel/{token}", self._add_slash)
         add("*", "/tunnel/{token}/{path:path}", self._proxy, raw=True)
 
-    def stats(self, session_id: str) -> ProxyStats:
-        """The live counters of one session (created on first use)."""
+    def stats(self, session_id: str, team_id: Optional[str] = None) -> ProxyStats:
+        """The live counters of one session (created on first use; with ``team_id``, with
+        an observer feeding the access log, the session's series and the dashboard)."""
         stats = self._stats.get(session_id)
         if stats is None:
             stats = self._stats[session_id] = ProxyStats()
+        if stats.observer is None and team_id is not None:
+            stats.observer = self._gateway.traffic.observer("tunnel", team_id, session_id)
         return stats
 
     def session_closed(self, session_id: str) -> None:
         """A session was closed: cut its live client connections (WebSockets included)
         and forget its counters, so closed sessions leave nothing behind."""
         stats = self._stats.pop(session_id, None)
+        self._gateway.traffic.forget("tunnel", session_id)
         if stats is not None:
             for client in list(stats.clients):
                 client.close()
@@ -264,7 +268,7 @@ class HttpTunnels:
 
         return (row, session, open_stream, (id(session), row.target_port),
                 [(b"x-forwarded-prefix", prefix)], f"127.0.0.1:{row.target_port}".encode(),
-                self.stats(row.session_id))
+                self.stats(row.session_id, row.team_id))
 
     async def _resolve_slowly(self, request: RequestHead, token: str) -> Optional[Upstream]:
         try:
@@ -336,7 +340,7 @@ class HttpTunnels:
             "target_port": row.target_port,
             "tunnel_protocol": row.protocol,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row.created_at)),
-            **self.stats(row.session_id).as_dict(),
+            **self.stats(row.session_id, row.team_id).as_dict(),
         })
 
     async def _admin_close(self, request: Request) -> Response:
