@@ -5,6 +5,8 @@
   outcomes, tasks.
 * ``relay gateway --log-format json`` as a real process: every line is JSON, one access
   line per proxied request with its fields, and no secret in any line.
+* The dashboard: sign-in, cookie, revocation, and in headless Chromium a page that shows
+  the agent and a request made through a tunnel, with no key or token in it.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from relay.logs import redact
 from tests.servers import free_port
 from tests.test_gateway_e2e import gateway_and_team, http, run, running_agent, wait_until
 from tests.test_http_tunnel import open_http_tunnel
+from tests.test_http_tunnel_browser import DevTools, chromium_binary, start_chromium
 from tests.webapps import WebApp
 
 pytestmark = pytest.mark.timeout(180)
@@ -206,3 +209,87 @@ def test_json_logs_with_an_access_line_per_request_and_no_secrets(tmp_path):
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def test_dashboard_sign_in_cookie_and_revocation(tmp_path):
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys):
+            status, headers, _ = await asyncio.to_thread(_get, gw.url + "/")
+            assert status == 303 and headers["Location"] == "/dashboard/"
+            status, _, body = await asyncio.to_thread(_get, gw.url + "/dashboard/")
+            assert status == 200 and b'name="key"' in body  # the sign-in form
+            status, _, body = await asyncio.to_thread(_get, gw.url + "/dashboard/login",
+                                                      data=b"key=sk-wrong", method="POST")
+            assert status == 401 and b"Not signed in" in body
+            status, _, body = await asyncio.to_thread(_get, gw.url + "/dashboard/login",
+                                                      data=f"key={keys['ak']}".encode(), method="POST")
+            assert status in (401, 403), body  # an agent key does not open the dashboard
+            status, headers, _ = await asyncio.to_thread(_get, gw.url + "/dashboard/login",
+                                                         data=f"key={keys['dk']}".encode(), method="POST")
+            assert status == 303
+            cookie = headers["Set-Cookie"]
+            assert "Path=/dashboard" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+            assert keys["dk"] not in cookie
+            session = cookie.split(";", 1)[0]
+            status, _, body = await asyncio.to_thread(_get, gw.url + "/dashboard/", {"Cookie": session})
+            assert status == 200 and b"team-a" in body and b"Recent requests" in body
+            # A forged cookie is nobody.
+            forged = session[:-4] + ("AAAA" if not session.endswith("AAAA") else "BBBB")
+            _, _, body = await asyncio.to_thread(_get, gw.url + "/dashboard/", {"Cookie": forged})
+            assert b'name="key"' in body
+            # The Authorization header works as on the API.
+            status, _, body = await asyncio.to_thread(_get, gw.url + "/dashboard/",
+                                                      {"Authorization": f"Bearer {keys['sk']}"})
+            assert status == 200 and b"Agents" in body
+            # Revoking the key ends the browser session at its next page load.
+            team = gw.store.list_teams()[0]
+            [cred] = [c for c in gw.store.list_credentials(team.id) if c.kind == "dk"]
+            gw.store.revoke_credential(team.id, cred.id)
+            _, _, body = await asyncio.to_thread(_get, gw.url + "/dashboard/", {"Cookie": session})
+            assert b'name="key"' in body
+
+    run(main)
+
+
+def test_chromium_dashboard_shows_the_agent_and_a_request_through_a_tunnel(tmp_path):
+    chromium_binary()
+
+    async def main():
+        async with WebApp() as app, gateway_and_team(tmp_path) as (gw, keys):
+            async with running_agent(gw, keys["ak"], name="dash-box", labels=["gpu"]) as agent:
+                tunnel = await open_http_tunnel(gw, keys["sk"], agent.agent_id, app.port)
+                status, _, _ = await asyncio.to_thread(_get, tunnel["tunnel_url"] + "echo/dashboard-probe?x=1")
+                assert status == 200
+                proc, port = await start_chromium(tmp_path / "profile", gw.url + "/")
+                try:
+                    devtools = await DevTools.attach(port, gw.url)
+
+                    async def poll(expression: str, want: Any, timeout: float = 30) -> Any:
+                        deadline = time.monotonic() + timeout
+                        while True:
+                            try:
+                                value = await devtools.evaluate(expression)
+                            except AssertionError:  # navigating
+                                value = None
+                            if value == want or time.monotonic() > deadline:
+                                return value
+                            await asyncio.sleep(0.1)
+
+                    assert await poll("!!document.getElementById('key')", True)
+                    await devtools.evaluate(f"document.getElementById('key').value = {json.dumps(keys['sk'])};"
+                                            "document.getElementById('signin').click()")
+                    assert await poll("document.title", "relay dashboard") == "relay dashboard"
+                    text = await devtools.evaluate("document.body.innerText")
+                    assert "dash-box" in text and "gpu" in text, text
+                    assert "/echo/dashboard-probe" in text and tunnel["session_id"] in text, text
+                    page = await devtools.evaluate("document.documentElement.outerHTML")
+                    token = urllib.parse.urlsplit(tunnel["tunnel_url"]).path.split("/")[2]
+                    for secret in (keys["sk"], keys["ak"], token, tunnel["admin_token"], "x=1"):
+                        assert secret not in page
+                    assert await devtools.evaluate("document.cookie") == ""  # HttpOnly
+                    await devtools.ws.close()
+                finally:
+                    proc.kill()
+                    await proc.wait()
+
+    run(main, timeout=150)

@@ -2,7 +2,8 @@
 
 Endpoints (one listening address):
 
-* ``GET /healthz`` -> ``{"status": "ok", ...}``; ``GET /metrics`` (Prometheus).
+* ``GET /healthz`` -> ``{"status": "ok", ...}``; ``GET /metrics`` (Prometheus);
+  ``GET /`` and ``/dashboard/``: the web dashboard (relay.gateway.dashboard).
 * ``GET /api/v1/agent/connect``: the agent endpoint. WebSocket upgrade with
   ``Authorization: Bearer ak-...``; a missing or bad key is answered 401 (JSON) before
   any upgrade. After the 101 the connection carries one mux session (the gateway is the
@@ -32,6 +33,7 @@ from relay.gateway.api.services import ServiceManager, add_services_openapi
 from relay.gateway.api.tasks import TaskManager
 from relay.gateway.api.tunnels import TunnelsApi
 from relay.gateway.auth import Authenticator, Principal
+from relay.gateway.dashboard import Dashboard
 from relay.gateway.egress import EgressPolicy
 from relay.gateway.fleet import Fleet, FleetConfig
 from relay.gateway.fleet.peers import GATEWAY_HEADER, PEER_PATH, SECRET_HEADER, secret_matches
@@ -235,6 +237,8 @@ class Gateway:
         self.tasks.register(self.router)
         self.services = ServiceManager(self)  # seeds 003/004: /api/v1/r/containers, /r/invoke
         self.services.register(self.router)
+        self.dashboard = Dashboard(self)  # / and /dashboard/: the team's page in a browser
+        self.dashboard.register(self.router)
         # Last: its /tunnel/{token}/... catch-all must not shadow the routes above.
         self.http_tunnels = HttpTunnels(self, self._connections)
         self.http_tunnels.install(self.tunnel_domain)
