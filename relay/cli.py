@@ -301,4 +301,4 @@ async def _find_credential(store: Store, team_id: str, ref: str) -> Credential:
     if len(matches) > 1:
         raise click.ClickException(f"{len(matches)} keys match; give the key id instead")
     return matches[0]
-from relay import cli_run, cli_tunnel, demo  # noqa: E402,F401 - register their commands
+from relay import cli_expose, cli_run, cli_tunnel, demo  # noqa: E402,F401 - register their commands

@@ -90,7 +90,7 @@ def _select_backend(ctx: click.Context, param: Any, value: str) -> None:
 
 def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: tuple[str, ...],
                 allow: tuple[str, ...], ca_cert: Any, log_level: str, log_format: str = "text",
-                **options: Any) -> None:
+                api_key: Optional[str] = None, **options: Any) -> None:
     """The body of ``relay agent`` on trio (relay.agent.trio_client.TrioAgent): same
     checks, logging and one-line errors as the asyncio one."""
     import ssl
@@ -240,6 +240,11 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
 @click.option("--service", "services", multiple=True,
               metavar="SLUG=HOST:PORT[,health=/health][,prompt=TEXT][,openapi=PATH][,label=L]",
               help="Declare a container service (repeatable; see relay.agent.services).")
+@click.option("--tunnel", "tunnels", multiple=True, metavar="http:PORT|tcp:PORT", envvar="RELAY_AGENT_TUNNELS",
+              show_envvar=True, help="Open this tunnel to 127.0.0.1:PORT once connected, print its URL, close it "
+                                     "on exit (repeatable; needs --api-key; see relay http).")
+@click.option("--api-key", envvar="RELAY_KEY", show_envvar=True, metavar="sk-...",
+              help="Team key (sk-, dk-) or user JWT that opens the --tunnel tunnels.")
 @click.option("--backend", type=click.Choice(["asyncio", "trio"]), default="asyncio", show_default=True,
               envvar="RELAY_AGENT_BACKEND", show_envvar=True, expose_value=False,
               help="Event loop to run on: asyncio (uvloop) or trio.",
@@ -248,7 +253,8 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
 @_log_format_option
 def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: tuple[str, ...],
           allow: tuple[str, ...], ca_cert: Optional[Path], log_level: str,
-          services: tuple[str, ...] = (), log_format: str = "text") -> None:
+          services: tuple[str, ...] = (), log_format: str = "text", tunnels: tuple[str, ...] = (),
+          api_key: Optional[str] = None) -> None:
     """Run an agent: dial out to the gateway and serve allowed targets."""
     gateway_url, *more_gateways = gateway_urls
     from relay.agent.client import Agent, AgentAuthError
@@ -262,6 +268,16 @@ def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: 
         specs = [parse_service(text) for text in services]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--service") from None
+    from relay.cli_expose import parse_tunnel_spec
+
+    try:
+        tunnel_specs = [parse_tunnel_spec(text) for text in tunnels]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--tunnel") from None
+    if tunnel_specs and not api_key:
+        raise click.UsageError("--tunnel needs a team key to open it: --api-key or RELAY_KEY (sk-, dk-)")
+    if allow:  # like declared services, a declared tunnel's target is allowed implicitly
+        allow = (*allow, *(spec.target for spec in tunnel_specs))
     _setup_logging(log_level, log_format)
     raise_nofile_limit()
 
@@ -278,6 +294,14 @@ def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: 
             the_agent.services = specs
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--gateway") from None
+        if tunnel_specs:
+            from relay.cli_expose import expose
+            from relay.cli_tunnel import ApiClient
+
+            assert api_key is not None
+            await expose(the_agent, ApiClient(gateway_url, api_key, ca_cert), tunnel_specs,
+                         echo=click.echo, live=False)
+            return
         await the_agent.run()
 
     try:

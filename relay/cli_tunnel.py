@@ -66,11 +66,16 @@ class ApiClient:
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """One request; returns the decoded JSON answer or raises ApiError."""
+        return self.call_url(method, self.base_url + path, body, {"Authorization": f"Bearer {self.key}"})
+
+    def call_url(self, method: str, url: str, body: Any = None, headers: Optional[dict[str, str]] = None) -> Any:
+        """One request to ``url`` (e.g. a tunnel's admin endpoint) with ``headers`` and no
+        key unless they carry it; the decoded JSON answer, or ApiError."""
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Authorization": f"Bearer {self.key}", "Accept": "application/json"}
+        headers = {"Accept": "application/json", **(headers or {})}
         if data is not None:
             headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers)
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout, context=self._context) as resp:
                 raw = resp.read()

@@ -6,8 +6,9 @@ The rules a reader follows, made mechanical:
   with the arguments scripts/run gives it, on a free port instead of 8080 and a
   temporary data directory instead of ./data; a second ``scripts/run`` replaces the
   first (the README restarts the gateway with a new setting).
-* ``.venv/bin/relay agent ...`` (its own terminal) and a command ending in ``&`` keep
-  running in the background.
+* ``.venv/bin/relay agent ...`` and ``.venv/bin/relay http|tcp ...`` (their own
+  terminals) and a command ending in ``&`` keep running in the background; what they
+  print fills placeholders too.
 * Every other command runs in bash with the environment the ``export`` lines before it
   built, and must exit 0.
 * Placeholders are filled in from what the commands before printed: ``sk-...``,
@@ -142,6 +143,11 @@ class Walkthrough:
         proc = self.start(self.fill(command), log)
         self.wait_for(proc, log, "the agent", lambda t: "registered as agent" in t)
 
+    def run_expose(self, command: str) -> None:
+        log = self._log()
+        proc = self.start(self.fill(command), log)
+        self.learn(self.wait_for(proc, log, command, lambda t: re.search(r"^  url ", t, re.M)))
+
     def run_background(self, command: str) -> None:
         log = self._log()
         proc = self.start(self.fill(command.rstrip("& ")), log)
@@ -206,6 +212,8 @@ def test_readme_sh_blocks_run_in_order(tmp_path: Path) -> None:
                     walk.run_gateway(command)
                 elif command.startswith(".venv/bin/relay agent"):
                     walk.run_agent(command)
+                elif command.startswith((".venv/bin/relay http ", ".venv/bin/relay tcp ")):
+                    walk.run_expose(command)
                 elif command.endswith("&"):
                     walk.run_background(command)
                 else:
@@ -217,6 +225,8 @@ def test_readme_sh_blocks_run_in_order(tmp_path: Path) -> None:
             assert resp.status == 200 and b"Directory listing" in resp.read()
         assert any('"ok"' in out for command, out in outputs if command.endswith("/healthz"))
         assert any("relay_agents_online" in out for command, out in outputs if "/metrics" in command)
+        served = [out for command, out in outputs if command.startswith("curl -s http://127.0.0.1:8080/tunnel/TOKEN/ |")]
+        assert served and "Directory listing" in served[0], outputs  # through relay http
         [jwt_call] = [out for command, out in outputs if "Bearer $JWT" in command]
         assert '"name": "box1"' in jwt_call or '"name":"box1"' in jwt_call, jwt_call
     finally:
