@@ -55,6 +55,8 @@ class TunnelSpec:
     protocol: str
     port: int
     host: str = "127.0.0.1"
+    #: http: the Host the target gets instead of the client's.
+    host_header: Optional[str] = None
 
     @property
     def target(self) -> str:
@@ -106,8 +108,11 @@ async def expose(agent: Any, api: Any, specs: list[TunnelSpec], *, echo: Callabl
             raise click.ClickException("the agent stopped before it was registered")
         agent_id = agent.agent_id
         for spec in specs:
+            request: dict[str, Any] = {"target_port": spec.port, "tunnel_protocol": spec.protocol}
+            if spec.host_header:
+                request["host_header"] = spec.host_header
             answer = await asyncio.to_thread(api.call, "POST", f"/api/v1/agents/{urllib.parse.quote(agent_id)}/tunnel",
-                                             {"target_port": spec.port, "tunnel_protocol": spec.protocol})
+                                             request)
             opened.append({**answer, "spec": spec})
             host = urllib.parse.urlsplit(api.base_url).hostname
             echo(f"{spec.protocol} tunnel {answer['session_id']} -> {spec.target}")
@@ -237,11 +242,13 @@ def _run_expose(spec: TunnelSpec, gateway_url: str, agent_key: str, api_key: str
 
 @main.command("http")
 @click.argument("port", type=click.IntRange(1, 65535))
+@click.option("--host-header", metavar="HOST[:PORT]",
+              help="Send the app this Host instead of the client's (dev servers, ALLOWED_HOSTS).")
 @_expose_options
-def http_command(port: int, **options: Any) -> None:
+def http_command(port: int, host_header: Optional[str] = None, **options: Any) -> None:
     """Expose the web app on 127.0.0.1:PORT: an agent and an http tunnel, its URL printed,
     closed on Ctrl-C."""
-    _run_expose(TunnelSpec("http", port), **options)
+    _run_expose(TunnelSpec("http", port, host_header=host_header), **options)
 
 
 @main.command("tcp")

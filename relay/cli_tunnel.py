@@ -158,14 +158,18 @@ def tunnel() -> None:
               help="Port of the service on the agent's machine.")
 @click.option("--protocol", type=click.Choice(["http", "tcp"]), default="http", show_default=True,
               help="http: a reverse-proxy URL; tcp: a raw hub port and a ws:// relay URL.")
+@click.option("--host-header", metavar="HOST[:PORT]",
+              help="http: send the target this Host instead of the client's (for apps that check it).")
 @_client_options
 def tunnel_open(agent_ref: str, target_port: int, protocol: str, gateway_url: str, key: str,
-                ca_cert: Optional[Path], as_json: bool) -> None:
+                ca_cert: Optional[Path], as_json: bool, host_header: Optional[str] = None) -> None:
     """Open a tunnel to port --port on AGENT (an agent id or a unique name)."""
     api = ApiClient(gateway_url, key, ca_cert)
     agent = api.resolve(agent_ref)
-    opened = api.call("POST", f"/api/v1/agents/{_quote(agent['agent_id'])}/tunnel",
-                      {"target_port": target_port, "tunnel_protocol": protocol})
+    request: dict[str, Any] = {"target_port": target_port, "tunnel_protocol": protocol}
+    if host_header:
+        request["host_header"] = host_header
+    opened = api.call("POST", f"/api/v1/agents/{_quote(agent['agent_id'])}/tunnel", request)
     if as_json:
         _print_json({"agent_id": agent["agent_id"], "agent_name": agent.get("name"), **opened})
         return

@@ -51,6 +51,14 @@ def make_app(form_action: str = "/login") -> Flask:
             return redirect(url_for("index"))
         return LOGIN.format(action=form_action)
 
+    @app.get("/absolute")
+    def absolute() -> Any:  # an absolute redirect built from the Host the app was sent
+        return redirect(url_for("login", _external=True))
+
+    @app.get("/host")
+    def host() -> Any:
+        return request.host
+
     @app.get("/logout")
     def logout() -> Any:
         session.clear()

@@ -52,9 +52,10 @@ def test_rewrite_paths_moves_locations_and_cookie_paths_under_the_prefix():
         b"http://GW:8080/login": b"http://GW:8080/tunnel/abc/login",  # the client's Host
         b"http://gw:8080": b"http://gw:8080/tunnel/abc/",
         b"http://gw:8080?q=1": b"http://gw:8080/tunnel/abc/?q=1",
+        b"http://127.0.0.1:3000/x": b"/tunnel/abc/x",  # the target's own address: root-relative
     }
     for location, expected in cases.items():
-        got = rewrite_paths(b"HTTP/1.1 301 X\r\nlocation: " + location, prefix, (b"gw:8080",))
+        got = rewrite_paths(b"HTTP/1.1 301 X\r\nlocation: " + location, prefix, (b"gw:8080",), (b"127.0.0.1:3000",))
         assert got == b"HTTP/1.1 301 X\r\nlocation: " + expected, location
 
 
@@ -179,6 +180,44 @@ def test_host_tunnel_serves_the_app_at_its_root_with_nothing_rewritten(tmp_path)
                 assert status == 404 and b"tunnel_not_found" in body
             finally:
                 await client.close()
+
+    run(main)
+
+
+def test_host_header_option_the_target_sees_it_and_its_absolute_redirects_stay_in_the_tunnel(tmp_path):
+    from tests.test_gateway_e2e import http
+
+    async def main():
+        with FlaskServer() as app:
+            async with gateway_and_team(tmp_path, tunnel_domain=DOMAIN) as (gw, keys):
+                async with running_agent(gw, keys["ak"], name="host-box") as agent:
+                    path = f"/api/v1/agents/{agent.agent_id}/tunnel"
+                    for bad in ("two words", "", "a/b", 5, "x" * 300):
+                        status, body = await http(gw.port, "POST", path, keys["sk"],
+                                                  {"target_port": app.port, "host_header": bad})
+                        assert status == 400 and body["error"]["code"] == "invalid_host_header", (bad, body)
+                    status, body = await http(gw.port, "POST", path, keys["sk"], {
+                        "target_port": app.port, "tunnel_protocol": "tcp", "host_header": "localhost"})
+                    assert status == 400, body
+                    status, tunnel = await http(gw.port, "POST", path, keys["sk"],
+                                                {"target_port": app.port, "host_header": "localhost:3000"})
+                    assert status == 200, tunnel
+                    prefix = urlsplit(tunnel["tunnel_url"]).path.rstrip("/")
+                    client = await Client.connect(gw.port)
+                    try:
+                        host = f"127.0.0.1:{gw.port}"
+                        status, _, body = await exchange(client, "GET", prefix + "/host", {"Host": host})
+                        assert status == 200 and body == b"localhost:3000"
+                        status, headers, _ = await exchange(client, "GET", prefix + "/absolute", {"Host": host})
+                        # http://localhost:3000/login names the target itself: made root-relative.
+                        assert status == 302 and headers["location"] == [prefix + "/login"], headers
+                        own = urlsplit(tunnel["tunnel_host_url"]).netloc
+                        status, _, body = await exchange(client, "GET", "/host", {"Host": own})
+                        assert status == 200 and body == b"localhost:3000"
+                        status, headers, _ = await exchange(client, "GET", "/absolute", {"Host": own})
+                        assert status == 302 and headers["location"] == ["/login"], headers
+                    finally:
+                        await client.close()
 
     run(main)
 

@@ -50,6 +50,7 @@ from relay.gateway.store import (
     open_store,
 )
 from relay.gateway.traffic import BUCKETS, Traffic
+from relay.gateway.tunnel_hosts import check_host_header, session_host_header
 from relay.mux.connection import MuxConfig
 from relay.mux.datagrams import DEFAULT_IDLE_TIMEOUT
 from relay.mux.errors import ErrorCode
@@ -368,6 +369,11 @@ class Gateway:
         if protocol not in TUNNEL_SESSION_PROTOCOLS:
             raise HttpError(400, "invalid_tunnel_protocol",
                             f"tunnel_protocol must be one of {', '.join(TUNNEL_SESSION_PROTOCOLS)}")
+        host_header = body.get("host_header")
+        if host_header is not None:
+            refusal = check_host_header(host_header) if protocol == "http" else "host_header is for http tunnels"
+            if refusal is not None:
+                raise HttpError(400, "invalid_host_header", refusal)
         agent = await self._team_agent(principal, request.params["agent_id"])
         if self.registry.get(principal.team_id, agent.id) is None:
             raise HttpError(409, "agent_offline", f"agent {agent.id} ({agent.name}) is not connected")
@@ -375,7 +381,7 @@ class Gateway:
         refusal = self.tunnels.target_refusal(principal.team_id, agent.id, "127.0.0.1", port)
         if refusal is not None:  # the agent would refuse every request, or a loop
             raise HttpError(*refusal)
-        return json_response(await self.tunnels.open(principal.team_id, agent.id, port, protocol))
+        return json_response(await self.tunnels.open(principal.team_id, agent.id, port, protocol, host_header))
 
     async def _close_tunnel(self, request: Request) -> Response:
         # Closing sessions is management (seed 002: deleting a tunnel is; SPEC: dk- keys
@@ -473,6 +479,7 @@ class Gateway:
 
         return Upstream(open_stream=open_stream, key=(id(session), row.target_port), target=target[end:],
                         headers=[(b"x-forwarded-prefix", target[:end])], prefix=target[:end],
+                        host_override=session_host_header(row),
                         host=f"127.0.0.1:{row.target_port}".encode(),
                         stats=self.http_tunnels.stats(row.session_id, row.team_id))
 
@@ -653,7 +660,10 @@ def openapi_document(server_url: str) -> dict[str, Any]:
                          "requestBody": {"content": {"application/json": {"schema": {"type": "object", "properties": {
                              "target_port": {"type": "integer", "minimum": 1, "maximum": 65535, "default": DEFAULT_TARGET_PORT},
                              "tunnel_protocol": {"type": "string", "enum": list(TUNNEL_SESSION_PROTOCOLS),
-                                                 "default": "http"}}}}}},
+                                                 "default": "http"},
+                             "host_header": {"type": "string", "maxLength": 255,
+                                             "description": "http only: the Host the target gets instead of "
+                                                            "the client's (HOST or HOST:PORT)"}}}}}},
                          "responses": {"200": {"description": "Tunnel opened", "content": {"application/json": {
                              "schema": {"type": "object", "required": ["session_id", "tunnel_url", "admin_token"],
                                         "properties": {"session_id": {"type": "string"}, "tunnel_url": {"type": "string"},

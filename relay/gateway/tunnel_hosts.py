@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Optional
+import re
+from typing import Any, Optional
 from urllib.parse import urlsplit
 
-__all__ = ["host_label", "token_from_host", "tunnel_host_url"]
+__all__ = ["check_host_header", "host_label", "session_host_header", "token_from_host", "tunnel_host_url"]
 
 #: Longest DNS label (RFC 1035).
 MAX_LABEL = 63
@@ -58,6 +59,26 @@ def token_from_host(host: Optional[str], domain: str) -> Optional[str]:
     except (binascii.Error, ValueError):
         return None
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode() if raw else None
+
+
+_HOST_HEADER = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+                          r"[A-Za-z0-9])?(?::\d{1,5})?|\[[0-9A-Fa-f:.]+\](?::\d{1,5})?")
+
+
+def check_host_header(value: object) -> Optional[str]:
+    """Why ``value`` cannot be an HTTP tunnel's ``host_header`` (the ``Host`` sent to the
+    target instead of the client's, for targets that check it: dev servers, Django's
+    ALLOWED_HOSTS), or None if it can: ``HOST[:PORT]``, at most 255 characters."""
+    if not isinstance(value, str) or not value or len(value) > 255 or not _HOST_HEADER.fullmatch(value):
+        return "host_header must be HOST or HOST:PORT (a DNS name or an IP address)"
+    return None
+
+
+def session_host_header(row: Any) -> Optional[bytes]:
+    """A tunnel session's ``host_header`` (kept in its metadata), as bytes, or None."""
+    metadata = getattr(row, "metadata", None)
+    value = metadata.get("host_header") if isinstance(metadata, dict) else None
+    return value.encode("ascii") if isinstance(value, str) and check_host_header(value) is None else None
 
 
 def tunnel_host_url(token: str, domain: str, public_url: str) -> Optional[str]:

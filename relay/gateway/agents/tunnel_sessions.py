@@ -333,16 +333,18 @@ class TunnelManager:
     # -- API operations
 
     async def open(self, team_id: str, agent_id: str, target_port: int,
-                   protocol: str) -> dict[str, Any]:
+                   protocol: str, host_header: Optional[str] = None) -> dict[str, Any]:
         """Open a session on a connected agent; returns the seed 000 response (plus
-        ``hub_port`` for tcp and udp). The caller has checked that the agent is online."""
+        ``hub_port`` for tcp and udp). The caller has checked that the agent is online.
+        ``host_header`` (http): the Host the target gets instead of the client's."""
         hub: Optional[HubListener] = None
         if protocol in ("tcp", "udp"):
             hub = HubListener("", team_id, agent_id, target_port, protocol=protocol)
             await self._listen(hub)
         try:
             session, access, admin = await self._store.create_tunnel_session(
-                team_id, agent_id, target_port, protocol, hub_port=hub.port if hub else None)
+                team_id, agent_id, target_port, protocol, hub_port=hub.port if hub else None,
+                metadata={"host_header": host_header} if host_header else None)
         except BaseException:
             if hub is not None and hub.server is not None:
                 hub.server.close()

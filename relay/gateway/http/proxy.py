@@ -378,11 +378,13 @@ def _under(prefix: bytes, path: bytes) -> bytes:
     return prefix + path
 
 
-def _location(value: bytes, prefix: bytes, hosts: tuple) -> bytes:
+def _location(value: bytes, prefix: bytes, hosts: tuple, own: tuple = ()) -> bytes:
     """A ``Location``/``Content-Location`` value as the client must follow it: a
-    root-relative path (``/login``), or an absolute URL naming the host the target was
-    asked for (the client's ``Host``, or the target's own address), moved under
-    ``prefix``; anything else (a relative path, another site) is left alone."""
+    root-relative path (``/login``) moved under ``prefix``; an absolute URL naming the
+    client's ``Host`` (``hosts``) with its path moved under ``prefix``; one naming the
+    target's own address (``own``: the Host the proxy sent instead of the client's),
+    which the client cannot reach, made root-relative under ``prefix``; anything else (a
+    relative path, another site) is left alone."""
     if value[:1] == b"/" and value[1:2] not in (b"/", b"\\"):
         return _under(prefix, value)
     lower = value[:8].lower()
@@ -393,17 +395,21 @@ def _location(value: bytes, prefix: bytes, hosts: tuple) -> bytes:
             found = value.find(sep, start)
             if 0 <= found < end:
                 end = found
-        if value[start:end].lower() in hosts:
-            rest = value[end:]
-            return value[:end] + _under(prefix, rest if rest[:1] == b"/" else b"/" + rest)
+        authority = value[start:end].lower()
+        rest = value[end:]
+        rest = rest if rest[:1] == b"/" else b"/" + rest
+        if authority in hosts:
+            return value[:end] + _under(prefix, rest)
+        if authority in own:
+            return _under(prefix, rest)
     return value
 
 
-def rewrite_paths(head: bytes, prefix: bytes, hosts: tuple = ()) -> bytes:
+def rewrite_paths(head: bytes, prefix: bytes, hosts: tuple = (), own: tuple = ()) -> bytes:
     """A response head (status line and header lines, CRLF-separated) with the paths of
     the target moved under ``prefix``: ``Location`` and ``Content-Location`` (see
-    :func:`_location`; ``hosts`` are the lower-case authorities that mean "this
-    target") and the ``Path`` attribute of every ``Set-Cookie`` (``Path=/`` becomes
+    :func:`_location`; ``hosts`` are the lower-case authorities the client used,
+    ``own`` those of the target itself) and the ``Path`` attribute of every ``Set-Cookie`` (``Path=/`` becomes
     ``Path=PREFIX/``). Bodies are never rewritten: an app whose pages link to
     root-relative URLs needs a tunnel URL of its own (``--tunnel-domain``)."""
     lines = head.split(b"\r\n")
@@ -415,7 +421,7 @@ def rewrite_paths(head: bytes, prefix: bytes, hosts: tuple = ()) -> bytes:
         lname = name.strip().lower()
         if lname in (b"location", b"content-location"):
             stripped = value.strip()
-            new = _location(stripped, prefix, hosts)
+            new = _location(stripped, prefix, hosts, own)
             if new != stripped:
                 lines[i] = name + b": " + new
         elif lname == b"set-cookie":
@@ -426,15 +432,19 @@ def rewrite_paths(head: bytes, prefix: bytes, hosts: tuple = ()) -> bytes:
 
 
 def _target_hosts(exchange: "_Exchange") -> tuple:
-    """The lower-case authorities an absolute URL of the target may use for itself: the
-    ``Host`` the client sent (forwarded as is) and the one the proxy sends otherwise."""
-    hosts = [exchange.upstream.host.lower()]
+    """``(client, own)``: the lower-case authorities an absolute URL of the target may
+    use for itself, the ``Host`` the client sent (forwarded as is unless overridden) and
+    the target's own (the default Host, and the override)."""
+    own = [exchange.upstream.host.lower()]
+    client = []
     if exchange.upstream.host_override is not None:
-        hosts.append(exchange.upstream.host_override.lower())
+        own.append(exchange.upstream.host_override.lower())
     for _, lname, value in exchange.head.raw_headers:
         if lname == b"host":
-            hosts.append(value.strip().lower())
-    return tuple(hosts)
+            value = value.strip().lower()
+            if value not in own:
+                client.append(value)
+    return tuple(client), tuple(own)
 
 
 def _error_body(code: str, message: str) -> bytes:
@@ -1595,7 +1605,7 @@ class ProxyConnection:
         prefix = exchange.upstream.prefix
         if prefix is not None and _PATH_HEADER.search(head) is not None:
             # Before the cache: the rewritten head is what the cache compares.
-            head = rewrite_paths(head, prefix, _target_hosts(exchange))
+            head = rewrite_paths(head, prefix, *_target_hosts(exchange))
         no_body = exchange.is_head or status == 204 or status == 304
         close = not self._req_keep_alive
         http11 = self._req_http11

@@ -47,7 +47,7 @@ from relay.aio.stream import MuxStream
 from relay.gateway.http.proxy import ProxyError, ProxyStats, RequestHead, Upstream, origin_form, serve_connection
 from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, json_response
 from relay.gateway.store import StoreError, TunnelSession
-from relay.gateway.tunnel_hosts import token_from_host
+from relay.gateway.tunnel_hosts import session_host_header, token_from_host
 
 if TYPE_CHECKING:
     from relay.aio import MuxSession
@@ -172,9 +172,12 @@ class HttpTunnels:
             if len(self._parts) >= SESSION_CACHE:
                 self._parts.clear()
             self._parts[token] = parts
-        _, _, open_stream, key, _, host_header, stats = parts
+        _, _, open_stream, key, _, host_header, stats, host_override = parts
+        # With a Host override, the target's absolute redirects name itself: made
+        # root-relative (an empty prefix); otherwise nothing to rewrite on its own host.
         return Upstream(open_stream=open_stream, key=key, target=origin_form(request.target),
-                        host=host_header, stats=stats)
+                        host=host_header, stats=stats, host_override=host_override,
+                        prefix=b"" if host_override is not None else None)
 
     def _http_server(self, declined: bool = False) -> HttpProtocol:
         return HttpProtocol(self._gateway.router, self._connections, declined=declined)
@@ -251,13 +254,14 @@ class HttpTunnels:
             if len(self._parts) >= SESSION_CACHE:
                 self._parts.clear()
             self._parts[token] = parts
-        _, _, open_stream, key, headers, host, stats = parts
+        _, _, open_stream, key, headers, host, stats, host_override = parts
         return Upstream(open_stream=open_stream, key=key, target=target[end:], headers=headers,
-                        host=host, stats=stats, prefix=headers[0][1]), session
+                        host=host, stats=stats, prefix=headers[0][1], host_override=host_override), session
 
     def _upstream_parts(self, row: TunnelSession, session: "MuxSession", prefix: bytes) -> tuple:
         """What every request to one session through one agent connection shares:
-        ``(row, session, open_stream, key, headers, host, stats)``."""
+        ``(row, session, open_stream, key, headers, host, stats, host_override)``; the
+        override is the session's ``host_header`` (for targets that check Host)."""
         meta = {"protocol": "http", "target": f"127.0.0.1:{row.target_port}"}
 
         def open_stream() -> MuxStream:
@@ -268,7 +272,7 @@ class HttpTunnels:
 
         return (row, session, open_stream, (id(session), row.target_port),
                 [(b"x-forwarded-prefix", prefix)], f"127.0.0.1:{row.target_port}".encode(),
-                self.stats(row.session_id, row.team_id))
+                self.stats(row.session_id, row.team_id), session_host_header(row))
 
     async def _resolve_slowly(self, request: RequestHead, token: str) -> Optional[Upstream]:
         try:
