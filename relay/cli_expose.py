@@ -119,6 +119,8 @@ async def expose(agent: Any, api: Any, specs: list[TunnelSpec], *, echo: Callabl
             echo(f"  url       {answer['tunnel_url']}")
             if answer.get("tunnel_host_url"):
                 echo(f"  host url  {answer['tunnel_host_url']}")
+            if spec.protocol == "http":
+                echo(f"  inspect   {answer['tunnel_url']}_relay/inspect   (admin token {answer['admin_token']})")
             if answer.get("hub_port") is not None:
                 echo(f"  hub port  {host}:{answer['hub_port']}")
         echo(f"agent {agent.name} ({agent_id}) serving; Ctrl-C closes the tunnel{'s' if len(specs) > 1 else ''}")

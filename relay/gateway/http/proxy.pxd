@@ -17,7 +17,7 @@ cdef Py_ssize_t _HEAD, _BODY, _END, _EOF, _ERR
 cdef class ProxyStats:
     cdef public Py_ssize_t requests, active_requests, websockets, active_websockets
     cdef public Py_ssize_t bytes_in, bytes_out, errors
-    cdef public object last_error, clients, observer
+    cdef public object last_error, clients, observer, inspect
 
 cdef class Upstream:
     cdef public object open_stream, key, target, headers, host, host_override, drop_headers, prefix
@@ -33,7 +33,8 @@ cdef class _Exchange:
     cdef public object upgrade, sent, grace
     cdef public bint has_body, chunked, is_head, started, response_done, request_done
     cdef public bint keep_target, reused, retried
-    cdef public Py_ssize_t status, nin, nout
+    cdef public Py_ssize_t status, nin, nout, cap
+    cdef public object req_body, resp_head, resp_body
     cdef public double t0
 
 cdef class _StreamSide:

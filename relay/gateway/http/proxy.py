@@ -153,6 +153,10 @@ class ProxyStats:
     #: sent: the connection was cut), body bytes each way, and the time from the request
     #: head to the end. For access logs and metrics (relay.gateway.traffic); must not raise.
     observer: Optional[Callable[[bytes, bytes, int, int, int, float], None]] = None
+    #: A request inspector (relay.gateway.inspector) or None: with one, every exchange
+    #: keeps its request head, the response head the client got and the first
+    #: ``inspect.cap`` bytes of each body, and hands them to ``inspect.add`` at its end.
+    inspect: Any = None
 
     def as_dict(self) -> dict[str, Any]:
         """The counters as JSON-ready values."""
@@ -532,7 +536,7 @@ class _Exchange:
 
     __slots__ = ("head", "upstream", "stats", "has_body", "chunked", "upgrade", "is_head", "sent",
                  "started", "response_done", "request_done", "keep_target", "reused", "retried",
-                 "grace", "status", "nin", "nout", "t0")
+                 "grace", "status", "nin", "nout", "t0", "cap", "req_body", "resp_head", "resp_body")
 
     def __init__(self, head: RequestHead, upstream: Upstream, has_body: bool, chunked: bool) -> None:
         self.head = head
@@ -554,18 +558,30 @@ class _Exchange:
         self.nin = 0  # request body bytes sent on
         self.nout = 0  # response body bytes received
         self.t0 = 0.0  # loop time of the request head
+        self.cap = 0  # body bytes kept for an inspector (0: none kept)
+        self.req_body: Any = None  # bytearray while kept
+        self.resp_head = b""
+        self.resp_body: Any = None
 
 
 def _observe(exchange: _Exchange, now: float) -> None:
     """Tell the destination's observer (if any) that ``exchange`` is over; its failure
     is logged, never passed on to the connection."""
-    observer = exchange.stats.observer
+    stats = exchange.stats
+    observer = stats.observer
     if observer is not None:
         try:
             observer(exchange.head.method, exchange.upstream.target, exchange.status, exchange.nin,
                      exchange.nout, now - exchange.t0)
         except Exception:  # an observer's bug must not break proxying
             log.exception("proxy observer failed")
+    if exchange.cap and stats.inspect is not None:
+        try:
+            stats.inspect.add(exchange.head, exchange.upstream.target, exchange.status, bytes(exchange.req_body),
+                              exchange.nin, exchange.resp_head, bytes(exchange.resp_body), exchange.nout,
+                              now - exchange.t0)
+        except Exception:
+            log.exception("proxy inspector failed")
 
 
 class _StreamSide:
@@ -686,6 +702,8 @@ class _StreamSide:
             if exchange is not None:
                 exchange.stats.bytes_out += len(body)
                 exchange.nout += len(body)
+                if exchange.cap and len(exchange.resp_body) < exchange.cap:
+                    exchange.resp_body += body[:exchange.cap - len(exchange.resp_body)]
             conn._out.append(b"%x\r\n%s\r\n" % (len(body), body) if self._rechunk else body)
 
     def on_message_complete(self) -> None:
@@ -1229,6 +1247,10 @@ class ProxyConnection:
         stats.active_requests += 1
         exchange = self._exchange = _Exchange(head, upstream, self._req_has_body, self._req_chunked)
         exchange.t0 = self._loop.time()
+        if stats.inspect is not None:
+            exchange.cap = stats.inspect.cap
+            exchange.req_body = bytearray()
+            exchange.resp_body = bytearray()
         try:
             sent = exchange.sent = self._forward_head(head, upstream, exchange)
         except ProxyError as exc:
@@ -1408,6 +1430,8 @@ class ProxyConnection:
             return  # the exchange ended early (e.g. the target failed): the body has nowhere to go
         exchange.stats.bytes_in += len(body)
         exchange.nin += len(body)
+        if exchange.cap and len(exchange.req_body) < exchange.cap:
+            exchange.req_body += body[:exchange.cap - len(exchange.req_body)]
         try:
             if exchange.chunked:
                 side.write(b"%x\r\n%s\r\n" % (len(body), body))
@@ -1628,6 +1652,8 @@ class ProxyConnection:
         if close:
             self._close_after = True
         self._out.append(out)
+        if exchange.cap:
+            exchange.resp_head = out
         exchange.keep_target = not until_eof and side.parser.should_keep_alive()
 
     def _response_complete(self, exchange: _Exchange, side: _StreamSide) -> None:

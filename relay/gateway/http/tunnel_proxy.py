@@ -13,7 +13,8 @@ relay of tcp tunnels, which therefore keeps that one path):
   slash).
 * Admin, authorised by the session's ``admin_token`` in the ``X-Admin-Token`` header (the
   access token alone is not enough; a missing header is 401, a wrong one 403):
-  ``GET /tunnel/{token}/_relay/stats`` (live counters) and ``DELETE /tunnel/{token}``
+  ``GET /tunnel/{token}/_relay/stats`` (live counters), the request inspector
+  (``/tunnel/{token}/_relay/inspect``, relay.gateway.inspector) and ``DELETE /tunnel/{token}``
   (close the session: the URL stops working and open connections through it, WebSockets
   included, are closed).
 
@@ -46,6 +47,7 @@ from relay.aio import SessionClosedError
 from relay.aio.stream import MuxStream
 from relay.gateway.http.proxy import ProxyError, ProxyStats, RequestHead, Upstream, origin_form, serve_connection
 from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, json_response
+from relay.gateway.inspector import Inspector, InspectorRoutes
 from relay.gateway.store import StoreError, TunnelSession
 from relay.gateway.tunnel_hosts import session_host_header, token_from_host
 
@@ -107,6 +109,7 @@ class HttpTunnels:
             self._gateway.router.by_host = self._host_route
         add = self._gateway.router.add
         add("GET", "/tunnel/{token}" + STATS_PATH, self._admin_stats)
+        InspectorRoutes(self._gateway, self).register(add)  # /_relay/inspect, requests, replay
         add("DELETE", "/tunnel/{token}", self._admin_close)
         add("*", "/tunnel/{token}", self._add_slash)
         add("*", "/tunnel/{token}/{path:path}", self._proxy, raw=True)
@@ -119,6 +122,7 @@ class HttpTunnels:
             stats = self._stats[session_id] = ProxyStats()
         if stats.observer is None and team_id is not None:
             stats.observer = self._gateway.traffic.observer("tunnel", team_id, session_id)
+            stats.inspect = Inspector()  # the request inspector (relay.gateway.inspector)
         return stats
 
     def session_closed(self, session_id: str) -> None:
