@@ -72,7 +72,7 @@ def parse_tunnel_spec(text: str) -> TunnelSpec:
     return TunnelSpec(protocol, int(port))
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB"):
         if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

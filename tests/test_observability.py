@@ -242,9 +242,9 @@ def test_dashboard_sign_in_cookie_and_revocation(tmp_path):
                                                       {"Authorization": f"Bearer {keys['sk']}"})
             assert status == 200 and b"Agents" in body
             # Revoking the key ends the browser session at its next page load.
-            team = gw.store.list_teams()[0]
-            [cred] = [c for c in gw.store.list_credentials(team.id) if c.kind == "dk"]
-            gw.store.revoke_credential(team.id, cred.id)
+            team = (await gw.store.list_teams())[0]
+            [cred] = [c for c in await gw.store.list_credentials(team.id) if c.kind == "dk"]
+            await gw.store.revoke_credential(team.id, cred.id)
             _, _, body = await asyncio.to_thread(_get, gw.url + "/dashboard/", {"Cookie": session})
             assert b'name="key"' in body
 

@@ -371,9 +371,9 @@ class Gateway:
                             f"tunnel_protocol must be one of {', '.join(TUNNEL_SESSION_PROTOCOLS)}")
         host_header = body.get("host_header")
         if host_header is not None:
-            refusal = check_host_header(host_header) if protocol == "http" else "host_header is for http tunnels"
-            if refusal is not None:
-                raise HttpError(400, "invalid_host_header", refusal)
+            bad_host = check_host_header(host_header) if protocol == "http" else "host_header is for http tunnels"
+            if bad_host is not None:
+                raise HttpError(400, "invalid_host_header", bad_host)
         agent = await self._team_agent(principal, request.params["agent_id"])
         if self.registry.get(principal.team_id, agent.id) is None:
             raise HttpError(409, "agent_offline", f"agent {agent.id} ({agent.name}) is not connected")

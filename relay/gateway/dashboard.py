@@ -74,7 +74,7 @@ def _table(headers: list[str], rows: list[list[str]], empty: str) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _bytes(n: int) -> str:
+def _bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -114,7 +114,7 @@ class Dashboard:
         payload = base64.urlsafe_b64encode(json.dumps(body, separators=(",", ":")).encode()).rstrip(b"=")
         return f"{payload.decode()}.{self._sign(payload)}", expires - int(time.time())
 
-    def _from_cookie(self, request: Request) -> Optional[Principal]:
+    async def _from_cookie(self, request: Request) -> Optional[Principal]:
         """The principal of a valid session cookie, else None."""
         raw = request.header("cookie") or ""
         for part in raw.split(";"):
@@ -132,17 +132,17 @@ class Dashboard:
             if expires < time.time():
                 continue
             if cred is not None:  # a key: still active?
-                found = self.gw.store.get_credential(team_id, cred)
+                found = await self.gw.store.get_credential(team_id, cred)
                 if found is None or found.revoked:
                     continue
             return Principal(kind, team_id, subject, cred)
         return None
 
-    def _principal(self, request: Request) -> Optional[Principal]:
+    async def _principal(self, request: Request) -> Optional[Principal]:
         if request.header("authorization"):
-            return self.gw.auth.authenticate(request.header("authorization"),
-                                             request.header("x-team-id")).require_runtime()
-        return self._from_cookie(request)
+            return (await self.gw.auth.authenticate(request.header("authorization"),
+                                                    request.header("x-team-id"))).require_runtime()
+        return await self._from_cookie(request)
 
     # -- routes
 
@@ -154,7 +154,7 @@ class Dashboard:
         key = (form.get("key") or [""])[-1].strip()
         team = (form.get("team_id") or [""])[-1].strip() or None
         try:
-            principal = self.gw.auth.authenticate(f"Bearer {key}", team).require_runtime()
+            principal = (await self.gw.auth.authenticate(f"Bearer {key}", team)).require_runtime()
         except AuthError as exc:
             return self._login_page(f"Not signed in: {exc.message}", status=401)
         cookie, max_age = self._cookie_for(principal)
@@ -180,25 +180,25 @@ class Dashboard:
 
     async def _show(self, request: Request) -> Response:
         try:
-            principal = self._principal(request)
+            principal = await self._principal(request)
         except AuthError as exc:
             return self._login_page(exc.message, status=exc.status)
         if principal is None:
             return self._login_page()
-        return _page("relay dashboard", self.render(principal.team_id, principal), refresh=True)
+        return _page("relay dashboard", await self.render(principal.team_id, principal), refresh=True)
 
     # -- the page
 
-    def render(self, team_id: str, principal: Principal) -> str:
+    async def render(self, team_id: str, principal: Principal) -> str:
         """The body of the team's page."""
         gw = self.gw
-        team = gw.store.get_team(team_id)
+        team = await gw.store.get_team(team_id)
         parts = [f"<h1>relay: team {_e(team.name if team else team_id)}</h1>",
                  f"<p class='muted'>team {_e(team_id)} · signed in with a {_e(principal.kind)} "
                  f"{'key' if principal.kind != 'user' else 'JWT'} · refreshes every {REFRESH}s "
                  f"<form class='inline' method='post' action='{PATH}logout'><button>Sign out</button></form></p>"]
 
-        agents = gw.store.list_agents(team_id)
+        agents = await gw.store.list_agents(team_id)
         rows, names = [], {}
         for agent in agents:
             info = gw.registry.describe(agent)
@@ -211,7 +211,7 @@ class Dashboard:
         rows = []
         tunnels = gw.tunnels
         for agent in agents:
-            for session in tunnels.sessions(team_id, agent.id) if tunnels is not None else []:
+            for session in await tunnels.sessions(team_id, agent.id) if tunnels is not None else []:
                 sid = session["session_id"]
                 stats = gw.http_tunnels._stats.get(sid)
                 live = stats.as_dict() if stats is not None else {}
@@ -228,10 +228,10 @@ class Dashboard:
                          "No open tunnel sessions.")]
 
         rows = []
-        for tunnel in gw.store.list_tunnels(team_id):
+        for tunnel in await gw.store.list_tunnels(team_id):
             info = gw.tunnels_api.describe(tunnel)
             hub = tunnels.hub(tunnel.id) if tunnels is not None else None
-            shares = gw.store.list_shares(team_id, tunnel.id)
+            shares = await gw.store.list_shares(team_id, tunnel.id)
             share_text = ", ".join(f"{_e(s.name)} ({_e(s.token_prefix)}…)" for s in shares) or "-"
             status_class = "ok" if info["status"] == "active" else "bad"
             rows.append([_e(tunnel.name), _e(names.get(tunnel.agent_id, tunnel.agent_id)), _e(info["target"]),
@@ -241,9 +241,9 @@ class Dashboard:
                   _table(["name", "agent", "target", "status", "connections", "shares"], rows, "No named tunnels.")]
 
         rows = []
-        gw.services.sync()
-        for record in gw.store.list_services(team_id):
-            info = gw.services.describe(record, gw.services._state(record))
+        await gw.services.sync()
+        for record in await gw.store.list_services(team_id):
+            info = await gw.services.describe(record, gw.services._state(record))
             healthy = info["instances_healthy"]
             rows.append([_e(record.slug), _e(info["service_type"]),
                          f"<span class='{'ok' if info['service_status'] == 'running' else 'bad'}'>"

@@ -122,16 +122,16 @@ class InspectorRoutes:
 
     # -- access
 
-    def _session(self, request: Request, admin: Optional[str]) -> Any:
+    async def _session(self, request: Request, admin: Optional[str]) -> Any:
         """The open http session of the URL's token if ``admin`` is its admin token; None
         if no admin token was given; 403 if it is wrong."""
         try:
-            row = self.tunnels._open_http_session(request.params["token"])
+            row = await self.tunnels._open_http_session(request.params["token"])
         except ProxyError as exc:
             raise HttpError(exc.status, exc.code, exc.message) from None
         if not admin:
             return None
-        if self.gw.store.check_tunnel_admin_token(row.session_id, admin) is None:
+        if await self.gw.store.check_tunnel_admin_token(row.session_id, admin) is None:
             raise HttpError(403, "invalid_admin_token", "wrong admin_token for this tunnel session")
         return row
 
@@ -154,7 +154,7 @@ class InspectorRoutes:
     # -- routes
 
     async def _json(self, request: Request) -> Response:
-        row = self._session(request, self._admin_from(request))
+        row = await self._session(request, self._admin_from(request))
         if row is None:
             raise HttpError(401, "admin_token_required", "send the session's admin_token in X-Admin-Token")
         return json_response({"session_id": row.session_id, "requests": self._inspector(row).listing()})
@@ -164,7 +164,7 @@ class InspectorRoutes:
 
         admin = (parse_qs(request.body.decode("utf-8", "replace")).get("admin_token") or [""])[-1].strip()
         try:
-            row = self._session(request, admin)
+            row = await self._session(request, admin)
         except HttpError as exc:
             if exc.status != 403:
                 raise
@@ -196,7 +196,7 @@ class InspectorRoutes:
 
     async def _page(self, request: Request) -> Response:
         try:
-            row = self._session(request, self._admin_from(request))
+            row = await self._session(request, self._admin_from(request))
         except HttpError as exc:
             if exc.status != 403:
                 raise
@@ -208,14 +208,14 @@ class InspectorRoutes:
             def headers(pairs: list) -> str:
                 return _e("\n".join(f"{name}: {value}" for name, value in pairs))
 
-            def body(text: str, cut: bool) -> str:
+            def shown_body(text: str, cut: bool) -> str:
                 return _e(text) + (" …(cut)" if cut else "")
 
             details = (f"<details><summary>headers and bodies</summary>"
                        f"<b>request</b><pre>{headers(entry['request_headers'])}</pre>"
-                       f"<pre>{body(entry['request_body'], entry['request_body_truncated'])}</pre>"
+                       f"<pre>{shown_body(entry['request_body'], entry['request_body_truncated'])}</pre>"
                        f"<b>response</b><pre>{headers(entry['response_headers'])}</pre>"
-                       f"<pre>{body(entry['response_body'], entry['response_body_truncated'])}</pre></details>")
+                       f"<pre>{shown_body(entry['response_body'], entry['response_body_truncated'])}</pre></details>")
             replay = "" if entry["request_body_truncated"] else (
                 f"<form method='post' action='replay/{entry['id']}'>"
                 f"<button class='replay' type='submit'>Replay</button></form>")
@@ -232,7 +232,7 @@ class InspectorRoutes:
         return self._html("relay inspector", body)
 
     async def _replay(self, request: Request) -> Response:
-        row = self._session(request, self._admin_from(request))
+        row = await self._session(request, self._admin_from(request))
         if row is None:
             raise HttpError(401, "admin_token_required", "send the session's admin_token in X-Admin-Token")
         try:

@@ -39,7 +39,7 @@ def host_label(token: str) -> Optional[str]:
     return label if len(label) <= MAX_LABEL else None
 
 
-def token_from_host(host: Optional[str], domain: str) -> Optional[str]:
+def token_from_host(host: Optional[str], domain: Optional[str]) -> Optional[str]:
     """The access token named by a ``Host`` header value (``LABEL.DOMAIN[:PORT]``), or
     None if the host is not one label under ``domain``."""
     if not host or not domain:

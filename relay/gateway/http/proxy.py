@@ -63,6 +63,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from time import monotonic as _monotonic  # exchange durations (the observers' seconds)
 from typing import TYPE_CHECKING, Any, Optional, Union, cast
 
 import httptools
@@ -1246,7 +1247,7 @@ class ProxyConnection:
         stats.requests += 1
         stats.active_requests += 1
         exchange = self._exchange = _Exchange(head, upstream, self._req_has_body, self._req_chunked)
-        exchange.t0 = self._loop.time()
+        exchange.t0 = _monotonic()
         if stats.inspect is not None:
             exchange.cap = stats.inspect.cap
             exchange.req_body = bytearray()
@@ -1665,7 +1666,7 @@ class ProxyConnection:
             if self._exchange is exchange:  # _finish_exchange, inlined (the response is done)
                 self._exchange = None
                 exchange.stats.active_requests -= 1
-                _observe(exchange, self._loop.time())
+                _observe(exchange, _monotonic())
                 if exchange.grace is not None:
                     exchange.grace.cancel()
             self._maybe_next()
@@ -1689,7 +1690,7 @@ class ProxyConnection:
         if self._exchange is exchange:  # _end_exchange(keep_stream=True), inlined
             self._exchange = None
             exchange.stats.active_requests -= 1
-            _observe(exchange, self._loop.time())
+            _observe(exchange, _monotonic())
             if exchange.grace is not None:
                 exchange.grace.cancel()
             if not exchange.response_done:
@@ -1701,7 +1702,7 @@ class ProxyConnection:
             return
         self._exchange = None
         exchange.stats.active_requests -= 1
-        _observe(exchange, self._loop.time())
+        _observe(exchange, _monotonic())
         if exchange.grace is not None:
             exchange.grace.cancel()
         if not keep_stream or not exchange.response_done:
@@ -1903,7 +1904,7 @@ class ProxyConnection:
         self._side = None
         stats.active_requests -= 1
         exchange.status = 101
-        _observe(exchange, self._loop.time())
+        _observe(exchange, _monotonic())
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None

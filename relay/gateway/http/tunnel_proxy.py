@@ -142,7 +142,7 @@ class HttpTunnels:
         serve_connection(transport, data, self._resolve, fallback=self._http_server,
                          connections=self._connections)
 
-    def _host_route(self, host: Optional[str]) -> Optional[object]:
+    def _host_route(self, host: Optional[str]) -> Any:
         """Router hook: the host proxy for a ``LABEL.DOMAIN`` host, else None (paths)."""
         return self._proxy_by_host if token_from_host(host, self._domain) is not None else None
 
@@ -154,10 +154,11 @@ class HttpTunnels:
                          connections=self._connections)
 
     @cython.locals(request=RequestHead)
-    def _resolve_by_host(self, request: RequestHead) -> Optional[Upstream]:
+    def _resolve_by_host(self, request: RequestHead) -> Any:
         """Where a request on a tunnel host's connection goes: the tunnel its ``Host``
         names, the request-target as the client sent it (no prefix to strip or to put
-        back: the app owns the host's whole path space)."""
+        back: the app owns the host's whole path space). A coroutine when the session
+        is not in memory (the store is asked first), as :meth:`_resolve_fully`."""
         host = None
         for _, lname, value in request.raw_headers:
             if lname == b"host":
@@ -165,7 +166,20 @@ class HttpTunnels:
         token = token_from_host(host, self._domain)
         if token is None:
             return None  # another host on a kept-alive connection: the HTTP server's
-        row = self._open_http_session(token)
+        row = self._cached_session(token)
+        if row is None:
+            return self._resolve_by_host_slowly(request, token)
+        return self._host_upstream(request, token, row)
+
+    async def _resolve_by_host_slowly(self, request: RequestHead, token: str) -> Upstream:
+        try:
+            row = await self._open_http_session(token)
+        except StoreError as exc:
+            raise ProxyError(503, "store_unavailable", str(exc)) from None
+        return self._host_upstream(request, token, row)
+
+    def _host_upstream(self, request: RequestHead, token: str, row: TunnelSession) -> Upstream:
+        """The Upstream of a request to the tunnel host of ``row``."""
         agent = self._gateway.registry.get(row.team_id, row.agent_id)
         if agent is None:
             raise ProxyError(503, "agent_offline", "the tunnel's agent is not connected")
