@@ -302,3 +302,18 @@ async def _find_credential(store: Store, team_id: str, ref: str) -> Credential:
         raise click.ClickException(f"{len(matches)} keys match; give the key id instead")
     return matches[0]
 from relay import cli_expose, cli_run, cli_tunnel, demo  # noqa: E402,F401 - register their commands
+
+
+def _show_envvars(command: click.Command) -> None:
+    """Every option that reads an environment variable says so in ``--help`` (click's
+    ``show_envvar``), including options added later by any module: set here, once all
+    commands are registered, so no command can forget it."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _show_envvars(sub)
+    for param in command.params:
+        if isinstance(param, click.Option) and param.envvar:
+            param.show_envvar = True
+
+
+_show_envvars(main)
