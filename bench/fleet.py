@@ -139,7 +139,7 @@ def main() -> None:
                 [sys.executable, "-m", "relay", "gateway", "--listen", f"127.0.0.1:{ports[name]}", "--data",
                  str(work / "data"), "--redis", redis_url, "--gateway-id", name, "--log-level", "warning"],
                 stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env))
-            wait_for(lambda lg=log: b"in the fleet" in lg.read_bytes())
+            wait_for(lambda lg=log: b"in the fleet, advertised at" in lg.read_bytes())  # after the keys
         keys = dict(re.findall(r"^  (sk|dk|ak)  (\S+)$", (work / "a.log").read_text(), re.M))
         echo = echo_server()
         procs.append(subprocess.Popen(

@@ -128,7 +128,9 @@ class Fleet:
                        "--redis", redis_url or self.redis_url, "--gateway-id", name, "--log-level", "info"],
                       log, env={"RELAY_FLEET_SECRET": secret})
         self.gateways[name] = (proc, port)
-        wait_for(lambda: b"in the fleet" in log.read_bytes() or proc.poll() is not None, what=f"gateway {name}")
+        # The line after the default keys (the fleet logs "in the fleet" before they are printed).
+        wait_for(lambda: b"in the fleet, advertised at" in log.read_bytes() or proc.poll() is not None,
+                 what=f"gateway {name}")
         assert proc.poll() is None, log.read_text()[-3000:]
         if not self.keys:
             self.keys = dict(re.findall(r"^  (sk|dk|ak)  (\S+)$", log.read_text(), re.M))
