@@ -4,7 +4,7 @@ redacted.
 ``--log-format text`` (the default) is ``TIME LEVEL LOGGER: MESSAGE``; ``--log-format
 json`` is one JSON object per line: ``time`` (ISO 8601, UTC), ``level``, ``logger``,
 ``message``, plus the fields a record carries in ``record.access`` (the gateway's
-access log, relay.gateway.traffic) and ``exception`` when there is one.
+access log, relay.gateway.http.traffic) and ``exception`` when there is one.
 
 Whatever the format, every line goes through :func:`redact` first: team keys
 (``sk-``/``dk-``/``ak-``), the access tokens of tunnel and share URLs and bearer

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from relay.gateway.http.proxy import rewrite_paths
-from relay.gateway.tunnel_hosts import host_label, token_from_host, tunnel_host_url
+from relay.gateway.http.tunnel_hosts import host_label, token_from_host, tunnel_host_url
 from tests.flask_app import FlaskServer
 from tests.test_gateway_e2e import gateway_and_team, run, running_agent
 from tests.test_http_tunnel import Client, open_http_tunnel

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from relay.gateway.inspector import BODY_CAP, KEEP
+from relay.gateway.web.inspector import BODY_CAP, KEEP
 from tests.test_gateway_e2e import run
 from tests.test_http_tunnel import tunnel_to
 from tests.test_http_tunnel_browser import DevTools, chromium_binary, start_chromium

@@ -3,7 +3,7 @@
 Endpoints (one listening address):
 
 * ``GET /healthz`` -> ``{"status": "ok", ...}``; ``GET /metrics`` (Prometheus);
-  ``GET /`` and ``/dashboard/``: the web dashboard (relay.gateway.dashboard).
+  ``GET /`` and ``/dashboard/``: the web dashboard (relay.gateway.web.dashboard).
 * ``GET /api/v1/agent/connect``: the agent endpoint. WebSocket upgrade with
   ``Authorization: Bearer ak-...``; a missing or bad key is answered 401 (JSON) before
   any upgrade. After the 101 the connection carries one mux session (the gateway is the
@@ -33,13 +33,14 @@ from relay.gateway.api.services import ServiceManager, add_services_openapi
 from relay.gateway.api.tasks import TaskManager
 from relay.gateway.api.tunnels import TunnelsApi
 from relay.gateway.auth import Authenticator, Principal
-from relay.gateway.dashboard import Dashboard
 from relay.gateway.egress import EgressPolicy
 from relay.gateway.fleet import Fleet, FleetConfig
 from relay.gateway.fleet.peers import GATEWAY_HEADER, PEER_PATH, SECRET_HEADER, secret_matches
 from relay.gateway.hooks import GatewayHooks, GatewaySession
 from relay.gateway.http.proxy import ProxyError, Upstream, origin_form, serve_connection
 from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, Router, json_response
+from relay.gateway.http.traffic import BUCKETS, Traffic
+from relay.gateway.http.tunnel_hosts import check_host_header, session_host_header
 from relay.gateway.http.tunnel_proxy import HttpTunnels
 from relay.gateway.store import (
     TUNNEL_SESSION_PROTOCOLS,
@@ -49,8 +50,7 @@ from relay.gateway.store import (
     ensure_default_team,
     open_store,
 )
-from relay.gateway.traffic import BUCKETS, Traffic
-from relay.gateway.tunnel_hosts import check_host_header, session_host_header
+from relay.gateway.web.dashboard import Dashboard
 from relay.mux.connection import MuxConfig
 from relay.mux.datagrams import DEFAULT_IDLE_TIMEOUT
 from relay.mux.errors import ErrorCode
@@ -85,7 +85,7 @@ class Gateway:
 
     ``public_url`` is what tunnel URLs are built from (default: ``http(s)://HOST:PORT``
     of the listening address). ``tunnel_domain``: every HTTP tunnel is also served at a
-    host of its own under that domain (relay.gateway.tunnel_hosts). With ``ssl_context`` the address serves HTTPS/WSS (hub
+    host of its own under that domain (relay.gateway.http.tunnel_hosts). With ``ssl_context`` the address serves HTTPS/WSS (hub
     ports stay raw TCP).
     """
 
@@ -103,7 +103,7 @@ class Gateway:
         #: started, its membership (relay.gateway.fleet).
         self._fleet_config = fleet
         self.fleet: Optional[Fleet] = None
-        #: HTTP tunnels are also served at ``LABEL.tunnel_domain`` (relay.gateway.tunnel_hosts).
+        #: HTTP tunnels are also served at ``LABEL.tunnel_domain`` (relay.gateway.http.tunnel_hosts).
         self.tunnel_domain = tunnel_domain
         #: Where the gateway itself may connect (external services, webhooks):
         #: relay.gateway.egress. Never its own listening and hub ports.
@@ -115,7 +115,7 @@ class Gateway:
         self._revocation_watch: Optional[asyncio.Task[None]] = None
         #: Programmatic hooks (relay.gateway.hooks; docs/EMBEDDING.md).
         self.hooks = GatewayHooks()
-        #: Access log, per-tunnel/per-service series, recent requests (relay.gateway.traffic).
+        #: Access log, per-tunnel/per-service series, recent requests (relay.gateway.http.traffic).
         self.traffic = Traffic()
         self._public_url = public_url
         self._hub_host = hub_host
@@ -737,7 +737,7 @@ class _GatewayCollector:
 def _traffic_families(gw: "Gateway") -> Any:
     """Per tunnel and per service: requests by status class, bytes each way, a latency
     histogram, requests in flight; TCP tunnels' open connections; share refusals by
-    reason, invoke outcomes, tasks (relay.gateway.traffic). Labels carry session ids and
+    reason, invoke outcomes, tasks (relay.gateway.http.traffic). Labels carry session ids and
     service slugs, never tokens."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 

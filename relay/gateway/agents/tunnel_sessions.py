@@ -250,7 +250,7 @@ class TunnelManager:
                  udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  tunnel_domain: Optional[str] = None) -> None:
         self._store = store
-        #: With a domain, an http tunnel also gets ``tunnel_host_url`` (relay.gateway.tunnel_hosts).
+        #: With a domain, an http tunnel also gets ``tunnel_host_url`` (relay.gateway.http.tunnel_hosts).
         self.tunnel_domain = tunnel_domain
         #: Knows the gateway's own ports and addresses (loops are refused with it).
         self._egress = egress
@@ -356,7 +356,7 @@ class TunnelManager:
             "tunnel_protocol": protocol,
         }
         if protocol == "http" and self.tunnel_domain:
-            from relay.gateway.tunnel_hosts import tunnel_host_url
+            from relay.gateway.http.tunnel_hosts import tunnel_host_url
 
             host_url = tunnel_host_url(str(access), self.tunnel_domain, self.public_url)
             if host_url is not None:

@@ -419,7 +419,7 @@ class ServiceManager:
         state = self._states.get(key)
         if state is None:
             state = self._states[key] = ServiceState()
-            # Per-service series and access log lines (relay.gateway.traffic).
+            # Per-service series and access log lines (relay.gateway.http.traffic).
             state.stats.observer = self.gw.traffic.observer("service", record.team_id, record.slug)
         if record.service_type == "external" and None not in state.instances:
             url = urlsplit(record.spec.get("url", ""))

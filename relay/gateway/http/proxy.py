@@ -152,9 +152,9 @@ class ProxyStats:
     #: upgraded), with ``(method, target, status, bytes_in, bytes_out, seconds)``: the
     #: request-target as sent to the target, the status the client got (0 if none was
     #: sent: the connection was cut), body bytes each way, and the time from the request
-    #: head to the end. For access logs and metrics (relay.gateway.traffic); must not raise.
+    #: head to the end. For access logs and metrics (relay.gateway.http.traffic); must not raise.
     observer: Optional[Callable[[bytes, bytes, int, int, int, float], None]] = None
-    #: A request inspector (relay.gateway.inspector) or None: with one, every exchange
+    #: A request inspector (relay.gateway.web.inspector) or None: with one, every exchange
     #: keeps its request head, the response head the client got and the first
     #: ``inspect.cap`` bytes of each body, and hands them to ``inspect.add`` at its end.
     inspect: Any = None

@@ -14,13 +14,13 @@ relay of tcp tunnels, which therefore keeps that one path):
 * Admin, authorised by the session's ``admin_token`` in the ``X-Admin-Token`` header (the
   access token alone is not enough; a missing header is 401, a wrong one 403):
   ``GET /tunnel/{token}/_relay/stats`` (live counters), the request inspector
-  (``/tunnel/{token}/_relay/inspect``, relay.gateway.inspector) and ``DELETE /tunnel/{token}``
+  (``/tunnel/{token}/_relay/inspect``, relay.gateway.web.inspector) and ``DELETE /tunnel/{token}``
   (close the session: the URL stops working and open connections through it, WebSockets
   included, are closed).
 
 Absolute paths: the target's ``Location``/``Content-Location`` and ``Set-Cookie`` paths
 are moved under ``/tunnel/{token}`` (:func:`relay.gateway.http.proxy.rewrite_paths`);
-bodies are not. With a tunnel domain (``--tunnel-domain``, relay.gateway.tunnel_hosts)
+bodies are not. With a tunnel domain (``--tunnel-domain``, relay.gateway.http.tunnel_hosts)
 every tunnel is also served at ``LABEL.DOMAIN``, its whole path space the app's: a
 request whose ``Host`` names a tunnel goes to it, path untouched, whatever the path
 (:meth:`HttpTunnels._resolve_by_host`).
@@ -47,9 +47,9 @@ from relay.aio import SessionClosedError
 from relay.aio.stream import MuxStream
 from relay.gateway.http.proxy import ProxyError, ProxyStats, RequestHead, Upstream, origin_form, serve_connection
 from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, json_response
-from relay.gateway.inspector import Inspector, InspectorRoutes
+from relay.gateway.http.tunnel_hosts import session_host_header, token_from_host
 from relay.gateway.store import StoreError, TunnelSession
-from relay.gateway.tunnel_hosts import session_host_header, token_from_host
+from relay.gateway.web.inspector import Inspector, InspectorRoutes
 
 if TYPE_CHECKING:
     from relay.aio import MuxSession
@@ -102,7 +102,7 @@ class HttpTunnels:
 
     def install(self, tunnel_domain: Optional[str] = None) -> None:
         """Add the routes to the gateway's router; with ``tunnel_domain``, also serve
-        every HTTP tunnel at its own host ``LABEL.DOMAIN`` (relay.gateway.tunnel_hosts),
+        every HTTP tunnel at its own host ``LABEL.DOMAIN`` (relay.gateway.http.tunnel_hosts),
         where requests go to the target with their path untouched."""
         self._domain = tunnel_domain.strip(".").lower() if tunnel_domain else None
         if self._domain:
@@ -122,7 +122,7 @@ class HttpTunnels:
             stats = self._stats[session_id] = ProxyStats()
         if stats.observer is None and team_id is not None:
             stats.observer = self._gateway.traffic.observer("tunnel", team_id, session_id)
-            stats.inspect = Inspector()  # the request inspector (relay.gateway.inspector)
+            stats.inspect = Inspector()  # the request inspector (relay.gateway.web.inspector)
         return stats
 
     def session_closed(self, session_id: str) -> None:

@@ -3,7 +3,7 @@
 ``GET /`` redirects there. The page shows the signed-in team's agents (status, labels),
 its open tunnel sessions with their live counters, its named tunnels and their shares,
 its services with their health, and the last requests proxied for it
-(relay.gateway.traffic); it reloads itself every few seconds. No script, no external
+(relay.gateway.http.traffic); it reloads itself every few seconds. No script, no external
 resource.
 
 Signing in: ``Authorization: Bearer sk-/dk-/JWT`` works as on the API (with ``X-Team-ID``
