@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import ssl
 from collections.abc import Iterable
-from typing import Any, Optional, cast
+from typing import Any, Optional
 
 from relay import __version__
 from relay.agent.base import AgentBase
@@ -47,7 +47,8 @@ from relay.agent.policy import (  # re-exported: the agent's public names
 )
 from relay.agent.tasks import AgentTasks, stream_denied
 from relay.agent.udp import serve_datagram_stream
-from relay.aio import MuxSession, StreamRefused, WebSocketTransport, connect_stream_to
+from relay.aio import MuxSession, StreamRefused, connect_stream_to
+from relay.aio.dial import WebSocketUpgrade
 from relay.aio.stream import MuxStream
 from relay.mux.connection import MuxConfig
 from relay.mux.errors import ErrorCode
@@ -65,50 +66,6 @@ STABLE_CONNECTION = 10.0
 
 class AgentAuthError(Exception):
     """The gateway rejected the agent key (HTTP 401/403): retrying cannot help."""
-
-
-class _Handshake(asyncio.Protocol):
-    """Protocol of the TCP connection until the 101 arrives, then hands it to the
-    session (synchronously, in ``data_received``, so no byte can fall in between)."""
-
-    def __init__(self, handshake: ClientHandshake, session: MuxSession) -> None:
-        self._handshake = handshake
-        self._session = session
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._transport: Optional[asyncio.Transport] = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A TCP (or TLS) connection's transport: asyncio types the argument for every kind.
-        tcp = cast(asyncio.Transport, transport)
-        self._transport = tcp
-        tcp.write(self._handshake.request_bytes())
-
-    def data_received(self, data: bytes) -> None:
-        self._feed(data)
-
-    def eof_received(self) -> Optional[bool]:
-        self._feed(b"")
-        return None
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        if not self.done.done():
-            self.done.set_exception(ConnectionError(f"connection lost during the upgrade: {exc or 'closed'}"))
-
-    def _feed(self, data: bytes) -> None:
-        transport = self._transport
-        assert transport is not None  # data arrives once connected
-        if self.done.done():
-            return
-        try:
-            accepted = self._handshake.receive_data(data)
-        except HandshakeError as exc:
-            self.done.set_exception(exc)
-            transport.close()
-            return
-        if accepted is not None:
-            WebSocketTransport.attach(transport, self._session, client=True,
-                                      initial=accepted.leftover)
-            self.done.set_result(None)
 
 
 class Agent(AgentBase):
@@ -212,7 +169,7 @@ class Agent(AgentBase):
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
             transport, proto = await loop.create_connection(
-                lambda: _Handshake(handshake, session), self.host, self.port, ssl=self._ssl)
+                lambda: WebSocketUpgrade(handshake, session), self.host, self.port, ssl=self._ssl)
             try:
                 await proto.done
             except HandshakeRejected as exc:

@@ -25,7 +25,8 @@ import ssl
 from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
-from relay.aio import MuxSession, WebSocketTransport
+from relay.aio import MuxSession
+from relay.aio.dial import WebSocketUpgrade
 from relay.mux.connection import MuxConfig
 from relay.mux.errors import ErrorCode
 from relay.ws.handshake import ClientHandshake, HandshakeError
@@ -49,44 +50,6 @@ def secret_matches(expected: str, given: Optional[str]) -> bool:
     if not given:
         return False
     return hmac.compare_digest(expected.encode(), given.encode())
-
-
-class _Upgrade(asyncio.Protocol):
-    """The TCP connection until the 101 arrives; then it carries the session."""
-
-    def __init__(self, handshake: ClientHandshake, session: MuxSession) -> None:
-        self._handshake = handshake
-        self._session = session
-        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._transport: Any = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
-        transport.write(self._handshake.request_bytes())  # type: ignore[attr-defined]  # a TCP transport: it writes
-
-    def data_received(self, data: bytes) -> None:
-        self._feed(data)
-
-    def eof_received(self) -> Optional[bool]:
-        self._feed(b"")
-        return None
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        if not self.done.done():
-            self.done.set_exception(ConnectionError(f"connection lost during the upgrade: {exc or 'closed'}"))
-
-    def _feed(self, data: bytes) -> None:
-        if self.done.done():
-            return
-        try:
-            accepted = self._handshake.receive_data(data)
-        except HandshakeError as exc:
-            self.done.set_exception(exc)
-            self._transport.close()
-            return
-        if accepted is not None:
-            WebSocketTransport.attach(self._transport, self._session, client=True, initial=accepted.leftover)
-            self.done.set_result(None)
 
 
 class PeerPool:
@@ -170,7 +133,7 @@ class PeerPool:
         loop = asyncio.get_running_loop()
         context = (self._ssl or ssl.create_default_context()) if tls else None
         async with asyncio.timeout(DIAL_TIMEOUT):
-            transport, proto = await loop.create_connection(lambda: _Upgrade(handshake, session), host, port,
+            transport, proto = await loop.create_connection(lambda: WebSocketUpgrade(handshake, session), host, port,
                                                             ssl=context)
             try:
                 await proto.done
