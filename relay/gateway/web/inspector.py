@@ -66,41 +66,57 @@ def _body_text(data: bytes) -> str:
 
 
 class Inspector:
-    """The last exchanges of one tunnel session (the engine's ``ProxyStats.inspect``)."""
+    """The last exchanges of one tunnel session (the engine's ``ProxyStats.inspect``).
+
+    :meth:`add` runs for every proxied request, so it only keeps the raw pieces (the
+    head's header list, the capped bodies: bounded as before). Decoding and redaction
+    cost more than the rest of the request's path put together, and happen only when
+    someone looks (:meth:`listing`)."""
 
     cap = BODY_CAP
 
     def __init__(self) -> None:
-        self.entries: deque[dict[str, Any]] = deque(maxlen=KEEP)
+        self.entries: deque[tuple[Any, ...]] = deque(maxlen=KEEP)
         self._ids = itertools.count(1)
 
     def add(self, head: RequestHead, target: bytes, status: int, req_body: bytes, nin: int,
             resp_head: bytes, resp_body: bytes, nout: int, seconds: float) -> None:
         """One finished exchange (called by the proxy engine)."""
+        self.entries.append((next(self._ids), time.time(), head.method, target, head.raw_headers, status,
+                             seconds, req_body, nin, resp_head, resp_body, nout))
+
+    @staticmethod
+    def _shown_entry(raw: tuple[Any, ...]) -> dict[str, Any]:
+        (entry_id, when, method, target, raw_headers, status, seconds, req_body, nin,
+         resp_head, resp_body, nout) = raw
         response_headers = []
         for line in resp_head.split(b"\r\n")[1:]:
             name, colon, value = line.partition(b":")
             if colon:
                 response_headers.append(_shown(name.strip(), value.strip()))
-        self.entries.append({
-            "id": next(self._ids), "time": time.time(), "method": head.method.decode("latin-1"),
+        return {
+            "id": entry_id, "time": when, "method": method.decode("latin-1"),
             "path": redact(target.decode("latin-1")), "status": status,
             "duration_ms": round(seconds * 1000, 3), "bytes_in": nin, "bytes_out": nout,
-            "request_headers": [_shown(name, value) for name, _, value in head.raw_headers],
+            "request_headers": [_shown(name, value) for name, _, value in raw_headers],
             "request_body": _body_text(req_body), "request_body_truncated": nin > len(req_body),
             "response_headers": response_headers,
             "response_body": _body_text(resp_body), "response_body_truncated": nout > len(resp_body),
-            # For a replay only; never rendered.
-            "_raw": (head.method, target, [(name, value) for name, lname, value in head.raw_headers
-                                           if lname not in _NOT_REPLAYED], req_body, nin > len(req_body)),
-        })
+        }
 
     def listing(self) -> list[dict[str, Any]]:
-        """The entries as shown (newest first), without the replay originals."""
-        return [{k: v for k, v in entry.items() if not k.startswith("_")} for entry in reversed(self.entries)]
+        """The entries as shown (newest first): decoded, credentials redacted."""
+        return [self._shown_entry(raw) for raw in reversed(self.entries)]
 
-    def get(self, entry_id: int) -> Optional[dict[str, Any]]:
-        return next((e for e in self.entries if e["id"] == entry_id), None)
+    def original(self, entry_id: int) -> Optional[tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes, bool]]:
+        """For a replay (never rendered): method, target, the headers a replay sends again,
+        body, and whether the body was cut."""
+        for raw in self.entries:
+            if raw[0] == entry_id:
+                _, _, method, target, raw_headers, _, _, req_body, nin, _, _, _ = raw
+                headers = [(name, value) for name, lname, value in raw_headers if lname not in _NOT_REPLAYED]
+                return method, target, headers, req_body, nin > len(req_body)
+        return None
 
 
 def _e(value: Any) -> str:
@@ -236,18 +252,18 @@ class InspectorRoutes:
         if row is None:
             raise HttpError(401, "admin_token_required", "send the session's admin_token in X-Admin-Token")
         try:
-            entry = self._inspector(row).get(int(request.params["entry_id"]))
+            original = self._inspector(row).original(int(request.params["entry_id"]))
         except ValueError:
-            entry = None
-        if entry is None:
+            original = None
+        if original is None:
             raise HttpError(404, "request_not_found", "no such request in the inspector (it keeps the last ones)")
-        method, target, headers, body, cut = entry["_raw"]
+        method, target, headers, body, cut = original
         if cut:
             raise HttpError(409, "body_truncated", f"the request body was over {BODY_CAP} bytes; it cannot be replayed")
         status = await self._send(request.params["token"], method, target, headers, body)
         if "text/html" in (request.header("accept") or ""):
             return Response(303, b"", content_type="text/plain", headers={"Location": "../inspect"})
-        return json_response({"replayed": entry["id"], "status": status})
+        return json_response({"replayed": int(request.params["entry_id"]), "status": status})
 
     async def _send(self, token: str, method: bytes, target: bytes, headers: list, body: bytes) -> int:
         """The request again, to this gateway's own address and the tunnel's path, as a
