@@ -61,6 +61,14 @@ class Destination:
         return sum(self.requests.values())
 
 
+def _entry(row: tuple[Any, ...]) -> dict[str, Any]:
+    """A remembered request as the access log and the dashboard show it."""
+    when, kind, name, method, target, status, bytes_in, bytes_out, seconds = row
+    return {"time": when, kind: name, "method": method.decode("latin-1"),
+            "path": target.split(b"?", 1)[0].decode("latin-1")[:512], "status": status,
+            "bytes_in": bytes_in, "bytes_out": bytes_out, "duration_ms": round(seconds * 1000, 3)}
+
+
 class Traffic:
     """Access log, per-destination series and recent requests of one gateway."""
 
@@ -94,21 +102,21 @@ class Traffic:
         dest.bytes_out += bytes_out
         dest.duration_sum += seconds
         dest.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
-        path = target.split(b"?", 1)[0].decode("latin-1")[:512]
-        entry = {"time": self._clock(), dest.kind: dest.name, "method": method.decode("latin-1"),
-                 "path": path, "status": status, "bytes_in": bytes_in, "bytes_out": bytes_out,
-                 "duration_ms": round(seconds * 1000, 3)}
+        # Every proxied request passes here: keep a tuple, and build the entry only for
+        # a log line or when the dashboard asks (recent()).
         recent = self._recent.get(dest.team_id)
         if recent is None:
             recent = self._recent[dest.team_id] = deque(maxlen=RECENT)
-        recent.append(entry)
+        row = (self._clock(), dest.kind, dest.name, method, target, status, bytes_in, bytes_out, seconds)
+        recent.append(row)
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info("%s %s %s %s %d %d>%d bytes %.1fms", dest.kind, dest.name, entry["method"], path,
-                            status, bytes_in, bytes_out, seconds * 1000, extra={"access": entry})
+            entry = _entry(row)
+            access_log.info("%s %s %s %s %d %d>%d bytes %.1fms", dest.kind, dest.name, entry["method"],
+                            entry["path"], status, bytes_in, bytes_out, seconds * 1000, extra={"access": entry})
 
     def recent(self, team_id: str) -> list[dict[str, Any]]:
         """The team's last requests, newest first."""
-        return list(reversed(self._recent.get(team_id, ())))
+        return [_entry(row) for row in reversed(self._recent.get(team_id, ()))]
 
     def forget(self, kind: str, name: str, team_id: Optional[str] = None) -> None:
         """The destination is gone (a closed tunnel session, a removed service): drop its
