@@ -26,6 +26,7 @@ import re
 import resource
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -235,13 +236,15 @@ def start_target(procs: Procs) -> int:
 # ----------------------------------------------------------------------------- relay
 
 
-def _api(port: int, method: str, path: str, token: str, body: Any = None) -> tuple[int, Any]:
+def _api(port: int, method: str, path: str, token: str, body: Any = None,
+         context: Optional[ssl.SSLContext] = None) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://{HOST}:{port}{path}", data=data, method=method,
+    scheme = "https" if context is not None else "http"
+    req = urllib.request.Request(f"{scheme}://{HOST}:{port}{path}", data=data, method=method,
                                  headers={"Authorization": f"Bearer {token}",
                                           "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with urllib.request.urlopen(req, timeout=10, context=context) as resp:
             return resp.status, json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"null")
@@ -252,8 +255,10 @@ class Relay:
 
     def __init__(self, procs: Procs, log_level: str = "warning", *, source: Optional[Path] = None,
                  name: str = "", extra_env: Optional[dict[str, str]] = None,
-                 agent_args: tuple[str, ...] = ()) -> None:
+                 agent_args: tuple[str, ...] = (), tls: Optional[tuple[Path, Path, Path]] = None) -> None:
         """``agent_args``: more ``relay agent`` options (e.g. ``--service``).
+        ``tls``: (certificate, key, CA) PEM files: the gateway serves TLS with them, and
+        the agent dials ``wss://`` trusting the CA.
         ``source``: run the relay package found in that directory instead (an A/B
         baseline, e.g. a ``git worktree`` of another commit with the extensions copied in)."""
         self.procs = procs
@@ -268,25 +273,36 @@ class Relay:
         # ``python -m relay`` puts the working directory first on sys.path: run a baseline
         # from its own directory, or it would import this checkout's relay after all.
         cwd = source
+        self.context: Optional[ssl.SSLContext] = None
+        gateway_tls: list[str] = []
+        agent_tls: list[str] = []
+        scheme = "http"
+        if tls is not None:
+            cert, key, ca = tls
+            gateway_tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
+            agent_tls = ["--ca-cert", str(ca)]
+            self.context = ssl.create_default_context(cafile=str(ca))
+            scheme = "https"
         self.gateway = procs.spawn(f"gateway{name}", [*self.cmd, "gateway", "--listen", f"{HOST}:{self.port}",
-                                               "--data", str(data), "--log-level", log_level], env=env, cwd=cwd)
+                                               "--data", str(data), "--log-level", log_level, *gateway_tls],
+                                   env=env, cwd=cwd)
         gwlog = f"gateway{name}"
         wait_for(lambda: "listening on" in procs.log(gwlog), 20, "relay gateway", self.gateway, procs)
         self.keys = dict(re.findall(r"^  (sk|dk|ak)  (\S+)$", procs.log(gwlog), re.M))
-        self.agent = procs.spawn(f"agent{name}", [*self.cmd, "agent", "--gateway", f"http://{HOST}:{self.port}",
-                                           "--name", "bench", "--log-level", log_level, *agent_args],
+        self.agent = procs.spawn(f"agent{name}", [*self.cmd, "agent", "--gateway", f"{scheme}://{HOST}:{self.port}",
+                                           "--name", "bench", "--log-level", log_level, *agent_tls, *agent_args],
                                  env={**env, "RELAY_AGENT_KEY": self.keys["ak"]}, cwd=cwd)
         self.agent_id = wait_for(self._online_agent, 20, "relay agent", self.agent, procs)
 
     def _online_agent(self) -> Optional[str]:
-        status, body = _api(self.port, "GET", "/api/v1/agents", self.keys["sk"])
+        status, body = _api(self.port, "GET", "/api/v1/agents", self.keys["sk"], context=self.context)
         online = [a for a in body["agents"] if a["online"]] if status == 200 else []
         return online[0]["agent_id"] if online else None
 
     def tunnel(self, target_port: int) -> int:
         """Open a tcp tunnel to the agent's 127.0.0.1:target_port; returns the hub port."""
         status, body = _api(self.port, "POST", f"/api/v1/agents/{self.agent_id}/tunnel", self.keys["sk"],
-                            {"target_port": target_port, "tunnel_protocol": "tcp"})
+                            {"target_port": target_port, "tunnel_protocol": "tcp"}, context=self.context)
         if status != 200:
             raise RuntimeError(f"tunnel: {status} {body}")
         return int(body["hub_port"])

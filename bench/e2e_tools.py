@@ -13,6 +13,8 @@ Every path carries the same targets, all on 127.0.0.1:
   a pty so both ends set TCP_NODELAY, ``-N`` leaves Nagle on;
 * ``hub``: ``relay gateway`` + ``relay agent``, one tcp tunnel per target, clients dial
   the hub ports;
+* ``hub-wss``: the same with TLS on the agent link (a second gateway serving TLS with a
+  test CA's certificate, its agent dialling ``wss://``), as OpenSSH encrypts its link;
 * ``connect``: the same tunnels reached through ``relay connect`` (one process per
   tunnel, listening locally);
 * ``nginx-proxy`` / ``http-tunnel`` (the wrk row only): nginx as a reverse proxy, and
@@ -56,7 +58,7 @@ from e2e_http import start_nginx_proxy  # noqa: E402
 from tests.servers import start_nginx, start_postgres, start_redis, start_sshd  # noqa: E402
 
 HOST = "127.0.0.1"
-TCP_PATHS = ("direct", "ssh-tt", "ssh-N", "hub", "connect")
+TCP_PATHS = ("direct", "ssh-tt", "ssh-N", "hub", "hub-wss", "connect")
 HTTP_PATHS = ("nginx-proxy", "http-tunnel")
 ROWS = ("bulk", "agg", "rr", "cfb", "wrk", "pgbench", "redis")
 TARGETS = ("iperf", "echo", "nginx", "pg", "redis")
@@ -301,6 +303,8 @@ def ratios(results: dict[str, dict[str, list[dict[str, float]]]]) -> list[str]:
         ("wrk CPU/req: http-tunnel / nginx-proxy", "wrk", "http-tunnel", "nginx-proxy", "cpu_us_per_req", "<= 1.5"),
         ("pgbench: hub / ssh-tt", "pgbench", "hub", "ssh-tt", "tps", ">= 1.1"),
         ("redis GET: hub / ssh-tt", "redis", "hub", "ssh-tt", "rps", ">= 1.1"),
+        ("bulk fwd: hub-wss / ssh-tt", "bulk_fwd", "hub-wss", "ssh-tt", "mbps", ">= 0.9"),
+        ("bulk rev: hub-wss / ssh-tt", "bulk_rev", "hub-wss", "ssh-tt", "mbps", ">= 0.9"),
         ("bulk fwd: connect / hub", "bulk_fwd", "connect", "hub", "mbps", ">= 0.9"),
         ("bulk rev: connect / hub", "bulk_rev", "connect", "hub", "mbps", ">= 0.9"),
         ("connect p50: connect / hub", "cfb", "connect", "hub", "p50_us", "<= 1.2"),
@@ -389,6 +393,18 @@ def main() -> int:
                 if status != 200:
                     raise RuntimeError(f"http tunnel: {status} {body}")
                 built["http-tunnel"] = Route("http-tunnel", {}, relay_pids, url=body["tunnel_url"] + "1k.bin")
+        if "hub-wss" in paths:
+            import trustme
+
+            ca = trustme.CA()
+            leaf = ca.issue_cert("127.0.0.1")
+            cert, key, ca_file = workdir / "gw.pem", workdir / "gw.key", workdir / "ca.pem"
+            leaf.cert_chain_pems[0].write_to_path(str(cert))
+            leaf.private_key_pem.write_to_path(str(key))
+            ca.cert_pem.write_to_path(str(ca_file))
+            secure = topo.Relay(procs, name="-wss", tls=(cert, key, ca_file))
+            hubs = {n: secure.tunnel(port) for n, port in targets.items()}
+            built["hub-wss"] = Route("hub-wss", hubs, [secure.gateway.pid, secure.agent.pid])
         if "nginx-proxy" in paths:
             pport = start_nginx_proxy(procs, workdir / "nginx-proxy", nginx.port, workers=1)
             proxy = next(p for p in procs.procs if getattr(p, "bench_name", "") == "nginx-proxy")
