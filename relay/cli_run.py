@@ -173,6 +173,11 @@ _log_format_option = click.option(
               help="Join a fleet: its live registry in Redis (redis://host:port/db). See docs/FLEET.md.")
 @click.option("--fleet-secret", envvar="RELAY_FLEET_SECRET", metavar="SECRET",
               help="Secret shared by the fleet's gateways (peer sessions). Prefer the environment variable.")
+@click.option("--fleet-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), envvar="RELAY_FLEET_CA",
+              show_envvar=True, metavar="FILE",
+              help="Mutual TLS between the fleet's gateways: the CA (PEM) that signed every gateway's "
+                   "--tls-cert. Peers dial with their certificate and accept only ones it signed. "
+                   "Replaces or adds to --fleet-secret.")
 @click.option("--advertise", envvar="RELAY_ADVERTISE", metavar="URL",
               help="URL the other gateways reach this one at (default: --public-url or the listening address).")
 @click.option("--gateway-id", envvar="RELAY_GATEWAY_ID", metavar="ID",
@@ -183,7 +188,7 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
             jwt_key: Optional[str], tls_cert: Optional[Path], tls_key: Optional[Path],
             allow_private_egress: bool, udp_idle_timeout: float, redis_url: Optional[str],
             fleet_secret: Optional[str], advertise: Optional[str], gateway_id: Optional[str],
-            log_level: str, tunnel_domain: Optional[str] = None,
+            log_level: str, fleet_ca: Optional[Path] = None, tunnel_domain: Optional[str] = None,
             log_format: str = "text") -> None:
     """Run the gateway: agent endpoint, control API, tunnels."""
     from relay.gateway.app import run_gateway
@@ -195,13 +200,17 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
         raise click.UsageError("--tls-cert and --tls-key go together")
     fleet = None
     if redis_url:
-        if not fleet_secret:
-            raise click.UsageError("--redis needs --fleet-secret (or RELAY_FLEET_SECRET): peers authenticate with it")
+        if not fleet_secret and fleet_ca is None:
+            raise click.UsageError("--redis needs --fleet-secret (or RELAY_FLEET_SECRET) or --fleet-ca: "
+                                   "peers authenticate with it")
+        if fleet_ca is not None and tls_cert is None:
+            raise click.UsageError("--fleet-ca needs --tls-cert and --tls-key: gateways present them to each other")
         if gateway_id is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", gateway_id):
             raise click.BadParameter("letters, digits, '.', '_' and '-' only, at most 64", param_hint="--gateway-id")
-        fleet = FleetConfig(redis_url, fleet_secret, gateway_id=gateway_id or "", advertise=advertise)
-    elif fleet_secret or advertise or gateway_id:
-        raise click.UsageError("--fleet-secret, --advertise and --gateway-id need --redis")
+        fleet = FleetConfig(redis_url, fleet_secret or "", gateway_id=gateway_id or "", advertise=advertise,
+                            ca_file=fleet_ca)
+    elif fleet_secret or advertise or gateway_id or fleet_ca:
+        raise click.UsageError("--fleet-secret, --fleet-ca, --advertise and --gateway-id need --redis")
     _setup_logging(log_level, log_format)
     raise_nofile_limit()
     try:

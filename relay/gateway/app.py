@@ -296,11 +296,16 @@ class Gateway:
 
     async def _peer_connect(self, request: Request) -> Optional[Response]:
         """Another gateway of the fleet opens its peer session (relay.gateway.fleet.peers):
-        401 before any upgrade unless it proves the fleet secret."""
+        401 before any upgrade unless it proves the fleet secret and, with mutual TLS,
+        presented a certificate the fleet's CA signed (the TLS handshake verified it)."""
         fleet = self.fleet
         if fleet is None:
             raise HttpError(404, "not_found", "this gateway is not part of a fleet")
-        if not secret_matches(fleet.config.secret, request.header(SECRET_HEADER)):
+        if fleet.config.ca_file is not None and request.client_certificate is None:
+            log.warning("refused a peer session: no client certificate signed by the fleet's CA")
+            raise HttpError(401, "fleet_certificate_required",
+                            "a peer session needs a client certificate signed by the fleet's CA")
+        if fleet.config.secret and not secret_matches(fleet.config.secret, request.header(SECRET_HEADER)):
             log.warning("refused a peer session: wrong or missing fleet secret")
             raise HttpError(401, "invalid_fleet_secret", "wrong or missing fleet secret")
         peer_id = (request.header(GATEWAY_HEADER) or "")[:100]
@@ -819,6 +824,22 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _mutual_tls_server_context(cert: Any, key: Any, ca_file: Path) -> ssl.SSLContext:
+    """The listening context with mutual TLS between gateways: a client certificate is
+    asked for and, when given, must chain to the fleet's CA alone (not the system's
+    CAs, which create_default_context would trust for client certificates too).
+    Optional, so browsers, API clients and agents connect without one; the peer path
+    requires one (:meth:`Gateway._peer_connect`)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+        context.load_verify_locations(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load the fleet's TLS files ({ca_file}): {exc}") from None
+    context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
 async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
                       public_url: Optional[str] = None, hub_host: str = "127.0.0.1",
                       jwt_key: Optional[str] = None,
@@ -848,6 +869,12 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
             ssl_context.load_cert_chain(tls_cert, tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise ValueError(f"cannot load TLS certificate {tls_cert}: {exc}") from None
+    if fleet is not None and fleet.ca_file is not None:
+        if ssl_context is None:
+            raise ValueError("mutual TLS between gateways (--fleet-ca) needs this gateway to serve TLS "
+                             "(--tls-cert, --tls-key)")
+        ssl_context = _mutual_tls_server_context(tls_cert, tls_key, fleet.ca_file)
+        fleet.cert_file, fleet.key_file = tls_cert, tls_key
     store = await open_store(store_url, data_dir)
     try:
         gateway = Gateway(store, public_url=public_url, hub_host=hub_host, jwt_key=jwt_key,

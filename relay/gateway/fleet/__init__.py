@@ -23,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from relay.gateway.fleet.leases import CHANNEL, LeaseStore
@@ -50,7 +52,8 @@ class FleetConfig:
 
     #: ``redis://[:password@]host:port[/db]`` (or ``rediss://``).
     redis_url: str
-    #: Shared by every gateway of the fleet; authenticates peer sessions.
+    #: Shared by every gateway of the fleet; authenticates peer sessions ("" with
+    #: ``ca_file`` alone: the certificates do).
     secret: str
     #: This gateway's id (default: a new random one per start).
     gateway_id: str = ""
@@ -60,6 +63,25 @@ class FleetConfig:
     agent_ttl: float = 15.0
     #: Gateway lease lifetime: a dead gateway is noticed within it.
     gateway_ttl: float = 6.0
+    #: Mutual TLS between gateways: the CA (PEM) that signs every gateway's certificate.
+    #: Peers dial with ``cert_file``/``key_file`` (the gateway's own --tls-cert) and
+    #: trust only this CA; a peer session is accepted only from a client certificate
+    #: this CA signed (docs/FLEET.md).
+    ca_file: Optional[Path] = None
+    cert_file: Optional[Path] = None
+    key_file: Optional[Path] = None
+
+    def peer_client_context(self) -> Optional[ssl.SSLContext]:
+        """The TLS context peer dials use with mutual TLS: trusts only the fleet's CA and
+        presents this gateway's certificate. None without ``ca_file``."""
+        if self.ca_file is None:
+            return None
+        if self.cert_file is None or self.key_file is None:
+            raise ValueError("mutual TLS between gateways needs this gateway's certificate and key "
+                             "(--tls-cert, --tls-key)")
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_file))
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
 
     def __repr__(self) -> str:  # never show the secret
         return (f"FleetConfig(redis_url={_redact(self.redis_url)!r}, gateway_id={self.gateway_id!r}, "
@@ -86,8 +108,9 @@ class Fleet:
     """One gateway's membership of a fleet (module docstring)."""
 
     def __init__(self, gateway: "Gateway", config: FleetConfig) -> None:
-        if not config.secret:
-            raise ValueError("a fleet needs a secret shared by its gateways (--fleet-secret)")
+        if not config.secret and config.ca_file is None:
+            raise ValueError("a fleet needs a secret shared by its gateways (--fleet-secret) "
+                             "or mutual TLS (--fleet-ca)")
         aioredis = _redis_module()
         self.gateway = gateway
         self.config = config
@@ -105,7 +128,7 @@ class Fleet:
         from relay.gateway.fleet.forward import serve_forwarded
 
         self.peers = PeerPool(self.gateway_id, config.secret, lambda stream: serve_forwarded(self, stream),
-                              metrics=self.metrics)
+                              metrics=self.metrics, ssl_context=config.peer_client_context())
         self.closed = False
         self.redis_up = False
         self._tasks: set[asyncio.Task] = set()

@@ -126,8 +126,10 @@ class PeerPool:
         host = parts.hostname or "127.0.0.1"
         port = parts.port or (443 if tls else 80)
         hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        handshake = ClientHandshake(hostport, PEER_PATH, extra_headers=[
-            (SECRET_HEADER, self._secret), (GATEWAY_HEADER, self.gateway_id)])
+        headers = [(GATEWAY_HEADER, self.gateway_id)]
+        if self._secret:
+            headers.append((SECRET_HEADER, self._secret))
+        handshake = ClientHandshake(hostport, PEER_PATH, extra_headers=headers)
         config = dataclasses.replace(self._config, info={**self._config.info, "gateway_id": self.gateway_id})
         session = MuxSession(True, config, on_stream=self._on_stream)
         loop = asyncio.get_running_loop()

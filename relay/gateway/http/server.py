@@ -142,6 +142,14 @@ class Request:
     def peer(self) -> Any:
         return self._protocol.transport.get_extra_info("peername") if self._protocol.transport else None
 
+    @property
+    def client_certificate(self) -> Optional[dict[str, Any]]:
+        """The client's TLS certificate as verified in the handshake (``ssl``'s
+        ``getpeercert()`` form), or None: no TLS, no certificate asked for or given."""
+        transport = self._protocol.transport
+        cert = transport.get_extra_info("peercert") if transport else None
+        return cert or None
+
     def take_over(self) -> tuple[asyncio.Transport, bytes]:
         """Detach the connection from HTTP (for an upgrade). Returns the transport and the
         bytes received after this request. The caller now owns the transport: it must
