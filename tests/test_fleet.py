@@ -10,7 +10,13 @@ on one machine), then one database of the session's private PostgreSQL (``--stor
 * a key revoked with ``relay admin key revoke --redis`` is refused at every gateway at
   once, and the agent using it is expelled by the gateway holding it;
 * a peer session with a wrong (or no) fleet secret is refused before any upgrade; a
-  forward naming another team for an agent is refused NOT_ALLOWED;
+  forward or a control request naming another team for an agent is refused NOT_ALLOWED;
+* control messages cross the fleet: a task submitted at b or c runs on an agent held by
+  a (dispatch, progress, outputs and result streamed at the gateway it was submitted to,
+  its status at every gateway); a Tunnels API tunnel created at c, bound by connect at b
+  on an agent held by a (bytes flow through the binding), deleted at a; a service
+  declared by an agent held by a answers the proxy (with the OpenAI SDK) and invoke at
+  every gateway;
 * kill -9 of the gateway holding an agent: the agent connects to the next gateway of
   its list and requests made at a third gateway work again;
 * a gateway frozen (SIGSTOP) while its agent reconnected elsewhere never takes the
@@ -24,6 +30,7 @@ bounds (``pytest -s`` shows them).
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import http.client
 import http.server
@@ -156,8 +163,8 @@ class Fleet:
             return json.loads(resp.read())
 
     def start_agent(self, name: str, gateways: list[str], key: Optional[str] = None,
-                    allow: tuple[str, ...] = ()) -> subprocess.Popen:
-        args = ["agent", "--name", name]
+                    allow: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> subprocess.Popen:
+        args = ["agent", "--name", name, *extra]
         for gateway in gateways:
             args += ["--gateway", f"http://127.0.0.1:{self.port(gateway)}"]
         for entry in allow:
@@ -455,6 +462,7 @@ def test_forward_naming_another_team_is_refused(fleet, targets):
     default_id = [t["team_id"] for t in fleet.admin("team", "list", "--json") if t["name"] == "default"][0]
 
     from relay.aio import StreamRefused
+    from relay.gateway.fleet.control import encode, read_frame
     from relay.gateway.fleet.peers import PeerPool
     from relay.mux.errors import ErrorCode
 
@@ -471,12 +479,32 @@ def test_forward_naming_another_team_is_refused(fleet, targets):
         honest = session.open_stream_nowait({"agent": other_agent, "team": team2["team_id"], "meta": meta})
         honest.write(b"same team")
         echoed = await asyncio.wait_for(honest.readexactly(9), 10)
+        # Control requests obey the same check: another team's agent is NOT_ALLOWED.
+        bind = {"type": "bind", "request_id": "r1", "tunnel_id": "t1", "local_port": free_port(),
+                "hub": {"host": "127.0.0.1", "port": targets.echo_port}, "protocol": "tcp"}
+        for kind, body in (("bind", bind), ("hello", {})):
+            forged = session.open_stream_nowait({"ctl": kind, "team": default_id, "agent": other_agent})
+            forged.write(encode(body))
+            try:
+                await forged.wait_accepted()
+                refusals[kind] = None
+            except StreamRefused as exc:
+                refusals[kind] = exc
+        # The same hello for the right team is answered.
+        honest_hello = session.open_stream_nowait({"ctl": "hello", "team": team2["team_id"], "agent": other_agent})
+        honest_hello.write(encode({}))
+        hello = await asyncio.wait_for(read_frame(honest_hello), 10)
         session.close()
-        return refusal, echoed
+        return refusal, echoed, hello
 
-    refusal, echoed = asyncio.run(forge())
+    refusals: dict[str, Any] = {}
+    refusal, echoed, hello = asyncio.run(forge())
     assert refusal is not None and refusal.error_code == ErrorCode.NOT_ALLOWED
     assert echoed == b"same team"
+    for kind in ("bind", "hello"):
+        assert refusals[kind] is not None and refusals[kind].error_code == ErrorCode.NOT_ALLOWED, kind
+    assert hello["info"]["name"] == "team2"
+    assert "a bind control request forwarded by a peer" in (fleet.workdir / "gateway-a.log").read_text()
     assert "in another team" in (fleet.workdir / "gateway-a.log").read_text()
     # Nor does any API route another team's agent: 404 at every gateway.
     for gateway in ("b", "c"):
@@ -484,6 +512,172 @@ def test_forward_naming_another_team_is_refused(fleet, targets):
                               {"target_port": targets.echo_port, "tunnel_protocol": "tcp"})
         assert status == 404
     _stop(fleet.agents.pop("team2"))
+
+
+def control_requests(fleet: Fleet, gateway: str, kind: str) -> float:
+    """Control requests of ``kind`` the gateway served for the others (its /metrics)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.port(gateway)}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    found = re.search(r'relay_fleet_control_requests_in_total\{kind="%s"\} (\S+)' % kind, metrics)
+    return float(found.group(1)) if found else 0.0
+
+
+def sse_events(fleet: Fleet, gateway: str, path: str, timeout: float = 30) -> list[tuple[str, Any]]:
+    """A whole Server-Sent Events response (the server closes after the final event)."""
+    conn = http.client.HTTPConnection("127.0.0.1", fleet.port(gateway), timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {fleet.keys['sk']}"})
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()
+        body = resp.read().decode()
+    finally:
+        conn.close()
+    events = []
+    for block in body.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":"))
+        if fields:
+            events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def test_a_task_submitted_anywhere_runs_on_an_agent_held_elsewhere(fleet):
+    """Only ``worker`` (held by a) has the label: tasks submitted at b and at c are
+    offered to a, dispatched there, and their progress, outputs and result stream at the
+    gateway they were submitted to; every gateway answers their status."""
+    fleet.start_agent("worker", ["a"], extra=("--label", "fleet-worker"))
+    worker = wait_for(lambda: fleet.agent_id("c", "worker"), what="worker seen at c")
+    assert fleet.holder(worker)[0] == "a"
+    try:
+        for gateway, other in (("b", "c"), ("c", "a")):
+            status, answer = fleet.api(gateway, "POST", "/api/v1/tasks",
+                                       {"kind": "count", "input": {"to": 3, "delay": 0.05}, "labels": ["fleet-worker"]})
+            assert status == 202, answer
+            events = sse_events(fleet, gateway, f"/api/v1/tasks/{answer['task_id']}/events")
+            kinds = [kind for kind, _ in events]
+            assert kinds[0] == "status" and events[0][1]["status"] == "queued", events
+            assert ("status", {"type": "status", "status": "dispatched", "agent_id": worker}) in events, events
+            assert [data["output"] for kind, data in events if kind == "output"] == [1, 2, 3], events
+            assert "progress" in kinds and kinds[-1] == "result", events
+            assert events[-1][1]["result"] == {"count": 3}
+            assert control_requests(fleet, "a", "task") >= 1  # offered to a, not run anywhere else
+            for where in (gateway, other):
+                status, task = fleet.api(where, "GET", f"/api/v1/tasks/{answer['task_id']}")
+                assert status == 200 and task["status"] == "succeeded", (where, task)
+                assert task["agent_id"] == worker and task["result"] == {"count": 3}
+        # Events read at a gateway that does not hold the task follow its row to the end.
+        status, answer = fleet.api("b", "POST", "/api/v1/tasks",
+                                   {"kind": "sleep", "input": {"seconds": 1}, "labels": ["fleet-worker"]})
+        assert status == 202, answer
+        events = sse_events(fleet, "c", f"/api/v1/tasks/{answer['task_id']}/events")
+        assert events[-1] == ("result", {"type": "result", "result": {"slept": 1}}), events
+        # The worker goes away mid-task: the task fails, at the gateway that owns it.
+        status, answer = fleet.api("b", "POST", "/api/v1/tasks",
+                                   {"kind": "sleep", "input": {"seconds": 30}, "labels": ["fleet-worker"]})
+        assert status == 202, answer
+        wait_for(lambda: fleet.api("b", "GET", f"/api/v1/tasks/{answer['task_id']}")[1]["status"] == "running",
+                 what="long task running")
+        _stop(fleet.agents.pop("worker"))
+        wait_for(lambda: fleet.api("b", "GET", f"/api/v1/tasks/{answer['task_id']}")[1]["status"] == "failed",
+                 what="task failed when its agent left")
+        assert fleet.api("b", "GET", f"/api/v1/tasks/{answer['task_id']}")[1]["error"] == "agent disconnected"
+    finally:
+        _stop(fleet.agents.pop("worker", None))
+
+
+def test_tunnels_api_connect_at_b_binds_an_agent_held_by_a(fleet, targets):
+    """A tunnel created at c (to the echo behind on-b, held by b), bound by connect at b
+    on on-a (held by a): bytes flow through the binding; deleted at a, it is gone at
+    every gateway."""
+    on_a, on_b = fleet.agent_id("b", "on-a"), fleet.agent_id("b", "on-b")
+    status, tunnel = fleet.api("c", "POST", "/api/v1/tunnels", {
+        "target": f"127.0.0.1:{targets.echo_port}", "agent_id": on_b, "protocol": "tcp", "name": "bound"})
+    assert status == 201, tunnel
+    local_port = free_port()
+    status, bound = fleet.api("b", "POST", f"/api/v1/tunnels/{tunnel['id']}/connect",
+                              {"agent_id": on_a, "local_port": local_port})
+    assert status == 200, bound
+    assert bound["agent_id"] == on_a and bound["local_port"] == local_port
+    assert control_requests(fleet, "a", "bind") >= 1
+    wait_for(lambda: echo_works(local_port), timeout=10, what="echo through the binding")
+    echo_checked(local_port, MiB)
+    # A port the agent cannot take is the agent's own refusal, through the fleet too.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        status, error = fleet.api("b", "POST", f"/api/v1/tunnels/{tunnel['id']}/connect",
+                                  {"agent_id": on_a, "local_port": taken.getsockname()[1]})
+    assert status == 502 and error["error"]["code"] == "bind_failed", error
+    for gateway in ("a", "b", "c"):
+        status, seen = fleet.api(gateway, "GET", f"/api/v1/tunnels/{tunnel['id']}")
+        assert status == 200 and seen["name"] == "bound", (gateway, seen)
+    status, _ = fleet.api("a", "DELETE", f"/api/v1/tunnels/{tunnel['id']}")
+    assert status == 204
+    for gateway in ("a", "b", "c"):
+        assert fleet.api(gateway, "GET", f"/api/v1/tunnels/{tunnel['id']}")[0] == 404
+
+
+class ThreadedOpenAI:
+    """tests.openai_server.OpenAIServer on its own event loop in a thread."""
+
+    def __init__(self, name: str) -> None:
+        from tests.openai_server import OpenAIServer
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(OpenAIServer(name, chunks=4, delay=0.05).start(),
+                                                       self.loop).result(10)
+        self.port = self.server.port
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_service_proxy_and_invoke_through_every_gateway(fleet):
+    """A service declared by an agent held by a: every gateway knows its instance (from
+    the agent's hello, asked of a), probes it, and answers the proxy (the OpenAI SDK,
+    plain and streamed) and invoke."""
+    openai = pytest.importorskip("openai")
+    app = ThreadedOpenAI("behind-a")
+    try:
+        fleet.start_agent("llm-box", ["a"], extra=("--service", f"fleet-llm=127.0.0.1:{app.port}"))
+        agent_id = wait_for(lambda: fleet.agent_id("c", "llm-box"), what="llm-box seen at c")
+        assert fleet.holder(agent_id)[0] == "a"
+        for gateway in ("b", "c", "a"):
+            wait_for(lambda g=gateway: fleet.api(g, "GET", "/api/v1/r/containers/fleet-llm")[1]
+                     .get("service_status") == "running", timeout=20, what=f"service running at {gateway}")
+            status, service = fleet.api(gateway, "GET", "/api/v1/r/containers/fleet-llm")
+            assert [(i["agent_id"], i["online"], i["healthy"]) for i in service["instances"]] == \
+                [(agent_id, True, True)], (gateway, service)
+            payload = os.urandom(2000)
+            status, out = fleet.api(gateway, "POST", "/api/v1/r/invoke/fleet-llm",
+                                    {"method": "POST", "path": "/echo/x?q=1",
+                                     "body_base64": base64.b64encode(payload).decode()})
+            assert status == 200 and out["status_code"] == 200, (gateway, out)
+            assert base64.b64decode(out["body_base64"]) == payload
+            headers = {k.lower(): v for k, v in out["headers"].items()}
+            assert headers["x-served-by"] == "behind-a" and headers["x-echo-target"] == "/echo/x?q=1"
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{fleet.port(gateway)}/api/v1/r/containers/fleet-llm/v1",
+                                   api_key=fleet.keys["sk"], max_retries=0, timeout=30)
+            assert [m.id for m in client.models.list().data] == ["relay-test"]
+            reply = client.chat.completions.create(model="relay-test", messages=[{"role": "user", "content": gateway}])
+            assert reply.choices[0].message.content == f"echo: {gateway}"
+            stream = client.chat.completions.create(model="relay-test", stream=True,
+                                                    messages=[{"role": "user", "content": "count"}])
+            assert [chunk.choices[0].delta.content for chunk in stream] == [f"w{i} " for i in range(4)]
+            client.close()
+        assert control_requests(fleet, "a", "hello") >= 2  # b and c asked a for the agent's hello
+        # The agent leaves: no gateway routes to it any more.
+        _stop(fleet.agents.pop("llm-box"))
+        for gateway in ("b", "c"):
+            wait_for(lambda g=gateway: fleet.api(g, "POST", "/api/v1/r/invoke/fleet-llm",
+                                                 {"method": "GET", "path": "/v1/models"})[0] == 503,
+                     timeout=10, what=f"service offline at {gateway}")
+    finally:
+        _stop(fleet.agents.pop("llm-box", None))
+        app.close()
 
 
 def test_kill9_of_the_holding_gateway_agent_moves_to_a_survivor(fleet, targets):

@@ -15,6 +15,12 @@ the connection string; a failure is ``502 bind_failed`` with the agent's reason;
 answer within :data:`BIND_TIMEOUT` (an agent too old to send results, or a stuck one) is
 ``504 bind_timeout``; the receiver leaving meanwhile is ``409 agent_offline``.
 
+In a fleet, a receiver held by another gateway is asked through it: the ``bind`` message
+(with the hub address of the gateway the request landed on) travels as a ``bind``
+control request (relay.gateway.fleet.control); the holder sends it to the agent and
+answers the agent's ``bind.result`` (:meth:`Bindings.serve_peer`), and the gateway that
+was asked records the binding and answers as for a local receiver.
+
 Bindings outlive the receiver's connection: whenever it connects again (a network blip,
 an agent restart, a gateway restart) the gateway re-sends each of its stored bindings,
 with the hub address of now; the agent answers a binding it already serves without
@@ -26,15 +32,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import urlsplit
 
 from relay.gateway.agents.registry import ConnectedAgent
 from relay.gateway.http.server import HttpError
 from relay.gateway.store import Tunnel
+from relay.mux.errors import ErrorCode
 
 if TYPE_CHECKING:
     from relay.gateway.app import Gateway
+    from relay.gateway.fleet.control import ControlCall
 
 __all__ = ["BIND_TIMEOUT", "Bindings"]
 
@@ -69,9 +77,26 @@ class Bindings:
     async def bind(self, receiver: ConnectedAgent, tunnel: Tunnel, local_port: int) -> dict[str, Any]:
         """Have ``receiver`` listen on ``local_port`` for ``tunnel``, wait for its result,
         record the binding; returns the hub address. Raises HttpError 409/502/504."""
-        request_id = secrets.token_hex(8)
+        message = self._message(tunnel, local_port, secrets.token_hex(8))
+        answer = await (self._ask_elsewhere(receiver, message) if receiver.remote else self._ask(receiver, message))
+        if answer is None:
+            raise HttpError(504, "bind_timeout",
+                            f"agent {receiver.agent_id} ({receiver.name}) did not report binding "
+                            f"127.0.0.1:{local_port} within {BIND_TIMEOUT:.0f}s (an agent too old "
+                            f"to report it?)")
+        if answer.get("ok") is not True:
+            raise HttpError(502, "bind_failed",
+                            f"agent {receiver.agent_id} ({receiver.name}) cannot listen on "
+                            f"127.0.0.1:{local_port}: {_error(answer)}")
+        await self.gw.store.put_binding(tunnel.team_id, tunnel.id, receiver.agent_id, local_port)
+        return message["hub"]
+
+    async def _ask(self, receiver: ConnectedAgent, message: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """Send ``message`` to ``receiver`` (held here) and wait for its ``bind.result``
+        (None: no answer within :data:`BIND_TIMEOUT`). Raises HttpError 409 if the
+        receiver leaves first."""
+        request_id = message["request_id"]
         session = receiver.session
-        message = self._message(tunnel, local_port, request_id)
         result: asyncio.Future = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = (session, result)
         try:
@@ -88,19 +113,50 @@ class Bindings:
             if result not in done:
                 if closed in done:
                     raise _offline(receiver, "its connection ended before it answered")
-                raise HttpError(504, "bind_timeout",
-                                f"agent {receiver.agent_id} ({receiver.name}) did not report binding "
-                                f"127.0.0.1:{local_port} within {BIND_TIMEOUT:.0f}s (an agent too old "
-                                f"to report it?)")
-            answer = result.result()
+                return None
+            answer: dict[str, Any] = result.result()
+            return answer
         finally:
             self._waiting.pop(request_id, None)
-        if answer.get("ok") is not True:
-            raise HttpError(502, "bind_failed",
-                            f"agent {receiver.agent_id} ({receiver.name}) cannot listen on "
-                            f"127.0.0.1:{local_port}: {_error(answer)}")
-        await self.gw.store.put_binding(tunnel.team_id, tunnel.id, receiver.agent_id, local_port)
-        return message["hub"]
+
+    async def _ask_elsewhere(self, receiver: ConnectedAgent,
+                             message: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """:meth:`_ask` for a receiver held by another gateway of the fleet."""
+        fleet = self.gw.fleet
+        if fleet is None:
+            raise _offline(receiver, "it is held by another gateway and this one is not in a fleet")
+        try:
+            reply = await fleet.control.ask_agent(receiver, "bind", message)
+            try:
+                answer = await reply.next(BIND_TIMEOUT + 2.0)  # the holder's own wait, and the hops
+            finally:
+                reply.close()
+        except TimeoutError:
+            return None
+        except (ConnectionError, ValueError) as exc:  # refused (it left), or the peer session ended
+            raise _offline(receiver, exc) from None
+        return answer if isinstance(answer, dict) else None
+
+    async def serve_peer(self, call: "ControlCall") -> None:
+        """A ``bind`` control request from another gateway for an agent held here:
+        the message is checked and rebuilt (only a bind goes to the agent), the agent's
+        result is the answer; no answer in time ends the request without one."""
+        body, receiver = call.body, call.agent
+        assert receiver is not None  # a request for an agent (checked by the channel)
+        if not isinstance(body, dict) or not isinstance(body.get("request_id"), str) \
+                or not isinstance(body.get("tunnel_id"), str) or not isinstance(body.get("local_port"), int) \
+                or not isinstance(body.get("hub"), dict) or not isinstance(body.get("protocol"), str):
+            call.refuse(ErrorCode.PROTOCOL_ERROR, "a bind request carries a bind message")
+            return
+        message = {"type": "bind", "request_id": body["request_id"], "tunnel_id": body["tunnel_id"],
+                   "local_port": body["local_port"], "hub": body["hub"], "protocol": body["protocol"]}
+        try:
+            answer = await self._ask(receiver, message)
+        except HttpError as exc:
+            call.refuse(ErrorCode.REFUSED, exc.message)
+            return
+        if answer is not None:
+            call.send(answer)
 
     def on_control(self, entry: ConnectedAgent, message: Any) -> bool:
         """Take a ``bind.result`` from an agent; False for any other message."""

@@ -98,6 +98,9 @@ class ConnectedAgent:
     #: Bumped by every status change: a status decided after a wait (see
     #: relay.gateway.app.Gateway.rest) is applied only if nothing changed meanwhile.
     status_seq: int = 0
+    #: True for an agent held by another gateway of a fleet (its ``session`` forwards
+    #: streams; control messages go as control requests, relay.gateway.fleet.control).
+    remote: bool = False
 
 
 class AgentNameTaken(Exception):
@@ -207,6 +210,9 @@ class Registry:
         #: In a fleet: ``remote(team_id, agent_id)`` finds an agent another gateway holds
         #: (relay.gateway.fleet.registry), which :meth:`get` answers when it is not here.
         self.remote: Optional[Callable[[str, str], Optional[ConnectedAgent]]] = None
+        #: In a fleet: the agents other gateways hold whose hello is known here (the
+        #: service manager's instances), see :meth:`everywhere`.
+        self.elsewhere: Optional[Callable[[], list[ConnectedAgent]]] = None
         #: Called with each entry registered / unregistered (the fleet's leases).
         self.on_register: list[Callable[[ConnectedAgent], None]] = []
         self.on_unregister: list[Callable[[ConnectedAgent], None]] = []
@@ -237,7 +243,18 @@ class Registry:
         return agent is not None and not agent.session.is_closed
 
     def connected(self) -> list[ConnectedAgent]:
+        """The agents held by this gateway."""
         return list(self._agents.values())
+
+    def everywhere(self) -> list[ConnectedAgent]:
+        """The agents held here, and in a fleet those held by the other gateways whose
+        hello is known here (their sessions forward). Bumps of :attr:`version` tell when
+        this may have changed."""
+        agents = list(self._agents.values())
+        elsewhere = self.elsewhere
+        if elsewhere is not None:
+            agents.extend(a for a in elsewhere() if a.agent_id not in self._agents)
+        return agents
 
     async def admit(self, team_id: str, credential_id: str, info: Any,
                     session: MuxSession) -> ConnectedAgent:

@@ -19,7 +19,10 @@ A service is a team's ``slug`` (``^[a-z0-9][a-z0-9-]{1,98}[a-z0-9]$``) with one 
   name resolves to (refused: 502, like any unreachable target).
 
 Instances are learnt from the live agent registry (on every API call and every probe
-tick), so nothing depends on event ordering. An instance whose agent disconnects stays,
+tick), so nothing depends on event ordering. In a fleet that includes the agents other
+gateways hold, from the hellos the fleet registry asked their gateways for
+(relay.gateway.fleet.registry): their instances' streams are forwarded to the holder
+like any other, and every gateway probes and routes to every instance itself. An instance whose agent disconnects stays,
 *offline*, for ``offline_grace`` seconds (default: the gateway's ``agent_gone_grace``,
 600 s): a restart or a network blip is not the end of a service. It is removed when the
 grace runs out, or at once when its agent comes back without declaring the slug.
@@ -467,7 +470,7 @@ class ServiceManager:
         now = time.time()
         store = self.gw.store
         live: dict[str, Any] = {}
-        for entry in self.gw.registry.connected():
+        for entry in self.gw.registry.everywhere():  # in a fleet, other gateways' agents too
             if entry.session.is_closed:
                 continue
             live[entry.agent_id] = entry

@@ -27,6 +27,19 @@ The agent answers with control messages ``{"type": "task.progress", "task_id",
 "error"}``; then the gateway sets it idle again (``tunnel`` if a tunnel is open). An agent
 that disconnects mid-task fails it with ``"agent disconnected"``.
 
+In a fleet, a task no agent held here can take is offered to the other gateways that
+hold agents of its team (with labels covering it, as far as their hellos tell), one at a
+time, as a ``task`` control request (relay.gateway.fleet.control). The holder dispatches
+it to one of its own idle agents exactly as above (:meth:`TaskManager.serve_peer`), or
+declines; it then passes the agent's task messages back on the request's stream, and
+the gateway the task was submitted to records them as for a local agent: the task, its
+events, its row and its SSE stay with the gateway that accepted it. A task every
+gateway declined waits in the queue and is offered again after :data:`OFFER_RETRY`
+seconds (or at once when an agent here becomes idle). The stream to the holder breaking
+before the final message (the holder died, the peer session dropped) fails the task
+with ``"agent disconnected"``. ``GET /api/v1/tasks/{id}`` at any other gateway answers
+from the store; its ``/events`` there follow the store's row until the task ends.
+
 Each task is also a row of the store (relay.gateway.store ``tasks``): written before the
 202 (so an acknowledged task is never lost), then on every change of status and with its
 result or error (in order, never waited for by the agent's messages). A restart of the
@@ -49,7 +62,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from relay.gateway.agents.registry import ConnectedAgent, StoreWrites
 from relay.gateway.http.server import HttpError, Request, Response, Router, json_response
@@ -57,6 +70,7 @@ from relay.gateway.store import TaskRecord
 
 if TYPE_CHECKING:
     from relay.gateway.app import Gateway
+    from relay.gateway.fleet.control import ControlCall, ControlReply
 
 __all__ = ["Task", "TaskManager"]
 
@@ -84,6 +98,12 @@ SSE_KEEPALIVE = 15.0
 TASK_OWNER = "gateway"
 #: The error of a task an agent was running when its gateway stopped.
 RESTARTED = "the gateway restarted while the task ran"
+#: In a fleet: a task every other gateway declined is offered again after this long.
+OFFER_RETRY = 1.0
+#: How long a gateway offered a task may take to say whether it dispatched it.
+OFFER_TIMEOUT = 10.0
+#: How often the events of a task held by another gateway of a fleet re-read its row.
+ROW_POLL = 0.5
 
 FINAL = ("succeeded", "failed")
 _AGENT_EVENTS = {"task.progress": "progress", "task.output": "output",
@@ -115,6 +135,15 @@ class Task:
     session: Any = None
     #: Set (and replaced) whenever an event is added: SSE writers wait on it.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: At the gateway holding the agent, for a task another gateway of a fleet owns:
+    #: passes the agent's task messages on to that gateway (module docstring).
+    relay: Optional[Callable[[dict[str, Any]], None]] = None
+    #: Being offered to the other gateways of a fleet (not dispatched here meanwhile),
+    #: and when the last offer round ended with no taker.
+    offering: bool = False
+    declined_at: float = 0.0
+    #: Known only from the store's row (another gateway holds the task).
+    from_row: bool = False
 
     @property
     def finished(self) -> bool:
@@ -180,6 +209,9 @@ class TaskManager:
         self.owner = TASK_OWNER
         self._writes = StoreWrites()  # the rows' changes, in order
         self._pruned_at = 0.0
+        # In a fleet: offers to other gateways in progress, and a later offer round per team.
+        self._offers: set[asyncio.Task] = set()
+        self._retries: dict[str, asyncio.TimerHandle] = {}
         gateway.hooks.on_agent_connected.append(self._agent_connected)
         gateway.hooks.on_agent_disconnected.append(self._agent_disconnected)
         gateway.registry.status_listeners.append(self._status_changed)
@@ -212,9 +244,14 @@ class TaskManager:
             log.info("task %s (%s) queued again after a restart", task.task_id, task.kind)
 
     def close(self) -> None:
-        """End the open event streams (the gateway is stopping)."""
+        """End the open event streams and offers (the gateway is stopping)."""
         for transport in list(self._streams):
             transport.close()
+        for handle in self._retries.values():
+            handle.cancel()
+        self._retries.clear()
+        for task in list(self._offers):
+            task.cancel()
 
     async def flush(self) -> None:
         """Wait until every change of a task is in the store."""
@@ -339,15 +376,36 @@ class TaskManager:
                 await client.drain()
                 waiter = asyncio.ensure_future(changed.wait())
                 either: set[asyncio.Future[Any]] = {waiter, client.closed}
-                done, _ = await asyncio.wait(either, timeout=SSE_KEEPALIVE,
+                done, _ = await asyncio.wait(either, timeout=ROW_POLL if task.from_row else SSE_KEEPALIVE,
                                              return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
-                if not done:
+                if task.from_row:  # held by another gateway of a fleet: follow its row
+                    await self._follow_row(task, principal.team_id)
+                elif not done:
                     transport.write(b": keepalive\n\n")
         finally:
             self._streams.discard(transport)
             transport.close()
         return None
+
+    async def _follow_row(self, task: Task, team_id: str) -> None:
+        """Events for a task known only from its row: its status and final event as the
+        gateway holding it records them."""
+        try:
+            record = await self.gw.store.get_task(team_id, task.task_id)
+        except Exception as exc:  # a busy database: the next poll
+            log.debug("cannot read task %s: %s", task.task_id, exc)
+            return
+        if record is None or record.status == task.status:
+            return
+        task.status, task.agent_id = record.status, record.agent_id
+        task.result, task.error, task.finished_at = record.result, record.error, record.finished_at
+        if record.status == "succeeded":
+            task.add_event("result", result=record.result)
+        elif record.status == "failed":
+            task.add_event("error", error=record.error)
+        else:
+            task.add_event("status", status=record.status, agent_id=record.agent_id)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -368,6 +426,8 @@ class TaskManager:
         try:
             queue = self._queues.get(team_id)
             for task in list(queue or ()):
+                if task.offering:  # another gateway may be taking it right now
+                    continue
                 agent = self._eligible(task)
                 if agent is None:
                     continue
@@ -385,8 +445,144 @@ class TaskManager:
                 self._running[agent.agent_id] = task
                 self._last_task[agent.agent_id] = time.monotonic()
                 self.gw.registry.set_status(agent.team_id, agent.agent_id, "busy")
+            self._offer_elsewhere(team_id)
         finally:
             self._dispatching = False
+
+    # ------------------------------------------------------------------ fleet
+
+    def agent_elsewhere(self, team_id: str) -> None:
+        """An agent of the team appeared on another gateway of the fleet: its queued
+        tasks are offered (again) now."""
+        queue = self._queues.get(team_id)
+        for task in queue or ():
+            task.declined_at = 0.0
+        self._dispatch(team_id)
+
+    def _offer_elsewhere(self, team_id: str) -> None:
+        """Offer the team's tasks no agent here took to the other gateways of a fleet
+        (module docstring); a task declined everywhere is offered again later."""
+        fleet = self.gw.fleet
+        queue = self._queues.get(team_id)
+        if fleet is None or not queue:
+            return
+        now = time.monotonic()
+        later = False
+        for task in queue:
+            if task.offering:
+                continue
+            if now - task.declined_at < OFFER_RETRY:
+                later = True
+                continue
+            gateways = fleet.registry.gateways_for(team_id, task.labels)
+            if not gateways:
+                continue
+            task.offering = True
+            offer = asyncio.get_running_loop().create_task(self._offer(task, gateways))
+            self._offers.add(offer)
+            offer.add_done_callback(self._offers.discard)
+        if later and team_id not in self._retries:
+            def again() -> None:
+                self._retries.pop(team_id, None)
+                self._dispatch(team_id)
+
+            self._retries[team_id] = asyncio.get_running_loop().call_later(OFFER_RETRY, again)
+
+    async def _offer(self, task: Task, gateways: list[str]) -> None:
+        """Offer ``task`` to ``gateways`` in turn until one dispatches it; then record
+        what its agent reports until the task ends."""
+        fleet = self.gw.fleet
+        assert fleet is not None
+        body = {"task_id": task.task_id, "kind": task.kind, "input": task.input, "labels": task.labels}
+        try:
+            for gateway_id in gateways:
+                if task.status != "queued":
+                    return
+                try:
+                    reply = await fleet.control.request(gateway_id, "task", task.team_id, body)
+                except (ConnectionError, ValueError) as exc:
+                    log.info("cannot offer task %s to gateway %s: %s", task.task_id, gateway_id, exc)
+                    continue
+                try:
+                    answer = await reply.next(OFFER_TIMEOUT)
+                except (ConnectionError, TimeoutError, ValueError) as exc:
+                    log.info("gateway %s did not answer the offer of task %s: %s", gateway_id, task.task_id, exc)
+                    answer = None
+                agent_id = answer.get("agent_id") if isinstance(answer, dict) and answer.get("t") == "dispatched" \
+                    else None
+                if not isinstance(agent_id, str):
+                    reply.close()
+                    continue
+                queue = self._queues.get(task.team_id)
+                if queue is not None and task in queue:
+                    queue.remove(task)
+                task.offering = False
+                task.status, task.agent_id, task.session = "dispatched", agent_id, reply
+                task.add_event("status", status="dispatched", agent_id=agent_id)
+                self._record(task, status="dispatched", agent_id=agent_id)
+                log.info("task %s (%s) dispatched to agent %s on gateway %s", task.task_id, task.kind,
+                         agent_id, gateway_id)
+                await self._follow(task, reply)
+                return
+            task.declined_at = time.monotonic()
+        finally:
+            task.offering = False
+        self._dispatch(task.team_id)  # schedules the next round (or a local agent is idle now)
+
+    async def _follow(self, task: Task, reply: "ControlReply") -> None:
+        """Record the task messages the holder passes on, until the final one."""
+        try:
+            while not task.finished:
+                frame = await reply.next()
+                if frame is None:
+                    break
+                message = frame.get("message") if isinstance(frame, dict) and frame.get("t") == "event" else None
+                if isinstance(message, dict):
+                    self._apply(task, message)
+        except (ConnectionError, ValueError) as exc:
+            log.info("task %s: the connection to the gateway holding its agent ended: %s", task.task_id, exc)
+        finally:
+            reply.close()
+            if not task.finished:
+                task.error = "agent disconnected"
+                self._finish(task, "failed", error=task.error)
+            self._dispatch(task.team_id)  # the next queued task may go there now
+
+    async def serve_peer(self, call: "ControlCall") -> None:
+        """A ``task`` control request: another gateway of the fleet offers one of its
+        tasks to this gateway's idle agents of the team (module docstring)."""
+        body = call.body
+        if not isinstance(body, dict) or not isinstance(body.get("task_id"), str) \
+                or not isinstance(body.get("kind"), str) or not isinstance(body.get("labels"), list) \
+                or not all(isinstance(x, str) for x in body["labels"]):
+            call.send({"t": "declined", "error": "malformed task offer"})
+            return
+        task = Task(body["task_id"], call.team_id, body["kind"], body.get("input"), list(body["labels"]))
+        agent = self._eligible(task)
+        if agent is None:
+            call.send({"t": "declined"})
+            return
+        try:
+            agent.session.send_control({"type": "task", "task_id": task.task_id, "kind": task.kind,
+                                        "input": task.input})
+        except Exception as exc:  # the session just closed
+            call.send({"t": "declined", "error": str(exc)})
+            return
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def relay(message: dict[str, Any]) -> None:
+            call.send({"t": "event", "message": message})
+            if message.get("type") in ("task.result", "task.error") and not ended.done():
+                ended.set_result(None)
+
+        task.relay = relay
+        task.status, task.agent_id, task.session = "dispatched", agent.agent_id, agent.session
+        self._running[agent.agent_id] = task
+        self._last_task[agent.agent_id] = time.monotonic()
+        self.gw.registry.set_status(agent.team_id, agent.agent_id, "busy")
+        call.send({"t": "dispatched", "agent_id": agent.agent_id})
+        log.info("task %s (%s) of another gateway dispatched to agent %s", task.task_id, task.kind, agent.agent_id)
+        await ended
 
     def _finish(self, task: Task, status: str, **event: Any) -> None:
         self.gw.traffic.count("tasks", status)
@@ -412,6 +608,22 @@ class TaskManager:
         task = self._running.get(agent.agent_id)
         if task is None or task.task_id != message.get("task_id") or task.session is not agent.session:
             return True  # late, or not this agent's task: ignored
+        if task.relay is not None:  # another gateway's task: its messages go there
+            task.relay(message)
+            if kind in ("result", "error"):
+                del self._running[agent.agent_id]
+                self._release(agent)
+            return True
+        self._apply(task, message)
+        if task.finished:
+            self._release(agent)
+        return True
+
+    def _apply(self, task: Task, message: dict[str, Any]) -> None:
+        """Record a task message of the task's agent (held here or elsewhere)."""
+        kind = _AGENT_EVENTS.get(message.get("type", ""))
+        if kind is None or task.finished or message.get("task_id") != task.task_id:
+            return
         if kind in ("progress", "output") and task.status != "running":
             task.status = "running"
             self._record(task, status="running")
@@ -425,20 +637,20 @@ class TaskManager:
         elif kind == "result":
             task.result = message.get("result")
             self._finish(task, "succeeded", result=task.result)
-            self._release(agent)
         else:
             error = message.get("error")
             task.error = str(error)[:2000] if error is not None else "task failed"
             self._finish(task, "failed", error=task.error)
-            self._release(agent)
-        return True
 
     def _agent_connected(self, agent: ConnectedAgent) -> None:
         self._dispatch(agent.team_id)
 
     def _agent_disconnected(self, agent: ConnectedAgent) -> None:
         task = self._running.get(agent.agent_id)
-        if task is not None and task.session is agent.session:
+        if task is not None and task.session is agent.session and task.relay is not None:
+            del self._running[agent.agent_id]
+            task.relay({"type": "task.error", "task_id": task.task_id, "error": "agent disconnected"})
+        elif task is not None and task.session is agent.session:
             task.error = "agent disconnected"
             self._finish(task, "failed", error=task.error)
 
@@ -472,6 +684,7 @@ def _from_record(record: TaskRecord) -> Task:
     task = Task(record.id, record.team_id, record.kind, record.input, list(record.labels),
                 status=record.status, agent_id=record.agent_id, created_at=record.created_at,
                 finished_at=record.finished_at, result=record.result, error=record.error)
+    task.from_row = not task.finished
     task.add_event("status", status=record.status, agent_id=record.agent_id)
     if record.status == "succeeded":
         task.add_event("result", result=record.result)

@@ -10,7 +10,9 @@ Who owns what:
 * Each gateway holds its agents' sessions and serves their streams; a request for an
   agent held elsewhere is forwarded over a peer session (relay.gateway.fleet.peers,
   relay.gateway.fleet.forward), whose streams are joined to the agent's at the holder
-  (relay.gateway.fleet.bridge).
+  (relay.gateway.fleet.bridge); what needs an agent's control messages (tasks, Tunnels
+  API bindings, the agents' hellos) goes as control requests on the same sessions
+  (relay.gateway.fleet.control).
 
 :class:`Fleet` is the composition: the gateway creates it when started with
 :class:`FleetConfig` (``relay gateway --redis URL --fleet-secret S``), and it hooks
@@ -125,7 +127,10 @@ class Fleet:
                                  gateway_ttl=config.gateway_ttl)
         self.metrics = FleetMetrics()
         self.registry = FleetRegistry(self)
+        from relay.gateway.fleet.control import ControlChannel
         from relay.gateway.fleet.forward import serve_forwarded
+
+        self.control = ControlChannel(self)
 
         self.peers = PeerPool(self.gateway_id, config.secret, lambda stream: serve_forwarded(self, stream),
                               metrics=self.metrics, ssl_context=config.peer_client_context())
@@ -149,6 +154,10 @@ class Fleet:
         gw = self.gateway
         registry = gw.registry
         registry.remote = self.registry.remote
+        registry.elsewhere = self.registry.remote_agents
+        self.control.handle("hello", self.registry.serve_hello)
+        self.control.handle("bind", gw.bindings.serve_peer)
+        self.control.handle("task", gw.tasks.serve_peer)
         registry.on_register.append(self.registry.on_register)
         registry.on_unregister.append(self.registry.on_unregister)
         gw.tunnels_api.limiter = FleetRateLimiter(self)

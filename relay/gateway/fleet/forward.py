@@ -28,13 +28,14 @@ from typing import TYPE_CHECKING, Any, Optional
 from relay.aio.stream import MuxStream
 from relay.gateway.agents.registry import ConnectedAgent
 from relay.gateway.fleet.bridge import StreamTransport, join_streams
+from relay.gateway.fleet.control import CONTROL_KEY
 from relay.gateway.fleet.leases import Location
 from relay.mux.errors import ErrorCode
 
 if TYPE_CHECKING:
     from relay.gateway.fleet import Fleet
 
-__all__ = ["ForwardSession", "RemoteAgent", "serve_forwarded"]
+__all__ = ["ForwardSession", "RemoteAgent", "held_here", "serve_forwarded"]
 
 log = logging.getLogger("relay.gateway.fleet.forward")
 
@@ -85,7 +86,9 @@ class ForwardSession:
         return stream
 
     def send_control(self, message: Any) -> None:
-        raise ConnectionError("the agent is held by another gateway (control messages are not forwarded)")
+        # Control messages to an agent held elsewhere are control requests to its gateway
+        # (relay.gateway.fleet.control), made by the component that needs the answer.
+        raise ConnectionError("the agent is held by another gateway: ask it with a control request")
 
     async def ping(self) -> None:
         peer = self._fleet.peers.session(self.location.gateway_id)
@@ -108,9 +111,35 @@ class RemoteAgent(ConnectedAgent):
     remote: bool = True
 
 
+def held_here(fleet: "Fleet", stream: MuxStream, agent_id: str, team_id: str,
+              what: str) -> Optional[ConnectedAgent]:
+    """The agent a peer's stream names, if held here in the team named; else the stream
+    is refused: NOT_ALLOWED (and a WARNING) when the agent is here in another team (a
+    forged or confused request: a peer is trusted no further than the fleet secret it
+    proved), REFUSED when it is not here (it moved; the peer's cache catches up)."""
+    registry = fleet.gateway.registry
+    entry = registry.local(team_id, agent_id)
+    if entry is not None:
+        return entry
+    metrics = fleet.metrics
+    if registry.local_any(agent_id) is not None:
+        metrics.forwarded_in["forged"] += 1
+        log.warning("refused %s forwarded by a peer for agent %s as team %s: the agent is in "
+                    "another team", what, agent_id, team_id)
+        stream.refuse(ErrorCode.NOT_ALLOWED, "no such agent in that team")
+        return None
+    metrics.forwarded_in["not_here"] += 1
+    stream.refuse(ErrorCode.REFUSED, "the agent is not connected to this gateway")
+    return None
+
+
 def serve_forwarded(fleet: "Fleet", stream: MuxStream) -> None:
-    """A stream another gateway forwarded to us on a peer session (module docstring)."""
+    """A stream another gateway opened on a peer session: a control request
+    (relay.gateway.fleet.control), or a stream for an agent (module docstring)."""
     meta = stream.metadata
+    if isinstance(meta, dict) and CONTROL_KEY in meta:
+        fleet.control.serve(stream)
+        return
     agent_id = meta.get("agent") if isinstance(meta, dict) else None
     team_id = meta.get("team") if isinstance(meta, dict) else None
     inner = meta.get("meta") if isinstance(meta, dict) else None
@@ -119,18 +148,8 @@ def serve_forwarded(fleet: "Fleet", stream: MuxStream) -> None:
         metrics.forwarded_in["malformed"] += 1
         stream.refuse(ErrorCode.PROTOCOL_ERROR, "a forwarded stream names an agent, a team and metadata")
         return
-    registry = fleet.gateway.registry
-    entry = registry.local(team_id, agent_id)
+    entry = held_here(fleet, stream, agent_id, team_id, "a stream")
     if entry is None:
-        held = registry.local_any(agent_id)
-        if held is not None:  # held here, in another team: a forged or confused forward
-            metrics.forwarded_in["forged"] += 1
-            log.warning("refused a stream forwarded by a peer for agent %s as team %s: the agent is in "
-                        "another team", agent_id, team_id)
-            stream.refuse(ErrorCode.NOT_ALLOWED, "no such agent in that team")
-            return
-        metrics.forwarded_in["not_here"] += 1
-        stream.refuse(ErrorCode.REFUSED, "the agent is not connected to this gateway")
         return
     try:
         target = entry.session.open_stream_nowait(inner)

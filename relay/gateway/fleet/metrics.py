@@ -35,6 +35,10 @@ class FleetMetrics:
         #: Peer sessions dialled that failed, and invalidations received.
         self.peer_failures = 0
         self.invalidations: Counter[str] = Counter()
+        #: Control requests (relay.gateway.fleet.control) sent to other gateways and
+        #: served here, by kind (hello, bind, task).
+        self.controls_out: Counter[str] = Counter()
+        self.controls_in: Counter[str] = Counter()
 
     # the bridge's byte counter interface (relay.gateway.fleet.bridge)
     def add_in(self, n: int) -> None:
@@ -86,3 +90,11 @@ class FleetMetrics:
         for kind, count in sorted(self.invalidations.items()):
             invalidations.add_metric([kind], count)
         yield invalidations
+        for name, direction, counts in (("relay_fleet_control_requests_out", "sent to other gateways",
+                                         self.controls_out),
+                                        ("relay_fleet_control_requests_in", "served for other gateways",
+                                         self.controls_in)):
+            family = CounterMetricFamily(name, f"Control requests {direction}", labels=["kind"])
+            for kind, count in sorted(counts.items()):
+                family.add_metric([kind], count)
+            yield family

@@ -86,6 +86,16 @@ class PeerPool:
         self.ensure(gateway_id)
         return None
 
+    async def wait_session(self, gateway_id: str, timeout: float) -> Optional[MuxSession]:
+        """:meth:`session`, waiting up to ``timeout`` for a dial in progress (for
+        requests that may wait, such as control requests; streams never do)."""
+        session = self.session(gateway_id)
+        dialing = self._dialing.get(gateway_id)
+        if session is not None or dialing is None:
+            return session
+        await asyncio.wait({dialing}, timeout=timeout)
+        return self.session(gateway_id)
+
     def ensure(self, gateway_id: str) -> None:
         """Dial ``gateway_id`` unless a session is open or being opened."""
         if self._closed or gateway_id == self.gateway_id or gateway_id in self._dialing:

@@ -14,20 +14,29 @@ lookup of an agent held elsewhere is therefore a dict read, no Redis round trip;
 (an agent never heard of) asks Redis once in the background, at most once a second per
 agent, and answers "offline" meanwhile. Locations on gateways whose own lease expired
 (a dead gateway) are not used.
+
+Hellos: for every agent location it learns on another gateway, the registry asks that
+gateway once, in the background, for the agent's hello (a ``hello`` control request,
+relay.gateway.fleet.control): its name, labels, service declarations and target policy.
+It is kept with the location it belongs to (a new location, a new hello; an agent gone,
+its hello gone), so what the service manager and the tunnel checks read about a remote
+agent is always its current session's, and no request waits for it.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-from relay.gateway.agents.registry import ConnectedAgent
+from relay.gateway.agents.registry import ConnectedAgent, agent_identity
 from relay.gateway.fleet.forward import ForwardSession, RemoteAgent
 from relay.gateway.fleet.leases import Lease, Location
 from relay.mux.errors import ErrorCode
 
 if TYPE_CHECKING:
     from relay.gateway.fleet import Fleet
+    from relay.gateway.fleet.control import ControlCall
 
 __all__ = ["FleetRegistry", "MOVED_MESSAGE"]
 
@@ -37,6 +46,10 @@ log = logging.getLogger("relay.gateway.fleet.registry")
 MOVED_MESSAGE = "the agent connected again through another gateway"
 #: A lookup miss asks Redis at most this often per agent.
 FETCH_INTERVAL = 1.0
+#: Asking a gateway for an agent's hello: attempts (while the location holds), each
+#: waiting at most this long for the answer.
+HELLO_ATTEMPTS = 5
+HELLO_TIMEOUT = 5.0
 
 
 class FleetRegistry:
@@ -53,6 +66,8 @@ class FleetRegistry:
         self._leases: dict[str, tuple[Lease, ConnectedAgent]] = {}
         self._remote: dict[str, tuple[RemoteAgent, ForwardSession]] = {}
         self._fetched: dict[str, float] = {}
+        #: agent id -> (the location it was asked at, the agent's hello there).
+        self.hellos: dict[str, tuple[Location, dict[str, Any]]] = {}
 
     # -- local sessions (called by the gateway's Registry)
 
@@ -137,6 +152,8 @@ class FleetRegistry:
             if held is not None and held[0].epoch is not None and held[0].epoch < location.epoch:
                 self._lost(*held)  # superseded: no need to wait for the next renewal
             self._fleet.peers.ensure(location.gateway_id)
+            self._fleet.spawn(self._fetch_hello(agent_id, location))
+        self.hellos.pop(agent_id, None)
         return True
 
     def on_event(self, message: dict[str, Any]) -> None:
@@ -164,6 +181,7 @@ class FleetRegistry:
             if current is not None and current.epoch == message.get("e"):
                 del self.locations[agent_id]
                 self._remote.pop(agent_id, None)
+                self.hellos.pop(agent_id, None)
                 self._fleet.gateway.registry.version += 1
 
     def replace_all(self, found: dict[str, Location]) -> None:
@@ -175,6 +193,7 @@ class FleetRegistry:
         for agent_id in [a for a in self.locations if a not in found and a not in own]:
             del self.locations[agent_id]
             self._remote.pop(agent_id, None)
+            self.hellos.pop(agent_id, None)
         self._fleet.gateway.registry.version += 1
 
     def set_gateways(self, gateways: dict[str, str]) -> None:
@@ -208,14 +227,86 @@ class FleetRegistry:
             metrics.lookups["miss"] += 1
             return None
         metrics.lookups["remote"] += 1
+        return self._remote_agent(agent_id, location)
+
+    def _remote_agent(self, agent_id: str, location: Location) -> RemoteAgent:
         cached = self._remote.get(agent_id)
         if cached is not None and cached[1].location is location:
             return cached[0]
         session = ForwardSession(self._fleet, agent_id, location)
-        agent = RemoteAgent(agent_id, team_id, "", [], "", session,  # type: ignore[arg-type]  # quacks like a MuxSession
+        name, version = "", ""
+        labels: list[str] = []
+        hello = self.hellos.get(agent_id)
+        if hello is not None and hello[0] == location:
+            session.peer_info = hello[1]
+            name, labels, version = agent_identity(hello[1])
+        agent = RemoteAgent(agent_id, location.team_id, name, labels, version,
+                            session,  # type: ignore[arg-type]  # quacks like a MuxSession
                             status="remote", gateway_id=location.gateway_id)
         self._remote[agent_id] = (agent, session)
         return agent
+
+    def _live_remote(self, location: Location) -> bool:
+        return location.gateway_id != self.gateway_id and location.gateway_id in self.gateways
+
+    def remote_agents(self) -> list[ConnectedAgent]:
+        """The agents other live gateways hold whose hello is known here (module
+        docstring); what the gateway's registry adds to its own (Registry.everywhere)."""
+        agents: list[ConnectedAgent] = []
+        for agent_id, location in self.locations.items():
+            hello = self.hellos.get(agent_id)
+            if hello is not None and hello[0] == location and self._live_remote(location):
+                agents.append(self._remote_agent(agent_id, location))
+        return agents
+
+    def gateways_for(self, team_id: str, labels: list[str]) -> list[str]:
+        """Other live gateways holding an agent of the team whose labels cover
+        ``labels`` (an agent whose hello is not known yet counts), for task offers."""
+        wanted = set(labels)
+        found: list[str] = []
+        for agent_id, location in self.locations.items():
+            if location.team_id != team_id or location.gateway_id in found or not self._live_remote(location):
+                continue
+            hello = self.hellos.get(agent_id)
+            if hello is not None and hello[0] == location and not wanted <= set(agent_identity(hello[1])[1]):
+                continue
+            found.append(location.gateway_id)
+        return found
+
+    # -- hellos
+
+    async def _fetch_hello(self, agent_id: str, location: Location) -> None:
+        delay = 0.2
+        for _ in range(HELLO_ATTEMPTS):
+            if self.locations.get(agent_id) is not location or self._fleet.closed:
+                return
+            try:
+                reply = await self._fleet.control.request(location.gateway_id, "hello", location.team_id, {},
+                                                          agent_id=agent_id)
+                try:
+                    frame = await reply.next(HELLO_TIMEOUT)
+                finally:
+                    reply.close()
+            except (ConnectionError, TimeoutError, ValueError) as exc:
+                log.debug("cannot read the hello of agent %s from gateway %s yet: %s", agent_id,
+                          location.gateway_id, exc)
+                await asyncio.sleep(delay)
+                delay *= 2
+                continue
+            info = frame.get("info") if isinstance(frame, dict) else None
+            if self.locations.get(agent_id) is location and isinstance(info, dict):
+                self.hellos[agent_id] = (location, info)
+                self._remote.pop(agent_id, None)  # rebuilt with its name and hello
+                self._fleet.gateway.registry.version += 1  # the service manager looks again
+                self._fleet.gateway.tasks.agent_elsewhere(location.team_id)  # queued tasks: an offer
+            return
+
+    @staticmethod
+    async def serve_hello(call: "ControlCall") -> None:
+        """The ``hello`` control request: the agent's SETTINGS info."""
+        assert call.agent is not None  # a request for an agent (checked by the channel)
+        info = call.agent.session.peer_info
+        call.send({"info": info if isinstance(info, dict) else {}})
 
     def _fetch_later(self, agent_id: str) -> None:
         now = time.monotonic()
