@@ -5,14 +5,19 @@ directory, and one agent held by A; then opens a TCP tunnel to an echo service b
 the agent twice: at A (its hub port is direct: client -> A -> agent) and at B
 (forwarded: client -> B -> peer session -> A -> agent). For each it measures TCP bulk
 throughput (MB/s of echoed bytes, one connection) and 64-byte request/response
-latency (p50/p99 over one connection). Prints the numbers; asserts nothing.
+latency (p50/p99 over one connection). The agent also declares a service (a tiny HTTP
+server): the service proxy (``GET /api/v1/r/containers/{slug}/...``) and invoke
+(``POST /api/v1/r/invoke/{slug}``) are measured at A (direct) and at B (the service's
+instance is held by A: its streams are forwarded), sequential requests on one
+keep-alive connection: req/s and p50/p99. Prints the numbers; asserts nothing.
 
-    .venv/bin/python bench/fleet.py [--mib 64] [--rounds 2000]
+    .venv/bin/python bench/fleet.py [--mib 64] [--rounds 2000] [--requests 1000]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
 import re
@@ -71,6 +76,55 @@ def echo_server() -> int:
     return wait_for(lambda: ready and ready[0])
 
 
+def http_server() -> int:
+    """A minimal keep-alive HTTP/1.1 server (``200 ok`` to every body-less request) in a
+    daemon thread; returns its port."""
+    ready: list[int] = []
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
+
+    def main() -> None:
+        async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while await reader.readuntil(b"\r\n\r\n"):
+                    writer.write(answer)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            writer.close()
+
+        async def serve() -> None:
+            server = await asyncio.start_server(serve_one, "127.0.0.1", 0)
+            ready.append(server.sockets[0].getsockname()[1])
+            await server.serve_forever()
+
+        asyncio.run(serve())
+
+    threading.Thread(target=main, daemon=True).start()
+    return wait_for(lambda: ready and ready[0])
+
+
+def requests(port: int, method: str, path: str, body: Any, token: str, n: int) -> tuple[float, float, float]:
+    """req/s, p50 and p99 (µs) of ``n`` sequential requests on one keep-alive connection
+    (each must answer 200)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    times = []
+    try:
+        for i in range(n + 50):
+            started = time.perf_counter()
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"{method} {path}: {resp.status}")
+            if i >= 50:  # warm-up (the instance's keep-alive pool fills)
+                times.append(time.perf_counter() - started)
+    finally:
+        conn.close()
+    times.sort()
+    return len(times) / sum(times), statistics.median(times) * 1e6, times[int(len(times) * 0.99)] * 1e6
+
+
 def bulk(port: int, mib: int) -> float:
     """MB/s of ``mib`` MiB echoed through ``port`` on one connection."""
     size = mib * 1024 * 1024
@@ -119,6 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2000)
+    parser.add_argument("--requests", type=int, default=1000, help="service proxy and invoke requests per path")
     args = parser.parse_args()
     redis_bin = shutil.which("redis-server")
     if redis_bin is None:
@@ -142,9 +197,11 @@ def main() -> None:
             wait_for(lambda lg=log: b"in the fleet, advertised at" in lg.read_bytes())  # after the keys
         keys = dict(re.findall(r"^  (sk|dk|ak)  (\S+)$", (work / "a.log").read_text(), re.M))
         echo = echo_server()
+        web = http_server()
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "relay", "agent", "--gateway", f"http://127.0.0.1:{ports['a']}", "--name",
-             "bench", "--allow", f"127.0.0.1:{echo}", "--log-level", "warning"],
+             "bench", "--allow", f"127.0.0.1:{echo}", "--service", f"bench-web=127.0.0.1:{web},health=none",
+             "--log-level", "warning"],
             stdout=(work / "agent.log").open("wb"), stderr=subprocess.STDOUT,
             env={**env, "RELAY_AGENT_KEY": keys["ak"]}))
 
@@ -176,6 +233,21 @@ def main() -> None:
             print(f"{label:<40} {rate:>10.1f} {p50:>9.0f} {p99:>9.0f}")
         (ra, pa, _), (rb, pb, _) = results["a"], results["b"]
         print(f"forwarded/direct bulk: {rb / ra:.2f}x (goal >= 0.7x); added p50: {pb - pa:.0f} µs (goal <= 150 µs)")
+
+        for name in ("a", "b"):  # the service is known (and running) at both
+            wait_for(lambda n=name: api(n, "GET", "/api/v1/r/containers/bench-web")["service_status"] == "running")
+        print(f"\nservice proxy and invoke ({args.requests} sequential requests, one keep-alive connection)")
+        print(f"{'path':<40} {'req/s':>10} {'p50 µs':>9} {'p99 µs':>9}")
+        calls = {"proxy": ("GET", "/api/v1/r/containers/bench-web/x", None),
+                 "invoke": ("POST", "/api/v1/r/invoke/bench-web", {"method": "GET", "path": "/x"})}
+        for kind, (method, path, body) in calls.items():
+            measured = {}
+            for label, name in ((f"{kind} direct (at A, agent on A)", "a"), (f"{kind} forwarded (at B, agent on A)", "b")):
+                measured[name] = requests(ports[name], method, path, body, keys["sk"], args.requests)
+                rate, p50, p99 = measured[name]
+                print(f"{label:<40} {rate:>10.0f} {p50:>9.0f} {p99:>9.0f}")
+            (qa, la, _), (qb, lb, _) = measured["a"], measured["b"]
+            print(f"{kind} forwarded/direct: {qb / qa:.2f}x req/s; added p50: {lb - la:.0f} µs")
     finally:
         for proc in reversed(procs):
             proc.terminate()
