@@ -143,6 +143,18 @@ class Fleet:
             self.keys = dict(re.findall(r"^  (sk|dk|ak)  (\S+)$", log.read_text(), re.M))
         return port
 
+    def restart_gateway(self, name: str) -> int:
+        """Stop gateway ``name`` and start it again (same id, a new port); wait until it
+        sees the fixture's agents and has peer sessions again."""
+        _stop(self.gateways[name][0])
+        log = self.workdir / f"gateway-{name}.log"
+        log.rename(log.with_suffix(f".{time.monotonic_ns()}.log"))
+        port = self.start_gateway(name)
+        for agent in ("on-a", "on-b"):
+            wait_for(lambda a=agent: self.agent_id(name, a), what=f"{agent} seen by {name} after its restart")
+        wait_for(lambda: self.health(name)["fleet"]["peers_connected"] >= 2, what=f"peer sessions of {name}")
+        return port
+
     def port(self, name: str) -> int:
         return self.gateways[name][1]
 
@@ -570,12 +582,16 @@ def test_a_task_submitted_anywhere_runs_on_an_agent_held_elsewhere(fleet):
         assert status == 202, answer
         events = sse_events(fleet, "c", f"/api/v1/tasks/{answer['task_id']}/events")
         assert events[-1] == ("result", {"type": "result", "result": {"slept": 1}}), events
-        # The worker goes away mid-task: the task fails, at the gateway that owns it.
+        # Another gateway restarting leaves a running task alone (it recovers only its
+        # own tasks); then the worker goes away mid-task: the task fails, at b.
         status, answer = fleet.api("b", "POST", "/api/v1/tasks",
                                    {"kind": "sleep", "input": {"seconds": 30}, "labels": ["fleet-worker"]})
         assert status == 202, answer
         wait_for(lambda: fleet.api("b", "GET", f"/api/v1/tasks/{answer['task_id']}")[1]["status"] == "running",
                  what="long task running")
+        fleet.restart_gateway("c")
+        status, task = fleet.api("c", "GET", f"/api/v1/tasks/{answer['task_id']}")
+        assert status == 200 and task["status"] == "running", task
         _stop(fleet.agents.pop("worker"))
         wait_for(lambda: fleet.api("b", "GET", f"/api/v1/tasks/{answer['task_id']}")[1]["status"] == "failed",
                  what="task failed when its agent left")

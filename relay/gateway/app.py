@@ -30,7 +30,7 @@ from relay.gateway.agents.registry import AgentNameTaken, ConnectedAgent, Regist
 from relay.gateway.agents.revocation import RevocationWatcher
 from relay.gateway.agents.tunnel_sessions import DEFAULT_TARGET_PORT, HubListener, TunnelManager
 from relay.gateway.api.services import ServiceManager, add_services_openapi
-from relay.gateway.api.tasks import TaskManager
+from relay.gateway.api.tasks import TASK_OWNER, TaskManager
 from relay.gateway.api.tunnels import TunnelsApi
 from relay.gateway.auth import Authenticator, Principal
 from relay.gateway.egress import EgressPolicy
@@ -168,9 +168,12 @@ class Gateway:
         await self.tunnels.restore()
         await self.tunnels_api.start()
         await self.services.start()
-        await self.tasks.start()
         if self._fleet_config is not None:
             self.fleet = Fleet(self, self._fleet_config)
+            # The tasks' rows are shared by the fleet: a restart recovers only its own.
+            self.tasks.owner = f"{TASK_OWNER}/{self.fleet.gateway_id}"
+        await self.tasks.start()
+        if self.fleet is not None:
             await self.fleet.start(self.url)
         self._heartbeat = loop.create_task(self._record_heartbeats())
         self._revocation_watch = loop.create_task(self.revocations.run())

@@ -38,7 +38,10 @@ gateway declined waits in the queue and is offered again after :data:`OFFER_RETR
 seconds (or at once when an agent here becomes idle). The stream to the holder breaking
 before the final message (the holder died, the peer session dropped) fails the task
 with ``"agent disconnected"``. ``GET /api/v1/tasks/{id}`` at any other gateway answers
-from the store; its ``/events`` there follow the store's row until the task ends.
+from the store; its ``/events`` there follow the store's row until the task ends. The
+rows name the gateway that accepted them (``owner`` ``gateway/{gateway id}``), so a
+gateway restarting recovers only its own tasks (give it a stable ``--gateway-id`` to get
+its queued tasks back).
 
 Each task is also a row of the store (relay.gateway.store ``tasks``): written before the
 202 (so an acknowledged task is never lost), then on every change of status and with its
@@ -72,7 +75,7 @@ if TYPE_CHECKING:
     from relay.gateway.app import Gateway
     from relay.gateway.fleet.control import ControlCall, ControlReply
 
-__all__ = ["Task", "TaskManager"]
+__all__ = ["TASK_OWNER", "Task", "TaskManager"]
 
 log = logging.getLogger("relay.gateway.api.tasks")
 
@@ -364,6 +367,7 @@ class TaskManager:
         self._streams.add(transport)
         transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                         b"Cache-Control: no-cache\r\nConnection: close\r\nServer: relay\r\n\r\n")
+        quiet_since = asyncio.get_running_loop().time()
         try:
             while not client.closed.done():
                 changed = task.changed
@@ -379,10 +383,18 @@ class TaskManager:
                 done, _ = await asyncio.wait(either, timeout=ROW_POLL if task.from_row else SSE_KEEPALIVE,
                                              return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
-                if task.from_row:  # held by another gateway of a fleet: follow its row
-                    await self._follow_row(task, principal.team_id)
-                elif not done:
+                if not task.from_row:
+                    if not done:
+                        transport.write(b": keepalive\n\n")
+                    continue
+                # Held by another gateway of a fleet: follow its row, polled.
+                await self._follow_row(task, principal.team_id)
+                now = asyncio.get_running_loop().time()
+                if position < len(task.events):
+                    quiet_since = now
+                elif now - quiet_since >= SSE_KEEPALIVE:
                     transport.write(b": keepalive\n\n")
+                    quiet_since = now
         finally:
             self._streams.discard(transport)
             transport.close()
