@@ -583,8 +583,11 @@ class TaskManager:
         ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def relay(message: dict[str, Any]) -> None:
+            final = message.get("type") in ("task.result", "task.error")
+            if not final and not call.writable():
+                return  # the owner is a send queue behind: progress is dropped, never the end
             call.send({"t": "event", "message": message})
-            if message.get("type") in ("task.result", "task.error") and not ended.done():
+            if final and not ended.done():
                 ended.set_result(None)
 
         task.relay = relay

@@ -115,6 +115,11 @@ class ControlCall:
         """True once the requester went away (the stream was reset)."""
         return self.stream.exception is not None
 
+    def writable(self) -> bool:
+        """True while the answer's send queue has room (a requester that reads slowly
+        fills it: what may be dropped should be, rather than queued without bound)."""
+        return self.stream.writable()
+
     def send(self, frame: Any) -> None:
         """Answer one frame (dropped if the requester went away)."""
         if self.stream.exception is None and not self.stream.is_closing():

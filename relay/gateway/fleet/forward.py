@@ -16,7 +16,9 @@ NOT_ALLOWED and logged: a peer's word is not trusted beyond the fleet secret it
 proved). Then it opens a stream to the agent with the inner metadata (the gateway's
 stream hooks apply as for any stream) and joins the two (relay.gateway.fleet.bridge).
 An agent no longer held here (it moved) is refused REFUSED; the forwarding gateway's
-cache is corrected by the registry's events.
+cache is corrected by the registry's events. :func:`held_here` is that check, shared
+with control requests (relay.gateway.fleet.control: streams whose metadata has
+``"ctl"``, which :func:`serve_forwarded` hands to the fleet's control channel).
 """
 from __future__ import annotations
 
