@@ -600,6 +600,30 @@ def test_a_task_submitted_anywhere_runs_on_an_agent_held_elsewhere(fleet):
         _stop(fleet.agents.pop("worker", None))
 
 
+def test_a_task_fails_when_the_gateway_holding_its_agent_dies(fleet):
+    """kill -9 of the gateway holding the agent that runs a task submitted at b: the
+    control stream breaks, and b fails the task ("agent disconnected") at once."""
+    fleet.start_gateway("f")
+    fleet.start_agent("doomed", ["f"], extra=("--label", "fleet-doomed"))
+    agent_id = wait_for(lambda: fleet.agent_id("b", "doomed"), what="doomed seen at b")
+    try:
+        status, answer = fleet.api("b", "POST", "/api/v1/tasks",
+                                   {"kind": "sleep", "input": {"seconds": 30}, "labels": ["fleet-doomed"]})
+        assert status == 202, answer
+        path = f"/api/v1/tasks/{answer['task_id']}"
+        wait_for(lambda: fleet.api("b", "GET", path)[1]["status"] == "running", what="task running on f")
+        assert fleet.api("b", "GET", path)[1]["agent_id"] == agent_id
+        proc, _ = fleet.gateways.pop("f")
+        proc.kill()
+        proc.wait(10)
+        wait_for(lambda: fleet.api("b", "GET", path)[1]["status"] == "failed", timeout=10, what="task failed at b")
+        assert fleet.api("b", "GET", path)[1]["error"] == "agent disconnected"
+        wait_for(lambda: fleet.api("c", "GET", path)[1]["status"] == "failed", timeout=5,
+                 what="the row failed too (read at c)")
+    finally:
+        _stop(fleet.agents.pop("doomed", None))
+
+
 def test_tunnels_api_connect_at_b_binds_an_agent_held_by_a(fleet, targets):
     """A tunnel created at c (to the echo behind on-b, held by b), bound by connect at b
     on on-a (held by a): bytes flow through the binding; deleted at a, it is gone at
