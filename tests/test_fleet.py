@@ -572,10 +572,12 @@ def test_a_task_submitted_anywhere_runs_on_an_agent_held_elsewhere(fleet):
             assert "progress" in kinds and kinds[-1] == "result", events
             assert events[-1][1]["result"] == {"count": 3}
             assert control_requests(fleet, "a", "task") >= 1  # offered to a, not run anywhere else
-            for where in (gateway, other):
-                status, task = fleet.api(where, "GET", f"/api/v1/tasks/{answer['task_id']}")
-                assert status == 200 and task["status"] == "succeeded", (where, task)
-                assert task["agent_id"] == worker and task["result"] == {"count": 3}
+            path = f"/api/v1/tasks/{answer['task_id']}"
+            for where in (gateway, other):  # from memory, then from the row (written just after)
+                wait_for(lambda w=where, p=path: fleet.api(w, "GET", p)[1].get("status") == "succeeded",
+                         timeout=5, what=f"task succeeded, read at {where}")
+                status, task = fleet.api(where, "GET", path)
+                assert status == 200 and task["agent_id"] == worker and task["result"] == {"count": 3}, task
         # Events read at a gateway that does not hold the task follow its row to the end.
         status, answer = fleet.api("b", "POST", "/api/v1/tasks",
                                    {"kind": "sleep", "input": {"seconds": 1}, "labels": ["fleet-worker"]})
