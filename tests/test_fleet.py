@@ -654,8 +654,9 @@ def test_tunnels_api_connect_at_b_binds_an_agent_held_by_a(fleet, targets):
         assert status == 200 and seen["name"] == "bound", (gateway, seen)
     status, _ = fleet.api("a", "DELETE", f"/api/v1/tunnels/{tunnel['id']}")
     assert status == 204
-    for gateway in ("a", "b", "c"):
-        assert fleet.api(gateway, "GET", f"/api/v1/tunnels/{tunnel['id']}")[0] == 404
+    for gateway in ("a", "b", "c"):  # the others' caches are told at once (and poll the store)
+        wait_for(lambda g=gateway: fleet.api(g, "GET", f"/api/v1/tunnels/{tunnel['id']}")[0] == 404, timeout=3,
+                 what=f"tunnel gone at {gateway}")
 
 
 class ThreadedOpenAI:
