@@ -210,8 +210,8 @@ class Registry:
         #: In a fleet: ``remote(team_id, agent_id)`` finds an agent another gateway holds
         #: (relay.gateway.fleet.registry), which :meth:`get` answers when it is not here.
         self.remote: Optional[Callable[[str, str], Optional[ConnectedAgent]]] = None
-        #: In a fleet: the agents other gateways hold whose hello is known here (the
-        #: service manager's instances), see :meth:`everywhere`.
+        #: In a fleet: the agents other gateways hold whose hello (known here) declares
+        #: services, for the service manager's instances (see :meth:`for_services`).
         self.elsewhere: Optional[Callable[[], list[ConnectedAgent]]] = None
         #: Called with each entry registered / unregistered (the fleet's leases).
         self.on_register: list[Callable[[ConnectedAgent], None]] = []
@@ -246,10 +246,11 @@ class Registry:
         """The agents held by this gateway."""
         return list(self._agents.values())
 
-    def everywhere(self) -> list[ConnectedAgent]:
-        """The agents held here, and in a fleet those held by the other gateways whose
-        hello is known here (their sessions forward). Bumps of :attr:`version` tell when
-        this may have changed."""
+    def for_services(self) -> list[ConnectedAgent]:
+        """What the service manager builds its instances from: the agents held here,
+        and in a fleet those held by the other gateways whose hello declares services
+        (their sessions forward). Bumps of :attr:`version` tell when this may have
+        changed."""
         agents = list(self._agents.values())
         elsewhere = self.elsewhere
         if elsewhere is not None:

@@ -470,7 +470,7 @@ class ServiceManager:
         now = time.time()
         store = self.gw.store
         live: dict[str, Any] = {}
-        for entry in self.gw.registry.everywhere():  # in a fleet, other gateways' agents too
+        for entry in self.gw.registry.for_services():  # in a fleet, other gateways' agents too
             if entry.session.is_closed:
                 continue
             live[entry.agent_id] = entry

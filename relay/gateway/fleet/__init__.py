@@ -154,7 +154,7 @@ class Fleet:
         gw = self.gateway
         registry = gw.registry
         registry.remote = self.registry.remote
-        registry.elsewhere = self.registry.remote_agents
+        registry.elsewhere = self.registry.serving_elsewhere
         self.control.handle("hello", self.registry.serve_hello)
         self.control.handle("bind", gw.bindings.serve_peer)
         self.control.handle("task", gw.tasks.serve_peer)

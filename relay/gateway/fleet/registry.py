@@ -50,6 +50,9 @@ FETCH_INTERVAL = 1.0
 #: waiting at most this long for the answer.
 HELLO_ATTEMPTS = 5
 HELLO_TIMEOUT = 5.0
+#: What is kept of a remote agent's hello: its identity (agent_identity), its service
+#: declarations (the service manager) and its target policy (the seed 000 tunnel checks).
+HELLO_FIELDS = ("name", "labels", "version", "services", "allow")
 
 
 class FleetRegistry:
@@ -249,13 +252,16 @@ class FleetRegistry:
     def _live_remote(self, location: Location) -> bool:
         return location.gateway_id != self.gateway_id and location.gateway_id in self.gateways
 
-    def remote_agents(self) -> list[ConnectedAgent]:
-        """The agents other live gateways hold whose hello is known here (module
-        docstring); what the gateway's registry adds to its own (Registry.everywhere)."""
+    def serving_elsewhere(self) -> list[ConnectedAgent]:
+        """The agents other live gateways hold whose hello declares services (what the
+        service manager adds to the agents held here, Registry.for_services). Agents
+        declaring none are left out, so no gateway builds an entry per agent of the
+        fleet for it."""
         agents: list[ConnectedAgent] = []
         for agent_id, location in self.locations.items():
             hello = self.hellos.get(agent_id)
-            if hello is not None and hello[0] == location and self._live_remote(location):
+            if hello is not None and hello[0] == location and hello[1].get("services") \
+                    and self._live_remote(location):
                 agents.append(self._remote_agent(agent_id, location))
         return agents
 
@@ -295,7 +301,8 @@ class FleetRegistry:
                 continue
             info = frame.get("info") if isinstance(frame, dict) else None
             if self.locations.get(agent_id) is location and isinstance(info, dict):
-                self.hellos[agent_id] = (location, info)
+                # Only what is read about a remote agent is kept (kept for every agent of the fleet).
+                self.hellos[agent_id] = (location, {k: info[k] for k in HELLO_FIELDS if k in info})
                 self._remote.pop(agent_id, None)  # rebuilt with its name and hello
                 self._fleet.gateway.registry.version += 1  # the service manager looks again
                 self._fleet.gateway.tasks.agent_elsewhere(location.team_id)  # queued tasks: an offer
