@@ -90,7 +90,7 @@ def _select_backend(ctx: click.Context, param: Any, value: str) -> None:
 
 def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: tuple[str, ...],
                 allow: tuple[str, ...], ca_cert: Any, log_level: str, log_format: str = "text",
-                api_key: Optional[str] = None, **options: Any) -> None:
+                api_key: Optional[str] = None, bench_port: int = 0, **options: Any) -> None:
     """The body of ``relay agent`` on trio (relay.agent.trio_client.TrioAgent): same
     checks, logging and one-line errors as the asyncio one."""
     import ssl
@@ -254,6 +254,12 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
                                      "on exit (repeatable; needs --api-key; see relay http).")
 @click.option("--api-key", envvar="RELAY_KEY", show_envvar=True, metavar="sk-...",
               help="Team key (sk-, dk-) or user JWT that opens the --tunnel tunnels.")
+@click.option("--bench", is_flag=True, default=False, envvar="RELAY_AGENT_BENCH", show_envvar=True,
+              help="Serve the bench target that relay bench measures through (source, sink, echo, HTTP) "
+                   "on 127.0.0.1:--bench-port. Off by default: without it relay bench is refused.")
+@click.option("--bench-port", type=click.IntRange(0, 65535), default=7099, show_default=True,
+              envvar="RELAY_AGENT_BENCH_PORT", show_envvar=True, metavar="PORT",
+              help="Port of the --bench target on 127.0.0.1 (0: any free port, logged at start).")
 @click.option("--backend", type=click.Choice(["asyncio", "trio"]), default="asyncio", show_default=True,
               envvar="RELAY_AGENT_BACKEND", show_envvar=True, expose_value=False,
               help="Event loop to run on: asyncio (uvloop) or trio.",
@@ -263,7 +269,7 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
 def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: tuple[str, ...],
           allow: tuple[str, ...], ca_cert: Optional[Path], log_level: str,
           services: tuple[str, ...] = (), log_format: str = "text", tunnels: tuple[str, ...] = (),
-          api_key: Optional[str] = None) -> None:
+          api_key: Optional[str] = None, bench: bool = False, bench_port: int = 7099) -> None:
     """Run an agent: dial out to the gateway and serve allowed targets."""
     gateway_url, *more_gateways = gateway_urls
     from relay.agent.client import Agent, AgentAuthError
@@ -291,6 +297,25 @@ def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: 
     raise_nofile_limit()
 
     async def serve() -> None:
+        nonlocal allow
+        bench_target = None
+        if bench:
+            from relay.agent.bench import BenchTarget
+
+            try:
+                bench_target = await BenchTarget.start("127.0.0.1", bench_port)
+            except OSError as exc:
+                raise click.ClickException(f"--bench cannot listen on 127.0.0.1:{bench_port}: "
+                                           f"{exc.strerror or exc} (another --bench-port?)") from None
+            if allow:  # an explicit allowlist: the target is allowed implicitly, like a service's
+                allow = (*allow, bench_target.address)
+        try:
+            await _serve_agent()
+        finally:
+            if bench_target is not None:
+                bench_target.close()
+
+    async def _serve_agent() -> None:
         try:
             context = None
             if ca_cert is not None:
