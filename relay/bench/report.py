@@ -73,11 +73,13 @@ def print_report(results: Results, console: Console) -> None:
     table = Table(title=f"relay bench ({results.mode}): medians of {results.repeat} run(s) of "
                         f"{results.settings.duration:g} s", title_justify="left")
     has_direct = any(path == DIRECT for _, path in results.rows)
+    has_range = any(len(result.values) > 1 for result in results.rows.values())
     for name, justify in (("row", "left"), ("path", "left"), ("median", "right"), ("min–max", "right"),
                           ("vs direct", "right"), ("detail", "left"), ("CPU cores", "left")):
-        if name == "vs direct" and not has_direct:
+        if (name == "vs direct" and not has_direct) or (name == "min–max" and not has_range):
             continue
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]  # one of rich's literals
+        # The figures never wrap; on a narrow terminal the details and CPU columns do.
+        table.add_column(name, justify=justify, no_wrap=name not in ("detail", "CPU cores"))  # type: ignore[arg-type]  # one of rich's literals
     previous = None
     for (row, path), result in results.rows.items():
         if not result.values:
@@ -88,6 +90,8 @@ def print_report(results: Results, console: Console) -> None:
                  _ratio(results, result), _detail(result), _cpu(result)]
         if not has_direct:
             del cells[4]
+        if not has_range:
+            del cells[3]
         table.add_row(*cells)
         previous = row
     console.print(table)
