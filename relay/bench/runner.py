@@ -176,6 +176,9 @@ async def run_rows(results: Results, rows: list[str], display: Any,
     """Measure ``rows`` into ``results``; BenchError at the first broken path (results
     keep what was measured before it)."""
     settings = results.settings
+    if not any(applicable(row, path) for row in rows for path in results.paths):
+        raise BenchError(f"none of the rows {', '.join(rows)} can run on these paths: the byte rows need a tcp "
+                         f"tunnel (or --agent, --local), the http row an http one")
     for row in rows:
         for rep in range(results.repeat):
             for path in results.paths:
