@@ -11,8 +11,9 @@ Two engines:
     asyncio (uvloop) and httptools. At a target rate it is open loop: requests are due
     on a fixed schedule and a latency runs from when the request was due, so a server
     that falls behind shows in the percentiles (no coordinated omission). It measures
-    its own CPU time: a client that used most of a core is the bottleneck, and the
-    result says so.
+    its own CPU time and how late its event loop runs (a timer every 10 ms): a client
+    that used most of a core, or whose loop fell 20 ms behind (p99: saturated, or
+    starved of CPU on a shared machine), is the bottleneck, and the result says so.
 """
 from __future__ import annotations
 
@@ -38,6 +39,11 @@ __all__ = ["HttpLoad", "HttpResult", "run_http_load", "wrk_available"]
 
 #: A request that takes longer is counted as a timeout error.
 REQUEST_TIMEOUT = 30.0
+#: The Python client's event loop running this late (p99, seconds) means the client
+#: could not keep up: saturated, or starved of CPU by other work on the machine.
+LAG_LIMIT = 0.02
+#: Interval of the event-loop lag probe.
+LAG_TICK = 0.01
 #: Share of its cores a client may use before it is called saturated.
 SATURATED_SHARE = 0.85
 
@@ -77,6 +83,8 @@ class HttpResult:
     saturated: bool
     target_rate: Optional[float] = None
     histogram: Optional[Any] = None
+    #: Python engine: p99 of how late its event loop woke up (ms), the client's own delay.
+    loop_lag_ms: Optional[float] = None
 
     @property
     def rate(self) -> float:
@@ -85,8 +93,11 @@ class HttpResult:
     def client_line(self) -> str:
         """One line on the client: which engine, how much CPU, whether it was the limit."""
         used = f"{self.engine} client used {self.client_cores:.2f} of {self.client_threads} core(s)"
+        if self.loop_lag_ms is not None:
+            used += f", its event loop lagged {self.loop_lag_ms:.1f} ms (p99)"
         if self.saturated:
-            return f"{used}: SATURATED, the client was the bottleneck; the server may do more than this"
+            return (f"{used}: SATURATED (or starved of CPU by other work), the client was the bottleneck; "
+                    f"the server may do more than this")
         if self.target_rate and self.rate < 0.95 * self.target_rate:
             return f"{used}: not saturated; the target rate was not reached, so the server (or the path) is the limit"
         return f"{used}: not the bottleneck"
@@ -97,7 +108,7 @@ class HttpResult:
                 "statuses": self.statuses, "errors": self.errors,
                 "latency_ms": {k: round(v, 4) for k, v in self.latency_ms.items()},
                 "client": {"cores": round(self.client_cores, 3), "threads": self.client_threads,
-                           "saturated": self.saturated}}
+                           "saturated": self.saturated, "loop_lag_ms": self.loop_lag_ms}}
 
 
 def wrk_available() -> Optional[str]:
@@ -245,20 +256,32 @@ async def _run_python(load: HttpLoad, tally: Tally) -> HttpResult:
         if writer is not None:
             writer.transport.abort()
 
+    lags = new_histogram()
+
+    async def lag_probe() -> None:  # how late the loop runs a timer: the client's own delay
+        while True:
+            before = loop.time()
+            await asyncio.sleep(LAG_TICK)
+            lags.record_value(max(1, int((loop.time() - before - LAG_TICK) * 1e6)))
+
+    probe = asyncio.ensure_future(lag_probe())
     workers = [asyncio.ensure_future(worker()) for _ in range(load.connections)]
     try:
         await asyncio.gather(*workers)
     finally:
+        probe.cancel()
         for task in workers:
             task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+        await asyncio.gather(probe, *workers, return_exceptions=True)
     wall = max(min(loop.time(), end) - measure_from, 1e-9)
     cores = (time.process_time() - cpu0) / max(loop.time() - started, 1e-9)
     detail = latency_detail(histogram, 1000.0) if histogram.get_total_count() else {}
 
+    lag_p99 = lags.get_value_at_percentile(99.0) / 1e6 if lags.get_total_count() else 0.0
     return HttpResult("python", counted[0], wall, statuses, errors,
                       {k: v for k, v in detail.items() if k != "count"}, percentile_curve(histogram),
-                      cores, 1, cores >= SATURATED_SHARE, load.rate, histogram)
+                      cores, 1, cores >= SATURATED_SHARE or lag_p99 >= LAG_LIMIT, load.rate, histogram,
+                      loop_lag_ms=lag_p99 * 1000)
 
 
 # --------------------------------------------------------------------------- wrk
