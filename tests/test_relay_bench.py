@@ -38,13 +38,15 @@ SHORT = ("--duration", "0.25", "--warmup", "0.05")
 class BenchRelay(RelayProcs):
     """A gateway and an agent ``faults``, with ``--bench`` on a free port or without."""
 
-    def __init__(self, workdir: Path, bench: bool) -> None:
+    def __init__(self, workdir: Path, bench: bool, allow: tuple[str, ...] = ()) -> None:
         self.bench = bench
         self.bench_port = free_port()
+        self.allow = allow
         super().__init__(workdir)
 
     def start_agent(self) -> None:
         extra = ["--bench", "--bench-port", str(self.bench_port)] if self.bench else []
+        extra += [arg for target in self.allow for arg in ("--allow", target)]
         self.agent = self._spawn("agent", "--gateway", f"http://127.0.0.1:{self.port}", "--name", "faults", *extra,
                                  log=self.workdir / "agent.log", env={"RELAY_AGENT_KEY": self.keys["ak"]})
         self.agent_id = wait_for(self.online_agent, what="agent online")
@@ -172,8 +174,11 @@ def test_sigint_mid_run_prints_partial_table_and_leaves_no_process(tmp_path: Pat
 # ----------------------------------------------------------------------------- a gateway and an agent
 
 
-def test_agent_without_bench_is_refused(tmp_path: Path) -> None:
-    procs = BenchRelay(tmp_path, bench=False)
+@pytest.mark.parametrize("allow", [(), ("127.0.0.1:9",)], ids=["loopback-allowed", "allowlist"])
+def test_agent_without_bench_is_refused(tmp_path: Path, allow: tuple[str, ...]) -> None:
+    """Nothing answers on the port (any loopback port allowed), or the gateway refuses
+    the tunnel (the agent's allowlist does not name it): one line either way."""
+    procs = BenchRelay(tmp_path, bench=False, allow=allow)
     try:
         result = relay_bench(*procs.bench_args(), *SHORT, "--repeat", "1", env={"RELAY_KEY": procs.keys["sk"]})
     finally:
