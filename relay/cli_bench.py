@@ -322,7 +322,8 @@ def _run_bench(mode: str, settings: Any, repeat: int, rows: list[str], json_path
     print_report(results, console)
     _write_outputs(results, json_path, plot_path)
     if results.status == "failed":
-        click.echo(f"Error: {results.error}", err=True)
+        during = f"the run stopped during {results.stopped_in}: " if results.stopped_in else ""
+        click.echo(f"Error: {during}{results.error}", err=True)
     return code
 
 

@@ -76,6 +76,13 @@ class Sample:
     limits: list[str] = field(default_factory=list)
 
 
+def _broke(path: BenchPath, what: str, exc: BaseException) -> BenchError:
+    """The error of a stream cut in the middle of a measurement."""
+    how = "reset" if isinstance(exc, ConnectionResetError) else "cut" if isinstance(exc, OSError) else "ended early"
+    return BenchError(f"{path.name}: the {what} stream was {how} mid-measurement "
+                      f"(the agent, its target or the gateway went away)")
+
+
 def new_histogram() -> Any:
     """Microseconds from 1 µs to 100 s, 3 significant digits."""
     return HdrHistogram(1, 100_000_000, 3)
@@ -152,7 +159,7 @@ async def _pull(path: BenchPath, settings: Settings, tally: Tally, count: int) -
         while True:
             data = await reader.read(READ_SIZE)
             if not data:
-                raise BenchError(f"{path.name}: a download stream ended early (the target or the path went away)")
+                raise _broke(path, "download", EOFError())
             per_stream[i] += len(data)
             tally.count += len(data)
             now = loop.time()
@@ -169,7 +176,7 @@ async def _pull(path: BenchPath, settings: Settings, tally: Tally, count: int) -
         for task in done:
             task.result()  # the first failure, if any
     except (ConnectionError, OSError) as exc:
-        raise BenchError(f"{path.name}: a download stream broke: {exc}") from None
+        raise _broke(path, "download", exc) from None
     finally:
         sampler.cancel()
         for task in readers:
@@ -202,14 +209,14 @@ async def _upload(path: BenchPath, settings: Settings, tally: Tally) -> Sample:
         writer.write_eof()
         line = await reader.readline()
     except (ConnectionError, OSError) as exc:
-        raise BenchError(f"{path.name}: the upload stream broke: {exc}") from None
+        raise _broke(path, "upload", exc) from None
     finally:
         sampler.cancel()
         abort(writer)
     elapsed = loop.time() - start
     words = parse_reply(line)
     if not words or words[0] != "done" or len(words) < 2 or not words[1].isdigit():
-        raise BenchError(f"{path.name}: the upload ended without the target's count (the path went away)")
+        raise _broke(path, "upload", EOFError())
     received = int(words[1])
     return Sample(received / elapsed / 1e6, {"bytes": float(received), "sent": float(tally.count)}, series)
 
@@ -235,10 +242,8 @@ async def _latency(path: BenchPath, settings: Settings, tally: Tally) -> Sample:
                 histogram.record_value(max(1, rtt // 1000))
                 if now >= end:
                     break
-    except asyncio.IncompleteReadError:
-        raise BenchError(f"{path.name}: the echo stream ended early (the target or the path went away)") from None
-    except (ConnectionError, OSError) as exc:
-        raise BenchError(f"{path.name}: the echo stream broke: {exc}") from None
+    except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+        raise _broke(path, "echo", exc) from None
     finally:
         abort(writer)
     detail = latency_detail(histogram)

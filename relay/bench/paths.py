@@ -76,7 +76,12 @@ async def open_mode(path: BenchPath, mode: str) -> tuple[asyncio.StreamReader, a
             line = await reader.readline()
     except (OSError, TimeoutError) as exc:
         abort(writer)
-        raise BenchError(f"no answer through {path.name}: {exc or 'timed out'}") from None
+        if isinstance(exc, TimeoutError):
+            why = f"no answer within {ANSWER_TIMEOUT:.0f} s"
+        else:
+            why = f"the connection was {'reset' if isinstance(exc, ConnectionResetError) else 'cut'}"
+        raise BenchError(f"{path.name}: {why} before the bench target answered "
+                         f"(the agent, its target or the gateway is not there)") from None
     except BaseException:
         abort(writer)
         raise
