@@ -272,12 +272,12 @@ def _setup(mode: str, started: list[Any], note: Any, *, compare: tuple[str, ...]
         tcp, http = state.remote.open()
         host = urllib.parse.urlsplit(state.remote.api.base_url).hostname
         path = tunnel_paths(local.procs, tcp=tcp, http_url=http["tunnel_url"], via=via, gateway_host=host,
-                            agent=agent_ref, bench_port=bench_port)
+                            agent=agent_ref, bench_port=bench_port, ca_cert=ca_cert)
     else:
         tcp_url = kinds.get("tcp")
         path = tunnel_paths(local.procs, tcp={"tunnel_url": tcp_url} if tcp_url else None,
                             http_url=kinds.get("http"), via="ws", gateway_host=None, agent="behind the tunnel",
-                            bench_port=bench_port)
+                            bench_port=bench_port, ca_cert=ca_cert)
     return [path], state
 
 

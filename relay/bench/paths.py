@@ -102,10 +102,13 @@ async def probe(path: BenchPath, refusal: str) -> None:
     abort(writer)
 
 
-def probe_http(url: str, refusal: str, timeout: float = ANSWER_TIMEOUT) -> None:
+def probe_http(url: str, refusal: str, timeout: float = ANSWER_TIMEOUT, ca_cert: object = None) -> None:
     """``GET url``; BenchRefused unless the bench target answers (its marker header)."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert is not None else None
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
             if resp.headers.get(HTTP_MARKER) is None:
                 raise BenchRefused(f"{refusal} (HTTP {resp.status} from something else)")
     except urllib.error.HTTPError as exc:

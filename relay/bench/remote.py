@@ -24,9 +24,10 @@ __all__ = ["RemoteTunnels", "start_connect", "tunnel_paths"]
 HUB_TIMEOUT = 3.0
 
 
-def start_connect(procs: Processes, tunnel_url: str) -> tuple[str, int]:
+def start_connect(procs: Processes, tunnel_url: str, ca_cert: Any = None) -> tuple[str, int]:
     """Run ``relay connect TUNNEL_URL`` on a free local port; its address."""
-    procs.relay("connect", "connect", tunnel_url, "--listen", "127.0.0.1:0", "--log-level", "warning")
+    extra = ["--ca-cert", str(ca_cert)] if ca_cert is not None else []
+    procs.relay("connect", "connect", tunnel_url, "--listen", "127.0.0.1:0", "--log-level", "warning", *extra)
     found = procs.wait_for("connect", r"listening on ([\d.]+):(\d+)", "listen")
     return found.group(1), int(found.group(2))
 
@@ -102,7 +103,7 @@ def _hub_reachable(host: str, port: int, agent: str, bench_port: int) -> bool:
 
 
 def tunnel_paths(procs: Processes, *, tcp: Optional[dict[str, Any]], http_url: Optional[str], via: str,
-                 gateway_host: Optional[str], agent: str, bench_port: int) -> BenchPath:
+                 gateway_host: Optional[str], agent: str, bench_port: int, ca_cert: Any = None) -> BenchPath:
     """The ``relay`` path through these tunnels, probed; BenchRefused if it does not
     end at a bench target."""
     address: Optional[tuple[str, int]] = None
@@ -119,14 +120,15 @@ def tunnel_paths(procs: Processes, *, tcp: Optional[dict[str, Any]], http_url: O
                 raise BenchError(f"the hub port {gateway_host}:{hub_port} is not reachable from here, or its agent "
                                  f"serves no bench target (try --via ws; {refusal})")
         if address is None:
-            address = start_connect(procs, tcp["tunnel_url"])
+            address = start_connect(procs, tcp["tunnel_url"], ca_cert)
             processes["connect"] = procs.procs["connect"].pid
             how.append(f"bytes through relay connect (a WebSocket to {_safe(tcp['tunnel_url'])})")
     path = BenchPath("relay", "; ".join(how), address, http_url, processes)
     if address is not None:
         asyncio.run(probe(path, refusal))
     if http_url is not None:
-        probe_http(http_url, f"the http tunnel {_safe(http_url)} does not lead to a bench target: {refusal}")
+        probe_http(http_url, f"the http tunnel {_safe(http_url)} does not lead to a bench target: {refusal}",
+                   ca_cert=ca_cert)
         path.how = "; ".join([*how, f"HTTP through {_safe(http_url)}"])
     return path
 
