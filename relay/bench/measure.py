@@ -68,8 +68,8 @@ class Sample:
 
     value: float
     detail: dict[str, float] = field(default_factory=dict)
-    #: Throughput (bytes/s) every SERIES_STEP seconds, for bulk rows.
-    series: list[float] = field(default_factory=list)
+    #: ``(seconds, bytes/s)`` about every SERIES_STEP seconds, for bulk rows.
+    series: list[tuple[float, float]] = field(default_factory=list)
     #: The latency histogram (microseconds), for latency rows.
     histogram: Optional[Any] = None
     #: Notes from the measurement itself (e.g. the HTTP client was saturated).
@@ -102,12 +102,17 @@ def latency_detail(histogram: Any, scale: float = 1.0) -> dict[str, float]:
     return detail
 
 
-async def _sample_series(tally: Tally, series: list[float]) -> None:
+async def _sample_series(tally: Tally, series: list[tuple[float, float]]) -> None:
+    """``(seconds since the start, bytes/s)`` every SERIES_STEP, from the clock, not from
+    the step: a busy loop wakes up late."""
+    loop = asyncio.get_running_loop()
+    start = last_at = loop.time()
     last = tally.count
     while True:
         await asyncio.sleep(SERIES_STEP)
-        series.append((tally.count - last) / SERIES_STEP)
-        last = tally.count
+        now = loop.time()
+        series.append((now - start, (tally.count - last) / max(now - last_at, 1e-9)))
+        last, last_at = tally.count, now
 
 
 async def _watch(body: Awaitable[Sample], tally: Tally, what: str) -> Sample:
@@ -151,7 +156,7 @@ async def _pull(path: BenchPath, settings: Settings, tally: Tally, count: int) -
     start = loop.time()
     measure_from = start + settings.warmup
     end = measure_from + settings.duration
-    series: list[float] = []
+    series: list[tuple[float, float]] = []
     at_start = [0] * count
 
     async def read(i: int, reader: asyncio.StreamReader) -> None:
@@ -197,7 +202,7 @@ async def _pull(path: BenchPath, settings: Settings, tally: Tally, count: int) -
 async def _upload(path: BenchPath, settings: Settings, tally: Tally) -> Sample:
     reader, writer = await open_mode(path, "sink")
     loop = asyncio.get_running_loop()
-    series: list[float] = []
+    series: list[tuple[float, float]] = []
     sampler = asyncio.ensure_future(_sample_series(tally, series))
     start = loop.time()
     end = start + settings.warmup + settings.duration

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from relay.bench.measure import SERIES_STEP, percentile_curve
+from relay.bench.measure import percentile_curve
 from relay.bench.runner import Results
 
 __all__ = ["PLOT_SIZE", "write_plot"]
@@ -29,18 +29,21 @@ def write_plot(results: Results, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=PLOT_SIZE, dpi=DPI)
     try:
+        # A colour per row, a line style per path: the relay and its peers side by side.
+        colours = {row: f"C{i}" for i, row in enumerate(_BULK_ROWS)}
+        styles = {path.name: style for path, style in zip(results.paths, ("-", "--", ":", "-."), strict=False)}
         for (row, name), result in results.rows.items():
             if row not in _BULK_ROWS or not result.samples or not result.samples[-1].series:
                 continue
             series = result.samples[-1].series
-            left.plot([SERIES_STEP * (i + 1) for i in range(len(series))], [v / 1e6 for v in series],
-                      label=f"{row} · {name}")
+            left.plot([t for t, _ in series], [v / 1e6 for _, v in series],
+                      color=colours[row], linestyle=styles.get(name, "-"), label=f"{row} · {name}")
         left.set_title("throughput over time (last repetition)")
         left.set_xlabel("seconds")
         left.set_ylabel("MB/s")
         left.grid(True, alpha=0.3)
         if left.get_legend_handles_labels()[0]:
-            left.legend(fontsize="small")
+            left.legend(fontsize="x-small", ncol=3)
 
         for (row, name), result in results.rows.items():
             if row != "latency":
@@ -48,7 +51,8 @@ def write_plot(results: Results, path: Path) -> None:
             curve = [(p, us) for p, us in percentile_curve(result.histogram()) if p < 100.0]
             if curve:
                 right.plot([1.0 / (1.0 - p / 100.0) for p, _ in curve], [us for _, us in curve],
-                           marker=".", label=f"echo {results.settings.message_size} B · {name}")
+                           marker=".", linestyle=styles.get(name, "-"),
+                           label=f"echo {results.settings.message_size} B · {name}")
         right.set_xscale("log")
         right.set_yscale("log")
         right.set_xticks([1.0 / (1.0 - p / 100.0) for p in _TICKS], [f"p{p:g}" for p in _TICKS])
