@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -144,6 +145,15 @@ def test_local_end_to_end_with_ssh_json_and_plot(tmp_path: Path) -> None:
 
     image = imread(plot_path)
     assert image.shape[:2] == (int(PLOT_SIZE[1] * DPI), int(PLOT_SIZE[0] * DPI))
+
+
+def test_local_via_relay_connect(tmp_path: Path) -> None:
+    result = relay_bench("--local", "--via", "ws", *SHORT, "--repeat", "1", "--rows", "download,connect")
+    assert result.returncode == 0, result.stderr
+    assert set(table_rows(result.stdout)) == {(row, path) for row in ("download", "connect")
+                                               for path in ("relay", "direct")}
+    assert "client → relay connect → WebSocket" in result.stdout
+    assert re.search(r"│ .*connect \d+\.\d\d", result.stdout), result.stdout  # its CPU time is counted
 
 
 def test_sigint_mid_run_prints_partial_table_and_leaves_no_process(tmp_path: Path) -> None:
