@@ -350,3 +350,58 @@ def test_agent_bench_port_taken_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("Error: --bench cannot listen"), result.stderr
 
+
+
+# ----------------------------------------------------------------------------- the agent's target
+
+
+def test_bench_target_speaks_its_protocol() -> None:
+    """relay.agent.bench on a real socket: hello, sink's count, echo, the HTTP routes,
+    and anything else answered as HTTP (never as a command)."""
+    import asyncio
+
+    from relay.agent.bench import BenchTarget
+    from relay.bench_protocol import HTTP_MARKER, command, parse_reply
+
+    async def scenario() -> None:
+        target = await BenchTarget.start("127.0.0.1", 0)
+        try:
+            async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                return await asyncio.open_connection("127.0.0.1", target.port)
+
+            reader, writer = await connect()
+            writer.write(command("hello"))
+            assert parse_reply(await reader.readline()) == ["ok", "1"]
+            assert await reader.read() == b""  # and closed
+
+            reader, writer = await connect()
+            writer.write(command("sink") + b"x" * 3_000_000)
+            writer.write_eof()
+            assert parse_reply(await reader.readline()) == ["ok", "1"]
+            assert parse_reply(await reader.readline()) == ["done", "3000000"]
+            writer.close()
+
+            reader, writer = await connect()
+            writer.write(command("echo"))
+            await reader.readline()
+            for size in (1, 64, 100_000):
+                writer.write(b"e" * size)
+                assert await reader.readexactly(size) == b"e" * size
+            writer.close()
+
+            reader, writer = await connect()
+            writer.write(b"GET /bytes/100000 HTTP/1.1\r\nHost: t\r\n\r\n"
+                         b"POST /sink HTTP/1.1\r\nHost: t\r\nContent-Length: 7\r\n\r\npayload"
+                         b"GET /nope HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 10)
+            assert answer.count(f"{HTTP_MARKER}: 1".encode()) == 3
+            assert b"Content-Length: 100000\r\n" in answer and b"\r\n\r\n7\n" in answer
+            assert answer.rstrip().endswith(b"not found")
+
+            reader, writer = await connect()
+            writer.write(b"RELAY-BENCH/1 rm -rf\n\r\n")  # not a command: HTTP, and bad HTTP
+            assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 400 ")
+        finally:
+            target.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
