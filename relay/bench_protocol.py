@@ -40,8 +40,6 @@ MODES = ("hello", "source", "sink", "echo")
 HTTP_MARKER = "X-Relay-Bench"
 #: Largest ``GET /bytes/N`` the target serves (a typo must not stream forever).
 MAX_HTTP_BYTES = 1 << 30
-#: Longest command or reply line, newline included.
-MAX_LINE = 128
 
 
 def command(mode: str) -> bytes:

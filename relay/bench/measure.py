@@ -58,7 +58,6 @@ class Tally:
 
     kind: str = "bytes"
     count: int = 0
-    started: float = field(default_factory=time.monotonic)
 
 
 @dataclass
