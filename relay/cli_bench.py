@@ -411,10 +411,13 @@ def _parse_header(ctx: click.Context, param: Any, values: tuple[str, ...]) -> li
 @click.option("-d", "--data", "body", default="", metavar="TEXT", help="Request body (Python engine).")
 @click.option("--engine", type=click.Choice(["auto", "wrk", "python"]), default="auto", show_default=True,
               help="auto: wrk when installed and flat out (wrk has no target rate), else Python.")
+@click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), envvar="RELAY_CA_CERT",
+              show_envvar=True, help="Trust this CA (PEM) for an https URL (Python engine; wrk verifies nothing).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), callback=_writable, metavar="FILE",
               help="Also write the result as JSON.")
 def bench_http(url: str, connections: int, rate: Optional[float], duration: float, warmup: float, method: str,
-               headers: list[tuple[str, str]], body: str, engine: str, json_path: Optional[Path]) -> None:
+               headers: list[tuple[str, str]], body: str, engine: str, json_path: Optional[Path],
+               ca_cert: Optional[Path] = None) -> None:
     """Load-test URL: CONNECTIONS keep-alive connections, flat out or at --rate.
 
     URL is any http(s) URL: a tunnel URL, a share URL, a service proxy path
@@ -457,7 +460,8 @@ def bench_http(url: str, connections: int, rate: Optional[float], duration: floa
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         load = HttpLoad(url, connections=connections, duration=duration, warmup=warmup, rate=rate, method=method,
-                        headers=headers, body=body.encode(), engine=engine, stop=stop)
+                        headers=headers, body=body.encode(), engine=engine, stop=stop,
+                        ca_cert=str(ca_cert) if ca_cert is not None else None)
         tally = Tally("ops")
         display.begin("http", "url", 0, 1, tally, Settings(duration=duration, warmup=warmup))
         try:

@@ -405,3 +405,49 @@ def test_bench_target_speaks_its_protocol() -> None:
             target.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_bench_http_https_with_a_private_ca(tmp_path: Path) -> None:
+    """--ca-cert: the Python client verifies the server against that CA; without it the
+    certificate is refused and nothing is counted as an answer."""
+    import http.server
+    import ssl
+    import threading
+
+    import trustme
+
+    ca = trustme.CA()
+    ca_pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/"
+    try:
+        out = tmp_path / "tls.json"
+        trusted = relay_bench("http", url, "--engine", "python", "-c", "2", "--duration", "0.3", "--ca-cert", str(ca_pem),
+                              "--json", str(out))
+        assert trusted.returncode == 0, trusted.stderr
+        assert set(json.loads(out.read_text())["statuses"]) == {"200"}
+        untrusted = relay_bench("http", url, "--engine", "python", "-c", "2", "--duration", "0.3",
+                                env={"RELAY_CA_CERT": ""})
+        assert untrusted.returncode == 1 and "no HTTP request" in untrusted.stderr, untrusted.stderr
+    finally:
+        server.shutdown()
+        server.server_close()

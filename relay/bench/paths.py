@@ -42,6 +42,8 @@ class BenchPath:
     http_url: Optional[str] = None
     #: Local processes carrying this path, by role (``gateway``, ``agent``, ...): pids.
     processes: dict[str, int] = field(default_factory=dict)
+    #: A private CA (PEM) for an https ``http_url``.
+    ca_cert: Optional[str] = None
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "how": self.how, "tcp": f"{self.tcp[0]}:{self.tcp[1]}" if self.tcp else None,

@@ -123,7 +123,8 @@ def tunnel_paths(procs: Processes, *, tcp: Optional[dict[str, Any]], http_url: O
             address = start_connect(procs, tcp["tunnel_url"], ca_cert)
             processes["connect"] = procs.procs["connect"].pid
             how.append(f"bytes through relay connect (a WebSocket to {_safe(tcp['tunnel_url'])})")
-    path = BenchPath("relay", "; ".join(how), address, http_url, processes)
+    path = BenchPath("relay", "; ".join(how), address, http_url, processes,
+                     ca_cert=str(ca_cert) if ca_cert is not None else None)
     if address is not None:
         asyncio.run(probe(path, refusal))
     if http_url is not None:

@@ -196,7 +196,7 @@ async def run_rows(results: Results, rows: list[str], display: Any,
                 if row == "http":
                     assert path.http_url is not None
                     load = HttpLoad(path.http_url, connections=settings.concurrency, duration=settings.duration,
-                                    warmup=settings.warmup)
+                                    warmup=settings.warmup, ca_cert=path.ca_cert)
                     http = await run_http_load(load, tally)
                     sample = Sample(http.rate, {**http.latency_ms,
                                                 "ok_share": _ok_share(http.statuses, http.requests)})
