@@ -348,210 +348,6 @@ def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: 
 
 # --------------------------------------------------------------------------- connect
 
-#: Largest WebSocket message accepted from the gateway by ``relay connect``.
-CONNECT_MAX_MESSAGE = 16 * 1024 * 1024
-#: How long a finished connection waits for the gateway's closing handshake, and for
-#: its local client to take the last bytes.
-CONNECT_CLOSE_TIMEOUT = 5.0
-
-
-class _TunnelReset(Exception):
-    """The byte stream was cut: the gateway reset it, or the WebSocket failed."""
-
-
-class _LocalReset(Exception):
-    """The local connection was reset (or writing to it failed)."""
-
-
-async def _ws_bridge(url: str, ssl_context: Any, local_reader: asyncio.StreamReader,
-                     local_writer: asyncio.StreamWriter) -> None:
-    """Carry one local TCP connection over one WebSocket to a TCP tunnel's URL, with
-    the convention of relay.ws.tcp_tunnel (docs/PROTOCOL.md section 14):
-
-    * bytes both ways as binary messages, with backpressure both ways (a side is read
-      only while the other takes what was read);
-    * local EOF is the text message ``EOF`` (the gateway ends the stream after the
-      bytes before it, and the reply keeps coming); ``EOF`` from the gateway is
-      ``shutdown(SHUT_WR)`` of the local connection;
-    * the gateway's close 1000 (once both directions ended) closes the local connection
-      after its last byte;
-    * a reset, either way, is never a clean end: a local reset (or a failed local write)
-      is close 4000 to the gateway, which resets the stream; close 4000 (or any other
-      code, a close 1000 before our upload ended, or a WebSocket that breaks without a
-      closing handshake) aborts the local connection with a TCP RST.
-    """
-    from urllib.parse import urlsplit
-
-    from relay.aio.stream import abort_with_reset
-    from relay.ws import (
-        CloseCode,
-        FrameParser,
-        Opcode,
-        WebSocketProtocolError,
-        encode_close_payload,
-        encode_frame,
-        parse_close,
-    )
-    from relay.ws.handshake import ClientHandshake
-    from relay.ws.tcp_tunnel import CLOSE_RESET, EOF_MESSAGE
-
-    split = urlsplit(url)
-    tls = split.scheme == "wss"
-    port = split.port or (443 if tls else 80)
-    handshake = ClientHandshake(split.netloc, split.path or "/")
-    try:
-        ws_reader, ws_writer = await asyncio.open_connection(
-            split.hostname, port, ssl=(ssl_context or True) if tls else None)
-    except BaseException:
-        abort_with_reset(local_writer.transport)  # no tunnel: the client must not see an end
-        raise
-    eof_sent = False
-    close_sent = False
-    clean = False
-
-    def send_close(code: int, reason: str = "") -> None:
-        nonlocal close_sent
-        if not close_sent and not ws_writer.is_closing():
-            close_sent = True
-            ws_writer.write(encode_frame(Opcode.CLOSE, encode_close_payload(code, reason), mask=True))
-
-    try:
-        ws_writer.write(handshake.request_bytes())
-        accepted = None
-        while accepted is None:
-            accepted = handshake.receive_data(await ws_reader.read(65536))
-        parser = FrameParser(CONNECT_MAX_MESSAGE, False)
-
-        async def upstream() -> None:  # local -> WebSocket
-            nonlocal eof_sent
-            while True:
-                try:
-                    data = await local_reader.read(256 * 1024)
-                except ConnectionError as exc:
-                    raise _LocalReset(str(exc) or type(exc).__name__) from None
-                if not data:
-                    break
-                ws_writer.write(encode_frame(Opcode.BINARY, data, mask=True))
-                await ws_writer.drain()
-            eof_sent = True  # before the drain: the gateway may answer before it returns
-            ws_writer.write(encode_frame(Opcode.TEXT, EOF_MESSAGE, mask=True))
-            await ws_writer.drain()
-
-        async def write_local(data: Any) -> None:
-            try:
-                local_writer.write(data)
-                await local_writer.drain()
-            except ConnectionError as exc:
-                raise _LocalReset(str(exc) or type(exc).__name__) from None
-
-        async def downstream() -> None:  # WebSocket -> local; returns at a clean end
-            messages = parser.feed(accepted.leftover)
-            while True:
-                for opcode, payload in messages:
-                    if opcode == Opcode.BINARY:
-                        if payload:
-                            await write_local(payload)
-                    elif opcode == Opcode.TEXT:
-                        if bytes(payload) != EOF_MESSAGE:
-                            send_close(CloseCode.UNSUPPORTED_DATA)
-                            raise _TunnelReset("unexpected text message from the gateway")
-                        if local_writer.can_write_eof() and not local_writer.is_closing():
-                            try:
-                                local_writer.write_eof()
-                            except OSError as exc:
-                                raise _LocalReset(str(exc)) from None
-                    elif opcode == Opcode.PING:
-                        ws_writer.write(encode_frame(Opcode.PONG, payload, mask=True))
-                    elif opcode == Opcode.CLOSE:
-                        code, reason = parse_close(payload)
-                        send_close(CloseCode.NORMAL if code == CloseCode.NORMAL else code, reason)
-                        if code == CloseCode.NORMAL and eof_sent:
-                            return
-                        raise _TunnelReset(f"the gateway closed the tunnel with {code}"
-                                           f"{': ' + reason if reason else ''}")
-                try:
-                    data = await ws_reader.read(256 * 1024)
-                except ConnectionError as exc:
-                    raise _TunnelReset(f"the gateway connection failed: {exc}") from None
-                if not data:
-                    raise _TunnelReset("the gateway connection ended without a closing handshake")
-                messages = parser.feed(data)
-
-        up = asyncio.ensure_future(upstream())
-        down = asyncio.ensure_future(downstream())
-        try:
-            pending: set[asyncio.Future] = {up, down}
-            while down in pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                if up in done:
-                    up.result()  # an upload that failed ends the connection at once
-            down.result()
-            clean = True
-        finally:
-            up.cancel()
-            down.cancel()
-    except _LocalReset as exc:
-        send_close(CLOSE_RESET, f"local connection reset: {exc}")
-        abort_with_reset(local_writer.transport)
-        raise
-    except BaseException as exc:  # _TunnelReset, a broken WebSocket, cancellation (stopping)
-        if isinstance(exc, WebSocketProtocolError):
-            send_close(exc.close_code, str(exc))
-        elif isinstance(exc, asyncio.CancelledError):
-            send_close(CloseCode.GOING_AWAY, "relay connect stopping")
-        abort_with_reset(local_writer.transport)
-        raise
-    finally:
-        if clean:
-            local_writer.close()  # after the last byte
-            try:
-                async with asyncio.timeout(CONNECT_CLOSE_TIMEOUT):
-                    await local_writer.wait_closed()
-            except (TimeoutError, ConnectionError):
-                abort_with_reset(local_writer.transport)
-        ws_writer.close()
-
-
-async def run_connect(url: str, host: str, port: int, *, ssl_context: Any = None,
-                      echo: Any = print, stop: Optional[asyncio.Event] = None) -> None:
-    """Listen on ``host:port``; every local connection becomes one WebSocket (one stream
-    to the tunnel's target) to the TCP tunnel URL ``url``. Runs until ``stop``/SIGINT."""
-    import signal
-
-    log = logging.getLogger("relay.connect")
-    active: set[asyncio.Task] = set()
-
-    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        active.add(task)
-        try:
-            await _ws_bridge(url, ssl_context, reader, writer)
-        except _LocalReset as exc:
-            log.info("local connection reset: %s", exc)
-        except Exception as exc:  # one failed connection must not end the others
-            # (the local connection was reset already: a failure is never a clean end)
-            log.warning("tunnel connection failed: %s", exc)
-        finally:
-            active.discard(task)
-
-    server = await asyncio.start_server(on_client, host, port)
-    bound = server.sockets[0].getsockname()
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
-    echo(f"relay connect listening on {bound[0]}:{bound[1]} -> {url.split('/tunnel/')[0]}/tunnel/…")
-    try:
-        await stop.wait()
-    finally:
-        server.close()
-        for task in list(active):
-            task.cancel()
-
 
 @main.command()
 @click.argument("tunnel_url")
@@ -559,6 +355,10 @@ async def run_connect(url: str, host: str, port: int, *, ssl_context: Any = None
               help="Local address to accept connections on (port 0: any free port).")
 @click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               envvar="RELAY_CA_CERT", show_envvar=True, help="Trust this CA (PEM) for a wss:// tunnel URL.")
+@click.option("--mode", type=click.Choice(("auto", "mux", "plain")), default="auto", show_default=True,
+              envvar="RELAY_CONNECT_MODE", show_envvar=True,
+              help="mux: one multiplexed WebSocket carries every connection (a stream each); plain: one "
+                   "WebSocket per connection; auto: mux, or plain against a gateway that lacks it.")
 @click.option("--udp", is_flag=True, default=False,
               help="Reach a udp tunnel: listen for datagrams on --listen; each local flow "
                    "(client address) is one WebSocket to TUNNEL_URL (.../udp).")
@@ -566,12 +366,13 @@ async def run_connect(url: str, host: str, port: int, *, ssl_context: Any = None
               metavar="SECONDS", help="With --udp: a flow ends after this long without a datagram.")
 @_log_option
 def connect(tunnel_url: str, listen: str, ca_cert: Optional[Path], udp: bool, idle_timeout: float,
-            log_level: str) -> None:
+            log_level: str, mode: str = "auto") -> None:
     """Reach a TCP tunnel: every connection to --listen becomes one stream to its target.
 
-    TUNNEL_URL is the ws(s)://.../tunnel/TOKEN/tcp URL the tunnel API returned. With
-    --udp, the .../tunnel/TOKEN/udp URL of a udp tunnel: every local flow of datagrams
-    becomes one flow to its target (docs/PROTOCOL.md section 16.2).
+    TUNNEL_URL is the ws(s)://.../tunnel/TOKEN/tcp URL the tunnel API returned. By
+    default one multiplexed WebSocket to it carries every connection, reopened if it
+    drops (docs/PROTOCOL.md section 14). With --udp, the .../tunnel/TOKEN/udp URL of a
+    udp tunnel: every local flow of datagrams becomes one flow to its target (section 16.2).
     """
     kind = "udp" if udp else "tcp"
     if not tunnel_url.startswith(("ws://", "wss://")) or "/tunnel/" not in tunnel_url:
@@ -590,7 +391,13 @@ def connect(tunnel_url: str, listen: str, ca_cert: Optional[Path], udp: bool, id
             _run(run_connect_udp(tunnel_url, host, port, ssl_context=context, idle_timeout=idle_timeout,
                                  echo=lambda line: click.echo(line)))
         else:
-            _run(run_connect(tunnel_url, host, port, ssl_context=context, echo=lambda line: click.echo(line)))
+            from relay.connect_tcp import TunnelUnavailable, run_connect
+
+            try:
+                _run(run_connect(tunnel_url, host, port, ssl_context=context, mode=mode,
+                                 echo=lambda line: click.echo(line)))
+            except TunnelUnavailable as exc:
+                raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     except KeyboardInterrupt:

@@ -9,7 +9,12 @@ from relay.aio.session import MuxSession
 from relay.aio.transport import WebSocketTransport
 from relay.ws.handshake import ClientHandshake, HandshakeError
 
-__all__ = ["WebSocketUpgrade"]
+__all__ = ["SubprotocolDeclined", "WebSocketUpgrade"]
+
+
+class SubprotocolDeclined(HandshakeError):
+    """The server upgraded without the subprotocol the session needs (a server that
+    does not speak it); the WebSocket was closed (1000) before anything was sent on it."""
 
 
 class WebSocketUpgrade(asyncio.Protocol):
@@ -17,11 +22,15 @@ class WebSocketUpgrade(asyncio.Protocol):
     session (synchronously, in ``data_received``, so no byte can fall in between).
 
     ``done`` resolves once the session carries the connection, or fails with the
-    :class:`HandshakeError` or the connection's loss."""
+    :class:`HandshakeError` or the connection's loss. With ``require_subprotocol`` an
+    upgrade without that subprotocol fails with :class:`SubprotocolDeclined` instead, and
+    the session never writes on that WebSocket."""
 
-    def __init__(self, handshake: ClientHandshake, session: MuxSession) -> None:
+    def __init__(self, handshake: ClientHandshake, session: MuxSession, *,
+                 require_subprotocol: Optional[str] = None) -> None:
         self._handshake = handshake
         self._session = session
+        self._require = require_subprotocol
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._transport: Optional[asyncio.Transport] = None
 
@@ -52,6 +61,14 @@ class WebSocketUpgrade(asyncio.Protocol):
         except HandshakeError as exc:
             self.done.set_exception(exc)
             transport.close()
+            return
+        if accepted is not None and self._require is not None and accepted.subprotocol != self._require:
+            from relay.ws import CloseCode, Opcode, encode_close_payload, encode_frame
+
+            transport.write(encode_frame(Opcode.CLOSE, encode_close_payload(CloseCode.NORMAL), mask=True))
+            transport.close()
+            self.done.set_exception(SubprotocolDeclined(
+                f"the server does not speak the subprotocol {self._require}", 101))
             return
         if accepted is not None:
             WebSocketTransport.attach(transport, self._session, client=True,

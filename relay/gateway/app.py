@@ -55,6 +55,7 @@ from relay.mux.connection import MuxConfig
 from relay.mux.datagrams import DEFAULT_IDLE_TIMEOUT
 from relay.mux.errors import ErrorCode
 from relay.ws.handshake import HandshakeError, accept_response, parse_upgrade_request, reject_response
+from relay.ws.tcp_tunnel import MUX_SUBPROTOCOL
 
 __all__ = ["AGENT_PATH", "Gateway", "run_gateway"]
 
@@ -422,9 +423,11 @@ class Gateway:
         """``GET /tunnel/{token}/tcp`` (a raw route, called at headers time).
 
         For a tcp tunnel, the TCP-over-WS relay at its ``tunnel_url``: the token in the URL
-        is the credential; each WebSocket connection becomes one stream to the target. For
-        anything else the path is an HTTP tunnel's own ``/tcp``: the connection is proxied
-        like every other path of the tunnel (unknown or closed tokens get its 404)."""
+        is the credential; each WebSocket connection becomes one stream to the target, or,
+        offered the subprotocol ``relay.mux.v1`` (``relay connect``), carries a mux session
+        whose every stream is one (relay.gateway.agents.tunnel_mux). For anything else the
+        path is an HTTP tunnel's own ``/tcp``: the connection is proxied like every other path
+        of the tunnel (unknown or closed tokens get its 404)."""
         row = await self.store.get_tunnel_session_by_token(request.params["token"])
         if row is None or row.protocol != protocol:
             transport, data = request.take_over_raw()
@@ -449,6 +452,11 @@ class Gateway:
             raise HttpError(exc.status_code, "bad_websocket_upgrade", exc.message,
                             {k.decode(): v.decode() for k, v in exc.headers}) from None
         transport, leftover = request.take_over()
+        if protocol == "tcp" and MUX_SUBPROTOCOL in upgrade.subprotocols:
+            # relay connect: one mux session, a stream per connection (PROTOCOL.md 14.1).
+            transport.write(accept_response(upgrade, subprotocol=MUX_SUBPROTOCOL))
+            self.tunnels.serve_mux(hub, transport, leftover, self._mux_config)
+            return None
         transport.write(accept_response(upgrade))
         self.tunnels.serve_websocket(hub, transport, leftover)
         return None

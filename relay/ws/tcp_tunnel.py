@@ -19,15 +19,22 @@ has not as such, so (docs/PROTOCOL.md section 14):
   ends, and resets the stream (CANCEL) on a reset from the client; ``relay connect``
   aborts its local connection with a TCP RST, and sends 4000 when its local connection
   was reset.
+
+The same URL also speaks the multiplexer (docs/PROTOCOL.md section 14.1): a client that
+offers the WebSocket subprotocol :data:`MUX_SUBPROTOCOL` and gets it back carries one
+mux session on the WebSocket, one stream per TCP connection (``relay connect``).
 """
 from __future__ import annotations
 
-__all__ = ["CLOSE_RESET", "EOF_MESSAGE", "reset_reason"]
+__all__ = ["CLOSE_RESET", "EOF_MESSAGE", "MUX_SUBPROTOCOL", "reset_reason"]
 
 #: Text message payload: "no more bytes from me; keep sending yours" (half-close).
 EOF_MESSAGE = b"EOF"
 #: Close code (private-use range 4000-4999): the byte stream was reset, not ended.
 CLOSE_RESET = 4000
+#: WebSocket subprotocol of a tcp tunnel URL carrying one mux session (many TCP
+#: connections, a stream each) instead of one TCP connection.
+MUX_SUBPROTOCOL = "relay.mux.v1"
 
 
 def reset_reason(exc: object) -> str:

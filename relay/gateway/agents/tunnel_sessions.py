@@ -52,9 +52,10 @@ from relay.aio import MuxSession, SessionClosedError, StreamRefused, StreamSplic
 from relay.aio.stream import MuxStream, abort_with_reset
 from relay.allowlist import allowed_by_list, not_allowed_message, parse_allowlist, parse_host_port
 from relay.gateway.agents import udp_hub
-from relay.gateway.agents.registry import Registry
+from relay.gateway.agents.registry import Registry, end_session
 from relay.gateway.egress import EgressPolicy, is_ip_literal
 from relay.gateway.store import Store, TunnelSession
+from relay.mux.connection import MuxConfig
 from relay.mux.datagrams import DEFAULT_IDLE_TIMEOUT
 from relay.mux.errors import ErrorCode
 from relay.ws.tcp_tunnel import CLOSE_RESET, EOF_MESSAGE, reset_reason
@@ -260,6 +261,8 @@ class TunnelManager:
         #: Seconds without a datagram after which a udp flow ends (relay.mux.datagrams).
         self.udp_idle_timeout = udp_idle_timeout
         self._hubs: dict[str, HubListener] = {}
+        #: relay connect's multiplexed sessions, by tunnel session id.
+        self._mux_sessions: dict[str, set[MuxSession]] = {}
         self._tasks: set[asyncio.Task] = set()
         #: Tunnel connections accepted since start (hub ports and TCP-over-WS).
         self.connections_total = 0
@@ -395,7 +398,7 @@ class TunnelManager:
     def closed_elsewhere(self, session_ids: Iterable[str]) -> None:
         """Another gateway closed these sessions: stop our hub ports for them."""
         for sid in session_ids:
-            self._close_hub(sid)
+            self._close_hub(sid)  # our hub port and our relay connect sessions
 
     async def sessions(self, team_id: str, agent_id: str) -> list[dict[str, Any]]:
         """The agent's open sessions, for the API (no tokens: they are not stored)."""
@@ -444,6 +447,10 @@ class TunnelManager:
         for hub in list(self._hubs.values()):
             self._stop_hub(hub)
         self._hubs.clear()
+        for sessions in list(self._mux_sessions.values()):
+            for session in list(sessions):
+                session.abort(ErrorCode.GOING_AWAY, "gateway shutting down")
+        self._mux_sessions.clear()
         for task in list(self._tasks):
             task.cancel()
 
@@ -504,8 +511,20 @@ class TunnelManager:
         return splice  # type: ignore[return-value]  # a duck-typed protocol (see above)
 
     def _splice(self, hub: HubListener) -> Optional[StreamSplice]:
-        """Open a stream to the tunnel's target; None if the agent is not connected, the
-        target loops into the gateway, or the hub port is full (module docstring)."""
+        """Open a stream to the tunnel's target and its splice; None if it cannot be
+        opened (:meth:`open_target_stream`)."""
+        stream = self.open_target_stream(hub)
+        if stream is None:
+            return None
+        splice = _HubSplice(stream, hub)
+        self._watch(hub, stream)
+        return splice
+
+    def open_target_stream(self, hub: HubListener) -> Optional[MuxStream]:
+        """Open a stream to the tunnel's target, counted as one of the hub's connections;
+        None if the agent is not connected, the target loops into the gateway, or the hub
+        port is full (module docstring; the reason is kept as ``hub.last_error``). The
+        caller makes it one of ``hub.splices`` (:class:`_HubSplice`)."""
         agent = self._registry.get(hub.team_id, hub.agent_id)
         if agent is None:
             hub.last_error = "agent offline"
@@ -530,20 +549,23 @@ class TunnelManager:
             return None
         hub.connections += 1
         self.connections_total += 1
-        splice = _HubSplice(stream, hub)
-        self._watch(hub, stream)
-        return splice
+        return stream
 
-    def _watch(self, hub: HubListener, stream: MuxStream) -> None:
-        """Keep why the agent refuses ``stream``, if it does (a task until its answer)."""
-        task = asyncio.get_running_loop().create_task(self._watch_answer(hub, stream))
+    def _watch(self, hub: HubListener, stream: MuxStream,
+               on_accepted: Optional[Callable[[], None]] = None) -> None:
+        """Keep why the agent refuses ``stream``, if it does, else call ``on_accepted``
+        (a task until its answer)."""
+        task = asyncio.get_running_loop().create_task(self._watch_answer(hub, stream, on_accepted))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _watch_answer(self, hub: HubListener, stream: MuxStream) -> None:
+    async def _watch_answer(self, hub: HubListener, stream: MuxStream,
+                            on_accepted: Optional[Callable[[], None]] = None) -> None:
         """Log why the agent refused a stream (the splice already aborted the client)."""
         try:
             await stream.wait_accepted()
+            if on_accepted is not None:
+                on_accepted()
         except StreamRefused as exc:
             try:
                 code = ErrorCode(exc.error_code).name
@@ -561,6 +583,37 @@ class TunnelManager:
         if hub is not None:
             self._stop_hub(hub)
             log.info("%s tunnel %s closed (hub port %d)", hub.protocol, session_id, hub.port)
+        for session in self._mux_sessions.pop(session_id, ()):
+            end_session(session, ErrorCode.NOT_ALLOWED, "the tunnel was closed")
+
+    # -- relay connect's multiplexed sessions (relay.gateway.agents.tunnel_mux)
+
+    def serve_mux(self, hub: HubListener, transport: asyncio.Transport, leftover: bytes,
+                  config: Optional[MuxConfig] = None) -> None:
+        """Run a multiplexed session on a tcp tunnel URL (its 101 with the subprotocol
+        already sent): every stream the client opens is one connection to the target.
+        It ends when the tunnel closes (here or, in a fleet, at another gateway)."""
+        from relay.gateway.agents.tunnel_mux import start_tunnel_mux
+
+        session = start_tunnel_mux(self, hub, transport, leftover, config)
+        sessions = self._mux_sessions.setdefault(hub.session_id, set())
+        sessions.add(session)
+        task = asyncio.get_running_loop().create_task(session.wait_closed())
+        self._tasks.add(task)
+
+        def forget(_: object) -> None:
+            self._tasks.discard(task)
+            live = self._mux_sessions.get(hub.session_id)
+            if live is not None:
+                live.discard(session)
+                if not live:
+                    del self._mux_sessions[hub.session_id]
+
+        task.add_done_callback(forget)
+
+    def mux_sessions(self, session_id: str) -> int:
+        """How many ``relay connect`` sessions run on the tunnel ``session_id`` here."""
+        return len(self._mux_sessions.get(session_id, ()))
 
     @staticmethod
     def _stop_hub(hub: HubListener) -> None:
@@ -581,6 +634,7 @@ class TunnelManager:
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row.created_at)),
             "connections": hub.connections if hub else 0,
             "active_connections": len(hub.splices) if hub else 0,
+            "connect_sessions": self.mux_sessions(row.session_id),
             "last_error": hub.last_error if hub else None,
             **({"udp": hub.udp.as_dict()} if hub is not None and hub.udp is not None else {}),
         }
