@@ -38,13 +38,13 @@ log = logging.getLogger("relay.connect")
 #: ``--mode`` values: auto (multiplexed, plain against an older gateway), mux, plain.
 CONNECT_MODES = ("auto", "mux", "plain")
 #: Seconds a new local connection waits for the multiplexed session (while it is being
-#: opened again) before it is reset.
-SESSION_WAIT = 5.0
+#: opened, at start or again) before it is reset: as long as opening one may take.
+SESSION_WAIT = 15.0
 #: Reconnection backoff of the multiplexed session: first delay, then doubled up to this.
 RECONNECT_INITIAL = 0.1
 RECONNECT_MAX = 5.0
 #: How long opening the session (TCP, TLS, upgrade, SETTINGS) may take.
-HANDSHAKE_TIMEOUT = 15.0
+HANDSHAKE_TIMEOUT = SESSION_WAIT
 #: Metadata of every stream: one TCP connection to the tunnel's target.
 STREAM_METADATA = {"protocol": "tcp"}
 
@@ -72,7 +72,7 @@ class _LocalReset(Exception):
 async def _ws_bridge(url: str, ssl_context: Any, local_reader: asyncio.StreamReader,
                      local_writer: asyncio.StreamWriter) -> None:
     """Carry one local TCP connection over one WebSocket to a TCP tunnel's URL, with
-    the convention of relay.ws.tcp_tunnel (docs/PROTOCOL.md section 14):
+    the convention of relay.ws.tcp_tunnel (docs/PROTOCOL.md section 14.2):
 
     * bytes both ways as binary messages, with backpressure both ways (a side is read
       only while the other takes what was read);

@@ -15,7 +15,9 @@ process, which record how each connection ended: a clean EOF or ECONNRESET.
   port client and at the ``relay connect`` client; the gateway killed mid-upload is
   ECONNRESET at the target (asyncio and trio agents).
 
-docs/PROTOCOL.md section 14 describes the convention these tests hold.
+docs/PROTOCOL.md section 14 describes the convention these tests hold. Every test runs
+through both forms of ``relay connect`` (``--mode mux``: one multiplexed session;
+``--mode plain``: one WebSocket per connection).
 """
 from __future__ import annotations
 
@@ -145,12 +147,13 @@ class EdgeTargets:
 
 
 class RelayConnect:
-    """A ``relay connect TUNNEL_URL --listen 127.0.0.1:0`` process and its local port."""
+    """A ``relay connect TUNNEL_URL --listen 127.0.0.1:0 --mode MODE`` process and its
+    local port."""
 
-    def __init__(self, tunnel_url: str, log: Path) -> None:
+    def __init__(self, tunnel_url: str, log: Path, mode: str = "auto") -> None:
         self.log = log
         self.proc = subprocess.Popen([sys.executable, "-m", "relay", "connect", tunnel_url, "--listen",
-                                      "127.0.0.1:0", "--log-level", "warning"],
+                                      "127.0.0.1:0", "--log-level", "warning", "--mode", mode],
                                      stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         line = wait_for(lambda: re.search(rb"listening on 127\.0\.0\.1:(\d+)", log.read_bytes()),
@@ -169,9 +172,9 @@ class RelayConnect:
 
 class Stack:
     """Gateway + agent processes, the targets, one tcp tunnel to each target (its hub port
-    and a ``relay connect`` on its tunnel URL)."""
+    and a ``relay connect`` on its tunnel URL, in the form ``mode``)."""
 
-    def __init__(self, workdir: Path, backend: str = "asyncio") -> None:
+    def __init__(self, workdir: Path, backend: str = "asyncio", mode: str = "auto") -> None:
         self.workdir = workdir
         self.targets = EdgeTargets()
         self.relay = RelayProcs.__new__(RelayProcs)
@@ -185,7 +188,7 @@ class Stack:
             assert status == 200, body
             self.hub[kind] = body["hub_port"]
             self.tunnel_url[kind] = body["tunnel_url"]
-            self.connect[kind] = RelayConnect(body["tunnel_url"], workdir / f"connect-{kind}.log")
+            self.connect[kind] = RelayConnect(body["tunnel_url"], workdir / f"connect-{kind}.log", mode)
 
     def _start_relay(self, backend: str) -> None:
         relay = self.relay
@@ -210,9 +213,10 @@ class Stack:
         self.targets.close()
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[Stack]:
-    running = Stack(tmp_path_factory.mktemp("edges"))
+@pytest.fixture(scope="module", params=["mux", "plain"])
+def stack(tmp_path_factory, request) -> Iterator[Stack]:
+    """Both forms of ``relay connect``: one multiplexed session, one WebSocket each."""
+    running = Stack(tmp_path_factory.mktemp("edges"), mode=request.param)
     try:
         yield running
     finally:

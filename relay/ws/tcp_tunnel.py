@@ -2,7 +2,7 @@
 
 One WebSocket carries one TCP connection (one mux stream to the tunnel's target). A byte
 stream needs an end (half-close) and an abort (reset) in each direction, which WebSocket
-has not as such, so (docs/PROTOCOL.md section 14):
+has not as such, so (docs/PROTOCOL.md section 14.2):
 
 * **binary** messages carry the bytes; their boundaries mean nothing (an empty one is
   allowed and carries nothing);

@@ -115,7 +115,7 @@ class _HubSplice(StreamSplice):
 class _WsTunnelTransport(WebSocketTransport):
     """The WebSocket end of a TCP-over-WS connection (``relay connect``), as its splice's
     transport: binary messages carry the stream's bytes both ways, and the convention of
-    relay.ws.tcp_tunnel (docs/PROTOCOL.md section 14) carries ends and resets:
+    relay.ws.tcp_tunnel (docs/PROTOCOL.md section 14.2) carries ends and resets:
 
     * the text message ``EOF`` from the client ends the stream (FIN after the bytes
       before it); the agent's end is sent as ``EOF`` (``write_eof``); once both
