@@ -379,6 +379,7 @@ def connect(tunnel_url: str, listen: str, ca_cert: Optional[Path], udp: bool, id
         raise click.BadParameter(f"expected a ws(s)://HOST/tunnel/TOKEN/{kind} URL", param_hint="TUNNEL_URL")
     host, port = _split_host_port(listen, "--listen", allow_zero=True)
     _setup_logging(log_level)
+    raise_nofile_limit()  # every local connection is a socket here
     context = None
     if ca_cert is not None:
         import ssl
