@@ -338,6 +338,33 @@ def test_tcp_hub_port_at_b_reaches_an_agent_held_by_a(fleet, targets):
     assert to_agent and float(to_agent.group(1)) >= 4 * MiB
 
 
+def test_relay_connect_at_c_reaches_an_agent_held_by_a_and_ends_with_the_tunnel(fleet, targets, tmp_path):
+    """relay connect's multiplexed session on gateway c, for a tunnel opened at b to an
+    agent held by a: its streams are forwarded like any; closing the tunnel at b ends
+    the session at c, and relay connect stops with the 404."""
+    from tests.test_stream_edges import RelayConnect
+
+    agent_id = fleet.agent_id("b", "on-a")
+    status, body = fleet.api("b", "POST", f"/api/v1/agents/{agent_id}/tunnel",
+                             {"target_port": targets.echo_port, "tunnel_protocol": "tcp"})
+    assert status == 200, body
+    url = body["tunnel_url"].replace(f":{fleet.port('b')}/", f":{fleet.port('c')}/")
+    connect = RelayConnect(url, tmp_path / "connect.log", "mux")
+    try:
+        echo_checked(connect.port, 2 * MiB)
+        threads = [threading.Thread(target=echo_checked, args=(connect.port, 256 * 1024)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        status, _ = fleet.api("b", "DELETE", f"/api/v1/agents/{agent_id}/tunnel?session_id={body['session_id']}")
+        assert status == 200
+        assert connect.proc.wait(20) != 0
+        assert "HTTP 404" in connect.log.read_text()
+    finally:
+        connect.close()
+
+
 def _from_agent_bytes(fleet: Fleet, gateway: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{fleet.port(gateway)}/metrics", timeout=10) as resp:
         metrics = resp.read().decode()
