@@ -42,7 +42,9 @@ class StreamTransport:
         #: Optional object with ``add_in(n)``/``add_out(n)`` counting bytes each way.
         self._counter = counter
         self._paused = False  # the protocol paused our reading
-        self._queue: deque[Any] = deque()  # received while paused: not acknowledged yet
+        # Received while paused, not acknowledged yet; made on first use (an idle join
+        # should cost little: an empty deque is 600 bytes).
+        self._queue: Optional[deque[Any]] = None
         self._eof_queued = False
         self._out: list[Any] = []  # received in the current batch of events
         self._out_n = 0
@@ -65,7 +67,7 @@ class StreamTransport:
         self._session._unblock_reader(self)
         if self._queue:  # never delivered: give the window back
             self._session._acknowledge(self.stream.stream_id, sum(len(c) for c in self._queue))
-            self._queue.clear()
+            self._queue = None
         protocol, self._protocol = self._protocol, None
         if protocol is not None:
             protocol.connection_lost(exc)
@@ -86,13 +88,15 @@ class StreamTransport:
         self._out_n = 0
         for chunk in out:
             if self._paused or self._queue or self._lost:
+                if self._queue is None:
+                    self._queue = deque()
                 # Kept as bytes: a view would pin the whole received read while we wait.
                 self._queue.append(bytes(chunk) if type(chunk) is memoryview else chunk)
             else:
                 self._deliver(chunk)
         if self._lost and self._queue:
             self._session._acknowledge(self.stream.stream_id, sum(len(c) for c in self._queue))
-            self._queue.clear()
+            self._queue = None
 
     def _deliver(self, chunk: Any) -> None:
         n = len(chunk)
@@ -117,7 +121,7 @@ class StreamTransport:
     def _mux_reset(self, exc: BaseException) -> None:
         self._out = []
         self._out_n = 0
-        self._queue.clear()  # the core credits unacknowledged data back on a reset
+        self._queue = None  # the core credits unacknowledged data back on a reset
         self._connection_lost(exc)
 
     def _try_resume_reading(self) -> bool:
