@@ -43,6 +43,9 @@ SESSION_WAIT = 15.0
 #: Reconnection backoff of the multiplexed session: first delay, then doubled up to this.
 RECONNECT_INITIAL = 0.1
 RECONNECT_MAX = 5.0
+#: A session that lasted this long starts the backoff over; one the gateway ends sooner
+#: is retried with the growing delay (a gateway that drops it at once is not hammered).
+STABLE_SESSION = 5.0
 #: How long opening the session (TCP, TLS, upgrade, SETTINGS) may take.
 HANDSHAKE_TIMEOUT = SESSION_WAIT
 #: Metadata of every stream: one TCP connection to the tunnel's target.
@@ -454,7 +457,7 @@ class MuxConnector:
                 else:
                     self.session = session
                     self.sessions_opened += 1
-                    attempt = 0
+                    opened_at = asyncio.get_running_loop().time()
                     if self.sessions_opened > 1:
                         log.warning("session to the gateway open again")
                     self._release_waiting()
@@ -466,10 +469,12 @@ class MuxConnector:
                     reason = f"the gateway ended it: {goaway.message}" if goaway is not None and goaway.message \
                         else "connection lost"
                     log.warning("session to the gateway ended (%s); its connections were reset", reason)
-                    continue  # at once: the first retry needs no delay
+                    if asyncio.get_running_loop().time() - opened_at >= STABLE_SESSION:
+                        attempt = 0
+                        continue  # at once: the first retry after a good session needs no delay
                 delay = min(RECONNECT_MAX, RECONNECT_INITIAL * 2 ** attempt)
                 attempt += 1
-                log.warning("cannot open a session to the gateway (%s); retrying in %.1fs", reason, delay)
+                log.warning("no session to the gateway (%s); retrying in %.1fs", reason, delay)
                 await asyncio.sleep(delay)
         except BaseException:
             for waiting in list(self._waiting):
