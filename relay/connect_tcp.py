@@ -244,6 +244,10 @@ class _Waiting:
         transport.pause_reading()
         self._connector._waiting.add(self)
         self._timer = asyncio.get_running_loop().call_later(SESSION_WAIT, self.give_up)
+        # The loop calls this an iteration after the factory: the session may have come
+        # up in between, and its release of the waiting connections did not see us.
+        if self._connector.ready():
+            self._connector._release_waiting()
 
     def data_received(self, data: bytes) -> None:
         self._early.append(data)
@@ -321,6 +325,11 @@ class MuxConnector:
         from relay.aio.stream import StreamSplice
 
         return StreamSplice(stream)
+
+    def ready(self) -> bool:
+        """Can a new local connection get its protocol now (a session, or the plain form)?"""
+        session = self.session
+        return self.plain or (session is not None and not session.is_closed and session.goaway_received is None)
 
     def _open_stream(self) -> Any:
         session = self.session

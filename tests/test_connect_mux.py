@@ -517,3 +517,34 @@ def test_sigterm_resets_the_live_connections(tmp_path, rig):
         sock.close()
     finally:
         connect.close()
+
+
+def test_a_connection_accepted_just_before_the_session_came_up_is_served_at_once(tmp_path):
+    """The loop makes a protocol for an accepted connection one iteration before it calls
+    ``connection_made``: a session that comes up in between must serve that connection
+    at once, not leave it waiting until SESSION_WAIT resets it (in process: the gateway,
+    the agent and relay connect's connector on one loop)."""
+    import asyncio
+
+    from relay.connect_tcp import SESSION_WAIT, MuxConnector
+    from tests.test_gateway_e2e import echo_server, gateway_and_team, open_tcp_tunnel, run, running_agent
+
+    async def main() -> None:
+        async with gateway_and_team(tmp_path) as (gw, keys), echo_server() as echo_port:
+            async with running_agent(gw, keys["ak"], name="race") as agent:
+                tunnel = await open_tcp_tunnel(gw, keys["sk"], agent.agent_id, echo_port)
+                connector = MuxConnector(tunnel["tunnel_url"], mode="mux")
+                waiting = connector.protocol()  # no session yet: a waiting protocol
+                connector.session = await connector.dial()  # the session comes up now
+                server = await asyncio.get_running_loop().create_server(lambda: waiting, "127.0.0.1", 0)
+                try:
+                    reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+                    writer.write(b"served at once")
+                    async with asyncio.timeout(SESSION_WAIT / 3):
+                        assert await reader.readexactly(14) == b"served at once"
+                    writer.close()
+                finally:
+                    server.close()
+                    connector.stop()
+
+    run(main)
