@@ -29,7 +29,7 @@ import logging
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
-from relay.aio.stream import abort_with_reset
+from relay.aio.stream import StreamRefused, StreamSplice, abort_with_reset
 
 __all__ = ["CONNECT_MODES", "SESSION_WAIT", "MuxConnector", "TunnelUnavailable", "run_connect"]
 
@@ -226,6 +226,16 @@ async def _ws_bridge(url: str, ssl_context: Any, local_reader: asyncio.StreamRea
 # ----------------------------------------------------------------------------- multiplexed
 
 
+class _LocalSplice(StreamSplice):
+    """A local connection's splice that says why the gateway refused its stream (a
+    method, not a task per connection: connections should cost little)."""
+
+    def _mux_reset(self, exc: BaseException) -> None:
+        if isinstance(exc, StreamRefused):
+            log.warning("connection refused: %s", exc)
+        super()._mux_reset(exc)
+
+
 class _Waiting:
     """Protocol of a local connection accepted while no session is up: nothing is read
     until :meth:`hand_over` gives it its real protocol, or :data:`SESSION_WAIT` passes
@@ -322,9 +332,7 @@ class MuxConnector:
         stream = self._open_stream()
         if stream is None:
             return _Waiting(self)
-        from relay.aio.stream import StreamSplice
-
-        return StreamSplice(stream)
+        return _LocalSplice(stream)
 
     def ready(self) -> bool:
         """Can a new local connection get its protocol now (a session, or the plain form)?"""
@@ -336,23 +344,9 @@ class MuxConnector:
         if session is None or session.is_closed or session.goaway_received is not None:
             return None
         try:
-            stream = session.open_stream_nowait(STREAM_METADATA)
+            return session.open_stream_nowait(STREAM_METADATA)
         except ConnectionError:
             return None
-        if not stream.answered:
-            self._track(self._log_refusal(stream))
-        return stream
-
-    async def _log_refusal(self, stream: Any) -> None:
-        """Say why the gateway refused a stream (the splice reset the local connection)."""
-        from relay.aio.stream import StreamRefused
-
-        try:
-            await stream.wait_accepted()
-        except StreamRefused as exc:
-            log.warning("connection refused: %s", exc)
-        except ConnectionError:
-            pass
 
     def _plain_protocol(self) -> Any:
         reader = asyncio.StreamReader()
@@ -385,14 +379,7 @@ class MuxConnector:
             stream = self._open_stream()
             if stream is None:
                 return  # the session went again: they keep waiting
-            from relay.aio.stream import StreamSplice
-
-            waiting.hand_over(StreamSplice(stream))
-
-    def _track(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            waiting.hand_over(_LocalSplice(stream))
 
     # -- the session
 

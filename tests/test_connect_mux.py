@@ -548,3 +548,26 @@ def test_a_connection_accepted_just_before_the_session_came_up_is_served_at_once
                     connector.stop()
 
     run(main)
+
+
+def test_a_target_that_refuses_is_a_reset_and_relay_connect_says_why(rig, tmp_path):
+    """Nothing listens at the tunnel's target: the agent refuses the stream
+    (CONNECT_FAILED), the gateway passes the refusal on, the local client reads a reset
+    and relay connect logs the reason; its session goes on."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # a port nobody listens on
+    status, body = rig.relay.api("POST", f"/api/v1/agents/{rig.relay.agent_id}/tunnel",
+                                 {"target_port": port, "tunnel_protocol": "tcp"})
+    assert status == 200, body
+    connect = RelayConnect(body["tunnel_url"], tmp_path / "refused.log", "mux")
+    try:
+        for _ in range(2):
+            with _connect(connect.port, timeout=10) as sock:
+                sock.sendall(b"anyone?")
+                assert _read_until_failure(sock, 10) == "reset"
+        wait_for(lambda: b"CONNECT_FAILED" in connect.log.read_bytes(), timeout=10, what="the refusal logged")
+        assert connect.proc.poll() is None
+    finally:
+        connect.close()
