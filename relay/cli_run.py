@@ -260,6 +260,12 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
 @click.option("--bench-port", type=click.IntRange(0, 65535), default=7099, show_default=True,
               envvar="RELAY_AGENT_BENCH_PORT", show_envvar=True, metavar="PORT",
               help="Port of the --bench target on 127.0.0.1 (0: any free port, logged at start).")
+@click.option("--terminal", "terminal_shell", envvar="RELAY_AGENT_TERMINAL", show_envvar=True, metavar="SHELL",
+              help="Serve a web terminal running SHELL (an absolute path, e.g. /bin/bash) to whoever holds a "
+                   "tunnel session's admin_token. Off by default.")
+@click.option("--terminal-user", envvar="RELAY_AGENT_TERMINAL_USER", show_envvar=True, metavar="NAME",
+              help="Run the terminal's shells as this user (needs root unless it is the agent's own). "
+                   "Default: the agent's user.")
 @click.option("--backend", type=click.Choice(["asyncio", "trio"]), default="asyncio", show_default=True,
               envvar="RELAY_AGENT_BACKEND", show_envvar=True, expose_value=False,
               help="Event loop to run on: asyncio (uvloop) or trio.",
@@ -269,7 +275,8 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
 def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: tuple[str, ...],
           allow: tuple[str, ...], ca_cert: Optional[Path], log_level: str,
           services: tuple[str, ...] = (), log_format: str = "text", tunnels: tuple[str, ...] = (),
-          api_key: Optional[str] = None, bench: bool = False, bench_port: int = 7099) -> None:
+          api_key: Optional[str] = None, bench: bool = False, bench_port: int = 7099,
+          terminal_shell: Optional[str] = None, terminal_user: Optional[str] = None) -> None:
     """Run an agent: dial out to the gateway and serve allowed targets."""
     gateway_url, *more_gateways = gateway_urls
     from relay.agent.client import Agent, AgentAuthError
@@ -291,6 +298,16 @@ def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: 
         raise click.BadParameter(str(exc), param_hint="--tunnel") from None
     if tunnel_specs and not api_key:
         raise click.UsageError("--tunnel needs a team key to open it: --api-key or RELAY_KEY (sk-, dk-)")
+    terminal = None
+    if terminal_user and not terminal_shell:
+        raise click.UsageError("--terminal-user needs --terminal SHELL (the web terminal is off without it)")
+    if terminal_shell:
+        from relay.agent.terminal import TerminalSpec
+
+        try:
+            terminal = TerminalSpec.create(terminal_shell, terminal_user)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--terminal") from None
     if allow:  # like declared services, a declared tunnel's target is allowed implicitly
         allow = (*allow, *(spec.target for spec in tunnel_specs))
     _setup_logging(log_level, log_format)
@@ -323,7 +340,7 @@ def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: 
 
                 context = ssl.create_default_context(cafile=str(ca_cert))
             the_agent = Agent(gateway_url, key, name=name, labels=labels, allow=allow,
-                              ssl_context=context, more_gateways=more_gateways)
+                              ssl_context=context, more_gateways=more_gateways, terminal=terminal)
             the_agent.tasks.register_builtins()  # echo, sleep, count (relay.agent.tasks)
             the_agent.services = specs
         except ValueError as exc:

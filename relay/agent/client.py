@@ -6,7 +6,9 @@ hello is its SETTINGS ``info``: ``{"name", "labels", "version", "limits"}`` (see
 relay.gateway.agents.registry); the gateway answers with a ``welcome`` control message naming
 the agent id. Liveness is the mux keepalive (PING after 15 s of silence, dead after 45 s).
 
-Streams the gateway opens carry ``{"protocol": "tcp"|"http"|"udp", "target": "HOST:PORT"}``;
+Streams the gateway opens carry ``{"protocol": "tcp"|"http"|"udp", "target": "HOST:PORT"}``
+(or ``{"protocol": "terminal", ...}``: a shell on a pty, only with ``terminal``,
+relay.agent.terminal);
 tcp and http are spliced byte for byte to the target, udp streams carry datagrams to and
 from a connected UDP socket (relay.agent.udp, docs/PROTOCOL.md section 16) (for "http" the gateway speaks HTTP/1.1 to it
 through the stream, so the agent needs no HTTP knowledge). A target
@@ -46,12 +48,14 @@ from relay.agent.policy import (  # re-exported: the agent's public names
     parse_target,
 )
 from relay.agent.tasks import AgentTasks, stream_denied
+from relay.agent.terminal import TerminalSpec, serve_terminal_stream
 from relay.agent.udp import serve_datagram_stream
 from relay.aio import MuxSession, StreamRefused, connect_stream_to
 from relay.aio.dial import WebSocketUpgrade
 from relay.aio.stream import MuxStream
 from relay.mux.connection import MuxConfig
 from relay.mux.errors import ErrorCode
+from relay.mux.terminal import TERMINAL_PROTOCOL
 from relay.ws.handshake import ClientHandshake, HandshakeError, HandshakeRejected
 
 __all__ = ["Agent", "AgentAuthError", "parse_host_port", "AGENT_PATH", "LOOPBACK_HOSTS", "STREAM_PROTOCOLS"]
@@ -80,7 +84,8 @@ class Agent(AgentBase):
                  mux_config: Optional[MuxConfig] = None,
                  backoff_initial: float = 0.5, backoff_max: float = 30.0, jitter: float = 0.2,
                  more_gateways: Iterable[str] = (),
-                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+                 ssl_context: Optional[ssl.SSLContext] = None,
+                 terminal: Optional[TerminalSpec] = None) -> None:
         super().__init__(gateway_url, key, name=name, labels=labels, allow=allow, mux_config=mux_config,
                          backoff_initial=backoff_initial, backoff_max=backoff_max, jitter=jitter,
                          ssl_context=ssl_context, more_gateways=more_gateways)
@@ -98,6 +103,11 @@ class Agent(AgentBase):
         #: Declared container services (relay.agent.services.ServiceSpec), sent in the
         #: hello; their targets are allowed implicitly.
         self.services: list[Any] = []
+        #: The web terminal this agent serves (``--terminal``; relay.agent.terminal), or
+        #: None: terminal streams are refused. Advertised in the hello.
+        self.terminal = terminal
+        #: The shells running now (relay.agent.terminal.TerminalShell).
+        self.shells: set[Any] = set()
 
     # ------------------------------------------------------------------ policy
 
@@ -113,6 +123,9 @@ class Agent(AgentBase):
         denied = stream_denied(self.allow_stream, meta)
         if denied is not None:
             raise StreamRefused(ErrorCode.NOT_ALLOWED, denied)
+        if isinstance(meta, dict) and meta.get("protocol") == TERMINAL_PROTOCOL:  # the web terminal
+            await serve_terminal_stream(stream, self.terminal, self.name, self.shells)
+            return
         try:
             host, port = parse_target(meta, STREAM_PROTOCOLS | DATAGRAM_PROTOCOLS)
         except TargetRefused as exc:
@@ -158,6 +171,7 @@ class Agent(AgentBase):
         info = {"name": self.name, "labels": self.labels, "version": __version__,
                 "instance": self.instance_id, "limits": {"max_streams": config.max_streams},
                 "services": [spec.to_info() for spec in self.services],
+                **({"terminal": self.terminal.to_info()} if self.terminal is not None else {}),
                 **self.allow_hello(Agent.is_allowed)}
         config = dataclasses.replace(config, info={**config.info, **info})
         session = MuxSession(True, config, on_stream=self._on_stream, on_control=self._on_control)
