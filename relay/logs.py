@@ -7,7 +7,7 @@ json`` is one JSON object per line: ``time`` (ISO 8601, UTC), ``level``, ``logge
 access log, relay.gateway.http.traffic) and ``exception`` when there is one.
 
 Whatever the format, every line goes through :func:`redact` first: team keys
-(``sk-``/``dk-``/``ak-``), the access tokens of tunnel and share URLs and bearer
+(``sk-``/``dk-``/``ak-``), the access tokens of tunnel and share URLs, an ``admin_token=`` query and bearer
 credentials are replaced by ``<redacted>``, so a message that quotes a URL or a header
 cannot leak one. (The gateway prints the default team's keys once on stdout, on purpose;
 that is not logging.)
@@ -30,6 +30,7 @@ _SECRETS = [
     (re.compile(r"(/(?:tunnel|s)/)[A-Za-z0-9_-]{20,}"), r"\1<redacted>"),
     (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{16,}"), r"\1<redacted>"),
     (re.compile(r"\bwhsec_[A-Za-z0-9_-]{16,}"), "whsec_<redacted>"),
+    (re.compile(r"(?i)\b(admin_token=)[^&\s\"']+"), r"\1<redacted>"),  # the web terminal's query form
 ]
 
 

@@ -51,6 +51,7 @@ from relay.gateway.store import (
     open_store,
 )
 from relay.gateway.web.dashboard import Dashboard
+from relay.gateway.web.terminal import TerminalRoutes
 from relay.mux.connection import MuxConfig
 from relay.mux.datagrams import DEFAULT_IDLE_TIMEOUT
 from relay.mux.errors import ErrorCode
@@ -166,6 +167,7 @@ class Gateway:
                                      udp_idle_timeout=self._udp_idle_timeout,
                                      tunnel_domain=self.tunnel_domain)
         self.tunnels.reuse_port = self._fleet_config is not None
+        self.tunnels.closed_listeners.append(self.terminals.sessions_closed)
         await self.tunnels.restore()
         await self.tunnels_api.start()
         await self.services.start()
@@ -244,6 +246,8 @@ class Gateway:
         self.services.register(self.router)
         self.dashboard = Dashboard(self)  # / and /dashboard/: the team's page in a browser
         self.dashboard.register(self.router)
+        self.terminals = TerminalRoutes(self)  # /tunnel/{token}/_relay/terminal: agents' shells in a tab
+        self.terminals.register(add)
         # Last: its /tunnel/{token}/... catch-all must not shadow the routes above.
         self.http_tunnels = HttpTunnels(self, self._connections)
         self.http_tunnels.install(self.tunnel_domain)
@@ -283,6 +287,7 @@ class Gateway:
             self.store.tunnel_sessions_version += 1  # the HTTP tunnels' token caches start over
             for session_id in ids:
                 self.http_tunnels.session_closed(session_id)
+            self.terminals.sessions_closed(ids)
             if self.tunnels is not None:
                 self.tunnels.closed_elsewhere(ids)
         elif kind == "tunnels":

@@ -364,6 +364,12 @@ class TunnelManager:
             host_url = tunnel_host_url(str(access), self.tunnel_domain, self.public_url)
             if host_url is not None:
                 result["tunnel_host_url"] = host_url
+        agent = self._registry.get(team_id, agent_id)
+        if agent is not None:  # its hello says --terminal: the admin_token opens a shell there
+            from relay.gateway.web.terminal import terminal_enabled, terminal_url
+
+            if terminal_enabled(agent.session.peer_info):
+                result["terminal_url"] = terminal_url(self.public_url, str(access))
         if hub is not None:
             hub.session_id = session.session_id
             self._hubs[session.session_id] = hub
