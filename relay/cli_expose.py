@@ -123,6 +123,8 @@ async def expose(agent: Any, api: Any, specs: list[TunnelSpec], *, echo: Callabl
                 echo(f"  inspect   {answer['tunnel_url']}_relay/inspect   (admin token {answer['admin_token']})")
             if answer.get("hub_port") is not None:
                 echo(f"  hub port  {host}:{answer['hub_port']}")
+            if answer.get("terminal_url"):
+                echo(f"  terminal  {answer['terminal_url']}   (sign in with the admin token)")
         echo(f"agent {agent.name} ({agent_id}) serving; Ctrl-C closes the tunnel{'s' if len(specs) > 1 else ''}")
         last = ""
         while not stop.is_set():

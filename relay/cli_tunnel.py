@@ -181,6 +181,8 @@ def tunnel_open(agent_ref: str, target_port: int, protocol: str, gateway_url: st
     if opened.get("hub_port") is not None:
         host = urllib.parse.urlsplit(api.base_url).hostname
         click.echo(f"  hub port     {host}:{opened['hub_port']}    (every connection is one stream)")
+    if opened.get("terminal_url"):
+        click.echo(f"  terminal     {opened['terminal_url']}    (the agent's shell: sign in with the admin_token)")
     click.echo(f"  admin_token  {opened['admin_token']}    (shown only now)")
 
 
