@@ -109,6 +109,7 @@ class Terminal:
         self.reader, self.writer, self.ws = reader, writer, ws
         self.pending: list[Any] = []
         self.output = b""
+        self.before = b""  # the output before the last match of expect()
         self.texts: list[str] = []
         self.closed: Optional[tuple[int, str]] = None
 
@@ -142,11 +143,12 @@ class Terminal:
         return True
 
     async def expect(self, pattern: bytes, timeout: float = 20.0) -> re.Match[bytes]:
-        """Read until the output (from ``self.mark`` on) matches ``pattern``."""
+        """Read until the output not matched yet matches ``pattern``."""
         async with asyncio.timeout(timeout):
             while True:
                 match = re.search(pattern, self.output)
                 if match is not None:
+                    self.before = self.output[:match.start()]
                     self.output = self.output[match.end():]
                     return match
                 if not await self.pump():
@@ -279,7 +281,7 @@ def test_closing_the_socket_hangs_the_shell_up(tmp_path):
         async with gateway_and_team(tmp_path) as (gw, keys), \
                 running_agent(gw, keys["ak"], terminal=TerminalSpec.create(SHELL)) as agent:
             answer = await open_session(gw, keys["sk"], agent.agent_id, "http", 8188)
-            for how in ("close frame", "dropped connection", "session closed"):
+            for how in ("close frame", "dropped connection", "agent dropped", "session closed"):
                 term, status, error = await open_terminal(gw.port, ws_path(answer),
                                                           {"X-Admin-Token": answer["admin_token"]})
                 assert status == 101, error
@@ -291,6 +293,14 @@ def test_closing_the_socket_hangs_the_shell_up(tmp_path):
                     term.close()
                 elif how == "dropped connection":
                     term.writer.transport.abort()
+                elif how == "agent dropped":  # its session's streams are reset at both ends
+                    old = agent.session
+                    agent.close()
+                    code, reason = await term.until_closed()
+                    assert code == 1011 and "reset" in reason, (code, reason)
+                    await wait_until(lambda old=old: agent.session not in (None, old)  # back
+                                     and any(e.session is not None and not e.session.is_closed
+                                             for e in gw.registry.connected()))
                 else:  # closing the tunnel session closes its terminals
                     status, body = await http(gw.port, "DELETE", urlsplit(answer["tunnel_url"]).path.rstrip("/"),
                                               headers={"X-Admin-Token": answer["admin_token"]})
@@ -299,6 +309,26 @@ def test_closing_the_socket_hangs_the_shell_up(tmp_path):
                     assert code == 1000 and "tunnel session was closed" in reason
                 await wait_until(lambda shell=shell, job=job: pid_gone(shell) and pid_gone(job), timeout=15)
                 await wait_until(lambda: not agent.shells and not gw.terminals.live)
+
+    run(main, timeout=120)
+
+
+def test_a_flood_of_output_arrives_whole(tmp_path):
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys), \
+                running_agent(gw, keys["ak"], terminal=TerminalSpec.create(SHELL)) as agent:
+            answer = await open_session(gw, keys["sk"], agent.agent_id, "tcp")
+            term, status, error = await open_terminal(gw.port, ws_path(answer), {"X-Admin-Token": answer["admin_token"]})
+            assert status == 101, error
+            # Far more than a stream's window: the shell blocks on its tty while the
+            # stream waits for window, and nothing is lost or reordered.
+            size = 3_000_000
+            await term.send(f"head -c {size} /dev/zero | tr '\\0' y; echo; echo E''ND\r".encode())
+            await term.expect(rb"\r\nEND", timeout=60)
+            runs = [len(m) for m in re.findall(rb"y{1000,}", term.before)]
+            assert runs == [size], runs
+            term.close()
+            await wait_until(lambda: not agent.shells)
 
     run(main, timeout=120)
 
