@@ -15,7 +15,8 @@ all under the session's own path:
 * ``GET /tunnel/{token}/_relay/terminal/ws``: the WebSocket. The admin token in
   ``X-Admin-Token``, that cookie, or (clients that can set neither) the query
   ``admin_token`` (redacted from logs); ``cols`` and ``rows`` in the query give the
-  first window size. Missing: 401; wrong: 403; unknown or closed session: 404; the
+  first window size. Missing: 401; wrong: 403 (and 403 ``cross_origin`` for a browser
+  page of another origin using the cookie or the query); unknown or closed session: 404; the
   agent offline: 503; an agent without ``--terminal``: 409 ``terminal_not_enabled``,
   and nothing is asked of the agent; the shell cannot start there: 502. All before
   the upgrade, so a refused client never holds a socket and a refused agent never
@@ -103,6 +104,16 @@ def terminal_url(public_url: str, access_token: str) -> str:
 def _who(request: Request) -> str:
     peer = request.peer
     return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+
+def _same_origin(request: Request) -> bool:
+    """No ``Origin`` (not a browser), or one naming the host the request was sent to."""
+    origin = request.header("origin")
+    if origin is None:
+        return True
+    from urllib.parse import urlsplit
+
+    return urlsplit(origin).netloc.lower() == (request.header("host") or "").lower()
 
 
 class _TerminalSocket(WebSocketTransport):
@@ -378,7 +389,15 @@ class TerminalRoutes:
     async def _websocket(self, request: Request) -> Optional[Response]:
         row = await self._session(request)
         who = _who(request)
-        await self._authorised(request, row, self._admin_from(request, query=True))
+        admin = self._admin_from(request, query=True)
+        await self._authorised(request, row, admin)
+        if admin is not None and not request.header(ADMIN_HEADER) and not _same_origin(request):
+            # The cookie rides along on any page's WebSocket: only the gateway's own page
+            # may use it (SameSite=Strict already keeps other sites' pages out in today's
+            # browsers; this holds for the others too).
+            audit.warning("terminal refused: session %s for %s: a page of another origin (%s)",
+                          row.session_id, who, (request.header("origin") or "")[:100])
+            raise HttpError(403, "cross_origin", "a terminal WebSocket from a page of another origin is refused")
         try:
             session = self._agent_session(row)
         except HttpError as exc:
