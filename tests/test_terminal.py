@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import time
 from typing import Any, Optional
 from urllib.parse import urlsplit
@@ -97,6 +99,24 @@ def test_terminal_spec_and_cli_refuse_bad_options(tmp_path):
     assert result.exit_code == 2 and "relative-shell" in result.output
     result = runner.invoke(cli_main, [*base, "--terminal", SHELL, "--backend", "trio"])
     assert result.exit_code == 2 and "does not support" in result.output and "terminal" in result.output
+
+
+def test_package_data_ships_the_page_files():
+    """What the page loads is in the wheel (pyproject's package-data globs)."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    from relay.gateway.web import terminal
+
+    root = Path(terminal.__file__).parents[3]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["relay"]
+    for name, (path, _) in terminal.ASSETS.items():
+        assert (terminal.STATIC / path).is_file(), name
+        inside = (terminal.STATIC / path).relative_to(root / "relay").as_posix()
+        assert any(fnmatch.fnmatch(inside, pattern) for pattern in globs), (inside, globs)
+    for licence in ("LICENSE", "LICENSE.addon-fit", "VENDOR.md"):
+        assert (terminal.STATIC / "xterm" / licence).is_file()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -401,6 +421,38 @@ def test_an_agent_without_terminal_is_refused_clearly(tmp_path):
                 assert term is None and status == 409, error
                 assert "'liar' serves no terminal" in error["error"]["message"]
                 assert not agent.shells and not shells_of_this_process()
+
+    run(main, timeout=90)
+
+
+def test_relay_agent_terminal_option_end_to_end(tmp_path):
+    """``relay agent --terminal`` as a process (its option from the environment): the
+    hello says so, the answer carries terminal_url, a shell runs there."""
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys):
+            log = tmp_path / "agent.log"
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "RELAY_AGENT_KEY": keys["ak"],
+                   "RELAY_AGENT_TERMINAL": SHELL}
+            proc = subprocess.Popen([sys.executable, "-m", "relay", "agent", "--gateway", gw.url, "--name", "cli-term"],
+                                    stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            try:
+                await wait_until(lambda: gw.registry.connected(), timeout=30)
+                agent_id = gw.registry.connected()[0].agent_id
+                answer = await open_session(gw, keys["sk"], agent_id, "tcp")
+                assert answer["terminal_url"].endswith("/_relay/terminal"), answer
+                term, status, error = await open_terminal(gw.port, ws_path(answer),
+                                                          {"X-Admin-Token": answer["admin_token"]})
+                assert status == 101, error
+                await term.send(b"echo shell=$0 ppid-is-agent=$([ $PPID = " + str(proc.pid).encode() + b" ] && echo y)\r")
+                await term.expect(rb"shell=" + SHELL.encode() + rb" ppid-is-agent=y")
+                await term.send(b"exit\r")
+                await term.until_closed()
+            finally:
+                proc.terminate()
+                await asyncio.to_thread(proc.wait, 15)
+            text = log.read_text()
+            assert "terminal opened: session" in text and "terminal closed: session" in text, text
+            assert answer["admin_token"] not in text
 
     run(main, timeout=90)
 
