@@ -26,6 +26,7 @@ import wsproto
 import wsproto.events as ws_events
 from click.testing import CliRunner
 
+from relay.agent import Agent
 from relay.agent.terminal import TerminalSpec
 from relay.cli import main as cli_main
 from relay.mux.terminal import (
@@ -296,11 +297,36 @@ def test_a_shell_runs_resizes_and_its_exit_closes_the_socket(tmp_path, caplog):
     assert any("status 3" in m for m in closed), closed
 
 
+class SlowAgent(Agent):
+    """An agent that waits ``answer_delay`` seconds before serving each stream."""
+
+    answer_delay = 0.0
+
+    async def _on_stream(self, stream: Any) -> None:
+        await asyncio.sleep(self.answer_delay)
+        await super()._on_stream(stream)
+
+
 def test_closing_the_socket_hangs_the_shell_up(tmp_path):
     async def main():
         async with gateway_and_team(tmp_path) as (gw, keys), \
-                running_agent(gw, keys["ak"], terminal=TerminalSpec.create(SHELL)) as agent:
+                running_agent(gw, keys["ak"], SlowAgent, terminal=TerminalSpec.create(SHELL)) as agent:
             answer = await open_session(gw, keys["sk"], agent.agent_id, "http", 8188)
+            # A client that leaves during the upgrade, before or after the agent answered
+            # (this agent takes 0.3 s to): no shell is left behind.
+            agent.answer_delay = 0.3
+            for delay in (0, 0.01, 0.1, 0.5):
+                reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+                ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+                writer.write(ws.send(ws_events.Request(host=f"127.0.0.1:{gw.port}", target=ws_path(answer),
+                                                       extra_headers=[(b"x-admin-token",
+                                                                       answer["admin_token"].encode())])))
+                await writer.drain()
+                await asyncio.sleep(delay)
+                writer.transport.abort()
+            await asyncio.sleep(0.5)  # the slow answers are in
+            await wait_until(lambda: not agent.shells and not gw.terminals.live and not shells_of_this_process())
+            agent.answer_delay = 0.0
             for how in ("close frame", "dropped connection", "agent dropped", "session closed"):
                 term, status, error = await open_terminal(gw.port, ws_path(answer),
                                                           {"X-Admin-Token": answer["admin_token"]})

@@ -141,7 +141,12 @@ class TerminalShell:
         return self.process.pid if self.process is not None else None
 
     def start(self) -> None:
-        """Start the shell (OSError if it cannot be) and accept the stream."""
+        """Start the shell (OSError if it cannot be) and accept the stream; the stream's
+        reset if the gateway gave it up already (then no shell is started)."""
+        if self.stream.exception is not None:
+            # Checked here, with no wait until accept() below: a stream reset meanwhile
+            # must not leave a shell nobody will ever close.
+            raise self.stream.exception
         cols, rows = size_from_metadata(self.stream.metadata)
         spec = self.spec
         master, slave = os.openpty()
@@ -406,6 +411,9 @@ async def serve_terminal_stream(stream: MuxStream, spec: Optional[TerminalSpec],
     shell = TerminalShell(stream, spec)
     try:
         shell.start()
+    except ConnectionError as exc:  # reset before we answered: the page left already
+        audit.info("terminal not started: session %s: the gateway gave it up (%s)", shell.session_id, exc)
+        return
     except (OSError, subprocess.SubprocessError, TerminalProtocolError) as exc:
         audit.warning("terminal refused: session %s: the shell could not start: %s", shell.session_id, exc)
         stream.refuse(ErrorCode.CONNECT_FAILED, f"the terminal could not start: {exc}")

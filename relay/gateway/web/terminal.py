@@ -432,7 +432,17 @@ class TerminalRoutes:
             raise HttpError(504, "terminal_timeout", f"the agent did not start the shell within {OPEN_TIMEOUT:.0f}s") from None
         except ConnectionError as exc:
             raise HttpError(503, "agent_offline", f"the tunnel's agent went away: {exc}") from None
+        except BaseException:  # cancelled: the client went away while the shell was starting
+            stream.abort(ErrorCode.CANCEL, "the client went away")
+            audit.info("terminal closed: session %s for %s: the client left before the shell started",
+                       row.session_id, who)
+            raise
         transport, leftover = request.take_over()
+        if transport.is_closing():  # the client left while the shell was starting
+            stream.close()
+            audit.info("terminal closed: session %s for %s: the client left before the shell started",
+                       row.session_id, who)
+            return None
         transport.write(accept_response(upgrade))
         bridge = _TerminalBridge(self, stream, row, who)
         self.live.setdefault(row.session_id, set()).add(bridge)
