@@ -212,17 +212,30 @@ class TerminalShell:
             self._reading = False
 
     def _on_output(self) -> None:
-        try:
-            chunk = os.read(self._master, READ_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            if exc.errno != errno.EIO:  # EIO: every slave end closed (the shell is gone)
-                log.debug("terminal %s: pty read: %s", self.session_id, exc)
-            chunk = b""
-        if not chunk:
+        # A pty hands out at most ~4 KiB per read: what is there now goes out as one
+        # record (one frame, one WebSocket message) rather than one per read.
+        parts: list[bytes] = []
+        size = 0
+        ended = False
+        while size < READ_CHUNK:
+            try:
+                part = os.read(self._master, READ_CHUNK - size)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.EIO:  # EIO: every slave end closed (the shell is gone)
+                    log.debug("terminal %s: pty read: %s", self.session_id, exc)
+                part = b""
+            if not part:
+                ended = True
+                break
+            parts.append(part)
+            size += len(part)
+        if ended:
             self._pause_output()  # nothing more will come; the exit watcher ends the stream
+        if not parts:
             return
+        chunk = parts[0] if len(parts) == 1 else b"".join(parts)
         if self.stream.is_closing():
             return
         try:
