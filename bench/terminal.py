@@ -69,7 +69,7 @@ class Side:
 class LocalPty(Side):
     """The peer: the shell on a pty this process reads and writes itself."""
 
-    def __init__(self) -> None:
+    def __init__(self, shell: str) -> None:
         super().__init__()
         import fcntl
         import termios
@@ -79,7 +79,7 @@ class LocalPty(Side):
         def controlling_tty() -> None:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-        self.proc = subprocess.Popen([SHELL], stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        self.proc = subprocess.Popen([shell], stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
                                      preexec_fn=controlling_tty, env={**os.environ, "TERM": "xterm-256color"})
         os.close(slave)
         os.set_blocking(master, False)
@@ -180,35 +180,47 @@ def open_session(url: str, sk: str, agent_id: str) -> dict[str, Any]:
         return json.loads(resp.read())
 
 
+def quiet_bash(directory: str) -> str:
+    """bash without the machine's rc files (both sides run the same shell)."""
+    wrapper = Path(directory) / "quiet-bash"
+    wrapper.write_text(f"#!/bin/sh\nexec {SHELL} --norc --noprofile\n")
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
 async def main(args: argparse.Namespace) -> None:
-    local = LocalPty()
+    with tempfile.TemporaryDirectory() as tmp:
+        await run_both(args, quiet_bash(tmp), tmp)
+
+
+async def run_both(args: argparse.Namespace, shell: str, tmp: str) -> None:
+    local = LocalPty(shell)
     try:
         direct = await measure(local, args.keys, args.mib, args.runs)
     finally:
         local.close()
-    with tempfile.TemporaryDirectory() as tmp:
-        store = await open_store(None, Path(tmp))
-        _, keys = await store.create_team_with_keys("bench")
-        gw = Gateway(store)
-        await gw.start("127.0.0.1", 0)
-        agent = Agent(gw.url, keys["ak"], name="bench", terminal=TerminalSpec.create(SHELL))
-        agent_task = asyncio.get_running_loop().create_task(agent.run())
+    store = await open_store(None, Path(tmp) / "data")
+    _, keys = await store.create_team_with_keys("bench")
+    gw = Gateway(store)
+    await gw.start("127.0.0.1", 0)
+    agent = Agent(gw.url, keys["ak"], name="bench", terminal=TerminalSpec.create(shell))
+    agent_task = asyncio.get_running_loop().create_task(agent.run())
+    try:
+        async with asyncio.timeout(20):
+            while agent.agent_id is None:
+                await asyncio.sleep(0.02)
+        answer = await asyncio.to_thread(open_session, gw.url, keys["sk"], agent.agent_id)
+        path = "/" + answer["terminal_url"].split("/", 3)[3] + "/ws"
+        web = await WebTerminal.open(gw.port, path, answer["admin_token"])
         try:
-            async with asyncio.timeout(20):
-                while agent.agent_id is None:
-                    await asyncio.sleep(0.02)
-            answer = await asyncio.to_thread(open_session, gw.url, keys["sk"], agent.agent_id)
-            path = "/" + answer["terminal_url"].split("/", 3)[3] + "/ws"
-            web = await WebTerminal.open(gw.port, path, answer["admin_token"])
-            try:
-                relayed = await measure(web, args.keys, args.mib, args.runs)
-            finally:
-                web.close()
+            relayed = await measure(web, args.keys, args.mib, args.runs)
         finally:
-            agent_task.cancel()
-            agent.close()
-            await gw.close()
-            await store.close()
+            web.close()
+    finally:
+        agent_task.cancel()
+        agent.close()
+        await gw.close()
+        await store.close()
     print(f"{'':24}{'direct pty':>14}{'web terminal':>14}{'ratio':>8}")
     for name, unit in (("echo_p50_us", "us"), ("echo_p99_us", "us"), ("output_mib_s", "MiB/s")):
         print(f"{name + ' (' + unit + ')':24}{direct[name]:14.1f}{relayed[name]:14.1f}"

@@ -125,6 +125,8 @@ class TerminalShell:
         self.stream = stream
         self.spec = spec
         self.session_id = str(stream.metadata.get("session", "?"))[:64]
+        #: Who opened it, as the gateway saw them (their address), for the audit log.
+        self.client = str(stream.metadata.get("client", "?"))[:100]
         self.process: Optional[subprocess.Popen[bytes]] = None
         self._master = -1
         self._reading = False
@@ -172,8 +174,8 @@ class TerminalShell:
         self.stream.accept()
         self._watch_exit()
         self._resume_output()
-        audit.info("terminal opened: session %s, pid %d, user %s, shell %s, %dx%d",
-                   self.session_id, self.process.pid, spec.user, spec.shell, cols, rows)
+        audit.info("terminal opened: session %s for %s (via the gateway), pid %d, user %s, shell %s, %dx%d",
+                   self.session_id, self.client, self.process.pid, spec.user, spec.shell, cols, rows)
 
     async def run(self) -> None:
         """Carry the stream until the shell has ended and the stream is finished."""
@@ -379,8 +381,9 @@ class TerminalShell:
         if self._input_room is not None:
             self._input_room.set()
         status = self.process.returncode if self.process is not None else None
-        audit.info("terminal closed: session %s, pid %s, user %s, after %.1fs: %s (exit status %s)",
-                   self.session_id, self.pid, self.spec.user, time.monotonic() - self._started, reason, status)
+        audit.info("terminal closed: session %s for %s, pid %s, user %s, after %.1fs: %s (exit status %s)",
+                   self.session_id, self.client, self.pid, self.spec.user, time.monotonic() - self._started,
+                   reason, status)
 
 
 def _session_groups(sid: int) -> list[int]:

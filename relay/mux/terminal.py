@@ -2,7 +2,7 @@
 (docs/PROTOCOL.md section 17).
 
 The gateway opens a stream with the metadata ``{"protocol": "terminal", "cols": C,
-"rows": R, "session": SESSION_ID}`` to an agent started with ``--terminal``; the agent
+"rows": R, "session": SESSION_ID, "client": ADDRESS}`` to an agent started with ``--terminal``; the agent
 runs a shell on a pseudo-terminal of that size and the stream carries, in each
 direction, a sequence of **records**: a kind (``u8``), a length (``u16`` big-endian),
 then that many bytes. Records are independent of DATA frames (a frame may hold several,
@@ -151,10 +151,15 @@ class TerminalDecoder:
         return events
 
 
-def open_metadata(session_id: str, cols: int = DEFAULT_SIZE[0], rows: int = DEFAULT_SIZE[1]) -> dict[str, Any]:
-    """The open metadata of a terminal stream for tunnel session ``session_id``."""
+def open_metadata(session_id: str, cols: int = DEFAULT_SIZE[0], rows: int = DEFAULT_SIZE[1],
+                  client: str = "") -> dict[str, Any]:
+    """The open metadata of a terminal stream for tunnel session ``session_id``, opened
+    by ``client`` (its address, for the agent's audit log)."""
     check_size(cols, rows)
-    return {"protocol": TERMINAL_PROTOCOL, "cols": cols, "rows": rows, "session": session_id}
+    meta: dict[str, Any] = {"protocol": TERMINAL_PROTOCOL, "cols": cols, "rows": rows, "session": session_id}
+    if client:
+        meta["client"] = client
+    return meta
 
 
 def size_from_metadata(metadata: Any) -> tuple[int, int]:

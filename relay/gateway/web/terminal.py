@@ -406,7 +406,7 @@ class TerminalRoutes:
         try:
             cols = int(request.query_value("cols") or DEFAULT_SIZE[0])
             rows = int(request.query_value("rows") or DEFAULT_SIZE[1])
-            metadata = open_metadata(row.session_id, cols, rows)
+            metadata = open_metadata(row.session_id, cols, rows, who)
         except (ValueError, TerminalProtocolError) as exc:
             raise HttpError(400, "invalid_size", f"cols and rows: {exc}") from None
         try:
