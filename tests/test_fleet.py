@@ -426,6 +426,45 @@ def test_http_tunnel_opened_at_a_answers_through_c(fleet):
         web.close()
 
 
+def test_web_terminal_of_an_agent_held_by_b_opens_at_a(fleet):
+    """relay agent --terminal held by b: the session opened at b carries terminal_url;
+    its WebSocket at a is forwarded to b like any tunnel stream; one opened at a (whose
+    gateway does not know the agent's hello) has none, and its terminal still works."""
+    from tests.test_gateway_e2e import run
+    from tests.test_terminal import open_terminal
+
+    wrapper = fleet.workdir / "quiet-bash"  # bash without this machine's rc files
+    wrapper.write_text("#!/bin/sh\nexec /bin/bash --norc --noprofile\n")
+    wrapper.chmod(0o755)
+    proc = _spawn(["agent", "--name", "term-b", "--gateway", f"http://127.0.0.1:{fleet.port('b')}"],
+                  fleet.workdir / "agent-term-b.log",
+                  env={"RELAY_AGENT_KEY": fleet.keys["ak"], "RELAY_AGENT_TERMINAL": str(wrapper)})
+    fleet.agents["term-b"] = proc
+    try:
+        agent_id = wait_for(lambda: fleet.agent_id("a", "term-b"), what="term-b seen by a")
+        status, at_b = fleet.api("b", "POST", f"/api/v1/agents/{agent_id}/tunnel", {"tunnel_protocol": "tcp"})
+        assert status == 200 and at_b["terminal_url"].endswith("/_relay/terminal"), at_b
+        status, at_a = fleet.api("a", "POST", f"/api/v1/agents/{agent_id}/tunnel", {"tunnel_protocol": "tcp"})
+        assert status == 200 and "terminal_url" not in at_a, at_a
+        token_of = {"b": at_b["tunnel_url"].split("/")[4], "a": at_a["tunnel_url"].split("/")[4]}
+
+        async def main() -> None:
+            for session, answer in (("b", at_b), ("a", at_a)):
+                path = f"/tunnel/{token_of[session]}/_relay/terminal/ws"
+                term, status, error = await open_terminal(fleet.port("a"), path,
+                                                          {"X-Admin-Token": answer["admin_token"]})
+                assert status == 101, (session, status, error)
+                await term.send(b"echo fleet-$((20+2))\r")
+                await term.expect(rb"fleet-22")
+                await term.send(b"exit 4\r")
+                code, _ = await term.until_closed()
+                assert (code, term.texts) == (1000, ['{"exit": 4}'])
+
+        run(main, timeout=60)
+    finally:
+        _stop(fleet.agents.pop("term-b"))
+
+
 def test_share_rate_limit_counts_across_the_fleet(fleet):
     """A share limited to 5 requests a minute allows 5 through a and b together."""
     web = HttpTarget()
