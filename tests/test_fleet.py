@@ -428,8 +428,8 @@ def test_http_tunnel_opened_at_a_answers_through_c(fleet):
 
 def test_web_terminal_of_an_agent_held_by_b_opens_at_a(fleet):
     """relay agent --terminal held by b: the session opened at b carries terminal_url;
-    its WebSocket at a is forwarded to b like any tunnel stream; one opened at a (whose
-    gateway does not know the agent's hello) has none, and its terminal still works."""
+    its WebSocket at a is forwarded to b like any tunnel stream; so is one opened at a
+    (terminal_url there once a has the agent's hello: mirrored, not waited for here)."""
     from tests.test_gateway_e2e import run
     from tests.test_terminal import open_terminal
 
@@ -445,7 +445,7 @@ def test_web_terminal_of_an_agent_held_by_b_opens_at_a(fleet):
         status, at_b = fleet.api("b", "POST", f"/api/v1/agents/{agent_id}/tunnel", {"tunnel_protocol": "tcp"})
         assert status == 200 and at_b["terminal_url"].endswith("/_relay/terminal"), at_b
         status, at_a = fleet.api("a", "POST", f"/api/v1/agents/{agent_id}/tunnel", {"tunnel_protocol": "tcp"})
-        assert status == 200 and "terminal_url" not in at_a, at_a
+        assert status == 200, at_a
         token_of = {"b": at_b["tunnel_url"].split("/")[4], "a": at_a["tunnel_url"].split("/")[4]}
 
         async def main() -> None:

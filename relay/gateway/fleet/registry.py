@@ -51,8 +51,9 @@ FETCH_INTERVAL = 1.0
 HELLO_ATTEMPTS = 5
 HELLO_TIMEOUT = 5.0
 #: What is kept of a remote agent's hello: its identity (agent_identity), its service
-#: declarations (the service manager) and its target policy (the seed 000 tunnel checks).
-HELLO_FIELDS = ("name", "labels", "version", "services", "allow")
+#: declarations (the service manager), its target policy (the seed 000 tunnel checks)
+#: and whether it serves a terminal (relay.gateway.web.terminal).
+HELLO_FIELDS = ("name", "labels", "version", "services", "allow", "terminal")
 
 
 class FleetRegistry:

@@ -339,10 +339,10 @@ class TerminalRoutes:
         agent = self.gw.registry.get(row.team_id, row.agent_id)
         if agent is None:
             raise HttpError(503, "agent_offline", "the tunnel's agent is not connected")
-        held_here = self.gw.registry.local(row.team_id, row.agent_id) is not None
-        # Held by another gateway of a fleet: its hello is not known here, so the agent
-        # decides (it refuses unless it serves one, and the refusal says why).
-        if held_here and not terminal_enabled(agent.session.peer_info):
+        hello = agent.session.peer_info
+        # Empty: held by another gateway of a fleet whose hello is not mirrored here yet;
+        # the agent decides (it refuses unless it serves one, and the refusal says why).
+        if hello and not terminal_enabled(hello):
             raise HttpError(409, "terminal_not_enabled",
                             f"agent {agent.name!r} serves no terminal: it must be started with "
                             f"--terminal SHELL (relay agent --help)")
