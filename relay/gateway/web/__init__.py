@@ -1,1 +1,2 @@
-"""The gateway's web pages: the team dashboard and the per-tunnel request inspector."""
+"""The gateway's web pages: the team dashboard, the per-tunnel request inspector and the
+web terminal (its page's files in static/)."""
