@@ -90,7 +90,8 @@ def _select_backend(ctx: click.Context, param: Any, value: str) -> None:
 
 def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: tuple[str, ...],
                 allow: tuple[str, ...], ca_cert: Any, log_level: str, log_format: str = "text",
-                api_key: Optional[str] = None, bench_port: int = 0, **options: Any) -> None:
+                api_key: Optional[str] = None, bench_port: int = 0, connections: Optional[int] = None,
+                **options: Any) -> None:
     """The body of ``relay agent`` on trio (relay.agent.trio_client.TrioAgent): same
     checks, logging and one-line errors as the asyncio one."""
     import ssl
@@ -105,6 +106,8 @@ def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], la
         raise click.UsageError(f"--backend trio does not support {', '.join(unsupported)} yet")
     if len(gateway_urls) > 1:
         raise click.UsageError("--backend trio does not support several --gateway yet")
+    if (connections or 1) > 1:
+        raise click.UsageError("--backend trio holds one connection: --connections 1")
     gateway_url = gateway_urls[0]
     check_agent_key(key)
     for entry in allow:
@@ -233,7 +236,12 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
 @config_option("agent")
 @click.option("--gateway", "gateway_urls", required=True, multiple=True, envvar="RELAY_GATEWAY", show_envvar=True,
               metavar="URL", help="Gateway URL, e.g. http://gw.example.com:8080 (https/wss for TLS). Repeat it for "
-                                  "the gateways of a fleet: after a drop the agent connects to the next one.")
+                                  "the gateways of a fleet (or give one name that resolves to several addresses): "
+                                  "the agent holds --connections of them at once, and after a drop dials another.")
+@click.option("--connections", type=click.IntRange(1, 16), envvar="RELAY_AGENT_CONNECTIONS", show_envvar=True,
+              metavar="N", help="Sessions held at once, each to another gateway of a fleet, so losing one "
+                                "gateway loses only the streams it carried. [default: 2 with several gateway "
+                                "addresses, else 1]")
 @click.option("--key", required=True, envvar=list(AGENT_KEY_ENVVARS), show_envvar=True, metavar="ak-...",
               help="Agent key (ak-) of the team to join. Prefer the environment: RELAY_AGENT_KEY, "
                    "else RELAY_KEY (the name every command reads its key from).")
@@ -276,7 +284,8 @@ def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: 
           allow: tuple[str, ...], ca_cert: Optional[Path], log_level: str,
           services: tuple[str, ...] = (), log_format: str = "text", tunnels: tuple[str, ...] = (),
           api_key: Optional[str] = None, bench: bool = False, bench_port: int = 7099,
-          terminal_shell: Optional[str] = None, terminal_user: Optional[str] = None) -> None:
+          terminal_shell: Optional[str] = None, terminal_user: Optional[str] = None,
+          connections: Optional[int] = None) -> None:
     """Run an agent: dial out to the gateway and serve allowed targets."""
     gateway_url, *more_gateways = gateway_urls
     from relay.agent.client import Agent, AgentAuthError
@@ -340,7 +349,8 @@ def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: 
 
                 context = ssl.create_default_context(cafile=str(ca_cert))
             the_agent = Agent(gateway_url, key, name=name, labels=labels, allow=allow,
-                              ssl_context=context, more_gateways=more_gateways, terminal=terminal)
+                              ssl_context=context, more_gateways=more_gateways, terminal=terminal,
+                              connections=connections)
             the_agent.tasks.register_builtins()  # echo, sleep, count (relay.agent.tasks)
             the_agent.services = specs
         except ValueError as exc:

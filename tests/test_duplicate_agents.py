@@ -115,3 +115,39 @@ def test_a_dead_holder_of_the_name_is_replaced(relay: RelayProcs) -> None:
             real.wait(10)
     finally:
         silent.sock.close()
+
+
+def test_one_agent_dialling_the_same_gateway_twice_keeps_one_session(relay: RelayProcs, targets: Targets) -> None:
+    """An agent given two URLs of one gateway (``--connections 2``): its second
+    connection is the same agent process, not a clone and not a reconnect. The gateway
+    keeps the first session and refuses the second with GOAWAY REFUSED; the agent says
+    so, keeps serving through the first and backs off; nothing flaps."""
+    log = relay.workdir / "twice.log"
+    proc = relay._spawn("agent", "--gateway", f"http://127.0.0.1:{relay.port}", "--gateway",
+                        f"http://localhost:{relay.port}", "--connections", "2", "--name", "twice",
+                        "--allow", f"127.0.0.1:{targets.echo_port}", log=log,
+                        env={"RELAY_AGENT_KEY": relay.keys["ak"]})
+    try:
+        wait_for(lambda: "is a gateway this agent is connected to already" in log.read_text(), timeout=20,
+                 what="the second connection is told the gateway holds the agent already")
+        agent_id = wait_for(lambda: relay.online_agent("twice"), timeout=10, what="agent online")
+        status, before = relay.api("GET", f"/api/v1/agents/{agent_id}")
+        assert status == 200 and before["online"]
+        status, body = relay.api("POST", f"/api/v1/agents/{agent_id}/tunnel",
+                                 {"target_port": targets.echo_port, "tunnel_protocol": "tcp"})
+        assert status == 200, body
+        hub_port = body["hub_port"]
+        deadline = time.monotonic() + 4.0
+        rounds = 0
+        while time.monotonic() < deadline:
+            assert _echo(hub_port, b"twice %d" % rounds) == b"twice %d" % rounds, log.read_text()
+            rounds += 1
+            time.sleep(0.1)
+        status, after = relay.api("GET", f"/api/v1/agents/{agent_id}")
+        assert after["online"] and after["connected_at"] == before["connected_at"], after
+        text = log.read_text()
+        assert "ERROR" not in text, text  # nothing is wrong with this agent
+        assert 1 <= text.count("is a gateway this agent is connected to already") <= 5, text  # backing off
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -17,8 +17,13 @@ on one machine), then one database of the session's private PostgreSQL (``--stor
   on an agent held by a (bytes flow through the binding), deleted at a; a service
   declared by an agent held by a answers the proxy (with the OpenAI SDK) and invoke at
   every gateway;
-* kill -9 of the gateway holding an agent: the agent connects to the next gateway of
-  its list and requests made at a third gateway work again;
+* kill -9 of the gateway holding an agent with one connection: the agent connects to
+  the next gateway of its list and requests made at a third gateway work again;
+* an agent with two connections is leased at both gateways; kill -9 of one breaks only
+  the streams it carried (the others keep their bytes flowing, checked), requests made
+  at a third gateway go on at once, and the agent dials another gateway in its place;
+* with two connections, a gateway frozen while the agent process was replaced never
+  reappears in the registry when it resumes;
 * a gateway frozen (SIGSTOP) while its agent reconnected elsewhere never takes the
   agent back when it resumes (the epoch rule), and ends its stale session;
 * a gateway that loses Redis keeps serving its own agents, says so in /healthz and
@@ -175,8 +180,11 @@ class Fleet:
             return json.loads(resp.read())
 
     def start_agent(self, name: str, gateways: list[str], key: Optional[str] = None,
-                    allow: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> subprocess.Popen:
+                    allow: tuple[str, ...] = (), extra: tuple[str, ...] = (),
+                    connections: Optional[int] = None) -> subprocess.Popen:
         args = ["agent", "--name", name, *extra]
+        if connections is not None:
+            args += ["--connections", str(connections)]
         for gateway in gateways:
             args += ["--gateway", f"http://127.0.0.1:{self.port(gateway)}"]
         for entry in allow:
@@ -193,14 +201,19 @@ class Fleet:
         ids = [a["agent_id"] for a in body["agents"] if a["online"] and a["name"] == name]
         return ids[0] if ids else None
 
+    def holders(self, agent_id: str) -> dict[str, int]:
+        """gateway id -> epoch of every session of the agent leased in Redis."""
+        out = subprocess.run([require_binary("redis-cli"), "-u", self.redis_url, "HGETALL", f"relay:agent:{agent_id}"],
+                             capture_output=True, text=True, timeout=10).stdout.split()
+        return {gateway: int(value.split("|")[0]) for gateway, value in zip(out[::2], out[1::2], strict=True)}
+
     def holder(self, agent_id: str) -> Optional[tuple[str, int]]:
-        """(gateway id, epoch) of the agent's lease in Redis."""
-        out = subprocess.run([require_binary("redis-cli"), "-u", self.redis_url, "GET", f"relay:agent:{agent_id}"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        if not out:
+        """(gateway id, epoch) of the agent's newest session leased in Redis."""
+        found = self.holders(agent_id)
+        if not found:
             return None
-        gateway, epoch, _ = out.split("|")
-        return gateway, int(epoch)
+        gateway = max(found, key=lambda g: found[g])
+        return gateway, found[gateway]
 
     def admin(self, *args: str) -> Any:
         store = ["--store", self.store_url] if self.store_url else []
@@ -282,16 +295,17 @@ def targets() -> Iterator[Targets]:
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, redis: Any,
           targets: Targets) -> Iterator[Fleet]:
-    """Gateways a, b, c; agent ``on-a`` held by a (its list: a, b, c), ``on-b`` by b. The
-    gateways share one SQLite file (one machine), or one PostgreSQL database."""
+    """Gateways a, b, c; agent ``on-a`` held by a (its list: a, b, c; one connection, so
+    the others forward to it), ``on-b`` by b. The gateways share one SQLite file (one
+    machine), or one PostgreSQL database."""
     store_url = request.getfixturevalue("pg_databases").create() if request.param == "postgres" else None
     running = Fleet(tmp_path_factory.mktemp("fleet"), f"redis://127.0.0.1:{redis.port}/0", store_url)
     try:
         for name in ("a", "b", "c"):
             running.start_gateway(name)
         running.start_agent("on-a", ["a", "b", "c"], allow=(f"127.0.0.1:{targets.echo_port}",
-                                                               f"127.0.0.1:{targets.source_port}"))
-        running.start_agent("on-b", ["b", "c", "a"])
+                                                               f"127.0.0.1:{targets.source_port}"), connections=1)
+        running.start_agent("on-b", ["b", "c", "a"], connections=1)
         for gateway in ("a", "b", "c"):
             for agent in ("on-a", "on-b"):
                 wait_for(lambda g=gateway, a=agent: running.agent_id(g, a), what=f"{agent} seen by {gateway}")
@@ -307,8 +321,7 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 def test_registry_leases_and_health(fleet):
     agent_id = fleet.agent_id("c", "on-a")
-    holder = fleet.holder(agent_id)
-    assert holder is not None and holder[0] == "a"
+    assert fleet.holders(agent_id).keys() == {"a"}
     health = fleet.health("b")
     assert health["status"] == "ok" and health["fleet"]["redis"] == "ok"
     assert set(health["fleet"]["gateways"]) >= {"a", "b", "c"}
@@ -789,9 +802,9 @@ def test_service_proxy_and_invoke_through_every_gateway(fleet):
         app.close()
 
 
-def test_kill9_of_the_holding_gateway_agent_moves_to_a_survivor(fleet, targets):
+def test_kill9_of_the_holding_gateway_agent_with_one_connection_moves_to_a_survivor(fleet, targets):
     fleet.start_gateway("d")
-    fleet.start_agent("mover", ["d", "a"], allow=(f"127.0.0.1:{targets.echo_port}",))
+    fleet.start_agent("mover", ["d", "a"], allow=(f"127.0.0.1:{targets.echo_port}",), connections=1)
     agent_id = wait_for(lambda: fleet.agent_id("b", "mover"), what="mover seen at b")
     assert fleet.holder(agent_id)[0] == "d"
     status, body = fleet.api("b", "POST", f"/api/v1/agents/{agent_id}/tunnel",
@@ -898,3 +911,123 @@ def _pong(port: int) -> bool:
             return sock.recv(64).startswith(b"+PONG")
     except OSError:
         return False
+
+
+def _joined_at(fleet: Fleet, gateway: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.port(gateway)}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    found = re.search(r'relay_fleet_forwarded_streams_in_total\{result="joined"\} (\S+)', metrics)
+    return float(found.group(1)) if found else 0.0
+
+
+class PingPong(threading.Thread):
+    """One connection through a hub port exchanging 4 KiB messages with the echo behind
+    it, each checked byte for byte, until stopped; records whether it broke."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.stop = threading.Event()
+        self.rounds = 0
+        self.broken = False
+        self.wrong = False
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                payload = os.urandom(4096)
+                self.sock.sendall(payload)
+                got = b""
+                while len(got) < len(payload):
+                    chunk = self.sock.recv(len(payload) - len(got))
+                    if not chunk:
+                        raise ConnectionError("closed")
+                    got += chunk
+                if got != payload:
+                    self.wrong = True
+                    return
+                self.rounds += 1
+                time.sleep(0.02)
+        except OSError:
+            self.broken = True
+        finally:
+            self.sock.close()
+
+
+def test_two_connections_kill9_of_one_gateway_breaks_only_its_streams(fleet, targets):
+    """An agent holding sessions to g and c: both are in the registry; streams opened at
+    b go to either; kill -9 of g breaks only the streams g carried, requests through b
+    keep working at once, and the agent dials its third gateway (a) in g's place."""
+    fleet.start_gateway("g")
+    fleet.start_agent("twin", ["g", "c", "a"], allow=(f"127.0.0.1:{targets.echo_port}",), connections=2)
+    agent_id = wait_for(lambda: fleet.agent_id("b", "twin"), what="twin seen at b")
+    wait_for(lambda: fleet.holders(agent_id).keys() == {"g", "c"}, what="twin leased at g and c")
+    status, body = fleet.api("b", "POST", f"/api/v1/agents/{agent_id}/tunnel",
+                             {"target_port": targets.echo_port, "tunnel_protocol": "tcp"})
+    assert status == 200, body
+    hub = body["hub_port"]
+    wait_for(lambda: echo_works(hub), timeout=10, what="echo through b")
+    wait_for(lambda: fleet.health("b")["fleet"]["peers_connected"] >= 3, what="b's peer sessions to c and g")
+    at_c = _joined_at(fleet, "c")
+    streams = [PingPong(hub) for _ in range(6)]
+    for stream in streams:
+        stream.start()
+    wait_for(lambda: all(s.rounds > 2 for s in streams), timeout=20, what="streams flowing")
+    to_c = int(_joined_at(fleet, "c") - at_c)
+    assert 0 < to_c < len(streams), f"{to_c} of {len(streams)} streams went to c"  # both carry some
+    proc, _ = fleet.gateways["g"]
+    proc.kill()
+    proc.wait(10)
+    started = time.monotonic()
+    wait_for(lambda: echo_works(hub), timeout=10, what="echo through b after g died")
+    print(f"\n[fleet] two connections: requests through b work again {time.monotonic() - started:.2f}s after "
+          f"kill -9 of one of the agent's gateways")
+    rounds = [s.rounds for s in streams]
+    wait_for(lambda: all(s.broken or s.rounds > r + 5 for s, r in zip(streams, rounds, strict=True)), timeout=20,
+             what="every stream either broke or kept going")
+    for stream in streams:
+        stream.stop.set()
+    for stream in streams:
+        stream.join(10)
+    assert not any(s.wrong for s in streams)
+    survivors = [s for s in streams if not s.broken]
+    assert len(survivors) == to_c, f"{len(survivors)} streams survived, c carried {to_c}"
+    echo_checked(hub, MiB)
+    # g's own field stays until its deadline (g died without releasing it; nobody uses it).
+    wait_for(lambda: fleet.holders(agent_id).keys() >= {"c", "a"}, timeout=20,
+             what="the agent's lost connection dialled a in g's place")
+    _stop(fleet.agents.pop("twin"))
+
+
+def test_two_connections_a_frozen_gateway_never_comes_back_in_the_registry(fleet, targets):
+    """An agent holding sessions to h and a; h is frozen (SIGSTOP); the agent process is
+    replaced by a new one (same key and name) on b and c. When h resumes, its renewals
+    lose, it ends its stale session, and the registry never lists h again."""
+    fleet.start_gateway("h")
+    first = fleet.start_agent("pair", ["h", "a"], allow=(f"127.0.0.1:{targets.echo_port}",))  # 2 by default
+    agent_id = wait_for(lambda: fleet.agent_id("c", "pair"), what="pair seen at c")
+    wait_for(lambda: fleet.holders(agent_id).keys() == {"h", "a"}, what="pair leased at h and a")
+    gateway_h, _ = fleet.gateways["h"]
+    os.kill(gateway_h.pid, signal.SIGSTOP)
+    try:
+        first.kill()
+        first.wait(10)
+        fleet.start_agent("pair", ["b", "c"], allow=(f"127.0.0.1:{targets.echo_port}",))
+        wait_for(lambda: fleet.holders(agent_id).keys() == {"b", "c"}, what="the new process leased at b and c")
+        new = fleet.holders(agent_id)
+        time.sleep(1.0)
+    finally:
+        os.kill(gateway_h.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        assert fleet.holders(agent_id) == new
+        time.sleep(0.2)
+    wait_for(lambda: "is stale" in (fleet.workdir / "gateway-h.log").read_text(), timeout=10,
+             what="h ends its stale session")
+    for gateway in ("h", "a"):
+        status, body = fleet.api(gateway, "POST", f"/api/v1/agents/{agent_id}/tunnel",
+                                 {"target_port": targets.echo_port, "tunnel_protocol": "tcp"})
+        assert status == 200, body
+        wait_for(lambda p=body["hub_port"]: echo_works(p), timeout=10, what=f"echo through {gateway}")
+    assert fleet.holders(agent_id) == new
+    _stop(fleet.agents.pop("pair"))

@@ -35,10 +35,9 @@ class AgentBase:
                  ssl_context: Optional[ssl.SSLContext] = None,
                  more_gateways: Iterable[str] = ()) -> None:
         self.tls, self.host, self.port, self.path, self.gateway_url = parse_gateway_url(gateway_url)
-        #: Every gateway this agent may use, in order (a fleet's gateways): after a drop
-        #: or a failed dial it tries the next one (:meth:`next_gateway`).
+        #: Every gateway this agent may use, in order (a fleet's gateways; the asyncio
+        #: agent holds sessions to several at once: relay.agent.gateways).
         self.gateway_urls = [parse_gateway_url(url) for url in (gateway_url, *more_gateways)]
-        self._gateway_index = 0
         self._key = key
         self.name = name or _default_name()
         self.labels = sorted(set(labels))
@@ -59,16 +58,6 @@ class AgentBase:
         #: True once a session was established: the key worked, so a later refusal (the
         #: key revoked, the name taken) is logged and retried with backoff, not fatal.
         self.ever_connected = False
-
-    def next_gateway(self) -> None:
-        """Use the next gateway of :attr:`gateway_urls` for the next connection (a
-        survivor of the fleet when the current one died)."""
-        if len(self.gateway_urls) < 2:
-            return
-        self._gateway_index = (self._gateway_index + 1) % len(self.gateway_urls)
-        self.tls, self.host, self.port, self.path, self.gateway_url = self.gateway_urls[self._gateway_index]
-        if self.tls and self._ssl is None:
-            self._ssl = ssl.create_default_context()
 
     def __repr__(self) -> str:  # never show the key
         return f"{type(self).__name__}({self.gateway_url!r}, name={self.name!r})"
@@ -91,16 +80,24 @@ class AgentBase:
         """Delay before reconnect attempt ``attempt`` (0-based); see policy.backoff_delay."""
         return backoff_delay(attempt, self.backoff_initial, self.backoff_max, self.jitter)
 
+    def _live_sessions(self) -> list[Any]:
+        """Every session held now (several for an agent with ``connections`` > 1)."""
+        sessions = list(getattr(self, "sessions", None) or [])
+        if self.session is not None and self.session not in sessions:
+            sessions.append(self.session)
+        return sessions
+
     def report_status(self, status: str) -> None:
-        """Tell the gateway our status (``idle``, ``busy`` or ``unhealthy``); ignored
+        """Tell the gateway(s) our status (``idle``, ``busy`` or ``unhealthy``); ignored
         while not connected."""
-        if self.session is not None and not self.session.is_closed:
-            self.session.send_control({"type": "status", "status": status})
+        for session in self._live_sessions():
+            if not session.is_closed:
+                session.send_control({"type": "status", "status": status})
 
     def close(self) -> None:
-        """Drop the current connection (``run`` would reconnect: cancel it to stop)."""
-        if self.session is not None:
-            self.session.abort(ErrorCode.NO_ERROR, "agent stopping")
+        """Drop the current connection(s) (``run`` would reconnect: cancel it to stop)."""
+        for session in self._live_sessions():
+            session.abort(ErrorCode.NO_ERROR, "agent stopping")
 
     @staticmethod
     def refusal(session: Any) -> Optional[str]:
@@ -116,14 +113,17 @@ class AgentBase:
         self.state = "refused"
         log.error("%s; retrying in %.1fs", reason, delay)
 
-    def _set_state(self, state: str, detail: str = "") -> None:
-        if state == self.state and not detail:
+    def _set_state(self, state: str, detail: str = "", target: Optional[str] = None) -> None:
+        """Record and log a state change (``target``: the gateway it concerns). While
+        another session is up, the agent stays "connected" whatever one connection does."""
+        if state == self.state and not detail and target is None:
             return
-        self.state = state
+        if state == "connected" or not self._live_sessions():
+            self.state = state
         if state == "connecting":
-            log.info("connecting to %s as %r%s", self.gateway_url, self.name, self._backend_note)
+            log.info("connecting to %s as %r%s", target or self.gateway_url, self.name, self._backend_note)
         elif state == "connected":
-            log.info("connected to %s", self.gateway_url)
+            log.info("connected to %s", target or self.gateway_url)
         else:
             log.info("%s%s", state, f": {detail}" if detail else "")
 

@@ -18,7 +18,12 @@ else is refused with NOT_ALLOWED and a message saying why; an unreachable target
 CONNECT_FAILED. The relay must never become an open proxy into the agent's network.
 
 After any drop the agent reconnects with exponential backoff (0.5 s doubling to 30 s,
-+-20 % jitter, reset after a connection that lasted 10 s and was not refused). A key
++-20 % jitter, reset after a connection that lasted 10 s and was not refused). Given
+several gateways (a fleet: several ``--gateway`` URLs, or one name with several
+addresses), it holds up to ``connections`` sessions at once, each to another gateway
+(relay.agent.gateways); a session that drops is replaced by one to the next gateway
+no other connection uses, dialled within ``backoff_initial / 4`` (spread at random), a
+failed dial there backing off as usual. A key
 rejected (401/403) before it ever worked is permanent: :meth:`Agent.run` raises
 :class:`AgentAuthError`. Once connected, a refusal (the gateway's GOAWAY NOT_ALLOWED, e.g.
 "credential revoked" or another agent holding this name, or a later 401) is logged at
@@ -29,6 +34,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
+import socket
 import ssl
 from collections.abc import Iterable
 from typing import Any, Optional
@@ -36,6 +43,7 @@ from typing import Any, Optional
 from relay import __version__
 from relay.agent.base import AgentBase
 from relay.agent.bind import Binder
+from relay.agent.gateways import DialTarget, TargetRing, default_connections, expand, is_address
 from relay.agent.policy import (  # re-exported: the agent's public names
     AGENT_PATH,
     DATAGRAM_PROTOCOLS,
@@ -85,11 +93,16 @@ class Agent(AgentBase):
                  backoff_initial: float = 0.5, backoff_max: float = 30.0, jitter: float = 0.2,
                  more_gateways: Iterable[str] = (),
                  ssl_context: Optional[ssl.SSLContext] = None,
-                 terminal: Optional[TerminalSpec] = None) -> None:
+                 terminal: Optional[TerminalSpec] = None, connections: Optional[int] = None) -> None:
         super().__init__(gateway_url, key, name=name, labels=labels, allow=allow, mux_config=mux_config,
                          backoff_initial=backoff_initial, backoff_max=backoff_max, jitter=jitter,
                          ssl_context=ssl_context, more_gateways=more_gateways)
-        #: The current session while connected.
+        if connections is not None and connections < 1:
+            raise ValueError("connections must be at least 1")
+        #: Sessions held at once, each to another gateway (None: 2 if there are
+        #: several gateway addresses, else 1; relay.agent.gateways).
+        self.connections = connections
+        #: The newest session while connected.
         self.session: Optional[MuxSession] = None
         #: Set while a session is established (tests and status reporting).
         self.connected = asyncio.Event()
@@ -97,7 +110,8 @@ class Agent(AgentBase):
         self.binder = Binder()
         #: Task handlers by kind (relay.agent.tasks; the CLI adds echo, sleep, count).
         self.tasks = AgentTasks()
-        self._newest: Optional[MuxSession] = None
+        #: Every established session (several with ``connections`` > 1).
+        self.sessions: list[MuxSession] = []
         #: Stream policies, ``fn(metadata) -> True/None | False/reason`` (relay.agent.tasks).
         self.allow_stream: list[Any] = []
         #: Declared container services (relay.agent.services.ServiceSpec), sent in the
@@ -144,46 +158,58 @@ class Agent(AgentBase):
         except OSError as exc:
             log.info("stream to %s:%d failed: %s", host, port, exc)  # already refused
 
-    def _on_control(self, message: Any) -> None:
+    def _on_control(self, message: Any, session: Optional[MuxSession] = None) -> None:
+        """A control message from the gateway on ``session`` (answers go back on it)."""
+        session = session or self.session
         if isinstance(message, dict) and message.get("type") == "welcome":
             self.agent_id = str(message.get("agent_id"))
             log.info("registered as agent %s (%s)", self.agent_id, self.name)
         elif isinstance(message, dict) and message.get("type") == "bind":  # Tunnels API connect
-            session = self._newest  # the result goes back on the session that asked
 
             def reply(result: dict[str, Any]) -> None:
                 if session is not None and not session.is_closed:
                     session.send_control(result)
 
             self.binder.on_control(message, reply)
-        elif isinstance(message, dict) and message.get("type") == "task" and self._newest is not None:
-            self.tasks.on_control(self._newest, message)  # seed 001 tasks
+        elif isinstance(message, dict) and message.get("type") == "task" and session is not None:
+            self.tasks.on_control(session, message)  # seed 001 tasks
 
     # ------------------------------------------------------------------ connecting
 
-    async def connect(self) -> MuxSession:
-        """Dial the gateway and return the established session.
+    async def connect(self, target: Optional[DialTarget] = None, connection: int = 0) -> MuxSession:
+        """Dial the gateway (``target``: one of :meth:`targets`; default: the first
+        URL) as the agent's connection number ``connection`` and return the
+        established session.
 
         Raises :class:`AgentAuthError` if the key is rejected, OSError/HandshakeError/
         TimeoutError for other failures.
         """
+        target = target or DialTarget(self.gateway_urls[0])
+        gateway = target.gateway
         config = self._mux_config or MuxConfig()
         info = {"name": self.name, "labels": self.labels, "version": __version__,
-                "instance": self.instance_id, "limits": {"max_streams": config.max_streams},
+                "instance": self.instance_id, "connection": connection,
+                "limits": {"max_streams": config.max_streams},
                 "services": [spec.to_info() for spec in self.services],
                 **({"terminal": self.terminal.to_info()} if self.terminal is not None else {}),
                 **self.allow_hello(Agent.is_allowed)}
         config = dataclasses.replace(config, info={**config.info, **info})
-        session = MuxSession(True, config, on_stream=self._on_stream, on_control=self._on_control)
-        # Messages can arrive before connect() returns and self.session is set.
-        self._newest = session
-        hostport = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
-        handshake = ClientHandshake(hostport, self.path,
+        holder: list[MuxSession] = []
+        session = MuxSession(True, config, on_stream=self._on_stream,
+                             on_control=lambda message: self._on_control(message, holder[0]))
+        holder.append(session)
+        hostport = gateway.host if gateway.port in (80, 443) else f"{gateway.host}:{gateway.port}"
+        handshake = ClientHandshake(hostport, gateway.path,
                                     extra_headers=[("Authorization", f"Bearer {self._key}")])
+        context = self._ssl if self._ssl is not None or not gateway.tls else ssl.create_default_context()
+        if gateway.tls and self._ssl is None:
+            self._ssl = context
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
             transport, proto = await loop.create_connection(
-                lambda: WebSocketUpgrade(handshake, session), self.host, self.port, ssl=self._ssl)
+                lambda: WebSocketUpgrade(handshake, session), target.ip or gateway.host, gateway.port,
+                ssl=context if gateway.tls else None,
+                server_hostname=gateway.host if gateway.tls and target.ip else None)
             try:
                 await proto.done
             except HandshakeRejected as exc:
@@ -200,38 +226,85 @@ class Agent(AgentBase):
                 raise
         return session
 
-    async def run_once(self) -> None:
-        """One connection: connect, serve until the session ends."""
-        self._set_state("connecting")
-        session = await self.connect()
+    async def targets(self) -> list[DialTarget]:
+        """Every place this agent may dial: each ``--gateway`` URL, and each address of
+        a host name that resolves to several (relay.agent.gateways)."""
+        loop = asyncio.get_running_loop()
+        found: list[DialTarget] = []
+        for gateway in self.gateway_urls:
+            infos: list[Any] = []
+            if not is_address(gateway.host):
+                try:
+                    infos = await loop.getaddrinfo(gateway.host, gateway.port, type=socket.SOCK_STREAM)
+                except OSError as exc:  # dialled by name, so the next dial says why
+                    log.debug("cannot resolve %s now: %s", gateway.host, exc)
+            found += [t for t in expand(gateway, infos) if t not in found]
+        return found
+
+    async def run_once(self, target: Optional[DialTarget] = None, connection: int = 0,
+                       sessions: Optional[list[MuxSession]] = None) -> MuxSession:
+        """One connection: connect, serve until the session ends; returns the session
+        (ended). ``sessions`` (for the reason it ended) gets it as soon as it exists."""
+        target = target or DialTarget(self.gateway_urls[0])
+        self._set_state("connecting", target=target.label)
+        session = await self.connect(target, connection)
+        if sessions is not None:
+            sessions.append(session)
+        self.sessions.append(session)
         self.session = session
         self.ever_connected = True
         self.connected.set()
-        self._set_state("connected")
+        self._set_state("connected", target=target.label)
         try:
             await session.wait_closed()
         finally:  # also on cancellation: a stopped agent must not leave its socket open
             session.abort(ErrorCode.NO_ERROR, "agent stopping")
-            self.connected.clear()
-            self.session = None
+            self.sessions.remove(session)
+            self.session = self.sessions[-1] if self.sessions else None
+            if not self.sessions:
+                self.connected.clear()
+        return session
 
     async def run(self) -> None:
-        """Serve forever, reconnecting with backoff after any drop. Raises
-        :class:`AgentAuthError` if the key is rejected before it ever worked; once it
-        has, a refusal (key revoked, name taken by another agent) is logged at ERROR and
-        retried with a growing delay: the gateway's operator may fix it, and a fleet
-        of refused agents must not hammer the gateway."""
+        """Serve forever, reconnecting with backoff after any drop, over up to
+        :attr:`connections` sessions at once, each to another gateway (see
+        relay.agent.gateways). Raises :class:`AgentAuthError` if the key is rejected
+        before it ever worked; once it has, a refusal (key revoked, name taken by
+        another agent) is logged at ERROR and retried with a growing delay: the
+        gateway's operator may fix it, and a fleet of refused agents must not hammer
+        the gateway."""
+        targets = await self.targets()
+        count = self.connections or default_connections(targets)
+        ring = TargetRing(targets)
+        if count > 1:
+            log.info("holding up to %d sessions at once over %d gateway address(es)", count, len(targets))
+        if count == 1:
+            await self._keep(ring, 0, 1)
+            return
+        try:
+            async with asyncio.TaskGroup() as group:
+                for connection in range(count):
+                    group.create_task(self._keep(ring, connection, count))
+        except BaseExceptionGroup as failed:  # the first reason (a rejected key) as is
+            raise failed.exceptions[0] from None
+
+    async def _keep(self, ring: TargetRing, connection: int, count: int) -> None:
+        """Connection number ``connection`` of the agent: dial, serve, dial again."""
         attempt = 0
         loop = asyncio.get_running_loop()
+        target = ring.first(connection)
+        several = len(ring.targets) > 1
         while True:
             started = loop.time()
             refused: Optional[str] = None
+            duplicate = False
+            ended: list[MuxSession] = []
             try:
-                await self.run_once()
-                refused = self.refusal(self._newest)
+                await self.run_once(target, connection, ended)
+                refused, duplicate = self._why_ended(ended)
                 # Start the backoff over only after a connection that lasted and was not
                 # refused: one the gateway drops at once must not loop tightly.
-                if refused is None and loop.time() - started >= STABLE_CONNECTION:
+                if refused is None and not duplicate and loop.time() - started >= STABLE_CONNECTION:
                     attempt = 0
                 reason = "connection lost"
             except AgentAuthError as exc:
@@ -240,19 +313,39 @@ class Agent(AgentBase):
                     raise
                 refused = f"{exc} (was the key revoked?)"
             except (OSError, HandshakeError, TimeoutError, ConnectionError) as exc:
-                refused = self.refusal(self._newest)
+                refused, duplicate = self._why_ended(ended)
                 reason = str(exc) or type(exc).__name__
             delay = self.backoff_delay(attempt)
             attempt += 1
-            if len(self.gateway_urls) > 1 and refused is None:
-                # A fleet: another gateway serves as well, and this one may be dead.
-                self.next_gateway()
-                delay = min(delay, self.backoff_initial)
+            if duplicate:
+                reason = f"{target.label} is a gateway this agent is connected to already"
+            if several and refused is None:
+                # A fleet: another gateway serves as well, and this one may be dead. After
+                # a session that was up, dial the next one at once, spread over a short
+                # window (a gateway's agents must not all land on a survivor at the same
+                # instant); after a failed dial, back off (but no longer than the first step).
+                target = ring.next(connection)
+                if ended and not duplicate:
+                    delay = random.uniform(0.0, self.backoff_initial / 4)
+                elif not duplicate:
+                    delay = min(delay, self.backoff_initial)
             if refused is not None:
                 self._refused(refused, delay)
             else:
-                self._set_state("disconnected", f"{reason}; retrying in {delay:.1f}s")
+                prefix = f"connection {connection + 1}/{count}: " if count > 1 else ""
+                self._set_state("disconnected", f"{prefix}{reason}; retrying in {delay:.1f}s"
+                                + (f" with {target.label}" if several else ""))
             await asyncio.sleep(delay)
+
+    def _why_ended(self, ended: list[MuxSession]) -> tuple[Optional[str], bool]:
+        """``(refusal, duplicate)`` for the session that ended (if it got that far): the
+        gateway's refusal of this agent, or True if the gateway holds this agent process
+        through another of its connections already (a GOAWAY ``REFUSED``)."""
+        if not ended:
+            return None, False
+        goaway = getattr(ended[0], "goaway_received", None)
+        duplicate = goaway is not None and goaway.error_code == ErrorCode.REFUSED
+        return self.refusal(ended[0]), duplicate
 
     def close(self) -> None:
         """Drop the current connection (``run`` would reconnect: cancel it to stop)."""

@@ -584,7 +584,7 @@ class Gateway:
         try:
             entry = await self.registry.admit(principal.team_id, principal.credential_id, info, session)
         except AgentNameTaken as exc:  # a live agent holds this key and name: it keeps them
-            end_session(session, ErrorCode.NOT_ALLOWED, exc.message)
+            end_session(session, exc.error_code, exc.message)
             return
         except ConnectionError as exc:
             log.info("agent connection from %s ended before it was registered: %s", peer, exc)
@@ -624,6 +624,8 @@ class Gateway:
             self._gone_timers.pop(agent_id, None)
             if self.registry.is_online(agent_id) or self.tunnels is None:
                 return
+            if self.registry.get(team_id, agent_id) is not None:
+                return  # held by another gateway of the fleet: its tunnels stay
             task = asyncio.get_running_loop().create_task(close())
             self._agent_tasks.add(task)
             task.add_done_callback(self._agent_tasks.discard)

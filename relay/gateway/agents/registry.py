@@ -17,6 +17,14 @@ refused agent logs it at ERROR and retries with a growing delay); if not, it was
 and is replaced. So two live clones never knock each other off: the first keeps the
 name and all traffic, the second waits until the first goes away.
 
+An agent may hold sessions to several gateways of a fleet at once (``relay agent
+--connections``); its hello then says which of its connections this is
+(``connection``). Two of them reaching the same gateway (two URLs or addresses of one
+gateway) is not a reconnect: while the first answers a PING, the second is refused
+with a GOAWAY ``REFUSED`` (not ``NOT_ALLOWED``: nothing is wrong with the agent) and
+tries another gateway. One gateway holds one session per agent; the fleet's registry
+holds the list of its gateways (relay.gateway.fleet.registry).
+
 The store's agent rows follow the live entries: written when an agent is admitted
 (awaited: a store failure refuses the agent), and on every status change and
 disconnect through one ordered queue (:class:`StoreWrites`), so callers on the event
@@ -44,6 +52,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 from relay.aio import MuxSession
 from relay.gateway.store import Agent, Store
+from relay.mux.errors import ErrorCode
 
 __all__ = ["AgentNameTaken", "ConnectedAgent", "Registry", "StoreWrites", "agent_identity", "end_session"]
 
@@ -95,6 +104,8 @@ class ConnectedAgent:
     credential_id: Optional[str] = None
     #: The agent process's instance id from its hello ("" if it sent none).
     instance: str = ""
+    #: Which of the agent's connections this is (relay.agent.gateways; None: not said).
+    connection: Optional[int] = None
     #: Bumped by every status change: a status decided after a wait (see
     #: relay.gateway.app.Gateway.rest) is applied only if nothing changed meanwhile.
     status_seq: int = 0
@@ -104,18 +115,29 @@ class ConnectedAgent:
 
 
 class AgentNameTaken(Exception):
-    """Another live connection holds this agent identity (same key and name)."""
+    """Another live connection holds this agent identity (same key and name): the
+    newcomer is ended with a GOAWAY ``error_code`` (NOT_ALLOWED: another process holds
+    the name; REFUSED: the same process holds it through another of its connections)."""
 
-    def __init__(self, holder: ConnectedAgent, message: str) -> None:
+    def __init__(self, holder: ConnectedAgent, message: str, error_code: int = ErrorCode.NOT_ALLOWED) -> None:
         super().__init__(message)
         self.holder = holder
         self.message = message
+        self.error_code = error_code
 
 
 def agent_instance(info: Any) -> str:
     """The ``instance`` id from an agent's hello ("" if absent or malformed)."""
     instance = info.get("instance") if isinstance(info, dict) else None
     return instance[:MAX_INSTANCE] if isinstance(instance, str) else ""
+
+
+def agent_connection(info: Any) -> Optional[int]:
+    """Which of its connections the agent says this is (``connection`` in its hello;
+    None if absent or malformed: an agent holding one connection at a time)."""
+    connection = info.get("connection") if isinstance(info, dict) else None
+    return connection if isinstance(connection, int) and not isinstance(connection, bool) and \
+        0 <= connection < 1024 else None
 
 
 def agent_identity(info: Any) -> tuple[str, list[str], str]:
@@ -267,7 +289,21 @@ class Registry:
         instance = agent_instance(info)
         async with self._claiming(agent_id):  # one admission per identity at a time
             old = self._agents.get(agent_id)
-            if old is not None and not old.session.is_closed and not (instance and instance == old.instance):
+            connection = agent_connection(info)
+            same_process = bool(instance) and instance == old.instance if old is not None else False
+            if old is not None and not old.session.is_closed and same_process and connection != old.connection:
+                # The same agent process dialled this gateway again through another of its
+                # connections (two of its URLs lead here): one session per gateway is
+                # enough, unless the old one is dead.
+                if await _answers_ping(old.session):
+                    log.info("agent %r (%s): refused its connection %s, already connected here through "
+                             "its connection %s", name, agent_id, connection, old.connection)
+                    raise AgentNameTaken(old, (
+                        f"agent {name!r} is connected to this gateway already (through another of its "
+                        f"connections): try another gateway"), ErrorCode.REFUSED)
+                log.info("agent %r (%s): its other connection from %s does not answer; replacing it",
+                         name, agent_id, _address(old.peer))
+            elif old is not None and not old.session.is_closed and not same_process:
                 if await _answers_ping(old.session):
                     peer = session.get_extra_info("peername")
                     log.warning(
@@ -310,7 +346,8 @@ class Registry:
         await self.writes.run(lambda: store.upsert_agent(team_id, agent_id, name, labels, version, status))
         entry = ConnectedAgent(agent_id, team_id, name, labels, version, session,
                                peer=session.get_extra_info("peername"), status=status,
-                               credential_id=credential_id, instance=agent_instance(info))
+                               credential_id=credential_id, instance=agent_instance(info),
+                               connection=agent_connection(info))
         old = self._agents.get(agent_id)
         self._agents[agent_id] = entry
         self.version += 1

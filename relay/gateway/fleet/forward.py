@@ -61,8 +61,12 @@ class ForwardSession:
 
     @property
     def is_closed(self) -> bool:
-        """True once the agent's location changed (or the fleet stopped)."""
-        return self._fleet.closed or self._fleet.registry.locations.get(self.agent_id) is not self.location
+        """True once the agent's session on that gateway is gone or changed, or the peer
+        session to that gateway is down (callers that cached this agent look it up again
+        and may find another of its gateways), or the fleet stopped."""
+        fleet = self._fleet
+        return (fleet.closed or fleet.registry.locations.get(self.agent_id, {}).get(self.location.gateway_id)
+                is not self.location or not fleet.peers.is_up(self.location.gateway_id))
 
     @property
     def established(self) -> bool:

@@ -78,6 +78,18 @@ class PeerPool:
         """How many peers have an open session now."""
         return sum(1 for s in self._sessions.values() if not s.is_closed)
 
+    def is_up(self, gateway_id: str) -> bool:
+        """Is a session to ``gateway_id`` open now? (No dial is started.)"""
+        session = self._sessions.get(gateway_id)
+        return session is not None and not session.is_closed and session.established
+
+    def load(self, gateway_id: str) -> Optional[int]:
+        """Streams open now on the session to ``gateway_id``; None if it is not up."""
+        session = self._sessions.get(gateway_id)
+        if session is None or session.is_closed or not session.established:
+            return None
+        return len(session.streams)
+
     def session(self, gateway_id: str) -> Optional[MuxSession]:
         """The open session to ``gateway_id``, or None (a dial is started if needed)."""
         session = self._sessions.get(gateway_id)
