@@ -27,6 +27,7 @@ import asyncio
 import hashlib
 import json
 import random
+import ssl as _ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Optional
@@ -161,8 +162,10 @@ class WebApp:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> "WebApp":
-        self._server = await asyncio.start_server(self._serve, host, port)
+    async def start(self, host: str = "127.0.0.1", port: int = 0,
+                    ssl: Optional[_ssl.SSLContext] = None) -> "WebApp":
+        """Listen (HTTPS with ``ssl``, a server context)."""
+        self._server = await asyncio.start_server(self._serve, host, port, ssl=ssl)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -11,7 +11,10 @@ Streams the gateway opens carry ``{"protocol": "tcp"|"http"|"udp", "target": "HO
 relay.agent.terminal);
 tcp and http are spliced byte for byte to the target, udp streams carry datagrams to and
 from a connected UDP socket (relay.agent.udp, docs/PROTOCOL.md section 16) (for "http" the gateway speaks HTTP/1.1 to it
-through the stream, so the agent needs no HTTP knowledge). A target
+through the stream, so the agent needs no HTTP knowledge). A tcp or http stream with
+``"tls": true`` (an https tunnel's share link) is spliced to a TLS connection to the
+target, SNI the target's host, its certificate not verified
+(relay.gateway.http.share_proxy says why). A target
 is served only if allowed: with no ``--allow`` entries, any port on a loopback host
 (127.0.0.1, localhost, ::1); with entries, exactly those ``HOST:PORT`` pairs. Anything
 else is refused with NOT_ALLOWED and a message saying why; an unreachable target with
@@ -153,8 +156,11 @@ class Agent(AgentBase):
             except OSError as exc:
                 log.info("udp stream to %s:%d failed: %s", host, port, exc)  # already refused
             return
+        tls: dict[str, Any] = {}
+        if meta.get("tls") is True:  # an https target (module docstring)
+            tls = {"ssl": _target_tls(), "server_hostname": host}
         try:
-            await connect_stream_to(stream, host, port)
+            await connect_stream_to(stream, host, port, **tls)
         except OSError as exc:
             log.info("stream to %s:%d failed: %s", host, port, exc)  # already refused
 
@@ -351,3 +357,17 @@ class Agent(AgentBase):
         """Drop the current connection (``run`` would reconnect: cancel it to stop)."""
         super().close()
         self.binder.close()
+
+
+_TARGET_TLS: Optional[ssl.SSLContext] = None
+
+
+def _target_tls() -> ssl.SSLContext:
+    """TLS towards an https target: encrypted, certificate not verified (module docstring)."""
+    global _TARGET_TLS
+    if _TARGET_TLS is None:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        _TARGET_TLS = context
+    return _TARGET_TLS

@@ -113,6 +113,10 @@ class TrioAgent(AgentBase):
         Run by the session (its handler contract): raising StreamRefused refuses the
         stream with that code; the stream is closed when this returns."""
         host, port = self.check_target(stream.metadata)
+        if isinstance(stream.metadata, dict) and stream.metadata.get("tls") is True:
+            # Refused with a reason rather than spoken to in plain text (which the target
+            # would answer with a TLS alert, seen by the client as a broken response).
+            raise StreamRefused(ErrorCode.REFUSED, "the trio agent does not connect to https targets yet")
         try:
             local = await trio.open_tcp_stream(host, port)
         except OSError as exc:

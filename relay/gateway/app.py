@@ -92,7 +92,8 @@ class Gateway:
     """
 
     def __init__(self, store: Store, *, public_url: Optional[str] = None,
-                 hub_host: str = "127.0.0.1", jwt_key: Optional[str] = None,
+                 hub_host: str = "127.0.0.1", public_hub_host: str = "0.0.0.0",
+                 jwt_key: Optional[str] = None,
                  mux_config: Optional[MuxConfig] = None,
                  ssl_context: Optional[ssl.SSLContext] = None,
                  agent_gone_grace: float = AGENT_GONE_GRACE,
@@ -109,7 +110,8 @@ class Gateway:
         self.tunnel_domain = tunnel_domain
         #: Where the gateway itself may connect (external services, webhooks):
         #: relay.gateway.egress. Never its own listening and hub ports.
-        self.egress = EgressPolicy(allow_private_egress, own_ports=self.own_ports, own_hosts=[hub_host])
+        self.egress = EgressPolicy(allow_private_egress, own_ports=self.own_ports,
+                                   own_hosts=[h for h in (hub_host, public_hub_host) if h])
         self.auth = Authenticator(store, jwt_key)
         self.registry = Registry(store)
         #: Ends the sessions of agents whose key gets revoked (relay.gateway.agents.revocation).
@@ -121,6 +123,7 @@ class Gateway:
         self.traffic = Traffic()
         self._public_url = public_url
         self._hub_host = hub_host
+        self._public_hub_host = public_hub_host
         self._udp_idle_timeout = udp_idle_timeout
         self._mux_config = mux_config
         self._ssl = ssl_context
@@ -163,7 +166,8 @@ class Gateway:
         self.host, self.port = sockname[0], sockname[1]
         self.egress.add_own_host(self.host)
         self.tunnels = TunnelManager(self.store, self.registry, public_url=self.url,
-                                     hub_host=self._hub_host, egress=self.egress,
+                                     hub_host=self._hub_host, public_hub_host=self._public_hub_host,
+                                     egress=self.egress,
                                      udp_idle_timeout=self._udp_idle_timeout,
                                      tunnel_domain=self.tunnel_domain)
         self.tunnels.reuse_port = self._fleet_config is not None
@@ -860,6 +864,7 @@ def _mutual_tls_server_context(cert: Any, key: Any, ca_file: Path) -> ssl.SSLCon
 
 async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
                       public_url: Optional[str] = None, hub_host: str = "127.0.0.1",
+                      public_hub_host: str = "0.0.0.0",
                       jwt_key: Optional[str] = None,
                       tls_cert: Optional[Path] = None, tls_key: Optional[Path] = None,
                       allow_private_egress: bool = False,
@@ -895,7 +900,8 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
         fleet.cert_file, fleet.key_file = tls_cert, tls_key
     store = await open_store(store_url, data_dir)
     try:
-        gateway = Gateway(store, public_url=public_url, hub_host=hub_host, jwt_key=jwt_key,
+        gateway = Gateway(store, public_url=public_url, hub_host=hub_host,
+                          public_hub_host=public_hub_host, jwt_key=jwt_key,
                           ssl_context=ssl_context, allow_private_egress=allow_private_egress,
                           udp_idle_timeout=udp_idle_timeout, fleet=fleet,
                           tunnel_domain=tunnel_domain)

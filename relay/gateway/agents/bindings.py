@@ -65,7 +65,8 @@ class Bindings:
     def hub(self, tunnel: Tunnel) -> dict[str, Any]:
         """Where the receiver reaches the tunnel: the hub port on the gateway host."""
         tunnels = self.gw.tunnels
-        hub_host = tunnels.hub_host if tunnels else None
+        hub = tunnels.hub(tunnel.id) if tunnels else None
+        hub_host = hub.host if hub is not None and hub.host else (tunnels.hub_host if tunnels else None)
         if hub_host in ("", "0.0.0.0", "::"):  # listening everywhere: name the gateway's host
             hub_host = urlsplit(self.gw.url).hostname
         return {"host": hub_host, "port": tunnel.hub_port}

@@ -92,6 +92,9 @@ class HubListener:
     protocol: str = "tcp"
     #: A udp hub's counters (relay.gateway.agents.udp_hub.UdpStats); None for tcp.
     udp: Optional[udp_hub.UdpStats] = None
+    #: Address it listens on (set when it listens: the manager's ``hub_host``, or its
+    #: ``public_hub_host`` for a public Tunnels API tunnel).
+    host: str = ""
 
     def __post_init__(self) -> None:
         if self.protocol == "udp" and self.udp is None:
@@ -247,7 +250,8 @@ class TunnelManager:
     """Opens and closes tunnel sessions and their hub ports."""
 
     def __init__(self, store: Store, registry: Registry, *, public_url: str,
-                 hub_host: str = "127.0.0.1", egress: Optional[EgressPolicy] = None,
+                 hub_host: str = "127.0.0.1", public_hub_host: str = "0.0.0.0",
+                 egress: Optional[EgressPolicy] = None,
                  udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  tunnel_domain: Optional[str] = None) -> None:
         self._store = store
@@ -258,6 +262,9 @@ class TunnelManager:
         self._registry = registry
         self.public_url = public_url.rstrip("/")
         self.hub_host = hub_host
+        #: Where the hub ports of public Tunnels API tunnels (``public: true``) listen:
+        #: every interface by default, so other machines reach them whatever ``hub_host``.
+        self.public_hub_host = public_hub_host
         #: Seconds without a datagram after which a udp flow ends (relay.mux.datagrams).
         self.udp_idle_timeout = udp_idle_timeout
         self._hubs: dict[str, HubListener] = {}
@@ -463,14 +470,17 @@ class TunnelManager:
     # -- hub ports
 
     async def open_hub(self, key: str, team_id: str, agent_id: str, target_host: str,
-                       target_port: int, port: int = 0, protocol: str = "tcp") -> HubListener:
+                       target_port: int, port: int = 0, protocol: str = "tcp",
+                       public: bool = False) -> HubListener:
         """Listen on a hub port that is not a seed 000 session: a Tunnels API tunnel, keyed
         by its id. ``port`` 0 picks a free one; ``protocol`` ``udp`` binds a UDP hub port,
-        anything else a TCP one. Raises OSError if it cannot be bound. Stopped by
+        anything else a TCP one; ``public`` binds it on :attr:`public_hub_host` instead of
+        :attr:`hub_host`. Raises OSError if it cannot be bound. Stopped by
         :meth:`close_hub` (or :meth:`shutdown`)."""
         self._close_hub(key)
         hub = HubListener(key, team_id, agent_id, target_port, target_host=target_host,
-                          protocol="udp" if protocol == "udp" else "tcp")
+                          protocol="udp" if protocol == "udp" else "tcp",
+                          host=self.public_hub_host if public else self.hub_host)
         await self._listen(hub, port, exact=True)
         self._hubs[key] = hub
         return hub
@@ -481,14 +491,15 @@ class TunnelManager:
 
     async def _listen(self, hub: HubListener, port: int = 0, exact: bool = False) -> None:
         loop = asyncio.get_running_loop()
+        hub.host = hub.host or self.hub_host
         if hub.protocol == "udp":
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: udp_hub.UdpHubProtocol(self, hub), local_addr=(self.hub_host, port))
+                lambda: udp_hub.UdpHubProtocol(self, hub), local_addr=(hub.host, port))
             udp_hub.size_buffers(transport)
             hub.server = transport  # type: ignore[assignment]  # close() stops it alike
             hub.port = transport.get_extra_info("sockname")[1]
             return
-        hub.server = await loop.create_server(lambda: self._hub_protocol(hub), self.hub_host, port,
+        hub.server = await loop.create_server(lambda: self._hub_protocol(hub), hub.host, port,
                                               reuse_port=self.reuse_port or None)
         hub.port = hub.server.sockets[0].getsockname()[1]
 

@@ -28,10 +28,7 @@ required), ``agent_id`` (required; the team's agent that reaches the target; it 
 offline), ``name`` (1..100 characters; generated as adjective-noun-4hex if absent),
 ``protocol`` (``auto`` default, ``tcp``, ``udp``, ``http``, ``https``; a udp tunnel's
 hub port is a UDP socket, each client address one flow: relay.gateway.agents.udp_hub),
-``public`` (bool; for
-an http tunnel it creates an unrestricted, never-expiring share named ``public`` whose
-URL comes back once as ``public_url``: delete that share to unpublish; for tcp/https
-tunnels the hub port is the way in and ``public`` is only recorded), ``hub_port`` (1024..65535,
+``public`` (bool, default false; see "Public tunnels" below), ``hub_port`` (1024..65535,
 optional: a specific hub port; 409 if
 another tunnel holds it, whatever its protocol). ``auto`` resolves by target port: 443 →
 https; 80, 3000, 5000, 7860, 8000, 8080, 8188, 8888 → http; the well-known UDP services
@@ -52,6 +49,19 @@ gateway's ``--udp-idle-timeout`` without one; the tunnel's ``udp`` object counts
 flows, datagrams each way and datagrams dropped) (:class:`~relay.gateway.agents.tunnel_sessions.TunnelManager`
 does the work). The port is kept in the store, so after a gateway restart an active
 tunnel listens on the same port again.
+
+Public tunnels (``public: true``). A tunnel's hub port normally listens on the
+gateway's ``--hub-host`` (127.0.0.1 by default: the gateway's machine only, and the
+agents there that ``connect`` to it). A public tunnel's hub port listens on
+``--public-hub-host`` instead (0.0.0.0 by default: every interface), so any machine that
+reaches the gateway host reaches the service; its answers carry ``public_url``,
+``tcp://HOST:PORT`` (``udp://`` for udp), HOST being the public hub host or, when that
+is every interface, the host of the gateway's public URL. An http or https tunnel also
+gets, at creation, an unrestricted never-expiring share named ``public``, whose link is
+returned once as ``public_url`` instead (what a browser should open; delete that share
+to unpublish the link). ``hub_host`` in every answer is the address the hub port listens
+on. (Seed 002 recommends shares over public tunnels: a public hub port has no access
+control at all.)
 
 ``status`` as shown:
 
@@ -78,9 +88,10 @@ connects again (:mod:`relay.gateway.agents.bindings`). The answer carries the
 port and relaying each connection to the hub port (:mod:`relay.agent.bind`), so the hub
 port must be reachable from it.
 
-Shares (http tunnels only: the share URL is served by the gateway's HTTP reverse proxy,
-which speaks plain HTTP to the target): see :mod:`relay.gateway.api.shares` for the fields
-and the checks, :mod:`relay.gateway.http.share_proxy` for the serving. The link
+Shares (http and https tunnels, seed 002: the share URL is served by the gateway's HTTP
+reverse proxy; for an https tunnel the agent wraps the connection to the target in
+TLS): see :mod:`relay.gateway.api.shares` for the fields and the checks,
+:mod:`relay.gateway.http.share_proxy` for the serving. The link
 (``{gateway}/s/{share_token}/``) is returned once, at creation, as ``shareUrl`` (the
 canonical name: seed 002 tells users to save the ``shareUrl``) and, with the same value,
 as ``share_url`` for clients written against earlier answers; only a hash of its token
@@ -102,6 +113,7 @@ import re
 import secrets
 import time
 from typing import TYPE_CHECKING, Any, Optional, TypeGuard
+from urllib.parse import urlsplit
 
 from relay.gateway.api.shares import RateLimiter, parse_share_request, printable_text
 from relay.gateway.api.tunnels_openapi import add_tunnels_api
@@ -328,7 +340,8 @@ class TunnelsApi:
             try:
                 hub = await tunnels.open_hub(tunnel.id, tunnel.team_id, tunnel.agent_id,
                                              tunnel.target_host, tunnel.target_port,
-                                             tunnel.hub_port or 0, protocol=tunnel.protocol)
+                                             tunnel.hub_port or 0, protocol=tunnel.protocol,
+                                             public=tunnel.public)
             except OSError as exc:
                 self._errors[tunnel.id] = f"cannot listen on hub port {tunnel.hub_port or 0}: {exc.strerror or exc}"
                 log.warning("tunnel %s: %s", tunnel.id, self._errors[tunnel.id])
@@ -384,7 +397,7 @@ class TunnelsApi:
             "target_port": tunnel.target_port,
             "protocol": tunnel.protocol,
             "public": tunnel.public,
-            "hub_host": tunnels.hub_host if tunnels is not None else None,
+            "hub_host": self._hub_host(tunnel, hub),
             "hub_port": tunnel.hub_port,
             "status": status,
             "error": error,
@@ -393,9 +406,29 @@ class TunnelsApi:
             "active_connections": len(hub.splices) if hub else 0,
             "last_error": hub.last_error if hub else None,
             **({"udp": hub.udp.as_dict()} if hub is not None and hub.udp is not None else {}),
+            **({"public_url": self._public_hub_url(tunnel)}
+               if tunnel.public and tunnel.protocol in ("tcp", "udp") and tunnel.hub_port else {}),
             "created_at": _iso(tunnel.created_at),
             "updated_at": _iso(tunnel.updated_at),
         }
+
+    def _hub_host(self, tunnel: Tunnel, hub: Any) -> Optional[str]:
+        """The address the tunnel's hub port listens (or would listen) on."""
+        if hub is not None and hub.host:
+            return str(hub.host)
+        tunnels = self.gw.tunnels
+        if tunnels is None:
+            return None
+        return tunnels.public_hub_host if tunnel.public else tunnels.hub_host
+
+    def _public_hub_url(self, tunnel: Tunnel) -> str:
+        """``tcp://HOST:PORT`` (``udp://``) of a public tunnel's hub port, HOST as other
+        machines name the gateway's host (module docstring, "Public tunnels")."""
+        host = self._hub_host(tunnel, None) or ""
+        if host in ("", "0.0.0.0", "::"):
+            host = urlsplit(self.gw.url).hostname or host
+        hostport = f"[{host}]:{tunnel.hub_port}" if ":" in host else f"{host}:{tunnel.hub_port}"
+        return f"{'udp' if tunnel.protocol == 'udp' else 'tcp'}://{hostport}"
 
     async def _publish(self, team_id: str, event: str, data: dict[str, Any]) -> None:
         """Queue a webhook event; never waits, never fails the request."""
@@ -451,7 +484,7 @@ class TunnelsApi:
             tunnel = await self._open_hub(tunnel)
         result = self.describe(tunnel)
         await self._publish(principal.team_id, "tunnel.created", result)
-        if public and protocol == "http":
+        if public and protocol in ("http", "https"):
             # Public = an unrestricted share made with the tunnel (delete it to unpublish).
             _, token = await self.gw.store.create_share(principal.team_id, tunnel.id, "public",
                                                   "created with the tunnel (public: true)")
@@ -576,10 +609,10 @@ class TunnelsApi:
         principal = await self._principal(request, manage=True)
         tunnel = await self._tunnel(principal, request.params["tunnel_id"])
         spec = parse_share_request(request.json())
-        if tunnel.protocol != "http":
+        if tunnel.protocol not in ("http", "https"):
             raise HttpError(400, "invalid_tunnel_protocol",
-                            f"shares are served by the gateway's HTTP proxy, which speaks plain HTTP "
-                            f"to the target: create them on an http tunnel (this one is {tunnel.protocol})")
+                            f"shares are served by the gateway's HTTP proxy: create them on an http or "
+                            f"https tunnel (this one is {tunnel.protocol})")
         share, token = await self.gw.store.create_share(
             principal.team_id, tunnel.id, spec.name, spec.description,
             expires_at=spec.expires_at(self.clock()), allowed_methods=spec.allowed_methods,

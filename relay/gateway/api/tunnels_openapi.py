@@ -52,7 +52,10 @@ SCHEMAS: dict[str, Any] = {
         "target_port": {"type": "integer"},
         "protocol": {"type": "string", "enum": ["tcp", "udp", "http", "https"]},
         "public": {"type": "boolean"},
-        "public_url": {"type": "string", "description": "public http tunnels, in the create answer only"},
+        "public_url": {"type": "string", "description": "public tunnels: tcp://HOST:PORT (udp://) of the hub "
+                                                        "port on the public hub host, in every answer; for "
+                                                        "http/https, the public share link, in the create "
+                                                        "answer only"},
         "hub_host": _NULLABLE_STRING,
         "hub_port": {"type": "integer", "nullable": True},
         "status": {"type": "string", "enum": ["active", "paused", "connecting", "error", "deleted"]},
@@ -79,7 +82,9 @@ SCHEMAS: dict[str, Any] = {
         "protocol": {"type": "string", "enum": ["auto", "tcp", "udp", "http", "https"], "default": "auto",
                      "description": "auto: https for 443, http for common web ports, udp for "
                                     "UDP service ports (53, 123, 514, 8125, 51820 ...), else tcp"},
-        "public": {"type": "boolean", "default": False},
+        "public": {"type": "boolean", "default": False,
+                   "description": "hub port on the gateway's public hub host (every interface by default) "
+                                  "instead of its private one; http/https also get a public share link"},
         "hub_port": {"type": "integer", "minimum": 1024, "maximum": 65535, "nullable": True},
     }},
     "TunnelUpdate": {"type": "object", "additionalProperties": False, "minProperties": 1, "properties": {

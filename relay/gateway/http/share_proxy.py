@@ -1,6 +1,7 @@
 """Serving share links: ``/s/{share_token}/...`` through the HTTP reverse proxy.
 
-A share (see :mod:`relay.gateway.api.shares`) is a link to an http tunnel of the Tunnels API.
+A share (see :mod:`relay.gateway.api.shares`) is a link to an http or https tunnel of the
+Tunnels API (https: the agent speaks TLS to the target, see below).
 What arrives at its URL is checked, then proxied exactly like a seed 000 HTTP tunnel
 (:mod:`relay.gateway.http.proxy`: streaming both ways, keep-alive, SSE, WebSocket
 upgrades, ``X-Forwarded-*``): ``/s/{share_token}`` is stripped, the rest of the path and
@@ -20,6 +21,15 @@ The share and its tunnel are read from the store once and kept in memory until a
 is committed to the store (its generation changes), so a request on a known link makes
 no database round trip, and a deleted share, a paused or deleted tunnel, is seen on the
 very next request (PostgreSQL: once the commit's notification arrived).
+
+An https tunnel's target speaks HTTP inside TLS. The gateway still proxies plain HTTP
+(it parses every request to check it): the stream it opens carries ``"tls": true`` in
+its metadata, and the agent wraps its connection to the target in TLS (docs/PROTOCOL.md,
+"Stream metadata"), with the target's host as SNI. The agent does not verify the
+target's certificate: the target is one its owner chose and the agent allows, and
+services on a machine's own port (where https tunnels usually point) mostly carry
+self-signed certificates; the link from the client to the gateway is what the client
+verifies.
 
 ``/s/{share_token}`` without the slash is redirected (308) to ``/s/{share_token}/`` after
 the token and expiry checks, so pages with relative links work.
@@ -121,7 +131,7 @@ class ShareProxy:
         check_share(share, method, now)  # expiry and method; counts nothing
         if tunnel.status == "paused":
             raise HttpError(503, "tunnel_paused", "the shared tunnel is paused")
-        if tunnel.protocol != "http":  # shares are only created on http tunnels
+        if tunnel.protocol not in ("http", "https"):  # shares are only created on these
             raise HttpError(502, "not_an_http_tunnel", "the shared tunnel does not carry HTTP")
         agent = api.gw.registry.get(tunnel.team_id, tunnel.agent_id)
         if agent is None:
@@ -131,7 +141,9 @@ class ShareProxy:
         session = agent.session
         host = f"[{tunnel.target_host}]" if ":" in tunnel.target_host else tunnel.target_host
         target = f"{host}:{tunnel.target_port}"
-        meta = {"protocol": "http", "target": target}
+        meta: dict[str, Any] = {"protocol": "http", "target": target}
+        if tunnel.protocol == "https":  # the agent speaks TLS to the target (module docstring)
+            meta["tls"] = True
 
         def open_stream() -> MuxStream:
             try:
