@@ -159,6 +159,14 @@ _log_format_option = click.option(
 @click.option("--public-hub-host", default="0.0.0.0", show_default=True, envvar="RELAY_PUBLIC_HUB_HOST",
               show_envvar=True,
               help="Address the hub ports of public Tunnels API tunnels (public: true) listen on.")
+@click.option("--session-ttl", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              envvar="RELAY_SESSION_TTL", show_envvar=True, metavar="SECONDS",
+              help="A tunnel session (POST /agents/{id}/tunnel) without its own ttl closes this long "
+                   "after it opened (0: never).")
+@click.option("--session-idle-timeout", type=click.FloatRange(min=0), default=3600.0, show_default=True,
+              envvar="RELAY_SESSION_IDLE_TIMEOUT", show_envvar=True, metavar="SECONDS",
+              help="A tunnel session without its own idle_timeout closes after this long with no "
+                   "connection or request through it (0: never).")
 @click.option("--udp-idle-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
               envvar="RELAY_UDP_IDLE_TIMEOUT", show_envvar=True, metavar="SECONDS",
               help="A udp tunnel's flow (one client address) ends after this long without a datagram.")
@@ -191,7 +199,7 @@ _log_format_option = click.option(
 @_log_option
 @_log_format_option
 def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: Optional[str], hub_host: str,
-            public_hub_host: str,
+            public_hub_host: str, session_ttl: float, session_idle_timeout: float,
             jwt_key: Optional[str], tls_cert: Optional[Path], tls_key: Optional[Path],
             allow_private_egress: bool, udp_idle_timeout: float, redis_url: Optional[str],
             fleet_secret: Optional[str], advertise: Optional[str], gateway_id: Optional[str],
@@ -222,7 +230,8 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
     raise_nofile_limit()
     try:
         _run(run_gateway(host, port, data_dir, public_url=public_url, hub_host=hub_host,
-                         public_hub_host=public_hub_host,
+                         public_hub_host=public_hub_host, session_ttl=session_ttl,
+                         session_idle_timeout=session_idle_timeout,
                          jwt_key=jwt_key, tls_cert=tls_cert, tls_key=tls_key,
                          allow_private_egress=allow_private_egress, store_url=store_url,
                          udp_idle_timeout=udp_idle_timeout,

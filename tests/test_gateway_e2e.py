@@ -269,10 +269,12 @@ def test_other_teams_agent_is_404_and_tunnel_validation(tmp_path, store_url):
                     assert set(body["error"]) == {"code", "message"}
                 status, body = await http(gw.port, "POST", base + "/tunnel", keys["sk"], [1])
                 assert status == 400
-                # The defaults and the exact seed 000 response for http.
+                # The defaults and the exact seed 000 response for http (with the session's
+                # lifetime: relay.gateway.agents.session_lifetime).
                 status, body = await http(gw.port, "POST", base + "/tunnel", keys["sk"], {})
                 assert status == 200
-                assert set(body) == {"session_id", "tunnel_url", "admin_token", "tunnel_protocol"}
+                assert set(body) == {"session_id", "tunnel_url", "admin_token", "tunnel_protocol",
+                                     "expires_at", "idle_timeout"}
                 assert body["tunnel_protocol"] == "http"
                 assert body["tunnel_url"].startswith(gw.url + "/tunnel/") and body["tunnel_url"].endswith("/")
                 [row] = await gw.store.list_tunnel_sessions(await first_team_id(gw))

@@ -17,7 +17,11 @@ A handler gets a :class:`TaskContext` (``task_id``, ``kind``, ``input``,
 ``await progress(value)``, ``await output(value)``, and ``result``, which an async
 generator may set). A plain (non-async) function works too: it runs in the loop, so
 keep it short. An exception becomes the task's error (its message); a task whose
-connection to the gateway ends is cancelled.
+connection to the gateway ends is cancelled, and so is one the gateway cancels (the
+control message ``{"type": "task.cancel", "task_id"}``, sent when someone calls
+``POST /api/v1/tasks/{id}/cancel``): the handler sees ``asyncio.CancelledError`` where it
+awaits, so ``try/finally`` (or ``except asyncio.CancelledError: ...; raise``) cleans up.
+Nothing is reported after a cancel: the gateway has ended the task already.
 
 The CLI agent registers :meth:`AgentTasks.register_builtins`: ``echo`` (the result is the
 input), ``sleep`` (``{"seconds": s}``, at most 60, one progress event per second) and
@@ -92,6 +96,8 @@ class AgentTasks:
     def __init__(self) -> None:
         self.handlers: dict[str, TaskHandler] = {}
         self._running: set[asyncio.Task[None]] = set()
+        #: Running tasks by task id (to cancel one when the gateway asks).
+        self._by_id: dict[str, asyncio.Task[None]] = {}
 
     def register(self, kind: str, handler: TaskHandler) -> None:
         """Run ``handler`` for tasks of ``kind`` (replacing any earlier one)."""
@@ -116,11 +122,23 @@ class AgentTasks:
                           message.get("input"))
         task = asyncio.get_running_loop().create_task(self._run(ctx))
         self._running.add(task)
+        self._by_id[ctx.task_id] = task
         task.add_done_callback(self._running.discard)
+        task.add_done_callback(lambda _: self._by_id.pop(ctx.task_id, None))
         # The task belongs to this connection: when it ends, nobody awaits the answer.
         watcher = asyncio.ensure_future(session.wait_closed())
         watcher.add_done_callback(lambda _: task.cancel())
         task.add_done_callback(lambda _: watcher.cancel())
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel the running task ``task_id`` (a ``task.cancel`` from the gateway);
+        False if none runs."""
+        task = self._by_id.get(task_id)
+        if task is None or task.done():
+            return False
+        log.info("task %s cancelled by the gateway", task_id)
+        task.cancel()
+        return True
 
     async def _run(self, ctx: TaskContext) -> None:
         handler = self.handlers.get(ctx.kind)

@@ -9,7 +9,8 @@ Endpoints (one listening address):
   any upgrade. After the 101 the connection carries one mux session (the gateway is the
   ``client=False`` side) in WebSocket binary messages.
 * ``GET /api/v1/agents``, ``GET /api/v1/agents/{agent_id}`` (sk-, dk-, JWT).
-* ``POST /api/v1/agents/{agent_id}/tunnel`` (seed 000; runtime: sk-, dk-, JWT) and
+* ``POST /api/v1/agents/{agent_id}/tunnel`` (seed 000; runtime: sk-, dk-, JWT; optional
+  ``ttl`` and ``idle_timeout`` in seconds, relay.gateway.agents.session_lifetime) and
   ``DELETE /api/v1/agents/{agent_id}/tunnel[?session_id=...]`` (management: sk-, JWT;
   a dk- key gets 403).
 """
@@ -28,7 +29,10 @@ from relay.aio import MuxSession, WebSocketTransport
 from relay.gateway.agents.bindings import Bindings
 from relay.gateway.agents.registry import AgentNameTaken, ConnectedAgent, Registry, end_session
 from relay.gateway.agents.revocation import RevocationWatcher
-from relay.gateway.agents.tunnel_sessions import DEFAULT_TARGET_PORT, HubListener, TunnelManager
+from relay.gateway.agents.session_lifetime import DEFAULT_IDLE_TIMEOUT as SESSION_IDLE_TIMEOUT
+from relay.gateway.agents.session_lifetime import DEFAULT_TTL as SESSION_TTL
+from relay.gateway.agents.session_lifetime import MAX_SECONDS, parse_seconds
+from relay.gateway.agents.tunnel_sessions import DEFAULT_TARGET_PORT, HubListener, TunnelManager, holds_agent
 from relay.gateway.api.services import ServiceManager, add_services_openapi
 from relay.gateway.api.tasks import TASK_OWNER, TaskManager
 from relay.gateway.api.tunnels import TunnelsApi
@@ -100,8 +104,12 @@ class Gateway:
                  allow_private_egress: bool = False,
                  udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  fleet: Optional[FleetConfig] = None,
-                 tunnel_domain: Optional[str] = None) -> None:
+                 tunnel_domain: Optional[str] = None,
+                 session_ttl: float = SESSION_TTL,
+                 session_idle_timeout: float = SESSION_IDLE_TIMEOUT) -> None:
         self.store = store
+        self._session_ttl = session_ttl
+        self._session_idle_timeout = session_idle_timeout
         #: How this gateway joins a fleet (None: a gateway on its own), and once
         #: started, its membership (relay.gateway.fleet).
         self._fleet_config = fleet
@@ -169,10 +177,15 @@ class Gateway:
                                      hub_host=self._hub_host, public_hub_host=self._public_hub_host,
                                      egress=self.egress,
                                      udp_idle_timeout=self._udp_idle_timeout,
-                                     tunnel_domain=self.tunnel_domain)
+                                     tunnel_domain=self.tunnel_domain,
+                                     session_ttl=self._session_ttl,
+                                     session_idle_timeout=self._session_idle_timeout)
         self.tunnels.reuse_port = self._fleet_config is not None
         self.tunnels.closed_listeners.append(self.terminals.sessions_closed)
+        self.tunnels.activity_probes.append(self.http_tunnels.activity)
+        self.tunnels.on_expired = self._close_sessions
         await self.tunnels.restore()
+        self.tunnels.start_sweeping()
         await self.tunnels_api.start()
         await self.services.start()
         if self._fleet_config is not None:
@@ -387,6 +400,10 @@ class Gateway:
         if protocol not in TUNNEL_SESSION_PROTOCOLS:
             raise HttpError(400, "invalid_tunnel_protocol",
                             f"tunnel_protocol must be one of {', '.join(TUNNEL_SESSION_PROTOCOLS)}")
+        for field in ("ttl", "idle_timeout"):  # absent or null: the gateway's default
+            error = parse_seconds(body, field, 0.0) if body.get(field) is not None else None
+            if error is not None:
+                raise HttpError(400, f"invalid_{field}", error)
         host_header = body.get("host_header")
         if host_header is not None:
             bad_host = check_host_header(host_header) if protocol == "http" else "host_header is for http tunnels"
@@ -399,7 +416,8 @@ class Gateway:
         refusal = self.tunnels.target_refusal(principal.team_id, agent.id, "127.0.0.1", port)
         if refusal is not None:  # the agent would refuse every request, or a loop
             raise HttpError(*refusal)
-        return json_response(await self.tunnels.open(principal.team_id, agent.id, port, protocol, host_header))
+        return json_response(await self.tunnels.open(principal.team_id, agent.id, port, protocol, host_header,
+                                                     ttl=body.get("ttl"), idle_timeout=body.get("idle_timeout")))
 
     async def _close_tunnel(self, request: Request) -> Response:
         # Closing sessions is management (seed 002: deleting a tunnel is; SPEC: dk- keys
@@ -566,7 +584,8 @@ class Gateway:
 
     async def _rest(self, entry: ConnectedAgent, seq: int) -> None:
         try:
-            status = "tunnel" if await self.store.list_tunnel_sessions(entry.team_id, entry.agent_id) else "idle"
+            sessions = await self.store.list_tunnel_sessions(entry.team_id, entry.agent_id)
+            status = "tunnel" if holds_agent(sessions) else "idle"
         except Exception as exc:  # cannot tell: the agent's own word
             log.warning("cannot read the tunnel sessions of agent %s: %s", entry.agent_id, exc)
             status = "idle"
@@ -601,7 +620,8 @@ class Gateway:
         try:
             assert self.tunnels is not None
             seq = entry.status_seq
-            if await self.store.list_tunnel_sessions(principal.team_id, entry.agent_id) and entry.status_seq == seq:
+            if holds_agent(await self.store.list_tunnel_sessions(principal.team_id, entry.agent_id)) \
+                    and entry.status_seq == seq:
                 self.registry.set_status(principal.team_id, entry.agent_id, "tunnel")
             session.send_control({"type": "welcome", "agent_id": entry.agent_id,
                                   "team_id": entry.team_id})
@@ -690,7 +710,15 @@ def openapi_document(server_url: str) -> dict[str, Any]:
                                                  "default": "http"},
                              "host_header": {"type": "string", "maxLength": 255,
                                              "description": "http only: the Host the target gets instead of "
-                                                            "the client's (HOST or HOST:PORT)"}}}}}},
+                                                            "the client's (HOST or HOST:PORT)"},
+                             "ttl": {"type": "number", "minimum": 0, "maximum": MAX_SECONDS, "nullable": True,
+                                     "description": "seconds until the session closes (0: never; default: "
+                                                    "the gateway's --session-ttl, none unless set)"},
+                             "idle_timeout": {"type": "number", "minimum": 0, "maximum": MAX_SECONDS,
+                                              "nullable": True,
+                                              "description": "seconds without traffic after which the session "
+                                                             "closes (0: never; default: the gateway's "
+                                                             "--session-idle-timeout, 3600)"}}}}}},
                          "responses": {"200": {"description": "Tunnel opened", "content": {"application/json": {
                              "schema": {"type": "object", "required": ["session_id", "tunnel_url", "admin_token"],
                                         "properties": {"session_id": {"type": "string"}, "tunnel_url": {"type": "string"},
@@ -698,6 +726,9 @@ def openapi_document(server_url: str) -> dict[str, Any]:
                                                        "tunnel_protocol": {"type": "string",
                                                                            "enum": list(TUNNEL_SESSION_PROTOCOLS)},
                                                        "hub_port": {"type": "integer", "description": "tcp only"},
+                                                       "expires_at": {"type": "string", "nullable": True,
+                                                                      "description": "when the ttl ends (UTC)"},
+                                                       "idle_timeout": {"type": "number"},
                                                        "tunnel_host_url": {
                                                            "type": "string",
                                                            "description": "http only, with --tunnel-domain"}}}}}},
@@ -872,6 +903,8 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
                       udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                       fleet: Optional[FleetConfig] = None,
                       tunnel_domain: Optional[str] = None,
+                      session_ttl: float = SESSION_TTL,
+                      session_idle_timeout: float = SESSION_IDLE_TIMEOUT,
                       echo: Callable[[str], None] = print,
                       stop: Optional[asyncio.Event] = None) -> None:
     """Run a gateway until SIGINT/SIGTERM (or ``stop`` is set).
@@ -904,7 +937,8 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
                           public_hub_host=public_hub_host, jwt_key=jwt_key,
                           ssl_context=ssl_context, allow_private_egress=allow_private_egress,
                           udp_idle_timeout=udp_idle_timeout, fleet=fleet,
-                          tunnel_domain=tunnel_domain)
+                          tunnel_domain=tunnel_domain, session_ttl=session_ttl,
+                          session_idle_timeout=session_idle_timeout)
         # Listen first: a start that fails (the port is taken) must not create and print
         # keys that nobody will see again once the operator has fixed the address.
         await gateway.start(listen_host, listen_port)

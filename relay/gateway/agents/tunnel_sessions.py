@@ -1,6 +1,14 @@
 """Tunnel sessions (seed 000): records in the store, and raw TCP hub ports for tcp ones
 (UDP hub ports for udp ones: relay.gateway.agents.udp_hub).
 
+Every session has a lifetime (relay.gateway.agents.session_lifetime: an optional TTL and
+an idle timeout, defaults documented there): :class:`TunnelManager` checks them once a
+second (:attr:`TunnelManager.sweep_interval`) and closes what is over through
+:attr:`TunnelManager.on_expired` (the gateway's close, which also cuts live HTTP
+clients). The agent is ``tunnel`` while it has an open session that is not bound to a
+task, and returns to ``idle`` when the last such session closes (by the API, the admin
+token, expiry, or its agent being gone for good).
+
 A tcp tunnel session gets a hub port: a listener on the gateway host (``hub_host``,
 127.0.0.1 by default, an ephemeral port) where every accepted TCP connection becomes one
 mux stream to the agent, opened with the metadata
@@ -44,7 +52,7 @@ import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -53,6 +61,9 @@ from relay.aio.stream import MuxStream, abort_with_reset
 from relay.allowlist import allowed_by_list, not_allowed_message, parse_allowlist, parse_host_port
 from relay.gateway.agents import udp_hub
 from relay.gateway.agents.registry import Registry, end_session
+from relay.gateway.agents.session_lifetime import DEFAULT_IDLE_TIMEOUT as SESSION_IDLE_TIMEOUT
+from relay.gateway.agents.session_lifetime import DEFAULT_TTL as SESSION_TTL
+from relay.gateway.agents.session_lifetime import Lifetime
 from relay.gateway.egress import EgressPolicy, is_ip_literal
 from relay.gateway.store import Store, TunnelSession
 from relay.mux.connection import MuxConfig
@@ -253,8 +264,23 @@ class TunnelManager:
                  hub_host: str = "127.0.0.1", public_hub_host: str = "0.0.0.0",
                  egress: Optional[EgressPolicy] = None,
                  udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-                 tunnel_domain: Optional[str] = None) -> None:
+                 tunnel_domain: Optional[str] = None,
+                 session_ttl: float = SESSION_TTL,
+                 session_idle_timeout: float = SESSION_IDLE_TIMEOUT) -> None:
         self._store = store
+        #: Defaults of a session's ``ttl`` and ``idle_timeout`` (seconds, 0: none).
+        self.session_ttl = session_ttl
+        self.session_idle_timeout = session_idle_timeout
+        #: Open sessions' lifetimes, by session id (task-bound sessions have none).
+        self._lifetimes: dict[str, Lifetime] = {}
+        #: How often lifetimes are checked, seconds.
+        self.sweep_interval = 1.0
+        self._sweeper: Optional[asyncio.Task[None]] = None
+        #: ``fn(session_id) -> (requests so far, live now)`` or None: activity of a
+        #: session that has no hub port (the gateway adds its HTTP tunnels').
+        self.activity_probes: list[Callable[[str], Optional[tuple[int, int]]]] = []
+        #: ``await fn(team_id, agent_id, session_id)`` closes a session that expired.
+        self.on_expired: Optional[Callable[[str, str, str], Awaitable[Any]]] = None
         #: With a domain, an http tunnel also gets ``tunnel_host_url`` (relay.gateway.http.tunnel_hosts).
         self.tunnel_domain = tunnel_domain
         #: Knows the gateway's own ports and addresses (loops are refused with it).
@@ -343,18 +369,34 @@ class TunnelManager:
     # -- API operations
 
     async def open(self, team_id: str, agent_id: str, target_port: int,
-                   protocol: str, host_header: Optional[str] = None) -> dict[str, Any]:
+                   protocol: str, host_header: Optional[str] = None, *,
+                   ttl: Optional[float] = None, idle_timeout: Optional[float] = None,
+                   task_id: Optional[str] = None) -> dict[str, Any]:
         """Open a session on a connected agent; returns the seed 000 response (plus
-        ``hub_port`` for tcp and udp). The caller has checked that the agent is online.
-        ``host_header`` (http): the Host the target gets instead of the client's."""
+        ``hub_port`` for tcp and udp, ``expires_at`` and ``idle_timeout``). The caller has
+        checked that the agent is online. ``host_header`` (http): the Host the target
+        gets instead of the client's. ``ttl``/``idle_timeout``: seconds, None for the
+        defaults, 0 for none (relay.gateway.agents.session_lifetime). ``task_id``: the
+        session belongs to that task (no lifetime of its own; the agent's status is
+        left as it is: busy with the task)."""
         hub: Optional[HubListener] = None
         if protocol in ("tcp", "udp"):
             hub = HubListener("", team_id, agent_id, target_port, protocol=protocol)
             await self._listen(hub)
+        lifetime: Optional[Lifetime] = None
+        metadata: dict[str, Any] = {"host_header": host_header} if host_header else {}
+        if task_id is not None:
+            metadata["task_id"] = task_id
+        else:
+            ttl = self.session_ttl if ttl is None else ttl
+            lifetime = Lifetime(team_id, agent_id, time.time() + ttl if ttl else None,
+                                self.session_idle_timeout if idle_timeout is None else idle_timeout,
+                                asyncio.get_running_loop().time())
+            metadata.update(lifetime.metadata())
         try:
             session, access, admin = await self._store.create_tunnel_session(
                 team_id, agent_id, target_port, protocol, hub_port=hub.port if hub else None,
-                metadata={"host_header": host_header} if host_header else None)
+                metadata=metadata or None)
         except BaseException:
             if hub is not None and hub.server is not None:
                 hub.server.close()
@@ -364,7 +406,10 @@ class TunnelManager:
             "tunnel_url": self.tunnel_url(str(access), protocol),
             "admin_token": str(admin),
             "tunnel_protocol": protocol,
+            **_lifetime_fields(metadata),
         }
+        if lifetime is not None:
+            self._lifetimes[session.session_id] = lifetime
         if protocol == "http" and self.tunnel_domain:
             from relay.gateway.http.tunnel_hosts import tunnel_host_url
 
@@ -385,7 +430,8 @@ class TunnelManager:
                      session.session_id, self.hub_host, hub.port, agent_id, target_port)
         else:
             log.info("http tunnel %s -> agent %s port %d", session.session_id, agent_id, target_port)
-        self._registry.set_status(team_id, agent_id, "tunnel")
+        if task_id is None:
+            self._registry.set_status(team_id, agent_id, "tunnel")
         return result
 
     async def close(self, team_id: str, agent_id: str, session_id: Optional[str] = None) -> list[str]:
@@ -401,7 +447,12 @@ class TunnelManager:
             closed = await self._store.close_tunnel_sessions(team_id, agent_id)
         for sid in closed:
             self._close_hub(sid)
-        if not await self._store.list_tunnel_sessions(team_id, agent_id):
+            self._lifetimes.pop(sid, None)
+        entry = self._registry.get(team_id, agent_id)
+        # Back to idle only from ``tunnel``: an agent busy with a task stays busy (the
+        # task's end makes it idle), and a task's own session never held it.
+        if entry is not None and entry.status == "tunnel" \
+                and not holds_agent(await self._store.list_tunnel_sessions(team_id, agent_id)):
             self._registry.set_status(team_id, agent_id, "idle")
         if closed:
             for listener in list(self.closed_listeners):
@@ -438,9 +489,23 @@ class TunnelManager:
 
     async def restore(self) -> None:
         """At start: reopen hub ports of tcp sessions left open by the last run, on the
-        same port when it is free (else the session is closed: its URL would lie)."""
+        same port when it is free (else the session is closed: its URL would lie), and
+        take up every open session's lifetime (relay.gateway.agents.session_lifetime:
+        the TTL goes on, the idle clock starts afresh). Sessions of tasks, which ended
+        with the last run (relay.gateway.api.tasks), are closed."""
+        now = asyncio.get_running_loop().time()
         for team in await self._store.list_teams():
             for row in await self._store.list_tunnel_sessions(team.id):
+                meta = row.metadata if isinstance(row.metadata, dict) else {}
+                if meta.get("task_id"):
+                    await self._store.close_tunnel_session(row.team_id, row.session_id)
+                    continue
+                expires_at = meta.get("expires_at")
+                idle = meta.get("idle_timeout")
+                self._lifetimes[row.session_id] = Lifetime(
+                    row.team_id, row.agent_id,
+                    float(expires_at) if isinstance(expires_at, (int, float)) else None,
+                    float(idle) if isinstance(idle, (int, float)) else self.session_idle_timeout, now)
                 if row.protocol not in ("tcp", "udp"):
                     continue
                 hub = HubListener(row.session_id, row.team_id, row.agent_id, row.target_port,
@@ -451,12 +516,68 @@ class TunnelManager:
                     log.warning("tcp tunnel %s: cannot reopen hub port %s (%s); closing it",
                                 row.session_id, row.hub_port, exc)
                     await self._store.close_tunnel_session(row.team_id, row.session_id)
+                    self._lifetimes.pop(row.session_id, None)
                     continue
                 self._hubs[row.session_id] = hub
                 log.info("tcp tunnel %s: hub port %s:%d reopened", row.session_id, self.hub_host, hub.port)
 
+    # -- lifetimes
+
+    def start_sweeping(self) -> None:
+        """Check lifetimes every :attr:`sweep_interval` seconds until :meth:`shutdown`."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            try:
+                await self.sweep()
+            except Exception:  # a store hiccup: the next sweep tries again
+                log.exception("checking tunnel session lifetimes failed")
+
+    def _activity(self, session_id: str) -> tuple[int, int]:
+        """(connections/requests so far, open now) of a session."""
+        hub = self._hubs.get(session_id)
+        count, live = 0, 0
+        if hub is not None:
+            count, live = hub.connections, len(hub.splices)
+            if hub.udp is not None:
+                count += hub.udp.flows
+                live += len(hub.udp.live)
+        for probe in self.activity_probes:
+            found = probe(session_id)
+            if found is not None:
+                count, live = count + found[0], live + found[1]
+        return count, live
+
+    async def sweep(self) -> list[str]:
+        """Close the sessions whose TTL passed or that have been idle too long; returns
+        their ids."""
+        now, monotonic = time.time(), asyncio.get_running_loop().time()
+        over: list[tuple[str, Lifetime, str]] = []
+        for sid, lifetime in list(self._lifetimes.items()):
+            why = lifetime.why_over(now, monotonic, *self._activity(sid))
+            if why is not None:
+                over.append((sid, lifetime, why))
+        closed = []
+        for sid, lifetime, why in over:
+            if self._lifetimes.pop(sid, None) is None:
+                continue  # closed meanwhile
+            log.info("tunnel session %s of agent %s closed: %s", sid, lifetime.agent_id,
+                     "its ttl passed" if why == "ttl" else f"idle for {lifetime.idle_timeout:g}s")
+            if self.on_expired is not None:
+                await self.on_expired(lifetime.team_id, lifetime.agent_id, sid)
+            else:
+                await self.close(lifetime.team_id, lifetime.agent_id, sid)
+            closed.append(sid)
+        return closed
+
     async def shutdown(self) -> None:
         """Stop every hub listener (sessions stay open in the store for the next start)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for hub in list(self._hubs.values()):
             self._stop_hub(hub)
         self._hubs.clear()
@@ -649,9 +770,27 @@ class TunnelManager:
             "tunnel_protocol": row.protocol,
             "hub_port": row.hub_port,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row.created_at)),
+            **_lifetime_fields(row.metadata if isinstance(row.metadata, dict) else {}),
             "connections": hub.connections if hub else 0,
             "active_connections": len(hub.splices) if hub else 0,
             "connect_sessions": self.mux_sessions(row.session_id),
             "last_error": hub.last_error if hub else None,
             **({"udp": hub.udp.as_dict()} if hub is not None and hub.udp is not None else {}),
         }
+
+
+def holds_agent(sessions: Iterable[TunnelSession]) -> bool:
+    """Do these open sessions keep their agent in status ``tunnel``? (A task's own
+    session does not: the task keeps it busy, and the session ends with it.)"""
+    return any(not (isinstance(row.metadata, dict) and row.metadata.get("task_id")) for row in sessions)
+
+
+def _lifetime_fields(metadata: dict[str, Any]) -> dict[str, Any]:
+    """A session's ``expires_at`` (ISO, or None), ``idle_timeout`` (seconds; 0 none) and
+    ``task_id`` (task-bound sessions) for API answers."""
+    if metadata.get("task_id"):
+        return {"task_id": metadata["task_id"], "expires_at": None, "idle_timeout": 0}
+    expires_at = metadata.get("expires_at")
+    return {"expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at))
+            if isinstance(expires_at, (int, float)) else None,
+            "idle_timeout": metadata.get("idle_timeout", 0)}

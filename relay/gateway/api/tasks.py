@@ -2,12 +2,25 @@
 
 Endpoints (auth as the other runtime endpoints: ``sk-``, ``dk-`` or a user JWT):
 
-* ``POST /api/v1/tasks`` with ``{"kind": str, "input": any JSON, "labels": [str, ...]}``
-  -> 202 ``{"task_id", "status": "queued" | "dispatched", "agent_id"}``. 400 for a bad
-  body, 503 ``queue_full`` when the team already has :data:`QUEUE_LIMIT` tasks waiting.
+* ``POST /api/v1/tasks`` with ``{"kind": str, "input": any JSON, "labels": [str, ...],
+  "expose": {"port": int, "protocol": "http" | "tcp"}}`` (``expose`` optional, see
+  "Task-bound tunnels") -> 202 ``{"task_id", "status": "queued" | "dispatched",
+  "agent_id"}``. 400 for a bad body, 503 ``queue_full`` when the team already has
+  :data:`QUEUE_LIMIT` tasks waiting.
+* ``GET /api/v1/tasks[?status=running,queued]`` -> ``{"tasks": [task, ...]}``: the
+  team's tasks (those this gateway holds, and the store's rows of the others: finished
+  ones are kept :data:`FINISHED_TTL` seconds), oldest first, only the given statuses.
 * ``GET /api/v1/tasks/{task_id}`` -> the task: ``status`` (``queued``, ``dispatched``,
-  ``running``, ``succeeded``, ``failed``), ``agent_id``, ``progress`` (the latest),
-  ``outputs`` (partial outputs so far), ``result``, ``error``. Another team's task: 404.
+  ``running``, ``succeeded``, ``failed``, ``cancelled``), ``agent_id``, ``progress`` (the
+  latest), ``outputs`` (partial outputs so far), ``result``, ``error``, ``tunnel`` (its
+  task-bound tunnel, without the admin token). Another team's task: 404.
+* ``POST /api/v1/tasks/{task_id}/cancel`` -> the task, now ``cancelled``. A queued task
+  leaves its queue; a dispatched or running one is cancelled on its agent (the control
+  message ``{"type": "task.cancel", "task_id"}``: the stock agent cancels the handler's
+  asyncio task, so the handler sees ``asyncio.CancelledError`` where it waits) and its
+  agent is free for the next task at once. The final event is ``error`` with
+  ``{"error": "task cancelled", "cancelled": true}``. 409 ``task_finished`` if it had
+  ended, 409 ``task_elsewhere`` if another gateway of a fleet runs it.
 * ``GET /api/v1/tasks/{task_id}/events`` -> ``text/event-stream`` (Server-Sent Events)
   from the beginning of the task: ``event: status|progress|output|result|error``,
   ``id:`` the event's sequence number, ``data:`` its JSON. It ends (the server closes)
@@ -43,6 +56,22 @@ rows name the gateway that accepted them (``owner`` ``gateway/{gateway id}``), s
 gateway restarting recovers only its own tasks (give it a stable ``--gateway-id`` to get
 its queued tasks back).
 
+Task-bound tunnels (seed 001: "a workflow can ask the agent to expose a service while a
+task is running ... when the task ends, the tunnel closes"): a task with ``expose``
+gets, once dispatched, a tunnel session (seed 000) on its agent to ``127.0.0.1:port``,
+``http`` (default) or ``tcp``. Its ``tunnel`` event carries the seed 000 answer
+(``session_id``, ``tunnel_url``, ``admin_token``, ``tunnel_protocol``, ``hub_port`` for
+tcp), so whoever follows the task reaches the service. The session has no TTL or idle
+timeout of its own and does not put the agent in status ``tunnel``: it is closed when the
+task ends in any way (result, error, cancelled, agent disconnected), live connections
+cut. If the port cannot be exposed (the agent's allowlist refuses it, a loop into the
+gateway) the task fails with the reason and is cancelled on the agent. (``expose`` lives
+in memory: a task queued again after a gateway restart runs without it.) In a fleet a
+task with ``expose`` is not offered to the other gateways: it waits for an agent held by
+the gateway it was submitted to, whose hub ports and tunnel URLs it opens. Cancelling a
+task another gateway's agent runs ends it here at once, but does not reach that agent's
+handler (the holder frees its agent when the handler ends).
+
 Each task is also a row of the store (relay.gateway.store ``tasks``): written before the
 202 (so an acknowledged task is never lost), then on every change of status and with its
 result or error (in order, never waited for by the agent's messages). A restart of the
@@ -69,7 +98,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from relay.gateway.agents.registry import ConnectedAgent, StoreWrites
 from relay.gateway.http.server import HttpError, Request, Response, Router, json_response
-from relay.gateway.store import TaskRecord
+from relay.gateway.store import TASK_STATUSES, TaskRecord
 
 if TYPE_CHECKING:
     from relay.gateway.app import Gateway
@@ -108,7 +137,9 @@ OFFER_TIMEOUT = 10.0
 #: How often the events of a task held by another gateway of a fleet re-read its row.
 ROW_POLL = 0.5
 
-FINAL = ("succeeded", "failed")
+FINAL = ("succeeded", "failed", "cancelled")
+#: Protocols a task may expose its port with (seed 000 sessions, udp aside).
+EXPOSE_PROTOCOLS = ("http", "tcp")
 _AGENT_EVENTS = {"task.progress": "progress", "task.output": "output",
                  "task.result": "result", "task.error": "error"}
 
@@ -147,6 +178,10 @@ class Task:
     declined_at: float = 0.0
     #: Known only from the store's row (another gateway holds the task).
     from_row: bool = False
+    #: ``{"port", "protocol"}`` to expose while the task runs, or None.
+    expose: Optional[dict[str, Any]] = None
+    #: Its task-bound tunnel session once open (the seed 000 answer, admin token included).
+    tunnel: Optional[dict[str, Any]] = None
 
     @property
     def finished(self) -> bool:
@@ -171,16 +206,33 @@ class Task:
                 "created_at": self.created_at, "finished_at": self.finished_at,
                 "progress": self.progress, "outputs": self.outputs,
                 "result": self.result, "error": self.error,
-                "events": len(self.events), "events_dropped": self.events_dropped}
+                "events": len(self.events), "events_dropped": self.events_dropped,
+                "expose": self.expose,
+                "tunnel": {k: v for k, v in self.tunnel.items() if k != "admin_token"} if self.tunnel else None}
 
 
-def _validate(request: Request) -> tuple[str, Any, list[str]]:
+def _validate_expose(value: Any) -> Optional[dict[str, Any]]:
+    """``expose`` of a task body: None, or ``{"port": 1..65535, "protocol": http|tcp}``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"port", "protocol"}:
+        raise HttpError(400, "invalid_expose", 'expose must be an object {"port": N, "protocol": "http" | "tcp"}')
+    port = value.get("port")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise HttpError(400, "invalid_expose", "expose.port must be an integer from 1 to 65535")
+    protocol = value.get("protocol") or "http"
+    if protocol not in EXPOSE_PROTOCOLS:
+        raise HttpError(400, "invalid_expose", f"expose.protocol must be one of {', '.join(EXPOSE_PROTOCOLS)}")
+    return {"port": port, "protocol": protocol}
+
+
+def _validate(request: Request) -> tuple[str, Any, list[str], Optional[dict[str, Any]]]:
     body = request.json()
     if not isinstance(body, dict):
         raise HttpError(400, "invalid_request", "request body must be a JSON object")
-    unknown = sorted(set(body) - {"kind", "input", "labels"})
+    unknown = sorted(set(body) - {"kind", "input", "labels", "expose"})
     if unknown:
-        raise HttpError(400, "unknown_field", f"unknown field {unknown[0]!r}; allowed: input, kind, labels")
+        raise HttpError(400, "unknown_field", f"unknown field {unknown[0]!r}; allowed: expose, input, kind, labels")
     kind = body.get("kind")
     if not isinstance(kind, str) or not kind.strip() or len(kind) > MAX_KIND or not kind.isprintable():
         raise HttpError(400, "invalid_kind", f"kind must be a string of 1 to {MAX_KIND} printable characters")
@@ -194,7 +246,7 @@ def _validate(request: Request) -> tuple[str, Any, list[str]]:
     task_input = body.get("input")
     if len(json.dumps(task_input)) > MAX_INPUT:
         raise HttpError(400, "input_too_large", f"input must encode to at most {MAX_INPUT} bytes of JSON")
-    return kind.strip(), task_input, sorted(set(labels))
+    return kind.strip(), task_input, sorted(set(labels)), _validate_expose(body.get("expose"))
 
 
 class TaskManager:
@@ -215,6 +267,7 @@ class TaskManager:
         # In a fleet: offers to other gateways in progress, and a later offer round per team.
         self._offers: set[asyncio.Task] = set()
         self._retries: dict[str, asyncio.TimerHandle] = {}
+        self._background: set[asyncio.Task[Any]] = set()  # tunnels opening and closing
         gateway.hooks.on_agent_connected.append(self._agent_connected)
         gateway.hooks.on_agent_disconnected.append(self._agent_disconnected)
         gateway.registry.status_listeners.append(self._status_changed)
@@ -228,7 +281,9 @@ class TaskManager:
 
     def register(self, router: Router) -> None:
         router.add("POST", "/api/v1/tasks", self._submit)
+        router.add("GET", "/api/v1/tasks", self._list)
         router.add("GET", "/api/v1/tasks/{task_id}", self._get)
+        router.add("POST", "/api/v1/tasks/{task_id}/cancel", self._cancel)
         router.add("GET", "/api/v1/tasks/{task_id}/events", self._events)
 
     async def start(self) -> None:
@@ -274,15 +329,38 @@ class TaskManager:
             "status": {"type": "string", "enum": ["queued", "dispatched", "running", *FINAL]},
             "agent_id": {"type": "string", "nullable": True}, "progress": {}, "outputs": {"type": "array", "items": {}},
             "result": {}, "error": {"type": "string", "nullable": True},
-            "created_at": {"type": "number"}, "finished_at": {"type": "number", "nullable": True}}}
+            "created_at": {"type": "number"}, "finished_at": {"type": "number", "nullable": True},
+            "expose": {"type": "object", "nullable": True, "properties": {
+                "port": {"type": "integer"}, "protocol": {"type": "string", "enum": list(EXPOSE_PROTOCOLS)}}},
+            "tunnel": {"type": "object", "nullable": True,
+                       "description": "the task-bound tunnel session once open (its admin_token only in the "
+                                      "task's tunnel event)",
+                       "properties": {"session_id": {"type": "string"}, "tunnel_url": {"type": "string"},
+                                      "tunnel_protocol": {"type": "string"}, "hub_port": {"type": "integer"}}}}}
         document["components"]["schemas"]["Task"] = task
         document["paths"].update({
-            "/tasks": {"post": {
+            "/tasks": {"get": {
+                "summary": "The team's tasks, oldest first (finished ones for a while)",
+                "parameters": [{"name": "status", "in": "query", "required": False,
+                                "description": "comma-separated statuses to list",
+                                "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "Tasks", "content": {"application/json": {"schema": {
+                    "type": "object", "properties": {"tasks": {"type": "array", "items": {
+                        "$ref": "#/components/schemas/Task"}}}}}}},
+                    "400": error, "401": error, "403": error}}, "post": {
                 "summary": "Submit a task to an idle agent of the team whose labels cover the task's",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["kind"], "properties": {
                         "kind": {"type": "string", "maxLength": MAX_KIND}, "input": {},
-                        "labels": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_LABELS}}}}}},
+                        "labels": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_LABELS},
+                        "expose": {"type": "object", "nullable": True, "additionalProperties": False,
+                                   "required": ["port"],
+                                   "description": "a port of the agent's host to tunnel while the task runs "
+                                                  "(its URL and admin_token come as the task's tunnel event; "
+                                                  "it closes when the task ends)",
+                                   "properties": {"port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                                                  "protocol": {"type": "string", "enum": list(EXPOSE_PROTOCOLS),
+                                                               "default": "http"}}}}}}}},
                 "responses": {"202": {"description": "Accepted", "content": {"application/json": {"schema": {
                     "type": "object", "properties": {
                         "task_id": {"type": "string"}, "status": {"type": "string", "enum": ["queued", "dispatched"]},
@@ -293,6 +371,12 @@ class TaskManager:
                                             "200": {"description": "Task", "content": {"application/json": {
                                                 "schema": {"$ref": "#/components/schemas/Task"}}}},
                                             "401": error, "404": error}}},
+            "/tasks/{taskId}/cancel": {"post": {
+                "summary": "Cancel a queued or running task (its agent's handler is cancelled, its tunnel closed)",
+                "parameters": [task_id], "responses": {
+                    "200": {"description": "The task, cancelled", "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/Task"}}}},
+                    "401": error, "403": error, "404": error, "409": error}}},
             "/tasks/{taskId}/events": {"get": {
                 "summary": "The task's events from the start as Server-Sent Events (status, progress, output, "
                            "then result or error); Last-Event-ID resumes",
@@ -328,13 +412,13 @@ class TaskManager:
 
     async def _submit(self, request: Request) -> Response:
         principal = await self._principal(request)
-        kind, task_input, labels = _validate(request)
+        kind, task_input, labels, expose = _validate(request)
         self._expire()
         queue = self._queues.setdefault(principal.team_id, deque())
         if len(queue) >= QUEUE_LIMIT:
             raise HttpError(503, "queue_full", f"the team already has {QUEUE_LIMIT} tasks waiting for an agent",
                             {"Retry-After": "5"})
-        task = Task(str(uuid.uuid4()), principal.team_id, kind, task_input, labels)
+        task = Task(str(uuid.uuid4()), principal.team_id, kind, task_input, labels, expose=expose)
         await self.gw.store.create_task(task.team_id, task.task_id, kind, task_input, labels, owner=self.owner)
         task.add_event("status", status="queued")
         self._tasks[task.task_id] = task
@@ -348,6 +432,57 @@ class TaskManager:
 
     async def _get(self, request: Request) -> Response:
         return json_response((await self._task(request)).describe())
+
+    async def _list(self, request: Request) -> Response:
+        principal = await self._principal(request)
+        wanted: Optional[list[str]] = None
+        raw = request.query_value("status")
+        if raw:
+            wanted = [s.strip() for s in raw.split(",") if s.strip()]
+            bad = [s for s in wanted if s not in TASK_STATUSES]
+            if bad or not wanted:
+                raise HttpError(400, "invalid_status",
+                                f"status must be a comma-separated list of {', '.join(TASK_STATUSES)}")
+        tasks: dict[str, dict[str, Any]] = {}
+        for record in await self.gw.store.list_tasks(principal.team_id, wanted):
+            tasks[record.id] = _from_record(record).describe()
+        for task in self._tasks.values():  # this gateway's own, with their live state
+            if task.team_id == principal.team_id and (wanted is None or task.status in wanted):
+                tasks[task.task_id] = task.describe()
+        ordered = sorted(tasks.values(), key=lambda t: (t["created_at"], t["task_id"]))
+        return json_response({"tasks": ordered})
+
+    async def _cancel(self, request: Request) -> Response:
+        principal = await self._principal(request)
+        task = await self._task(request, principal)
+        if task.finished:
+            raise HttpError(409, "task_finished", f"task {task.task_id} already ended ({task.status})")
+        if self.get(principal.team_id, task.task_id) is not task:  # known only from the store
+            raise HttpError(409, "task_elsewhere", f"task {task.task_id} is run by another gateway of the fleet")
+        self.cancel(task)
+        return json_response(task.describe())
+
+    def cancel(self, task: Task) -> None:
+        """Cancel ``task`` (queued, dispatched or running): see the module docstring."""
+        self._stop(task, "cancelled", "task cancelled", cancelled=True)
+
+    def _stop(self, task: Task, status: str, error: str, **event: Any) -> None:
+        """End an unfinished task from the gateway's side: out of its queue, or cancelled
+        on its agent (which is free at once), with ``status`` and ``error``."""
+        queue = self._queues.get(task.team_id)
+        if queue is not None and task in queue:
+            queue.remove(task)
+        agent = self.gw.registry.get(task.team_id, task.agent_id) if task.agent_id else None
+        running = task.agent_id is not None and self._running.get(task.agent_id) is task
+        if running and task.session is not None and not task.session.is_closed:
+            try:
+                task.session.send_control({"type": "task.cancel", "task_id": task.task_id})
+            except Exception as exc:  # gone meanwhile: its handler ended with the connection
+                log.info("cannot send the cancel of task %s: %s", task.task_id, exc)
+        task.error = error
+        self._finish(task, status, error=error, **event)
+        if running and agent is not None and agent.session is task.session:
+            self._release(agent)
 
     async def _events(self, request: Request) -> None:
         """Server-Sent Events from the first event (or after ``Last-Event-ID``) to the end;
@@ -457,6 +592,8 @@ class TaskManager:
                 self._running[agent.agent_id] = task
                 self._last_task[agent.agent_id] = time.monotonic()
                 self.gw.registry.set_status(agent.team_id, agent.agent_id, "busy")
+                if task.expose is not None:
+                    self._background_task(self._open_tunnel(task, agent))
             self._offer_elsewhere(team_id)
         finally:
             self._dispatching = False
@@ -481,7 +618,7 @@ class TaskManager:
         now = time.monotonic()
         later = False
         for task in queue:
-            if task.offering:
+            if task.offering or task.expose is not None:  # expose: only this gateway's agents
                 continue
             if now - task.declined_at < OFFER_RETRY:
                 later = True
@@ -607,7 +744,55 @@ class TaskManager:
         self._record(task, status=status, result=task.result, error=task.error, finished_at=task.finished_at)
         if task.agent_id is not None and self._running.get(task.agent_id) is task:
             del self._running[task.agent_id]
+        if task.tunnel is not None:  # the task's tunnel ends with it
+            self._background_task(self._close_tunnel(task))
         log.info("task %s %s", task.task_id, status)
+
+    # ------------------------------------------------------------------ task-bound tunnels
+
+    def _background_task(self, coroutine: Any) -> None:
+        job = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(job)
+        job.add_done_callback(self._background.discard)
+
+    async def _open_tunnel(self, task: Task, agent: ConnectedAgent) -> None:
+        """Open the session ``task.expose`` asks for on the task's agent; its answer is
+        the task's ``tunnel`` event. A refusal fails (and cancels) the task."""
+        assert task.expose is not None
+        tunnels = self.gw.tunnels
+        port, protocol = task.expose["port"], task.expose["protocol"]
+        refusal = tunnels.target_refusal(task.team_id, agent.agent_id, "127.0.0.1", port) \
+            if tunnels is not None else (503, "not_started", "the gateway is stopping")
+        result: Optional[dict[str, Any]] = None
+        if refusal is None and tunnels is not None:
+            try:
+                result = await tunnels.open(task.team_id, agent.agent_id, port, protocol, task_id=task.task_id)
+            except Exception as exc:  # the store failed: the task cannot have its tunnel
+                refusal = (503, "store_unavailable", str(exc))
+        if result is None:
+            assert refusal is not None
+            if not task.finished:
+                log.warning("task %s cannot expose port %d: %s", task.task_id, port, refusal[2])
+                self._stop(task, "failed", f"cannot expose port {port}: {refusal[2]}")
+            return
+        task.tunnel = result
+        if task.finished:  # it ended while the session opened
+            self._background_task(self._close_tunnel(task))
+            return
+        task.add_event("tunnel", **result)
+        log.info("task %s exposes port %d: %s tunnel %s", task.task_id, port, protocol, result["session_id"])
+
+    async def _close_tunnel(self, task: Task) -> None:
+        tunnel, agent_id = task.tunnel, task.agent_id
+        if tunnel is None or agent_id is None:
+            return
+        try:
+            closed = await self.gw._close_sessions(task.team_id, agent_id, tunnel["session_id"])
+        except Exception as exc:  # the next start closes task-bound sessions (tunnel_sessions.restore)
+            log.warning("cannot close the tunnel of task %s: %s", task.task_id, exc)
+            return
+        if closed:
+            log.info("task %s ended: its tunnel %s closed", task.task_id, tunnel["session_id"])
 
     def _release(self, agent: ConnectedAgent) -> None:
         """The agent finished its task: idle again (or ``tunnel``), and maybe the next one."""
@@ -703,7 +888,7 @@ def _from_record(record: TaskRecord) -> Task:
     task.add_event("status", status=record.status, agent_id=record.agent_id)
     if record.status == "succeeded":
         task.add_event("result", result=record.result)
-    elif record.status == "failed":
+    elif record.status in ("failed", "cancelled"):
         task.add_event("error", error=record.error)
     return task
 

@@ -125,6 +125,14 @@ class HttpTunnels:
             stats.inspect = Inspector()  # the request inspector (relay.gateway.web.inspector)
         return stats
 
+    def activity(self, session_id: str) -> Optional[tuple[int, int]]:
+        """(requests and WebSockets so far, open now) of a session, None if it has had
+        none (relay.gateway.agents.session_lifetime: what keeps a session alive)."""
+        stats = self._stats.get(session_id)
+        if stats is None:
+            return None
+        return stats.requests + stats.websockets, stats.active_requests + stats.active_websockets
+
     def session_closed(self, session_id: str) -> None:
         """A session was closed: cut its live client connections (WebSockets included)
         and forget its counters, so closed sessions leave nothing behind."""

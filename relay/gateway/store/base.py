@@ -46,7 +46,7 @@ CREDENTIAL_KINDS: tuple[str, ...] = ("sk", "dk", "ak")
 AGENT_STATUSES: tuple[str, ...] = ("idle", "busy", "tunnel", "unhealthy", "offline")
 
 #: Task statuses (seed 001), in the order a task goes through them; the last two are final.
-TASK_STATUSES: tuple[str, ...] = ("queued", "dispatched", "running", "succeeded", "failed")
+TASK_STATUSES: tuple[str, ...] = ("queued", "dispatched", "running", "succeeded", "failed", "cancelled")
 
 #: Protocols of a tunnel session opened with ``POST /agents/{id}/tunnel`` (seed 000).
 TUNNEL_SESSION_PROTOCOLS: tuple[str, ...] = ("http", "tcp", "udp")
