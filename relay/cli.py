@@ -301,7 +301,7 @@ async def _find_credential(store: Store, team_id: str, ref: str) -> Credential:
     if len(matches) > 1:
         raise click.ClickException(f"{len(matches)} keys match; give the key id instead")
     return matches[0]
-from relay import cli_bench, cli_expose, cli_run, cli_tunnel, demo  # noqa: E402,F401 - register their commands
+from relay import cli_bench, cli_expose, cli_run, cli_tunnel, cli_tunnels, demo  # noqa: E402,F401 - register their commands
 
 
 def _show_envvars(command: click.Command) -> None:

@@ -8,7 +8,11 @@
     relay tunnel close box1 [--session ID]            # DELETE /api/v1/agents/{id}/tunnel
 
 AGENT is an agent id or the name of exactly one agent of the team. A small urllib client
-(stdlib only) with timeouts; ``--ca-cert`` trusts a private CA for an https gateway.
+(stdlib only) with timeouts; ``--ca-cert`` trusts a private CA for an https gateway;
+``--team`` (``RELAY_TEAM_ID``) sends ``X-Team-ID``, which a user JWT needs (a team key
+carries its team). The Tunnels API (seed 002: named tunnels, connect, shares) is ``relay
+tunnels`` (relay.cli_tunnels), the plural as in its path ``/api/v1/tunnels``; these
+singular commands are the agents' tunnel sessions of ``/api/v1/agents/{id}/tunnel``.
 Errors are one line on stderr (the gateway's own JSON error message) and a non-zero exit;
 the key is sent in the Authorization header and never printed.
 """
@@ -45,6 +49,8 @@ class ApiClient:
     key: str
     ca_cert: Optional[Path] = None
     timeout: float = API_TIMEOUT
+    #: Sent as X-Team-ID (user JWTs need it; team keys ignore it).
+    team_id: Optional[str] = None
 
     def __post_init__(self) -> None:
         url = self.base_url.strip().rstrip("/")
@@ -66,7 +72,10 @@ class ApiClient:
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """One request; returns the decoded JSON answer or raises ApiError."""
-        return self.call_url(method, self.base_url + path, body, {"Authorization": f"Bearer {self.key}"})
+        headers = {"Authorization": f"Bearer {self.key}"}
+        if self.team_id:
+            headers["X-Team-ID"] = self.team_id
+        return self.call_url(method, self.base_url + path, body, headers)
 
     def call_url(self, method: str, url: str, body: Any = None, headers: Optional[dict[str, str]] = None) -> Any:
         """One request to ``url`` (e.g. a tunnel's admin endpoint) with ``headers`` and no
@@ -133,6 +142,8 @@ def _error_message(exc: urllib.error.HTTPError) -> str:
 
 
 def _client_options(func: Any) -> Any:
+    func = click.option("--team", "team_id", envvar="RELAY_TEAM_ID", metavar="UUID", show_envvar=True,
+                        help="Team to act in (sent as X-Team-ID): needed with a user JWT.")(func)
     func = click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                         envvar="RELAY_CA_CERT", show_envvar=True,
                         help="Trust this CA (PEM) for an https gateway.")(func)
@@ -149,7 +160,7 @@ def _print_json(value: Any) -> None:
 
 @main.group()
 def tunnel() -> None:
-    """Open, list and close an agent's tunnels through the gateway API."""
+    """Open, list and close agents' tunnel sessions (the Tunnels API: relay tunnels)."""
 
 
 @tunnel.command("open")
@@ -160,15 +171,25 @@ def tunnel() -> None:
               help="http: a reverse-proxy URL; tcp: a raw hub port and a ws:// relay URL.")
 @click.option("--host-header", metavar="HOST[:PORT]",
               help="http: send the target this Host instead of the client's (for apps that check it).")
+@click.option("--ttl", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Close the session this long after it opens (0: never; default: the gateway's).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Close it after this long with nothing through it (0: never; default: the gateway's).")
 @_client_options
 def tunnel_open(agent_ref: str, target_port: int, protocol: str, gateway_url: str, key: str,
-                ca_cert: Optional[Path], as_json: bool, host_header: Optional[str] = None) -> None:
+                ca_cert: Optional[Path], as_json: bool, host_header: Optional[str] = None,
+                team_id: Optional[str] = None, ttl: Optional[float] = None,
+                idle_timeout: Optional[float] = None) -> None:
     """Open a tunnel to port --port on AGENT (an agent id or a unique name)."""
-    api = ApiClient(gateway_url, key, ca_cert)
+    api = ApiClient(gateway_url, key, ca_cert, team_id=team_id)
     agent = api.resolve(agent_ref)
     request: dict[str, Any] = {"target_port": target_port, "tunnel_protocol": protocol}
     if host_header:
         request["host_header"] = host_header
+    if ttl is not None:
+        request["ttl"] = ttl
+    if idle_timeout is not None:
+        request["idle_timeout"] = idle_timeout
     opened = api.call("POST", f"/api/v1/agents/{_quote(agent['agent_id'])}/tunnel", request)
     if as_json:
         _print_json({"agent_id": agent["agent_id"], "agent_name": agent.get("name"), **opened})
@@ -183,6 +204,10 @@ def tunnel_open(agent_ref: str, target_port: int, protocol: str, gateway_url: st
         click.echo(f"  hub port     {host}:{opened['hub_port']}    (every connection is one stream)")
     if opened.get("terminal_url"):
         click.echo(f"  terminal     {opened['terminal_url']}    (the agent's shell: sign in with the admin_token)")
+    if opened.get("expires_at"):
+        click.echo(f"  expires_at   {opened['expires_at']}")
+    if opened.get("idle_timeout"):
+        click.echo(f"  idle_timeout {opened['idle_timeout']:g}s    (closes after this long unused)")
     click.echo(f"  admin_token  {opened['admin_token']}    (shown only now)")
 
 
@@ -190,9 +215,9 @@ def tunnel_open(agent_ref: str, target_port: int, protocol: str, gateway_url: st
 @click.argument("agent_ref", metavar="[AGENT]", required=False)
 @_client_options
 def tunnel_list(agent_ref: Optional[str], gateway_url: str, key: str, ca_cert: Optional[Path],
-                as_json: bool) -> None:
+                as_json: bool, team_id: Optional[str] = None) -> None:
     """List open tunnel sessions of AGENT, or of every agent of the team."""
-    api = ApiClient(gateway_url, key, ca_cert)
+    api = ApiClient(gateway_url, key, ca_cert, team_id=team_id)
     agents = [api.resolve(agent_ref)] if agent_ref else api.agents()
     rows: list[dict[str, Any]] = []
     for agent in agents:
@@ -217,9 +242,9 @@ def tunnel_list(agent_ref: Optional[str], gateway_url: str, key: str, ca_cert: O
 @click.option("--session", "session_id", metavar="ID", help="Close only this session (default: all of AGENT's).")
 @_client_options
 def tunnel_close(agent_ref: str, session_id: Optional[str], gateway_url: str, key: str,
-                 ca_cert: Optional[Path], as_json: bool) -> None:
+                 ca_cert: Optional[Path], as_json: bool, team_id: Optional[str] = None) -> None:
     """Close AGENT's tunnel sessions (one with --session)."""
-    api = ApiClient(gateway_url, key, ca_cert)
+    api = ApiClient(gateway_url, key, ca_cert, team_id=team_id)
     agent = api.resolve(agent_ref)
     path = f"/api/v1/agents/{_quote(agent['agent_id'])}/tunnel"
     if session_id:

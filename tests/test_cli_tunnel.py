@@ -29,8 +29,11 @@ pytestmark = pytest.mark.timeout(90)
 class Stack:
     """Gateway + agent ``alpha`` + echo target in a thread; ``url``, ``keys``, ``agent_id``."""
 
-    def __init__(self, data_dir: Any, *, tls: Any = None, twins: bool = False) -> None:
+    def __init__(self, data_dir: Any, *, tls: Any = None, twins: bool = False,
+                 jwt_key: str | None = None) -> None:
         self._data_dir = data_dir
+        self._jwt_key = jwt_key  # verify user JWTs with this HMAC secret
+        self.team_id = ""
         self._tls = tls  # (certificate, key) paths: serve https
         self._twins = twins  # also two agents named "twin" (different ak- keys)
         self.twin_ids: list[str] = []
@@ -89,7 +92,8 @@ class Stack:
             server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             server_ctx.load_cert_chain(*self._tls)
             client_ctx = ssl.create_default_context(cafile=str(self._tls[0]))
-        gateway = Gateway(store, ssl_context=server_ctx)
+        self.team_id = (await store.list_teams())[0].id
+        gateway = Gateway(store, ssl_context=server_ctx, jwt_key=self._jwt_key)
         await gateway.start("127.0.0.1", 0)
         self.url = gateway.url
         agents = [Agent(gateway.url, self.keys["ak"], name="alpha", backoff_initial=0.05, ssl_context=client_ctx)]

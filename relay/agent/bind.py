@@ -8,6 +8,9 @@ host, which carries it through the exposing agent to the target. So the hub port
 reachable from this agent (the gateway's ``--hub-host``); a gateway on loopback only
 serves agents on its own machine.
 
+``{"type": "unbind", "tunnel_id"}`` (the binding was removed through the API) closes
+that tunnel's listener.
+
 The agent answers each bind with ``{"type": "bind.result", "request_id", "tunnel_id",
 "local_port", "ok", "error"?}`` (the gateway waits for it: relay.gateway.agents.bindings). A
 second bind of the same tunnel on another port replaces the first listener once the new
@@ -66,6 +69,14 @@ class Binder:
         if error is not None:
             result["error"] = error
         reply(result)
+
+    def unbind(self, tunnel_id: str) -> bool:
+        """Stop listening for ``tunnel_id`` (an ``unbind`` message); False if not bound."""
+        if tunnel_id not in self._servers:
+            return False
+        log.info("tunnel %s unbound", tunnel_id)
+        self._forget(tunnel_id)
+        return True
 
     async def bind(self, message: Any) -> Optional[int]:
         """Listen on the message's local port; returns it, or None if the message is

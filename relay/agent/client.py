@@ -179,6 +179,8 @@ class Agent(AgentBase):
             self.binder.on_control(message, reply)
         elif isinstance(message, dict) and message.get("type") == "task" and session is not None:
             self.tasks.on_control(session, message)  # seed 001 tasks
+        elif isinstance(message, dict) and message.get("type") == "unbind":  # Tunnels API bindings
+            self.binder.unbind(str(message.get("tunnel_id")))
         elif isinstance(message, dict) and message.get("type") == "task.cancel":
             self.tasks.cancel(str(message.get("task_id")))
 

@@ -159,6 +159,17 @@ class Bindings:
         if answer is not None:
             call.send(answer)
 
+    def unbind(self, team_id: str, agent_id: str, tunnel_id: str) -> None:
+        """Tell the agent, if it is online, to stop listening for the tunnel (its binding
+        is already gone from the store, so it is not re-sent at its next connection)."""
+        entry = self.gw.registry.get(team_id, agent_id)
+        if entry is None:
+            return
+        try:
+            entry.session.send_control({"type": "unbind", "tunnel_id": tunnel_id})
+        except Exception as exc:  # gone meanwhile: it will not get the binding again
+            log.info("cannot send unbind to agent %s: %s", agent_id, exc)
+
     def on_control(self, entry: ConnectedAgent, message: Any) -> bool:
         """Take a ``bind.result`` from an agent; False for any other message."""
         if not isinstance(message, dict) or message.get("type") != "bind.result":

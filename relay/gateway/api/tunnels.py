@@ -12,6 +12,8 @@ only: another team's tunnel, share, webhook or agent answers 404.
 ``PATCH  /api/v1/tunnels/{id}``              manage   ``name``/``status``/``metadata`` → tunnel
 ``DELETE /api/v1/tunnels/{id}``              manage   204 (its shares go with it)
 ``POST   /api/v1/tunnels/{id}/connect``      read     ``{agent_id, local_port?}`` → connection
+``GET    /api/v1/tunnels/{id}/bindings``     read     ``{"bindings": [{agent_id, local_port, ...}]}``
+``DELETE /api/v1/tunnels/{id}/bindings/{a}`` read     204: agent ``a`` stops listening
 ``POST   /api/v1/tunnels/{id}/shares``       manage   create → 201 share with ``shareUrl``
 ``GET    /api/v1/tunnels/{id}/shares``       read     ``{"shares": [share, ...]}``
 ``GET    /api/v1/tunnels/{id}/shares/{sid}`` read     share
@@ -80,7 +82,10 @@ tunnel. The gateway sends it the control message ``{"type": "bind", "request_id"
 "tunnel_id", "local_port", "hub": {"host", "port"}, "protocol"}`` and answers once the
 agent reported the result: ``502 bind_failed`` with its reason if it cannot listen,
 ``504 bind_timeout`` without a result; the binding is re-sent whenever that agent
-connects again (:mod:`relay.gateway.agents.bindings`). The answer carries the
+connects again (:mod:`relay.gateway.agents.bindings`), until it is removed with
+``DELETE .../bindings/{agent_id}`` (the agent, if online, gets ``{"type": "unbind",
+"tunnel_id"}`` and closes its listener; an offline one is simply not told again). The
+answer carries the
 ``connection_string`` a client uses on that machine: ``postgresql://user@HOST:PORT/dbname``
 (target port 5432), ``mysql://user@HOST:PORT/`` (3306), ``redis://HOST:PORT`` (6379),
 ``mongodb://HOST:PORT`` (27017), ``http(s)://HOST:PORT/`` (http/https tunnels), else
@@ -281,6 +286,8 @@ class TunnelsApi:
         add("PATCH", "/api/v1/tunnels/{tunnel_id}", self._update)
         add("DELETE", "/api/v1/tunnels/{tunnel_id}", self._delete)
         add("POST", "/api/v1/tunnels/{tunnel_id}/connect", self._connect)
+        add("GET", "/api/v1/tunnels/{tunnel_id}/bindings", self._list_bindings)
+        add("DELETE", "/api/v1/tunnels/{tunnel_id}/bindings/{agent_id}", self._delete_binding)
         add("POST", "/api/v1/tunnels/{tunnel_id}/shares", self._create_share)
         add("GET", "/api/v1/tunnels/{tunnel_id}/shares", self._list_shares)
         add("GET", "/api/v1/tunnels/{tunnel_id}/shares/{share_id}", self._get_share)
@@ -583,6 +590,27 @@ class TunnelsApi:
             "hub": hub,
             "tunnel_status": self.describe(tunnel)["status"],
         })
+
+    async def _list_bindings(self, request: Request) -> Response:
+        principal = await self._principal(request)
+        tunnel = await self._tunnel(principal, request.params["tunnel_id"])
+        bindings = []
+        for agent_id, local_port, created_at in await self.gw.store.list_tunnel_bindings(principal.team_id, tunnel.id):
+            bindings.append({
+                "agent_id": agent_id, "local_host": "127.0.0.1", "local_port": local_port,
+                "agent_online": self.gw.registry.get(principal.team_id, agent_id) is not None,
+                "connection_string": connection_string(tunnel.target_port, tunnel.protocol, "127.0.0.1", local_port),
+                "created_at": _iso(created_at)})
+        return json_response({"bindings": bindings})
+
+    async def _delete_binding(self, request: Request) -> Response:
+        principal = await self._principal(request)
+        tunnel = await self._tunnel(principal, request.params["tunnel_id"])
+        agent_id = normalize_uuid(request.params["agent_id"]) or request.params["agent_id"]
+        if not await self.gw.store.delete_binding(principal.team_id, tunnel.id, agent_id):
+            raise HttpError(404, "binding_not_found", f"agent {agent_id} has no binding of tunnel {tunnel.id}")
+        self.gw.bindings.unbind(principal.team_id, agent_id, tunnel.id)
+        return json_response(None, 204)
 
     # -- shares
 

@@ -102,6 +102,11 @@ SCHEMAS: dict[str, Any] = {
         "protocol": {"type": "string"}, "connection_string": {"type": "string"},
         "hub": {"type": "object"}, "tunnel_status": {"type": "string"},
     }},
+    "Binding": {"type": "object", "properties": {
+        "agent_id": {"type": "string"}, "local_host": {"type": "string"}, "local_port": {"type": "integer"},
+        "agent_online": {"type": "boolean"}, "connection_string": {"type": "string"},
+        "created_at": {"type": "string"},
+    }},
     "Share": {"type": "object", "properties": {
         "id": {"type": "string", "format": "uuid"},
         "tunnel_id": {"type": "string", "format": "uuid"},
@@ -164,6 +169,17 @@ def _paths() -> dict[str, Any]:
                      "requestBody": _body(_ref("Connect")),
                      "responses": {"200": _json(_ref("Connection"), "Connection"),
                                    **_errors(400, 404, 409, 502, 504)}},
+        },
+        "/tunnels/{tunnelId}/bindings": {
+            "get": {"summary": "The agents that bound the tunnel locally (connect)", "parameters": [tid, _TEAM],
+                    "responses": {"200": _json({"type": "object", "properties": {
+                        "bindings": {"type": "array", "items": _ref("Binding")}}}, "Bindings"),
+                        **_errors(400, 404)}},
+        },
+        "/tunnels/{tunnelId}/bindings/{agentId}": {
+            "delete": {"summary": "Remove an agent's binding (it stops listening)",
+                       "parameters": [tid, _path_param("agentId"), _TEAM],
+                       "responses": {"204": no_content, **_errors(400, 404)}},
         },
         "/tunnels/{tunnelId}/shares": {
             "post": {"summary": "Create a share link", "parameters": [tid, _TEAM],

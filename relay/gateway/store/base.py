@@ -603,6 +603,14 @@ class Store(abc.ABC):
     async def list_bindings(self, team_id: str, agent_id: str) -> list[tuple[Tunnel, int]]:
         """The agent's bindings as ``(tunnel, local_port)``, oldest first."""
 
+    @abc.abstractmethod
+    async def list_tunnel_bindings(self, team_id: str, tunnel_id: str) -> list[tuple[str, int, float]]:
+        """The tunnel's bindings as ``(agent_id, local_port, created_at)``, oldest first."""
+
+    @abc.abstractmethod
+    async def delete_binding(self, team_id: str, tunnel_id: str, agent_id: str) -> bool:
+        """Forget the agent's binding of the tunnel. False if there was none."""
+
     # -- tunnel shares -----------------------------------------------------------------
 
     @abc.abstractmethod

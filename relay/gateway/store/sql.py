@@ -531,6 +531,25 @@ class SqlStore(Store):
                 (normalize_uuid(team_id), normalize_uuid(agent_id)))
         return [(_tunnel(row), row["bound_port"]) for row in rows]
 
+    async def list_tunnel_bindings(self, team_id: str, tunnel_id: str) -> list[tuple[str, int, float]]:
+        async with self._read() as tx:
+            rows = await tx.fetchall(
+                "SELECT agent_id, local_port, created_at FROM tunnel_bindings"
+                " WHERE team_id = ? AND tunnel_id = ? ORDER BY created_at, agent_id",
+                (normalize_uuid(team_id) or "", normalize_uuid(tunnel_id) or ""))
+        return [(row["agent_id"], row["local_port"], row["created_at"]) for row in rows]
+
+    async def delete_binding(self, team_id: str, tunnel_id: str, agent_id: str) -> bool:
+        async with self._write() as tx:
+            row = await tx.fetchone(
+                "SELECT agent_id FROM tunnel_bindings WHERE team_id = ? AND tunnel_id = ? AND agent_id = ?",
+                (normalize_uuid(team_id) or "", normalize_uuid(tunnel_id) or "", normalize_uuid(agent_id) or ""))
+            if row is None:
+                return False
+            await tx.execute("DELETE FROM tunnel_bindings WHERE tunnel_id = ? AND agent_id = ?",
+                             (normalize_uuid(tunnel_id), normalize_uuid(agent_id)))
+        return True
+
     # -- tunnel shares -----------------------------------------------------------------
 
     async def create_share(self, team_id: str, tunnel_id: str, name: str, description: str = "", *,

@@ -1,0 +1,351 @@
+"""``relay tunnels ...``: the Tunnels API (seed 002) from the command line.
+
+::
+
+    export RELAY_GATEWAY=http://127.0.0.1:8080 RELAY_KEY=sk-...   # (+ RELAY_TEAM_ID with a JWT)
+    relay tunnels create 127.0.0.1:5432 --agent db-box --name staging-db   # POST   /tunnels
+    relay tunnels list                                                    # GET    /tunnels
+    relay tunnels get staging-db                                          # GET    /tunnels/{id}
+    relay tunnels update staging-db --status paused                       # PATCH  /tunnels/{id}
+    relay tunnels delete staging-db                                       # DELETE /tunnels/{id}
+    relay tunnels connect staging-db --agent laptop --local-port 15432    # POST   /tunnels/{id}/connect
+    relay tunnels bindings staging-db                                     # GET    /tunnels/{id}/bindings
+    relay tunnels unbind staging-db --agent laptop                        # DELETE /tunnels/{id}/bindings/{a}
+    relay tunnels share web --name demo --expires-in 7d --method GET      # POST   /tunnels/{id}/shares
+    relay tunnels shares web                                              # GET    /tunnels/{id}/shares
+    relay tunnels unshare web SHARE_ID                                    # DELETE /tunnels/{id}/shares/{s}
+
+The fields are the API's (``--name``, ``--protocol auto|tcp|udp|http|https``,
+``--public``, ``--hub-port``, ``--status``, ``--metadata``, ``--expires-in``, ``--method``,
+``--rate-limit`` ...). TUNNEL is a tunnel id or the name of exactly one of the team's
+tunnels; AGENT an agent id or a unique agent name. ``create`` corresponds to seed 002's
+``connect expose``, ``connect`` to ``connect reach``, ``share`` to ``connect share``.
+
+Output: a human table or a few labelled lines by default, one JSON document with
+``--json`` (the API's answer as is). A failure is one ``Error:`` line with the gateway's
+message and its status and code, and exit status 1: ``connect`` fails that way when the
+agent cannot listen (``502 bind_failed``, e.g. the port is taken) or does not answer
+(``504 bind_timeout``). The client and its options (``--gateway``, ``--key``,
+``--team``, ``--ca-cert``) are relay.cli_tunnel's.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+from relay.cli import main
+from relay.cli_tunnel import ApiClient, ApiError, _client_options, _print_json, _quote
+
+__all__ = ["tunnels"]
+
+PROTOCOLS = ("auto", "tcp", "udp", "http", "https")
+EXPIRY = ("1h", "24h", "7d", "30d", "never")
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+Column = tuple[str, Callable[[dict[str, Any]], Any]]
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
+    """Plain text columns, left-aligned, two spaces apart (no dependency needed)."""
+    cells = [[h for h, _ in columns]] + [["-" if (v := get(row)) is None or v == "" else str(v)
+                                          for _, get in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+                     for line in cells)
+
+
+def _client(gateway_url: str, key: str, ca_cert: Optional[Path], team_id: Optional[str]) -> ApiClient:
+    return ApiClient(gateway_url, key, ca_cert, team_id=team_id)
+
+
+def _tunnel(api: ApiClient, ref: str) -> dict[str, Any]:
+    """A tunnel by id, else by name when exactly one of the team's tunnels has it."""
+    found = api.call("GET", "/api/v1/tunnels").get("tunnels", [])
+    for item in found:
+        if item.get("id") == ref:
+            return dict(item)
+    named = [t for t in found if t.get("name") == ref]
+    if len(named) == 1:
+        return dict(named[0])
+    if len(named) > 1:
+        raise ApiError(f"{len(named)} tunnels are named {ref!r}; give the tunnel id")
+    raise ApiError(f"no tunnel {ref!r} in this team (by id or name)")
+
+
+_TUNNEL_COLUMNS: list[Column] = [
+    ("ID", lambda t: t.get("id")), ("NAME", lambda t: t.get("name")), ("PROTO", lambda t: t.get("protocol")),
+    ("TARGET", lambda t: t.get("target")), ("HUB", lambda t: _hub(t)), ("STATUS", lambda t: t.get("status")),
+    ("PUBLIC", lambda t: "yes" if t.get("public") else "no"), ("CONNS", lambda t: t.get("connections")),
+]
+
+
+def _hub(tunnel: dict[str, Any]) -> Optional[str]:
+    if not tunnel.get("hub_port"):
+        return None
+    return f"{tunnel.get('hub_host') or ''}:{tunnel['hub_port']}"
+
+
+def _show_tunnel(tunnel: dict[str, Any], verb: str = "") -> None:
+    if verb:
+        click.echo(f"{verb} tunnel {tunnel['name']} ({tunnel['id']})")
+    fields = [("protocol", tunnel.get("protocol")), ("target", tunnel.get("target")),
+              ("agent", tunnel.get("agent_id")), ("hub", _hub(tunnel)), ("status", tunnel.get("status")),
+              ("error", tunnel.get("error")), ("public", "yes" if tunnel.get("public") else "no"),
+              ("public_url", tunnel.get("public_url")), ("connections", tunnel.get("connections")),
+              ("metadata", json.dumps(tunnel["metadata"]) if tunnel.get("metadata") else None),
+              ("created_at", tunnel.get("created_at"))]
+    if not verb:
+        fields = [("id", tunnel.get("id")), ("name", tunnel.get("name")), *fields]
+    for label, value in fields:
+        if value is not None and value != "":
+            click.echo(f"  {label:12} {value}")
+
+
+@main.group()
+def tunnels() -> None:
+    """The Tunnels API: named tunnels, connect (bind on another agent), share links."""
+
+
+@tunnels.command("create")
+@click.argument("target")
+@click.option("--agent", "agent_ref", required=True, metavar="AGENT",
+              help="The agent that reaches TARGET (id or unique name).")
+@click.option("--name", help="1-100 characters (default: generated, e.g. swift-otter-3fa9).")
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default="auto", show_default=True,
+              help="auto picks by the target port.")
+@click.option("--public", is_flag=True, help="Hub port on the gateway's public hub host (and, for "
+                                             "http/https, a public share link).")
+@click.option("--hub-port", type=click.IntRange(1024, 65535), help="A specific hub port (default: any free one).")
+@_client_options
+def tunnels_create(target: str, agent_ref: str, name: Optional[str], protocol: str, public: bool,
+                   hub_port: Optional[int], gateway_url: str, key: str, ca_cert: Optional[Path],
+                   as_json: bool, team_id: Optional[str]) -> None:
+    """Expose TARGET (HOST:PORT as the agent sees it) through AGENT as a named tunnel."""
+    api = _client(gateway_url, key, ca_cert, team_id)
+    agent = api.resolve(agent_ref)
+    body: dict[str, Any] = {"target": target, "agent_id": agent["agent_id"], "protocol": protocol,
+                            "public": public}
+    if name is not None:
+        body["name"] = name
+    if hub_port is not None:
+        body["hub_port"] = hub_port
+    created = api.call("POST", "/api/v1/tunnels", body)
+    if as_json:
+        _print_json(created)
+        return
+    _show_tunnel(created, "Created")
+
+
+@tunnels.command("list")
+@_client_options
+def tunnels_list(gateway_url: str, key: str, ca_cert: Optional[Path], as_json: bool,
+                 team_id: Optional[str]) -> None:
+    """List the team's tunnels."""
+    found = _client(gateway_url, key, ca_cert, team_id).call("GET", "/api/v1/tunnels")
+    if as_json:
+        _print_json(found)
+        return
+    rows = found.get("tunnels", [])
+    click.echo(table(rows, _TUNNEL_COLUMNS) if rows else "No tunnels.")
+
+
+@tunnels.command("get")
+@click.argument("tunnel_ref", metavar="TUNNEL")
+@_client_options
+def tunnels_get(tunnel_ref: str, gateway_url: str, key: str, ca_cert: Optional[Path], as_json: bool,
+                team_id: Optional[str]) -> None:
+    """Show one tunnel (id or unique name)."""
+    api = _client(gateway_url, key, ca_cert, team_id)
+    found = api.call("GET", f"/api/v1/tunnels/{_quote(_tunnel(api, tunnel_ref)['id'])}")
+    if as_json:
+        _print_json(found)
+        return
+    _show_tunnel(found)
+
+
+@tunnels.command("update")
+@click.argument("tunnel_ref", metavar="TUNNEL")
+@click.option("--name", help="New name (1-100 characters).")
+@click.option("--status", type=click.Choice(["active", "paused"]), help="paused closes the hub port.")
+@click.option("--metadata", metavar="JSON", help="Custom metadata: a JSON object (replaces the old one).")
+@_client_options
+def tunnels_update(tunnel_ref: str, name: Optional[str], status: Optional[str], metadata: Optional[str],
+                   gateway_url: str, key: str, ca_cert: Optional[Path], as_json: bool,
+                   team_id: Optional[str]) -> None:
+    """Change a tunnel's name, status or metadata."""
+    body: dict[str, Any] = {}
+    if name is not None:
+        body["name"] = name
+    if status is not None:
+        body["status"] = status
+    if metadata is not None:
+        try:
+            body["metadata"] = json.loads(metadata)
+        except ValueError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--metadata") from None
+    if not body:
+        raise click.UsageError("nothing to update: give --name, --status or --metadata")
+    api = _client(gateway_url, key, ca_cert, team_id)
+    updated = api.call("PATCH", f"/api/v1/tunnels/{_quote(_tunnel(api, tunnel_ref)['id'])}", body)
+    if as_json:
+        _print_json(updated)
+        return
+    _show_tunnel(updated, "Updated")
+
+
+@tunnels.command("delete")
+@click.argument("tunnel_ref", metavar="TUNNEL")
+@_client_options
+def tunnels_delete(tunnel_ref: str, gateway_url: str, key: str, ca_cert: Optional[Path], as_json: bool,
+                   team_id: Optional[str]) -> None:
+    """Delete a tunnel (its shares and bindings go with it)."""
+    api = _client(gateway_url, key, ca_cert, team_id)
+    found = _tunnel(api, tunnel_ref)
+    api.call("DELETE", f"/api/v1/tunnels/{_quote(found['id'])}")
+    if as_json:
+        _print_json({"deleted": found["id"]})
+        return
+    click.echo(f"Deleted tunnel {found['name']} ({found['id']})")
+
+
+@tunnels.command("connect")
+@click.argument("tunnel_ref", metavar="TUNNEL")
+@click.option("--agent", "agent_ref", required=True, metavar="AGENT",
+              help="The agent that should listen locally (id or unique name; must be online).")
+@click.option("--local-port", type=click.IntRange(1, 65535),
+              help="Port to listen on at 127.0.0.1 of AGENT's machine (default: the target port).")
+@_client_options
+def tunnels_connect(tunnel_ref: str, agent_ref: str, local_port: Optional[int], gateway_url: str, key: str,
+                    ca_cert: Optional[Path], as_json: bool, team_id: Optional[str]) -> None:
+    """Make AGENT listen on 127.0.0.1:--local-port for TUNNEL; fails (exit 1) if it cannot."""
+    api = _client(gateway_url, key, ca_cert, team_id)
+    found = _tunnel(api, tunnel_ref)
+    agent = api.resolve(agent_ref)
+    body: dict[str, Any] = {"agent_id": agent["agent_id"]}
+    if local_port is not None:
+        body["local_port"] = local_port
+    connection = api.call("POST", f"/api/v1/tunnels/{_quote(found['id'])}/connect", body)
+    if as_json:
+        _print_json(connection)
+        return
+    click.echo(f"Connected tunnel {found['name']} on {agent.get('name')}: "
+               f"{connection['local_host']}:{connection['local_port']}")
+    click.echo(f"  connection  {connection['connection_string']}")
+    click.echo(f"  status      {connection.get('tunnel_status')}")
+
+
+_BINDING_COLUMNS: list[Column] = [
+    ("AGENT", lambda b: b.get("agent_id")), ("LOCAL", lambda b: f"{b.get('local_host')}:{b.get('local_port')}"),
+    ("ONLINE", lambda b: "yes" if b.get("agent_online") else "no"),
+    ("CONNECTION", lambda b: b.get("connection_string")), ("CREATED", lambda b: b.get("created_at")),
+]
+
+
+@tunnels.command("bindings")
+@click.argument("tunnel_ref", metavar="TUNNEL")
+@_client_options
+def tunnels_bindings(tunnel_ref: str, gateway_url: str, key: str, ca_cert: Optional[Path], as_json: bool,
+                     team_id: Optional[str]) -> None:
+    """List the agents that listen locally for TUNNEL (made by connect)."""
+    api = _client(gateway_url, key, ca_cert, team_id)
+    found = api.call("GET", f"/api/v1/tunnels/{_quote(_tunnel(api, tunnel_ref)['id'])}/bindings")
+    if as_json:
+        _print_json(found)
+        return
+    rows = found.get("bindings", [])
+    click.echo(table(rows, _BINDING_COLUMNS) if rows else "No bindings.")
+
+
+@tunnels.command("unbind")
+@click.argument("tunnel_ref", metavar="TUNNEL")
+@click.option("--agent", "agent_ref", required=True, metavar="AGENT", help="The agent to stop listening.")
+@_client_options
+def tunnels_unbind(tunnel_ref: str, agent_ref: str, gateway_url: str, key: str, ca_cert: Optional[Path],
+                   as_json: bool, team_id: Optional[str]) -> None:
+    """Remove AGENT's binding of TUNNEL: it stops listening and is not told again."""
+    api = _client(gateway_url, key, ca_cert, team_id)
+    found = _tunnel(api, tunnel_ref)
+    agent = api.resolve(agent_ref)
+    api.call("DELETE", f"/api/v1/tunnels/{_quote(found['id'])}/bindings/{_quote(agent['agent_id'])}")
+    if as_json:
+        _print_json({"tunnel_id": found["id"], "unbound": agent["agent_id"]})
+        return
+    click.echo(f"Unbound tunnel {found['name']} from {agent.get('name')} ({agent['agent_id']})")
+
+
+@tunnels.command("share")
+@click.argument("tunnel_ref", metavar="TUNNEL")
+@click.option("--name", required=True, help="Share name (1-100 characters).")
+@click.option("--description", help="At most 500 characters.")
+@click.option("--expires-in", type=click.Choice(EXPIRY), default="24h", show_default=True)
+@click.option("--method", "methods", multiple=True, type=click.Choice(METHODS, case_sensitive=False),
+              help="An HTTP method to allow (repeat; default: all).")
+@click.option("--rate-limit", type=click.IntRange(1, 1000), help="Requests per minute (default: no limit).")
+@_client_options
+def tunnels_share(tunnel_ref: str, name: str, description: Optional[str], expires_in: str,
+                  methods: tuple[str, ...], rate_limit: Optional[int], gateway_url: str, key: str,
+                  ca_cert: Optional[Path], as_json: bool, team_id: Optional[str]) -> None:
+    """Create a share link of an http or https TUNNEL; its shareUrl is shown only now."""
+    api = _client(gateway_url, key, ca_cert, team_id)
+    body: dict[str, Any] = {"name": name, "expires_in": expires_in}
+    if description is not None:
+        body["description"] = description
+    if methods:
+        body["allowed_methods"] = [m.upper() for m in methods]
+    if rate_limit is not None:
+        body["rate_limit"] = rate_limit
+    share = api.call("POST", f"/api/v1/tunnels/{_quote(_tunnel(api, tunnel_ref)['id'])}/shares", body)
+    if as_json:
+        _print_json(share)
+        return
+    click.echo(f"Created share {share['name']} ({share['id']})")
+    click.echo(f"  shareUrl     {share['shareUrl']}    (shown only now: send this link)")
+    click.echo(f"  expires_at   {share.get('expires_at') or 'never'}")
+    if share.get("allowed_methods"):
+        click.echo(f"  methods      {', '.join(share['allowed_methods'])}")
+    if share.get("rate_limit"):
+        click.echo(f"  rate_limit   {share['rate_limit']}/min")
+
+
+_SHARE_COLUMNS: list[Column] = [
+    ("ID", lambda s: s.get("id")), ("NAME", lambda s: s.get("name")),
+    ("EXPIRES", lambda s: ("expired " if s.get("expired") else "") + (s.get("expires_at") or "never")),
+    ("METHODS", lambda s: ",".join(s["allowed_methods"]) if s.get("allowed_methods") else "all"),
+    ("RATE", lambda s: f"{s['rate_limit']}/min" if s.get("rate_limit") else None),
+    ("TOKEN", lambda s: (s.get("token_prefix") or "") + "…"),
+]
+
+
+@tunnels.command("shares")
+@click.argument("tunnel_ref", metavar="TUNNEL")
+@_client_options
+def tunnels_shares(tunnel_ref: str, gateway_url: str, key: str, ca_cert: Optional[Path], as_json: bool,
+                   team_id: Optional[str]) -> None:
+    """List TUNNEL's share links (their URLs were shown once, at creation)."""
+    api = _client(gateway_url, key, ca_cert, team_id)
+    found = api.call("GET", f"/api/v1/tunnels/{_quote(_tunnel(api, tunnel_ref)['id'])}/shares")
+    if as_json:
+        _print_json(found)
+        return
+    rows = found.get("shares", [])
+    click.echo(table(rows, _SHARE_COLUMNS) if rows else "No shares.")
+
+
+@tunnels.command("unshare")
+@click.argument("tunnel_ref", metavar="TUNNEL")
+@click.argument("share_id")
+@_client_options
+def tunnels_unshare(tunnel_ref: str, share_id: str, gateway_url: str, key: str, ca_cert: Optional[Path],
+                    as_json: bool, team_id: Optional[str]) -> None:
+    """Delete a share link: it stops working at once."""
+    api = _client(gateway_url, key, ca_cert, team_id)
+    found = _tunnel(api, tunnel_ref)
+    api.call("DELETE", f"/api/v1/tunnels/{_quote(found['id'])}/shares/{_quote(share_id)}")
+    if as_json:
+        _print_json({"tunnel_id": found["id"], "deleted": share_id})
+        return
+    click.echo(f"Deleted share {share_id} of tunnel {found['name']}")
