@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from relay.agent import Agent
 from relay.gateway.agents import session_lifetime
 from tests.test_gateway_e2e import gateway_and_team, http, run, running_agent, wait_until
 from tests.test_tasks import sse, submit, task_status
@@ -295,6 +296,45 @@ def test_sessions_survive_a_restart_with_their_ttl_and_task_sessions_do_not(tmp_
 
                 await wait_until(short_gone, timeout=15)
                 assert kept["session_id"] in {t["session_id"] for t in (await _agent(gw, sk, agent_id))["tunnels"]}
+            finally:
+                await gw.close()
+                await store.close()
+
+    run(main)
+
+
+class _BuiltinsAgent(Agent):
+    """An agent with the built-in handlers from the start (a queued task can reach it
+    the moment it connects)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tasks.register_builtins()
+
+
+def test_a_queued_task_keeps_its_expose_across_a_restart(tmp_path):
+    from relay.gateway.app import Gateway
+    from relay.gateway.store import open_store
+
+    async def main():
+        async with echo_server() as echo_port:
+            async with gateway_and_team(tmp_path) as (gw, keys):
+                sk = str(keys["sk"])
+                status, answer = await http(gw.port, "POST", "/api/v1/tasks", sk, {
+                    "kind": "sleep", "input": {"seconds": 30}, "labels": ["late"],
+                    "expose": {"port": echo_port, "protocol": "tcp"}})
+                assert status == 202 and answer["status"] == "queued"
+            store = await open_store(None, tmp_path / "data")
+            gw = Gateway(store, allow_private_egress=True)
+            await gw.start("127.0.0.1", 0)
+            try:
+                async with running_agent(gw, str(keys["ak"]), agent_class=_BuiltinsAgent, name="late",
+                                         labels=["late"]):
+                    tunnel = await _task_tunnel(gw, sk, answer["task_id"])
+                    assert await echo_through(tunnel["hub_port"]) == b"hello relay"
+                    status, _ = await http(gw.port, "POST", f"/api/v1/tasks/{answer['task_id']}/cancel", sk)
+                    assert status == 200
+                    await wait_until(lambda: refused(tunnel["hub_port"]))
             finally:
                 await gw.close()
                 await store.close()

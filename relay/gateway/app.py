@@ -182,6 +182,7 @@ class Gateway:
                                      session_idle_timeout=self._session_idle_timeout)
         self.tunnels.reuse_port = self._fleet_config is not None
         self.tunnels.closed_listeners.append(self.terminals.sessions_closed)
+        self.tunnels.idle_timeouts = self._fleet_config is None  # (session_lifetime: fleets)
         self.tunnels.activity_probes.append(self.http_tunnels.activity)
         self.tunnels.on_expired = self._close_sessions
         await self.tunnels.restore()

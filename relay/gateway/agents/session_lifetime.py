@@ -22,6 +22,11 @@ meanwhile, and starts their idle clocks afresh (it cannot know what went through
 while it was down). A task-bound session (relay.gateway.api.tasks, ``expose``) has
 neither: it closes with its task.
 
+In a fleet (docs/FLEET.md) only TTLs are enforced: a session's connections and requests
+may pass through any gateway of the fleet, none of them sees all of its traffic, and an
+idle timeout judged on one gateway's share would close sessions in use elsewhere. A
+session opened in a fleet answers ``idle_timeout: 0`` to say so.
+
 Everything here is pure (time passed in); relay.gateway.agents.tunnel_sessions sweeps.
 """
 from __future__ import annotations

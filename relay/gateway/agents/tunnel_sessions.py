@@ -275,6 +275,9 @@ class TunnelManager:
         self._lifetimes: dict[str, Lifetime] = {}
         #: How often lifetimes are checked, seconds.
         self.sweep_interval = 1.0
+        #: False in a fleet: a session's traffic may pass through any of its gateways,
+        #: and none sees all of it, so only TTLs are enforced (session_lifetime).
+        self.idle_timeouts = True
         self._sweeper: Optional[asyncio.Task[None]] = None
         #: ``fn(session_id) -> (requests so far, live now)`` or None: activity of a
         #: session that has no hub port (the gateway adds its HTTP tunnels').
@@ -389,9 +392,9 @@ class TunnelManager:
             metadata["task_id"] = task_id
         else:
             ttl = self.session_ttl if ttl is None else ttl
+            idle = self.session_idle_timeout if idle_timeout is None else idle_timeout
             lifetime = Lifetime(team_id, agent_id, time.time() + ttl if ttl else None,
-                                self.session_idle_timeout if idle_timeout is None else idle_timeout,
-                                asyncio.get_running_loop().time())
+                                idle if self.idle_timeouts else 0.0, asyncio.get_running_loop().time())
             metadata.update(lifetime.metadata())
         try:
             session, access, admin = await self._store.create_tunnel_session(
@@ -502,10 +505,11 @@ class TunnelManager:
                     continue
                 expires_at = meta.get("expires_at")
                 idle = meta.get("idle_timeout")
+                idle = float(idle) if isinstance(idle, (int, float)) else self.session_idle_timeout
                 self._lifetimes[row.session_id] = Lifetime(
                     row.team_id, row.agent_id,
                     float(expires_at) if isinstance(expires_at, (int, float)) else None,
-                    float(idle) if isinstance(idle, (int, float)) else self.session_idle_timeout, now)
+                    idle if self.idle_timeouts else 0.0, now)
                 if row.protocol not in ("tcp", "udp"):
                     continue
                 hub = HubListener(row.session_id, row.team_id, row.agent_id, row.target_port,

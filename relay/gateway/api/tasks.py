@@ -65,12 +65,13 @@ tcp), so whoever follows the task reaches the service. The session has no TTL or
 timeout of its own and does not put the agent in status ``tunnel``: it is closed when the
 task ends in any way (result, error, cancelled, agent disconnected), live connections
 cut. If the port cannot be exposed (the agent's allowlist refuses it, a loop into the
-gateway) the task fails with the reason and is cancelled on the agent. (``expose`` lives
-in memory: a task queued again after a gateway restart runs without it.) In a fleet a
-task with ``expose`` is not offered to the other gateways: it waits for an agent held by
-the gateway it was submitted to, whose hub ports and tunnel URLs it opens. Cancelling a
-task another gateway's agent runs ends it here at once, but does not reach that agent's
-handler (the holder frees its agent when the handler ends).
+gateway) the task fails with the reason and is cancelled on the agent. ``expose`` is kept
+in the task's row, so a task queued again after a restart still gets its tunnel; a
+task-bound session left open by a gateway that stopped is closed at the next start. In a
+fleet a task with ``expose`` is not offered to the other gateways: it waits for an agent
+held by the gateway it was submitted to, whose hub ports and tunnel URLs it opens.
+Cancelling a task another gateway's agent runs ends it here at once, but does not reach
+that agent's handler (the holder frees its agent when the handler ends).
 
 Each task is also a row of the store (relay.gateway.store ``tasks``): written before the
 202 (so an acknowledged task is never lost), then on every change of status and with its
@@ -295,7 +296,7 @@ class TaskManager:
                                         finished_at=time.time())
                 continue
             task = Task(record.id, record.team_id, record.kind, record.input, list(record.labels),
-                        created_at=record.created_at)
+                        created_at=record.created_at, expose=record.expose)
             task.add_event("status", status="queued")
             self._tasks[task.task_id] = task
             self._queues.setdefault(task.team_id, deque()).append(task)
@@ -419,7 +420,8 @@ class TaskManager:
             raise HttpError(503, "queue_full", f"the team already has {QUEUE_LIMIT} tasks waiting for an agent",
                             {"Retry-After": "5"})
         task = Task(str(uuid.uuid4()), principal.team_id, kind, task_input, labels, expose=expose)
-        await self.gw.store.create_task(task.team_id, task.task_id, kind, task_input, labels, owner=self.owner)
+        await self.gw.store.create_task(task.team_id, task.task_id, kind, task_input, labels, owner=self.owner,
+                                        expose=expose)
         task.add_event("status", status="queued")
         self._tasks[task.task_id] = task
         queue.append(task)
@@ -883,7 +885,7 @@ def _from_record(record: TaskRecord) -> Task:
     its status and, once it ended, the final event."""
     task = Task(record.id, record.team_id, record.kind, record.input, list(record.labels),
                 status=record.status, agent_id=record.agent_id, created_at=record.created_at,
-                finished_at=record.finished_at, result=record.result, error=record.error)
+                finished_at=record.finished_at, result=record.result, error=record.error, expose=record.expose)
     task.from_row = not task.finished
     task.add_event("status", status=record.status, agent_id=record.agent_id)
     if record.status == "succeeded":

@@ -280,6 +280,8 @@ class TaskRecord:
     created_at: float
     updated_at: float
     finished_at: float | None
+    #: ``{"port", "protocol"}`` to tunnel while the task runs, or None.
+    expose: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,7 +360,8 @@ def _task(row: Row) -> TaskRecord:
                       input=json.loads(row["input"]),
                       labels=tuple(json.loads(row["labels"])), status=row["status"], agent_id=row["agent_id"],
                       result=None if result is None else json.loads(result), error=row["error"],
-                      created_at=row["created_at"], updated_at=row["updated_at"], finished_at=row["finished_at"])
+                      created_at=row["created_at"], updated_at=row["updated_at"], finished_at=row["finished_at"],
+                      expose=json.loads(row["expose"]) if row["expose"] else None)
 
 
 def _webhook(row: Row) -> Webhook:
@@ -707,9 +710,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def create_task(self, team_id: str, task_id: str, kind: str, task_input: Any,
-                          labels: Sequence[str], owner: str = "") -> TaskRecord:
+                          labels: Sequence[str], owner: str = "", expose: Any = None) -> TaskRecord:
         """Record a task just submitted (``queued``); ``task_id`` is the caller's UUID,
-        ``owner`` names the gateway that runs it. Raises :class:`NotFoundError` for an
+        ``owner`` names the gateway that runs it, ``expose`` its port to tunnel (or None). Raises :class:`NotFoundError` for an
         unknown team."""
 
     @abc.abstractmethod

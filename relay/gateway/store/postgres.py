@@ -214,6 +214,8 @@ MIGRATIONS: list[Sequence[str]] = [
         "CREATE INDEX tasks_by_team_status ON tasks(team_id, status)",
         "CREATE INDEX tasks_by_owner_status ON tasks(owner, status)",
     ),
+    # 7: a task's ``expose`` (relay.gateway.api.tasks), JSON or NULL.
+    ("ALTER TABLE tasks ADD COLUMN expose TEXT",),
 ]
 
 

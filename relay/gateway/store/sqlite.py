@@ -184,6 +184,9 @@ MIGRATIONS: list[Sequence[str]] = [
         "CREATE INDEX tasks_by_team_status ON tasks(team_id, status)",
         "CREATE INDEX tasks_by_owner_status ON tasks(owner, status)",
     ),
+    # 7: a task's ``expose`` (the port tunnelled while it runs: relay.gateway.api.tasks),
+    # so a task queued again after a restart still gets its tunnel. JSON, NULL for none.
+    ("ALTER TABLE tasks ADD COLUMN expose TEXT",),
 ]
 
 
