@@ -210,3 +210,32 @@ def test_team_header_with_a_user_jwt(stack):
         "RELAY_GATEWAY": stack.url, "RELAY_KEY": token, "RELAY_TEAM_ID": stack.team_id, "RELAY_CA_CERT": None})
     assert old.exit_code == 0 and "tunnels" in json.loads(old.output)
     assert relay(stack, "delete", "jwt-made", key=token, team=stack.team_id).exit_code == 0
+
+
+def test_the_other_human_and_json_forms(stack):
+    made = relay(stack, "create", f"127.0.0.1:{stack.echo_port}", "--agent", "alpha", "--name", "forms",
+                 "--protocol", "tcp")
+    assert made.exit_code == 0 and made.output.startswith("Created tunnel forms (")
+    assert "  protocol     tcp" in made.output and "  hub          127.0.0.1:" in made.output
+    assert "paused" in relay(stack, "update", "forms", "--status", "paused").output
+    assert relay(stack, "update", "forms", "--status", "active").exit_code == 0
+    port = _free_port()
+    connected = ok_json(relay(stack, "connect", "forms", "--agent", stack.twin_ids[0], "--local-port", str(port),
+                              "--json"))
+    assert connected["connection_string"] == f"tcp://127.0.0.1:{port}" and connected["local_port"] == port
+    unbound = ok_json(relay(stack, "unbind", "forms", "--agent", stack.twin_ids[0], "--json"))
+    assert unbound["unbound"] == stack.twin_ids[0]
+    assert ok_json(relay(stack, "bindings", "forms", "--json")) == {"bindings": []}
+    assert relay(stack, "shares", "forms").output.strip() == "No shares."
+    nothing = relay(stack, "update", "forms")
+    assert nothing.exit_code != 0 and "nothing to update" in nothing.output
+    tunnel_id = ok_json(relay(stack, "get", "forms", "--json"))["id"]
+    assert ok_json(relay(stack, "delete", "forms", "--json")) == {"deleted": tunnel_id}
+    # A share made and removed with --json (an https tunnel: seed 002's shares are for both).
+    ok_json(relay(stack, "create", "127.0.0.1:8443", "--agent", "alpha", "--name", "secure",
+                  "--protocol", "https", "--json"))
+    share = ok_json(relay(stack, "share", "secure", "--name", "s", "--json"))
+    assert share["shareUrl"].startswith(stack.url + "/s/")
+    assert ok_json(relay(stack, "unshare", "secure", share["id"], "--json"))["deleted"] == share["id"]
+    assert ok_json(relay(stack, "shares", "secure", "--json")) == {"shares": []}
+    assert relay(stack, "delete", "secure").exit_code == 0
