@@ -13,11 +13,13 @@ import os
 import resource
 import struct
 
+import pytest
 import trio
 
 from relay import __version__
 from relay.mux.connection import MuxConfig
-from tests.conformance.harness import AGENT_NAME, Env, conformance
+from relay.mux.errors import ErrorCode
+from tests.conformance.harness import AGENT_NAME, Env, conformance, run_pairing
 
 DEFAULTS = MuxConfig()
 
@@ -341,3 +343,31 @@ def test_serve_agents_checks_keys_and_survives_a_failing_handler() -> None:
             await main()
 
     trio.run(bounded)
+
+
+@pytest.mark.parametrize("pairing", ["asyncio-trio", "trio-trio"])
+def test_a_tls_stream_is_spoken_tls_or_refused(pairing: str, tmp_path) -> None:
+    """A stream with ``"tls": true`` (an https tunnel's share link): the asyncio agent
+    speaks TLS to the target (a plain echo server answers its ClientHello with a
+    ClientHello, so the handshake fails and the stream is refused CONNECT_FAILED, where a
+    plain connection would have been accepted); the trio agent, which has no TLS yet,
+    refuses it with REFUSED and the reason rather than speaking plain text to it."""
+    async def body(env: Env) -> None:
+        from relay.trio import StreamRefused
+
+        session = env._current_gateway_session()
+        with pytest.raises(StreamRefused) as caught:
+            await session.open_stream({"protocol": "tcp", "target": env.targets.echo, "tls": True})
+        code, message = ErrorCode(caught.value.error_code).name, caught.value.message
+        if env.agent_kind == "asyncio":
+            assert code == "CONNECT_FAILED" and message.startswith(f"cannot connect to {env.targets.echo}: ")
+        else:
+            assert (code, message) == ("REFUSED", "the trio agent does not connect to https targets yet")
+        # The same target without "tls" is served as before.
+        conn = await env.open_stream_to(env.targets.echo)
+        await conn.send(b"plain")
+        await conn.send_eof()
+        assert await conn.receive_all() == b"plain"
+        await conn.close()
+
+    run_pairing(pairing, tmp_path, body, 30.0)
