@@ -239,3 +239,17 @@ def test_the_other_human_and_json_forms(stack):
     assert ok_json(relay(stack, "unshare", "secure", share["id"], "--json"))["deleted"] == share["id"]
     assert ok_json(relay(stack, "shares", "secure", "--json")) == {"shares": []}
     assert relay(stack, "delete", "secure").exit_code == 0
+
+
+def test_session_commands_take_ttl_and_idle_timeout(stack):
+    env = {"RELAY_GATEWAY": stack.url, "RELAY_KEY": stack.keys["sk"], "RELAY_CA_CERT": None, "RELAY_TEAM_ID": None}
+    opened = CliRunner().invoke(main, ["tunnel", "open", "alpha", "--port", str(stack.echo_port), "--protocol", "tcp",
+                                       "--ttl", "600", "--idle-timeout", "30"], env=env, catch_exceptions=False)
+    assert opened.exit_code == 0, opened.output
+    assert "expires_at   " in opened.output and "idle_timeout 30s" in opened.output
+    as_json = CliRunner().invoke(main, ["tunnel", "open", "alpha", "--port", str(stack.echo_port), "--protocol",
+                                        "tcp", "--idle-timeout", "0", "--json"], env=env, catch_exceptions=False)
+    body = json.loads(as_json.output)
+    assert body["idle_timeout"] == 0 and body["expires_at"] is None
+    closed = CliRunner().invoke(main, ["tunnel", "close", "alpha", "--json"], env=env, catch_exceptions=False)
+    assert len(json.loads(closed.output)["closed"]) == 2

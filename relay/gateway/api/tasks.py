@@ -448,9 +448,13 @@ class TaskManager:
         tasks: dict[str, dict[str, Any]] = {}
         for record in await self.gw.store.list_tasks(principal.team_id, wanted):
             tasks[record.id] = _from_record(record).describe()
-        for task in self._tasks.values():  # this gateway's own, with their live state
-            if task.team_id == principal.team_id and (wanted is None or task.status in wanted):
+        for task in self._tasks.values():  # this gateway's own: their live state wins over the row
+            if task.team_id != principal.team_id:
+                continue
+            if wanted is None or task.status in wanted:
                 tasks[task.task_id] = task.describe()
+            else:  # the row may lag behind (its write is queued)
+                tasks.pop(task.task_id, None)
         ordered = sorted(tasks.values(), key=lambda t: (t["created_at"], t["task_id"]))
         return json_response({"tasks": ordered})
 
