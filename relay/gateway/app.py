@@ -184,6 +184,7 @@ class Gateway:
         self.tunnels.closed_listeners.append(self.terminals.sessions_closed)
         self.tunnels.idle_timeouts = self._fleet_config is None  # (session_lifetime: fleets)
         self.tunnels.activity_probes.append(self.http_tunnels.activity)
+        self.tunnels.activity_probes.append(self.terminals.activity)
         self.tunnels.on_expired = self._close_sessions
         await self.tunnels.restore()
         self.tunnels.start_sweeping()

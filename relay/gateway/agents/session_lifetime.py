@@ -8,7 +8,8 @@ defaults apply: ``--session-ttl`` (:data:`DEFAULT_TTL`, 0 = no TTL) and
 ``0`` in the request turns either off for that session.
 
 "Something going through it": a connection accepted on its hub port, a connection or a
-udp flow still open, an HTTP request or WebSocket through its URL, or one still running.
+udp flow still open, an HTTP request or WebSocket through its URL, or one still running,
+or a web terminal open on it.
 A session with a live connection is never idle, however long the connection is quiet.
 
 Why an idle timeout by default: a session keeps its agent in status ``tunnel`` (no tasks

@@ -288,6 +288,12 @@ class TerminalRoutes:
         add("GET", "/tunnel/{token}" + PAGE_PATH + "/ws", self._websocket)
         add("GET", "/tunnel/{token}" + PAGE_PATH + "/{asset}", self._asset)
 
+    def activity(self, session_id: str) -> Optional[tuple[int, int]]:
+        """``(0, open terminals)`` of a tunnel session, None if it has none: an open
+        terminal keeps its session from idling out (relay.gateway.agents.session_lifetime)."""
+        bridges = self.live.get(session_id)
+        return (0, len(bridges)) if bridges else None
+
     def sessions_closed(self, session_ids: list[str]) -> None:
         """Tunnel sessions were closed: so are their terminals."""
         for session_id in session_ids:
