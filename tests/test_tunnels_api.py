@@ -437,9 +437,9 @@ async def _recording_agent(gw: Gateway, key: str, name: str, received: list[Any]
     agent = Agent(gw.url, key, name=name, backoff_initial=0.05)
     original = agent._on_control
 
-    def record(message: Any) -> None:
+    def record(message: Any, session: Any = None) -> None:  # the agent passes the session it came on
         received.append(message)
-        original(message)
+        original(message, session)
 
     agent._on_control = record  # type: ignore[method-assign]
     task = asyncio.get_running_loop().create_task(agent.run())
