@@ -132,13 +132,14 @@ class Fleet:
         self.agents: dict[str, subprocess.Popen] = {}
         self.keys: dict[str, str] = {}
 
-    def start_gateway(self, name: str, redis_url: Optional[str] = None, secret: str = SECRET) -> int:
+    def start_gateway(self, name: str, redis_url: Optional[str] = None, secret: str = SECRET,
+                      extra: tuple[str, ...] = ()) -> int:
         port = free_port()
         log = self.workdir / f"gateway-{name}.log"
         store = ["--store", self.store_url] if self.store_url else []
         proc = _spawn(["gateway", "--listen", f"127.0.0.1:{port}", "--data", str(self.data), *store,
-                       "--redis", redis_url or self.redis_url, "--gateway-id", name, "--log-level", "info"],
-                      log, env={"RELAY_FLEET_SECRET": secret})
+                       "--redis", redis_url or self.redis_url, "--gateway-id", name, "--log-level", "info",
+                       *extra], log, env={"RELAY_FLEET_SECRET": secret})
         self.gateways[name] = (proc, port)
         # The line after the default keys (the fleet logs "in the fleet" before they are printed).
         wait_for(lambda: b"in the fleet, advertised at" in log.read_bytes() or proc.poll() is not None,
@@ -227,10 +228,10 @@ class Fleet:
             _stop(proc)
 
 
-def echo_checked(port: int, size: int) -> None:
-    """Send ``size`` random bytes through ``port`` (an echo behind it); compare sha256."""
+def echo_checked(port: int, size: int, host: str = "127.0.0.1") -> None:
+    """Send ``size`` random bytes through ``host:port`` (an echo behind it); compare sha256."""
     payload = os.urandom(size)
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+    with socket.create_connection((host, port), timeout=20) as sock:
         received = hashlib.sha256()
         got = 0
 
@@ -254,12 +255,21 @@ def echo_checked(port: int, size: int) -> None:
     assert received.hexdigest() == hashlib.sha256(payload).hexdigest()
 
 
-def echo_works(port: int) -> bool:
+def echo_works(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        echo_checked(port, 1024)
+        echo_checked(port, 1024, host)
         return True
     except (OSError, AssertionError):
         return False
+
+
+def refused(port: int, host: str = "127.0.0.1") -> bool:
+    """True if nothing listens on ``host:port`` (the connection is refused)."""
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            return False
+    except ConnectionRefusedError:
+        return True
 
 
 def http_get(url: str, data: Optional[bytes] = None) -> tuple[int, bytes]:
@@ -1031,3 +1041,115 @@ def test_two_connections_a_frozen_gateway_never_comes_back_in_the_registry(fleet
         wait_for(lambda p=body["hub_port"]: echo_works(p), timeout=10, what=f"echo through {gateway}")
     assert fleet.holders(agent_id) == new
     _stop(fleet.agents.pop("pair"))
+
+
+# ----------------------------------------------------------------------------- hub ports (item 5)
+
+
+def test_a_tunnel_created_at_a_listens_on_every_gateway_and_stops_everywhere(fleet, targets):
+    """Gateways x and y, started before the tunnel exists, put their hub ports on
+    127.0.0.2 and 127.0.0.3 (as if on hosts of their own): the tunnel created at a
+    listens on all of them at once and carries checksummed bytes to the agent held by a;
+    paused at b, then deleted at c, its port closes on every gateway."""
+    fleet.start_gateway("x", extra=("--hub-host", "127.0.0.2"))
+    fleet.start_gateway("y", extra=("--hub-host", "127.0.0.3"))
+    hosts = {"a": "127.0.0.1", "x": "127.0.0.2", "y": "127.0.0.3"}
+    try:
+        agent_id = fleet.agent_id("a", "on-a")
+        status, tunnel = fleet.api("a", "POST", "/api/v1/tunnels", {
+            "target": f"127.0.0.1:{targets.echo_port}", "agent_id": agent_id, "protocol": "tcp", "name": "everywhere"})
+        assert status == 201, tunnel
+        hub = tunnel["hub_port"]
+        for gateway, host in hosts.items():
+            wait_for(lambda h=host: echo_works(hub, h), timeout=10, what=f"hub port at {gateway}")
+            echo_checked(hub, 2 * MiB, host)
+        for gateway in ("x", "y"):  # each counted connections of its own, through the fleet to a
+            status, seen = fleet.api(gateway, "GET", f"/api/v1/tunnels/{tunnel['id']}")
+            assert status == 200 and seen["status"] == "active" and seen["connections"] >= 2, seen
+
+        status, paused = fleet.api("b", "PATCH", f"/api/v1/tunnels/{tunnel['id']}", {"status": "paused"})
+        assert status == 200 and paused["status"] == "paused", paused
+        for gateway, host in hosts.items():
+            wait_for(lambda h=host: refused(hub, h), timeout=3, what=f"hub port closed at {gateway}")
+        status, resumed = fleet.api("y", "PATCH", f"/api/v1/tunnels/{tunnel['id']}", {"status": "active"})
+        assert status == 200 and resumed["hub_port"] == hub, resumed
+        for gateway, host in hosts.items():
+            wait_for(lambda h=host: echo_works(hub, h), timeout=10, what=f"hub port open again at {gateway}")
+
+        status, _ = fleet.api("c", "DELETE", f"/api/v1/tunnels/{tunnel['id']}")
+        assert status == 204
+        for gateway, host in hosts.items():
+            wait_for(lambda h=host: refused(hub, h), timeout=3, what=f"hub port closed at {gateway}")
+    finally:
+        for name in ("x", "y"):
+            _stop(fleet.gateways.pop(name)[0])
+
+
+def test_a_hub_port_busy_on_one_host_is_that_gateways_error_only(fleet, targets):
+    """The port asked for is taken on z's hub host by another program: z says so in the
+    tunnel's status (naming itself), a serves it; once freed, z listens too."""
+    fleet.start_gateway("z", extra=("--hub-host", "127.0.0.2"))
+    squatter = socket.create_server(("127.0.0.2", 0))
+    port = squatter.getsockname()[1]
+    try:
+        agent_id = fleet.agent_id("a", "on-a")
+        status, tunnel = fleet.api("b", "POST", "/api/v1/tunnels", {
+            "target": f"127.0.0.1:{targets.echo_port}", "agent_id": agent_id, "protocol": "tcp",
+            "hub_port": port, "name": "busy-on-d"})
+        assert status == 201 and tunnel["status"] == "active", tunnel
+        wait_for(lambda: fleet.api("z", "GET", f"/api/v1/tunnels/{tunnel['id']}")[1]["status"] == "error",
+                 timeout=10, what="z reports the bind failure")
+        seen = fleet.api("z", "GET", f"/api/v1/tunnels/{tunnel['id']}")[1]
+        assert f"hub port {port} on gateway z" in seen["error"] and "in use" in seen["error"], seen
+        echo_checked(port, MiB)  # 127.0.0.1: the other gateways serve it
+        squatter.close()
+        wait_for(lambda: echo_works(port, "127.0.0.2"), timeout=15, what="z listens once the port is free")
+        assert fleet.api("z", "GET", f"/api/v1/tunnels/{tunnel['id']}")[1]["status"] == "active"
+        status, _ = fleet.api("a", "DELETE", f"/api/v1/tunnels/{tunnel['id']}")
+        assert status == 204
+    finally:
+        squatter.close()
+        _stop(fleet.gateways.pop("z")[0])
+
+
+def test_concurrent_tunnel_creations_never_share_a_port(fleet, targets):
+    """Creations at a, b and c at once: every free port picked is different; the same
+    port asked for at all three is given to exactly one (the others: 409)."""
+    agent_id = fleet.agent_id("a", "on-a")
+    created: list[str] = []
+
+    def create(gateway: str, results: list[tuple[int, Any]], hub_port: Optional[int] = None) -> None:
+        body: dict[str, Any] = {"target": f"127.0.0.1:{targets.echo_port}", "agent_id": agent_id,
+                                "protocol": "tcp"}
+        if hub_port is not None:
+            body["hub_port"] = hub_port
+        results.append(fleet.api(gateway, "POST", "/api/v1/tunnels", body))
+
+    def at_once(calls: list[tuple[str, Optional[int]]]) -> list[tuple[int, Any]]:
+        results: list[tuple[int, Any]] = []
+        threads = [threading.Thread(target=create, args=(g, results, p)) for g, p in calls]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        created.extend(body["id"] for status, body in results if status == 201)
+        return results
+
+    try:
+        results = at_once([(g, None) for g in "abcabcabc"])
+        assert [status for status, _ in results] == [201] * 9, results
+        ports = [body["hub_port"] for _, body in results]
+        assert len(set(ports)) == 9, ports
+        for _ in range(3):  # a few rounds: each a race for one port
+            wanted = free_port()
+            results = at_once([(g, wanted) for g in "abc"])
+            assert sorted(status for status, _ in results) == [201, 409, 409], results
+            assert all(body["error"]["code"] == "hub_port_taken" for status, body in results if status == 409)
+        status, listed = fleet.api("b", "GET", "/api/v1/tunnels")
+        recorded = [t["hub_port"] for t in listed["tunnels"] if t["id"] in created]
+        assert len(recorded) == len(created) == 12 and len(set(recorded)) == 12, recorded
+        port = [t["hub_port"] for t in listed["tunnels"] if t["id"] == created[-1]][0]
+        wait_for(lambda: echo_works(port), timeout=10, what="the winner's hub port")
+    finally:
+        for tunnel_id in created:
+            fleet.api("c", "DELETE", f"/api/v1/tunnels/{tunnel_id}")

@@ -197,6 +197,7 @@ class Gateway:
         await self.tasks.start()
         if self.fleet is not None:
             await self.fleet.start(self.url)
+            self.tunnels_api.follow_fleet()  # every gateway listens on every tunnel's hub port
         self._heartbeat = loop.create_task(self._record_heartbeats())
         self._revocation_watch = loop.create_task(self.revocations.run())
 
@@ -310,6 +311,7 @@ class Gateway:
             if self.tunnels is not None:
                 self.tunnels.closed_elsewhere(ids)
         elif kind == "tunnels":
+            self.tunnels_api.sync_soon()  # created, resumed, paused, deleted: hub ports follow
             if message.get("status") in ("paused", "deleted"):
                 shares = message.get("shares")
                 shares = [i for i in shares if isinstance(i, str)] if isinstance(shares, list) else []

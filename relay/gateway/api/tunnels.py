@@ -65,6 +65,18 @@ to unpublish the link). ``hub_host`` in every answer is the address the hub port
 on. (Seed 002 recommends shares over public tunnels: a public hub port has no access
 control at all.)
 
+In a fleet (relay.gateway.fleet) every gateway listens on every active tunnel's hub
+port, so an L4 load balancer or DNS round robin in front of the fleet works for raw TCP
+too: a connection to any gateway's hub port is carried to the agent wherever it is
+held. The port is reserved in the store (a unique index: two gateways creating tunnels
+at once never record the same port; the loser of the race binds another one), and
+each gateway follows the tunnels table (:meth:`TunnelsApi.sync_hubs`: at once on the
+fleet's ``tunnels`` event, on any commit to the store, and every few seconds), opening
+and closing hub ports as tunnels are created, paused, resumed and deleted anywhere. A
+port another program holds on one gateway's host is that gateway's problem only: its
+answer shows the tunnel as ``error`` with the reason (the others serve it), and it
+tries again on each pass.
+
 ``status`` as shown:
 
 * ``paused``: asked for with PATCH; the hub port is closed (new connections are refused,
@@ -126,7 +138,7 @@ from relay.gateway.api.webhooks import WebhookDispatcher, parse_webhook_request
 from relay.gateway.auth import Principal
 from relay.gateway.http.server import HttpError, Request, Response, Router, json_response
 from relay.gateway.http.share_proxy import ShareProxy
-from relay.gateway.store import Share, Tunnel, Webhook, normalize_uuid
+from relay.gateway.store import ConflictError, Share, Tunnel, Webhook, normalize_uuid
 
 if TYPE_CHECKING:
     from relay.gateway.app import Gateway
@@ -145,6 +157,14 @@ UDP_PORTS = frozenset({53, 67, 68, 69, 123, 161, 162, 500, 514, 1194, 3478, 4500
 MAX_NAME = 100
 MAX_METADATA = 16 * 1024
 HUB_PORT_RANGE = (1024, 65535)
+#: Free ports tried for a new hub port before the tunnel is put in ``error``.
+HUB_PORT_ATTEMPTS = 8
+#: In a fleet (TunnelsApi.sync_hubs): how often the store's commit counter is looked
+#: at, how often the tunnels table is read anyway (bind failures are retried then), and
+#: how often while the store does not answer.
+SYNC_POLL = 0.25
+SYNC_EVERY = 5.0
+SYNC_RETRY = 2.0
 _CREATE_FIELDS = {"target", "agent_id", "name", "protocol", "public", "hub_port"}
 _UPDATE_FIELDS = {"name", "status", "metadata"}
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?")
@@ -275,6 +295,12 @@ class TunnelsApi:
         self._errors: dict[str, str] = {}
         # Serialises listener changes: two PATCHes must not race to bind one port.
         self._hub_lock = asyncio.Lock()
+        # Tunnel ids whose hub port this gateway listens on (or tried to): the rest of
+        # TunnelManager's listeners are seed 000 sessions, not ours to sync.
+        self._hub_ids: set[str] = set()
+        # In a fleet: follows the tunnels table (sync_hubs); set() asks for a pass now.
+        self._sync_wanted = asyncio.Event()
+        self._sync_task: Optional[asyncio.Task[None]] = None
         #: Serves the share URLs /s/{share_token}/...
         self.share_proxy = ShareProxy(self)
 
@@ -311,11 +337,79 @@ class TunnelsApi:
                 async with self._hub_lock:
                     await self._open_hub(tunnel)
 
+    def follow_fleet(self) -> None:
+        """In a fleet: keep the hub ports in step with the tunnels table, whoever changes
+        it (:meth:`sync_hubs`), until :meth:`close`."""
+        if self._sync_task is None:
+            self._sync_task = asyncio.get_running_loop().create_task(self._follow())
+
+    def sync_soon(self) -> None:
+        """Another gateway changed a tunnel: look at the store now (in a fleet)."""
+        self._sync_wanted.set()
+
+    async def _follow(self) -> None:
+        store = self.gw.store
+        seen = store.generation()
+        last = time.monotonic()
+        failed = False
+        while True:
+            if failed:  # the store does not answer: retry at a slow pace, whatever asks
+                await asyncio.sleep(SYNC_POLL)
+            else:
+                try:
+                    async with asyncio.timeout(SYNC_POLL):
+                        await self._sync_wanted.wait()
+                except TimeoutError:
+                    pass
+            generation, elapsed = store.generation(), time.monotonic() - last
+            if failed:
+                due = elapsed >= SYNC_RETRY
+            else:
+                due = self._sync_wanted.is_set() or generation != seen or elapsed >= SYNC_EVERY
+            if not due:
+                continue
+            self._sync_wanted.clear()
+            seen, last = generation, time.monotonic()
+            try:
+                await self.sync_hubs()
+                if failed:
+                    log.info("hub ports follow the store again")
+                failed = False
+            except Exception as exc:  # keep what listens; the next pass retries
+                if not failed:
+                    log.warning("cannot follow the tunnels table (hub ports stay as they are): %s", exc)
+                failed = True
+
+    async def sync_hubs(self) -> None:
+        """Listen on the hub port of every active tunnel of the store that has one, on
+        this gateway too, and stop listening on those of tunnels paused, deleted or
+        moved to another port (by any gateway). Idempotent."""
+        tunnels = self.gw.tunnels
+        if tunnels is None:
+            return
+        wanted = {t.id: t for t in await self.gw.store.list_tunnels(None)
+                  if t.status == "active" and t.hub_port is not None}
+        async with self._hub_lock:
+            for tunnel_id in list(self._hub_ids):
+                tunnel = wanted.get(tunnel_id)
+                hub = tunnels.hub(tunnel_id)
+                if tunnel is None or (hub is not None and hub.port != tunnel.hub_port):
+                    self._hub_ids.discard(tunnel_id)
+                    self._close_hub_id(tunnel_id)
+            for tunnel in wanted.values():
+                if tunnels.hub(tunnel.id) is None:
+                    await self._open_hub(tunnel)
+
     async def close(self) -> None:
         """Stop hub listeners and webhook deliveries."""
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            await asyncio.gather(self._sync_task, return_exceptions=True)
+            self._sync_task = None
         if self.gw.tunnels is not None:
-            for tunnel in await self.gw.store.list_tunnels(None):
-                self.gw.tunnels.close_hub(tunnel.id)
+            for tunnel_id in list(self._hub_ids):
+                self.gw.tunnels.close_hub(tunnel_id)
+            self._hub_ids.clear()
         await self.webhooks.close()
 
     # -- helpers
@@ -339,31 +433,53 @@ class TunnelsApi:
         return agent_id
 
     async def _open_hub(self, tunnel: Tunnel) -> Tunnel:
-        """Listen on the tunnel's hub port (a new one if it has none yet). A bind
-        failure is recorded as the tunnel's error, not raised. Call with ``_hub_lock``."""
+        """Listen on the tunnel's hub port; one that has none yet gets a free port,
+        reserved in the store (atomically across a fleet). A bind failure is recorded
+        as the tunnel's error (logged once per reason), not raised. Call with ``_hub_lock``."""
         tunnels = self.gw.tunnels
         assert tunnels is not None, "the gateway is not started"
-        for _ in range(5):
+        self._hub_ids.add(tunnel.id)
+        for _ in range(HUB_PORT_ATTEMPTS):
             try:
                 hub = await tunnels.open_hub(tunnel.id, tunnel.team_id, tunnel.agent_id,
                                              tunnel.target_host, tunnel.target_port,
                                              tunnel.hub_port or 0, protocol=tunnel.protocol,
                                              public=tunnel.public)
             except OSError as exc:
-                self._errors[tunnel.id] = f"cannot listen on hub port {tunnel.hub_port or 0}: {exc.strerror or exc}"
-                log.warning("tunnel %s: %s", tunnel.id, self._errors[tunnel.id])
+                error = f"cannot listen on hub port {tunnel.hub_port or 0}"
+                if self.gw.fleet is not None:  # the others may well listen: say which one failed
+                    error += f" on gateway {self.gw.fleet.gateway_id}"
+                error += f": {exc.strerror or exc}"
+                if self._errors.get(tunnel.id) != error:
+                    log.warning("tunnel %s: %s", tunnel.id, error)
+                self._errors[tunnel.id] = error
                 return tunnel
-            holder = None if tunnel.hub_port else await self.gw.store.tunnel_on_hub_port(hub.port)
-            if holder is None or holder.id == tunnel.id:
+            if tunnel.hub_port == hub.port:
                 break
-            # The OS handed out a port a paused tunnel keeps for itself: take another.
-            tunnels.close_hub(tunnel.id)
+            # A new port: reserve it. The store refuses a port another tunnel holds (a
+            # paused one keeps its port; another gateway may have just taken it).
+            try:
+                claimed = await self.gw.store.claim_hub_port(tunnel.team_id, tunnel.id, hub.port)
+            except ConflictError:
+                tunnels.close_hub(tunnel.id)
+                continue
+            except BaseException:
+                tunnels.close_hub(tunnel.id)
+                raise
+            if claimed is None or claimed.hub_port != hub.port:
+                # Deleted meanwhile, or another gateway reserved a port for it first: use that.
+                tunnels.close_hub(tunnel.id)
+                if claimed is None:
+                    self._hub_ids.discard(tunnel.id)
+                    return tunnel
+                tunnel = claimed
+                continue
+            tunnel = claimed
+            break
         else:
             self._errors[tunnel.id] = "no free hub port"
             return tunnel
         self._errors.pop(tunnel.id, None)
-        if tunnel.hub_port != hub.port:
-            tunnel = await self.gw.store.update_tunnel(tunnel.team_id, tunnel.id, hub_port=hub.port) or tunnel
         log.info("tunnel %s (%s): hub port %s:%d -> agent %s %s:%d", tunnel.id, tunnel.name,
                  tunnels.hub_host, hub.port, tunnel.agent_id, tunnel.target_host, tunnel.target_port)
         return tunnel
@@ -371,15 +487,17 @@ class TunnelsApi:
     def stopped_elsewhere(self, tunnel_id: str, share_ids: list[str]) -> None:
         """Another gateway of the fleet paused or deleted the tunnel: stop its hub port
         here and cut its share links' live connections."""
-        if self.gw.tunnels is not None:
-            self.gw.tunnels.close_hub(tunnel_id)
-        self._errors.pop(tunnel_id, None)
+        self._close_hub_id(tunnel_id)
         self.share_proxy.forget(share_ids)
 
     def _close_hub(self, tunnel: Tunnel) -> None:
-        self._errors.pop(tunnel.id, None)
+        self._close_hub_id(tunnel.id)
+
+    def _close_hub_id(self, tunnel_id: str) -> None:
+        self._errors.pop(tunnel_id, None)
+        self._hub_ids.discard(tunnel_id)
         if self.gw.tunnels is not None:
-            self.gw.tunnels.close_hub(tunnel.id)
+            self.gw.tunnels.close_hub(tunnel_id)
 
     def describe(self, tunnel: Tunnel) -> dict[str, Any]:
         """The API representation of a tunnel, with its live status."""
@@ -484,11 +602,18 @@ class TunnelsApi:
         if loop is not None:  # a name that resolves to the gateway itself
             raise HttpError(400, "target_is_gateway", loop)
         async with self._hub_lock:  # the port check, the insert and the bind as one step
+            taken = HttpError(409, "hub_port_taken", f"hub_port: {hub_port} is used by another tunnel")
             if hub_port is not None and await self.gw.store.tunnel_on_hub_port(hub_port) is not None:
-                raise HttpError(409, "hub_port_taken", f"hub_port: {hub_port} is used by another tunnel")
-            tunnel = await self.gw.store.create_tunnel(principal.team_id, agent_id, name, host, port, protocol,
-                                                 public=public, hub_port=hub_port)
+                raise taken
+            try:
+                tunnel = await self.gw.store.create_tunnel(principal.team_id, agent_id, name, host, port,
+                                                           protocol, public=public, hub_port=hub_port)
+            except ConflictError:  # another gateway took the port since the check above
+                if hub_port is not None and await self.gw.store.tunnel_on_hub_port(hub_port) is not None:
+                    raise taken from None
+                raise
             tunnel = await self._open_hub(tunnel)
+        self.gw.fleet_publish("tunnels", ids=[tunnel.id], status="active")
         result = self.describe(tunnel)
         await self._publish(principal.team_id, "tunnel.created", result)
         if public and protocol in ("http", "https"):
@@ -538,6 +663,7 @@ class TunnelsApi:
                 tunnels = self.gw.tunnels
                 if tunnels is None or tunnels.hub(tunnel.id) is None:  # paused or errored: (re)open
                     tunnel = await self._open_hub(tunnel)
+                self.gw.fleet_publish("tunnels", ids=[tunnel.id], status="active")
         return json_response(self.describe(tunnel))
 
     async def _delete(self, request: Request) -> Response:

@@ -586,6 +586,13 @@ class Store(abc.ABC):
         """The tunnel (of any team) that holds ``hub_port``, if one does."""
 
     @abc.abstractmethod
+    async def claim_hub_port(self, team_id: str, tunnel_id: str, hub_port: int) -> Tunnel | None:
+        """Record ``hub_port`` as the tunnel's if it has none yet, atomically for every
+        process sharing the store; returns the stored row afterwards (its ``hub_port``
+        is another one if someone claimed first), None if the tunnel is gone. Raises
+        :class:`ConflictError` if another tunnel holds ``hub_port``."""
+
+    @abc.abstractmethod
     async def update_tunnel(self, team_id: str, tunnel_id: str, **changes: Any) -> Tunnel | None:
         """Change some of ``name``, ``status``, ``metadata``, ``hub_port`` of the team's
         tunnel; returns the new row, or None if there is no such tunnel."""

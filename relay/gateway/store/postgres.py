@@ -216,6 +216,12 @@ MIGRATIONS: list[Sequence[str]] = [
     ),
     # 7: a task's ``expose`` (relay.gateway.api.tasks), JSON or NULL.
     ("ALTER TABLE tasks ADD COLUMN expose TEXT",),
+    # 8: one tunnel per hub port across the fleet (as SQLite's 8; NULLs do not collide).
+    (
+        "UPDATE tunnels SET hub_port = NULL WHERE hub_port IS NOT NULL AND id NOT IN"
+        " (SELECT MIN(id) FROM tunnels WHERE hub_port IS NOT NULL GROUP BY hub_port)",
+        "CREATE UNIQUE INDEX tunnels_by_hub_port ON tunnels(hub_port)",
+    ),
 ]
 
 

@@ -483,6 +483,18 @@ class SqlStore(Store):
             row = await tx.fetchone("SELECT * FROM tunnels WHERE hub_port = ?", (hub_port,))
         return _tunnel(row) if row else None
 
+    async def claim_hub_port(self, team_id: str, tunnel_id: str, hub_port: int) -> Tunnel | None:
+        if not 1 <= hub_port <= 65535:
+            raise StoreError("hub_port must be from 1 to 65535")
+        tunnel_id, team_id = normalize_uuid(tunnel_id) or "", normalize_uuid(team_id) or ""  # "" matches no row
+        async with self._write() as tx:
+            # The unique index on hub_port refuses a port another tunnel holds (ConflictError).
+            await tx.execute("UPDATE tunnels SET hub_port = ?, updated_at = ?"
+                             " WHERE id = ? AND team_id = ? AND hub_port IS NULL",
+                             (hub_port, self._clock(), tunnel_id, team_id))
+            row = await tx.fetchone("SELECT * FROM tunnels WHERE id = ? AND team_id = ?", (tunnel_id, team_id))
+        return _tunnel(row) if row else None
+
     async def update_tunnel(self, team_id: str, tunnel_id: str, **changes: Any) -> Tunnel | None:
         allowed = {"name", "status", "metadata", "hub_port"}
         if not changes or not set(changes) <= allowed:

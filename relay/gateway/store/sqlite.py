@@ -187,6 +187,14 @@ MIGRATIONS: list[Sequence[str]] = [
     # 7: a task's ``expose`` (the port tunnelled while it runs: relay.gateway.api.tasks),
     # so a task queued again after a restart still gets its tunnel. JSON, NULL for none.
     ("ALTER TABLE tasks ADD COLUMN expose TEXT",),
+    # 8: a hub port belongs to one tunnel across the whole fleet: the unique index makes
+    # the reservation atomic between gateways (relay.gateway.api.tunnels). Any duplicate
+    # an older fleet recorded keeps its oldest holder; the others get a new port.
+    (
+        "UPDATE tunnels SET hub_port = NULL WHERE hub_port IS NOT NULL AND id NOT IN"
+        " (SELECT MIN(id) FROM tunnels WHERE hub_port IS NOT NULL GROUP BY hub_port)",
+        "CREATE UNIQUE INDEX tunnels_by_hub_port ON tunnels(hub_port)",
+    ),
 ]
 
 
