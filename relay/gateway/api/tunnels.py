@@ -387,9 +387,9 @@ class TunnelsApi:
         tunnels = self.gw.tunnels
         if tunnels is None:
             return
-        wanted = {t.id: t for t in await self.gw.store.list_tunnels(None)
-                  if t.status == "active" and t.hub_port is not None}
-        async with self._hub_lock:
+        async with self._hub_lock:  # read under the lock: a creation here must not look stale
+            wanted = {t.id: t for t in await self.gw.store.list_tunnels(None)
+                      if t.status == "active" and t.hub_port is not None}
             for tunnel_id in list(self._hub_ids):
                 tunnel = wanted.get(tunnel_id)
                 hub = tunnels.hub(tunnel_id)
