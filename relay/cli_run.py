@@ -196,6 +196,11 @@ _log_format_option = click.option(
               help="URL the other gateways reach this one at (default: --public-url or the listening address).")
 @click.option("--gateway-id", envvar="RELAY_GATEWAY_ID", metavar="ID",
               help="This gateway's id in the fleet (default: a random one per start).")
+@click.option("--workers", type=click.IntRange(min=1, max=256), default=1, show_default=True,
+              envvar="RELAY_WORKERS", show_envvar=True, metavar="N",
+              help="Run N gateway processes sharing --listen (SO_REUSEPORT) as a fleet on this machine; "
+                   "needs --redis. A parent supervises them: restarts one that dies, stops all on "
+                   "SIGTERM/SIGINT. See docs/FLEET.md.")
 @_log_option
 @_log_format_option
 def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: Optional[str], hub_host: str,
@@ -204,15 +209,26 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
             allow_private_egress: bool, udp_idle_timeout: float, redis_url: Optional[str],
             fleet_secret: Optional[str], advertise: Optional[str], gateway_id: Optional[str],
             log_level: str, fleet_ca: Optional[Path] = None, tunnel_domain: Optional[str] = None,
-            log_format: str = "text") -> None:
+            log_format: str = "text", workers: int = 1) -> None:
     """Run the gateway: agent endpoint, control API, tunnels."""
     from relay.gateway.app import run_gateway
     from relay.gateway.fleet import FleetConfig
+    from relay.gateway.fleet.workers import worker_spec
     from relay.gateway.store import StoreError
 
     host, port = _split_host_port(listen, "--listen", allow_zero=True)
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
+    try:
+        worker = worker_spec()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if worker is None and workers > 1:
+        _supervise_workers(workers, host, port, listen, redis_url=redis_url, advertise=advertise,
+                           gateway_id=gateway_id, fleet_secret=fleet_secret, fleet_ca=fleet_ca)
+        return
+    if worker is not None:  # one of --workers' processes: its own id and peer address
+        gateway_id, advertise = worker.gateway_id, worker.advertise
     fleet = None
     if redis_url:
         if not fleet_secret and fleet_ca is None:
@@ -237,13 +253,72 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
                          udp_idle_timeout=udp_idle_timeout,
                          fleet=fleet,
                          tunnel_domain=tunnel_domain,
-                         echo=lambda line: click.echo(line)))
+                         echo=lambda line: click.echo(line),
+                         reuse_port=worker is not None,
+                         peer_listen=("127.0.0.1", worker.peer_port) if worker is not None else None))
     except (StoreError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     except KeyboardInterrupt:
         pass
+
+
+def _supervise_workers(count: int, host: str, port: int, listen: str, *, redis_url: Optional[str],
+                       advertise: Optional[str], gateway_id: Optional[str], fleet_secret: Optional[str],
+                       fleet_ca: Optional[Path] = None) -> None:
+    """``relay gateway --workers N``: check the combination, reserve the address, then
+    run the workers until SIGTERM/SIGINT (relay.gateway.fleet.workers)."""
+    import os
+    import sys
+
+    from relay.gateway.fleet.workers import reserve_address, supervise
+
+    if not redis_url:
+        raise click.UsageError("--workers needs --redis (or RELAY_REDIS): the workers are a fleet, and a fleet "
+                               "keeps its live registry in Redis; see docs/FLEET.md")
+    if advertise:
+        raise click.UsageError("--workers advertises each worker at a loopback port of its own: drop --advertise "
+                               "(a fleet over several machines runs one gateway per --advertise URL)")
+    if fleet_ca is not None:
+        raise click.UsageError("--workers reach each other over loopback, authenticated by the fleet secret "
+                               "(one is made when none is given): drop --fleet-ca")
+    if gateway_id is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,56}", gateway_id):
+        raise click.BadParameter("letters, digits, '.', '_' and '-' only, at most 56 with --workers",
+                                 param_hint="--gateway-id")
+    try:
+        reserved = reserve_address(host, port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    bound = reserved.getsockname()
+    argv = list(sys.argv[1:])
+    env = dict(os.environ)
+    if port == 0:  # one port for every worker: the one the system gave the parent
+        env["RELAY_LISTEN"] = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
+        argv = _without_option(argv, "--listen")
+    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    click.echo(f"relay gateway: {count} workers on {shown}:{bound[1]} (pid {os.getpid()} supervises)")
+    try:
+        status = supervise(count, argv, gateway_id=gateway_id, fleet_secret=fleet_secret,
+                           echo=lambda line: click.echo(line), env=env)
+    finally:
+        reserved.close()
+    if status:
+        raise SystemExit(status)
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without ``name VALUE`` / ``name=VALUE``."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
 
 
 @main.command()

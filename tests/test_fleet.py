@@ -1153,3 +1153,139 @@ def test_concurrent_tunnel_creations_never_share_a_port(fleet, targets):
     finally:
         for tunnel_id in created:
             fleet.api("c", "DELETE", f"/api/v1/tunnels/{tunnel_id}")
+
+
+# ----------------------------------------------------------------------------- --workers (item 7)
+
+
+def _workers_lines(log: Path) -> dict[int, tuple[int, str, str]]:
+    """The newest ``worker I started: pid P, id ID, peers at URL`` line of each worker."""
+    found: dict[int, tuple[int, str, str]] = {}
+    for index, pid, gateway_id, url in re.findall(
+            r"worker (\d+) started: pid (\d+), id (\S+), peers at (\S+)", log.read_text()):
+        found[int(index)] = (int(pid), gateway_id, url)
+    return found
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_workers_share_one_port_forward_to_each_other_and_are_supervised(tmp_path, redis, targets):
+    """``relay gateway --workers 2``: connections to the one port (API, agents, a hub
+    port) land on both workers, and reach agents held by either; a worker killed with
+    SIGKILL is started again; SIGTERM to the parent stops everything."""
+    import psutil
+
+    port = free_port()
+    log = tmp_path / "workers.log"
+    parent = _spawn(["gateway", "--workers", "2", "--listen", f"127.0.0.1:{port}", "--data", str(tmp_path / "data"),
+                     "--redis", f"redis://127.0.0.1:{redis.port}/1", "--log-level", "info"], log)
+    agents: list[subprocess.Popen] = []
+    try:
+        wait_for(lambda: log.read_text().count("in the fleet, advertised at") >= 2 or parent.poll() is not None,
+                 timeout=60, what="two workers in the fleet")
+        assert parent.poll() is None, log.read_text()[-3000:]
+        workers = _workers_lines(log)
+        assert sorted(workers) == [1, 2], log.read_text()[-3000:]
+        keys = dict(re.findall(r"^  (sk|dk|ak)  (\S+)$", log.read_text(), re.M))
+        assert log.read_text().count("  sk  ") == 1  # the default team's keys, printed once
+        base = f"http://127.0.0.1:{port}"
+
+        # The API on the one port: answered by both workers.
+        seen = set()
+        for _ in range(200):
+            seen.add(_get_json(f"{base}/healthz")["fleet"]["gateway_id"])
+            if len(seen) == 2:
+                break
+        assert seen == {workers[1][1], workers[2][1]}, seen
+
+        # Agents dial the one port: start some until each worker holds one.
+        def held(index: int) -> int:
+            return int(_get_json(f"{workers[index][2]}/healthz")["fleet"]["leases"])
+
+        for n in range(12):
+            agents.append(_spawn(["agent", "--name", f"w-agent-{n}", "--gateway", base,
+                                  "--allow", f"127.0.0.1:{targets.echo_port}"],
+                                 tmp_path / f"agent-{n}.log", env={"RELAY_AGENT_KEY": keys["ak"]}))
+            wait_for(lambda count=n + 1: held(1) + held(2) >= count, timeout=30, what=f"agent {n} connected")
+            if held(1) and held(2):
+                break
+        assert held(1) >= 1 and held(2) >= 1
+
+        def api(method: str, path: str, body: Any = None, url: str = base) -> tuple[int, Any]:
+            request = urllib.request.Request(f"{url}{path}", method=method,
+                                             data=None if body is None else json.dumps(body).encode(),
+                                             headers={"Authorization": f"Bearer {keys['sk']}"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as resp:
+                    return resp.status, json.loads(resp.read() or b"null")
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.loads(exc.read() or b"null")
+
+        # A tcp tunnel per agent: its hub port is shared by both workers too, so each
+        # connection lands on either, and reaches the agent wherever it is held.
+        status, listed = api("GET", "/api/v1/agents")
+        online = [a["agent_id"] for a in listed["agents"] if a["online"]]
+        assert len(online) == len(agents), listed
+        tunnels = []
+        for agent_id in online:
+            status, tunnel = api("POST", "/api/v1/tunnels", {"target": f"127.0.0.1:{targets.echo_port}",
+                                                             "agent_id": agent_id, "protocol": "tcp"})
+            assert status == 201, tunnel
+            tunnels.append(tunnel)
+        for tunnel in tunnels:
+            for index in (1, 2):
+                wait_for(lambda t=tunnel, i=index: api("GET", f"/api/v1/tunnels/{t['id']}", url=workers[i][2])[1]
+                         ["status"] == "active", timeout=10, what=f"hub port on worker {index}")
+            for _ in range(40):
+                echo_checked(tunnel["hub_port"], 64 * 1024)
+                counts = [api("GET", f"/api/v1/tunnels/{tunnel['id']}", url=workers[i][2])[1]["connections"]
+                          for i in (1, 2)]
+                if all(counts):
+                    break
+            assert all(counts), counts  # both workers took connections to this hub port
+            echo_checked(tunnel["hub_port"], 2 * MiB)
+
+        # SIGKILL one worker: the parent starts it again, under a new id, same peer port.
+        killed_pid = workers[1][0]
+        os.kill(killed_pid, signal.SIGKILL)
+        wait_for(lambda: _workers_lines(log)[1][0] != killed_pid, timeout=20, what="worker 1 restarted")
+        assert re.search(rf"worker 1 \(pid {killed_pid}\) was killed by SIGKILL; restarting", log.read_text())
+        restarted = _workers_lines(log)[1]
+        wait_for(lambda: f"relay gateway {restarted[1]} in the fleet" in log.read_text(), timeout=30,
+                 what="restarted worker serving")
+        for tunnel in tunnels:  # agents of the dead worker come back through the one port
+            wait_for(lambda t=tunnel: echo_works(t["hub_port"]), timeout=30, what="tunnel works again")
+            for _ in range(10):
+                echo_checked(tunnel["hub_port"], 64 * 1024)
+
+        # SIGTERM to the parent: it and every worker stop, nothing is left behind.
+        pids = [parent.pid] + [pid for pid, _, _ in _workers_lines(log).values()]
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(30) == 0, log.read_text()[-3000:]
+        wait_for(lambda: not any(psutil.pid_exists(pid) for pid in pids), timeout=10, what="no worker left")
+        assert "stopped 2 workers (SIGTERM)" in log.read_text()
+    finally:
+        for proc in agents:
+            _stop(proc)
+        _stop(parent)
+
+
+def test_workers_refuse_bad_combinations(tmp_path):
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "relay", "gateway", "--data", str(tmp_path), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    done = run("--workers", "2", "--listen", "127.0.0.1:0")
+    assert done.returncode == 2 and "--workers needs --redis" in done.stderr, done.stderr
+    done = run("--workers", "2", "--listen", "127.0.0.1:0", "--redis", "redis://127.0.0.1:1/0",
+               "--advertise", "http://example.com")
+    assert done.returncode == 2 and "drop --advertise" in done.stderr, done.stderr
+    done = run("--workers", "0", "--redis", "redis://127.0.0.1:1/0")
+    assert done.returncode == 2 and "--workers" in done.stderr, done.stderr
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # no SO_REUSEPORT: the parent says so
+        done = run("--workers", "2", "--listen", f"127.0.0.1:{taken.getsockname()[1]}",
+                   "--redis", "redis://127.0.0.1:1/0")
+    assert done.returncode == 1 and "cannot listen on" in done.stderr, done.stderr

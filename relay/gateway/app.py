@@ -142,6 +142,9 @@ class Gateway:
         self.tunnels: Optional[TunnelManager] = None
         self.router = Router()
         self._server: Optional[asyncio.AbstractServer] = None
+        #: A worker of ``relay gateway --workers``: its own loopback address, which the
+        #: fleet advertises (relay.gateway.fleet.workers).
+        self._peer_server: Optional[asyncio.AbstractServer] = None
         self._connections: set[HttpProtocol] = set()
         self._agent_tasks: set[asyncio.Task[None]] = set()
         self.host = ""
@@ -163,15 +166,33 @@ class Gateway:
             ports.update(hub.port for hub in self.tunnels.hubs() if hub.port)
         return ports
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Listen on ``host:port`` (0: an ephemeral port, see :attr:`port`)."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False,
+                    peer_listen: Optional[tuple[str, int]] = None) -> None:
+        """Listen on ``host:port`` (0: an ephemeral port, see :attr:`port`).
+
+        ``reuse_port``: bind with SO_REUSEPORT (the processes of ``relay gateway
+        --workers`` share the port, the kernel spreads connections over them).
+        ``peer_listen``: also serve, without TLS, on this address of this process alone
+        (a worker's loopback port, the one its fleet peers dial)."""
         loop = asyncio.get_running_loop()
         if self._fleet_config is None:  # in a fleet, the store's agents may be other gateways'
             await self.store.mark_all_agents_offline()  # nobody is connected before we listen
-        self._server = await loop.create_server(
-            lambda: HttpProtocol(self.router, self._connections), host, port, ssl=self._ssl)
-        sockname = self._server.sockets[0].getsockname()
-        self.host, self.port = sockname[0], sockname[1]
+
+        def serve() -> HttpProtocol:
+            return HttpProtocol(self.router, self._connections)
+
+        if peer_listen is not None:
+            self._peer_server = await loop.create_server(serve, *peer_listen)
+        if reuse_port:
+            # A shared port: other processes already serve it, so this one joins only
+            # once it can answer for the whole fleet (below). The port is known.
+            if port == 0:
+                raise ValueError("reuse_port needs a port chosen beforehand, not 0")
+            self.host, self.port = host, port
+        else:
+            self._server = await loop.create_server(serve, host, port, ssl=self._ssl)
+            sockname = self._server.sockets[0].getsockname()
+            self.host, self.port = sockname[0], sockname[1]
         self.egress.add_own_host(self.host)
         self.tunnels = TunnelManager(self.store, self.registry, public_url=self.url,
                                      hub_host=self._hub_host, public_hub_host=self._public_hub_host,
@@ -186,18 +207,22 @@ class Gateway:
         self.tunnels.activity_probes.append(self.http_tunnels.activity)
         self.tunnels.activity_probes.append(self.terminals.activity)
         self.tunnels.on_expired = self._close_sessions
-        await self.tunnels.restore()
-        self.tunnels.start_sweeping()
-        await self.tunnels_api.start()
-        await self.services.start()
         if self._fleet_config is not None:
             self.fleet = Fleet(self, self._fleet_config)
             # The tasks' rows are shared by the fleet: a restart recovers only its own.
             self.tasks.owner = f"{TASK_OWNER}/{self.fleet.gateway_id}"
+            # Join before any hub port opens: in a fleet they are shared with the other
+            # gateways, and a connection landing here must find agents held elsewhere.
+            await self.fleet.start(self.url)
+        await self.tunnels.restore()
+        self.tunnels.start_sweeping()
+        await self.tunnels_api.start()
+        await self.services.start()
         await self.tasks.start()
         if self.fleet is not None:
-            await self.fleet.start(self.url)
             self.tunnels_api.follow_fleet()  # every gateway listens on every tunnel's hub port
+        if reuse_port:
+            self._server = await loop.create_server(serve, host, port, ssl=self._ssl, reuse_port=True)
         self._heartbeat = loop.create_task(self._record_heartbeats())
         self._revocation_watch = loop.create_task(self.revocations.run())
 
@@ -214,8 +239,9 @@ class Gateway:
 
     async def close(self) -> None:
         """Stop listening, drop agents and HTTP connections, stop hub ports."""
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._peer_server):
+            if server is not None:
+                server.close()
         if self.fleet is not None:  # first: its leases are released while Redis is still asked
             await self.fleet.close()
         for task in (self._heartbeat, self._revocation_watch):
@@ -238,8 +264,9 @@ class Gateway:
             await asyncio.gather(*self._agent_tasks, return_exceptions=True)
         await self.registry.writes.flush()  # the agents' offline rows, before the store closes
         await self.tasks.flush()  # and the tasks' last changes
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in (self._server, self._peer_server):
+            if server is not None:
+                await server.wait_closed()
 
     # ------------------------------------------------------------------ routes
 
@@ -910,7 +937,9 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
                       session_ttl: float = SESSION_TTL,
                       session_idle_timeout: float = SESSION_IDLE_TIMEOUT,
                       echo: Callable[[str], None] = print,
-                      stop: Optional[asyncio.Event] = None) -> None:
+                      stop: Optional[asyncio.Event] = None,
+                      reuse_port: bool = False,
+                      peer_listen: Optional[tuple[str, int]] = None) -> None:
     """Run a gateway until SIGINT/SIGTERM (or ``stop`` is set).
 
     The state is in ``store_url`` (relay.gateway.store.open_store: a SQLite path or
@@ -921,6 +950,8 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
     (PEM chain) and ``tls_key`` make it serve HTTPS/WSS. ``allow_private_egress``: the
     gateway may connect to loopback/private/link-local addresses (relay.gateway.egress).
     ``fleet``: join a fleet of gateways (relay.gateway.fleet; docs/FLEET.md).
+    ``reuse_port`` and ``peer_listen``: a worker of ``relay gateway --workers``
+    (:meth:`Gateway.start`, relay.gateway.fleet.workers).
     """
     ssl_context = None
     if tls_cert is not None:
@@ -945,7 +976,7 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
                           session_idle_timeout=session_idle_timeout)
         # Listen first: a start that fails (the port is taken) must not create and print
         # keys that nobody will see again once the operator has fixed the address.
-        await gateway.start(listen_host, listen_port)
+        await gateway.start(listen_host, listen_port, reuse_port=reuse_port, peer_listen=peer_listen)
         created = await ensure_default_team(store)
         if created is not None:
             _print_default_team(*created, store_url=store_url, data_dir=data_dir, echo=echo)
