@@ -56,7 +56,7 @@ from typing import Any, Optional
 
 import pytest
 
-from tests.servers import free_port, require_binary, start_redis
+from tests.servers import PostgresServer, free_port, require_binary, start_postgres, start_redis
 from tests.test_faults import Targets, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -1289,3 +1289,93 @@ def test_workers_refuse_bad_combinations(tmp_path):
         done = run("--workers", "2", "--listen", f"127.0.0.1:{taken.getsockname()[1]}",
                    "--redis", "redis://127.0.0.1:1/0")
     assert done.returncode == 1 and "cannot listen on" in done.stderr, done.stderr
+
+
+# ----------------------------------------------------------------------------- PostgreSQL outage (item 6)
+
+
+def _postgres_again(server: PostgresServer, log: Path) -> subprocess.Popen:
+    """Start the stopped ``server`` again: same data directory, same port (as its user)."""
+    import pwd
+
+    account = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [str(server.bin_dir / "postgres"), "-D", str(server.data_dir), "-h", server.host,
+             "-p", str(server.port), "-k", str(server.socket_dir), "-c", "fsync=off",
+             "-c", "max_connections=200", "-c", "logging_collector=off"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            user=account.pw_uid if account else None, group=account.pw_gid if account else None,
+            extra_groups=[] if account else None, cwd=server.data_dir.parent,
+            env={"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C", "LANG": "C", "TZ": "UTC"})
+    return proc
+
+
+def test_postgres_outage_writes_503_traffic_flows_then_everything_converges(tmp_path, redis, targets):
+    """Two gateways on a private PostgreSQL: stopped, API writes answer 503 JSON at both
+    while tunnels in use carry bytes (a tunnel URL a gateway never served needs the
+    store, and answers 503 meanwhile); started again, without restarting a gateway, writes work,
+    what was acknowledged before is all there, and a tunnel created now listens on both."""
+    import psutil
+
+    web = HttpTarget()
+    again: Optional[subprocess.Popen] = None
+    with start_postgres() as server:
+        running = Fleet(tmp_path, f"redis://127.0.0.1:{redis.port}/2", server.dsn)
+        try:
+            running.start_gateway("pa")
+            running.start_gateway("pb", extra=("--hub-host", "127.0.0.2"))
+            running.start_agent("pg-agent", ["pa"], allow=(f"127.0.0.1:{targets.echo_port}",
+                                                         f"127.0.0.1:{web.port}"))
+            agent_id = wait_for(lambda: running.agent_id("pb", "pg-agent"), what="agent seen by pb")
+            status, tcp = running.api("pa", "POST", "/api/v1/tunnels", {
+                "target": f"127.0.0.1:{targets.echo_port}", "agent_id": agent_id, "protocol": "tcp"})
+            assert status == 201, tcp
+            hub = tcp["hub_port"]
+            wait_for(lambda: echo_works(hub, "127.0.0.2"), timeout=10, what="hub port at pb")
+            status, site = running.api("pb", "POST", f"/api/v1/agents/{agent_id}/tunnel", {"target_port": web.port})
+            assert status == 200, site
+            path = site["tunnel_url"].split(f":{running.port('pb')}", 1)[1]
+            for gateway in ("pa", "pb"):  # in use at both: live traffic, its session in memory
+                assert http_get(f"http://127.0.0.1:{running.port(gateway)}{path}before")[0] == 200
+            status, last = running.api("pb", "POST", "/api/v1/tunnels", {  # acknowledged just before the stop
+                "target": f"127.0.0.1:{targets.echo_port}", "agent_id": agent_id, "protocol": "tcp", "name": "last"})
+            assert status == 201, last
+
+            postmaster = psutil.Process(server.pid)
+            postmaster.send_signal(signal.SIGINT)  # a fast shutdown: every connection is cut
+            postmaster.wait(30)
+            for gateway in ("pa", "pb"):
+                status, body = running.api(gateway, "POST", "/api/v1/tunnels", {
+                    "target": f"127.0.0.1:{targets.echo_port}", "agent_id": agent_id, "protocol": "tcp"})
+                assert status == 503 and body["error"]["code"] == "store_unavailable", (gateway, status, body)
+                # Live traffic goes on: the hub port at both, the HTTP tunnel through both.
+                echo_checked(hub, MiB, "127.0.0.1" if gateway == "pa" else "127.0.0.2")
+                status, got = http_get(f"http://127.0.0.1:{running.port(gateway)}{path}during")
+                assert status == 200 and got == b"hello from behind the agent /during", (gateway, status, got)
+            assert all(proc.poll() is None for proc, _ in running.gateways.values())
+
+            again = _postgres_again(server, tmp_path / "postgres-again.log")
+            for gateway in ("pa", "pb"):  # no restart of either gateway: they reconnect
+                wait_for(lambda g=gateway: running.api(g, "GET", "/api/v1/tunnels")[0] == 200, timeout=60,
+                         what=f"{gateway} reads again")
+            status, after = running.api("pb", "POST", "/api/v1/tunnels", {
+                "target": f"127.0.0.1:{targets.echo_port}", "agent_id": agent_id, "protocol": "tcp", "name": "after"})
+            assert status == 201, after
+            status, listed = running.api("pa", "GET", "/api/v1/tunnels")
+            assert {tcp["id"], last["id"], after["id"]} <= {t["id"] for t in listed["tunnels"]}, listed
+            for host in ("127.0.0.1", "127.0.0.2"):  # the new tunnel listens on both gateways
+                wait_for(lambda h=host: echo_works(after["hub_port"], h), timeout=15, what=f"new hub port at {host}")
+                echo_checked(hub, MiB, host)
+            status, got = http_get(f"http://127.0.0.1:{running.port('pa')}{path}after")
+            assert status == 200 and got == b"hello from behind the agent /after", (status, got)
+        finally:
+            running.close()
+            web.close()
+            if again is not None:
+                again.send_signal(signal.SIGINT)
+                try:
+                    again.wait(30)
+                except subprocess.TimeoutExpired:
+                    again.kill()
+                    again.wait(10)
