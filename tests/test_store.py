@@ -88,6 +88,41 @@ def test_store_urls_name_a_file_or_a_directory(tmp_path: Path) -> None:
         assert "\n" not in str(info.value)
 
 
+def test_migration_7_keeps_one_tunnel_per_hub_port(data_dir: Path) -> None:
+    """A database of schema 6 (no unique hub port) with two tunnels on one port, as an
+    older fleet could record: after the migration the first keeps the port, the other
+    has none (its gateway binds a new one), and the index holds from then on."""
+    store = Store.open(data_dir)
+
+    async def fill() -> tuple[str, str]:
+        team = await store.create_team("t")
+        agent = await store.upsert_agent(team.id, None, "box")
+        one = await store.create_tunnel(team.id, agent.id, "one", "127.0.0.1", 22, "tcp", hub_port=22001)
+        two = await store.create_tunnel(team.id, agent.id, "two", "127.0.0.1", 22, "tcp")
+        return one.id, two.id
+
+    one, two = now(fill())
+    now(store.close())
+    db = sqlite3.connect(data_dir / DB_FILENAME)
+    db.execute("DROP INDEX tunnels_by_hub_port")
+    db.execute("UPDATE schema_version SET version = 6")
+    db.execute("UPDATE tunnels SET hub_port = 22001")
+    db.commit()
+    db.close()
+    store = Store.open(data_dir)
+    try:
+        ports = {t.id: t.hub_port for t in now(store.list_tunnels(None))}
+        keeper = min(one, two)
+        assert ports == {keeper: 22001, max(one, two): None}
+        assert now(store.schema_version()) == len(MIGRATIONS)
+    finally:
+        now(store.close())
+    db = sqlite3.connect(data_dir / DB_FILENAME)
+    with pytest.raises(sqlite3.IntegrityError):
+        db.execute("UPDATE tunnels SET hub_port = 22001")
+    db.close()
+
+
 def test_newer_schema_is_refused(data_dir: Path) -> None:
     now(Store.open(data_dir).close())
     db = sqlite3.connect(data_dir / DB_FILENAME)

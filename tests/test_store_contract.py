@@ -431,6 +431,39 @@ def test_tunnels(store_url: str) -> None:
     with_store(store_url, body, clock=clock)
 
 
+def test_a_hub_port_belongs_to_one_tunnel_and_is_claimed_once(store_url: str) -> None:
+    """The unique hub port (relay.gateway.api.tunnels reserves ports with it across a
+    fleet): claim_hub_port sets a port only where none is, and never one another
+    tunnel holds, whatever its team or status."""
+
+    async def body(s: Store) -> None:
+        a, b = await s.create_team("a"), await s.create_team("b")
+        agent, b_agent = await s.upsert_agent(a.id, None, "box"), await s.upsert_agent(b.id, None, "bbox")
+        held = await s.create_tunnel(b.id, b_agent.id, "held", "127.0.0.1", 22, "tcp", hub_port=21000,
+                                     status="paused")
+        with pytest.raises(ConflictError):
+            await s.create_tunnel(a.id, agent.id, "same", "127.0.0.1", 22, "tcp", hub_port=21000)
+        fresh = await s.create_tunnel(a.id, agent.id, "fresh", "127.0.0.1", 22, "tcp")
+        assert fresh.hub_port is None
+        with pytest.raises(ConflictError):
+            await s.claim_hub_port(a.id, fresh.id, 21000)
+        assert (await s.get_tunnel(a.id, fresh.id)).hub_port is None
+        claimed = await s.claim_hub_port(a.id, fresh.id, 21001)
+        assert claimed is not None and claimed.hub_port == 21001
+        again = await s.claim_hub_port(a.id, fresh.id, 21002)  # claimed already: the first stays
+        assert again is not None and again.hub_port == 21001
+        assert await s.claim_hub_port(b.id, fresh.id, 21003) is None  # another team's tunnel
+        with pytest.raises(ConflictError):
+            await s.update_tunnel(a.id, fresh.id, hub_port=held.hub_port)
+        with pytest.raises(StoreError):
+            await s.claim_hub_port(a.id, fresh.id, 0)
+        await s.delete_tunnel(b.id, held.id)  # a deleted tunnel frees its port
+        other = await s.create_tunnel(a.id, agent.id, "other", "127.0.0.1", 22, "tcp")
+        assert (await s.claim_hub_port(a.id, other.id, 21000)).hub_port == 21000
+
+    with_store(store_url, body)
+
+
 def test_bindings_replace_and_go_with_their_tunnel(store_url: str) -> None:
     async def body(s: Store) -> None:
         team = await s.create_team("t")
