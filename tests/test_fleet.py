@@ -270,6 +270,8 @@ def refused(port: int, host: str = "127.0.0.1") -> bool:
             return False
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:  # accepted by a listener that was closing: ask again
+        return False
 
 
 def http_get(url: str, data: Optional[bytes] = None) -> tuple[int, bytes]:
@@ -1110,6 +1112,75 @@ def test_a_hub_port_busy_on_one_host_is_that_gateways_error_only(fleet, targets)
     finally:
         squatter.close()
         _stop(fleet.gateways.pop("z")[0])
+
+
+def test_a_udp_tunnel_hub_port_is_shared_by_every_gateway(fleet):
+    """A udp tunnel created at a: b and c bind its port too (SO_REUSEPORT for datagrams:
+    each client address stays on one gateway), and datagrams from several clients come
+    back from the agent held by b; deleted at c, no gateway keeps it."""
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    echo.settimeout(0.5)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, peer = echo.recvfrom(65536)
+            except OSError:
+                continue
+            echo.sendto(b"echo:" + data, peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    clients: list[socket.socket] = []
+    try:
+        fleet.start_agent("udp-agent", ["b"], allow=(f"127.0.0.1:{echo.getsockname()[1]}",))
+        agent_id = wait_for(lambda: fleet.agent_id("a", "udp-agent"), what="udp agent seen by a")
+        status, tunnel = fleet.api("a", "POST", "/api/v1/tunnels", {
+            "target": f"127.0.0.1:{echo.getsockname()[1]}", "agent_id": agent_id, "protocol": "udp"})
+        assert status == 201, tunnel
+        for gateway in "abc":
+            wait_for(lambda g=gateway: fleet.api(g, "GET", f"/api/v1/tunnels/{tunnel['id']}")[1]["status"]
+                     == "active", timeout=10, what=f"udp hub port bound at {gateway}")
+        for n in range(6):
+            client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            client.settimeout(1.0)
+            clients.append(client)
+            payload = f"datagram {n}".encode()
+            for _ in range(10):  # datagrams may be lost while the flow opens: bounded retries
+                client.sendto(payload, ("127.0.0.1", tunnel["hub_port"]))
+                try:
+                    if client.recv(65536) == b"echo:" + payload:
+                        break
+                except TimeoutError:
+                    continue
+            else:
+                raise AssertionError(f"no echo for client {n}")
+        status, _ = fleet.api("c", "DELETE", f"/api/v1/tunnels/{tunnel['id']}")
+        assert status == 204
+        for gateway in "abc":
+            status, _ = fleet.api(gateway, "GET", f"/api/v1/tunnels/{tunnel['id']}")
+            assert status == 404, gateway
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the port is free again: nobody holds it
+        wait_for(lambda: _binds(probe, tunnel["hub_port"]), timeout=5, what="udp hub port released by all")
+        probe.close()
+    finally:
+        stop.set()
+        thread.join(5)
+        echo.close()
+        for client in clients:
+            client.close()
+        if "udp-agent" in fleet.agents:
+            _stop(fleet.agents.pop("udp-agent"))
+
+
+def _binds(sock: socket.socket, port: int) -> bool:
+    try:
+        sock.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
 
 
 def test_concurrent_tunnel_creations_never_share_a_port(fleet, targets):

@@ -618,8 +618,11 @@ class TunnelManager:
         loop = asyncio.get_running_loop()
         hub.host = hub.host or self.hub_host
         if hub.protocol == "udp":
+            # In a fleet, shared like TCP hub ports: the kernel keeps each client address
+            # on one socket (a hash of the addresses), so a flow stays on one gateway.
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: udp_hub.UdpHubProtocol(self, hub), local_addr=(hub.host, port))
+                lambda: udp_hub.UdpHubProtocol(self, hub), local_addr=(hub.host, port),
+                reuse_port=self.reuse_port or None)
             udp_hub.size_buffers(transport)
             hub.server = transport  # type: ignore[assignment]  # close() stops it alike
             hub.port = transport.get_extra_info("sockname")[1]
