@@ -1060,8 +1060,11 @@ def test_a_tunnel_created_at_a_listens_on_every_gateway_and_stops_everywhere(fle
         agent_id = fleet.agent_id("a", "on-a")
         status, tunnel = fleet.api("a", "POST", "/api/v1/tunnels", {
             "target": f"127.0.0.1:{targets.echo_port}", "agent_id": agent_id, "protocol": "tcp", "name": "everywhere"})
+        created = time.monotonic()
         assert status == 201, tunnel
         hub = tunnel["hub_port"]
+        wait_for(lambda: echo_works(hub, "127.0.0.3"), timeout=10, what="hub port at y")
+        print(f"\nhub port of a tunnel created at a carries bytes at y after {time.monotonic() - created:.3f} s")
         for gateway, host in hosts.items():
             wait_for(lambda h=host: echo_works(hub, h), timeout=10, what=f"hub port at {gateway}")
             echo_checked(hub, 2 * MiB, host)
@@ -1243,16 +1246,20 @@ def _get_json(url: str) -> Any:
         return json.loads(resp.read())
 
 
-def test_workers_share_one_port_forward_to_each_other_and_are_supervised(tmp_path, redis, targets):
-    """``relay gateway --workers 2``: connections to the one port (API, agents, a hub
-    port) land on both workers, and reach agents held by either; a worker killed with
-    SIGKILL is started again; SIGTERM to the parent stops everything."""
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_workers_share_one_port_forward_to_each_other_and_are_supervised(request, backend, tmp_path, redis, targets):
+    """``relay gateway --workers 2`` (on the shared SQLite file, then on PostgreSQL):
+    connections to the one port (API, agents, a hub port) land on both workers, and
+    reach agents held by either; a worker killed with SIGKILL is started again; SIGTERM
+    to the parent stops everything."""
     import psutil
 
     port = free_port()
     log = tmp_path / "workers.log"
+    store = ["--store", request.getfixturevalue("pg_databases").create()] if backend == "postgres" else []
     parent = _spawn(["gateway", "--workers", "2", "--listen", f"127.0.0.1:{port}", "--data", str(tmp_path / "data"),
-                     "--redis", f"redis://127.0.0.1:{redis.port}/1", "--log-level", "info"], log)
+                     *store, "--redis", f"redis://127.0.0.1:{redis.port}/{3 if store else 1}",
+                     "--log-level", "info"], log)
     agents: list[subprocess.Popen] = []
     try:
         wait_for(lambda: log.read_text().count("in the fleet, advertised at") >= 2 or parent.poll() is not None,
@@ -1360,6 +1367,12 @@ def test_workers_refuse_bad_combinations(tmp_path):
         done = run("--workers", "2", "--listen", f"127.0.0.1:{taken.getsockname()[1]}",
                    "--redis", "redis://127.0.0.1:1/0")
     assert done.returncode == 1 and "cannot listen on" in done.stderr, done.stderr
+    # Workers that cannot start (no PostgreSQL there): the parent stops, non-zero, once.
+    done = run("--workers", "2", "--listen", "127.0.0.1:0", "--redis", "redis://127.0.0.1:1/0",
+               "--store", f"postgresql://relay@127.0.0.1:{free_port()}/relay")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "before it listened: stopping the others" in done.stdout, done.stdout
+    assert "cannot connect to PostgreSQL" in done.stderr, done.stderr
 
 
 # ----------------------------------------------------------------------------- PostgreSQL outage (item 6)
