@@ -1102,10 +1102,10 @@ def test_a_hub_port_busy_on_one_host_is_that_gateways_error_only(fleet, targets)
             "target": f"127.0.0.1:{targets.echo_port}", "agent_id": agent_id, "protocol": "tcp",
             "hub_port": port, "name": "busy-on-d"})
         assert status == 201 and tunnel["status"] == "active", tunnel
-        wait_for(lambda: fleet.api("z", "GET", f"/api/v1/tunnels/{tunnel['id']}")[1]["status"] == "error",
-                 timeout=10, what="z reports the bind failure")
-        seen = fleet.api("z", "GET", f"/api/v1/tunnels/{tunnel['id']}")[1]
-        assert f"hub port {port} on gateway z" in seen["error"] and "in use" in seen["error"], seen
+        seen = wait_for(lambda: (lambda t: t if "on gateway z" in (t["error"] or "") else None)(
+            fleet.api("z", "GET", f"/api/v1/tunnels/{tunnel['id']}")[1]), timeout=10, what="z reports the bind failure")
+        assert seen["status"] == "error" and f"hub port {port} on gateway z" in seen["error"], seen
+        assert "in use" in seen["error"], seen
         echo_checked(port, MiB)  # 127.0.0.1: the other gateways serve it
         squatter.close()
         wait_for(lambda: echo_works(port, "127.0.0.2"), timeout=15, what="z listens once the port is free")
