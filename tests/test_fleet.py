@@ -1422,6 +1422,9 @@ def test_postgres_outage_writes_503_traffic_flows_then_everything_converges(tmp_
             path = site["tunnel_url"].split(f":{running.port('pb')}", 1)[1]
             for gateway in ("pa", "pb"):  # in use at both: live traffic, its session in memory
                 assert http_get(f"http://127.0.0.1:{running.port(gateway)}{path}before")[0] == 200
+            status, unused = running.api("pa", "POST", f"/api/v1/agents/{agent_id}/tunnel", {"target_port": web.port})
+            assert status == 200, unused
+            unused_path = unused["tunnel_url"].split(f":{running.port('pa')}", 1)[1]
             status, last = running.api("pb", "POST", "/api/v1/tunnels", {  # acknowledged just before the stop
                 "target": f"127.0.0.1:{targets.echo_port}", "agent_id": agent_id, "protocol": "tcp", "name": "last"})
             assert status == 201, last
@@ -1437,6 +1440,10 @@ def test_postgres_outage_writes_503_traffic_flows_then_everything_converges(tmp_
                 echo_checked(hub, MiB, "127.0.0.1" if gateway == "pa" else "127.0.0.2")
                 status, got = http_get(f"http://127.0.0.1:{running.port(gateway)}{path}during")
                 assert status == 200 and got == b"hello from behind the agent /during", (gateway, status, got)
+            # A tunnel URL never served needs the store: 503, and the database stays unnamed.
+            status, got = http_get(f"http://127.0.0.1:{running.port('pb')}{unused_path}x")
+            assert status == 503 and b"store_unavailable" in got, (status, got)
+            assert b"postgres" not in got and str(server.port).encode() not in got, got
             assert all(proc.poll() is None for proc, _ in running.gateways.values())
 
             again = _postgres_again(server, tmp_path / "postgres-again.log")

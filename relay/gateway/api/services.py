@@ -101,7 +101,7 @@ from relay.gateway.http.proxy import (
     origin_form,
     serve_connection,
 )
-from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, Router, json_response
+from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, Router, json_response, store_failure
 from relay.gateway.store import Service, StoreError
 from relay.mux.errors import ErrorCode
 from relay.services import SLUG_RE
@@ -827,7 +827,7 @@ class ServiceManager:
         except (HttpError, AuthError):
             return None
         except StoreError as exc:
-            raise ProxyError(503, "store_unavailable", str(exc)) from None
+            raise ProxyError(503, "store_unavailable", store_failure("service proxy", exc)) from None
         return self._upstream(checked, target, end, slug, headers, transport)
 
     def _upstream(self, checked: tuple[Principal, list[Instance]], target: bytes, end: int, slug: str,

@@ -39,9 +39,20 @@ import h11
 from relay.gateway.auth import AuthError
 from relay.gateway.store import StoreUnavailable
 
-__all__ = ["HttpError", "HttpProtocol", "Request", "Response", "Router", "json_response"]
+__all__ = ["STORE_UNAVAILABLE", "HttpError", "HttpProtocol", "Request", "Response", "Router", "json_response",
+           "store_failure"]
 
 log = logging.getLogger("relay.gateway.http")
+
+#: What a client is told when the store does not answer: the reason names the database
+#: (its host, user, file), which is the operator's business, so it goes to the log only.
+STORE_UNAVAILABLE = "the gateway's database is unavailable; try again later"
+
+
+def store_failure(what: str, exc: BaseException) -> str:
+    """Log why the store failed ``what`` and return what the client may be told."""
+    log.warning("%s: %s", what, exc)
+    return STORE_UNAVAILABLE
 
 #: Largest request body accepted (the control API takes small JSON documents).
 MAX_BODY = 1024 * 1024
@@ -377,8 +388,7 @@ class HttpProtocol(asyncio.Protocol):
             response = error_response(exc.status, exc.code, exc.message, exc.headers)
         except StoreUnavailable as exc:  # the database cannot be reached now: try again later
             log.warning("%s %s: %s", request.method, request.path, exc)
-            response = error_response(503, "store_unavailable", "the gateway's database is unavailable; "
-                                      "try again later", {"Retry-After": "5"})
+            response = error_response(503, "store_unavailable", STORE_UNAVAILABLE, {"Retry-After": "5"})
         except asyncio.CancelledError:
             raise
         except Exception:

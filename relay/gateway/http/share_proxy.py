@@ -50,7 +50,7 @@ from relay.gateway.http.proxy import (
     origin_form,
     serve_connection,
 )
-from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, Router, json_response
+from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, Router, json_response, store_failure
 from relay.gateway.store import Share, StoreError, Tunnel, hash_token
 
 if TYPE_CHECKING:
@@ -228,6 +228,6 @@ class ShareProxy:
         except HttpError:
             return None
         except StoreError as exc:
-            raise ProxyError(503, "store_unavailable", str(exc)) from None
+            raise ProxyError(503, "store_unavailable", store_failure("share URL", exc)) from None
         upstream.target = rest
         return upstream

@@ -46,7 +46,7 @@ else:
 from relay.aio import SessionClosedError
 from relay.aio.stream import MuxStream
 from relay.gateway.http.proxy import ProxyError, ProxyStats, RequestHead, Upstream, origin_form, serve_connection
-from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, json_response
+from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, json_response, store_failure
 from relay.gateway.http.tunnel_hosts import session_host_header, token_from_host
 from relay.gateway.store import StoreError, TunnelSession
 from relay.gateway.web.inspector import Inspector, InspectorRoutes
@@ -183,7 +183,7 @@ class HttpTunnels:
         try:
             row = await self._open_http_session(token)
         except StoreError as exc:
-            raise ProxyError(503, "store_unavailable", str(exc)) from None
+            raise ProxyError(503, "store_unavailable", store_failure("HTTP tunnel URL", exc)) from None
         return self._host_upstream(request, token, row)
 
     def _host_upstream(self, request: RequestHead, token: str, row: TunnelSession) -> Upstream:
@@ -304,7 +304,7 @@ class HttpTunnels:
         try:
             row = await self._open_http_session(token)
         except StoreError as exc:
-            raise ProxyError(503, "store_unavailable", str(exc)) from None
+            raise ProxyError(503, "store_unavailable", store_failure("HTTP tunnel URL", exc)) from None
         # The session is in memory now: the usual path, answer cache included.
         upstream = self._resolve(request)
         if upstream is None or isinstance(upstream, Upstream):
