@@ -27,7 +27,15 @@ on one machine), then one database of the session's private PostgreSQL (``--stor
 * a gateway frozen (SIGSTOP) while its agent reconnected elsewhere never takes the
   agent back when it resumes (the epoch rule), and ends its stale session;
 * a gateway that loses Redis keeps serving its own agents, says so in /healthz and
-  /metrics, and restores its leases when Redis is back.
+  /metrics, and restores its leases when Redis is back;
+* a Tunnels API tunnel's hub port (TCP and UDP) listens on every gateway, including
+  gateways started before it was created, and closes everywhere when paused or deleted
+  anywhere; concurrent creations never share a port; a port busy on one host is that
+  gateway's error only;
+* ``relay gateway --workers 2``: one port, both workers serve it and reach each other's
+  agents; a killed worker is restarted; SIGTERM stops everything;
+* PostgreSQL stopped and started again under two gateways: 503 JSON for writes, live
+  tunnels go on, everything converges without a restart.
 
 Numbers (failover and revocation times) are printed, never asserted beyond generous
 bounds (``pytest -s`` shows them).
