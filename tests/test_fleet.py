@@ -1090,9 +1090,11 @@ def test_a_tunnel_created_at_a_listens_on_every_gateway_and_stops_everywhere(fle
             wait_for(lambda h=host: echo_works(hub, h), timeout=10, what=f"hub port open again at {gateway}")
 
         status, _ = fleet.api("c", "DELETE", f"/api/v1/tunnels/{tunnel['id']}")
+        deleted = time.monotonic()
         assert status == 204
         for gateway, host in hosts.items():
             wait_for(lambda h=host: refused(hub, h), timeout=3, what=f"hub port closed at {gateway}")
+        print(f"deleted at c: hub port closed at a, x and y within {time.monotonic() - deleted:.3f} s")
     finally:
         for name in ("x", "y"):
             _stop(fleet.gateways.pop(name)[0])
@@ -1455,9 +1457,12 @@ def test_postgres_outage_writes_503_traffic_flows_then_everything_converges(tmp_
             assert all(proc.poll() is None for proc, _ in running.gateways.values())
 
             again = _postgres_again(server, tmp_path / "postgres-again.log")
+            restarted = time.monotonic()
             for gateway in ("pa", "pb"):  # no restart of either gateway: they reconnect
                 wait_for(lambda g=gateway: running.api(g, "GET", "/api/v1/tunnels")[0] == 200, timeout=60,
                          what=f"{gateway} reads again")
+            print(f"\nboth gateways answer from PostgreSQL {time.monotonic() - restarted:.2f} s after its start "
+                  "(its own start included)")
             status, after = running.api("pb", "POST", "/api/v1/tunnels", {
                 "target": f"127.0.0.1:{targets.echo_port}", "agent_id": agent_id, "protocol": "tcp", "name": "after"})
             assert status == 201, after
