@@ -88,8 +88,8 @@ def test_store_urls_name_a_file_or_a_directory(tmp_path: Path) -> None:
         assert "\n" not in str(info.value)
 
 
-def test_migration_7_keeps_one_tunnel_per_hub_port(data_dir: Path) -> None:
-    """A database of schema 6 (no unique hub port) with two tunnels on one port, as an
+def test_migration_8_keeps_one_tunnel_per_hub_port(data_dir: Path) -> None:
+    """A database of schema 7 (no unique hub port) with two tunnels on one port, as an
     older fleet could record: after the migration the first keeps the port, the other
     has none (its gateway binds a new one), and the index holds from then on."""
     store = Store.open(data_dir)
@@ -105,7 +105,7 @@ def test_migration_7_keeps_one_tunnel_per_hub_port(data_dir: Path) -> None:
     now(store.close())
     db = sqlite3.connect(data_dir / DB_FILENAME)
     db.execute("DROP INDEX tunnels_by_hub_port")
-    db.execute("UPDATE schema_version SET version = 6")
+    db.execute("UPDATE schema_version SET version = 7")
     db.execute("UPDATE tunnels SET hub_port = 22001")
     db.commit()
     db.close()
