@@ -233,7 +233,7 @@ def _print_tips(echo: Callable[[str], None], url: str, sk: str, agent_id: str, w
               show_default=True, help="Logging verbosity.")
 def demo(listen: str, data_dir: Optional[Path], exit_after: Optional[float], log_level: str) -> None:
     """Gateway, agent and a sample service in one command; prints what to try."""
-    from relay.cli_run import _run, _setup_logging, _split_host_port
+    from relay.cli.run import _run, _setup_logging, _split_host_port
     from relay.gateway.store import StoreError
 
     host, port = _split_host_port(listen, "--listen", allow_zero=True)

@@ -526,7 +526,7 @@ def test_a_connection_accepted_just_before_the_session_came_up_is_served_at_once
     the agent and relay connect's connector on one loop)."""
     import asyncio
 
-    from relay.connect_tcp import SESSION_WAIT, MuxConnector
+    from relay.connect.tcp import SESSION_WAIT, MuxConnector
     from tests.test_gateway_e2e import echo_server, gateway_and_team, open_tcp_tunnel, run, running_agent
 
     async def main() -> None:

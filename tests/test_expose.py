@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.cli_expose import TunnelSpec, parse_tunnel_spec
+from relay.cli.expose import TunnelSpec, parse_tunnel_spec
 from tests.servers import free_port
 from tests.test_observability import _get
 

@@ -16,7 +16,7 @@ come from ``relay.agent.policy``, which the asyncio agent uses too; tests/confor
 checks that both agents answer alike. Not ported yet (the asyncio agent grew them meanwhile): the Tunnels API
 ``bind`` control (``relay.agent.bind`` is asyncio-only; answered with a failure), task
 handlers (``relay.agent.tasks``), ``allow_stream`` policies and declared services;
-``relay agent --backend trio`` (its body is in relay.cli_run) refuses ``--service``
+``relay agent --backend trio`` (its body is in relay.cli.run) refuses ``--service``
 rather than ignore it.
 """
 from __future__ import annotations

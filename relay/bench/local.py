@@ -132,7 +132,7 @@ class LocalRelay:
 
     def start(self, via: str = "hub", compare: tuple[str, ...] = ()) -> list[BenchPath]:
         """Start everything; the paths: ``relay``, ``direct`` and any comparison."""
-        from relay.cli_tunnel import ApiClient
+        from relay.cli.tunnel import ApiClient
 
         procs = self.procs
         self.note("starting a gateway and an agent with --bench on 127.0.0.1 ...")

@@ -46,7 +46,7 @@ class RemoteTunnels:
     """Tunnels opened for the run through the control API, closed by :meth:`close`."""
 
     def __init__(self, gateway_url: str, key: str, agent_ref: str, bench_port: int, ca_cert: Any = None) -> None:
-        from relay.cli_tunnel import ApiClient
+        from relay.cli.tunnel import ApiClient
 
         self.api = ApiClient(gateway_url, key, ca_cert)
         self.agent_ref = agent_ref
@@ -56,7 +56,7 @@ class RemoteTunnels:
 
     def open(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The tcp and the http tunnel's answers; BenchRefused if the agent refuses."""
-        from relay.cli_tunnel import ApiError
+        from relay.cli.tunnel import ApiError
 
         agent = self.api.resolve(self.agent_ref)
         if not agent.get("online", True):

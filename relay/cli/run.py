@@ -1,6 +1,6 @@
 """``relay gateway`` and ``relay agent``: the long-running commands.
 
-Registered on :data:`relay.cli.main` by importing this module (relay/cli.py does). Both
+Registered on :data:`relay.cli.main` by importing this module (relay/cli/__init__.py does). Both
 run on uvloop. Errors are one line on stderr and a non-zero exit status.
 """
 from __future__ import annotations
@@ -388,7 +388,7 @@ def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: 
         specs = [parse_service(text) for text in services]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--service") from None
-    from relay.cli_expose import parse_tunnel_spec
+    from relay.cli.expose import parse_tunnel_spec
 
     try:
         tunnel_specs = [parse_tunnel_spec(text) for text in tunnels]
@@ -445,8 +445,8 @@ def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: 
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--gateway") from None
         if tunnel_specs:
-            from relay.cli_expose import expose
-            from relay.cli_tunnel import ApiClient
+            from relay.cli.expose import expose
+            from relay.cli.tunnel import ApiClient
 
             assert api_key is not None
             await expose(the_agent, ApiClient(gateway_url, api_key, ca_cert), tunnel_specs,
@@ -503,12 +503,12 @@ def connect(tunnel_url: str, listen: str, ca_cert: Optional[Path], udp: bool, id
         context = ssl.create_default_context(cafile=str(ca_cert))
     try:
         if udp:
-            from relay.connect_udp import run_connect_udp
+            from relay.connect.udp import run_connect_udp
 
             _run(run_connect_udp(tunnel_url, host, port, ssl_context=context, idle_timeout=idle_timeout,
                                  echo=lambda line: click.echo(line)))
         else:
-            from relay.connect_tcp import TunnelUnavailable, run_connect
+            from relay.connect.tcp import TunnelUnavailable, run_connect
 
             try:
                 _run(run_connect(tunnel_url, host, port, ssl_context=context, mode=mode,

@@ -11,7 +11,7 @@ AGENT is an agent id or the name of exactly one agent of the team. A small urlli
 (stdlib only) with timeouts; ``--ca-cert`` trusts a private CA for an https gateway;
 ``--team`` (``RELAY_TEAM_ID``) sends ``X-Team-ID``, which a user JWT needs (a team key
 carries its team). The Tunnels API (seed 002: named tunnels, connect, shares) is ``relay
-tunnels`` (relay.cli_tunnels), the plural as in its path ``/api/v1/tunnels``; these
+tunnels`` (relay.cli.tunnels), the plural as in its path ``/api/v1/tunnels``; these
 singular commands are the agents' tunnel sessions of ``/api/v1/agents/{id}/tunnel``.
 Errors are one line on stderr (the gateway's own JSON error message) and a non-zero exit;
 the key is sent in the Authorization header and never printed.

@@ -1,15 +1,5 @@
-"""The ``relay`` command line.
-
-``main`` is the top-level click group. A subcommand is one decorated function::
-
-    @main.command()
-    @data_dir_option
-    def gateway(data_dir: Path, ...) -> None:
-        ...
-
-(or ``@main.group()`` for a family of commands, like ``admin`` below). Errors are one
-line on stderr and a non-zero exit: raise :class:`click.ClickException`.
-"""
+"""``relay admin``: teams and credentials in a gateway's store (its data directory, or
+the database ``--store`` names), without a running gateway."""
 from __future__ import annotations
 
 import asyncio
@@ -22,7 +12,7 @@ from typing import Any, Optional, TypeVar
 
 import click
 
-from relay import __version__
+from relay.cli import data_dir_option, json_option, main, store_option
 from relay.gateway.store import (
     CREDENTIAL_KINDS,
     Credential,
@@ -30,13 +20,11 @@ from relay.gateway.store import (
     Store,
     StoreError,
     Team,
-    default_data_dir,
     hash_token,
     normalize_uuid,
     open_store,
 )
 
-F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
 _KIND_HELP = {
@@ -44,42 +32,6 @@ _KIND_HELP = {
     "dk": "runtime only: proxy, invoke, use tunnels",
     "ak": "agent key: connect an agent to this team",
 }
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="relay")
-def main() -> None:
-    """relay: a tunnel relay. Agents dial out to a gateway over one WebSocket;
-    the gateway carries HTTP and TCP streams to them."""
-
-
-def data_dir_option(func: F) -> F:
-    """The shared ``--data DIR`` option (env ``RELAY_DATA``): the gateway's state directory."""
-    return click.option(
-        "--data", "data_dir", envvar="RELAY_DATA", metavar="DIR",
-        type=click.Path(file_okay=False, path_type=Path), default=default_data_dir,
-        show_default="$XDG_DATA_HOME/relay", show_envvar=True,
-        help="Data directory holding the gateway's SQLite state.",
-    )(func)
-
-
-def store_option(func: F) -> F:
-    """The shared ``--store URL`` option (env ``RELAY_STORE``): which database holds the
-    state (relay.gateway.store.open_store); SQLite in ``--data`` when not given."""
-    return click.option(
-        "--store", "store_url", envvar="RELAY_STORE", metavar="URL", default=None, show_envvar=True,
-        help="Where the state is kept: sqlite:///PATH (or a path) or postgresql://USER:PASSWORD@HOST:PORT/DB "
-             "(needs relay[postgres]); default: SQLite in --data.",
-    )(func)
-
-
-def json_option(func: F) -> F:
-    """``--json``: print one JSON document instead of text."""
-    return click.option("--json", "as_json", is_flag=True,
-                        help="Print machine-readable JSON.")(func)
-
-
-# --------------------------------------------------------------------------- admin
 
 
 @dataclass
@@ -301,19 +253,3 @@ async def _find_credential(store: Store, team_id: str, ref: str) -> Credential:
     if len(matches) > 1:
         raise click.ClickException(f"{len(matches)} keys match; give the key id instead")
     return matches[0]
-from relay import cli_bench, cli_expose, cli_run, cli_tunnel, cli_tunnels, demo  # noqa: E402,F401 - register their commands
-
-
-def _show_envvars(command: click.Command) -> None:
-    """Every option that reads an environment variable says so in ``--help`` (click's
-    ``show_envvar``), including options added later by any module: set here, once all
-    commands are registered, so no command can forget it."""
-    if isinstance(command, click.Group):
-        for sub in command.commands.values():
-            _show_envvars(sub)
-    for param in command.params:
-        if isinstance(param, click.Option) and param.envvar:
-            param.show_envvar = True
-
-
-_show_envvars(main)

@@ -84,10 +84,10 @@ async def expose(agent: Any, api: Any, specs: list[TunnelSpec], *, echo: Callabl
                  stop: Optional[asyncio.Event] = None, live: bool = True,
                  interval: float = COUNTER_INTERVAL) -> None:
     """Run ``agent`` (a relay.agent.Agent), open ``specs`` through ``api`` (a
-    relay.cli_tunnel.ApiClient) once it is registered, print the URLs and (``live``)
+    relay.cli.tunnel.ApiClient) once it is registered, print the URLs and (``live``)
     the counters until ``stop`` or SIGINT/SIGTERM, then close the tunnels and the agent."""
     from relay.agent.client import AgentAuthError
-    from relay.cli_tunnel import ApiError
+    from relay.cli.tunnel import ApiError
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -178,7 +178,7 @@ def _counters(api: Any, agent_id: str, opened: list[dict[str, Any]]) -> str:
 
 def _close(api: Any, agent_id: Optional[str], tunnel: dict[str, Any]) -> bool:
     """Close one opened tunnel: the API (sk- key), else its admin token (http)."""
-    from relay.cli_tunnel import ApiError
+    from relay.cli.tunnel import ApiError
 
     with contextlib.suppress(ApiError):
         api.call("DELETE", f"/api/v1/agents/{urllib.parse.quote(agent_id or '')}/tunnel"
@@ -196,7 +196,7 @@ def _close(api: Any, agent_id: Optional[str], tunnel: dict[str, Any]) -> bool:
 
 
 def _expose_options(func: Any) -> Any:
-    from relay.cli_run import _log_format_option, _log_option
+    from relay.cli.run import _log_format_option, _log_option
 
     options = [
         click.option("--gateway", "gateway_url", required=True, envvar="RELAY_GATEWAY", show_envvar=True,
@@ -220,8 +220,8 @@ def _expose_options(func: Any) -> Any:
 def _run_expose(spec: TunnelSpec, gateway_url: str, agent_key: str, api_key: str, name: Optional[str],
                 ca_cert: Optional[Path], quiet: bool, log_level: str, log_format: str) -> None:
     from relay.agent.client import Agent
-    from relay.cli_run import _run, _setup_logging, check_agent_key, raise_nofile_limit
-    from relay.cli_tunnel import ApiClient
+    from relay.cli.run import _run, _setup_logging, check_agent_key, raise_nofile_limit
+    from relay.cli.tunnel import ApiClient
 
     check_agent_key(agent_key)
     _setup_logging(log_level, log_format)

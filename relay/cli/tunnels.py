@@ -26,7 +26,7 @@ Output: a human table or a few labelled lines by default, one JSON document with
 message and its status and code, and exit status 1: ``connect`` fails that way when the
 agent cannot listen (``502 bind_failed``, e.g. the port is taken) or does not answer
 (``504 bind_timeout``). The client and its options (``--gateway``, ``--key``,
-``--team``, ``--ca-cert``) are relay.cli_tunnel's.
+``--team``, ``--ca-cert``) are relay.cli.tunnel's.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from typing import Any, Optional
 import click
 
 from relay.cli import main
-from relay.cli_tunnel import ApiClient, ApiError, _client_options, _print_json, _quote
+from relay.cli.tunnel import ApiClient, ApiError, _client_options, _print_json, _quote
 
 __all__ = ["tunnels"]
 

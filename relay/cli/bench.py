@@ -1,6 +1,6 @@
 """``relay bench``: measure a relay path, or load-test an HTTP URL (relay.bench).
 
-Registered on :data:`relay.cli.main` by importing this module (relay/cli.py does). It
+Registered on :data:`relay.cli.main` by importing this module (relay/cli/__init__.py does). It
 imports nothing heavy until it runs: the ``bench`` extra (rich, hdrhistogram, psutil,
 matplotlib) is checked first, and its absence is one line saying what to install.
 """
