@@ -40,14 +40,14 @@ import psutil
 import pytest
 
 from tests.test_faults import RelayProcs, wait_for
-from tests.test_stream_edges import LINGER_ZERO, Outcome, RelayConnect, _read_until_failure
+from tests.test_stream_edges import LINGER_ZERO, Outcome, RecordingTargets, RelayConnect, _read_until_failure
 
 pytestmark = pytest.mark.timeout(240)
 
 MiB = 1024 * 1024
 
 
-class MuxTargets:
+class MuxTargets(RecordingTargets):
     """TCP servers on 127.0.0.1, a thread per connection:
 
     * ``echo``: sends back every byte; at EOF ends its side too;
@@ -60,24 +60,7 @@ class MuxTargets:
     GREETING = os.urandom(MiB + 12345)
 
     def __init__(self) -> None:
-        self.outcomes: dict[str, list[Outcome]] = {"echo": [], "greet": [], "rst": [], "source": []}
-        self.ports: dict[str, int] = {}
-        self._listeners: list[socket.socket] = []
-        for kind in self.outcomes:
-            sock = socket.create_server(("127.0.0.1", 0), backlog=128)
-            self._listeners.append(sock)
-            self.ports[kind] = sock.getsockname()[1]
-            threading.Thread(target=self._accept, args=(sock, kind), daemon=True).start()
-
-    def _accept(self, listener: socket.socket, kind: str) -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            outcome = Outcome()
-            self.outcomes[kind].append(outcome)
-            threading.Thread(target=getattr(self, "_" + kind), args=(conn, outcome), daemon=True).start()
+        super().__init__(("echo", "greet", "rst", "source"))
 
     @staticmethod
     def _echo(conn: socket.socket, outcome: Outcome) -> None:
@@ -129,10 +112,6 @@ class MuxTargets:
             except OSError:
                 outcome.ended = "gone"
         outcome.done.set()
-
-    def close(self) -> None:
-        for sock in self._listeners:
-            sock.close()
 
 
 class Rig:

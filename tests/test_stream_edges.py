@@ -61,27 +61,16 @@ class Outcome:
         return f"<Outcome {self.received} bytes, {self.ended}>"
 
 
-class EdgeTargets:
-    """Three TCP servers on 127.0.0.1, one thread per connection, recording outcomes:
+class RecordingTargets:
+    """TCP servers on 127.0.0.1, one per kind, a thread per connection running the
+    method ``_KIND(conn, outcome)`` of the subclass; ``outcomes[kind]`` records each."""
 
-    * ``reply``: reads until EOF, then answers ``sha256(received) + count (u64)`` followed
-      by ``REPLY_EXTRA`` bytes, and closes (a client that half-closes gets it all);
-    * ``sink``: waits ``sink_delay`` seconds before reading (so the bytes pile up in the
-      relay's queues), then reads until EOF or a reset;
-    * ``source``: sends random bytes until the connection fails, while reading (to see a
-      reset or EOF from the other side).
-    """
-
-    REPLY_EXTRA = 2 * MiB
-
-    def __init__(self) -> None:
-        self.outcomes: dict[str, list[Outcome]] = {"reply": [], "sink": [], "source": []}
-        self.sink_delay = 0.0
-        self._listeners: list[socket.socket] = []
+    def __init__(self, kinds: tuple[str, ...], backlog: int = 128) -> None:
+        self.outcomes: dict[str, list[Outcome]] = {kind: [] for kind in kinds}
         self.ports: dict[str, int] = {}
-        self._extra = os.urandom(self.REPLY_EXTRA)
-        for kind in self.outcomes:
-            sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self._listeners: list[socket.socket] = []
+        for kind in kinds:
+            sock = socket.create_server(("127.0.0.1", 0), backlog=backlog)
             self._listeners.append(sock)
             self.ports[kind] = sock.getsockname()[1]
             threading.Thread(target=self._accept, args=(sock, kind), daemon=True).start()
@@ -95,6 +84,29 @@ class EdgeTargets:
             outcome = Outcome()
             self.outcomes[kind].append(outcome)
             threading.Thread(target=getattr(self, "_" + kind), args=(conn, outcome), daemon=True).start()
+
+    def close(self) -> None:
+        for sock in self._listeners:
+            sock.close()
+
+
+class EdgeTargets(RecordingTargets):
+    """Three TCP servers on 127.0.0.1, one thread per connection, recording outcomes:
+
+    * ``reply``: reads until EOF, then answers ``sha256(received) + count (u64)`` followed
+      by ``REPLY_EXTRA`` bytes, and closes (a client that half-closes gets it all);
+    * ``sink``: waits ``sink_delay`` seconds before reading (so the bytes pile up in the
+      relay's queues), then reads until EOF or a reset;
+    * ``source``: sends random bytes until the connection fails, while reading (to see a
+      reset or EOF from the other side).
+    """
+
+    REPLY_EXTRA = 2 * MiB
+
+    def __init__(self) -> None:
+        self.sink_delay = 0.0
+        self._extra = os.urandom(self.REPLY_EXTRA)
+        super().__init__(("reply", "sink", "source"))
 
     @staticmethod
     def _read_to_end(conn: socket.socket, outcome: Outcome) -> bool:
@@ -140,10 +152,6 @@ class EdgeTargets:
 
     def expected_reply(self, data: bytes) -> bytes:
         return hashlib.sha256(data).digest() + struct.pack(">Q", len(data)) + self._extra
-
-    def close(self) -> None:
-        for sock in self._listeners:
-            sock.close()
 
 
 class RelayConnect:

@@ -49,6 +49,15 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 Column = tuple[str, Callable[[dict[str, Any]], Any]]
 
 
+def _show_listing(found: dict[str, Any], key: str, columns: Sequence[Column], none: str, as_json: bool) -> None:
+    """A list answer (``found[key]``): the API's JSON, or a table (``none`` when empty)."""
+    if as_json:
+        _print_json(found)
+        return
+    rows = found.get(key, [])
+    click.echo(table(rows, columns) if rows else none)
+
+
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
     """Plain text columns, left-aligned, two spaces apart (no dependency needed)."""
     cells = [[h for h, _ in columns]] + [["-" if (v := get(row)) is None or v == "" else str(v)
@@ -146,11 +155,7 @@ def tunnels_list(gateway_url: str, key: str, ca_cert: Optional[Path], as_json: b
                  team_id: Optional[str]) -> None:
     """List the team's tunnels."""
     found = _client(gateway_url, key, ca_cert, team_id).call("GET", "/api/v1/tunnels")
-    if as_json:
-        _print_json(found)
-        return
-    rows = found.get("tunnels", [])
-    click.echo(table(rows, _TUNNEL_COLUMNS) if rows else "No tunnels.")
+    _show_listing(found, "tunnels", _TUNNEL_COLUMNS, "No tunnels.", as_json)
 
 
 @tunnels.command("get")
@@ -253,11 +258,7 @@ def tunnels_bindings(tunnel_ref: str, gateway_url: str, key: str, ca_cert: Optio
     """List the agents that listen locally for TUNNEL (made by connect)."""
     api = _client(gateway_url, key, ca_cert, team_id)
     found = api.call("GET", f"/api/v1/tunnels/{_quote(_tunnel(api, tunnel_ref)['id'])}/bindings")
-    if as_json:
-        _print_json(found)
-        return
-    rows = found.get("bindings", [])
-    click.echo(table(rows, _BINDING_COLUMNS) if rows else "No bindings.")
+    _show_listing(found, "bindings", _BINDING_COLUMNS, "No bindings.", as_json)
 
 
 @tunnels.command("unbind")
@@ -328,11 +329,7 @@ def tunnels_shares(tunnel_ref: str, gateway_url: str, key: str, ca_cert: Optiona
     """List TUNNEL's share links (their URLs were shown once, at creation)."""
     api = _client(gateway_url, key, ca_cert, team_id)
     found = api.call("GET", f"/api/v1/tunnels/{_quote(_tunnel(api, tunnel_ref)['id'])}/shares")
-    if as_json:
-        _print_json(found)
-        return
-    rows = found.get("shares", [])
-    click.echo(table(rows, _SHARE_COLUMNS) if rows else "No shares.")
+    _show_listing(found, "shares", _SHARE_COLUMNS, "No shares.", as_json)
 
 
 @tunnels.command("unshare")
