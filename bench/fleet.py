@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -352,6 +353,36 @@ def hop(bench: Bench, echo: int, args: argparse.Namespace) -> None:
     print(f"forwarded/direct bulk: {rb / ra:.2f}x (goal >= 0.7x); added p50: {pb - pa:.0f} µs (goal <= 150 µs)")
 
 
+def hop_tools(bench: Bench, iperf_port: int, nginx_port: int, seconds: int) -> None:
+    """The forwarded hop driven by C load generators: iperf3 (one stream each way)
+    through hub ports of a tunnel opened at A and at B, and wrk -t2 -c64 (1 KiB from
+    nginx) through one HTTP tunnel's URL at A and at B."""
+    agent_id = wait_for(lambda: bench.agent_id("b", "bench"))
+    hubs = {name: bench.api(name, "POST", f"/api/v1/agents/{agent_id}/tunnel",
+                            {"target_port": iperf_port, "tunnel_protocol": "tcp"})["hub_port"] for name in ("a", "b")}
+    opened = bench.api("a", "POST", f"/api/v1/agents/{agent_id}/tunnel",
+                       {"target_port": nginx_port, "tunnel_protocol": "http"})
+    path = opened["tunnel_url"][opened["tunnel_url"].index("/tunnel/"):] + "1k.bin"
+    urls = {name: f"http://127.0.0.1:{bench.ports[name]}{path}" for name in ("a", "b")}
+    wait_for(lambda: status_of(urls["b"]) == 200)
+    print(f"fleet hop with C load generators (iperf3 {seconds} s, wrk -t2 -c64 {seconds} s, 1 KiB from nginx)")
+    print(f"{'path':<40} {'fwd MB/s':>9} {'rev MB/s':>9} {'req/s':>9}")
+    rows = {}
+    for label, name in (("direct (client -> A -> agent)", "a"), ("forwarded (client -> B -> A -> agent)", "b")):
+        rates = []
+        for reverse in ((), ("-R",)):
+            out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(hubs[name]), "-t", str(seconds), "-J",
+                                  *reverse], capture_output=True, text=True, timeout=seconds + 60)
+            rates.append(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 8e6)
+        out = subprocess.run(["wrk", "-t2", "-c64", f"-d{seconds}s", urls[name]], capture_output=True, text=True,
+                             timeout=seconds + 60).stdout
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        rows[name] = (*rates, rps)
+        print(f"{label:<40} {rates[0]:>9.0f} {rates[1]:>9.0f} {rps:>9.0f}")
+    (fa, ra, qa), (fb, rb, qb) = rows["a"], rows["b"]
+    print(f"forwarded/direct: iperf3 {fb / fa:.2f}x / {rb / ra:.2f}x, wrk {qb / qa:.2f}x (goal >= 0.7x each)")
+
+
 def failover(bench: Bench, echo: int, connections: int, run: int) -> float:
     """One failover: fresh gateways X and Y for an agent, requests at B, kill -9 of
     the gateway B forwards to; seconds until a request through B is echoed again."""
@@ -412,8 +443,9 @@ def revoke(bench: Bench, repeats: int) -> tuple[list[float], list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="hop,service,failover,pause,revoke",
-                        help="comma-separated: hop, service, failover, pause, revoke")
+    parser.add_argument("--only", default="hop,tools,service,failover,pause,revoke",
+                        help="comma-separated: hop, tools (iperf3 and wrk), service, failover, pause, revoke")
+    parser.add_argument("--seconds", type=int, default=5, help="length of each iperf3 and wrk run (tools)")
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--requests", type=int, default=1000, help="service proxy and invoke requests per path")
@@ -425,17 +457,33 @@ def main() -> None:
         sys.exit("redis-server not found: scripts/bootstrap --system-deps installs it")
     work = Path(tempfile.mkdtemp(prefix="relay-bench-fleet-"))
     bench = Bench(work, redis_bin)
+    stack = contextlib.ExitStack()
     try:
         bench.gateway("a")
         bench.gateway("b")
         echo = echo_server()
         web = http_server()
-        bench.agent("bench", ["a"], "--allow", f"127.0.0.1:{echo}", "--allow", f"127.0.0.1:{web}",
+        extra_allow: list[str] = []
+        if "tools" in only:
+            if not (shutil.which("iperf3") and shutil.which("wrk")):
+                sys.exit("iperf3 and wrk are needed for --only tools: scripts/bootstrap --system-deps installs them")
+            iperf_port = free_port()
+            bench.procs.append(subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)],
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+            from tests.servers import start_nginx
+
+            (work / "nginx").mkdir()
+            nginx = stack.enter_context(start_nginx(work / "nginx"))
+            extra_allow = ["--allow", f"127.0.0.1:{iperf_port}", "--allow", f"127.0.0.1:{nginx.port}"]
+        bench.agent("bench", ["a"], "--allow", f"127.0.0.1:{echo}", "--allow", f"127.0.0.1:{web}", *extra_allow,
                     "--service", f"bench-web=127.0.0.1:{web},health=none")
         agent_id = wait_for(lambda: bench.agent_id("b", "bench"))
         print(f"one machine, {os.cpu_count()} cores (shared: numbers are noisy)")
         if "hop" in only:
             hop(bench, echo, args)
+        if "tools" in only:
+            hop_tools(bench, iperf_port, nginx.port, args.seconds)
         if "service" in only:
             service(bench, args)
         if "failover" in only:
@@ -451,6 +499,7 @@ def main() -> None:
             print(median_line("  (the revoke command itself ran)", commands, "none: a process start"))
     finally:
         bench.close()
+        stack.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
