@@ -459,6 +459,44 @@ def test_http_tunnel_opened_at_a_answers_through_c(fleet):
         web.close()
 
 
+def test_sse_and_websocket_through_an_http_tunnel_forwarded_to_another_gateway(fleet):
+    """Server-Sent Events arrive one by one and a WebSocket echoes both ways through c,
+    the tunnel opened at a, its agent held by b."""
+    from tests.test_http_tunnel import WsClient
+    from tests.webapps import WebApp
+
+    async def main() -> None:
+        async with WebApp() as app:
+            agent_id = fleet.agent_id("a", "on-b")
+            status, body = await asyncio.to_thread(fleet.api, "a", "POST", f"/api/v1/agents/{agent_id}/tunnel",
+                                                   {"target_port": app.port})
+            assert status == 200, body
+            path = body["tunnel_url"].split(f":{fleet.port('a')}", 1)[1]
+            port = fleet.port("c")
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET {path}sse?n=3&interval=0.2 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            received = b""
+            async with asyncio.timeout(20):
+                while received.count(b"data:") < 3:
+                    chunk = await reader.read(65536)
+                    assert chunk, received
+                    received += chunk
+            writer.close()
+            head = received.split(b"\r\n\r\n", 1)[0].lower()
+            assert head.startswith(b"http/1.1 200") and b"text/event-stream" in head, head
+            ws = await WsClient.connect(port, f"{path}ws")
+            try:
+                await ws.send("through three gateways")
+                assert await ws.receive() == "echo: through three gateways"
+                blob = os.urandom(200_000)
+                await ws.send(blob)
+                assert await ws.receive() == blob
+            finally:
+                await ws.close()
+
+    asyncio.run(main())
+
+
 def test_web_terminal_of_an_agent_held_by_b_opens_at_a(fleet):
     """relay agent --terminal held by b: the session opened at b carries terminal_url;
     its WebSocket at a is forwarded to b like any tunnel stream; so is one opened at a
