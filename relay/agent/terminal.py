@@ -334,14 +334,16 @@ class TerminalShell:
         :data:`HANGUP_GRACE` seconds if it is still there."""
         self._hanging_up = True
         process = self.process
-        if process is not None and process.poll() is None:
+        if process is not None:
             # Every job of the session, not only the shell's group: a background job is a
             # group of its own, and a shell does not always pass the hangup on (bash
-            # does only when the signal finds it idle). nohup'd jobs ignore it, as they
-            # would over ssh.
+            # does only when the signal finds it idle). Also when the shell itself is
+            # gone already (the closed pty hung it up first): its jobs stay in its
+            # session. nohup'd jobs ignore it, as they would over ssh.
             for group in _session_groups(process.pid):
                 _signal_group(group, signal.SIGHUP)
                 _signal_group(group, signal.SIGCONT)  # a stopped job must wake to die
+        if process is not None and process.poll() is None:
             try:
                 async with asyncio.timeout(HANGUP_GRACE):
                     await self._exited.wait()
