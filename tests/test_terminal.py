@@ -270,12 +270,30 @@ def shells_of_this_process() -> list[psutil.Process]:
     return found
 
 
-def pid_gone(pid: int) -> bool:
+def _proc_stat(pid: int) -> Optional[list[bytes]]:
+    """The fields of /proc/PID/stat after the command name (state first), or None."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def started(pid: int) -> Optional[bytes]:
+    """The process's start time (clock ticks since boot): with the pid, who it is."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
+
+
+def pid_gone(pid: int, start: Optional[bytes] = None) -> bool:
+    """The process is dead: no longer there, a zombie (a background job outliving its
+    shell is an orphan, which this machine's init may leave unreaped for a while), or
+    its pid now names another process (started at another time than ``start``; the
+    suite starts enough processes for pids to wrap around)."""
+    fields = _proc_stat(pid)
+    if fields is None or fields[0] in (b"Z", b"X"):
         return True
-    return False
+    return start is not None and len(fields) > 19 and fields[19] != start
 
 
 # ----------------------------------------------------------------------------- protocol level
@@ -352,7 +370,8 @@ def test_closing_the_socket_hangs_the_shell_up(tmp_path):
                 await term.send(b"sleep 300 & echo PIDS=$$,$!\r")
                 match = await term.expect(rb"PIDS=(\d+),(\d+)")
                 shell, job = int(match.group(1)), int(match.group(2))
-                assert not pid_gone(shell) and not pid_gone(job)
+                shell_start, job_start = started(shell), started(job)
+                assert not pid_gone(shell, shell_start) and not pid_gone(job, job_start)
                 if how == "close frame":
                     term.close()
                 elif how == "dropped connection":
@@ -371,7 +390,12 @@ def test_closing_the_socket_hangs_the_shell_up(tmp_path):
                     assert status == 200, body
                     code, reason = await term.until_closed()
                     assert code == 1000 and "tunnel session was closed" in reason
-                await wait_until(lambda shell=shell, job=job: pid_gone(shell) and pid_gone(job), timeout=15)
+                try:
+                    await wait_until(lambda shell=shell, job=job, a=shell_start, b=job_start:
+                                     pid_gone(shell, a) and pid_gone(job, b), timeout=15)
+                except TimeoutError:
+                    raise AssertionError(f"{how}: still there: shell {shell} {_proc_stat(shell)!r}, "
+                                         f"job {job} {_proc_stat(job)!r}") from None
                 await wait_until(lambda: not agent.shells and not gw.terminals.live)
 
     run(main, timeout=120)
