@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -398,7 +399,12 @@ def test_closing_the_socket_hangs_the_shell_up(tmp_path):
                                          f"job {job} {_proc_stat(job)!r}") from None
                 await wait_until(lambda: not agent.shells and not gw.terminals.live)
 
-    run(main, timeout=120)
+    # As under nohup: an agent that ignores SIGHUP must not hand that on to its shells.
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        run(main, timeout=120)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_a_flood_of_output_arrives_whole(tmp_path):

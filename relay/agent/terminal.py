@@ -115,6 +115,11 @@ def _make_controlling_tty() -> None:  # pragma: no cover - runs in the child, be
     # the pty's slave end: make it the controlling one, so job control, ^C and the
     # hangup on close work as in a login shell.
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    # A shell starts with the signal dispositions a login gives it, not the agent's: an
+    # agent run under nohup ignores SIGHUP, and a shell and jobs that inherited that
+    # would outlive the page that hung them up.
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 class TerminalShell:
