@@ -56,7 +56,7 @@ import _topology as topo  # noqa: E402
 import psutil  # noqa: E402
 from e2e_tcp import summarise_profile  # noqa: E402
 
-from tests.servers import start_nginx  # noqa: E402
+from tests.support.servers import start_nginx  # noqa: E402
 
 HOST = "127.0.0.1"
 PATHS = ("direct", "nginx-proxy", "tunnel", "service", "invoke", "tunnel-base")

@@ -55,7 +55,7 @@ import _topology as topo  # noqa: E402
 import psutil  # noqa: E402
 import uvloop  # noqa: E402
 
-from tests.servers import start_nginx, start_sshd  # noqa: E402
+from tests.support.servers import start_nginx, start_sshd  # noqa: E402
 
 HOST = "127.0.0.1"
 PATHS = ("relay", "ssh -N", "ssh -tt", "direct")

@@ -55,7 +55,7 @@ import _topology as topo  # noqa: E402
 import psutil  # noqa: E402
 from e2e_http import start_nginx_proxy  # noqa: E402
 
-from tests.servers import start_nginx, start_postgres, start_redis, start_sshd  # noqa: E402
+from tests.support.servers import start_nginx, start_postgres, start_redis, start_sshd  # noqa: E402
 
 HOST = "127.0.0.1"
 TCP_PATHS = ("direct", "ssh-tt", "ssh-N", "hub", "hub-wss", "connect")

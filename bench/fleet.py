@@ -471,7 +471,7 @@ def main() -> None:
             bench.procs.append(subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)],
                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-            from tests.servers import start_nginx
+            from tests.support.servers import start_nginx
 
             (work / "nginx").mkdir()
             nginx = stack.enter_context(start_nginx(work / "nginx"))

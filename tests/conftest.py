@@ -8,7 +8,7 @@ import pytest
 import relay
 from relay import _ext
 
-pytest_plugins = ["tests.servers", "tests.store_fixtures"]
+pytest_plugins = ["tests.support.servers", "tests.support.store_fixtures"]
 
 PURE = bool(os.environ.get("RELAY_NO_EXTENSIONS"))
 

@@ -2,7 +2,7 @@
 
 Sans-IO: bytes in, messages out; bytes out from ``encode_frame``. Both twins must behave
 identically on every input (same messages, same errors with the same close codes and
-messages); ``tests/test_ws_framing.py`` runs against each. The handshake lives in
+messages); ``tests/mux/test_ws_framing.py`` runs against each. The handshake lives in
 ``relay/ws/handshake.py``; only the data path is here. No extension (permessage-deflate)
 is supported, so every RSV bit must be 0.
 
