@@ -444,9 +444,14 @@ class TunnelManager:
             row = await self._store.get_tunnel_session(team_id, session_id)
             if row is None or row.agent_id != agent_id or not row.is_open:
                 return []
+            # The hub port stops before the store says closed: whoever reads "closed"
+            # there must find the port refusing, not a listener still draining.
+            self._close_hub(session_id)
             await self._store.close_tunnel_session(team_id, session_id)
             closed = [session_id]
         else:
+            for row in await self._store.list_tunnel_sessions(team_id, agent_id):
+                self._close_hub(row.session_id)
             closed = await self._store.close_tunnel_sessions(team_id, agent_id)
         for sid in closed:
             self._close_hub(sid)
