@@ -55,7 +55,7 @@ from relay.gateway.store import (
     open_store,
 )
 from relay.gateway.web.dashboard import Dashboard
-from relay.gateway.web.terminal import TerminalRoutes
+from relay.gateway.web.terminal import CLOSE_REASONS, TerminalRoutes
 from relay.mux.connection import MuxConfig
 from relay.mux.datagrams import DEFAULT_IDLE_TIMEOUT
 from relay.mux.errors import ErrorCode
@@ -709,7 +709,9 @@ def openapi_document(server_url: str) -> dict[str, Any]:
         "agent_id": {"type": "string"}, "name": {"type": "string"},
         "labels": {"type": "array", "items": {"type": "string"}}, "version": {"type": "string"},
         "status": {"type": "string", "enum": ["idle", "busy", "tunnel", "unhealthy", "offline"]},
-        "online": {"type": "boolean"}}}
+        "online": {"type": "boolean"},
+        "terminal": {"type": "boolean", "description": "the agent serves the web terminal (started with "
+                                                        "--terminal SHELL); false while it is offline"}}}
     return {
         "openapi": "3.0.3",
         "info": {"title": "relay gateway API", "version": __version__},
@@ -762,7 +764,11 @@ def openapi_document(server_url: str) -> dict[str, Any]:
                                                        "idle_timeout": {"type": "number"},
                                                        "tunnel_host_url": {
                                                            "type": "string",
-                                                           "description": "http only, with --tunnel-domain"}}}}}},
+                                                           "description": "http only, with --tunnel-domain"},
+                                                       "terminal_url": {
+                                                           "type": "string",
+                                                           "description": "the web terminal's page, only when "
+                                                                          "the agent serves one"}}}}}},
                                        "400": error, "401": error, "403": error, "404": error, "409": error}},
                 "delete": {"summary": "Close one (session_id) or all of the agent's tunnel sessions",
                            "parameters": [agent_id, team, {"name": "session_id", "in": "query", "required": False,
@@ -818,9 +824,30 @@ class _GatewayCollector:
             refused.add_metric([code], count)
         yield refused
         yield GaugeMetricFamily("relay_http_connections", "Open HTTP connections", value=len(gw._connections))
+        yield from _terminal_families(gw.terminals)
         if gw.fleet is not None:
             yield from gw.fleet.metrics.families(gw.fleet.peers.connected(), len(gw.fleet.registry.locations))
         yield from _traffic_families(gw)
+
+
+def _terminal_families(terminals: TerminalRoutes) -> Any:
+    """The web terminal (relay.gateway.web.terminal): opened, refused by error code,
+    closed by reason (every reason present, 0 until it happens), open now."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    yield CounterMetricFamily("relay_terminals_opened", "Web terminals opened (a shell started on an agent)",
+                              value=terminals.opened_total)
+    refused = CounterMetricFamily("relay_terminals_refused", "Web terminal openings refused, by error code "
+                                  "(admin_token_required, invalid_admin_token, terminal_not_enabled, ...)",
+                                  labels=["code"])
+    for code, count in sorted(terminals.refused.items()):
+        refused.add_metric([code], count)
+    yield refused
+    closed = CounterMetricFamily("relay_terminals_closed", "Web terminals closed, by reason", labels=["reason"])
+    for reason in CLOSE_REASONS:
+        closed.add_metric([reason], terminals.closed[reason])
+    yield closed
+    yield GaugeMetricFamily("relay_terminals_open", "Web terminals open now", value=terminals.open_now())
 
 
 def _traffic_families(gw: "Gateway") -> Any:

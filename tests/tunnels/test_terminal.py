@@ -26,6 +26,7 @@ import pytest
 import wsproto
 import wsproto.events as ws_events
 from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
 
 from relay.agent import Agent
 from relay.agent.terminal import TerminalSpec
@@ -405,6 +406,98 @@ def test_closing_the_socket_hangs_the_shell_up(tmp_path):
         run(main, timeout=120)
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+async def scrape(gw: Any) -> dict[str, dict[tuple, float]]:
+    """The gateway's /metrics, parsed by prometheus_client: samples by name and labels."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    async with asyncio.timeout(10):
+        raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    out: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def test_terminals_are_counted_in_metrics_and_agents_say_whether_they_serve_one(tmp_path):
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys), \
+                running_agent(gw, keys["ak"], name="with-term", terminal=quiet_bash(tmp_path)) as agent, \
+                running_agent(gw, keys["ak"], name="plain") as plain:
+            status, listed = await http(gw.port, "GET", "/api/v1/agents", keys["sk"])
+            assert status == 200, listed
+            assert {a["name"]: a["terminal"] for a in listed["agents"]} == {"with-term": True, "plain": False}
+            for one, serves in ((agent, True), (plain, False)):
+                status, detail = await http(gw.port, "GET", f"/api/v1/agents/{one.agent_id}", keys["sk"])
+                assert status == 200 and detail["terminal"] is serves, detail
+            status, spec = await http(gw.port, "GET", "/api/v1/openapi.json")
+            assert spec["components"]["schemas"]["Agent"]["properties"]["terminal"]["type"] == "boolean"
+
+            metrics = await scrape(gw)
+            assert metrics["relay_terminals_opened_total"] == {(): 0} and metrics["relay_terminals_open"] == {(): 0}
+            assert set(metrics["relay_terminals_closed_total"].values()) == {0}
+            assert "relay_terminals_refused_total" not in metrics  # no refusal yet: no series
+
+            answer = await open_session(gw, keys["sk"], agent.agent_id, "tcp")
+            plain_answer = await open_session(gw, keys["sk"], plain.agent_id, "tcp")
+            admin = {"X-Admin-Token": answer["admin_token"]}
+            refusals = [({}, ws_path(answer)), ({"X-Admin-Token": "wrong-token"}, ws_path(answer)),
+                        ({"X-Admin-Token": "wrong-again"}, ws_path(answer)),
+                        ({"X-Admin-Token": plain_answer["admin_token"]},
+                         "/tunnel/" + urlsplit(plain_answer["tunnel_url"]).path.split("/")[2] + "/_relay/terminal/ws")]
+            for headers, path in refusals:
+                term, status, _ = await open_terminal(gw.port, path, headers)
+                assert term is None and status in (401, 403, 409), status
+
+            # One terminal per way of ending: the page closes, the shell exits, the
+            # session is closed. Each is counted open while it is.
+            for reason in ("page_closed", "shell_exited", "session_closed"):
+                term, status, error = await open_terminal(gw.port, ws_path(answer), admin)
+                assert status == 101, error
+                await term.send(b"echo up-$((2+3))\r")
+                await term.expect(rb"up-5")
+                assert (await scrape(gw))["relay_terminals_open"] == {(): 1}
+                if reason == "page_closed":
+                    term.close()
+                elif reason == "shell_exited":
+                    await term.send(b"exit 0\r")
+                    await term.until_closed()
+                else:
+                    status, body = await http(gw.port, "DELETE", f"/api/v1/agents/{agent.agent_id}/tunnel"
+                                              f"?session_id={answer['session_id']}", keys["sk"])
+                    assert status == 200, body
+                    await term.until_closed()
+                await wait_until(lambda: not gw.terminals.live and not agent.shells)
+
+            metrics = await scrape(gw)
+            assert metrics["relay_terminals_opened_total"] == {(): 3}
+            assert metrics["relay_terminals_open"] == {(): 0}
+            assert metrics["relay_terminals_closed_total"] == {
+                (("reason", "page_closed"),): 1, (("reason", "shell_exited"),): 1,
+                (("reason", "session_closed"),): 1, (("reason", "error"),): 0}
+            assert metrics["relay_terminals_refused_total"] == {
+                (("code", "admin_token_required"),): 1, (("code", "invalid_admin_token"),): 2,
+                (("code", "terminal_not_enabled"),): 1}
+            # The session is closed: its URL now answers 404, counted like any refusal.
+            term, status, _ = await open_terminal(gw.port, ws_path(answer), admin)
+            assert term is None and status == 404
+            assert (await scrape(gw))["relay_terminals_refused_total"][(("code", "tunnel_not_found"),)] == 1
+
+        # The agent gone, nobody can tell: false until it says so again.
+        async with gateway_and_team(tmp_path / "again") as (gw2, keys2):
+            async with running_agent(gw2, keys2["ak"], name="gone", terminal=quiet_bash(tmp_path)) as gone:
+                agent_id = gone.agent_id
+                assert (await http(gw2.port, "GET", f"/api/v1/agents/{agent_id}", keys2["sk"]))[1]["terminal"] is True
+            await wait_until(lambda: not gw2.registry.connected())
+            status, detail = await http(gw2.port, "GET", f"/api/v1/agents/{agent_id}", keys2["sk"])
+            assert status == 200 and detail["online"] is False and detail["terminal"] is False, detail
+
+    run(main, timeout=120)
 
 
 def test_a_flood_of_output_arrives_whole(tmp_path):

@@ -52,6 +52,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 from relay.aio import MuxSession
 from relay.gateway.store import Agent, Store
+from relay.gateway.web.terminal import terminal_enabled
 from relay.mux.errors import ErrorCode
 
 __all__ = ["AgentNameTaken", "ConnectedAgent", "Registry", "StoreWrites", "agent_identity", "end_session"]
@@ -420,6 +421,9 @@ class Registry:
             "last_seen": agent.last_seen,
             "connected_at": live.connected_at if live is not None and online else None,
             "open_streams": len(live.session.streams) if live is not None and online else 0,
+            # From the hello of the session it is connected with: an offline agent's
+            # next start may say otherwise, so it is false until then.
+            "terminal": live is not None and online and terminal_enabled(live.session.peer_info),
         }
 
     def abort_all(self, message: str = "gateway shutting down") -> None:

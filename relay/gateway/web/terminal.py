@@ -33,7 +33,9 @@ the agent hangs the shell up; the shell exiting closes the tab's socket; closing
 tunnel session closes its terminals.
 
 Every opening, refusal and closing is logged on the ``relay.audit`` logger: session,
-agent, client address, duration; never a token.
+agent, client address, duration; never a token. They are counted too, for the
+gateway's ``/metrics``: terminals opened, refused (by error code), closed (by reason:
+``page_closed``, ``shell_exited``, ``session_closed``, ``error``) and open now.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ import html
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -67,7 +70,7 @@ from relay.ws.handshake import HandshakeError, accept_response, parse_upgrade_re
 if TYPE_CHECKING:
     from relay.gateway.app import Gateway
 
-__all__ = ["PAGE_PATH", "TerminalRoutes", "terminal_enabled", "terminal_url"]
+__all__ = ["CLOSE_REASONS", "PAGE_PATH", "TerminalRoutes", "terminal_enabled", "terminal_url"]
 
 log = logging.getLogger("relay.gateway.terminal")
 audit = logging.getLogger("relay.audit")
@@ -86,6 +89,9 @@ ASSETS = {
     "addon-fit.js": ("xterm/addon-fit.js", "text/javascript; charset=utf-8"),
     "terminal.js": ("terminal.js", "text/javascript; charset=utf-8"),
 }
+#: Why a terminal ended, as counted: the page's socket closed, the shell exited (or the
+#: agent ended the stream), the tunnel session was closed, a protocol or stream error.
+CLOSE_REASONS = ("page_closed", "shell_exited", "session_closed", "error")
 CLOSE_NORMAL = 1000
 CLOSE_INVALID = 1007
 CLOSE_ERROR = 1011
@@ -157,6 +163,8 @@ class _TerminalBridge:
         self._started = time.monotonic()
         self._ended = False
         self.reason = "the page closed"
+        #: Why it ended, as counted in metrics (TerminalRoutes.closed): one of CLOSE_REASONS.
+        self.ended_by = "page_closed"
 
     # -- the WebSocket's callbacks
 
@@ -237,24 +245,30 @@ class _TerminalBridge:
                         ws.write(event.data)
                     elif isinstance(event, TerminalExit):
                         self.reason = f"the shell exited with status {event.status}"
+                        self.ended_by = "shell_exited"
                         ws.send_text(json.dumps({"exit": event.status}))
                 await self._writable.wait()  # a tab that reads slowly holds the shell back
         except TerminalProtocolError as exc:
             self.reason = f"protocol error from the agent: {exc}"
+            self.ended_by = "error"
             self.stream.abort(ErrorCode.PROTOCOL_ERROR, str(exc))
             ws.close_with(CLOSE_ERROR, self.reason)
         except ConnectionError as exc:
             if not self._ended:
                 self.reason = f"the terminal stream was reset: {exc}"
+                self.ended_by = "error"
                 ws.close_with(CLOSE_ERROR, self.reason)
         else:
             if not self._ended:
+                self.ended_by = "shell_exited"  # the agent ended the stream: the shell is gone
                 ws.close_with(CLOSE_NORMAL, self.reason if self.reason.startswith("the shell") else "the shell ended")
         self._end()
 
     def close(self, reason: str) -> None:
         """Close from the gateway's side (the tunnel session was closed)."""
         self.reason = reason
+        if not self._ended:
+            self.ended_by = "session_closed"
         if self.ws is not None:
             self.ws.close_with(CLOSE_NORMAL, reason)
         if not self.stream.finished:
@@ -267,6 +281,7 @@ class _TerminalBridge:
         self._ended = True
         self._writable.set()
         self._routes._closed(self)
+        self._routes.closed[self.ended_by] += 1
         audit.info("terminal closed: session %s (agent %s) for %s after %.1fs: %s", self.row.session_id,
                    self.row.agent_id, self.who, time.monotonic() - self._started, self.reason)
 
@@ -278,8 +293,15 @@ class TerminalRoutes:
         self.gw = gateway
         #: Open terminals by tunnel session id.
         self.live: dict[str, set[_TerminalBridge]] = {}
-        #: Terminals opened since start (for metrics and tests).
+        #: Since start, for metrics (relay.gateway.app) and tests: terminals opened,
+        #: WebSocket openings refused by error code, terminals closed by CLOSE_REASONS.
         self.opened_total = 0
+        self.refused: Counter[str] = Counter()
+        self.closed: Counter[str] = Counter()
+
+    def open_now(self) -> int:
+        """Terminals open now, over all sessions."""
+        return sum(len(bridges) for bridges in self.live.values())
 
     def register(self, add: Any) -> None:
         """Add the routes (before the HTTP tunnels' catch-all, which would proxy them)."""
@@ -396,6 +418,14 @@ class TerminalRoutes:
             "Set-Cookie": f"{COOKIE}={admin}; Path={base}; HttpOnly; SameSite=Strict{secure}"})
 
     async def _websocket(self, request: Request) -> Optional[Response]:
+        try:
+            return await self._open(request)
+        except HttpError as exc:
+            self.refused[exc.code] += 1
+            raise
+
+    async def _open(self, request: Request) -> Optional[Response]:
+        """The WebSocket route's work; every refusal is an HttpError (counted by the caller)."""
         row = await self._session(request)
         who = _who(request)
         admin = self._admin_from(request, query=True)
