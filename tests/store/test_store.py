@@ -106,6 +106,7 @@ def test_migration_8_keeps_one_tunnel_per_hub_port(data_dir: Path) -> None:
     db = sqlite3.connect(data_dir / DB_FILENAME)
     db.execute("DROP INDEX tunnels_by_hub_port")
     db.execute("UPDATE schema_version SET version = 7")
+    db.execute("ALTER TABLE tasks DROP COLUMN submitted_by")  # migration 9 adds it again
     db.execute("UPDATE tunnels SET hub_port = 22001")
     db.commit()
     db.close()

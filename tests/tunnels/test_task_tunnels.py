@@ -15,7 +15,7 @@ import pytest
 
 from relay.agent import Agent
 from relay.gateway.agents import session_lifetime
-from tests.gateway.test_gateway_e2e import gateway_and_team, http, run, running_agent, wait_until
+from tests.gateway.test_gateway_e2e import first_team_id, gateway_and_team, http, run, running_agent, wait_until
 from tests.support.webapps import WebApp
 from tests.tunnels.test_tasks import sse, submit, task_status
 from tests.tunnels.test_tunnels_api import echo_server, echo_through, refused
@@ -335,6 +335,89 @@ def test_a_queued_task_keeps_its_expose_across_a_restart(tmp_path):
                     status, _ = await http(gw.port, "POST", f"/api/v1/tasks/{answer['task_id']}/cancel", sk)
                     assert status == 200
                     await wait_until(lambda: refused(tunnel["hub_port"]))
+            finally:
+                await gw.close()
+                await store.close()
+
+    run(main)
+
+
+def _tunnel_event(events: list[tuple[str, Any]]) -> dict[str, Any]:
+    [event] = [data for kind, data in events if kind == "tunnel"]
+    return event
+
+
+def test_the_tunnel_admin_token_goes_to_the_submitter_and_managers_only(tmp_path):
+    """Seed 000: the tunnel_url can be shared, the admin_token must be kept secret; seed
+    001: a task's events go back to the client that submitted it. Another dk- key of
+    the team follows the task and reaches its service, without the token."""
+    async def main():
+        async with gateway_and_team(tmp_path) as (gw, keys), WebApp() as app:
+            sk, submitter = str(keys["sk"]), str(keys["dk"])
+            _, other = await gw.store.create_credential(await first_team_id(gw), "dk")
+            other = str(other)
+            async with running_agent(gw, str(keys["ak"]), name="gpu") as agent:
+                gates, _ = gate(agent)
+                status, answer = await http(gw.port, "POST", "/api/v1/tasks", submitter,
+                                            {"kind": "serve", "expose": {"port": app.port}})
+                assert status == 202, answer
+                tunnel = await _task_tunnel(gw, other, answer["task_id"])
+                assert "admin_token" not in tunnel  # the task itself never carries it
+                # The URL is the shareable part: the other key reaches the service.
+                status, echo = await http(gw.port, "GET", _path(tunnel["tunnel_url"]) + "echo/shared")
+                assert status == 200 and echo["target"] == "/echo/shared"
+                await wait_until(lambda: answer["task_id"] in gates)
+                gates[answer["task_id"]].set()
+                path = f"/api/v1/tasks/{answer['task_id']}/events"
+                mine, managers, others = [_tunnel_event(await sse(gw.port, path, key))
+                                          for key in (submitter, sk, other)]
+                assert mine["admin_token"] and managers["admin_token"] == mine["admin_token"]
+                assert "admin_token" not in others
+                assert {k: v for k, v in mine.items() if k != "admin_token"} == others
+                assert others["tunnel_url"] == tunnel["tunnel_url"]
+                # Resuming from an event id does not change who sees what.
+                reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {other}\r\n"
+                             f"Last-Event-ID: 1\r\n\r\n".encode())
+                async with asyncio.timeout(10):
+                    raw = await reader.read()
+                writer.close()
+                assert b"event: tunnel" in raw and mine["admin_token"].encode() not in raw
+
+    run(main)
+
+
+def test_the_submitter_keeps_the_admin_token_across_a_restart(tmp_path):
+    from relay.gateway.app import Gateway
+    from relay.gateway.store import open_store
+
+    async def main():
+        async with echo_server() as echo_port:
+            async with gateway_and_team(tmp_path) as (gw, keys):
+                team_id = await first_team_id(gw)
+                _, other = await gw.store.create_credential(team_id, "dk")
+                submitter, other = str(keys["dk"]), str(other)
+                status, answer = await http(gw.port, "POST", "/api/v1/tasks", submitter, {
+                    "kind": "sleep", "input": {"seconds": 30}, "labels": ["late"],
+                    "expose": {"port": echo_port, "protocol": "tcp"}})
+                assert status == 202 and answer["status"] == "queued"
+            store = await open_store(None, tmp_path / "data")
+            record = await store.get_task(team_id, answer["task_id"])
+            assert record is not None and record.submitted_by is not None and record.submitted_by.startswith("dk:")
+            gw = Gateway(store, allow_private_egress=True)
+            await gw.start("127.0.0.1", 0)
+            try:
+                async with running_agent(gw, str(keys["ak"]), agent_class=_BuiltinsAgent, name="late",
+                                         labels=["late"]):
+                    tunnel = await _task_tunnel(gw, other, answer["task_id"])
+                    status, _ = await http(gw.port, "POST", f"/api/v1/tasks/{answer['task_id']}/cancel",
+                                           str(keys["sk"]))
+                    assert status == 200
+                    path = f"/api/v1/tasks/{answer['task_id']}/events"
+                    mine = _tunnel_event(await sse(gw.port, path, submitter))
+                    others = _tunnel_event(await sse(gw.port, path, other))
+                    assert mine["admin_token"] and "admin_token" not in others
+                    assert mine["hub_port"] == others["hub_port"] == tunnel["hub_port"]
             finally:
                 await gw.close()
                 await store.close()

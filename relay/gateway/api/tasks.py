@@ -61,7 +61,15 @@ task is running ... when the task ends, the tunnel closes"): a task with ``expos
 gets, once dispatched, a tunnel session (seed 000) on its agent to ``127.0.0.1:port``,
 ``http`` (default) or ``tcp``. Its ``tunnel`` event carries the seed 000 answer
 (``session_id``, ``tunnel_url``, ``admin_token``, ``tunnel_protocol``, ``hub_port`` for
-tcp), so whoever follows the task reaches the service. The session has no TTL or idle
+tcp), so whoever follows the task reaches the service. The ``tunnel_url`` "can be
+safely shared" and the ``admin_token`` "must be kept secret" (seed 000), and a task's
+events go "back to the client that submitted the task" (seed 001): the admin_token is
+in the event only for the caller that submitted the task (the same ``sk-``/``dk-`` key,
+or the same user of a JWT) and for the team's management callers (``sk-`` keys, users),
+who may close any session and open their own on any agent anyway. Any other runtime
+caller of the team (another ``dk-`` key) gets the event without it: the token would let
+it close, and open a terminal on, a session it did not open. ``GET /api/v1/tasks/{id}``
+never carries it. The session has no TTL or idle
 timeout of its own and does not put the agent in status ``tunnel``: it is closed when the
 task ends in any way (result, error, cancelled, agent disconnected), live connections
 cut. If the port cannot be exposed (the agent's allowlist refuses it, a loop into the
@@ -98,6 +106,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from relay.gateway.agents.registry import ConnectedAgent, StoreWrites
+from relay.gateway.auth import Principal
 from relay.gateway.http.server import HttpError, Request, Response, Router, json_response
 from relay.gateway.store import TASK_STATUSES, TaskRecord
 
@@ -183,20 +192,32 @@ class Task:
     expose: Optional[dict[str, Any]] = None
     #: Its task-bound tunnel session once open (the seed 000 answer, admin token included).
     tunnel: Optional[dict[str, Any]] = None
+    #: Who submitted it (:func:`submitter`), None for a task recorded before this was kept.
+    submitted_by: Optional[str] = None
 
     @property
     def finished(self) -> bool:
         return self.status in FINAL
 
-    def add_event(self, kind: str, **data: Any) -> bool:
-        """Record an event (encoded once, as SSE sends it); False if over the bounds."""
+    def may_administer(self, principal: Principal) -> bool:
+        """May ``principal`` see the secrets of this task's events (its tunnel's
+        admin_token)? Its submitter and the team's management callers (module docstring)."""
+        return principal.can_manage or (self.submitted_by is not None and self.submitted_by == submitter(principal))
+
+    def add_event(self, kind: str, secret: tuple[str, ...] = (), **data: Any) -> bool:
+        """Record an event (encoded once, as SSE sends it, and once more without the
+        ``secret`` fields for the callers that may not see them); False if over the bounds."""
         encoded = json.dumps({"type": kind, **data})
+        public = json.dumps({"type": kind, **{k: v for k, v in data.items() if k not in secret}}) if secret else None
         final = kind in ("result", "error")
         if not final and (len(self.events) >= MAX_EVENTS or self.size + len(encoded) > MAX_TASK_BYTES):
             self.events_dropped += 1
             return False
-        self.size += len(encoded)
-        self.events.append({"seq": len(self.events) + 1, "type": kind, "data": encoded})
+        self.size += len(encoded) + (len(public) if public is not None else 0)
+        event = {"seq": len(self.events) + 1, "type": kind, "data": encoded}
+        if public is not None:
+            event["public"] = public
+        self.events.append(event)
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
         return True
@@ -210,6 +231,12 @@ class Task:
                 "events": len(self.events), "events_dropped": self.events_dropped,
                 "expose": self.expose,
                 "tunnel": {k: v for k, v in self.tunnel.items() if k != "admin_token"} if self.tunnel else None}
+
+
+def submitter(principal: Principal) -> str:
+    """Who a caller is, as a task records its submitter: ``KIND:SUBJECT`` (the
+    credential id of an ``sk-``/``dk-`` key, a user's JWT ``sub``)."""
+    return f"{principal.kind}:{principal.subject}"
 
 
 def _validate_expose(value: Any) -> Optional[dict[str, Any]]:
@@ -296,7 +323,7 @@ class TaskManager:
                                         finished_at=time.time())
                 continue
             task = Task(record.id, record.team_id, record.kind, record.input, list(record.labels),
-                        created_at=record.created_at, expose=record.expose)
+                        created_at=record.created_at, expose=record.expose, submitted_by=record.submitted_by)
             task.add_event("status", status="queued")
             self._tasks[task.task_id] = task
             self._queues.setdefault(task.team_id, deque()).append(task)
@@ -357,8 +384,9 @@ class TaskManager:
                         "expose": {"type": "object", "nullable": True, "additionalProperties": False,
                                    "required": ["port"],
                                    "description": "a port of the agent's host to tunnel while the task runs "
-                                                  "(its URL and admin_token come as the task's tunnel event; "
-                                                  "it closes when the task ends)",
+                                                  "(its URL comes as the task's tunnel event, with the "
+                                                  "admin_token for the submitter and management callers "
+                                                  "only; it closes when the task ends)",
                                    "properties": {"port": {"type": "integer", "minimum": 1, "maximum": 65535},
                                                   "protocol": {"type": "string", "enum": list(EXPOSE_PROTOCOLS),
                                                                "default": "http"}}}}}}}},
@@ -381,6 +409,11 @@ class TaskManager:
             "/tasks/{taskId}/events": {"get": {
                 "summary": "The task's events from the start as Server-Sent Events (status, progress, output, "
                            "then result or error); Last-Event-ID resumes",
+                "description": "A task-bound tunnel's tunnel event carries session_id, tunnel_url, "
+                               "tunnel_protocol (hub_port for tcp, terminal_url where the agent serves one) "
+                               "to every runtime caller of the team, and its admin_token only to the caller "
+                               "that submitted the task (the same key, or the same user) and to management "
+                               "callers (sk- keys, users); another dk- key gets the event without it.",
                 "parameters": [task_id], "responses": {
                     "200": {"description": "text/event-stream", "content": {"text/event-stream": {
                         # Each event (as SSE-aware tools such as schemathesis validate it).
@@ -419,9 +452,10 @@ class TaskManager:
         if len(queue) >= QUEUE_LIMIT:
             raise HttpError(503, "queue_full", f"the team already has {QUEUE_LIMIT} tasks waiting for an agent",
                             {"Retry-After": "5"})
-        task = Task(str(uuid.uuid4()), principal.team_id, kind, task_input, labels, expose=expose)
+        task = Task(str(uuid.uuid4()), principal.team_id, kind, task_input, labels, expose=expose,
+                    submitted_by=submitter(principal))
         await self.gw.store.create_task(task.team_id, task.task_id, kind, task_input, labels, owner=self.owner,
-                                        expose=expose)
+                                        expose=expose, submitted_by=task.submitted_by)
         task.add_event("status", status="queued")
         self._tasks[task.task_id] = task
         queue.append(task)
@@ -495,6 +529,7 @@ class TaskManager:
         cut if the credential that asked is revoked meanwhile."""
         principal = await self._principal(request)
         task = await self._task(request, principal)
+        which = "data" if task.may_administer(principal) else "public"
         try:
             position = max(0, int(request.header("last-event-id") or 0))
         except ValueError:
@@ -514,7 +549,8 @@ class TaskManager:
                 changed = task.changed
                 # Events are numbered 1.. and kept whole, so a position is an index.
                 for event in task.events[position:]:
-                    transport.write(f"id: {event['seq']}\nevent: {event['type']}\ndata: {event['data']}\n\n".encode())
+                    data = event.get(which, event["data"])  # "public": without the secret fields
+                    transport.write(f"id: {event['seq']}\nevent: {event['type']}\ndata: {data}\n\n".encode())
                     position = event["seq"]
                 if task.finished and position >= len(task.events):
                     break
@@ -785,7 +821,7 @@ class TaskManager:
         if task.finished:  # it ended while the session opened
             self._background_task(self._close_tunnel(task))
             return
-        task.add_event("tunnel", **result)
+        task.add_event("tunnel", secret=("admin_token",), **result)
         log.info("task %s exposes port %d: %s tunnel %s", task.task_id, port, protocol, result["session_id"])
 
     async def _close_tunnel(self, task: Task) -> None:
@@ -889,7 +925,8 @@ def _from_record(record: TaskRecord) -> Task:
     its status and, once it ended, the final event."""
     task = Task(record.id, record.team_id, record.kind, record.input, list(record.labels),
                 status=record.status, agent_id=record.agent_id, created_at=record.created_at,
-                finished_at=record.finished_at, result=record.result, error=record.error, expose=record.expose)
+                finished_at=record.finished_at, result=record.result, error=record.error, expose=record.expose,
+                submitted_by=record.submitted_by)
     task.from_row = not task.finished
     task.add_event("status", status=record.status, agent_id=record.agent_id)
     if record.status == "succeeded":

@@ -282,6 +282,8 @@ class TaskRecord:
     finished_at: float | None
     #: ``{"port", "protocol"}`` to tunnel while the task runs, or None.
     expose: Any = None
+    #: Who submitted it, ``KIND:SUBJECT`` of the caller (relay.gateway.api.tasks), or None.
+    submitted_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,7 +363,8 @@ def _task(row: Row) -> TaskRecord:
                       labels=tuple(json.loads(row["labels"])), status=row["status"], agent_id=row["agent_id"],
                       result=None if result is None else json.loads(result), error=row["error"],
                       created_at=row["created_at"], updated_at=row["updated_at"], finished_at=row["finished_at"],
-                      expose=json.loads(row["expose"]) if row["expose"] else None)
+                      expose=json.loads(row["expose"]) if row["expose"] else None,
+                      submitted_by=row["submitted_by"])
 
 
 def _webhook(row: Row) -> Webhook:
@@ -717,10 +720,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def create_task(self, team_id: str, task_id: str, kind: str, task_input: Any,
-                          labels: Sequence[str], owner: str = "", expose: Any = None) -> TaskRecord:
+                          labels: Sequence[str], owner: str = "", expose: Any = None,
+                          submitted_by: str | None = None) -> TaskRecord:
         """Record a task just submitted (``queued``); ``task_id`` is the caller's UUID,
-        ``owner`` names the gateway that runs it, ``expose`` its port to tunnel (or None). Raises :class:`NotFoundError` for an
-        unknown team."""
+        ``owner`` names the gateway that runs it, ``expose`` its port to tunnel (or None),
+        ``submitted_by`` who asked. Raises :class:`NotFoundError` for an unknown team."""
 
     @abc.abstractmethod
     async def update_task(self, team_id: str, task_id: str, **changes: Any) -> bool:

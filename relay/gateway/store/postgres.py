@@ -222,6 +222,8 @@ MIGRATIONS: list[Sequence[str]] = [
         " (SELECT MIN(id) FROM tunnels WHERE hub_port IS NOT NULL GROUP BY hub_port)",
         "CREATE UNIQUE INDEX tunnels_by_hub_port ON tunnels(hub_port)",
     ),
+    # 9: who submitted a task (as SQLite's 9).
+    ("ALTER TABLE tasks ADD COLUMN submitted_by TEXT",),
 ]
 
 

@@ -732,7 +732,8 @@ class SqlStore(Store):
     # -- tasks (seed 001) ----------------------------------------------------------------
 
     async def create_task(self, team_id: str, task_id: str, kind: str, task_input: Any,
-                          labels: Sequence[str], owner: str = "", expose: Any = None) -> TaskRecord:
+                          labels: Sequence[str], owner: str = "", expose: Any = None,
+                          submitted_by: str | None = None) -> TaskRecord:
         now = self._clock()
         task_id = normalize_uuid(task_id) or ""
         if not task_id:
@@ -741,9 +742,9 @@ class SqlStore(Store):
             team_id = await self._require_team(tx, team_id)
             await tx.execute(
                 "INSERT INTO tasks (id, team_id, owner, kind, input, labels, status, created_at, updated_at,"
-                " expose) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+                " expose, submitted_by) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
                 (task_id, team_id, owner, kind, json.dumps(task_input), json.dumps(list(labels)), now, now,
-                 None if expose is None else json.dumps(expose)))
+                 None if expose is None else json.dumps(expose), submitted_by))
             row = await tx.fetchone("SELECT * FROM tasks WHERE id = ?", (task_id,))
         assert row is not None  # inserted in this transaction
         return _task(row)

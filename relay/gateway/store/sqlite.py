@@ -195,6 +195,10 @@ MIGRATIONS: list[Sequence[str]] = [
         " (SELECT MIN(id) FROM tunnels WHERE hub_port IS NOT NULL GROUP BY hub_port)",
         "CREATE UNIQUE INDEX tunnels_by_hub_port ON tunnels(hub_port)",
     ),
+    # 9: who submitted a task (``KIND:SUBJECT`` of its credential or user), so its
+    # tunnel's admin_token still goes to them alone after a restart
+    # (relay.gateway.api.tasks). NULL for tasks recorded before.
+    ("ALTER TABLE tasks ADD COLUMN submitted_by TEXT",),
 ]
 
 
