@@ -18,6 +18,7 @@ the key is sent in the Authorization header and never printed.
 """
 from __future__ import annotations
 
+import functools
 import json
 import ssl
 import urllib.error
@@ -25,13 +26,13 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import click
 
 from relay.cli import json_option, main
 
-__all__ = ["ApiClient", "ApiError", "tunnel"]
+__all__ = ["ApiClient", "ApiError", "tunnel", "with_client"]
 
 #: Seconds an API call may take (connect + answer); the gateway answers in milliseconds.
 API_TIMEOUT = 15.0
@@ -142,6 +143,8 @@ def _error_message(exc: urllib.error.HTTPError) -> str:
 
 
 def _client_options(func: Any) -> Any:
+    """The options every API command takes: ``--gateway``, ``--key``, ``--ca-cert``,
+    ``--team`` and ``--json`` (their values reach ``func`` as keyword arguments)."""
     func = click.option("--team", "team_id", envvar="RELAY_TEAM_ID", metavar="UUID", show_envvar=True,
                         help="Team to act in (sent as X-Team-ID): needed with a user JWT.")(func)
     func = click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -152,6 +155,19 @@ def _client_options(func: Any) -> Any:
     func = click.option("--gateway", "gateway_url", required=True, envvar="RELAY_GATEWAY", metavar="URL",
                         show_envvar=True, help="Gateway base URL, e.g. http://127.0.0.1:8080.")(func)
     return json_option(func)
+
+
+def with_client(func: Callable[..., None]) -> Callable[..., None]:
+    """A command of the control API: :func:`_client_options`, with ``--gateway``,
+    ``--key``, ``--ca-cert`` and ``--team`` made into one ``api`` argument (an
+    :class:`ApiClient`); ``as_json`` (``--json``) and the command's own options pass
+    through. Apply it below the command's own options."""
+    @functools.wraps(func)
+    def command(*args: Any, gateway_url: str, key: str, ca_cert: Optional[Path], team_id: Optional[str],
+                **kwargs: Any) -> None:
+        func(*args, api=ApiClient(gateway_url, key, ca_cert, team_id=team_id), **kwargs)
+
+    return _client_options(command)
 
 
 def _print_json(value: Any) -> None:
@@ -175,13 +191,11 @@ def tunnel() -> None:
               help="Close the session this long after it opens (0: never; default: the gateway's).")
 @click.option("--idle-timeout", type=click.FloatRange(min=0), metavar="SECONDS",
               help="Close it after this long with nothing through it (0: never; default: the gateway's).")
-@_client_options
-def tunnel_open(agent_ref: str, target_port: int, protocol: str, gateway_url: str, key: str,
-                ca_cert: Optional[Path], as_json: bool, host_header: Optional[str] = None,
-                team_id: Optional[str] = None, ttl: Optional[float] = None,
+@with_client
+def tunnel_open(agent_ref: str, target_port: int, protocol: str, api: ApiClient, as_json: bool,
+                host_header: Optional[str] = None, ttl: Optional[float] = None,
                 idle_timeout: Optional[float] = None) -> None:
     """Open a tunnel to port --port on AGENT (an agent id or a unique name)."""
-    api = ApiClient(gateway_url, key, ca_cert, team_id=team_id)
     agent = api.resolve(agent_ref)
     request: dict[str, Any] = {"target_port": target_port, "tunnel_protocol": protocol}
     if host_header:
@@ -213,11 +227,9 @@ def tunnel_open(agent_ref: str, target_port: int, protocol: str, gateway_url: st
 
 @tunnel.command("list")
 @click.argument("agent_ref", metavar="[AGENT]", required=False)
-@_client_options
-def tunnel_list(agent_ref: Optional[str], gateway_url: str, key: str, ca_cert: Optional[Path],
-                as_json: bool, team_id: Optional[str] = None) -> None:
+@with_client
+def tunnel_list(agent_ref: Optional[str], api: ApiClient, as_json: bool) -> None:
     """List open tunnel sessions of AGENT, or of every agent of the team."""
-    api = ApiClient(gateway_url, key, ca_cert, team_id=team_id)
     agents = [api.resolve(agent_ref)] if agent_ref else api.agents()
     rows: list[dict[str, Any]] = []
     for agent in agents:
@@ -240,11 +252,9 @@ def tunnel_list(agent_ref: Optional[str], gateway_url: str, key: str, ca_cert: O
 @tunnel.command("close")
 @click.argument("agent_ref", metavar="AGENT")
 @click.option("--session", "session_id", metavar="ID", help="Close only this session (default: all of AGENT's).")
-@_client_options
-def tunnel_close(agent_ref: str, session_id: Optional[str], gateway_url: str, key: str,
-                 ca_cert: Optional[Path], as_json: bool, team_id: Optional[str] = None) -> None:
+@with_client
+def tunnel_close(agent_ref: str, session_id: Optional[str], api: ApiClient, as_json: bool) -> None:
     """Close AGENT's tunnel sessions (one with --session)."""
-    api = ApiClient(gateway_url, key, ca_cert, team_id=team_id)
     agent = api.resolve(agent_ref)
     path = f"/api/v1/agents/{_quote(agent['agent_id'])}/tunnel"
     if session_id:

@@ -26,19 +26,18 @@ Output: a human table or a few labelled lines by default, one JSON document with
 message and its status and code, and exit status 1: ``connect`` fails that way when the
 agent cannot listen (``502 bind_failed``, e.g. the port is taken) or does not answer
 (``504 bind_timeout``). The client and its options (``--gateway``, ``--key``,
-``--team``, ``--ca-cert``) are relay.cli.tunnel's.
+``--team``, ``--ca-cert``, ``--json``) are relay.cli.tunnel's (``with_client``).
 """
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Optional
 
 import click
 
 from relay.cli import main
-from relay.cli.tunnel import ApiClient, ApiError, _client_options, _print_json, _quote
+from relay.cli.tunnel import ApiClient, ApiError, _print_json, _quote, with_client
 
 __all__ = ["tunnels"]
 
@@ -47,6 +46,9 @@ EXPIRY = ("1h", "24h", "7d", "30d", "never")
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 Column = tuple[str, Callable[[dict[str, Any]], Any]]
+
+#: TUNNEL: a tunnel id, or the name of exactly one of the team's tunnels (:func:`_tunnel`).
+tunnel_argument = click.argument("tunnel_ref", metavar="TUNNEL")
 
 
 def _show_listing(found: dict[str, Any], key: str, columns: Sequence[Column], none: str, as_json: bool) -> None:
@@ -67,8 +69,12 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
                      for line in cells)
 
 
-def _client(gateway_url: str, key: str, ca_cert: Optional[Path], team_id: Optional[str]) -> ApiClient:
-    return ApiClient(gateway_url, key, ca_cert, team_id=team_id)
+def _emit(answer: Any, as_json: bool, show: Callable[[Any], None]) -> None:
+    """An answer: as JSON with ``--json``, else in words (``show``)."""
+    if as_json:
+        _print_json(answer)
+    else:
+        show(answer)
 
 
 def _tunnel(api: ApiClient, ref: str) -> dict[str, Any]:
@@ -83,6 +89,11 @@ def _tunnel(api: ApiClient, ref: str) -> dict[str, Any]:
     if len(named) > 1:
         raise ApiError(f"{len(named)} tunnels are named {ref!r}; give the tunnel id")
     raise ApiError(f"no tunnel {ref!r} in this team (by id or name)")
+
+
+def _path(tunnel: dict[str, Any], rest: str = "") -> str:
+    """The API path of ``tunnel`` (as :func:`_tunnel` found it), with ``rest`` after it."""
+    return f"/api/v1/tunnels/{_quote(tunnel['id'])}{rest}"
 
 
 _TUNNEL_COLUMNS: list[Column] = [
@@ -129,12 +140,10 @@ def tunnels() -> None:
 @click.option("--public", is_flag=True, help="Hub port on the gateway's public hub host (and, for "
                                              "http/https, a public share link).")
 @click.option("--hub-port", type=click.IntRange(1024, 65535), help="A specific hub port (default: any free one).")
-@_client_options
+@with_client
 def tunnels_create(target: str, agent_ref: str, name: Optional[str], protocol: str, public: bool,
-                   hub_port: Optional[int], gateway_url: str, key: str, ca_cert: Optional[Path],
-                   as_json: bool, team_id: Optional[str]) -> None:
+                   hub_port: Optional[int], api: ApiClient, as_json: bool) -> None:
     """Expose TARGET (HOST:PORT as the agent sees it) through AGENT as a named tunnel."""
-    api = _client(gateway_url, key, ca_cert, team_id)
     agent = api.resolve(agent_ref)
     body: dict[str, Any] = {"target": target, "agent_id": agent["agent_id"], "protocol": protocol,
                             "public": public}
@@ -142,45 +151,33 @@ def tunnels_create(target: str, agent_ref: str, name: Optional[str], protocol: s
         body["name"] = name
     if hub_port is not None:
         body["hub_port"] = hub_port
-    created = api.call("POST", "/api/v1/tunnels", body)
-    if as_json:
-        _print_json(created)
-        return
-    _show_tunnel(created, "Created")
+    _emit(api.call("POST", "/api/v1/tunnels", body), as_json, lambda created: _show_tunnel(created, "Created"))
 
 
 @tunnels.command("list")
-@_client_options
-def tunnels_list(gateway_url: str, key: str, ca_cert: Optional[Path], as_json: bool,
-                 team_id: Optional[str]) -> None:
+@with_client
+def tunnels_list(api: ApiClient, as_json: bool) -> None:
     """List the team's tunnels."""
-    found = _client(gateway_url, key, ca_cert, team_id).call("GET", "/api/v1/tunnels")
+    found = api.call("GET", "/api/v1/tunnels")
     _show_listing(found, "tunnels", _TUNNEL_COLUMNS, "No tunnels.", as_json)
 
 
 @tunnels.command("get")
-@click.argument("tunnel_ref", metavar="TUNNEL")
-@_client_options
-def tunnels_get(tunnel_ref: str, gateway_url: str, key: str, ca_cert: Optional[Path], as_json: bool,
-                team_id: Optional[str]) -> None:
+@tunnel_argument
+@with_client
+def tunnels_get(tunnel_ref: str, api: ApiClient, as_json: bool) -> None:
     """Show one tunnel (id or unique name)."""
-    api = _client(gateway_url, key, ca_cert, team_id)
-    found = api.call("GET", f"/api/v1/tunnels/{_quote(_tunnel(api, tunnel_ref)['id'])}")
-    if as_json:
-        _print_json(found)
-        return
-    _show_tunnel(found)
+    _emit(api.call("GET", _path(_tunnel(api, tunnel_ref))), as_json, _show_tunnel)
 
 
 @tunnels.command("update")
-@click.argument("tunnel_ref", metavar="TUNNEL")
+@tunnel_argument
 @click.option("--name", help="New name (1-100 characters).")
 @click.option("--status", type=click.Choice(["active", "paused"]), help="paused closes the hub port.")
 @click.option("--metadata", metavar="JSON", help="Custom metadata: a JSON object (replaces the old one).")
-@_client_options
+@with_client
 def tunnels_update(tunnel_ref: str, name: Optional[str], status: Optional[str], metadata: Optional[str],
-                   gateway_url: str, key: str, ca_cert: Optional[Path], as_json: bool,
-                   team_id: Optional[str]) -> None:
+                   api: ApiClient, as_json: bool) -> None:
     """Change a tunnel's name, status or metadata."""
     body: dict[str, Any] = {}
     if name is not None:
@@ -194,53 +191,42 @@ def tunnels_update(tunnel_ref: str, name: Optional[str], status: Optional[str], 
             raise click.BadParameter(f"not JSON: {exc}", param_hint="--metadata") from None
     if not body:
         raise click.UsageError("nothing to update: give --name, --status or --metadata")
-    api = _client(gateway_url, key, ca_cert, team_id)
-    updated = api.call("PATCH", f"/api/v1/tunnels/{_quote(_tunnel(api, tunnel_ref)['id'])}", body)
-    if as_json:
-        _print_json(updated)
-        return
-    _show_tunnel(updated, "Updated")
+    _emit(api.call("PATCH", _path(_tunnel(api, tunnel_ref)), body), as_json,
+          lambda updated: _show_tunnel(updated, "Updated"))
 
 
 @tunnels.command("delete")
-@click.argument("tunnel_ref", metavar="TUNNEL")
-@_client_options
-def tunnels_delete(tunnel_ref: str, gateway_url: str, key: str, ca_cert: Optional[Path], as_json: bool,
-                   team_id: Optional[str]) -> None:
+@tunnel_argument
+@with_client
+def tunnels_delete(tunnel_ref: str, api: ApiClient, as_json: bool) -> None:
     """Delete a tunnel (its shares and bindings go with it)."""
-    api = _client(gateway_url, key, ca_cert, team_id)
     found = _tunnel(api, tunnel_ref)
-    api.call("DELETE", f"/api/v1/tunnels/{_quote(found['id'])}")
-    if as_json:
-        _print_json({"deleted": found["id"]})
-        return
-    click.echo(f"Deleted tunnel {found['name']} ({found['id']})")
+    api.call("DELETE", _path(found))
+    _emit({"deleted": found["id"]}, as_json, lambda _: click.echo(f"Deleted tunnel {found['name']} ({found['id']})"))
 
 
 @tunnels.command("connect")
-@click.argument("tunnel_ref", metavar="TUNNEL")
+@tunnel_argument
 @click.option("--agent", "agent_ref", required=True, metavar="AGENT",
               help="The agent that should listen locally (id or unique name; must be online).")
 @click.option("--local-port", type=click.IntRange(1, 65535),
               help="Port to listen on at 127.0.0.1 of AGENT's machine (default: the target port).")
-@_client_options
-def tunnels_connect(tunnel_ref: str, agent_ref: str, local_port: Optional[int], gateway_url: str, key: str,
-                    ca_cert: Optional[Path], as_json: bool, team_id: Optional[str]) -> None:
+@with_client
+def tunnels_connect(tunnel_ref: str, agent_ref: str, local_port: Optional[int], api: ApiClient, as_json: bool) -> None:
     """Make AGENT listen on 127.0.0.1:--local-port for TUNNEL; fails (exit 1) if it cannot."""
-    api = _client(gateway_url, key, ca_cert, team_id)
     found = _tunnel(api, tunnel_ref)
     agent = api.resolve(agent_ref)
     body: dict[str, Any] = {"agent_id": agent["agent_id"]}
     if local_port is not None:
         body["local_port"] = local_port
-    connection = api.call("POST", f"/api/v1/tunnels/{_quote(found['id'])}/connect", body)
-    if as_json:
-        _print_json(connection)
-        return
-    click.echo(f"Connected tunnel {found['name']} on {agent.get('name')}: "
-               f"{connection['local_host']}:{connection['local_port']}")
-    click.echo(f"  connection  {connection['connection_string']}")
-    click.echo(f"  status      {connection.get('tunnel_status')}")
+
+    def show(connection: dict[str, Any]) -> None:
+        click.echo(f"Connected tunnel {found['name']} on {agent.get('name')}: "
+                   f"{connection['local_host']}:{connection['local_port']}")
+        click.echo(f"  connection  {connection['connection_string']}")
+        click.echo(f"  status      {connection.get('tunnel_status')}")
+
+    _emit(api.call("POST", _path(found, "/connect"), body), as_json, show)
 
 
 _BINDING_COLUMNS: list[Column] = [
@@ -251,47 +237,39 @@ _BINDING_COLUMNS: list[Column] = [
 
 
 @tunnels.command("bindings")
-@click.argument("tunnel_ref", metavar="TUNNEL")
-@_client_options
-def tunnels_bindings(tunnel_ref: str, gateway_url: str, key: str, ca_cert: Optional[Path], as_json: bool,
-                     team_id: Optional[str]) -> None:
+@tunnel_argument
+@with_client
+def tunnels_bindings(tunnel_ref: str, api: ApiClient, as_json: bool) -> None:
     """List the agents that listen locally for TUNNEL (made by connect)."""
-    api = _client(gateway_url, key, ca_cert, team_id)
-    found = api.call("GET", f"/api/v1/tunnels/{_quote(_tunnel(api, tunnel_ref)['id'])}/bindings")
+    found = api.call("GET", _path(_tunnel(api, tunnel_ref), "/bindings"))
     _show_listing(found, "bindings", _BINDING_COLUMNS, "No bindings.", as_json)
 
 
 @tunnels.command("unbind")
-@click.argument("tunnel_ref", metavar="TUNNEL")
+@tunnel_argument
 @click.option("--agent", "agent_ref", required=True, metavar="AGENT", help="The agent to stop listening.")
-@_client_options
-def tunnels_unbind(tunnel_ref: str, agent_ref: str, gateway_url: str, key: str, ca_cert: Optional[Path],
-                   as_json: bool, team_id: Optional[str]) -> None:
+@with_client
+def tunnels_unbind(tunnel_ref: str, agent_ref: str, api: ApiClient, as_json: bool) -> None:
     """Remove AGENT's binding of TUNNEL: it stops listening and is not told again."""
-    api = _client(gateway_url, key, ca_cert, team_id)
     found = _tunnel(api, tunnel_ref)
     agent = api.resolve(agent_ref)
-    api.call("DELETE", f"/api/v1/tunnels/{_quote(found['id'])}/bindings/{_quote(agent['agent_id'])}")
-    if as_json:
-        _print_json({"tunnel_id": found["id"], "unbound": agent["agent_id"]})
-        return
-    click.echo(f"Unbound tunnel {found['name']} from {agent.get('name')} ({agent['agent_id']})")
+    api.call("DELETE", _path(found, f"/bindings/{_quote(agent['agent_id'])}"))
+    _emit({"tunnel_id": found["id"], "unbound": agent["agent_id"]}, as_json,
+          lambda _: click.echo(f"Unbound tunnel {found['name']} from {agent.get('name')} ({agent['agent_id']})"))
 
 
 @tunnels.command("share")
-@click.argument("tunnel_ref", metavar="TUNNEL")
+@tunnel_argument
 @click.option("--name", required=True, help="Share name (1-100 characters).")
 @click.option("--description", help="At most 500 characters.")
 @click.option("--expires-in", type=click.Choice(EXPIRY), default="24h", show_default=True)
 @click.option("--method", "methods", multiple=True, type=click.Choice(METHODS, case_sensitive=False),
               help="An HTTP method to allow (repeat; default: all).")
 @click.option("--rate-limit", type=click.IntRange(1, 1000), help="Requests per minute (default: no limit).")
-@_client_options
+@with_client
 def tunnels_share(tunnel_ref: str, name: str, description: Optional[str], expires_in: str,
-                  methods: tuple[str, ...], rate_limit: Optional[int], gateway_url: str, key: str,
-                  ca_cert: Optional[Path], as_json: bool, team_id: Optional[str]) -> None:
+                  methods: tuple[str, ...], rate_limit: Optional[int], api: ApiClient, as_json: bool) -> None:
     """Create a share link of an http or https TUNNEL; its shareUrl is shown only now."""
-    api = _client(gateway_url, key, ca_cert, team_id)
     body: dict[str, Any] = {"name": name, "expires_in": expires_in}
     if description is not None:
         body["description"] = description
@@ -299,10 +277,10 @@ def tunnels_share(tunnel_ref: str, name: str, description: Optional[str], expire
         body["allowed_methods"] = [m.upper() for m in methods]
     if rate_limit is not None:
         body["rate_limit"] = rate_limit
-    share = api.call("POST", f"/api/v1/tunnels/{_quote(_tunnel(api, tunnel_ref)['id'])}/shares", body)
-    if as_json:
-        _print_json(share)
-        return
+    _emit(api.call("POST", _path(_tunnel(api, tunnel_ref), "/shares"), body), as_json, _show_share)
+
+
+def _show_share(share: dict[str, Any]) -> None:
     click.echo(f"Created share {share['name']} ({share['id']})")
     click.echo(f"  shareUrl     {share['shareUrl']}    (shown only now: send this link)")
     click.echo(f"  expires_at   {share.get('expires_at') or 'never'}")
@@ -322,27 +300,21 @@ _SHARE_COLUMNS: list[Column] = [
 
 
 @tunnels.command("shares")
-@click.argument("tunnel_ref", metavar="TUNNEL")
-@_client_options
-def tunnels_shares(tunnel_ref: str, gateway_url: str, key: str, ca_cert: Optional[Path], as_json: bool,
-                   team_id: Optional[str]) -> None:
+@tunnel_argument
+@with_client
+def tunnels_shares(tunnel_ref: str, api: ApiClient, as_json: bool) -> None:
     """List TUNNEL's share links (their URLs were shown once, at creation)."""
-    api = _client(gateway_url, key, ca_cert, team_id)
-    found = api.call("GET", f"/api/v1/tunnels/{_quote(_tunnel(api, tunnel_ref)['id'])}/shares")
+    found = api.call("GET", _path(_tunnel(api, tunnel_ref), "/shares"))
     _show_listing(found, "shares", _SHARE_COLUMNS, "No shares.", as_json)
 
 
 @tunnels.command("unshare")
-@click.argument("tunnel_ref", metavar="TUNNEL")
+@tunnel_argument
 @click.argument("share_id")
-@_client_options
-def tunnels_unshare(tunnel_ref: str, share_id: str, gateway_url: str, key: str, ca_cert: Optional[Path],
-                    as_json: bool, team_id: Optional[str]) -> None:
+@with_client
+def tunnels_unshare(tunnel_ref: str, share_id: str, api: ApiClient, as_json: bool) -> None:
     """Delete a share link: it stops working at once."""
-    api = _client(gateway_url, key, ca_cert, team_id)
     found = _tunnel(api, tunnel_ref)
-    api.call("DELETE", f"/api/v1/tunnels/{_quote(found['id'])}/shares/{_quote(share_id)}")
-    if as_json:
-        _print_json({"tunnel_id": found["id"], "deleted": share_id})
-        return
-    click.echo(f"Deleted share {share_id} of tunnel {found['name']}")
+    api.call("DELETE", _path(found, f"/shares/{_quote(share_id)}"))
+    _emit({"tunnel_id": found["id"], "deleted": share_id}, as_json,
+          lambda _: click.echo(f"Deleted share {share_id} of tunnel {found['name']}"))
