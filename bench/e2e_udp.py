@@ -101,9 +101,11 @@ class Path_:
         return tree_cpu(self.pids) if self.pids else 0.0
 
 
-def start_socat(procs: topo.Procs, target: int) -> Path_:
+def start_socat(procs: topo.Procs, target: int, options: str = "") -> Path_:
+    """``options``: more socat address options for the listening side (e.g. ``rcvbuf=N``)."""
     port = topo._free_port()
-    proc = procs.spawn("socat", ["socat", "-T", "30", f"UDP4-LISTEN:{port},fork,reuseaddr,bind={HOST}",
+    extra = f",{options.strip(',')}" if options.strip(",") else ""
+    proc = procs.spawn("socat", ["socat", "-T", "30", f"UDP4-LISTEN:{port},fork,reuseaddr,bind={HOST}{extra}",
                                  f"UDP4:{HOST}:{target}"])
     time.sleep(0.3)
     if proc.poll() is not None:
@@ -243,6 +245,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=10_000, help="datagrams/s of the loss row (1200 B)")
     parser.add_argument("--flows", type=int, default=16, help="flows of the many-flows row")
     parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
+    parser.add_argument("--socat-options", default="", metavar="OPTS",
+                        help="more options for socat's listening address, e.g. rcvbuf=4194304 (the "
+                             "receive buffer relay's hub port asks for; default: socat's defaults)")
     args = parser.parse_args()
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     for p in paths:
@@ -267,7 +272,7 @@ def main() -> int:
         if "direct" in paths:
             routes["direct"] = Path_("direct", target.port, [])
         if "socat" in paths:
-            routes["socat"] = start_socat(procs, target.port)
+            routes["socat"] = start_socat(procs, target.port, args.socat_options)
         if "hub" in paths or "connect" in paths:
             routes.update({r.name: r for r in start_relay(procs, target.port, paths)})
         order = [p for p in paths if p in routes]
