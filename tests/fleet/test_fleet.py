@@ -513,6 +513,12 @@ def test_web_terminal_of_an_agent_held_by_b_opens_at_a(fleet):
     fleet.agents["term-b"] = proc
     try:
         agent_id = wait_for(lambda: fleet.agent_id("a", "term-b"), what="term-b seen by a")
+        # Each gateway says it serves a terminal: b from its session, a from the hello it mirrors.
+        assert fleet.api("b", "GET", f"/api/v1/agents/{agent_id}")[1]["terminal"] is True
+        wait_for(lambda: fleet.api("a", "GET", f"/api/v1/agents/{agent_id}")[1]["terminal"] is True,
+                 what="a to say term-b serves a terminal")
+        plain = fleet.agent_id("a", "on-b")
+        assert fleet.api("a", "GET", f"/api/v1/agents/{plain}")[1]["terminal"] is False
         status, at_b = fleet.api("b", "POST", f"/api/v1/agents/{agent_id}/tunnel", {"tunnel_protocol": "tcp"})
         assert status == 200 and at_b["terminal_url"].endswith("/_relay/terminal"), at_b
         status, at_a = fleet.api("a", "POST", f"/api/v1/agents/{agent_id}/tunnel", {"tunnel_protocol": "tcp"})
