@@ -1,8 +1,12 @@
 """What both agents hold and do the same way, whatever loop runs them: their settings,
-their state (logged as it changes), status reports and the reconnect delay.
+their state (logged as it changes), status reports, the reconnect delay, their hello,
+what to do with each stream the gateway opens (:meth:`AgentBase.plan_stream`) and each
+control message it sends (:meth:`AgentBase.on_control`).
 
 ``relay.agent.client.Agent`` (asyncio) and ``relay.agent.trio_client.TrioAgent`` (trio)
-build on :class:`AgentBase` and add their loop's connecting, serving and waiting.
+build on :class:`AgentBase` and add their loop's connecting, serving and waiting: a
+stream is served as its plan says, a task runs ``agent.tasks.run`` as a task of the
+loop (relay.agent.tasks), a binding listens with ``agent.binder`` (relay.agent.bind).
 """
 from __future__ import annotations
 
@@ -11,13 +15,40 @@ import secrets
 import socket
 import ssl
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Optional
 
-from relay.agent.policy import backoff_delay, parse_allowlist, parse_gateway_url
+from relay import __version__
+from relay.agent.policy import (
+    DATAGRAM_PROTOCOLS,
+    STREAM_PROTOCOLS,
+    TargetRefused,
+    allowed_by_list,
+    backoff_delay,
+    not_allowed_message,
+    parse_allowlist,
+    parse_gateway_url,
+    parse_target,
+)
+from relay.agent.tasks import AgentTasks, stream_denied
 from relay.mux.connection import MuxConfig
 from relay.mux.errors import ErrorCode
+from relay.mux.terminal import TERMINAL_PROTOCOL
 
 log = logging.getLogger("relay.agent")
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """How to serve a stream the gateway opened (:meth:`AgentBase.plan_stream`)."""
+
+    #: ``tcp`` or ``http`` (spliced to the target), ``udp`` (datagrams to it) or
+    #: ``terminal`` (a shell: host and port are empty).
+    protocol: str
+    host: str = ""
+    port: int = 0
+    #: Speak TLS to the target (an https tunnel's share link; relay.agent.policy.target_tls).
+    tls: bool = False
 
 
 class AgentBase:
@@ -27,6 +58,9 @@ class AgentBase:
     _backend_note = ""
     #: The current session while connected (a MuxSession or a TrioMuxSession).
     session: Any
+    #: Local ports bound for tunnels on the gateway's request (relay.agent.bind: a
+    #: Binder or a TrioBinder).
+    binder: Any
 
     def __init__(self, gateway_url: str, key: str, *, name: Optional[str] = None,
                  labels: Iterable[str] = (), allow: Iterable[Any] = (),
@@ -58,23 +92,94 @@ class AgentBase:
         #: True once a session was established: the key worked, so a later refusal (the
         #: key revoked, the name taken) is logged and retried with backoff, not fatal.
         self.ever_connected = False
+        #: Task handlers by kind (relay.agent.tasks; the CLI adds echo, sleep, count).
+        self.tasks = AgentTasks()
+        #: Stream policies, ``fn(metadata) -> True/None | False/reason`` (relay.agent.tasks).
+        self.allow_stream: list[Any] = []
+        #: Declared container services (relay.agent.services.ServiceSpec), sent in the
+        #: hello; their targets are allowed implicitly.
+        self.services: list[Any] = []
+        #: The web terminal this agent serves (relay.agent.terminal.TerminalSpec), or
+        #: None: terminal streams are refused. Advertised in the hello.
+        self.terminal: Any = None
 
     def __repr__(self) -> str:  # never show the key
         return f"{type(self).__name__}({self.gateway_url!r}, name={self.name!r})"
 
-    def is_allowed(self, host: str, port: int) -> bool:
-        """May the gateway reach ``host:port`` through this agent? (Each agent says.)"""
-        raise NotImplementedError
+    # ------------------------------------------------------------------ policy
 
-    def allow_hello(self, stock_is_allowed: Any) -> dict[str, Any]:
+    def is_allowed(self, host: str, port: int) -> bool:
+        """May the gateway reach ``host:port`` through this agent? A declared service's
+        target, or one the allowlist allows (relay.agent.policy)."""
+        if any((s.host, s.port) == (host.lower(), port) for s in self.services):
+            return True
+        return allowed_by_list(self.allow, host, port)
+
+    def allow_hello(self) -> dict[str, Any]:
         """``{"allow": ["HOST:PORT", ...]}`` for the hello while this agent decides by
-        its allowlist (``stock_is_allowed``: the class's own ``is_allowed``), so the
-        gateway refuses a tunnel to a target we would refuse when the tunnel is
-        opened, not with a 502 on every request later. A subclass that decides by
-        its own rules says nothing, and the gateway leaves the decision to it."""
-        if type(self).is_allowed is not stock_is_allowed:
+        its allowlist (the stock ``is_allowed``), so the gateway refuses a tunnel to a
+        target we would refuse when the tunnel is opened, not with a 502 on every
+        request later. A subclass that decides by its own rules says nothing, and the
+        gateway leaves the decision to it."""
+        if type(self).is_allowed is not AgentBase.is_allowed:
             return {}
         return {"allow": [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in sorted(self.allow)]}
+
+    def hello_info(self, config: MuxConfig, connection: int = 0) -> dict[str, Any]:
+        """The hello (SETTINGS ``info``) of the agent's connection number ``connection``."""
+        return {"name": self.name, "labels": self.labels, "version": __version__,
+                "instance": self.instance_id, "connection": connection,
+                "limits": {"max_streams": config.max_streams},
+                "services": [spec.to_info() for spec in self.services],
+                **({"terminal": self.terminal.to_info()} if self.terminal is not None else {}),
+                **self.allow_hello()}
+
+    def plan_stream(self, metadata: Any) -> StreamPlan:
+        """How to serve a stream the gateway opened with ``metadata``, or
+        :class:`~relay.agent.policy.TargetRefused` with the code and message the gateway's
+        client sees: the ``allow_stream`` policies first, then the target's form and
+        protocol, then the allowlist. A terminal stream is planned as such; whether a
+        shell is served is the terminal's own decision (relay.agent.terminal)."""
+        denied = stream_denied(self.allow_stream, metadata)
+        if denied is not None:
+            raise TargetRefused(ErrorCode.NOT_ALLOWED, denied)
+        if isinstance(metadata, dict) and metadata.get("protocol") == TERMINAL_PROTOCOL:
+            return StreamPlan(TERMINAL_PROTOCOL)
+        host, port = parse_target(metadata, STREAM_PROTOCOLS | DATAGRAM_PROTOCOLS)
+        if not self.is_allowed(host, port):
+            log.warning("refused stream to %s:%d: not on this agent's allowlist", host, port)
+            raise TargetRefused(ErrorCode.NOT_ALLOWED, not_allowed_message(host, port, self.name, self.allow))
+        return StreamPlan(metadata.get("protocol", "tcp"), host, port, metadata.get("tls") is True)
+
+    # ------------------------------------------------------------------ control messages
+
+    def on_control(self, message: Any, session: Any) -> None:
+        """A control message from the gateway on ``session`` (answers go back on it):
+        its welcome, a ``bind``/``unbind`` of the Tunnels API's connect, a ``task`` to
+        run (seed 001) or a ``task.cancel``. Anything else is ignored (a newer gateway
+        may send more)."""
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind == "welcome":
+            self.agent_id = str(message.get("agent_id"))
+            log.info("registered as agent %s (%s)", self.agent_id, self.name)
+        elif kind == "bind":
+
+            def reply(result: dict[str, Any]) -> None:
+                if session is not None and not session.is_closed:
+                    session.send_control(result)
+
+            self.binder.on_control(message, reply)
+        elif kind == "unbind":
+            self.binder.unbind(str(message.get("tunnel_id")))
+        elif kind == "task" and session is not None:
+            self._start_task(session, message)
+        elif kind == "task.cancel":
+            self.tasks.cancel(str(message.get("task_id")))
+
+    def _start_task(self, session: Any, message: dict[str, Any]) -> None:
+        """Run ``self.tasks.run`` for the task ``message`` as a task of the loop,
+        registered with ``self.tasks.started`` and cancelled when ``session`` ends."""
+        raise NotImplementedError
 
     def backoff_delay(self, attempt: int) -> float:
         """Delay before reconnect attempt ``attempt`` (0-based); see policy.backoff_delay."""

@@ -43,22 +43,18 @@ import ssl
 from collections.abc import Iterable
 from typing import Any, Optional
 
-from relay import __version__
 from relay.agent.base import AgentBase
 from relay.agent.bind import Binder
 from relay.agent.gateways import DialTarget, TargetRing, default_connections, expand, is_address
 from relay.agent.policy import (  # re-exported: the agent's public names
     AGENT_PATH,
-    DATAGRAM_PROTOCOLS,
     LOOPBACK_HOSTS,
     STREAM_PROTOCOLS,
     TargetRefused,
-    allowed_by_list,
-    not_allowed_message,
     parse_host_port,
-    parse_target,
+    target_tls,
 )
-from relay.agent.tasks import AgentTasks, stream_denied
+from relay.agent.tasks import LoopTime
 from relay.agent.terminal import TerminalSpec, serve_terminal_stream
 from relay.agent.udp import serve_datagram_stream
 from relay.aio import MuxSession, StreamRefused, connect_stream_to
@@ -77,6 +73,8 @@ log = logging.getLogger("relay.agent")
 HANDSHAKE_TIMEOUT = 15.0
 #: A connection that lasted this long resets the reconnect backoff.
 STABLE_CONNECTION = 10.0
+#: What task handlers sleep and tell time with.
+ASYNCIO_TIME = LoopTime(asyncio.sleep, lambda: asyncio.get_running_loop().time())
 
 
 class AgentAuthError(Exception):
@@ -111,78 +109,48 @@ class Agent(AgentBase):
         self.connected = asyncio.Event()
         #: Local ports bound for tunnels on the gateway's request (relay.agent.bind).
         self.binder = Binder()
-        #: Task handlers by kind (relay.agent.tasks; the CLI adds echo, sleep, count).
-        self.tasks = AgentTasks()
         #: Every established session (several with ``connections`` > 1).
         self.sessions: list[MuxSession] = []
-        #: Stream policies, ``fn(metadata) -> True/None | False/reason`` (relay.agent.tasks).
-        self.allow_stream: list[Any] = []
-        #: Declared container services (relay.agent.services.ServiceSpec), sent in the
-        #: hello; their targets are allowed implicitly.
-        self.services: list[Any] = []
         #: The web terminal this agent serves (``--terminal``; relay.agent.terminal), or
         #: None: terminal streams are refused. Advertised in the hello.
         self.terminal = terminal
         #: The shells running now (relay.agent.terminal.TerminalShell).
         self.shells: set[Any] = set()
 
-    # ------------------------------------------------------------------ policy
-
-    def is_allowed(self, host: str, port: int) -> bool:
-        """May the gateway reach ``host:port`` through this agent?"""
-        if any((s.host, s.port) == (host.lower(), port) for s in self.services):
-            return True
-        return allowed_by_list(self.allow, host, port)
+    # ------------------------------------------------------------------ streams and control
 
     async def _on_stream(self, stream: MuxStream) -> None:
-        """Serve one stream the gateway opened: check the target, connect, splice."""
-        meta = stream.metadata
-        denied = stream_denied(self.allow_stream, meta)
-        if denied is not None:
-            raise StreamRefused(ErrorCode.NOT_ALLOWED, denied)
-        if isinstance(meta, dict) and meta.get("protocol") == TERMINAL_PROTOCOL:  # the web terminal
-            await serve_terminal_stream(stream, self.terminal, self.name, self.shells)
-            return
+        """Serve one stream the gateway opened as planned (AgentBase.plan_stream):
+        connect and splice, datagrams, or a shell."""
         try:
-            host, port = parse_target(meta, STREAM_PROTOCOLS | DATAGRAM_PROTOCOLS)
+            plan = self.plan_stream(stream.metadata)
         except TargetRefused as exc:
             raise StreamRefused(exc.error_code, exc.message) from None
-        if not self.is_allowed(host, port):
-            log.warning("refused stream to %s:%d: not on this agent's allowlist", host, port)
-            raise StreamRefused(ErrorCode.NOT_ALLOWED, not_allowed_message(host, port, self.name, self.allow))
-        if meta.get("protocol") in DATAGRAM_PROTOCOLS:  # one connected UDP socket per flow
+        if plan.protocol == TERMINAL_PROTOCOL:  # the web terminal
+            await serve_terminal_stream(stream, self.terminal, self.name, self.shells)
+            return
+        host, port = plan.host, plan.port
+        if plan.protocol == "udp":  # one connected UDP socket per flow
             try:
                 await serve_datagram_stream(stream, host, port)
             except OSError as exc:
                 log.info("udp stream to %s:%d failed: %s", host, port, exc)  # already refused
             return
-        tls: dict[str, Any] = {}
-        if meta.get("tls") is True:  # an https target (module docstring)
-            tls = {"ssl": _target_tls(), "server_hostname": host}
+        tls: dict[str, Any] = {"ssl": target_tls(), "server_hostname": host} if plan.tls else {}
         try:
             await connect_stream_to(stream, host, port, **tls)
         except OSError as exc:
             log.info("stream to %s:%d failed: %s", host, port, exc)  # already refused
 
-    def _on_control(self, message: Any, session: Optional[MuxSession] = None) -> None:
-        """A control message from the gateway on ``session`` (answers go back on it)."""
-        session = session or self.session
-        if isinstance(message, dict) and message.get("type") == "welcome":
-            self.agent_id = str(message.get("agent_id"))
-            log.info("registered as agent %s (%s)", self.agent_id, self.name)
-        elif isinstance(message, dict) and message.get("type") == "bind":  # Tunnels API connect
-
-            def reply(result: dict[str, Any]) -> None:
-                if session is not None and not session.is_closed:
-                    session.send_control(result)
-
-            self.binder.on_control(message, reply)
-        elif isinstance(message, dict) and message.get("type") == "task" and session is not None:
-            self.tasks.on_control(session, message)  # seed 001 tasks
-        elif isinstance(message, dict) and message.get("type") == "unbind":  # Tunnels API bindings
-            self.binder.unbind(str(message.get("tunnel_id")))
-        elif isinstance(message, dict) and message.get("type") == "task.cancel":
-            self.tasks.cancel(str(message.get("task_id")))
+    def _start_task(self, session: MuxSession, message: dict[str, Any]) -> None:
+        ctx = self.tasks.context(session, message, ASYNCIO_TIME)
+        task = asyncio.get_running_loop().create_task(self.tasks.run(ctx))
+        self.tasks.started(ctx.task_id, task)
+        task.add_done_callback(lambda _: self.tasks.finished(ctx.task_id, task))
+        # The task belongs to this connection: when it ends, nobody awaits the answer.
+        watcher = asyncio.ensure_future(session.wait_closed())
+        watcher.add_done_callback(lambda _: task.cancel())
+        task.add_done_callback(lambda _: watcher.cancel())
 
     # ------------------------------------------------------------------ connecting
 
@@ -197,16 +165,10 @@ class Agent(AgentBase):
         target = target or DialTarget(self.gateway_urls[0])
         gateway = target.gateway
         config = self._mux_config or MuxConfig()
-        info = {"name": self.name, "labels": self.labels, "version": __version__,
-                "instance": self.instance_id, "connection": connection,
-                "limits": {"max_streams": config.max_streams},
-                "services": [spec.to_info() for spec in self.services],
-                **({"terminal": self.terminal.to_info()} if self.terminal is not None else {}),
-                **self.allow_hello(Agent.is_allowed)}
-        config = dataclasses.replace(config, info={**config.info, **info})
+        config = dataclasses.replace(config, info={**config.info, **self.hello_info(config, connection)})
         holder: list[MuxSession] = []
         session = MuxSession(True, config, on_stream=self._on_stream,
-                             on_control=lambda message: self._on_control(message, holder[0]))
+                             on_control=lambda message: self.on_control(message, holder[0]))
         holder.append(session)
         hostport = gateway.host if gateway.port in (80, 443) else f"{gateway.host}:{gateway.port}"
         handshake = ClientHandshake(hostport, gateway.path,
@@ -362,16 +324,3 @@ class Agent(AgentBase):
         super().close()
         self.binder.close()
 
-
-_TARGET_TLS: Optional[ssl.SSLContext] = None
-
-
-def _target_tls() -> ssl.SSLContext:
-    """TLS towards an https target: encrypted, certificate not verified (module docstring)."""
-    global _TARGET_TLS
-    if _TARGET_TLS is None:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        _TARGET_TLS = context
-    return _TARGET_TLS

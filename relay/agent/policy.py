@@ -7,7 +7,8 @@ these, so their URLs, allowlists, refusal messages and backoff cannot drift apar
 from __future__ import annotations
 
 import random
-from typing import Any, NamedTuple
+import ssl
+from typing import Any, NamedTuple, Optional
 
 from relay.allowlist import (
     LOOPBACK_HOSTS,
@@ -22,7 +23,8 @@ from relay.allowlist import (
 __all__ = [
     "AGENT_PATH", "LOOPBACK_HOSTS", "STREAM_PROTOCOLS", "GatewayAddress", "TargetRefused",
     "allowed_by_list", "backoff_delay", "describe_allowlist", "not_allowed_message",
-    "parse_allowlist", "parse_gateway_url", "parse_host_port", "parse_target",
+    "no_terminal", "parse_allowlist", "parse_gateway_url", "parse_host_port", "parse_target",
+    "target_tls",
 ]
 
 AGENT_PATH = "/api/v1/agent/connect"
@@ -83,8 +85,32 @@ def parse_target(metadata: Any, protocols: frozenset[str] = STREAM_PROTOCOLS) ->
         raise TargetRefused(ErrorCode.PROTOCOL_ERROR, f"bad target {target!r}: expected HOST:PORT") from None
 
 
+def no_terminal(agent_name: str) -> TargetRefused:
+    """The refusal of a terminal stream by an agent that serves no terminal."""
+    from relay.mux.errors import ErrorCode
+
+    return TargetRefused(ErrorCode.NOT_ALLOWED, f"agent {agent_name!r} serves no terminal: start it with "
+                                                f"--terminal SHELL to allow one")
+
+
 def backoff_delay(attempt: int, initial: float, maximum: float, jitter: float) -> float:
     """Delay before reconnect attempt ``attempt`` (0-based): exponential, capped, with
     jitter so many agents dropped at once do not return in lockstep."""
     base = min(maximum, initial * 2.0 ** min(attempt, 30))
     return base * random.uniform(1 - jitter, 1 + jitter)
+
+
+_TARGET_TLS: Optional[ssl.SSLContext] = None
+
+
+def target_tls() -> ssl.SSLContext:
+    """TLS towards an https target (a stream with ``"tls": true``: an https tunnel's share
+    link): encrypted, certificate not verified (relay.gateway.http.share_proxy says why:
+    a target its owner chose, often with a self-signed certificate)."""
+    global _TARGET_TLS
+    if _TARGET_TLS is None:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        _TARGET_TLS = context
+    return _TARGET_TLS

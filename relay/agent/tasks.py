@@ -1,7 +1,9 @@
-"""Agent-side tasks (seed 001) and stream policies: the embedding API of the agent.
+"""Agent-side tasks (seed 001) and stream policies: the embedding API of both agents.
 
-Every :class:`~relay.agent.client.Agent` has ``agent.tasks`` (:class:`AgentTasks`), the
-handlers by task kind. Register one with the decorator or :meth:`AgentTasks.register`::
+Every agent (:class:`~relay.agent.client.Agent` on asyncio,
+:class:`~relay.agent.trio_client.TrioAgent` on trio) has ``agent.tasks``
+(:class:`AgentTasks`), the handlers by task kind. Register one with the decorator or
+:meth:`AgentTasks.register`::
 
     @agent.tasks.handler("resize")
     async def resize(task):                 # a coroutine: its return value is the result
@@ -14,14 +16,23 @@ handlers by task kind. Register one with the decorator or :meth:`AgentTasks.regi
             yield line
 
 A handler gets a :class:`TaskContext` (``task_id``, ``kind``, ``input``,
-``await progress(value)``, ``await output(value)``, and ``result``, which an async
-generator may set). A plain (non-async) function works too: it runs in the loop, so
-keep it short. An exception becomes the task's error (its message); a task whose
-connection to the gateway ends is cancelled, and so is one the gateway cancels (the
-control message ``{"type": "task.cancel", "task_id"}``, sent when someone calls
-``POST /api/v1/tasks/{id}/cancel``): the handler sees ``asyncio.CancelledError`` where it
-awaits, so ``try/finally`` (or ``except asyncio.CancelledError: ...; raise``) cleans up.
-Nothing is reported after a cancel: the gateway has ended the task already.
+``await progress(value)``, ``await output(value)``, ``await sleep(seconds)`` on the
+agent's loop, and ``result``, which an async generator may set). A plain (non-async)
+function works too: it runs in the loop, so keep it short. An exception becomes the
+task's error (its message); a task whose connection to the gateway ends is cancelled,
+and so is one the gateway cancels (the control message ``{"type": "task.cancel",
+"task_id"}``, sent when someone calls
+``POST /api/v1/tasks/{id}/cancel``): the handler sees its loop's cancellation where it
+awaits (``asyncio.CancelledError`` on the asyncio agent, ``trio.Cancelled`` on the trio
+one), so ``try/finally`` cleans up. Nothing is reported after a cancel: the gateway has
+ended the task already. A handler that awaits only ``task.progress``, ``task.output``
+and ``task.sleep`` runs on either agent.
+
+This module decides everything about a task (which handler, what is reported, in what
+order, with what error) and imports no event loop: each agent only starts
+:meth:`AgentTasks.run` as a task of its loop, registers it under the task id
+(:meth:`AgentTasks.started`) so a cancel reaches it, and cancels it when its connection
+ends.
 
 The CLI agent registers :meth:`AgentTasks.register_builtins`: ``echo`` (the result is the
 input), ``sleep`` (``{"seconds": s}``, at most 60, one progress event per second) and
@@ -33,19 +44,40 @@ the agent's own allowlist: ``False`` or a string refuses the stream with ``NOT_A
 """
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
-from collections.abc import Callable
-from typing import Any, Optional
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
 
-from relay.aio import MuxSession
-
-__all__ = ["AgentTasks", "TaskContext", "stream_denied"]
+__all__ = ["AgentTasks", "LoopTime", "TaskContext", "stream_denied"]
 
 log = logging.getLogger("relay.agent.tasks")
 
 TaskHandler = Callable[["TaskContext"], Any]
+
+
+class _Session(Protocol):
+    """What a task needs of its session (a MuxSession or a TrioMuxSession)."""
+
+    @property
+    def is_closed(self) -> bool: ...
+
+    def send_control(self, message: Any) -> None: ...
+
+
+class _Cancellable(Protocol):
+    """A running task as its loop holds it (an asyncio.Task, a trio.CancelScope)."""
+
+    def cancel(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class LoopTime:
+    """The agent loop's sleep and clock, which tasks use (asyncio's or trio's)."""
+
+    sleep: Callable[[float], Awaitable[Any]]
+    now: Callable[[], float]
 
 
 def stream_denied(policies: list[Callable[[Any], Any]], metadata: Any) -> Optional[str]:
@@ -66,8 +98,9 @@ def stream_denied(policies: list[Callable[[Any], Any]], metadata: Any) -> Option
 class TaskContext:
     """What a handler sees of its task, and how it reports back."""
 
-    def __init__(self, session: MuxSession, task_id: str, kind: str, task_input: Any) -> None:
+    def __init__(self, session: _Session, task_id: str, kind: str, task_input: Any, time: LoopTime) -> None:
         self._session = session
+        self._time = time
         self.task_id = task_id
         self.kind = kind
         self.input = task_input
@@ -82,12 +115,16 @@ class TaskContext:
     async def progress(self, value: Any) -> None:
         """Report progress (any msgpack/JSON value: a percentage, a stage name ...)."""
         self._send({"type": "task.progress", "progress": value})
-        await asyncio.sleep(0)  # let the session flush between reports
+        await self._time.sleep(0)  # let the session flush between reports
 
     async def output(self, value: Any) -> None:
         """Report a partial output."""
         self._send({"type": "task.output", "output": value})
-        await asyncio.sleep(0)
+        await self._time.sleep(0)
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep on the agent's loop (asyncio or trio): a cancel arrives here too."""
+        await self._time.sleep(seconds)
 
 
 class AgentTasks:
@@ -95,9 +132,9 @@ class AgentTasks:
 
     def __init__(self) -> None:
         self.handlers: dict[str, TaskHandler] = {}
-        self._running: set[asyncio.Task[None]] = set()
-        #: Running tasks by task id (to cancel one when the gateway asks).
-        self._by_id: dict[str, asyncio.Task[None]] = {}
+        #: Running tasks by task id, as their loop holds them (to cancel one when the
+        #: gateway asks).
+        self._by_id: dict[str, _Cancellable] = {}
 
     def register(self, kind: str, handler: TaskHandler) -> None:
         """Run ``handler`` for tasks of ``kind`` (replacing any earlier one)."""
@@ -116,31 +153,38 @@ class AgentTasks:
         self.register("sleep", _sleep)
         self.register("count", _count)
 
-    def on_control(self, session: MuxSession, message: dict[str, Any]) -> None:
-        """A ``{"type": "task", ...}`` control message from the gateway on ``session``."""
-        ctx = TaskContext(session, str(message.get("task_id")), str(message.get("kind")),
-                          message.get("input"))
-        task = asyncio.get_running_loop().create_task(self._run(ctx))
-        self._running.add(task)
-        self._by_id[ctx.task_id] = task
-        task.add_done_callback(self._running.discard)
-        task.add_done_callback(lambda _: self._by_id.pop(ctx.task_id, None))
-        # The task belongs to this connection: when it ends, nobody awaits the answer.
-        watcher = asyncio.ensure_future(session.wait_closed())
-        watcher.add_done_callback(lambda _: task.cancel())
-        task.add_done_callback(lambda _: watcher.cancel())
+    def context(self, session: _Session, message: dict[str, Any], time: LoopTime) -> TaskContext:
+        """The context of a ``{"type": "task", ...}`` control message from ``session``."""
+        return TaskContext(session, str(message.get("task_id")), str(message.get("kind")),
+                           message.get("input"), time)
+
+    def started(self, task_id: str, running: _Cancellable) -> None:
+        """The agent runs task ``task_id`` as ``running`` (cancelled by :meth:`cancel`)."""
+        self._by_id[task_id] = running
+
+    def finished(self, task_id: str, running: _Cancellable) -> None:
+        """``running`` (task ``task_id``) has ended."""
+        if self._by_id.get(task_id) is running:
+            del self._by_id[task_id]
 
     def cancel(self, task_id: str) -> bool:
         """Cancel the running task ``task_id`` (a ``task.cancel`` from the gateway);
         False if none runs."""
-        task = self._by_id.get(task_id)
-        if task is None or task.done():
+        running = self._by_id.get(task_id)
+        if running is None:
             return False
         log.info("task %s cancelled by the gateway", task_id)
-        task.cancel()
+        running.cancel()
         return True
 
-    async def _run(self, ctx: TaskContext) -> None:
+    def cancel_all(self) -> None:
+        """Cancel every running task."""
+        for running in list(self._by_id.values()):
+            running.cancel()
+
+    async def run(self, ctx: TaskContext) -> None:
+        """Run the handler of ``ctx``'s kind and report its outputs and its end. The
+        loop's cancellation (a BaseException on both loops) passes through unreported."""
         handler = self.handlers.get(ctx.kind)
         if handler is None:
             known = ", ".join(sorted(self.handlers)) or "none"
@@ -154,17 +198,11 @@ class AgentTasks:
                 result = ctx.result
             elif inspect.isawaitable(result):
                 result = await result
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             log.info("task %s (%s) failed: %s", ctx.task_id, ctx.kind, exc)
             ctx._send({"type": "task.error", "error": str(exc) or type(exc).__name__})
             return
         ctx._send({"type": "task.result", "result": result})
-
-    def cancel_all(self) -> None:
-        for task in list(self._running):
-            task.cancel()
 
 
 # ----------------------------------------------------------------------------- built-ins
@@ -184,11 +222,10 @@ def _number(value: Any, name: str, low: float, high: float, default: float) -> f
 async def _sleep(task: TaskContext) -> Any:
     args = task.input if isinstance(task.input, dict) else {}
     seconds = _number(args.get("seconds"), "seconds", 0, 60, 1)
-    loop = asyncio.get_running_loop()
-    end = loop.time() + seconds
-    while (left := end - loop.time()) > 0:
+    end = task._time.now() + seconds
+    while (left := end - task._time.now()) > 0:
         await task.progress({"remaining": round(left, 3)})
-        await asyncio.sleep(min(1.0, left))
+        await task.sleep(min(1.0, left))
     return {"slept": seconds}
 
 
@@ -200,5 +237,5 @@ async def _count(task: TaskContext) -> Any:
         await task.progress({"done": i - 1, "total": to})
         await task.output(i)
         if delay:
-            await asyncio.sleep(delay)
+            await task.sleep(delay)
     return {"count": to}

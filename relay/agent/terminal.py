@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from relay.agent.policy import no_terminal
 from relay.aio.stream import MuxStream
 from relay.mux.errors import ErrorCode
 from relay.mux.terminal import (
@@ -428,8 +429,8 @@ async def serve_terminal_stream(stream: MuxStream, spec: Optional[TerminalSpec],
     if spec is None:
         audit.warning("terminal refused: session %s: this agent was not started with --terminal",
                       str(stream.metadata.get("session", "?"))[:64])
-        stream.refuse(ErrorCode.NOT_ALLOWED, f"agent {agent_name!r} serves no terminal: start it with "
-                                             f"--terminal SHELL to allow one")
+        refusal = no_terminal(agent_name)
+        stream.refuse(refusal.error_code, refusal.message)
         return
     shell = TerminalShell(stream, spec)
     try:

@@ -3,21 +3,28 @@
 Same wire behaviour as the asyncio agent (``relay agent --backend trio`` selects this
 one): one outbound WebSocket (trio-websocket) to ``GATEWAY/api/v1/agent/connect`` with
 ``Authorization: Bearer ak-...``, one mux session on it (``client=True``), the same hello
-in SETTINGS ``info`` (``name``, ``labels``, ``version``, ``limits``), the same allowlist
-and refusals (NOT_ALLOWED with the same message, CONNECT_FAILED, PROTOCOL_ERROR for a
-bad target, REFUSED for an unknown protocol), the same reconnect backoff (0.5 s doubling
-to 30 s, +-20 % jitter, reset after a connection that lasted 10 s) and
+in SETTINGS ``info`` (``name``, ``labels``, ``version``, ``limits``, declared
+``services``), the same allowlist, ``allow_stream`` policies and refusals (NOT_ALLOWED
+with the same message, CONNECT_FAILED, PROTOCOL_ERROR for a bad target, REFUSED for an
+unknown protocol), the same reconnect backoff (0.5 s doubling to 30 s, +-20 % jitter,
+reset after a connection that lasted 10 s) and
 :class:`~relay.agent.client.AgentAuthError` for a rejected key. Allowed streams are
-connected to their target with ``trio.open_tcp_stream`` and spliced both ways with
-backpressure and half-close (:func:`splice`).
+connected to their target with ``trio.open_tcp_stream`` (in TLS for an https target)
+and spliced both ways with backpressure and half-close (:func:`splice`).
 
-URL and allowlist parsing, target checks with their refusal messages, and the backoff
-come from ``relay.agent.policy``, which the asyncio agent uses too; tests/conformance
-checks that both agents answer alike. Not ported yet (the asyncio agent grew them meanwhile): the Tunnels API
-``bind`` control (``relay.agent.bind`` is asyncio-only; answered with a failure), task
-handlers (``relay.agent.tasks``), ``allow_stream`` policies and declared services;
-``relay agent --backend trio`` (its body is in relay.cli.run) refuses ``--service``
-rather than ignore it.
+Tasks (``agent.tasks``, relay.agent.tasks) run in a nursery of their connection, each in
+a cancel scope of its own: a ``task.cancel`` or the connection's end reaches the handler
+as ``trio.Cancelled``. The Tunnels API's ``bind`` listens with a
+:class:`~relay.agent.bind.TrioBinder`, whose listeners live in :meth:`TrioAgent.run`'s
+nursery and so outlive a reconnect, as the asyncio agent's do.
+
+Every decision (the hello, which streams to serve and how, what a control message
+means, what a task reports, what a binding keeps or refuses) is made by the code the
+asyncio agent uses too (relay.agent.base, policy, tasks, bind); tests/conformance runs
+the same tests against both agents. Not served yet: udp streams and the web terminal
+(refused with a reason), several gateways or connections at once, and ``relay bench``'s
+target (``relay agent --backend trio`` refuses ``--terminal``, ``--bench``,
+``--tunnel`` and ``--connections`` above 1).
 """
 from __future__ import annotations
 
@@ -31,12 +38,14 @@ from typing import Any, Optional
 
 import trio
 
-from relay import __version__
 from relay.agent.base import AgentBase
+from relay.agent.bind import TrioBinder
 from relay.agent.client import HANDSHAKE_TIMEOUT, STABLE_CONNECTION, AgentAuthError
-from relay.agent.policy import TargetRefused, allowed_by_list, not_allowed_message, parse_target
+from relay.agent.policy import TargetRefused, no_terminal, target_tls
+from relay.agent.tasks import LoopTime, TaskContext
 from relay.mux.connection import MuxConfig
 from relay.mux.errors import ErrorCode
+from relay.mux.terminal import TERMINAL_PROTOCOL
 from relay.trio import MuxStream, StreamRefused, TrioMuxSession, WebSocketStream
 
 __all__ = ["TrioAgent", "splice"]
@@ -52,6 +61,10 @@ WS_RECEIVE_SIZE = 256 * 1024
 WS_CLOSE_TIMEOUT = 5.0
 #: Bytes moved per step of a splice direction (one read, then one write).
 SPLICE_CHUNK = 64 * 1024
+#: A TLS handshake with an https target must end within this (asyncio's default).
+TLS_HANDSHAKE_TIMEOUT = 60.0
+#: What task handlers sleep and tell time with.
+TRIO_TIME = LoopTime(trio.sleep, trio.current_time)
 
 
 class TrioAgent(AgentBase):
@@ -76,73 +89,66 @@ class TrioAgent(AgentBase):
         self.session: Optional[TrioMuxSession] = None
         #: How many sessions were established since start (reconnects = this - 1).
         self.connections = 0
+        #: Local ports bound for tunnels on the gateway's request (relay.agent.bind).
+        self.binder = TrioBinder()
         self._connected = trio.Event()
         self._last_session: Optional[TrioMuxSession] = None
-
-    # ------------------------------------------------------------------ policy (relay.agent.policy)
-
-    def is_allowed(self, host: str, port: int) -> bool:
-        """May the gateway reach ``host:port`` through this agent?"""
-        return allowed_by_list(self.allow, host, port)
-
-    def check_target(self, metadata: Any) -> tuple[str, int]:
-        """``(host, port)`` of an incoming stream's target, or :class:`StreamRefused`
-        with the code and message the asyncio agent uses."""
-        try:
-            host, port = parse_target(metadata)
-        except TargetRefused as exc:
-            raise StreamRefused(exc.error_code, exc.message) from None
-        if not self.is_allowed(host, port):
-            log.warning("refused stream to %s:%d: not on this agent's allowlist", host, port)
-            raise StreamRefused(ErrorCode.NOT_ALLOWED, not_allowed_message(host, port, self.name, self.allow))
-        return host, port
+        # The session being served and the nursery its tasks run in.
+        self._serving: Optional[tuple[TrioMuxSession, trio.Nursery]] = None
 
     def hello_config(self) -> MuxConfig:
         """The session config: ours (or the default) with the hello in ``info``."""
         config = self._mux_config or MuxConfig()
-        info = {"name": self.name, "labels": self.labels, "version": __version__,
-                "instance": self.instance_id, "limits": {"max_streams": config.max_streams},
-                **self.allow_hello(TrioAgent.is_allowed)}
-        return dataclasses.replace(config, info={**config.info, **info})
+        return dataclasses.replace(config, info={**config.info, **self.hello_info(config)})
 
-    # ------------------------------------------------------------------ streams
+    # ------------------------------------------------------------------ streams and tasks
 
     async def _serve_stream(self, session: TrioMuxSession, stream: MuxStream) -> None:
-        """Serve one stream the gateway opened: check the target, connect, splice.
+        """Serve one stream the gateway opened as planned (AgentBase.plan_stream):
+        connect, splice.
 
         Run by the session (its handler contract): raising StreamRefused refuses the
         stream with that code; the stream is closed when this returns."""
-        host, port = self.check_target(stream.metadata)
-        if isinstance(stream.metadata, dict) and stream.metadata.get("tls") is True:
-            # Refused with a reason rather than spoken to in plain text (which the target
-            # would answer with a TLS alert, seen by the client as a broken response).
-            raise StreamRefused(ErrorCode.REFUSED, "the trio agent does not connect to https targets yet")
         try:
-            local = await trio.open_tcp_stream(host, port)
-        except OSError as exc:
-            log.info("stream to %s:%d failed: %s", host, port, exc)
-            raise StreamRefused(ErrorCode.CONNECT_FAILED, f"cannot connect to {host}:{port}: {exc}") from None
+            plan = self.plan_stream(stream.metadata)
+            if plan.protocol == TERMINAL_PROTOCOL:
+                raise no_terminal(self.name)
+        except TargetRefused as exc:
+            raise StreamRefused(exc.error_code, exc.message) from None
+        if plan.protocol == "udp":
+            raise StreamRefused(ErrorCode.REFUSED, "the trio agent does not serve udp streams yet")
+        host, port = plan.host, plan.port
+        local: trio.abc.Stream
+        try:
+            if plan.tls:  # an https target: TLS as the asyncio agent speaks it (policy.target_tls)
+                tls = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=target_tls())
+                with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                    await tls.do_handshake()
+                local = tls
+            else:
+                local = await trio.open_tcp_stream(host, port)
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+            why = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ else exc
+            log.info("stream to %s:%d failed: %s", host, port, why)
+            raise StreamRefused(ErrorCode.CONNECT_FAILED, f"cannot connect to {host}:{port}: {why}") from None
         stream.accept()
         await splice(stream, local, session)
 
-    def _on_control(self, message: Any) -> None:
-        if isinstance(message, dict) and message.get("type") == "welcome":
-            self.agent_id = str(message.get("agent_id"))
-            log.info("registered as agent %s (%s)", self.agent_id, self.name)
-        elif isinstance(message, dict) and message.get("type") == "task":
-            # Answer rather than ignore: an unanswered task would wait forever.
-            log.warning("the trio agent runs no tasks yet; refusing task %s", message.get("task_id"))
-            if self.session is not None and not self.session.is_closed:
-                self.session.send_control({"type": "task.error", "task_id": message.get("task_id"),
-                                           "error": "this agent (trio backend) runs no tasks"})
-        elif isinstance(message, dict) and message.get("type") == "bind":
-            # Answer rather than ignore: the gateway's connect call waits for the result.
-            log.warning("the trio agent does not serve bind messages yet; refusing it")
-            if self.session is not None and not self.session.is_closed:
-                self.session.send_control({"type": "bind.result", "request_id": message.get("request_id"),
-                                           "tunnel_id": message.get("tunnel_id"),
-                                           "local_port": message.get("local_port"), "ok": False,
-                                           "error": "this agent (trio backend) does not bind tunnels yet"})
+    def _start_task(self, session: Any, message: dict[str, Any]) -> None:
+        serving = self._serving
+        if serving is None or serving[0] is not session:
+            return  # the task of a connection that is over: nobody awaits its answer
+        ctx = self.tasks.context(session, message, TRIO_TIME)
+        scope = trio.CancelScope()  # registered now: a cancel may come before the task starts
+        self.tasks.started(ctx.task_id, scope)
+        serving[1].start_soon(self._run_task, ctx, scope)
+
+    async def _run_task(self, ctx: TaskContext, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                await self.tasks.run(ctx)
+        finally:
+            self.tasks.finished(ctx.task_id, scope)
 
     # ------------------------------------------------------------------ connecting
 
@@ -176,12 +182,13 @@ class TrioAgent(AgentBase):
             await self._serve_stream(session, stream)
 
         session = TrioMuxSession(WebSocketStream(ws), client=True, config=self.hello_config(),
-                                 handler=handler, on_control=self._on_control)
+                                 handler=handler, on_control=lambda message: self.on_control(message, session))
         self._last_session = session  # for run(): did the gateway refuse us, and why
         failure: Optional[Exception] = None
         # Errors are raised after the nursery, never from inside it: there they would
         # come out wrapped in an ExceptionGroup, which run()'s retry logic does not catch.
         async with trio.open_nursery() as nursery:
+            self._serving = (session, nursery)  # tasks of this connection run here
             await nursery.start(session.run)
             try:
                 with trio.move_on_after(HANDSHAKE_TIMEOUT) as hello_wait:
@@ -200,14 +207,30 @@ class TrioAgent(AgentBase):
             finally:  # also on cancellation: a stopped agent must not leave its socket open
                 session.abort(ErrorCode.NO_ERROR, "agent stopping")
                 self.session = None
+                self._serving = None
                 if self._connected.is_set():
                     self._connected = trio.Event()
+                nursery.cancel_scope.cancel()  # the connection's tasks: nobody awaits them now
         if failure is not None:
             raise failure
 
     async def run(self) -> None:
-        """Serve forever, reconnecting with backoff after any drop. Raises
-        :class:`AgentAuthError` if the key is rejected."""
+        """Serve forever, reconnecting with backoff after any drop; the bindings
+        (:attr:`binder`) live as long as this runs. Raises :class:`AgentAuthError` if
+        the key is rejected."""
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.binder.serve)
+                try:
+                    await self._reconnect()
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # one failure (a rejected key, Ctrl-C): as is
+            if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], BaseExceptionGroup):
+                raise group.exceptions[0] from None
+            raise
+
+    async def _reconnect(self) -> None:
         from trio_websocket import HandshakeError
 
         attempt = 0
@@ -239,6 +262,12 @@ class TrioAgent(AgentBase):
                 self._set_state("disconnected", f"{reason}; retrying in {delay:.1f}s")
             await trio.sleep(delay)
 
+    def close(self) -> None:
+        """Drop the current connection and stop listening for bindings (``run`` would
+        reconnect: cancel it to stop)."""
+        super().close()
+        self.binder.close()
+
     @property
     def connected(self) -> bool:
         """True while a session is established."""
@@ -253,7 +282,7 @@ class TrioAgent(AgentBase):
 
 
 
-async def splice(stream: MuxStream, local: trio.abc.HalfCloseableStream,
+async def splice(stream: MuxStream, local: trio.abc.Stream,
                  session: Optional[TrioMuxSession] = None) -> None:
     """Relay ``stream`` and ``local`` both ways until both directions have ended.
 
@@ -276,7 +305,8 @@ async def splice(stream: MuxStream, local: trio.abc.HalfCloseableStream,
                 data = await source.receive_some(SPLICE_CHUNK)
                 if not data:
                     mux_ended = mux_ended or from_mux
-                    await sink.send_eof()
+                    if hasattr(sink, "send_eof"):  # not over TLS, which has no half-close
+                        await sink.send_eof()
                     return
                 await sink.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -306,8 +336,9 @@ async def splice(stream: MuxStream, local: trio.abc.HalfCloseableStream,
 
 
 def _linger_zero(local: Any) -> None:
-    """Make closing ``local`` (a trio.SocketStream) send a RST instead of a FIN."""
+    """Make closing ``local`` (a trio.SocketStream, or TLS over one) send a RST instead
+    of a FIN."""
     try:
-        local.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        getattr(local, "transport_stream", local).setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except (AttributeError, OSError, trio.ClosedResourceError):  # not a socket, or closed
         pass

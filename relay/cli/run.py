@@ -91,14 +91,16 @@ def _select_backend(ctx: click.Context, param: Any, value: str) -> None:
 def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: tuple[str, ...],
                 allow: tuple[str, ...], ca_cert: Any, log_level: str, log_format: str = "text",
                 api_key: Optional[str] = None, bench_port: int = 0, connections: Optional[int] = None,
-                **options: Any) -> None:
+                services: tuple[str, ...] = (), **options: Any) -> None:
     """The body of ``relay agent`` on trio (relay.agent.trio_client.TrioAgent): same
-    checks, logging and one-line errors as the asyncio one."""
+    checks, logging and one-line errors as the asyncio one, the same declared services
+    and built-in task handlers."""
     import ssl
 
     import trio
 
     from relay.agent.client import AgentAuthError
+    from relay.agent.services import parse_service
     from relay.agent.trio_client import TrioAgent
 
     unsupported = sorted(name for name, value in options.items() if value)
@@ -112,12 +114,18 @@ def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], la
     check_agent_key(key)
     for entry in allow:
         _split_host_port(entry, "--allow")
+    try:
+        specs = [parse_service(text) for text in services]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--service") from None
     _setup_logging(log_level, log_format)
     try:
         context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert is not None else None
         agent = TrioAgent(gateway_url, key, name=name, labels=labels, allow=allow, ssl_context=context)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--gateway") from None
+    agent.tasks.register_builtins()  # echo, sleep, count (relay.agent.tasks), as on asyncio
+    agent.services = specs
     try:
         trio.run(agent.run)
     except AgentAuthError as exc:

@@ -11,6 +11,13 @@ close):
   hub per target), so bytes go client -> hub -> mux -> agent -> target;
 * trio host: a stream the host opens on the agent's session directly (no hub port).
 
+What only a real gateway serves (declared services and the service proxy, tasks, the
+Tunnels API's ``connect`` bindings) is tested on ``GATEWAY_PAIRINGS``, both agents
+against the asyncio gateway: ``env.api(...)`` calls its HTTP API with the team's key,
+``env.targets.http`` is an HTTP service on the agent's side, and ``conformance(setup=fn)``
+gets ``fn(agent, env)`` called before the agent connects (to declare services, register
+task handlers or set an allowlist the same way on both agents).
+
 asyncio pieces run on a uvloop loop in a thread of their own (:class:`AsyncioThread`);
 trio pieces, the target servers and the test body run in the test's ``trio.run``. All
 state of the asyncio side is read on its loop (``AsyncioThread.run_sync``), never from
@@ -36,6 +43,8 @@ from relay.mux.errors import ErrorCode
 
 #: ``agent-gateway`` pairings, every test runs on each.
 PAIRINGS = ["asyncio-asyncio", "trio-asyncio", "asyncio-trio", "trio-trio"]
+#: Both agents against the real (asyncio) gateway: services, tasks, bindings.
+GATEWAY_PAIRINGS = ["asyncio-asyncio", "trio-asyncio"]
 AGENT_NAME = "conformance"
 #: The trio host's only valid key (the asyncio gateway makes real ones).
 TRIO_HOST_KEY = "ak-conformance-trio-host"
@@ -124,6 +133,9 @@ class Targets:
     digest_gate: trio.Event
     #: Bytes the digest server has read so far, over all its connections.
     digest_read: list
+    #: An HTTP service (tests.support.openai_server: /health, /echo/...) with the
+    #: asyncio gateway only ("" otherwise).
+    http: str = ""
 
 
 async def _listen(nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]],
@@ -195,8 +207,10 @@ async def start_targets(nursery: trio.Nursery) -> Targets:
 class Env:
     """One pairing, running. Test bodies use only the public methods."""
 
-    def __init__(self, pairing: str, tmp_path: Path, nursery: trio.Nursery) -> None:
+    def __init__(self, pairing: str, tmp_path: Path, nursery: trio.Nursery,
+                 setup: Optional[Callable[[Any, "Env"], None]] = None) -> None:
         self.pairing = pairing
+        self._setup = setup
         self.agent_kind, self.gateway_kind = pairing.split("-")
         self.tmp_path = tmp_path
         self.nursery = nursery
@@ -206,6 +220,8 @@ class Env:
         self._gw: Any = None
         self._store: Any = None
         self._team_id = ""
+        self._keys: dict[str, str] = {}
+        self._http_target: Any = None
         self._hubs: dict[str, int] = {}
         self._hub_lock = trio.Lock()
         # trio host
@@ -233,20 +249,28 @@ class Env:
 
             self.agent = TrioAgent(self.url, self.key, name=AGENT_NAME, labels=["x", "conformance"],
                                    backoff_initial=0.05, backoff_max=0.5)
+            if self._setup is not None:
+                self._setup(self.agent, self)
             self.nursery.start_soon(self.agent.run)
         await self.wait_agent()
 
     async def _start_gateway(self) -> None:
         from relay.gateway.app import Gateway
         from relay.gateway.store import Store
+        from tests.support.openai_server import OpenAIServer
 
         self._store = Store.open(self.tmp_path / "data")
         team, keys = await self._store.create_team_with_keys("conformance")
         self._team_id = team.id
-        self.key = str(keys["ak"])
+        self._keys = {kind: str(key) for kind, key in keys.items()}
+        self.key = self._keys["ak"]
         self._gw = Gateway(self._store)
+        self._gw.services.probe_interval = 0.1  # a declared service is healthy within moments
+        self._gw.services.probe_timeout = 1.0
         await self._gw.start("127.0.0.1", 0)
         self.url = self._gw.url
+        self._http_target = await OpenAIServer("conformance").start()
+        self.targets.http = f"127.0.0.1:{self._http_target.port}"
 
     async def _start_trio_host(self) -> None:
         from relay.trio.gateway import serve_agents
@@ -264,6 +288,8 @@ class Env:
 
         self.agent = Agent(self.url, self.key, name=AGENT_NAME, labels=["x", "conformance"],
                            backoff_initial=0.05, backoff_max=0.5)
+        if self._setup is not None:
+            self._setup(self.agent, self)
         self._agent_task = asyncio.get_running_loop().create_task(self.agent.run())
 
     async def stop(self) -> None:
@@ -281,6 +307,10 @@ class Env:
         if self._gw is not None:
             await self._gw.close()
             await self._store.close()
+        if self._http_target is not None:
+            await self._http_target.close()
+        if self.agent_kind == "asyncio" and self.agent is not None:
+            self.agent.binder.close()  # its listeners are the agent's, not the session's
 
     # -- the gateway side's view of the agent
 
@@ -312,6 +342,34 @@ class Env:
         if self.gateway_kind == "asyncio":
             return await self.aio.run_sync(lambda: dict(self._current_gateway_session().peer_info))
         return dict(self._current_gateway_session().peer_info)
+
+    # -- the real gateway's API (GATEWAY_PAIRINGS)
+
+    async def api(self, method: str, path: str, body: Any = None, key: str = "sk") -> tuple[int, Any]:
+        """One request to the gateway's HTTP API with the team's ``key`` (sk, dk, ak);
+        ``(status, parsed JSON or None)``."""
+        from tests.gateway.test_gateway_e2e import http
+
+        return await self.aio.call(http, self._gw.port, method, path, self._keys[key], body)
+
+    async def events(self, path: str) -> list[tuple[str, Any]]:
+        """A whole Server-Sent Events answer of the gateway (``[(event, data), ...]``)."""
+        from tests.tunnels.test_tasks import sse
+
+        return await self.aio.call(sse, self._gw.port, path, self._keys["sk"])
+
+    async def agent_id(self) -> str:
+        """The id the gateway gave the agent (its welcome)."""
+        with trio.fail_after(10):
+            while self.agent.agent_id is None:
+                await trio.sleep(0.02)
+        return str(self.agent.agent_id)
+
+    async def bound(self) -> dict[str, int]:
+        """The agent's bindings listening now: tunnel id -> local port."""
+        if self.agent_kind == "asyncio":
+            return await self.aio.run_sync(lambda: dict(self.agent.binder.bound))
+        return dict(self.agent.binder.bound)
 
     # -- the adapter interface
 
@@ -401,12 +459,14 @@ class Env:
         return session
 
 
-def run_pairing(pairing: str, tmp_path: Path, body: Callable[[Env], Awaitable[None]], timeout: float) -> None:
-    """Start the pairing, run ``body(env)`` bounded by ``timeout`` seconds, tear down."""
+def run_pairing(pairing: str, tmp_path: Path, body: Callable[[Env], Awaitable[None]], timeout: float,
+                setup: Optional[Callable[[Any, Env], None]] = None) -> None:
+    """Start the pairing (``setup(agent, env)`` before the agent connects), run
+    ``body(env)`` bounded by ``timeout`` seconds, tear down."""
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            env = Env(pairing, tmp_path, nursery)
+            env = Env(pairing, tmp_path, nursery, setup)
             try:
                 with trio.fail_after(20):
                     await env.start()
@@ -420,13 +480,16 @@ def run_pairing(pairing: str, tmp_path: Path, body: Callable[[Env], Awaitable[No
     trio.run(main)
 
 
-def conformance(timeout: float = 30.0) -> Callable[[Callable[[Env], Awaitable[None]]], Callable[..., None]]:
-    """Make an ``async def body(env)`` a test run on every pairing."""
+def conformance(timeout: float = 30.0, pairings: list[str] = PAIRINGS,
+                setup: Optional[Callable[[Any, Env], None]] = None,
+                ) -> Callable[[Callable[[Env], Awaitable[None]]], Callable[..., None]]:
+    """Make an ``async def body(env)`` a test run on every pairing of ``pairings``
+    (``setup(agent, env)``: called before the agent connects)."""
 
     def wrap(body: Callable[[Env], Awaitable[None]]) -> Callable[..., None]:
-        @pytest.mark.parametrize("pairing", PAIRINGS)
+        @pytest.mark.parametrize("pairing", pairings)
         def test(pairing: str, tmp_path: Path) -> None:
-            run_pairing(pairing, tmp_path, body, timeout)
+            run_pairing(pairing, tmp_path, body, timeout, setup)
 
         test.__name__ = body.__name__
         test.__doc__ = body.__doc__

@@ -8,6 +8,7 @@ with ``RELAY_NO_EXTENSIONS=1``.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import resource
@@ -19,7 +20,7 @@ import trio
 from relay import __version__
 from relay.mux.connection import MuxConfig
 from relay.mux.errors import ErrorCode
-from tests.conformance.harness import AGENT_NAME, Env, conformance, run_pairing
+from tests.conformance.harness import AGENT_NAME, GATEWAY_PAIRINGS, Env, conformance, run_pairing
 
 DEFAULTS = MuxConfig()
 
@@ -346,23 +347,50 @@ def test_serve_agents_checks_keys_and_survives_a_failing_handler() -> None:
 
 
 @pytest.mark.parametrize("pairing", ["asyncio-trio", "trio-trio"])
-def test_a_tls_stream_is_spoken_tls_or_refused(pairing: str, tmp_path) -> None:
-    """A stream with ``"tls": true`` (an https tunnel's share link): the asyncio agent
-    speaks TLS to the target (a plain echo server answers its ClientHello with a
-    ClientHello, so the handshake fails and the stream is refused CONNECT_FAILED, where a
-    plain connection would have been accepted); the trio agent, which has no TLS yet,
-    refuses it with REFUSED and the reason rather than speaking plain text to it."""
+def test_a_tls_stream_is_spoken_tls(pairing: str, tmp_path) -> None:
+    """A stream with ``"tls": true`` (an https tunnel's share link): both agents speak TLS
+    to the target, its certificate not verified (a self-signed one here), and what the
+    target echoes inside TLS comes back in the clear. A target that does not speak TLS
+    (a plain echo server answers the ClientHello with itself) fails the handshake: the
+    stream is refused CONNECT_FAILED, where a plain connection would have been accepted."""
+    import ssl
+
+    from tests.gateway.test_gateway_e2e import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+
     async def body(env: Env) -> None:
         from relay.trio import StreamRefused
 
+        async def tls_echo(stream: trio.SocketStream) -> None:
+            wrapped = trio.SSLStream(stream, server_tls, server_side=True)
+            try:
+                while data := await wrapped.receive_some(65536):
+                    await wrapped.send_all(data)
+            except trio.BrokenResourceError:
+                pass
+            finally:
+                await trio.aclose_forcefully(wrapped)
+
+        [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        await env.nursery.start(trio.serve_listeners, tls_echo, [listener])
+        tls_target = "127.0.0.1:%d" % listener.socket.getsockname()[1]
         session = env._current_gateway_session()
+        stream = await session.open_stream({"protocol": "tcp", "target": tls_target, "tls": True})
+        await stream.send_all(b"inside TLS")
+        received = b""
+        with trio.fail_after(10):
+            while len(received) < len(b"inside TLS"):
+                received += await stream.receive_some(64)
+        assert received == b"inside TLS"
+        await stream.aclose()
+
         with pytest.raises(StreamRefused) as caught:
             await session.open_stream({"protocol": "tcp", "target": env.targets.echo, "tls": True})
         code, message = ErrorCode(caught.value.error_code).name, caught.value.message
-        if env.agent_kind == "asyncio":
-            assert code == "CONNECT_FAILED" and message.startswith(f"cannot connect to {env.targets.echo}: ")
-        else:
-            assert (code, message) == ("REFUSED", "the trio agent does not connect to https targets yet")
+        assert code == "CONNECT_FAILED" and message.startswith(f"cannot connect to {env.targets.echo}: ")
         # The same target without "tls" is served as before.
         conn = await env.open_stream_to(env.targets.echo)
         await conn.send(b"plain")
@@ -371,3 +399,223 @@ def test_a_tls_stream_is_spoken_tls_or_refused(pairing: str, tmp_path) -> None:
         await conn.close()
 
     run_pairing(pairing, tmp_path, body, 30.0)
+
+
+# ---------------------------------------------------------------------- against the real gateway
+# Services, tasks and connect bindings: both agents, the asyncio gateway (GATEWAY_PAIRINGS).
+
+
+def _declare_service(agent, env: Env) -> None:
+    """A service the agent declares, on a target its explicit allowlist leaves out."""
+    from relay.agent.policy import parse_allowlist
+    from relay.agent.services import parse_service
+
+    agent.services = [parse_service(f"conf-svc={env.targets.http},prompt=Echoes,label=conformance")]
+    agent.allow = parse_allowlist(["127.0.0.1:1"])
+
+
+@conformance(pairings=GATEWAY_PAIRINGS, setup=_declare_service)
+async def test_a_declared_service_is_served_through_the_service_proxy(env: Env) -> None:
+    """The agent declares a service in its hello; the gateway probes its health through
+    the agent and proxies requests to it (its target is allowed implicitly, though the
+    agent's allowlist names another)."""
+    hello = await env.hello()
+    assert hello["services"] == [{"slug": "conf-svc", "target": env.targets.http, "health": "/health",
+                                  "prompt": "Echoes", "openapi": None, "labels": ["conformance"]}]
+    assert hello["allow"] == ["127.0.0.1:1"]
+    agent_id = await env.agent_id()
+    with trio.fail_after(15):
+        while True:
+            status, svc = await env.api("GET", "/api/v1/r/containers/conf-svc")
+            if status == 200 and svc["service_status"] == "running" and svc["instances_healthy"] == 1:
+                break
+            await trio.sleep(0.05)
+    assert svc["instances"][0]["agent_id"] == agent_id and svc["usage_prompt"] == "Echoes"
+    status, answer = await env.api("POST", "/api/v1/r/invoke/conf-svc",
+                                   {"method": "POST", "path": "/echo/a?b=1",
+                                    "body_base64": base64.b64encode(b"ping").decode()})
+    assert status == 200, answer
+    assert answer["status_code"] == 200 and answer["headers"]["x-echo-target"] == "/echo/a?b=1"
+    assert base64.b64decode(answer["body_base64"]) == b"ping"
+    # A target off the allowlist that is no service stays refused.
+    code, _ = await env.refusal("127.0.0.1:2")
+    assert code == "NOT_ALLOWED"
+
+
+#: What the cancellable handler saw, by task id (the type of the exception it got).
+_CANCELLED: dict[str, str] = {}
+
+
+def _task_handlers(agent, env: Env) -> None:
+    """The built-ins, a failing handler, an async generator and one that waits until
+    cancelled, all written once for both loops (they await only the task's own calls)."""
+    agent.tasks.register_builtins()
+
+    @agent.tasks.handler("fail")
+    async def fail(task):
+        await task.progress("about to fail")
+        raise ValueError(f"bad input {task.input!r}")
+
+    @agent.tasks.handler("lines")
+    async def lines(task):
+        for line in task.input:
+            yield line.upper()
+        task.result = {"lines": len(task.input)}
+
+    @agent.tasks.handler("wait")
+    async def wait(task):
+        _CANCELLED[task.task_id] = "running"
+        try:
+            await task.sleep(60)
+        except BaseException as exc:
+            _CANCELLED[task.task_id] = type(exc).__name__
+            raise
+        return "never"
+
+
+async def _run_task(env: Env, kind: str, task_input=None) -> tuple[dict, list]:
+    status, task = await env.api("POST", "/api/v1/tasks", {"kind": kind, "input": task_input})
+    assert status == 202 and task["status"] == "dispatched", task
+    events = await env.events(f"/api/v1/tasks/{task['task_id']}/events")
+    status, final = await env.api("GET", f"/api/v1/tasks/{task['task_id']}")
+    assert status == 200
+    return final, events
+
+
+@conformance(pairings=GATEWAY_PAIRINGS, setup=_task_handlers, timeout=60)
+async def test_tasks_report_progress_outputs_results_and_errors(env: Env) -> None:
+    """Tasks dispatched to the agent: progress and outputs streamed in order, then the
+    result; a handler's exception is the task's error; an unknown kind is an error
+    naming the kinds the agent knows."""
+    agent_id = await env.agent_id()
+    final, events = await _run_task(env, "count", {"to": 3})
+    assert final["status"] == "succeeded" and final["agent_id"] == agent_id
+    assert final["result"] == {"count": 3} and final["outputs"] == [1, 2, 3]
+    streamed = [(kind, data[kind]) for kind, data in events if kind != "status"]
+    assert streamed == [("progress", {"done": 0, "total": 3}), ("output", 1),
+                        ("progress", {"done": 1, "total": 3}), ("output", 2),
+                        ("progress", {"done": 2, "total": 3}), ("output", 3),
+                        ("result", {"count": 3})]
+    final, _ = await _run_task(env, "lines", ["a", "b"])
+    assert (final["status"], final["outputs"], final["result"]) == ("succeeded", ["A", "B"], {"lines": 2})
+    final, events = await _run_task(env, "fail", 7)
+    assert final["status"] == "failed" and final["error"] == "bad input 7"
+    assert ("progress", "about to fail") in [(kind, data.get(kind)) for kind, data in events]
+    final, _ = await _run_task(env, "sleep", {"seconds": 0.2})
+    assert final["status"] == "succeeded" and final["result"] == {"slept": 0.2}
+    final, _ = await _run_task(env, "nope")
+    assert final["status"] == "failed"
+    assert final["error"] == "no handler for task kind 'nope' (known: count, echo, fail, lines, sleep, wait)"
+
+
+@conformance(pairings=GATEWAY_PAIRINGS, setup=_task_handlers, timeout=60)
+async def test_a_cancel_reaches_the_handler_as_its_loops_cancellation(env: Env) -> None:
+    """POST .../cancel: the handler sees its loop's cancellation where it awaits
+    (asyncio.CancelledError, trio.Cancelled), the task ends cancelled, and the agent takes
+    the next task at once; a connection that ends cancels its tasks too."""
+    expected = "CancelledError" if env.agent_kind == "asyncio" else "Cancelled"
+    status, task = await env.api("POST", "/api/v1/tasks", {"kind": "wait"})
+    assert status == 202 and task["status"] == "dispatched", task
+    with trio.fail_after(10):
+        while _CANCELLED.get(task["task_id"]) != "running":
+            await trio.sleep(0.02)
+    status, cancelled = await env.api("POST", f"/api/v1/tasks/{task['task_id']}/cancel")
+    assert status == 200 and cancelled["status"] == "cancelled", cancelled
+    with trio.fail_after(10):
+        while _CANCELLED[task["task_id"]] == "running":
+            await trio.sleep(0.02)
+    assert _CANCELLED[task["task_id"]] == expected
+    final, _ = await _run_task(env, "echo", {"after": "cancel"})
+    assert final["status"] == "succeeded" and final["result"] == {"after": "cancel"}
+
+    # The connection drops mid-task: the task fails at the gateway, the handler is cancelled.
+    status, task = await env.api("POST", "/api/v1/tasks", {"kind": "wait"})
+    assert status == 202 and task["status"] == "dispatched", task
+    with trio.fail_after(10):
+        while _CANCELLED.get(task["task_id"]) != "running":
+            await trio.sleep(0.02)
+    before = await env.drop_agent_connection()
+    with trio.fail_after(10):
+        while _CANCELLED[task["task_id"]] == "running":
+            await trio.sleep(0.02)
+    assert _CANCELLED[task["task_id"]] == expected
+    status, final = await env.api("GET", f"/api/v1/tasks/{task['task_id']}")
+    assert final["status"] == "failed" and final["error"] == "agent disconnected", final
+    await env.wait_agent(other_than=before)
+    final, _ = await _run_task(env, "echo", "back")
+    assert final["status"] == "succeeded" and final["result"] == "back"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@conformance(pairings=GATEWAY_PAIRINGS, timeout=60)
+async def test_connect_binds_a_local_port_that_reaches_the_tunnel(env: Env) -> None:
+    """The Tunnels API's connect: the agent listens on 127.0.0.1:PORT and relays each
+    connection through the tunnel's hub port to the target, half-close included; a port
+    it cannot listen on is a bind_failed error with its reason; the listener survives a
+    reconnect (the gateway's re-sent bind keeps it) and goes with DELETE .../bindings."""
+    agent_id = await env.agent_id()
+    status, tunnel = await env.api("POST", "/api/v1/tunnels", {"target": env.targets.digest,
+                                                               "agent_id": agent_id, "name": "digest"})
+    assert status == 201, tunnel
+    connect = f"/api/v1/tunnels/{tunnel['id']}/connect"
+    with socket_held() as taken:
+        status, body = await env.api("POST", connect, {"agent_id": agent_id, "local_port": taken})
+    assert status == 502 and body["error"]["code"] == "bind_failed", body
+    assert f"cannot listen on 127.0.0.1:{taken}: " in body["error"]["message"]
+    assert "in use" in body["error"]["message"], body
+
+    local = _free_port()
+    status, body = await env.api("POST", connect, {"agent_id": agent_id, "local_port": local})
+    assert status == 200 and body["connection_string"] == f"tcp://127.0.0.1:{local}", body
+    assert await env.bound() == {tunnel["id"]: local}
+
+    async def digest_through(payload: bytes) -> bytes:
+        conn = await trio.open_tcp_stream("127.0.0.1", local)
+        await conn.send_all(payload)
+        await conn.send_eof()  # the digest target answers only after the EOF
+        answer = b""
+        while data := await conn.receive_some(65536):
+            answer += data
+        await conn.aclose()
+        return answer
+
+    payload = os.urandom(300_000)
+    expected = struct.pack(">Q", len(payload)) + hashlib.sha256(payload).digest()
+    assert await digest_through(payload) == expected
+
+    before = await env.drop_agent_connection()
+    await env.wait_agent(other_than=before)
+    with trio.fail_after(10):  # the gateway re-sends the binding; the listener stays as it is
+        while await env.bound() != {tunnel["id"]: local}:
+            await trio.sleep(0.05)
+    assert await digest_through(payload) == expected
+
+    status, _ = await env.api("DELETE", f"/api/v1/tunnels/{tunnel['id']}/bindings/{agent_id}")
+    assert status == 204
+    with trio.fail_after(10):
+        while await env.bound():
+            await trio.sleep(0.05)
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream("127.0.0.1", local)
+
+
+class socket_held:
+    """A port on 127.0.0.1 that something else listens on, while in the ``with``."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen()
+        return self._sock.getsockname()[1]
+
+    def __exit__(self, *exc_info) -> None:
+        self._sock.close()

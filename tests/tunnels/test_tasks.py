@@ -249,9 +249,10 @@ def test_task_events_are_bounded_but_the_final_one_is_kept(monkeypatch):
     asyncio.run(body())
 
 
-def test_a_trio_agent_answers_a_task_with_an_error_instead_of_leaving_it_waiting(tmp_path):
-    """The trio backend has no task handlers yet: a task handed to it must fail at once
-    with a clear reason, never hang. The agent runs as a real ``relay agent`` process."""
+def test_relay_agent_on_trio_runs_the_built_in_tasks(tmp_path):
+    """``relay agent --backend trio`` registers the same built-in handlers as the asyncio
+    agent: a task handed to it runs and succeeds (tests/conformance runs the task tests
+    on both agents). The agent runs as a real ``relay agent`` process."""
     import sys
 
     async def main():
@@ -269,14 +270,15 @@ def test_a_trio_agent_answers_a_task_with_an_error_instead_of_leaving_it_waiting
                     if await online():
                         break
                     await asyncio.sleep(0.05)
-                answer = await submit(gw.port, keys["sk"], "echo", {"x": 1})
+                answer = await submit(gw.port, keys["sk"], "count", {"to": 2})
                 assert answer["status"] == "dispatched"
                 for _ in range(300):
                     info = await task_status(gw.port, keys["sk"], answer["task_id"])
                     if info["status"] in gateway_tasks.FINAL:
                         break
                     await asyncio.sleep(0.05)
-                assert info["status"] == "failed" and "runs no tasks" in info["error"], info
+                assert info["status"] == "succeeded" and info["result"] == {"count": 2}, info
+                assert info["outputs"] == [1, 2]
             finally:
                 agent.terminate()
                 await agent.wait()

@@ -435,13 +435,13 @@ async def _recording_agent(gw: Gateway, key: str, name: str, received: list[Any]
     from relay.agent import Agent
 
     agent = Agent(gw.url, key, name=name, backoff_initial=0.05)
-    original = agent._on_control
+    original = agent.on_control
 
     def record(message: Any, session: Any = None) -> None:  # the agent passes the session it came on
         received.append(message)
         original(message, session)
 
-    agent._on_control = record  # type: ignore[method-assign]
+    agent.on_control = record  # type: ignore[method-assign]
     task = asyncio.get_running_loop().create_task(agent.run())
     try:
         await wait_until(lambda: agent.agent_id is not None)
