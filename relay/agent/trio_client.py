@@ -43,6 +43,7 @@ from relay.agent.bind import TrioBinder
 from relay.agent.client import HANDSHAKE_TIMEOUT, STABLE_CONNECTION, AgentAuthError
 from relay.agent.policy import TargetRefused, no_terminal, target_tls
 from relay.agent.tasks import LoopTime, TaskContext
+from relay.agent.udp import serve_datagram_stream_trio
 from relay.mux.connection import MuxConfig
 from relay.mux.errors import ErrorCode
 from relay.mux.terminal import TERMINAL_PROTOCOL
@@ -115,9 +116,10 @@ class TrioAgent(AgentBase):
                 raise no_terminal(self.name)
         except TargetRefused as exc:
             raise StreamRefused(exc.error_code, exc.message) from None
-        if plan.protocol == "udp":
-            raise StreamRefused(ErrorCode.REFUSED, "the trio agent does not serve udp streams yet")
         host, port = plan.host, plan.port
+        if plan.protocol == "udp":  # one connected UDP socket per flow
+            await serve_datagram_stream_trio(stream, host, port)
+            return
         local: trio.abc.Stream
         try:
             if plan.tls:  # an https target: TLS as the asyncio agent speaks it (policy.target_tls)

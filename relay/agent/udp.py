@@ -7,19 +7,29 @@ other hosts or to receive from strangers. The caller has checked the target agai
 the agent's allowlist. The gateway owns the flow's idle timeout (it knows the client);
 this end closes its socket when the stream ends or is reset, and when its agent's
 session ends (every stream is reset then).
+
+:func:`serve_datagram_stream` serves the asyncio agent, :func:`serve_datagram_stream_trio`
+the trio one; the flow's rules (records, the drop-oldest queue, counters) are
+relay.mux.datagrams' for both.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Optional, cast
+import socket
+from typing import TYPE_CHECKING, Any, Optional, cast
+
+import trio
 
 from relay.aio.datagrams import DatagramPipe
 from relay.aio.stream import MuxStream
-from relay.mux.datagrams import DEFAULT_QUEUE_BYTES
+from relay.mux.datagrams import DEFAULT_QUEUE_BYTES, MAX_DATAGRAM, DatagramFlow
 from relay.mux.errors import ErrorCode
 
-__all__ = ["serve_datagram_stream"]
+if TYPE_CHECKING:
+    from relay.trio import MuxStream as TrioMuxStream
+
+__all__ = ["serve_datagram_stream", "serve_datagram_stream_trio"]
 
 log = logging.getLogger("relay.agent.udp")
 
@@ -87,3 +97,73 @@ async def serve_datagram_stream(stream: MuxStream, host: str, port: int) -> Data
     pipe = DatagramPipe(stream, deliver, closed)
     protocol.pipe = pipe
     return pipe
+
+
+async def serve_datagram_stream_trio(stream: "TrioMuxStream", host: str, port: int) -> DatagramFlow:
+    """:func:`serve_datagram_stream` on trio, until the flow ends: the peer's FIN ends it
+    (and ours follows), a reset or the session's end cuts it. Refuses the stream with
+    CONNECT_FAILED when the socket cannot be made; returns the flow (its counters).
+
+    Datagrams from the target wait in the flow's drop-oldest queue while the stream's
+    window is spent, so a slow stream loses the oldest ones instead of stalling the
+    socket; what the stream delivers goes to the target at once."""
+    from relay.trio import StreamRefused
+
+    try:
+        [(family, kind, proto, _, address), *_] = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        sock = trio.socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise StreamRefused(ErrorCode.CONNECT_FAILED, f"cannot reach {host}:{port} over udp: {exc}") from None
+    with sock:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TARGET_RECEIVE_BUFFER)
+        except OSError:
+            pass  # the default buffer only loses more datagrams in a burst
+        try:
+            await sock.connect(address)
+        except OSError as exc:
+            raise StreamRefused(ErrorCode.CONNECT_FAILED, f"cannot reach {host}:{port} over udp: {exc}") from None
+        stream.accept()
+        flow = DatagramFlow(trio.current_time())
+        queued = trio.Event()  # something waits in flow.to_stream
+
+        async def from_target() -> None:
+            nonlocal queued
+            while True:
+                try:
+                    datagram = await sock.recv(MAX_DATAGRAM)
+                except OSError as exc:  # ICMP port unreachable and the like: loss, not an end
+                    log.debug("udp target socket: %s", exc)
+                    continue
+                flow.from_local(datagram, trio.current_time())
+                queued.set()
+
+        async def to_stream() -> None:
+            nonlocal queued
+            while True:
+                record = flow.take_record()
+                if record is None:
+                    queued = trio.Event()
+                    await queued.wait()
+                    continue
+                await stream.send_all(record)  # waits for window; the queue drops meanwhile
+
+        async def from_stream(scope: trio.CancelScope) -> None:
+            while data := await stream.receive_some():
+                for datagram in flow.from_stream(data, trio.current_time()):
+                    try:
+                        await sock.send(datagram)
+                    except OSError as exc:  # lost, as in UDP
+                        flow.lost(len(datagram))
+                        log.debug("stream %d: datagram not delivered: %s", stream.stream_id, exc)
+            await stream.send_eof()  # the peer ended the flow: end ours too
+            scope.cancel()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(from_target)
+                nursery.start_soon(to_stream)
+                nursery.start_soon(from_stream, nursery.cancel_scope)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # reset, or the session ended: the socket closes below
+    return flow
