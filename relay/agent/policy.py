@@ -30,8 +30,7 @@ __all__ = [
 AGENT_PATH = "/api/v1/agent/connect"
 #: Stream protocols served as plain byte splices to the target.
 STREAM_PROTOCOLS = frozenset({"tcp", "http"})
-#: ...and with datagram records to a UDP target (relay.mux.datagrams; the asyncio
-#: agent serves it, the trio agent refuses it as unsupported).
+#: ...and with datagram records to a UDP target (relay.mux.datagrams, relay.agent.udp).
 DATAGRAM_PROTOCOLS = frozenset({"udp"})
 
 

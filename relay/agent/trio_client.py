@@ -10,7 +10,8 @@ unknown protocol), the same reconnect backoff (0.5 s doubling to 30 s, +-20 % ji
 reset after a connection that lasted 10 s) and
 :class:`~relay.agent.client.AgentAuthError` for a rejected key. Allowed streams are
 connected to their target with ``trio.open_tcp_stream`` (in TLS for an https target)
-and spliced both ways with backpressure and half-close (:func:`splice`).
+and spliced both ways with backpressure and half-close (:func:`splice`); udp streams
+get a connected UDP socket each (relay.agent.udp).
 
 Tasks (``agent.tasks``, relay.agent.tasks) run in a nursery of their connection, each in
 a cancel scope of its own: a ``task.cancel`` or the connection's end reaches the handler
@@ -21,10 +22,11 @@ nursery and so outlive a reconnect, as the asyncio agent's do.
 Every decision (the hello, which streams to serve and how, what a control message
 means, what a task reports, what a binding keeps or refuses) is made by the code the
 asyncio agent uses too (relay.agent.base, policy, tasks, bind); tests/conformance runs
-the same tests against both agents. Not served yet: udp streams and the web terminal
-(refused with a reason), several gateways or connections at once, and ``relay bench``'s
-target (``relay agent --backend trio`` refuses ``--terminal``, ``--bench``,
-``--tunnel`` and ``--connections`` above 1).
+the same tests against both agents. Not served yet: the web terminal (terminal streams
+are refused as by an asyncio agent without ``--terminal``), several gateways or
+connections at once, and ``relay bench``'s target (``relay agent --backend trio``
+refuses ``--terminal``, ``--bench``, ``--tunnel``, a second ``--gateway`` and
+``--connections`` above 1).
 """
 from __future__ import annotations
 

@@ -219,8 +219,9 @@ async def test_refusals(env: Env) -> None:
 
 
 def test_trio_agent_policy_matches_the_asyncio_agent() -> None:
-    """URL handling, allowlist and backoff are duplicated in TrioAgent until they are
-    factored out of relay.agent.client: both agents must agree."""
+    """URL handling, allowlist (declared services included), the hello and backoff:
+    both agents decide them with the same code (relay.agent.base and policy) and must
+    agree."""
     from relay.agent import Agent
     from relay.agent.trio_client import TrioAgent
 
@@ -232,6 +233,15 @@ def test_trio_agent_policy_matches_the_asyncio_agent() -> None:
         for host, port in [("127.0.0.1", 22), ("LOCALHOST", 5432), ("::1", 80), ("db.lan", 5432),
                            ("10.0.0.1", 22), ("127.0.0.1", 23)]:
             assert trio_agent.is_allowed(host, port) == aio_agent.is_allowed(host, port)
+    from relay.agent.services import parse_service
+    from relay.mux.connection import MuxConfig
+
+    trio_agent, aio_agent = TrioAgent("http://gw", "ak-x", allow=allow), Agent("http://gw", "ak-x", allow=allow)
+    for agent in (trio_agent, aio_agent):
+        agent.services = [parse_service("svc=127.0.0.1:8000")]
+        agent.instance_id = "same"
+    assert trio_agent.is_allowed("127.0.0.1", 8000) and aio_agent.is_allowed("127.0.0.1", 8000)
+    assert trio_agent.hello_info(MuxConfig()) == aio_agent.hello_info(MuxConfig())
     delays = [TrioAgent("http://gw", "ak-x").backoff_delay(i) for i in range(12)]
     assert 0.4 <= delays[0] <= 0.6 and 0.8 <= delays[1] <= 1.2
     assert all(24 <= d <= 36 for d in delays[8:])
