@@ -11,6 +11,7 @@ loop (relay.agent.tasks), a binding listens with ``agent.binder`` (relay.agent.b
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import socket
 import ssl
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from relay import __version__
+from relay.agent.gateways import TargetRing
 from relay.agent.policy import (
     DATAGRAM_PROTOCOLS,
     STREAM_PROTOCOLS,
@@ -36,6 +38,9 @@ from relay.mux.errors import ErrorCode
 from relay.mux.terminal import TERMINAL_PROTOCOL
 
 log = logging.getLogger("relay.agent")
+
+#: A connection that lasted this long resets the reconnect backoff.
+STABLE_CONNECTION = 10.0
 
 
 @dataclass(frozen=True)
@@ -235,3 +240,80 @@ class AgentBase:
 
 def _default_name() -> str:
     return socket.gethostname() or "agent"
+
+
+class Redial:
+    """When and where connection number ``connection`` of ``agent`` dials next, after
+    each attempt: the loop of either agent dials :attr:`target`, then asks one of
+    :meth:`ended`, :meth:`rejected` or :meth:`failed` for the delay before the next
+    dial (logged here, as the state changes).
+
+    The backoff grows with every attempt (AgentBase.backoff_delay) and starts over after
+    a connection that lasted :data:`STABLE_CONNECTION` seconds and was not refused. With
+    several gateways, a connection that was up moves to the next gateway no other
+    connection uses (relay.agent.gateways.TargetRing) within ``backoff_initial / 4``,
+    spread at random so a gateway's agents do not all land on a survivor at once; a
+    failed dial moves on too, after at most ``backoff_initial``. A gateway that holds
+    this agent through another of its connections already (a GOAWAY ``REFUSED``) is
+    dialled again with the growing delay."""
+
+    def __init__(self, agent: AgentBase, ring: TargetRing, connection: int, count: int) -> None:
+        self.agent = agent
+        self.ring = ring
+        self.connection = connection
+        self.count = count
+        #: Where to dial next.
+        self.target = ring.first(connection)
+        self.attempt = 0
+
+    def ended(self, ended: list[Any], lasted: float) -> float:
+        """The session (``ended``: it, once it existed) ended after ``lasted`` seconds."""
+        refused, duplicate = self._why_ended(ended)
+        if refused is None and not duplicate and lasted >= STABLE_CONNECTION:
+            self.attempt = 0
+        return self._next(ended, refused, duplicate, "connection lost")
+
+    def rejected(self, error: Exception) -> float:
+        """The gateway rejected the key (401/403): raises ``error`` if the key never
+        worked (a wrong key); a key that worked was revoked, maybe for a while."""
+        if not self.agent.ever_connected:
+            self.agent._set_state("rejected")
+            raise error
+        return self._next([], f"{error} (was the key revoked?)", False, "")
+
+    def failed(self, ended: list[Any], error: BaseException) -> float:
+        """The dial or the session failed with ``error``."""
+        refused, duplicate = self._why_ended(ended)
+        return self._next(ended, refused, duplicate, str(error) or type(error).__name__)
+
+    def _why_ended(self, ended: list[Any]) -> tuple[Optional[str], bool]:
+        """``(refusal, duplicate)`` for the session that ended (if it got that far): the
+        gateway's refusal of this agent, or True if the gateway holds this agent process
+        through another of its connections already (a GOAWAY ``REFUSED``)."""
+        if not ended:
+            return None, False
+        goaway = getattr(ended[0], "goaway_received", None)
+        duplicate = goaway is not None and goaway.error_code == ErrorCode.REFUSED
+        return self.agent.refusal(ended[0]), duplicate
+
+    def _next(self, ended: list[Any], refused: Optional[str], duplicate: bool, reason: str) -> float:
+        agent = self.agent
+        delay = agent.backoff_delay(self.attempt)
+        self.attempt += 1
+        several = len(self.ring.targets) > 1
+        if duplicate:
+            reason = f"{self.target.label} is a gateway this agent is connected to already"
+        if several and refused is None:  # another gateway serves as well, and this one may be dead
+            self.target = self.ring.next(self.connection)
+            if ended and not duplicate:
+                delay = random.uniform(0.0, agent.backoff_initial / 4)
+            elif not duplicate:
+                delay = min(delay, agent.backoff_initial)
+        if refused is not None:
+            agent._refused(refused, delay)
+        else:
+            prefix = f"connection {self.connection + 1}/{self.count}: " if self.count > 1 else ""
+            agent._set_state("disconnected", f"{prefix}{reason}; retrying in {delay:.1f}s"
+                             + (f" with {self.target.label}" if several else ""))
+        return delay
+

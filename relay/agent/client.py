@@ -37,13 +37,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import random
 import socket
 import ssl
 from collections.abc import Iterable
 from typing import Any, Optional
 
-from relay.agent.base import AgentBase
+from relay.agent.base import AgentBase, Redial
 from relay.agent.bind import Binder
 from relay.agent.gateways import DialTarget, TargetRing, default_connections, expand, is_address
 from relay.agent.policy import (  # re-exported: the agent's public names
@@ -71,8 +70,6 @@ log = logging.getLogger("relay.agent")
 
 #: The upgrade must complete within this time.
 HANDSHAKE_TIMEOUT = 15.0
-#: A connection that lasted this long resets the reconnect backoff.
-STABLE_CONNECTION = 10.0
 #: What task handlers sleep and tell time with.
 ASYNCIO_TIME = LoopTime(asyncio.sleep, lambda: asyncio.get_running_loop().time())
 
@@ -261,63 +258,21 @@ class Agent(AgentBase):
             raise failed.exceptions[0] from None
 
     async def _keep(self, ring: TargetRing, connection: int, count: int) -> None:
-        """Connection number ``connection`` of the agent: dial, serve, dial again."""
-        attempt = 0
+        """Connection number ``connection`` of the agent: dial, serve, dial again (when
+        and where: relay.agent.base.Redial)."""
+        redial = Redial(self, ring, connection, count)
         loop = asyncio.get_running_loop()
-        target = ring.first(connection)
-        several = len(ring.targets) > 1
         while True:
             started = loop.time()
-            refused: Optional[str] = None
-            duplicate = False
             ended: list[MuxSession] = []
             try:
-                await self.run_once(target, connection, ended)
-                refused, duplicate = self._why_ended(ended)
-                # Start the backoff over only after a connection that lasted and was not
-                # refused: one the gateway drops at once must not loop tightly.
-                if refused is None and not duplicate and loop.time() - started >= STABLE_CONNECTION:
-                    attempt = 0
-                reason = "connection lost"
+                await self.run_once(redial.target, connection, ended)
+                delay = redial.ended(ended, loop.time() - started)
             except AgentAuthError as exc:
-                if not self.ever_connected:  # never worked: a wrong key, not a revoked one
-                    self._set_state("rejected")
-                    raise
-                refused = f"{exc} (was the key revoked?)"
+                delay = redial.rejected(exc)
             except (OSError, HandshakeError, TimeoutError, ConnectionError) as exc:
-                refused, duplicate = self._why_ended(ended)
-                reason = str(exc) or type(exc).__name__
-            delay = self.backoff_delay(attempt)
-            attempt += 1
-            if duplicate:
-                reason = f"{target.label} is a gateway this agent is connected to already"
-            if several and refused is None:
-                # A fleet: another gateway serves as well, and this one may be dead. After
-                # a session that was up, dial the next one at once, spread over a short
-                # window (a gateway's agents must not all land on a survivor at the same
-                # instant); after a failed dial, back off (but no longer than the first step).
-                target = ring.next(connection)
-                if ended and not duplicate:
-                    delay = random.uniform(0.0, self.backoff_initial / 4)
-                elif not duplicate:
-                    delay = min(delay, self.backoff_initial)
-            if refused is not None:
-                self._refused(refused, delay)
-            else:
-                prefix = f"connection {connection + 1}/{count}: " if count > 1 else ""
-                self._set_state("disconnected", f"{prefix}{reason}; retrying in {delay:.1f}s"
-                                + (f" with {target.label}" if several else ""))
+                delay = redial.failed(ended, exc)
             await asyncio.sleep(delay)
-
-    def _why_ended(self, ended: list[MuxSession]) -> tuple[Optional[str], bool]:
-        """``(refusal, duplicate)`` for the session that ended (if it got that far): the
-        gateway's refusal of this agent, or True if the gateway holds this agent process
-        through another of its connections already (a GOAWAY ``REFUSED``)."""
-        if not ended:
-            return None, False
-        goaway = getattr(ended[0], "goaway_received", None)
-        duplicate = goaway is not None and goaway.error_code == ErrorCode.REFUSED
-        return self.refusal(ended[0]), duplicate
 
     def close(self) -> None:
         """Drop the current connection (``run`` would reconnect: cancel it to stop)."""

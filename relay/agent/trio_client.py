@@ -7,7 +7,7 @@ in SETTINGS ``info`` (``name``, ``labels``, ``version``, ``limits``, declared
 ``services``), the same allowlist, ``allow_stream`` policies and refusals (NOT_ALLOWED
 with the same message, CONNECT_FAILED, PROTOCOL_ERROR for a bad target, REFUSED for an
 unknown protocol), the same reconnect backoff (0.5 s doubling to 30 s, +-20 % jitter,
-reset after a connection that lasted 10 s) and
+reset after a connection that lasted 10 s; relay.agent.base.Redial) and
 :class:`~relay.agent.client.AgentAuthError` for a rejected key. Allowed streams are
 connected to their target with ``trio.open_tcp_stream`` (in TLS for an https target)
 and spliced both ways with backpressure and half-close (:func:`splice`); udp streams
@@ -22,11 +22,13 @@ nursery and so outlive a reconnect, as the asyncio agent's do.
 Every decision (the hello, which streams to serve and how, what a control message
 means, what a task reports, what a binding keeps or refuses) is made by the code the
 asyncio agent uses too (relay.agent.base, policy, tasks, bind); tests/conformance runs
-the same tests against both agents. Not served yet: the web terminal (terminal streams
-are refused as by an asyncio agent without ``--terminal``), several gateways or
-connections at once, and ``relay bench``'s target (``relay agent --backend trio``
-refuses ``--terminal``, ``--bench``, ``--tunnel``, a second ``--gateway`` and
-``--connections`` above 1).
+the same tests against both agents. With several gateways (a fleet) it holds up to
+``connections`` sessions at once, each to another gateway, and redials as the asyncio
+agent does (relay.agent.base.Redial); it dials each ``--gateway`` by its name, where
+the asyncio agent also dials each address of a name that has several. Not served yet:
+the web terminal (terminal streams are refused as by an asyncio agent without
+``--terminal``) and ``relay bench``'s target (``relay agent --backend trio`` refuses
+``--terminal``, ``--bench`` and ``--tunnel``).
 """
 from __future__ import annotations
 
@@ -36,13 +38,14 @@ import socket
 import ssl
 import struct
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import trio
 
-from relay.agent.base import AgentBase
+from relay.agent.base import AgentBase, Redial
 from relay.agent.bind import TrioBinder
-from relay.agent.client import HANDSHAKE_TIMEOUT, STABLE_CONNECTION, AgentAuthError
+from relay.agent.client import HANDSHAKE_TIMEOUT, AgentAuthError
+from relay.agent.gateways import DialTarget, TargetRing, default_connections
 from relay.agent.policy import TargetRefused, no_terminal, target_tls
 from relay.agent.tasks import LoopTime, TaskContext
 from relay.agent.udp import serve_datagram_stream_trio
@@ -84,25 +87,31 @@ class TrioAgent(AgentBase):
                  labels: Iterable[str] = (), allow: Iterable[Any] = (),
                  mux_config: Optional[MuxConfig] = None,
                  backoff_initial: float = 0.5, backoff_max: float = 30.0, jitter: float = 0.2,
-                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+                 ssl_context: Optional[ssl.SSLContext] = None, more_gateways: Iterable[str] = (),
+                 connections: Optional[int] = None) -> None:
         super().__init__(gateway_url, key, name=name, labels=labels, allow=allow, mux_config=mux_config,
                          backoff_initial=backoff_initial, backoff_max=backoff_max, jitter=jitter,
-                         ssl_context=ssl_context)
-        #: The current session while connected.
+                         ssl_context=ssl_context, more_gateways=more_gateways)
+        if connections is not None and connections < 1:
+            raise ValueError("connections must be at least 1")
+        #: Sessions held at once, each to another gateway (None: 1; relay.agent.gateways).
+        self.connections = connections
+        #: The newest session while connected.
         self.session: Optional[TrioMuxSession] = None
-        #: How many sessions were established since start (reconnects = this - 1).
-        self.connections = 0
+        #: Every established session (several with ``connections`` > 1).
+        self.sessions: list[TrioMuxSession] = []
+        #: How many sessions were established since start.
+        self.sessions_established = 0
         #: Local ports bound for tunnels on the gateway's request (relay.agent.bind).
         self.binder = TrioBinder()
         self._connected = trio.Event()
-        self._last_session: Optional[TrioMuxSession] = None
-        # The session being served and the nursery its tasks run in.
-        self._serving: Optional[tuple[TrioMuxSession, trio.Nursery]] = None
+        # The sessions being served, and the nursery each one's tasks run in.
+        self._serving: dict[TrioMuxSession, trio.Nursery] = {}
 
-    def hello_config(self) -> MuxConfig:
+    def hello_config(self, connection: int = 0) -> MuxConfig:
         """The session config: ours (or the default) with the hello in ``info``."""
         config = self._mux_config or MuxConfig()
-        return dataclasses.replace(config, info={**config.info, **self.hello_info(config)})
+        return dataclasses.replace(config, info={**config.info, **self.hello_info(config, connection)})
 
     # ------------------------------------------------------------------ streams and tasks
 
@@ -139,13 +148,13 @@ class TrioAgent(AgentBase):
         await splice(stream, local, session)
 
     def _start_task(self, session: Any, message: dict[str, Any]) -> None:
-        serving = self._serving
-        if serving is None or serving[0] is not session:
+        nursery = self._serving.get(session)
+        if nursery is None:
             return  # the task of a connection that is over: nobody awaits its answer
         ctx = self.tasks.context(session, message, TRIO_TIME)
         scope = trio.CancelScope()  # registered now: a cancel may come before the task starts
         self.tasks.started(ctx.task_id, scope)
-        serving[1].start_soon(self._run_task, ctx, scope)
+        nursery.start_soon(self._run_task, ctx, scope)
 
     async def _run_task(self, ctx: TaskContext, scope: trio.CancelScope) -> None:
         try:
@@ -156,43 +165,62 @@ class TrioAgent(AgentBase):
 
     # ------------------------------------------------------------------ connecting
 
-    async def run_once(self) -> None:
-        """One connection: dial, serve until the session ends.
+    def targets(self) -> list[DialTarget]:
+        """Every place this agent may dial: each ``--gateway`` URL, dialled by its name
+        (the asyncio agent also dials each address of a name that has several)."""
+        found: list[DialTarget] = []
+        for gateway in self.gateway_urls:
+            if DialTarget(gateway) not in found:
+                found.append(DialTarget(gateway))
+        return found
+
+    async def run_once(self, target: Optional[DialTarget] = None, connection: int = 0,
+                       ended: Optional[list[TrioMuxSession]] = None) -> None:
+        """One connection (the agent's number ``connection``, to ``target``: one of
+        :meth:`targets`, by default the first URL): dial, serve until the session ends.
+        ``ended`` gets the session as soon as it exists (for the reason it ended).
 
         Raises :class:`AgentAuthError` if the key is rejected (401/403), OSError,
         trio-websocket's HandshakeError or ``trio.TooSlowError`` for other failures.
         """
         from trio_websocket import ConnectionRejected, open_websocket
 
-        self._set_state("connecting")
+        target = target or DialTarget(self.gateway_urls[0])
+        gateway = target.gateway
+        self._set_state("connecting", target=target.label)
         headers = [(b"Authorization", f"Bearer {self._key}".encode())]
+        use_ssl: Union[bool, ssl.SSLContext] = False
+        if gateway.tls:  # the first URL's context serves every gateway (as on asyncio)
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            use_ssl = self._ssl
         try:
-            async with open_websocket(self.host, self.port, self.path, use_ssl=self._ssl or False,
+            async with open_websocket(gateway.host, gateway.port, gateway.path, use_ssl=use_ssl,
                                       extra_headers=headers, max_message_size=WS_MAX_MESSAGE,
                                       receive_buffer_size=WS_RECEIVE_SIZE,
                                       connect_timeout=HANDSHAKE_TIMEOUT,
                                       disconnect_timeout=WS_CLOSE_TIMEOUT) as ws:
-                await self._serve(ws)
+                await self._serve(ws, target, connection, ended if ended is not None else [])
         except ConnectionRejected as exc:
             if exc.status_code in (401, 403):
                 raise AgentAuthError("the gateway rejected the agent key: server refused the WebSocket "
                                      f"upgrade with HTTP {exc.status_code}") from None
             raise
 
-    async def _serve(self, ws: Any) -> None:
+    async def _serve(self, ws: Any, target: DialTarget, connection: int, ended: list[TrioMuxSession]) -> None:
         session: TrioMuxSession
 
         async def handler(stream: MuxStream) -> None:
             await self._serve_stream(session, stream)
 
-        session = TrioMuxSession(WebSocketStream(ws), client=True, config=self.hello_config(),
+        session = TrioMuxSession(WebSocketStream(ws), client=True, config=self.hello_config(connection),
                                  handler=handler, on_control=lambda message: self.on_control(message, session))
-        self._last_session = session  # for run(): did the gateway refuse us, and why
+        ended.append(session)  # for the caller: did the gateway refuse us, and why
         failure: Optional[Exception] = None
         # Errors are raised after the nursery, never from inside it: there they would
         # come out wrapped in an ExceptionGroup, which run()'s retry logic does not catch.
         async with trio.open_nursery() as nursery:
-            self._serving = (session, nursery)  # tasks of this connection run here
+            self._serving[session] = nursery  # tasks of this connection run here
             await nursery.start(session.run)
             try:
                 with trio.move_on_after(HANDSHAKE_TIMEOUT) as hello_wait:
@@ -200,70 +228,65 @@ class TrioAgent(AgentBase):
                 if hello_wait.cancelled_caught:
                     failure = trio.TooSlowError("the gateway sent no SETTINGS in time")
                 else:
+                    self.sessions.append(session)
                     self.session = session
                     self.ever_connected = True
-                    self.connections += 1
+                    self.sessions_established += 1
                     self._connected.set()
-                    self._set_state("connected")
+                    self._set_state("connected", target=target.label)
                     await session.wait_closed()
             except trio.BrokenResourceError as exc:  # the session ended before its hello
                 failure = exc
             finally:  # also on cancellation: a stopped agent must not leave its socket open
                 session.abort(ErrorCode.NO_ERROR, "agent stopping")
-                self.session = None
-                self._serving = None
-                if self._connected.is_set():
+                if session in self.sessions:
+                    self.sessions.remove(session)
+                self.session = self.sessions[-1] if self.sessions else None
+                del self._serving[session]
+                if not self.sessions and self._connected.is_set():
                     self._connected = trio.Event()
                 nursery.cancel_scope.cancel()  # the connection's tasks: nobody awaits them now
         if failure is not None:
             raise failure
 
     async def run(self) -> None:
-        """Serve forever, reconnecting with backoff after any drop; the bindings
+        """Serve forever, reconnecting with backoff after any drop, over up to
+        :attr:`connections` sessions at once, each to another gateway (when and where
+        to dial again: relay.agent.base.Redial, as the asyncio agent); the bindings
         (:attr:`binder`) live as long as this runs. Raises :class:`AgentAuthError` if
-        the key is rejected."""
+        the key is rejected before it ever worked."""
+        targets = self.targets()
+        count = self.connections or default_connections(targets)
+        ring = TargetRing(targets)
+        if count > 1:
+            log.info("holding up to %d sessions at once over %d gateway address(es)", count, len(targets))
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.binder.serve)
                 try:
-                    await self._reconnect()
+                    async with trio.open_nursery() as keepers:
+                        for connection in range(count):
+                            keepers.start_soon(self._keep, ring, connection, count)
                 finally:
                     nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:  # one failure (a rejected key, Ctrl-C): as is
-            if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], BaseExceptionGroup):
-                raise group.exceptions[0] from None
-            raise
+        except BaseExceptionGroup as group:  # the first reason (a rejected key, Ctrl-C) as is
+            raise _first(group) from None
 
-    async def _reconnect(self) -> None:
+    async def _keep(self, ring: TargetRing, connection: int, count: int) -> None:
+        """Connection number ``connection`` of the agent: dial, serve, dial again."""
         from trio_websocket import HandshakeError
 
-        attempt = 0
+        redial = Redial(self, ring, connection, count)
         while True:
             started = trio.current_time()
-            self._last_session = None
-            refused: Optional[str] = None
+            ended: list[TrioMuxSession] = []
             try:
-                await self.run_once()
-                refused = self.refusal(self._last_session)
-                # Start the backoff over only after a connection that lasted and was not
-                # refused: one the gateway drops at once must not loop tightly.
-                if refused is None and trio.current_time() - started >= STABLE_CONNECTION:
-                    attempt = 0
-                reason = "connection lost"
+                await self.run_once(redial.target, connection, ended)
+                delay = redial.ended(ended, trio.current_time() - started)
             except AgentAuthError as exc:
-                if not self.ever_connected:  # never worked: a wrong key, not a revoked one
-                    self._set_state("rejected")
-                    raise
-                refused = f"{exc} (was the key revoked?)"
+                delay = redial.rejected(exc)
             except (OSError, HandshakeError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-                refused = self.refusal(self._last_session)
-                reason = str(exc) or type(exc).__name__
-            delay = self.backoff_delay(attempt)
-            attempt += 1
-            if refused is not None:
-                self._refused(refused, delay)
-            else:
-                self._set_state("disconnected", f"{reason}; retrying in {delay:.1f}s")
+                delay = redial.failed(ended, exc)
             await trio.sleep(delay)
 
     def close(self) -> None:
@@ -278,7 +301,7 @@ class TrioAgent(AgentBase):
         return self.session is not None and not self.session.is_closed
 
     async def wait_connected(self) -> TrioMuxSession:
-        """Wait until a session is established; returns it."""
+        """Wait until a session is established; returns the newest."""
         while self.session is None or self.session.is_closed:
             await self._connected.wait()
             await trio.lowlevel.checkpoint()
@@ -346,3 +369,14 @@ def _linger_zero(local: Any) -> None:
         getattr(local, "transport_stream", local).setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except (AttributeError, OSError, trio.ClosedResourceError):  # not a socket, or closed
         pass
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    """The first exception in ``group`` (nested groups too) that is not a cancellation,
+    else the first one."""
+    _, others = group.split(trio.Cancelled)
+    first: BaseException = others if others is not None else group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
+

@@ -106,11 +106,7 @@ def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], la
     unsupported = sorted(name for name, value in options.items() if value)
     if unsupported:  # options the asyncio agent grew that this one does not serve yet
         raise click.UsageError(f"--backend trio does not support {', '.join(unsupported)} yet")
-    if len(gateway_urls) > 1:
-        raise click.UsageError("--backend trio does not support several --gateway yet")
-    if (connections or 1) > 1:
-        raise click.UsageError("--backend trio holds one connection: --connections 1")
-    gateway_url = gateway_urls[0]
+    gateway_url, *more_gateways = gateway_urls
     check_agent_key(key)
     for entry in allow:
         _split_host_port(entry, "--allow")
@@ -121,7 +117,8 @@ def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], la
     _setup_logging(log_level, log_format)
     try:
         context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert is not None else None
-        agent = TrioAgent(gateway_url, key, name=name, labels=labels, allow=allow, ssl_context=context)
+        agent = TrioAgent(gateway_url, key, name=name, labels=labels, allow=allow, ssl_context=context,
+                          more_gateways=more_gateways, connections=connections)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--gateway") from None
     agent.tasks.register_builtins()  # echo, sleep, count (relay.agent.tasks), as on asyncio

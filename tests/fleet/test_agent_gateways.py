@@ -1,7 +1,8 @@
 """Which gateways an agent dials (relay.agent.gateways) and the ``--connections`` option:
 every URL and every address of a name with several is a target; a dual-stack name is
 one gateway; each connection dials a target no other connection uses, and moves on
-after a drop. The trio agent stays on one connection and says so."""
+after a drop. The trio agent takes the same options and redials by the same rules
+(relay.agent.base.Redial; tests/fleet/test_fleet.py runs the kill -9 tests on both)."""
 from __future__ import annotations
 
 import asyncio
@@ -67,17 +68,29 @@ def test_each_connection_dials_a_target_no_other_uses_and_moves_on_after_a_drop(
     assert one.first(0) is targets[0] and one.first(1) is targets[0] and one.next(1) is targets[0]
 
 
-def test_connections_option_is_checked_and_the_trio_agent_keeps_one() -> None:
+def test_connections_option_is_checked_on_both_agents() -> None:
     runner = CliRunner()
     base = ["agent", "--gateway", "http://127.0.0.1:9", "--key", "ak-x"]
     result = runner.invoke(main, [*base, "--connections", "0"])
     assert result.exit_code == 2 and "--connections" in result.output
     result = runner.invoke(main, base, env={"RELAY_AGENT_CONNECTIONS": "many"})
     assert result.exit_code == 2 and "many" in result.output
-    result = runner.invoke(main, [*base, "--backend", "trio", "--connections", "2"])
-    assert result.exit_code == 2 and "--backend trio holds one connection" in result.output
+    result = runner.invoke(main, [*base, "--backend", "trio", "--connections", "0"])
+    assert result.exit_code == 2 and "--connections" in result.output
     help_text = runner.invoke(main, ["agent", "--help"]).output
     assert "RELAY_AGENT_CONNECTIONS" in help_text
+
+
+def test_the_trio_agent_dials_each_url_by_name_and_checks_connections() -> None:
+    from relay.agent.trio_client import TrioAgent
+
+    agent = TrioAgent("http://localhost:9", "ak-x", more_gateways=["http://127.0.0.1:9", "http://localhost:9"],
+                      connections=2)
+    assert [t.gateway.url for t in agent.targets()] == ["http://localhost:9/api/v1/agent/connect",
+                                                         "http://127.0.0.1:9/api/v1/agent/connect"]
+    assert all(t.ip is None for t in agent.targets()) and agent.connections == 2
+    with pytest.raises(ValueError):
+        TrioAgent("http://localhost:9", "ak-x", connections=0)
 
 
 def _certificate_for(tmp_path: Path, dns_name: str) -> tuple[Path, Path]:

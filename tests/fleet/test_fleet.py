@@ -866,17 +866,20 @@ def test_service_proxy_and_invoke_through_every_gateway(fleet):
         app.close()
 
 
-def test_kill9_of_the_holding_gateway_agent_with_one_connection_moves_to_a_survivor(fleet, targets):
-    fleet.start_gateway("d")
-    fleet.start_agent("mover", ["d", "a"], allow=(f"127.0.0.1:{targets.echo_port}",), connections=1)
-    agent_id = wait_for(lambda: fleet.agent_id("b", "mover"), what="mover seen at b")
-    assert fleet.holder(agent_id)[0] == "d"
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_kill9_of_the_holding_gateway_agent_with_one_connection_moves_to_a_survivor(fleet, targets, backend):
+    d, mover = ("d", "mover") if backend == "asyncio" else ("d-trio", "mover-trio")
+    fleet.start_gateway(d)
+    fleet.start_agent(mover, [d, "a"], allow=(f"127.0.0.1:{targets.echo_port}",), connections=1,
+                      extra=("--backend", backend))
+    agent_id = wait_for(lambda: fleet.agent_id("b", mover), what="mover seen at b")
+    assert fleet.holder(agent_id)[0] == d
     status, body = fleet.api("b", "POST", f"/api/v1/agents/{agent_id}/tunnel",
                              {"target_port": targets.echo_port, "tunnel_protocol": "tcp"})
     assert status == 200, body
     hub = body["hub_port"]
     wait_for(lambda: echo_works(hub), timeout=10, what="echo through b to d")
-    proc, _ = fleet.gateways["d"]
+    proc, _ = fleet.gateways[d]
     started = time.monotonic()
     proc.kill()
     proc.wait(10)
@@ -886,7 +889,7 @@ def test_kill9_of_the_holding_gateway_agent_with_one_connection_moves_to_a_survi
     holder = fleet.holder(agent_id)
     assert holder is not None and holder[0] == "a"
     echo_checked(hub, MiB)
-    _stop(fleet.agents.pop("mover"))
+    _stop(fleet.agents.pop(mover))
 
 
 def test_a_frozen_gateway_never_takes_its_agent_back(fleet, targets):
@@ -1018,14 +1021,18 @@ class PingPong(threading.Thread):
             self.sock.close()
 
 
-def test_two_connections_kill9_of_one_gateway_breaks_only_its_streams(fleet, targets):
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_two_connections_kill9_of_one_gateway_breaks_only_its_streams(fleet, targets, backend):
     """An agent holding sessions to g and c: both are in the registry; streams opened at
     b go to either; kill -9 of g breaks only the streams g carried, requests through b
-    keep working at once, and the agent dials its third gateway (a) in g's place."""
-    fleet.start_gateway("g")
-    fleet.start_agent("twin", ["g", "c", "a"], allow=(f"127.0.0.1:{targets.echo_port}",), connections=2)
-    agent_id = wait_for(lambda: fleet.agent_id("b", "twin"), what="twin seen at b")
-    wait_for(lambda: fleet.holders(agent_id).keys() == {"g", "c"}, what="twin leased at g and c")
+    keep working at once, and the agent dials its third gateway (a) in g's place. Both
+    agents (``--backend``) do this alike."""
+    g, twin = ("g", "twin") if backend == "asyncio" else ("g-trio", "twin-trio")
+    fleet.start_gateway(g)
+    fleet.start_agent(twin, [g, "c", "a"], allow=(f"127.0.0.1:{targets.echo_port}",), connections=2,
+                      extra=("--backend", backend))
+    agent_id = wait_for(lambda: fleet.agent_id("b", twin), what="twin seen at b")
+    wait_for(lambda: fleet.holders(agent_id).keys() == {g, "c"}, what="twin leased at g and c")
     status, body = fleet.api("b", "POST", f"/api/v1/agents/{agent_id}/tunnel",
                              {"target_port": targets.echo_port, "tunnel_protocol": "tcp"})
     assert status == 200, body
@@ -1039,7 +1046,7 @@ def test_two_connections_kill9_of_one_gateway_breaks_only_its_streams(fleet, tar
     wait_for(lambda: all(s.rounds > 2 for s in streams), timeout=20, what="streams flowing")
     to_c = int(_joined_at(fleet, "c") - at_c)
     assert 0 < to_c < len(streams), f"{to_c} of {len(streams)} streams went to c"  # both carry some
-    proc, _ = fleet.gateways["g"]
+    proc, _ = fleet.gateways[g]
     proc.kill()
     proc.wait(10)
     started = time.monotonic()
@@ -1060,7 +1067,7 @@ def test_two_connections_kill9_of_one_gateway_breaks_only_its_streams(fleet, tar
     # g's own field stays until its deadline (g died without releasing it; nobody uses it).
     wait_for(lambda: fleet.holders(agent_id).keys() >= {"c", "a"}, timeout=20,
              what="the agent's lost connection dialled a in g's place")
-    _stop(fleet.agents.pop("twin"))
+    _stop(fleet.agents.pop(twin))
 
 
 def test_two_connections_a_frozen_gateway_never_comes_back_in_the_registry(fleet, targets):
