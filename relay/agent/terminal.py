@@ -24,6 +24,11 @@ an EXIT record with its status, then FIN.
 
 Every opening and closing is logged on the ``relay.audit`` logger (session id, pid,
 user, shell, exit status), the gateway's tokens never (the agent does not see them).
+
+:func:`serve_terminal_stream` serves the asyncio agent (:class:`TerminalShell`, on the
+loop's readers), :func:`serve_terminal_stream_trio` the trio one
+(:class:`TrioTerminalShell`, a task each way); starting the shell, hanging it up and
+the audit lines are the same functions for both.
 """
 from __future__ import annotations
 
@@ -39,7 +44,9 @@ import subprocess
 import termios
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+import trio
 
 from relay.agent.policy import no_terminal
 from relay.aio.stream import MuxStream
@@ -54,7 +61,11 @@ from relay.mux.terminal import (
     size_from_metadata,
 )
 
-__all__ = ["HANGUP_GRACE", "TerminalSpec", "TerminalShell", "serve_terminal_stream"]
+if TYPE_CHECKING:
+    from relay.trio import MuxStream as TrioMuxStream
+
+__all__ = ["HANGUP_GRACE", "TerminalSpec", "TerminalShell", "TrioTerminalShell", "serve_terminal_stream",
+           "serve_terminal_stream_trio"]
 
 log = logging.getLogger("relay.agent.terminal")
 audit = logging.getLogger("relay.audit")
@@ -156,32 +167,12 @@ class TerminalShell:
             # must not leave a shell nobody will ever close.
             raise self.stream.exception
         cols, rows = size_from_metadata(self.stream.metadata)
-        spec = self.spec
-        master, slave = os.openpty()
-        try:
-            _set_size(master, cols, rows)
-            env = {"TERM": "xterm-256color", "HOME": spec.home, "USER": spec.user, "LOGNAME": spec.user,
-                   "SHELL": spec.shell, "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-                   "LANG": os.environ.get("LANG", "C.UTF-8")}
-            switch = os.geteuid() == 0 and spec.uid != os.geteuid()
-            self.process = subprocess.Popen(
-                [spec.shell], stdin=slave, stdout=slave, stderr=slave, env=env,
-                cwd=spec.home if os.path.isdir(spec.home) else "/", start_new_session=True,
-                preexec_fn=_make_controlling_tty, close_fds=True,
-                user=spec.uid if switch else None, group=spec.gid if switch else None,
-                extra_groups=os.getgrouplist(spec.user, spec.gid) if switch else None)
-        except BaseException:
-            os.close(master)
-            raise
-        finally:
-            os.close(slave)  # the child holds it: the master sees EIO once every holder is gone
+        self.process, master = _spawn(self.spec, cols, rows)
         self._master = master
-        os.set_blocking(master, False)
         self.stream.accept()
         self._watch_exit()
         self._resume_output()
-        audit.info("terminal opened: session %s for %s (via the gateway), pid %d, user %s, shell %s, %dx%d",
-                   self.session_id, self.client, self.process.pid, spec.user, spec.shell, cols, rows)
+        _audit_opened(self.session_id, self.client, self.process.pid, self.spec, cols, rows)
 
     async def run(self) -> None:
         """Carry the stream until the shell has ended and the stream is finished."""
@@ -220,30 +211,11 @@ class TerminalShell:
             self._reading = False
 
     def _on_output(self) -> None:
-        # A pty hands out at most ~4 KiB per read: what is there now goes out as one
-        # record (one frame, one WebSocket message) rather than one per read.
-        parts: list[bytes] = []
-        size = 0
-        ended = False
-        while size < READ_CHUNK:
-            try:
-                part = os.read(self._master, READ_CHUNK - size)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno != errno.EIO:  # EIO: every slave end closed (the shell is gone)
-                    log.debug("terminal %s: pty read: %s", self.session_id, exc)
-                part = b""
-            if not part:
-                ended = True
-                break
-            parts.append(part)
-            size += len(part)
+        chunk, ended = _read_available(self._master)
         if ended:
             self._pause_output()  # nothing more will come; the exit watcher ends the stream
-        if not parts:
+        if not chunk:
             return
-        chunk = parts[0] if len(parts) == 1 else b"".join(parts)
         if self.stream.is_closing():
             return
         try:
@@ -341,14 +313,7 @@ class TerminalShell:
         self._hanging_up = True
         process = self.process
         if process is not None:
-            # Every job of the session, not only the shell's group: a background job is a
-            # group of its own, and a shell does not always pass the hangup on (bash
-            # does only when the signal finds it idle). Also when the shell itself is
-            # gone already (the closed pty hung it up first): its jobs stay in its
-            # session. nohup'd jobs ignore it, as they would over ssh.
-            for group in _session_groups(process.pid):
-                _signal_group(group, signal.SIGHUP)
-                _signal_group(group, signal.SIGCONT)  # a stopped job must wake to die
+            _hang_up_session(process.pid)
         if process is not None and process.poll() is None:
             try:
                 async with asyncio.timeout(HANGUP_GRACE):
@@ -388,10 +353,81 @@ class TerminalShell:
             self._master = -1
         if self._input_room is not None:
             self._input_room.set()
-        status = self.process.returncode if self.process is not None else None
-        audit.info("terminal closed: session %s for %s, pid %s, user %s, after %.1fs: %s (exit status %s)",
-                   self.session_id, self.client, self.pid, self.spec.user, time.monotonic() - self._started,
-                   reason, status)
+        _audit_closed(self.session_id, self.client, self.process, self.spec, self._started, reason)
+
+
+def _spawn(spec: TerminalSpec, cols: int, rows: int) -> tuple["subprocess.Popen[bytes]", int]:
+    """Start ``spec``'s shell on a fresh pty of ``cols`` x ``rows`` (module docstring):
+    the process and the pty's master end (non-blocking). OSError or SubprocessError if
+    it cannot start."""
+    master, slave = os.openpty()
+    try:
+        _set_size(master, cols, rows)
+        env = {"TERM": "xterm-256color", "HOME": spec.home, "USER": spec.user, "LOGNAME": spec.user,
+               "SHELL": spec.shell, "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+               "LANG": os.environ.get("LANG", "C.UTF-8")}
+        switch = os.geteuid() == 0 and spec.uid != os.geteuid()
+        process = subprocess.Popen(
+            [spec.shell], stdin=slave, stdout=slave, stderr=slave, env=env,
+            cwd=spec.home if os.path.isdir(spec.home) else "/", start_new_session=True,
+            preexec_fn=_make_controlling_tty, close_fds=True,
+            user=spec.uid if switch else None, group=spec.gid if switch else None,
+            extra_groups=os.getgrouplist(spec.user, spec.gid) if switch else None)
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)  # the child holds it: the master sees EIO once every holder is gone
+    os.set_blocking(master, False)
+    return process, master
+
+
+def _read_available(master: int) -> tuple[bytes, bool]:
+    """What the pty has now, up to :data:`READ_CHUNK` (a pty hands out ~4 KiB a read:
+    this goes out as one record), and True once it is closed (every slave end gone)."""
+    parts: list[bytes] = []
+    size = 0
+    while size < READ_CHUNK:
+        try:
+            part = os.read(master, READ_CHUNK - size)
+        except BlockingIOError:
+            break
+        except OSError as exc:
+            if exc.errno != errno.EIO:  # EIO: every slave end closed (the shell is gone)
+                log.debug("terminal: pty read: %s", exc)
+            part = b""
+        if not part:
+            return b"".join(parts), True
+        parts.append(part)
+        size += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts), False
+
+
+def _hang_up_session(pid: int) -> None:
+    """SIGHUP (and SIGCONT) to every process group of the shell's session. Every job,
+    not only the shell's group: a background job is a group of its own, and a shell does
+    not always pass the hangup on (bash does only when the signal finds it idle). Also
+    when the shell itself is gone already (the closed pty hung it up first): its jobs
+    stay in its session. nohup'd jobs ignore it, as they would over ssh."""
+    for group in _session_groups(pid):
+        _signal_group(group, signal.SIGHUP)
+        _signal_group(group, signal.SIGCONT)  # a stopped job must wake to die
+
+
+def _audit_refused(session_id: str, why: str) -> None:
+    audit.warning("terminal refused: session %s: %s", session_id, why)
+
+
+def _audit_opened(session_id: str, client: str, pid: int, spec: TerminalSpec, cols: int, rows: int) -> None:
+    audit.info("terminal opened: session %s for %s (via the gateway), pid %d, user %s, shell %s, %dx%d",
+               session_id, client, pid, spec.user, spec.shell, cols, rows)
+
+
+def _audit_closed(session_id: str, client: str, process: Optional["subprocess.Popen[bytes]"],
+                  spec: TerminalSpec, started: float, reason: str) -> None:
+    audit.info("terminal closed: session %s for %s, pid %s, user %s, after %.1fs: %s (exit status %s)",
+               session_id, client, process.pid if process is not None else None, spec.user,
+               time.monotonic() - started, reason, process.returncode if process is not None else None)
 
 
 def _session_groups(sid: int) -> list[int]:
@@ -427,8 +463,7 @@ async def serve_terminal_stream(stream: MuxStream, spec: Optional[TerminalSpec],
     """Serve one terminal stream: refused (NOT_ALLOWED) unless ``spec`` is set, else a
     shell until it or the page ends. ``shells``: a set the live shell is kept in."""
     if spec is None:
-        audit.warning("terminal refused: session %s: this agent was not started with --terminal",
-                      str(stream.metadata.get("session", "?"))[:64])
+        _audit_refused(str(stream.metadata.get("session", "?"))[:64], "this agent was not started with --terminal")
         refusal = no_terminal(agent_name)
         stream.refuse(refusal.error_code, refusal.message)
         return
@@ -439,7 +474,7 @@ async def serve_terminal_stream(stream: MuxStream, spec: Optional[TerminalSpec],
         audit.info("terminal not started: session %s: the gateway gave it up (%s)", shell.session_id, exc)
         return
     except (OSError, subprocess.SubprocessError, TerminalProtocolError) as exc:
-        audit.warning("terminal refused: session %s: the shell could not start: %s", shell.session_id, exc)
+        _audit_refused(shell.session_id, f"the shell could not start: {exc}")
         stream.refuse(ErrorCode.CONNECT_FAILED, f"the terminal could not start: {exc}")
         return
     if shells is not None:
@@ -451,3 +486,197 @@ async def serve_terminal_stream(stream: MuxStream, spec: Optional[TerminalSpec],
             shell.kill_now("the agent stopped")
         if shells is not None:
             shells.discard(shell)
+
+
+# ----------------------------------------------------------------------------- trio
+
+
+class TrioTerminalShell:
+    """:class:`TerminalShell` on trio: one task carries the pty's output to the stream
+    (``send_all`` waits for window, so a page that reads slowly blocks the shell on its
+    tty), one watches the shell's exit, and :meth:`run` carries the stream's records to
+    the pty (not reading the stream while the pty does not take them)."""
+
+    def __init__(self, stream: "TrioMuxStream", spec: TerminalSpec, process: "subprocess.Popen[bytes]",
+                 master: int) -> None:
+        self.stream = stream
+        self.spec = spec
+        self.process = process
+        self.session_id = str(stream.metadata.get("session", "?"))[:64]
+        self.client = str(stream.metadata.get("client", "?"))[:100]
+        self._master = master
+        self._exited = trio.Event()
+        self._wait_scope: Optional[trio.CancelScope] = None  # the output task's wait for the pty
+        self._ended = False
+        self._hanging_up = False  # the page went away: the exit is not the shell's own
+        self._started = time.monotonic()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def run(self) -> None:
+        """Carry the stream until the shell has ended or the page went away (then hang
+        up). Cancelled (the agent is stopping): the shell is killed at once."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_exit)
+                nursery.start_soon(self._output, nursery.cancel_scope)
+                reason = await self._input()
+                # The page went away first: hang the shell up, then stop carrying output.
+                await self.hang_up(reason)
+                nursery.cancel_scope.cancel()
+        finally:
+            if not self._ended:
+                self.kill_now("the agent stopped")
+
+    # -- input: stream -> pty
+
+    async def _input(self) -> str:
+        """Carry records to the pty until the page goes; returns why it went."""
+        decoder = TerminalDecoder()
+        try:
+            while data := await self.stream.receive_some(READ_CHUNK):
+                for event in decoder.feed(data):
+                    if isinstance(event, TerminalData):
+                        await self._write_input(event.data)
+                    elif isinstance(event, TerminalResize):
+                        _set_size(self._master, event.cols, event.rows)
+        except TerminalProtocolError as exc:
+            self.stream.reset(ErrorCode.PROTOCOL_ERROR, str(exc))
+            return f"protocol error: {exc}"
+        except trio.BrokenResourceError as exc:  # reset: the page went away abruptly, or the session ended
+            return f"the stream was reset ({exc})"
+        return "the page closed"  # the gateway's FIN
+
+    async def _write_input(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self._master, view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self._master)
+                continue
+            except OSError:
+                return  # the shell is gone: nobody will read it
+            view = view[n:]
+
+    # -- output: pty -> stream, then the end
+
+    async def _output(self, scope: trio.CancelScope) -> None:
+        try:
+            await self._carry_output(scope)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the stream was reset: the input side hangs the shell up
+
+    async def _carry_output(self, scope: trio.CancelScope) -> None:
+        closed = False
+        while not closed and not self._exited.is_set():
+            with trio.CancelScope() as self._wait_scope:  # cancelled by the exit watcher
+                await trio.lowlevel.wait_readable(self._master)
+            self._wait_scope = None
+            chunk, closed = _read_available(self._master)
+            if chunk:
+                await self.stream.send_all(encode_data(chunk))
+        await self._exited.wait()  # the pty closes first, or the shell exits first
+        if self._hanging_up:
+            return
+        # What it printed last is in the pty's buffer still: send it before the end.
+        while not closed:
+            chunk, closed = _read_available(self._master)
+            if not chunk:
+                break
+            await self.stream.send_all(encode_data(chunk))
+        status = self.process.returncode
+        await self.stream.send_all(encode_exit(status))
+        await self.stream.send_eof()
+        scope.cancel()  # the input task (first: the pty's fd closes next)
+        self._finish(f"the shell exited with status {status}")
+
+    async def _watch_exit(self) -> None:
+        """Learn the shell's exit without a thread: a pidfd (Linux 5.3+) readable once
+        it exits, else polling; then reap it."""
+        try:
+            pidfd = os.pidfd_open(self.process.pid)
+        except (AttributeError, OSError):
+            while self.process.poll() is None:
+                await trio.sleep(0.2)
+        else:
+            try:
+                await trio.lowlevel.wait_readable(pidfd)
+            finally:
+                os.close(pidfd)
+        self.process.wait()  # reaped: it has exited (no wait in practice)
+        self._exited.set()
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+
+    # -- ends
+
+    async def hang_up(self, reason: str) -> None:
+        """The page went away: SIGHUP to every process group of the shell's session,
+        SIGKILL after :data:`HANGUP_GRACE` seconds if the shell is still there."""
+        self._hanging_up = True
+        _hang_up_session(self.process.pid)
+        with trio.move_on_after(HANGUP_GRACE):
+            await self._exited.wait()
+        if not self._exited.is_set():
+            _signal_group(self.process.pid, signal.SIGKILL)
+            await self._exited.wait()
+        self._finish(reason)
+
+    def kill_now(self, reason: str) -> None:
+        """The agent is stopping: no grace, the shell's process group is killed and
+        reaped at once."""
+        self._hanging_up = True
+        if self.process.poll() is None:
+            _signal_group(self.process.pid, signal.SIGKILL)
+            try:
+                self.process.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass  # unkillable (uninterruptible sleep): the kernel reaps it later
+        self.stream.reset(ErrorCode.CANCEL, "the agent is stopping")
+        self._finish(reason)
+
+    def _finish(self, reason: str) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self._master >= 0:
+            trio.lowlevel.notify_closing(self._master)
+            os.close(self._master)
+            self._master = -1
+        _audit_closed(self.session_id, self.client, self.process, self.spec, self._started, reason)
+
+
+async def serve_terminal_stream_trio(stream: "TrioMuxStream", spec: Optional[TerminalSpec], agent_name: str,
+                                     shells: Optional[set[Any]] = None) -> None:
+    """:func:`serve_terminal_stream` on trio (the session's stream handler): refused
+    (NOT_ALLOWED) unless ``spec`` is set, else a shell until it or the page ends."""
+    from relay.trio import StreamRefused
+
+    session_id = str(stream.metadata.get("session", "?"))[:64]
+    if spec is None:
+        _audit_refused(session_id, "this agent was not started with --terminal")
+        refusal = no_terminal(agent_name)
+        raise StreamRefused(refusal.error_code, refusal.message)
+    if stream.reset_error is not None:  # the gateway gave it up already: start no shell
+        audit.info("terminal not started: session %s: the gateway gave it up (%s)", session_id, stream.reset_error)
+        return
+    try:
+        cols, rows = size_from_metadata(stream.metadata)
+        process, master = _spawn(spec, cols, rows)
+    except (OSError, subprocess.SubprocessError, TerminalProtocolError) as exc:
+        _audit_refused(session_id, f"the shell could not start: {exc}")
+        raise StreamRefused(ErrorCode.CONNECT_FAILED, f"the terminal could not start: {exc}") from None
+    shell = TrioTerminalShell(stream, spec, process, master)
+    stream.accept()
+    _audit_opened(session_id, shell.client, process.pid, spec, cols, rows)
+    if shells is not None:
+        shells.add(shell)
+    try:
+        await shell.run()
+    finally:
+        if shells is not None:
+            shells.discard(shell)
+

@@ -25,10 +25,10 @@ asyncio agent uses too (relay.agent.base, policy, tasks, bind); tests/conformanc
 the same tests against both agents. With several gateways (a fleet) it holds up to
 ``connections`` sessions at once, each to another gateway, and redials as the asyncio
 agent does (relay.agent.base.Redial); it dials each ``--gateway`` by its name, where
-the asyncio agent also dials each address of a name that has several. Not served yet:
-the web terminal (terminal streams are refused as by an asyncio agent without
-``--terminal``) and ``relay bench``'s target (``relay agent --backend trio`` refuses
-``--terminal``, ``--bench`` and ``--tunnel``).
+the asyncio agent also dials each address of a name that has several. With
+``terminal`` it serves the web terminal (relay.agent.terminal.TrioTerminalShell). Not
+served yet: ``relay bench``'s target (``relay agent --backend trio`` refuses
+``--bench`` and ``--tunnel``).
 """
 from __future__ import annotations
 
@@ -46,8 +46,9 @@ from relay.agent.base import AgentBase, Redial
 from relay.agent.bind import TrioBinder
 from relay.agent.client import HANDSHAKE_TIMEOUT, AgentAuthError
 from relay.agent.gateways import DialTarget, TargetRing, default_connections
-from relay.agent.policy import TargetRefused, no_terminal, target_tls
+from relay.agent.policy import TargetRefused, target_tls
 from relay.agent.tasks import LoopTime, TaskContext
+from relay.agent.terminal import TerminalSpec, serve_terminal_stream_trio
 from relay.agent.udp import serve_datagram_stream_trio
 from relay.mux.connection import MuxConfig
 from relay.mux.errors import ErrorCode
@@ -88,7 +89,7 @@ class TrioAgent(AgentBase):
                  mux_config: Optional[MuxConfig] = None,
                  backoff_initial: float = 0.5, backoff_max: float = 30.0, jitter: float = 0.2,
                  ssl_context: Optional[ssl.SSLContext] = None, more_gateways: Iterable[str] = (),
-                 connections: Optional[int] = None) -> None:
+                 connections: Optional[int] = None, terminal: Optional[TerminalSpec] = None) -> None:
         super().__init__(gateway_url, key, name=name, labels=labels, allow=allow, mux_config=mux_config,
                          backoff_initial=backoff_initial, backoff_max=backoff_max, jitter=jitter,
                          ssl_context=ssl_context, more_gateways=more_gateways)
@@ -104,6 +105,11 @@ class TrioAgent(AgentBase):
         self.sessions_established = 0
         #: Local ports bound for tunnels on the gateway's request (relay.agent.bind).
         self.binder = TrioBinder()
+        #: The web terminal this agent serves (``--terminal``; relay.agent.terminal), or
+        #: None: terminal streams are refused. Advertised in the hello.
+        self.terminal = terminal
+        #: The shells running now (relay.agent.terminal.TrioTerminalShell).
+        self.shells: set[Any] = set()
         self._connected = trio.Event()
         # The sessions being served, and the nursery each one's tasks run in.
         self._serving: dict[TrioMuxSession, trio.Nursery] = {}
@@ -123,10 +129,11 @@ class TrioAgent(AgentBase):
         stream with that code; the stream is closed when this returns."""
         try:
             plan = self.plan_stream(stream.metadata)
-            if plan.protocol == TERMINAL_PROTOCOL:
-                raise no_terminal(self.name)
         except TargetRefused as exc:
             raise StreamRefused(exc.error_code, exc.message) from None
+        if plan.protocol == TERMINAL_PROTOCOL:  # the web terminal
+            await serve_terminal_stream_trio(stream, self.terminal, self.name, self.shells)
+            return
         host, port = plan.host, plan.port
         if plan.protocol == "udp":  # one connected UDP socket per flow
             await serve_datagram_stream_trio(stream, host, port)

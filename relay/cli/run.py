@@ -91,7 +91,8 @@ def _select_backend(ctx: click.Context, param: Any, value: str) -> None:
 def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: tuple[str, ...],
                 allow: tuple[str, ...], ca_cert: Any, log_level: str, log_format: str = "text",
                 api_key: Optional[str] = None, bench_port: int = 0, connections: Optional[int] = None,
-                services: tuple[str, ...] = (), **options: Any) -> None:
+                services: tuple[str, ...] = (), terminal_shell: Optional[str] = None,
+                terminal_user: Optional[str] = None, **options: Any) -> None:
     """The body of ``relay agent`` on trio (relay.agent.trio_client.TrioAgent): same
     checks, logging and one-line errors as the asyncio one, the same declared services
     and built-in task handlers."""
@@ -114,11 +115,12 @@ def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], la
         specs = [parse_service(text) for text in services]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--service") from None
+    terminal = _terminal_spec(terminal_shell, terminal_user)
     _setup_logging(log_level, log_format)
     try:
         context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert is not None else None
         agent = TrioAgent(gateway_url, key, name=name, labels=labels, allow=allow, ssl_context=context,
-                          more_gateways=more_gateways, connections=connections)
+                          more_gateways=more_gateways, connections=connections, terminal=terminal)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--gateway") from None
     agent.tasks.register_builtins()  # echo, sleep, count (relay.agent.tasks), as on asyncio
@@ -129,6 +131,21 @@ def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], la
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         pass
+
+
+def _terminal_spec(shell: Optional[str], user: Optional[str]) -> Any:
+    """The web terminal ``--terminal SHELL`` and ``--terminal-user NAME`` ask for
+    (relay.agent.terminal.TerminalSpec), None without them; usage errors otherwise."""
+    if user and not shell:
+        raise click.UsageError("--terminal-user needs --terminal SHELL (the web terminal is off without it)")
+    if not shell:
+        return None
+    from relay.agent.terminal import TerminalSpec
+
+    try:
+        return TerminalSpec.create(shell, user)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--terminal") from None
 
 
 def _split_host_port(value: str, what: str, allow_zero: bool = False) -> tuple[str, int]:
@@ -401,16 +418,7 @@ def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: 
         raise click.BadParameter(str(exc), param_hint="--tunnel") from None
     if tunnel_specs and not api_key:
         raise click.UsageError("--tunnel needs a team key to open it: --api-key or RELAY_KEY (sk-, dk-)")
-    terminal = None
-    if terminal_user and not terminal_shell:
-        raise click.UsageError("--terminal-user needs --terminal SHELL (the web terminal is off without it)")
-    if terminal_shell:
-        from relay.agent.terminal import TerminalSpec
-
-        try:
-            terminal = TerminalSpec.create(terminal_shell, terminal_user)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--terminal") from None
+    terminal = _terminal_spec(terminal_shell, terminal_user)
     if allow:  # like declared services, a declared tunnel's target is allowed implicitly
         allow = (*allow, *(spec.target for spec in tunnel_specs))
     _setup_logging(log_level, log_format)

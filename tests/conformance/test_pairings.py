@@ -412,6 +412,25 @@ def test_a_tls_stream_is_spoken_tls(pairing: str, tmp_path) -> None:
     run_pairing(pairing, tmp_path, body, 30.0)
 
 
+@pytest.mark.parametrize("pairing", ["asyncio-trio", "trio-trio"])
+def test_a_terminal_stream_is_refused_without_terminal(pairing: str, tmp_path) -> None:
+    """An agent started without a terminal refuses a terminal stream with NOT_ALLOWED and
+    the same reason from both agents (tests/tunnels/test_terminal.py runs the shell
+    itself on both)."""
+    async def body(env: Env) -> None:
+        from relay.mux.terminal import open_metadata
+        from relay.trio import StreamRefused
+
+        session = env._current_gateway_session()
+        with pytest.raises(StreamRefused) as caught:
+            await session.open_stream(open_metadata("s-1", 80, 24))
+        assert ErrorCode(caught.value.error_code).name == "NOT_ALLOWED"
+        assert caught.value.message == (f"agent {AGENT_NAME!r} serves no terminal: start it with "
+                                        "--terminal SHELL to allow one")
+
+    run_pairing(pairing, tmp_path, body, 30.0)
+
+
 # ---------------------------------------------------------------------- against the real gateway
 # Services, tasks and connect bindings: both agents, the asyncio gateway (GATEWAY_PAIRINGS).
 

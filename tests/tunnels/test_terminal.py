@@ -100,8 +100,10 @@ def test_terminal_spec_and_cli_refuse_bad_options(tmp_path):
     config.write_text('[agent]\nterminal = "relative-shell"\n')
     result = runner.invoke(cli_main, ["agent", "--config", str(config), *base[1:]])
     assert result.exit_code == 2 and "relative-shell" in result.output
-    result = runner.invoke(cli_main, [*base, "--terminal", SHELL, "--backend", "trio"])
-    assert result.exit_code == 2 and "does not support" in result.output and "terminal" in result.output
+    result = runner.invoke(cli_main, [*base, "--terminal-user", "root", "--backend", "trio"])
+    assert result.exit_code == 2 and "--terminal-user needs --terminal SHELL" in result.output
+    result = runner.invoke(cli_main, [*base, "--terminal", "bash", "--backend", "trio"])
+    assert result.exit_code == 2 and "absolute path" in result.output
 
 
 def test_package_data_ships_the_page_files():
@@ -287,6 +289,27 @@ def started(pid: int) -> Optional[bytes]:
     return fields[19] if fields is not None and len(fields) > 19 else None
 
 
+async def resize_then_exit_3(term: Terminal) -> str:
+    """Resize the pty to 132x43 (the shell sees it), then ``exit 3``: the page gets the
+    exit record and a normal close, whose reason is returned."""
+    await term.send(json.dumps({"resize": [132, 43]}))
+    await term.send(b"stty size\r")
+    await term.expect(rb"43 132")
+    await term.send(b"exit 3\r")
+    code, reason = await term.until_closed()
+    assert (code, term.texts) == (1000, ['{"exit": 3}']), (code, reason, term.texts)
+    return reason
+
+
+async def shell_with_a_job(term: Terminal) -> tuple[int, Optional[bytes], int, Optional[bytes]]:
+    """Start a background job in the terminal's shell: (shell pid, its start time, the
+    job's pid, its start time)."""
+    await term.send(b"sleep 300 & echo PIDS=$$,$!\r")
+    match = await term.expect(rb"PIDS=(\d+),(\d+)")
+    shell, job = int(match.group(1)), int(match.group(2))
+    return shell, started(shell), job, started(job)
+
+
 def pid_gone(pid: int, start: Optional[bytes] = None) -> bool:
     """The process is dead: no longer there, a zombie (a background job outliving its
     shell is an orphan, which this machine's init may leave unreaped for a while), or
@@ -316,13 +339,7 @@ def test_a_shell_runs_resizes_and_its_exit_closes_the_socket(tmp_path, caplog):
             assert agent.shells and len(gw.terminals.live[answer["session_id"]]) == 1
             await term.send(b"stty size; echo $TERM; echo sum=$((6*7))\r")
             await term.expect(rb"20 90\s+xterm-256color\s+sum=42")
-            await term.send(json.dumps({"resize": [132, 43]}))
-            await term.send(b"stty size\r")
-            await term.expect(rb"43 132")
-            await term.send(b"exit 3\r")
-            code, reason = await term.until_closed()
-            assert (code, term.texts) == (1000, ['{"exit": 3}']), (code, reason, term.texts)
-            assert "status 3" in reason
+            assert "status 3" in await resize_then_exit_3(term)
             await wait_until(lambda: not agent.shells and not gw.terminals.live)
 
     run(main, timeout=90)
@@ -369,10 +386,7 @@ def test_closing_the_socket_hangs_the_shell_up(tmp_path):
                 term, status, error = await open_terminal(gw.port, ws_path(answer),
                                                           {"X-Admin-Token": answer["admin_token"]})
                 assert status == 101, error
-                await term.send(b"sleep 300 & echo PIDS=$$,$!\r")
-                match = await term.expect(rb"PIDS=(\d+),(\d+)")
-                shell, job = int(match.group(1)), int(match.group(2))
-                shell_start, job_start = started(shell), started(job)
+                shell, shell_start, job, job_start = await shell_with_a_job(term)
                 assert not pid_gone(shell, shell_start) and not pid_gone(job, job_start)
                 if how == "close frame":
                     term.close()
@@ -592,14 +606,17 @@ def test_an_agent_without_terminal_is_refused_clearly(tmp_path):
     run(main, timeout=90)
 
 
-def test_relay_agent_terminal_option_end_to_end(tmp_path):
-    """``relay agent --terminal`` as a process (its option from the environment): the
-    hello says so, the answer carries terminal_url, a shell runs there."""
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_relay_agent_terminal_option_end_to_end(tmp_path, backend):
+    """``relay agent --terminal`` as a process (its option from the environment), on
+    either event loop: the hello says so, the answer carries terminal_url, a shell runs
+    there; output far beyond a stream's window arrives whole; closing the page hangs
+    the shell and its background job up."""
     async def main():
         async with gateway_and_team(tmp_path) as (gw, keys):
             log = tmp_path / "agent.log"
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "RELAY_AGENT_KEY": keys["ak"],
-                   "RELAY_AGENT_TERMINAL": quiet_bash(tmp_path).shell}
+                   "RELAY_AGENT_TERMINAL": quiet_bash(tmp_path).shell, "RELAY_AGENT_BACKEND": backend}
             proc = subprocess.Popen([sys.executable, "-m", "relay", "agent", "--gateway", gw.url, "--name", "cli-term"],
                                     stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
             try:
@@ -612,8 +629,18 @@ def test_relay_agent_terminal_option_end_to_end(tmp_path):
                 assert status == 101, error
                 await term.send(b"echo shell=$0 ppid-is-agent=$([ $PPID = " + str(proc.pid).encode() + b" ] && echo y)\r")
                 await term.expect(rb"shell=" + SHELL.encode() + rb" ppid-is-agent=y")
-                await term.send(b"exit\r")
-                await term.until_closed()
+                size = 1_000_000
+                await term.send(f"head -c {size} /dev/zero | tr '\\0' y; echo; echo E''ND\r".encode())
+                await term.expect(rb"\r\nEND", timeout=60)
+                assert [len(m) for m in re.findall(rb"y{1000,}", term.before)] == [size]
+                await resize_then_exit_3(term)
+                # Closing the page hangs the shell and its job up.
+                term, status, error = await open_terminal(gw.port, ws_path(answer),
+                                                          {"X-Admin-Token": answer["admin_token"]})
+                assert status == 101, error
+                shell, shell_start, job, job_start = await shell_with_a_job(term)
+                term.close()
+                await wait_until(lambda: pid_gone(shell, shell_start) and pid_gone(job, job_start), timeout=15)
             finally:
                 proc.terminate()
                 await asyncio.to_thread(proc.wait, 15)
