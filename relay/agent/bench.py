@@ -8,11 +8,17 @@ refused (its probe finds no target). With it, the target is one more allowed tar
 the agent, reached like any other (tunnels to ``127.0.0.1:PORT``), so what is measured
 is the path every tunnel takes. It serves only what a benchmark needs: no files, no
 shell, bounded lines and bodies it throws away.
+
+The target is a plain local server, apart from the agent: the trio agent (``relay agent
+--backend trio --bench``) runs it on an asyncio loop of its own in a thread
+(:meth:`BenchTarget.start_in_thread`), so both agents serve the very same target.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections.abc import Callable
 from typing import Any, Optional
 
 import httptools
@@ -65,6 +71,28 @@ class BenchTarget:
         holder.append(target)
         log.info("bench target listening on %s:%d (relay bench measures through it)", target.host, target.port)
         return target
+
+    @classmethod
+    def start_in_thread(cls, host: str = "127.0.0.1", port: int = 0) -> tuple["BenchTarget", Callable[[], None]]:
+        """:meth:`start` on an event loop in a daemon thread of its own (for a program
+        that runs no asyncio loop): the target and a function that stops it and the
+        thread. OSError if the address is taken."""
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="relay-bench-target", daemon=True)
+        thread.start()
+        try:
+            target = asyncio.run_coroutine_threadsafe(cls.start(host, port), loop).result(30)
+        except BaseException:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            raise
+
+        def stop() -> None:
+            loop.call_soon_threadsafe(target.close)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+
+        return target, stop
 
     @property
     def address(self) -> str:

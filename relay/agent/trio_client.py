@@ -26,9 +26,9 @@ the same tests against both agents. With several gateways (a fleet) it holds up 
 ``connections`` sessions at once, each to another gateway, and redials as the asyncio
 agent does (relay.agent.base.Redial); it dials each ``--gateway`` by its name, where
 the asyncio agent also dials each address of a name that has several. With
-``terminal`` it serves the web terminal (relay.agent.terminal.TrioTerminalShell). Not
-served yet: ``relay bench``'s target (``relay agent --backend trio`` refuses
-``--bench`` and ``--tunnel``).
+``terminal`` it serves the web terminal (relay.agent.terminal.TrioTerminalShell).
+``relay agent --backend trio`` takes every option of the asyncio agent but ``--tunnel``,
+which it refuses.
 """
 from __future__ import annotations
 

@@ -92,10 +92,11 @@ def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], la
                 allow: tuple[str, ...], ca_cert: Any, log_level: str, log_format: str = "text",
                 api_key: Optional[str] = None, bench_port: int = 0, connections: Optional[int] = None,
                 services: tuple[str, ...] = (), terminal_shell: Optional[str] = None,
-                terminal_user: Optional[str] = None, **options: Any) -> None:
+                terminal_user: Optional[str] = None, bench: bool = False, **options: Any) -> None:
     """The body of ``relay agent`` on trio (relay.agent.trio_client.TrioAgent): same
-    checks, logging and one-line errors as the asyncio one, the same declared services
-    and built-in task handlers."""
+    checks, logging and one-line errors as the asyncio one, the same declared services,
+    built-in task handlers and bench target (on an asyncio loop in a thread of its own:
+    relay.agent.bench)."""
     import ssl
 
     import trio
@@ -104,7 +105,8 @@ def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], la
     from relay.agent.services import parse_service
     from relay.agent.trio_client import TrioAgent
 
-    unsupported = sorted(name for name, value in options.items() if value)
+    unsupported = sorted({"tunnels": "--tunnel"}.get(name, "--" + name.replace("_", "-"))
+                         for name, value in options.items() if value)
     if unsupported:  # options the asyncio agent grew that this one does not serve yet
         raise click.UsageError(f"--backend trio does not support {', '.join(unsupported)} yet")
     gateway_url, *more_gateways = gateway_urls
@@ -117,6 +119,16 @@ def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], la
         raise click.BadParameter(str(exc), param_hint="--service") from None
     terminal = _terminal_spec(terminal_shell, terminal_user)
     _setup_logging(log_level, log_format)
+    stop_bench = None
+    if bench:
+        from relay.agent.bench import BenchTarget
+
+        try:
+            bench_target, stop_bench = BenchTarget.start_in_thread("127.0.0.1", bench_port)
+        except OSError as exc:
+            raise _bench_port_error(bench_port, exc) from None
+        if allow:  # an explicit allowlist: the target is allowed implicitly, like a service's
+            allow = (*allow, bench_target.address)
     try:
         context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert is not None else None
         agent = TrioAgent(gateway_url, key, name=name, labels=labels, allow=allow, ssl_context=context,
@@ -131,6 +143,14 @@ def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], la
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         pass
+    finally:
+        if stop_bench is not None:
+            stop_bench()
+
+
+def _bench_port_error(port: int, exc: OSError) -> click.ClickException:
+    return click.ClickException(f"--bench cannot listen on 127.0.0.1:{port}: {exc.strerror or exc} "
+                                "(another --bench-port?)")
 
 
 def _terminal_spec(shell: Optional[str], user: Optional[str]) -> Any:
@@ -433,8 +453,7 @@ def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: 
             try:
                 bench_target = await BenchTarget.start("127.0.0.1", bench_port)
             except OSError as exc:
-                raise click.ClickException(f"--bench cannot listen on 127.0.0.1:{bench_port}: "
-                                           f"{exc.strerror or exc} (another --bench-port?)") from None
+                raise _bench_port_error(bench_port, exc) from None
             if allow:  # an explicit allowlist: the target is allowed implicitly, like a service's
                 allow = (*allow, bench_target.address)
         try:

@@ -39,17 +39,19 @@ SHORT = ("--duration", "0.25", "--warmup", "0.05")
 class BenchRelay(RelayProcs):
     """A gateway and an agent ``faults``, with ``--bench`` on a free port or without."""
 
-    def __init__(self, workdir: Path, bench: bool, allow: tuple[str, ...] = ()) -> None:
+    def __init__(self, workdir: Path, bench: bool, allow: tuple[str, ...] = (), backend: str = "asyncio") -> None:
         self.bench = bench
         self.bench_port = free_port()
         self.allow = allow
+        self.backend = backend
         super().__init__(workdir)
 
     def start_agent(self) -> None:
         extra = ["--bench", "--bench-port", str(self.bench_port)] if self.bench else []
         extra += [arg for target in self.allow for arg in ("--allow", target)]
         self.agent = self._spawn("agent", "--gateway", f"http://127.0.0.1:{self.port}", "--name", "faults", *extra,
-                                 log=self.workdir / "agent.log", env={"RELAY_AGENT_KEY": self.keys["ak"]})
+                                 "--backend", self.backend, log=self.workdir / "agent.log",
+                                 env={"RELAY_AGENT_KEY": self.keys["ak"]})
         self.agent_id = wait_for(self.online_agent, what="agent online")
 
     def bench_args(self) -> list[str]:
@@ -202,6 +204,21 @@ def test_agent_without_bench_is_refused(tmp_path: Path, allow: tuple[str, ...]) 
 
 
 def test_remote_agent_with_bench(bench_relay: BenchRelay, tmp_path: Path) -> None:
+    _remote_run(bench_relay, tmp_path)
+
+
+def test_remote_trio_agent_with_bench(tmp_path: Path) -> None:
+    """``relay agent --backend trio --bench`` serves the same target (on an asyncio loop
+    in a thread of its own), measured through the trio agent, with an allowlist that
+    leaves it out (it is allowed implicitly)."""
+    procs = BenchRelay(tmp_path, bench=True, allow=("127.0.0.1:1",), backend="trio")
+    try:
+        _remote_run(procs, tmp_path)
+    finally:
+        procs.close()
+
+
+def _remote_run(bench_relay: BenchRelay, tmp_path: Path) -> None:
     result = relay_bench(*bench_relay.bench_args(), *SHORT, "--repeat", "1", "--rows", "download,latency,http",
                          "--json", str(tmp_path / "r.json"), env={"RELAY_KEY": bench_relay.keys["sk"]})
     assert result.returncode == 0, result.stderr
@@ -337,7 +354,8 @@ def test_help_explains_every_row() -> None:
         assert words in text, words
 
 
-def test_agent_bench_port_taken_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_agent_bench_port_taken_is_one_line(tmp_path: Path, backend: str) -> None:
     import socket
 
     with socket.socket() as held:
@@ -345,7 +363,7 @@ def test_agent_bench_port_taken_is_one_line(tmp_path: Path) -> None:
         held.listen()
         port = held.getsockname()[1]
         result = subprocess.run([sys.executable, "-m", "relay", "agent", "--gateway", "http://127.0.0.1:1",
-                                 "--key", "ak-x", "--bench", "--bench-port", str(port)],
+                                 "--key", "ak-x", "--bench", "--bench-port", str(port), "--backend", backend],
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("Error: --bench cannot listen"), result.stderr

@@ -301,6 +301,18 @@ def test_relay_agent_backend_trio_cli(tmp_path) -> None:
     trio.run(bounded)
 
 
+def test_relay_agent_backend_trio_refuses_what_it_does_not_serve() -> None:
+    """``--tunnel`` (opened through the asyncio API client) is the one agent option the
+    trio body refuses: a usage error naming it, before anything starts."""
+    from click.testing import CliRunner
+
+    from relay.cli import main
+
+    result = CliRunner().invoke(main, ["agent", "--gateway", "http://127.0.0.1:1", "--key", "ak-" + "x" * 30,
+                                       "--backend", "trio", "--tunnel", "http:80", "--api-key", "sk-x"])
+    assert result.exit_code == 2 and "--backend trio does not support --tunnel yet" in result.output
+
+
 def test_serve_agents_checks_keys_and_survives_a_failing_handler() -> None:
     """401 without a valid key (before any upgrade), 404 off the agent path, 500 if the
     check itself fails; a handler that raises ends only its agent's session."""
