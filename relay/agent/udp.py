@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional, cast
 
 import trio
 
-from relay.aio.datagrams import DatagramPipe
+from relay.aio.datagrams import DatagramPipe, send_datagram
 from relay.aio.stream import MuxStream
 from relay.mux.datagrams import DEFAULT_QUEUE_BYTES, MAX_DATAGRAM, DatagramFlow
 from relay.mux.errors import ErrorCode
@@ -88,7 +88,7 @@ async def serve_datagram_stream(stream: MuxStream, host: str, port: int) -> Data
         if transport.get_write_buffer_size() > DEFAULT_QUEUE_BYTES:  # type: ignore[attr-defined]  # not in typeshed
             pipe.flow.lost(len(datagram))
             return
-        transport.sendto(datagram)
+        send_datagram(transport, datagram)
 
     def closed(_pipe: DatagramPipe, exc: Optional[BaseException]) -> None:
         protocol.pipe = None

@@ -14,15 +14,40 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Callable
 from typing import Any, Optional
 
 from relay.aio.stream import MuxStream, StreamSplice
 from relay.mux.datagrams import DatagramFlow
 
-__all__ = ["DatagramPipe"]
+__all__ = ["DatagramPipe", "send_datagram"]
 
 log = logging.getLogger("relay.aio.datagrams")
+
+
+def send_datagram(transport: asyncio.DatagramTransport, datagram: bytes, addr: Any = None) -> None:
+    """``transport.sendto(datagram, addr)``, empty datagrams included.
+
+    asyncio's datagram transports (the standard loop's and uvloop's) return from
+    ``sendto(b"")`` without sending anything, yet a zero-length datagram is a valid UDP
+    message (some protocols use it as a keepalive or a probe). It goes out on a duplicate
+    of the transport's socket, so closing that leaves the transport's socket alone; a
+    failure loses it, as the network may."""
+    if datagram:
+        transport.sendto(datagram, addr)
+        return
+    if transport.is_closing():
+        return
+    with socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno())) as sock:
+        try:
+            if addr is None:
+                sock.send(b"")
+            else:
+                sock.sendto(b"", addr)
+        except OSError:
+            pass
 
 
 class DatagramPipe:

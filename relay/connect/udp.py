@@ -17,6 +17,7 @@ import logging
 from typing import Any, Optional, cast
 from urllib.parse import urlsplit
 
+from relay.aio.datagrams import send_datagram
 from relay.mux.datagrams import DEFAULT_IDLE_TIMEOUT, DEFAULT_QUEUE_BYTES, MAX_DATAGRAM, DatagramFlow
 
 __all__ = ["UdpConnect", "run_connect_udp"]
@@ -131,7 +132,7 @@ class UdpConnect(asyncio.DatagramProtocol):
                         state.datagrams_out += 1
                         state.bytes_out += len(payload)
                         if self.transport is not None and not self.transport.is_closing():
-                            self.transport.sendto(bytes(payload), flow.addr)
+                            send_datagram(self.transport, bytes(payload), flow.addr)
                     elif opcode == Opcode.PING:
                         writer.write(encode_frame(Opcode.PONG, payload, mask=True))
                     elif opcode == Opcode.CLOSE:

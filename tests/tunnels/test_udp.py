@@ -447,3 +447,25 @@ def test_dns_through_relay_connect_udp(relay: RelayProcs, tmp_path: Path) -> Non
         for sock in socks:
             sock.close()
         dns.close()
+
+
+def test_an_empty_datagram_is_carried_like_any_other(relay: RelayProcs, echo: UdpTarget, tmp_path: Path) -> None:
+    """A zero-length datagram is a UDP message too (a keepalive, a probe): asyncio's
+    ``sendto(b"")`` sends nothing, so the hub port, the agent and ``relay connect --udp``
+    each have to send it themselves."""
+    session = open_udp_session(relay, echo.port)
+    port = free_port()
+    log = tmp_path / "connect.log"
+    proc = subprocess.Popen([sys.executable, "-m", "relay", "connect", "--udp", session["tunnel_url"],
+                             "--listen", f"127.0.0.1:{port}"], stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    sock = client(timeout=2.0)
+    try:
+        wait_for(lambda: b"listening on udp" in log.read_bytes(), what="relay connect --udp")
+        for target in (session["hub_port"], port):  # the hub port, then relay connect --udp
+            assert exchange(sock, target, b"before") == b"before"
+            assert exchange(sock, target, b"") == b"", target
+            assert exchange(sock, target, b"after") == b"after"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        sock.close()

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, cast
 
 from relay.aio import WebSocketTransport
-from relay.aio.datagrams import DatagramPipe
+from relay.aio.datagrams import DatagramPipe, send_datagram
 from relay.aio.session import MuxSession, SessionClosedError
 from relay.mux.datagrams import DEFAULT_IDLE_TIMEOUT, DEFAULT_QUEUE_BYTES, MAX_DATAGRAM, UDP_PROTOCOL
 from relay.ws.tcp_tunnel import CLOSE_RESET, reset_reason
@@ -197,7 +197,7 @@ class UdpHubProtocol(asyncio.DatagramProtocol):
                 if pipe is not None:
                     pipe.flow.lost(len(datagram))
                 return
-            transport.sendto(datagram, addr)
+            send_datagram(transport, datagram, addr)
 
         def closed(closed_pipe: DatagramPipe, exc: Optional[BaseException]) -> None:
             if self._flows.get(addr) is closed_pipe:
