@@ -4,6 +4,7 @@ never the ceiling (issue 14's table).
     .venv/bin/python bench/e2e_tools.py [--reps 3] [--duration 5] [--quick]
                                         [--paths direct,ssh-tt,ssh-N,hub,connect,nginx-proxy,http-tunnel]
                                         [--rows bulk,agg,rr,cfb,wrk,pgbench,redis]
+                                        [--baseline DIR]
 
 Every path carries the same targets, all on 127.0.0.1:
 
@@ -17,6 +18,9 @@ Every path carries the same targets, all on 127.0.0.1:
   test CA's certificate, its agent dialling ``wss://``), as OpenSSH encrypts its link;
 * ``connect``: the same tunnels reached through ``relay connect`` (one process per
   tunnel, listening locally);
+* ``base`` (with ``--baseline DIR``): the hub port of a second gateway + agent running
+  the relay package found in DIR (another commit, its extensions built), interleaved
+  with ``hub`` for an A/B of two commits in one run;
 * ``nginx-proxy`` / ``http-tunnel`` (the wrk row only): nginx as a reverse proxy, and
   relay's HTTP tunnel, in front of the same nginx.
 
@@ -58,7 +62,7 @@ from e2e_http import start_nginx_proxy  # noqa: E402
 from tests.support.servers import start_nginx, start_postgres, start_redis, start_sshd  # noqa: E402
 
 HOST = "127.0.0.1"
-TCP_PATHS = ("direct", "ssh-tt", "ssh-N", "hub", "hub-wss", "connect")
+TCP_PATHS = ("direct", "ssh-tt", "ssh-N", "hub", "base", "hub-wss", "connect")
 HTTP_PATHS = ("nginx-proxy", "http-tunnel")
 ROWS = ("bulk", "agg", "rr", "cfb", "wrk", "pgbench", "redis")
 TARGETS = ("iperf", "echo", "nginx", "pg", "redis")
@@ -309,6 +313,9 @@ def ratios(results: dict[str, dict[str, list[dict[str, float]]]]) -> list[str]:
         ("bulk rev: connect / hub", "bulk_rev", "connect", "hub", "mbps", ">= 0.9"),
         ("connect p50: connect / hub", "cfb", "connect", "hub", "p50_us", "<= 1.2"),
     ]
+    # --baseline: this checkout over the other commit, row by row (no goal: an A/B).
+    goals += [(f"{label}: hub / base", key, "hub", "base", metric, "A/B")
+              for key, label, metric, _unit, _higher in TABLE if not label.startswith(" ")]
     out = []
     for label, key, mine, peer, metric, goal in goals:
         a = med(key, mine, metric)
@@ -330,13 +337,19 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--quick", action="store_true", help="1 repetition of 2 s each")
-    parser.add_argument("--paths", default=",".join(TCP_PATHS + HTTP_PATHS))
+    parser.add_argument("--paths", default=",".join(p for p in TCP_PATHS + HTTP_PATHS if p != "base"))
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--spread", action="store_true", help="show min-max beside each median")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also path 'base': the hub port of the relay package in DIR (another commit)")
     args = parser.parse_args()
     if args.quick:
         args.reps, args.duration = 1, 2.0
     paths = [p for p in args.paths.split(",") if p]
+    if args.baseline and "base" not in paths:
+        paths.insert(paths.index("hub") + 1 if "hub" in paths else len(paths), "base")
+    if "base" in paths and not args.baseline:
+        parser.error("path base needs --baseline DIR")
     rows = [r for r in args.rows.split(",") if r]
     unknown = set(paths) - set(TCP_PATHS + HTTP_PATHS) | set(rows) - set(ROWS)
     if unknown:
@@ -393,6 +406,10 @@ def main() -> int:
                 if status != 200:
                     raise RuntimeError(f"http tunnel: {status} {body}")
                 built["http-tunnel"] = Route("http-tunnel", {}, relay_pids, url=body["tunnel_url"] + "1k.bin")
+        if "base" in paths:
+            base = topo.Relay(procs, name="-base", source=Path(args.baseline).resolve())
+            hubs = {n: base.tunnel(port) for n, port in targets.items()}
+            built["base"] = Route("base", hubs, [base.gateway.pid, base.agent.pid])
         if "hub-wss" in paths:
             import trustme
 
