@@ -114,16 +114,26 @@ class HubListener:
 
 class _HubSplice(StreamSplice):
     """A splice that leaves its hub's set of live connections when it closes (a
-    callback, not a task per connection: idle connections should cost little)."""
+    callback, not a task per connection: idle connections should cost little).
 
-    def __init__(self, stream: MuxStream, hub: HubListener) -> None:
+    Given ``manager``, it also keeps why the agent refused its stream, if it does
+    (:meth:`TunnelManager._note_refusal`): the refusal reaches the splice as its reset,
+    so no task per connection waits for the agent's answer."""
+
+    def __init__(self, stream: MuxStream, hub: HubListener, manager: Optional["TunnelManager"] = None) -> None:
         super().__init__(stream)
         self._hub = hub
+        self._manager = manager
         hub.splices.add(self)
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         self._hub.splices.discard(self)
         super().connection_lost(exc)
+
+    def _mux_reset(self, exc: BaseException) -> None:
+        if self._manager is not None and isinstance(exc, StreamRefused):
+            self._manager._note_refusal(self._hub, exc)
+        super()._mux_reset(exc)
 
 
 class _WsTunnelTransport(WebSocketTransport):
@@ -326,10 +336,15 @@ class TunnelManager:
         """Why a tunnel through this agent to ``host:port`` would loop into the gateway's
         own listening or hub port (or one of ``future_ports``, about to listen), or None
         (module docstring)."""
-        if self._egress is None:
+        egress = self._egress
+        if egress is None:
             return None
-        if self._egress.is_gateway(host, port, from_this_host=self._agent_on_this_host(team_id, agent_id),
-                                   future_ports=future_ports):
+        # Asked for every hub connection: a target port the gateway does not listen on
+        # (the usual case) is answered before the agent's address is looked at.
+        if port not in egress.own_ports() and port not in future_ports:
+            return None
+        if egress.is_gateway(host, port, from_this_host=self._agent_on_this_host(team_id, agent_id),
+                             future_ports=future_ports):
             return (f"{host}:{port} is this gateway's own listening or hub port "
                     f"as seen from the agent: a tunnel to it would connect to itself for ever")
         return None
@@ -666,9 +681,7 @@ class TunnelManager:
         stream = self.open_target_stream(hub)
         if stream is None:
             return None
-        splice = _HubSplice(stream, hub)
-        self._watch(hub, stream)
-        return splice
+        return _HubSplice(stream, hub, self)
 
     def open_target_stream(self, hub: HubListener) -> Optional[MuxStream]:
         """Open a stream to the tunnel's target, counted as one of the hub's connections;
@@ -717,16 +730,20 @@ class TunnelManager:
             if on_accepted is not None:
                 on_accepted()
         except StreamRefused as exc:
-            try:
-                code = ErrorCode(exc.error_code).name
-            except ValueError:
-                code = str(exc.error_code)
-            hub.last_error = f"{code}: {exc.message}"
-            self.refused[code] += 1
-            log.warning("%s tunnel %s: agent refused the %s: %s", hub.protocol, hub.session_id,
-                        "flow" if hub.protocol == "udp" else "connection", hub.last_error)
+            self._note_refusal(hub, exc)
         except ConnectionError:
             pass  # reset or session gone: the splice handles it
+
+    def _note_refusal(self, hub: HubListener, exc: StreamRefused) -> None:
+        """Keep and log why the agent refused a stream of ``hub``."""
+        try:
+            code = ErrorCode(exc.error_code).name
+        except ValueError:
+            code = str(exc.error_code)
+        hub.last_error = f"{code}: {exc.message}"
+        self.refused[code] += 1
+        log.warning("%s tunnel %s: agent refused the %s: %s", hub.protocol, hub.session_id,
+                    "flow" if hub.protocol == "udp" else "connection", hub.last_error)
 
     def _close_hub(self, session_id: str) -> None:
         hub = self._hubs.pop(session_id, None)
