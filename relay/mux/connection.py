@@ -482,7 +482,9 @@ class MuxConnection:
                 self._forget(stream)  # finished both ways and nothing left to acknowledge
         return self._session_consumed(n) or queued
 
-    @cython.locals(recv=ReceiveWindow)
+    @cython.locals(recv=ReceiveWindow, target=cython.longlong, committed=cython.longlong,
+                   allowed=cython.longlong, open_left=cython.longlong, earned=cython.longlong,
+                   grown=cython.longlong, increment=cython.longlong)
     def _consumed_tuned(self, recv: ReceiveWindow, n: int, now: float, rtt: float) -> int:
         """Consume ``n`` bytes of a stream with auto-tuning at time ``now`` (the session's
         clock, with ``rtt`` measured); returns the increment to send.

@@ -3,5 +3,5 @@ cdef class ReceiveWindow:
     cdef public object epoch_start
     cdef public double seen
     # cpdef: called by the core (typed references) on every acknowledgement.
-    cpdef consumed(self, n)
-    cpdef epoch_test(self, n, now, rtt)
+    cpdef long long consumed(self, long long n) except? -1
+    cpdef bint epoch_test(self, long long n, double now, double rtt) except -1
