@@ -16,6 +16,7 @@ import asyncio
 import inspect
 import logging
 from collections import deque
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Optional, Union
 
 if TYPE_CHECKING:  # mypy checks the pure-Python twin: cython's no-op declarations
@@ -123,6 +124,8 @@ class MuxSession(StreamEventRouter):
         self._hello: asyncio.Future[None] = self._loop.create_future()
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: The stream of each running coroutine handler's task (for _handler_done).
+        self._handled: dict[asyncio.Task[None], MuxStream] = {}
         self._draining = False
         self._error: Optional[SessionClosedError] = None
         #: The peer's GOAWAY, once received.
@@ -460,10 +463,32 @@ class MuxSession(StreamEventRouter):
         except Exception as exc:
             self._handler_failed(stream, exc)
             return
-        if inspect.isawaitable(result):
+        if type(result) is CoroutineType:
+            # The handler's own coroutine is the task, its outcome read by a callback: no
+            # wrapping coroutine stepping through every await (one per incoming stream).
+            task = self._loop.create_task(result)
+            self._tasks.add(task)
+            task.add_done_callback(self._handler_done)
+            self._handled[task] = stream
+        elif inspect.isawaitable(result):
             task = self._loop.create_task(self._run_handler(stream, result))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        """A coroutine handler ended: as :meth:`_run_handler` does after its await."""
+        self._tasks.discard(task)
+        stream: MuxStream = self._handled.pop(task)
+        if task.cancelled():
+            stream.abort(ErrorCode.CANCEL, "handler cancelled")
+            return
+        exc = task.exception()
+        if exc is not None:
+            if isinstance(exc, Exception):
+                self._handler_failed(stream, exc)
+            return
+        if not stream.answered:
+            stream.refuse(ErrorCode.REFUSED, "not accepted")
 
     async def _run_handler(self, stream: MuxStream, awaitable: Awaitable[None]) -> None:
         try:

@@ -14,6 +14,7 @@ without a task or an intermediate buffer (see its docstring).
 """
 from __future__ import annotations
 
+import _socket
 import asyncio
 import socket
 import struct
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 DEFAULT_LIMIT = 64 * 1024
 #: ``read(-1)`` reads in pieces of this size (each acknowledged as it is taken).
 _READ_ALL_CHUNK = 256 * 1024
+#: The C socket type (``socket.socket`` is its Python subclass), for set_socket_option.
+_CSocket = _socket.socket
 #: SO_LINGER {on, 0 s}: closing the socket sends a RST instead of a FIN.
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 
@@ -593,13 +596,35 @@ def limit_unsent(transport: Any) -> None:
     past it the socket reports itself full, the transport buffers and pauses, and the
     splice stops acknowledging, so a reader that does not read holds one stream window
     of ours and little of the kernel's."""
+    if _TCP_NOTSENT_LOWAT is not None:
+        # Not TCP (a Unix socket refuses the option), or an old kernel: the limit is an
+        # optimisation of memory only.
+        set_socket_option(transport, socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, UNSENT_LIMIT)
+
+
+def set_socket_option(transport: Any, level: int, option: int, value: int) -> bool:
+    """``setsockopt`` on a transport's socket; False if it has none or refuses the option.
+
+    Done once or twice per spliced connection, so cheaply: uvloop's transports hand out
+    a stand-in socket whose ``setsockopt`` builds a full ``socket.socket`` around the
+    descriptor for each call (a Python-level constructor, and ``family`` an enum
+    lookup), about a fifth of the instructions a connection costs the agent. The C
+    socket type around the same descriptor, detached at once, does the same call."""
     sock = transport.get_extra_info("socket")
-    if sock is None or _TCP_NOTSENT_LOWAT is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
+    if sock is None:
+        return False
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, UNSENT_LIMIT)
-    except OSError:
-        pass  # not TCP, or an old kernel: the limit is an optimisation of memory only
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(level, option, value)
+            return True
+        raw = _CSocket(socket.AF_INET, socket.SOCK_STREAM, 0, sock.fileno())
+        try:
+            raw.setsockopt(level, option, value)
+        finally:
+            raw.detach()  # the descriptor stays the transport's
+    except (OSError, ValueError, AttributeError):  # closed, not a socket, or not this option
+        return False
+    return True
 
 
 class StreamSplice:
@@ -827,10 +852,5 @@ TARGET_RECEIVE_BUFFER = 256 * 1024
 
 def limit_receive_buffer(transport: Any) -> None:
     """Fix a target connection's receive buffer at TARGET_RECEIVE_BUFFER."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TARGET_RECEIVE_BUFFER)
-    except OSError:
-        pass  # not a socket option this transport has: an optimisation of memory only
+    # False (not a socket option this transport has): an optimisation of memory only.
+    set_socket_option(transport, socket.SOL_SOCKET, socket.SO_RCVBUF, TARGET_RECEIVE_BUFFER)

@@ -344,3 +344,51 @@ def test_stream_reset_aborts_local_connection_and_local_error_resets_stream(run)
                 writer.close()
 
     run(main)
+
+
+def test_splice_sets_its_socket_limits_on_both_ends(run, tmp_path):
+    """The unsent cap on every spliced socket (the gateway's hub side, the agent's target
+    side) and the fixed receive buffer on the target connection, set through the
+    loop's transport (uvloop hands out a stand-in socket); a Unix socket refuses the TCP
+    option without breaking anything."""
+    from relay.aio.stream import _TCP_NOTSENT_LOWAT, TARGET_RECEIVE_BUFFER, UNSENT_LIMIT, set_socket_option
+
+    async def main():
+        target_sides: list = []
+
+        async def remember(reader, writer):
+            target_sides.append(writer)
+
+        target = await asyncio.start_server(remember, "127.0.0.1", 0)
+        target_port = target.sockets[0].getsockname()[1]
+        splices: list = []
+
+        async def handler(stream):
+            splices.append(await connect_stream_to(stream, "127.0.0.1", target_port))
+
+        async with target, session_pair(on_stream=handler) as (client, _server):
+            stream = await client.open_stream()
+            for _ in range(200):
+                if splices:
+                    break
+                await asyncio.sleep(0.01)
+            [splice] = splices
+            sock = splice.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT) == UNSENT_LIMIT
+            # The kernel doubles what it is given (and stops autotuning it).
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * TARGET_RECEIVE_BUFFER
+            stream.abort()
+
+            path = str(tmp_path / "unix.sock")
+            unix = await asyncio.start_unix_server(lambda r, w: None, path)
+            async with unix:
+                _, writer = await asyncio.open_unix_connection(path)
+                assert set_socket_option(writer.transport, socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, 1) is False
+                assert set_socket_option(writer.transport, socket.SOL_SOCKET, socket.SO_RCVBUF, 8192) is True
+                writer.write(b"still fine")
+                await writer.drain()
+                writer.close()
+            for writer in target_sides:
+                writer.close()
+
+    run(main)
