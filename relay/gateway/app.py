@@ -118,6 +118,8 @@ class Gateway:
         self.tunnel_domain = tunnel_domain
         #: Where the gateway itself may connect (external services, webhooks):
         #: relay.gateway.egress. Never its own listening and hub ports.
+        #: own_ports' last answer: (the hub ports it was made from, the port, the set).
+        self._own_ports: Optional[tuple[frozenset[int], int, frozenset[int]]] = None
         self.egress = EgressPolicy(allow_private_egress, own_ports=self.own_ports,
                                    own_hosts=[h for h in (hub_host, public_hub_host) if h])
         self.auth = Authenticator(store, jwt_key)
@@ -159,12 +161,17 @@ class Gateway:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{'https' if self._ssl else 'http'}://{host}:{self.port}"
 
-    def own_ports(self) -> set[int]:
-        """The TCP ports this gateway listens on now: its address and every hub port."""
-        ports = {self.port} if self.port else set()
-        if self.tunnels is not None:
-            ports.update(hub.port for hub in self.tunnels.hubs() if hub.port)
-        return ports
+    def own_ports(self) -> frozenset[int]:
+        """The TCP ports this gateway listens on now: its address and every hub port.
+
+        Asked on every hub connection (the loop check), so made again only when the hub
+        ports or the address changed, not from every hub each time."""
+        hubs = self.tunnels.hub_ports() if self.tunnels is not None else frozenset()
+        cached = self._own_ports
+        if cached is None or cached[0] is not hubs or cached[1] != self.port:
+            ports = hubs | {self.port} if self.port else hubs
+            cached = self._own_ports = (hubs, self.port, ports)
+        return cached[2]
 
     async def start(self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False,
                     peer_listen: Optional[tuple[str, int]] = None) -> None:

@@ -164,6 +164,11 @@ class EgressPolicy:
         """The gateway's listening and hub ports, now."""
         return list(self._own_ports())
 
+    def is_own_port(self, port: int) -> bool:
+        """Is ``port`` one of the gateway's listening and hub ports now? (Without a copy
+        of them: asked on every hub connection.)"""
+        return port in self._own_ports()
+
     def is_own_host(self, host: str) -> bool:
         """Is ``host`` (an address, e.g. an agent's peer address) this gateway's host?"""
         ip = _address(host)

@@ -307,6 +307,9 @@ class TunnelManager:
         #: Seconds without a datagram after which a udp flow ends (relay.mux.datagrams).
         self.udp_idle_timeout = udp_idle_timeout
         self._hubs: dict[str, HubListener] = {}
+        #: The ports of ``_hubs``, made on demand (asked on every hub connection, by the
+        #: loop check); None after any change to ``_hubs`` or a hub's port.
+        self._hub_ports: Optional[frozenset[int]] = None
         #: relay connect's multiplexed sessions, by tunnel session id.
         self._mux_sessions: dict[str, set[MuxSession]] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -341,7 +344,7 @@ class TunnelManager:
             return None
         # Asked for every hub connection: a target port the gateway does not listen on
         # (the usual case) is answered before the agent's address is looked at.
-        if port not in egress.own_ports() and port not in future_ports:
+        if not egress.is_own_port(port) and port not in future_ports:
             return None
         if egress.is_gateway(host, port, from_this_host=self._agent_on_this_host(team_id, agent_id),
                              future_ports=future_ports):
@@ -443,6 +446,7 @@ class TunnelManager:
         if hub is not None:
             hub.session_id = session.session_id
             self._hubs[session.session_id] = hub
+            self._hub_ports = None
             result["hub_port"] = hub.port
             log.info("%s tunnel %s: hub port %s:%d -> agent %s 127.0.0.1:%d", protocol,
                      session.session_id, self.hub_host, hub.port, agent_id, target_port)
@@ -495,6 +499,13 @@ class TunnelManager:
         """The live hub listeners (for metrics)."""
         return list(self._hubs.values())
 
+    def hub_ports(self) -> frozenset[int]:
+        """The ports the live hub listeners are bound to."""
+        ports = self._hub_ports
+        if ports is None:
+            ports = self._hub_ports = frozenset(hub.port for hub in self._hubs.values() if hub.port)
+        return ports
+
     def hub(self, session_id: str) -> Optional[HubListener]:
         return self._hubs.get(session_id)
 
@@ -543,6 +554,7 @@ class TunnelManager:
                     self._lifetimes.pop(row.session_id, None)
                     continue
                 self._hubs[row.session_id] = hub
+                self._hub_ports = None
                 log.info("tcp tunnel %s: hub port %s:%d reopened", row.session_id, self.hub_host, hub.port)
 
     # -- lifetimes
@@ -605,6 +617,7 @@ class TunnelManager:
         for hub in list(self._hubs.values()):
             self._stop_hub(hub)
         self._hubs.clear()
+        self._hub_ports = None
         for sessions in list(self._mux_sessions.values()):
             for session in list(sessions):
                 session.abort(ErrorCode.GOING_AWAY, "gateway shutting down")
@@ -628,6 +641,7 @@ class TunnelManager:
                           host=self.public_hub_host if public else self.hub_host)
         await self._listen(hub, port, exact=True)
         self._hubs[key] = hub
+        self._hub_ports = None
         return hub
 
     def close_hub(self, key: str) -> None:
@@ -646,10 +660,12 @@ class TunnelManager:
             udp_hub.size_buffers(transport)
             hub.server = transport  # type: ignore[assignment]  # close() stops it alike
             hub.port = transport.get_extra_info("sockname")[1]
+            self._hub_ports = None
             return
         hub.server = await loop.create_server(lambda: self._hub_protocol(hub), hub.host, port,
                                               reuse_port=self.reuse_port or None)
         hub.port = hub.server.sockets[0].getsockname()[1]
+        self._hub_ports = None
 
     def serve_websocket(self, hub: HubListener, transport: asyncio.Transport, leftover: bytes) -> bool:
         """Run a TCP-over-WS connection (its 101 already sent): one stream to the agent,
@@ -747,6 +763,7 @@ class TunnelManager:
 
     def _close_hub(self, session_id: str) -> None:
         hub = self._hubs.pop(session_id, None)
+        self._hub_ports = None
         if hub is not None:
             self._stop_hub(hub)
             log.info("%s tunnel %s closed (hub port %d)", hub.protocol, session_id, hub.port)
