@@ -17,10 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from typing import Any, Awaitable, Callable, Iterable, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Optional, Protocol, Union
 
 from relay.aio.session import MuxSession
 from relay.mux.connection import MuxConfig
+
+if TYPE_CHECKING:  # mypy checks the pure-Python twin: cython's no-op declarations
+    from relay.mux import _cython_shim as cython
+else:
+    try:
+        import cython
+    except ImportError:  # runs uncompiled without Cython installed
+        from relay.mux import _cython_shim as cython
 
 
 class MuxTransport(Protocol):
@@ -51,6 +59,9 @@ class CarriedProtocol(Protocol):
 
 SessionCallback = Callable[[MuxSession], Union[Awaitable[None], None]]
 _BINARY = 0x2  # WebSocket binary message opcode (relay.ws.Opcode.BINARY)
+#: An unmasked message of at most this many bytes is joined into one buffer to be
+#: written; a larger one goes to the socket as its parts (one ``writev``, no copy).
+JOIN_BELOW = 4096
 
 
 async def connect_tcp(host: str, port: int, *, client: bool = True, config: Optional[MuxConfig] = None,
@@ -140,6 +151,7 @@ class WebSocketTransport:
             return
         self._transport.write(self._ws.encode_frame(_BINARY, data, mask=self._client))
 
+    @cython.locals(total=cython.longlong)
     def writelines(self, parts: Iterable[Any]) -> None:
         """Several buffers (a session's ``data_to_send_parts``) as one binary message,
         with no copy of the payload of our own when unmasked (the header and the parts go
@@ -149,10 +161,18 @@ class WebSocketTransport:
         ws = self._ws
         if self._client:
             self._transport.write(ws.encode_frame_parts(_BINARY, parts, mask=True))
+            return
+        parts = tuple(parts)
+        total = 0
+        for part in parts:
+            total += len(part)
+        header = ws.encode_header(_BINARY, total)
+        if total <= JOIN_BELOW:
+            # A small message (a request, an answer): one joined buffer costs less than
+            # the transport's per-buffer bookkeeping of a gathered write.
+            self._transport.write(b"".join((header, *parts)))
         else:
-            parts = list(parts)
-            parts.insert(0, ws.encode_header(_BINARY, sum(map(len, parts))))
-            self._transport.writelines(parts)
+            self._transport.writelines((header, *parts))
 
     def close(self) -> None:
         self._send_close(self._ws.CloseCode.NORMAL)

@@ -503,6 +503,35 @@ def test_websocket_transport_carries_a_session(run):
     run(main)
 
 
+def test_websocket_transport_small_and_large_messages_round_trip(run):
+    """Request/response of random sizes on both sides of the server's join threshold:
+    the server writes a small message as one joined buffer and a larger one as its
+    parts, and every byte comes back in order either way."""
+    from relay.aio.transport import JOIN_BELOW
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: WebSocketTransport(MuxSession(False, on_stream=echo_handler), client=False), "127.0.0.1", 0)
+        _, adapter = await loop.create_connection(
+            lambda: WebSocketTransport(MuxSession(True), client=True), "127.0.0.1", server.sockets[0].getsockname()[1])
+        client = adapter.session
+        stream = await client.open_stream()
+        rng = random.Random(14)
+        sizes = [rng.choice((1, 63, JOIN_BELOW - 40, JOIN_BELOW + 1, 3 * JOIN_BELOW)) for _ in range(200)]
+        for size in sizes:
+            message = os.urandom(size)
+            stream.write(message)
+            assert await stream.readexactly(size) == message
+        stream.write_eof()
+        assert await stream.read() == b""
+        client.close()
+        await client.wait_closed()
+        server.close()
+
+    run(main)
+
+
 def test_closing_with_unread_data_gives_the_window_back(run):
     async def main():
         async def handler(stream):
