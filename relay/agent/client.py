@@ -57,7 +57,7 @@ from relay.agent.tasks import LoopTime
 from relay.agent.terminal import TerminalSpec, serve_terminal_stream
 from relay.agent.udp import serve_datagram_stream
 from relay.aio import MuxSession, StreamRefused, connect_stream_to
-from relay.aio.dial import WebSocketUpgrade
+from relay.aio.dial import dial_session
 from relay.aio.stream import MuxStream
 from relay.mux.connection import MuxConfig
 from relay.mux.errors import ErrorCode
@@ -173,26 +173,14 @@ class Agent(AgentBase):
         context = self._ssl if self._ssl is not None or not gateway.tls else ssl.create_default_context()
         if gateway.tls and self._ssl is None:
             self._ssl = context
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-            transport, proto = await loop.create_connection(
-                lambda: WebSocketUpgrade(handshake, session), target.ip or gateway.host, gateway.port,
-                ssl=context if gateway.tls else None,
-                server_hostname=gateway.host if gateway.tls and target.ip else None)
-            try:
-                await proto.done
-            except HandshakeRejected as exc:
-                if exc.status_code in (401, 403):
-                    raise AgentAuthError(f"the gateway rejected the agent key: {exc}") from None
-                raise
-            except BaseException:
-                transport.abort()
-                raise
-            try:
-                await session.wait_established()
-            except BaseException:
-                session.abort()
-                raise
+        try:
+            await dial_session(session, handshake, target.ip or gateway.host, gateway.port,
+                               timeout=HANDSHAKE_TIMEOUT, ssl_context=context if gateway.tls else None,
+                               server_hostname=gateway.host if target.ip else None)
+        except HandshakeRejected as exc:
+            if exc.status_code in (401, 403):
+                raise AgentAuthError(f"the gateway rejected the agent key: {exc}") from None
+            raise
         return session
 
     async def targets(self) -> list[DialTarget]:

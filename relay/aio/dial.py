@@ -1,15 +1,18 @@
 """The client side of the WebSocket upgrade, shared by everything that dials a
-multiplexed session (the agent, and a gateway dialling a peer of its fleet)."""
+multiplexed session (the agent, ``relay connect``, and a gateway dialling a peer of its
+fleet): :func:`dial_session` opens the connection (TCP, TLS), upgrades it and waits for
+the session's SETTINGS; :class:`WebSocketUpgrade` is its protocol until the 101."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Optional, cast
 
 from relay.aio.session import MuxSession
 from relay.aio.transport import WebSocketTransport
 from relay.ws.handshake import ClientHandshake, HandshakeError
 
-__all__ = ["SubprotocolDeclined", "WebSocketUpgrade"]
+__all__ = ["SubprotocolDeclined", "WebSocketUpgrade", "dial_session"]
 
 
 class SubprotocolDeclined(HandshakeError):
@@ -74,3 +77,37 @@ class WebSocketUpgrade(asyncio.Protocol):
             WebSocketTransport.attach(transport, self._session, client=True,
                                       initial=accepted.leftover)
             self.done.set_result(None)
+
+
+async def dial_session(session: MuxSession, handshake: ClientHandshake, host: str, port: int, *,
+                       timeout: float, ssl_context: Optional[ssl.SSLContext] = None,
+                       server_hostname: Optional[str] = None,
+                       require_subprotocol: Optional[str] = None) -> None:
+    """Connect to ``host:port`` (over TLS with ``ssl_context``; ``server_hostname`` when
+    ``host`` is an address but the certificate names another), send ``handshake``'s
+    upgrade request, hand the WebSocket to ``session`` and wait until it is established
+    (the peer's SETTINGS), all within ``timeout`` seconds.
+
+    Raises what the dial raises: OSError, TimeoutError, ConnectionError, the
+    :class:`HandshakeError` of a refused or broken upgrade (``HandshakeRejected`` with
+    the HTTP status), or :class:`SubprotocolDeclined` with ``require_subprotocol``. On
+    failure nothing is left open: a failed upgrade closed its connection itself (a
+    declined subprotocol's close 1000 must still go out, so it is not aborted), any other
+    failure aborts the connection, or the session once it carries it."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        transport, upgrade = await loop.create_connection(
+            lambda: WebSocketUpgrade(handshake, session, require_subprotocol=require_subprotocol),
+            host, port, ssl=ssl_context, server_hostname=server_hostname if ssl_context is not None else None)
+        try:
+            await upgrade.done
+        except HandshakeError:
+            raise  # the upgrade closed the connection already
+        except BaseException:
+            transport.abort()
+            raise
+        try:
+            await session.wait_established()
+        except BaseException:
+            session.abort()
+            raise

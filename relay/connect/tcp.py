@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
@@ -389,7 +390,7 @@ class MuxConnector:
         TimeoutError or ConnectionError."""
         from relay import __version__
         from relay.aio import MuxSession
-        from relay.aio.dial import SubprotocolDeclined, WebSocketUpgrade
+        from relay.aio.dial import dial_session
         from relay.mux.connection import MuxConfig
         from relay.mux.errors import ErrorCode
         from relay.ws.handshake import ClientHandshake
@@ -403,23 +404,9 @@ class MuxConnector:
                              on_stream=lambda stream: stream.refuse(ErrorCode.REFUSED, "relay connect serves no streams"),
                              on_control=lambda message: None)
         handshake = ClientHandshake(split.netloc, split.path or "/", subprotocols=[MUX_SUBPROTOCOL])
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-            transport, upgrade = await loop.create_connection(
-                lambda: WebSocketUpgrade(handshake, session, require_subprotocol=MUX_SUBPROTOCOL),
-                split.hostname or "", port, ssl=(self._ssl or True) if tls else None)
-            try:
-                await upgrade.done
-            except SubprotocolDeclined:
-                raise  # its close 1000 is on its way: no abort
-            except BaseException:
-                transport.abort()
-                raise
-            try:
-                await session.wait_established()
-            except BaseException:
-                session.abort()
-                raise
+        await dial_session(session, handshake, split.hostname or "", port, timeout=HANDSHAKE_TIMEOUT,
+                           ssl_context=(self._ssl or ssl.create_default_context()) if tls else None,
+                           require_subprotocol=MUX_SUBPROTOCOL)
         return session
 
     async def run(self) -> None:

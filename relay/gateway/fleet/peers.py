@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 from relay.aio import MuxSession
-from relay.aio.dial import WebSocketUpgrade
+from relay.aio.dial import dial_session
 from relay.mux.connection import MuxConfig
 from relay.mux.errors import ErrorCode
 from relay.ws.handshake import ClientHandshake, HandshakeError
@@ -154,17 +154,8 @@ class PeerPool:
         handshake = ClientHandshake(hostport, PEER_PATH, extra_headers=headers)
         config = dataclasses.replace(self._config, info={**self._config.info, "gateway_id": self.gateway_id})
         session = MuxSession(True, config, on_stream=self._on_stream)
-        loop = asyncio.get_running_loop()
         context = (self._ssl or ssl.create_default_context()) if tls else None
-        async with asyncio.timeout(DIAL_TIMEOUT):
-            transport, proto = await loop.create_connection(lambda: WebSocketUpgrade(handshake, session), host, port,
-                                                            ssl=context)
-            try:
-                await proto.done
-                await session.wait_established()
-            except BaseException:
-                transport.abort()
-                raise
+        await dial_session(session, handshake, host, port, timeout=DIAL_TIMEOUT, ssl_context=context)
         return session
 
     def accepted(self, gateway_id: str, session: MuxSession) -> None:
