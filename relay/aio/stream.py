@@ -135,7 +135,10 @@ class MuxStream:
         self.local = local
         self._answered = False  # accepted (local: by the peer; remote: by us) or refused
         self._accepted = False
-        self._buffer: deque[bytes] = deque()
+        # Received, unread (and, below, written, waiting): made on first use and dropped
+        # once empty, as the core does with its send queue. An idle stream must cost
+        # little, and an empty deque is 760 bytes.
+        self._buffer: Optional[deque[bytes]] = None
         self._buffered = 0
         self._remote_ended = False  # the peer's FIN arrived
         self._eof_requested = False  # the application asked to end its side
@@ -143,7 +146,7 @@ class MuxStream:
         self._closing = False  # close() called: unread and future data is discarded
         self._exc: Optional[BaseException] = None
         self._finished = False
-        self._pending: deque[bytes] = deque()  # writes waiting for room in the core queue
+        self._pending: Optional[deque[bytes]] = None  # writes waiting for room in the core queue
         self._read_waiter: Optional[asyncio.Future[None]] = None
         self._write_waiter: Optional[asyncio.Future[None]] = None
         self._answer_waiter: Optional[asyncio.Future[None]] = None
@@ -239,12 +242,13 @@ class MuxStream:
             raise ValueError("Separator should be at least one-byte string")
         searched = 0
         while True:
-            if self._buffer:
-                if len(self._buffer) > 1:  # search one contiguous buffer
-                    joined = b"".join(self._buffer)
-                    self._buffer.clear()
-                    self._buffer.append(joined)
-                data = self._buffer[0]
+            buffer = self._buffer
+            if buffer:
+                if len(buffer) > 1:  # search one contiguous buffer
+                    joined = b"".join(buffer)
+                    buffer.clear()
+                    buffer.append(joined)
+                data = buffer[0]
                 index = data.find(separator, searched)
                 if index >= 0:
                     return self._take(index + len(separator))
@@ -293,6 +297,7 @@ class MuxStream:
     def _take(self, n: int) -> bytes:
         """Remove up to ``n`` buffered bytes and acknowledge them: this grants the window."""
         buffer = self._buffer
+        assert buffer is not None  # called with bytes buffered
         first = buffer[0]
         if len(first) <= n:
             buffer.popleft()
@@ -315,6 +320,8 @@ class MuxStream:
             first = first[:n]
             taken = n
         self._buffered -= taken
+        if not buffer:
+            self._buffer = None
         self._session._acknowledge(self.stream_id, taken)
         return first
 
@@ -334,8 +341,11 @@ class MuxStream:
         if not data:
             return True
         self.bytes_sent += len(data)
-        if self._pending or not self._conn.writable(self.stream_id):
-            self._pending.append(bytes(data))
+        pending = self._pending
+        if pending or not self._conn.writable(self.stream_id):
+            if pending is None:
+                pending = self._pending = deque()
+            pending.append(bytes(data))
             return False
         more = self._conn.send_data(self.stream_id, data)
         self._session._schedule_flush()
@@ -402,7 +412,7 @@ class MuxStream:
         self.write_eof()
         if self._buffered:
             self._session._acknowledge(self.stream_id, self._buffered)
-            self._buffer.clear()
+            self._buffer = None
             self._buffered = 0
         _wake(self._read_waiter)
         self._check_finished()
@@ -415,7 +425,7 @@ class MuxStream:
             self._closing = True
             if self._buffered:
                 self._session._acknowledge(self.stream_id, self._buffered)
-                self._buffer.clear()
+                self._buffer = None
                 self._buffered = 0
             return
         self._conn.reset_stream(self.stream_id, error_code, message)
@@ -465,7 +475,10 @@ class MuxStream:
             self._session._acknowledge(self.stream_id, n)
         else:
             # Keep bytes, not views: a view would pin the whole received chunk.
-            self._buffer.append(data if type(data) is bytes else bytes(data))
+            buffer = self._buffer
+            if buffer is None:
+                buffer = self._buffer = deque()
+            buffer.append(data if type(data) is bytes else bytes(data))
             self._buffered += n
             _wake(self._read_waiter)
 
@@ -488,9 +501,9 @@ class MuxStream:
         else:
             self._exc = StreamResetError(error_code, message, remote)
         self._answered = True
-        self._buffer.clear()
+        self._buffer = None
         self._buffered = 0  # the core credits unacknowledged data back on a reset
-        self._pending.clear()
+        self._pending = None
         for waiter in (self._read_waiter, self._write_waiter, self._answer_waiter):
             _wake(waiter)
         if self._sink is not None:
@@ -504,6 +517,7 @@ class MuxStream:
         while pending and conn.writable(self.stream_id):
             conn.send_data(self.stream_id, pending.popleft())
         if not pending:
+            self._pending = None
             if self._eof_requested and not self._local_ended:
                 self._end_local()
             _wake(self._write_waiter)
@@ -525,8 +539,9 @@ class MuxStream:
         if self._sink is not None:
             raise RuntimeError("this stream is already spliced")
         self._sink = sink
-        while self._buffer:
-            chunk = self._buffer.popleft()
+        buffer, self._buffer = self._buffer, None
+        while buffer:
+            chunk = buffer.popleft()
             self._buffered -= len(chunk)
             sink._mux_data(chunk, len(chunk))
         self._session._write_pending_splices()

@@ -643,6 +643,8 @@ class MuxConnection:
             else:
                 pieces = stream.take(n)
             stream.queued -= n
+            if not stream.queued:
+                stream.chunks = None  # made again by the next send: an idle stream keeps no deque
             stream.send_credit -= n
             session -= n
             fin = stream.fin_pending and not stream.queued
