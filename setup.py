@@ -26,6 +26,7 @@ COMPILED_SOURCES = [
     ("relay.aio.transport", "relay/aio/transport.py"),
     ("relay.gateway.http.proxy", "relay/gateway/http/proxy.py"),
     ("relay.gateway.http.tunnel_proxy", "relay/gateway/http/tunnel_proxy.py"),
+    ("relay.gateway.fleet.bridge", "relay/gateway/fleet/bridge.py"),
 ]
 
 

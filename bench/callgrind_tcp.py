@@ -1,7 +1,7 @@
 """Instructions per message through a TCP tunnel, counted by callgrind: the steady number.
 
-    .venv/bin/python bench/callgrind_tcp.py [--side gateway|agent|both] [--mode rtt|connect|http]
-                                            [--count 1000] [--baseline DIR]
+    .venv/bin/python bench/callgrind_tcp.py [--side gateway|agent|both|connect|all] [--mode rtt|connect|http]
+                                            [--via hub|connect] [--count 1000] [--baseline DIR]
 
 Wall-clock latency on a shared 2-core machine moves by 30% between runs; the number of
 user-space instructions a process executes per 64-byte round trip does not. This starts
@@ -11,7 +11,10 @@ for ``--count`` round trips (``--mode rtt``: one persistent connection; ``--mode
 connect``: a fresh connection per request, connect to first byte; ``--mode http``: an
 HTTP tunnel instead, keep-alive GETs answered with 1 KiB, the shape of
 ``bench/e2e_http.py``'s load one request at a time), and prints the
-instructions per round trip with the top functions. ``--baseline DIR`` measures the relay
+instructions per round trip with the top functions. ``--via connect`` drives the TCP
+tunnel through ``relay connect TUNNEL_URL --mode mux`` (one multiplexed session; the
+gateway joins each of its streams to a stream to the agent) instead of the hub port;
+``--side connect`` counts that process, ``all`` each of the three. ``--baseline DIR`` measures the relay
 package in DIR too (e.g. ``git archive COMMIT relay | tar -x -C DIR`` with the compiled
 extensions built or copied in), in the same run, and prints the ratio.
 
@@ -102,7 +105,8 @@ def _recv(conn: socket.socket) -> bytes:
     return chunk
 
 
-def measure(source: Optional[Path], side: str, count: int, mode: str, top: int) -> int:
+def measure(source: Optional[Path], side: str, count: int, mode: str, top: int, via: str = "hub",
+            inclusive: bool = False) -> int:
     """Instructions per round trip of ``side`` running the relay package in ``source``
     (None: this checkout)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -132,21 +136,30 @@ def measure(source: Optional[Path], side: str, count: int, mode: str, top: int) 
                                  {"target_port": echo_port, "tunnel_protocol": protocol})
         if status != 200:
             raise RuntimeError(f"tunnel: {status} {body}")
+        counted = {"gateway": gateway, "agent": agent}
         if mode == "http":
             path = urllib.parse.urlsplit(body["tunnel_url"]).path
             run = lambda n: _http_requests(port, path, n)  # noqa: E731
         else:
             hub = int(body["hub_port"])
+            if via == "connect":
+                client = procs.spawn("connect", [*(valgrind if side == "connect" else []), PY, "-m", "relay",
+                                                 "connect", body["tunnel_url"], "--listen", f"{HOST}:0",
+                                                 "--mode", "mux", "--log-level", "warning"], env=env, cwd=cwd)
+                found = topo.wait_for(lambda: re.search(r"listening on [\d.]+:(\d+)", procs.log("connect")), 120,
+                                      "relay connect", client, procs)
+                hub = int(found.group(1))
+                counted["connect"] = client
             run = lambda n: _round_trips(hub, n, mode == "connect")  # noqa: E731
         run(300)  # warm-up: imports, caches, the window's first growth
-        pid = str((gateway if side == "gateway" else agent).pid)
+        pid = str(counted[side].pid)
         subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
         run(count)
         subprocess.run(["callgrind_control", "-i", "off", pid], check=True, capture_output=True)
         subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
         time.sleep(1.0)
         dumps = sorted(glob.glob(f"{out}*"), key=os.path.getsize)
-        report = subprocess.run(["callgrind_annotate", "--inclusive=no", dumps[-1]],
+        report = subprocess.run(["callgrind_annotate", f"--inclusive={'yes' if inclusive else 'no'}", dumps[-1]],
                                 capture_output=True, text=True, check=True).stdout
         total = int(re.search(r"([\d,]+) \(100\.0%\)\s+PROGRAM TOTALS", report).group(1).replace(",", ""))
         if top:
@@ -160,25 +173,33 @@ def measure(source: Optional[Path], side: str, count: int, mode: str, top: int) 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--side", choices=("gateway", "agent", "both"), default="both")
+    parser.add_argument("--side", choices=("gateway", "agent", "both", "connect", "all"), default="both",
+                        help="the process to count (connect, all: with --via connect)")
     parser.add_argument("--mode", choices=("rtt", "connect", "http"), default="rtt")
+    parser.add_argument("--via", choices=("hub", "connect"), default="hub",
+                        help="the tunnel's hub port, or relay connect on its URL (tcp modes)")
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--baseline", metavar="DIR", help="a directory holding another relay package")
     parser.add_argument("--top", type=int, default=0, help="also print the N costliest functions")
+    parser.add_argument("--inclusive", action="store_true", help="--top counts what functions call too")
     args = parser.parse_args()
     if not (subprocess.run(["which", "valgrind"], capture_output=True).returncode == 0):
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 2
     topo.raise_nofile()
-    sides = ("gateway", "agent") if args.side == "both" else (args.side,)
+    if args.via == "connect" and args.mode == "http":
+        parser.error("--via connect takes the tcp modes (rtt, connect)")
+    if args.side in ("connect", "all") and args.via != "connect":
+        parser.error(f"--side {args.side} needs --via connect")
+    sides = {"both": ("gateway", "agent"), "all": ("gateway", "agent", "connect")}.get(args.side, (args.side,))
     unit = {"rtt": "round trip", "connect": "connection (connect, 64 B each way, close)",
             "http": "HTTP request (keep-alive GET, 1 KiB answer)"}[args.mode]
-    print(f"user-space instructions per {unit}, {args.count} counted, callgrind")
+    print(f"user-space instructions per {unit}, {args.count} counted, callgrind, via {args.via}")
     for side in sides:
-        here = measure(None, side, args.count, args.mode, args.top)
+        here = measure(None, side, args.count, args.mode, args.top, args.via, args.inclusive)
         line = f"  {side:8s} this checkout {here:10,}"
         if args.baseline:
-            base = measure(Path(args.baseline).resolve(), side, args.count, args.mode, args.top)
+            base = measure(Path(args.baseline).resolve(), side, args.count, args.mode, args.top, args.via, args.inclusive)
             line += f"   baseline {base:10,}   ratio {here / base:.2f}"
         print(line, flush=True)
     return 0

@@ -66,7 +66,7 @@ class StreamTransport:
         self._lost = True
         self._session._unblock_reader(self)
         if self._queue:  # never delivered: give the window back
-            self._session._acknowledge(self.stream.stream_id, sum(len(c) for c in self._queue))
+            self._session._acknowledge(self.stream.stream_id, _size(self._queue))
             self._queue = None
         protocol, self._protocol = self._protocol, None
         if protocol is not None:
@@ -95,7 +95,7 @@ class StreamTransport:
             else:
                 self._deliver(chunk)
         if self._lost and self._queue:
-            self._session._acknowledge(self.stream.stream_id, sum(len(c) for c in self._queue))
+            self._session._acknowledge(self.stream.stream_id, _size(self._queue))
             self._queue = None
 
     def _deliver(self, chunk: Any) -> None:
@@ -235,6 +235,14 @@ class StreamTransport:
 
     def get_protocol(self) -> Any:
         return self._protocol
+
+
+def _size(chunks: Any) -> int:
+    """Bytes in ``chunks`` (a function: compiled methods cannot hold a generator)."""
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+    return total
 
 
 def join_streams(incoming: MuxStream, outgoing: MuxStream, counter: Optional[Any] = None) -> StreamTransport:
