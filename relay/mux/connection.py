@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from struct import Struct
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, TypeGuard
 
 import msgpack
 
@@ -178,6 +178,15 @@ _SETTING_RANGES = {
 #: kernel takes in one go, so taking a burst and stalling earns nothing.
 _EARNED_RATIO = 4
 _EARNED_AFTER = 1024 * 1024
+
+
+def _keeps_view(data: object) -> TypeGuard[memoryview]:
+    """Can :meth:`MuxConnection.send_data` queue ``data`` as it is (see there)? A view
+    of ``bytes`` is as immutable as they are."""
+    if type(data) is not memoryview:
+        return False
+    owner = data.obj
+    return type(owner) is bytes and data.nbytes * 2 >= len(owner)
 
 
 class MuxConnection:
@@ -383,10 +392,13 @@ class MuxConnection:
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool = False) -> bool:
         """Queue ``data`` on the stream; ``end_stream`` half-closes after it.
 
-        ``bytes`` are queued without copying; other buffers are copied, since the caller
-        may reuse them. Raises :class:`LocalProtocolError` if the stream's send queue is
-        already at ``send_queue_limit`` (wait for :meth:`writable_streams`). Returns
-        whether more should follow at once: not :meth:`send_blocked`.
+        ``bytes`` are queued without copying, and so is a memoryview of ``bytes`` that
+        covers at least half of them (a payload received on one session and relayed on
+        another passes through uncopied; a smaller view would pin more memory than it
+        carries); other buffers are copied, since the caller may reuse them. Raises
+        :class:`LocalProtocolError` if the stream's send queue is already at
+        ``send_queue_limit`` (wait for :meth:`writable_streams`). Returns whether more
+        should follow at once: not :meth:`send_blocked`.
         """
         stream = self._streams.get(stream_id)
         # Stream.can_send, inlined: this runs for every write.
@@ -399,7 +411,7 @@ class MuxConnection:
             raise LocalProtocolError(f"stream {stream_id}: send queue is full; wait until writable")
         size = len(data)
         if size:
-            if type(data) is not bytes:
+            if type(data) is not bytes and not _keeps_view(data):
                 data = bytes(data)
             if stream.chunks is None:
                 stream.chunks = deque()

@@ -368,6 +368,29 @@ def test_data_with_and_without_fin(mode: str) -> None:
     ]
 
 
+def test_send_data_keeps_views_of_bytes_and_copies_what_may_change() -> None:
+    """A relayed payload (a read-only view of received bytes) is queued as it is; a
+    buffer its owner may change, or a view pinning far more than it carries, is copied:
+    what goes out is what was sent at the time."""
+    p = Pair().handshake()
+    sid = p.a.open_stream()
+    p.to_b()
+    received = bytes(range(256)) * 8  # within the first window
+    whole = memoryview(received).toreadonly()[12:]  # most of the buffer: passes through
+    small = memoryview(received)[:100]  # pins 2 KiB for 100 bytes: copied
+    changing = bytearray(b"abcd")
+    p.a.send_data(sid, whole)
+    p.a.send_data(sid, small)
+    p.a.send_data(sid, memoryview(changing))
+    changing[:] = b"ZZZZ"
+    parts = p.a.data_to_send_parts()
+    assert any(part is whole for part in parts)
+    assert not any(type(part) is memoryview and part.obj is received and part.nbytes == 100 for part in parts)
+    sent = data_frames(b"".join(parts))
+    assert {stream for stream, _, _ in sent} == {sid}
+    assert b"".join(payload for _, _, payload in sent) == received[12:] + received[:100] + b"abcd"
+
+
 def test_separate_sends_become_separate_frames_and_events(mode: str) -> None:
     p = Pair(mode=mode).handshake()
     sid = p.a.open_stream()
