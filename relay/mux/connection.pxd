@@ -11,7 +11,7 @@ cdef class MuxConnection:
     cdef public object _goaway_received, _goaway_sent, _last_peer_stream
     cdef public object _last_received, _local_stream_count, _next_stream_id, _peer_initial_window
     cdef public object _peer_max_control, _peer_max_metadata, _peer_max_streams
-    cdef public object _peer_stream_count, _ping_counter, _ready, _receiving
+    cdef public object _peer_stream_count, _ping_counter, _ready, _receiving, _spare
     cdef public object _terminated
     cdef public object client, config, now, peer_info, peer_settings, rtt, version
     cdef public long long _control_size, _session_send_credit, _granted_growth, _tuned_window, _fair, _peer_max_frame, _reserved

@@ -215,6 +215,10 @@ class MuxConnection:
         )
         self._streams: dict[int, Stream] = {}
         self._ready: deque[int] = deque()
+        # One emptied send queue kept for the next stream that sends: streams drop theirs
+        # once empty (an idle stream keeps none), and a stream that sends one message at
+        # a time would otherwise make and drop a deque per message.
+        self._spare: Optional[deque[Chunk]] = None
         #: Control frames to send (the list itself becomes what data_to_send_parts returns).
         self._control: list[Chunk] = []
         self._control_size = 0
@@ -414,7 +418,12 @@ class MuxConnection:
             if type(data) is not bytes and not _keeps_view(data):
                 data = bytes(data)
             if stream.chunks is None:
-                stream.chunks = deque()
+                spare = self._spare
+                if spare is not None:
+                    self._spare = None
+                    stream.chunks = spare
+                else:
+                    stream.chunks = deque()
             stream.chunks.append(data)
             stream.queued += size
             if stream.queued >= self.config.send_queue_limit:
@@ -655,8 +664,9 @@ class MuxConnection:
             else:
                 pieces = stream.take(n)
             stream.queued -= n
-            if not stream.queued:
-                stream.chunks = None  # made again by the next send: an idle stream keeps no deque
+            if not stream.queued:  # an idle stream keeps no deque (see _spare)
+                self._spare = chunks
+                stream.chunks = None
             stream.send_credit -= n
             session -= n
             fin = stream.fin_pending and not stream.queued
