@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import os
 import random
+import tracemalloc
 
 import pytest
 import uvloop
@@ -556,5 +558,51 @@ def test_closing_with_unread_data_gives_the_window_back(run):
             incoming.close()  # closing an unanswered stream refuses it
             with pytest.raises(StreamRefused):
                 await unanswered.wait_accepted()
+
+    run(main)
+
+
+def test_idle_streams_hold_no_queues(run):
+    """Streams that carried a message each way and went idle keep no send or receive
+    queue on either end (an empty deque is 760 bytes, and an idle stream held three per
+    end): traced memory per idle stream, both ends together, stays below what those six
+    queues alone took."""
+    count = 200
+
+    async def main():
+        answered = []
+
+        async def answer(stream):
+            stream.accept()
+            assert await stream.readexactly(1) == b"?"
+            stream.write(b"!")
+            await stream.drain()
+            answered.append(stream)  # and idle from now on
+
+        async with session_pair(on_stream=answer) as (client, _):
+            async def one_exchange():
+                stream = await client.open_stream({"n": 1})
+                stream.write(b"?")
+                await stream.drain()
+                assert await stream.readexactly(1) == b"!"
+                return stream
+
+            warm = [await one_exchange() for _ in range(20)]  # first-use allocations
+            gc.collect()
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                idle = [await one_exchange() for _ in range(count)]
+                for _ in range(100):
+                    if len(answered) == len(warm) + count:
+                        break
+                    await asyncio.sleep(0.01)
+                gc.collect()
+                per_stream = (tracemalloc.get_traced_memory()[0] - before) / count
+            finally:
+                tracemalloc.stop()
+            assert len(answered) == len(warm) + len(idle)
+            print(f"traced bytes per idle stream, both ends: {per_stream:.0f}")
+            assert per_stream < 6 * 760
 
     run(main)
