@@ -160,6 +160,10 @@ class Authenticator:
         self._credentials: dict[str, Credential] = {}  # token hash -> accepted credential
         self._teams: set[str] = set()  # teams known to exist
         self._jwt_claims: dict[str, tuple[float, dict[str, Any]]] = {}  # token hash -> (exp, claims)
+        #: Moved by :meth:`forget`: callers that remember answers built on these caches
+        #: (the service proxy's) compare it, since a fleet's invalidation moves no
+        #: store generation here.
+        self.epoch = 0
 
     def __repr__(self) -> str:  # never show the key
         return f"Authenticator(jwt_algorithms={list(self._jwt_algorithms)!r})"
@@ -191,6 +195,7 @@ class Authenticator:
         self._credentials.clear()
         self._teams.clear()
         self._generation = None
+        self.epoch += 1
 
     async def authenticate(self, authorization_header: str | None,
                            x_team_id: str | None) -> Principal:

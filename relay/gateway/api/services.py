@@ -122,6 +122,10 @@ FAIL_THRESHOLD = 3
 OPEN_TIMEOUT = 15.0
 MAX_PROMPT = 4000
 MAX_LABELS = 32
+#: Service proxy answers remembered (see ServiceManager._resolve), and the longest
+#: request-target remembered (so the cache stays a few MiB).
+ANSWER_CACHE = 4096
+ANSWER_TARGET = 1024
 #: invoke's keep-alive pool: idle streams kept per instance, and how long one may idle.
 #: Each holds one connection from the agent to the container, so the pool stays small.
 POOL_MAX_IDLE = 32
@@ -376,6 +380,13 @@ class ServiceManager:
         self._records: dict[tuple[str, str], Service] = {}
         self._records_generation: Any = None
         self._sync_lock = asyncio.Lock()
+        #: The proxy's answers by (request-target, Authorization, X-Team-ID), for API keys
+        #: and services with one instance: ``(upstream, principal, state, instance,
+        #: stamp)``, valid while the stamp (store generation, registry version, both
+        #: caches' epochs) is unchanged and the instance still the only, online, healthy
+        #: one (see _resolve). Moved epochs and the checks make stale ones misses.
+        self._answers: dict[tuple, tuple] = {}
+        self._epoch = 0
         #: TLS for external https:// services: certificates verified against the system's
         #: CAs and the URL's host name (set another context, e.g. with a private CA).
         self.external_ssl_context: ssl.SSLContext = ssl.create_default_context()
@@ -523,6 +534,8 @@ class ServiceManager:
         """Empty the service row cache now (another gateway of a fleet changed one)."""
         self._records.clear()
         self._records_generation = None
+        self._answers.clear()
+        self._epoch += 1
 
     def _cached(self, team_id: str, slug: str) -> Optional[Service]:
         """The service row from memory, kept while the store's generation is unchanged
@@ -803,7 +816,11 @@ class ServiceManager:
         other paths, and for a failed check (the route answers it, headers included).
         An absolute-form target is served like its origin form (RFC 9112 §3.2.2). The
         client's connection (``transport``) is held for each credential it used: revoking
-        one cuts it (relay.gateway.agents.revocation)."""
+        one cuts it (relay.gateway.agents.revocation).
+
+        A keep-alive client repeats the same request, and with an API key and a service
+        of one instance the answer is the same object as long as nothing it was built
+        on moved: it is remembered (see ``_answers``) and checked, not rebuilt."""
         target = origin_form(request.target)
         if not target.startswith(PREFIX):
             return None
@@ -811,16 +828,47 @@ class ServiceManager:
         slug = target[len(PREFIX):end].decode("ascii", "replace") if end > 0 else ""
         if end < 0 or "?" in slug:
             return None
-        headers = {n: v.decode("latin-1") for n, v in request.headers}
+        authorization = team = upgrade = None  # (a repeated header: the last one counts)
+        for _, lname, value in request.raw_headers:
+            if lname == b"authorization":
+                authorization = value
+            elif lname == b"x-team-id":
+                team = value
+            elif lname == b"upgrade":
+                upgrade = value
+        key = (target, authorization, team)
+        gw = self.gw
+        stamp = (gw.store.generation(), gw.registry.version, gw.auth.epoch, self._epoch)
+        hit = self._answers.get(key)
+        if hit is not None:
+            upstream, principal, state, inst, seen = hit
+            if (seen == stamp and inst.online and inst.healthy and state.running and len(state.instances) == 1
+                    and self._states.get((principal.team_id, slug)) is state and self._in_sync()):
+                state.turn += 1  # (as _pick would)
+                if transport is not None:
+                    gw.revocations.hold(principal, transport)
+                return upstream
+        headers = {b"authorization": None if authorization is None else authorization.decode("latin-1"),
+                   b"x-team-id": None if team is None else team.decode("latin-1"),
+                   b"upgrade": None if upgrade is None else upgrade.decode("latin-1")}
         try:
-            checked = self._check_nowait(headers.get(b"authorization"), headers.get(b"x-team-id"), slug)
+            checked = self._check_nowait(headers[b"authorization"], headers[b"x-team-id"], slug)
         except (HttpError, AuthError):
             return None
         if checked is None:  # not all in memory: ask the store first (a slow path)
             return self._resolve_slowly(target, end, slug, headers, transport)
-        return self._upstream(checked, target, end, slug, headers, transport)
+        answer = self._upstream(checked, target, end, slug, headers, transport)
+        principal, candidates = checked
+        if (answer is not None and principal.kind in ("sk", "dk") and len(candidates) == 1
+                and candidates[0].agent_id is not None and len(target) <= ANSWER_TARGET):
+            state = self._states[(principal.team_id, slug)]
+            if len(state.instances) == 1:
+                if len(self._answers) >= ANSWER_CACHE:
+                    self._answers.clear()
+                self._answers[key] = (answer, principal, state, candidates[0], stamp)
+        return answer
 
-    async def _resolve_slowly(self, target: bytes, end: int, slug: str, headers: dict[bytes, str],
+    async def _resolve_slowly(self, target: bytes, end: int, slug: str, headers: dict[bytes, Optional[str]],
                               transport: Any) -> Optional[Upstream]:
         try:
             checked = await self._check(headers.get(b"authorization"), headers.get(b"x-team-id"), slug)
@@ -831,7 +879,7 @@ class ServiceManager:
         return self._upstream(checked, target, end, slug, headers, transport)
 
     def _upstream(self, checked: tuple[Principal, list[Instance]], target: bytes, end: int, slug: str,
-                  headers: dict[bytes, str], transport: Any) -> Optional[Upstream]:
+                  headers: dict[bytes, Optional[str]], transport: Any) -> Optional[Upstream]:
         principal, candidates = checked
         if transport is not None:
             self.gw.revocations.hold(principal, transport)
