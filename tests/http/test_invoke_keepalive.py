@@ -161,7 +161,7 @@ def test_idle_streams_closed_when_the_agent_goes_away(tmp_path) -> None:
                     await asyncio.gather(*(call(gw, keys["sk"]) for _ in range(3)))
                     (inst,) = gw.services._states[(team_id, "kept")].instances.values()
                     assert inst.idle and server.open >= 1
-                    streams = [stream for stream, _, _ in inst.idle]
+                    streams = [entry[0] for entry in inst.idle]
                 # The agent is gone: its idle streams are dropped and the container's
                 # connections end.
                 await wait_until(lambda: gw.registry.connected() == [], timeout=10)

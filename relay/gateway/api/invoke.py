@@ -29,17 +29,18 @@ import asyncio
 import base64
 import binascii
 import re
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
-import h11
+import httptools
 
+from relay.gateway.http.exchange import ResponseTooLarge, http_exchange
 from relay.gateway.http.proxy import ProxyError
 from relay.gateway.http.server import HttpError, Request, Response, json_response
 
 if TYPE_CHECKING:
     from relay.gateway.api.services import ServiceManager
 
-__all__ = ["INVOKE_METHODS", "MAX_RESPONSE", "ResponseTooLarge", "http_exchange", "invoke"]
+__all__ = ["INVOKE_METHODS", "MAX_RESPONSE", "invoke"]
 
 INVOKE_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 MAX_PATH = 2048
@@ -47,7 +48,6 @@ MAX_PATH = 2048
 MAX_RESPONSE = 16 * 1024 * 1024
 #: The whole exchange with the container (after the stream is open) must end within this.
 INVOKE_TIMEOUT = 300.0
-READ_SIZE = 256 * 1024
 #: Methods that may be sent twice (RFC 9110 9.2.2): retried once after a stale stream.
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 #: POST/PATCH reuse only a stream idle at most this long (never retried, see invoke()).
@@ -60,7 +60,7 @@ _RESPONSE_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b
                            b"upgrade", b"proxy-connection"})
 _PATH_RE = re.compile(r"^/(?!/)[\x21-\x7e]*$")
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-#: Header values h11 can send: printable ASCII and tab (no CR, LF, NUL, other controls, non-ASCII).
+#: Header values that can be sent: printable ASCII and tab (no CR, LF, NUL, other controls, non-ASCII).
 _HEADER_VALUE_RE = re.compile(r"^[\t\x20-\x7e]*$")
 
 
@@ -81,50 +81,6 @@ def has_dot_segment(path: str) -> bool:
 def dot_segment_error() -> HttpError:
     return HttpError(400, "invalid_path", "a path with '.' or '..' segments cannot be sent under the "
                                           "service URL's path prefix")
-
-
-class ResponseTooLarge(Exception):
-    """The container's response body is over the buffering limit."""
-
-
-async def http_exchange(stream: Any, method: str, target: str, headers: list[tuple[str, str]],
-                        body: bytes, limit: int = MAX_RESPONSE,
-                        conn: Optional[h11.Connection] = None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """Send one HTTP/1.1 request on ``stream`` (a mux stream or anything with ``write``,
-    ``drain`` and ``read``) and read the whole response. Returns ``(status, raw headers,
-    body)``. Raises ResponseTooLarge, h11.RemoteProtocolError, ConnectionError.
-
-    ``conn``: the stream's h11 client state when it carries several exchanges in turn
-    (keep-alive, see :func:`keep_alive`); a new one by default."""
-    if conn is None:
-        conn = h11.Connection(h11.CLIENT)
-    stream.write(conn.send(h11.Request(method=method, target=target, headers=headers)))
-    if body:
-        stream.write(conn.send(h11.Data(data=body)))
-    stream.write(conn.send(h11.EndOfMessage()))
-    await stream.drain()
-    status, raw_headers, chunks, size = 0, [], [], 0
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            data = await stream.read(READ_SIZE)
-            if not data and status == 0:  # closed before any answer: not an HTTP error
-                raise ConnectionResetError("the container closed the connection without answering")
-            conn.receive_data(data)
-            continue
-        if isinstance(event, h11.InformationalResponse):
-            continue
-        if isinstance(event, h11.Response):
-            status, raw_headers = event.status_code, list(event.headers.raw_items())
-        elif isinstance(event, h11.Data):
-            size += len(event.data)
-            if size > limit:
-                raise ResponseTooLarge(f"the container's response is over {limit} bytes")
-            chunks.append(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            return status, raw_headers, b"".join(chunks)
-        else:  # ConnectionClosed before the response ended
-            raise ConnectionResetError("the container closed the connection mid-response")
 
 
 def _bad(field: str, message: str) -> HttpError:
@@ -187,16 +143,6 @@ def _response_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
     return out
 
 
-def keep_alive(conn: h11.Connection) -> bool:
-    """After a whole exchange: may the stream carry the next request? (Both sides done,
-    neither said ``Connection: close`` nor spoke HTTP/1.0, nothing unexpected buffered.)
-    Readies ``conn`` for it when so."""
-    if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE or conn.trailing_data[0]:
-        return False
-    conn.start_next_cycle()
-    return True
-
-
 async def invoke(services: "ServiceManager", request: Request) -> Response:
     """The route handler of ``POST /api/v1/r/invoke/{slug}``.
 
@@ -222,37 +168,35 @@ async def invoke(services: "ServiceManager", request: Request) -> Response:
     reused = first.checkout() if idempotent else first.checkout(UNSAFE_REUSE_IDLE)
     while True:
         if reused is not None:
-            (stream, conn), instance = reused, first
+            stream, instance = reused, first
         else:
             try:
                 stream, instance = await services.open_to(slug, candidates)
             except ProxyError as exc:  # 502: no instance could be reached
                 raise HttpError(exc.status, exc.code, exc.message) from None
-            conn = h11.Connection(h11.CLIENT)
         try:
-            status, raw, body = await _exchange(stream, conn, instance, method, path, headers, payload, slug,
-                                                reused=reused is not None)
+            answer = await _exchange(stream, instance, method, path, headers, payload, slug,
+                                     reused=reused is not None)
         except _Stale:
             reused = None  # once more, on a fresh stream (only idempotent requests get here)
             continue
         except BaseException:
             stream_close(stream, abort=True)  # cut short: the rest must not keep flowing
             raise
-        if keep_alive(conn):
-            instance.checkin(stream, conn)
+        if answer.reusable:
+            instance.checkin(stream)
         else:
             stream_close(stream)
-        return json_response({"status_code": status, "headers": _response_headers(raw),
-                              "body_base64": base64.b64encode(body).decode("ascii")})
+        return json_response({"status_code": answer.status, "headers": _response_headers(answer.headers),
+                              "body_base64": base64.b64encode(answer.body).decode("ascii")})
 
 
 class _Stale(Exception):
     """A reused keep-alive stream failed: send an idempotent request again."""
 
 
-async def _exchange(stream: Any, conn: h11.Connection, instance: Any, method: str, path: str,
-                    headers: list[tuple[str, str]], payload: bytes, slug: str,
-                    reused: bool) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+async def _exchange(stream: Any, instance: Any, method: str, path: str, headers: list[tuple[str, str]],
+                    payload: bytes, slug: str, reused: bool) -> Any:
     """One exchange of :func:`invoke`, its failures as the HTTP errors of seed 003
     (or :class:`_Stale` for a reused stream an idempotent request may retry)."""
     out = [("Host", instance.host_header), *headers]
@@ -261,17 +205,17 @@ async def _exchange(stream: Any, conn: h11.Connection, instance: Any, method: st
     target = instance.base_path + path
     try:
         async with asyncio.timeout(INVOKE_TIMEOUT):
-            return await http_exchange(stream, method, target, out, payload, limit=MAX_RESPONSE, conn=conn)
+            return await http_exchange(stream, method, target, out, payload, limit=MAX_RESPONSE)
     except ResponseTooLarge as exc:
         raise HttpError(502, "response_too_large", f"{exc}; use the transparent proxy "
                                                    f"/api/v1/r/containers/{slug}/... for large bodies") from None
     except TimeoutError:
         raise HttpError(502, "upstream_timeout", f"the container did not answer within {INVOKE_TIMEOUT:.0f}s") from None
-    except (h11.ProtocolError, ConnectionError, OSError) as exc:
+    except (httptools.HttpParserError, ConnectionError, OSError) as exc:
         if reused and method in IDEMPOTENT:
             stream_close(stream, abort=True)
             raise _Stale() from None
-        if isinstance(exc, h11.ProtocolError):
+        if isinstance(exc, httptools.HttpParserError):
             raise HttpError(502, "bad_upstream_response", f"the container sent invalid HTTP: {exc}") from None
         raise HttpError(502, "tunnel_error", f"the tunnel to the container failed: {exc}") from None
 

@@ -89,9 +89,10 @@ import h11
 
 from relay.aio import StreamRefused
 from relay.allowlist import parse_host_port
-from relay.gateway.api.invoke import dot_segment_error, has_dot_segment, http_exchange, invoke, stream_close
+from relay.gateway.api.invoke import dot_segment_error, has_dot_segment, invoke, stream_close
 from relay.gateway.auth import AuthError, Principal
 from relay.gateway.egress import EgressPolicy
+from relay.gateway.http.exchange import http_exchange
 from relay.gateway.http.proxy import (
     MaybeUpstream,
     ProxyError,
@@ -162,16 +163,16 @@ class Instance:
                 "consecutive_failures": self.failures, "last_error": self.last_error,
                 "last_probe_at": _iso(self.last_probe_at)}
 
-    #: Idle keep-alive streams of invoke: ``(stream, h11 connection, idle since)``.
-    idle: list[tuple[Any, h11.Connection, float]] = field(default_factory=list, repr=False)
+    #: Idle keep-alive streams of invoke: ``(stream, idle since)``.
+    idle: list[tuple[Any, float]] = field(default_factory=list, repr=False)
 
-    def checkout(self, max_idle: float = POOL_IDLE_TIMEOUT) -> Optional[tuple[Any, h11.Connection]]:
+    def checkout(self, max_idle: float = POOL_IDLE_TIMEOUT) -> Optional[Any]:
         """An idle keep-alive stream to this instance, idle at most ``max_idle`` seconds
         and still open, or None. The most recently used one first (the least likely to
         have been closed by the server); expired or dead ones met are closed."""
         self._expire()
         while self.idle:
-            stream, conn, since = self.idle[-1]
+            stream, since = self.idle[-1]
             if not _reusable(stream):
                 self.idle.pop()
                 stream_close(stream)
@@ -179,35 +180,35 @@ class Instance:
             if time.monotonic() - since > max_idle:
                 return None  # fresh enough for a less strict (idempotent) caller only
             self.idle.pop()
-            return stream, conn
+            return stream
         return None
 
     def _expire(self) -> None:
         """Close idle streams past :data:`POOL_IDLE_TIMEOUT` (the oldest are first)."""
         limit = time.monotonic() - POOL_IDLE_TIMEOUT
-        while self.idle and self.idle[0][2] < limit:
+        while self.idle and self.idle[0][1] < limit:
             stream_close(self.idle.pop(0)[0])
 
     def prune(self) -> None:
         """Close idle streams past :data:`POOL_IDLE_TIMEOUT` or ended by the peer (a
         container closing an idle connection): their agent-side connection is freed."""
         limit = time.monotonic() - POOL_IDLE_TIMEOUT
-        if any(since < limit or not _reusable(stream) for stream, _, since in self.idle):
+        if any(since < limit or not _reusable(stream) for stream, since in self.idle):
             keep = []
             for entry in self.idle:
-                if entry[2] < limit or not _reusable(entry[0]):
+                if entry[1] < limit or not _reusable(entry[0]):
                     stream_close(entry[0])
                 else:
                     keep.append(entry)
             self.idle = keep
 
-    def checkin(self, stream: Any, conn: h11.Connection) -> None:
+    def checkin(self, stream: Any) -> None:
         """Keep a stream whose exchange ended cleanly for the next invoke, if the pool has
         room and the instance is still in use; otherwise close it."""
         self._expire()
         if self.online and len(self.idle) < POOL_MAX_IDLE and _reusable(stream) and \
                 (self.session is None or not self.session.is_closed):
-            self.idle.append((stream, conn, time.monotonic()))
+            self.idle.append((stream, time.monotonic()))
         else:
             stream_close(stream)
 
@@ -216,7 +217,7 @@ class Instance:
         deleted): close its idle streams and never keep any again."""
         self.online = False
         idle, self.idle = self.idle, []
-        for stream, _, _ in idle:
+        for stream, _ in idle:
             stream_close(stream)
 
     async def open(self) -> Any:
@@ -259,7 +260,7 @@ class ServiceState:
 
 class TcpStream:
     """A TCP connection with the subset of the MuxStream interface the proxy engine and
-    :func:`~relay.gateway.api.invoke.http_exchange` use (external services)."""
+    :func:`~relay.gateway.http.exchange.http_exchange` use (external services)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader, self._writer = reader, writer
@@ -654,10 +655,10 @@ class ServiceManager:
                 stream = await inst.open()
                 complete = False
                 try:
-                    status, _, _ = await http_exchange(
+                    status = (await http_exchange(
                         stream, "GET", inst.base_path + (inst.health or "/"),
                         [("Host", inst.host_header), ("User-Agent", "relay-health-probe")], b"",
-                        limit=1024 * 1024)
+                        limit=1024 * 1024)).status
                     complete = True
                 finally:
                     stream_close(stream, abort=not complete)
