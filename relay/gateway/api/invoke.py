@@ -28,14 +28,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import httptools
 
 from relay.gateway.http.exchange import ResponseTooLarge, http_exchange
 from relay.gateway.http.proxy import ProxyError
-from relay.gateway.http.server import HttpError, Request, Response, json_response
+from relay.gateway.http.server import HttpError, Response, json_body
 
 if TYPE_CHECKING:
     from relay.gateway.api.services import ServiceManager
@@ -143,8 +144,11 @@ def _response_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
     return out
 
 
-async def invoke(services: "ServiceManager", request: Request) -> Response:
-    """The route handler of ``POST /api/v1/r/invoke/{slug}``.
+async def invoke(services: "ServiceManager", authorization: Optional[str], team: Optional[str], slug: str,
+                 body: bytes) -> Response:
+    """``POST /api/v1/r/invoke/{slug}`` with the caller's ``Authorization`` and
+    ``X-Team-ID`` headers and the request body (the route is served by the proxy
+    engine: ServiceManager._invoke_resolve).
 
     Streams are kept alive between calls (each is one connection from the agent to the
     container): the instance the round robin picked lends an idle one if it has one,
@@ -153,13 +157,9 @@ async def invoke(services: "ServiceManager", request: Request) -> Response:
     sent once more on a fresh stream. A non-idempotent one (POST, PATCH) is never sent
     twice, so it only takes a stream idle for at most :data:`UNSAFE_REUSE_IDLE` seconds,
     shorter than any server's keep-alive timeout, where that race is negligible."""
-    principal = await services.gw._principal(request)  # runtime: sk-, dk-, JWT + X-Team-ID
-    try:
-        document = request.json()
-    except RecursionError:  # json.loads on a deeply nested body (a 500 otherwise)
-        raise HttpError(400, "invalid_json", "request body is not valid JSON: nested too deeply") from None
-    method, path, headers, payload = parse_invoke_body(document)
-    slug = request.params["slug"]
+    # runtime: sk-, dk-, JWT + X-Team-ID
+    principal = (await services.gw.auth.authenticate(authorization, team)).require_runtime()
+    method, path, headers, payload = parse_invoke_body(json_body(body))
     candidates = await services.candidates(principal.team_id, slug)  # 404/400/503
     if candidates[0].base_path and has_dot_segment(path):  # it could leave the external URL's prefix
         raise dot_segment_error()
@@ -187,8 +187,10 @@ async def invoke(services: "ServiceManager", request: Request) -> Response:
             instance.checkin(stream)
         else:
             stream_close(stream)
-        return json_response({"status_code": answer.status, "headers": _response_headers(answer.headers),
-                              "body_base64": base64.b64encode(answer.body).decode("ascii")})
+        # The body by hand: base64 needs no JSON escaping, and json.dumps would look at
+        # every character of it.
+        return Response(200, b'{"status_code": %d, "headers": %s, "body_base64": "%s"}' % (
+            answer.status, json.dumps(_response_headers(answer.headers)).encode(), base64.b64encode(answer.body)))
 
 
 class _Stale(Exception):

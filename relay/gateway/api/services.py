@@ -94,6 +94,8 @@ from relay.gateway.auth import AuthError, Principal
 from relay.gateway.egress import EgressPolicy
 from relay.gateway.http.exchange import http_exchange
 from relay.gateway.http.proxy import (
+    Local,
+    LocalAnswer,
     MaybeUpstream,
     ProxyError,
     ProxyStats,
@@ -102,8 +104,20 @@ from relay.gateway.http.proxy import (
     origin_form,
     serve_connection,
 )
-from relay.gateway.http.server import HttpError, HttpProtocol, Request, Response, Router, json_response, store_failure
-from relay.gateway.store import Service, StoreError
+from relay.gateway.http.server import (
+    MAX_BODY,
+    SERVER_HEADER,
+    STORE_UNAVAILABLE,
+    HttpError,
+    HttpProtocol,
+    Request,
+    Response,
+    Router,
+    error_response,
+    json_response,
+    store_failure,
+)
+from relay.gateway.store import Service, StoreError, StoreUnavailable
 from relay.mux.errors import ErrorCode
 from relay.services import SLUG_RE
 
@@ -116,6 +130,7 @@ log = logging.getLogger("relay.gateway.api.services")
 
 SERVICE_STATUSES = ("created", "deploying", "running", "stopping", "stopped", "failed")
 PREFIX = b"/api/v1/r/containers/"
+INVOKE_PREFIX = b"/api/v1/r/invoke/"
 PROBE_INTERVAL = 10.0
 PROBE_TIMEOUT = 3.0
 FAIL_THRESHOLD = 3
@@ -391,6 +406,7 @@ class ServiceManager:
         #: TLS for external https:// services: certificates verified against the system's
         #: CAs and the URL's host name (set another context, e.g. with a private CA).
         self.external_ssl_context: ssl.SSLContext = ssl.create_default_context()
+        self._invoke_local = Local(self._invoke_answer, MAX_BODY)
 
     def register(self, router: Router) -> None:
         add = router.add
@@ -399,7 +415,7 @@ class ServiceManager:
         add("GET", "/api/v1/r/containers/{slug}", self._get)
         add("DELETE", "/api/v1/r/containers/{slug}", self._delete)
         add("*", "/api/v1/r/containers/{slug}/{rest:path}", self._proxy, raw=True)
-        add("POST", "/api/v1/r/invoke/{slug}", self._invoke)
+        add("POST", "/api/v1/r/invoke/{slug}", self._invoke_route, raw=True)
 
     async def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._probe_loop())
@@ -413,19 +429,57 @@ class ServiceManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _invoke(self, request: Request) -> Response:
-        """``POST /api/v1/r/invoke/{slug}`` (relay.gateway.api.invoke), counted by outcome
-        for ``/metrics``: the status class of the answer, or the gateway's error code."""
+    async def _invoke_route(self, request: Request) -> None:
+        """``POST /api/v1/r/invoke/{slug}`` (relay.gateway.api.invoke): a raw route, so the
+        connection is served by the proxy engine from this request on (httptools, no
+        task per request on the client side), each invoke answered as a
+        :class:`~relay.gateway.http.proxy.Local` by :meth:`_invoke_answer`; any other
+        request on it goes back to the HTTP server."""
+        transport, data = request.take_over_raw()
+        serve_connection(transport, data, self._invoke_resolve, fallback=self._http_server,
+                         connections=self.gw._connections)
+
+    def _invoke_resolve(self, request: RequestHead) -> Optional[Local]:
+        """The engine's resolver on an invoke connection: a Local for ``POST
+        /api/v1/r/invoke/{slug}`` (the route's own pattern), else None (the HTTP server's)."""
+        if request.method != b"POST":
+            return None
+        target = origin_form(request.target)
+        cut = len(target)
+        for sep in (b"?", b"#"):
+            found = target.find(sep)
+            if 0 <= found < cut:
+                cut = found
+        path = target[:cut]
+        if not path.startswith(INVOKE_PREFIX) or len(path) == len(INVOKE_PREFIX) \
+                or b"/" in path[len(INVOKE_PREFIX):]:
+            return None
+        return self._invoke_local
+
+    async def _invoke_answer(self, request: RequestHead, body: bytes) -> LocalAnswer:
+        """One invoke, counted by outcome for ``/metrics`` (the status class of the
+        answer, or the gateway's error code), as the engine writes it."""
+        authorization = team = None  # (a repeated header: the last one counts)
+        for _, lname, value in request.raw_headers:
+            if lname == b"authorization":
+                authorization = value.decode("latin-1")
+            elif lname == b"x-team-id":
+                team = value.decode("latin-1")
+        target = origin_form(request.target)
+        slug = target[len(INVOKE_PREFIX):].split(b"?", 1)[0].split(b"#", 1)[0].decode("ascii", "replace")
         try:
-            response = await invoke(self, request)
-        except HttpError as exc:
+            response = await invoke(self, authorization, team, slug, body)
+        except (HttpError, AuthError) as exc:
             self.gw.traffic.count("invoke", exc.code)
-            raise
-        except AuthError as exc:
-            self.gw.traffic.count("invoke", exc.code)
-            raise
-        self.gw.traffic.count("invoke", f"{response.status // 100}xx")
-        return response
+            response = error_response(exc.status, exc.code, exc.message, exc.headers)
+        except StoreUnavailable as exc:  # the database cannot be reached now: try again later
+            log.warning("invoke %s: %s", slug, exc)
+            response = error_response(503, "store_unavailable", STORE_UNAVAILABLE, {"Retry-After": "5"})
+        else:
+            self.gw.traffic.count("invoke", f"{response.status // 100}xx")
+        headers = [(b"server", SERVER_HEADER.encode()), (b"content-type", response.content_type.encode())]
+        headers += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in response.headers.items()]
+        return response.status, headers, response.body
 
     # ------------------------------------------------------------------ live state
 

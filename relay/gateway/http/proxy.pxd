@@ -26,6 +26,10 @@ cdef class Upstream:
 cdef class RequestHead:
     cdef public object method, target, http_version, raw_headers
 
+cdef class Local:
+    cdef public object respond
+    cdef public Py_ssize_t limit
+
 cdef class _Exchange:
     cdef public RequestHead head
     cdef public Upstream upstream
@@ -73,6 +77,9 @@ cdef class ProxyConnection:
     cdef public object _client_ip, _scheme, _events, _url, _hdrs, _raw, _chunk
     cdef public object _drain_waiter, _upgrade_pending, _busy, _discard, _out
     cdef public object _head_cache, _fwd_cache, _clean_target, _joined, _idle_timer, _patience
+    cdef public object _local, _local_body
+    cdef public Py_ssize_t _local_size
+    cdef public bint _answering
     cdef public RequestHead _req
     cdef public _Exchange _exchange
     cdef public _StreamSide _side, _held_side
@@ -97,6 +104,9 @@ cdef class ProxyConnection:
     cdef _header_lines(self, RequestHead head, Upstream upstream, _Exchange exchange)
     cdef _request_body(self, body)
     cdef _request_end(self)
+    cdef _local_start(self, Local local)
+    cdef _local_end(self)
+    cdef _local_answer(self, answer)
     cdef _client_gone(self)
     cdef _client_error(self, exc)
     cdef _update_queue_pause(self)

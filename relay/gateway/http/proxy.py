@@ -80,7 +80,7 @@ from relay.aio import SessionClosedError, StreamRefused, StreamSplice
 from relay.aio.stream import MuxStream
 from relay.mux.errors import ErrorCode
 
-__all__ = ["ProxyConnection", "ProxyError", "ProxyStats", "RequestHead", "Resolver", "Upstream",
+__all__ = ["Local", "ProxyConnection", "ProxyError", "ProxyStats", "RequestHead", "Resolver", "Upstream",
            "origin_form", "refusal_error", "rewrite_paths", "serve_connection"]
 
 log = logging.getLogger("relay.gateway.proxy")
@@ -227,11 +227,31 @@ class RequestHead:
         return f"<RequestHead {self.method!r} {self.target!r}>"
 
 
-#: Decides where a request goes: an Upstream, None (not ours: hand the connection back),
-#: or raises ProxyError. May be a coroutine function.
-#: What a resolver answers: where the request goes (None: not ours), or, on a slow path,
-#: an awaitable of that.
-MaybeUpstream = Union[Optional[Upstream], Awaitable[Optional[Upstream]]]
+#: What a local answer is: ``(status, headers, body)``, the headers ``(name, value)``
+#: bytes pairs without framing (the engine adds Content-Length and, when the
+#: connection ends, Connection: close).
+LocalAnswer = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+class Local:
+    """A request the gateway answers itself once its whole body is in (invoke): a
+    resolver's answer instead of an :class:`Upstream`. ``respond(head, body)`` gives a
+    :data:`LocalAnswer` or an awaitable of one (client input waits meanwhile, as on any
+    slow path); a body over ``limit`` bytes is answered 413 and the connection closed.
+    ``respond`` turns its own failures into answers (an exception is a 500)."""
+
+    __slots__ = ("respond", "limit")
+
+    def __init__(self, respond: Callable[[RequestHead, bytes], Union[LocalAnswer, Awaitable[LocalAnswer]]],
+                 limit: int) -> None:
+        self.respond = respond
+        self.limit = limit
+
+
+#: What a resolver answers: where the request goes (None: not ours; a Local: answered by
+#: the gateway), or, on a slow path, an awaitable of that. Decides where a request goes;
+#: may raise ProxyError.
+MaybeUpstream = Union[Optional[Upstream], Local, Awaitable[Optional[Upstream]], Awaitable[Local]]
 Resolver = Callable[[RequestHead], MaybeUpstream]
 
 
@@ -454,6 +474,10 @@ def _target_hosts(exchange: "_Exchange") -> tuple:
 
 def _error_body(code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+_INTERNAL_ERROR = (500, [(b"content-type", b"application/json")],
+                   _error_body("internal_error", "internal server error"))
 
 
 _REASONS: dict[int, bytes] = {}
@@ -924,7 +948,12 @@ class ProxyConnection:
         self._closing = False
         self._detached = False  # handed back, or spliced after an upgrade
         self._handed_back = False  # the connection is the HTTP server's again
-        self._busy: Optional[asyncio.Task] = None  # a slow path (resolver, open_stream)
+        self._busy: Optional[asyncio.Future] = None  # a slow path (resolver, open_stream, a Local)
+        # A request answered by the gateway (a Local): its body so far, while it is read.
+        self._local: Optional[Local] = None
+        self._local_body: Optional[list[bytes]] = None
+        self._local_size = 0
+        self._answering = False  # a Local's answer is being computed
         # The current request: its client-side state and the exchange with the target.
         self._req: Optional[RequestHead] = None
         self._req_keep_alive = True
@@ -1032,8 +1061,9 @@ class ProxyConnection:
         self._patience = None
         if self._lost or self._detached or self._req is None:
             return
-        # Silence of the target, not a client still taking what was sent (write paused).
-        if self._upstream_batches == seen and not self._write_paused:
+        # Silence of the target, not a client still taking what was sent (write paused),
+        # nor the gateway still computing an answer of its own.
+        if self._upstream_batches == seen and not self._write_paused and not self._answering:
             exchange = self._exchange
             if exchange is not None:
                 exchange.stats.fail("client gone, target silent")
@@ -1188,9 +1218,13 @@ class ProxyConnection:
             self._resolved_one()
             self._refuse(exc)
             return
-        if upstream is not None and type(upstream) is not Upstream and inspect.isawaitable(upstream):
-            self._slow(self._resolve_slowly(head, upstream))
-            return
+        if upstream is not None and type(upstream) is not Upstream:
+            if type(upstream) is Local:
+                self._local_start(upstream)
+                return
+            if inspect.isawaitable(upstream):
+                self._slow(self._resolve_slowly(head, upstream))
+                return
         self._dispatch(head, upstream)
 
     async def _resolve_slowly(self, head: RequestHead, pending: Awaitable[Optional[Upstream]]) -> None:
@@ -1202,6 +1236,9 @@ class ProxyConnection:
             self._refuse(exc)
             return
         self._busy = None
+        if type(upstream) is Local:
+            self._local_start(upstream)
+            return
         self._dispatch(head, upstream)
 
     def _slow(self, coro: Any) -> None:
@@ -1425,6 +1462,19 @@ class ProxyConnection:
                 exc, self._discard = self._discard, None
                 self._reply_error(exc, close=True)
             return
+        local = self._local
+        if local is not None:
+            self._local_size += len(body)
+            if self._local_size > local.limit:
+                self._local = self._local_body = None
+                self._events.clear()
+                self._reply_error(ProxyError(413, "body_too_large", f"request body over {local.limit} bytes"),
+                                  close=True)
+                return
+            body_parts = self._local_body
+            assert body_parts is not None  # (set with _local)
+            body_parts.append(body)
+            return
         exchange = self._exchange
         side = self._side
         if exchange is None or side is None or side.failed is not None:
@@ -1454,6 +1504,9 @@ class ProxyConnection:
             exc, self._discard = self._discard, None
             self._reply_error(exc, close=False)
             return
+        if self._local is not None:
+            self._local_end()
+            return
         exchange = self._exchange
         if exchange is None:
             self._maybe_next()
@@ -1468,6 +1521,78 @@ class ProxyConnection:
                     pass
         if exchange.response_done:
             self._finish_exchange(exchange)
+
+    # -- requests the gateway answers itself (a Local)
+
+    def _local_start(self, local: Local) -> None:
+        """A resolver answered :class:`Local`: read the body, then ask ``respond``."""
+        self._resolved_one()
+        self._local = local
+        self._local_body = []
+        self._local_size = 0
+        if self._expect_continue and not self._lost:
+            self._expect_continue = False
+            transport = self.transport
+            assert transport is not None  # connected
+            transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _local_end(self) -> None:
+        local, parts = self._local, self._local_body
+        assert local is not None and parts is not None and self._req is not None  # (a Local's request)
+        self._local = self._local_body = None
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        try:
+            answer = local.respond(self._req, body)
+        except Exception:
+            log.exception("a local answer failed")
+            answer = _INTERNAL_ERROR
+        if type(answer) is tuple:
+            self._local_answer(answer)
+            return
+        future = self._busy = asyncio.ensure_future(answer)
+        self._answering = True
+        future.add_done_callback(self._local_done)
+
+    def _local_done(self, future: asyncio.Future) -> None:
+        if self._busy is future:
+            self._busy = None
+        self._answering = False
+        if future.cancelled() or self._lost or self._detached:
+            return
+        exc = future.exception()
+        if exc is not None:
+            log.error("a local answer failed", exc_info=exc)
+            self._local_answer(_INTERNAL_ERROR)
+        else:
+            self._local_answer(future.result())
+        self._process()
+
+    def _local_answer(self, answer: LocalAnswer) -> None:
+        """Write a local answer; then the next request (or the close)."""
+        status, headers, body = answer
+        close = not self._req_keep_alive
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        if status != 204 and status != 304:
+            parts.append(b"content-length: %d\r\n" % len(body))
+        if close:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        head = self._req
+        if body and status != 204 and status != 304 and not (head is not None and head.method == b"HEAD"):
+            parts.append(body)
+        transport = self.transport
+        assert transport is not None  # connected
+        if not self._lost:
+            transport.write(b"".join(parts))
+        if close:
+            self._closing = True
+            self._drop_stream(abort=False)
+            if not self._lost:
+                transport.close()
+            return
+        self._maybe_next()
 
     @cython.locals(exchange=_Exchange)
     def _client_gone(self) -> None:

@@ -39,8 +39,8 @@ import h11
 from relay.gateway.auth import AuthError
 from relay.gateway.store import StoreUnavailable
 
-__all__ = ["STORE_UNAVAILABLE", "HttpError", "HttpProtocol", "Request", "Response", "Router", "json_response",
-           "store_failure"]
+__all__ = ["STORE_UNAVAILABLE", "HttpError", "HttpProtocol", "Request", "Response", "Router", "json_body",
+           "json_response", "store_failure"]
 
 log = logging.getLogger("relay.gateway.http")
 
@@ -113,6 +113,18 @@ def error_response(status: int, code: str, message: str,
     return json_response({"error": {"code": code, "message": message}}, status, headers)
 
 
+def json_body(body: bytes) -> Any:
+    """A request body as JSON; an empty body is ``{}``. Raises 400 on malformed JSON."""
+    if not body.strip():
+        return {}
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HttpError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # e.g. 100,000 nested arrays: within MAX_BODY, past the parser
+        raise HttpError(400, "invalid_json", "request body is nested too deeply") from None
+
+
 class Request:
     """One parsed request, as handlers see it."""
 
@@ -139,15 +151,8 @@ class Request:
         return values[-1] if values else None
 
     def json(self) -> Any:
-        """The body as JSON; an empty body is ``{}``. Raises 400 on malformed JSON."""
-        if not self.body.strip():
-            return {}
-        try:
-            return json.loads(self.body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise HttpError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
-        except RecursionError:  # e.g. 100,000 nested arrays: within MAX_BODY, past the parser
-            raise HttpError(400, "invalid_json", "request body is nested too deeply") from None
+        """The body as JSON (:func:`json_body`)."""
+        return json_body(self.body)
 
     @property
     def peer(self) -> Any:
