@@ -189,3 +189,77 @@ def test_user_jwt_with_x_team_id_on_proxy_and_invoke(tmp_path) -> None:
                 await app.close()
 
     run(body)
+
+
+def test_a_kept_proxy_connection_follows_the_service_as_it_changes(tmp_path) -> None:
+    """The proxy remembers its answer for a keep-alive client's repeated request (one
+    instance, an API key; shared by all connections): the same request is refused (503)
+    as soon as the instance fails its probe, served again once it passes, served after
+    a fleet's invalidations (the answer built again), and refused (401) once the key is
+    revoked. A refusal closes the connection (the route's answer): then a new one."""
+
+    async def body() -> None:
+        async with gateway_and_team(tmp_path) as (gw, keys):
+            fast_probes(gw)
+            healthy = [True]
+
+            async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                try:
+                    for _ in range(10_000):
+                        head = await reader.readuntil(b"\r\n\r\n")
+                        ok = healthy[0] or not head.startswith(b"GET /health ")
+                        writer.write(b"HTTP/1.1 %s\r\nContent-Length: 2\r\n\r\nok" % (b"200 OK" if ok else b"503 No"))
+                        await writer.drain()
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    writer.close()
+
+            server = await asyncio.start_server(serve, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            team_id = (await gw.store.list_teams())[0].id
+            cred, dk = await gw.store.create_credential(team_id, "dk")
+            try:
+                async with serving_agent(gw, keys["ak"], "box", f"kept=127.0.0.1:{port},health=/health"):
+                    await wait_status(gw, keys["sk"], "kept", "running")
+                    request = (f"GET /api/v1/r/containers/kept/x HTTP/1.1\r\nHost: t\r\n"
+                               f"Authorization: Bearer {dk}\r\n\r\n").encode()
+                    conn: list = []
+
+                    async def status() -> int:
+                        if not conn:
+                            conn[:] = await asyncio.open_connection("127.0.0.1", gw.port)
+                        reader, writer = conn
+                        writer.write(request)
+                        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                        await asyncio.wait_for(reader.readexactly(length), 10)
+                        if b"\r\nconnection: close" in head.lower():
+                            writer.close()
+                            conn.clear()
+                        return int(head.split(b" ")[1])
+
+                    async def becomes(wanted: int) -> None:
+                        seen = []
+                        for _ in range(100):
+                            seen.append(await status())
+                            if seen[-1] == wanted:
+                                return
+                            await asyncio.sleep(0.05)
+                        raise AssertionError(f"never {wanted}: {seen[-5:]}")
+
+                    assert [await status() for _ in range(3)] == [200, 200, 200]
+                    healthy[0] = False
+                    await becomes(503)
+                    healthy[0] = True
+                    await becomes(200)
+                    # Another gateway deleted and re-created things: told so, this one
+                    # asks again (the row is still there: served).
+                    gw.invalidate("services", {})
+                    assert await status() == 200
+                    gw.invalidate("credentials", {})
+                    assert await status() == 200
+                    assert await gw.store.revoke_credential(team_id, cred.id)
+                    assert await status() == 401
+            finally:
+                server.close()
+
+    run(body)
