@@ -226,15 +226,20 @@ class _Reader:
 
 
 async def http_exchange(stream: Any, method: str, target: str, headers: list[tuple[str, str]],
-                        body: bytes = b"", limit: int = 16 * 1024 * 1024) -> Answer:
+                        body: bytes = b"", limit: int = 16 * 1024 * 1024,
+                        timeout: Optional[float] = None) -> Answer:
     """Send one request on ``stream`` (a mux stream, or anything with ``write``,
-    ``drain`` and ``read``) and read the whole response. Raises ResponseTooLarge,
-    httptools.HttpParserError (not valid HTTP), ConnectionError."""
+    ``drain`` and ``read``) and read the whole response, within ``timeout`` seconds if
+    given. Raises ResponseTooLarge, httptools.HttpParserError (not valid HTTP),
+    ConnectionError, TimeoutError."""
     reader = _Reader(method == "HEAD", limit)
     head = request_head(method, target, headers)
     if type(stream) is MuxStream:
         reader.stream = stream
-        future = reader.future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = reader.future = loop.create_future()
+        # One timer, no asyncio.timeout (a context, a cancellation) per exchange.
+        timer = None if timeout is None else loop.call_later(timeout, reader._end, TimeoutError())
         # One write (one frame) for a small body. The stream queues what its window does
         # not take yet (bodies are bounded by the caller): no drain, the answer is awaited.
         stream.write(head + body if body and len(body) < 65536 else head)
@@ -244,18 +249,21 @@ async def http_exchange(stream: Any, method: str, target: str, headers: list[tup
         try:
             await future
         finally:
-            if not future.done():  # cancelled (a timeout): the stream is not left spliced
+            if timer is not None:
+                timer.cancel()
+            if not future.done():  # cancelled: the stream is not left spliced
                 future.cancel()
                 stream._detach_sink()
         return reader.answer()
-    stream.write(head)
-    if body:
-        stream.write(body)
-    await stream.drain()
-    while not reader.done:
-        data = await stream.read(READ_SIZE)
-        if not data:
-            reader.eof()
-            break
-        reader.feed(data)
+    async with asyncio.timeout(timeout):
+        stream.write(head)
+        if body:
+            stream.write(body)
+        await stream.drain()
+        while not reader.done:
+            data = await stream.read(READ_SIZE)
+            if not data:
+                reader.eof()
+                break
+            reader.feed(data)
     return reader.answer()

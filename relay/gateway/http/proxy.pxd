@@ -41,6 +41,9 @@ cdef class _Exchange:
     cdef public object req_body, resp_head, resp_body
     cdef public double t0
 
+# Called once per finished exchange: a C function reading the exchange's fields.
+cdef _observe(_Exchange exchange, double now)
+
 cdef class _StreamSide:
     cdef public ProxyConnection conn
     cdef public object stream, key, parser, _in, failed, _buf, _carry, _reason, _block

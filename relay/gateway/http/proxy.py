@@ -589,6 +589,7 @@ class _Exchange:
         self.resp_body: Any = None
 
 
+@cython.locals(stats=ProxyStats)
 def _observe(exchange: _Exchange, now: float) -> None:
     """Tell the destination's observer (if any) that ``exchange`` is over; its failure
     is logged, never passed on to the connection."""

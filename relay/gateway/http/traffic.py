@@ -22,6 +22,7 @@ other features (share refusals by reason, invoke outcomes, tasks) are kept in
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import time
 from collections import defaultdict, deque
@@ -43,6 +44,10 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status <= 599 else "none"
 
 
+# status // 100 -> its class, for the per-request path (no string built per request).
+_CLASSES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
 @dataclass
 class Destination:
     """The counters of one proxied destination."""
@@ -55,6 +60,8 @@ class Destination:
     bytes_out: int = 0
     buckets: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))  # last: +Inf only
     duration_sum: float = 0.0
+    #: False once forgotten (Traffic.forget): its series must not come back.
+    live: bool = True
 
     @property
     def count(self) -> int:
@@ -86,18 +93,14 @@ class Traffic:
         if dest is None:
             dest = self.destinations[key] = Destination(kind, team_id, name)
 
-        def observe(method: bytes, target: bytes, status: int, bytes_in: int, bytes_out: int,
-                    seconds: float) -> None:
-            self.record(dest, method, target, status, bytes_in, bytes_out, seconds)
-
-        return observe
+        return functools.partial(self.record, dest)
 
     def record(self, dest: Destination, method: bytes, target: bytes, status: int, bytes_in: int,
                bytes_out: int, seconds: float) -> None:
         """Count one finished exchange of ``dest`` and log it."""
-        if self.destinations.get((dest.kind, dest.team_id, dest.name)) is not dest:
+        if not dest.live:
             return  # forgotten (closed) meanwhile: its series must not come back
-        dest.requests[status_class(status)] += 1
+        dest.requests[_CLASSES[status // 100] if 100 <= status <= 599 else "none"] += 1
         dest.bytes_in += bytes_in
         dest.bytes_out += bytes_out
         dest.duration_sum += seconds
@@ -123,7 +126,7 @@ class Traffic:
         series (of any team when ``team_id`` is None)."""
         for key in [k for k in self.destinations if k[0] == kind and k[2] == name
                     and (team_id is None or k[1] == team_id)]:
-            del self.destinations[key]
+            self.destinations.pop(key).live = False
 
     def count(self, metric: str, label: str, n: int = 1) -> None:
         """Add ``n`` to one of :attr:`counters`."""
