@@ -603,8 +603,9 @@ def _observe(exchange: _Exchange, now: float) -> None:
             log.exception("proxy observer failed")
     if exchange.cap and stats.inspect is not None:
         try:
-            stats.inspect.add(exchange.head, exchange.upstream.target, exchange.status, bytes(exchange.req_body),
-                              exchange.nin, exchange.resp_head, bytes(exchange.resp_body), exchange.nout,
+            # (the bodies as they are: the exchange is over, nothing writes to them again)
+            stats.inspect.add(exchange.head, exchange.upstream.target, exchange.status, exchange.req_body,
+                              exchange.nin, exchange.resp_head, exchange.resp_body, exchange.nout,
                               now - exchange.t0)
         except Exception:
             log.exception("proxy inspector failed")

@@ -79,9 +79,10 @@ class Inspector:
         self.entries: deque[tuple[Any, ...]] = deque(maxlen=KEEP)
         self._ids = itertools.count(1)
 
-    def add(self, head: RequestHead, target: bytes, status: int, req_body: bytes, nin: int,
-            resp_head: bytes, resp_body: bytes, nout: int, seconds: float) -> None:
-        """One finished exchange (called by the proxy engine)."""
+    def add(self, head: RequestHead, target: bytes, status: int, req_body: bytes | bytearray, nin: int,
+            resp_head: bytes, resp_body: bytes | bytearray, nout: int, seconds: float) -> None:
+        """One finished exchange (called by the proxy engine, with the bodies it kept:
+        no longer written to, so kept as they are)."""
         self.entries.append((next(self._ids), time.time(), head.method, target, head.raw_headers, status,
                              seconds, req_body, nin, resp_head, resp_body, nout))
 
@@ -115,7 +116,7 @@ class Inspector:
             if raw[0] == entry_id:
                 _, _, method, target, raw_headers, _, _, req_body, nin, _, _, _ = raw
                 headers = [(name, value) for name, lname, value in raw_headers if lname not in _NOT_REPLAYED]
-                return method, target, headers, req_body, nin > len(req_body)
+                return method, target, headers, bytes(req_body), nin > len(req_body)
         return None
 
 
