@@ -401,7 +401,7 @@ class ServiceManager:
         #: stamp)``, valid while the stamp (store generation, registry version, both
         #: caches' epochs) is unchanged and the instance still the only, online, healthy
         #: one (see _resolve). Moved epochs and the checks make stale ones misses.
-        self._answers: dict[tuple, tuple] = {}
+        self._answers: dict[tuple, tuple[Upstream, Principal, ServiceState, Instance, tuple]] = {}
         self._epoch = 0
         #: TLS for external https:// services: certificates verified against the system's
         #: CAs and the URL's host name (set another context, e.g. with a private CA).

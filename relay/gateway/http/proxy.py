@@ -1221,7 +1221,7 @@ class ProxyConnection:
             self._refuse(exc)
             return
         if upstream is not None and type(upstream) is not Upstream:
-            if type(upstream) is Local:
+            if isinstance(upstream, Local):
                 self._local_start(upstream)
                 return
             if inspect.isawaitable(upstream):
@@ -1229,7 +1229,7 @@ class ProxyConnection:
                 return
         self._dispatch(head, upstream)
 
-    async def _resolve_slowly(self, head: RequestHead, pending: Awaitable[Optional[Upstream]]) -> None:
+    async def _resolve_slowly(self, head: RequestHead, pending: Awaitable[Any]) -> None:
         try:
             upstream = await pending
         except ProxyError as exc:
@@ -1238,7 +1238,7 @@ class ProxyConnection:
             self._refuse(exc)
             return
         self._busy = None
-        if type(upstream) is Local:
+        if isinstance(upstream, Local):
             self._local_start(upstream)
             return
         self._dispatch(head, upstream)
@@ -1548,7 +1548,7 @@ class ProxyConnection:
         except Exception:
             log.exception("a local answer failed")
             answer = _INTERNAL_ERROR
-        if type(answer) is tuple:
+        if isinstance(answer, tuple):
             self._local_answer(answer)
             return
         future = self._busy = asyncio.ensure_future(answer)
