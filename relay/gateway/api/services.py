@@ -398,10 +398,10 @@ class ServiceManager:
         self._sync_lock = asyncio.Lock()
         #: The proxy's answers by (request-target, Authorization, X-Team-ID), for API keys
         #: and services with one instance: ``(upstream, principal, state, instance,
-        #: stamp)``, valid while the stamp (store generation, registry version, both
+        #: stamp, state's key)``, valid while the stamp (store generation, registry version, both
         #: caches' epochs) is unchanged and the instance still the only, online, healthy
         #: one (see _resolve). Moved epochs and the checks make stale ones misses.
-        self._answers: dict[tuple, tuple[Upstream, Principal, ServiceState, Instance, tuple]] = {}
+        self._answers: dict[tuple, tuple[Upstream, Principal, ServiceState, Instance, tuple, tuple[str, str]]] = {}
         self._epoch = 0
         #: TLS for external https:// services: certificates verified against the system's
         #: CAs and the URL's host name (set another context, e.g. with a private CA).
@@ -515,8 +515,12 @@ class ServiceManager:
         version is the one of the last full pass, no known session has closed (a session
         ends before its agent is unregistered), and no offline instance's grace has run
         out. Called on every proxied request and invoke."""
-        return (self.gw.registry.version == self._synced_version and time.time() <= self._sync_deadline
-                and not any(session.is_closed for session in self._sessions.values()))
+        if self.gw.registry.version != self._synced_version or time.time() > self._sync_deadline:
+            return False
+        for session in self._sessions.values():  # (a loop: no generator per request)
+            if session.is_closed:
+                return False
+        return True
 
     async def sync(self) -> None:
         """Bring instances in line with the agent registry (see the module docstring);
@@ -876,13 +880,6 @@ class ServiceManager:
         A keep-alive client repeats the same request, and with an API key and a service
         of one instance the answer is the same object as long as nothing it was built
         on moved: it is remembered (see ``_answers``) and checked, not rebuilt."""
-        target = origin_form(request.target)
-        if not target.startswith(PREFIX):
-            return None
-        end = target.find(b"/", len(PREFIX))
-        slug = target[len(PREFIX):end].decode("ascii", "replace") if end > 0 else ""
-        if end < 0 or "?" in slug:
-            return None
         authorization = team = upgrade = None  # (a repeated header: the last one counts)
         for _, lname, value in request.raw_headers:
             if lname == b"authorization":
@@ -891,18 +888,26 @@ class ServiceManager:
                 team = value
             elif lname == b"upgrade":
                 upgrade = value
-        key = (target, authorization, team)
+        key = (request.target, authorization, team)
         gw = self.gw
-        stamp = (gw.store.generation(), gw.registry.version, gw.auth.epoch, self._epoch)
         hit = self._answers.get(key)
         if hit is not None:
-            upstream, principal, state, inst, seen = hit
-            if (seen == stamp and inst.online and inst.healthy and state.running and len(state.instances) == 1
-                    and self._states.get((principal.team_id, slug)) is state and self._in_sync()):
+            upstream, principal, state, inst, seen, state_key = hit
+            if (inst.online and inst.healthy and state.running and len(state.instances) == 1
+                    and seen == (gw.store.generation(), gw.registry.version, gw.auth.epoch, self._epoch)
+                    and self._states.get(state_key) is state and self._in_sync()):
                 state.turn += 1  # (as _pick would)
                 if transport is not None:
                     gw.revocations.hold(principal, transport)
                 return upstream
+        target = origin_form(request.target)
+        if not target.startswith(PREFIX):
+            return None
+        end = target.find(b"/", len(PREFIX))
+        slug = target[len(PREFIX):end].decode("ascii", "replace") if end > 0 else ""
+        if end < 0 or "?" in slug:
+            return None
+        stamp = (gw.store.generation(), gw.registry.version, gw.auth.epoch, self._epoch)
         headers = {b"authorization": None if authorization is None else authorization.decode("latin-1"),
                    b"x-team-id": None if team is None else team.decode("latin-1"),
                    b"upgrade": None if upgrade is None else upgrade.decode("latin-1")}
@@ -916,11 +921,12 @@ class ServiceManager:
         principal, candidates = checked
         if (answer is not None and principal.kind in ("sk", "dk") and len(candidates) == 1
                 and candidates[0].agent_id is not None and len(target) <= ANSWER_TARGET):
-            state = self._states[(principal.team_id, slug)]
+            state_key = (principal.team_id, slug)
+            state = self._states[state_key]
             if len(state.instances) == 1:
                 if len(self._answers) >= ANSWER_CACHE:
                     self._answers.clear()
-                self._answers[key] = (answer, principal, state, candidates[0], stamp)
+                self._answers[key] = (answer, principal, state, candidates[0], stamp, state_key)
         return answer
 
     async def _resolve_slowly(self, target: bytes, end: int, slug: str, headers: dict[bytes, Optional[str]],

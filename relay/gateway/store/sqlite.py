@@ -339,8 +339,11 @@ class SqliteStore(SqlStore):
         memo = self._generation_memo
         if memo is not None:
             return memo
-        with self._lock, self._sqlite_errors():
-            value = (self._own_writes, self._db.execute("PRAGMA data_version").fetchone()[0])
+        with self._lock:
+            try:  # (_sqlite_errors, spelled out: a generator context costs as much as the pragma)
+                value = (self._own_writes, self._db.execute("PRAGMA data_version").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                raise StoreError(f"database {self.path}: {exc}") from None
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not in an event loop (relay admin): nothing to remember it for
