@@ -41,9 +41,21 @@ async def keep_alive_get(reader: asyncio.StreamReader, writer: asyncio.StreamWri
 
 
 async def external(gw, sk: str, slug: str, app: OpenAIServer) -> None:
+    """Create the external service ``slug``, then wait until the store's generation
+    holds still: with PostgreSQL the notification of that very commit arrives a moment
+    after it and empties the caches, and a request served in between would read its
+    credential twice (the reads counted below are the caches' own)."""
     status, svc = await http(gw.port, "POST", "/api/v1/r/containers", sk,
                              {"service_slug": slug, "url": app.url + "/echo"})
     assert status == 201 and svc["service_status"] == "running", svc
+    last, still = gw.store.generation(), 0
+    for _ in range(200):  # still for 0.25 s in a row (bounded: 10 s)
+        await asyncio.sleep(0.05)
+        now = gw.store.generation()
+        still = still + 1 if now == last else 0
+        if still == 5:
+            return
+        last = now
 
 
 def test_credential_cached_and_revocation_by_another_process_is_seen_at_once(tmp_path, store_url) -> None:
