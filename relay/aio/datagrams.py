@@ -22,7 +22,7 @@ from typing import Any, Optional
 from relay.aio.stream import MuxStream, StreamSplice
 from relay.mux.datagrams import DatagramFlow
 
-__all__ = ["DatagramPipe", "send_datagram"]
+__all__ = ["DatagramPipe", "send_datagram", "size_socket_buffers"]
 
 log = logging.getLogger("relay.aio.datagrams")
 
@@ -48,6 +48,20 @@ def send_datagram(transport: asyncio.DatagramTransport, datagram: bytes, addr: A
                 sock.sendto(b"", addr)
         except OSError:
             pass
+
+
+def size_socket_buffers(transport: asyncio.BaseTransport, size: int) -> None:
+    """Ask for ``size`` bytes of receive and send buffer on ``transport``'s socket
+    (capped by the system's ``rmem_max``/``wmem_max``): a burst of datagrams then waits
+    in the kernel while the loop is busy instead of being dropped."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+        except OSError:
+            pass  # a smaller buffer only loses more of a burst
 
 
 class DatagramPipe:

@@ -9,6 +9,12 @@ the socket cannot take soon (more than a queue's worth unsent) is dropped, as UD
 would. A flow ends after ``idle_timeout`` seconds without a datagram either way (close
 1000), or when the gateway closes the WebSocket (its own idle timeout, or the tunnel's
 end); the next datagram from that address opens a new one.
+
+Both sockets are driven by protocol callbacks, not tasks: a datagram costs no task
+wake-up and no timer each way. The frames of the datagrams read in one loop turn go to
+the WebSocket in one write (one ``send`` for a burst), and the local socket asks for
+:data:`SOCKET_BUFFER` so that a burst waits in the kernel rather than being dropped
+while the loop is busy with the other direction.
 """
 from __future__ import annotations
 
@@ -17,25 +23,184 @@ import logging
 from typing import Any, Optional, cast
 from urllib.parse import urlsplit
 
-from relay.aio.datagrams import send_datagram
+from relay.aio.datagrams import send_datagram, size_socket_buffers
 from relay.mux.datagrams import DEFAULT_IDLE_TIMEOUT, DEFAULT_QUEUE_BYTES, MAX_DATAGRAM, DatagramFlow
+from relay.ws import CloseCode, FrameParser, Opcode, encode_close_payload, encode_frame, parse_close
+from relay.ws.handshake import ClientHandshake
 
-__all__ = ["UdpConnect", "run_connect_udp"]
+__all__ = ["SOCKET_BUFFER", "UdpConnect", "run_connect_udp"]
 
 log = logging.getLogger("relay.connect")
 
 #: How long opening one flow's WebSocket may take.
 OPEN_TIMEOUT = 15.0
 
+#: Receive and send buffer asked for the local UDP socket, as the gateway's hub port
+#: does (relay.gateway.agents.udp_hub): the kernel's default holds a few dozen large
+#: datagrams, a few milliseconds of a busy client.
+SOCKET_BUFFER = 4 * 1024 * 1024
 
-class _Flow:
-    """One local client address and its WebSocket."""
 
-    def __init__(self, addr: Any, now: float, idle_timeout: float) -> None:
+class _Flow(asyncio.Protocol):
+    """One local client address and its WebSocket (the protocol of its TCP connection)."""
+
+    def __init__(self, owner: UdpConnect, addr: Any, now: float) -> None:
+        self.owner = owner
         self.addr = addr
-        self.state = DatagramFlow(now, idle_timeout=idle_timeout)
-        self.writer: Optional[asyncio.StreamWriter] = None
+        self.state = DatagramFlow(now, idle_timeout=owner.idle_timeout)
+        self.transport: Optional[asyncio.Transport] = None
+        split = owner._split
+        self._handshake: Optional[ClientHandshake] = ClientHandshake(split.netloc, split.path or "/")
+        self._parser: Optional[Any] = None
+        #: Set once the WebSocket is open (or failed to open).
+        self.opened: asyncio.Future[None] = owner._loop.create_future()
         self.task: Optional[asyncio.Task] = None
+        #: Frames written at the end of this loop turn, in one write.
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._paused = False
+        self._timer: Optional[asyncio.TimerHandle] = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._parser is not None and self.transport is not None and not self.transport.is_closing()
+
+    # -- the WebSocket's TCP connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        assert self._handshake is not None
+        self.transport.write(self._handshake.request_bytes())
+
+    def data_received(self, data: bytes) -> None:
+        if self._parser is None:
+            if self._handshake is None:
+                return
+            try:
+                accepted = self._handshake.receive_data(data)
+            except Exception as exc:  # a refusal (404, 503...) or a broken answer
+                self._fail(exc)
+                return
+            if accepted is None:
+                return
+            self._handshake = None
+            self._start()
+            data = accepted.leftover
+            if not data:
+                return
+        try:
+            messages = self._parser.feed(data)  # type: ignore[union-attr]  # set by _start
+        except Exception as exc:  # a protocol error from the gateway
+            log.warning("udp flow from %s: %s", self.addr, exc)
+            self._send_close(CloseCode.PROTOCOL_ERROR)
+            return
+        owner = self.owner
+        local = owner.transport
+        state = self.state
+        for opcode, payload in messages:
+            if opcode == Opcode.BINARY:
+                state.datagrams_out += 1
+                state.bytes_out += len(payload)
+                if local is not None and not local.is_closing():
+                    send_datagram(local, payload, self.addr)
+            elif opcode == Opcode.PING:
+                self._write(encode_frame(Opcode.PONG, payload, mask=True))
+            elif opcode == Opcode.CLOSE:
+                code, reason = parse_close(payload)
+                if code != CloseCode.NORMAL:
+                    log.info("udp flow from %s: the gateway closed it: %s %s", self.addr, code, reason)
+                self._send_close(CloseCode.NORMAL)
+                return
+        if messages:
+            state.last_activity = owner._loop.time()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(exc or ConnectionError("the gateway closed the connection during the upgrade"))
+        if self._timer is not None:
+            self._timer.cancel()
+        owner = self.owner
+        if owner.flows.get(self.addr) is self:
+            del owner.flows[self.addr]
+
+    # -- datagrams from the local client
+
+    def from_local(self, data: bytes) -> None:
+        state = self.state
+        now = self.owner._loop.time()
+        if self._parser is None:  # still opening: wait in the flow's queue
+            self.owner.dropped += state.from_local(data, now)
+            return
+        if len(data) > MAX_DATAGRAM:
+            state.too_large += 1
+            return
+        state.last_activity = now
+        state.datagrams_in += 1
+        state.bytes_in += len(data)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._paused and transport.get_write_buffer_size() + self._out_bytes > DEFAULT_QUEUE_BYTES:
+            state.to_stream.count_drop(len(data))  # the gateway is slower than the client
+            self.owner.dropped += 1
+            return
+        self._write(encode_frame(Opcode.BINARY, data, mask=True))
+
+    # -- internals
+
+    def _write(self, frame: bytes) -> None:
+        if not self._out:
+            self.owner._loop.call_soon(self._flush)
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+
+    def _flush(self) -> None:
+        out, self._out, self._out_bytes = self._out, [], 0
+        transport = self.transport
+        if out and transport is not None and not transport.is_closing():
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _start(self) -> None:
+        self._parser = FrameParser(MAX_DATAGRAM, False)
+        queue = self.state.to_stream
+        while True:  # what waited for the WebSocket goes first
+            datagram = queue.pop()
+            if datagram is None:
+                break
+            self._write(encode_frame(Opcode.BINARY, datagram, mask=True))
+        self._timer = self.owner._loop.call_later(self.state.idle_timeout, self._check_idle)
+        if not self.opened.done():
+            self.opened.set_result(None)
+
+    def _check_idle(self) -> None:
+        remaining = self.state.deadline - self.owner._loop.time()
+        if remaining > 0:
+            self._timer = self.owner._loop.call_later(remaining, self._check_idle)
+            return
+        self._timer = None
+        self._send_close(CloseCode.NORMAL, "idle")
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _send_close(self, code: int, reason: str = "") -> None:
+        """Our close frame after what is queued, then the end of the connection."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._parser is not None:
+            self._out.append(encode_frame(Opcode.CLOSE, encode_close_payload(code, reason), mask=True))
+            self._flush()
+        transport.close()
 
 
 class UdpConnect(asyncio.DatagramProtocol):
@@ -55,31 +220,15 @@ class UdpConnect(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)  # create_datagram_endpoint's transport
+        size_socket_buffers(transport, SOCKET_BUFFER)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         flow = self.flows.get(addr)
         if flow is None:
-            flow = self.flows[addr] = _Flow(addr, self._loop.time(), self.idle_timeout)
+            flow = self.flows[addr] = _Flow(self, addr, self._loop.time())
             self.flows_total += 1
-            flow.task = self._loop.create_task(self._run(flow))
-        writer = flow.writer
-        if writer is None:  # still opening: wait in the flow's queue
-            self.dropped += flow.state.from_local(data, self._loop.time())
-            return
-        from relay.ws import Opcode, encode_frame
-
-        state = flow.state
-        if len(data) > MAX_DATAGRAM:
-            state.too_large += 1
-            return
-        state.last_activity = self._loop.time()
-        state.datagrams_in += 1
-        state.bytes_in += len(data)
-        if writer.transport.get_write_buffer_size() > DEFAULT_QUEUE_BYTES:
-            state.to_stream.count_drop(len(data))  # the gateway is slower than the client
-            self.dropped += 1
-            return
-        writer.write(encode_frame(Opcode.BINARY, data, mask=True))
+            flow.task = self._loop.create_task(self._open(flow))
+        flow.from_local(data)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("local udp socket: %s", exc)
@@ -88,84 +237,30 @@ class UdpConnect(asyncio.DatagramProtocol):
         for flow in list(self.flows.values()):
             if flow.task is not None:
                 flow.task.cancel()
+            flow._send_close(CloseCode.GOING_AWAY)
         if self.transport is not None:
             self.transport.close()
 
-    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
-        from relay.ws.handshake import ClientHandshake
-
+    async def _open(self, flow: _Flow) -> None:
+        """Connect ``flow``'s WebSocket; a failure ends that flow only."""
         split = self._split
         tls = split.scheme == "wss"
         port = split.port or (443 if tls else 80)
-        handshake = ClientHandshake(split.netloc, split.path or "/")
-        async with asyncio.timeout(OPEN_TIMEOUT):
-            reader, writer = await asyncio.open_connection(
-                split.hostname, port, ssl=(self._ssl or True) if tls else None)
-            writer.write(handshake.request_bytes())
-            accepted = None
-            while accepted is None:
-                data = await reader.read(65536)
-                if not data:
-                    raise ConnectionError("the gateway closed the connection during the upgrade")
-                accepted = handshake.receive_data(data)
-        return reader, writer, accepted.leftover
-
-    async def _run(self, flow: _Flow) -> None:
-        from relay.ws import CloseCode, FrameParser, Opcode, encode_close_payload, encode_frame, parse_close
-
-        writer: Optional[asyncio.StreamWriter] = None
         try:
-            reader, writer, leftover = await self._open()
-            state = flow.state
-            while True:  # what waited for the WebSocket goes first
-                datagram = state.to_stream.pop()
-                if datagram is None:
-                    break
-                writer.write(encode_frame(Opcode.BINARY, datagram, mask=True))
-            flow.writer = writer
-            parser = FrameParser(MAX_DATAGRAM, False)
-            messages = parser.feed(leftover)
-            while True:
-                for opcode, payload in messages:
-                    if opcode == Opcode.BINARY:
-                        state.last_activity = self._loop.time()
-                        state.datagrams_out += 1
-                        state.bytes_out += len(payload)
-                        if self.transport is not None and not self.transport.is_closing():
-                            send_datagram(self.transport, bytes(payload), flow.addr)
-                    elif opcode == Opcode.PING:
-                        writer.write(encode_frame(Opcode.PONG, payload, mask=True))
-                    elif opcode == Opcode.CLOSE:
-                        code, reason = parse_close(payload)
-                        if code != CloseCode.NORMAL:
-                            log.info("udp flow from %s: the gateway closed it: %s %s", flow.addr, code, reason)
-                        writer.write(encode_frame(Opcode.CLOSE, encode_close_payload(CloseCode.NORMAL), mask=True))
-                        return
-                remaining = state.deadline - self._loop.time()
-                if remaining <= 0:
-                    writer.write(encode_frame(Opcode.CLOSE, encode_close_payload(CloseCode.NORMAL, "idle"),
-                                              mask=True))
-                    return
-                try:
-                    async with asyncio.timeout(remaining):
-                        data = await reader.read(256 * 1024)
-                except TimeoutError:
-                    messages = []
-                    continue
-                if not data:
-                    return
-                messages = parser.feed(data)
+            async with asyncio.timeout(OPEN_TIMEOUT):
+                await self._loop.create_connection(lambda: flow, split.hostname or "", port,
+                                                   ssl=(self._ssl or True) if tls else None)
+                await flow.opened
         except asyncio.CancelledError:
-            if writer is not None and not writer.is_closing():
-                writer.write(encode_frame(Opcode.CLOSE, encode_close_payload(CloseCode.GOING_AWAY), mask=True))
+            if flow.transport is not None:
+                flow.transport.abort()
             raise
         except Exception as exc:  # one failed flow must not end the others
-            log.warning("udp flow from %s failed: %s", flow.addr, exc)
-        finally:
+            log.warning("udp flow from %s failed: %s", flow.addr, exc or type(exc).__name__)
+            if flow.transport is not None:
+                flow.transport.abort()
             if self.flows.get(flow.addr) is flow:
                 del self.flows[flow.addr]
-            if writer is not None:
-                writer.close()
 
 
 async def run_connect_udp(url: str, host: str, port: int, *, ssl_context: Any = None,

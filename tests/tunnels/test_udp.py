@@ -469,3 +469,87 @@ def test_an_empty_datagram_is_carried_like_any_other(relay: RelayProcs, echo: Ud
         proc.terminate()
         proc.wait(10)
         sock.close()
+
+
+class ConnectUdp:
+    """``relay connect --udp TUNNEL_URL`` as a process, listening on a free local port."""
+
+    def __init__(self, tunnel_url: str, log: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "relay", "connect", "--udp", tunnel_url,
+                                      "--listen", f"127.0.0.1:{self.port}", *extra],
+                                     stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        wait_for(lambda: b"listening on udp" in log.read_bytes(), what="relay connect --udp")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def test_relay_connect_udp_keeps_bytes_and_boundaries(relay: RelayProcs, echo: UdpTarget, tmp_path: Path) -> None:
+    """Every size up to the largest UDP datagram, then bursts sent without waiting: each
+    reply is one datagram, byte for byte, in order (the datagrams of one loop turn share
+    a WebSocket write each way, and must still come out one message each)."""
+    session = open_udp_session(relay, echo.port)
+    connect = ConnectUdp(session["tunnel_url"], tmp_path / "connect.log")
+    sock = client()
+    try:
+        for size in (1, 2, 125, 126, 127, 1200, 65535 - 8 - 20 - 1, 16384, 65507):
+            payload = random.randbytes(size)
+            assert exchange(sock, connect.port, payload) == payload, size
+        for round_ in range(5):
+            burst = [bytes([round_, i]) + random.randbytes(i * 97) for i in range(64)]
+            for payload in burst:
+                sock.sendto(payload, ("127.0.0.1", connect.port))
+            got = [sock.recvfrom(70000)[0] for _ in burst]
+            assert got == burst, round_
+        stats = session_stats(relay, session["session_id"])["udp"]
+        assert stats["flows"] == 1 and stats["datagrams_dropped"] == 0
+    finally:
+        sock.close()
+        connect.close()
+
+
+def test_relay_connect_udp_keeps_many_flows_apart(relay: RelayProcs, tmp_path: Path) -> None:
+    """32 local clients at once, several datagrams each, sent before any reply is read:
+    each gets only its own replies, and each is one flow (one socket) at the agent."""
+    target = UdpTarget("echo")
+    session = open_udp_session(relay, target.port)
+    connect = ConnectUdp(session["tunnel_url"], tmp_path / "connect.log")
+    socks = [client() for _ in range(32)]
+    try:
+        for round_ in range(4):
+            for i, sock in enumerate(socks):
+                sock.sendto(f"flow {i} round {round_}".encode(), ("127.0.0.1", connect.port))
+        for i, sock in enumerate(socks):
+            got = [sock.recvfrom(1000)[0].decode() for _ in range(4)]
+            assert got == [f"flow {i} round {r}" for r in range(4)]
+        assert len(target.peers) == 32
+        stats = session_stats(relay, session["session_id"])["udp"]
+        assert stats["flows"] == 32 and stats["datagrams_in"] == stats["datagrams_out"] == 128
+    finally:
+        for sock in socks:
+            sock.close()
+        connect.close()
+        target.close()
+
+
+def test_relay_connect_udp_flow_ends_when_idle_and_reopens(relay: RelayProcs, tmp_path: Path) -> None:
+    """relay connect's own idle timeout (shorter than the gateway's) closes the flow's
+    WebSocket; the next datagram opens a new flow."""
+    target = UdpTarget("echo")
+    session = open_udp_session(relay, target.port)
+    connect = ConnectUdp(session["tunnel_url"], tmp_path / "connect.log", "--idle-timeout", "0.5")
+    sock = client()
+    try:
+        assert exchange(sock, connect.port, b"one") == b"one"
+        wait_for(lambda: session_stats(relay, session["session_id"])["udp"]["active_flows"] == 0,
+                 timeout=IDLE + 10, what="the idle flow to end")
+        assert exchange(sock, connect.port, b"two") == b"two"
+        assert len(target.peers) == 2
+        assert session_stats(relay, session["session_id"])["udp"]["flows"] == 2
+    finally:
+        sock.close()
+        connect.close()
+        target.close()
