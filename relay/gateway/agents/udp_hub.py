@@ -34,7 +34,6 @@ from relay.aio import WebSocketTransport
 from relay.aio.datagrams import DatagramPipe, send_datagram, size_socket_buffers
 from relay.aio.session import MuxSession, SessionClosedError
 from relay.mux.datagrams import DEFAULT_IDLE_TIMEOUT, DEFAULT_QUEUE_BYTES, MAX_DATAGRAM, UDP_PROTOCOL
-from relay.ws import Opcode, encode_header
 from relay.ws.tcp_tunnel import CLOSE_RESET, reset_reason
 
 if TYPE_CHECKING:
@@ -214,8 +213,6 @@ class _WsDatagrams:
         self.ws: Any = None
         self.pipe: Optional[DatagramPipe] = None
         self._paused = False
-        #: Frame headers and payloads written at the end of this loop turn.
-        self._out: list[Any] = []
 
     def connection_made(self, ws: Any) -> None:
         self.ws = ws
@@ -239,7 +236,6 @@ class _WsDatagrams:
 
     def resume_writing(self) -> None:
         self._paused = False
-        self._flush()
         pipe = self.pipe
         if pipe is None:
             return
@@ -252,25 +248,13 @@ class _WsDatagrams:
         # dropped first (counted), instead of in an ever growing socket buffer.
         if self._paused:
             self.pipe.flow.to_local.push(datagram)  # type: ignore[union-attr]  # a paused pipe has its flow
-            return
-        # The datagrams of one mux frame arrive in one turn of the loop: their frames go
-        # to the socket in one writev at its end, not a send each.
-        if not self._out:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._out.append(encode_header(Opcode.BINARY, len(datagram)))
-        self._out.append(datagram)
-
-    def _flush(self) -> None:
-        out, self._out = self._out, []
-        ws = self.ws
-        if out and ws is not None and not ws.is_closing():
-            ws._transport.writelines(out)
+        else:
+            self.ws.write(datagram)
 
     def _closed(self, pipe: DatagramPipe, exc: Optional[BaseException]) -> None:
         if exc is None:
             # An end, not a loss: what waits for a slow client goes before the close
             # (at most one queue's worth, past the socket's high-water mark).
-            self._flush()
             queue = pipe.flow.to_local
             while queue and self.ws is not None and not self.ws.is_closing():
                 self.ws.write(queue.pop())
