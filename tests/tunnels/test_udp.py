@@ -553,3 +553,25 @@ def test_relay_connect_udp_flow_ends_when_idle_and_reopens(relay: RelayProcs, tm
         sock.close()
         connect.close()
         target.close()
+
+
+def test_relay_connect_udp_a_refused_websocket_ends_that_flow_only(relay: RelayProcs, echo: UdpTarget,
+                                                                   tmp_path: Path) -> None:
+    """A URL the gateway refuses (an unknown token: 404 to the upgrade) fails each flow's
+    WebSocket with a log line; relay connect keeps running and the next datagram tries
+    again."""
+    session = open_udp_session(relay, echo.port)
+    bad_url = session["tunnel_url"].replace("/tunnel/", "/tunnel/x")
+    connect = ConnectUdp(bad_url, tmp_path / "connect.log")
+    sock = client(timeout=0.5)
+    try:
+        for attempt in (1, 2):
+            sock.sendto(b"anyone?", ("127.0.0.1", connect.port))
+            wait_for(lambda n=attempt: connect.log.read_bytes().count(b"failed") >= n, what=f"failure {attempt}")
+            with pytest.raises(TimeoutError):
+                sock.recvfrom(1000)
+        assert connect.proc.poll() is None
+        assert b"404" in connect.log.read_bytes()
+    finally:
+        sock.close()
+        connect.close()
