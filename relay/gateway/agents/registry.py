@@ -15,7 +15,10 @@ answers within :data:`PROBE_TIMEOUT` it is alive, and the newcomer is refused wi
 GOAWAY ``NOT_ALLOWED`` "agent name ... is already connected" (a WARNING here; the
 refused agent logs it at ERROR and retries with a growing delay); if not, it was dead
 and is replaced. So two live clones never knock each other off: the first keeps the
-name and all traffic, the second waits until the first goes away.
+name and all traffic, the second waits until the first goes away. In a fleet the rule
+holds across gateways: a newcomer of another process is refused while a session of the
+holder at another gateway answers a PING there (:attr:`Registry.admission`,
+relay.gateway.fleet.clones).
 
 An agent may hold sessions to several gateways of a fleet at once (``relay agent
 --connections``); its hello then says which of its connections this is
@@ -55,7 +58,8 @@ from relay.gateway.store import Agent, Store
 from relay.gateway.web.terminal import terminal_enabled
 from relay.mux.errors import ErrorCode
 
-__all__ = ["AgentNameTaken", "ConnectedAgent", "Registry", "StoreWrites", "agent_identity", "end_session"]
+__all__ = ["AgentNameTaken", "ConnectedAgent", "Registry", "StoreWrites", "agent_identity", "answers_ping",
+           "end_session", "peer_address"]
 
 T = TypeVar("T")
 
@@ -120,7 +124,8 @@ class AgentNameTaken(Exception):
     newcomer is ended with a GOAWAY ``error_code`` (NOT_ALLOWED: another process holds
     the name; REFUSED: the same process holds it through another of its connections)."""
 
-    def __init__(self, holder: ConnectedAgent, message: str, error_code: int = ErrorCode.NOT_ALLOWED) -> None:
+    def __init__(self, holder: Optional[ConnectedAgent], message: str,
+                 error_code: int = ErrorCode.NOT_ALLOWED) -> None:
         super().__init__(message)
         self.holder = holder
         self.message = message
@@ -236,6 +241,11 @@ class Registry:
         #: In a fleet: the agents other gateways hold whose hello (known here) declares
         #: services, for the service manager's instances (see :meth:`for_services`).
         self.elsewhere: Optional[Callable[[], list[ConnectedAgent]]] = None
+        #: In a fleet: ``admission(agent_id, name, instance)`` says where another live
+        #: process with this identity is held by another gateway ("ADDRESS through gateway
+        #: ID"), None if none is (relay.gateway.fleet.clones): :meth:`admit` then refuses
+        #: the newcomer as it refuses a clone held here.
+        self.admission: Optional[Callable[[str, str, str], Awaitable[Optional[str]]]] = None
         #: Called with each entry registered / unregistered (the fleet's leases).
         self.on_register: list[Callable[[ConnectedAgent], None]] = []
         self.on_unregister: list[Callable[[ConnectedAgent], None]] = []
@@ -296,28 +306,41 @@ class Registry:
                 # The same agent process dialled this gateway again through another of its
                 # connections (two of its URLs lead here): one session per gateway is
                 # enough, unless the old one is dead.
-                if await _answers_ping(old.session):
+                if await answers_ping(old.session):
                     log.info("agent %r (%s): refused its connection %s, already connected here through "
                              "its connection %s", name, agent_id, connection, old.connection)
                     raise AgentNameTaken(old, (
                         f"agent {name!r} is connected to this gateway already (through another of its "
                         f"connections): try another gateway"), ErrorCode.REFUSED)
                 log.info("agent %r (%s): its other connection from %s does not answer; replacing it",
-                         name, agent_id, _address(old.peer))
+                         name, agent_id, peer_address(old.peer))
             elif old is not None and not old.session.is_closed and not same_process:
-                if await _answers_ping(old.session):
+                if await answers_ping(old.session):
                     peer = session.get_extra_info("peername")
                     log.warning(
                         "agent %r (%s) of team %s: refused a second connection from %s: the same "
                         "key and name is connected from %s and alive (a cloned machine? give each "
-                        "agent its own --name)", name, agent_id, team_id, _address(peer),
-                        _address(old.peer))
+                        "agent its own --name)", name, agent_id, team_id, peer_address(peer),
+                        peer_address(old.peer))
                     raise AgentNameTaken(old, (
                         f"agent name {name!r} is already connected with this key (from "
-                        f"{_address(old.peer)}); another agent with the same key and name is "
+                        f"{peer_address(old.peer)}); another agent with the same key and name is "
                         f"running (a cloned machine?): give each agent its own --name"))
                 log.info("agent %r (%s): its previous connection from %s does not answer; replacing it",
-                         name, agent_id, _address(old.peer))
+                         name, agent_id, peer_address(old.peer))
+            admission = self.admission
+            if admission is not None:
+                elsewhere = await admission(agent_id, name, instance)
+                if elsewhere is not None:
+                    log.warning(
+                        "agent %r (%s) of team %s: refused a second connection from %s: the same "
+                        "key and name is connected from %s and alive (a cloned machine? give each "
+                        "agent its own --name)", name, agent_id, team_id,
+                        peer_address(session.get_extra_info("peername")), elsewhere)
+                    raise AgentNameTaken(None, (
+                        f"agent name {name!r} is already connected with this key (from {elsewhere}); "
+                        f"another agent with the same key and name is running (a cloned machine?): "
+                        f"give each agent its own --name"))
             if session.is_closed:
                 raise ConnectionError("the connection ended before it was registered")
             return await self.register(team_id, credential_id, info, session)
@@ -431,7 +454,7 @@ class Registry:
             entry.session.abort(message=message)
 
 
-async def _answers_ping(session: MuxSession) -> bool:
+async def answers_ping(session: MuxSession) -> bool:
     """True if the session's peer answers a PING within :data:`PROBE_TIMEOUT`."""
     try:
         async with asyncio.timeout(PROBE_TIMEOUT):
@@ -441,7 +464,7 @@ async def _answers_ping(session: MuxSession) -> bool:
         return False
 
 
-def _address(peer: Any) -> str:
+def peer_address(peer: Any) -> str:
     """``host:port`` of a peername tuple, for log lines and messages."""
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"

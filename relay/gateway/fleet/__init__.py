@@ -127,10 +127,12 @@ class Fleet:
                                  gateway_ttl=config.gateway_ttl)
         self.metrics = FleetMetrics()
         self.registry = FleetRegistry(self)
+        from relay.gateway.fleet.clones import CloneGuard
         from relay.gateway.fleet.control import ControlChannel
         from relay.gateway.fleet.forward import serve_forwarded
 
         self.control = ControlChannel(self)
+        self.clones = CloneGuard(self)
 
         self.peers = PeerPool(self.gateway_id, config.secret, lambda stream: serve_forwarded(self, stream),
                               metrics=self.metrics, ssl_context=config.peer_client_context())
@@ -156,6 +158,8 @@ class Fleet:
         registry.remote = self.registry.remote
         registry.elsewhere = self.registry.serving_elsewhere
         self.control.handle("hello", self.registry.serve_hello)
+        self.control.handle("alive", self.clones.serve_alive)
+        registry.admission = self.clones.admission
         self.control.handle("bind", gw.bindings.serve_peer)
         self.control.handle("task", gw.tasks.serve_peer)
         registry.on_register.append(self.registry.on_register)

@@ -24,6 +24,9 @@ Kinds, and who serves them:
 
 * ``hello`` (an agent): ``{"info": the agent's SETTINGS info}`` (the fleet registry asks
   once per agent location it learns, off the request path).
+* ``alive`` (an agent): ``{"alive": bool, "peer": "HOST:PORT"}``: whether the agent's
+  session there answers a PING (relay.gateway.fleet.clones asks before admitting another
+  process with the same key and name).
 * ``bind`` (an agent): the bind message goes to the agent; its ``bind.result`` comes back.
 * ``task`` (a team): run the task on an idle agent of the team whose labels cover it:
   ``{"t": "declined"}``, or ``{"t": "dispatched", "agent_id"}`` followed by each of the

@@ -44,7 +44,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["CHANNEL", "Holders", "Lease", "LeaseStore", "Location", "PREFIX", "safe_instance"]
+__all__ = ["CHANNEL", "Holders", "Lease", "LeaseStore", "Location", "PREFIX", "parse_holders", "parse_processes",
+           "safe_instance"]
 
 PREFIX = "relay:"
 CHANNEL = PREFIX + "events"
@@ -188,15 +189,11 @@ def _text(value: Any) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-def parse_holders(fields: Any, fence: Any, now_ms: int) -> Optional[Holders]:
-    """A ``relay:agent:*`` hash and its ``relay:fence:*`` hash as :class:`Holders`
-    (fields past their deadline, below the floor or malformed are left out); None if
-    nothing is left."""
-    floor = 0
-    fence_floor = _text((fence or {}).get(b"floor") or (fence or {}).get("floor"))
-    if fence_floor is not None and fence_floor.isdigit():
-        floor = int(fence_floor)
-    sessions: dict[str, Location] = {}
+def _live_fields(fields: Any, floor: int, now_ms: int) -> dict[str, list[str]]:
+    """The fields of a ``relay:agent:*`` hash still valid (at or above ``floor``, before
+    their deadline, well formed): gateway id -> ``[epoch, team, instance, connection,
+    deadline]``."""
+    live: dict[str, list[str]] = {}
     for raw_gateway, raw_value in (fields or {}).items():
         gateway, value = _text(raw_gateway), _text(raw_value)
         if gateway is None or value is None:
@@ -204,11 +201,32 @@ def parse_holders(fields: Any, fence: Any, now_ms: int) -> Optional[Holders]:
         parts = value.split("|")
         if len(parts) != 5 or not (parts[0].isdigit() and parts[3].isdigit() and parts[4].isdigit()):
             continue
-        epoch = int(parts[0])
-        if epoch < floor or int(parts[4]) < now_ms:
+        if int(parts[0]) < floor or int(parts[4]) < now_ms:
             continue
-        sessions[gateway] = Location(gateway, epoch, parts[1], int(parts[3]))
+        live[gateway] = parts
+    return live
+
+
+def _floor(fence: Any) -> int:
+    fence_floor = _text((fence or {}).get(b"floor") or (fence or {}).get("floor"))
+    return int(fence_floor) if fence_floor is not None and fence_floor.isdigit() else 0
+
+
+def parse_holders(fields: Any, fence: Any, now_ms: int) -> Optional[Holders]:
+    """A ``relay:agent:*`` hash and its ``relay:fence:*`` hash as :class:`Holders`
+    (fields past their deadline, below the floor or malformed are left out); None if
+    nothing is left."""
+    floor = _floor(fence)
+    sessions = {gateway: Location(gateway, int(parts[0]), parts[1], int(parts[3]))
+                for gateway, parts in _live_fields(fields, floor, now_ms).items()}
     return Holders(sessions, floor) if sessions else None
+
+
+def parse_processes(fields: Any, fence: Any, now_ms: int) -> dict[str, tuple[str, str]]:
+    """Like :func:`parse_holders`, but which agent process holds each live session:
+    gateway id -> ``(instance, team id)`` ("" for an agent that sent no instance id)."""
+    return {gateway: (parts[2], parts[1])
+            for gateway, parts in _live_fields(fields, _floor(fence), now_ms).items()}
 
 
 class LeaseStore:
@@ -290,6 +308,16 @@ class LeaseStore:
             pipe.time()
             fields, fence, (seconds, micros) = await pipe.execute()
         return parse_holders(fields, fence, seconds * 1000 + micros // 1000)
+
+    async def processes(self, agent_id: str) -> dict[str, tuple[str, str]]:
+        """Which process holds each live session of the agent (one round trip):
+        gateway id -> ``(instance, team id)`` (:func:`parse_processes`)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(f"{PREFIX}agent:{agent_id}")
+            pipe.hgetall(f"{PREFIX}fence:{agent_id}")
+            pipe.time()
+            fields, fence, (seconds, micros) = await pipe.execute()
+        return parse_processes(fields, fence, seconds * 1000 + micros // 1000)
 
     async def locations(self) -> dict[str, Holders]:
         """Every agent's live sessions (at start and after a lost subscription)."""

@@ -36,7 +36,7 @@ class FleetMetrics:
         self.peer_failures = 0
         self.invalidations: Counter[str] = Counter()
         #: Control requests (relay.gateway.fleet.control) sent to other gateways and
-        #: served here, by kind (hello, bind, task).
+        #: served here, by kind (hello, alive, bind, task).
         self.controls_out: Counter[str] = Counter()
         self.controls_in: Counter[str] = Counter()
 
