@@ -266,6 +266,12 @@ class Redial:
         self.target = ring.first(connection)
         self.attempt = 0
 
+    def retarget(self) -> None:
+        """The ring's targets changed (the names resolved again): a target that left
+        them is not dialled; the next one no other connection uses is."""
+        if self.target not in self.ring.targets:
+            self.target = self.ring.next(self.connection)
+
     def ended(self, ended: list[Any], lasted: float) -> float:
         """The session (``ended``: it, once it existed) ended after ``lasted`` seconds."""
         refused, duplicate = self._why_ended(ended)

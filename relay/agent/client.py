@@ -26,7 +26,8 @@ several gateways (a fleet: several ``--gateway`` URLs, or one name with several
 addresses), it holds up to ``connections`` sessions at once, each to another gateway
 (relay.agent.gateways); a session that drops is replaced by one to the next gateway
 no other connection uses, dialled within ``backoff_initial / 4`` (spread at random), a
-failed dial there backing off as usual. A key
+failed dial there backing off as usual. Host names are resolved again right before every
+reconnect (:meth:`Agent.targets`), so a fleet whose DNS record changes is followed. A key
 rejected (401/403) before it ever worked is permanent: :meth:`Agent.run` raises
 :class:`AgentAuthError`. Once connected, a refusal (the gateway's GOAWAY NOT_ALLOWED, e.g.
 "credential revoked" or another agent holding this name, or a later 401) is logged at
@@ -39,7 +40,7 @@ import dataclasses
 import logging
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
 from relay.agent.base import AgentBase, Redial
@@ -70,6 +71,8 @@ log = logging.getLogger("relay.agent")
 
 #: The upgrade must complete within this time.
 HANDSHAKE_TIMEOUT = 15.0
+#: A gateway's host name not resolved within this time keeps its last addresses.
+RESOLVE_TIMEOUT = 5.0
 #: What task handlers sleep and tell time with.
 ASYNCIO_TIME = LoopTime(asyncio.sleep, lambda: asyncio.get_running_loop().time())
 
@@ -183,20 +186,44 @@ class Agent(AgentBase):
             raise
         return session
 
-    async def targets(self) -> list[DialTarget]:
+    async def resolve(self, host: str, port: int) -> list[Any]:
+        """``getaddrinfo`` tuples for a gateway's host name: the system's resolver (an
+        embedding application may answer from its own by overriding this). Raises
+        OSError if the name cannot be resolved now."""
+        return await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
+    async def targets(self, previous: Sequence[DialTarget] = ()) -> list[DialTarget]:
         """Every place this agent may dial: each ``--gateway`` URL, and each address of
-        a host name that resolves to several (relay.agent.gateways)."""
-        loop = asyncio.get_running_loop()
+        a host name that resolves to several (relay.agent.gateways). Called at start
+        and again before each reconnect (a fleet's addresses may change): a name that
+        cannot be resolved now (an error, or no answer within :data:`RESOLVE_TIMEOUT`)
+        keeps its targets from ``previous``, the last resolution."""
         found: list[DialTarget] = []
         for gateway in self.gateway_urls:
             infos: list[Any] = []
             if not is_address(gateway.host):
                 try:
-                    infos = await loop.getaddrinfo(gateway.host, gateway.port, type=socket.SOCK_STREAM)
-                except OSError as exc:  # dialled by name, so the next dial says why
-                    log.debug("cannot resolve %s now: %s", gateway.host, exc)
+                    async with asyncio.timeout(RESOLVE_TIMEOUT):
+                        infos = await self.resolve(gateway.host, gateway.port)
+                except (OSError, TimeoutError) as exc:  # dialled by name, so the next dial says why
+                    log.debug("cannot resolve %s now: %s", gateway.host, exc or "timeout")
+                    infos = []
+                    kept = [t for t in previous if t.gateway == gateway]
+                    if kept:
+                        found += [t for t in kept if t not in found]
+                        continue
             found += [t for t in expand(gateway, infos) if t not in found]
         return found
+
+    async def _follow_names(self, ring: TargetRing) -> None:
+        """Resolve the gateways' host names again (before a reconnect): addresses
+        added to a name are dialled, addresses removed are no longer."""
+        if all(is_address(gateway.host) for gateway in self.gateway_urls):
+            return
+        targets = await self.targets(ring.targets)
+        if set(targets) != set(ring.targets):  # a new order alone (round robin) changes nothing
+            log.info("gateway addresses changed: now %s", ", ".join(t.label for t in targets))
+            ring.update(targets)
 
     async def run_once(self, target: Optional[DialTarget] = None, connection: int = 0,
                        sessions: Optional[list[MuxSession]] = None) -> MuxSession:
@@ -261,6 +288,10 @@ class Agent(AgentBase):
             except (OSError, HandshakeError, TimeoutError, ConnectionError) as exc:
                 delay = redial.failed(ended, exc)
             await asyncio.sleep(delay)
+            # Resolve the names again right before dialling: the fleet's addresses may
+            # have changed (while we slept, too).
+            await self._follow_names(ring)
+            redial.retarget()
 
     def close(self) -> None:
         """Drop the current connection (``run`` would reconnect: cancel it to stop)."""

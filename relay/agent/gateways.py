@@ -15,6 +15,11 @@ ways, not two gateways: only the addresses of the family with most of them count
 Two targets may still be one gateway (two names for it, or a load balancer): that
 gateway refuses the second connection of the same agent process with a GOAWAY
 ``REFUSED`` (relay.gateway.agents.registry), and the connection tries another target.
+Names are resolved again before every reconnect, so a fleet whose DNS record changes
+is followed without a restart (:meth:`TargetRing.update`: connections keep targets
+still in the answer; one whose address went dials another); a name that cannot be
+resolved at that moment keeps its last addresses. How many sessions the agent holds is
+decided at start (``--connections`` sets it whatever the name resolves to).
 Loop-neutral: the asyncio agent resolves the names and dials.
 """
 from __future__ import annotations
@@ -98,6 +103,16 @@ class TargetRing:
                 break
         self.used[connection] = index
         return self.targets[index]
+
+    def update(self, targets: Sequence[DialTarget]) -> None:
+        """New targets (the names resolved again): a connection whose target is still
+        there keeps it; one whose target went moves on at its :meth:`next`. An empty
+        list changes nothing (an agent always has somewhere to dial)."""
+        if not targets:
+            return
+        current = {c: self.targets[i] for c, i in self.used.items() if i < len(self.targets)}
+        self.targets = list(targets)
+        self.used = {c: self.targets.index(t) for c, t in current.items() if t in self.targets}
 
     def next(self, connection: int) -> DialTarget:
         """The target after the one ``connection`` used, skipping those other
