@@ -235,7 +235,9 @@ _log_format_option = click.option(
                    "--tls-cert. Peers dial with their certificate and accept only ones it signed. "
                    "Replaces or adds to --fleet-secret.")
 @click.option("--advertise", envvar="RELAY_ADVERTISE", metavar="URL",
-              help="URL the other gateways reach this one at (default: --public-url or the listening address).")
+              help="URL the other gateways reach this one at (default: --public-url or the listening address). "
+                   "With --workers: a HOST (or http://HOST) each worker advertises with its own peer port, "
+                   "which then listens on --listen's host, so other machines' gateways join the fleet.")
 @click.option("--gateway-id", envvar="RELAY_GATEWAY_ID", metavar="ID",
               help="This gateway's id in the fleet (default: a random one per start).")
 @click.option("--workers", type=click.IntRange(min=1, max=256), default=1, show_default=True,
@@ -297,7 +299,7 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
                          tunnel_domain=tunnel_domain,
                          echo=lambda line: click.echo(line),
                          reuse_port=worker is not None,
-                         peer_listen=("127.0.0.1", worker.peer_port) if worker is not None else None))
+                         peer_listen=(worker.peer_host, worker.peer_port) if worker is not None else None))
     except (StoreError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
@@ -314,14 +316,18 @@ def _supervise_workers(count: int, host: str, port: int, listen: str, *, redis_u
     import os
     import sys
 
-    from relay.gateway.fleet.workers import reserve_address, supervise
+    from relay.gateway.fleet.workers import advertise_host, reserve_address, supervise
 
     if not redis_url:
         raise click.UsageError("--workers needs --redis (or RELAY_REDIS): the workers are a fleet, and a fleet "
                                "keeps its live registry in Redis; see docs/FLEET.md")
-    if advertise:
-        raise click.UsageError("--workers advertises each worker at a loopback port of its own: drop --advertise "
-                               "(a fleet over several machines runs one gateway per --advertise URL)")
+    advertised, peer_host = "", "127.0.0.1"
+    if advertise:  # workers other machines' gateways reach: peer ports on --listen's host
+        try:
+            advertised = advertise_host(advertise)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--advertise") from None
+        peer_host = host or "0.0.0.0"
     if fleet_ca is not None:
         raise click.UsageError("--workers reach each other over loopback, authenticated by the fleet secret "
                                "(one is made when none is given): drop --fleet-ca")
@@ -342,7 +348,7 @@ def _supervise_workers(count: int, host: str, port: int, listen: str, *, redis_u
     click.echo(f"relay gateway: {count} workers on {shown}:{bound[1]} (pid {os.getpid()} supervises)")
     try:
         status = supervise(count, argv, gateway_id=gateway_id, fleet_secret=fleet_secret,
-                           echo=lambda line: click.echo(line), env=env)
+                           echo=lambda line: click.echo(line), env=env, advertise=advertised, peer_host=peer_host)
     finally:
         reserved.close()
     if status:

@@ -1420,9 +1420,6 @@ def test_workers_refuse_bad_combinations(tmp_path):
     done = run("--workers", "2", "--listen", "127.0.0.1:0")
     assert done.returncode == 2 and "--workers needs --redis" in done.stderr, done.stderr
     done = run("--workers", "2", "--listen", "127.0.0.1:0", "--redis", "redis://127.0.0.1:1/0",
-               "--advertise", "http://example.com")
-    assert done.returncode == 2 and "drop --advertise" in done.stderr, done.stderr
-    done = run("--workers", "2", "--listen", "127.0.0.1:0", "--redis", "redis://127.0.0.1:1/0",
                "--fleet-ca", __file__)
     assert done.returncode == 2 and "drop --fleet-ca" in done.stderr, done.stderr
     done = run("--workers", "0", "--redis", "redis://127.0.0.1:1/0")

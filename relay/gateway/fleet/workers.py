@@ -9,9 +9,12 @@ The parent process (:func:`supervise`) serves nothing itself. It
   plus :data:`WORKER_ENV`, which makes it a worker: it listens on the shared address
   with SO_REUSEPORT (the kernel spreads new connections over the workers), joins the
   fleet (Redis, the shared store) under an id of its own, and also listens on a
-  loopback port of its own, which it advertises: a peer session must reach *that*
-  process, and the shared port would hand it to any of them. Every tunnel's hub port is
-  shared the same way (relay.gateway.api.tunnels);
+  port of its own, which it advertises: a peer session must reach *that* process, and
+  the shared port would hand it to any of them. That port is on loopback (a fleet of
+  one machine), or with ``--advertise HOST`` on the host of ``--listen``, advertised as
+  ``http://HOST:PORT``, so other machines' gateways (one gateway, or their own
+  workers) join the same fleet. Every tunnel's hub port is shared the same way
+  (relay.gateway.api.tunnels);
 * restarts a worker that exits while the fleet runs (after 0.5 s, doubling up to 10 s
   while it keeps dying young); gives up, stopping all, if a worker of the first start
   fails before it ever listened (a bad option, a store that refuses: it would fail the
@@ -29,20 +32,24 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["STOP_TIMEOUT", "WORKER_ENV", "WorkerSpec", "reserve_address", "supervise", "worker_spec"]
+__all__ = ["STOP_TIMEOUT", "WORKER_ENV", "WorkerSpec", "advertise_host", "reserve_address", "supervise",
+           "worker_spec"]
 
 log = logging.getLogger("relay.gateway.fleet.workers")
 
@@ -64,10 +71,20 @@ class WorkerSpec:
     index: int
     gateway_id: str
     peer_port: int
+    #: The address its peer port listens on: loopback, or with an advertise host the
+    #: host of ``--listen`` (so other machines' gateways reach it).
+    peer_host: str = "127.0.0.1"
+    #: The host it advertises (``--advertise HOST``); "" for ``peer_host``.
+    advertise_host: str = ""
 
     @property
     def advertise(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        host = self.advertise_host or self.peer_host
+        return f"http://{_bracketed(host)}:{self.peer_port}"
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def worker_spec() -> Optional[WorkerSpec]:
@@ -77,9 +94,46 @@ def worker_spec() -> Optional[WorkerSpec]:
         return None
     try:
         data = json.loads(raw)
-        return WorkerSpec(int(data["index"]), str(data["id"]), int(data["peer_port"]))
+        return WorkerSpec(int(data["index"]), str(data["id"]), int(data["peer_port"]),
+                          str(data.get("peer_host", "127.0.0.1")), str(data.get("advertise_host", "")))
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"{WORKER_ENV} is set but malformed (it is for --workers' own use)") from None
+
+
+def advertise_host(value: str) -> str:
+    """The host of ``--advertise`` given with ``--workers``: ``HOST`` or ``http://HOST``
+    (each worker advertises ``http://HOST:its peer port``). Raises ValueError for a
+    port, a path, or a scheme other than http (a worker's peer port serves no TLS)."""
+    text = value.strip()
+    if "://" in text:
+        parts = urllib.parse.urlsplit(text)
+        if parts.scheme != "http":
+            raise ValueError("with --workers, --advertise is HOST or http://HOST: each worker's peer port "
+                             "serves plain HTTP (the fleet secret authenticates it; keep it on a private network)")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("with --workers, --advertise is HOST or http://HOST, nothing after the host")
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if port is not None:
+            raise ValueError("with --workers, --advertise gives no port: each worker advertises its own peer port")
+        host = parts.hostname or ""
+    else:
+        host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+        if "/" in host or (":" in host and not _is_ipv6(host)):
+            raise ValueError("with --workers, --advertise is HOST or http://HOST (no port: each worker "
+                             "advertises its own peer port)")
+    if not host or not re.fullmatch(r"[A-Za-z0-9.:_-]+", host):
+        raise ValueError(f"--advertise {value!r}: not a host name or address")
+    return host
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+    except ValueError:
+        return False
 
 
 def reserve_address(host: str, port: int) -> socket.socket:
@@ -98,10 +152,16 @@ def reserve_address(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+def _free_port(host: str) -> int:
+    """A port free on ``host`` now (a worker's peer port)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _local(host: str) -> str:
+    """Where this machine reaches a listener on ``host`` (a wildcard: loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
 def _die_with_parent() -> None:
@@ -124,6 +184,7 @@ class _Worker:
     index: int
     base_id: str
     peer_port: int
+    peer_host: str = "127.0.0.1"
     proc: Optional[subprocess.Popen[bytes]] = None
     starts: int = 0
     started_at: float = 0.0
@@ -138,23 +199,26 @@ class _Worker:
         return f"{self.base_id}-{suffix}"
 
 
-def _accepts(port: int) -> bool:
+def _accepts(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        with socket.create_connection((_local(host), port), timeout=0.2):
             return True
     except OSError:
         return False
 
 
 def supervise(count: int, argv: Sequence[str], *, gateway_id: Optional[str], fleet_secret: Optional[str],
-              echo: Callable[[str], None] = print, env: Optional[dict[str, str]] = None) -> int:
+              echo: Callable[[str], None] = print, env: Optional[dict[str, str]] = None,
+              advertise: str = "", peer_host: str = "127.0.0.1") -> int:
     """Run ``count`` workers, each ``python -m relay`` + ``argv`` (the parent's own
-    command line), until SIGTERM/SIGINT; returns the exit status (module docstring)."""
+    command line), until SIGTERM/SIGINT; returns the exit status (module docstring).
+    ``advertise``: the host the workers advertise (their peer ports listen on
+    ``peer_host``); "" for loopback (one machine's fleet)."""
     base_env = dict(os.environ if env is None else env)
     base_env.pop(WORKER_ENV, None)
     base_env["RELAY_FLEET_SECRET"] = fleet_secret or secrets.token_urlsafe(32)
     base_id = gateway_id or secrets.token_hex(3)
-    workers = [_Worker(i, base_id, _free_loopback_port()) for i in range(1, count + 1)]
+    workers = [_Worker(i, base_id, _free_port(peer_host), peer_host) for i in range(1, count + 1)]
     stopping: list[int] = []
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -164,15 +228,17 @@ def supervise(count: int, argv: Sequence[str], *, gateway_id: Optional[str], fle
 
     def start(worker: _Worker) -> None:
         worker.starts += 1
-        if worker.starts > 1 and _accepts(worker.peer_port):  # someone took its port meanwhile
-            worker.peer_port = _free_loopback_port()
-        spec = {"index": worker.index, "id": worker.gateway_id, "peer_port": worker.peer_port}
+        if worker.starts > 1 and _accepts(worker.peer_port, worker.peer_host):  # someone took its port meanwhile
+            worker.peer_port = _free_port(worker.peer_host)
+        spec = {"index": worker.index, "id": worker.gateway_id, "peer_port": worker.peer_port,
+                "peer_host": worker.peer_host, "advertise_host": advertise}
+        shown = WorkerSpec(worker.index, worker.gateway_id, worker.peer_port, worker.peer_host, advertise)
         worker.proc = subprocess.Popen([sys.executable, "-m", "relay", *argv],
                                        env={**base_env, WORKER_ENV: json.dumps(spec)},
                                        start_new_session=True, preexec_fn=_die_with_parent)
         worker.started_at, worker.ready, worker.restart_at = time.monotonic(), False, None
         echo(f"relay gateway worker {worker.index} started: pid {worker.proc.pid}, "
-             f"id {worker.gateway_id}, peers at http://127.0.0.1:{worker.peer_port}")
+             f"id {worker.gateway_id}, peers at {shown.advertise}")
 
     status = 0
     try:
@@ -189,7 +255,7 @@ def supervise(count: int, argv: Sequence[str], *, gateway_id: Optional[str], fle
                     continue
                 code = proc.poll()
                 if code is None:
-                    if not worker.ready and _accepts(worker.peer_port):
+                    if not worker.ready and _accepts(worker.peer_port, worker.peer_host):
                         worker.ready = True
                     continue
                 if stopping:
