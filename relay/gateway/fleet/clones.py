@@ -17,8 +17,8 @@ across gateways, before the newcomer is admitted (:meth:`CloneGuard.admission`):
    (relay.gateway.fleet.control), whether that session answers a PING there.
 3. One that answers keeps the agent: the newcomer is refused as on one gateway. A
    holder that does not answer (a half-open connection), a gateway that no longer
-   holds it, or one that cannot be asked within :data:`PROBE_WAIT` (frozen, cut off)
-   does not: the newcomer is admitted and its claim supersedes the old session, as
+   holds it, or one that cannot be asked (it does not take the question within
+   :data:`ACCEPT_WAIT`: frozen, cut off) does not: the newcomer is admitted and its claim supersedes the old session, as
    before.
 
 Redis unreachable: nothing can be known, the newcomer is admitted. Two clones admitted
@@ -32,20 +32,23 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Optional
 
-from relay.gateway.agents.registry import answers_ping, peer_address
+from relay.gateway.agents.registry import PROBE_TIMEOUT, answers_ping, peer_address
 from relay.gateway.fleet.leases import safe_instance
 
 if TYPE_CHECKING:
     from relay.gateway.fleet import Fleet
     from relay.gateway.fleet.control import ControlCall
 
-__all__ = ["CloneGuard", "PROBE_WAIT"]
+__all__ = ["ACCEPT_WAIT", "ANSWER_WAIT", "CloneGuard"]
 
 log = logging.getLogger("relay.gateway.fleet.clones")
 
-#: The longest a newcomer's admission waits for the gateways holding a rival process
-#: (the holder's own PING probe takes at most relay.gateway.agents.registry.PROBE_TIMEOUT).
-PROBE_WAIT = 5.0
+#: How long a gateway holding a rival process has to take the question (a live one
+#: takes it in a round trip; a frozen one never does, and must not hold the newcomer
+#: up for long), then to answer it (its PING probe takes at most
+#: relay.gateway.agents.registry.PROBE_TIMEOUT).
+ACCEPT_WAIT = 1.5
+ANSWER_WAIT = PROBE_TIMEOUT + 1.0
 
 
 class CloneGuard:
@@ -84,12 +87,12 @@ class CloneGuard:
     async def _probe(self, gateway_id: str, team_id: str, agent_id: str) -> Optional[str]:
         """The holder's address if its session at ``gateway_id`` answers a PING there."""
         try:
-            async with asyncio.timeout(PROBE_WAIT):
+            async with asyncio.timeout(ACCEPT_WAIT):
                 reply = await self._fleet.control.request(gateway_id, "alive", team_id, {}, agent_id=agent_id)
-                try:
-                    answer = await reply.next()
-                finally:
-                    reply.close()
+            try:
+                answer = await reply.next(ANSWER_WAIT)
+            finally:
+                reply.close()
         except (TimeoutError, ConnectionError, ValueError) as exc:
             log.debug("agent %s: no answer from gateway %s about its session there: %s", agent_id, gateway_id,
                       exc or type(exc).__name__)

@@ -181,6 +181,9 @@ class Lease:
     instance: str = ""
     #: Which of the agent's connections the session is (0 for an agent that says not).
     connection: int = 0
+    #: True while a claim of it is in flight: a renewal round must not claim it again
+    #: (two claims of one session: the second's epoch would make the first's stale).
+    claiming: bool = False
 
 
 def _text(value: Any) -> Optional[str]:

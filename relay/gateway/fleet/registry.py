@@ -89,6 +89,7 @@ class FleetRegistry:
 
     def on_register(self, entry: ConnectedAgent) -> None:
         lease = Lease(entry.agent_id, entry.team_id, instance=entry.instance, connection=entry.connection or 0)
+        lease.claiming = True  # from now: a renewal round running before the claim starts must not claim it
         self._leases[entry.agent_id] = (lease, entry)
         self._fleet.spawn(self._claim(lease, entry))
 
@@ -106,11 +107,14 @@ class FleetRegistry:
 
     async def _claim(self, lease: Lease, entry: ConnectedAgent) -> None:
         fleet = self._fleet
+        lease.claiming = True
         try:
             epoch, floor = await fleet.leases.claim(lease.agent_id, lease.team_id, lease.instance, lease.connection)
         except Exception as exc:
             fleet.redis_failed("claim the lease of agent " + lease.agent_id, exc)
             return  # claimed by the renewal loop once Redis answers
+        finally:
+            lease.claiming = False
         fleet.redis_ok()
         fleet.metrics.claims += 1
         held = self._leases.get(lease.agent_id)
@@ -130,9 +134,11 @@ class FleetRegistry:
         """One renewal round: claims pending, renews the rest; ends lost sessions.
         Raises on a Redis failure (the caller records it)."""
         fleet = self._fleet
-        pending = [(lease, entry) for lease, entry in self._leases.values() if lease.epoch is None]
+        pending = [(lease, entry) for lease, entry in self._leases.values()
+                   if lease.epoch is None and not lease.claiming]
         for lease, entry in pending:
-            await self._claim(lease, entry)
+            if lease.epoch is None and not lease.claiming:  # (not claimed meanwhile)
+                await self._claim(lease, entry)
         held = [(lease, entry) for lease, entry in self._leases.values() if lease.epoch is not None]
         results = await fleet.leases.renew([lease for lease, _ in held])
         for (lease, entry), kept in zip(held, results, strict=True):
