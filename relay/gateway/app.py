@@ -210,7 +210,6 @@ class Gateway:
                                      session_idle_timeout=self._session_idle_timeout)
         self.tunnels.reuse_port = self._fleet_config is not None
         self.tunnels.closed_listeners.append(self.terminals.sessions_closed)
-        self.tunnels.idle_timeouts = self._fleet_config is None  # (session_lifetime: fleets)
         self.tunnels.activity_probes.append(self.http_tunnels.activity)
         self.tunnels.activity_probes.append(self.terminals.activity)
         self.tunnels.on_expired = self._close_sessions
@@ -337,13 +336,20 @@ class Gateway:
             self.auth.forget()
             self.revocations.forget()
             self.revocations.check_soon()  # expel agents and cut connections of a revoked key now
-        elif kind == "tunnel_sessions":
+        elif kind == "tunnel_sessions":  # closed (ids) or opened (opened) at another gateway
             self.store.tunnel_sessions_version += 1  # the HTTP tunnels' token caches start over
             for session_id in ids:
                 self.http_tunnels.session_closed(session_id)
             self.terminals.sessions_closed(ids)
             if self.tunnels is not None:
                 self.tunnels.closed_elsewhere(ids)
+            if message.get("opened"):
+                self.tunnels_api.sync_soon()  # its hub port listens here too (sync_sessions)
+            team_id, agent_id = message.get("team"), message.get("agent")
+            entry = self.registry.local(team_id, agent_id) \
+                if isinstance(team_id, str) and isinstance(agent_id, str) else None
+            if entry is not None and entry.status in ("idle", "tunnel"):
+                self.rest(entry)  # held here: ``tunnel`` while it has sessions, else idle
         elif kind == "tunnels":
             self.tunnels_api.sync_soon()  # created, resumed, paused, deleted: hub ports follow
             if message.get("status") in ("paused", "deleted"):
@@ -718,7 +724,10 @@ def openapi_document(server_url: str) -> dict[str, Any]:
         "status": {"type": "string", "enum": ["idle", "busy", "tunnel", "unhealthy", "offline"]},
         "online": {"type": "boolean"},
         "terminal": {"type": "boolean", "description": "the agent serves the web terminal (started with "
-                                                        "--terminal SHELL); false while it is offline"}}}
+                                                        "--terminal SHELL); false while it is offline"},
+        "gateways": {"type": "array", "items": {"type": "string"},
+                     "description": "in a fleet only: the ids of the gateways holding a session of the agent "
+                                    "(several with relay agent --connections; empty when offline)"}}}
     return {
         "openapi": "3.0.3",
         "info": {"title": "relay gateway API", "version": __version__},

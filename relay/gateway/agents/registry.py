@@ -246,6 +246,9 @@ class Registry:
         #: ID"), None if none is (relay.gateway.fleet.clones): :meth:`admit` then refuses
         #: the newcomer as it refuses a clone held here.
         self.admission: Optional[Callable[[str, str, str], Awaitable[Optional[str]]]] = None
+        #: In a fleet: ``holders(team_id, agent_id)``, the ids of the gateways holding a
+        #: session of the agent (the agent APIs' ``gateways``; absent alone).
+        self.holders: Optional[Callable[[str, str], list[str]]] = None
         #: Called with each entry registered / unregistered (the fleet's leases).
         self.on_register: list[Callable[[ConnectedAgent], None]] = []
         self.on_unregister: list[Callable[[ConnectedAgent], None]] = []
@@ -433,7 +436,7 @@ class Registry:
         if not online and self.remote is not None:  # held by another gateway of the fleet
             live = self.remote(agent.team_id, agent.id)
             online = live is not None
-        return {
+        body = {
             "agent_id": agent.id,
             "name": agent.name,
             "labels": agent.labels,
@@ -448,6 +451,9 @@ class Registry:
             # next start may say otherwise, so it is false until then.
             "terminal": live is not None and online and terminal_enabled(live.session.peer_info),
         }
+        if self.holders is not None:  # in a fleet: which gateways hold it (empty: offline)
+            body["gateways"] = self.holders(agent.team_id, agent.id) if online else []
+        return body
 
     def abort_all(self, message: str = "gateway shutting down") -> None:
         for entry in list(self._agents.values()):

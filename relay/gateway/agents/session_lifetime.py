@@ -23,10 +23,14 @@ meanwhile, and starts their idle clocks afresh (it cannot know what went through
 while it was down). A task-bound session (relay.gateway.api.tasks, ``expose``) has
 neither: it closes with its task.
 
-In a fleet (docs/FLEET.md) only TTLs are enforced: a session's connections and requests
-may pass through any gateway of the fleet, none of them sees all of its traffic, and an
-idle timeout judged on one gateway's share would close sessions in use elsewhere. A
-session opened in a fleet answers ``idle_timeout: 0`` to say so.
+In a fleet (docs/FLEET.md) a session's connections and requests may pass through any
+gateway, and none of them sees all of its traffic. Every gateway watches every open
+session's lifetime; each tells the others of the traffic it sees (at most every quarter
+of the idle timeout, :meth:`Lifetime.share_due`: a key per session in Redis that
+expires one idle timeout after the last traffic, relay.gateway.fleet.activity), and a
+session idle on one gateway closes only once it is idle by what the whole fleet saw
+(:meth:`Lifetime.idle_elsewhere`). Whichever gateway finds it over closes it, for every
+gateway. While Redis is unreachable no session idles out (TTLs still apply).
 
 Everything here is pure (time passed in); relay.gateway.agents.tunnel_sessions sweeps.
 """
@@ -43,6 +47,9 @@ DEFAULT_TTL = 0.0
 DEFAULT_IDLE_TIMEOUT = 3600.0
 #: Largest ``ttl`` or ``idle_timeout`` accepted (30 days).
 MAX_SECONDS = 30 * 24 * 3600
+#: In a fleet, when the shared activity cannot be read (Redis unreachable): how long
+#: until it is asked again (the session stays open meanwhile).
+UNKNOWN_RETRY = 5.0
 
 
 def parse_seconds(body: dict[str, Any], field: str, default: float) -> Optional[str]:
@@ -71,6 +78,10 @@ class Lifetime:
     active_at: float
     #: Activity count last seen (connections + requests so far).
     count: int = 0
+    #: In a fleet: activity seen here that the others were not told of yet, and when
+    #: they were last told (monotonic; None: never).
+    unshared: bool = False
+    shared_at: Optional[float] = None
 
     def why_over(self, now: float, monotonic: float, count: int, live: int) -> Optional[str]:
         """Why the session must close now (``"ttl"`` or ``"idle"``), or None.
@@ -80,10 +91,36 @@ class Lifetime:
         if live or count != self.count:
             self.count = count
             self.active_at = monotonic
+            self.unshared = True
             return None
         if self.idle_timeout and monotonic - self.active_at >= self.idle_timeout:
             return "idle"
         return None
+
+    def share_due(self, monotonic: float) -> bool:
+        """In a fleet: should the activity seen here be told to the others now? Once
+        per quarter of the idle timeout at most, so a busy session costs little; told
+        that late, the others' idea of its last activity is never earlier than the
+        truth minus a quarter, and the shared record lasts an idle timeout plus a
+        margin after it is told (relay.gateway.fleet.activity), so no session closes
+        early. Marks it told."""
+        if not self.unshared or not self.idle_timeout:
+            return False
+        if self.shared_at is not None and monotonic - self.shared_at < self.idle_timeout / 4:
+            return False
+        self.unshared, self.shared_at = False, monotonic
+        return True
+
+    def idle_elsewhere(self, monotonic: float, remaining: Optional[float]) -> bool:
+        """Idle here: is it idle for the whole fleet too? ``remaining``: seconds until
+        it is, by the fleet's shared record (None: unknown). If not, the idle clock here
+        is moved to when it would be, so the next look at the shared record waits until
+        then."""
+        if remaining is not None and remaining <= 0:
+            return True
+        wait = remaining if remaining is not None else min(self.idle_timeout, UNKNOWN_RETRY)
+        self.active_at = monotonic - self.idle_timeout + wait
+        return False
 
     def metadata(self) -> dict[str, Any]:
         """What the session row keeps of it."""

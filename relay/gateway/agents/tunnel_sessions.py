@@ -54,7 +54,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from relay.aio import MuxSession, SessionClosedError, StreamRefused, StreamSplice, WebSocketTransport
 from relay.aio.stream import MuxStream, abort_with_reset
@@ -65,13 +65,13 @@ from relay.gateway.agents.session_lifetime import DEFAULT_IDLE_TIMEOUT as SESSIO
 from relay.gateway.agents.session_lifetime import DEFAULT_TTL as SESSION_TTL
 from relay.gateway.agents.session_lifetime import Lifetime
 from relay.gateway.egress import EgressPolicy, is_ip_literal
-from relay.gateway.store import Store, TunnelSession
+from relay.gateway.store import ConflictError, Store, TunnelSession
 from relay.mux.connection import MuxConfig
 from relay.mux.datagrams import DEFAULT_IDLE_TIMEOUT
 from relay.mux.errors import ErrorCode
 from relay.ws.tcp_tunnel import CLOSE_RESET, EOF_MESSAGE, reset_reason
 
-__all__ = ["HubListener", "TunnelManager", "policy_refusal"]
+__all__ = ["HubListener", "SharedActivity", "TunnelManager", "policy_refusal"]
 
 log = logging.getLogger("relay.gateway.agents.tunnel_sessions")
 
@@ -81,6 +81,9 @@ DEFAULT_TARGET_PORT = 8188
 MAX_HUB_CONNECTIONS = 1024
 #: How long the check of a target's name may wait for DNS (then the agent decides).
 NAME_LOOKUP_TIMEOUT = 2.0
+#: Free ports tried for a new session's hub port (a fleet may have recorded a port
+#: bound here for another tunnel meanwhile).
+HUB_PORT_ATTEMPTS = 8
 
 
 @dataclass
@@ -267,6 +270,18 @@ def policy_refusal(hello: Any, host: str, port: int) -> Optional[str]:
     return not_allowed_message(host.lower(), port, name, allow)
 
 
+class SharedActivity(Protocol):
+    """In a fleet, the tunnel sessions' activity as every gateway saw it
+    (relay.gateway.fleet.activity)."""
+
+    async def touch(self, sessions: list[tuple[str, float]]) -> None:
+        """``(session id, idle timeout)``: traffic went through these sessions here."""
+
+    async def remaining(self, session_ids: list[str]) -> dict[str, Optional[float]]:
+        """Seconds until each session is idle by what the whole fleet saw (0: idle
+        now; None or absent: unknown, e.g. Redis is unreachable)."""
+
+
 class TunnelManager:
     """Opens and closes tunnel sessions and their hub ports."""
 
@@ -285,9 +300,10 @@ class TunnelManager:
         self._lifetimes: dict[str, Lifetime] = {}
         #: How often lifetimes are checked, seconds.
         self.sweep_interval = 1.0
-        #: False in a fleet: a session's traffic may pass through any of its gateways,
-        #: and none sees all of it, so only TTLs are enforced (session_lifetime).
-        self.idle_timeouts = True
+        #: In a fleet: the activity of sessions as the whole fleet saw it (a session's
+        #: traffic may pass through any gateway; relay.gateway.fleet.activity). None
+        #: alone: what this gateway sees is all there is.
+        self.shared_activity: Optional[SharedActivity] = None
         self._sweeper: Optional[asyncio.Task[None]] = None
         #: ``fn(session_id) -> (requests so far, live now)`` or None: activity of a
         #: session that has no hub port (the gateway adds its HTTP tunnels').
@@ -320,6 +336,19 @@ class TunnelManager:
         #: Called with the ids of the sessions :meth:`close` closed (a fleet tells the
         #: other gateways, which cut their own connections through them).
         self.closed_listeners: list[Callable[[list[str]], None]] = []
+        #: Called with ``(team_id, agent_id, session_ids, opened)`` when :meth:`open`
+        #: opened a session (``opened`` True) or :meth:`close` closed some (a fleet
+        #: tells the other gateways: they listen on its hub port, and the gateway
+        #: holding the agent sets its status).
+        self.session_listeners: list[Callable[[str, str, list[str], bool], None]] = []
+        #: Seed 000 sessions whose hub port listens here, and why the port of one could
+        #: not be bound (in a fleet every gateway listens on every session's hub port:
+        #: :meth:`sync_sessions`).
+        self._session_hubs: set[str] = set()
+        self._sync_errors: dict[str, str] = {}
+        #: Serialises what opens and closes session hub ports (an open must not race a
+        #: sync pass that read the store before it).
+        self._sessions_lock = asyncio.Lock()
         #: In a fleet, hub ports are bound with SO_REUSEPORT, so gateways on one host
         #: can all listen on a tunnel's port (and a restart never finds it taken).
         self.reuse_port = False
@@ -400,10 +429,6 @@ class TunnelManager:
         defaults, 0 for none (relay.gateway.agents.session_lifetime). ``task_id``: the
         session belongs to that task (no lifetime of its own; the agent's status is
         left as it is: busy with the task)."""
-        hub: Optional[HubListener] = None
-        if protocol in ("tcp", "udp"):
-            hub = HubListener("", team_id, agent_id, target_port, protocol=protocol)
-            await self._listen(hub)
         lifetime: Optional[Lifetime] = None
         metadata: dict[str, Any] = {"host_header": host_header} if host_header else {}
         if task_id is not None:
@@ -412,16 +437,18 @@ class TunnelManager:
             ttl = self.session_ttl if ttl is None else ttl
             idle = self.session_idle_timeout if idle_timeout is None else idle_timeout
             lifetime = Lifetime(team_id, agent_id, time.time() + ttl if ttl else None,
-                                idle if self.idle_timeouts else 0.0, asyncio.get_running_loop().time())
+                                idle, asyncio.get_running_loop().time())
             metadata.update(lifetime.metadata())
-        try:
-            session, access, admin = await self._store.create_tunnel_session(
-                team_id, agent_id, target_port, protocol, hub_port=hub.port if hub else None,
-                metadata=metadata or None)
-        except BaseException:
-            if hub is not None and hub.server is not None:
-                hub.server.close()
-            raise
+        async with self._sessions_lock:
+            session, access, admin, hub = await self._create(team_id, agent_id, target_port, protocol,
+                                                             metadata)
+            if lifetime is not None:
+                self._lifetimes[session.session_id] = lifetime
+            if hub is not None:
+                hub.session_id = session.session_id
+                self._hubs[session.session_id] = hub
+                self._hub_ports = None
+                self._session_hubs.add(session.session_id)
         result: dict[str, Any] = {
             "session_id": session.session_id,
             "tunnel_url": self.tunnel_url(str(access), protocol),
@@ -429,8 +456,6 @@ class TunnelManager:
             "tunnel_protocol": protocol,
             **_lifetime_fields(metadata),
         }
-        if lifetime is not None:
-            self._lifetimes[session.session_id] = lifetime
         if protocol == "http" and self.tunnel_domain:
             from relay.gateway.http.tunnel_hosts import tunnel_host_url
 
@@ -444,9 +469,6 @@ class TunnelManager:
             if terminal_enabled(agent.session.peer_info):
                 result["terminal_url"] = terminal_url(self.public_url, str(access))
         if hub is not None:
-            hub.session_id = session.session_id
-            self._hubs[session.session_id] = hub
-            self._hub_ports = None
             result["hub_port"] = hub.port
             log.info("%s tunnel %s: hub port %s:%d -> agent %s 127.0.0.1:%d", protocol,
                      session.session_id, self.hub_host, hub.port, agent_id, target_port)
@@ -454,27 +476,67 @@ class TunnelManager:
             log.info("http tunnel %s -> agent %s port %d", session.session_id, agent_id, target_port)
         if task_id is None:
             self._registry.set_status(team_id, agent_id, "tunnel")
+        self._tell(team_id, agent_id, [session.session_id], True)
         return result
+
+    async def _create(self, team_id: str, agent_id: str, target_port: int, protocol: str,
+                      metadata: dict[str, Any]) -> tuple[TunnelSession, Any, Any, Optional[HubListener]]:
+        """The session's row and, for tcp and udp, its hub port: a free port bound here,
+        then reserved in the store with the row. In a fleet the store refuses a port
+        another gateway recorded meanwhile (for a session or a Tunnels API tunnel:
+        every gateway listens on both), and another port is tried."""
+        for attempt in range(HUB_PORT_ATTEMPTS):
+            hub: Optional[HubListener] = None
+            if protocol in ("tcp", "udp"):
+                hub = HubListener("", team_id, agent_id, target_port, protocol=protocol)
+                await self._listen(hub)
+            try:
+                session, access, admin = await self._store.create_tunnel_session(
+                    team_id, agent_id, target_port, protocol, hub_port=hub.port if hub else None,
+                    metadata=metadata or None)
+            except ConflictError:
+                if hub is None or attempt == HUB_PORT_ATTEMPTS - 1:
+                    raise
+                log.info("%s tunnel: hub port %d is another tunnel's in the store; trying another",
+                         protocol, hub.port)
+                self._stop_hub(hub)
+                continue
+            except BaseException:
+                if hub is not None:
+                    self._stop_hub(hub)
+                raise
+            return session, access, admin, hub
+        raise AssertionError("unreachable")
+
+    def _tell(self, team_id: str, agent_id: str, session_ids: list[str], opened: bool) -> None:
+        for listener in list(self.session_listeners):
+            try:
+                listener(team_id, agent_id, session_ids, opened)
+            except Exception:
+                log.exception("tunnel session listener failed")
 
     async def close(self, team_id: str, agent_id: str, session_id: Optional[str] = None) -> list[str]:
         """Close one session (``session_id``) or all of the agent's; returns the closed ids.
         The agent returns to idle when none is left."""
-        if session_id is not None:
-            row = await self._store.get_tunnel_session(team_id, session_id)
-            if row is None or row.agent_id != agent_id or not row.is_open:
-                return []
-            # The hub port stops before the store says closed: whoever reads "closed"
-            # there must find the port refusing, not a listener still draining.
-            self._close_hub(session_id)
-            await self._store.close_tunnel_session(team_id, session_id)
-            closed = [session_id]
-        else:
-            for row in await self._store.list_tunnel_sessions(team_id, agent_id):
-                self._close_hub(row.session_id)
-            closed = await self._store.close_tunnel_sessions(team_id, agent_id)
-        for sid in closed:
-            self._close_hub(sid)
-            self._lifetimes.pop(sid, None)
+        async with self._sessions_lock:  # a sync pass must not reopen what closes here
+            if session_id is not None:
+                row = await self._store.get_tunnel_session(team_id, session_id)
+                if row is None or row.agent_id != agent_id or not row.is_open:
+                    return []
+                # The hub port stops before the store says closed: whoever reads "closed"
+                # there must find the port refusing, not a listener still draining.
+                self._close_hub(session_id)
+                self._lifetimes.pop(session_id, None)
+                if not await self._store.close_tunnel_session(team_id, session_id):
+                    return []  # another gateway of a fleet closed it first (and tells the others)
+                closed = [session_id]
+            else:
+                for row in await self._store.list_tunnel_sessions(team_id, agent_id):
+                    self._close_hub(row.session_id)
+                closed = await self._store.close_tunnel_sessions(team_id, agent_id)
+            for sid in closed:
+                self._close_hub(sid)
+                self._lifetimes.pop(sid, None)
         entry = self._registry.get(team_id, agent_id)
         # Back to idle only from ``tunnel``: an agent busy with a task stays busy (the
         # task's end makes it idle), and a task's own session never held it.
@@ -484,12 +546,66 @@ class TunnelManager:
         if closed:
             for listener in list(self.closed_listeners):
                 listener(closed)
+            self._tell(team_id, agent_id, closed, False)
         return closed
 
     def closed_elsewhere(self, session_ids: Iterable[str]) -> None:
         """Another gateway closed these sessions: stop our hub ports for them."""
         for sid in session_ids:
             self._close_hub(sid)  # our hub port and our relay connect sessions
+            self._lifetimes.pop(sid, None)
+
+    async def sync_sessions(self) -> None:
+        """In a fleet: listen on the hub port of every open tcp (udp) session of the
+        store, whichever gateway opened it, stop listening on those of sessions closed
+        anywhere, and watch every open session's lifetime (:meth:`sweep`). Idempotent;
+        a port another program holds here is logged once and tried again next pass
+        (the other gateways serve it meanwhile)."""
+        now = asyncio.get_running_loop().time()
+        async with self._sessions_lock:
+            rows = {row.session_id: row for row in await self._store.list_tunnel_sessions(None)}
+            for sid in list(self._session_hubs):
+                if sid not in rows:
+                    self._close_hub(sid)
+            for sid in list(self._lifetimes):
+                if sid not in rows:
+                    del self._lifetimes[sid]
+            for sid in list(self._sync_errors):
+                if sid not in rows:
+                    del self._sync_errors[sid]
+            for sid, row in rows.items():
+                lifetime = self._lifetime_of(row, now)
+                if lifetime is not None and sid not in self._lifetimes:
+                    self._lifetimes[sid] = lifetime
+                if row.protocol not in ("tcp", "udp") or not row.hub_port or sid in self._hubs:
+                    continue
+                hub = HubListener(sid, row.team_id, row.agent_id, row.target_port, protocol=row.protocol)
+                try:
+                    await self._listen(hub, row.hub_port, exact=True)
+                except OSError as exc:
+                    error = f"cannot listen on hub port {row.hub_port}: {exc.strerror or exc}"
+                    if self._sync_errors.get(sid) != error:
+                        log.warning("%s tunnel %s: %s", row.protocol, sid, error)
+                    self._sync_errors[sid] = error
+                    continue
+                self._sync_errors.pop(sid, None)
+                self._hubs[sid] = hub
+                self._hub_ports = None
+                self._session_hubs.add(sid)
+                log.info("%s tunnel %s: hub port %s:%d -> agent %s 127.0.0.1:%d (opened elsewhere)",
+                         row.protocol, sid, self.hub_host, hub.port, row.agent_id, row.target_port)
+
+    def _lifetime_of(self, row: TunnelSession, now: float) -> Optional[Lifetime]:
+        """The lifetime of a session read from the store (its idle clock starts at
+        ``now``); None for a task's session."""
+        meta = row.metadata if isinstance(row.metadata, dict) else {}
+        if meta.get("task_id"):
+            return None
+        expires_at = meta.get("expires_at")
+        idle = meta.get("idle_timeout")
+        idle = float(idle) if isinstance(idle, (int, float)) else self.session_idle_timeout
+        return Lifetime(row.team_id, row.agent_id,
+                        float(expires_at) if isinstance(expires_at, (int, float)) else None, idle, now)
 
     async def sessions(self, team_id: str, agent_id: str) -> list[dict[str, Any]]:
         """The agent's open sessions, for the API (no tokens: they are not stored)."""
@@ -526,21 +642,20 @@ class TunnelManager:
         same port when it is free (else the session is closed: its URL would lie), and
         take up every open session's lifetime (relay.gateway.agents.session_lifetime:
         the TTL goes on, the idle clock starts afresh). Sessions of tasks, which ended
-        with the last run (relay.gateway.api.tasks), are closed."""
+        with the last run (relay.gateway.api.tasks), are closed. In a fleet the other
+        gateways serve these sessions too: a port that cannot be bound here is tried
+        again later (:meth:`sync_sessions`) rather than closing the session, and task
+        sessions are left to the gateway that owns their task."""
         now = asyncio.get_running_loop().time()
         for team in await self._store.list_teams():
             for row in await self._store.list_tunnel_sessions(team.id):
-                meta = row.metadata if isinstance(row.metadata, dict) else {}
-                if meta.get("task_id"):
+                lifetime = self._lifetime_of(row, now)
+                if lifetime is None:  # a task's session: the task ended with the last run
+                    if self.reuse_port:  # in a fleet, only its gateway's tasks did (tasks.start)
+                        continue
                     await self._store.close_tunnel_session(row.team_id, row.session_id)
                     continue
-                expires_at = meta.get("expires_at")
-                idle = meta.get("idle_timeout")
-                idle = float(idle) if isinstance(idle, (int, float)) else self.session_idle_timeout
-                self._lifetimes[row.session_id] = Lifetime(
-                    row.team_id, row.agent_id,
-                    float(expires_at) if isinstance(expires_at, (int, float)) else None,
-                    idle if self.idle_timeouts else 0.0, now)
+                self._lifetimes[row.session_id] = lifetime
                 if row.protocol not in ("tcp", "udp"):
                     continue
                 hub = HubListener(row.session_id, row.team_id, row.agent_id, row.target_port,
@@ -548,6 +663,10 @@ class TunnelManager:
                 try:
                     await self._listen(hub, row.hub_port or 0, exact=True)
                 except OSError as exc:
+                    if self.reuse_port:  # in a fleet the others serve it: retried (sync_sessions)
+                        log.warning("tcp tunnel %s: cannot reopen hub port %s here (%s)",
+                                    row.session_id, row.hub_port, exc)
+                        continue
                     log.warning("tcp tunnel %s: cannot reopen hub port %s (%s); closing it",
                                 row.session_id, row.hub_port, exc)
                     await self._store.close_tunnel_session(row.team_id, row.session_id)
@@ -555,6 +674,7 @@ class TunnelManager:
                     continue
                 self._hubs[row.session_id] = hub
                 self._hub_ports = None
+                self._session_hubs.add(row.session_id)
                 log.info("tcp tunnel %s: hub port %s:%d reopened", row.session_id, self.hub_host, hub.port)
 
     # -- lifetimes
@@ -589,13 +709,32 @@ class TunnelManager:
 
     async def sweep(self) -> list[str]:
         """Close the sessions whose TTL passed or that have been idle too long; returns
-        their ids."""
+        their ids. In a fleet, a session idle here is idle only if no other gateway saw
+        traffic through it meanwhile (:attr:`shared_activity`), and the activity seen
+        here is shared with the others."""
         now, monotonic = time.time(), asyncio.get_running_loop().time()
         over: list[tuple[str, Lifetime, str]] = []
+        shared = self.shared_activity
+        to_share: list[tuple[str, float]] = []
+        idle_here: list[str] = []
         for sid, lifetime in list(self._lifetimes.items()):
             why = lifetime.why_over(now, monotonic, *self._activity(sid))
-            if why is not None:
+            if shared is not None and lifetime.share_due(monotonic):
+                to_share.append((sid, lifetime.idle_timeout))
+            if why == "idle" and shared is not None:
+                idle_here.append(sid)
+            elif why is not None:
                 over.append((sid, lifetime, why))
+        if to_share:
+            assert shared is not None
+            await shared.touch(to_share)
+        if idle_here:
+            assert shared is not None
+            left = await shared.remaining(idle_here)
+            for sid in idle_here:
+                found = self._lifetimes.get(sid)
+                if found is not None and found.idle_elsewhere(monotonic, left.get(sid)):
+                    over.append((sid, found, "idle"))
         closed = []
         for sid, lifetime, why in over:
             if self._lifetimes.pop(sid, None) is None:
@@ -762,6 +901,7 @@ class TunnelManager:
                     "flow" if hub.protocol == "udp" else "connection", hub.last_error)
 
     def _close_hub(self, session_id: str) -> None:
+        self._session_hubs.discard(session_id)
         hub = self._hubs.pop(session_id, None)
         self._hub_ports = None
         if hub is not None:

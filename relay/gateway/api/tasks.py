@@ -107,12 +107,13 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from relay.gateway.agents.registry import ConnectedAgent, StoreWrites
 from relay.gateway.auth import Principal
+from relay.gateway.fleet.control import ControlReply
 from relay.gateway.http.server import HttpError, Request, Response, Router, json_response
 from relay.gateway.store import TASK_STATUSES, TaskRecord
 
 if TYPE_CHECKING:
     from relay.gateway.app import Gateway
-    from relay.gateway.fleet.control import ControlCall, ControlReply
+    from relay.gateway.fleet.control import ControlCall
 
 __all__ = ["TASK_OWNER", "Task", "TaskManager"]
 
@@ -321,6 +322,10 @@ class TaskManager:
             if record.status != "queued":
                 await store.update_task(record.team_id, record.id, status="failed", error=RESTARTED,
                                         finished_at=time.time())
+                if record.expose is not None and self.gw.fleet is not None:
+                    # Alone, the restart closed every task's session (tunnel_sessions.restore);
+                    # in a fleet only this gateway's tasks ended, so only their sessions close.
+                    await self._close_sessions_of(record.team_id, record.id)
                 continue
             task = Task(record.id, record.team_id, record.kind, record.input, list(record.labels),
                         created_at=record.created_at, expose=record.expose, submitted_by=record.submitted_by)
@@ -498,9 +503,54 @@ class TaskManager:
         if task.finished:
             raise HttpError(409, "task_finished", f"task {task.task_id} already ended ({task.status})")
         if self.get(principal.team_id, task.task_id) is not task:  # known only from the store
-            raise HttpError(409, "task_elsewhere", f"task {task.task_id} is run by another gateway of the fleet")
+            return json_response(await self._cancel_elsewhere(principal.team_id, task))
         self.cancel(task)
         return json_response(task.describe())
+
+    async def _cancel_elsewhere(self, team_id: str, task: Task) -> dict[str, Any]:
+        """Cancel a task another gateway of the fleet owns: a ``cancel`` control request
+        to that gateway (its row names it), which cancels it as its own API would;
+        returns the task as it answers. 409 ``task_elsewhere`` if it cannot be reached."""
+        fleet = self.gw.fleet
+        record = await self.gw.store.get_task(team_id, task.task_id)
+        owner = record.owner if record is not None else ""
+        gateway_id = owner.split("/", 1)[1] if owner.startswith(f"{TASK_OWNER}/") else ""
+        unreachable = HttpError(409, "task_elsewhere", f"task {task.task_id} is run by another gateway of the "
+                                                       f"fleet ({gateway_id or 'unknown'}), which cannot be reached")
+        if fleet is None or not gateway_id or gateway_id == fleet.gateway_id:
+            raise unreachable
+        try:
+            reply = await fleet.control.request(gateway_id, "cancel", team_id, {"task_id": task.task_id})
+            try:
+                answer = await reply.next(OFFER_TIMEOUT)
+            finally:
+                reply.close()
+        except (ConnectionError, TimeoutError, ValueError) as exc:
+            log.info("cannot cancel task %s at gateway %s: %s", task.task_id, gateway_id, exc)
+            raise unreachable from None
+        if isinstance(answer, dict) and isinstance(answer.get("task"), dict):
+            return answer["task"]
+        error = answer.get("error") if isinstance(answer, dict) else None
+        if error == "task_finished":
+            raise HttpError(409, "task_finished", f"task {task.task_id} already ended")
+        if error == "task_not_found":
+            raise HttpError(404, "task_not_found", f"no task {task.task_id} in this team")
+        raise unreachable
+
+    async def serve_cancel(self, call: "ControlCall") -> None:
+        """A ``cancel`` control request: another gateway of the fleet was asked to cancel
+        one of this gateway's tasks (:meth:`_cancel_elsewhere`)."""
+        body = call.body
+        task_id = body.get("task_id") if isinstance(body, dict) else None
+        task = self.get(call.team_id, task_id) if isinstance(task_id, str) else None
+        if task is None:  # unknown here, or another team's: the same answer
+            call.send({"error": "task_not_found"})
+        elif task.finished:
+            call.send({"error": "task_finished"})
+        else:
+            self.cancel(task)
+            log.info("task %s cancelled through another gateway", task.task_id)
+            call.send({"task": task.describe()})
 
     def cancel(self, task: Task) -> None:
         """Cancel ``task`` (queued, dispatched or running): see the module docstring."""
@@ -514,7 +564,9 @@ class TaskManager:
             queue.remove(task)
         agent = self.gw.registry.get(task.team_id, task.agent_id) if task.agent_id else None
         running = task.agent_id is not None and self._running.get(task.agent_id) is task
-        if running and task.session is not None and not task.session.is_closed:
+        if isinstance(task.session, ControlReply):  # run by an agent another gateway holds:
+            task.session.close()  # the reset makes that gateway cancel it there (serve_peer)
+        elif running and task.session is not None and not task.session.is_closed:
             try:
                 task.session.send_control({"type": "task.cancel", "task_id": task.task_id})
             except Exception as exc:  # gone meanwhile: its handler ended with the connection
@@ -660,7 +712,7 @@ class TaskManager:
         now = time.monotonic()
         later = False
         for task in queue:
-            if task.offering or task.expose is not None:  # expose: only this gateway's agents
+            if task.offering:
                 continue
             if now - task.declined_at < OFFER_RETRY:
                 later = True
@@ -713,6 +765,12 @@ class TaskManager:
                 self._record(task, status="dispatched", agent_id=agent_id)
                 log.info("task %s (%s) dispatched to agent %s on gateway %s", task.task_id, task.kind,
                          agent_id, gateway_id)
+                if task.expose is not None:  # opened here, for the agent held there
+                    remote = self.gw.registry.get(task.team_id, agent_id)
+                    if remote is None:
+                        self._stop(task, "failed", "agent disconnected")
+                    else:
+                        self._background_task(self._open_tunnel(task, remote))
                 await self._follow(task, reply)
                 return
             task.declined_at = time.monotonic()
@@ -776,7 +834,24 @@ class TaskManager:
         self.gw.registry.set_status(agent.team_id, agent.agent_id, "busy")
         call.send({"t": "dispatched", "agent_id": agent.agent_id})
         log.info("task %s (%s) of another gateway dispatched to agent %s", task.task_id, task.kind, agent.agent_id)
-        await ended
+        gone = asyncio.ensure_future(call.stream.wait_closed())  # finished early: the requester reset it
+        try:
+            await asyncio.wait({ended, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if ended.done() or self._running.get(agent.agent_id) is not task:
+            return
+        # The gateway that owns the task cancelled it (or went away): cancel it on the
+        # agent, whose handler sees it as it would for a task of this gateway.
+        del self._running[agent.agent_id]
+        if not agent.session.is_closed:
+            try:
+                agent.session.send_control({"type": "task.cancel", "task_id": task.task_id})
+            except Exception as exc:  # gone meanwhile: its handler ended with the connection
+                log.info("cannot send the cancel of task %s: %s", task.task_id, exc)
+        log.info("task %s of another gateway cancelled on agent %s (%s)", task.task_id, agent.agent_id,
+                 call.stream.exception or "its gateway went away")
+        self._release(agent)
 
     def _finish(self, task: Task, status: str, **event: Any) -> None:
         self.gw.traffic.count("tasks", status)
@@ -823,6 +898,11 @@ class TaskManager:
             return
         task.add_event("tunnel", secret=("admin_token",), **result)
         log.info("task %s exposes port %d: %s tunnel %s", task.task_id, port, protocol, result["session_id"])
+
+    async def _close_sessions_of(self, team_id: str, task_id: str) -> None:
+        for row in await self.gw.store.list_tunnel_sessions(team_id):
+            if isinstance(row.metadata, dict) and row.metadata.get("task_id") == task_id:
+                await self.gw._close_sessions(team_id, row.agent_id, row.session_id)
 
     async def _close_tunnel(self, task: Task) -> None:
         tunnel, agent_id = task.tunnel, task.agent_id

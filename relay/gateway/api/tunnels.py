@@ -372,6 +372,8 @@ class TunnelsApi:
             seen, last = generation, time.monotonic()
             try:
                 await self.sync_hubs()
+                if self.gw.tunnels is not None:  # seed 000 sessions' hub ports and lifetimes
+                    await self.gw.tunnels.sync_sessions()
                 if failed:
                     log.info("hub ports follow the store again")
                 failed = False
@@ -609,7 +611,7 @@ class TunnelsApi:
                 tunnel = await self.gw.store.create_tunnel(principal.team_id, agent_id, name, host, port,
                                                            protocol, public=public, hub_port=hub_port)
             except ConflictError:  # another gateway took the port since the check above
-                if hub_port is not None and await self.gw.store.tunnel_on_hub_port(hub_port) is not None:
+                if hub_port is not None:  # (or a tunnel session holds it)
                     raise taken from None
                 raise
             tunnel = await self._open_hub(tunnel)

@@ -44,6 +44,8 @@ __all__ = ["Fleet", "FleetConfig", "PEER_PATH", "publish_invalidation"]
 
 log = logging.getLogger("relay.gateway.fleet")
 
+#: How long joining the fleet waits for the events channel's subscription.
+SUBSCRIBE_WAIT = 2.0
 #: Invalidation kinds (what the receiving gateway forgets; relay.gateway.app.Gateway.invalidate).
 INVALIDATIONS = ("credentials", "tunnel_sessions", "tunnels", "shares", "services")
 
@@ -141,6 +143,8 @@ class Fleet:
         self._tasks: set[asyncio.Task] = set()
         self._loops: list[asyncio.Task] = []
         self._resync = True
+        #: Set once the events channel is subscribed (and again after each resubscription).
+        self._subscribed = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"Fleet({self.gateway_id!r}, {self.config!r})"
@@ -157,21 +161,32 @@ class Fleet:
         registry = gw.registry
         registry.remote = self.registry.remote
         registry.elsewhere = self.registry.serving_elsewhere
+        registry.holders = self.registry.holders_of
         self.control.handle("hello", self.registry.serve_hello)
         self.control.handle("alive", self.clones.serve_alive)
         registry.admission = self.clones.admission
         self.control.handle("bind", gw.bindings.serve_peer)
         self.control.handle("task", gw.tasks.serve_peer)
+        self.control.handle("cancel", gw.tasks.serve_cancel)
         registry.on_register.append(self.registry.on_register)
         registry.on_unregister.append(self.registry.on_unregister)
         gw.tunnels_api.limiter = FleetRateLimiter(self)
         if gw.tunnels is not None:
-            gw.tunnels.closed_listeners.append(
-                lambda ids: self.publish("tunnel_sessions", ids=list(ids)))
+            from relay.gateway.fleet.activity import SessionActivity
+
+            gw.tunnels.session_listeners.append(self._sessions_changed)
+            gw.tunnels.shared_activity = SessionActivity(self)
         loop = asyncio.get_running_loop()
         await self._round()
         self.spawn(self._announce({"t": "gw", "g": self.gateway_id, "u": self.advertise}))
         self._loops = [loop.create_task(self._lease_loop()), loop.create_task(self._subscribe_loop())]
+        # Listening for the events before the gateway says it is in the fleet: a tunnel
+        # opened elsewhere just after must reach it at once, not at the next poll.
+        try:
+            async with asyncio.timeout(SUBSCRIBE_WAIT):
+                await self._subscribed.wait()
+        except TimeoutError:
+            pass  # Redis is slow or away: the loops catch up (and the store is polled)
         log.info("gateway %s in the fleet at %s (redis %s)", self.gateway_id, self.advertise,
                  _redact(self.config.redis_url))
 
@@ -261,8 +276,10 @@ class Fleet:
             pubsub = self._sub_client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(CHANNEL)
+                self._subscribed.set()
                 self._resync = True  # messages may have been missed: rescan
                 self.spawn(self._round())
+                self.gateway.tunnels_api.sync_soon()  # and hub ports follow the store now
                 delay = 0.2
                 while True:
                     message = await pubsub.get_message(timeout=5.0)
@@ -305,6 +322,12 @@ class Fleet:
             self.redis_failed("announce this gateway", exc)
 
     # -- invalidations
+
+    def _sessions_changed(self, team_id: str, agent_id: str, session_ids: list[str], opened: bool) -> None:
+        """Tunnel sessions opened or closed here: the others listen on (or stop) their
+        hub ports, and the gateway holding the agent sets its status (``tunnel``)."""
+        key = "opened" if opened else "ids"
+        self.publish("tunnel_sessions", **{key: list(session_ids)}, team=team_id, agent=agent_id)
 
     def publish(self, kind: str, **data: Any) -> None:
         """Tell every other gateway to forget ``kind`` (one of :data:`INVALIDATIONS`)."""

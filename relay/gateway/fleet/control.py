@@ -30,7 +30,12 @@ Kinds, and who serves them:
 * ``bind`` (an agent): the bind message goes to the agent; its ``bind.result`` comes back.
 * ``task`` (a team): run the task on an idle agent of the team whose labels cover it:
   ``{"t": "declined"}``, or ``{"t": "dispatched", "agent_id"}`` followed by each of the
-  agent's task messages as ``{"t": "event", "message"}``, the last one final.
+  agent's task messages as ``{"t": "event", "message"}``, the last one final. The
+  requester resetting the stream before the final message cancels the task on the
+  agent (the task was cancelled, or its gateway went away).
+* ``cancel`` (a team): ``{"task_id"}``, sent to the gateway that owns the task (its row
+  names it) by a gateway asked to cancel it: ``{"task": the task, cancelled}`` or
+  ``{"error": "task_not_found" | "task_finished"}``.
 """
 from __future__ import annotations
 

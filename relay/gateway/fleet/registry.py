@@ -276,6 +276,15 @@ class FleetRegistry:
             if gateway_id in peers.urls:
                 peers.ensure(gateway_id)
 
+    def holders_of(self, team_id: str, agent_id: str) -> list[str]:
+        """The ids of the live gateways holding a session of the team's agent, this one
+        included if it does (what the agent APIs show as ``gateways``), sorted."""
+        found = {loc.gateway_id for loc in self.locations.get(agent_id, {}).values()
+                 if loc.team_id == team_id and loc.gateway_id != self.gateway_id and loc.gateway_id in self.gateways}
+        if self._fleet.gateway.registry.local(team_id, agent_id) is not None:
+            found.add(self.gateway_id)
+        return sorted(found)
+
     def remote(self, team_id: str, agent_id: str) -> Optional[RemoteAgent]:
         """The team's agent if another live gateway holds it (a dict read; see the
         module docstring), else None. With several holders, the least busy whose peer

@@ -554,9 +554,10 @@ class Store(abc.ABC):
         """The session if ``admin_token`` is its admin token, else None."""
 
     @abc.abstractmethod
-    async def list_tunnel_sessions(self, team_id: str, agent_id: str | None = None, *,
+    async def list_tunnel_sessions(self, team_id: str | None, agent_id: str | None = None, *,
                                    open_only: bool = True) -> list[TunnelSession]:
-        """The team's tunnel sessions (of one agent if given), oldest first."""
+        """The team's tunnel sessions (of one agent if given; every team's with
+        ``team_id`` None), oldest first."""
 
     @abc.abstractmethod
     async def close_tunnel_session(self, team_id: str, session_id: str) -> bool:

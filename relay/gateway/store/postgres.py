@@ -224,6 +224,14 @@ MIGRATIONS: list[Sequence[str]] = [
     ),
     # 9: who submitted a task (as SQLite's 9).
     ("ALTER TABLE tasks ADD COLUMN submitted_by TEXT",),
+    # 10: one open tunnel session per hub port across the fleet (as SQLite's 10).
+    (
+        "UPDATE tunnel_sessions SET closed_at = created_at WHERE closed_at IS NULL AND hub_port IS NOT NULL"
+        " AND session_id NOT IN (SELECT MIN(session_id) FROM tunnel_sessions"
+        " WHERE closed_at IS NULL AND hub_port IS NOT NULL GROUP BY hub_port)",
+        "CREATE UNIQUE INDEX tunnel_sessions_by_hub_port ON tunnel_sessions(hub_port)"
+        " WHERE closed_at IS NULL",
+    ),
 ]
 
 

@@ -74,6 +74,15 @@ def _session_id(value: object) -> str | None:
     return value if isinstance(value, str) and _SESSION_ID.fullmatch(value) else None
 
 
+async def _refuse_hub_port_of(tx: "Tx", table: str, hub_port: int) -> None:
+    """ConflictError if an open session (``tunnel_sessions``) or a tunnel (``tunnels``)
+    holds ``hub_port``. Each table's unique index keeps its own rows apart; this keeps
+    the two tables apart (every gateway of a fleet listens on both kinds of port)."""
+    where = " AND closed_at IS NULL" if table == "tunnel_sessions" else ""
+    if await tx.fetchone(f"SELECT 1 FROM {table} WHERE hub_port = ?{where}", (hub_port,)) is not None:
+        raise ConflictError(f"hub port {hub_port} is held by another tunnel")
+
+
 def _check_tunnel_status(status: object) -> None:
     if status not in TUNNEL_STATUSES:
         raise StoreError(f"tunnel status must be one of {', '.join(TUNNEL_STATUSES)}")
@@ -353,6 +362,8 @@ class SqlStore(Store):
                                     (normalize_uuid(agent_id), normalize_uuid(team_id)))
             if row is None:
                 raise NotFoundError(f"unknown agent: {agent_id}")
+            if hub_port is not None:  # open sessions: their unique index; tunnels: here
+                await _refuse_hub_port_of(tx, "tunnels", hub_port)
             session = TunnelSession(
                 session_id=secrets.token_hex(16), team_id=row["team_id"],
                 agent_id=row["id"], target_port=target_port,
@@ -399,10 +410,11 @@ class SqlStore(Store):
             return None
         return _session(row)
 
-    async def list_tunnel_sessions(self, team_id: str, agent_id: str | None = None, *,
+    async def list_tunnel_sessions(self, team_id: str | None, agent_id: str | None = None, *,
                                    open_only: bool = True) -> list[TunnelSession]:
-        sql = "SELECT * FROM tunnel_sessions WHERE team_id = ?"
-        args: list[Any] = [normalize_uuid(team_id)]
+        sql = "SELECT * FROM tunnel_sessions WHERE team_id = ?" if team_id is not None \
+            else "SELECT * FROM tunnel_sessions WHERE 1 = 1"
+        args: list[Any] = [normalize_uuid(team_id)] if team_id is not None else []
         if agent_id is not None:
             sql += " AND agent_id = ?"
             args.append(normalize_uuid(agent_id))
@@ -449,6 +461,8 @@ class SqlStore(Store):
                                     (normalize_uuid(agent_id), normalize_uuid(team_id)))
             if row is None:
                 raise NotFoundError(f"unknown agent: {agent_id}")
+            if hub_port is not None:  # tunnels: their unique index; open sessions: here
+                await _refuse_hub_port_of(tx, "tunnel_sessions", hub_port)
             tunnel = Tunnel(
                 id=str(uuid.uuid4()), team_id=row["team_id"], agent_id=row["id"], name=name,
                 target_host=target_host, target_port=target_port, protocol=protocol,
@@ -488,6 +502,7 @@ class SqlStore(Store):
             raise StoreError("hub_port must be from 1 to 65535")
         tunnel_id, team_id = normalize_uuid(tunnel_id) or "", normalize_uuid(team_id) or ""  # "" matches no row
         async with self._write() as tx:
+            await _refuse_hub_port_of(tx, "tunnel_sessions", hub_port)
             # The unique index on hub_port refuses a port another tunnel holds (ConflictError).
             await tx.execute("UPDATE tunnels SET hub_port = ?, updated_at = ?"
                              " WHERE id = ? AND team_id = ? AND hub_port IS NULL",

@@ -199,6 +199,18 @@ MIGRATIONS: list[Sequence[str]] = [
     # tunnel's admin_token still goes to them alone after a restart
     # (relay.gateway.api.tasks). NULL for tasks recorded before.
     ("ALTER TABLE tasks ADD COLUMN submitted_by TEXT",),
+    # 10: the hub port of an open tunnel session (seed 000, tcp and udp) is reserved
+    # across the whole fleet too (relay.gateway.agents.tunnel_sessions): every gateway
+    # listens on it. Closed sessions keep their old port for the record, so the index
+    # covers open ones only. Any duplicate an older fleet left open is closed, the
+    # oldest kept (its URL would reach another session's agent at some gateways).
+    (
+        "UPDATE tunnel_sessions SET closed_at = created_at WHERE closed_at IS NULL AND hub_port IS NOT NULL"
+        " AND session_id NOT IN (SELECT MIN(session_id) FROM tunnel_sessions"
+        " WHERE closed_at IS NULL AND hub_port IS NOT NULL GROUP BY hub_port)",
+        "CREATE UNIQUE INDEX tunnel_sessions_by_hub_port ON tunnel_sessions(hub_port)"
+        " WHERE closed_at IS NULL",
+    ),
 ]
 
 
