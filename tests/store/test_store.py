@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from relay.gateway.store import (
     DB_FILENAME,
     MIGRATIONS,
+    ConflictError,
     SqliteStore,
     Store,
     StoreError,
@@ -105,6 +106,7 @@ def test_migration_8_keeps_one_tunnel_per_hub_port(data_dir: Path) -> None:
     now(store.close())
     db = sqlite3.connect(data_dir / DB_FILENAME)
     db.execute("DROP INDEX tunnels_by_hub_port")
+    db.execute("DROP INDEX tunnel_sessions_by_hub_port")  # (schema 9)
     db.execute("UPDATE schema_version SET version = 7")
     db.execute("ALTER TABLE tasks DROP COLUMN submitted_by")  # migration 9 adds it again
     db.execute("UPDATE tunnels SET hub_port = 22001")
@@ -122,6 +124,45 @@ def test_migration_8_keeps_one_tunnel_per_hub_port(data_dir: Path) -> None:
     with pytest.raises(sqlite3.IntegrityError):
         db.execute("UPDATE tunnels SET hub_port = 22001")
     db.close()
+
+
+def test_migration_9_keeps_one_open_session_per_hub_port(data_dir: Path) -> None:
+    """A database of schema 8 with two open tcp sessions on one hub port (an older fleet
+    could record that): after the migration the oldest stays open, the other is closed,
+    a closed session's old port does not count, and a new open one on the port, or a
+    tunnel on it, is refused."""
+    store = Store.open(data_dir)
+
+    async def fill() -> tuple[str, str, str]:
+        team = await store.create_team("t")
+        agent = await store.upsert_agent(team.id, None, "box")
+        one, _, _ = await store.create_tunnel_session(team.id, agent.id, 22, "tcp", hub_port=22002)
+        two, _, _ = await store.create_tunnel_session(team.id, agent.id, 22, "tcp", hub_port=22003)
+        old, _, _ = await store.create_tunnel_session(team.id, agent.id, 22, "tcp", hub_port=22004)
+        await store.close_tunnel_session(team.id, old.session_id)
+        return one.session_id, two.session_id, team.id
+
+    one, two, team_id = now(fill())
+    now(store.close())
+    db = sqlite3.connect(data_dir / DB_FILENAME)
+    db.execute("DROP INDEX tunnel_sessions_by_hub_port")
+    db.execute("UPDATE schema_version SET version = 8")
+    db.execute("UPDATE tunnel_sessions SET hub_port = 22002")
+    db.commit()
+    db.close()
+    store = Store.open(data_dir)
+    try:
+        open_now = [s.session_id for s in now(store.list_tunnel_sessions(team_id))]
+        assert open_now == [min(one, two)]
+        assert now(store.schema_version()) == len(MIGRATIONS)
+        agent_id = now(store.list_agents(team_id))[0].id
+        with pytest.raises(ConflictError):
+            now(store.create_tunnel_session(team_id, agent_id, 22, "tcp", hub_port=22002))
+        with pytest.raises(ConflictError):
+            now(store.create_tunnel(team_id, agent_id, "t", "127.0.0.1", 22, "tcp", hub_port=22002))
+        now(store.create_tunnel_session(team_id, agent_id, 22, "tcp", hub_port=22005))  # free
+    finally:
+        now(store.close())
 
 
 def test_newer_schema_is_refused(data_dir: Path) -> None:
