@@ -17,6 +17,14 @@ mux stream to the agent, opened with the metadata
 agent is looked up when each connection arrives, so a hub port keeps working across an
 agent reconnect; while the agent is offline connections are closed at once.
 
+In a fleet (docs/FLEET.md) a session's hub port is reserved in the store (one open
+session per port, and none a Tunnels API tunnel holds: the gateway that opens it binds
+a free port and tries another on a conflict) and every gateway listens on it
+(:meth:`TunnelManager.sync_sessions`, told by the ``tunnel_sessions`` events the
+:attr:`TunnelManager.session_listeners` publish); every gateway also watches every
+session's lifetime, idle timeouts judged on the whole fleet's traffic
+(:attr:`TunnelManager.shared_activity`).
+
 If the agent refuses a stream (its allowlist: NOT_ALLOWED; nothing listening:
 CONNECT_FAILED) the client's connection is aborted at once and the reason is logged
 and kept as the session's ``last_error``.

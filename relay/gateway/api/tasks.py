@@ -20,7 +20,8 @@ Endpoints (auth as the other runtime endpoints: ``sk-``, ``dk-`` or a user JWT):
   asyncio task, so the handler sees ``asyncio.CancelledError`` where it waits) and its
   agent is free for the next task at once. The final event is ``error`` with
   ``{"error": "task cancelled", "cancelled": true}``. 409 ``task_finished`` if it had
-  ended, 409 ``task_elsewhere`` if another gateway of a fleet runs it.
+  ended. In a fleet, any gateway cancels any task (see below); 409 ``task_elsewhere``
+  if the gateway that accepted it cannot be reached.
 * ``GET /api/v1/tasks/{task_id}/events`` -> ``text/event-stream`` (Server-Sent Events)
   from the beginning of the task: ``event: status|progress|output|result|error``,
   ``id:`` the event's sequence number, ``data:`` its JSON. It ends (the server closes)
@@ -75,11 +76,18 @@ task ends in any way (result, error, cancelled, agent disconnected), live connec
 cut. If the port cannot be exposed (the agent's allowlist refuses it, a loop into the
 gateway) the task fails with the reason and is cancelled on the agent. ``expose`` is kept
 in the task's row, so a task queued again after a restart still gets its tunnel; a
-task-bound session left open by a gateway that stopped is closed at the next start. In a
-fleet a task with ``expose`` is not offered to the other gateways: it waits for an agent
-held by the gateway it was submitted to, whose hub ports and tunnel URLs it opens.
-Cancelling a task another gateway's agent runs ends it here at once, but does not reach
-that agent's handler (the holder frees its agent when the handler ends).
+task-bound session left open by a gateway that stopped is closed at the next start (in a
+fleet: by the gateway that accepted the task, when it fails the tasks it ran). In a
+fleet a task with ``expose`` is offered to the other gateways like any other; the
+gateway that accepted it opens the session for the agent held elsewhere, and its URL
+and hub port work at every gateway (relay.gateway.agents.tunnel_sessions).
+
+Cancelling in a fleet: a task run by another gateway's agent ends here at once and its
+control stream to that gateway is reset; that gateway then sends ``task.cancel`` to the
+agent (whose handler sees the cancellation as with one gateway) and frees it
+(:meth:`TaskManager.serve_peer`). A gateway asked to cancel a task it did not accept
+sends a ``cancel`` control request to the one that did (the row names it), which
+cancels it as above and answers the task (:meth:`TaskManager.serve_cancel`).
 
 Each task is also a row of the store (relay.gateway.store ``tasks``): written before the
 202 (so an acknowledged task is never lost), then on every change of status and with its
