@@ -220,6 +220,7 @@ def test_healthz_and_agents_api_auth(tmp_path, store_url):
                 assert listed["agent_id"] == agent.agent_id
                 assert listed["name"] == "box" and listed["labels"] == ["gpu"]
                 assert listed["status"] == "idle" and listed["online"] is True
+                assert "gateways" not in listed  # a fleet's field (docs/FLEET.md)
                 status, body = await http(gw.port, "GET", f"/api/v1/agents/{agent.agent_id}", keys["sk"])
                 assert status == 200 and body["agent_id"] == agent.agent_id and body["tunnels"] == []
                 agent_id = agent.agent_id
