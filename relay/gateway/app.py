@@ -337,7 +337,8 @@ class Gateway:
             self.revocations.forget()
             self.revocations.check_soon()  # expel agents and cut connections of a revoked key now
         elif kind == "tunnel_sessions":  # closed (ids) or opened (opened) at another gateway
-            self.store.tunnel_sessions_version += 1  # the HTTP tunnels' token caches start over
+            if ids:  # closed: the HTTP tunnels' token caches start over (an opening leaves them)
+                self.store.tunnel_sessions_version += 1
             for session_id in ids:
                 self.http_tunnels.session_closed(session_id)
             self.terminals.sessions_closed(ids)

@@ -352,23 +352,37 @@ def test_registry_leases_and_health(fleet):
 
 
 def test_tcp_hub_port_at_b_reaches_an_agent_held_by_a(fleet, targets):
-    agent_id = fleet.agent_id("b", "on-a")
-    status, body = fleet.api("b", "POST", f"/api/v1/agents/{agent_id}/tunnel",
-                             {"target_port": targets.echo_port, "tunnel_protocol": "tcp"})
-    assert status == 200, body
-    hub = body["hub_port"]
-    echo_checked(hub, 4 * MiB)
-    threads = [threading.Thread(target=echo_checked, args=(hub, 256 * 1024)) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.port('a')}/metrics", timeout=10) as resp:
-        metrics = resp.read().decode()
-    joined = re.search(r'relay_fleet_forwarded_streams_in_total\{result="joined"\} (\S+)', metrics)
-    assert joined and float(joined.group(1)) >= 5
-    to_agent = re.search(r'relay_fleet_forwarded_bytes_total\{direction="to_agent"\} (\S+)', metrics)
-    assert to_agent and float(to_agent.group(1)) >= 4 * MiB
+    """The session's hub port listens on every gateway; at hb (a hub host of its own, so
+    every connection below lands there) it carries checked bytes to the agent held by a,
+    five connections, four at once, all forwarded."""
+    fleet.start_gateway("hb", extra=("--hub-host", "127.0.0.6"))
+    try:
+        agent_id = fleet.agent_id("b", "on-a")
+        status, body = fleet.api("b", "POST", f"/api/v1/agents/{agent_id}/tunnel",
+                                 {"target_port": targets.echo_port, "tunnel_protocol": "tcp"})
+        assert status == 200, body
+        hub = body["hub_port"]
+        wait_for(lambda: echo_works(hub, "127.0.0.6"), timeout=10, what="the hub port at hb")
+        with urllib.request.urlopen(f"http://127.0.0.1:{fleet.port('a')}/metrics", timeout=10) as resp:
+            before = resp.read().decode()
+        echo_checked(hub, 4 * MiB, "127.0.0.6")
+        threads = [threading.Thread(target=echo_checked, args=(hub, 256 * 1024, "127.0.0.6")) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        with urllib.request.urlopen(f"http://127.0.0.1:{fleet.port('a')}/metrics", timeout=10) as resp:
+            metrics = resp.read().decode()
+
+        def grew(pattern: str) -> float:
+            found = [re.search(pattern, text) for text in (before, metrics)]
+            assert found[1] is not None, pattern
+            return float(found[1].group(1)) - (float(found[0].group(1)) if found[0] else 0.0)
+
+        assert grew(r'relay_fleet_forwarded_streams_in_total\{result="joined"\} (\S+)') >= 5
+        assert grew(r'relay_fleet_forwarded_bytes_total\{direction="to_agent"\} (\S+)') >= 5 * MiB
+    finally:
+        _stop(fleet.gateways.pop("hb")[0])
 
 
 def test_relay_connect_at_c_reaches_an_agent_held_by_a_and_ends_with_the_tunnel(fleet, targets, tmp_path):
@@ -991,9 +1005,9 @@ class PingPong(threading.Thread):
     """One connection through a hub port exchanging 4 KiB messages with the echo behind
     it, each checked byte for byte, until stopped; records whether it broke."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         super().__init__(daemon=True)
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock = socket.create_connection((host, port), timeout=10)
         self.stop = threading.Event()
         self.rounds = 0
         self.broken = False
@@ -1026,9 +1040,14 @@ def test_two_connections_kill9_of_one_gateway_breaks_only_its_streams(fleet, tar
     """An agent holding sessions to g and c: both are in the registry; streams opened at
     b go to either; kill -9 of g breaks only the streams g carried, requests through b
     keep working at once, and the agent dials its third gateway (a) in g's place. Both
-    agents (``--backend``) do this alike."""
+    agents (``--backend``) do this alike. (The session's hub port listens on every
+    gateway: the streams are opened at gateway h, whose hub host, like g's, is an
+    address of its own, so they all land at h and g's own listener dies with g unseen.)"""
     g, twin = ("g", "twin") if backend == "asyncio" else ("g-trio", "twin-trio")
-    fleet.start_gateway(g)
+    h = f"h-{backend}"
+    fleet.start_gateway(g, extra=("--hub-host", "127.0.0.4"))
+    fleet.start_gateway(h, extra=("--hub-host", "127.0.0.5"))
+    at_h = "127.0.0.5"
     fleet.start_agent(twin, [g, "c", "a"], allow=(f"127.0.0.1:{targets.echo_port}",), connections=2,
                       extra=("--backend", backend))
     agent_id = wait_for(lambda: fleet.agent_id("b", twin), what="twin seen at b")
@@ -1037,10 +1056,10 @@ def test_two_connections_kill9_of_one_gateway_breaks_only_its_streams(fleet, tar
                              {"target_port": targets.echo_port, "tunnel_protocol": "tcp"})
     assert status == 200, body
     hub = body["hub_port"]
-    wait_for(lambda: echo_works(hub), timeout=10, what="echo through b")
-    wait_for(lambda: fleet.health("b")["fleet"]["peers_connected"] >= 3, what="b's peer sessions to c and g")
+    wait_for(lambda: echo_works(hub, at_h), timeout=10, what="echo through h")
+    wait_for(lambda: fleet.health(h)["fleet"]["peers_connected"] >= 4, what="h's peer sessions to c and g")
     at_c = _joined_at(fleet, "c")
-    streams = [PingPong(hub) for _ in range(6)]
+    streams = [PingPong(hub, at_h) for _ in range(6)]
     for stream in streams:
         stream.start()
     wait_for(lambda: all(s.rounds > 2 for s in streams), timeout=20, what="streams flowing")
@@ -1050,8 +1069,8 @@ def test_two_connections_kill9_of_one_gateway_breaks_only_its_streams(fleet, tar
     proc.kill()
     proc.wait(10)
     started = time.monotonic()
-    wait_for(lambda: echo_works(hub), timeout=10, what="echo through b after g died")
-    print(f"\n[fleet] two connections: requests through b work again {time.monotonic() - started:.2f}s after "
+    wait_for(lambda: echo_works(hub, at_h), timeout=10, what="echo through h after g died")
+    print(f"\n[fleet] two connections: requests through h work again {time.monotonic() - started:.2f}s after "
           f"kill -9 of one of the agent's gateways")
     rounds = [s.rounds for s in streams]
     wait_for(lambda: all(s.broken or s.rounds > r + 5 for s, r in zip(streams, rounds, strict=True)), timeout=20,
@@ -1063,11 +1082,12 @@ def test_two_connections_kill9_of_one_gateway_breaks_only_its_streams(fleet, tar
     assert not any(s.wrong for s in streams)
     survivors = [s for s in streams if not s.broken]
     assert len(survivors) == to_c, f"{len(survivors)} streams survived, c carried {to_c}"
-    echo_checked(hub, MiB)
+    echo_checked(hub, MiB, at_h)
     # g's own field stays until its deadline (g died without releasing it; nobody uses it).
     wait_for(lambda: fleet.holders(agent_id).keys() >= {"c", "a"}, timeout=20,
              what="the agent's lost connection dialled a in g's place")
     _stop(fleet.agents.pop(twin))
+    _stop(fleet.gateways.pop(h)[0])
 
 
 def test_two_connections_a_frozen_gateway_never_comes_back_in_the_registry(fleet, targets):
