@@ -106,7 +106,7 @@ def test_migration_8_keeps_one_tunnel_per_hub_port(data_dir: Path) -> None:
     now(store.close())
     db = sqlite3.connect(data_dir / DB_FILENAME)
     db.execute("DROP INDEX tunnels_by_hub_port")
-    db.execute("DROP INDEX tunnel_sessions_by_hub_port")  # (schema 9)
+    db.execute("DROP INDEX tunnel_sessions_by_hub_port")  # (schema 10)
     db.execute("UPDATE schema_version SET version = 7")
     db.execute("ALTER TABLE tasks DROP COLUMN submitted_by")  # migration 9 adds it again
     db.execute("UPDATE tunnels SET hub_port = 22001")
@@ -126,8 +126,8 @@ def test_migration_8_keeps_one_tunnel_per_hub_port(data_dir: Path) -> None:
     db.close()
 
 
-def test_migration_9_keeps_one_open_session_per_hub_port(data_dir: Path) -> None:
-    """A database of schema 8 with two open tcp sessions on one hub port (an older fleet
+def test_migration_10_keeps_one_open_session_per_hub_port(data_dir: Path) -> None:
+    """A database of schema 9 with two open tcp sessions on one hub port (an older fleet
     could record that): after the migration the oldest stays open, the other is closed,
     a closed session's old port does not count, and a new open one on the port, or a
     tunnel on it, is refused."""
@@ -146,7 +146,7 @@ def test_migration_9_keeps_one_open_session_per_hub_port(data_dir: Path) -> None
     now(store.close())
     db = sqlite3.connect(data_dir / DB_FILENAME)
     db.execute("DROP INDEX tunnel_sessions_by_hub_port")
-    db.execute("UPDATE schema_version SET version = 8")
+    db.execute("UPDATE schema_version SET version = 9")
     db.execute("UPDATE tunnel_sessions SET hub_port = 22002")
     db.commit()
     db.close()
