@@ -419,16 +419,36 @@ def _from_agent_bytes(fleet: Fleet, gateway: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+def _listens(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
 def test_a_client_that_stops_reading_stops_the_agent_across_both_hops(fleet, targets):
     """An endless source behind the agent on a, read through a hub port at b by a client
     that reads a little and then nothing: what a passes towards b stops growing (the
-    windows of both hops are full), and a reader that resumes gets the stream going."""
+    windows of both hops are full), and a reader that resumes gets the stream going.
+    The reader connects to hs, a gateway with a hub host of its own: the session's hub
+    port listens on every gateway, and at 127.0.0.1 the kernel may hand the connection
+    to a itself, which forwards nothing."""
+    fleet.start_gateway("hs", extra=("--hub-host", "127.0.0.7"))
+    try:
+        _stops_reading_across_both_hops(fleet, targets, "127.0.0.7")
+    finally:
+        _stop(fleet.gateways.pop("hs")[0])
+
+
+def _stops_reading_across_both_hops(fleet: Fleet, targets: Targets, host: str) -> None:
     agent_id = fleet.agent_id("b", "on-a")
     status, body = fleet.api("b", "POST", f"/api/v1/agents/{agent_id}/tunnel",
                              {"target_port": targets.source_port, "tunnel_protocol": "tcp"})
     assert status == 200, body
+    wait_for(lambda: _listens(host, body["hub_port"]), timeout=10, what="the hub port at hs")
     before = _from_agent_bytes(fleet, "a")
-    with socket.create_connection(("127.0.0.1", body["hub_port"]), timeout=10) as sock:
+    with socket.create_connection((host, body["hub_port"]), timeout=10) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         assert len(sock.recv(65536)) > 0  # flowing
         time.sleep(2.0)  # reading nothing: both hops fill up and stop
