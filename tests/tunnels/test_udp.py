@@ -36,7 +36,7 @@ from relay.mux.datagrams import (
 from relay.ws import FrameParser, Opcode, encode_close_payload, encode_frame
 from relay.ws.handshake import ClientHandshake
 from tests.gateway.test_faults import RelayProcs, wait_for
-from tests.support.servers import free_port
+from tests.support.servers import free_port, require_binary
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -575,3 +575,38 @@ def test_relay_connect_udp_a_refused_websocket_ends_that_flow_only(relay: RelayP
     finally:
         sock.close()
         connect.close()
+
+
+def test_dig_through_the_hub_port_and_relay_connect_to_a_real_dnsmasq(relay: RelayProcs, tmp_path: Path) -> None:
+    """dig, a real DNS client, asks dnsmasq, a real DNS server behind the agent, through
+    the gateway's UDP hub port and through ``relay connect --udp``: every name gets the
+    address dnsmasq serves for it."""
+    dns_port = free_port()
+    dnsmasq = subprocess.Popen(
+        [require_binary("dnsmasq"), "--keep-in-foreground", "--conf-file=/dev/null", "--pid-file=",
+         f"--port={dns_port}", "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts",
+         "--address=/example.test/192.0.2.7", "--address=/relay.test/198.51.100.9"],
+        stdout=(tmp_path / "dnsmasq.log").open("wb"), stderr=subprocess.STDOUT)
+    connect: Optional[subprocess.Popen[bytes]] = None
+    try:
+        session = open_udp_session(relay, dns_port)
+        port = free_port()
+        log = tmp_path / "connect.log"
+        connect = subprocess.Popen([sys.executable, "-m", "relay", "connect", "--udp", session["tunnel_url"],
+                                    "--listen", f"127.0.0.1:{port}"], stdout=log.open("wb"),
+                                   stderr=subprocess.STDOUT)
+        wait_for(lambda: b"listening on udp" in log.read_bytes(), what="relay connect --udp")
+        names = {"www.example.test": "192.0.2.7", "a.b.example.test": "192.0.2.7", "relay.test": "198.51.100.9"}
+        for target in (session["hub_port"], port):  # the hub port, then relay connect --udp
+            for name, address in names.items():
+                answer = subprocess.run([require_binary("dig"), "@127.0.0.1", "-p", str(target), name, "A",
+                                         "+short", "+tries=3", "+time=2"],
+                                        capture_output=True, text=True, timeout=30)
+                assert answer.returncode == 0, answer.stdout + answer.stderr
+                assert answer.stdout.split() == [address], (target, name, answer.stdout)
+    finally:
+        if connect is not None:
+            connect.terminate()
+            connect.wait(10)
+        dnsmasq.terminate()
+        dnsmasq.wait(10)
