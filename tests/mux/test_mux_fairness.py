@@ -140,3 +140,31 @@ def test_one_stream_alone_fills_the_link() -> None:
     # The link is kept busy with this stream's DATA (frame headers and the jitter of the
     # link, which sometimes could carry more than is queued, aside).
     assert link.run(100)[sid] >= 0.9 * 100 * LINK
+
+
+def test_a_stream_that_barely_reads_does_not_take_the_growth_budget() -> None:
+    """A bulk transfer leaves the shared target high; a stream opened afterwards that
+    reads a few bytes (a test tool's control connection) must not be granted that
+    target at its first acknowledgement: it could never repay the excess, and while it
+    held it, every stream after it could grow only by the slow, earned path."""
+    link = Link()
+    bulk = link.open()
+    link.run(200)
+    assert link.b._streams[bulk].recv.window >= CONFIG["max_window"] // 2
+    link.a.reset_stream(bulk)
+    link.sids = []
+    link.run(5)
+    control = link.a.open_stream()
+    link.a.send_data(control, b"c" * 37)
+    link.run(5)
+    assert link.b._streams[control].recv.total == 37
+    sids = [link.open() for _ in range(32)]
+    # Equal shares from the start: with the control stream holding the open half of the
+    # budget, the 32 took ~200 ticks to earn their windows, nearly 2x apart meanwhile.
+    shares = link.run(200)
+    rates = sorted(shares.values())
+    assert rates[0] > 0
+    assert rates[-1] / rates[0] <= 4 / 3 + 0.02, shares
+    recv = link.b._streams[control].recv
+    assert recv.window + recv.debt <= CONFIG["initial_window"] + 37
+    assert len({link.b._streams[sid].recv.window for sid in sids}) == 1
