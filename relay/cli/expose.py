@@ -220,12 +220,12 @@ def _expose_options(func: Any) -> Any:
 def _run_expose(spec: TunnelSpec, gateway_url: str, agent_key: str, api_key: str, name: Optional[str],
                 ca_cert: Optional[Path], quiet: bool, log_level: str, log_format: str) -> None:
     from relay.agent.client import Agent
-    from relay.cli.run import _run, _setup_logging, check_agent_key, raise_nofile_limit
+    from relay.cli.run import _run, _setup_logging, check_agent_key, prepare_process
     from relay.cli.tunnel import ApiClient
 
     check_agent_key(agent_key)
     _setup_logging(log_level, log_format)
-    raise_nofile_limit()
+    prepare_process()
     api = ApiClient(gateway_url, api_key, ca_cert)
 
     async def body() -> None:

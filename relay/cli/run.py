@@ -74,13 +74,23 @@ def raise_nofile_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def prepare_process() -> None:
+    """Process-wide settings of a command that moves data (gateway, agent, ``relay
+    connect``, ``relay http``/``tcp``): the file descriptor limit raised, and freed heap
+    kept for the next read (relay.heap)."""
+    from relay.heap import keep_freed_heap
+
+    raise_nofile_limit()
+    keep_freed_heap()
+
+
 def _select_backend(ctx: click.Context, param: Any, value: str) -> None:
     """``relay agent --backend trio``: run :func:`_trio_agent` for this invocation instead
     of the asyncio body, with the same options. Called from the option's callback (before
     the command runs), it replaces the command's invocation on this click context only,
     so the asyncio command stays untouched."""
     if value == "trio":
-        raise_nofile_limit()  # the trio body does not return to agent() below
+        prepare_process()  # the trio body does not return to agent() below
 
         def invoke(callback: Any, **params: Any) -> Any:
             return _trio_agent(**params)
@@ -287,7 +297,7 @@ def gateway(listen: str, data_dir: Path, store_url: Optional[str], public_url: O
     elif fleet_secret or advertise or gateway_id or fleet_ca:
         raise click.UsageError("--fleet-secret, --fleet-ca, --advertise and --gateway-id need --redis")
     _setup_logging(log_level, log_format)
-    raise_nofile_limit()
+    prepare_process()
     try:
         _run(run_gateway(host, port, data_dir, public_url=public_url, hub_host=hub_host,
                          public_hub_host=public_hub_host, session_ttl=session_ttl,
@@ -448,7 +458,7 @@ def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: 
     if allow:  # like declared services, a declared tunnel's target is allowed implicitly
         allow = (*allow, *(spec.target for spec in tunnel_specs))
     _setup_logging(log_level, log_format)
-    raise_nofile_limit()
+    prepare_process()
 
     async def serve() -> None:
         nonlocal allow
@@ -533,7 +543,7 @@ def connect(tunnel_url: str, listen: str, ca_cert: Optional[Path], udp: bool, id
         raise click.BadParameter(f"expected a ws(s)://HOST/tunnel/TOKEN/{kind} URL", param_hint="TUNNEL_URL")
     host, port = _split_host_port(listen, "--listen", allow_zero=True)
     _setup_logging(log_level)
-    raise_nofile_limit()  # every local connection is a socket here
+    prepare_process()  # every local connection is a socket here
     context = None
     if ca_cert is not None:
         import ssl
