@@ -305,22 +305,21 @@ class LeaseStore:
 
     async def locate(self, agent_id: str) -> Optional[Holders]:
         """Where the agent's live sessions are (one round trip)."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.hgetall(f"{PREFIX}agent:{agent_id}")
-            pipe.hgetall(f"{PREFIX}fence:{agent_id}")
-            pipe.time()
-            fields, fence, (seconds, micros) = await pipe.execute()
-        return parse_holders(fields, fence, seconds * 1000 + micros // 1000)
+        return parse_holders(*await self._lease_fields(agent_id))
 
     async def processes(self, agent_id: str) -> dict[str, tuple[str, str]]:
         """Which process holds each live session of the agent (one round trip):
         gateway id -> ``(instance, team id)`` (:func:`parse_processes`)."""
+        return parse_processes(*await self._lease_fields(agent_id))
+
+    async def _lease_fields(self, agent_id: str) -> tuple[dict[Any, Any], dict[Any, Any], int]:
+        """The agent's lease hash, its fence hash and Redis's clock in ms, in one round trip."""
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.hgetall(f"{PREFIX}agent:{agent_id}")
             pipe.hgetall(f"{PREFIX}fence:{agent_id}")
             pipe.time()
             fields, fence, (seconds, micros) = await pipe.execute()
-        return parse_processes(fields, fence, seconds * 1000 + micros // 1000)
+        return fields, fence, seconds * 1000 + micros // 1000
 
     async def locations(self) -> dict[str, Holders]:
         """Every agent's live sessions (at start and after a lost subscription)."""
