@@ -185,11 +185,15 @@ class RelayProcs:
         self.agent.wait(10)
         wait_for(lambda: self.online_agent() is None, what="agent offline")
 
-    def open_tcp(self, port: int) -> int:
+    def open_tunnel(self, port: int) -> dict[str, Any]:
+        """A tcp tunnel to ``port`` on the agent: the API's answer (hub port, URL, ...)."""
         status, body = self.api("POST", f"/api/v1/agents/{self.agent_id}/tunnel",
                                 {"target_port": port, "tunnel_protocol": "tcp"})
         assert status == 200, body
-        return body["hub_port"]
+        return body
+
+    def open_tcp(self, port: int) -> int:
+        return self.open_tunnel(port)["hub_port"]
 
     @property
     def gateway_process(self) -> psutil.Process:

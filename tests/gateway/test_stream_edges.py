@@ -191,9 +191,7 @@ class Stack:
         self.tunnel_url: dict[str, str] = {}
         self.connect: dict[str, RelayConnect] = {}
         for kind, port in self.targets.ports.items():
-            status, body = self.relay.api("POST", f"/api/v1/agents/{self.relay.agent_id}/tunnel",
-                                          {"target_port": port, "tunnel_protocol": "tcp"})
-            assert status == 200, body
+            body = self.relay.open_tunnel(port)
             self.hub[kind] = body["hub_port"]
             self.tunnel_url[kind] = body["tunnel_url"]
             self.connect[kind] = RelayConnect(body["tunnel_url"], workdir / f"connect-{kind}.log", mode)

@@ -125,9 +125,7 @@ class Rig:
         self.tunnel_url: dict[str, str] = {}
         self.connect: dict[str, RelayConnect] = {}
         for kind, port in self.targets.ports.items():
-            status, body = self.relay.api("POST", f"/api/v1/agents/{self.relay.agent_id}/tunnel",
-                                          {"target_port": port, "tunnel_protocol": "tcp"})
-            assert status == 200, body
+            body = self.relay.open_tunnel(port)
             self.session_id[kind] = body["session_id"]
             self.tunnel_url[kind] = body["tunnel_url"]
             self.connect[kind] = RelayConnect(body["tunnel_url"], workdir / f"connect-{kind}.log", "mux")
