@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from relay.gateway.store import (
     store_location,
 )
 from relay.gateway.store import base as store_mod
+from relay.gateway.store.wal_index import WalIndexHeader
 from tests.support.store_fixtures import now
 
 
@@ -277,6 +280,53 @@ def test_generation_sees_another_process_at_once(data_dir: Path) -> None:
     process) changes the generation before the next request, with no waiting."""
     s = Store.open(data_dir)
     before = s.generation()
+    other = sqlite3.connect(data_dir / DB_FILENAME, isolation_level=None)
+    other.execute("INSERT INTO teams (id, name, created_at) VALUES ('x', 'x', 0)")
+    other.close()
+    assert s.generation() != before
+    now(s.close())
+
+
+def test_generation_reads_the_wal_index_header_and_sees_every_commit(data_dir: Path) -> None:
+    """The generation comes from the WAL-index header in shared memory (no statement),
+    and still moves on another process's commit, on one after another connection
+    restarted the log (TRUNCATE checkpoint), and never on reads alone."""
+    s = Store.open(data_dir)
+    assert s._wal_index is not None  # the cheap path is the one in use
+    path = data_dir / DB_FILENAME
+    before = s.generation()
+    now(s.list_teams())
+    assert s.generation() == before
+    script = ("import sqlite3, sys; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
+              "db.execute(\"INSERT INTO teams (id, name, created_at) VALUES (?, 'p', 0)\", (sys.argv[2],)); "
+              "db.close()")
+    subprocess.run([sys.executable, "-c", script, str(path), "p1"], check=True, timeout=30)
+    after_process = s.generation()
+    assert after_process != before
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("SELECT count(*) FROM teams").fetchone()
+    assert s.generation() == after_process  # another connection's read commits nothing
+    other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    checkpointed = s.generation()
+    other.execute("INSERT INTO teams (id, name, created_at) VALUES ('p2', 'p', 0)")
+    other.close()
+    assert s.generation() != checkpointed
+    now(s.close())
+
+
+def test_generation_asks_the_pragma_without_a_usable_header(data_dir: Path, tmp_path: Path) -> None:
+    """No ``-shm`` file, or one of an unknown format: no header (None), and a store
+    without one answers from ``PRAGMA data_version``, which sees commits as well."""
+    assert WalIndexHeader.open(tmp_path / "absent.db") is None
+    (tmp_path / "odd.db-shm").write_bytes(b"\x01" * 64)
+    assert WalIndexHeader.open(tmp_path / "odd.db") is None
+    (tmp_path / "short.db-shm").write_bytes(b"")
+    assert WalIndexHeader.open(tmp_path / "short.db") is None
+    s = Store.open(data_dir)
+    s._wal_index.close()
+    s._wal_index = None
+    before = s.generation()
+    assert isinstance(before[1], int)
     other = sqlite3.connect(data_dir / DB_FILENAME, isolation_level=None)
     other.execute("INSERT INTO teams (id, name, created_at) VALUES ('x', 'x', 0)")
     other.close()

@@ -26,6 +26,7 @@ from typing import Any
 
 from relay.gateway.store.base import ConflictError, Row, StoreError, _reason
 from relay.gateway.store.sql import SqlStore
+from relay.gateway.store.wal_index import WalIndexHeader
 
 __all__ = ["DB_FILENAME", "MIGRATIONS", "SqliteStore"]
 
@@ -249,6 +250,8 @@ class SqliteStore(SqlStore):
         self._tx = _Tx(db)
         self._lock = threading.RLock()
         self._generation_memo: tuple[int, int] | None = None
+        #: The WAL-index header once the database is open (None: ask the pragma).
+        self._wal_index: WalIndexHeader | None = None
         #: Path of the database file.
         self.path = path
         self.location = str(path)
@@ -290,6 +293,7 @@ class SqliteStore(SqlStore):
         try:
             store._configure()
             _run_now(store._migrate())
+            store._wal_index = WalIndexHeader.open(path)  # (the -shm file exists now)
         except sqlite3.Error as exc:
             db.close()
             raise StoreError(f"cannot use database {path}: {_reason(exc)}") from None
@@ -313,6 +317,9 @@ class SqliteStore(SqlStore):
         """:meth:`close`, from code that is not a coroutine."""
         with self._lock:
             self._db.close()
+            if self._wal_index is not None:
+                self._wal_index.close()
+                self._wal_index = None
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r})"
@@ -339,15 +346,20 @@ class SqliteStore(SqlStore):
         with self._lock, self._sqlite_errors():
             yield self._tx
 
-    def generation(self) -> tuple[int, int]:
-        """A counter bumped per write transaction of this store, and SQLite's ``PRAGMA
-        data_version``, which changes when any other connection commits (another
-        process included: ``relay admin`` revoking a key while the gateway runs), so a
-        revoked key or a deleted service stops working on the very next request.
+    def generation(self) -> tuple[int, int | bytes]:
+        """A counter bumped per write transaction of this store, and what tells of any
+        other connection's commit (another process included: ``relay admin`` revoking a
+        key while the gateway runs), so a revoked key or a deleted service stops working
+        on the very next request.
 
-        The pragma is a statement under the store's lock (about 10 µs here), and one
-        request asks several caches: within one turn of the event loop the answer is
-        remembered, and forgotten at the next turn or at this store's next commit."""
+        That is the WAL-index header's bytes (relay.gateway.store.wal_index: a read of
+        shared memory, no statement), or where it cannot be mapped, SQLite's ``PRAGMA
+        data_version``: a statement under the store's lock (about 10 µs here), so within
+        one turn of the event loop its answer is remembered, and forgotten at the next
+        turn or at this store's next commit."""
+        wal = self._wal_index
+        if wal is not None:
+            return (self._own_writes, wal.read())
         memo = self._generation_memo
         if memo is not None:
             return memo
