@@ -64,6 +64,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from time import monotonic as _monotonic  # exchange durations (the observers' seconds)
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Optional, Union, cast
 
 import httptools
@@ -1551,7 +1552,10 @@ class ProxyConnection:
         if isinstance(answer, tuple):
             self._local_answer(answer)
             return
-        future = self._busy = asyncio.ensure_future(answer)
+        if type(answer) is CoroutineType:  # (the usual answer: no ensure_future's checks)
+            future = self._busy = asyncio.get_running_loop().create_task(answer)
+        else:
+            future = self._busy = asyncio.ensure_future(answer)
         self._answering = True
         future.add_done_callback(self._local_done)
 
