@@ -190,3 +190,53 @@ def test_revoking_an_api_key_cuts_what_it_opened_beyond_one_request(tmp_path: Pa
                 await app.close()
 
     run(main)
+
+
+def test_a_key_used_later_on_a_kept_proxy_connection_cuts_it_when_revoked(tmp_path: Path, store_url: str) -> None:
+    """The service proxy holds a kept connection for each key it served, also when the
+    answers come from memory (the connection is held once per key, not per request):
+    an sk- key's requests, then a dk- key's (remembered from another connection) on the
+    same socket, each repeated; revoking the dk- key cuts the connection with a reset."""
+    import asyncio
+
+    from tests.gateway.test_gateway_e2e import gateway_and_team, run
+    from tests.http.test_invoke import serving_agent, wait_status
+    from tests.support.openai_server import OpenAIServer
+
+    async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: str) -> None:
+        writer.write(f"GET /api/v1/r/containers/svc-a/echo HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {key}\r\n\r\n".encode())
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+            await reader.readexactly(length)
+
+    async def main() -> None:
+        async with gateway_and_team(tmp_path, store_url) as (gw, keys):
+            app = await OpenAIServer("one").start()
+            try:
+                async with serving_agent(gw, keys["ak"], "box", f"svc-a=127.0.0.1:{app.port}"):
+                    await wait_status(gw, keys["sk"], "svc-a", "running")
+                    warm_r, warm_w = await asyncio.open_connection("127.0.0.1", gw.port)
+                    for _ in range(3):  # the dk- key's answer is remembered from here on
+                        await get(warm_r, warm_w, keys["dk"])
+                    warm_w.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+                    for key in ("sk", "sk", "sk", "dk", "dk", "dk", "sk", "dk"):
+                        await get(reader, writer, keys[key])
+                    credential = await gw.store.lookup_credential(keys["dk"])
+                    assert await gw.store.revoke_credential(credential.team_id, credential.id)
+                    try:
+                        async with asyncio.timeout(2):
+                            while await reader.read(65536):
+                                pass
+                        ended = "eof"
+                    except ConnectionResetError:
+                        ended = "reset"
+                    assert ended == "reset"
+                    writer.close()
+            finally:
+                await app.close()
+
+    run(main)

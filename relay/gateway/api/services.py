@@ -77,7 +77,6 @@ leave the prefix, is a 400), streams both ways (SSE included) through
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import ssl
 import time
@@ -667,6 +666,11 @@ class ServiceManager:
         return self._pick(slug, state, rotate)
 
     def _pick(self, slug: str, state: ServiceState, rotate: bool) -> list[Instance]:
+        if state.running and len(state.instances) == 1:  # the usual service: no lists to sort
+            for only in state.instances.values():
+                if only.online and only.healthy:
+                    state.turn += rotate
+                    return [only]
         status = state.status()
         if status != "running":
             raise HttpError(400, "service_not_running", f"service {slug!r} is {status}, not running")
@@ -864,7 +868,7 @@ class ServiceManager:
         # _resolve checks (and picks) again for this very request, and each later one.
         transport, data = request.take_over_raw()
         self.gw.revocations.hold(principal, transport)
-        serve_connection(transport, data, functools.partial(self._resolve, transport=transport),
+        serve_connection(transport, data, _ProxyClient(self, transport).resolve,
                          fallback=self._http_server, connections=self.gw._connections)
 
     def _http_server(self, declined: bool = False) -> HttpProtocol:
@@ -879,7 +883,8 @@ class ServiceManager:
 
         A keep-alive client repeats the same request, and with an API key and a service
         of one instance the answer is the same object as long as nothing it was built
-        on moved: it is remembered (see ``_answers``) and checked, not rebuilt."""
+        on moved: it is remembered here (see ``_answers``), and :class:`_ProxyClient`
+        checks it before asking this again."""
         authorization = team = upgrade = None  # (a repeated header: the last one counts)
         for _, lname, value in request.raw_headers:
             if lname == b"authorization":
@@ -890,16 +895,6 @@ class ServiceManager:
                 upgrade = value
         key = (request.target, authorization, team)
         gw = self.gw
-        hit = self._answers.get(key)
-        if hit is not None:
-            upstream, principal, state, inst, seen, state_key = hit
-            if (inst.online and inst.healthy and state.running and len(state.instances) == 1
-                    and seen == (gw.store.generation(), gw.registry.version, gw.auth.epoch, self._epoch)
-                    and self._states.get(state_key) is state and self._in_sync()):
-                state.turn += 1  # (as _pick would)
-                if transport is not None:
-                    gw.revocations.hold(principal, transport)
-                return upstream
         target = origin_form(request.target)
         if not target.startswith(PREFIX):
             return None
@@ -1087,6 +1082,44 @@ class ServiceManager:
 
 
 # ----------------------------------------------------------------------------- OpenAPI
+
+
+class _ProxyClient:
+    """One client connection the service proxy serves, and the engine's resolver for
+    it (:meth:`resolve`): a remembered answer still in force is given at once, and the
+    connection is held for a credential (revoking it cuts the connection,
+    relay.gateway.agents.revocation) once, not per request; anything else is
+    :meth:`ServiceManager._resolve`."""
+
+    __slots__ = ("_services", "_transport", "_held")
+
+    def __init__(self, services: ServiceManager, transport: Any) -> None:
+        self._services = services
+        self._transport = transport
+        self._held: Optional[Principal] = None  # the principal of the last answer given
+
+    def resolve(self, request: RequestHead) -> MaybeUpstream:
+        authorization = team = None  # (a repeated header: the last one counts)
+        for _, lname, value in request.raw_headers:
+            if lname == b"authorization":
+                authorization = value
+            elif lname == b"x-team-id":
+                team = value
+        services = self._services
+        hit = services._answers.get((request.target, authorization, team))
+        if hit is not None:
+            upstream, principal, state, inst, seen, state_key = hit
+            gw = services.gw
+            if (inst.online and inst.healthy and state.running and len(state.instances) == 1
+                    and seen == (gw.store.generation(), gw.registry.version, gw.auth.epoch, services._epoch)
+                    and services._states.get(state_key) is state and services._in_sync()):
+                state.turn += 1  # (as _pick would)
+                if principal is not self._held:
+                    gw.revocations.hold(principal, self._transport)
+                    self._held = principal
+                return upstream
+        self._held = None
+        return services._resolve(request, self._transport)
 
 
 def add_services_openapi(document: dict[str, Any]) -> dict[str, Any]:
