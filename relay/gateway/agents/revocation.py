@@ -3,7 +3,7 @@ the connections it opened that outlive a request.
 
 A key is checked when an agent connects (the WebSocket upgrade); the session lives on
 after that. So the gateway watches for revocations: every :data:`POLL_INTERVAL` it reads
-the store's generation (SQLite: one ``PRAGMA data_version``; PostgreSQL: from memory,
+the store's generation (SQLite: its WAL-index header, in shared memory; PostgreSQL: from memory,
 its change notifications; both see commits of other processes, such as ``relay admin
 key revoke`` while the gateway runs), and when anything was committed (or an agent connected) since its last look, it
 asks the store which credentials of the connected agents are revoked. Each such agent is
