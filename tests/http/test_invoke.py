@@ -13,9 +13,12 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.agent import Agent
 from relay.agent.services import parse_service
+from relay.gateway.api.invoke import headers_json
 from relay.gateway.app import Gateway
 from tests.gateway.test_gateway_e2e import gateway_and_team, http, run, wait_until
 from tests.support.openai_server import OpenAIServer
@@ -241,3 +244,12 @@ def test_two_agents_share_a_slug_balanced_and_failover(tmp_path) -> None:
                 await s2.close()
 
     run(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=12), st.text(max_size=40), max_size=8))
+def test_headers_json_is_what_json_dumps_writes(headers: dict[str, str]) -> None:
+    """invoke's ``headers`` object, written by hand, is byte for byte json.dumps's
+    (non-ASCII, quotes, backslashes and control characters escaped the same way)."""
+    assert headers_json(headers) == json.dumps(headers)
+    assert json.loads(headers_json(headers)) == headers
