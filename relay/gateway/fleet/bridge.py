@@ -46,7 +46,9 @@ class StreamTransport:
         # should cost little: an empty deque is 600 bytes).
         self._queue: Optional[deque[Any]] = None
         self._eof_queued = False
-        self._out: list[Any] = []  # received in the current batch of events
+        # Received in the current batch of events; None while there is none (an idle
+        # join should not hold an empty list).
+        self._out: Optional[list[Any]] = None
         self._out_n = 0
         self._write_paused = False  # we paused the protocol's writing
         self._closing = False
@@ -75,16 +77,19 @@ class StreamTransport:
     # -- the stream's sink (called by the MuxStream and its session)
 
     def _mux_data(self, data: Any, n: int) -> None:
-        if not self._out:
+        out = self._out
+        if out is None:
+            self._out = [data]
             self._session._pending_splices.append(self)
-        self._out.append(data)
+        else:
+            out.append(data)
         self._out_n += n
 
     def _write_out(self) -> None:
         out = self._out
-        if not out:
+        if out is None:
             return
-        self._out = []
+        self._out = None
         self._out_n = 0
         for chunk in out:
             if self._paused or self._queue or self._lost:
@@ -119,7 +124,7 @@ class StreamTransport:
             self.close()  # asyncio's rule: a falsy answer closes the transport
 
     def _mux_reset(self, exc: BaseException) -> None:
-        self._out = []
+        self._out = None
         self._out_n = 0
         self._queue = None  # the core credits unacknowledged data back on a reset
         self._connection_lost(exc)

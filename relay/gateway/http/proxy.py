@@ -2060,7 +2060,7 @@ class ProxyConnection:
             transport.resume_reading()
         stats.websockets += 1
         stats.active_websockets += 1
-        splice._closed.add_done_callback(lambda _: self._spliced_closed(stats))
+        splice.closed_future().add_done_callback(lambda _: self._spliced_closed(stats))
 
     def _spliced_closed(self, stats: ProxyStats) -> None:
         stats.active_websockets -= 1
