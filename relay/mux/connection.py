@@ -558,6 +558,21 @@ class MuxConnection:
         self._reserved += grown
         return increment
 
+    def _forget_quiet(self, now: float, limit: int) -> None:
+        """Drop up to ``limit`` of the oldest streams of ``_receiving`` that went quiet.
+        A stream that received once and idles would otherwise keep its entry (about
+        100 bytes) until it closes, since the share is computed only as data is
+        acknowledged. Called as a stream starts receiving (a few: a bounded cost per
+        call) and by :meth:`handle_timer` (all), so idle streams hold none."""
+        receiving = self._receiving
+        cutoff = now - self.config.receiving_horizon
+        while receiving and limit > 0:
+            stream_id, seen = next(iter(receiving.items()))
+            if seen >= cutoff:
+                return
+            del receiving[stream_id]
+            limit -= 1
+
     def _fair_window(self, now: float) -> int:
         """The largest window a receiving stream may have at ``now``: an equal share of
         half the growth budget among the streams receiving within ``receiving_horizon``.
@@ -796,6 +811,7 @@ class MuxConnection:
                 receiving = self._receiving
                 if stream_id not in receiving:
                     self._fair_until = float("-inf")  # a newcomer: recompute the share
+                    self._forget_quiet(now, 4)
                 recv.seen = now
                 receiving[stream_id] = now
                 receiving.move_to_end(stream_id)
@@ -1009,6 +1025,7 @@ class MuxConnection:
             return self._take_events()
         if silence >= cfg.keepalive_interval and not self._ping_sent and self.established:
             self.ping(now)
+        self._forget_quiet(now, len(self._receiving))
         while self._half_closed:
             stream_id, since = next(iter(self._half_closed.items()))
             if now - since < cfg.half_closed_timeout:
