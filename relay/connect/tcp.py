@@ -231,6 +231,8 @@ class _LocalSplice(StreamSplice):
     """A local connection's splice that says why the gateway refused its stream (a
     method, not a task per connection: connections should cost little)."""
 
+    __slots__ = ()  # no instance dict per connection
+
     def _mux_reset(self, exc: BaseException) -> None:
         if isinstance(exc, StreamRefused):
             log.warning("connection refused: %s", exc)

@@ -32,6 +32,12 @@ if TYPE_CHECKING:
 
 __all__ = ["start_tunnel_mux"]
 
+#: The metadata ``relay connect`` opens every stream with. A stream that carries exactly
+#: this keeps this one shared copy instead of its own decoded dict (about 300 bytes per
+#: idle connection: a connection through ``relay connect`` should cost no more than one
+#: through the hub port, which has no stream from the client at all).
+_TCP_METADATA = {"protocol": "tcp"}
+
 
 def start_tunnel_mux(manager: TunnelManager, hub: HubListener, transport: asyncio.Transport,
                      leftover: bytes, config: Optional[MuxConfig] = None) -> MuxSession:
@@ -52,6 +58,8 @@ def _serve_stream(manager: TunnelManager, hub: HubListener, incoming: MuxStream)
     if protocol != "tcp":
         incoming.refuse(ErrorCode.PROTOCOL_ERROR, "a tcp tunnel carries streams of protocol 'tcp' only")
         return
+    if meta == _TCP_METADATA:
+        incoming.metadata = _TCP_METADATA
     outgoing = manager.open_target_stream(hub)
     if outgoing is None:
         incoming.refuse(ErrorCode.REFUSED, hub.last_error or "the tunnel's target is not reachable")

@@ -131,6 +131,9 @@ class _HubSplice(StreamSplice):
     (:meth:`TunnelManager._note_refusal`): the refusal reaches the splice as its reset,
     so no task per connection waits for the agent's answer."""
 
+    # No instance dict: one per idle connection would be about 100 bytes.
+    __slots__ = ("_hub", "_manager")
+
     def __init__(self, stream: MuxStream, hub: HubListener, manager: Optional["TunnelManager"] = None) -> None:
         super().__init__(stream)
         self._hub = hub
