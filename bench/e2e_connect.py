@@ -185,10 +185,11 @@ class Run:
         """Fresh processes per path, so neither baseline nor growth carries heap from the
         other benchmarks. ``relay connect``'s own growth is added to gateway + agent."""
         count = self.args.idle_streams
-        for path in [p for p in ("hub", "connect", "plain", "base") if p in self.args.paths]:
+        runs = [(rep, p) for rep in range(self.reps) for p in ("hub", "connect", "plain", "base") if p in self.args.paths]
+        for rep, path in runs:  # repeated (--reps), paths interleaved, as the other benchmarks
             if path == "base" and not self.args.baseline:
                 continue
-            sub = topo.Procs(self.workdir / f"idle-{path}")
+            sub = topo.Procs(self.workdir / f"idle-{path}-{rep}")  # fresh logs: "listening on" is new
             sub.workdir.mkdir(exist_ok=True)
             try:
                 source = Path(self.args.baseline).resolve() if path == "base" else None
@@ -206,7 +207,7 @@ class Run:
                 self.add("idle_relay", path, kib["gateway"] + kib["agent"])
                 if "connect" in kib:
                     self.add("idle_connect", path, kib["connect"])
-                self.log(f"  {path:>8}: {count} idle connections: " +
+                self.log(f"  rep {rep + 1} {path:>8}: {count} idle connections: " +
                          ", ".join(f"{k} {v:.2f}" for k, v in kib.items()) + f" KiB each (total {total:.2f})")
             finally:
                 sub.stop_all()
