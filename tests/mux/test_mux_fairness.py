@@ -168,3 +168,30 @@ def test_a_stream_that_barely_reads_does_not_take_the_growth_budget() -> None:
     recv = link.b._streams[control].recv
     assert recv.window + recv.debt <= CONFIG["initial_window"] + 37
     assert len({link.b._streams[sid].recv.window for sid in sids}) == 1
+
+
+def test_streams_that_went_quiet_leave_the_set_of_receiving_streams() -> None:
+    """An idle stream keeps no entry among the streams sharing the growth budget: a
+    newcomer drops a few of those quiet for longer than the horizon, the timer the rest
+    (the share is recomputed only as data is acknowledged, which idle streams never are)."""
+    a = MuxConnection(client=True, config=MuxConfig(**CONFIG))
+    b = MuxConnection(client=False, config=MuxConfig(**CONFIG))
+    horizon = b.config.receiving_horizon
+    now = 10.0
+    b.receive_data(a.data_to_send(), now)
+    a.receive_data(b.data_to_send(), now)
+
+    def one_byte_each(count: int, at: float) -> None:
+        for sid in [a.open_stream() for _ in range(count)]:
+            a.send_data(sid, b"?")
+        for event in b.receive_data(a.data_to_send(), at):
+            if isinstance(event, StreamOpened):
+                b.accept_stream(event.stream_id)
+
+    one_byte_each(10, now)
+    assert len(b._receiving) == 10
+    one_byte_each(1, now + horizon + 0.01)  # a newcomer after the horizon: 4 quiet ones go
+    assert len(b._receiving) == 10 - 4 + 1
+    b.handle_timer(now + horizon + 0.02)  # the timer: every quiet one goes, not the newcomer
+    assert len(b._receiving) == 1
+    assert b.open_streams == 11  # idle, not closed
