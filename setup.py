@@ -26,6 +26,8 @@ COMPILED_SOURCES = [
     ("relay.aio.transport", "relay/aio/transport.py"),
     ("relay.gateway.http.proxy", "relay/gateway/http/proxy.py"),
     ("relay.gateway.http.tunnel_proxy", "relay/gateway/http/tunnel_proxy.py"),
+    ("relay.gateway.http.traffic", "relay/gateway/http/traffic.py"),
+    ("relay.gateway.web.inspector", "relay/gateway/web/inspector.py"),
     ("relay.gateway.fleet.bridge", "relay/gateway/fleet/bridge.py"),
 ]
 

@@ -27,7 +27,9 @@ NO_EXTENSIONS: bool = bool(os.environ.get("RELAY_NO_EXTENSIONS"))
 COMPILED_SOURCES: tuple[str, ...] = (
     "relay.mux.flow", "relay.mux.stream", "relay.mux.events", "relay.mux.connection",
     "relay.binding", "relay.aio.stream", "relay.aio.session", "relay.aio.transport",
-    "relay.gateway.http.proxy", "relay.gateway.http.tunnel_proxy", "relay.gateway.fleet.bridge",
+    "relay.gateway.http.proxy", "relay.gateway.http.tunnel_proxy", "relay.gateway.http.traffic",
+    "relay.gateway.web.inspector",
+    "relay.gateway.fleet.bridge",
 )
 
 #: Names of the compiled modules actually in use, filled in as they load.

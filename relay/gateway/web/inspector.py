@@ -18,6 +18,10 @@ bytes of each body (the proxy engine keeps no more: ProxyStats.inspect). Shown h
 have credentials (``Authorization``, ``Cookie``, ``Set-Cookie``, ``X-Admin-Token`` ...)
 replaced by ``<redacted>`` and everything else passed through relay.logs.redact; the
 originals are kept only for a replay and never rendered.
+
+:meth:`Inspector.add` runs once per proxied request of an inspected tunnel, so this
+module is compiled from its own source (inspector.pxd: Inspector is an extension type);
+the ``.py`` is its pure-Python twin.
 """
 from __future__ import annotations
 
