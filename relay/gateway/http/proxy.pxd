@@ -79,7 +79,7 @@ cdef class ProxyConnection:
     cdef public object _resolve, _fallback, _connections, _parser, transport, _loop
     cdef public object _client_ip, _scheme, _events, _url, _hdrs, _raw, _chunk
     cdef public object _drain_waiter, _upgrade_pending, _busy, _discard, _out
-    cdef public object _head_cache, _fwd_cache, _clean_target, _joined, _idle_timer, _patience
+    cdef public object _head_cache, _plain_head, _fwd_cache, _clean_target, _joined, _idle_timer, _patience
     cdef public object _local, _local_body
     cdef public Py_ssize_t _local_size
     cdef public bint _answering

@@ -687,7 +687,8 @@ class _StreamSide:
         self._informational = False
         self._head_at = self._pos
 
-    @cython.locals(exchange=_Exchange, start=cython.longlong, end=cython.longlong, status=cython.longlong)
+    @cython.locals(exchange=_Exchange, start=cython.longlong, end=cython.longlong, status=cython.longlong,
+                   raw=bytes)
     def on_headers_complete(self) -> None:
         self._in_head = False
         carry = self._carry
@@ -701,7 +702,10 @@ class _StreamSide:
         end = raw.find(b"\r\n\r\n", start) if start >= 0 else -1
         if end < 0 or not raw.startswith(b"HTTP/", start):
             raise _Unframed()  # a response where none was expected (the target is out of step)
-        status = self._status = self.parser.get_status_code()
+        # "HTTP/1.1 200 ...": llhttp checked the shape (three digits after one space), so
+        # the status is read from the bytes, not asked of the parser (a Python call).
+        status = (raw[start + 9] - 48) * 100 + (raw[start + 10] - 48) * 10 + raw[start + 11] - 48
+        self._status = status
         if status < 200 or status == 101:
             line_end = raw.find(b"\r\n", start)
             self._reason = raw[start + 13:line_end]  # "HTTP/1.1 101 Switching...": llhttp checked the shape
@@ -972,6 +976,7 @@ class ProxyConnection:
         self._out: list[bytes] = []  # response bytes for the client, written once per batch
         self._close_after = False  # the response to the client is framed by closing
         self._head_cache: Optional[tuple] = None  # the last response head rewritten (see _response_head)
+        self._plain_head: Optional[bytes] = None  # the last response head with no path to move (ditto)
         self._fwd_cache: Optional[tuple] = None  # the last request header lines built (see _forward_head)
         self._clean_target: Optional[bytes] = None  # the last upstream request-target found clean
         self._joined: Optional[ProxyStats] = None  # the stats whose clients we were last added to
@@ -1759,9 +1764,14 @@ class ProxyConnection:
         exchange.started = True
         exchange.status = status
         prefix = exchange.upstream.prefix
-        if prefix is not None and _PATH_HEADER.search(head) is not None:
-            # Before the cache: the rewritten head is what the cache compares.
-            head = rewrite_paths(head, prefix, *_target_hosts(exchange))
+        if prefix is not None and head != self._plain_head:
+            # Before the cache: the rewritten head is what the cache compares. A head
+            # found to have no path header is remembered (a target sends the same one
+            # again and again), so its repeats cost a comparison instead of a search.
+            if _PATH_HEADER.search(head) is not None:
+                head = rewrite_paths(head, prefix, *_target_hosts(exchange))
+            else:
+                self._plain_head = head
         no_body = exchange.is_head or status == 204 or status == 304
         close = not self._req_keep_alive
         http11 = self._req_http11
