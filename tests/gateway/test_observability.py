@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from typing import Any, Optional
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.gateway.http.traffic import BUCKETS, Traffic
 from relay.logs import redact
 from tests.gateway.test_gateway_e2e import gateway_and_team, http, run, running_agent, wait_until
 from tests.http.test_http_tunnel import open_http_tunnel
@@ -61,6 +63,32 @@ def samples(text: str) -> dict[str, dict[tuple, float]]:
             out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
     return out
 
+
+
+def test_traffic_counts_each_exchange_by_status_class_and_latency_bucket() -> None:
+    """Traffic.record (compiled in the accelerated run: its bucket is found by a typed
+    walk) puts each duration where bisect_left over BUCKETS would, bounds included."""
+    traffic = Traffic(clock=lambda: 1000.0)
+    observe = traffic.observer("tunnel", "team", "sid")
+    durations = [0.0, 0.001, *BUCKETS, *(b * 1.01 for b in BUCKETS), 3600.0]
+    for seconds in durations:
+        observe(b"GET", b"/x?token=secret", 200, 3, 5, seconds)
+    for status in (0, 99, 101, 404, 503, 600):
+        observe(b"POST", b"/y", status, 0, 0, 0.0)
+    dest = traffic.destinations[("tunnel", "team", "sid")]
+    expected = [0] * (len(BUCKETS) + 1)
+    for seconds in [*durations, *[0.0] * 6]:
+        expected[bisect.bisect_left(BUCKETS, seconds)] += 1
+    assert dest.buckets == expected
+    assert dict(dest.requests) == {"2xx": len(durations), "none": 3, "1xx": 1, "4xx": 1, "5xx": 1}
+    assert (dest.bytes_in, dest.bytes_out) == (3 * len(durations), 5 * len(durations))
+    assert dest.duration_sum == pytest.approx(sum(durations))
+    newest = traffic.recent("team")[0]
+    assert newest["path"] == "/y" and newest["status"] == 600 and newest["time"] == 1000.0
+    assert all("secret" not in entry["path"] for entry in traffic.recent("team"))
+    traffic.forget("tunnel", "sid")
+    observe(b"GET", b"/z", 200, 1, 1, 0.0)  # a forgotten destination's series stay gone
+    assert dest.count == len(durations) + 6 and ("tunnel", "team", "sid") not in traffic.destinations
 
 def test_redact_hides_keys_tokens_and_bearer_credentials():
     token = "A" * 43

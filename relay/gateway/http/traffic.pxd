@@ -11,4 +11,5 @@ cdef class Destination:
     cdef public bint live
 
 cdef class Traffic:
-    cdef public object _clock, destinations, _recent, counters
+    cdef public object _clock, counters
+    cdef public dict destinations, _recent
