@@ -514,8 +514,8 @@ class MuxConnection:
         any stream finds its window was the bottleneck, and it is capped at a fair share
         of half the growth budget (a quarter of the session window) among the streams
         receiving now, so it shrinks when more streams start. Each stream moves to the
-        target as it consumes: up by at most the ``n`` bytes consumed now (slow start; the
-        growth rides on this update), down by withholding credit
+        target as it consumes: up by at most the ``n`` bytes consumed now or one initial
+        window (slow start; the growth rides on this update), down by withholding credit
         (:meth:`ReceiveWindow.resize`). A stream alone still grows to
         ``max_window``; 32 streams converge on equal windows, hence equal throughput.
 
@@ -536,10 +536,12 @@ class MuxConnection:
         committed = recv.window + recv.debt
         if target != recv.window:
             if target > committed:  # growth: only as far as the budget still allows
-                # Slow start: a window grows by at most what its reader consumes, so a
-                # stream opened after a bulk transfer left the target high does not take
-                # that target (and the growth budget with it) before it reads a byte.
-                target = min(target, committed + n)
+                # Slow start: a window grows by at most what this acknowledgement
+                # consumes, or one initial window if that is more. A stream opened after a
+                # bulk transfer left the target high does not take that target (and the
+                # growth budget with it) at its first few bytes; the floor keeps a stream
+                # of small messages from passing through here on every one of them.
+                target = min(target, committed + max(n, cfg.initial_window))
                 allowed = min(cfg.session_window // 2 - self._granted_growth,
                               cfg.session_window - self._reserved)
                 open_left = cfg.session_window // 4 - self._granted_growth
