@@ -531,6 +531,10 @@ class MuxStream:
 
     def _finish(self) -> None:
         self._finished = True
+        # Nothing reaches a finished stream's sink any more. Let go of it: the sink (a
+        # splice) holds this stream, and that cycle, one per connection, would otherwise
+        # wait for the cyclic collector, whose pauses every connection in flight waits out.
+        self._sink = None
         _wake(self._closed_waiter)
         self._session._stream_finished(self)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import os
 import socket
@@ -176,6 +177,52 @@ def test_splice_to_local_echo_server_32mib(run):
                 await splices[0].wait_closed()
 
     run(main, timeout=60)
+
+
+def test_finished_splices_leave_no_reference_cycle(run):
+    """A connection spliced to a stream, once both have ended, is freed by reference
+    counting: no stream/splice cycle is left for the cyclic collector, whose pauses every
+    connection in flight would wait out (a hub port serves one such pair per connection)."""
+    from relay.aio.stream import MuxStream
+
+    async def main():
+        async with local_server(echo_connection) as port:
+            splices: list = []
+
+            async def handler(stream):
+                splices.append(await connect_stream_to(stream, "127.0.0.1", port))
+
+            async with session_pair(on_stream=handler) as (client, server):
+                gc.collect()
+                gc.disable()
+                try:
+                    for i in range(20):
+                        stream = await client.open_stream({"target": f"127.0.0.1:{port}"})
+                        stream.write(b"ping %d" % i)
+                        stream.write_eof()
+                        assert await stream.read() == b"ping %d" % i
+                        await stream.wait_closed()
+                        for _ in range(200):  # the handler's task appends once connected
+                            if splices:
+                                break
+                            await asyncio.sleep(0.01)
+                        await splices.pop().wait_closed()
+                    del stream
+                    for _ in range(200):  # each connection_lost ran: the server's streams finished
+                        if not server._streams:
+                            break
+                        await asyncio.sleep(0.01)
+                    assert not server._streams
+                    gc.set_debug(gc.DEBUG_SAVEALL)
+                    gc.collect()
+                    cyclic = [o for o in gc.garbage if isinstance(o, (MuxStream, StreamSplice))]
+                finally:
+                    gc.set_debug(0)
+                    gc.garbage.clear()
+                    gc.enable()
+                assert cyclic == []
+
+    run(main)
 
 
 def test_splice_connect_failure_refuses_stream(run):
