@@ -114,6 +114,7 @@ def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], la
     from relay.agent.client import AgentAuthError
     from relay.agent.services import parse_service
     from relay.agent.trio_client import TrioAgent
+    from relay.collector import settle
 
     unsupported = sorted({"tunnels": "--tunnel"}.get(name, "--" + name.replace("_", "-"))
                          for name, value in options.items() if value)
@@ -147,6 +148,7 @@ def _trio_agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], la
         raise click.BadParameter(str(exc), param_hint="--gateway") from None
     agent.tasks.register_builtins()  # echo, sleep, count (relay.agent.tasks), as on asyncio
     agent.services = specs
+    settle()  # start-up's objects out of the collector's way (relay.collector)
     try:
         trio.run(agent.run)
     except AgentAuthError as exc:
@@ -436,6 +438,7 @@ def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: 
     """Run an agent: dial out to the gateway and serve allowed targets."""
     gateway_url, *more_gateways = gateway_urls
     from relay.agent.client import Agent, AgentAuthError
+    from relay.collector import settle
 
     check_agent_key(key)
     for entry in allow:
@@ -500,6 +503,7 @@ def agent(gateway_urls: tuple[str, ...], key: str, name: Optional[str], labels: 
             await expose(the_agent, ApiClient(gateway_url, api_key, ca_cert), tunnel_specs,
                          echo=click.echo, live=False)
             return
+        settle()  # start-up's objects out of the collector's way (relay.collector)
         await the_agent.run()
 
     try:

@@ -26,6 +26,7 @@ from typing import Any, Awaitable, Callable, Optional
 
 from relay import __version__
 from relay.aio import MuxSession, WebSocketTransport
+from relay.collector import settle
 from relay.gateway.agents.bindings import Bindings
 from relay.gateway.agents.registry import AgentNameTaken, ConnectedAgent, Registry, end_session
 from relay.gateway.agents.revocation import RevocationWatcher
@@ -1041,6 +1042,7 @@ async def run_gateway(listen_host: str, listen_port: int, data_dir: Path, *,
             # machines until the operator chooses to expose it.
             echo(f"TCP tunnel hub ports listen on {hub_host} (this machine only; "
                  f"--hub-host 0.0.0.0 lets other machines reach them)")
+        settle()  # start-up's objects out of the collector's way (relay.collector)
         started = time.monotonic()
         try:
             await stop.wait()
