@@ -20,8 +20,8 @@ cdef class StreamSplice:
     cdef public MuxSession _session
     cdef public object _stream_id, transport, _closed
     cdef public list _out
-    cdef public Py_ssize_t _held, _out_n
-    cdef public bint _write_paused, _reading_paused, _local_eof, _mux_eof_seen
+    cdef public Py_ssize_t _held, _out_n, receive_buffer
+    cdef public bint _write_paused, _reading_paused, _local_eof, _mux_eof_seen, unsent_limited
     cdef object __weakref__
     cpdef _mux_data(self, data, Py_ssize_t n)
     cpdef _write_out(self)

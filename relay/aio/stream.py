@@ -20,6 +20,7 @@ import socket
 import struct
 import sys
 from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Optional, Protocol, cast
 
 from relay.mux.errors import ErrorCode, StreamClosedError
@@ -621,29 +622,64 @@ def limit_unsent(transport: Any) -> None:
         set_socket_option(transport, socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, UNSENT_LIMIT)
 
 
-def set_socket_option(transport: Any, level: int, option: int, value: int) -> bool:
-    """``setsockopt`` on a transport's socket; False if it has none or refuses the option.
+def limit_unsent_on_listener(server: Any) -> bool:
+    """Cap the unsent bytes (as :func:`limit_unsent` does) on every socket ``server``
+    listens on; True if each took it. A TCP socket accepted from such a listener inherits
+    the cap (Linux copies the listener's TCP options into it), which saves each accepted
+    connection of a busy port the look-up and the system call: a splice of one is made
+    with ``unsent_limited``."""
+    if _TCP_NOTSENT_LOWAT is None or sys.platform != "linux":  # inherited: seen on Linux only
+        return False
+    sockets = list(getattr(server, "sockets", None) or ())
+    done = 0
+    for sock in sockets:
+        try:
+            raw = _CSocket(socket.AF_INET, socket.SOCK_STREAM, 0, sock.fileno())
+            try:
+                raw.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, UNSENT_LIMIT)
+                done += 1
+            finally:
+                raw.detach()  # the descriptor stays the server's
+        except (OSError, ValueError, AttributeError):
+            pass
+    return bool(sockets) and done == len(sockets)
 
-    Done once or twice per spliced connection, so cheaply: uvloop's transports hand out
-    a stand-in socket whose ``setsockopt`` builds a full ``socket.socket`` around the
-    descriptor for each call (a Python-level constructor, and ``family`` an enum
-    lookup), about a fifth of the instructions a connection costs the agent. The C
-    socket type around the same descriptor, detached at once, does the same call."""
+
+def set_socket_option(transport: Any, level: int, option: int, value: int) -> bool:
+    """``setsockopt`` on a transport's socket; False if it has none or refuses the option."""
+    return set_socket_options(transport, ((level, option, value),)) == 1
+
+
+def set_socket_options(transport: Any, options: Iterable[tuple[int, int, int]]) -> int:
+    """``setsockopt`` of each ``(level, option, value)`` on a transport's socket, the
+    socket looked up once; returns how many it took (an option it refuses is skipped).
+
+    Done once per spliced connection, so cheaply: uvloop's transports hand out a stand-in
+    socket (a ``getsockname`` call each time it is asked for) whose ``setsockopt`` builds
+    a full ``socket.socket`` around the descriptor for each call (a Python-level
+    constructor, and ``family`` an enum lookup), about a fifth of the instructions a
+    connection costs the agent. The C socket type around the same descriptor, detached
+    at once, does the same calls."""
     sock = transport.get_extra_info("socket")
     if sock is None:
-        return False
+        return 0
+    done = 0
     try:
-        if isinstance(sock, socket.socket):
-            sock.setsockopt(level, option, value)
-            return True
-        raw = _CSocket(socket.AF_INET, socket.SOCK_STREAM, 0, sock.fileno())
-        try:
-            raw.setsockopt(level, option, value)
-        finally:
+        raw = sock if isinstance(sock, socket.socket) else _CSocket(
+            socket.AF_INET, socket.SOCK_STREAM, 0, sock.fileno())
+    except (OSError, ValueError, AttributeError):  # closed, or not a socket
+        return 0
+    try:
+        for level, option, value in options:
+            try:
+                raw.setsockopt(level, option, value)
+                done += 1
+            except (OSError, ValueError):  # not an option of this socket
+                pass
+    finally:
+        if raw is not sock:
             raw.detach()  # the descriptor stays the transport's
-    except (OSError, ValueError, AttributeError):  # closed, not a socket, or not this option
-        return False
-    return True
+    return done
 
 
 class StreamSplice:
@@ -673,8 +709,14 @@ class StreamSplice:
     stalled streams hold what their peer granted them, not a full send queue each.
     """
 
-    def __init__(self, stream: MuxStream) -> None:
+    def __init__(self, stream: MuxStream, unsent_limited: bool = False, receive_buffer: int = 0) -> None:
         self.stream = stream
+        #: The local socket caps its unsent bytes already (accepted from a listener set
+        #: up by :func:`limit_unsent_on_listener`): ``connection_made`` leaves it alone.
+        self.unsent_limited = unsent_limited
+        #: SO_RCVBUF to fix on the local socket when connected (0: the kernel's own,
+        #: autotuned); set with the unsent cap, the socket looked up once.
+        self.receive_buffer = receive_buffer
         self._session = stream._session
         self._stream_id = stream.stream_id
         self.transport: Optional[asyncio.Transport] = None
@@ -698,7 +740,15 @@ class StreamSplice:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream connection's transport (asyncio types the argument for every kind).
         self.transport = cast(asyncio.Transport, transport)
-        limit_unsent(transport)
+        options = []
+        if not self.unsent_limited and _TCP_NOTSENT_LOWAT is not None:
+            options.append((socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, UNSENT_LIMIT))
+        if self.receive_buffer:
+            options.append((socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer))
+        if options:
+            # Not TCP (a Unix socket refuses the unsent cap), or an old kernel: both are
+            # optimisations of memory only.
+            set_socket_options(transport, options)
         stream = self.stream
         if not stream.local and not stream.answered and stream._exc is None:
             stream.accept()  # before data_received can run: sending needs an accepted stream
@@ -864,13 +914,14 @@ async def connect_stream_to(stream: MuxStream, host: str, port: int, **kwargs: A
     """Open a local TCP connection to ``host:port`` and splice ``stream`` to it.
 
     An incoming stream not answered yet is accepted once the connection is made, or
-    refused with CONNECT_FAILED (and the OSError re-raised) if it cannot be.
+    refused with CONNECT_FAILED (and the OSError re-raised) if it cannot be. The
+    connection's receive buffer is fixed at TARGET_RECEIVE_BUFFER.
     """
     loop = asyncio.get_running_loop()
     try:
         # Compiled, StreamSplice is an extension type, which cannot subclass asyncio.Protocol.
-        transport, splice = await loop.create_connection(
-            lambda: StreamSplice(stream), host, port, **kwargs)  # type: ignore[type-var]  # a duck-typed protocol (see above)
+        _, splice = await loop.create_connection(
+            lambda: StreamSplice(stream, receive_buffer=TARGET_RECEIVE_BUFFER), host, port, **kwargs)  # type: ignore[type-var]  # a duck-typed protocol (see above)
     except BaseException as exc:
         message = f"cannot connect to {host}:{port}: {exc}" if isinstance(exc, OSError) else "cancelled"
         if not stream.local and not stream.answered:
@@ -878,7 +929,6 @@ async def connect_stream_to(stream: MuxStream, host: str, port: int, **kwargs: A
         else:
             stream.abort(ErrorCode.CONNECT_FAILED, message)
         raise
-    limit_receive_buffer(transport)
     return splice
 
 

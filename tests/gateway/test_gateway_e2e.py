@@ -914,3 +914,37 @@ def test_cli_errors_are_one_line(tmp_path):
         assert done.stderr.decode().strip().splitlines()[-1].startswith("Error: cannot listen on")
     finally:
         _stop(gw)
+
+
+def test_hub_port_connections_cap_their_unsent_bytes(tmp_path):
+    """Every connection accepted on a hub port keeps little unsent data in the kernel
+    (TCP_NOTSENT_LOWAT, as every spliced socket): on Linux set once on the hub's
+    listener and inherited by what it accepts, not set again per connection."""
+    import socket
+
+    from relay.aio.stream import _TCP_NOTSENT_LOWAT, UNSENT_LIMIT
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def main():
+        target = await asyncio.start_server(echo, "127.0.0.1", 0)
+        async with target, gateway_and_team(tmp_path) as (gw, keys):
+            async with running_agent(gw, keys["ak"]) as agent:
+                tunnel = await open_tcp_tunnel(gw, keys["sk"], agent.agent_id, target.sockets[0].getsockname()[1])
+                [hub] = gw.tunnels.hubs()
+                assert hub.unsent_limited is (sys.platform == "linux")
+                reader, writer = await asyncio.open_connection("127.0.0.1", tunnel["hub_port"])
+                writer.write(b"ping")
+                async with asyncio.timeout(5):
+                    assert await reader.readexactly(4) == b"ping"
+                [splice] = hub.splices
+                assert splice.unsent_limited is hub.unsent_limited
+                sock = splice.transport.get_extra_info("socket")
+                assert sock.getsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT) == UNSENT_LIMIT
+                writer.close()
+
+    run(main)

@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
 from relay.aio import MuxSession, SessionClosedError, StreamRefused, StreamSplice, WebSocketTransport
-from relay.aio.stream import MuxStream, abort_with_reset
+from relay.aio.stream import MuxStream, abort_with_reset, limit_unsent_on_listener
 from relay.allowlist import allowed_by_list, not_allowed_message, parse_allowlist, parse_host_port
 from relay.gateway.agents import udp_hub
 from relay.gateway.agents.registry import Registry, end_session
@@ -117,6 +117,9 @@ class HubListener:
     #: Address it listens on (set when it listens: the manager's ``hub_host``, or its
     #: ``public_hub_host`` for a public Tunnels API tunnel).
     host: str = ""
+    #: The TCP listener caps its sockets' unsent bytes, so every accepted connection
+    #: inherits the cap (relay.aio.stream.limit_unsent_on_listener).
+    unsent_limited: bool = False
 
     def __post_init__(self) -> None:
         if self.protocol == "udp" and self.udp is None:
@@ -815,6 +818,7 @@ class TunnelManager:
         hub.server = await loop.create_server(lambda: self._hub_protocol(hub), hub.host, port,
                                               reuse_port=self.reuse_port or None)
         hub.port = hub.server.sockets[0].getsockname()[1]
+        hub.unsent_limited = limit_unsent_on_listener(hub.server)
         self._hub_ports = None
 
     def serve_websocket(self, hub: HubListener, transport: asyncio.Transport, leftover: bytes) -> bool:
@@ -838,6 +842,7 @@ class TunnelManager:
         splice = self._splice(hub)
         if splice is None:
             return _Closed()
+        splice.unsent_limited = hub.unsent_limited  # accepted from the hub's listener: inherited
         # Compiled, StreamSplice is an extension type, which cannot subclass asyncio.Protocol.
         return splice  # type: ignore[return-value]  # a duck-typed protocol (see above)
 
