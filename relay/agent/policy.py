@@ -18,6 +18,7 @@ from relay.allowlist import (
     parse_allowlist,
     parse_host_port,
 )
+from relay.mux.errors import ErrorCode
 
 # The allowlist names are re-exported: the agents' policy API.
 __all__ = [
@@ -72,8 +73,6 @@ class TargetRefused(Exception):
 def parse_target(metadata: Any, protocols: frozenset[str] = STREAM_PROTOCOLS) -> tuple[str, int]:
     """``(host, port)`` of an incoming stream's target, or :class:`TargetRefused`
     (also for a ``protocol`` not in ``protocols``, the ones the caller serves)."""
-    from relay.mux.errors import ErrorCode
-
     target = metadata.get("target") if isinstance(metadata, dict) else None
     protocol = metadata.get("protocol", "tcp") if isinstance(metadata, dict) else None
     if protocol not in protocols:
@@ -86,8 +85,6 @@ def parse_target(metadata: Any, protocols: frozenset[str] = STREAM_PROTOCOLS) ->
 
 def no_terminal(agent_name: str) -> TargetRefused:
     """The refusal of a terminal stream by an agent that serves no terminal."""
-    from relay.mux.errors import ErrorCode
-
     return TargetRefused(ErrorCode.NOT_ALLOWED, f"agent {agent_name!r} serves no terminal: start it with "
                                                 f"--terminal SHELL to allow one")
 
