@@ -9,6 +9,7 @@ hammering the gateway with a key that no longer works.
 """
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import subprocess
@@ -94,7 +95,6 @@ def test_revocation_in_the_gateways_own_process_and_hook_agents(tmp_path: Path, 
     """A key revoked through the gateway's own store (no other process) ends its agent's
     session too; an agent admitted by an ``authenticate`` hook (an id the store does not
     know) and an agent with another key are left alone."""
-    import asyncio
 
     from relay.agent import Agent
     from relay.gateway.hooks import agent_principal
@@ -128,12 +128,32 @@ def test_revocation_in_the_gateways_own_process_and_hook_agents(tmp_path: Path, 
     run(main)
 
 
+async def proxied_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: str) -> None:
+    """One GET of svc-a's echo through the service proxy on a kept connection, answered 200."""
+    writer.write(f"GET /api/v1/r/containers/svc-a/echo HTTP/1.1\r\nHost: x\r\n"
+                 f"Authorization: Bearer {key}\r\n\r\n".encode())
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+        await reader.readexactly(length)
+
+
+async def cut(reader: asyncio.StreamReader) -> str:
+    """How the connection ends within 2 s, read to its end: "eof" or "reset"."""
+    try:
+        async with asyncio.timeout(2):
+            while await reader.read(65536):
+                pass
+        return "eof"
+    except ConnectionResetError:
+        return "reset"
+
+
 def test_revoking_an_api_key_cuts_what_it_opened_beyond_one_request(tmp_path: Path, store_url: str) -> None:
     """A dk- key holds a task's event stream and a keep-alive connection through the
     service proxy; an sk- key holds another proxied connection. Revoking the dk- key cuts
     its two connections with a reset within a second; the sk- key's goes on serving."""
-    import asyncio
-
     from tests.gateway.test_gateway_e2e import gateway_and_team, run
     from tests.http.test_invoke import serving_agent, wait_status
     from tests.support.openai_server import OpenAIServer
@@ -142,23 +162,8 @@ def test_revoking_an_api_key_cuts_what_it_opened_beyond_one_request(tmp_path: Pa
     async def proxied(port: int, key: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A keep-alive connection through the service proxy, after one answered request."""
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(f"GET /api/v1/r/containers/svc-a/echo HTTP/1.1\r\nHost: x\r\n"
-                     f"Authorization: Bearer {key}\r\n\r\n".encode())
-        async with asyncio.timeout(5):
-            head = await reader.readuntil(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200"), head
-            length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
-            await reader.readexactly(length)
+        await proxied_echo(reader, writer, key)
         return reader, writer
-
-    async def cut(reader: asyncio.StreamReader) -> str:
-        try:
-            async with asyncio.timeout(2):
-                while await reader.read(65536):
-                    pass
-            return "eof"
-        except ConnectionResetError:
-            return "reset"
 
     async def main() -> None:
         async with gateway_and_team(tmp_path, store_url) as (gw, keys):
@@ -197,20 +202,9 @@ def test_a_key_used_later_on_a_kept_proxy_connection_cuts_it_when_revoked(tmp_pa
     answers come from memory (the connection is held once per key, not per request):
     an sk- key's requests, then a dk- key's (remembered from another connection) on the
     same socket, each repeated; revoking the dk- key cuts the connection with a reset."""
-    import asyncio
-
     from tests.gateway.test_gateway_e2e import gateway_and_team, run
     from tests.http.test_invoke import serving_agent, wait_status
     from tests.support.openai_server import OpenAIServer
-
-    async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: str) -> None:
-        writer.write(f"GET /api/v1/r/containers/svc-a/echo HTTP/1.1\r\nHost: x\r\n"
-                     f"Authorization: Bearer {key}\r\n\r\n".encode())
-        async with asyncio.timeout(5):
-            head = await reader.readuntil(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200"), head
-            length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
-            await reader.readexactly(length)
 
     async def main() -> None:
         async with gateway_and_team(tmp_path, store_url) as (gw, keys):
@@ -220,20 +214,14 @@ def test_a_key_used_later_on_a_kept_proxy_connection_cuts_it_when_revoked(tmp_pa
                     await wait_status(gw, keys["sk"], "svc-a", "running")
                     warm_r, warm_w = await asyncio.open_connection("127.0.0.1", gw.port)
                     for _ in range(3):  # the dk- key's answer is remembered from here on
-                        await get(warm_r, warm_w, keys["dk"])
+                        await proxied_echo(warm_r, warm_w, keys["dk"])
                     warm_w.close()
                     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
                     for key in ("sk", "sk", "sk", "dk", "dk", "dk", "sk", "dk"):
-                        await get(reader, writer, keys[key])
+                        await proxied_echo(reader, writer, keys[key])
                     credential = await gw.store.lookup_credential(keys["dk"])
                     assert await gw.store.revoke_credential(credential.team_id, credential.id)
-                    try:
-                        async with asyncio.timeout(2):
-                            while await reader.read(65536):
-                                pass
-                        ended = "eof"
-                    except ConnectionResetError:
-                        ended = "reset"
+                    ended = await cut(reader)
                     assert ended == "reset"
                     writer.close()
             finally:
