@@ -303,15 +303,6 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def targets() -> Iterator[Targets]:
-    running = Targets()
-    try:
-        yield running
-    finally:
-        running.close()
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, redis: Any,
           targets: Targets) -> Iterator[Fleet]:

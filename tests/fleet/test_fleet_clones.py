@@ -11,7 +11,6 @@ takes over only once the first is gone. An agent holding two sessions (``--conne
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,21 +20,13 @@ from typing import Any
 import pytest
 
 from tests.fleet.test_fleet import Fleet, _spawn, _stop, echo_works
+from tests.gateway.test_duplicate_agents import echo_or_nothing
 from tests.gateway.test_faults import Targets, wait_for
 from tests.support.servers import start_redis
 
 pytestmark = pytest.mark.timeout(180)
 
 REFUSAL = re.compile(r"ERROR.*agent name '(\w+)' is already connected.*retrying in ([0-9.]+)s")
-
-
-@pytest.fixture(scope="module")
-def targets() -> Iterator[Targets]:
-    running = Targets()
-    try:
-        yield running
-    finally:
-        running.close()
 
 
 @pytest.fixture(scope="module")
@@ -56,23 +47,6 @@ def _clone(fleet: Fleet, name: str, gateway: str, log: Path, allow: str) -> subp
     (several processes of one name run at once here)."""
     return _spawn(["agent", "--name", name, "--allow", allow, "--gateway",
                    f"http://127.0.0.1:{fleet.port(gateway)}"], log, env={"RELAY_AGENT_KEY": fleet.keys["ak"]})
-
-
-def _echo(port: int, payload: bytes) -> bytes:
-    """``payload`` echoed through ``port`` (b"" if the connection is refused or cut)."""
-    received = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.settimeout(5)
-        sock.sendall(payload)
-        try:
-            while len(received) < len(payload):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                received += chunk
-        except OSError:
-            pass
-    return received
 
 
 def _refusals(log: Path, name: str) -> list[float]:
@@ -110,7 +84,7 @@ def test_a_clone_on_another_gateway_is_refused_and_an_agent_with_two_connections
         deadline = time.monotonic() + 4.0
         rounds = 0
         while time.monotonic() < deadline:
-            assert _echo(hub, b"round %d" % rounds) == b"round %d" % rounds, clone_log.read_text()
+            assert echo_or_nothing(hub, b"round %d" % rounds) == b"round %d" % rounds, clone_log.read_text()
             assert fleet.holders(agent_id) == held
             assert fleet.holders(twin_id) == twin_held
             rounds += 1

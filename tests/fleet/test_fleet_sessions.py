@@ -43,7 +43,7 @@ from tests.gateway.test_faults import wait_for
 pytestmark = pytest.mark.timeout(180)
 
 # The fleet of tests/fleet/test_fleet.py (a fleet of this module's own: module scope).
-redis, targets, fleet = test_fleet.redis, test_fleet.targets, test_fleet.fleet
+redis, fleet = test_fleet.redis, test_fleet.fleet
 
 
 def _agent(fleet: Fleet, gateway: str, agent_id: str) -> dict[str, Any]:
@@ -54,6 +54,14 @@ def _agent(fleet: Fleet, gateway: str, agent_id: str) -> dict[str, Any]:
 
 def _open_sessions(fleet: Fleet, gateway: str, agent_id: str) -> list[str]:
     return [t["session_id"] for t in _agent(fleet, gateway, agent_id)["tunnels"]]
+
+
+def _echo_task_runs(fleet: Fleet, gateway: str, label: str, n: int) -> None:
+    """An echo task submitted at ``gateway`` for agents labelled ``label`` runs to its result."""
+    status, answer = fleet.api(gateway, "POST", "/api/v1/tasks", {"kind": "echo", "input": {"n": n}, "labels": [label]})
+    assert status == 202, answer
+    events = sse_events(fleet, gateway, f"/api/v1/tasks/{answer['task_id']}/events")
+    assert events[-1] == ("result", {"type": "result", "result": {"n": n}}), events
 
 
 def test_a_tcp_session_hub_port_listens_on_every_gateway_and_closes_everywhere(fleet, targets):
@@ -190,11 +198,7 @@ def test_a_task_with_expose_runs_on_an_agent_held_elsewhere_with_its_tunnel(flee
             wait_for(lambda g=gateway: http_get(f"http://127.0.0.1:{fleet.port(g)}{path}page")[0] == 404,
                      timeout=5, what=f"the task's tunnel closed at {gateway}")
         # The agent is free at once: the next task runs on it.
-        status, answer = fleet.api("c", "POST", "/api/v1/tasks",
-                                   {"kind": "echo", "input": {"n": 1}, "labels": ["fleet-exposer"]})
-        assert status == 202, answer
-        events = sse_events(fleet, "c", f"/api/v1/tasks/{answer['task_id']}/events")
-        assert events[-1] == ("result", {"type": "result", "result": {"n": 1}}), events
+        _echo_task_runs(fleet, "c", "fleet-exposer", 1)
     finally:
         _stop(fleet.agents.pop("exposer", None))
         web.close()
@@ -223,11 +227,7 @@ def test_cancel_at_c_reaches_the_handler_of_a_task_submitted_at_b_on_an_agent_he
         wait_for(lambda: _task(fleet, "c", task_id)["status"] == "cancelled", timeout=5, what="the row, read at c")
         status, again = fleet.api("c", "POST", f"/api/v1/tasks/{task_id}/cancel")
         assert status == 409 and again["error"]["code"] == "task_finished", again
-        status, answer = fleet.api("b", "POST", "/api/v1/tasks",
-                                   {"kind": "echo", "input": {"n": 2}, "labels": ["fleet-canceller"]})
-        assert status == 202, answer
-        events = sse_events(fleet, "b", f"/api/v1/tasks/{answer['task_id']}/events")
-        assert events[-1] == ("result", {"type": "result", "result": {"n": 2}}), events
+        _echo_task_runs(fleet, "b", "fleet-canceller", 2)
     finally:
         _stop(fleet.agents.pop("canceller", None))
 

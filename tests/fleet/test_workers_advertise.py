@@ -14,7 +14,6 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -25,15 +24,6 @@ from tests.support.servers import require_binary, start_redis
 pytestmark = pytest.mark.timeout(180)
 
 HOST = "127.0.0.2"
-
-
-@pytest.fixture
-def targets() -> Iterator[Targets]:
-    running = Targets()
-    try:
-        yield running
-    finally:
-        running.close()
 
 
 def test_workers_advertising_a_host_join_a_fleet_with_another_gateway(tmp_path, targets: Targets) -> None:

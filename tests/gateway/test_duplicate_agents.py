@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(120)
 targets_fixture, relay_fixture = relay_fixtures()
 
 
-def _echo(port: int, payload: bytes) -> bytes:
+def echo_or_nothing(port: int, payload: bytes) -> bytes:
     """Send ``payload`` on a new connection; what comes back (b"" if it is refused)."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.settimeout(5)
@@ -43,7 +43,7 @@ def _echo(port: int, payload: bytes) -> bytes:
 def test_clone_with_same_key_and_name_is_refused_and_does_not_flap(relay: RelayProcs, targets: Targets) -> None:
     first_log = relay.workdir / "agent.log"
     hub_port = relay.open_tcp(targets.echo_port)
-    assert _echo(hub_port, b"first") == b"first"
+    assert echo_or_nothing(hub_port, b"first") == b"first"
     status, before = relay.api("GET", f"/api/v1/agents/{relay.agent_id}")
     assert status == 200 and before["online"]
 
@@ -60,7 +60,7 @@ def test_clone_with_same_key_and_name_is_refused_and_does_not_flap(relay: RelayP
         deadline = time.monotonic() + 4.0
         rounds = 0
         while time.monotonic() < deadline:
-            assert _echo(hub_port, b"round %d" % rounds) == b"round %d" % rounds, clone_log.read_text()
+            assert echo_or_nothing(hub_port, b"round %d" % rounds) == b"round %d" % rounds, clone_log.read_text()
             rounds += 1
             time.sleep(0.1)
         status, after = relay.api("GET", f"/api/v1/agents/{relay.agent_id}")
@@ -84,7 +84,7 @@ def test_clone_with_same_key_and_name_is_refused_and_does_not_flap(relay: RelayP
         relay.agent.wait(10)
         wait_for(lambda: "registered as agent" in clone_log.read_text(), timeout=40,
                  what="the clone takes over once the first agent is gone")
-        assert _echo(hub_port, b"to the clone") == b""  # its allowlist refuses the echo port
+        assert echo_or_nothing(hub_port, b"to the clone") == b""  # its allowlist refuses the echo port
     finally:
         if clone.poll() is None:
             clone.terminate()
@@ -140,7 +140,7 @@ def test_one_agent_dialling_the_same_gateway_twice_keeps_one_session(relay: Rela
         deadline = time.monotonic() + 4.0
         rounds = 0
         while time.monotonic() < deadline:
-            assert _echo(hub_port, b"twice %d" % rounds) == b"twice %d" % rounds, log.read_text()
+            assert echo_or_nothing(hub_port, b"twice %d" % rounds) == b"twice %d" % rounds, log.read_text()
             rounds += 1
             time.sleep(0.1)
         status, after = relay.api("GET", f"/api/v1/agents/{agent_id}")
